@@ -1,0 +1,2150 @@
+//! The node state machine.
+//!
+//! Inputs are pushed with [`Node::handle`] (an [`Event`] and the current
+//! time); outputs are pulled with [`Node::poll_action`]; the next timer is
+//! [`Node::poll_timeout`]. The host executes actions in order. A
+//! `PersistMeta` action is synchronous and atomic: the host writes it
+//! durably before executing the next action, and if that fails it reports
+//! [`Event::MetaFailed`] and drops the rest of the batch (the node then
+//! latches fail-closed and never acknowledges again).
+//!
+//! Roles and safety rules (DESIGN.md):
+//! * A client write is released only after the local write and the peer's
+//!   write (sync mode), or after the local write and a persisted dirty mark
+//!   (degraded).
+//! * A node starts accepting writes only in a generation it created itself,
+//!   persisted before the first write.
+//! * The secondary takes over only when the primary is silent on BOTH the
+//!   MSL and the LAN (or reports its disk failed) and the secondary was in
+//!   sync. If only the MSL is lost while the primary is heard on the LAN, the
+//!   secondary shuts its mirror side down (Outdated) and never takes over
+//!   from that state.
+
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::vec::Vec;
+use core::fmt;
+
+use msl_wire::{
+    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Header, Heartbeat, Hello, Message, ResyncData,
+    ResyncDone, Role, RoleChange, RolePhase, StateImageChunk, MAX_ADAPTERS,
+};
+
+
+use crate::config::{Config, WriteMode};
+use crate::gens::{self, Decision, Rule, SideView, Strategy};
+use crate::meta::{Image, Meta};
+use crate::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
+use crate::rng::Rng;
+use crate::Micros;
+
+/// Block payloads as the host holds them. The core never looks inside a
+/// client block; it only builds and reads memory-image chunks.
+pub trait Payload: Clone {
+    fn from_bytes(bytes: &[u8]) -> Self;
+    fn bytes(&self) -> &[u8];
+}
+
+impl Payload for Vec<u8> {
+    fn from_bytes(bytes: &[u8]) -> Self {
+        bytes.to_vec()
+    }
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Host-chosen id of a client request.
+pub type ReqId = u64;
+/// Core-chosen id of a local I/O.
+pub type IoId = u64;
+
+/// Memory-image chunk size (fits one frame at MTU 1500).
+pub const IMAGE_CHUNK: usize = 1024;
+
+/// What a client write does to its blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoKind {
+    Write,
+    Trim,
+    Zeroes,
+}
+
+/// Planned administrator commands (`mslctl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminCmd {
+    /// Become primary (only with consistent, newest data, or `force`).
+    Promote { force: bool },
+    /// Stop serving; stay secondary.
+    Demote,
+    /// Hand the primary role to the in-sync peer without losing a write.
+    Switchover,
+    /// Drop the MSL session and stop reconnecting.
+    Disconnect,
+    /// Reconnect after `Disconnect`.
+    Connect,
+    /// Discard local data: full resync of this node from the peer.
+    Invalidate,
+}
+
+/// Inputs.
+#[derive(Clone, Debug)]
+pub enum Event<H> {
+    /// Nothing but time passing (timers).
+    Tick,
+    /// Carrier of the MSL adapter.
+    MslLink { up: bool },
+    /// Link/carrier of a LAN adapter.
+    LanAdapter { adapter: u8, link_up: bool, carrier: bool },
+    /// A verified frame from the MSL (the host checked CRC, auth, cluster).
+    MslFrame { header: Header, msg: Message, payload: Option<H> },
+    /// A verified server-state packet from a LAN adapter.
+    LanFrame { adapter: u8, header: Header, hb: Heartbeat },
+    /// A client write, trim or write-zeroes of whole blocks.
+    ClientWrite { req: ReqId, block: u64, count: u64, kind: IoKind, fua: bool, payload: Option<H> },
+    ClientFlush { req: ReqId },
+    /// A `Write` or `Flush` action finished.
+    IoDone { io: IoId, ok: bool },
+    /// A `Read` action finished.
+    ReadDone { io: IoId, ok: bool, payload: Option<H> },
+    /// A `PersistMeta` action failed.
+    MetaFailed,
+    Admin(AdminCmd),
+}
+
+/// Why a client request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientError {
+    /// This node does not serve clients now (reconnect to the service
+    /// address).
+    NotPrimary,
+    /// An I/O error latched the node fail-closed.
+    IoError,
+    /// Request outside the volume.
+    OutOfRange,
+    /// Too many requests queued.
+    Busy,
+}
+
+/// Which path a liveness notice is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Msl,
+    Lan,
+}
+
+/// Administrator notifications (console, log file, notification command).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    RoleChanged { role: Role, generation: u64, reason: &'static str },
+    PeerLost { path: Path },
+    PeerFound { path: Path },
+    MslLinkDown,
+    MslLinkUp,
+    /// Peer silent on both paths.
+    PeerDown { peer_was: Role },
+    /// Primary keeps serving without its peer and tracks changes.
+    Degraded { reason: &'static str },
+    /// Secondary took over after the primary failed.
+    Takeover { generation: u64, reason: &'static str },
+    /// MSL lost but primary alive on the LAN: mirror side shut down.
+    MirrorShutDown,
+    CannotTakeOver { reason: &'static str },
+    Connected { strategy: Strategy, rule: Rule },
+    Refused { strategy: Strategy, rule: Rule },
+    ResyncStarted { source: bool, blocks: u64, full: bool },
+    ResyncProgress { source: bool, remaining: u64, total: u64 },
+    ResyncFinished { source: bool, blocks: u64 },
+    SwitchoverStarted { reason: &'static str },
+    SwitchoverDone { new_primary: u16 },
+    AdapterHealth { adapter: u8, working: bool },
+    DiskFailed { what: &'static str },
+    Warning { what: &'static str },
+}
+
+impl Notice {
+    /// Stable machine-readable event name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Notice::RoleChanged { .. } => "role_changed",
+            Notice::PeerLost { .. } => "peer_lost",
+            Notice::PeerFound { .. } => "peer_found",
+            Notice::MslLinkDown => "msl_link_down",
+            Notice::MslLinkUp => "msl_link_up",
+            Notice::PeerDown { .. } => "peer_down",
+            Notice::Degraded { .. } => "degraded",
+            Notice::Takeover { .. } => "takeover",
+            Notice::MirrorShutDown => "mirror_shut_down",
+            Notice::CannotTakeOver { .. } => "cannot_take_over",
+            Notice::Connected { .. } => "connected",
+            Notice::Refused { strategy: Strategy::SplitBrain, .. } => "split_brain_refused",
+            Notice::Refused { .. } => "connection_refused",
+            Notice::ResyncStarted { .. } => "resync_started",
+            Notice::ResyncProgress { .. } => "resync_progress",
+            Notice::ResyncFinished { .. } => "resync_finished",
+            Notice::SwitchoverStarted { .. } => "switchover_started",
+            Notice::SwitchoverDone { .. } => "switchover_done",
+            Notice::AdapterHealth { .. } => "lan_adapter_health",
+            Notice::DiskFailed { .. } => "disk_failed",
+            Notice::Warning { .. } => "warning",
+        }
+    }
+}
+
+impl fmt::Display for Notice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Notice::RoleChanged { role, generation, reason } => {
+                write!(f, "role is now {role:?} (generation {generation:016x}): {reason}")
+            }
+            Notice::PeerLost { path } => write!(f, "peer silent on the {path:?} path"),
+            Notice::PeerFound { path } => write!(f, "peer heard again on the {path:?} path"),
+            Notice::MslLinkDown => write!(f, "MSL adapter lost carrier"),
+            Notice::MslLinkUp => write!(f, "MSL adapter has carrier"),
+            Notice::PeerDown { peer_was } => write!(f, "peer ({peer_was:?}) is down: silent on both MSL and LAN"),
+            Notice::Degraded { reason } => write!(f, "still primary, running degraded and tracking changes: {reason}"),
+            Notice::Takeover { generation, reason } => {
+                write!(f, "took over as primary in generation {generation:016x}: {reason}")
+            }
+            Notice::MirrorShutDown => write!(
+                f,
+                "MSL lost but the primary is alive on the LAN: mirror side shut down, data outdated, not taking over"
+            ),
+            Notice::CannotTakeOver { reason } => write!(f, "cannot take over: {reason}"),
+            Notice::Connected { strategy, rule } => {
+                write!(f, "MSL session up: {strategy:?} by rule {}", rule.name())
+            }
+            Notice::Refused { strategy, rule } => write!(
+                f,
+                "MSL session refused: {strategy:?} by rule {}; data not merged, administrator must decide",
+                rule.name()
+            ),
+            Notice::ResyncStarted { source, blocks, full } => write!(
+                f,
+                "resync started as {}: {blocks} blocks{}",
+                if *source { "source" } else { "target" },
+                if *full { " (full)" } else { "" }
+            ),
+            Notice::ResyncProgress { source, remaining, total } => write!(
+                f,
+                "resync ({}) {remaining} of {total} blocks remaining",
+                if *source { "source" } else { "target" }
+            ),
+            Notice::ResyncFinished { source, blocks } => write!(
+                f,
+                "resync finished as {} after {blocks} blocks: volumes in sync",
+                if *source { "source" } else { "target" }
+            ),
+            Notice::SwitchoverStarted { reason } => write!(f, "switchover started: {reason}"),
+            Notice::SwitchoverDone { new_primary } => write!(f, "switchover done: node {new_primary} is primary"),
+            Notice::AdapterHealth { adapter, working } => {
+                write!(f, "LAN adapter {adapter} is {}", if *working { "working" } else { "FAILED" })
+            }
+            Notice::DiskFailed { what } => write!(f, "I/O error on {what}: node fail-closed, no more acknowledgements"),
+            Notice::Warning { what } => write!(f, "{what}"),
+        }
+    }
+}
+
+/// Outputs, executed by the host in order.
+#[derive(Clone, Debug)]
+pub enum Action<H> {
+    /// Send on the MSL. `msg.is_control()` frames go ahead of data.
+    SendMsl { header: Header, msg: Message, payload: Option<H> },
+    /// Send a server-state packet on every LAN adapter.
+    SendLan { header: Header, hb: Heartbeat },
+    Write { io: IoId, block: u64, count: u64, kind: IoKind, fua: bool, payload: Option<H> },
+    Read { io: IoId, block: u64, count: u64 },
+    Flush { io: IoId },
+    /// Write this metadata durably and atomically before the next action.
+    PersistMeta(Meta),
+    Reply { req: ReqId, result: Result<(), ClientError> },
+    Notify(Notice),
+    /// Hold (add + gratuitous ARP) or release the service address.
+    ServiceAddress { hold: bool },
+    /// Restart this node's daemon; it comes back as secondary.
+    Restart,
+}
+
+#[derive(Clone, Debug)]
+struct OutMsg<H> {
+    msg: Message,
+    payload: Option<H>,
+}
+
+#[derive(Clone, Debug)]
+struct InMsg<H> {
+    generation: u64,
+    msg: Message,
+    payload: Option<H>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Images being exchanged (peer's not received yet).
+    Images,
+    /// Local node sends the resync.
+    Source,
+    /// Local node receives the resync.
+    Target,
+    InSync,
+    /// Refused (split brain, unrelated, no good data): no data flows.
+    Refused,
+}
+
+struct Session<H> {
+    /// Our HELLO as the peer decided on it (its session is our base).
+    my_hello: Hello,
+    peer_session: u64,
+    decision: Decision,
+    phase: Phase,
+    tx: ReliableTx<OutMsg<H>>,
+    rx: ReliableRx<InMsg<H>>,
+    /// Messages waiting for room in the window (data class).
+    backlog: VecDeque<OutMsg<H>>,
+    ack_pending: bool,
+    /// Peer's applied / stable points (in our sequence space).
+    peer_applied: u64,
+    peer_stable: u64,
+    /// Image being received.
+    image_buf: Vec<u8>,
+    peer_image: bool,
+    /// Receiver side: in-order apply pipeline.
+    apply_q: VecDeque<(u64, InMsg<H>)>,
+    applying: BTreeMap<u64, (u64, u64)>, // seq -> (block, count) in flight
+    last_processed: u64,
+    applied: u64,
+    stable: u64,
+    flush_in_flight: Option<(IoId, u64)>,
+    last_flush_us: Micros,
+    /// Source side: resync progress.
+    resync_total: u64,
+    resync_cursor: u64,
+    resync_reads: BTreeMap<IoId, (u64, bool)>, // io -> (block, cancelled)
+    resync_sent: VecDeque<(u64, u64)>,         // (seq, block) awaiting stable
+    resync_done_seq: Option<u64>,
+    resync_blocks_sent: u64,
+    last_progress_us: Micros,
+    /// Mirrored write seq -> wid (for peer stability of AL extents).
+    mirror_wids: VecDeque<(u64, u64)>,
+    /// A handover (switchover) was sent at this seq.
+    handover_seq: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+struct PendingWrite {
+    req: ReqId,
+    wid: u64,
+    block: u64,
+    count: u64,
+    fua: bool,
+    flush: bool,
+    local_done: bool,
+    /// Sequence number of the mirrored DATA, if mirrored.
+    seq: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+struct QueuedWrite<H> {
+    req: ReqId,
+    block: u64,
+    count: u64,
+    kind: IoKind,
+    fua: bool,
+    payload: Option<H>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct AlSlot {
+    extent: u64,
+    last_wid: u64,
+    in_flight: u32,
+    lru: u64,
+}
+
+/// Counters for status and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub frames_from_stranger: u64,
+    pub frames_wrong_generation: u64,
+    pub frames_unexpected: u64,
+    pub client_writes: u64,
+    pub client_writes_refused: u64,
+    pub takeovers: u64,
+    pub split_brains: u64,
+    pub resync_blocks_sent: u64,
+    pub resync_blocks_received: u64,
+    pub meta_writes: u64,
+    pub retransmits: u64,
+}
+
+/// Snapshot for `mslctl status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub node_id: u16,
+    pub role: Role,
+    pub disk: DiskState,
+    pub generation: u64,
+    pub connected: bool,
+    pub in_sync: bool,
+    pub msl_alive: bool,
+    pub lan_alive: bool,
+    pub peer_role: Option<Role>,
+    pub dirty_blocks: u64,
+    pub resync_remaining: u64,
+    pub resync_total: u64,
+    pub resync_source: bool,
+    pub pending_writes: usize,
+    pub counters: Counters,
+}
+
+/// One node of the pair.
+pub struct Node<H> {
+    cfg: Config,
+    rng: Rng,
+    role: Role,
+    meta: Meta,
+    failed: bool,
+    now: Micros,
+    actions: VecDeque<Action<H>>,
+
+    // Session / handshake.
+    my_session: u64,
+    session: Option<Session<H>>,
+    /// Peer HELLO session last seen (echoed in our HELLO's ack field).
+    peer_hello_seen: Option<u64>,
+    /// Crashed as primary and not yet resynced.
+    crashed_primary: bool,
+    /// MSL lost while the primary was still heard on the LAN: waiting for
+    /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
+    msl_lost_pending: bool,
+    /// Receiver: local io -> sequence number of the message it applies.
+    apply_ios: BTreeMap<IoId, u64>,
+    apply_fua_pending: bool,
+    admin_disconnected: bool,
+    next_hello_us: Micros,
+
+    // Liveness.
+    msl_carrier: bool,
+    last_msl_rx: Option<Micros>,
+    last_lan_rx: Option<Micros>,
+    msl_alive: bool,
+    lan_alive: bool,
+    peer_hb: Option<Heartbeat>,
+    peer_role: Option<Role>,
+    was_in_sync: bool,
+    next_hb_us: Micros,
+    hb_counter: u64,
+    peer_hb_counter: u64,
+    peer_hb_counter_lan: u64,
+    adapters: [AdapterHealth; MAX_ADAPTERS],
+    adapter_count: u8,
+    adapter_last_rx: [Option<Micros>; MAX_ADAPTERS],
+    lan_worse_since: Option<Micros>,
+
+    // Write path.
+    next_io: IoId,
+    next_wid: u64,
+    pending: BTreeMap<IoId, PendingWrite>,
+    flushes: BTreeMap<IoId, (u64, u64)>, // local flush io -> (watermark wid, req or 0)
+    waiting: VecDeque<QueuedWrite<H>>,
+    flush_waiters: VecDeque<(ReqId, IoId, Option<u64>)>, // client flush: (req, local io, mirrored seq)
+    local_flush_done: BTreeSet<IoId>,
+    inflight_wids: BTreeSet<u64>,
+    local_stable_wid: u64,
+    peer_stable_wid: u64,
+    session_start_wid: u64,
+    al: Vec<AlSlot>,
+    al_clock: u64,
+    last_write_us: Micros,
+    last_stabilize_us: Micros,
+    switching: Option<&'static str>,
+
+    pub counters: Counters,
+}
+
+impl<H: Payload> Node<H> {
+    /// Start a node from its metadata (as loaded from disk, or created).
+    /// A node always starts as secondary; a node that crashed as primary
+    /// merges its activity log into the dirty map so that its in-flight
+    /// region is resynchronized.
+    pub fn new(cfg: Config, mut meta: Meta, seed: u64, now: Micros) -> Self {
+        let mut rng = Rng::new(seed ^ u64::from(cfg.node_id).rotate_left(32));
+        let crashed = !meta.clean;
+        if crashed {
+            let al = core::mem::take(&mut meta.al);
+            for e in al {
+                meta.dirty.set_range(e * cfg.extent_blocks, cfg.extent_blocks);
+            }
+        }
+        let crashed_primary = crashed && meta.role == Role::Primary;
+        meta.clean = false;
+        let my_session = rng.nonzero() & !0xFFFF_FFFF;
+        let mut node = Node {
+            cfg,
+            rng,
+            role: Role::Secondary,
+            meta,
+            failed: false,
+            now,
+            actions: VecDeque::new(),
+            my_session,
+            session: None,
+            peer_hello_seen: None,
+            crashed_primary,
+            msl_lost_pending: false,
+            apply_ios: BTreeMap::new(),
+            apply_fua_pending: false,
+            admin_disconnected: false,
+            next_hello_us: now,
+            msl_carrier: true,
+            last_msl_rx: None,
+            last_lan_rx: None,
+            msl_alive: false,
+            lan_alive: false,
+            peer_hb: None,
+            peer_role: None,
+            was_in_sync: false,
+            next_hb_us: now,
+            hb_counter: 0,
+            peer_hb_counter: 0,
+            peer_hb_counter_lan: 0,
+            adapters: [AdapterHealth { link_up: true, carrier: true, reachable: false }; MAX_ADAPTERS],
+            adapter_count: 1,
+            adapter_last_rx: [None; MAX_ADAPTERS],
+            lan_worse_since: None,
+            next_io: 1,
+            next_wid: 1,
+            pending: BTreeMap::new(),
+            flushes: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            flush_waiters: VecDeque::new(),
+            local_flush_done: BTreeSet::new(),
+            inflight_wids: BTreeSet::new(),
+            local_stable_wid: 0,
+            peer_stable_wid: 0,
+            session_start_wid: 0,
+            al: Vec::new(),
+            al_clock: 0,
+            last_write_us: 0,
+            last_stabilize_us: now,
+            switching: None,
+            counters: Counters::default(),
+        };
+        node.persist();
+        node
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Whether this node may serve client reads and writes now.
+    pub fn serving(&self) -> bool {
+        self.role == Role::Primary && !self.failed && self.meta.disk == DiskState::UpToDate && self.switching.is_none()
+    }
+
+    /// Connected to the peer, pair in sync.
+    pub fn in_sync(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.phase == Phase::InSync)
+    }
+
+    pub fn set_adapter_count(&mut self, n: u8) {
+        self.adapter_count = n.clamp(1, MAX_ADAPTERS as u8);
+    }
+
+    pub fn status(&self) -> Status {
+        let (resync_remaining, resync_total, resync_source) = match &self.session {
+            Some(s) if s.phase == Phase::Source => (self.meta.dirty.count(), s.resync_total, true),
+            Some(s) if s.phase == Phase::Target => (self.meta.dirty.count(), s.resync_total, false),
+            _ => (0, 0, false),
+        };
+        let mut counters = self.counters;
+        if let Some(s) = &self.session {
+            counters.retransmits += s.tx.stats.retransmits;
+        }
+        Status {
+            node_id: self.cfg.node_id,
+            role: self.role,
+            disk: self.meta.disk,
+            generation: self.meta.gens.current,
+            connected: self.session.is_some(),
+            in_sync: self.in_sync(),
+            msl_alive: self.msl_alive,
+            lan_alive: self.lan_alive,
+            peer_role: self.peer_role,
+            dirty_blocks: self.meta.dirty.count(),
+            resync_remaining,
+            resync_total,
+            resync_source,
+            pending_writes: self.pending.len() + self.waiting.len(),
+            counters,
+        }
+    }
+
+    /// Next queued action.
+    pub fn poll_action(&mut self) -> Option<Action<H>> {
+        self.actions.pop_front()
+    }
+
+    /// When the node next needs `handle(now, Event::Tick)`.
+    pub fn poll_timeout(&self) -> Micros {
+        let dead = self.cfg.dead_after_us();
+        let mut t = self.next_hb_us.min(self.next_hello_us.max(self.now));
+        if let Some(x) = self.last_msl_rx {
+            if self.msl_alive {
+                t = t.min(x + dead);
+            }
+        }
+        if let Some(x) = self.last_lan_rx {
+            if self.lan_alive {
+                t = t.min(x + dead);
+            }
+        }
+        if let Some(s) = &self.session {
+            if let Some(r) = s.tx.poll_timeout() {
+                t = t.min(r);
+            }
+        }
+        t.max(self.now)
+    }
+
+    /// Feed one event at time `now`.
+    pub fn handle(&mut self, now: Micros, ev: Event<H>) {
+        self.now = self.now.max(now);
+        match ev {
+            Event::Tick => {}
+            Event::MslLink { up } => self.on_msl_link(up),
+            Event::LanAdapter { adapter, link_up, carrier } => self.on_lan_adapter(adapter, link_up, carrier),
+            Event::MslFrame { header, msg, payload } => self.on_msl_frame(header, msg, payload),
+            Event::LanFrame { adapter, header, hb } => self.on_lan_frame(adapter, header, hb),
+            Event::ClientWrite { req, block, count, kind, fua, payload } => {
+                self.counters.client_writes += 1;
+                self.on_client_write(QueuedWrite { req, block, count, kind, fua, payload });
+            }
+            Event::ClientFlush { req } => self.on_client_flush(req),
+            Event::IoDone { io, ok } => self.on_io_done(io, ok),
+            Event::ReadDone { io, ok, payload } => self.on_read_done(io, ok, payload),
+            Event::MetaFailed => self.fail("metadata"),
+            Event::Admin(cmd) => self.on_admin(cmd),
+        }
+        self.on_timers();
+        self.pump();
+    }
+
+    // ----------------------------------------------------------------
+    // Helpers
+
+    fn emit(&mut self, a: Action<H>) {
+        self.actions.push_back(a);
+    }
+
+    fn notify(&mut self, n: Notice) {
+        self.emit(Action::Notify(n));
+    }
+
+    fn persist(&mut self) {
+        self.meta.role = self.role;
+        self.meta.al = self.al.iter().map(|s| s.extent).collect();
+        self.counters.meta_writes += 1;
+        self.emit(Action::PersistMeta(self.meta.clone()));
+    }
+
+    fn next_io(&mut self) -> IoId {
+        let io = self.next_io;
+        self.next_io += 1;
+        io
+    }
+
+    fn header(&self, seq: u64, ack: u64) -> Header {
+        Header {
+            cluster_id: self.cfg.cluster_id,
+            sender: self.cfg.node_id,
+            generation: self.meta.gens.current,
+            seq,
+            ack,
+            flags: 0,
+            frag_index: 0,
+            frag_count: 1,
+        }
+    }
+
+    fn my_hello(&self) -> Hello {
+        let mut flags = 0;
+        if self.crashed_primary {
+            flags |= hello_flags::CRASHED_PRIMARY;
+        }
+        if self.meta.disk == DiskState::Inconsistent {
+            flags |= hello_flags::RESYNC_TARGET;
+        }
+        Hello {
+            role: self.role,
+            disk: if self.failed { DiskState::Failed } else { self.meta.disk },
+            volume_bytes: self.cfg.volume_blocks * u64::from(self.cfg.block_size),
+            block_size: self.cfg.block_size,
+            gens: self.meta.gens,
+            flags,
+            dirty_blocks: self.meta.dirty.count(),
+            session: self.my_session,
+        }
+    }
+
+    fn my_heartbeat(&mut self) -> Heartbeat {
+        // Strictly increasing across restarts (host clock), so receivers can
+        // drop replays without being fooled by a restarted sender.
+        self.hb_counter = self.now.max(self.hb_counter + 1);
+        Heartbeat {
+            role: self.role,
+            disk: if self.failed { DiskState::Failed } else { self.meta.disk },
+            msl_up: self.msl_alive,
+            in_sync: self.in_sync(),
+            adapters: self.adapters,
+            adapter_count: self.adapter_count,
+            counter: self.hb_counter,
+        }
+    }
+
+    fn my_lan_score(&self) -> u8 {
+        let n = usize::from(self.adapter_count);
+        self.adapters[..n].iter().filter(|a| a.working()).count() as u8
+    }
+
+    /// Any change to what HELLO says starts a new session id, so a peer never
+    /// decides on stale state.
+    fn renew_session(&mut self) {
+        self.my_session = (self.rng.nonzero() & !0xFFFF_FFFF).max(1 << 32);
+    }
+
+    // ----------------------------------------------------------------
+    // Liveness and timers
+
+    fn on_msl_link(&mut self, up: bool) {
+        if up == self.msl_carrier {
+            return;
+        }
+        self.msl_carrier = up;
+        if up {
+            self.notify(Notice::MslLinkUp);
+            self.next_hello_us = self.now;
+        } else {
+            self.notify(Notice::MslLinkDown);
+            if self.msl_alive {
+                self.msl_alive = false;
+                self.on_msl_lost();
+            }
+        }
+    }
+
+    fn on_lan_adapter(&mut self, adapter: u8, link_up: bool, carrier: bool) {
+        let i = usize::from(adapter);
+        if i >= MAX_ADAPTERS {
+            self.counters.frames_unexpected += 1;
+            return;
+        }
+        if adapter >= self.adapter_count {
+            self.adapter_count = adapter + 1;
+        }
+        let before = self.adapters[i].working();
+        self.adapters[i].link_up = link_up;
+        self.adapters[i].carrier = carrier;
+        let after = self.adapters[i].working();
+        if before != after {
+            self.notify(Notice::AdapterHealth { adapter, working: after });
+        }
+    }
+
+    fn on_timers(&mut self) {
+        let now = self.now;
+        let dead = self.cfg.dead_after_us();
+        if self.msl_alive && self.last_msl_rx.is_some_and(|t| now >= t + dead) {
+            self.msl_alive = false;
+            self.notify(Notice::PeerLost { path: Path::Msl });
+            self.on_msl_lost();
+        }
+        if self.lan_alive && self.last_lan_rx.is_some_and(|t| now >= t + dead) {
+            self.lan_alive = false;
+            self.notify(Notice::PeerLost { path: Path::Lan });
+            self.on_lan_lost();
+        }
+        for i in 0..usize::from(self.adapter_count) {
+            self.adapters[i].reachable = self.adapter_last_rx[i].is_some_and(|t| now < t + dead);
+        }
+        if now >= self.next_hb_us {
+            self.next_hb_us = now + self.cfg.heartbeat_interval_us;
+            let hb = self.my_heartbeat();
+            let h = self.header(0, 0);
+            self.emit(Action::SendLan { header: h, hb });
+            if self.msl_carrier {
+                let ack = self.session.as_ref().map_or(0, |s| s.rx.cumulative());
+                let h = self.header(0, ack);
+                self.emit(Action::SendMsl { header: h, msg: Message::Heartbeat(hb), payload: None });
+            }
+        }
+        if self.session.is_none() && !self.admin_disconnected && self.msl_carrier && now >= self.next_hello_us {
+            self.next_hello_us = now + self.cfg.heartbeat_interval_us;
+            let ack = self.peer_hello_seen.unwrap_or(0);
+            let h = self.header(0, ack);
+            let hello = self.my_hello();
+            self.emit(Action::SendMsl { header: h, msg: Message::Hello(hello), payload: None });
+        }
+        self.check_switchover();
+        self.stabilize_if_due();
+    }
+
+    /// MSL path declared dead (timeout or carrier loss).
+    fn on_msl_lost(&mut self) {
+        let was_connected = self.session.is_some();
+        self.end_session("MSL lost");
+        if self.role == Role::Primary {
+            if was_connected || self.meta.gens.bitmap == 0 {
+                // (end_session already went degraded)
+            }
+            return;
+        }
+        self.secondary_decide(was_connected);
+    }
+
+    fn on_lan_lost(&mut self) {
+        if self.role != Role::Primary {
+            self.secondary_decide(false);
+        }
+    }
+
+    /// The secondary's rule, evaluated whenever a path dies.
+    fn secondary_decide(&mut self, msl_just_lost: bool) {
+        if self.role == Role::Primary || self.failed {
+            return;
+        }
+        let peer_primary = self.peer_role == Some(Role::Primary);
+        if !peer_primary {
+            return;
+        }
+        if !self.msl_alive && !self.lan_alive {
+            // Primary silent on both paths: it is dead.
+            self.notify(Notice::PeerDown { peer_was: Role::Primary });
+            self.try_takeover("primary silent on both MSL and LAN");
+        } else if !self.msl_alive && self.lan_alive && msl_just_lost {
+            // Either the MSL broke or the primary just died and its LAN
+            // silence is not yet timed out. The next LAN heartbeat from the
+            // primary settles it (see `on_lan_frame`).
+            self.msl_lost_pending = true;
+        }
+    }
+
+    fn shut_mirror_side(&mut self) {
+        if self.meta.disk == DiskState::UpToDate {
+            self.meta.disk = DiskState::Outdated;
+            self.renew_session();
+            self.persist();
+        }
+        self.was_in_sync = false;
+        self.notify(Notice::MirrorShutDown);
+    }
+
+    fn try_takeover(&mut self, reason: &'static str) {
+        if self.meta.disk != DiskState::UpToDate || !self.was_in_sync {
+            self.notify(Notice::CannotTakeOver {
+                reason: match self.meta.disk {
+                    DiskState::Outdated => "local data is outdated (mirror side was shut down)",
+                    DiskState::Inconsistent => "local data is inconsistent (resync incomplete)",
+                    _ => "this node was not in sync with the primary",
+                },
+            });
+            return;
+        }
+        self.counters.takeovers += 1;
+        self.peer_role = Some(Role::Secondary);
+        self.become_primary(true, reason);
+        let generation = self.meta.gens.current;
+        self.notify(Notice::Takeover { generation, reason });
+    }
+
+    /// Become primary in a fresh generation, persisted before any write.
+    fn become_primary(&mut self, track: bool, reason: &'static str) {
+        let id = self.rng.nonzero();
+        gens::new_generation(&mut self.meta.gens, id, track);
+        self.role = Role::Primary;
+        self.renew_session();
+        self.persist();
+        self.emit(Action::ServiceAddress { hold: true });
+        self.notify(Notice::RoleChanged { role: Role::Primary, generation: id, reason });
+    }
+
+    fn become_secondary(&mut self, reason: &'static str) {
+        if self.role != Role::Primary {
+            return;
+        }
+        self.role = Role::Secondary;
+        self.emit(Action::ServiceAddress { hold: false });
+        self.persist();
+        self.notify(Notice::RoleChanged { role: Role::Secondary, generation: self.meta.gens.current, reason });
+        for q in core::mem::take(&mut self.waiting) {
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply { req: q.req, result: Err(ClientError::NotPrimary) });
+        }
+    }
+
+    fn stabilize_if_due(&mut self) {
+        if self.role != Role::Primary || self.failed || self.al.is_empty() {
+            return;
+        }
+        let unstable = self.al.iter().any(|s| !self.al_cold(s));
+        let al_full = self.al.len() >= self.cfg.al_extents;
+        let due = self.now >= self.last_stabilize_us + self.cfg.stabilize_interval_us;
+        let blocked = !self.waiting.is_empty();
+        if unstable && (due || (al_full && blocked)) && self.flushes.values().all(|&(_, r)| r != 0) {
+            self.last_stabilize_us = self.now;
+            self.internal_flush();
+        }
+    }
+
+    /// Flush locally and (if mirroring) on the peer, to cool AL extents.
+    fn internal_flush(&mut self) {
+        let io = self.next_io();
+        let mark = self.completed_wid();
+        self.flushes.insert(io, (mark, 0));
+        self.emit(Action::Flush { io });
+        if self.mirroring() {
+            let d = Data { write_id: 0, offset: 0, len: 0, flags: data_flags::FLUSH };
+            self.send_reliable(Message::Data(d), None);
+        }
+    }
+
+    fn completed_wid(&self) -> u64 {
+        match self.inflight_wids.first() {
+            Some(&w) => w - 1,
+            None => self.next_wid - 1,
+        }
+    }
+
+    // ----------------------------------------------------------------
+    // Switchover (scenario 4)
+
+    fn check_switchover(&mut self) {
+        if self.role != Role::Primary || self.switching.is_some() || !self.in_sync() {
+            self.lan_worse_since = None;
+            return;
+        }
+        let Some(peer) = self.peer_hb else {
+            return;
+        };
+        let mine = self.my_lan_score();
+        let theirs = peer.working_adapters();
+        if theirs > mine && peer.disk == DiskState::UpToDate {
+            let since = *self.lan_worse_since.get_or_insert(self.now);
+            if self.now >= since + self.cfg.switchover_debounce_us {
+                self.start_switchover("the secondary's LAN side works better");
+            }
+        } else {
+            self.lan_worse_since = None;
+        }
+    }
+
+    fn start_switchover(&mut self, reason: &'static str) {
+        self.switching = Some(reason);
+        self.notify(Notice::SwitchoverStarted { reason });
+        for q in core::mem::take(&mut self.waiting) {
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply { req: q.req, result: Err(ClientError::NotPrimary) });
+        }
+        self.try_handover();
+    }
+
+    /// Once every accepted write is released, hand the role over.
+    fn try_handover(&mut self) {
+        if self.switching.is_none() || !self.pending.is_empty() || !self.flush_waiters.is_empty() {
+            return;
+        }
+        let Some(s) = &self.session else {
+            // Peer gone mid-switchover: stay primary.
+            self.switching = None;
+            return;
+        };
+        if s.handover_seq.is_some() || s.phase != Phase::InSync {
+            return;
+        }
+        let id = self.rng.nonzero();
+        self.role = Role::Secondary;
+        self.emit(Action::ServiceAddress { hold: false });
+        gens::new_generation(&mut self.meta.gens, id, false);
+        self.persist();
+        self.notify(Notice::RoleChanged { role: Role::Secondary, generation: id, reason: "planned switchover" });
+        let seq = self.send_reliable(Message::RoleChange(RoleChange { phase: RolePhase::Handover, generation: id }), None);
+        if let Some(s) = self.session.as_mut() {
+            s.handover_seq = seq;
+        }
+        self.peer_role = Some(Role::Primary);
+    }
+
+    // ----------------------------------------------------------------
+    // LAN
+
+    fn on_lan_frame(&mut self, adapter: u8, header: Header, hb: Heartbeat) {
+        if header.sender != self.cfg.peer_id {
+            self.counters.frames_from_stranger += 1;
+            return;
+        }
+        if hb.counter <= self.peer_hb_counter_lan && self.lan_alive {
+            return; // replayed or reordered
+        }
+        self.peer_hb_counter_lan = hb.counter;
+        let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
+        self.adapter_last_rx[i] = Some(self.now);
+        self.last_lan_rx = Some(self.now);
+        if !self.lan_alive {
+            self.lan_alive = true;
+            self.notify(Notice::PeerFound { path: Path::Lan });
+        }
+        self.observe_peer(hb);
+        if self.msl_lost_pending && !self.msl_alive && hb.role == Role::Primary && self.role == Role::Secondary {
+            self.msl_lost_pending = false;
+            self.shut_mirror_side();
+        }
+    }
+
+    fn observe_peer(&mut self, hb: Heartbeat) {
+        self.peer_role = Some(hb.role);
+        if hb.counter > self.peer_hb_counter {
+            self.peer_hb_counter = hb.counter;
+            self.peer_hb = Some(hb);
+        }
+        // A primary that reports its disk failed is as good as dead.
+        if hb.disk == DiskState::Failed {
+            if self.role == Role::Secondary && hb.role == Role::Primary && self.was_in_sync {
+                self.peer_role = Some(Role::Secondary);
+                self.end_session("peer disk failed");
+                self.try_takeover("primary reported a disk failure");
+            } else if self.role == Role::Primary && self.session.is_some() {
+                self.end_session("peer disk failed");
+            }
+        }
+        if hb.role == Role::Primary && self.role == Role::Primary && self.session.is_none() {
+            self.notify(Notice::Warning { what: "peer also claims the primary role (both paths were cut?): split brain will be refused on reconnect" });
+        }
+    }
+
+    // ----------------------------------------------------------------
+    // MSL
+
+    fn on_msl_frame(&mut self, header: Header, msg: Message, payload: Option<H>) {
+        if header.sender != self.cfg.peer_id || header.cluster_id != self.cfg.cluster_id {
+            self.counters.frames_from_stranger += 1;
+            return;
+        }
+        self.last_msl_rx = Some(self.now);
+        if !self.msl_alive {
+            self.msl_alive = true;
+            self.msl_lost_pending = false;
+            self.notify(Notice::PeerFound { path: Path::Msl });
+        }
+        match msg {
+            Message::Hello(h) => self.on_hello(header, h),
+            Message::Heartbeat(hb) => self.observe_peer(hb),
+            Message::Ack(a) => self.on_ack(a),
+            _ => self.on_reliable(header, msg, payload),
+        }
+    }
+
+    fn on_hello(&mut self, header: Header, h: Hello) {
+        if self.admin_disconnected || self.failed {
+            return;
+        }
+        if h.volume_bytes != self.cfg.volume_blocks * u64::from(self.cfg.block_size) || h.block_size != self.cfg.block_size {
+            self.counters.frames_unexpected += 1;
+            self.notify(Notice::Warning { what: "peer volume geometry differs: not connecting" });
+            return;
+        }
+        self.peer_role = Some(h.role);
+        if let Some(s) = &self.session {
+            if s.peer_session == h.session {
+                if header.ack != s.my_hello.session {
+                    // The peer missed our establishing HELLO: repeat it.
+                    let hello = s.my_hello;
+                    let hdr = self.header(0, h.session);
+                    self.emit(Action::SendMsl { header: hdr, msg: Message::Hello(hello), payload: None });
+                }
+                return;
+            }
+            // Peer restarted or its state changed: renegotiate.
+            self.end_session("peer started a new session");
+        }
+        self.peer_hello_seen = Some(h.session);
+        if header.ack == self.my_session {
+            self.establish(h);
+        } else {
+            // Answer at once so the peer can establish.
+            self.next_hello_us = self.now;
+        }
+    }
+
+    fn establish(&mut self, peer: Hello) {
+        let local = SideView {
+            node_id: self.cfg.node_id,
+            role: self.role,
+            disk: self.meta.disk,
+            gens: self.meta.gens,
+            crashed_primary: self.crashed_primary,
+        };
+        let remote = SideView {
+            node_id: self.cfg.peer_id,
+            role: peer.role,
+            disk: peer.disk,
+            gens: peer.gens,
+            crashed_primary: peer.flags & hello_flags::CRASHED_PRIMARY != 0,
+        };
+        let mut decision = gens::decide(&local, &remote);
+        if (decision.strategy.is_target() && self.role == Role::Primary)
+            || (decision.strategy.is_source() && peer.role == Role::Primary)
+        {
+            // A primary would lose its writes: both wrote independently.
+            decision = Decision { strategy: Strategy::SplitBrain, rule: decision.rule };
+        }
+        // Sequence spaces: ours from our session id, theirs from theirs.
+        let txcfg = TxConfig {
+            window: self.cfg.window,
+            rto_initial_us: self.cfg.rto_initial_us,
+            rto_min_us: self.cfg.rto_min_us,
+            rto_max_us: self.cfg.rto_max_us,
+        };
+        let my_hello = self.my_hello();
+        let mut s = Session {
+            my_hello,
+            peer_session: peer.session,
+            decision,
+            phase: Phase::Images,
+            tx: ReliableTx::new(txcfg, self.my_session),
+            rx: ReliableRx::new(self.cfg.window, peer.session),
+            backlog: VecDeque::new(),
+            ack_pending: false,
+            peer_applied: self.my_session,
+            peer_stable: self.my_session,
+            image_buf: Vec::new(),
+            peer_image: false,
+            apply_q: VecDeque::new(),
+            applying: BTreeMap::new(),
+            last_processed: peer.session,
+            applied: peer.session,
+            stable: peer.session,
+            flush_in_flight: None,
+            last_flush_us: self.now,
+            resync_total: 0,
+            resync_cursor: 0,
+            resync_reads: BTreeMap::new(),
+            resync_sent: VecDeque::new(),
+            resync_done_seq: None,
+            resync_blocks_sent: 0,
+            last_progress_us: self.now,
+            mirror_wids: VecDeque::new(),
+            handover_seq: None,
+        };
+        // Tell the peer we established (it may still wait for our ack).
+        let ack_hdr = self.header(0, peer.session);
+        self.emit(Action::SendMsl { header: ack_hdr, msg: Message::Hello(my_hello), payload: None });
+        if decision.strategy.is_refusal() {
+            s.phase = Phase::Refused;
+            if decision.strategy == Strategy::SplitBrain {
+                self.counters.split_brains += 1;
+            }
+            self.session = Some(s);
+            self.notify(Notice::Refused { strategy: decision.strategy, rule: decision.rule });
+            return;
+        }
+        self.session = Some(s);
+        self.session_start_wid = self.next_wid - 1;
+        self.notify(Notice::Connected { strategy: decision.strategy, rule: decision.rule });
+        // Cold start of the pair: the source with good data serves.
+        if decision.strategy.is_source()
+            && self.role == Role::Secondary
+            && peer.role == Role::Secondary
+            && self.meta.disk == DiskState::UpToDate
+        {
+            self.become_primary(false, "pair started: this node holds the newest data");
+            // The peer adopts our new generation from our image.
+        }
+        if decision.strategy == Strategy::SourceFull {
+            self.meta.dirty.set_all();
+            self.persist();
+        }
+        self.send_image();
+    }
+
+    fn send_image(&mut self) {
+        let img = Image {
+            cluster_id: self.cfg.cluster_id,
+            node_id: self.cfg.node_id,
+            volume_blocks: self.cfg.volume_blocks,
+            block_size: self.cfg.block_size,
+            gens: self.meta.gens,
+            disk: self.meta.disk,
+            role: self.role,
+            dirty: self.meta.dirty.clone(),
+            tx_next_seq: self.session.as_ref().map_or(0, |s| s.tx.next_seq()),
+            frontend: Vec::new(),
+        };
+        let bytes = img.encode();
+        let crc = crc32c::crc32c(&bytes);
+        for (i, chunk) in bytes.chunks(IMAGE_CHUNK).enumerate() {
+            let c = StateImageChunk { total_len: bytes.len() as u32, offset: (i * IMAGE_CHUNK) as u32, image_crc: crc };
+            self.send_reliable(Message::StateImage(c), Some(H::from_bytes(chunk)));
+        }
+    }
+
+    /// Tear the MSL session down. A primary goes degraded: everything that
+    /// may be missing on the peer is marked dirty and persisted, and it
+    /// starts a new generation, before any further write is acknowledged.
+    fn end_session(&mut self, why: &'static str) {
+        let Some(s) = self.session.take() else {
+            return;
+        };
+        self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
+        let _ = why;
+        self.counters.retransmits += s.tx.stats.retransmits;
+        // In-flight resync reads are abandoned (their blocks stay dirty).
+        if self.role == Role::Primary && !self.failed {
+            for slot in &self.al {
+                self.meta.dirty.set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
+            }
+            for p in self.pending.values() {
+                self.meta.dirty.set_range(p.block, p.count);
+            }
+            let id = self.rng.nonzero();
+            gens::new_generation(&mut self.meta.gens, id, true);
+            self.renew_session();
+            self.persist();
+            self.notify(Notice::Degraded {
+                reason: if self.lan_alive { "MSL lost; secondary alive on the LAN" } else { "secondary is down" },
+            });
+            // Writes waiting only for the peer are released now.
+            for p in self.pending.values_mut() {
+                p.seq = None;
+            }
+            for w in self.flush_waiters.iter_mut() {
+                w.2 = None;
+            }
+            self.switching = None;
+            self.release_writes();
+        } else if s.phase == Phase::Target || (s.phase == Phase::Images && s.decision.strategy.is_target()) {
+            // Interrupted resync as target: dirty map persisted as is.
+            self.persist();
+        }
+        if s.handover_seq.is_some() {
+            self.peer_role = Some(Role::Primary);
+        }
+        self.peer_hello_seen = None;
+        self.next_hello_us = self.now;
+    }
+
+    fn send_control(&mut self, msg: Message) {
+        let ack = self.session.as_ref().map_or(0, |s| s.rx.cumulative());
+        let h = self.header(0, ack);
+        self.emit(Action::SendMsl { header: h, msg, payload: None });
+    }
+
+    /// Queue a reliable message; returns its sequence number if sent now.
+    fn send_reliable(&mut self, msg: Message, payload: Option<H>) -> Option<u64> {
+        let now = self.now;
+        let gen = self.meta.gens.current;
+        let s = self.session.as_mut()?;
+        if !s.backlog.is_empty() || !s.tx.has_room() {
+            s.backlog.push_back(OutMsg { msg, payload });
+            return None;
+        }
+        let seq = s.tx.push(now, OutMsg { msg, payload: payload.clone() }).ok()?;
+        let ack = s.rx.cumulative();
+        s.ack_pending = false;
+        let mut h = self.header(seq, ack);
+        h.generation = gen;
+        self.emit(Action::SendMsl { header: h, msg, payload });
+        Some(seq)
+    }
+
+    fn on_ack(&mut self, a: Ack) {
+        let now = self.now;
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if a.applied > s.tx.last_seq() || a.stable > s.tx.last_seq() {
+            self.counters.frames_unexpected += 1;
+            return;
+        }
+        s.tx.on_ack(now, &a, |_, _| {});
+        s.peer_applied = s.peer_applied.max(a.applied);
+        s.peer_stable = s.peer_stable.max(a.stable);
+        while let Some(&(seq, wid)) = s.mirror_wids.front() {
+            if seq > s.peer_stable {
+                break;
+            }
+            self.peer_stable_wid = self.peer_stable_wid.max(wid);
+            s.mirror_wids.pop_front();
+        }
+        // Resync blocks stable on the target are clean now.
+        while let Some(&(seq, block)) = s.resync_sent.front() {
+            if seq > s.peer_stable {
+                break;
+            }
+            s.resync_sent.pop_front();
+            self.meta.dirty.clear(block);
+        }
+        self.after_peer_progress();
+    }
+
+    fn after_peer_progress(&mut self) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        // Resync finished once RESYNC_DONE is applied by the target.
+        if s.phase == Phase::Source {
+            if let Some(done) = s.resync_done_seq {
+                if s.peer_applied >= done {
+                    s.phase = Phase::InSync;
+                    let blocks = s.resync_blocks_sent;
+                    self.meta.gens.bitmap = 0;
+                    self.was_in_sync = true;
+                    self.crashed_primary = false;
+                    self.persist();
+                    self.notify(Notice::ResyncFinished { source: true, blocks });
+                }
+            }
+        }
+        // Handover acknowledged as applied: switchover complete.
+        let mut restart = false;
+        if let Some(s) = self.session.as_mut() {
+            if let Some(hs) = s.handover_seq {
+                if s.peer_applied >= hs {
+                    s.handover_seq = None;
+                    restart = true;
+                }
+            }
+        }
+        if restart {
+            let reason = self.switching.take();
+            self.notify(Notice::SwitchoverDone { new_primary: self.cfg.peer_id });
+            if reason == Some("the secondary's LAN side works better") {
+                // The failed server restarts itself as secondary.
+                self.emit(Action::Restart);
+            }
+        }
+        self.release_writes();
+        self.flush_backlog();
+        self.try_handover();
+    }
+
+    fn flush_backlog(&mut self) {
+        loop {
+            let now = self.now;
+            let gen = self.meta.gens.current;
+            let Some(s) = self.session.as_mut() else {
+                return;
+            };
+            if !s.tx.has_room() {
+                return;
+            }
+            let Some(m) = s.backlog.pop_front() else {
+                return;
+            };
+            let msg = m.msg;
+            let payload = m.payload.clone();
+            let Ok(seq) = s.tx.push(now, m) else {
+                return;
+            };
+            let ack = s.rx.cumulative();
+            if let Message::Data(d) = msg {
+                if d.len > 0 {
+                    // Pending write learns its sequence number.
+                    for p in self.pending.values_mut() {
+                        if p.seq == Some(u64::MAX) && p.wid == d.write_id {
+                            p.seq = Some(seq);
+                        }
+                    }
+                    if let Some(s) = self.session.as_mut() {
+                        s.mirror_wids.push_back((seq, d.write_id));
+                    }
+                } else if d.flags & data_flags::FLUSH != 0 {
+                    for w in self.flush_waiters.iter_mut() {
+                        if w.2 == Some(u64::MAX) {
+                            w.2 = Some(seq);
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Message::ResyncData(r) = msg {
+                if let Some(s) = self.session.as_mut() {
+                    s.resync_sent.push_back((seq, r.offset / u64::from(self.cfg.block_size)));
+                }
+            }
+            if let Message::ResyncDone(_) = msg {
+                if let Some(s) = self.session.as_mut() {
+                    s.resync_done_seq = Some(seq);
+                }
+            }
+            let mut h = self.header(seq, ack);
+            h.generation = gen;
+            self.emit(Action::SendMsl { header: h, msg, payload });
+        }
+    }
+
+    fn on_reliable(&mut self, header: Header, msg: Message, payload: Option<H>) {
+        let Some(s) = self.session.as_mut() else {
+            self.counters.frames_unexpected += 1;
+            return;
+        };
+        if s.phase == Phase::Refused {
+            return;
+        }
+        let outcome = s.rx.on_frame(header.seq, InMsg { generation: header.generation, msg, payload });
+        s.ack_pending = true;
+        if outcome == RxOutcome::OutOfWindow {
+            self.counters.frames_unexpected += 1;
+        }
+        while let Some(s) = self.session.as_mut() {
+            let Some((seq, m)) = s.rx.pop() else {
+                break;
+            };
+            s.apply_q.push_back((seq, m));
+        }
+        self.run_apply_queue();
+    }
+
+    /// Receiver pipeline: process delivered messages strictly in order.
+    /// Writes to disjoint blocks overlap; barriers (flush, image install,
+    /// resync done, handover) wait for everything before them.
+    fn run_apply_queue(&mut self) {
+        loop {
+            let Some(s) = self.session.as_mut() else {
+                return;
+            };
+            let Some((seq, m)) = s.apply_q.front() else {
+                break;
+            };
+            let seq = *seq;
+            let idle = s.applying.is_empty() && s.flush_in_flight.is_none();
+            match m.msg {
+                Message::Data(d) if d.flags & data_flags::FLUSH != 0 || d.len == 0 => {
+                    if !idle {
+                        break;
+                    }
+                    let io = self.next_io;
+                    self.next_io += 1;
+                    let s = self.session.as_mut().unwrap_or_else(|| unreachable!());
+                    s.apply_q.pop_front();
+                    s.last_processed = seq;
+                    s.flush_in_flight = Some((io, seq));
+                    self.emit(Action::Flush { io });
+                }
+                Message::Data(Data { offset, len, flags, .. }) | Message::ResyncData(ResyncData { offset, len, flags }) => {
+                    let bs = u64::from(self.cfg.block_size);
+                    let block = offset / bs;
+                    let count = u64::from(len) / bs;
+                    let overlaps = s.applying.values().any(|&(b, c)| block < b + c && b < block + count);
+                    if overlaps || s.flush_in_flight.is_some() {
+                        break;
+                    }
+                    if m.generation != self.meta.gens.current && matches!(m.msg, Message::Data(_)) {
+                        self.counters.frames_wrong_generation += 1;
+                    }
+                    let is_resync = matches!(m.msg, Message::ResyncData(_));
+                    let kind = if flags & data_flags::TRIM != 0 {
+                        IoKind::Trim
+                    } else if flags & data_flags::ZEROES != 0 {
+                        IoKind::Zeroes
+                    } else {
+                        IoKind::Write
+                    };
+                    let fua = flags & data_flags::FUA != 0;
+                    let Some((_, m)) = s.apply_q.pop_front() else {
+                        break;
+                    };
+                    s.applying.insert(seq, (block, count));
+                    s.last_processed = seq;
+                    let io = self.next_io;
+                    self.next_io += 1;
+                    // io ids and seqs share the apply map via this index.
+                    self.apply_ios.insert(io, seq);
+                    if is_resync {
+                        self.counters.resync_blocks_received += count;
+                    }
+                    if kind == IoKind::Write && m.payload.is_none() {
+                        self.counters.frames_unexpected += 1;
+                    }
+                    self.emit(Action::Write { io, block, count, kind, fua, payload: m.payload });
+                    if fua {
+                        // FUA: flush behind it so `stable` covers it.
+                        self.apply_fua_pending = true;
+                    }
+                }
+                Message::StateImage(c) => {
+                    let Some((_, m)) = s.apply_q.pop_front() else {
+                        break;
+                    };
+                    s.last_processed = seq;
+                    if let Some(p) = &m.payload {
+                        let bytes = p.bytes();
+                        let expected = c.offset as usize;
+                        if s.image_buf.len() == expected && c.total_len as usize <= 64 << 20 {
+                            s.image_buf.extend_from_slice(bytes);
+                        } else {
+                            self.counters.frames_unexpected += 1;
+                        }
+                        if s.image_buf.len() >= c.total_len as usize {
+                            let buf = core::mem::take(&mut s.image_buf);
+                            if crc32c::crc32c(&buf) != c.image_crc {
+                                self.counters.frames_unexpected += 1;
+                                self.end_session("corrupt memory image");
+                                return;
+                            }
+                            match Image::decode(&buf) {
+                                Ok(img) => self.install_image(img),
+                                Err(_) => {
+                                    self.counters.frames_unexpected += 1;
+                                    self.end_session("undecodable memory image");
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+                Message::ResyncDone(_) => {
+                    if !idle {
+                        break;
+                    }
+                    s.apply_q.pop_front();
+                    s.last_processed = seq;
+                    s.phase = Phase::InSync;
+                    let total = s.resync_total;
+                    self.meta.dirty.clear_all();
+                    self.meta.disk = DiskState::UpToDate;
+                    self.was_in_sync = true;
+                    self.crashed_primary = false;
+                    self.persist();
+                    self.notify(Notice::ResyncFinished { source: false, blocks: total });
+                }
+                Message::RoleChange(rc) => {
+                    if !idle {
+                        break;
+                    }
+                    s.apply_q.pop_front();
+                    s.last_processed = seq;
+                    if rc.phase == RolePhase::Handover && self.role == Role::Secondary && s.phase == Phase::InSync {
+                        let cur = self.meta.gens.current;
+                        gens::push_history(&mut self.meta.gens, cur);
+                        self.meta.gens.current = rc.generation;
+                        self.role = Role::Primary;
+                        self.peer_role = Some(Role::Secondary);
+                        self.persist();
+                        self.emit(Action::ServiceAddress { hold: true });
+                        self.notify(Notice::RoleChanged {
+                            role: Role::Primary,
+                            generation: rc.generation,
+                            reason: "planned switchover from the peer",
+                        });
+                    } else {
+                        self.counters.frames_unexpected += 1;
+                    }
+                }
+                _ => {
+                    s.apply_q.pop_front();
+                    s.last_processed = seq;
+                    self.counters.frames_unexpected += 1;
+                }
+            }
+        }
+        self.update_applied();
+    }
+
+    fn update_applied(&mut self) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        // Everything processed before the oldest write still in flight is
+        // applied. (A FLUSH barrier counts as applied once processed: its
+        // durability is reported through `stable`.)
+        let applied = match s.applying.keys().next() {
+            Some(&first) => first - 1,
+            None => s.last_processed,
+        };
+        if applied > s.applied {
+            s.applied = applied;
+            s.ack_pending = true;
+        }
+        if self.apply_fua_pending && s.flush_in_flight.is_none() && s.applying.is_empty() {
+            self.apply_fua_pending = false;
+            let io = self.next_io;
+            self.next_io += 1;
+            s.flush_in_flight = Some((io, s.applied));
+            s.last_flush_us = self.now;
+            self.emit(Action::Flush { io });
+        }
+    }
+
+    fn install_image(&mut self, img: Image) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if img.volume_blocks != self.cfg.volume_blocks || img.dirty.len() != self.meta.dirty.len() {
+            self.counters.frames_unexpected += 1;
+            self.end_session("memory image geometry differs");
+            return;
+        }
+        s.peer_image = true;
+        let strategy = s.decision.strategy;
+        if strategy.is_target() {
+            // Adopt the source's generation; everything either side marked
+            // is to be received.
+            if self.meta.gens.current != img.gens.current {
+                let cur = self.meta.gens.current;
+                        gens::push_history(&mut self.meta.gens, cur);
+                self.meta.gens.current = img.gens.current;
+            }
+            self.meta.gens.bitmap = 0;
+            if strategy == Strategy::TargetFull {
+                self.meta.dirty.set_all();
+            } else {
+                self.meta.dirty.union(&img.dirty);
+            }
+            let total = self.meta.dirty.count();
+            s.resync_total = total;
+            s.phase = Phase::Target;
+            self.meta.disk = DiskState::Inconsistent;
+            self.peer_role = Some(img.role);
+            self.persist();
+            self.notify(Notice::ResyncStarted { source: false, blocks: total, full: strategy == Strategy::TargetFull });
+        } else if strategy.is_source() {
+            self.meta.dirty.union(&img.dirty);
+            let total = self.meta.dirty.count();
+            s.resync_total = total;
+            s.resync_cursor = 0;
+            s.phase = Phase::Source;
+            self.persist();
+            self.notify(Notice::ResyncStarted { source: true, blocks: total, full: strategy == Strategy::SourceFull });
+        }
+    }
+
+    // ----------------------------------------------------------------
+    // Client writes (primary)
+
+    fn mirroring(&self) -> bool {
+        self.role == Role::Primary
+            && self.session.as_ref().is_some_and(|s| matches!(s.phase, Phase::Images | Phase::Source | Phase::InSync))
+            && self.session.as_ref().is_some_and(|s| s.decision.strategy.is_source())
+    }
+
+    fn on_client_write(&mut self, q: QueuedWrite<H>) {
+        if !self.serving() {
+            self.counters.client_writes_refused += 1;
+            let e = if self.failed { ClientError::IoError } else { ClientError::NotPrimary };
+            self.emit(Action::Reply { req: q.req, result: Err(e) });
+            return;
+        }
+        if q.count == 0 || q.block.checked_add(q.count).is_none_or(|end| end > self.cfg.volume_blocks) {
+            self.emit(Action::Reply { req: q.req, result: Err(ClientError::OutOfRange) });
+            return;
+        }
+        if self.extents(q.block, q.count).count() > self.cfg.al_extents {
+            // Could never get its extents hot at once.
+            self.emit(Action::Reply { req: q.req, result: Err(ClientError::OutOfRange) });
+            return;
+        }
+        if self.waiting.len() + self.pending.len() >= self.cfg.max_pending_writes {
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply { req: q.req, result: Err(ClientError::Busy) });
+            return;
+        }
+        self.waiting.push_back(q);
+        self.start_waiting_writes();
+    }
+
+    /// Start queued writes in order while they don't overlap writes in
+    /// flight and their AL extents can be made hot.
+    fn start_waiting_writes(&mut self) {
+        while let Some(q) = self.waiting.front() {
+            if !self.serving() {
+                return;
+            }
+            let (block, count) = (q.block, q.count);
+            if self.pending.values().any(|p| p.count > 0 && block < p.block + p.count && p.block < block + count) {
+                return;
+            }
+            let Some(al_changed) = self.al_reserve(block, count) else {
+                return; // AL full of hot extents: wait for a stabilizing flush
+            };
+            let Some(q) = self.waiting.pop_front() else {
+                return;
+            };
+            self.start_write(q, al_changed);
+        }
+    }
+
+    fn extents(&self, block: u64, count: u64) -> core::ops::RangeInclusive<u64> {
+        let e = self.cfg.extent_blocks;
+        (block / e)..=((block + count - 1) / e)
+    }
+
+    fn al_cold(&self, s: &AlSlot) -> bool {
+        s.in_flight == 0
+            && s.last_wid <= self.local_stable_wid
+            && (!self.mirroring() || s.last_wid <= self.peer_stable_wid || s.last_wid <= self.session_start_wid)
+    }
+
+    /// Make the extents of a write hot. Returns Some(changed) or None if
+    /// there is no cold slot to evict.
+    fn al_reserve(&mut self, block: u64, count: u64) -> Option<bool> {
+        let need: Vec<u64> = self.extents(block, count).filter(|e| !self.al.iter().any(|s| s.extent == *e)).collect();
+        if need.is_empty() {
+            return Some(false);
+        }
+        let free = self.cfg.al_extents.saturating_sub(self.al.len());
+        let mut cold: Vec<(u64, usize)> =
+            self.al.iter().enumerate().filter(|(_, s)| self.al_cold(s)).map(|(i, s)| (s.lru, i)).collect();
+        if free + cold.len() < need.len() {
+            return None;
+        }
+        cold.sort_unstable();
+        let evict = need.len().saturating_sub(free);
+        let mut victims: Vec<usize> = cold.iter().take(evict).map(|&(_, i)| i).collect();
+        victims.sort_unstable_by(|a, b| b.cmp(a));
+        for i in victims {
+            self.al.swap_remove(i);
+        }
+        for e in need {
+            self.al.push(AlSlot { extent: e, last_wid: 0, in_flight: 0, lru: 0 });
+        }
+        Some(true)
+    }
+
+    fn start_write(&mut self, q: QueuedWrite<H>, al_changed: bool) {
+        let wid = self.next_wid;
+        self.next_wid += 1;
+        self.al_clock += 1;
+        let clock = self.al_clock;
+        let exts = self.extents(q.block, q.count);
+        for s in self.al.iter_mut().filter(|s| exts.contains(&s.extent)) {
+            s.in_flight += 1;
+            s.last_wid = wid;
+            s.lru = clock;
+        }
+        let mirror = self.mirroring() && self.cfg.write_mode == WriteMode::Sync;
+        let mirror_async = self.mirroring() && self.cfg.write_mode == WriteMode::Async;
+        let mut persist = al_changed;
+        if !mirror && !mirror_async {
+            // Degraded: the dirty mark is persisted before the write.
+            persist |= self.meta.dirty.set_range(q.block, q.count) > 0;
+        }
+        if persist {
+            self.persist();
+        }
+        self.last_write_us = self.now;
+        self.inflight_wids.insert(wid);
+        let io = self.next_io();
+        self.emit(Action::Write {
+            io,
+            block: q.block,
+            count: q.count,
+            kind: q.kind,
+            fua: q.fua,
+            payload: q.payload.clone(),
+        });
+        let mut seq = None;
+        if mirror || mirror_async {
+            let bs = u64::from(self.cfg.block_size);
+            let mut flags = if q.fua { data_flags::FUA } else { 0 };
+            flags |= match q.kind {
+                IoKind::Write => 0,
+                IoKind::Trim => data_flags::TRIM,
+                IoKind::Zeroes => data_flags::ZEROES,
+            };
+            let d = Data { write_id: wid, offset: q.block * bs, len: (q.count * bs) as u32, flags };
+            let sent = self.send_reliable(Message::Data(d), q.payload);
+            match sent {
+                Some(s) => {
+                    if let Some(sess) = self.session.as_mut() {
+                        sess.mirror_wids.push_back((s, wid));
+                    }
+                    seq = Some(s);
+                }
+                None => seq = Some(u64::MAX), // queued in backlog: seq assigned later
+            }
+            if mirror_async {
+                seq = None;
+            }
+            // Cancel resync reads of these blocks: their data is stale now.
+            if let Some(s) = self.session.as_mut() {
+                for (_, (b, cancelled)) in s.resync_reads.iter_mut() {
+                    if *b >= q.block && *b < q.block + q.count {
+                        *cancelled = true;
+                    }
+                }
+            }
+        }
+        self.pending.insert(
+            io,
+            PendingWrite { req: q.req, wid, block: q.block, count: q.count, fua: q.fua, flush: false, local_done: false, seq },
+        );
+    }
+
+    fn on_client_flush(&mut self, req: ReqId) {
+        if !self.serving() {
+            let e = if self.failed { ClientError::IoError } else { ClientError::NotPrimary };
+            self.emit(Action::Reply { req, result: Err(e) });
+            return;
+        }
+        let io = self.next_io();
+        let mark = self.completed_wid();
+        self.flushes.insert(io, (mark, req));
+        self.emit(Action::Flush { io });
+        let mut seq = None;
+        if self.mirroring() {
+            let d = Data { write_id: 0, offset: 0, len: 0, flags: data_flags::FLUSH };
+            seq = Some(self.send_reliable(Message::Data(d), None).unwrap_or(u64::MAX));
+        }
+        self.flush_waiters.push_back((req, io, seq));
+    }
+
+    /// Release client writes and flushes whose conditions are met.
+    fn release_writes(&mut self) {
+        let (peer_applied, peer_stable, connected) = match &self.session {
+            Some(s) => (s.peer_applied, s.peer_stable, true),
+            None => (0, 0, false),
+        };
+        let mut done = Vec::new();
+        for (&io, p) in &self.pending {
+            if !p.local_done {
+                continue;
+            }
+            let peer_ok = match p.seq {
+                None => true,
+                Some(u64::MAX) => false,
+                Some(seq) => connected && if p.fua || p.flush { peer_stable >= seq } else { peer_applied >= seq },
+            };
+            if peer_ok {
+                done.push(io);
+            }
+        }
+        for io in done {
+            if let Some(p) = self.pending.remove(&io) {
+                self.emit(Action::Reply { req: p.req, result: Ok(()) });
+            }
+        }
+        while let Some(&(req, io, seq)) = self.flush_waiters.front() {
+            let local = self.local_flush_done.contains(&io);
+            let peer_ok = match seq {
+                None => true,
+                Some(u64::MAX) => false,
+                Some(seq) => connected && peer_stable >= seq,
+            };
+            if !(local && peer_ok) {
+                break;
+            }
+            self.flush_waiters.pop_front();
+            self.local_flush_done.remove(&io);
+            self.emit(Action::Reply { req, result: Ok(()) });
+        }
+        self.start_waiting_writes();
+        self.try_handover();
+    }
+
+    fn on_io_done(&mut self, io: IoId, ok: bool) {
+        if !ok {
+            self.fail("volume write or flush");
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(&io) {
+            p.local_done = true;
+            let (wid, block, count) = (p.wid, p.block, p.count);
+            self.inflight_wids.remove(&wid);
+            let exts = self.extents(block, count);
+            for s in self.al.iter_mut().filter(|s| exts.contains(&s.extent)) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+            self.release_writes();
+            return;
+        }
+        if let Some((mark, req)) = self.flushes.remove(&io) {
+            self.local_stable_wid = self.local_stable_wid.max(mark);
+            if req != 0 || self.flush_waiters.iter().any(|w| w.1 == io) {
+                self.local_flush_done.insert(io);
+            }
+            self.release_writes();
+            return;
+        }
+        if let Some(seq) = self.apply_ios.remove(&io) {
+            if let Some(s) = self.session.as_mut() {
+                if let Some((block, count)) = s.applying.remove(&seq) {
+                    if s.phase == Phase::Target {
+                        for b in block..block + count {
+                            // Cleared in memory; the persisted map stays a
+                            // superset until the next stable point.
+                            self.meta.dirty.clear(b);
+                        }
+                    }
+                }
+            }
+            self.run_apply_queue();
+            return;
+        }
+        if let Some(s) = self.session.as_mut() {
+            if let Some((fio, fseq)) = s.flush_in_flight {
+                if fio == io {
+                    s.flush_in_flight = None;
+                    s.stable = s.stable.max(fseq);
+                    s.ack_pending = true;
+                    if s.phase == Phase::Target {
+                        self.persist();
+                    }
+                    self.run_apply_queue();
+                    return;
+                }
+            }
+        }
+        // A write from an ended session, or unknown: nothing to release.
+    }
+
+    fn on_read_done(&mut self, io: IoId, ok: bool, payload: Option<H>) {
+        if !ok {
+            self.fail("volume read");
+            return;
+        }
+        let bs = u64::from(self.cfg.block_size);
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let Some((block, cancelled)) = s.resync_reads.remove(&io) else {
+            return;
+        };
+        if cancelled || s.phase != Phase::Source {
+            // A client wrote this block meanwhile; read it again later.
+            s.resync_cursor = s.resync_cursor.min(block);
+            return;
+        }
+        s.resync_blocks_sent += 1;
+        self.counters.resync_blocks_sent += 1;
+        let r = ResyncData { offset: block * bs, len: bs as u32, flags: 0 };
+        if let Some(seq) = self.send_reliable(Message::ResyncData(r), payload) {
+            if let Some(s) = self.session.as_mut() {
+                s.resync_sent.push_back((seq, block));
+            }
+        }
+    }
+
+    /// Drive resync and acks; runs at the end of every `handle`.
+    fn pump(&mut self) {
+        self.retransmit();
+        self.pump_resync();
+        self.flush_backlog();
+        self.stabilize_target();
+        if let Some(s) = self.session.as_mut() {
+            if s.ack_pending {
+                s.ack_pending = false;
+                let a = s.rx.ack(s.applied, s.stable);
+                self.send_control(Message::Ack(a));
+            }
+        }
+    }
+
+    fn retransmit(&mut self) {
+        let now = self.now;
+        let gen = self.meta.gens.current;
+        let mut out = Vec::new();
+        if let Some(s) = self.session.as_mut() {
+            let ack = s.rx.cumulative();
+            while let Some((seq, m)) = s.tx.poll_retransmit(now) {
+                out.push((seq, ack, m.msg, m.payload.clone()));
+                if out.len() >= 64 {
+                    break;
+                }
+            }
+        }
+        for (seq, ack, msg, payload) in out {
+            let mut h = self.header(seq, ack);
+            h.generation = gen;
+            self.emit(Action::SendMsl { header: h, msg, payload });
+        }
+    }
+
+    /// Secondary: flush periodically so the primary's AL can cool and
+    /// resync bits can clear.
+    fn stabilize_target(&mut self) {
+        let now = self.now;
+        let interval = self.cfg.stabilize_interval_us / 2;
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if s.applied > s.stable && s.flush_in_flight.is_none() && s.applying.is_empty() && now >= s.last_flush_us + interval {
+            let io = self.next_io;
+            self.next_io += 1;
+            s.flush_in_flight = Some((io, s.applied));
+            s.last_flush_us = now;
+            self.emit(Action::Flush { io });
+        }
+    }
+
+    /// Source: read dirty blocks and send them, yielding to client writes.
+    fn pump_resync(&mut self) {
+        let idle = self.now >= self.last_write_us + self.cfg.resync_idle_us && self.pending.is_empty();
+        let budget = if idle { self.cfg.resync_max_in_flight } else { self.cfg.resync_min_in_flight };
+        let window = self.cfg.window;
+        loop {
+            let Some(s) = self.session.as_mut() else {
+                return;
+            };
+            if s.phase != Phase::Source || s.resync_done_seq.is_some() {
+                return;
+            }
+            // Leave a quarter of the window for client writes.
+            let in_flight_sends = s.resync_sent.len();
+            if s.resync_reads.len() >= budget || !s.backlog.is_empty() || in_flight_sends + s.resync_reads.len() >= window * 3 / 4
+            {
+                break;
+            }
+            let Some(block) = self.meta.dirty.next_set(s.resync_cursor) else {
+                // Everything dirty has been read; done once all are stable.
+                if s.resync_reads.is_empty() && s.resync_sent.is_empty() {
+                    if self.meta.dirty.count() == 0 {
+                        let blocks = s.resync_blocks_sent;
+                        let seq = self.send_reliable(Message::ResyncDone(ResyncDone { blocks_sent: blocks }), None);
+                        if let Some(s) = self.session.as_mut() {
+                            s.resync_done_seq = seq.or(Some(u64::MAX));
+                        }
+                    } else if let Some(s) = self.session.as_mut() {
+                        s.resync_cursor = 0; // wrap: resend blocks re-dirtied meanwhile
+                    }
+                }
+                break;
+            };
+            let busy = self.pending.values().any(|p| block >= p.block && block < p.block + p.count);
+            if busy || s.resync_sent.iter().any(|&(_, b)| b == block) || s.resync_reads.values().any(|&(b, _)| b == block) {
+                s.resync_cursor = block + 1;
+                continue;
+            }
+            s.resync_cursor = block + 1;
+            let io = self.next_io;
+            self.next_io += 1;
+            if let Some(s) = self.session.as_mut() {
+                s.resync_reads.insert(io, (block, false));
+            }
+            self.emit(Action::Read { io, block, count: 1 });
+        }
+        self.resync_progress();
+    }
+
+    fn resync_progress(&mut self) {
+        let now = self.now;
+        let remaining = self.meta.dirty.count();
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if matches!(s.phase, Phase::Source | Phase::Target) && now >= s.last_progress_us + 1_000_000 {
+            s.last_progress_us = now;
+            let (source, total) = (s.phase == Phase::Source, s.resync_total);
+            self.notify(Notice::ResyncProgress { source, remaining, total });
+        }
+    }
+
+    // ----------------------------------------------------------------
+    // Failure latch and admin
+
+    /// Latch fail-closed: no acknowledgement ever again until restarted.
+    fn fail(&mut self, what: &'static str) {
+        if self.failed {
+            return;
+        }
+        self.failed = true;
+        self.notify(Notice::DiskFailed { what });
+        for (_, p) in core::mem::take(&mut self.pending) {
+            self.emit(Action::Reply { req: p.req, result: Err(ClientError::IoError) });
+        }
+        for q in core::mem::take(&mut self.waiting) {
+            self.emit(Action::Reply { req: q.req, result: Err(ClientError::IoError) });
+        }
+        for (req, _, _) in core::mem::take(&mut self.flush_waiters) {
+            self.emit(Action::Reply { req, result: Err(ClientError::IoError) });
+        }
+        if self.role == Role::Primary {
+            self.role = Role::Secondary;
+            self.emit(Action::ServiceAddress { hold: false });
+            self.notify(Notice::RoleChanged {
+                role: Role::Secondary,
+                generation: self.meta.gens.current,
+                reason: "disk failure",
+            });
+        }
+        self.session = None;
+        // Tell the peer at once (it takes over if it was in sync).
+        self.next_hb_us = self.now;
+    }
+
+    fn on_admin(&mut self, cmd: AdminCmd) {
+        match cmd {
+            AdminCmd::Promote { force } => {
+                if self.role == Role::Primary || self.failed {
+                    return;
+                }
+                if self.peer_role == Some(Role::Primary) && (self.msl_alive || self.lan_alive) && !force {
+                    self.notify(Notice::Warning { what: "promote refused: the peer is primary and alive" });
+                    return;
+                }
+                if self.meta.disk != DiskState::UpToDate && !force {
+                    self.notify(Notice::Warning { what: "promote refused: local data is not up to date (use force)" });
+                    return;
+                }
+                if force {
+                    self.meta.disk = DiskState::UpToDate;
+                }
+                self.end_session("promote");
+                self.become_primary(true, "administrator promoted this node");
+            }
+            AdminCmd::Demote => {
+                self.become_secondary("administrator demoted this node");
+            }
+            AdminCmd::Switchover => {
+                if self.role == Role::Primary && self.in_sync() && self.switching.is_none() {
+                    self.start_switchover("administrator requested a switchover");
+                } else {
+                    self.notify(Notice::Warning { what: "switchover refused: this node is not an in-sync primary" });
+                }
+            }
+            AdminCmd::Disconnect => {
+                self.admin_disconnected = true;
+                self.end_session("administrator disconnected");
+            }
+            AdminCmd::Connect => {
+                self.admin_disconnected = false;
+                self.next_hello_us = self.now;
+            }
+            AdminCmd::Invalidate => {
+                if self.role == Role::Primary {
+                    self.notify(Notice::Warning { what: "invalidate refused on the primary" });
+                    return;
+                }
+                self.meta.dirty.set_all();
+                self.meta.disk = DiskState::Inconsistent;
+                self.end_session("invalidate");
+                self.renew_session();
+                self.persist();
+            }
+        }
+    }
+
+    /// A clean shutdown: flush first, then call this; it persists a clean
+    /// marker so that the next start does not count as a crash.
+    pub fn shutdown(&mut self) {
+        self.end_session("shutdown");
+        if self.role == Role::Primary {
+            self.role = Role::Secondary;
+            self.emit(Action::ServiceAddress { hold: false });
+        }
+        self.meta.clean = true;
+        self.persist();
+    }
+}

@@ -1,0 +1,75 @@
+//! The two halves every backend provides: a transmit half that fills
+//! backend-owned buffers in batches, and a receive half that hands out
+//! received frames in batches. Each half is owned by one pinned worker
+//! thread, so neither needs a lock.
+
+use std::io;
+use std::time::Duration;
+
+/// Most frames one `send_with` or `recv` call handles.
+pub const MAX_BATCH: usize = 64;
+
+/// Transmit half of a link.
+pub trait TxLink: Send {
+    /// Largest Ethernet frame (header included) this link carries.
+    fn max_frame_len(&self) -> usize;
+
+    /// Send up to `max` frames (at most `MAX_BATCH`). For frame `i` the
+    /// backend hands `emit` a buffer of `max_frame_len()` bytes; `emit`
+    /// writes one Ethernet frame and returns its length, or `None` when it
+    /// has nothing more to send. Returns how many frames were sent. Frames
+    /// that `emit` wrote are always sent (the backend reserves room first).
+    fn send_with(
+        &mut self,
+        max: usize,
+        emit: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>,
+    ) -> io::Result<usize>;
+
+    /// Called when the worker is idle: push out anything held back
+    /// (the fault layer's reordered frames) and reap completions.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Frames the kernel or the fault layer discarded on this side.
+    fn stats(&self) -> TxStats {
+        TxStats::default()
+    }
+}
+
+/// Receive half of a link.
+pub trait RxLink: Send {
+    /// Wait up to `timeout` for frames, then pass each ready frame (up to
+    /// `max`) to `f`. The slice is valid only during the call. Returns the
+    /// number of frames passed.
+    fn recv(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<usize>;
+
+    /// Counters of frames lost below the protocol (ring overflow, etc.).
+    fn stats(&mut self) -> RxStats {
+        RxStats::default()
+    }
+}
+
+/// Transmit-side counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxStats {
+    pub frames: u64,
+    /// Dropped by the fault layer.
+    pub fault_dropped: u64,
+    pub fault_duplicated: u64,
+    pub fault_reordered: u64,
+    pub fault_corrupted: u64,
+}
+
+/// Receive-side counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RxStats {
+    pub frames: u64,
+    /// Lost in the kernel (ring full, socket drops), cumulative.
+    pub kernel_dropped: u64,
+}

@@ -1,0 +1,36 @@
+//! msl wire format.
+//!
+//! * `msg`: typed message representations used by the protocol core.
+//! * `frame`: the versioned, checksummed, authenticated frame layout;
+//!   `emit` / `parse` between `msg` types and bytes. Parsing untrusted bytes
+//!   never panics and never allocates.
+//! * `eth`: the Ethernet II header around MSL frames (EtherType 0x88B5).
+//! * `frag`: splitting a message into frames that fit an MTU, and
+//!   reassembling them into fixed, preallocated slots.
+//! * `fuzz_support`: the fuzz targets' bodies and seed corpus, shared by the
+//!   cargo-fuzz targets in `fuzz/` and the stable corpus test.
+
+#![forbid(unsafe_code)]
+
+pub mod eth;
+pub mod frag;
+pub mod frame;
+pub mod fuzz_support;
+pub mod msg;
+
+pub use eth::{emit_eth, parse_eth, EthHeader, ETH_HEADER_LEN};
+pub use frag::{
+    emit_fragment, fragment_count, max_payload_per_frame, try_fragment_count, Reassembler,
+    ReassemblyError, MAX_FRAGMENTS,
+};
+pub use frame::{
+    body_len, buffer_len, emit, flags, parse, EmitError, Expect, Frame, Key, ParseError, Parsed,
+    RxCounters, CRC_LEN, HEADER_LEN, TAG_LEN, VERSION,
+};
+pub use msg::*;
+
+/// EtherType of MSL frames.
+pub const ETHERTYPE_MSL: u16 = 0x88B5;
+
+#[cfg(test)]
+mod tests;

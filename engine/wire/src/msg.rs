@@ -1,0 +1,410 @@
+//! Typed message representations (the `Repr` side, in smoltcp's terms).
+//!
+//! These are what the protocol core produces and consumes. `frame.rs` turns
+//! them into bytes and back. Field order and widths on the wire are fixed
+//! there; changing any of them needs a `VERSION` bump.
+
+/// Protocol roles as carried on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Secondary,
+    Primary,
+    /// A value this build does not know (kept, never guessed).
+    Unknown(u8),
+}
+
+/// State of a node's copy of the volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DiskState {
+    /// Byte-identical to the latest data the pair acknowledged.
+    UpToDate,
+    /// Consistent but missing writes (mirror side shut down, or behind).
+    Outdated,
+    /// Being resynchronized: not consistent until RESYNC_DONE.
+    Inconsistent,
+    /// Latched after an I/O error: no more acknowledgements.
+    Failed,
+    Unknown(u8),
+}
+
+/// How many history generation identifiers are kept and exchanged.
+pub const HISTORY_LEN: usize = 4;
+
+/// Generation identifiers (DRBD's UUID set).
+///
+/// * `current`: the data generation this node holds.
+/// * `bitmap`: the generation at which this node started tracking changes
+///   against an absent or lagging peer (0 = not tracking).
+/// * `history`: earlier `current` values, newest first (0 = empty slot).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Generations {
+    pub current: u64,
+    pub bitmap: u64,
+    pub history: [u64; HISTORY_LEN],
+}
+
+/// Per-HELLO flags.
+pub mod hello_flags {
+    /// The sender was primary when it stopped without a clean shutdown.
+    pub const CRASHED_PRIMARY: u8 = 0x01;
+    /// The sender holds a resync bitmap from an interrupted resync as target.
+    pub const RESYNC_TARGET: u8 = 0x02;
+    /// Every flag this version defines; other bits are rejected on the wire.
+    pub const KNOWN: u8 = CRASHED_PRIMARY | RESYNC_TARGET;
+}
+
+/// HELLO: sent by both nodes when the MSL comes up, before anything else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub role: Role,
+    pub disk: DiskState,
+    pub volume_bytes: u64,
+    pub block_size: u32,
+    pub gens: Generations,
+    pub flags: u8,
+    /// Blocks this node considers out of sync (summary only; the bitmap
+    /// itself follows in the memory image or in DIRTY_MAP chunks).
+    pub dirty_blocks: u64,
+    /// Random per connection attempt; both sides restart sequence numbers
+    /// for a new session pair.
+    pub session: u64,
+}
+
+/// Flags on DATA / RESYNC_DATA.
+pub mod data_flags {
+    /// Force unit access: durable on the receiver before it is acked stable.
+    pub const FUA: u8 = 0x01;
+    /// A flush barrier: no payload; the receiver flushes its volume.
+    pub const FLUSH: u8 = 0x02;
+    /// Trim / discard the range (no payload).
+    pub const TRIM: u8 = 0x04;
+    /// Write zeroes over the range (no payload).
+    pub const ZEROES: u8 = 0x08;
+    /// Every flag this version defines; other bits are rejected on the wire
+    /// (an unknown flag could change what a write means).
+    pub const KNOWN: u8 = FUA | FLUSH | TRIM | ZEROES;
+}
+
+/// DATA: a client write mirrored to the peer (or one fragment of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Data {
+    pub write_id: u64,
+    /// Byte offset of the write on the volume.
+    pub offset: u64,
+    /// Byte length of the whole write.
+    pub len: u32,
+    pub flags: u8,
+}
+
+/// Maximum selective-acknowledgement ranges in one ACK.
+pub const MAX_SACK: usize = 4;
+
+/// ACK: cumulative + selective acknowledgement of reliable frames, and the
+/// receiver's durability points.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// Every reliable sequence number `<= cumulative` was received.
+    pub cumulative: u64,
+    /// Every sequence number `<= applied` was written to the receiver's
+    /// volume (protocol C "written").
+    pub applied: u64,
+    /// Every sequence number `<= stable` is on stable storage (flushed).
+    pub stable: u64,
+    /// Received ranges above `cumulative`, inclusive `(first, last)`.
+    pub sack: [(u64, u64); MAX_SACK],
+    pub sack_len: u8,
+}
+
+/// Per-adapter LAN health as reported by its owner.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdapterHealth {
+    pub link_up: bool,
+    pub carrier: bool,
+    /// Peer heartbeats arrive on this adapter.
+    pub reachable: bool,
+}
+
+impl AdapterHealth {
+    /// Adapter is usable for clients (link and carrier).
+    pub fn working(&self) -> bool {
+        self.link_up && self.carrier
+    }
+}
+
+/// Maximum LAN adapters reported per node.
+pub const MAX_ADAPTERS: usize = 4;
+
+/// HEARTBEAT: server state. Sent on the MSL (control class) and as the LAN
+/// server-state packet over UDP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub role: Role,
+    pub disk: DiskState,
+    /// Sender currently hears the peer on the MSL.
+    pub msl_up: bool,
+    /// Sender's pair view: connected and in sync.
+    pub in_sync: bool,
+    pub adapters: [AdapterHealth; MAX_ADAPTERS],
+    pub adapter_count: u8,
+    /// Monotonic per sender; lets receivers drop stale/replayed packets.
+    pub counter: u64,
+}
+
+impl Heartbeat {
+    /// Number of adapters with link and carrier.
+    pub fn working_adapters(&self) -> u8 {
+        let n = usize::from(self.adapter_count).min(MAX_ADAPTERS);
+        self.adapters[..n].iter().filter(|a| a.working()).count() as u8
+    }
+}
+
+/// STATE_IMAGE: one chunk of the memory image (payload follows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateImageChunk {
+    /// Total image length in bytes.
+    pub total_len: u32,
+    /// Offset of this chunk in the image.
+    pub offset: u32,
+    /// CRC32C of the whole image, checked after reassembly.
+    pub image_crc: u32,
+}
+
+/// RESYNC_DATA: one block range sent by the resync source (payload follows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncData {
+    pub offset: u64,
+    pub len: u32,
+    pub flags: u8,
+}
+
+/// RESYNC_DONE: the source has sent every dirty block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncDone {
+    pub blocks_sent: u64,
+}
+
+/// ROLE_CHANGE phases (planned switchover).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolePhase {
+    /// Old primary has drained and hands over: "you are primary now".
+    Handover,
+    /// New primary confirms it took over with `generation`.
+    Accepted,
+    Unknown(u8),
+}
+
+/// ROLE_CHANGE: planned switchover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoleChange {
+    pub phase: RolePhase,
+    /// The generation the new primary writes in.
+    pub generation: u64,
+}
+
+/// Message type codes. Values may never change without a version bump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MsgType {
+    Hello,
+    Data,
+    Ack,
+    Heartbeat,
+    StateImage,
+    ResyncData,
+    ResyncDone,
+    RoleChange,
+    Unknown(u8),
+}
+
+/// A parsed message body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Data(Data),
+    Ack(Ack),
+    Heartbeat(Heartbeat),
+    StateImage(StateImageChunk),
+    ResyncData(ResyncData),
+    ResyncDone(ResyncDone),
+    RoleChange(RoleChange),
+}
+
+impl Message {
+    pub fn msg_type(&self) -> MsgType {
+        match self {
+            Message::Hello(_) => MsgType::Hello,
+            Message::Data(_) => MsgType::Data,
+            Message::Ack(_) => MsgType::Ack,
+            Message::Heartbeat(_) => MsgType::Heartbeat,
+            Message::StateImage(_) => MsgType::StateImage,
+            Message::ResyncData(_) => MsgType::ResyncData,
+            Message::ResyncDone(_) => MsgType::ResyncDone,
+            Message::RoleChange(_) => MsgType::RoleChange,
+        }
+    }
+
+    /// Reliable messages carry a sequence number, are retransmitted until
+    /// acknowledged and are delivered in order. Heartbeats and acks are
+    /// control traffic: unsequenced, never queued behind data.
+    pub fn is_reliable(&self) -> bool {
+        !matches!(self, Message::Ack(_) | Message::Heartbeat(_))
+    }
+
+    /// Control messages go out ahead of bulk data.
+    pub fn is_control(&self) -> bool {
+        matches!(
+            self,
+            Message::Ack(_) | Message::Heartbeat(_) | Message::Hello(_) | Message::RoleChange(_)
+        )
+    }
+}
+
+/// Header fields that the sender sets (the rest is derived on emit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub cluster_id: u64,
+    pub sender: u16,
+    pub generation: u64,
+    /// Reliable sequence number (0 for control messages).
+    pub seq: u64,
+    /// Piggybacked cumulative acknowledgement of the peer's reliable frames.
+    pub ack: u64,
+    /// Header flags (see `frame::flags`); must-understand etc.
+    pub flags: u8,
+    /// Fragment index and count (count 1 = not fragmented).
+    pub frag_index: u8,
+    pub frag_count: u8,
+}
+
+// ---------------------------------------------------------------------------
+// Wire codes. These values may never change without a `VERSION` bump.
+// ---------------------------------------------------------------------------
+
+impl Role {
+    /// Wire code: Secondary = 0, Primary = 1.
+    pub const fn to_u8(self) -> u8 {
+        match self {
+            Role::Secondary => 0,
+            Role::Primary => 1,
+            Role::Unknown(n) => n,
+        }
+    }
+
+    /// Decode a wire code; unknown codes are kept as `Unknown(n)`.
+    pub const fn from_u8(n: u8) -> Role {
+        match n {
+            0 => Role::Secondary,
+            1 => Role::Primary,
+            n => Role::Unknown(n),
+        }
+    }
+}
+
+impl DiskState {
+    /// Wire code: UpToDate = 0, Outdated = 1, Inconsistent = 2, Failed = 3.
+    pub const fn to_u8(self) -> u8 {
+        match self {
+            DiskState::UpToDate => 0,
+            DiskState::Outdated => 1,
+            DiskState::Inconsistent => 2,
+            DiskState::Failed => 3,
+            DiskState::Unknown(n) => n,
+        }
+    }
+
+    /// Decode a wire code; unknown codes are kept as `Unknown(n)`.
+    pub const fn from_u8(n: u8) -> DiskState {
+        match n {
+            0 => DiskState::UpToDate,
+            1 => DiskState::Outdated,
+            2 => DiskState::Inconsistent,
+            3 => DiskState::Failed,
+            n => DiskState::Unknown(n),
+        }
+    }
+}
+
+impl RolePhase {
+    /// Wire code: Handover = 1, Accepted = 2.
+    pub const fn to_u8(self) -> u8 {
+        match self {
+            RolePhase::Handover => 1,
+            RolePhase::Accepted => 2,
+            RolePhase::Unknown(n) => n,
+        }
+    }
+
+    /// Decode a wire code; unknown codes (including 0) are kept as `Unknown(n)`.
+    pub const fn from_u8(n: u8) -> RolePhase {
+        match n {
+            1 => RolePhase::Handover,
+            2 => RolePhase::Accepted,
+            n => RolePhase::Unknown(n),
+        }
+    }
+}
+
+impl MsgType {
+    /// Wire code: Hello = 1, Data = 2, Ack = 3, Heartbeat = 4, StateImage = 5,
+    /// ResyncData = 6, ResyncDone = 7, RoleChange = 8.
+    pub const fn to_u8(self) -> u8 {
+        match self {
+            MsgType::Hello => 1,
+            MsgType::Data => 2,
+            MsgType::Ack => 3,
+            MsgType::Heartbeat => 4,
+            MsgType::StateImage => 5,
+            MsgType::ResyncData => 6,
+            MsgType::ResyncDone => 7,
+            MsgType::RoleChange => 8,
+            MsgType::Unknown(n) => n,
+        }
+    }
+
+    /// Decode a wire code; unknown codes are kept as `Unknown(n)`.
+    pub const fn from_u8(n: u8) -> MsgType {
+        match n {
+            1 => MsgType::Hello,
+            2 => MsgType::Data,
+            3 => MsgType::Ack,
+            4 => MsgType::Heartbeat,
+            5 => MsgType::StateImage,
+            6 => MsgType::ResyncData,
+            7 => MsgType::ResyncDone,
+            8 => MsgType::RoleChange,
+            n => MsgType::Unknown(n),
+        }
+    }
+
+    /// Only DATA, STATE_IMAGE and RESYNC_DATA carry payload bytes (and so
+    /// only they may be fragmented).
+    pub const fn carries_payload(self) -> bool {
+        matches!(
+            self,
+            MsgType::Data | MsgType::StateImage | MsgType::ResyncData
+        )
+    }
+
+    /// Stable lower-case name for logs and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MsgType::Hello => "hello",
+            MsgType::Data => "data",
+            MsgType::Ack => "ack",
+            MsgType::Heartbeat => "heartbeat",
+            MsgType::StateImage => "state_image",
+            MsgType::ResyncData => "resync_data",
+            MsgType::ResyncDone => "resync_done",
+            MsgType::RoleChange => "role_change",
+            MsgType::Unknown(_) => "unknown",
+        }
+    }
+}
+
+impl core::fmt::Display for MsgType {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            MsgType::Unknown(n) => write!(f, "unknown({n})"),
+            t => f.write_str(t.name()),
+        }
+    }
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what the msl data path (engine/transport) and `msl-bench` need on a
+# fresh Debian machine. Idempotent: safe to run again.
+#
+#   iproute2  `ip netns`, `ip link` (two-namespace veth topology)
+#   iperf3    the kernel-TCP ceiling printed beside the MSL backends
+#   linux-perf (optional) profiling the data path
+#
+# No clang/llvm: the XDP program is hand-assembled eBPF loaded with the bpf
+# syscall (engine/transport/src/xdp_prog.rs).
+set -euo pipefail
+
+need=()
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+if [ "${MSL_SETUP_PERF:-0}" = 1 ] && ! command -v perf >/dev/null 2>&1; then
+    need+=(linux-perf)
+fi
+
+if [ "${#need[@]}" -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup.sh: need root to install: ${need[*]}" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+echo "setup.sh: iproute2 and iperf3 present"
