@@ -70,9 +70,9 @@ pub enum Rule {
     PeerFresh,
     BothInconsistent,
     PeerInconsistent,
-    /// Same current generation: the primary (else the crashed primary, else
-    /// the up-to-date side, else the lower node id) sources the union of
-    /// both dirty maps.
+    /// Same current generation: the primary (else the side that did not
+    /// crash, else the up-to-date side, else the lower node id) sources the
+    /// union of both dirty maps.
     EqualGenerations,
     /// Peer's current generation is where local change tracking started.
     PeerAtBitmap,
@@ -160,9 +160,12 @@ fn decide_ordered(a: &SideView, b: &SideView) -> Decision {
         let a_wins = match (a.role == Role::Primary, b.role == Role::Primary) {
             (true, false) => true,
             (false, true) => false,
+            // A crashed primary lost its volatile cache: its activity-log
+            // blocks are suspect, while the secondary applied every
+            // acknowledged write. The node that did not crash sources.
             _ => match (a.crashed_primary, b.crashed_primary) {
-                (true, false) => true,
-                (false, true) => false,
+                (true, false) => false,
+                (false, true) => true,
                 _ => match (a.disk == DiskState::UpToDate, b.disk == DiskState::UpToDate) {
                     (true, false) => true,
                     (false, true) => false,
@@ -263,12 +266,14 @@ mod tests {
     }
 
     #[test]
-    fn test_equal_generations_crashed_primary_sources() {
-        let mut a = side(2, 5, 0, [0; 4]);
+    fn test_equal_generations_survivor_sources_crashed_primary() {
+        // Found by msl-sim seed 187: the crashed primary's cache was lost,
+        // so its activity-log blocks must come from the secondary.
+        let mut a = side(1, 5, 0, [0; 4]);
         a.crashed_primary = true;
-        let b = side(1, 5, 0, [0; 4]);
-        assert_eq!(decide(&a, &b), d(Strategy::SourceBitmap, Rule::EqualGenerations));
-        assert_eq!(decide(&b, &a), d(Strategy::TargetBitmap, Rule::EqualGenerations));
+        let b = side(2, 5, 0, [0; 4]);
+        assert_eq!(decide(&a, &b), d(Strategy::TargetBitmap, Rule::EqualGenerations));
+        assert_eq!(decide(&b, &a), d(Strategy::SourceBitmap, Rule::EqualGenerations));
     }
 
     #[test]

@@ -316,6 +316,9 @@ struct Session<H> {
     stable: u64,
     flush_in_flight: Option<(IoId, u64)>,
     last_flush_us: Micros,
+    /// A flush is due (FUA write, or periodic): new applies wait until it
+    /// has been issued, so a steady stream cannot starve it.
+    flush_wanted: bool,
     /// Source side: resync progress.
     resync_total: u64,
     resync_cursor: u64,
@@ -419,7 +422,6 @@ pub struct Node<H> {
     msl_lost_pending: bool,
     /// Receiver: local io -> sequence number of the message it applies.
     apply_ios: BTreeMap<IoId, u64>,
-    apply_fua_pending: bool,
     admin_disconnected: bool,
     next_hello_us: Micros,
 
@@ -493,7 +495,6 @@ impl<H: Payload> Node<H> {
             crashed_primary,
             msl_lost_pending: false,
             apply_ios: BTreeMap::new(),
-            apply_fua_pending: false,
             admin_disconnected: false,
             next_hello_us: now,
             msl_carrier: true,
@@ -1068,8 +1069,9 @@ impl<H: Payload> Node<H> {
         self.peer_role = Some(h.role);
         if let Some(s) = &self.session {
             if s.peer_session == h.session {
-                if header.ack != s.my_hello.session {
-                    // The peer missed our establishing HELLO: repeat it.
+                {
+                    // A peer still sending HELLOs has not established (it
+                    // stops once it has): repeat our establishing HELLO.
                     let hello = s.my_hello;
                     let hdr = self.header(0, h.session);
                     self.emit(Action::SendMsl { header: hdr, msg: Message::Hello(hello), payload: None });
@@ -1138,6 +1140,7 @@ impl<H: Payload> Node<H> {
             stable: peer.session,
             flush_in_flight: None,
             last_flush_us: self.now,
+            flush_wanted: false,
             resync_total: 0,
             resync_cursor: 0,
             resync_reads: BTreeMap::new(),
@@ -1158,6 +1161,16 @@ impl<H: Payload> Node<H> {
             }
             self.session = Some(s);
             self.notify(Notice::Refused { strategy: decision.strategy, rule: decision.rule });
+            if decision.strategy == Strategy::SplitBrain
+                && self.role == Role::Primary
+                && peer.role == Role::Primary
+                && self.cfg.node_id > self.cfg.peer_id
+            {
+                // Two primaries must not both hold the service address. The
+                // higher node id steps down; its data is kept as it is (not
+                // merged, not discarded) until the administrator decides.
+                self.become_secondary("split brain: the node with the higher id steps down; its data is kept unmerged");
+            }
             return;
         }
         self.session = Some(s);
@@ -1379,9 +1392,11 @@ impl<H: Payload> Node<H> {
                     }
                 }
             }
-            if let Message::ResyncData(r) = msg {
+            if let Message::ResyncData(_) = msg {
                 if let Some(s) = self.session.as_mut() {
-                    s.resync_sent.push_back((seq, r.offset / u64::from(self.cfg.block_size)));
+                    if let Some(e) = s.resync_sent.iter_mut().find(|e| e.0 == u64::MAX) {
+                        e.0 = seq;
+                    }
                 }
             }
             if let Message::ResyncDone(_) = msg {
@@ -1448,7 +1463,7 @@ impl<H: Payload> Node<H> {
                     let block = offset / bs;
                     let count = u64::from(len) / bs;
                     let overlaps = s.applying.values().any(|&(b, c)| block < b + c && b < block + count);
-                    if overlaps || s.flush_in_flight.is_some() {
+                    if overlaps || s.flush_in_flight.is_some() || s.flush_wanted {
                         break;
                     }
                     if m.generation != self.meta.gens.current && matches!(m.msg, Message::Data(_)) {
@@ -1481,7 +1496,9 @@ impl<H: Payload> Node<H> {
                     self.emit(Action::Write { io, block, count, kind, fua, payload: m.payload });
                     if fua {
                         // FUA: flush behind it so `stable` covers it.
-                        self.apply_fua_pending = true;
+                        if let Some(s) = self.session.as_mut() {
+                            s.flush_wanted = true;
+                        }
                     }
                 }
                 Message::StateImage(c) => {
@@ -1577,14 +1594,6 @@ impl<H: Payload> Node<H> {
         if applied > s.applied {
             s.applied = applied;
             s.ack_pending = true;
-        }
-        if self.apply_fua_pending && s.flush_in_flight.is_none() && s.applying.is_empty() {
-            self.apply_fua_pending = false;
-            let io = self.next_io;
-            self.next_io += 1;
-            s.flush_in_flight = Some((io, s.applied));
-            s.last_flush_us = self.now;
-            self.emit(Action::Flush { io });
         }
     }
 
@@ -1930,10 +1939,10 @@ impl<H: Payload> Node<H> {
         s.resync_blocks_sent += 1;
         self.counters.resync_blocks_sent += 1;
         let r = ResyncData { offset: block * bs, len: bs as u32, flags: 0 };
-        if let Some(seq) = self.send_reliable(Message::ResyncData(r), payload) {
-            if let Some(s) = self.session.as_mut() {
-                s.resync_sent.push_back((seq, block));
-            }
+        // Not yet numbered if it went to the backlog (u64::MAX until then).
+        let seq = self.send_reliable(Message::ResyncData(r), payload).unwrap_or(u64::MAX);
+        if let Some(s) = self.session.as_mut() {
+            s.resync_sent.push_back((seq, block));
         }
     }
 
@@ -1980,10 +1989,23 @@ impl<H: Payload> Node<H> {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        if s.applied > s.stable && s.flush_in_flight.is_none() && s.applying.is_empty() && now >= s.last_flush_us + interval {
+        if s.applied <= s.stable {
+            // Everything applied is stable already (a FLUSH barrier got
+            // there first): nothing to wait for.
+            s.flush_wanted = false;
+            return;
+        }
+        if s.flush_in_flight.is_some() {
+            return;
+        }
+        if now >= s.last_flush_us + interval {
+            s.flush_wanted = true;
+        }
+        if s.flush_wanted && s.applying.is_empty() {
             let io = self.next_io;
             self.next_io += 1;
             s.flush_in_flight = Some((io, s.applied));
+            s.flush_wanted = false;
             s.last_flush_us = now;
             self.emit(Action::Flush { io });
         }
@@ -2001,9 +2023,16 @@ impl<H: Payload> Node<H> {
             if s.phase != Phase::Source || s.resync_done_seq.is_some() {
                 return;
             }
-            // Leave a quarter of the window for client writes.
-            let in_flight_sends = s.resync_sent.len();
-            if s.resync_reads.len() >= budget || !s.backlog.is_empty() || in_flight_sends + s.resync_reads.len() >= window * 3 / 4
+            // Pace by blocks read or sent but not yet applied by the target.
+            // Under client load only the floor (`resync_min_in_flight`) runs,
+            // so the resync keeps moving but client writes go first.
+            let applied_upto = s.peer_applied;
+            let unapplied = s.resync_sent.len() - s.resync_sent.partition_point(|&(seq, _)| seq <= applied_upto);
+            let outstanding = s.resync_reads.len() + unapplied;
+            let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
+            if outstanding >= budget
+                || (congested && outstanding >= self.cfg.resync_min_in_flight)
+                || s.resync_sent.len() >= window * 4
             {
                 break;
             }

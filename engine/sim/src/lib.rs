@@ -1,1 +1,1185 @@
-//! (being written)
+//! Deterministic simulator for msl.
+//!
+//! Two nodes of the real protocol core (`msl_core::Node`), a client
+//! workload and seeded faults run on virtual time. Every MSL frame and LAN
+//! server-state packet goes through the real wire encoder and parser (with
+//! the cluster key), so corruption is caught exactly where the daemon would
+//! catch it. Disks have a volatile cache that a crash partly loses.
+//!
+//! Checked throughout: every read returns the last acknowledged write (or a
+//! write whose outcome the client never learned); no two nodes acknowledge
+//! client writes in the same generation; the service address is never held
+//! twice. Checked at the end, after all faults heal: one primary, one
+//! in-sync secondary, empty dirty maps, byte-identical volumes.
+
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::cmp::Reverse;
+use std::fmt::Write as _;
+
+use msl_core::meta::Meta;
+use msl_core::node::{Action, ClientError, Event, IoKind, Node, Notice};
+use msl_core::rng::Rng;
+use msl_core::{Config, Micros};
+use msl_wire::{self as wire, DiskState, Header, Message, Role};
+
+pub mod scenario;
+
+/// Block payload in the simulator: one u64 tag per block.
+type Buf = Vec<u8>;
+
+fn tags(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+}
+
+fn buf_of(t: &[u64]) -> Buf {
+    t.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+const CLUSTER: u64 = 0x6D73_6C2D_7369_6D00;
+const SEC: u64 = 1_000_000;
+const MS: u64 = 1_000;
+
+/// Link fault rates (per million) and delays.
+#[derive(Clone, Copy, Debug)]
+pub struct NetFaults {
+    pub loss_ppm: u32,
+    pub dup_ppm: u32,
+    pub corrupt_ppm: u32,
+    /// Extra random delay up to this (reorders frames).
+    pub jitter_us: u64,
+    pub latency_us: u64,
+    /// Serialization time of one data frame (control frames skip the queue).
+    pub data_frame_us: u64,
+}
+
+impl NetFaults {
+    pub fn clean() -> Self {
+        NetFaults { loss_ppm: 0, dup_ppm: 0, corrupt_ppm: 0, jitter_us: 0, latency_us: 50, data_frame_us: 2 }
+    }
+}
+
+/// Simulation options.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    pub volume_blocks: u64,
+    pub msl: NetFaults,
+    pub lan: NetFaults,
+    pub client_qd: usize,
+    /// Mean gap between client operations.
+    pub client_think_us: u64,
+    pub disk_latency_us: u64,
+    pub trace: bool,
+    /// Relax "no acknowledged write lost" to flushed writes only (double
+    /// failures, where NBD semantics allow unflushed writes to be lost).
+    pub relaxed_durability: bool,
+}
+
+impl Options {
+    pub fn new(seed: u64) -> Self {
+        Options {
+            seed,
+            volume_blocks: 64,
+            msl: NetFaults::clean(),
+            lan: NetFaults::clean(),
+            client_qd: 4,
+            client_think_us: 2 * MS,
+            disk_latency_us: 200,
+            trace: false,
+            relaxed_durability: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    NodeTick(usize, u32),
+    Msl { to: usize, epoch: u32, frame: usize },
+    Lan { to: usize, epoch: u32, frame: usize },
+    DiskDone { node: usize, epoch: u32, io: u64 },
+    ClientDeliver { node: usize, epoch: u32, op: u64 },
+    ClientReply { op: u64, ok: bool, frame: usize },
+    ClientTick,
+    Restart { node: usize },
+}
+
+#[derive(Clone, Debug)]
+enum DiskOp {
+    Write { block: u64, vals: Vec<u64>, fua: bool },
+    Read { block: u64, count: u64 },
+    Flush { upto: u64 },
+}
+
+/// A disk with a volatile write cache.
+#[derive(Clone, Debug, Default)]
+pub struct Disk {
+    durable: Vec<u64>,
+    /// block -> (write order, value)
+    cache: BTreeMap<u64, (u64, u64)>,
+    order: u64,
+    /// Fail the next I/O.
+    pub fail_next: bool,
+}
+
+impl Disk {
+    fn new(blocks: u64) -> Self {
+        Disk { durable: vec![0; blocks as usize], ..Disk::default() }
+    }
+
+    /// What a read returns now.
+    pub fn view(&self) -> Vec<u64> {
+        let mut v = self.durable.clone();
+        for (b, (_, val)) in &self.cache {
+            v[*b as usize] = *val;
+        }
+        v
+    }
+
+    fn write(&mut self, block: u64, val: u64, fua: bool) {
+        self.order += 1;
+        if fua {
+            self.durable[block as usize] = val;
+            self.cache.remove(&block);
+        } else {
+            self.cache.insert(block, (self.order, val));
+        }
+    }
+
+    fn flush(&mut self, upto: u64) {
+        let keys: Vec<u64> = self.cache.iter().filter(|(_, (o, _))| *o <= upto).map(|(b, _)| *b).collect();
+        for b in keys {
+            if let Some((_, v)) = self.cache.remove(&b) {
+                self.durable[b as usize] = v;
+            }
+        }
+    }
+
+    /// Power loss: each cached write independently survives or not.
+    fn crash(&mut self, rng: &mut Rng) {
+        for (b, (_, v)) in std::mem::take(&mut self.cache) {
+            if rng.below(2) == 0 {
+                self.durable[b as usize] = v;
+            }
+        }
+    }
+}
+
+struct SimNode {
+    node: Option<Node<Buf>>,
+    epoch: u32,
+    disk: Disk,
+    meta: Option<Vec<u8>>,
+    ios: BTreeMap<u64, DiskOp>,
+    holds_address: bool,
+    lan_adapter_ok: bool,
+    next_tick: Micros,
+    cfg: Config,
+    roles: Vec<Role>,
+    notices: Vec<(Micros, Notice)>,
+}
+
+#[derive(Clone, Debug)]
+enum OpKind {
+    Write { block: u64, vals: Vec<u64>, fua: bool },
+    Read { block: u64, count: u64 },
+    Flush,
+}
+
+#[derive(Clone, Debug)]
+struct Op {
+    kind: OpKind,
+    issued: Micros,
+    /// Values read (captured when the node served the read).
+    read: Option<Vec<u64>>,
+}
+
+/// Client-visible truth per block.
+#[derive(Clone, Debug, Default)]
+struct BlockModel {
+    acked: u64,
+    /// Acked after the last acked flush (lost only under relaxed rules).
+    acked_flushed: u64,
+    uncertain: Vec<u64>,
+}
+
+/// Outcome of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub acked_writes: u64,
+    pub reads_checked: u64,
+    pub takeovers: u64,
+    pub resyncs: u64,
+    pub faults: Vec<String>,
+    pub end_us: Micros,
+}
+
+/// The simulator.
+pub struct Sim {
+    pub opts: Options,
+    rng: Rng,
+    now: Micros,
+    queue: BinaryHeap<Reverse<(Micros, u64, Ev)>>,
+    qseq: u64,
+    nodes: [SimNode; 2],
+    frames: BTreeMap<usize, Vec<u8>>,
+    next_frame: usize,
+    key: wire::Key,
+    msl_cut: bool,
+    msl_blackhole: bool,
+    lan_cut: bool,
+    msl_link_free: [Micros; 2],
+    double_cut_seen: bool,
+    // client
+    ops: BTreeMap<u64, Op>,
+    next_op: u64,
+    next_tag: u64,
+    busy_blocks: BTreeSet<u64>,
+    model: Vec<BlockModel>,
+    pending_flush_model: BTreeMap<u64, Vec<(u64, u64)>>,
+    acked_since_flush: Vec<(u64, u64)>,
+    client_on: bool,
+    generations: BTreeMap<u64, usize>,
+    pub report: Report,
+    trace: VecDeque<String>,
+    failure: Option<String>,
+    /// Longest time the client could not complete any operation.
+    pub last_client_ok: Micros,
+    pub longest_pause_us: Micros,
+}
+
+impl Sim {
+    pub fn new(opts: Options) -> Self {
+        let mut rng = Rng::new(opts.seed);
+        let blocks = opts.volume_blocks;
+        let mk = |id: u16, peer: u16, rng: &mut Rng| {
+            let mut cfg = Config::new(id, peer, CLUSTER, blocks, 4096);
+            cfg.extent_blocks = 8;
+            cfg.al_extents = 4;
+            cfg.window = 64;
+            cfg.resync_max_in_flight = 8;
+            let gen = if id == 1 { Some(rng.nonzero()) } else { None };
+            let meta = Meta::create(CLUSTER, id, blocks, 4096, gen);
+            SimNode {
+                node: None,
+                epoch: 0,
+                disk: Disk::new(blocks),
+                meta: Some(meta.encode()),
+                ios: BTreeMap::new(),
+                holds_address: false,
+                lan_adapter_ok: true,
+                next_tick: 0,
+                cfg,
+                roles: vec![Role::Secondary],
+                notices: Vec::new(),
+            }
+        };
+        let n1 = mk(1, 2, &mut rng);
+        let n2 = mk(2, 1, &mut rng);
+        let mut key = [0u8; 32];
+        for (i, k) in key.iter_mut().enumerate() {
+            *k = (opts.seed as u8).wrapping_add(i as u8);
+        }
+        let mut sim = Sim {
+            rng,
+            now: 0,
+            queue: BinaryHeap::new(),
+            qseq: 0,
+            nodes: [n1, n2],
+            frames: BTreeMap::new(),
+            next_frame: 0,
+            key: wire::Key(key),
+            msl_cut: false,
+            msl_blackhole: false,
+            lan_cut: false,
+            msl_link_free: [0; 2],
+            double_cut_seen: false,
+            ops: BTreeMap::new(),
+            next_op: 1,
+            next_tag: 1,
+            busy_blocks: BTreeSet::new(),
+            model: vec![BlockModel::default(); blocks as usize],
+            pending_flush_model: BTreeMap::new(),
+            acked_since_flush: Vec::new(),
+            client_on: false,
+            generations: BTreeMap::new(),
+            report: Report { seed: opts.seed, ..Report::default() },
+            trace: VecDeque::new(),
+            failure: None,
+            last_client_ok: 0,
+            longest_pause_us: 0,
+            opts,
+        };
+        sim.start_node(0);
+        sim.start_node(1);
+        sim
+    }
+
+    pub fn now(&self) -> Micros {
+        self.now
+    }
+
+    fn log(&mut self, line: String) {
+        let l = format!("[{:>4}.{:06}] {}", self.now / SEC, self.now % SEC, line);
+        if self.opts.trace {
+            println!("{l}");
+        }
+        self.trace.push_back(l);
+        if self.trace.len() > 60 {
+            self.trace.pop_front();
+        }
+    }
+
+    fn fail(&mut self, what: String) {
+        if self.failure.is_none() {
+            self.log(format!("SAFETY VIOLATION: {what}"));
+            self.failure = Some(what);
+        }
+    }
+
+    /// The failure, with the recent trace.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.as_ref().map(|f| {
+            let mut s = format!("seed {}: {f}\nlast events:\n", self.opts.seed);
+            for l in &self.trace {
+                let _ = writeln!(s, "  {l}");
+            }
+            s
+        })
+    }
+
+    fn push(&mut self, at: Micros, ev: Ev) {
+        self.qseq += 1;
+        self.queue.push(Reverse((at, self.qseq, ev)));
+    }
+
+    fn store_frame(&mut self, f: Vec<u8>) -> usize {
+        self.next_frame += 1;
+        self.frames.insert(self.next_frame, f);
+        self.next_frame
+    }
+
+    // ------------------------------------------------------------------
+    // Nodes
+
+    fn start_node(&mut self, i: usize) {
+        let seed = self.rng.next_u64();
+        let n = &mut self.nodes[i];
+        let meta = match n.meta.as_ref().map(|b| Meta::decode(b)) {
+            Some(Ok(m)) => m,
+            _ => {
+                self.fail(format!("n{} metadata unreadable after restart", i + 1));
+                return;
+            }
+        };
+        n.epoch += 1;
+        n.ios.clear();
+        n.holds_address = false;
+        let node = Node::new(n.cfg.clone(), meta, seed, self.now);
+        n.node = Some(node);
+        n.next_tick = 0;
+        let ok = n.lan_adapter_ok;
+        let msl = !self.msl_cut;
+        self.log(format!("n{} starts", i + 1));
+        self.feed(i, Event::LanAdapter { adapter: 0, link_up: ok, carrier: ok });
+        self.feed(i, Event::MslLink { up: msl });
+    }
+
+    /// Deliver an event to a live node and run its actions.
+    fn feed(&mut self, i: usize, ev: Event<Buf>) {
+        let now = self.now;
+        let Some(node) = self.nodes[i].node.as_mut() else {
+            return;
+        };
+        node.handle(now, ev);
+        self.drain_actions(i);
+    }
+
+    fn drain_actions(&mut self, i: usize) {
+        loop {
+            let Some(node) = self.nodes[i].node.as_mut() else {
+                return;
+            };
+            let Some(a) = node.poll_action() else {
+                break;
+            };
+            self.do_action(i, a);
+        }
+        self.check_roles(i);
+        if let Some(node) = self.nodes[i].node.as_ref() {
+            let t = node.poll_timeout().max(self.now + 1);
+            let n = &mut self.nodes[i];
+            if n.next_tick <= self.now || t < n.next_tick {
+                n.next_tick = t;
+                let e = n.epoch;
+                self.push(t, Ev::NodeTick(i, e));
+            }
+        }
+    }
+
+    fn check_roles(&mut self, i: usize) {
+        let Some(node) = self.nodes[i].node.as_ref() else {
+            return;
+        };
+        let r = node.role();
+        if self.nodes[i].roles.last() != Some(&r) {
+            self.nodes[i].roles.push(r);
+        }
+    }
+
+    fn do_action(&mut self, i: usize, a: Action<Buf>) {
+        let peer = 1 - i;
+        match a {
+            Action::SendMsl { header, msg, payload } => self.send_msl(i, header, msg, payload),
+            Action::SendLan { header, hb } => {
+                if self.lan_cut || !self.nodes[i].lan_adapter_ok || !self.nodes[peer].lan_adapter_ok {
+                    return;
+                }
+                let Some(bytes) = self.encode(&header, &Message::Heartbeat(hb), None) else {
+                    return;
+                };
+                let f = self.opts.lan;
+                if self.rng.chance(f.loss_ppm) {
+                    return;
+                }
+                let at = self.now + f.latency_us + self.rng.below(f.jitter_us + 1);
+                let id = self.store_frame(bytes);
+                let e = self.nodes[peer].epoch;
+                self.push(at, Ev::Lan { to: peer, epoch: e, frame: id });
+            }
+            Action::Write { io, block, count, kind, fua, payload } => {
+                let vals: Vec<u64> = match (kind, &payload) {
+                    (IoKind::Write, Some(p)) => tags(p).collect(),
+                    _ => vec![0; count as usize],
+                };
+                if vals.len() as u64 != count {
+                    self.fail(format!("n{} write of {count} blocks carries {} values", i + 1, vals.len()));
+                    return;
+                }
+                self.disk_op(i, io, DiskOp::Write { block, vals, fua });
+            }
+            Action::Read { io, block, count } => self.disk_op(i, io, DiskOp::Read { block, count }),
+            Action::Flush { io } => {
+                let upto = self.nodes[i].disk.order;
+                self.disk_op(i, io, DiskOp::Flush { upto });
+            }
+            Action::PersistMeta(m) => {
+                self.nodes[i].meta = Some(m.encode());
+            }
+            Action::Reply { req, result } => self.reply(i, req, result),
+            Action::Notify(n) => {
+                self.log(format!("n{} {}: {}", i + 1, n.kind(), n));
+                if matches!(n, Notice::Takeover { .. }) {
+                    self.report.takeovers += 1;
+                }
+                if matches!(n, Notice::ResyncFinished { source: false, .. }) {
+                    self.report.resyncs += 1;
+                }
+                self.nodes[i].notices.push((self.now, n));
+            }
+            Action::ServiceAddress { hold } => {
+                self.nodes[i].holds_address = hold;
+                self.log(format!("n{} {} the service address", i + 1, if hold { "claims" } else { "releases" }));
+            }
+            Action::Restart => {
+                self.log(format!("n{} restarts itself", i + 1));
+                self.push(self.now + 1, Ev::Restart { node: i });
+            }
+        }
+    }
+
+    fn encode(&mut self, header: &Header, msg: &Message, payload: Option<&[u8]>) -> Option<Vec<u8>> {
+        let p = payload.unwrap_or(&[]);
+        let mut out = vec![0u8; wire::buffer_len(msg, p.len(), true)];
+        match wire::emit(header, msg, p, Some(&self.key), &mut out) {
+            Ok(n) => {
+                out.truncate(n);
+                Some(out)
+            }
+            Err(e) => {
+                self.fail(format!("emit failed for {msg:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn send_msl(&mut self, i: usize, header: Header, msg: Message, payload: Option<Buf>) {
+        if self.msl_cut || self.msl_blackhole {
+            return;
+        }
+        let Some(mut bytes) = self.encode(&header, &msg, payload.as_deref()) else {
+            return;
+        };
+        let f = self.opts.msl;
+        if self.rng.chance(f.loss_ppm) {
+            return;
+        }
+        if self.rng.chance(f.corrupt_ppm) {
+            let bit = self.rng.below(bytes.len() as u64 * 8);
+            bytes[(bit / 8) as usize] ^= 1 << (bit % 8);
+        }
+        let mut at = self.now + f.latency_us + self.rng.below(f.jitter_us + 1);
+        if !msg.is_control() {
+            // Data frames queue behind each other on the wire.
+            let free = self.msl_link_free[i].max(self.now) + f.data_frame_us;
+            self.msl_link_free[i] = free;
+            at = at.max(free + f.latency_us);
+        }
+        let peer = 1 - i;
+        let e = self.nodes[peer].epoch;
+        let dup = self.rng.chance(f.dup_ppm);
+        if dup {
+            let id = self.store_frame(bytes.clone());
+            let later = at + self.rng.below(f.jitter_us + 100);
+            self.push(later, Ev::Msl { to: peer, epoch: e, frame: id });
+        }
+        let id = self.store_frame(bytes);
+        self.push(at, Ev::Msl { to: peer, epoch: e, frame: id });
+    }
+
+    fn disk_op(&mut self, i: usize, io: u64, op: DiskOp) {
+        let lat = self.opts.disk_latency_us / 2 + self.rng.below(self.opts.disk_latency_us + 1);
+        self.nodes[i].ios.insert(io, op);
+        let e = self.nodes[i].epoch;
+        self.push(self.now + lat, Ev::DiskDone { node: i, epoch: e, io });
+    }
+
+    fn on_disk_done(&mut self, i: usize, io: u64) {
+        let Some(op) = self.nodes[i].ios.remove(&io) else {
+            return;
+        };
+        let failed = std::mem::take(&mut self.nodes[i].disk.fail_next);
+        if failed {
+            self.log(format!("n{} disk I/O error injected", i + 1));
+            let ev = match op {
+                DiskOp::Read { .. } => Event::ReadDone { io, ok: false, payload: None },
+                _ => Event::IoDone { io, ok: false },
+            };
+            self.feed(i, ev);
+            return;
+        }
+        match op {
+            DiskOp::Write { block, vals, fua } => {
+                for (k, v) in vals.iter().enumerate() {
+                    self.nodes[i].disk.write(block + k as u64, *v, fua);
+                }
+                self.feed(i, Event::IoDone { io, ok: true });
+            }
+            DiskOp::Read { block, count } => {
+                let view = self.nodes[i].disk.view();
+                let vals = &view[block as usize..(block + count) as usize];
+                self.feed(i, Event::ReadDone { io, ok: true, payload: Some(buf_of(vals)) });
+            }
+            DiskOp::Flush { upto } => {
+                self.nodes[i].disk.flush(upto);
+                self.feed(i, Event::IoDone { io, ok: true });
+            }
+        }
+    }
+
+    fn on_frame(&mut self, to: usize, frame: usize, lan: bool) {
+        let Some(bytes) = self.frames.remove(&frame) else {
+            return;
+        };
+        let expect = wire::Expect { cluster_id: CLUSTER, key: Some(&self.key) };
+        let parsed = match wire::parse(&bytes, &expect) {
+            Ok(p) => p,
+            Err(_) => return, // counted by the host; never reaches the core
+        };
+        let header = parsed.header;
+        let msg = parsed.msg;
+        let payload = if parsed.payload.is_empty() { None } else { Some(parsed.payload.to_vec()) };
+        if lan {
+            if let Message::Heartbeat(hb) = msg {
+                self.feed(to, Event::LanFrame { adapter: 0, header, hb });
+            }
+        } else {
+            self.feed(to, Event::MslFrame { header, msg, payload });
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Faults
+
+    pub fn crash(&mut self, i: usize) {
+        if self.nodes[i].node.is_none() {
+            return;
+        }
+        self.log(format!("FAULT n{} crashes (kill -9 / power loss)", i + 1));
+        self.report.faults.push(format!("crash n{}", i + 1));
+        let mut rng = Rng::new(self.rng.next_u64());
+        let n = &mut self.nodes[i];
+        n.node = None;
+        n.epoch += 1;
+        n.ios.clear();
+        n.holds_address = false;
+        n.disk.crash(&mut rng);
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        if self.nodes[i].node.is_some() {
+            return;
+        }
+        self.start_node(i);
+    }
+
+    /// Planned restart (the node asked for it): clean shutdown first.
+    fn planned_restart(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].node.as_mut() {
+            node.shutdown();
+        }
+        self.drain_actions(i);
+        let n = &mut self.nodes[i];
+        n.disk.flush(u64::MAX);
+        n.node = None;
+        n.epoch += 1;
+        n.ios.clear();
+        n.holds_address = false;
+        self.start_node(i);
+    }
+
+    pub fn set_msl_cut(&mut self, cut: bool) {
+        if self.msl_cut == cut {
+            return;
+        }
+        self.log(format!("FAULT MSL link {}", if cut { "down (ip link set down)" } else { "up" }));
+        if cut {
+            self.report.faults.push("msl cut".into());
+        }
+        self.msl_cut = cut;
+        for i in 0..2 {
+            self.feed(i, Event::MslLink { up: !cut });
+        }
+    }
+
+    pub fn set_msl_blackhole(&mut self, on: bool) {
+        self.log(format!("FAULT MSL silently {}", if on { "dropping every frame" } else { "healed" }));
+        if on {
+            self.report.faults.push("msl blackhole".into());
+        }
+        self.msl_blackhole = on;
+    }
+
+    pub fn set_lan_cut(&mut self, cut: bool) {
+        self.log(format!("FAULT LAN between the servers {}", if cut { "cut" } else { "healed" }));
+        if cut {
+            self.report.faults.push("lan cut".into());
+        }
+        self.lan_cut = cut;
+    }
+
+    pub fn set_lan_adapter(&mut self, i: usize, ok: bool) {
+        self.log(format!("FAULT n{} LAN adapter {}", i + 1, if ok { "repaired" } else { "failed" }));
+        if !ok {
+            self.report.faults.push(format!("lan adapter n{}", i + 1));
+        }
+        self.nodes[i].lan_adapter_ok = ok;
+        self.feed(i, Event::LanAdapter { adapter: 0, link_up: ok, carrier: ok });
+    }
+
+    pub fn disk_error(&mut self, i: usize) {
+        self.log(format!("FAULT n{} next disk I/O fails", i + 1));
+        self.report.faults.push(format!("disk error n{}", i + 1));
+        self.nodes[i].disk.fail_next = true;
+    }
+
+    /// Heal a node whose disk failed: restart it (as an operator would).
+    pub fn repair_failed(&mut self, i: usize) {
+        if self.nodes[i].node.as_ref().is_some_and(|n| n.is_failed()) {
+            // The daemon restarts (the page cache survives a process restart).
+            self.log(format!("n{} repaired and restarted", i + 1));
+            let n = &mut self.nodes[i];
+            n.disk.fail_next = false;
+            n.disk.flush(u64::MAX);
+            n.node = None;
+            n.epoch += 1;
+            n.ios.clear();
+            n.holds_address = false;
+            self.start_node(i);
+        }
+    }
+
+    pub fn admin(&mut self, i: usize, cmd: msl_core::AdminCmd) {
+        self.feed(i, Event::Admin(cmd));
+    }
+
+    // ------------------------------------------------------------------
+    // Client
+
+    pub fn client(&mut self, on: bool) {
+        if on && !self.client_on {
+            self.push(self.now + 1, Ev::ClientTick);
+            self.last_client_ok = self.now;
+        }
+        self.client_on = on;
+    }
+
+    fn serving_node(&self) -> Option<usize> {
+        (0..2).find(|&i| self.nodes[i].holds_address && self.nodes[i].lan_adapter_ok && self.nodes[i].node.is_some())
+    }
+
+    fn client_tick(&mut self) {
+        if !self.client_on {
+            return;
+        }
+        let gap = self.opts.client_think_us / 2 + self.rng.below(self.opts.client_think_us + 1);
+        self.push(self.now + gap, Ev::ClientTick);
+        // Give up on operations that never got an answer.
+        let stale: Vec<u64> = self.ops.iter().filter(|(_, o)| self.now > o.issued + 3 * SEC).map(|(k, _)| *k).collect();
+        for k in stale {
+            if let Some(op) = self.ops.remove(&k) {
+                self.op_uncertain(op);
+            }
+        }
+        if self.ops.len() >= self.opts.client_qd {
+            return;
+        }
+        let Some(node) = self.serving_node() else {
+            return;
+        };
+        let blocks = self.opts.volume_blocks;
+        let r = self.rng.below(100);
+        let kind = if r < 8 {
+            OpKind::Flush
+        } else {
+            let count = 1 + self.rng.below(3);
+            let block = self.rng.below(blocks - count + 1);
+            if (block..block + count).any(|b| self.busy_blocks.contains(&b)) {
+                return;
+            }
+            if r < 30 {
+                OpKind::Read { block, count }
+            } else {
+                let vals: Vec<u64> = (0..count)
+                    .map(|_| {
+                        self.next_tag += 1;
+                        self.next_tag
+                    })
+                    .collect();
+                OpKind::Write { block, vals, fua: self.rng.below(10) == 0 }
+            }
+        };
+        match &kind {
+            OpKind::Write { block, vals, .. } => (0..vals.len() as u64).for_each(|k| {
+                self.busy_blocks.insert(block + k);
+            }),
+            OpKind::Read { block, count } => (*block..block + count).for_each(|b| {
+                self.busy_blocks.insert(b);
+            }),
+            OpKind::Flush => {}
+        }
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(id, Op { kind, issued: self.now, read: None });
+        let at = self.now + self.opts.lan.latency_us;
+        let e = self.nodes[node].epoch;
+        self.push(at, Ev::ClientDeliver { node, epoch: e, op: id });
+    }
+
+    fn client_deliver(&mut self, node: usize, op_id: u64) {
+        let Some(op) = self.ops.get(&op_id).cloned() else {
+            return;
+        };
+        if !self.nodes[node].lan_adapter_ok {
+            return; // lost on the wire; times out
+        }
+        match op.kind {
+            OpKind::Write { block, vals, fua } => {
+                let payload = Some(buf_of(&vals));
+                let count = vals.len() as u64;
+                self.feed(node, Event::ClientWrite { req: op_id, block, count, kind: IoKind::Write, fua, payload });
+            }
+            OpKind::Flush => self.feed(node, Event::ClientFlush { req: op_id }),
+            OpKind::Read { block, count } => {
+                let serving = self.nodes[node].node.as_ref().is_some_and(|n| n.serving());
+                if serving {
+                    let view = self.nodes[node].disk.view();
+                    let vals = view[block as usize..(block + count) as usize].to_vec();
+                    if let Some(o) = self.ops.get_mut(&op_id) {
+                        o.read = Some(vals);
+                    }
+                }
+                self.reply(node, op_id, if serving { Ok(()) } else { Err(ClientError::NotPrimary) });
+            }
+        }
+    }
+
+    fn reply(&mut self, i: usize, req: u64, result: Result<(), ClientError>) {
+        if !self.nodes[i].lan_adapter_ok {
+            return;
+        }
+        // Generation uniqueness: record who acknowledges writes in which
+        // generation.
+        if result.is_ok() {
+            if let (Some(op), Some(node)) = (self.ops.get(&req), self.nodes[i].node.as_ref()) {
+                if matches!(op.kind, OpKind::Write { .. }) {
+                    let g = node.meta().gens.current;
+                    match self.generations.get(&g) {
+                        Some(&other) if other != i => {
+                            let msg = format!("n{} and n{} both acknowledged client writes in generation {g:016x}", other + 1, i + 1);
+                            self.fail(msg);
+                        }
+                        _ => {
+                            self.generations.insert(g, i);
+                        }
+                    }
+                }
+            }
+        }
+        let id = self.store_frame(Vec::new());
+        let at = self.now + self.opts.lan.latency_us;
+        self.push(at, Ev::ClientReply { op: req, ok: result.is_ok(), frame: id });
+    }
+
+    fn client_reply(&mut self, op_id: u64, ok: bool) {
+        let Some(op) = self.ops.remove(&op_id) else {
+            return; // already given up
+        };
+        if !ok {
+            self.op_uncertain(op);
+            return;
+        }
+        self.longest_pause_us = self.longest_pause_us.max(self.now - self.last_client_ok);
+        self.last_client_ok = self.now;
+        match op.kind {
+            OpKind::Write { block, vals, .. } => {
+                for (k, v) in vals.iter().enumerate() {
+                    let b = block as usize + k;
+                    self.model[b].acked = *v;
+                    self.model[b].uncertain.clear();
+                    self.busy_blocks.remove(&(b as u64));
+                    self.acked_since_flush.push((b as u64, *v));
+                }
+                self.report.acked_writes += 1;
+            }
+            OpKind::Read { block, count } => {
+                let vals = op.read.unwrap_or_default();
+                for k in 0..count {
+                    let b = (block + k) as usize;
+                    let v = vals.get(k as usize).copied().unwrap_or(u64::MAX);
+                    self.check_value(b, v, "client read");
+                    self.busy_blocks.remove(&(b as u64));
+                }
+                self.report.reads_checked += 1;
+            }
+            OpKind::Flush => {
+                let covered = std::mem::take(&mut self.acked_since_flush);
+                let _ = self.pending_flush_model.remove(&op_id);
+                for (b, v) in covered {
+                    if self.model[b as usize].acked == v {
+                        self.model[b as usize].acked_flushed = v;
+                    }
+                }
+            }
+        }
+    }
+
+    fn op_uncertain(&mut self, op: Op) {
+        match op.kind {
+            OpKind::Write { block, vals, .. } => {
+                for (k, v) in vals.iter().enumerate() {
+                    let b = block as usize + k;
+                    self.model[b].uncertain.push(*v);
+                    self.busy_blocks.remove(&(b as u64));
+                }
+            }
+            OpKind::Read { block, count } => (block..block + count).for_each(|b| {
+                self.busy_blocks.remove(&b);
+            }),
+            OpKind::Flush => {}
+        }
+    }
+
+    fn check_value(&mut self, b: usize, v: u64, what: &str) {
+        let m = &self.model[b];
+        let ok = v == m.acked
+            || m.uncertain.contains(&v)
+            || (self.opts.relaxed_durability && (v == m.acked_flushed || v != 0));
+        if !ok {
+            let msg = format!(
+                "{what}: block {b} reads {v:#x}, but the last acknowledged write was {:#x} (uncertain: {:x?})",
+                m.acked, m.uncertain
+            );
+            self.fail(msg);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Running
+
+    /// Process events until virtual time `t` (or a failure).
+    pub fn run_until(&mut self, t: Micros) {
+        while self.failure.is_none() {
+            let Some(Reverse((at, _, ev))) = self.queue.peek().copied() else {
+                self.now = t;
+                break;
+            };
+            if at > t {
+                self.now = t;
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            self.step(ev);
+        }
+    }
+
+    pub fn run_for(&mut self, d: Micros) {
+        let t = self.now + d;
+        self.run_until(t);
+    }
+
+    fn step(&mut self, ev: Ev) {
+        match ev {
+            Ev::NodeTick(i, e) => {
+                if self.nodes[i].epoch == e && self.nodes[i].next_tick <= self.now {
+                    self.nodes[i].next_tick = 0;
+                    self.feed(i, Event::Tick);
+                }
+            }
+            Ev::Msl { to, epoch, frame } => {
+                if self.nodes[to].epoch == epoch && !self.msl_cut && !self.msl_blackhole {
+                    self.on_frame(to, frame, false);
+                } else {
+                    self.frames.remove(&frame);
+                }
+            }
+            Ev::Lan { to, epoch, frame } => {
+                if self.nodes[to].epoch == epoch && !self.lan_cut && self.nodes[to].lan_adapter_ok {
+                    self.on_frame(to, frame, true);
+                } else {
+                    self.frames.remove(&frame);
+                }
+            }
+            Ev::DiskDone { node, epoch, io } => {
+                if self.nodes[node].epoch == epoch {
+                    self.on_disk_done(node, io);
+                }
+            }
+            Ev::ClientDeliver { node, epoch, op } => {
+                if self.nodes[node].epoch == epoch && self.nodes[node].node.is_some() {
+                    self.client_deliver(node, op);
+                }
+            }
+            Ev::ClientReply { op, ok, frame } => {
+                self.frames.remove(&frame);
+                self.client_reply(op, ok);
+            }
+            Ev::ClientTick => self.client_tick(),
+            Ev::Restart { node } => self.planned_restart(node),
+        }
+        self.check_invariants();
+    }
+
+    fn check_invariants(&mut self) {
+        if (self.msl_cut || self.msl_blackhole) && self.lan_cut {
+            self.double_cut_seen = true;
+        }
+        let holders: Vec<usize> = (0..2).filter(|&i| self.nodes[i].holds_address && self.nodes[i].node.is_some()).collect();
+        if holders.len() > 1 && !self.allow_dual_primary() {
+            self.fail("both nodes hold the service address".into());
+        }
+    }
+
+    fn allow_dual_primary(&self) -> bool {
+        // Only a cut of BOTH paths between live nodes can cause this (a
+        // double failure). Until the split brain is detected on reconnect
+        // both may hold it; then the higher node id steps down.
+        self.double_cut_seen && !(self.has_notice(0, "split_brain_refused") && self.has_notice(1, "split_brain_refused"))
+    }
+
+    pub fn role(&self, i: usize) -> Option<Role> {
+        self.nodes[i].node.as_ref().map(|n| n.role())
+    }
+
+    pub fn roles_seen(&self, i: usize) -> &[Role] {
+        &self.nodes[i].roles
+    }
+
+    pub fn notices(&self, i: usize) -> &[(Micros, Notice)] {
+        &self.nodes[i].notices
+    }
+
+    pub fn has_notice(&self, i: usize, kind: &str) -> bool {
+        self.nodes[i].notices.iter().any(|(_, n)| n.kind() == kind)
+    }
+
+    pub fn first_notice_at(&self, i: usize, kind: &str) -> Option<Micros> {
+        self.nodes[i].notices.iter().find(|(_, n)| n.kind() == kind).map(|(t, _)| *t)
+    }
+
+    pub fn holds_address(&self, i: usize) -> bool {
+        self.nodes[i].holds_address && self.nodes[i].node.is_some()
+    }
+
+    pub fn node(&self, i: usize) -> Option<&Node<Buf>> {
+        self.nodes[i].node.as_ref()
+    }
+
+    /// Pair healthy: one serving primary, one in-sync secondary, nothing
+    /// dirty.
+    pub fn converged(&self) -> bool {
+        let (Some(a), Some(b)) = (self.nodes[0].node.as_ref(), self.nodes[1].node.as_ref()) else {
+            return false;
+        };
+        let one_primary = (a.role() == Role::Primary) ^ (b.role() == Role::Primary);
+        one_primary
+            && (a.serving() || b.serving())
+            && a.in_sync()
+            && b.in_sync()
+            && a.meta().dirty.count() == 0
+            && b.meta().dirty.count() == 0
+            && a.meta().disk == DiskState::UpToDate
+            && b.meta().disk == DiskState::UpToDate
+    }
+
+    /// Run until converged (true) or `limit` passes.
+    pub fn run_until_converged(&mut self, limit: Micros) -> bool {
+        let end = self.now + limit;
+        while self.now < end && self.failure.is_none() {
+            if self.converged() {
+                return true;
+            }
+            self.run_for(10 * MS);
+        }
+        self.converged()
+    }
+
+    /// Stop the client, let everything drain, and check the final state:
+    /// converged, volumes identical, every block as acknowledged.
+    pub fn final_check(&mut self) -> Result<(), String> {
+        self.client(false);
+        let end = self.now + 10 * SEC;
+        while !self.ops.is_empty() && self.now < end && self.failure.is_none() {
+            self.run_for(10 * MS);
+        }
+        // Requests whose answer was lost (e.g. the server's LAN adapter died
+        // after it took the request) stay unknown to the client.
+        for (_, op) in std::mem::take(&mut self.ops) {
+            self.op_uncertain(op);
+        }
+        if !self.run_until_converged(30 * SEC) {
+            let st: Vec<String> = (0..2)
+                .map(|i| match self.nodes[i].node.as_ref() {
+                    Some(n) => format!("n{}: {:?}", i + 1, n.status()),
+                    None => format!("n{}: down", i + 1),
+                })
+                .collect();
+            self.fail(format!("pair did not converge after faults healed:\n  {}", st.join("\n  ")));
+        }
+        // Let the secondary finish applying and flushing.
+        self.run_for(500 * MS);
+        if self.failure.is_none() {
+            let a = self.nodes[0].disk.view();
+            let b = self.nodes[1].disk.view();
+            if a != b {
+                let diff: Vec<usize> = (0..a.len()).filter(|&k| a[k] != b[k]).collect();
+                self.fail(format!("volumes differ after convergence in blocks {diff:?}"));
+            }
+            let p = (0..2).find(|&i| self.role(i) == Some(Role::Primary)).unwrap_or(0);
+            let view = self.nodes[p].disk.view();
+            for (b, v) in view.into_iter().enumerate() {
+                self.check_value(b, v, "final volume");
+            }
+        }
+        self.report.end_us = self.now;
+        match self.failure() {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    }
+
+    /// Bring the pair up and in sync with the client running.
+    pub fn start_pair(&mut self) -> Result<(), String> {
+        self.client(true);
+        if !self.run_until_converged(10 * SEC) {
+            self.fail("pair never came up in sync".into());
+        }
+        match self.failure() {
+            Some(f) => Err(f),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One seeded run with random faults. Faults come one at a time (the
+/// product's guarantee is for single failures); each heals before the next.
+pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
+    let mut r = Rng::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mut o = Options::new(seed);
+    o.trace = trace;
+    o.msl.loss_ppm = r.below(40_000) as u32;
+    o.msl.dup_ppm = r.below(20_000) as u32;
+    o.msl.corrupt_ppm = r.below(10_000) as u32;
+    o.msl.jitter_us = r.below(2_000);
+    o.lan.loss_ppm = r.below(40_000) as u32;
+    o.lan.jitter_us = r.below(2_000);
+    o.client_qd = 1 + r.below(6) as usize;
+    let mut sim = Sim::new(o);
+    sim.start_pair()?;
+    let episodes = 1 + r.below(3);
+    for _ in 0..episodes {
+        sim.run_for(r.below(SEC));
+        let primary = (0..2).find(|&i| sim.role(i) == Some(Role::Primary)).unwrap_or(0);
+        let secondary = 1 - primary;
+        let hold = 100 * MS + r.below(2 * SEC);
+        match r.below(9) {
+            0 => {
+                sim.crash(primary);
+                sim.run_for(hold);
+                sim.restart(primary);
+            }
+            1 => {
+                sim.crash(secondary);
+                sim.run_for(hold);
+                sim.restart(secondary);
+            }
+            2 => {
+                sim.set_msl_cut(true);
+                sim.run_for(hold);
+                sim.set_msl_cut(false);
+            }
+            3 => {
+                sim.set_msl_blackhole(true);
+                sim.run_for(hold);
+                sim.set_msl_blackhole(false);
+            }
+            4 => {
+                sim.set_lan_cut(true);
+                sim.run_for(hold);
+                sim.set_lan_cut(false);
+            }
+            5 => {
+                sim.set_lan_adapter(primary, false);
+                sim.run_for(hold.max(SEC));
+                sim.set_lan_adapter(primary, true);
+            }
+            6 => {
+                sim.disk_error(primary);
+                sim.run_for(hold);
+                sim.repair_failed(primary);
+            }
+            7 => {
+                sim.disk_error(secondary);
+                sim.run_for(hold);
+                sim.repair_failed(secondary);
+            }
+            _ => {
+                // A crash of the returning node in the middle of its resync.
+                sim.crash(secondary);
+                sim.run_for(hold);
+                sim.restart(secondary);
+                sim.run_for(r.below(50 * MS));
+                sim.crash(secondary);
+                sim.run_for(hold / 2);
+                sim.restart(secondary);
+            }
+        }
+        if let Some(f) = sim.failure() {
+            return Err(f);
+        }
+        sim.run_until_converged(20 * SEC);
+    }
+    sim.final_check()?;
+    Ok(sim.report.clone())
+}

@@ -33,5 +33,8 @@ fn main() {
         }
         written += 1;
     }
-    println!("gen_corpus: wrote {written} seed files under {}", out.display());
+    println!(
+        "gen_corpus: wrote {written} seed files under {}",
+        out.display()
+    );
 }

@@ -163,6 +163,10 @@ impl fmt::Display for ReassemblyError {
 
 impl std::error::Error for ReassemblyError {}
 
+/// A complete message out of the `Reassembler`: header (as unfragmented),
+/// body and the whole payload, borrowed from the reassembler.
+pub type Reassembled<'s> = (Header, Message, &'s [u8]);
+
 /// One message being reassembled.
 #[derive(Debug)]
 struct Slot {
@@ -336,7 +340,7 @@ impl Reassembler {
     pub fn push<'s>(
         &'s mut self,
         p: &Parsed<'_>,
-    ) -> Result<Option<(Header, Message, &'s [u8])>, ReassemblyError> {
+    ) -> Result<Option<Reassembled<'s>>, ReassemblyError> {
         let h = p.header;
         let n = usize::from(h.frag_count);
         let index = usize::from(h.frag_index);

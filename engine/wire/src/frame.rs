@@ -28,8 +28,8 @@ use core::ops::Range;
 
 use crate::msg::{
     data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Generations, Header, Heartbeat,
-    Hello, Message, MsgType, ResyncData, ResyncDone, Role, RoleChange, RolePhase,
-    StateImageChunk, HISTORY_LEN, MAX_ADAPTERS, MAX_SACK,
+    Hello, Message, MsgType, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk,
+    HISTORY_LEN, MAX_ADAPTERS, MAX_SACK,
 };
 
 /// A byte range inside a header or body (smoltcp style).
@@ -464,7 +464,10 @@ impl fmt::Display for EmitError {
                 "max frame size {max_frame} too small for this message (need at least {min})"
             ),
             EmitError::FragmentIndex { index, count } => {
-                write!(f, "fragment index {index} out of range (message has {count})")
+                write!(
+                    f,
+                    "fragment index {index} out of range (message has {count})"
+                )
             }
         }
     }
@@ -777,7 +780,9 @@ impl<T: AsRef<[u8]>> Frame<T> {
     /// Total frame length the header declares (including CRC and tag).
     pub fn total_len(&self) -> usize {
         let tag = if self.has_auth() { TAG_LEN } else { 0 };
-        self.crc_offset().saturating_add(CRC_LEN).saturating_add(tag)
+        self.crc_offset()
+            .saturating_add(CRC_LEN)
+            .saturating_add(tag)
     }
 
     /// The body bytes (empty if the buffer is too short).
@@ -801,10 +806,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
 
     /// The bytes the CRC covers (magic through payload).
     pub fn checksummed(&self) -> &[u8] {
-        self.buffer
-            .as_ref()
-            .get(..self.crc_offset())
-            .unwrap_or(&[])
+        self.buffer.as_ref().get(..self.crc_offset()).unwrap_or(&[])
     }
 
     /// The CRC carried in the frame (0 if the buffer is too short).
@@ -911,16 +913,18 @@ pub fn buffer_len(msg: &Message, payload_len: usize, keyed: bool) -> usize {
 pub fn validate_message(msg: &Message) -> Result<(), EmitError> {
     fn role(r: Role) -> Result<(), EmitError> {
         match r {
-            Role::Unknown(n) if !matches!(Role::from_u8(n), Role::Unknown(_)) => {
-                Err(EmitError::InvalidField("role: Unknown(n) with a known code"))
-            }
+            Role::Unknown(n) if !matches!(Role::from_u8(n), Role::Unknown(_)) => Err(
+                EmitError::InvalidField("role: Unknown(n) with a known code"),
+            ),
             _ => Ok(()),
         }
     }
     fn disk(d: DiskState) -> Result<(), EmitError> {
         match d {
             DiskState::Unknown(n) if !matches!(DiskState::from_u8(n), DiskState::Unknown(_)) => {
-                Err(EmitError::InvalidField("disk: Unknown(n) with a known code"))
+                Err(EmitError::InvalidField(
+                    "disk: Unknown(n) with a known code",
+                ))
             }
             _ => Ok(()),
         }
@@ -1055,7 +1059,12 @@ fn emit_body(msg: &Message, b: &mut [u8]) {
 }
 
 /// Check a header for emission; returns the flags to put on the wire.
-fn validate_header(h: &Header, t: MsgType, payload_len: usize, keyed: bool) -> Result<u8, EmitError> {
+fn validate_header(
+    h: &Header,
+    t: MsgType,
+    payload_len: usize,
+    keyed: bool,
+) -> Result<u8, EmitError> {
     if h.flags & !flags::KNOWN != 0 {
         return Err(EmitError::InvalidField("header flags: undefined bits set"));
     }
@@ -1216,7 +1225,9 @@ fn parse_body(t: MsgType, b: &[u8]) -> Result<Message, ParseError> {
             }
             let adapter_count = b[f::ADAPTER_COUNT];
             if usize::from(adapter_count) > MAX_ADAPTERS {
-                return Err(ParseError::BadField("heartbeat adapter_count > MAX_ADAPTERS"));
+                return Err(ParseError::BadField(
+                    "heartbeat adapter_count > MAX_ADAPTERS",
+                ));
             }
             let mut adapters = [AdapterHealth::default(); MAX_ADAPTERS];
             for (i, a) in adapters.iter_mut().enumerate() {
@@ -1258,7 +1269,9 @@ fn parse_body(t: MsgType, b: &[u8]) -> Result<Message, ParseError> {
             }
             let flags = b[f::FLAGS];
             if flags & !data_flags::KNOWN != 0 {
-                return Err(ParseError::BadField("resync data flags: undefined bits set"));
+                return Err(ParseError::BadField(
+                    "resync data flags: undefined bits set",
+                ));
             }
             Message::ResyncData(ResyncData {
                 offset: rd_u64(b, f::OFFSET),
@@ -1325,7 +1338,9 @@ pub fn parse<'a>(bytes: &'a [u8], expect: &Expect) -> Result<Parsed<'a>, ParseEr
             return Err(ParseError::BadLength("body length wrong for message type"));
         }
         if f.payload_len() != 0 && !t.carries_payload() {
-            return Err(ParseError::BadLength("payload on a message type without payload"));
+            return Err(ParseError::BadLength(
+                "payload on a message type without payload",
+            ));
         }
     }
     let computed = f.compute_crc();

@@ -11,6 +11,7 @@
 //!   cargo-fuzz targets in `fuzz/` and the stable corpus test.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod eth;
 pub mod frag;
@@ -20,8 +21,8 @@ pub mod msg;
 
 pub use eth::{emit_eth, parse_eth, EthHeader, ETH_HEADER_LEN};
 pub use frag::{
-    emit_fragment, fragment_count, max_payload_per_frame, try_fragment_count, Reassembler,
-    ReassemblyError, MAX_FRAGMENTS,
+    emit_fragment, fragment_count, max_payload_per_frame, try_fragment_count, Reassembled,
+    Reassembler, ReassemblyError, MAX_FRAGMENTS,
 };
 pub use frame::{
     body_len, buffer_len, emit, flags, parse, EmitError, Expect, Frame, Key, ParseError, Parsed,

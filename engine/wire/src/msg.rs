@@ -7,7 +7,9 @@
 /// Protocol roles as carried on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
+    /// Mirrors the primary; serves no clients.
     Secondary,
+    /// Serves clients and mirrors their writes to the secondary.
     Primary,
     /// A value this build does not know (kept, never guessed).
     Unknown(u8),
@@ -24,6 +26,7 @@ pub enum DiskState {
     Inconsistent,
     /// Latched after an I/O error: no more acknowledgements.
     Failed,
+    /// A value this build does not know (kept, never guessed).
     Unknown(u8),
 }
 
@@ -38,8 +41,11 @@ pub const HISTORY_LEN: usize = 4;
 /// * `history`: earlier `current` values, newest first (0 = empty slot).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Generations {
+    /// The data generation this node holds.
     pub current: u64,
+    /// Generation at which change tracking started (0 = not tracking).
     pub bitmap: u64,
+    /// Earlier `current` values, newest first (0 = empty slot).
     pub history: [u64; HISTORY_LEN],
 }
 
@@ -56,11 +62,17 @@ pub mod hello_flags {
 /// HELLO: sent by both nodes when the MSL comes up, before anything else.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
+    /// Sender's current role.
     pub role: Role,
+    /// State of the sender's copy.
     pub disk: DiskState,
+    /// Volume size in bytes (must match the peer's).
     pub volume_bytes: u64,
+    /// Block size in bytes (must match the peer's).
     pub block_size: u32,
+    /// Sender's generation identifiers.
     pub gens: Generations,
+    /// `hello_flags` bits.
     pub flags: u8,
     /// Blocks this node considers out of sync (summary only; the bitmap
     /// itself follows in the memory image or in DIRTY_MAP chunks).
@@ -88,11 +100,13 @@ pub mod data_flags {
 /// DATA: a client write mirrored to the peer (or one fragment of it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Data {
+    /// Primary-assigned id of the client write (echoed in completions).
     pub write_id: u64,
     /// Byte offset of the write on the volume.
     pub offset: u64,
     /// Byte length of the whole write.
     pub len: u32,
+    /// `data_flags` bits.
     pub flags: u8,
 }
 
@@ -112,13 +126,16 @@ pub struct Ack {
     pub stable: u64,
     /// Received ranges above `cumulative`, inclusive `(first, last)`.
     pub sack: [(u64, u64); MAX_SACK],
+    /// Number of valid entries in `sack` (`<= MAX_SACK`).
     pub sack_len: u8,
 }
 
 /// Per-adapter LAN health as reported by its owner.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AdapterHealth {
+    /// Administrative / operational link state is up.
     pub link_up: bool,
+    /// The adapter sees carrier.
     pub carrier: bool,
     /// Peer heartbeats arrive on this adapter.
     pub reachable: bool,
@@ -138,13 +155,17 @@ pub const MAX_ADAPTERS: usize = 4;
 /// server-state packet over UDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heartbeat {
+    /// Sender's current role.
     pub role: Role,
+    /// State of the sender's copy.
     pub disk: DiskState,
     /// Sender currently hears the peer on the MSL.
     pub msl_up: bool,
     /// Sender's pair view: connected and in sync.
     pub in_sync: bool,
+    /// Sender's LAN adapters; the first `adapter_count` are valid.
     pub adapters: [AdapterHealth; MAX_ADAPTERS],
+    /// Number of valid entries in `adapters` (`<= MAX_ADAPTERS`).
     pub adapter_count: u8,
     /// Monotonic per sender; lets receivers drop stale/replayed packets.
     pub counter: u64,
@@ -172,14 +193,18 @@ pub struct StateImageChunk {
 /// RESYNC_DATA: one block range sent by the resync source (payload follows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResyncData {
+    /// Byte offset of the range on the volume.
     pub offset: u64,
+    /// Byte length of the range.
     pub len: u32,
+    /// `data_flags` bits (ZEROES / TRIM ranges carry no payload).
     pub flags: u8,
 }
 
 /// RESYNC_DONE: the source has sent every dirty block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResyncDone {
+    /// Blocks the source sent in this resync.
     pub blocks_sent: u64,
 }
 
@@ -190,12 +215,14 @@ pub enum RolePhase {
     Handover,
     /// New primary confirms it took over with `generation`.
     Accepted,
+    /// A value this build does not know (kept, never guessed).
     Unknown(u8),
 }
 
 /// ROLE_CHANGE: planned switchover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RoleChange {
+    /// Which step of the switchover this is.
     pub phase: RolePhase,
     /// The generation the new primary writes in.
     pub generation: u64,
@@ -204,31 +231,49 @@ pub struct RoleChange {
 /// Message type codes. Values may never change without a version bump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MsgType {
+    /// HELLO (1).
     Hello,
+    /// DATA (2).
     Data,
+    /// ACK (3).
     Ack,
+    /// HEARTBEAT (4).
     Heartbeat,
+    /// STATE_IMAGE (5).
     StateImage,
+    /// RESYNC_DATA (6).
     ResyncData,
+    /// RESYNC_DONE (7).
     ResyncDone,
+    /// ROLE_CHANGE (8).
     RoleChange,
+    /// A type code this build does not know.
     Unknown(u8),
 }
 
 /// A parsed message body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Message {
+    /// HELLO.
     Hello(Hello),
+    /// DATA (payload: the written bytes).
     Data(Data),
+    /// ACK.
     Ack(Ack),
+    /// HEARTBEAT.
     Heartbeat(Heartbeat),
+    /// STATE_IMAGE (payload: a chunk of the memory image).
     StateImage(StateImageChunk),
+    /// RESYNC_DATA (payload: the block range).
     ResyncData(ResyncData),
+    /// RESYNC_DONE.
     ResyncDone(ResyncDone),
+    /// ROLE_CHANGE.
     RoleChange(RoleChange),
 }
 
 impl Message {
+    /// The type code of this message.
     pub fn msg_type(&self) -> MsgType {
         match self {
             Message::Hello(_) => MsgType::Hello,
@@ -261,8 +306,11 @@ impl Message {
 /// Header fields that the sender sets (the rest is derived on emit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// Cluster this frame belongs to; receivers drop other clusters.
     pub cluster_id: u64,
+    /// Sender node id.
     pub sender: u16,
+    /// Sender's data generation.
     pub generation: u64,
     /// Reliable sequence number (0 for control messages).
     pub seq: u64,
@@ -272,6 +320,7 @@ pub struct Header {
     pub flags: u8,
     /// Fragment index and count (count 1 = not fragmented).
     pub frag_index: u8,
+    /// Number of fragments of the message (1 = not fragmented).
     pub frag_count: u8,
 }
 

@@ -47,8 +47,8 @@ fn corpus_files(target: &str) -> Vec<(String, Vec<u8>)> {
 fn test_committed_seed_corpus_is_current() {
     for (target, name, bytes) in seeds() {
         let path = corpus_dir().join(target).join(&name);
-        let on_disk = fs::read(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}; {REGENERATE}", path.display()));
+        let on_disk =
+            fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; {REGENERATE}", path.display()));
         assert!(
             on_disk == bytes,
             "{} is stale (wire format changed?); {REGENERATE}",

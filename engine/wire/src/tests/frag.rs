@@ -229,12 +229,18 @@ fn test_message_larger_than_slot_refused() {
     let frames = fragments(&header(1), &data_msg(8000), &block(8000), MTU_1500, None);
     let mut r = Reassembler::new(2, 4096);
     let e = r.push(&parse_plain(&frames[0]).unwrap()).unwrap_err();
-    assert!(matches!(e, ReassemblyError::TooLarge { max: 4096, .. }), "{e}");
+    assert!(
+        matches!(e, ReassemblyError::TooLarge { max: 4096, .. }),
+        "{e}"
+    );
     assert_eq!(r.in_progress(), 0);
     // Last fragment first: refused once the size is known.
     let mut r = Reassembler::new(2, 4096);
     let last = frames.len() - 1;
-    assert!(r.push(&parse_plain(&frames[last]).unwrap()).unwrap().is_none());
+    assert!(r
+        .push(&parse_plain(&frames[last]).unwrap())
+        .unwrap()
+        .is_none());
     assert!(matches!(
         r.push(&parse_plain(&frames[0]).unwrap()),
         Err(ReassemblyError::TooLarge { .. })
@@ -277,7 +283,10 @@ fn test_unfragmented_frame_passes_through() {
     assert_eq!(got, &payload[..]);
     let (m, _) = sample("heartbeat");
     let b = emit_vec(&header(0), &m, &[], None);
-    let got = r.push(&parse_plain(&b).unwrap()).unwrap().expect("complete");
+    let got = r
+        .push(&parse_plain(&b).unwrap())
+        .unwrap()
+        .expect("complete");
     assert_eq!(got.2, &[] as &[u8]);
 }
 

@@ -420,7 +420,8 @@ fn test_unknown_type_any_body_len_accepted_up_to_type_check() {
 #[test]
 fn test_bad_fields_refused() {
     let hb = HEADER_LEN;
-    let cases: Vec<(&str, Vec<u8>, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Corruption = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Vec<u8>, Corruption)> = vec![
         (
             "header reserved byte",
             data_frame(),
