@@ -424,6 +424,7 @@ pub struct Node<H> {
     apply_ios: BTreeMap<IoId, u64>,
     admin_disconnected: bool,
     next_hello_us: Micros,
+    last_hello_us: Micros,
 
     // Liveness.
     msl_carrier: bool,
@@ -497,6 +498,7 @@ impl<H: Payload> Node<H> {
             apply_ios: BTreeMap::new(),
             admin_disconnected: false,
             next_hello_us: now,
+            last_hello_us: 0,
             msl_carrier: true,
             last_msl_rx: None,
             last_lan_rx: None,
@@ -601,24 +603,44 @@ impl<H: Payload> Node<H> {
 
     /// When the node next needs `handle(now, Event::Tick)`.
     pub fn poll_timeout(&self) -> Micros {
+        // `handle` just ran every timer due at `now`; a deadline at or before
+        // `now` that is still pending waits on a condition, not on time.
+        let now = self.now;
+        let mut t = now + self.cfg.heartbeat_interval_us;
+        let mut at = |d: Micros| {
+            if d > now {
+                t = t.min(d);
+            }
+        };
         let dead = self.cfg.dead_after_us();
-        let mut t = self.next_hb_us.min(self.next_hello_us.max(self.now));
-        if let Some(x) = self.last_msl_rx {
-            if self.msl_alive {
-                t = t.min(x + dead);
-            }
+        at(self.next_hb_us);
+        if self.session.is_none() && !self.admin_disconnected && self.msl_carrier {
+            at(self.next_hello_us);
         }
-        if let Some(x) = self.last_lan_rx {
-            if self.lan_alive {
-                t = t.min(x + dead);
-            }
+        if let (Some(x), true) = (self.last_msl_rx, self.msl_alive) {
+            at(x + dead);
+        }
+        if let (Some(x), true) = (self.last_lan_rx, self.lan_alive) {
+            at(x + dead);
+        }
+        if let Some(since) = self.lan_worse_since {
+            at(since + self.cfg.switchover_debounce_us);
+        }
+        if self.role == Role::Primary && !self.al.is_empty() {
+            at(self.last_stabilize_us + self.cfg.stabilize_interval_us);
         }
         if let Some(s) = &self.session {
             if let Some(r) = s.tx.poll_timeout() {
-                t = t.min(r);
+                at(r.max(now + 1));
+            }
+            if s.applied > s.stable {
+                at(s.last_flush_us + self.cfg.stabilize_interval_us / 2);
+            }
+            if s.phase == Phase::Source {
+                at(self.last_write_us + self.cfg.resync_idle_us);
             }
         }
-        t.max(self.now)
+        t
     }
 
     /// Feed one event at time `now`.
@@ -794,6 +816,7 @@ impl<H: Payload> Node<H> {
         }
         if self.session.is_none() && !self.admin_disconnected && self.msl_carrier && now >= self.next_hello_us {
             self.next_hello_us = now + self.cfg.heartbeat_interval_us;
+            self.last_hello_us = now;
             let ack = self.peer_hello_seen.unwrap_or(0);
             let h = self.header(0, ack);
             let hello = self.my_hello();
@@ -1015,6 +1038,9 @@ impl<H: Payload> Node<H> {
     }
 
     fn observe_peer(&mut self, hb: Heartbeat) {
+        // A primary that fails its disk demotes itself; judge it by the role
+        // it had.
+        let peer_was_primary = self.peer_role == Some(Role::Primary) || hb.role == Role::Primary;
         self.peer_role = Some(hb.role);
         if hb.counter > self.peer_hb_counter {
             self.peer_hb_counter = hb.counter;
@@ -1022,7 +1048,7 @@ impl<H: Payload> Node<H> {
         }
         // A primary that reports its disk failed is as good as dead.
         if hb.disk == DiskState::Failed {
-            if self.role == Role::Secondary && hb.role == Role::Primary && self.was_in_sync {
+            if self.role == Role::Secondary && peer_was_primary && (self.was_in_sync || self.in_sync()) {
                 self.peer_role = Some(Role::Secondary);
                 self.end_session("peer disk failed");
                 self.try_takeover("primary reported a disk failure");
@@ -1069,9 +1095,11 @@ impl<H: Payload> Node<H> {
         self.peer_role = Some(h.role);
         if let Some(s) = &self.session {
             if s.peer_session == h.session {
-                {
-                    // A peer still sending HELLOs has not established (it
-                    // stops once it has): repeat our establishing HELLO.
+                if h.flags & hello_flags::ESTABLISHED == 0 {
+                    // The peer's timer still sends HELLOs: it has not
+                    // established (our establishing HELLO was lost). Repeat
+                    // it. Establishing HELLOs are never answered, so this
+                    // cannot loop.
                     let hello = s.my_hello;
                     let hdr = self.header(0, h.session);
                     self.emit(Action::SendMsl { header: hdr, msg: Message::Hello(hello), payload: None });
@@ -1085,8 +1113,9 @@ impl<H: Payload> Node<H> {
         if header.ack == self.my_session {
             self.establish(h);
         } else {
-            // Answer at once so the peer can establish.
-            self.next_hello_us = self.now;
+            // Answer soon so the peer can establish (at most one immediate
+            // answer per millisecond, so duplicates cannot snowball).
+            self.next_hello_us = self.next_hello_us.min(self.now.max(self.last_hello_us + 1_000));
         }
     }
 
@@ -1119,7 +1148,8 @@ impl<H: Payload> Node<H> {
             rto_min_us: self.cfg.rto_min_us,
             rto_max_us: self.cfg.rto_max_us,
         };
-        let my_hello = self.my_hello();
+        let mut my_hello = self.my_hello();
+        my_hello.flags |= hello_flags::ESTABLISHED;
         let mut s = Session {
             my_hello,
             peer_session: peer.session,
@@ -1714,8 +1744,16 @@ impl<H: Payload> Node<H> {
             return Some(false);
         }
         let free = self.cfg.al_extents.saturating_sub(self.al.len());
-        let mut cold: Vec<(u64, usize)> =
-            self.al.iter().enumerate().filter(|(_, s)| self.al_cold(s)).map(|(i, s)| (s.lru, i)).collect();
+        // Never evict an extent this very write needs (found by msl-sim
+        // seed 838: its crashed primary's in-flight region went unsynced).
+        let range = self.extents(block, count);
+        let mut cold: Vec<(u64, usize)> = self
+            .al
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !range.contains(&s.extent) && self.al_cold(s))
+            .map(|(i, s)| (s.lru, i))
+            .collect();
         if free + cold.len() < need.len() {
             return None;
         }

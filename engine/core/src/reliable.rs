@@ -158,8 +158,10 @@ impl<M> ReliableTx<M> {
             let Some(slot) = self.slots.pop_front() else {
                 break;
             };
-            if slot.retries == 0 {
-                // Karn: sample only messages sent once.
+            if slot.retries == 0 && !slot.sacked {
+                // Karn: sample only messages sent once; a SACKed one was
+                // sampled when its SACK arrived (its cumulative ack may come
+                // much later, after a retransmitted hole below it).
                 self.sample_rtt(now.saturating_sub(slot.first_sent_us));
             }
             self.stats.acked += 1;
@@ -172,10 +174,17 @@ impl<M> ReliableTx<M> {
                 continue;
             }
             highest_sacked = highest_sacked.max(last_in_range);
+            let mut sample = None;
             for slot in self.slots.iter_mut() {
-                if slot.seq >= first && slot.seq <= last_in_range {
+                if slot.seq >= first && slot.seq <= last_in_range && !slot.sacked {
                     slot.sacked = true;
+                    if slot.retries == 0 {
+                        sample = Some(now.saturating_sub(slot.first_sent_us));
+                    }
                 }
+            }
+            if let Some(rtt) = sample {
+                self.sample_rtt(rtt);
             }
         }
         // A hole with at least three sacked messages above it was lost, not
@@ -436,6 +445,23 @@ mod tests {
         assert_eq!(tx.poll_timeout(), Some(0));
         assert_eq!(tx.poll_retransmit(11).map(|(s, _)| s), Some(2));
         assert!(tx.poll_retransmit(11).is_none());
+    }
+
+    #[test]
+    fn test_sacked_then_cumulative_late_does_not_inflate_rtt() {
+        let mut tx = ReliableTx::new(cfg(8), 0);
+        for i in 0..5 {
+            tx.push(0, i).unwrap();
+        }
+        let mut ack = Ack { cumulative: 0, ..Ack::default() };
+        ack.sack[0] = (2, 5);
+        ack.sack_len = 1;
+        tx.on_ack(100, &ack, |_, _| {});
+        assert_eq!(tx.srtt_us(), Some(100));
+        // Hole 1 retransmitted; the cumulative ack arrives much later.
+        let _ = tx.poll_retransmit(1_000_000);
+        tx.on_ack(2_000_000, &Ack { cumulative: 5, ..Ack::default() }, |_, _| {});
+        assert!(tx.srtt_us().unwrap() < 1_000, "srtt inflated: {:?}", tx.srtt_us());
     }
 
     #[test]

@@ -38,6 +38,9 @@ fn buf_of(t: &[u64]) -> Buf {
 const CLUSTER: u64 = 0x6D73_6C2D_7369_6D00;
 const SEC: u64 = 1_000_000;
 const MS: u64 = 1_000;
+/// A run that needs more events than this is livelocked (a normal seed
+/// needs well under a million).
+const EVENT_BUDGET: u64 = 20_000_000;
 
 /// Link fault rates (per million) and delays.
 #[derive(Clone, Copy, Debug)]
@@ -230,6 +233,7 @@ pub struct Sim {
     lan_cut: bool,
     msl_link_free: [Micros; 2],
     double_cut_seen: bool,
+    events: u64,
     // client
     ops: BTreeMap<u64, Op>,
     next_op: u64,
@@ -294,6 +298,7 @@ impl Sim {
             lan_cut: false,
             msl_link_free: [0; 2],
             double_cut_seen: false,
+            events: 0,
             ops: BTreeMap::new(),
             next_op: 1,
             next_tag: 1,
@@ -685,6 +690,7 @@ impl Sim {
 
     /// Heal a node whose disk failed: restart it (as an operator would).
     pub fn repair_failed(&mut self, i: usize) {
+        self.nodes[i].disk.fail_next = false;
         if self.nodes[i].node.as_ref().is_some_and(|n| n.is_failed()) {
             // The daemon restarts (the page cache survives a process restart).
             self.log(format!("n{} repaired and restarted", i + 1));
@@ -920,6 +926,11 @@ impl Sim {
             }
             self.queue.pop();
             self.now = at;
+            self.events += 1;
+            if self.events > EVENT_BUDGET {
+                self.fail(format!("livelock: more than {EVENT_BUDGET} events by t={at}us"));
+                break;
+            }
             self.step(ev);
         }
     }
@@ -1073,8 +1084,11 @@ impl Sim {
             let a = self.nodes[0].disk.view();
             let b = self.nodes[1].disk.view();
             if a != b {
-                let diff: Vec<usize> = (0..a.len()).filter(|&k| a[k] != b[k]).collect();
-                self.fail(format!("volumes differ after convergence in blocks {diff:?}"));
+                let diff: Vec<String> = (0..a.len())
+                    .filter(|&k| a[k] != b[k])
+                    .map(|k| format!("block {k}: n1 {:#x} n2 {:#x} acked {:#x}", a[k], b[k], self.model[k].acked))
+                    .collect();
+                self.fail(format!("volumes differ after convergence: {}", diff.join("; ")));
             }
             let p = (0..2).find(|&i| self.role(i) == Some(Role::Primary)).unwrap_or(0);
             let view = self.nodes[p].disk.view();

@@ -56,7 +56,12 @@ pub mod hello_flags {
     /// The sender holds a resync bitmap from an interrupted resync as target.
     pub const RESYNC_TARGET: u8 = 0x02;
     /// Every flag this version defines; other bits are rejected on the wire.
-    pub const KNOWN: u8 = CRASHED_PRIMARY | RESYNC_TARGET;
+    /// Sent once a node has established the session; a node already in
+    /// session never answers such a HELLO (that keeps the handshake free of
+    /// ping-pong loops).
+    pub const ESTABLISHED: u8 = 0x04;
+    /// Every flag this version understands.
+    pub const KNOWN: u8 = CRASHED_PRIMARY | RESYNC_TARGET | ESTABLISHED;
 }
 
 /// HELLO: sent by both nodes when the MSL comes up, before anything else.
