@@ -397,6 +397,8 @@ pub struct Status {
     pub resync_total: u64,
     pub resync_source: bool,
     pub pending_writes: usize,
+    pub pending_flushes: usize,
+    pub switching: bool,
     pub counters: Counters,
 }
 
@@ -592,6 +594,8 @@ impl<H: Payload> Node<H> {
             resync_total,
             resync_source,
             pending_writes: self.pending.len() + self.waiting.len(),
+            pending_flushes: self.flush_waiters.len(),
+            switching: self.switching.is_some(),
             counters,
         }
     }
@@ -812,6 +816,12 @@ impl<H: Payload> Node<H> {
                 let ack = self.session.as_ref().map_or(0, |s| s.rx.cumulative());
                 let h = self.header(0, ack);
                 self.emit(Action::SendMsl { header: h, msg: Message::Heartbeat(hb), payload: None });
+            }
+            // Acks are unreliable: refresh ours every heartbeat so a lost
+            // final ack (the one carrying `stable` for a FLUSH) cannot leave
+            // the peer waiting forever.
+            if let Some(s) = self.session.as_mut() {
+                s.ack_pending = true;
             }
         }
         if self.session.is_none() && !self.admin_disconnected && self.msl_carrier && now >= self.next_hello_us {
@@ -1413,11 +1423,12 @@ impl<H: Payload> Node<H> {
                     if let Some(s) = self.session.as_mut() {
                         s.mirror_wids.push_back((seq, d.write_id));
                     }
-                } else if d.flags & data_flags::FLUSH != 0 {
+                } else if d.flags & data_flags::FLUSH != 0 && d.write_id != 0 {
+                    // A client flush (write_id = its local flush io) learns
+                    // its sequence number; internal flushes carry 0.
                     for w in self.flush_waiters.iter_mut() {
-                        if w.2 == Some(u64::MAX) {
+                        if w.1 == d.write_id {
                             w.2 = Some(seq);
-                            break;
                         }
                     }
                 }
@@ -1852,8 +1863,17 @@ impl<H: Payload> Node<H> {
         self.emit(Action::Flush { io });
         let mut seq = None;
         if self.mirroring() {
-            let d = Data { write_id: 0, offset: 0, len: 0, flags: data_flags::FLUSH };
+            // Registered first: if the message goes to the backlog,
+            // `flush_backlog` finds the waiter by its io id.
+            self.flush_waiters.push_back((req, io, Some(u64::MAX)));
+            let d = Data { write_id: io, offset: 0, len: 0, flags: data_flags::FLUSH };
             seq = Some(self.send_reliable(Message::Data(d), None).unwrap_or(u64::MAX));
+            if let Some(w) = self.flush_waiters.back_mut() {
+                if w.2 == Some(u64::MAX) {
+                    w.2 = seq;
+                }
+            }
+            return;
         }
         self.flush_waiters.push_back((req, io, seq));
     }

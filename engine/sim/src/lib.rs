@@ -1034,7 +1034,10 @@ impl Sim {
             return false;
         };
         let one_primary = (a.role() == Role::Primary) ^ (b.role() == Role::Primary);
+        let (sa, sb) = (a.status(), b.status());
+        let paths_up = sa.msl_alive && sa.lan_alive && sb.msl_alive && sb.lan_alive;
         one_primary
+            && paths_up
             && (a.serving() || b.serving())
             && a.in_sync()
             && b.in_sync()
