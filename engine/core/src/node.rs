@@ -1260,6 +1260,11 @@ impl<H: Payload> Node<H> {
         let Some(s) = self.session.take() else {
             return;
         };
+        // Every session attempt gets a fresh id: a peer that still holds the
+        // old session (it has not timed out yet) then sees a new session and
+        // renegotiates, instead of answering with stale state (msl-sim seed
+        // 1292).
+        self.renew_session();
         self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
         let _ = why;
         self.counters.retransmits += s.tx.stats.retransmits;
