@@ -67,7 +67,7 @@ impl Config {
             window: 256,
             rto_initial_us: 20_000,
             rto_min_us: 2_000,
-            rto_max_us: 100_000,
+            rto_max_us: 1_000_000,
             al_extents: 61,
             extent_blocks: 1024,
             resync_max_in_flight: 64,

@@ -76,6 +76,8 @@ pub struct Options {
     /// Relax "no acknowledged write lost" to flushed writes only (double
     /// failures, where NBD semantics allow unflushed writes to be lost).
     pub relaxed_durability: bool,
+    /// Activity-log slots per node (small by default, to exercise eviction).
+    pub al_extents: usize,
 }
 
 impl Options {
@@ -90,6 +92,7 @@ impl Options {
             disk_latency_us: 200,
             trace: false,
             relaxed_durability: false,
+            al_extents: 4,
         }
     }
 }
@@ -256,10 +259,11 @@ impl Sim {
     pub fn new(opts: Options) -> Self {
         let mut rng = Rng::new(opts.seed);
         let blocks = opts.volume_blocks;
+        let al_extents = opts.al_extents;
         let mk = |id: u16, peer: u16, rng: &mut Rng| {
             let mut cfg = Config::new(id, peer, CLUSTER, blocks, 4096);
             cfg.extent_blocks = 8;
-            cfg.al_extents = 4;
+            cfg.al_extents = al_extents;
             cfg.window = 64;
             cfg.resync_max_in_flight = 8;
             let gen = if id == 1 { Some(rng.nonzero()) } else { None };

@@ -199,12 +199,16 @@ pub fn primary_crash_during_resync(seed: u64) -> Result<Outcome, String> {
 /// takeover: control frames do not wait behind data.
 pub fn saturated_msl_no_false_takeover(seed: u64) -> Result<Outcome, String> {
     let mut o = Options::new(seed);
-    o.msl.data_frame_us = 3_000; // a very slow link: data queues for seconds
-    o.client_qd = 32;
-    o.client_think_us = 100;
+    o.al_extents = 8; // the whole volume: the link, not the AL, is the limit
     let mut sim = Sim::new(o);
     sim.start_pair()?;
+    // Now saturate: a very slow link (data queues for seconds behind a deep
+    // client queue) while heartbeats keep their own path.
+    sim.opts.msl.data_frame_us = 3_000;
+    sim.opts.client_qd = 32;
+    sim.opts.client_think_us = 100;
     sim.run_for(10 * SEC);
+    ensure(sim.report.acked_writes > 100, &format!("the client kept writing through the saturated link ({} acked)", sim.report.acked_writes), &sim)?;
     ensure(!sim.has_notice(1, "takeover") && !sim.has_notice(0, "degraded"), "no false failure detection", &sim)?;
     ensure(sim.roles_seen(1) == [Role::Secondary], "n2 never primary", &sim)?;
     sim.final_check()?;

@@ -99,8 +99,12 @@ impl TxLink for AfPacketTx {
             return Ok(0);
         }
         let mut frames: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-        for i in 0..n {
-            frames[i] = &self.bufs[i][..self.lens[i]];
+        for (f, (b, &len)) in frames
+            .iter_mut()
+            .zip(self.bufs.iter().zip(&self.lens))
+            .take(n)
+        {
+            *f = &b[..len];
         }
         self.batch.send(self.fd.as_raw_fd(), &frames[..n])?;
         self.stats.frames += n as u64;

@@ -73,3 +73,36 @@ pub struct RxStats {
     /// Lost in the kernel (ring full, socket drops), cumulative.
     pub kernel_dropped: u64,
 }
+
+impl TxLink for Box<dyn TxLink> {
+    fn max_frame_len(&self) -> usize {
+        (**self).max_frame_len()
+    }
+    fn send_with(
+        &mut self,
+        max: usize,
+        emit: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>,
+    ) -> io::Result<usize> {
+        (**self).send_with(max, emit)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn stats(&self) -> TxStats {
+        (**self).stats()
+    }
+}
+
+impl RxLink for Box<dyn RxLink> {
+    fn recv(
+        &mut self,
+        max: usize,
+        timeout: Duration,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<usize> {
+        (**self).recv(max, timeout, f)
+    }
+    fn stats(&mut self) -> RxStats {
+        (**self).stats()
+    }
+}

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::time::Duration;
 
 /// Call a libc function; `-1` becomes `Err(last_os_error)`.
@@ -35,18 +35,6 @@ pub fn proto_be(ethertype: u16) -> u16 {
 // Interfaces and namespaces
 // ---------------------------------------------------------------------------
 
-/// Interface index of `name` in the calling thread's network namespace.
-pub fn if_nametoindex(name: &str) -> io::Result<u32> {
-    let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(idx)
-    }
-}
-
 /// Move the calling thread into the network namespace at `path`
 /// (e.g. `/run/netns/NAME`). Only this thread changes namespace.
 pub fn setns_net(path: &str) -> io::Result<()> {
@@ -61,12 +49,98 @@ pub fn setns_net(path: &str) -> io::Result<()> {
 ///
 /// # Safety
 /// `path` must point to a NUL-terminated string.
-pub unsafe fn netns_remove_raw(path: *const libc::c_char) {
+unsafe fn netns_remove_raw(path: *const libc::c_char) {
     // SAFETY: the caller guarantees `path` is NUL-terminated; both calls are
     // async-signal-safe and their failure is harmless (already removed).
     unsafe {
         libc::umount2(path, libc::MNT_DETACH);
         libc::unlink(path);
+    }
+}
+
+/// Remove a named network namespace's bind mount at `path`.
+pub fn netns_remove(path: &str) {
+    if let Ok(c) = CString::new(path) {
+        // SAFETY: `c` is NUL-terminated and alive for the call.
+        unsafe { netns_remove_raw(c.as_ptr()) };
+    }
+}
+
+/// Whether the effective user is root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+const MAX_CLEANUP: usize = 16;
+static CLEANUP: [AtomicPtr<libc::c_char>; MAX_CLEANUP] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_CLEANUP];
+static HANDLERS: std::sync::Once = std::sync::Once::new();
+
+extern "C" fn on_fatal_signal(sig: libc::c_int) {
+    for slot in &CLEANUP {
+        let p = slot.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: registered pointers are leaked, NUL-terminated CStrings.
+            unsafe { netns_remove_raw(p) };
+        }
+    }
+    // SAFETY: restoring the default action and re-raising is
+    // async-signal-safe; the process then dies of `sig` as it would have.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// On SIGINT/SIGTERM/SIGHUP/SIGQUIT, remove every registered namespace
+/// path, then die of the signal as before. Installed once per process.
+pub fn install_cleanup_handlers() {
+    HANDLERS.call_once(|| {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            // SAFETY: `on_fatal_signal` only does async-signal-safe work
+            // (atomic swaps, umount2, unlink, signal, raise).
+            unsafe {
+                libc::signal(sig, on_fatal_signal as *const () as libc::sighandler_t);
+            }
+        }
+    });
+}
+
+/// Register a namespace path for removal from a fatal signal; returns a
+/// slot for `unregister_cleanup` (`usize::MAX` if the table is full).
+pub fn register_cleanup(path: &str) -> usize {
+    let Ok(c) = CString::new(path) else {
+        return usize::MAX;
+    };
+    let raw = c.into_raw();
+    for (i, slot) in CLEANUP.iter().enumerate() {
+        if slot
+            .compare_exchange(
+                std::ptr::null_mut(),
+                raw,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+        {
+            return i;
+        }
+    }
+    // SAFETY: `raw` came from `into_raw` just above and was not shared.
+    drop(unsafe { CString::from_raw(raw) });
+    usize::MAX
+}
+
+/// Forget a registration (after the namespace was removed normally).
+pub fn unregister_cleanup(slot: usize) {
+    if let Some(s) = CLEANUP.get(slot) {
+        let p = s.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: `p` came from `CString::into_raw` in `register_cleanup`
+            // and was removed from the table, so nothing else frees it.
+            drop(unsafe { CString::from_raw(p) });
+        }
     }
 }
 
@@ -572,14 +646,6 @@ impl Mmap {
         NonNull::slice_from_raw_parts(self.ptr, self.len)
     }
 
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
     /// Bytes `[off, off+len)` of the mapping.
     ///
     /// # Safety
@@ -731,8 +797,8 @@ pub fn bpf_map_update_u32(map: RawFd, key: u32, value: u32) -> io::Result<()> {
     a.u64_at(8, &key as *const u32 as u64);
     a.u64_at(16, &value as *const u32 as u64);
     a.u64_at(24, 0); // BPF_ANY
-    // SAFETY: `a` is a valid bpf_attr for MAP_UPDATE_ELEM; key/value live
-    // until the call returns.
+                     // SAFETY: `a` is a valid bpf_attr for MAP_UPDATE_ELEM; key/value live
+                     // until the call returns.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -800,7 +866,11 @@ pub fn set_threaded_napi(ifname: &str) {
 
 /// MTU of `ifname` in the calling thread's network namespace.
 pub fn if_mtu(ifname: &str) -> io::Result<usize> {
-    let s = syscall!(socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0))?;
+    let s = syscall!(socket(
+        libc::AF_INET,
+        libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+        0
+    ))?;
     // SAFETY: `s` is a fresh descriptor owned here.
     let s = unsafe { OwnedFd::from_raw_fd(s) };
     // SAFETY: ifreq is plain old data; all-zero is valid.
@@ -826,3 +896,4 @@ pub fn packet_ignore_outgoing(fd: RawFd) -> io::Result<()> {
     const PACKET_IGNORE_OUTGOING: i32 = 23;
     setsockopt(fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1i32)
 }
+pub mod xsk;

@@ -1,0 +1,199 @@
+//! Two network namespaces joined by a veth pair: the test and bench
+//! topology for the MSL.
+//!
+//! Names carry the creating process's pid and a counter, so concurrent runs
+//! never collide, and namespaces left by a process that was SIGKILLed are
+//! swept by the next run (their pid is gone). Cleanup runs on drop (also
+//! during a panic's unwinding) and from SIGINT/SIGTERM/SIGHUP/SIGQUIT
+//! handlers, which use only async-signal-safe calls.
+
+use std::io;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::sys;
+
+/// Prefix of every namespace this module creates.
+pub const NS_PREFIX: &str = "msl-t-";
+
+/// Address of side A on the MSL veth (inside namespace A only).
+pub const IP_A: &str = "10.79.0.1";
+/// Address of side B on the MSL veth (inside namespace B only).
+pub const IP_B: &str = "10.79.0.2";
+/// Interface name of the MSL veth end in namespace A.
+pub const IF_A: &str = "msla";
+/// Interface name of the MSL veth end in namespace B.
+pub const IF_B: &str = "mslb";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Two namespaces `<prefix><pid>-<n>-a` / `-b` joined by a veth pair
+/// (`msla` <-> `mslb`, one queue each way, given MTU, addresses
+/// `IP_A`/`IP_B` /24). Deleted on drop.
+#[derive(Debug)]
+pub struct VethPair {
+    pub ns_a: String,
+    pub ns_b: String,
+    pub if_a: &'static str,
+    pub if_b: &'static str,
+    pub mtu: usize,
+    slots: [usize; 2],
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).output().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "running `ip {}`: {e} (install iproute2: scripts/setup.sh)",
+                args.join(" ")
+            ),
+        )
+    })?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "`ip {}` failed: {} (are you root?)",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn delete_ns(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(std::process::Stdio::null())
+        .status();
+    // If `ip` is missing or failed, remove the bind mount ourselves.
+    sys::netns_remove(&format!("/run/netns/{name}"));
+}
+
+/// Whether `pid` is a live process (a zombie counts as dead).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
+        Err(_) => false,
+    }
+}
+
+/// Delete namespaces with our prefix whose creating process is gone
+/// (left behind by a SIGKILL).
+pub fn sweep_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !process_alive(pid) {
+            delete_ns(&name);
+        }
+    }
+}
+
+impl VethPair {
+    /// Create the topology. Needs root. Any failure removes what was made.
+    pub fn create(mtu: usize) -> io::Result<VethPair> {
+        sys::install_cleanup_handlers();
+        sweep_stale();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let ns_a = format!("{NS_PREFIX}{pid}-{n}-a");
+        let ns_b = format!("{NS_PREFIX}{pid}-{n}-b");
+        let mut pair = VethPair {
+            ns_a: ns_a.clone(),
+            ns_b: ns_b.clone(),
+            if_a: IF_A,
+            if_b: IF_B,
+            mtu,
+            slots: [usize::MAX; 2],
+        };
+        // Register before creating, so a signal during setup cleans up.
+        pair.slots[0] = sys::register_cleanup(&format!("/run/netns/{ns_a}"));
+        pair.slots[1] = sys::register_cleanup(&format!("/run/netns/{ns_b}"));
+        let mtu_s = mtu.to_string();
+        ip(&["netns", "add", &ns_a])?;
+        ip(&["netns", "add", &ns_b])?;
+        ip(&["-n", &ns_a, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns_b, "link", "set", "lo", "up"])?;
+        ip(&[
+            "link",
+            "add",
+            IF_A,
+            "netns",
+            &ns_a,
+            "numtxqueues",
+            "1",
+            "numrxqueues",
+            "1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            IF_B,
+            "netns",
+            &ns_b,
+            "numtxqueues",
+            "1",
+            "numrxqueues",
+            "1",
+        ])?;
+        for (ns, ifn, addr) in [(&ns_a, IF_A, IP_A), (&ns_b, IF_B, IP_B)] {
+            // No IPv6 chatter (router solicitations, DAD) on the MSL.
+            let _ = ip(&[
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{ifn}.disable_ipv6=1"),
+            ]);
+            ip(&["-n", ns, "link", "set", ifn, "mtu", &mtu_s, "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", ifn])?;
+        }
+        Ok(pair)
+    }
+
+    /// Run `f` on a thread that has entered namespace `ns`. Sockets created
+    /// there stay in that namespace wherever they are used later.
+    pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        let path = format!("/run/netns/{ns}");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                sys::setns_net(&path).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("entering netns {ns}: {e} (are you root?)"),
+                    )
+                })?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| io::Error::other(format!("thread in netns {ns} panicked")))?
+        })
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        delete_ns(&self.ns_a);
+        delete_ns(&self.ns_b);
+        sys::unregister_cleanup(self.slots[0]);
+        sys::unregister_cleanup(self.slots[1]);
+    }
+}
+
+/// Whether the process can create namespaces and raw sockets.
+pub fn is_root() -> bool {
+    sys::is_root()
+}
