@@ -26,7 +26,7 @@ impl Bitmap {
         if words.len() as u64 != len.div_ceil(64) {
             return None;
         }
-        if len % 64 != 0 {
+        if !len.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last &= (1u64 << (len % 64)) - 1;
             }

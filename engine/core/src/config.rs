@@ -54,7 +54,13 @@ pub struct Config {
 
 impl Config {
     /// Defaults for a node pair; the host fills geometry and identities.
-    pub fn new(node_id: u16, peer_id: u16, cluster_id: u64, volume_blocks: u64, block_size: u32) -> Self {
+    pub fn new(
+        node_id: u16,
+        peer_id: u16,
+        cluster_id: u64,
+        volume_blocks: u64,
+        block_size: u32,
+    ) -> Self {
         Config {
             node_id,
             peer_id,
@@ -88,34 +94,89 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn range(key: &'static str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
             if v < lo || v > hi {
-                return Err(ConfigError { key, value: v, min: lo, max: hi });
+                return Err(ConfigError {
+                    key,
+                    value: v,
+                    min: lo,
+                    max: hi,
+                });
             }
             Ok(())
         }
         range("node_id", u64::from(self.node_id), 1, u64::from(u16::MAX))?;
         range("peer_id", u64::from(self.peer_id), 1, u64::from(u16::MAX))?;
         if self.peer_id == self.node_id {
-            return Err(ConfigError { key: "peer_id", value: u64::from(self.peer_id), min: 1, max: u64::from(u16::MAX) });
+            return Err(ConfigError {
+                key: "peer_id",
+                value: u64::from(self.peer_id),
+                min: 1,
+                max: u64::from(u16::MAX),
+            });
         }
         range("volume_blocks", self.volume_blocks, 1, 1 << 40)?;
         range("block_size", u64::from(self.block_size), 512, 65536)?;
         if !self.block_size.is_power_of_two() {
-            return Err(ConfigError { key: "block_size", value: u64::from(self.block_size), min: 512, max: 65536 });
+            return Err(ConfigError {
+                key: "block_size",
+                value: u64::from(self.block_size),
+                min: 512,
+                max: 65536,
+            });
         }
-        range("heartbeat_interval_us", self.heartbeat_interval_us, 1_000, 1_000_000)?;
+        range(
+            "heartbeat_interval_us",
+            self.heartbeat_interval_us,
+            1_000,
+            1_000_000,
+        )?;
         range("miss_count", u64::from(self.miss_count), 2, 100)?;
         range("window", self.window as u64, 1, 65536)?;
         range("rto_min_us", self.rto_min_us, 100, 1_000_000)?;
-        range("rto_initial_us", self.rto_initial_us, self.rto_min_us, 10_000_000)?;
-        range("rto_max_us", self.rto_max_us, self.rto_initial_us, 10_000_000)?;
+        range(
+            "rto_initial_us",
+            self.rto_initial_us,
+            self.rto_min_us,
+            10_000_000,
+        )?;
+        range(
+            "rto_max_us",
+            self.rto_max_us,
+            self.rto_initial_us,
+            10_000_000,
+        )?;
         range("al_extents", self.al_extents as u64, 1, 65536)?;
         range("extent_blocks", self.extent_blocks, 1, 1 << 20)?;
-        range("resync_max_in_flight", self.resync_max_in_flight as u64, 1, 65536)?;
-        range("resync_min_in_flight", self.resync_min_in_flight as u64, 1, self.resync_max_in_flight as u64)?;
+        range(
+            "resync_max_in_flight",
+            self.resync_max_in_flight as u64,
+            1,
+            65536,
+        )?;
+        range(
+            "resync_min_in_flight",
+            self.resync_min_in_flight as u64,
+            1,
+            self.resync_max_in_flight as u64,
+        )?;
         range("resync_idle_us", self.resync_idle_us, 0, 10_000_000)?;
-        range("stabilize_interval_us", self.stabilize_interval_us, 1_000, 60_000_000)?;
-        range("switchover_debounce_us", self.switchover_debounce_us, 0, 60_000_000)?;
-        range("max_pending_writes", self.max_pending_writes as u64, 1, 1 << 20)?;
+        range(
+            "stabilize_interval_us",
+            self.stabilize_interval_us,
+            1_000,
+            60_000_000,
+        )?;
+        range(
+            "switchover_debounce_us",
+            self.switchover_debounce_us,
+            0,
+            60_000_000,
+        )?;
+        range(
+            "max_pending_writes",
+            self.max_pending_writes as u64,
+            1,
+            1 << 20,
+        )?;
         Ok(())
     }
 }

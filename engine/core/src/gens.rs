@@ -147,12 +147,20 @@ fn decide_ordered(a: &SideView, b: &SideView) -> Decision {
     match (consistent(a.disk), consistent(b.disk)) {
         (false, false) => return d(NoGoodData, Rule::BothInconsistent),
         (true, false) => {
-            let bitmap_ok = gb.current != 0 && (gb.current == ga.current || gb.current == ga.bitmap);
-            return d(if bitmap_ok { SourceBitmap } else { SourceFull }, Rule::PeerInconsistent);
+            let bitmap_ok =
+                gb.current != 0 && (gb.current == ga.current || gb.current == ga.bitmap);
+            return d(
+                if bitmap_ok { SourceBitmap } else { SourceFull },
+                Rule::PeerInconsistent,
+            );
         }
         (false, true) => {
-            let bitmap_ok = ga.current != 0 && (ga.current == gb.current || ga.current == gb.bitmap);
-            return d(if bitmap_ok { TargetBitmap } else { TargetFull }, Rule::PeerInconsistent);
+            let bitmap_ok =
+                ga.current != 0 && (ga.current == gb.current || ga.current == gb.bitmap);
+            return d(
+                if bitmap_ok { TargetBitmap } else { TargetFull },
+                Rule::PeerInconsistent,
+            );
         }
         (true, true) => {}
     }
@@ -173,7 +181,10 @@ fn decide_ordered(a: &SideView, b: &SideView) -> Decision {
                 },
             },
         };
-        return d(if a_wins { SourceBitmap } else { TargetBitmap }, Rule::EqualGenerations);
+        return d(
+            if a_wins { SourceBitmap } else { TargetBitmap },
+            Rule::EqualGenerations,
+        );
     }
     if ga.bitmap != 0 && ga.bitmap == gb.bitmap {
         return d(SplitBrain, Rule::BothChangedSinceBitmap);
@@ -219,7 +230,7 @@ pub fn push_history(g: &mut Generations, id: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::{any, proptest, prop_assert_eq};
+    use proptest::prelude::{any, prop_assert_eq, proptest};
     use proptest::strategy::Strategy as _;
 
     fn side(node_id: u16, current: u64, bitmap: u64, history: [u64; HISTORY_LEN]) -> SideView {
@@ -227,7 +238,11 @@ mod tests {
             node_id,
             role: Role::Secondary,
             disk: DiskState::UpToDate,
-            gens: Generations { current, bitmap, history },
+            gens: Generations {
+                current,
+                bitmap,
+                history,
+            },
             crashed_primary: false,
         }
     }
@@ -237,8 +252,14 @@ mod tests {
         // S took over: tracking since G1, now G3. P comes back at G1.
         let s = side(2, 3, 1, [1, 0, 0, 0]);
         let p = side(1, 1, 0, [0; 4]);
-        assert_eq!(decide(&s, &p), d(Strategy::SourceBitmap, Rule::PeerAtBitmap));
-        assert_eq!(decide(&p, &s), d(Strategy::TargetBitmap, Rule::PeerAtBitmap));
+        assert_eq!(
+            decide(&s, &p),
+            d(Strategy::SourceBitmap, Rule::PeerAtBitmap)
+        );
+        assert_eq!(
+            decide(&p, &s),
+            d(Strategy::TargetBitmap, Rule::PeerAtBitmap)
+        );
     }
 
     #[test]
@@ -272,13 +293,22 @@ mod tests {
         let mut a = side(1, 5, 0, [0; 4]);
         a.crashed_primary = true;
         let b = side(2, 5, 0, [0; 4]);
-        assert_eq!(decide(&a, &b), d(Strategy::TargetBitmap, Rule::EqualGenerations));
-        assert_eq!(decide(&b, &a), d(Strategy::SourceBitmap, Rule::EqualGenerations));
+        assert_eq!(
+            decide(&a, &b),
+            d(Strategy::TargetBitmap, Rule::EqualGenerations)
+        );
+        assert_eq!(
+            decide(&b, &a),
+            d(Strategy::SourceBitmap, Rule::EqualGenerations)
+        );
     }
 
     #[test]
     fn test_new_generation_starts_tracking_once() {
-        let mut g = Generations { current: 1, ..Generations::default() };
+        let mut g = Generations {
+            current: 1,
+            ..Generations::default()
+        };
         new_generation(&mut g, 2, true);
         new_generation(&mut g, 3, true);
         assert_eq!(g.bitmap, 1);
@@ -287,12 +317,28 @@ mod tests {
     }
 
     fn arb_side(id: u16) -> impl proptest::strategy::Strategy<Value = SideView> {
-        (0u64..6, 0u64..6, proptest::array::uniform4(0u64..6), 0u8..4, any::<bool>(), any::<bool>())
+        (
+            0u64..6,
+            0u64..6,
+            proptest::array::uniform4(0u64..6),
+            0u8..4,
+            any::<bool>(),
+            any::<bool>(),
+        )
             .prop_map(move |(c, b, h, disk, prim, crashed)| SideView {
                 node_id: id,
                 role: if prim { Role::Primary } else { Role::Secondary },
-                disk: match disk { 0 => DiskState::UpToDate, 1 => DiskState::Outdated, 2 => DiskState::Inconsistent, _ => DiskState::Failed },
-                gens: Generations { current: c, bitmap: b, history: h },
+                disk: match disk {
+                    0 => DiskState::UpToDate,
+                    1 => DiskState::Outdated,
+                    2 => DiskState::Inconsistent,
+                    _ => DiskState::Failed,
+                },
+                gens: Generations {
+                    current: c,
+                    bitmap: b,
+                    history: h,
+                },
                 crashed_primary: crashed,
             })
     }

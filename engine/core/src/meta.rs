@@ -42,7 +42,13 @@ impl Meta {
     /// Fresh metadata for a new node. The initial primary's data is
     /// declared authoritative (new generation); the other starts
     /// inconsistent and receives a full sync.
-    pub fn create(cluster_id: u64, node_id: u16, volume_blocks: u64, block_size: u32, initial_generation: Option<u64>) -> Meta {
+    pub fn create(
+        cluster_id: u64,
+        node_id: u16,
+        volume_blocks: u64,
+        block_size: u32,
+        initial_generation: Option<u64>,
+    ) -> Meta {
         Meta {
             cluster_id,
             node_id,
@@ -65,7 +71,9 @@ impl Meta {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(128 + self.dirty.words().len() * 8 + self.al.len() * 8));
+        let mut w = Writer(Vec::with_capacity(
+            128 + self.dirty.words().len() * 8 + self.al.len() * 8,
+        ));
         w.bytes(META_MAGIC);
         w.u32(META_VERSION);
         w.u64(self.cluster_id);
@@ -105,7 +113,18 @@ impl Meta {
         }
         let dirty = r.bitmap(volume_blocks)?;
         r.end()?;
-        Ok(Meta { cluster_id, node_id, volume_blocks, block_size, gens, disk, role, clean, dirty, al })
+        Ok(Meta {
+            cluster_id,
+            node_id,
+            volume_blocks,
+            block_size,
+            gens,
+            disk,
+            role,
+            clean,
+            dirty,
+            al,
+        })
     }
 }
 
@@ -131,7 +150,9 @@ pub struct Image {
 
 impl Image {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(128 + self.dirty.words().len() * 8 + self.frontend.len()));
+        let mut w = Writer(Vec::with_capacity(
+            128 + self.dirty.words().len() * 8 + self.frontend.len(),
+        ));
         w.bytes(IMAGE_MAGIC);
         w.u32(META_VERSION);
         w.u64(self.cluster_id);
@@ -165,7 +186,18 @@ impl Image {
         let frontend = r.take(fe_len)?.to_vec();
         let dirty = r.bitmap(volume_blocks)?;
         r.end()?;
-        Ok(Image { cluster_id, node_id, volume_blocks, block_size, gens, disk, role, dirty, tx_next_seq, frontend })
+        Ok(Image {
+            cluster_id,
+            node_id,
+            volume_blocks,
+            block_size,
+            gens,
+            disk,
+            role,
+            dirty,
+            tx_next_seq,
+            frontend,
+        })
     }
 }
 
@@ -219,11 +251,19 @@ pub enum DecodeError {
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DecodeError::Truncated { need, have } => write!(f, "truncated: need {need} more bytes, have {have}"),
+            DecodeError::Truncated { need, have } => {
+                write!(f, "truncated: need {need} more bytes, have {have}")
+            }
             DecodeError::BadMagic => write!(f, "not msl metadata (bad magic)"),
-            DecodeError::BadVersion(v) => write!(f, "unsupported metadata version {v} (this build reads {META_VERSION})"),
+            DecodeError::BadVersion(v) => write!(
+                f,
+                "unsupported metadata version {v} (this build reads {META_VERSION})"
+            ),
             DecodeError::BadChecksum { computed, stored } => {
-                write!(f, "checksum mismatch: computed {computed:#010x}, stored {stored:#010x}")
+                write!(
+                    f,
+                    "checksum mismatch: computed {computed:#010x}, stored {stored:#010x}"
+                )
             }
             DecodeError::BadField(what) => write!(f, "invalid {what}"),
             DecodeError::TrailingBytes(n) => write!(f, "{n} unexpected trailing bytes"),
@@ -270,7 +310,10 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn checked(bytes: &'a [u8], magic: &[u8; 8]) -> Result<Self, DecodeError> {
         if bytes.len() < 16 {
-            return Err(DecodeError::Truncated { need: 16, have: bytes.len() });
+            return Err(DecodeError::Truncated {
+                need: 16,
+                have: bytes.len(),
+            });
         }
         if &bytes[..8] != magic {
             return Err(DecodeError::BadMagic);
@@ -293,7 +336,10 @@ impl<'a> Reader<'a> {
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
-            return Err(DecodeError::Truncated { need: n, have: self.buf.len() });
+            return Err(DecodeError::Truncated {
+                need: n,
+                have: self.buf.len(),
+            });
         }
         let (a, b) = self.buf.split_at(n);
         self.buf = b;
@@ -330,7 +376,11 @@ impl<'a> Reader<'a> {
         for h in &mut history {
             *h = self.u64()?;
         }
-        Ok(Generations { current, bitmap, history })
+        Ok(Generations {
+            current,
+            bitmap,
+            history,
+        })
     }
     fn bitmap(&mut self, blocks: u64) -> Result<Bitmap, DecodeError> {
         let n = self.u32()? as usize;

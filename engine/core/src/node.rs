@@ -25,10 +25,9 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use msl_wire::{
-    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Header, Heartbeat, Hello, Message, ResyncData,
-    ResyncDone, Role, RoleChange, RolePhase, StateImageChunk, MAX_ADAPTERS,
+    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Header, Heartbeat, Hello,
+    Message, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk, MAX_ADAPTERS,
 };
-
 
 use crate::config::{Config, WriteMode};
 use crate::gens::{self, Decision, Rule, SideView, Strategy};
@@ -92,20 +91,50 @@ pub enum Event<H> {
     /// Nothing but time passing (timers).
     Tick,
     /// Carrier of the MSL adapter.
-    MslLink { up: bool },
+    MslLink {
+        up: bool,
+    },
     /// Link/carrier of a LAN adapter.
-    LanAdapter { adapter: u8, link_up: bool, carrier: bool },
+    LanAdapter {
+        adapter: u8,
+        link_up: bool,
+        carrier: bool,
+    },
     /// A verified frame from the MSL (the host checked CRC, auth, cluster).
-    MslFrame { header: Header, msg: Message, payload: Option<H> },
+    MslFrame {
+        header: Header,
+        msg: Message,
+        payload: Option<H>,
+    },
     /// A verified server-state packet from a LAN adapter.
-    LanFrame { adapter: u8, header: Header, hb: Heartbeat },
+    LanFrame {
+        adapter: u8,
+        header: Header,
+        hb: Heartbeat,
+    },
     /// A client write, trim or write-zeroes of whole blocks.
-    ClientWrite { req: ReqId, block: u64, count: u64, kind: IoKind, fua: bool, payload: Option<H> },
-    ClientFlush { req: ReqId },
+    ClientWrite {
+        req: ReqId,
+        block: u64,
+        count: u64,
+        kind: IoKind,
+        fua: bool,
+        payload: Option<H>,
+    },
+    ClientFlush {
+        req: ReqId,
+    },
     /// A `Write` or `Flush` action finished.
-    IoDone { io: IoId, ok: bool },
+    IoDone {
+        io: IoId,
+        ok: bool,
+    },
     /// A `Read` action finished.
-    ReadDone { io: IoId, ok: bool, payload: Option<H> },
+    ReadDone {
+        io: IoId,
+        ok: bool,
+        payload: Option<H>,
+    },
     /// A `PersistMeta` action failed.
     MetaFailed,
     Admin(AdminCmd),
@@ -135,30 +164,75 @@ pub enum Path {
 /// Administrator notifications (console, log file, notification command).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
-    RoleChanged { role: Role, generation: u64, reason: &'static str },
-    PeerLost { path: Path },
-    PeerFound { path: Path },
+    RoleChanged {
+        role: Role,
+        generation: u64,
+        reason: &'static str,
+    },
+    PeerLost {
+        path: Path,
+    },
+    PeerFound {
+        path: Path,
+    },
     MslLinkDown,
     MslLinkUp,
     /// Peer silent on both paths.
-    PeerDown { peer_was: Role },
+    PeerDown {
+        peer_was: Role,
+    },
     /// Primary keeps serving without its peer and tracks changes.
-    Degraded { reason: &'static str },
+    Degraded {
+        reason: &'static str,
+    },
     /// Secondary took over after the primary failed.
-    Takeover { generation: u64, reason: &'static str },
+    Takeover {
+        generation: u64,
+        reason: &'static str,
+    },
     /// MSL lost but primary alive on the LAN: mirror side shut down.
     MirrorShutDown,
-    CannotTakeOver { reason: &'static str },
-    Connected { strategy: Strategy, rule: Rule },
-    Refused { strategy: Strategy, rule: Rule },
-    ResyncStarted { source: bool, blocks: u64, full: bool },
-    ResyncProgress { source: bool, remaining: u64, total: u64 },
-    ResyncFinished { source: bool, blocks: u64 },
-    SwitchoverStarted { reason: &'static str },
-    SwitchoverDone { new_primary: u16 },
-    AdapterHealth { adapter: u8, working: bool },
-    DiskFailed { what: &'static str },
-    Warning { what: &'static str },
+    CannotTakeOver {
+        reason: &'static str,
+    },
+    Connected {
+        strategy: Strategy,
+        rule: Rule,
+    },
+    Refused {
+        strategy: Strategy,
+        rule: Rule,
+    },
+    ResyncStarted {
+        source: bool,
+        blocks: u64,
+        full: bool,
+    },
+    ResyncProgress {
+        source: bool,
+        remaining: u64,
+        total: u64,
+    },
+    ResyncFinished {
+        source: bool,
+        blocks: u64,
+    },
+    SwitchoverStarted {
+        reason: &'static str,
+    },
+    SwitchoverDone {
+        new_primary: u16,
+    },
+    AdapterHealth {
+        adapter: u8,
+        working: bool,
+    },
+    DiskFailed {
+        what: &'static str,
+    },
+    Warning {
+        what: &'static str,
+    },
 }
 
 impl Notice {
@@ -176,7 +250,10 @@ impl Notice {
             Notice::MirrorShutDown => "mirror_shut_down",
             Notice::CannotTakeOver { .. } => "cannot_take_over",
             Notice::Connected { .. } => "connected",
-            Notice::Refused { strategy: Strategy::SplitBrain, .. } => "split_brain_refused",
+            Notice::Refused {
+                strategy: Strategy::SplitBrain,
+                ..
+            } => "split_brain_refused",
             Notice::Refused { .. } => "connection_refused",
             Notice::ResyncStarted { .. } => "resync_started",
             Notice::ResyncProgress { .. } => "resync_progress",
@@ -249,18 +326,43 @@ impl fmt::Display for Notice {
 #[derive(Clone, Debug)]
 pub enum Action<H> {
     /// Send on the MSL. `msg.is_control()` frames go ahead of data.
-    SendMsl { header: Header, msg: Message, payload: Option<H> },
+    SendMsl {
+        header: Header,
+        msg: Message,
+        payload: Option<H>,
+    },
     /// Send a server-state packet on every LAN adapter.
-    SendLan { header: Header, hb: Heartbeat },
-    Write { io: IoId, block: u64, count: u64, kind: IoKind, fua: bool, payload: Option<H> },
-    Read { io: IoId, block: u64, count: u64 },
-    Flush { io: IoId },
+    SendLan {
+        header: Header,
+        hb: Heartbeat,
+    },
+    Write {
+        io: IoId,
+        block: u64,
+        count: u64,
+        kind: IoKind,
+        fua: bool,
+        payload: Option<H>,
+    },
+    Read {
+        io: IoId,
+        block: u64,
+        count: u64,
+    },
+    Flush {
+        io: IoId,
+    },
     /// Write this metadata durably and atomically before the next action.
     PersistMeta(Meta),
-    Reply { req: ReqId, result: Result<(), ClientError> },
+    Reply {
+        req: ReqId,
+        result: Result<(), ClientError>,
+    },
     Notify(Notice),
     /// Hold (add + gratuitous ARP) or release the service address.
-    ServiceAddress { hold: bool },
+    ServiceAddress {
+        hold: bool,
+    },
     /// Restart this node's daemon; it comes back as secondary.
     Restart,
 }
@@ -478,7 +580,8 @@ impl<H: Payload> Node<H> {
         if crashed {
             let al = core::mem::take(&mut meta.al);
             for e in al {
-                meta.dirty.set_range(e * cfg.extent_blocks, cfg.extent_blocks);
+                meta.dirty
+                    .set_range(e * cfg.extent_blocks, cfg.extent_blocks);
             }
         }
         let crashed_primary = crashed && meta.role == Role::Primary;
@@ -513,7 +616,11 @@ impl<H: Payload> Node<H> {
             hb_counter: 0,
             peer_hb_counter: 0,
             peer_hb_counter_lan: 0,
-            adapters: [AdapterHealth { link_up: true, carrier: true, reachable: false }; MAX_ADAPTERS],
+            adapters: [AdapterHealth {
+                link_up: true,
+                carrier: true,
+                reachable: false,
+            }; MAX_ADAPTERS],
             adapter_count: 1,
             adapter_last_rx: [None; MAX_ADAPTERS],
             lan_worse_since: None,
@@ -557,12 +664,17 @@ impl<H: Payload> Node<H> {
 
     /// Whether this node may serve client reads and writes now.
     pub fn serving(&self) -> bool {
-        self.role == Role::Primary && !self.failed && self.meta.disk == DiskState::UpToDate && self.switching.is_none()
+        self.role == Role::Primary
+            && !self.failed
+            && self.meta.disk == DiskState::UpToDate
+            && self.switching.is_none()
     }
 
     /// Connected to the peer, pair in sync.
     pub fn in_sync(&self) -> bool {
-        self.session.as_ref().is_some_and(|s| s.phase == Phase::InSync)
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::InSync)
     }
 
     pub fn set_adapter_count(&mut self, n: u8) {
@@ -653,12 +765,38 @@ impl<H: Payload> Node<H> {
         match ev {
             Event::Tick => {}
             Event::MslLink { up } => self.on_msl_link(up),
-            Event::LanAdapter { adapter, link_up, carrier } => self.on_lan_adapter(adapter, link_up, carrier),
-            Event::MslFrame { header, msg, payload } => self.on_msl_frame(header, msg, payload),
-            Event::LanFrame { adapter, header, hb } => self.on_lan_frame(adapter, header, hb),
-            Event::ClientWrite { req, block, count, kind, fua, payload } => {
+            Event::LanAdapter {
+                adapter,
+                link_up,
+                carrier,
+            } => self.on_lan_adapter(adapter, link_up, carrier),
+            Event::MslFrame {
+                header,
+                msg,
+                payload,
+            } => self.on_msl_frame(header, msg, payload),
+            Event::LanFrame {
+                adapter,
+                header,
+                hb,
+            } => self.on_lan_frame(adapter, header, hb),
+            Event::ClientWrite {
+                req,
+                block,
+                count,
+                kind,
+                fua,
+                payload,
+            } => {
                 self.counters.client_writes += 1;
-                self.on_client_write(QueuedWrite { req, block, count, kind, fua, payload });
+                self.on_client_write(QueuedWrite {
+                    req,
+                    block,
+                    count,
+                    kind,
+                    fua,
+                    payload,
+                });
             }
             Event::ClientFlush { req } => self.on_client_flush(req),
             Event::IoDone { io, ok } => self.on_io_done(io, ok),
@@ -717,7 +855,11 @@ impl<H: Payload> Node<H> {
         }
         Hello {
             role: self.role,
-            disk: if self.failed { DiskState::Failed } else { self.meta.disk },
+            disk: if self.failed {
+                DiskState::Failed
+            } else {
+                self.meta.disk
+            },
             volume_bytes: self.cfg.volume_blocks * u64::from(self.cfg.block_size),
             block_size: self.cfg.block_size,
             gens: self.meta.gens,
@@ -733,7 +875,11 @@ impl<H: Payload> Node<H> {
         self.hb_counter = self.now.max(self.hb_counter + 1);
         Heartbeat {
             role: self.role,
-            disk: if self.failed { DiskState::Failed } else { self.meta.disk },
+            disk: if self.failed {
+                DiskState::Failed
+            } else {
+                self.meta.disk
+            },
             msl_up: self.msl_alive,
             in_sync: self.in_sync(),
             adapters: self.adapters,
@@ -787,7 +933,10 @@ impl<H: Payload> Node<H> {
         self.adapters[i].carrier = carrier;
         let after = self.adapters[i].working();
         if before != after {
-            self.notify(Notice::AdapterHealth { adapter, working: after });
+            self.notify(Notice::AdapterHealth {
+                adapter,
+                working: after,
+            });
         }
     }
 
@@ -815,7 +964,11 @@ impl<H: Payload> Node<H> {
             if self.msl_carrier {
                 let ack = self.session.as_ref().map_or(0, |s| s.rx.cumulative());
                 let h = self.header(0, ack);
-                self.emit(Action::SendMsl { header: h, msg: Message::Heartbeat(hb), payload: None });
+                self.emit(Action::SendMsl {
+                    header: h,
+                    msg: Message::Heartbeat(hb),
+                    payload: None,
+                });
             }
             // Acks are unreliable: refresh ours every heartbeat so a lost
             // final ack (the one carrying `stable` for a FLUSH) cannot leave
@@ -824,13 +977,21 @@ impl<H: Payload> Node<H> {
                 s.ack_pending = true;
             }
         }
-        if self.session.is_none() && !self.admin_disconnected && self.msl_carrier && now >= self.next_hello_us {
+        if self.session.is_none()
+            && !self.admin_disconnected
+            && self.msl_carrier
+            && now >= self.next_hello_us
+        {
             self.next_hello_us = now + self.cfg.heartbeat_interval_us;
             self.last_hello_us = now;
             let ack = self.peer_hello_seen.unwrap_or(0);
             let h = self.header(0, ack);
             let hello = self.my_hello();
-            self.emit(Action::SendMsl { header: h, msg: Message::Hello(hello), payload: None });
+            self.emit(Action::SendMsl {
+                header: h,
+                msg: Message::Hello(hello),
+                payload: None,
+            });
         }
         self.check_switchover();
         self.stabilize_if_due();
@@ -866,7 +1027,9 @@ impl<H: Payload> Node<H> {
         }
         if !self.msl_alive && !self.lan_alive {
             // Primary silent on both paths: it is dead.
-            self.notify(Notice::PeerDown { peer_was: Role::Primary });
+            self.notify(Notice::PeerDown {
+                peer_was: Role::Primary,
+            });
             self.try_takeover("primary silent on both MSL and LAN");
         } else if !self.msl_alive && self.lan_alive && msl_just_lost {
             // Either the MSL broke or the primary just died and its LAN
@@ -912,7 +1075,11 @@ impl<H: Payload> Node<H> {
         self.renew_session();
         self.persist();
         self.emit(Action::ServiceAddress { hold: true });
-        self.notify(Notice::RoleChanged { role: Role::Primary, generation: id, reason });
+        self.notify(Notice::RoleChanged {
+            role: Role::Primary,
+            generation: id,
+            reason,
+        });
     }
 
     fn become_secondary(&mut self, reason: &'static str) {
@@ -922,10 +1089,17 @@ impl<H: Payload> Node<H> {
         self.role = Role::Secondary;
         self.emit(Action::ServiceAddress { hold: false });
         self.persist();
-        self.notify(Notice::RoleChanged { role: Role::Secondary, generation: self.meta.gens.current, reason });
+        self.notify(Notice::RoleChanged {
+            role: Role::Secondary,
+            generation: self.meta.gens.current,
+            reason,
+        });
         for q in core::mem::take(&mut self.waiting) {
             self.counters.client_writes_refused += 1;
-            self.emit(Action::Reply { req: q.req, result: Err(ClientError::NotPrimary) });
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::NotPrimary),
+            });
         }
     }
 
@@ -937,7 +1111,8 @@ impl<H: Payload> Node<H> {
         let al_full = self.al.len() >= self.cfg.al_extents;
         let due = self.now >= self.last_stabilize_us + self.cfg.stabilize_interval_us;
         let blocked = !self.waiting.is_empty();
-        if unstable && (due || (al_full && blocked)) && self.flushes.values().all(|&(_, r)| r != 0) {
+        if unstable && (due || (al_full && blocked)) && self.flushes.values().all(|&(_, r)| r != 0)
+        {
             self.last_stabilize_us = self.now;
             self.internal_flush();
         }
@@ -950,7 +1125,12 @@ impl<H: Payload> Node<H> {
         self.flushes.insert(io, (mark, 0));
         self.emit(Action::Flush { io });
         if self.mirroring() {
-            let d = Data { write_id: 0, offset: 0, len: 0, flags: data_flags::FLUSH };
+            let d = Data {
+                write_id: 0,
+                offset: 0,
+                len: 0,
+                flags: data_flags::FLUSH,
+            };
             self.send_reliable(Message::Data(d), None);
         }
     }
@@ -990,7 +1170,10 @@ impl<H: Payload> Node<H> {
         self.notify(Notice::SwitchoverStarted { reason });
         for q in core::mem::take(&mut self.waiting) {
             self.counters.client_writes_refused += 1;
-            self.emit(Action::Reply { req: q.req, result: Err(ClientError::NotPrimary) });
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::NotPrimary),
+            });
         }
         self.try_handover();
     }
@@ -1013,8 +1196,18 @@ impl<H: Payload> Node<H> {
         self.emit(Action::ServiceAddress { hold: false });
         gens::new_generation(&mut self.meta.gens, id, false);
         self.persist();
-        self.notify(Notice::RoleChanged { role: Role::Secondary, generation: id, reason: "planned switchover" });
-        let seq = self.send_reliable(Message::RoleChange(RoleChange { phase: RolePhase::Handover, generation: id }), None);
+        self.notify(Notice::RoleChanged {
+            role: Role::Secondary,
+            generation: id,
+            reason: "planned switchover",
+        });
+        let seq = self.send_reliable(
+            Message::RoleChange(RoleChange {
+                phase: RolePhase::Handover,
+                generation: id,
+            }),
+            None,
+        );
         if let Some(s) = self.session.as_mut() {
             s.handover_seq = seq;
         }
@@ -1041,7 +1234,11 @@ impl<H: Payload> Node<H> {
             self.notify(Notice::PeerFound { path: Path::Lan });
         }
         self.observe_peer(hb);
-        if self.msl_lost_pending && !self.msl_alive && hb.role == Role::Primary && self.role == Role::Secondary {
+        if self.msl_lost_pending
+            && !self.msl_alive
+            && hb.role == Role::Primary
+            && self.role == Role::Secondary
+        {
             self.msl_lost_pending = false;
             self.shut_mirror_side();
         }
@@ -1058,7 +1255,10 @@ impl<H: Payload> Node<H> {
         }
         // A primary that reports its disk failed is as good as dead.
         if hb.disk == DiskState::Failed {
-            if self.role == Role::Secondary && peer_was_primary && (self.was_in_sync || self.in_sync()) {
+            if self.role == Role::Secondary
+                && peer_was_primary
+                && (self.was_in_sync || self.in_sync())
+            {
                 self.peer_role = Some(Role::Secondary);
                 self.end_session("peer disk failed");
                 self.try_takeover("primary reported a disk failure");
@@ -1097,9 +1297,13 @@ impl<H: Payload> Node<H> {
         if self.admin_disconnected || self.failed {
             return;
         }
-        if h.volume_bytes != self.cfg.volume_blocks * u64::from(self.cfg.block_size) || h.block_size != self.cfg.block_size {
+        if h.volume_bytes != self.cfg.volume_blocks * u64::from(self.cfg.block_size)
+            || h.block_size != self.cfg.block_size
+        {
             self.counters.frames_unexpected += 1;
-            self.notify(Notice::Warning { what: "peer volume geometry differs: not connecting" });
+            self.notify(Notice::Warning {
+                what: "peer volume geometry differs: not connecting",
+            });
             return;
         }
         self.peer_role = Some(h.role);
@@ -1112,7 +1316,11 @@ impl<H: Payload> Node<H> {
                     // cannot loop.
                     let hello = s.my_hello;
                     let hdr = self.header(0, h.session);
-                    self.emit(Action::SendMsl { header: hdr, msg: Message::Hello(hello), payload: None });
+                    self.emit(Action::SendMsl {
+                        header: hdr,
+                        msg: Message::Hello(hello),
+                        payload: None,
+                    });
                 }
                 return;
             }
@@ -1125,7 +1333,9 @@ impl<H: Payload> Node<H> {
         } else {
             // Answer soon so the peer can establish (at most one immediate
             // answer per millisecond, so duplicates cannot snowball).
-            self.next_hello_us = self.next_hello_us.min(self.now.max(self.last_hello_us + 1_000));
+            self.next_hello_us = self
+                .next_hello_us
+                .min(self.now.max(self.last_hello_us + 1_000));
         }
     }
 
@@ -1149,7 +1359,10 @@ impl<H: Payload> Node<H> {
             || (decision.strategy.is_source() && peer.role == Role::Primary)
         {
             // A primary would lose its writes: both wrote independently.
-            decision = Decision { strategy: Strategy::SplitBrain, rule: decision.rule };
+            decision = Decision {
+                strategy: Strategy::SplitBrain,
+                rule: decision.rule,
+            };
         }
         // Sequence spaces: ours from our session id, theirs from theirs.
         let txcfg = TxConfig {
@@ -1193,14 +1406,21 @@ impl<H: Payload> Node<H> {
         };
         // Tell the peer we established (it may still wait for our ack).
         let ack_hdr = self.header(0, peer.session);
-        self.emit(Action::SendMsl { header: ack_hdr, msg: Message::Hello(my_hello), payload: None });
+        self.emit(Action::SendMsl {
+            header: ack_hdr,
+            msg: Message::Hello(my_hello),
+            payload: None,
+        });
         if decision.strategy.is_refusal() {
             s.phase = Phase::Refused;
             if decision.strategy == Strategy::SplitBrain {
                 self.counters.split_brains += 1;
             }
             self.session = Some(s);
-            self.notify(Notice::Refused { strategy: decision.strategy, rule: decision.rule });
+            self.notify(Notice::Refused {
+                strategy: decision.strategy,
+                rule: decision.rule,
+            });
             if decision.strategy == Strategy::SplitBrain
                 && self.role == Role::Primary
                 && peer.role == Role::Primary
@@ -1215,7 +1435,10 @@ impl<H: Payload> Node<H> {
         }
         self.session = Some(s);
         self.session_start_wid = self.next_wid - 1;
-        self.notify(Notice::Connected { strategy: decision.strategy, rule: decision.rule });
+        self.notify(Notice::Connected {
+            strategy: decision.strategy,
+            rule: decision.rule,
+        });
         // Cold start of the pair: the source with good data serves.
         if decision.strategy.is_source()
             && self.role == Role::Secondary
@@ -1248,7 +1471,11 @@ impl<H: Payload> Node<H> {
         let bytes = img.encode();
         let crc = crc32c::crc32c(&bytes);
         for (i, chunk) in bytes.chunks(IMAGE_CHUNK).enumerate() {
-            let c = StateImageChunk { total_len: bytes.len() as u32, offset: (i * IMAGE_CHUNK) as u32, image_crc: crc };
+            let c = StateImageChunk {
+                total_len: bytes.len() as u32,
+                offset: (i * IMAGE_CHUNK) as u32,
+                image_crc: crc,
+            };
             self.send_reliable(Message::StateImage(c), Some(H::from_bytes(chunk)));
         }
     }
@@ -1271,7 +1498,9 @@ impl<H: Payload> Node<H> {
         // In-flight resync reads are abandoned (their blocks stay dirty).
         if self.role == Role::Primary && !self.failed {
             for slot in &self.al {
-                self.meta.dirty.set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
+                self.meta
+                    .dirty
+                    .set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
             }
             for p in self.pending.values() {
                 self.meta.dirty.set_range(p.block, p.count);
@@ -1281,7 +1510,11 @@ impl<H: Payload> Node<H> {
             self.renew_session();
             self.persist();
             self.notify(Notice::Degraded {
-                reason: if self.lan_alive { "MSL lost; secondary alive on the LAN" } else { "secondary is down" },
+                reason: if self.lan_alive {
+                    "MSL lost; secondary alive on the LAN"
+                } else {
+                    "secondary is down"
+                },
             });
             // Writes waiting only for the peer are released now.
             for p in self.pending.values_mut() {
@@ -1292,7 +1525,9 @@ impl<H: Payload> Node<H> {
             }
             self.switching = None;
             self.release_writes();
-        } else if s.phase == Phase::Target || (s.phase == Phase::Images && s.decision.strategy.is_target()) {
+        } else if s.phase == Phase::Target
+            || (s.phase == Phase::Images && s.decision.strategy.is_target())
+        {
             // Interrupted resync as target: dirty map persisted as is.
             self.persist();
         }
@@ -1306,7 +1541,11 @@ impl<H: Payload> Node<H> {
     fn send_control(&mut self, msg: Message) {
         let ack = self.session.as_ref().map_or(0, |s| s.rx.cumulative());
         let h = self.header(0, ack);
-        self.emit(Action::SendMsl { header: h, msg, payload: None });
+        self.emit(Action::SendMsl {
+            header: h,
+            msg,
+            payload: None,
+        });
     }
 
     /// Queue a reliable message; returns its sequence number if sent now.
@@ -1318,12 +1557,24 @@ impl<H: Payload> Node<H> {
             s.backlog.push_back(OutMsg { msg, payload });
             return None;
         }
-        let seq = s.tx.push(now, OutMsg { msg, payload: payload.clone() }).ok()?;
+        let seq =
+            s.tx.push(
+                now,
+                OutMsg {
+                    msg,
+                    payload: payload.clone(),
+                },
+            )
+            .ok()?;
         let ack = s.rx.cumulative();
         s.ack_pending = false;
         let mut h = self.header(seq, ack);
         h.generation = gen;
-        self.emit(Action::SendMsl { header: h, msg, payload });
+        self.emit(Action::SendMsl {
+            header: h,
+            msg,
+            payload,
+        });
         Some(seq)
     }
 
@@ -1371,7 +1622,10 @@ impl<H: Payload> Node<H> {
                     self.was_in_sync = true;
                     self.crashed_primary = false;
                     self.persist();
-                    self.notify(Notice::ResyncFinished { source: true, blocks });
+                    self.notify(Notice::ResyncFinished {
+                        source: true,
+                        blocks,
+                    });
                 }
             }
         }
@@ -1387,7 +1641,9 @@ impl<H: Payload> Node<H> {
         }
         if restart {
             let reason = self.switching.take();
-            self.notify(Notice::SwitchoverDone { new_primary: self.cfg.peer_id });
+            self.notify(Notice::SwitchoverDone {
+                new_primary: self.cfg.peer_id,
+            });
             if reason == Some("the secondary's LAN side works better") {
                 // The failed server restarts itself as secondary.
                 self.emit(Action::Restart);
@@ -1452,7 +1708,11 @@ impl<H: Payload> Node<H> {
             }
             let mut h = self.header(seq, ack);
             h.generation = gen;
-            self.emit(Action::SendMsl { header: h, msg, payload });
+            self.emit(Action::SendMsl {
+                header: h,
+                msg,
+                payload,
+            });
         }
     }
 
@@ -1464,7 +1724,14 @@ impl<H: Payload> Node<H> {
         if s.phase == Phase::Refused {
             return;
         }
-        let outcome = s.rx.on_frame(header.seq, InMsg { generation: header.generation, msg, payload });
+        let outcome = s.rx.on_frame(
+            header.seq,
+            InMsg {
+                generation: header.generation,
+                msg,
+                payload,
+            },
+        );
         s.ack_pending = true;
         if outcome == RxOutcome::OutOfWindow {
             self.counters.frames_unexpected += 1;
@@ -1504,11 +1771,17 @@ impl<H: Payload> Node<H> {
                     s.flush_in_flight = Some((io, seq));
                     self.emit(Action::Flush { io });
                 }
-                Message::Data(Data { offset, len, flags, .. }) | Message::ResyncData(ResyncData { offset, len, flags }) => {
+                Message::Data(Data {
+                    offset, len, flags, ..
+                })
+                | Message::ResyncData(ResyncData { offset, len, flags }) => {
                     let bs = u64::from(self.cfg.block_size);
                     let block = offset / bs;
                     let count = u64::from(len) / bs;
-                    let overlaps = s.applying.values().any(|&(b, c)| block < b + c && b < block + count);
+                    let overlaps = s
+                        .applying
+                        .values()
+                        .any(|&(b, c)| block < b + c && b < block + count);
                     if overlaps || s.flush_in_flight.is_some() || s.flush_wanted {
                         break;
                     }
@@ -1539,7 +1812,14 @@ impl<H: Payload> Node<H> {
                     if kind == IoKind::Write && m.payload.is_none() {
                         self.counters.frames_unexpected += 1;
                     }
-                    self.emit(Action::Write { io, block, count, kind, fua, payload: m.payload });
+                    self.emit(Action::Write {
+                        io,
+                        block,
+                        count,
+                        kind,
+                        fua,
+                        payload: m.payload,
+                    });
                     if fua {
                         // FUA: flush behind it so `stable` covers it.
                         if let Some(s) = self.session.as_mut() {
@@ -1591,7 +1871,10 @@ impl<H: Payload> Node<H> {
                     self.was_in_sync = true;
                     self.crashed_primary = false;
                     self.persist();
-                    self.notify(Notice::ResyncFinished { source: false, blocks: total });
+                    self.notify(Notice::ResyncFinished {
+                        source: false,
+                        blocks: total,
+                    });
                 }
                 Message::RoleChange(rc) => {
                     if !idle {
@@ -1599,7 +1882,10 @@ impl<H: Payload> Node<H> {
                     }
                     s.apply_q.pop_front();
                     s.last_processed = seq;
-                    if rc.phase == RolePhase::Handover && self.role == Role::Secondary && s.phase == Phase::InSync {
+                    if rc.phase == RolePhase::Handover
+                        && self.role == Role::Secondary
+                        && s.phase == Phase::InSync
+                    {
                         let cur = self.meta.gens.current;
                         gens::push_history(&mut self.meta.gens, cur);
                         self.meta.gens.current = rc.generation;
@@ -1659,7 +1945,7 @@ impl<H: Payload> Node<H> {
             // is to be received.
             if self.meta.gens.current != img.gens.current {
                 let cur = self.meta.gens.current;
-                        gens::push_history(&mut self.meta.gens, cur);
+                gens::push_history(&mut self.meta.gens, cur);
                 self.meta.gens.current = img.gens.current;
             }
             self.meta.gens.bitmap = 0;
@@ -1674,7 +1960,11 @@ impl<H: Payload> Node<H> {
             self.meta.disk = DiskState::Inconsistent;
             self.peer_role = Some(img.role);
             self.persist();
-            self.notify(Notice::ResyncStarted { source: false, blocks: total, full: strategy == Strategy::TargetFull });
+            self.notify(Notice::ResyncStarted {
+                source: false,
+                blocks: total,
+                full: strategy == Strategy::TargetFull,
+            });
         } else if strategy.is_source() {
             self.meta.dirty.union(&img.dirty);
             let total = self.meta.dirty.count();
@@ -1682,7 +1972,11 @@ impl<H: Payload> Node<H> {
             s.resync_cursor = 0;
             s.phase = Phase::Source;
             self.persist();
-            self.notify(Notice::ResyncStarted { source: true, blocks: total, full: strategy == Strategy::SourceFull });
+            self.notify(Notice::ResyncStarted {
+                source: true,
+                blocks: total,
+                full: strategy == Strategy::SourceFull,
+            });
         }
     }
 
@@ -1691,29 +1985,55 @@ impl<H: Payload> Node<H> {
 
     fn mirroring(&self) -> bool {
         self.role == Role::Primary
-            && self.session.as_ref().is_some_and(|s| matches!(s.phase, Phase::Images | Phase::Source | Phase::InSync))
-            && self.session.as_ref().is_some_and(|s| s.decision.strategy.is_source())
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| matches!(s.phase, Phase::Images | Phase::Source | Phase::InSync))
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.decision.strategy.is_source())
     }
 
     fn on_client_write(&mut self, q: QueuedWrite<H>) {
         if !self.serving() {
             self.counters.client_writes_refused += 1;
-            let e = if self.failed { ClientError::IoError } else { ClientError::NotPrimary };
-            self.emit(Action::Reply { req: q.req, result: Err(e) });
+            let e = if self.failed {
+                ClientError::IoError
+            } else {
+                ClientError::NotPrimary
+            };
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(e),
+            });
             return;
         }
-        if q.count == 0 || q.block.checked_add(q.count).is_none_or(|end| end > self.cfg.volume_blocks) {
-            self.emit(Action::Reply { req: q.req, result: Err(ClientError::OutOfRange) });
+        if q.count == 0
+            || q.block
+                .checked_add(q.count)
+                .is_none_or(|end| end > self.cfg.volume_blocks)
+        {
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::OutOfRange),
+            });
             return;
         }
         if self.extents(q.block, q.count).count() > self.cfg.al_extents {
             // Could never get its extents hot at once.
-            self.emit(Action::Reply { req: q.req, result: Err(ClientError::OutOfRange) });
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::OutOfRange),
+            });
             return;
         }
         if self.waiting.len() + self.pending.len() >= self.cfg.max_pending_writes {
             self.counters.client_writes_refused += 1;
-            self.emit(Action::Reply { req: q.req, result: Err(ClientError::Busy) });
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::Busy),
+            });
             return;
         }
         self.waiting.push_back(q);
@@ -1728,7 +2048,11 @@ impl<H: Payload> Node<H> {
                 return;
             }
             let (block, count) = (q.block, q.count);
-            if self.pending.values().any(|p| p.count > 0 && block < p.block + p.count && p.block < block + count) {
+            if self
+                .pending
+                .values()
+                .any(|p| p.count > 0 && block < p.block + p.count && p.block < block + count)
+            {
                 return;
             }
             let Some(al_changed) = self.al_reserve(block, count) else {
@@ -1749,13 +2073,18 @@ impl<H: Payload> Node<H> {
     fn al_cold(&self, s: &AlSlot) -> bool {
         s.in_flight == 0
             && s.last_wid <= self.local_stable_wid
-            && (!self.mirroring() || s.last_wid <= self.peer_stable_wid || s.last_wid <= self.session_start_wid)
+            && (!self.mirroring()
+                || s.last_wid <= self.peer_stable_wid
+                || s.last_wid <= self.session_start_wid)
     }
 
     /// Make the extents of a write hot. Returns Some(changed) or None if
     /// there is no cold slot to evict.
     fn al_reserve(&mut self, block: u64, count: u64) -> Option<bool> {
-        let need: Vec<u64> = self.extents(block, count).filter(|e| !self.al.iter().any(|s| s.extent == *e)).collect();
+        let need: Vec<u64> = self
+            .extents(block, count)
+            .filter(|e| !self.al.iter().any(|s| s.extent == *e))
+            .collect();
         if need.is_empty() {
             return Some(false);
         }
@@ -1781,7 +2110,12 @@ impl<H: Payload> Node<H> {
             self.al.swap_remove(i);
         }
         for e in need {
-            self.al.push(AlSlot { extent: e, last_wid: 0, in_flight: 0, lru: 0 });
+            self.al.push(AlSlot {
+                extent: e,
+                last_wid: 0,
+                in_flight: 0,
+                lru: 0,
+            });
         }
         Some(true)
     }
@@ -1827,7 +2161,12 @@ impl<H: Payload> Node<H> {
                 IoKind::Trim => data_flags::TRIM,
                 IoKind::Zeroes => data_flags::ZEROES,
             };
-            let d = Data { write_id: wid, offset: q.block * bs, len: (q.count * bs) as u32, flags };
+            let d = Data {
+                write_id: wid,
+                offset: q.block * bs,
+                len: (q.count * bs) as u32,
+                flags,
+            };
             let sent = self.send_reliable(Message::Data(d), q.payload);
             match sent {
                 Some(s) => {
@@ -1852,14 +2191,30 @@ impl<H: Payload> Node<H> {
         }
         self.pending.insert(
             io,
-            PendingWrite { req: q.req, wid, block: q.block, count: q.count, fua: q.fua, flush: false, local_done: false, seq },
+            PendingWrite {
+                req: q.req,
+                wid,
+                block: q.block,
+                count: q.count,
+                fua: q.fua,
+                flush: false,
+                local_done: false,
+                seq,
+            },
         );
     }
 
     fn on_client_flush(&mut self, req: ReqId) {
         if !self.serving() {
-            let e = if self.failed { ClientError::IoError } else { ClientError::NotPrimary };
-            self.emit(Action::Reply { req, result: Err(e) });
+            let e = if self.failed {
+                ClientError::IoError
+            } else {
+                ClientError::NotPrimary
+            };
+            self.emit(Action::Reply {
+                req,
+                result: Err(e),
+            });
             return;
         }
         let io = self.next_io();
@@ -1871,8 +2226,16 @@ impl<H: Payload> Node<H> {
             // Registered first: if the message goes to the backlog,
             // `flush_backlog` finds the waiter by its io id.
             self.flush_waiters.push_back((req, io, Some(u64::MAX)));
-            let d = Data { write_id: io, offset: 0, len: 0, flags: data_flags::FLUSH };
-            seq = Some(self.send_reliable(Message::Data(d), None).unwrap_or(u64::MAX));
+            let d = Data {
+                write_id: io,
+                offset: 0,
+                len: 0,
+                flags: data_flags::FLUSH,
+            };
+            seq = Some(
+                self.send_reliable(Message::Data(d), None)
+                    .unwrap_or(u64::MAX),
+            );
             if let Some(w) = self.flush_waiters.back_mut() {
                 if w.2 == Some(u64::MAX) {
                     w.2 = seq;
@@ -1897,7 +2260,14 @@ impl<H: Payload> Node<H> {
             let peer_ok = match p.seq {
                 None => true,
                 Some(u64::MAX) => false,
-                Some(seq) => connected && if p.fua || p.flush { peer_stable >= seq } else { peer_applied >= seq },
+                Some(seq) => {
+                    connected
+                        && if p.fua || p.flush {
+                            peer_stable >= seq
+                        } else {
+                            peer_applied >= seq
+                        }
+                }
             };
             if peer_ok {
                 done.push(io);
@@ -1905,7 +2275,10 @@ impl<H: Payload> Node<H> {
         }
         for io in done {
             if let Some(p) = self.pending.remove(&io) {
-                self.emit(Action::Reply { req: p.req, result: Ok(()) });
+                self.emit(Action::Reply {
+                    req: p.req,
+                    result: Ok(()),
+                });
             }
         }
         while let Some(&(req, io, seq)) = self.flush_waiters.front() {
@@ -1920,7 +2293,10 @@ impl<H: Payload> Node<H> {
             }
             self.flush_waiters.pop_front();
             self.local_flush_done.remove(&io);
-            self.emit(Action::Reply { req, result: Ok(()) });
+            self.emit(Action::Reply {
+                req,
+                result: Ok(()),
+            });
         }
         self.start_waiting_writes();
         self.try_handover();
@@ -1975,11 +2351,11 @@ impl<H: Payload> Node<H> {
                         self.persist();
                     }
                     self.run_apply_queue();
-                    return;
                 }
             }
         }
-        // A write from an ended session, or unknown: nothing to release.
+        // Otherwise: a write from an ended session, or unknown: nothing to
+        // release.
     }
 
     fn on_read_done(&mut self, io: IoId, ok: bool, payload: Option<H>) {
@@ -2001,9 +2377,15 @@ impl<H: Payload> Node<H> {
         }
         s.resync_blocks_sent += 1;
         self.counters.resync_blocks_sent += 1;
-        let r = ResyncData { offset: block * bs, len: bs as u32, flags: 0 };
+        let r = ResyncData {
+            offset: block * bs,
+            len: bs as u32,
+            flags: 0,
+        };
         // Not yet numbered if it went to the backlog (u64::MAX until then).
-        let seq = self.send_reliable(Message::ResyncData(r), payload).unwrap_or(u64::MAX);
+        let seq = self
+            .send_reliable(Message::ResyncData(r), payload)
+            .unwrap_or(u64::MAX);
         if let Some(s) = self.session.as_mut() {
             s.resync_sent.push_back((seq, block));
         }
@@ -2040,7 +2422,11 @@ impl<H: Payload> Node<H> {
         for (seq, ack, msg, payload) in out {
             let mut h = self.header(seq, ack);
             h.generation = gen;
-            self.emit(Action::SendMsl { header: h, msg, payload });
+            self.emit(Action::SendMsl {
+                header: h,
+                msg,
+                payload,
+            });
         }
     }
 
@@ -2076,8 +2462,13 @@ impl<H: Payload> Node<H> {
 
     /// Source: read dirty blocks and send them, yielding to client writes.
     fn pump_resync(&mut self) {
-        let idle = self.now >= self.last_write_us + self.cfg.resync_idle_us && self.pending.is_empty();
-        let budget = if idle { self.cfg.resync_max_in_flight } else { self.cfg.resync_min_in_flight };
+        let idle =
+            self.now >= self.last_write_us + self.cfg.resync_idle_us && self.pending.is_empty();
+        let budget = if idle {
+            self.cfg.resync_max_in_flight
+        } else {
+            self.cfg.resync_min_in_flight
+        };
         let window = self.cfg.window;
         loop {
             let Some(s) = self.session.as_mut() else {
@@ -2090,7 +2481,9 @@ impl<H: Payload> Node<H> {
             // Under client load only the floor (`resync_min_in_flight`) runs,
             // so the resync keeps moving but client writes go first.
             let applied_upto = s.peer_applied;
-            let unapplied = s.resync_sent.len() - s.resync_sent.partition_point(|&(seq, _)| seq <= applied_upto);
+            let unapplied = s.resync_sent.len()
+                - s.resync_sent
+                    .partition_point(|&(seq, _)| seq <= applied_upto);
             let outstanding = s.resync_reads.len() + unapplied;
             let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
             if outstanding >= budget
@@ -2104,7 +2497,12 @@ impl<H: Payload> Node<H> {
                 if s.resync_reads.is_empty() && s.resync_sent.is_empty() {
                     if self.meta.dirty.count() == 0 {
                         let blocks = s.resync_blocks_sent;
-                        let seq = self.send_reliable(Message::ResyncDone(ResyncDone { blocks_sent: blocks }), None);
+                        let seq = self.send_reliable(
+                            Message::ResyncDone(ResyncDone {
+                                blocks_sent: blocks,
+                            }),
+                            None,
+                        );
                         if let Some(s) = self.session.as_mut() {
                             s.resync_done_seq = seq.or(Some(u64::MAX));
                         }
@@ -2114,8 +2512,14 @@ impl<H: Payload> Node<H> {
                 }
                 break;
             };
-            let busy = self.pending.values().any(|p| block >= p.block && block < p.block + p.count);
-            if busy || s.resync_sent.iter().any(|&(_, b)| b == block) || s.resync_reads.values().any(|&(b, _)| b == block) {
+            let busy = self
+                .pending
+                .values()
+                .any(|p| block >= p.block && block < p.block + p.count);
+            if busy
+                || s.resync_sent.iter().any(|&(_, b)| b == block)
+                || s.resync_reads.values().any(|&(b, _)| b == block)
+            {
                 s.resync_cursor = block + 1;
                 continue;
             }
@@ -2125,7 +2529,11 @@ impl<H: Payload> Node<H> {
             if let Some(s) = self.session.as_mut() {
                 s.resync_reads.insert(io, (block, false));
             }
-            self.emit(Action::Read { io, block, count: 1 });
+            self.emit(Action::Read {
+                io,
+                block,
+                count: 1,
+            });
         }
         self.resync_progress();
     }
@@ -2136,10 +2544,15 @@ impl<H: Payload> Node<H> {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        if matches!(s.phase, Phase::Source | Phase::Target) && now >= s.last_progress_us + 1_000_000 {
+        if matches!(s.phase, Phase::Source | Phase::Target) && now >= s.last_progress_us + 1_000_000
+        {
             s.last_progress_us = now;
             let (source, total) = (s.phase == Phase::Source, s.resync_total);
-            self.notify(Notice::ResyncProgress { source, remaining, total });
+            self.notify(Notice::ResyncProgress {
+                source,
+                remaining,
+                total,
+            });
         }
     }
 
@@ -2154,13 +2567,22 @@ impl<H: Payload> Node<H> {
         self.failed = true;
         self.notify(Notice::DiskFailed { what });
         for (_, p) in core::mem::take(&mut self.pending) {
-            self.emit(Action::Reply { req: p.req, result: Err(ClientError::IoError) });
+            self.emit(Action::Reply {
+                req: p.req,
+                result: Err(ClientError::IoError),
+            });
         }
         for q in core::mem::take(&mut self.waiting) {
-            self.emit(Action::Reply { req: q.req, result: Err(ClientError::IoError) });
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::IoError),
+            });
         }
         for (req, _, _) in core::mem::take(&mut self.flush_waiters) {
-            self.emit(Action::Reply { req, result: Err(ClientError::IoError) });
+            self.emit(Action::Reply {
+                req,
+                result: Err(ClientError::IoError),
+            });
         }
         if self.role == Role::Primary {
             self.role = Role::Secondary;
@@ -2182,12 +2604,19 @@ impl<H: Payload> Node<H> {
                 if self.role == Role::Primary || self.failed {
                     return;
                 }
-                if self.peer_role == Some(Role::Primary) && (self.msl_alive || self.lan_alive) && !force {
-                    self.notify(Notice::Warning { what: "promote refused: the peer is primary and alive" });
+                if self.peer_role == Some(Role::Primary)
+                    && (self.msl_alive || self.lan_alive)
+                    && !force
+                {
+                    self.notify(Notice::Warning {
+                        what: "promote refused: the peer is primary and alive",
+                    });
                     return;
                 }
                 if self.meta.disk != DiskState::UpToDate && !force {
-                    self.notify(Notice::Warning { what: "promote refused: local data is not up to date (use force)" });
+                    self.notify(Notice::Warning {
+                        what: "promote refused: local data is not up to date (use force)",
+                    });
                     return;
                 }
                 if force {
@@ -2203,7 +2632,9 @@ impl<H: Payload> Node<H> {
                 if self.role == Role::Primary && self.in_sync() && self.switching.is_none() {
                     self.start_switchover("administrator requested a switchover");
                 } else {
-                    self.notify(Notice::Warning { what: "switchover refused: this node is not an in-sync primary" });
+                    self.notify(Notice::Warning {
+                        what: "switchover refused: this node is not an in-sync primary",
+                    });
                 }
             }
             AdminCmd::Disconnect => {
@@ -2216,7 +2647,9 @@ impl<H: Payload> Node<H> {
             }
             AdminCmd::Invalidate => {
                 if self.role == Role::Primary {
-                    self.notify(Notice::Warning { what: "invalidate refused on the primary" });
+                    self.notify(Notice::Warning {
+                        what: "invalidate refused on the primary",
+                    });
                     return;
                 }
                 self.meta.dirty.set_all();

@@ -217,8 +217,8 @@ impl<M> ReliableTx<M> {
             }
         }
         let srtt = self.srtt_us.unwrap_or(rtt);
-        self.rto_us = (srtt + 4 * self.rttvar_us.max(250))
-            .clamp(self.cfg.rto_min_us, self.cfg.rto_max_us);
+        self.rto_us =
+            (srtt + 4 * self.rttvar_us.max(250)).clamp(self.cfg.rto_min_us, self.cfg.rto_max_us);
     }
 
     /// The next message due for retransmission at `now`, if any. Its timer
@@ -406,7 +406,14 @@ mod tests {
         assert_eq!(tx.push(0, 'b'), Ok(2));
         assert_eq!(tx.push(0, 'c'), Err('c'));
         let mut got = Vec::new();
-        assert!(tx.on_ack(10, &Ack { cumulative: 1, ..Ack::default() }, |s, m| got.push((s, m))));
+        assert!(tx.on_ack(
+            10,
+            &Ack {
+                cumulative: 1,
+                ..Ack::default()
+            },
+            |s, m| got.push((s, m))
+        ));
         assert_eq!(got, [(1, 'a')]);
         assert!(tx.has_room());
     }
@@ -415,7 +422,14 @@ mod tests {
     fn test_ack_beyond_sent_ignored() {
         let mut tx = ReliableTx::new(cfg(4), 100);
         tx.push(0, ()).unwrap();
-        assert!(!tx.on_ack(1, &Ack { cumulative: 105, ..Ack::default() }, |_, _| {}));
+        assert!(!tx.on_ack(
+            1,
+            &Ack {
+                cumulative: 105,
+                ..Ack::default()
+            },
+            |_, _| {}
+        ));
         assert_eq!(tx.in_flight(), 1);
     }
 
@@ -437,7 +451,10 @@ mod tests {
         for i in 0..5 {
             tx.push(0, i).unwrap();
         }
-        let mut ack = Ack { cumulative: 1, ..Ack::default() };
+        let mut ack = Ack {
+            cumulative: 1,
+            ..Ack::default()
+        };
         ack.sack[0] = (3, 5);
         ack.sack_len = 1;
         tx.on_ack(10, &ack, |_, _| {});
@@ -453,15 +470,29 @@ mod tests {
         for i in 0..5 {
             tx.push(0, i).unwrap();
         }
-        let mut ack = Ack { cumulative: 0, ..Ack::default() };
+        let mut ack = Ack {
+            cumulative: 0,
+            ..Ack::default()
+        };
         ack.sack[0] = (2, 5);
         ack.sack_len = 1;
         tx.on_ack(100, &ack, |_, _| {});
         assert_eq!(tx.srtt_us(), Some(100));
         // Hole 1 retransmitted; the cumulative ack arrives much later.
         let _ = tx.poll_retransmit(1_000_000);
-        tx.on_ack(2_000_000, &Ack { cumulative: 5, ..Ack::default() }, |_, _| {});
-        assert!(tx.srtt_us().unwrap() < 1_000, "srtt inflated: {:?}", tx.srtt_us());
+        tx.on_ack(
+            2_000_000,
+            &Ack {
+                cumulative: 5,
+                ..Ack::default()
+            },
+            |_, _| {},
+        );
+        assert!(
+            tx.srtt_us().unwrap() < 1_000,
+            "srtt inflated: {:?}",
+            tx.srtt_us()
+        );
     }
 
     #[test]

@@ -12,8 +12,8 @@
 //! twice. Checked at the end, after all faults heal: one primary, one
 //! in-sync secondary, empty dirty maps, byte-identical volumes.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt::Write as _;
 
 use msl_core::meta::Meta;
@@ -28,7 +28,8 @@ pub mod scenario;
 type Buf = Vec<u8>;
 
 fn tags(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
-    b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+    b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
 }
 
 fn buf_of(t: &[u64]) -> Buf {
@@ -57,7 +58,14 @@ pub struct NetFaults {
 
 impl NetFaults {
     pub fn clean() -> Self {
-        NetFaults { loss_ppm: 0, dup_ppm: 0, corrupt_ppm: 0, jitter_us: 0, latency_us: 50, data_frame_us: 2 }
+        NetFaults {
+            loss_ppm: 0,
+            dup_ppm: 0,
+            corrupt_ppm: 0,
+            jitter_us: 0,
+            latency_us: 50,
+            data_frame_us: 2,
+        }
     }
 }
 
@@ -111,9 +119,18 @@ enum Ev {
 
 #[derive(Clone, Debug)]
 enum DiskOp {
-    Write { block: u64, vals: Vec<u64>, fua: bool },
-    Read { block: u64, count: u64 },
-    Flush { upto: u64 },
+    Write {
+        block: u64,
+        vals: Vec<u64>,
+        fua: bool,
+    },
+    Read {
+        block: u64,
+        count: u64,
+    },
+    Flush {
+        upto: u64,
+    },
 }
 
 /// A disk with a volatile write cache.
@@ -129,7 +146,10 @@ pub struct Disk {
 
 impl Disk {
     fn new(blocks: u64) -> Self {
-        Disk { durable: vec![0; blocks as usize], ..Disk::default() }
+        Disk {
+            durable: vec![0; blocks as usize],
+            ..Disk::default()
+        }
     }
 
     /// What a read returns now.
@@ -152,7 +172,12 @@ impl Disk {
     }
 
     fn flush(&mut self, upto: u64) {
-        let keys: Vec<u64> = self.cache.iter().filter(|(_, (o, _))| *o <= upto).map(|(b, _)| *b).collect();
+        let keys: Vec<u64> = self
+            .cache
+            .iter()
+            .filter(|(_, (o, _))| *o <= upto)
+            .map(|(b, _)| *b)
+            .collect();
         for b in keys {
             if let Some((_, v)) = self.cache.remove(&b) {
                 self.durable[b as usize] = v;
@@ -186,8 +211,15 @@ struct SimNode {
 
 #[derive(Clone, Debug)]
 enum OpKind {
-    Write { block: u64, vals: Vec<u64>, fua: bool },
-    Read { block: u64, count: u64 },
+    Write {
+        block: u64,
+        vals: Vec<u64>,
+        fua: bool,
+    },
+    Read {
+        block: u64,
+        count: u64,
+    },
     Flush,
 }
 
@@ -312,7 +344,10 @@ impl Sim {
             acked_since_flush: Vec::new(),
             client_on: false,
             generations: BTreeMap::new(),
-            report: Report { seed: opts.seed, ..Report::default() },
+            report: Report {
+                seed: opts.seed,
+                ..Report::default()
+            },
             trace: VecDeque::new(),
             failure: None,
             last_client_ok: 0,
@@ -390,7 +425,14 @@ impl Sim {
         let ok = n.lan_adapter_ok;
         let msl = !self.msl_cut;
         self.log(format!("n{} starts", i + 1));
-        self.feed(i, Event::LanAdapter { adapter: 0, link_up: ok, carrier: ok });
+        self.feed(
+            i,
+            Event::LanAdapter {
+                adapter: 0,
+                link_up: ok,
+                carrier: ok,
+            },
+        );
         self.feed(i, Event::MslLink { up: msl });
     }
 
@@ -439,9 +481,14 @@ impl Sim {
     fn do_action(&mut self, i: usize, a: Action<Buf>) {
         let peer = 1 - i;
         match a {
-            Action::SendMsl { header, msg, payload } => self.send_msl(i, header, msg, payload),
+            Action::SendMsl {
+                header,
+                msg,
+                payload,
+            } => self.send_msl(i, header, msg, payload),
             Action::SendLan { header, hb } => {
-                if self.lan_cut || !self.nodes[i].lan_adapter_ok || !self.nodes[peer].lan_adapter_ok {
+                if self.lan_cut || !self.nodes[i].lan_adapter_ok || !self.nodes[peer].lan_adapter_ok
+                {
                     return;
                 }
                 let Some(bytes) = self.encode(&header, &Message::Heartbeat(hb), None) else {
@@ -454,15 +501,33 @@ impl Sim {
                 let at = self.now + f.latency_us + self.rng.below(f.jitter_us + 1);
                 let id = self.store_frame(bytes);
                 let e = self.nodes[peer].epoch;
-                self.push(at, Ev::Lan { to: peer, epoch: e, frame: id });
+                self.push(
+                    at,
+                    Ev::Lan {
+                        to: peer,
+                        epoch: e,
+                        frame: id,
+                    },
+                );
             }
-            Action::Write { io, block, count, kind, fua, payload } => {
+            Action::Write {
+                io,
+                block,
+                count,
+                kind,
+                fua,
+                payload,
+            } => {
                 let vals: Vec<u64> = match (kind, &payload) {
                     (IoKind::Write, Some(p)) => tags(p).collect(),
                     _ => vec![0; count as usize],
                 };
                 if vals.len() as u64 != count {
-                    self.fail(format!("n{} write of {count} blocks carries {} values", i + 1, vals.len()));
+                    self.fail(format!(
+                        "n{} write of {count} blocks carries {} values",
+                        i + 1,
+                        vals.len()
+                    ));
                     return;
                 }
                 self.disk_op(i, io, DiskOp::Write { block, vals, fua });
@@ -488,7 +553,11 @@ impl Sim {
             }
             Action::ServiceAddress { hold } => {
                 self.nodes[i].holds_address = hold;
-                self.log(format!("n{} {} the service address", i + 1, if hold { "claims" } else { "releases" }));
+                self.log(format!(
+                    "n{} {} the service address",
+                    i + 1,
+                    if hold { "claims" } else { "releases" }
+                ));
             }
             Action::Restart => {
                 self.log(format!("n{} restarts itself", i + 1));
@@ -497,7 +566,12 @@ impl Sim {
         }
     }
 
-    fn encode(&mut self, header: &Header, msg: &Message, payload: Option<&[u8]>) -> Option<Vec<u8>> {
+    fn encode(
+        &mut self,
+        header: &Header,
+        msg: &Message,
+        payload: Option<&[u8]>,
+    ) -> Option<Vec<u8>> {
         let p = payload.unwrap_or(&[]);
         let mut out = vec![0u8; wire::buffer_len(msg, p.len(), true)];
         match wire::emit(header, msg, p, Some(&self.key), &mut out) {
@@ -540,17 +614,38 @@ impl Sim {
         if dup {
             let id = self.store_frame(bytes.clone());
             let later = at + self.rng.below(f.jitter_us + 100);
-            self.push(later, Ev::Msl { to: peer, epoch: e, frame: id });
+            self.push(
+                later,
+                Ev::Msl {
+                    to: peer,
+                    epoch: e,
+                    frame: id,
+                },
+            );
         }
         let id = self.store_frame(bytes);
-        self.push(at, Ev::Msl { to: peer, epoch: e, frame: id });
+        self.push(
+            at,
+            Ev::Msl {
+                to: peer,
+                epoch: e,
+                frame: id,
+            },
+        );
     }
 
     fn disk_op(&mut self, i: usize, io: u64, op: DiskOp) {
         let lat = self.opts.disk_latency_us / 2 + self.rng.below(self.opts.disk_latency_us + 1);
         self.nodes[i].ios.insert(io, op);
         let e = self.nodes[i].epoch;
-        self.push(self.now + lat, Ev::DiskDone { node: i, epoch: e, io });
+        self.push(
+            self.now + lat,
+            Ev::DiskDone {
+                node: i,
+                epoch: e,
+                io,
+            },
+        );
     }
 
     fn on_disk_done(&mut self, i: usize, io: u64) {
@@ -561,7 +656,11 @@ impl Sim {
         if failed {
             self.log(format!("n{} disk I/O error injected", i + 1));
             let ev = match op {
-                DiskOp::Read { .. } => Event::ReadDone { io, ok: false, payload: None },
+                DiskOp::Read { .. } => Event::ReadDone {
+                    io,
+                    ok: false,
+                    payload: None,
+                },
                 _ => Event::IoDone { io, ok: false },
             };
             self.feed(i, ev);
@@ -577,7 +676,14 @@ impl Sim {
             DiskOp::Read { block, count } => {
                 let view = self.nodes[i].disk.view();
                 let vals = &view[block as usize..(block + count) as usize];
-                self.feed(i, Event::ReadDone { io, ok: true, payload: Some(buf_of(vals)) });
+                self.feed(
+                    i,
+                    Event::ReadDone {
+                        io,
+                        ok: true,
+                        payload: Some(buf_of(vals)),
+                    },
+                );
             }
             DiskOp::Flush { upto } => {
                 self.nodes[i].disk.flush(upto);
@@ -590,20 +696,41 @@ impl Sim {
         let Some(bytes) = self.frames.remove(&frame) else {
             return;
         };
-        let expect = wire::Expect { cluster_id: CLUSTER, key: Some(&self.key) };
+        let expect = wire::Expect {
+            cluster_id: CLUSTER,
+            key: Some(&self.key),
+        };
         let parsed = match wire::parse(&bytes, &expect) {
             Ok(p) => p,
             Err(_) => return, // counted by the host; never reaches the core
         };
         let header = parsed.header;
         let msg = parsed.msg;
-        let payload = if parsed.payload.is_empty() { None } else { Some(parsed.payload.to_vec()) };
+        let payload = if parsed.payload.is_empty() {
+            None
+        } else {
+            Some(parsed.payload.to_vec())
+        };
         if lan {
             if let Message::Heartbeat(hb) = msg {
-                self.feed(to, Event::LanFrame { adapter: 0, header, hb });
+                self.feed(
+                    to,
+                    Event::LanFrame {
+                        adapter: 0,
+                        header,
+                        hb,
+                    },
+                );
             }
         } else {
-            self.feed(to, Event::MslFrame { header, msg, payload });
+            self.feed(
+                to,
+                Event::MslFrame {
+                    header,
+                    msg,
+                    payload,
+                },
+            );
         }
     }
 
@@ -651,7 +778,10 @@ impl Sim {
         if self.msl_cut == cut {
             return;
         }
-        self.log(format!("FAULT MSL link {}", if cut { "down (ip link set down)" } else { "up" }));
+        self.log(format!(
+            "FAULT MSL link {}",
+            if cut { "down (ip link set down)" } else { "up" }
+        ));
         if cut {
             self.report.faults.push("msl cut".into());
         }
@@ -662,7 +792,10 @@ impl Sim {
     }
 
     pub fn set_msl_blackhole(&mut self, on: bool) {
-        self.log(format!("FAULT MSL silently {}", if on { "dropping every frame" } else { "healed" }));
+        self.log(format!(
+            "FAULT MSL silently {}",
+            if on { "dropping every frame" } else { "healed" }
+        ));
         if on {
             self.report.faults.push("msl blackhole".into());
         }
@@ -670,7 +803,10 @@ impl Sim {
     }
 
     pub fn set_lan_cut(&mut self, cut: bool) {
-        self.log(format!("FAULT LAN between the servers {}", if cut { "cut" } else { "healed" }));
+        self.log(format!(
+            "FAULT LAN between the servers {}",
+            if cut { "cut" } else { "healed" }
+        ));
         if cut {
             self.report.faults.push("lan cut".into());
         }
@@ -678,12 +814,23 @@ impl Sim {
     }
 
     pub fn set_lan_adapter(&mut self, i: usize, ok: bool) {
-        self.log(format!("FAULT n{} LAN adapter {}", i + 1, if ok { "repaired" } else { "failed" }));
+        self.log(format!(
+            "FAULT n{} LAN adapter {}",
+            i + 1,
+            if ok { "repaired" } else { "failed" }
+        ));
         if !ok {
             self.report.faults.push(format!("lan adapter n{}", i + 1));
         }
         self.nodes[i].lan_adapter_ok = ok;
-        self.feed(i, Event::LanAdapter { adapter: 0, link_up: ok, carrier: ok });
+        self.feed(
+            i,
+            Event::LanAdapter {
+                adapter: 0,
+                link_up: ok,
+                carrier: ok,
+            },
+        );
     }
 
     pub fn disk_error(&mut self, i: usize) {
@@ -725,7 +872,11 @@ impl Sim {
     }
 
     fn serving_node(&self) -> Option<usize> {
-        (0..2).find(|&i| self.nodes[i].holds_address && self.nodes[i].lan_adapter_ok && self.nodes[i].node.is_some())
+        (0..2).find(|&i| {
+            self.nodes[i].holds_address
+                && self.nodes[i].lan_adapter_ok
+                && self.nodes[i].node.is_some()
+        })
     }
 
     fn client_tick(&mut self) {
@@ -735,7 +886,12 @@ impl Sim {
         let gap = self.opts.client_think_us / 2 + self.rng.below(self.opts.client_think_us + 1);
         self.push(self.now + gap, Ev::ClientTick);
         // Give up on operations that never got an answer.
-        let stale: Vec<u64> = self.ops.iter().filter(|(_, o)| self.now > o.issued + 3 * SEC).map(|(k, _)| *k).collect();
+        let stale: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| self.now > o.issued + 3 * SEC)
+            .map(|(k, _)| *k)
+            .collect();
         for k in stale {
             if let Some(op) = self.ops.remove(&k) {
                 self.op_uncertain(op);
@@ -766,7 +922,11 @@ impl Sim {
                         self.next_tag
                     })
                     .collect();
-                OpKind::Write { block, vals, fua: self.rng.below(10) == 0 }
+                OpKind::Write {
+                    block,
+                    vals,
+                    fua: self.rng.below(10) == 0,
+                }
             }
         };
         match &kind {
@@ -780,10 +940,24 @@ impl Sim {
         }
         let id = self.next_op;
         self.next_op += 1;
-        self.ops.insert(id, Op { kind, issued: self.now, read: None });
+        self.ops.insert(
+            id,
+            Op {
+                kind,
+                issued: self.now,
+                read: None,
+            },
+        );
         let at = self.now + self.opts.lan.latency_us;
         let e = self.nodes[node].epoch;
-        self.push(at, Ev::ClientDeliver { node, epoch: e, op: id });
+        self.push(
+            at,
+            Ev::ClientDeliver {
+                node,
+                epoch: e,
+                op: id,
+            },
+        );
     }
 
     fn client_deliver(&mut self, node: usize, op_id: u64) {
@@ -797,7 +971,17 @@ impl Sim {
             OpKind::Write { block, vals, fua } => {
                 let payload = Some(buf_of(&vals));
                 let count = vals.len() as u64;
-                self.feed(node, Event::ClientWrite { req: op_id, block, count, kind: IoKind::Write, fua, payload });
+                self.feed(
+                    node,
+                    Event::ClientWrite {
+                        req: op_id,
+                        block,
+                        count,
+                        kind: IoKind::Write,
+                        fua,
+                        payload,
+                    },
+                );
             }
             OpKind::Flush => self.feed(node, Event::ClientFlush { req: op_id }),
             OpKind::Read { block, count } => {
@@ -809,7 +993,15 @@ impl Sim {
                         o.read = Some(vals);
                     }
                 }
-                self.reply(node, op_id, if serving { Ok(()) } else { Err(ClientError::NotPrimary) });
+                self.reply(
+                    node,
+                    op_id,
+                    if serving {
+                        Ok(())
+                    } else {
+                        Err(ClientError::NotPrimary)
+                    },
+                );
             }
         }
     }
@@ -838,7 +1030,14 @@ impl Sim {
         }
         let id = self.store_frame(Vec::new());
         let at = self.now + self.opts.lan.latency_us;
-        self.push(at, Ev::ClientReply { op: req, ok: result.is_ok(), frame: id });
+        self.push(
+            at,
+            Ev::ClientReply {
+                op: req,
+                ok: result.is_ok(),
+                frame: id,
+            },
+        );
     }
 
     fn client_reply(&mut self, op_id: u64, ok: bool) {
@@ -932,7 +1131,9 @@ impl Sim {
             self.now = at;
             self.events += 1;
             if self.events > EVENT_BUDGET {
-                self.fail(format!("livelock: more than {EVENT_BUDGET} events by t={at}us"));
+                self.fail(format!(
+                    "livelock: more than {EVENT_BUDGET} events by t={at}us"
+                ));
                 break;
             }
             self.step(ev);
@@ -990,7 +1191,9 @@ impl Sim {
         if (self.msl_cut || self.msl_blackhole) && self.lan_cut {
             self.double_cut_seen = true;
         }
-        let holders: Vec<usize> = (0..2).filter(|&i| self.nodes[i].holds_address && self.nodes[i].node.is_some()).collect();
+        let holders: Vec<usize> = (0..2)
+            .filter(|&i| self.nodes[i].holds_address && self.nodes[i].node.is_some())
+            .collect();
         if holders.len() > 1 && !self.allow_dual_primary() {
             self.fail("both nodes hold the service address".into());
         }
@@ -1000,7 +1203,9 @@ impl Sim {
         // Only a cut of BOTH paths between live nodes can cause this (a
         // double failure). Until the split brain is detected on reconnect
         // both may hold it; then the higher node id steps down.
-        self.double_cut_seen && !(self.has_notice(0, "split_brain_refused") && self.has_notice(1, "split_brain_refused"))
+        self.double_cut_seen
+            && !(self.has_notice(0, "split_brain_refused")
+                && self.has_notice(1, "split_brain_refused"))
     }
 
     pub fn role(&self, i: usize) -> Option<Role> {
@@ -1020,7 +1225,11 @@ impl Sim {
     }
 
     pub fn first_notice_at(&self, i: usize, kind: &str) -> Option<Micros> {
-        self.nodes[i].notices.iter().find(|(_, n)| n.kind() == kind).map(|(t, _)| *t)
+        self.nodes[i]
+            .notices
+            .iter()
+            .find(|(_, n)| n.kind() == kind)
+            .map(|(t, _)| *t)
     }
 
     pub fn holds_address(&self, i: usize) -> bool {
@@ -1083,7 +1292,10 @@ impl Sim {
                     None => format!("n{}: down", i + 1),
                 })
                 .collect();
-            self.fail(format!("pair did not converge after faults healed:\n  {}", st.join("\n  ")));
+            self.fail(format!(
+                "pair did not converge after faults healed:\n  {}",
+                st.join("\n  ")
+            ));
         }
         // Let the secondary finish applying and flushing.
         self.run_for(500 * MS);
@@ -1093,11 +1305,21 @@ impl Sim {
             if a != b {
                 let diff: Vec<String> = (0..a.len())
                     .filter(|&k| a[k] != b[k])
-                    .map(|k| format!("block {k}: n1 {:#x} n2 {:#x} acked {:#x}", a[k], b[k], self.model[k].acked))
+                    .map(|k| {
+                        format!(
+                            "block {k}: n1 {:#x} n2 {:#x} acked {:#x}",
+                            a[k], b[k], self.model[k].acked
+                        )
+                    })
                     .collect();
-                self.fail(format!("volumes differ after convergence: {}", diff.join("; ")));
+                self.fail(format!(
+                    "volumes differ after convergence: {}",
+                    diff.join("; ")
+                ));
             }
-            let p = (0..2).find(|&i| self.role(i) == Some(Role::Primary)).unwrap_or(0);
+            let p = (0..2)
+                .find(|&i| self.role(i) == Some(Role::Primary))
+                .unwrap_or(0);
             let view = self.nodes[p].disk.view();
             for (b, v) in view.into_iter().enumerate() {
                 self.check_value(b, v, "final volume");
@@ -1141,7 +1363,9 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
     let episodes = 1 + r.below(3);
     for _ in 0..episodes {
         sim.run_for(r.below(SEC));
-        let primary = (0..2).find(|&i| sim.role(i) == Some(Role::Primary)).unwrap_or(0);
+        let primary = (0..2)
+            .find(|&i| sim.role(i) == Some(Role::Primary))
+            .unwrap_or(0);
         let secondary = 1 - primary;
         let hold = 100 * MS + r.below(2 * SEC);
         match r.below(9) {

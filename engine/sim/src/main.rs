@@ -11,7 +11,10 @@ use clap::Parser;
 use msl_sim::{run_seed, scenario};
 
 #[derive(Parser)]
-#[command(name = "msl-sim", about = "Deterministic fault simulator for msl's protocol core")]
+#[command(
+    name = "msl-sim",
+    about = "Deterministic fault simulator for msl's protocol core"
+)]
 struct Args {
     /// Replay one seed with a readable trace.
     #[arg(long)]
@@ -58,7 +61,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         println!("{passed} passed, {failed} failed");
-        return if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        return if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     if let Some(seed) = args.seed {
         return match run_seed(seed, true) {
@@ -94,7 +101,11 @@ fn main() -> ExitCode {
         "ran {n} seeds in {:.1} s ({writes} acknowledged writes checked)",
         started.elapsed().as_secs_f64()
     );
-    println!("{} passed, {} failed", n - failed.len() as u64, failed.len());
+    println!(
+        "{} passed, {} failed",
+        n - failed.len() as u64,
+        failed.len()
+    );
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -23,9 +23,17 @@ fn ensure(cond: bool, what: &str, sim: &Sim) -> Result<(), String> {
     } else {
         let mut s = format!("scenario check failed: {what}\n");
         for i in 0..2 {
-            s.push_str(&format!("  n{} roles {:?}; notices:\n", i + 1, sim.roles_seen(i)));
+            s.push_str(&format!(
+                "  n{} roles {:?}; notices:\n",
+                i + 1,
+                sim.roles_seen(i)
+            ));
             for (t, n) in sim.notices(i) {
-                s.push_str(&format!("    {:>8.3}s {}: {n}\n", *t as f64 / 1e6, n.kind()));
+                s.push_str(&format!(
+                    "    {:>8.3}s {}: {n}\n",
+                    *t as f64 / 1e6,
+                    n.kind()
+                ));
             }
         }
         Err(s)
@@ -43,12 +51,16 @@ fn pair(seed: u64) -> Result<Sim, String> {
     o.msl.jitter_us = 300;
     let mut sim = Sim::new(o);
     sim.start_pair()?;
-    ensure(sim.role(0) == Some(Role::Primary), "n1 starts as primary", &sim)?;
+    ensure(
+        sim.role(0) == Some(Role::Primary),
+        "n1 starts as primary",
+        &sim,
+    )?;
     sim.run_for(SEC);
     Ok(sim)
 }
 
-/// 1. The primary fails (kill -9 or power loss): the secondary takes over;
+/// Scenario 1: the primary fails (kill -9 or power loss): the secondary takes over;
 /// the old primary comes back as secondary and is resynced.
 pub fn primary_fails(seed: u64) -> Result<Outcome, String> {
     let mut sim = pair(seed)?;
@@ -56,22 +68,52 @@ pub fn primary_fails(seed: u64) -> Result<Outcome, String> {
     sim.crash(0);
     sim.run_for(2 * SEC);
     ensure(sim.role(1) == Some(Role::Primary), "n2 took over", &sim)?;
-    ensure(sim.has_notice(1, "peer_down") && sim.has_notice(1, "takeover"), "n2 notified peer down + takeover", &sim)?;
+    ensure(
+        sim.has_notice(1, "peer_down") && sim.has_notice(1, "takeover"),
+        "n2 notified peer down + takeover",
+        &sim,
+    )?;
     ensure(sim.holds_address(1), "n2 holds the service address", &sim)?;
     let detect = sim.first_notice_at(1, "peer_down").map(|t| ms(t - t0));
     let takeover = sim.first_notice_at(1, "takeover").map(|t| ms(t - t0));
-    ensure(takeover.is_some_and(|t| t <= 500.0), "takeover within 0.5 s", &sim)?;
+    ensure(
+        takeover.is_some_and(|t| t <= 500.0),
+        "takeover within 0.5 s",
+        &sim,
+    )?;
     sim.restart(0);
-    ensure(sim.run_until_converged(20 * SEC), "pair converges after n1 returns", &sim)?;
-    ensure(sim.role(0) == Some(Role::Secondary), "n1 rejoined as secondary", &sim)?;
-    ensure(sim.has_notice(0, "resync_started") && sim.has_notice(0, "resync_finished"), "n1 was resynced", &sim)?;
-    ensure(sim.roles_seen(1) == [Role::Secondary, Role::Primary], "n2 roles: secondary -> primary", &sim)?;
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges after n1 returns",
+        &sim,
+    )?;
+    ensure(
+        sim.role(0) == Some(Role::Secondary),
+        "n1 rejoined as secondary",
+        &sim,
+    )?;
+    ensure(
+        sim.has_notice(0, "resync_started") && sim.has_notice(0, "resync_finished"),
+        "n1 was resynced",
+        &sim,
+    )?;
+    ensure(
+        sim.roles_seen(1) == [Role::Secondary, Role::Primary],
+        "n2 roles: secondary -> primary",
+        &sim,
+    )?;
     let pause = ms(sim.longest_pause_us);
     sim.final_check()?;
-    Ok(Outcome { name: "primary-fails", detection_ms: detect, takeover_ms: takeover, client_pause_ms: pause, acked_writes: sim.report.acked_writes })
+    Ok(Outcome {
+        name: "primary-fails",
+        detection_ms: detect,
+        takeover_ms: takeover,
+        client_pause_ms: pause,
+        acked_writes: sim.report.acked_writes,
+    })
 }
 
-/// 2. The secondary fails: the primary says so, stays primary, tracks
+/// Scenario 2: the secondary fails: the primary says so, stays primary, tracks
 /// changes, and resyncs the secondary when it returns.
 pub fn secondary_fails(seed: u64) -> Result<Outcome, String> {
     let mut sim = pair(seed)?;
@@ -79,19 +121,45 @@ pub fn secondary_fails(seed: u64) -> Result<Outcome, String> {
     sim.crash(1);
     sim.run_for(2 * SEC);
     ensure(sim.role(0) == Some(Role::Primary), "n1 still primary", &sim)?;
-    ensure(sim.has_notice(0, "degraded"), "n1 notified: degraded, tracking changes", &sim)?;
-    ensure(sim.node(0).is_some_and(|n| n.meta().dirty.count() > 0), "n1 tracks changed blocks", &sim)?;
+    ensure(
+        sim.has_notice(0, "degraded"),
+        "n1 notified: degraded, tracking changes",
+        &sim,
+    )?;
+    ensure(
+        sim.node(0).is_some_and(|n| n.meta().dirty.count() > 0),
+        "n1 tracks changed blocks",
+        &sim,
+    )?;
     let detect = sim.first_notice_at(0, "degraded").map(|t| ms(t - t0));
     sim.restart(1);
-    ensure(sim.run_until_converged(20 * SEC), "pair converges after n2 returns", &sim)?;
-    ensure(sim.has_notice(1, "resync_finished"), "n2 was resynced", &sim)?;
-    ensure(sim.roles_seen(0) == [Role::Secondary, Role::Primary], "n1 stayed primary throughout", &sim)?;
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges after n2 returns",
+        &sim,
+    )?;
+    ensure(
+        sim.has_notice(1, "resync_finished"),
+        "n2 was resynced",
+        &sim,
+    )?;
+    ensure(
+        sim.roles_seen(0) == [Role::Secondary, Role::Primary],
+        "n1 stayed primary throughout",
+        &sim,
+    )?;
     let pause = ms(sim.longest_pause_us);
     sim.final_check()?;
-    Ok(Outcome { name: "secondary-fails", detection_ms: detect, takeover_ms: None, client_pause_ms: pause, acked_writes: sim.report.acked_writes })
+    Ok(Outcome {
+        name: "secondary-fails",
+        detection_ms: detect,
+        takeover_ms: None,
+        client_pause_ms: pause,
+        acked_writes: sim.report.acked_writes,
+    })
 }
 
-/// 3. The MSL fails while both servers live: the secondary hears the primary
+/// Scenario 3: the MSL fails while both servers live: the secondary hears the primary
 /// on the LAN, shuts its mirror side down and does NOT take over.
 pub fn msl_fails(seed: u64) -> Result<Outcome, String> {
     let mut sim = pair(seed)?;
@@ -100,39 +168,96 @@ pub fn msl_fails(seed: u64) -> Result<Outcome, String> {
     // Watch closely: the address must never move, n2 never primary.
     for _ in 0..300 {
         sim.run_for(10 * MS);
-        ensure(sim.role(1) == Some(Role::Secondary) && !sim.holds_address(1), "n2 never takes over", &sim)?;
+        ensure(
+            sim.role(1) == Some(Role::Secondary) && !sim.holds_address(1),
+            "n2 never takes over",
+            &sim,
+        )?;
         ensure(sim.holds_address(0), "service address stays on n1", &sim)?;
     }
-    ensure(sim.has_notice(1, "mirror_shut_down"), "n2 shut its mirror side down", &sim)?;
+    ensure(
+        sim.has_notice(1, "mirror_shut_down"),
+        "n2 shut its mirror side down",
+        &sim,
+    )?;
     ensure(!sim.has_notice(1, "takeover"), "no takeover on n2", &sim)?;
-    ensure(sim.node(1).is_some_and(|n| n.meta().disk == msl_wire::DiskState::Outdated), "n2 data marked outdated", &sim)?;
-    ensure(sim.has_notice(0, "degraded"), "n1 degraded, tracking changes", &sim)?;
-    let detect = sim.first_notice_at(1, "mirror_shut_down").map(|t| ms(t - t0));
+    ensure(
+        sim.node(1)
+            .is_some_and(|n| n.meta().disk == msl_wire::DiskState::Outdated),
+        "n2 data marked outdated",
+        &sim,
+    )?;
+    ensure(
+        sim.has_notice(0, "degraded"),
+        "n1 degraded, tracking changes",
+        &sim,
+    )?;
+    let detect = sim
+        .first_notice_at(1, "mirror_shut_down")
+        .map(|t| ms(t - t0));
     sim.set_msl_cut(false);
-    ensure(sim.run_until_converged(20 * SEC), "pair converges after the MSL is repaired", &sim)?;
-    ensure(sim.roles_seen(1) == [Role::Secondary], "n2 was never primary", &sim)?;
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges after the MSL is repaired",
+        &sim,
+    )?;
+    ensure(
+        sim.roles_seen(1) == [Role::Secondary],
+        "n2 was never primary",
+        &sim,
+    )?;
     let pause = ms(sim.longest_pause_us);
     sim.final_check()?;
-    Ok(Outcome { name: "msl-fails", detection_ms: detect, takeover_ms: None, client_pause_ms: pause, acked_writes: sim.report.acked_writes })
+    Ok(Outcome {
+        name: "msl-fails",
+        detection_ms: detect,
+        takeover_ms: None,
+        client_pause_ms: pause,
+        acked_writes: sim.report.acked_writes,
+    })
 }
 
-/// 4. The primary's LAN adapter fails while in sync: planned switchover to
+/// Scenario 4: the primary's LAN adapter fails while in sync: planned switchover to
 /// the secondary, the failed server restarts itself as secondary.
 pub fn lan_adapter_fails(seed: u64) -> Result<Outcome, String> {
     let mut sim = pair(seed)?;
     let t0 = sim.now();
     sim.set_lan_adapter(0, false);
     sim.run_for(3 * SEC);
-    ensure(sim.role(1) == Some(Role::Primary) && sim.holds_address(1), "n2 took over clients", &sim)?;
-    ensure(sim.has_notice(0, "switchover_started") && sim.has_notice(0, "switchover_done"), "n1 reported the switchover", &sim)?;
-    ensure(!sim.has_notice(1, "takeover"), "a planned switchover, not a failover", &sim)?;
-    ensure(sim.role(0) == Some(Role::Secondary), "n1 restarted as secondary", &sim)?;
-    let takeover = sim.first_notice_at(0, "switchover_done").map(|t| ms(t - t0));
+    ensure(
+        sim.role(1) == Some(Role::Primary) && sim.holds_address(1),
+        "n2 took over clients",
+        &sim,
+    )?;
+    ensure(
+        sim.has_notice(0, "switchover_started") && sim.has_notice(0, "switchover_done"),
+        "n1 reported the switchover",
+        &sim,
+    )?;
+    ensure(
+        !sim.has_notice(1, "takeover"),
+        "a planned switchover, not a failover",
+        &sim,
+    )?;
+    ensure(
+        sim.role(0) == Some(Role::Secondary),
+        "n1 restarted as secondary",
+        &sim,
+    )?;
+    let takeover = sim
+        .first_notice_at(0, "switchover_done")
+        .map(|t| ms(t - t0));
     sim.set_lan_adapter(0, true);
     ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
     let pause = ms(sim.longest_pause_us);
     sim.final_check()?;
-    Ok(Outcome { name: "lan-adapter-fails", detection_ms: None, takeover_ms: takeover, client_pause_ms: pause, acked_writes: sim.report.acked_writes })
+    Ok(Outcome {
+        name: "lan-adapter-fails",
+        detection_ms: None,
+        takeover_ms: takeover,
+        client_pause_ms: pause,
+        acked_writes: sim.report.acked_writes,
+    })
 }
 
 /// Both links cut at once: each side believes the other dead. msl's
@@ -145,23 +270,49 @@ pub fn both_links_cut(seed: u64) -> Result<Outcome, String> {
     sim.set_msl_cut(true);
     sim.set_lan_cut(true);
     sim.run_for(2 * SEC);
-    ensure(sim.role(0) == Some(Role::Primary) && sim.role(1) == Some(Role::Primary), "both sides primary during the partition", &sim)?;
+    ensure(
+        sim.role(0) == Some(Role::Primary) && sim.role(1) == Some(Role::Primary),
+        "both sides primary during the partition",
+        &sim,
+    )?;
     sim.client(false);
     sim.run_for(SEC);
     sim.set_msl_cut(false);
     sim.set_lan_cut(false);
     let healed = sim.now();
     sim.run_for(2 * SEC);
-    ensure(sim.has_notice(0, "split_brain_refused") && sim.has_notice(1, "split_brain_refused"), "split brain refused on both", &sim)?;
-    let merged = (0..2).any(|i| sim.notices(i).iter().any(|(t, n)| *t >= healed && n.kind() == "resync_started"));
+    ensure(
+        sim.has_notice(0, "split_brain_refused") && sim.has_notice(1, "split_brain_refused"),
+        "split brain refused on both",
+        &sim,
+    )?;
+    let merged = (0..2).any(|i| {
+        sim.notices(i)
+            .iter()
+            .any(|(t, n)| *t >= healed && n.kind() == "resync_started")
+    });
     ensure(!merged, "nothing merged", &sim)?;
-    ensure(sim.holds_address(0) && !sim.holds_address(1), "only n1 holds the address after detection", &sim)?;
+    ensure(
+        sim.holds_address(0) && !sim.holds_address(1),
+        "only n1 holds the address after detection",
+        &sim,
+    )?;
     // The administrator keeps n1's data.
     sim.admin(1, AdminCmd::Demote);
     sim.admin(1, AdminCmd::Invalidate);
-    ensure(sim.run_until_converged(20 * SEC), "pair converges after the administrator's decision", &sim)?;
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges after the administrator's decision",
+        &sim,
+    )?;
     ensure(sim.role(0) == Some(Role::Primary), "n1 primary", &sim)?;
-    Ok(Outcome { name: "both-links-cut", detection_ms: None, takeover_ms: None, client_pause_ms: 0.0, acked_writes: sim.report.acked_writes })
+    Ok(Outcome {
+        name: "both-links-cut",
+        detection_ms: None,
+        takeover_ms: None,
+        client_pause_ms: 0.0,
+        acked_writes: sim.report.acked_writes,
+    })
 }
 
 /// The primary crashes while it is resyncing the secondary (a double
@@ -186,13 +337,31 @@ pub fn primary_crash_during_resync(seed: u64) -> Result<Outcome, String> {
     ensure(sim.has_notice(1, "resync_started"), "resync started", &sim)?;
     sim.crash(0);
     sim.run_for(2 * SEC);
-    ensure(sim.role(1) == Some(Role::Secondary) && !sim.holds_address(1), "inconsistent target does not take over", &sim)?;
-    ensure(sim.has_notice(1, "cannot_take_over"), "n2 says why it cannot take over", &sim)?;
+    ensure(
+        sim.role(1) == Some(Role::Secondary) && !sim.holds_address(1),
+        "inconsistent target does not take over",
+        &sim,
+    )?;
+    ensure(
+        sim.has_notice(1, "cannot_take_over"),
+        "n2 says why it cannot take over",
+        &sim,
+    )?;
     sim.restart(0);
-    ensure(sim.run_until_converged(20 * SEC), "pair converges when n1 returns", &sim)?;
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges when n1 returns",
+        &sim,
+    )?;
     ensure(sim.role(0) == Some(Role::Primary), "n1 primary again", &sim)?;
     sim.final_check()?;
-    Ok(Outcome { name: "primary-crash-during-resync", detection_ms: None, takeover_ms: None, client_pause_ms: ms(sim.longest_pause_us), acked_writes: sim.report.acked_writes })
+    Ok(Outcome {
+        name: "primary-crash-during-resync",
+        detection_ms: None,
+        takeover_ms: None,
+        client_pause_ms: ms(sim.longest_pause_us),
+        acked_writes: sim.report.acked_writes,
+    })
 }
 
 /// A saturated MSL (slow link, deep client queue) never causes a false
@@ -208,15 +377,39 @@ pub fn saturated_msl_no_false_takeover(seed: u64) -> Result<Outcome, String> {
     sim.opts.client_qd = 32;
     sim.opts.client_think_us = 100;
     sim.run_for(10 * SEC);
-    ensure(sim.report.acked_writes > 100, &format!("the client kept writing through the saturated link ({} acked)", sim.report.acked_writes), &sim)?;
-    ensure(!sim.has_notice(1, "takeover") && !sim.has_notice(0, "degraded"), "no false failure detection", &sim)?;
-    ensure(sim.roles_seen(1) == [Role::Secondary], "n2 never primary", &sim)?;
+    ensure(
+        sim.report.acked_writes > 100,
+        &format!(
+            "the client kept writing through the saturated link ({} acked)",
+            sim.report.acked_writes
+        ),
+        &sim,
+    )?;
+    ensure(
+        !sim.has_notice(1, "takeover") && !sim.has_notice(0, "degraded"),
+        "no false failure detection",
+        &sim,
+    )?;
+    ensure(
+        sim.roles_seen(1) == [Role::Secondary],
+        "n2 never primary",
+        &sim,
+    )?;
     sim.final_check()?;
-    Ok(Outcome { name: "saturated-msl", detection_ms: None, takeover_ms: None, client_pause_ms: ms(sim.longest_pause_us), acked_writes: sim.report.acked_writes })
+    Ok(Outcome {
+        name: "saturated-msl",
+        detection_ms: None,
+        takeover_ms: None,
+        client_pause_ms: ms(sim.longest_pause_us),
+        acked_writes: sim.report.acked_writes,
+    })
 }
 
+/// A scenario: runs with a seed, returns its figures or what failed.
+pub type ScenarioFn = fn(u64) -> Result<Outcome, String>;
+
 /// Every named scenario.
-pub fn all() -> Vec<(&'static str, fn(u64) -> Result<Outcome, String>)> {
+pub fn all() -> Vec<(&'static str, ScenarioFn)> {
     vec![
         ("primary-fails", primary_fails),
         ("secondary-fails", secondary_fails),
@@ -227,4 +420,3 @@ pub fn all() -> Vec<(&'static str, fn(u64) -> Result<Outcome, String>)> {
         ("saturated-msl", saturated_msl_no_false_takeover),
     ]
 }
-
