@@ -32,8 +32,8 @@ use crossbeam_queue::ArrayQueue;
 use hdrhistogram::Histogram;
 use msl_core::reliable::{ReliableRx, ReliableTx, TxConfig};
 use msl_wire::{
-    emit, emit_eth, parse, parse_eth, Ack, Data, Expect, Header, Key, Message, RxCounters,
-    ETH_HEADER_LEN,
+    emit, emit_eth, parse, parse_eth, Ack, AdapterHealth, Data, DiskState, Expect, Header,
+    Heartbeat, Key, Message, Role, RxCounters, ETH_HEADER_LEN, MAX_ADAPTERS,
 };
 
 use crate::link::{RxLink, TxLink, TxStats, MAX_BATCH};
@@ -114,6 +114,9 @@ pub struct StreamConfig {
     pub drain_timeout: Duration,
     /// Give up when no ack arrives for this long with blocks in flight.
     pub stall_timeout: Duration,
+    /// The sender queues a HEARTBEAT on its control queue this often; the
+    /// TX worker sends control frames before any data.
+    pub heartbeat_interval: Option<Duration>,
     /// MACs: `sender_mac` is side A's, `receiver_mac` side B's.
     pub sender_mac: [u8; 6],
     pub receiver_mac: [u8; 6],
@@ -144,6 +147,7 @@ impl Default for StreamConfig {
             duration: None,
             drain_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(5),
+            heartbeat_interval: Some(Duration::from_millis(100)),
             sender_mac: [0; 6],
             receiver_mac: [0; 6],
             sender_cores: Cores::default(),
@@ -167,6 +171,8 @@ pub struct SenderReport {
     /// Thread CPU time: capture, TX worker, RX worker.
     pub cpu: [Duration; 3],
     pub acks_received: u64,
+    /// Control frames (heartbeats) sent ahead of data.
+    pub control_sent: u64,
     /// Frames refused by the checks (bad CRC, wrong cluster, ...).
     pub rx_malformed: u64,
     pub tx: TxStats,
@@ -193,6 +199,8 @@ pub struct ReceiverReport {
     /// Frames that parsed but were not a well-formed block write.
     pub bad_data: u64,
     pub acks_sent: u64,
+    /// Heartbeats received from the sender (sent on its control queue).
+    pub heartbeats: u64,
     pub kernel_dropped: u64,
     pub tx: TxStats,
     /// Thread CPU time: TX worker, RX worker.
@@ -257,6 +265,31 @@ fn data_header(cfg: &StreamConfig, seq: u64) -> Header {
     }
 }
 
+/// Emit one unsequenced control frame (ACK, HEARTBEAT) into `buf`.
+fn emit_control(
+    cfg: &StreamConfig,
+    sender: u16,
+    dst: [u8; 6],
+    src: [u8; 6],
+    msg: &Message,
+    ack: u64,
+    buf: &mut [u8],
+) -> Option<usize> {
+    emit_eth(dst, src, buf).ok()?;
+    let h = Header {
+        cluster_id: cfg.cluster_id,
+        sender,
+        generation: cfg.generation,
+        seq: 0,
+        ack,
+        flags: 0,
+        frag_index: 0,
+        frag_count: 1,
+    };
+    let n = emit(&h, msg, &[], cfg.key.as_ref(), &mut buf[ETH_HEADER_LEN..]).ok()?;
+    Some(ETH_HEADER_LEN + n)
+}
+
 /// Emit one DATA frame (Ethernet header included) into `buf`.
 pub fn emit_block(
     cfg: &StreamConfig,
@@ -294,6 +327,7 @@ struct SenderState {
     first_send: Option<Instant>,
     last_ack: Instant,
     last_progress: Instant,
+    control_sent: u64,
 }
 
 /// The lock-free queues around the sender's TX worker.
@@ -301,6 +335,8 @@ struct SenderQueues<'a> {
     data: &'a ArrayQueue<Captured>,
     free: &'a ArrayQueue<Slot>,
     acks: &'a ArrayQueue<Ack>,
+    /// Control messages (heartbeats) to send ahead of any data.
+    ctrl: &'a ArrayQueue<Message>,
     /// The capture thread parks when the pool is empty and says so here.
     capture: &'a OnceLock<Thread>,
     capture_waiting: &'a AtomicBool,
@@ -337,11 +373,24 @@ impl SenderState {
                 t.unpark();
             }
         }
-        // Retransmissions first (they hold the window), then new blocks
-        // while the window has room.
+        // Control frames first, then retransmissions (they hold the
+        // window), then new blocks while the window has room.
         let mut due = self.rel.poll_timeout().is_some_and(|t| t <= now);
-        let (rel, sent_blocks) = (&mut self.rel, &mut self.blocks_sent);
+        let (rel, sent_blocks, sent_ctrl) =
+            (&mut self.rel, &mut self.blocks_sent, &mut self.control_sent);
         let sent = self.tx.send_with(MAX_BATCH, &mut |_, buf| {
+            if let Some(msg) = q.ctrl.pop() {
+                *sent_ctrl += 1;
+                return emit_control(
+                    cfg,
+                    cfg.sender_id,
+                    cfg.receiver_mac,
+                    cfg.sender_mac,
+                    &msg,
+                    0,
+                    buf,
+                );
+            }
             if due {
                 if let Some((seq, m)) = rel.poll_retransmit(now) {
                     let len = m.blocks as usize * BLOCK_SIZE;
@@ -396,6 +445,7 @@ pub fn run_sender(
     let acks: ArrayQueue<Ack> = ArrayQueue::new(256);
     let capture_thread: OnceLock<Thread> = OnceLock::new();
     let capture_waiting = AtomicBool::new(false);
+    let ctrl: ArrayQueue<Message> = ArrayQueue::new(16);
     let capture_done = AtomicBool::new(false);
     let tx_done = AtomicBool::new(false);
     let start = Instant::now();
@@ -424,11 +474,13 @@ pub fn run_sender(
         first_send: None,
         last_ack: start,
         last_progress: Instant::now(),
+        control_sent: 0,
     });
     let queues = SenderQueues {
         data: &data,
         free: &free,
         acks: &acks,
+        ctrl: &ctrl,
         capture: &capture_thread,
         capture_waiting: &capture_waiting,
     };
@@ -525,6 +577,7 @@ pub fn run_sender(
                     rtt_us: rtt,
                     cpu: [Duration::ZERO; 3],
                     acks_received: st.acks_received,
+                    control_sent: st.control_sent,
                     rx_malformed: 0,
                     tx: st.tx.stats(),
                     rx_kernel_dropped: 0,
@@ -543,7 +596,26 @@ pub fn run_sender(
                 key: cfg.key.as_ref(),
             };
             let mut malformed = 0u64;
+            let mut next_heartbeat = Instant::now();
+            let mut hb_counter = 0u64;
             while !tx_done.load(Ordering::Acquire) {
+                // Stand-in for the protocol core's heartbeat timer.
+                if let Some(every) = cfg.heartbeat_interval {
+                    if Instant::now() >= next_heartbeat {
+                        next_heartbeat += every;
+                        hb_counter += 1;
+                        let _ = ctrl.force_push(Message::Heartbeat(Heartbeat {
+                            role: Role::Primary,
+                            disk: DiskState::UpToDate,
+                            msl_up: true,
+                            in_sync: true,
+                            adapters: [AdapterHealth::default(); MAX_ADAPTERS],
+                            adapter_count: 0,
+                            counter: hb_counter,
+                        }));
+                        unpark_tx();
+                    }
+                }
                 let mut got_ack = false;
                 let r = rx.recv(MAX_BATCH, Duration::from_millis(1), &mut |frame| {
                     let Ok((_, body)) = parse_eth(frame) else {
@@ -672,27 +744,17 @@ pub fn run_receiver(
     let lock_tx = || txm.lock().unwrap_or_else(|e| e.into_inner());
     let acks_sent = AtomicU64::new(0);
     let send_ack = |t: &mut Box<dyn TxLink>, cfg: &StreamConfig, a: Ack| -> io::Result<()> {
-        let h = Header {
-            cluster_id: cfg.cluster_id,
-            sender: cfg.receiver_id,
-            generation: cfg.generation,
-            seq: 0,
-            ack: a.cumulative,
-            flags: 0,
-            frag_index: 0,
-            frag_count: 1,
-        };
+        let msg = Message::Ack(a);
         t.send_with(1, &mut |_, buf| {
-            emit_eth(cfg.sender_mac, cfg.receiver_mac, buf).ok()?;
-            let n = emit(
-                &h,
-                &Message::Ack(a),
-                &[],
-                cfg.key.as_ref(),
-                &mut buf[ETH_HEADER_LEN..],
+            emit_control(
+                cfg,
+                cfg.receiver_id,
+                cfg.sender_mac,
+                cfg.receiver_mac,
+                &msg,
+                a.cumulative,
+                buf,
             )
-            .ok()?;
-            Some(ETH_HEADER_LEN + n)
         })?;
         acks_sent.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -802,8 +864,13 @@ pub fn run_receiver(
                                 return;
                             }
                         };
-                        let Message::Data(d) = p.msg else {
-                            return;
+                        let d = match p.msg {
+                            Message::Data(d) => d,
+                            Message::Heartbeat(_) if p.header.sender == cfg.sender_id => {
+                                rep.heartbeats += 1;
+                                return;
+                            }
+                            _ => return,
                         };
                         if p.header.sender != cfg.sender_id
                             || p.header.generation != cfg.generation

@@ -298,7 +298,7 @@ impl XskTx {
             n += 1;
         }
         let mut i = 0usize;
-        let mut spins = 0u32;
+        let mut stuck_since: Option<std::time::Instant> = None;
         while i < self.descs.len() {
             let k = {
                 let mut w = self.tx.transmit((self.descs.len() - i) as u32);
@@ -310,10 +310,14 @@ impl XskTx {
             if k == 0 {
                 // TX ring full: let the kernel drain it.
                 self.kick()?;
-                spins += 1;
-                if spins > 1_000_000 {
-                    return Err(io::Error::other("AF_XDP TX ring stuck"));
+                let since = *stuck_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_secs(5) {
+                    return Err(io::Error::other(
+                        "AF_XDP TX ring made no progress for 5 s (is the interface down?)",
+                    ));
                 }
+            } else {
+                stuck_since = None;
             }
         }
         self.kick()?;

@@ -1,0 +1,111 @@
+//! Micro-benchmarks of the data path's per-frame work: encoding and decoding
+//! a 4 KiB DATA frame (CRC32C, with and without the blake3 MAC), and the
+//! lock-free queue between the capture thread and the TX worker.
+//!
+//! `cargo bench -p msl-bench --bench micro`
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use crossbeam_queue::ArrayQueue;
+use msl_wire::{
+    emit, emit_eth, parse, parse_eth, Data, Expect, Header, Key, Message, ETH_HEADER_LEN,
+};
+
+const BLOCK: usize = 4096;
+
+fn header() -> Header {
+    Header {
+        cluster_id: 7,
+        sender: 1,
+        generation: 3,
+        seq: 1 << 32 | 5,
+        ack: 0,
+        flags: 0,
+        frag_index: 0,
+        frag_count: 1,
+    }
+}
+
+fn data_msg() -> Message {
+    Message::Data(Data {
+        write_id: 5,
+        offset: 5 * BLOCK as u64,
+        len: BLOCK as u32,
+        flags: 0,
+    })
+}
+
+fn encode_frame(key: Option<&Key>, block: &[u8], out: &mut [u8]) -> usize {
+    emit_eth([2; 6], [4; 6], out).unwrap();
+    ETH_HEADER_LEN
+        + emit(
+            &header(),
+            &data_msg(),
+            block,
+            key,
+            &mut out[ETH_HEADER_LEN..],
+        )
+        .unwrap()
+}
+
+fn bench_frame(c: &mut Criterion) {
+    let block = vec![0xA5u8; BLOCK];
+    let key = Key([9u8; 32]);
+    let mut g = c.benchmark_group("frame_4k");
+    g.throughput(Throughput::Bytes(BLOCK as u64));
+    for (name, k) in [("crc", None), ("crc+mac", Some(&key))] {
+        let mut buf = vec![0u8; 9014];
+        g.bench_function(format!("encode/{name}"), |b| {
+            b.iter(|| black_box(encode_frame(k, black_box(&block), &mut buf)))
+        });
+        let n = encode_frame(k, &block, &mut buf);
+        let expect = Expect {
+            cluster_id: 7,
+            key: k,
+        };
+        g.bench_function(format!("decode/{name}"), |b| {
+            b.iter(|| {
+                let (_, body) = parse_eth(black_box(&buf[..n])).unwrap();
+                let p = parse(body, &expect).unwrap();
+                black_box(p.payload.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_queue(c: &mut Criterion) {
+    let mut g = c.benchmark_group("queue");
+    // What moves through the capture -> TX queue: a pooled block and its id.
+    let q: ArrayQueue<(Box<[u8; BLOCK]>, u64)> = ArrayQueue::new(1024);
+    let mut spare = Some(Box::new([0u8; BLOCK]));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("array_queue/push_pop", |b| {
+        b.iter(|| {
+            let blk = spare.take().unwrap();
+            q.push((blk, 1)).ok().unwrap();
+            let (blk, id) = q.pop().unwrap();
+            black_box(id);
+            spare = Some(blk);
+        })
+    });
+    g.throughput(Throughput::Elements(64));
+    let q64: ArrayQueue<u64> = ArrayQueue::new(1024);
+    g.bench_function("array_queue/push64_pop64", |b| {
+        b.iter(|| {
+            for i in 0..64u64 {
+                let _ = q64.push(i);
+            }
+            let mut s = 0u64;
+            while let Some(v) = q64.pop() {
+                s += v;
+            }
+            black_box(s)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_frame, bench_queue);
+criterion_main!(benches);
