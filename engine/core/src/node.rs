@@ -106,6 +106,13 @@ pub enum Event<H> {
         msg: Message,
         payload: Option<H>,
     },
+    /// A frame from the peer that verified (CRC, auth, cluster) but whose
+    /// message type this build does not know. Ignored and counted, unless
+    /// the sender marked it must-understand: then the session is refused.
+    MslUnknownType {
+        code: u8,
+        must_understand: bool,
+    },
     /// A verified server-state packet from a LAN adapter.
     LanFrame {
         adapter: u8,
@@ -472,6 +479,8 @@ pub struct Counters {
     pub frames_from_stranger: u64,
     pub frames_wrong_generation: u64,
     pub frames_unexpected: u64,
+    pub frames_unknown_ignored: u64,
+    pub frames_unknown_refused: u64,
     pub client_writes: u64,
     pub client_writes_refused: u64,
     pub takeovers: u64,
@@ -780,6 +789,10 @@ impl<H: Payload> Node<H> {
                 header,
                 hb,
             } => self.on_lan_frame(adapter, header, hb),
+            Event::MslUnknownType {
+                code,
+                must_understand,
+            } => self.on_unknown_type(code, must_understand),
             Event::ClientWrite {
                 req,
                 block,
@@ -1273,6 +1286,21 @@ impl<H: Payload> Node<H> {
 
     // ----------------------------------------------------------------
     // MSL
+
+    fn on_unknown_type(&mut self, code: u8, must_understand: bool) {
+        let _ = code;
+        if !must_understand {
+            self.counters.frames_unknown_ignored += 1;
+            return;
+        }
+        self.counters.frames_unknown_refused += 1;
+        if self.session.is_some() {
+            self.notify(Notice::Warning {
+                what: "peer sent a must-understand message type this version does not know: MSL session refused (upgrade this node)",
+            });
+            self.end_session("unknown must-understand message");
+        }
+    }
 
     fn on_msl_frame(&mut self, header: Header, msg: Message, payload: Option<H>) {
         if header.sender != self.cfg.peer_id || header.cluster_id != self.cfg.cluster_id {
@@ -2671,5 +2699,120 @@ impl<H: Payload> Node<H> {
         }
         self.meta.clean = true;
         self.persist();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec::Vec;
+
+    fn node(id: u16, gen: Option<u64>) -> Node<Vec<u8>> {
+        let cfg = Config::new(id, 3 - id, 7, 64, 4096);
+        Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+    }
+
+    fn drain(n: &mut Node<Vec<u8>>) -> Vec<Action<Vec<u8>>> {
+        core::iter::from_fn(|| n.poll_action()).collect()
+    }
+
+    /// Drive two nodes over a perfect link with instant disks until `until`.
+    fn connect(a: &mut Node<Vec<u8>>, b: &mut Node<Vec<u8>>, until: Micros) {
+        let mut now = 0;
+        while now < until {
+            now += 100;
+            for from_a in [true, false] {
+                let acts = if from_a { drain(a) } else { drain(b) };
+                for act in acts {
+                    let (src, dst) = if from_a {
+                        (&mut *a, &mut *b)
+                    } else {
+                        (&mut *b, &mut *a)
+                    };
+                    match act {
+                        Action::SendMsl {
+                            header,
+                            msg,
+                            payload,
+                        } => dst.handle(
+                            now,
+                            Event::MslFrame {
+                                header,
+                                msg,
+                                payload,
+                            },
+                        ),
+                        Action::SendLan { header, hb } => dst.handle(
+                            now,
+                            Event::LanFrame {
+                                adapter: 0,
+                                header,
+                                hb,
+                            },
+                        ),
+                        Action::Write { io, .. } | Action::Flush { io } => {
+                            src.handle(now, Event::IoDone { io, ok: true })
+                        }
+                        Action::Read { io, count, .. } => {
+                            let payload = Some(alloc::vec![0; count as usize * 8]);
+                            src.handle(
+                                now,
+                                Event::ReadDone {
+                                    io,
+                                    ok: true,
+                                    payload,
+                                },
+                            )
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            a.handle(now, Event::Tick);
+            b.handle(now, Event::Tick);
+        }
+    }
+
+    #[test]
+    fn test_connected_pair_unknown_ignorable_type_counted_only() {
+        let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+        connect(&mut a, &mut b, 200_000);
+        assert!(a.in_sync() && b.in_sync());
+        a.handle(
+            200_000,
+            Event::MslUnknownType {
+                code: 99,
+                must_understand: false,
+            },
+        );
+        assert!(a.in_sync());
+        assert_eq!(a.counters.frames_unknown_ignored, 1);
+    }
+
+    #[test]
+    fn test_connected_pair_unknown_must_understand_refuses_session() {
+        let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+        connect(&mut a, &mut b, 200_000);
+        assert!(a.in_sync());
+        a.handle(
+            200_000,
+            Event::MslUnknownType {
+                code: 99,
+                must_understand: true,
+            },
+        );
+        assert!(!a.in_sync());
+        assert_eq!(a.counters.frames_unknown_refused, 1);
+    }
+
+    #[test]
+    fn test_cold_start_pair_initial_primary_serves_and_syncs() {
+        let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+        connect(&mut a, &mut b, 200_000);
+        assert_eq!(a.role(), Role::Primary);
+        assert!(a.serving());
+        assert_eq!(b.role(), Role::Secondary);
+        assert_eq!(b.meta().disk, DiskState::UpToDate);
+        assert_eq!(a.meta().gens.current, b.meta().gens.current);
     }
 }

@@ -702,6 +702,19 @@ impl Sim {
         };
         let parsed = match wire::parse(&bytes, &expect) {
             Ok(p) => p,
+            Err(wire::ParseError::UnknownType {
+                code,
+                must_understand,
+            }) if !lan => {
+                self.feed(
+                    to,
+                    Event::MslUnknownType {
+                        code,
+                        must_understand,
+                    },
+                );
+                return;
+            }
             Err(_) => return, // counted by the host; never reaches the core
         };
         let header = parsed.header;
