@@ -209,6 +209,17 @@ struct SimNode {
     notices: Vec<(Micros, Notice)>,
 }
 
+impl SimNode {
+    /// The process is gone: in-flight I/O and events for it are void, and
+    /// it holds no address.
+    fn stop(&mut self) {
+        self.node = None;
+        self.epoch += 1;
+        self.ios.clear();
+        self.holds_address = false;
+    }
+}
+
 #[derive(Clone, Debug)]
 enum OpKind {
     Write {
@@ -757,12 +768,8 @@ impl Sim {
         self.log(format!("FAULT n{} crashes (kill -9 / power loss)", i + 1));
         self.report.faults.push(format!("crash n{}", i + 1));
         let mut rng = Rng::new(self.rng.next_u64());
-        let n = &mut self.nodes[i];
-        n.node = None;
-        n.epoch += 1;
-        n.ios.clear();
-        n.holds_address = false;
-        n.disk.crash(&mut rng);
+        self.nodes[i].stop();
+        self.nodes[i].disk.crash(&mut rng);
     }
 
     pub fn restart(&mut self, i: usize) {
@@ -778,12 +785,8 @@ impl Sim {
             node.shutdown();
         }
         self.drain_actions(i);
-        let n = &mut self.nodes[i];
-        n.disk.flush(u64::MAX);
-        n.node = None;
-        n.epoch += 1;
-        n.ios.clear();
-        n.holds_address = false;
+        self.nodes[i].disk.flush(u64::MAX);
+        self.nodes[i].stop();
         self.start_node(i);
     }
 
@@ -861,10 +864,7 @@ impl Sim {
             let n = &mut self.nodes[i];
             n.disk.fail_next = false;
             n.disk.flush(u64::MAX);
-            n.node = None;
-            n.epoch += 1;
-            n.ios.clear();
-            n.holds_address = false;
+            n.stop();
             self.start_node(i);
         }
     }
