@@ -107,5 +107,44 @@ fn bench_queue(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_frame, bench_queue);
+/// Dirty-bitmap work on a 1 GiB volume of 4 KiB blocks (262,144 bits):
+/// marking a 2 MiB write, and scanning for the next dirty block as resync
+/// does (sparse: one bit in 4,096 set).
+fn bench_bitmap(c: &mut Criterion) {
+    use msl_core::bitmap::Bitmap;
+    let blocks = 262_144u64;
+    let mut g = c.benchmark_group("bitmap_1gib");
+    g.throughput(Throughput::Elements(512));
+    g.bench_function("set_range_512_blocks", |b| {
+        let mut bm = Bitmap::new(blocks);
+        let mut at = 0u64;
+        b.iter(|| {
+            bm.set_range(at, 512);
+            at = (at + 512) % blocks;
+            if at == 0 {
+                bm.clear_all();
+            }
+        })
+    });
+    let mut sparse = Bitmap::new(blocks);
+    for i in (0..blocks).step_by(4096) {
+        sparse.set(i);
+    }
+    g.throughput(Throughput::Elements(blocks));
+    g.bench_function("scan_all_sparse", |b| {
+        b.iter(|| {
+            let mut n = 0u64;
+            let mut at = 0;
+            while let Some(i) = sparse.next_set(at) {
+                n += 1;
+                at = i + 1;
+            }
+            assert_eq!(n, 64);
+            n
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_frame, bench_queue, bench_bitmap);
 criterion_main!(benches);

@@ -85,7 +85,24 @@ impl Bitmap {
     /// Set `count` bits from `first`; returns how many were newly set.
     pub fn set_range(&mut self, first: u64, count: u64) -> u64 {
         let end = first.saturating_add(count).min(self.len);
-        (first..end).map(|i| u64::from(self.set(i))).sum()
+        let mut i = first;
+        let mut newly = 0u64;
+        // A word at a time: mask the bits of [i, end) inside word i / 64.
+        while i < end {
+            let bit = i % 64;
+            let n = (64 - bit).min(end - i);
+            let mask = if n == 64 {
+                !0u64
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let w = &mut self.words[(i / 64) as usize];
+            newly += u64::from((mask & !*w).count_ones());
+            *w |= mask;
+            i += n;
+        }
+        self.ones += newly;
+        newly
     }
 
     pub fn set_all(&mut self) {
@@ -144,11 +161,19 @@ mod tests {
 
     proptest! {
         #[test]
-        fn prop_bitmap_matches_set_oracle(len in 1u64..500, ops in proptest::collection::vec((any::<bool>(), 0u64..600), 0..200)) {
+        fn prop_bitmap_matches_set_oracle(len in 1u64..500, ops in proptest::collection::vec((0u8..3, 0u64..600, 0u64..200), 0..200)) {
             let mut b = Bitmap::new(len);
             let mut oracle = alloc::collections::BTreeSet::new();
-            for (set, i) in ops {
-                if set { b.set(i); if i < len { oracle.insert(i); } } else { b.clear(i); oracle.remove(&i); }
+            for (op, i, n) in ops {
+                match op {
+                    0 => { b.set(i); if i < len { oracle.insert(i); } }
+                    1 => { b.clear(i); oracle.remove(&i); }
+                    _ => {
+                        let before = oracle.len() as u64;
+                        for k in i..(i + n).min(len) { oracle.insert(k); }
+                        prop_assert_eq!(b.set_range(i, n), oracle.len() as u64 - before);
+                    }
+                }
             }
             prop_assert_eq!(b.count(), oracle.len() as u64);
             let mut got = alloc::vec::Vec::new();

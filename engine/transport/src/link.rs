@@ -25,6 +25,37 @@ pub trait TxLink: Send {
         emit: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>,
     ) -> io::Result<usize>;
 
+    /// Send frames that are already encoded, in order; returns once all
+    /// were handed to the backend. Backends that can send from the
+    /// caller's memory (AF_PACKET `sendmmsg`) override this to avoid a copy.
+    fn send_frames(&mut self, frames: &[&[u8]]) -> io::Result<()> {
+        let max = self.max_frame_len();
+        if let Some(f) = frames.iter().find(|f| f.len() > max) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("frame of {} bytes exceeds the link's {max}", f.len()),
+            ));
+        }
+        let mut i = 0usize;
+        let mut idle_rounds = 0u32;
+        while i < frames.len() {
+            let n = self.send_with(frames.len() - i, &mut |j, buf| {
+                let f = frames.get(i + j)?;
+                buf[..f.len()].copy_from_slice(f);
+                Some(f.len())
+            })?;
+            if n == 0 {
+                idle_rounds += 1;
+                if idle_rounds > 1_000_000 {
+                    return Err(io::Error::other("link accepts no frames"));
+                }
+                std::thread::yield_now();
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
     /// Called when the worker is idle: push out anything held back
     /// (the fault layer's reordered frames) and reap completions.
     fn flush(&mut self) -> io::Result<()> {
@@ -84,6 +115,9 @@ impl TxLink for Box<dyn TxLink> {
         emit: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>,
     ) -> io::Result<usize> {
         (**self).send_with(max, emit)
+    }
+    fn send_frames(&mut self, frames: &[&[u8]]) -> io::Result<()> {
+        (**self).send_frames(frames)
     }
     fn flush(&mut self) -> io::Result<()> {
         (**self).flush()

@@ -44,11 +44,25 @@ pub const BLOCK_SIZE: usize = 4096;
 /// Most consecutive blocks one DATA frame carries (two 4 KiB blocks fit
 /// a 9000-byte MTU).
 pub const MAX_BLOCKS_PER_FRAME: usize = 2;
-/// A pooled buffer of up to `MAX_BLOCKS_PER_FRAME` consecutive blocks.
+/// A pooled buffer: on the sender, one encoded DATA frame carrying up to
+/// `MAX_BLOCKS_PER_FRAME` consecutive blocks; on the receiver, the payload
+/// of an out-of-order frame.
 pub type Slot = Box<[u8]>;
 
+/// Bytes of the largest DATA frame (Ethernet header, MSL header, body,
+/// `MAX_BLOCKS_PER_FRAME` blocks, CRC, authentication tag).
+pub fn max_data_frame_len() -> usize {
+    let msg = Message::Data(Data {
+        write_id: 0,
+        offset: 0,
+        len: 0,
+        flags: 0,
+    });
+    ETH_HEADER_LEN + msl_wire::buffer_len(&msg, MAX_BLOCKS_PER_FRAME * BLOCK_SIZE, true)
+}
+
 fn new_slot() -> Slot {
-    vec![0u8; MAX_BLOCKS_PER_FRAME * BLOCK_SIZE].into_boxed_slice()
+    vec![0u8; max_data_frame_len()].into_boxed_slice()
 }
 
 /// Word `i` of block `write_id`'s test pattern: unique per block and
@@ -241,16 +255,23 @@ fn peer_gone(e: &io::Error) -> bool {
 }
 
 struct InFlight {
+    /// The encoded frame, kept for retransmission.
     slot: Slot,
-    write_id: u64,
-    /// Blocks in `slot` (the frame's payload is `blocks * BLOCK_SIZE`).
+    frame_len: usize,
+    /// Blocks in the frame.
     blocks: u32,
     sent_us: u64,
 }
 
-/// Queued from capture to the TX worker: a slot, its first write id and
-/// how many blocks it holds.
-type Captured = (Slot, u64, u32);
+/// Queued from capture to the TX worker: an encoded DATA frame.
+struct Captured {
+    slot: Slot,
+    frame_len: usize,
+    blocks: u32,
+    /// The sequence number encoded in the frame; the TX worker hands frames
+    /// to reliable delivery in queue order, so it is the one it assigns.
+    seq: u64,
+}
 
 fn data_header(cfg: &StreamConfig, seq: u64) -> Header {
     Header {
@@ -328,6 +349,8 @@ struct SenderState {
     last_ack: Instant,
     last_progress: Instant,
     control_sent: u64,
+    /// New frames of the current step (capacity `MAX_BATCH`, reused).
+    batch: Vec<Captured>,
 }
 
 /// The lock-free queues around the sender's TX worker.
@@ -374,11 +397,10 @@ impl SenderState {
             }
         }
         // Control frames first, then retransmissions (they hold the
-        // window), then new blocks while the window has room.
+        // window), then new frames while the window has room.
         let mut due = self.rel.poll_timeout().is_some_and(|t| t <= now);
-        let (rel, sent_blocks, sent_ctrl) =
-            (&mut self.rel, &mut self.blocks_sent, &mut self.control_sent);
-        let sent = self.tx.send_with(MAX_BATCH, &mut |_, buf| {
+        let (rel, sent_ctrl) = (&mut self.rel, &mut self.control_sent);
+        let mut sent = self.tx.send_with(MAX_BATCH, &mut |_, buf| {
             if let Some(msg) = q.ctrl.pop() {
                 *sent_ctrl += 1;
                 return emit_control(
@@ -392,32 +414,58 @@ impl SenderState {
                 );
             }
             if due {
-                if let Some((seq, m)) = rel.poll_retransmit(now) {
-                    let len = m.blocks as usize * BLOCK_SIZE;
-                    return emit_block(cfg, seq, m.write_id, &m.slot[..len], buf);
+                if let Some((_, m)) = rel.poll_retransmit(now) {
+                    buf[..m.frame_len].copy_from_slice(&m.slot[..m.frame_len]);
+                    return Some(m.frame_len);
                 }
                 due = false;
             }
-            if !rel.has_room() {
-                return None;
-            }
-            let (slot, write_id, blocks) = q.data.pop()?;
-            let seq = rel.next_seq();
-            let bytes = blocks as usize * BLOCK_SIZE;
-            let len = emit_block(cfg, seq, write_id, &slot[..bytes], buf);
-            let pushed = rel.push(
-                now,
-                InFlight {
-                    slot,
-                    write_id,
-                    blocks,
-                    sent_us: now,
-                },
-            );
-            debug_assert_eq!(pushed.as_ref().ok(), Some(&seq));
-            *sent_blocks += u64::from(blocks);
-            len
+            None
         })?;
+        // New frames, sent from the pool's memory (no copy where the
+        // backend allows it), then kept in the window.
+        let room = self
+            .rel
+            .config()
+            .window
+            .saturating_sub(self.rel.in_flight())
+            .min(MAX_BATCH);
+        self.batch.clear();
+        while self.batch.len() < room {
+            let Some(c) = q.data.pop() else { break };
+            self.batch.push(c);
+        }
+        if !self.batch.is_empty() {
+            let first = self.rel.next_seq();
+            for (i, c) in self.batch.iter().enumerate() {
+                if c.seq != first.wrapping_add(i as u64) {
+                    return Err(io::Error::other(format!(
+                        "capture numbered a frame {} where reliable delivery expects {}",
+                        c.seq,
+                        first.wrapping_add(i as u64)
+                    )));
+                }
+            }
+            let mut refs: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            for (r, c) in refs.iter_mut().zip(&self.batch) {
+                *r = &c.slot[..c.frame_len];
+            }
+            self.tx.send_frames(&refs[..self.batch.len()])?;
+            sent += self.batch.len();
+            for c in self.batch.drain(..) {
+                self.blocks_sent += u64::from(c.blocks);
+                let pushed = self.rel.push(
+                    now,
+                    InFlight {
+                        slot: c.slot,
+                        frame_len: c.frame_len,
+                        blocks: c.blocks,
+                        sent_us: now,
+                    },
+                );
+                debug_assert!(pushed.is_ok(), "window room was checked");
+            }
+        }
         if sent > 0 {
             self.first_send.get_or_insert_with(Instant::now);
             progressed = true;
@@ -475,6 +523,7 @@ pub fn run_sender(
         last_ack: start,
         last_progress: Instant::now(),
         control_sent: 0,
+        batch: Vec::with_capacity(MAX_BATCH),
     });
     let queues = SenderQueues {
         data: &data,
@@ -666,6 +715,8 @@ pub fn run_sender(
             let _ = capture_thread.set(thread::current());
             pin(cfg.sender_cores.capture);
             let mut id = 0u64;
+            let mut next_seq = cfg.seq_base.wrapping_add(1);
+            let mut scratch = vec![0u8; MAX_BLOCKS_PER_FRAME * BLOCK_SIZE];
             let mut spins = 0u32;
             while id < cfg.blocks && !stop.load(Ordering::Relaxed) {
                 if id.is_multiple_of(64) && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -676,15 +727,32 @@ pub fn run_sender(
                 }
                 match free.pop() {
                     Some(mut slot) => {
+                        // Capture: the blocks' data, then the frame that
+                        // carries them, encoded here (copy + CRC off the TX
+                        // worker's core).
                         let n = (per_frame as u64).min(cfg.blocks - id);
+                        let bytes = n as usize * BLOCK_SIZE;
                         for k in 0..n as usize {
-                            let b = &mut slot[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
+                            let b = &mut scratch[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
                             fill_pattern(id + k as u64, b);
                         }
-                        if data.push((slot, id, n as u32)).is_err() {
+                        let Some(frame_len) =
+                            emit_block(cfg, next_seq, id, &scratch[..bytes], &mut slot)
+                        else {
+                            eprintln!("msl-transport: encoding a DATA frame failed");
+                            break;
+                        };
+                        let c = Captured {
+                            slot,
+                            frame_len,
+                            blocks: n as u32,
+                            seq: next_seq,
+                        };
+                        if data.push(c).is_err() {
                             // Cannot happen: the queue holds the whole pool.
                             break;
                         }
+                        next_seq = next_seq.wrapping_add(1);
                         id += n;
                         spins = 0;
                         if id.is_multiple_of(16) || n > 1 {

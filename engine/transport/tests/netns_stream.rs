@@ -168,3 +168,34 @@ fn test_afpacket_ring_overflow_is_retransmitted() {
 fn test_afxdp_ring_overflow_is_retransmitted() {
     stream_over_small_rings(BackendKind::AfXdp);
 }
+
+/// `auto` tries AF_XDP first and falls back to AF_PACKET with the reason
+/// when AF_XDP cannot be set up (here: a UMEM chunk size the kernel
+/// refuses), and the fallback link carries the stream.
+#[test]
+fn test_auto_unusable_afxdp_falls_back_to_afpacket() {
+    require_root();
+    let veth = VethPair::create(9000).expect("creating the veth pair");
+    let mut opts = OpenOptions::default();
+    opts.afxdp.chunk = 3000; // not a power of two: XDP_UMEM_REG says EINVAL
+    let opened = open_pair(
+        &(&veth).into(),
+        LinkKind::Raw(BackendKind::Auto),
+        &opts,
+        None,
+        None,
+    )
+    .expect("auto must fall back, not fail");
+    assert_eq!(opened.chosen, LinkKind::Raw(BackendKind::AfPacket));
+    let reason = opened.fallback_reason.clone().expect("a logged reason");
+    assert!(reason.contains("AF_XDP"), "reason names AF_XDP: {reason}");
+    let cfg = StreamConfig {
+        blocks: 10_000,
+        sender_mac: opened.mac_a,
+        receiver_mac: opened.mac_b,
+        ..StreamConfig::default()
+    };
+    let (snd, rcv) = run_pair(opened.a, opened.b, &cfg).expect("streaming");
+    assert!(snd.complete);
+    assert_eq!(rcv.verified, 10_000);
+}
