@@ -36,6 +36,9 @@ use crate::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
 use crate::rng::Rng;
 use crate::Micros;
 
+/// LAN adapters a node reports in its server-state packets.
+pub const MAX_LAN_ADAPTERS: usize = MAX_ADAPTERS;
+
 /// Block payloads as the host holds them. The core never looks inside a
 /// client block; it only builds and reads memory-image chunks.
 pub trait Payload: Clone {

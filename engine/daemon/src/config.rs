@@ -1,0 +1,508 @@
+//! `msld --config FILE`: the node's configuration (TOML).
+//!
+//! Every tunable has a default and bounds, checked at start; an error names
+//! the key, the value and what is allowed. Unknown keys are errors (a typo
+//! must not silently fall back to a default).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}` = {value}: {why}")]
+    Invalid {
+        key: String,
+        value: String,
+        why: String,
+    },
+}
+
+fn invalid(key: &str, value: impl std::fmt::Display, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+/// MSL transport backend.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Afxdp,
+    Afpacket,
+    Auto,
+}
+
+/// Write acknowledgement mode.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMode {
+    Sync,
+    Async,
+}
+
+/// `[msl]`: the dedicated mirroring link.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MslSection {
+    /// Interface name of the MSL NIC.
+    pub interface: String,
+    #[serde(default = "default_backend")]
+    pub backend: Backend,
+    /// MTU the frames are sized for (fragments below 4 KiB + header).
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+}
+
+/// `[[lan]]`: one client-facing adapter.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LanAdapter {
+    pub interface: String,
+    /// This node's own address on the adapter (heartbeats are sent from it).
+    pub address: IpAddr,
+    /// The peer's address on the same LAN (heartbeats are sent to it).
+    pub peer_address: IpAddr,
+}
+
+/// `[volume]`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSection {
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// Size in bytes (a file is created or extended to it; a device must
+    /// be at least this large).
+    pub size_bytes: u64,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// Metadata file (two atomic slots).
+    pub metadata: PathBuf,
+}
+
+/// The whole file as written.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: u16,
+    pub peer_id: u16,
+    pub cluster_id: u64,
+    /// File holding the shared cluster key (32 bytes, or 64 hex digits).
+    pub key_file: Option<PathBuf>,
+    pub msl: MslSection,
+    pub lan: Vec<LanAdapter>,
+    /// Service address with prefix, e.g. "10.77.1.100/24".
+    pub service_address: String,
+    /// LAN adapter (interface name) that carries the service address.
+    pub service_interface: String,
+    #[serde(default = "default_nbd_port")]
+    pub nbd_port: u16,
+    #[serde(default = "default_heartbeat_port")]
+    pub heartbeat_port: u16,
+    pub volume: VolumeSection,
+    #[serde(default = "default_write_mode")]
+    pub write_mode: WriteMode,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_miss_count")]
+    pub miss_count: u32,
+    /// Resync rate floor while clients write (MiB/s).
+    #[serde(default = "default_resync_min_mib_s")]
+    pub resync_min_mib_s: u64,
+    /// Resync rate ceiling when clients are idle (MiB/s, 0 = the link).
+    #[serde(default)]
+    pub resync_max_mib_s: u64,
+    pub log_file: PathBuf,
+    /// Run for every state change, event in the environment.
+    pub notify_command: Option<PathBuf>,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Prometheus text metrics (e.g. "127.0.0.1:9477"); off when absent.
+    pub metrics_address: Option<SocketAddr>,
+}
+
+fn default_backend() -> Backend {
+    Backend::Auto
+}
+fn default_mtu() -> u32 {
+    9000
+}
+fn default_block_size() -> u32 {
+    4096
+}
+fn default_nbd_port() -> u16 {
+    10809
+}
+fn default_heartbeat_port() -> u16 {
+    7789
+}
+fn default_write_mode() -> WriteMode {
+    WriteMode::Sync
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    50
+}
+fn default_miss_count() -> u32 {
+    8
+}
+fn default_resync_min_mib_s() -> u64 {
+    10
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/msl/msld.sock")
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonConfig {
+    pub file: FileConfig,
+    pub service_ip: IpAddr,
+    pub service_prefix: u8,
+    /// Warnings to show at start (e.g. async write mode).
+    pub warnings: Vec<String>,
+}
+
+impl DaemonConfig {
+    /// Read and validate a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        Self::validate(file)
+    }
+
+    fn validate(file: FileConfig) -> Result<Self, ConfigError> {
+        fn range(key: &str, v: u64, lo: u64, hi: u64) -> Result<(), ConfigError> {
+            if v < lo || v > hi {
+                return Err(invalid(key, v, format!("must be between {lo} and {hi}")));
+            }
+            Ok(())
+        }
+        range("node_id", file.node_id.into(), 1, u16::MAX.into())?;
+        range("peer_id", file.peer_id.into(), 1, u16::MAX.into())?;
+        if file.peer_id == file.node_id {
+            return Err(invalid("peer_id", file.peer_id, "must differ from node_id"));
+        }
+        if file.cluster_id == 0 {
+            return Err(invalid(
+                "cluster_id",
+                0,
+                "must be non-zero (pick a random 64-bit number for the pair)",
+            ));
+        }
+        if file.msl.interface.is_empty() {
+            return Err(invalid(
+                "msl.interface",
+                "\"\"",
+                "name the MSL network interface",
+            ));
+        }
+        range("msl.mtu", file.msl.mtu.into(), 1280, 9216)?;
+        if file.lan.is_empty() || file.lan.len() > msl_core::node::MAX_LAN_ADAPTERS {
+            return Err(invalid(
+                "lan",
+                file.lan.len(),
+                format!(
+                    "configure 1 to {} LAN adapters",
+                    msl_core::node::MAX_LAN_ADAPTERS
+                ),
+            ));
+        }
+        for (i, a) in file.lan.iter().enumerate() {
+            if a.interface.is_empty() {
+                return Err(invalid(
+                    &format!("lan[{i}].interface"),
+                    "\"\"",
+                    "name the interface",
+                ));
+            }
+            if a.interface == file.msl.interface {
+                return Err(invalid(
+                    &format!("lan[{i}].interface"),
+                    &a.interface,
+                    "the LAN adapter must not be the MSL interface",
+                ));
+            }
+        }
+        if !file
+            .lan
+            .iter()
+            .any(|a| a.interface == file.service_interface)
+        {
+            return Err(invalid(
+                "service_interface",
+                &file.service_interface,
+                "must be one of the [[lan]] interfaces",
+            ));
+        }
+        let (ip, prefix) = file.service_address.split_once('/').ok_or_else(|| {
+            invalid(
+                "service_address",
+                &file.service_address,
+                "write it as ADDRESS/PREFIX",
+            )
+        })?;
+        let service_ip: IpAddr = ip.parse().map_err(|_| {
+            invalid(
+                "service_address",
+                &file.service_address,
+                "not an IP address",
+            )
+        })?;
+        let service_prefix: u8 = prefix.parse().map_err(|_| {
+            invalid(
+                "service_address",
+                &file.service_address,
+                "prefix is not a number",
+            )
+        })?;
+        let max_prefix = if service_ip.is_ipv4() { 32 } else { 128 };
+        range(
+            "service_address prefix",
+            service_prefix.into(),
+            1,
+            max_prefix,
+        )?;
+        range("nbd_port", file.nbd_port.into(), 1, u16::MAX.into())?;
+        range(
+            "heartbeat_port",
+            file.heartbeat_port.into(),
+            1,
+            u16::MAX.into(),
+        )?;
+        if file.heartbeat_port == file.nbd_port {
+            return Err(invalid(
+                "heartbeat_port",
+                file.heartbeat_port,
+                "must differ from nbd_port",
+            ));
+        }
+        let bs = file.volume.block_size;
+        if !(512..=65536).contains(&bs) || !bs.is_power_of_two() {
+            return Err(invalid(
+                "volume.block_size",
+                bs,
+                "must be a power of two from 512 to 65536",
+            ));
+        }
+        if file.volume.size_bytes == 0 || file.volume.size_bytes % u64::from(bs) != 0 {
+            return Err(invalid(
+                "volume.size_bytes",
+                file.volume.size_bytes,
+                format!("must be a non-zero multiple of volume.block_size ({bs})"),
+            ));
+        }
+        range(
+            "volume.size_bytes",
+            file.volume.size_bytes,
+            u64::from(bs),
+            1 << 50,
+        )?;
+        if file.volume.metadata == file.volume.path {
+            return Err(invalid(
+                "volume.metadata",
+                file.volume.metadata.display(),
+                "must not be the volume itself",
+            ));
+        }
+        range("heartbeat_interval_ms", file.heartbeat_interval_ms, 1, 1000)?;
+        range("miss_count", file.miss_count.into(), 2, 100)?;
+        let dead_ms = file.heartbeat_interval_ms * u64::from(file.miss_count);
+        if dead_ms > 10_000 {
+            return Err(invalid(
+                "miss_count",
+                file.miss_count,
+                format!("heartbeat_interval_ms x miss_count = {dead_ms} ms; keep failure detection under 10 s"),
+            ));
+        }
+        range("resync_min_mib_s", file.resync_min_mib_s, 1, 100_000)?;
+        if file.resync_max_mib_s != 0 && file.resync_max_mib_s < file.resync_min_mib_s {
+            return Err(invalid(
+                "resync_max_mib_s",
+                file.resync_max_mib_s,
+                "must be 0 (no limit) or >= resync_min_mib_s",
+            ));
+        }
+        let mut warnings = Vec::new();
+        if file.write_mode == WriteMode::Async {
+            warnings.push(
+                "write_mode = \"async\": writes are acknowledged before the peer has them; \
+                 an acknowledged write can be lost if the primary dies"
+                    .to_string(),
+            );
+        }
+        if file.key_file.is_none() {
+            warnings.push("no key_file: MSL and LAN packets are not authenticated".to_string());
+        }
+        let cfg = DaemonConfig {
+            file,
+            service_ip,
+            service_prefix,
+            warnings,
+        };
+        cfg.core_config()
+            .validate()
+            .map_err(|e| invalid(e.key, e.value, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// The protocol core's configuration.
+    pub fn core_config(&self) -> msl_core::Config {
+        let f = &self.file;
+        let blocks = f.volume.size_bytes / u64::from(f.volume.block_size);
+        let mut c = msl_core::Config::new(
+            f.node_id,
+            f.peer_id,
+            f.cluster_id,
+            blocks,
+            f.volume.block_size,
+        );
+        c.write_mode = match f.write_mode {
+            WriteMode::Sync => msl_core::WriteMode::Sync,
+            WriteMode::Async => msl_core::WriteMode::Async,
+        };
+        c.heartbeat_interval_us = f.heartbeat_interval_ms * 1000;
+        c.miss_count = f.miss_count;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_id = 1
+peer_id = 2
+cluster_id = 0x6d736c00
+msl = { interface = "a-msl" }
+service_address = "10.77.1.100/24"
+service_interface = "a-lan"
+log_file = "/var/log/msl/msld.log"
+[[lan]]
+interface = "a-lan"
+address = "10.77.1.1"
+peer_address = "10.77.1.2"
+[volume]
+path = "/var/lib/msl/volume.img"
+size_bytes = 1073741824
+metadata = "/var/lib/msl/meta"
+"#;
+
+    fn parse(t: &str) -> Result<DaemonConfig, ConfigError> {
+        DaemonConfig::parse(t, Path::new("test.toml"))
+    }
+
+    fn key_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("expected an invalid key, got {other}"),
+        }
+    }
+
+    #[test]
+    fn test_minimal_config_gets_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.file.nbd_port, 10809);
+        assert_eq!(c.file.msl.backend, Backend::Auto);
+        assert_eq!(c.file.write_mode, WriteMode::Sync);
+        assert_eq!(c.service_prefix, 24);
+        let core = c.core_config();
+        assert_eq!(core.volume_blocks, 262_144);
+        assert!(core.dead_after_us() <= 500_000);
+        assert_eq!(c.warnings.len(), 1, "missing key file warned about");
+    }
+
+    #[test]
+    fn test_examples_parse() {
+        for f in ["node1.toml", "node2.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../examples")
+                .join(f);
+            let c = DaemonConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(c.warnings.is_empty(), "{f}: {:?}", c.warnings);
+        }
+    }
+
+    #[test]
+    fn test_unknown_key_refused_with_its_name() {
+        let e = parse(&format!("{GOOD}\nhearbeat_interval_ms = 10\n")).unwrap_err();
+        // The extra key lands in [volume] (the last table): still refused.
+        assert!(e.to_string().contains("hearbeat_interval_ms"), "{e}");
+    }
+
+    #[test]
+    fn test_bad_values_name_the_key() {
+        let cases = [
+            ("peer_id = 2", "peer_id = 1", "peer_id"),
+            ("cluster_id = 0x6d736c00", "cluster_id = 0", "cluster_id"),
+            ("\"10.77.1.100/24\"", "\"10.77.1.100\"", "service_address"),
+            (
+                "\"10.77.1.100/24\"",
+                "\"10.77.1.100/40\"",
+                "service_address prefix",
+            ),
+            (
+                "service_interface = \"a-lan\"",
+                "service_interface = \"eth9\"",
+                "service_interface",
+            ),
+            (
+                "size_bytes = 1073741824",
+                "size_bytes = 1000",
+                "volume.size_bytes",
+            ),
+            ("node_id = 1", "node_id = 1\nmiss_count = 1", "miss_count"),
+            (
+                "node_id = 1",
+                "node_id = 1\nheartbeat_interval_ms = 0",
+                "heartbeat_interval_ms",
+            ),
+            (
+                "node_id = 1",
+                "node_id = 1\nnbd_port = 7789",
+                "heartbeat_port",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let t = GOOD.replacen(from, to, 1);
+            assert_ne!(t, GOOD, "case {key} did not change the text");
+            assert_eq!(key_of(parse(&t).unwrap_err()), key, "case {to}");
+        }
+    }
+
+    #[test]
+    fn test_async_mode_warns() {
+        let t = GOOD.replacen("node_id = 1", "node_id = 1\nwrite_mode = \"async\"", 1);
+        let c = parse(&t).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("async")));
+    }
+
+    #[test]
+    fn test_syntax_error_names_file() {
+        let e = parse("node_id = ").unwrap_err();
+        assert!(e.to_string().starts_with("config file test.toml"), "{e}");
+    }
+}

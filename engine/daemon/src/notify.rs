@@ -1,0 +1,324 @@
+//! Administrator notifications: every state change the core reports goes to
+//! the console (stderr, for people), the log file (one timestamped,
+//! machine-parsable line per event) and an optional notification command
+//! (event in environment variables).
+//!
+//! The data path never waits for any of it: `Notifier::notify` is a
+//! non-blocking push into a bounded queue drained by a worker thread; when
+//! the queue is full the event is counted as dropped (and the drop itself is
+//! reported once the queue drains).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use msl_core::Notice;
+
+/// One event as delivered to administrators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Wall clock, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    pub node_id: u16,
+    /// Stable machine name (`takeover`, `degraded`, ...).
+    pub kind: &'static str,
+    /// Human-readable text.
+    pub message: String,
+}
+
+impl EventRecord {
+    pub fn new(node_id: u16, notice: &Notice) -> Self {
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        EventRecord {
+            unix_ms,
+            node_id,
+            kind: notice.kind(),
+            message: notice.to_string(),
+        }
+    }
+
+    /// The log-file line: `ts=<ms> node=<id> event=<kind> msg="<text>"`
+    /// (quotes and backslashes in the text escaped, newlines as `\n`).
+    pub fn log_line(&self) -> String {
+        let mut msg = String::with_capacity(self.message.len());
+        for c in self.message.chars() {
+            match c {
+                '"' => msg.push_str("\\\""),
+                '\\' => msg.push_str("\\\\"),
+                '\n' => msg.push_str("\\n"),
+                c => msg.push(c),
+            }
+        }
+        format!(
+            "ts={} node={} event={} msg=\"{}\"",
+            self.unix_ms, self.node_id, self.kind, msg
+        )
+    }
+
+    /// The console line.
+    pub fn console_line(&self) -> String {
+        format!(
+            "msld[node {}] {}: {}",
+            self.node_id,
+            self.kind.replace('_', " "),
+            self.message
+        )
+    }
+}
+
+/// Where events go.
+#[derive(Clone, Debug)]
+pub struct Sinks {
+    pub console: bool,
+    pub log_file: Option<PathBuf>,
+    pub command: Option<PathBuf>,
+    /// A notification command running longer than this is killed.
+    pub command_timeout: Duration,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct NotifyCounters {
+    pub delivered: AtomicU64,
+    pub dropped: AtomicU64,
+    pub log_errors: AtomicU64,
+    pub command_failures: AtomicU64,
+}
+
+/// Handle the daemon's threads use to report events.
+pub struct Notifier {
+    tx: Option<SyncSender<EventRecord>>,
+    worker: Option<JoinHandle<()>>,
+    pub counters: Arc<NotifyCounters>,
+}
+
+impl Notifier {
+    /// Start the worker; `capacity` bounds the queue.
+    pub fn start(sinks: Sinks, capacity: usize) -> Self {
+        let (tx, rx) = sync_channel(capacity.max(1));
+        let counters = Arc::new(NotifyCounters::default());
+        let c = counters.clone();
+        let worker = std::thread::Builder::new()
+            .name("msl-notify".into())
+            .spawn(move || run(rx, sinks, c))
+            .ok();
+        Notifier {
+            tx: Some(tx),
+            worker,
+            counters,
+        }
+    }
+
+    /// Queue an event; never blocks.
+    pub fn notify(&self, rec: EventRecord) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        match tx.try_send(rec) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Deliver everything queued, then stop the worker.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(rx: Receiver<EventRecord>, sinks: Sinks, counters: Arc<NotifyCounters>) {
+    let mut reported_drops = 0;
+    while let Ok(rec) = rx.recv() {
+        deliver(&rec, &sinks, &counters);
+        let dropped = counters.dropped.load(Ordering::Relaxed);
+        if dropped > reported_drops {
+            reported_drops = dropped;
+            let note = EventRecord {
+                unix_ms: rec.unix_ms,
+                node_id: rec.node_id,
+                kind: "events_dropped",
+                message: format!(
+                    "{dropped} events were dropped because the notification queue was full"
+                ),
+            };
+            deliver(&note, &sinks, &counters);
+        }
+    }
+}
+
+fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters) {
+    if sinks.console {
+        eprintln!("{}", rec.console_line());
+    }
+    if let Some(path) = &sinks.log_file {
+        let ok = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| writeln!(f, "{}", rec.log_line()));
+        if ok.is_err() {
+            counters.log_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Some(cmd) = &sinks.command {
+        if !run_command(cmd, rec, sinks.command_timeout) {
+            counters.command_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    counters.delivered.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Run the notification command with the event in its environment:
+/// `MSL_EVENT`, `MSL_MESSAGE`, `MSL_NODE`, `MSL_TIME_MS`.
+fn run_command(cmd: &PathBuf, rec: &EventRecord, timeout: Duration) -> bool {
+    let child = Command::new(cmd)
+        .env("MSL_EVENT", rec.kind)
+        .env("MSL_MESSAGE", &rec.message)
+        .env("MSL_NODE", rec.node_id.to_string())
+        .env("MSL_TIME_MS", rec.unix_ms.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return false;
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msl_core::node::Path;
+
+    fn sinks(dir: &std::path::Path, command: Option<PathBuf>) -> Sinks {
+        Sinks {
+            console: false,
+            log_file: Some(dir.join("msld.log")),
+            command,
+            command_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn test_event_log_line_is_parsable() {
+        let r = EventRecord {
+            unix_ms: 42,
+            node_id: 2,
+            kind: "takeover",
+            message: "took over \"now\"\nreally".into(),
+        };
+        assert_eq!(
+            r.log_line(),
+            r#"ts=42 node=2 event=takeover msg="took over \"now\"\nreally""#
+        );
+    }
+
+    #[test]
+    fn test_notices_reach_log_file_and_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cmd.out");
+        let script = dir.path().join("notify.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$MSL_NODE $MSL_EVENT $MSL_MESSAGE\" >> {}\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let n = Notifier::start(sinks(dir.path(), Some(script)), 16);
+        n.notify(EventRecord::new(1, &Notice::PeerLost { path: Path::Msl }));
+        n.notify(EventRecord::new(
+            1,
+            &Notice::Takeover {
+                generation: 0xab,
+                reason: "primary silent",
+            },
+        ));
+        let counters = n.counters.clone();
+        n.shutdown();
+        let log = std::fs::read_to_string(dir.path().join("msld.log")).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 2, "{log}");
+        assert!(lines[0].contains("node=1 event=peer_lost"), "{log}");
+        assert!(
+            lines[1].contains("event=takeover") && lines[1].contains("00000000000000ab"),
+            "{log}"
+        );
+        let cmd = std::fs::read_to_string(&out).unwrap();
+        assert!(
+            cmd.contains("1 peer_lost peer silent on the Msl path"),
+            "{cmd}"
+        );
+        assert!(cmd.contains("1 takeover took over"), "{cmd}");
+        assert_eq!(counters.delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.command_failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn test_slow_command_never_blocks_notify_and_drops_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("slow.sh");
+        std::fs::write(&script, "#!/bin/sh\nsleep 1\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut s = sinks(dir.path(), Some(script));
+        s.command_timeout = Duration::from_millis(50);
+        let n = Notifier::start(s, 2);
+        let t = Instant::now();
+        for _ in 0..50 {
+            n.notify(EventRecord::new(1, &Notice::MslLinkDown));
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "notify blocked: {:?}",
+            t.elapsed()
+        );
+        let counters = n.counters.clone();
+        n.shutdown();
+        assert!(counters.dropped.load(Ordering::Relaxed) > 0);
+        assert!(
+            counters.command_failures.load(Ordering::Relaxed) > 0,
+            "timed-out command counted"
+        );
+        let log = std::fs::read_to_string(dir.path().join("msld.log")).unwrap();
+        assert!(log.contains("event=events_dropped"), "{log}");
+    }
+}

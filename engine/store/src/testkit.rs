@@ -1,0 +1,41 @@
+//! Deterministic sample metadata shared by the tests and the crash-test
+//! helper binary. Not part of the API.
+
+use msl_core::meta::Meta;
+use msl_wire::{DiskState, Role};
+
+/// Version `v` of a node's metadata, derived only from `base`'s geometry
+/// and `v`: `gens.current == v`, with bitmap bits, activity log, role and
+/// flags varying with `v` (so the encoded length varies too).
+pub fn sample_meta(base: &Meta, v: u64) -> Meta {
+    let mut m = Meta::create(
+        base.cluster_id,
+        base.node_id,
+        base.volume_blocks,
+        base.block_size,
+        Some(v),
+    );
+    m.gens.bitmap = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for (i, h) in m.gens.history.iter_mut().enumerate() {
+        *h = v.saturating_sub(i as u64 + 1);
+    }
+    m.disk = if v.is_multiple_of(3) {
+        DiskState::Outdated
+    } else {
+        DiskState::UpToDate
+    };
+    m.role = if v.is_multiple_of(2) {
+        Role::Primary
+    } else {
+        Role::Secondary
+    };
+    m.clean = v.is_multiple_of(5);
+    if m.volume_blocks > 0 {
+        for k in 0..(v % 17) {
+            m.dirty
+                .set((v.wrapping_mul(7919) + k * 104_729) % m.volume_blocks);
+        }
+    }
+    m.al = (0..v % 61).map(|i| v + i).collect();
+    m
+}

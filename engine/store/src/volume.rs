@@ -1,0 +1,375 @@
+//! The mirrored volume: a regular file or a block device.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use crate::error::StoreError;
+
+const WHAT: &str = "volume";
+/// Chunk size for writing zeroes when the kernel cannot do it for us.
+const ZERO_CHUNK: usize = 256 * 1024;
+
+/// What backs a [`Volume`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeKind {
+    /// A regular file (created or extended to the configured size).
+    File,
+    /// A block device (must be at least the configured size).
+    BlockDevice,
+}
+
+/// The backing store of the mirrored volume.
+///
+/// All methods take `&self` (positioned I/O) so several threads can share
+/// one `Volume`. Accesses are range-checked against the configured size.
+/// The first I/O error latches the volume: every later call returns
+/// [`StoreError::PreviousIo`].
+///
+/// Durability: [`Volume::write_at`] with `fua` is durable when it returns;
+/// everything else (plain writes, trims, zeroes) is durable after the next
+/// successful [`Volume::flush`].
+#[derive(Debug)]
+pub struct Volume {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    kind: VolumeKind,
+    failed: OnceLock<String>,
+    /// `pwritev2(RWF_DSYNC)` is unavailable: FUA falls back to write + sync.
+    no_dsync: AtomicBool,
+    /// `fallocate` cannot punch holes / zero ranges here: write zeroes.
+    no_punch: AtomicBool,
+    no_zero_range: AtomicBool,
+}
+
+impl Volume {
+    /// Open the volume at `path` with `size` bytes (volume blocks times
+    /// block size), taking an exclusive advisory lock.
+    ///
+    /// A regular file is created if missing and extended (sparse) if
+    /// shorter; a longer file is used up to `size`. A block device must
+    /// hold at least `size` bytes. Anything else is refused.
+    pub fn open(path: &Path, size: u64) -> Result<Volume, StoreError> {
+        let p = path.to_path_buf();
+        let existing = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(path, "stat", e)),
+        };
+        let kind = match &existing {
+            None => VolumeKind::File,
+            Some(m) if m.file_type().is_file() => VolumeKind::File,
+            Some(m) if m.file_type().is_block_device() => VolumeKind::BlockDevice,
+            Some(_) => return Err(StoreError::NotFileOrDevice { path: p }),
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(kind == VolumeKind::File)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io_err(path, "open", e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked {
+                    what: WHAT,
+                    path: p,
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path, "lock", e)),
+        }
+        match kind {
+            VolumeKind::File => {
+                let len = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
+                if len < size {
+                    file.set_len(size)
+                        .and_then(|()| file.sync_all())
+                        .map_err(|e| io_err(path, format!("extend to {size} bytes"), e))?;
+                }
+                if existing.is_none() {
+                    // Make the new directory entry durable too.
+                    let dir = match path.parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d,
+                        _ => Path::new("."),
+                    };
+                    File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| io_err(dir, "fsync directory", e))?;
+                }
+            }
+            VolumeKind::BlockDevice => {
+                // Seeking to the end of a block device yields its size
+                // (same value as the BLKGETSIZE64 ioctl).
+                let dev = file
+                    .seek(SeekFrom::End(0))
+                    .map_err(|e| io_err(path, "size (seek to end)", e))?;
+                if dev < size {
+                    return Err(StoreError::TooSmall {
+                        path: p,
+                        size: dev,
+                        need: size,
+                    });
+                }
+            }
+        }
+        Ok(Volume {
+            path: p,
+            file,
+            size,
+            kind,
+            failed: OnceLock::new(),
+            no_dsync: AtomicBool::new(false),
+            no_punch: AtomicBool::new(false),
+            no_zero_range: AtomicBool::new(false),
+        })
+    }
+
+    /// Configured size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Regular file or block device.
+    pub fn kind(&self) -> VolumeKind {
+        self.kind
+    }
+
+    /// The file or device path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True once an I/O error latched the volume.
+    pub fn is_failed(&self) -> bool {
+        self.failed.get().is_some()
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        self.check("read", offset, buf.len() as u64)?;
+        let r = self.file.read_exact_at(buf, offset);
+        self.latch(r, || {
+            format!("read of {} bytes at offset {offset}", buf.len())
+        })
+    }
+
+    /// Write `buf` at `offset`. With `fua` the data is durable when this
+    /// returns (`pwritev2(RWF_DSYNC)`, i.e. a FUA write on devices that
+    /// support it; otherwise write then `fdatasync`).
+    pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), StoreError> {
+        self.check("write", offset, buf.len() as u64)?;
+        let r = if fua {
+            self.write_dsync(buf, offset)
+        } else {
+            self.file.write_all_at(buf, offset)
+        };
+        let fua_s = if fua { " (FUA)" } else { "" };
+        self.latch(r, || {
+            format!("write{fua_s} of {} bytes at offset {offset}", buf.len())
+        })
+    }
+
+    /// Make every completed write, trim and zeroing durable (`fdatasync`;
+    /// on a block device this also flushes the device's write cache).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.check("flush", 0, 0)?;
+        let r = self.file.sync_data();
+        self.latch(r, || "fdatasync".to_string())
+    }
+
+    /// Discard `len` bytes at `offset`. The range reads back as zeroes
+    /// afterwards (so both mirrors stay byte-identical): a hole is punched
+    /// (`fallocate(PUNCH_HOLE | KEEP_SIZE)`), or, where that is not
+    /// supported, zeroes are written.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check("trim", offset, len)?;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let r = self.fallocate_or_zero(&self.no_punch, mode, offset, len);
+        self.latch(r, || format!("trim of {len} bytes at offset {offset}"))
+    }
+
+    /// Make `len` bytes at `offset` read as zeroes, keeping them allocated
+    /// (`fallocate(ZERO_RANGE | KEEP_SIZE)`, or writing zeroes).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check("write zeroes", offset, len)?;
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        let r = self.fallocate_or_zero(&self.no_zero_range, mode, offset, len);
+        self.latch(r, || {
+            format!("write zeroes of {len} bytes at offset {offset}")
+        })
+    }
+
+    /// Refuse when latched or out of range.
+    fn check(&self, op: &'static str, offset: u64, len: u64) -> Result<(), StoreError> {
+        if let Some(first) = self.failed.get() {
+            return Err(StoreError::PreviousIo {
+                what: WHAT,
+                path: self.path.clone(),
+                first: first.clone(),
+            });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(StoreError::OutOfRange {
+                path: self.path.clone(),
+                op,
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Turn an I/O result into ours, latching on error.
+    fn latch(&self, r: io::Result<()>, op: impl FnOnce() -> String) -> Result<(), StoreError> {
+        r.map_err(|source| {
+            let err = io_err(&self.path, op(), source);
+            let _ = self.failed.set(err.to_string());
+            err
+        })
+    }
+
+    fn write_dsync(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        if !self.no_dsync.load(Ordering::Relaxed) {
+            while !buf.is_empty() {
+                let iov = libc::iovec {
+                    iov_base: buf.as_ptr() as *mut libc::c_void,
+                    iov_len: buf.len(),
+                };
+                // SAFETY: `iov` points at `buf`, which is live and at least
+                // `iov_len` bytes long for the duration of the call; the
+                // kernel only reads from it. The fd is owned by `self.file`
+                // and open. `offset` fits in off_t (checked against the
+                // volume size, which came from a file/device length).
+                let n = unsafe {
+                    libc::pwritev2(
+                        self.file.as_raw_fd(),
+                        &iov,
+                        1,
+                        offset as libc::off_t,
+                        libc::RWF_DSYNC,
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => continue,
+                        Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                            self.no_dsync.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        _ => return Err(e),
+                    }
+                }
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                buf = &buf[n as usize..];
+                offset += n as u64;
+            }
+            if buf.is_empty() {
+                return Ok(());
+            }
+        }
+        self.file.write_all_at(buf, offset)?;
+        self.file.sync_data()
+    }
+
+    fn fallocate_or_zero(
+        &self,
+        unsupported: &AtomicBool,
+        mode: libc::c_int,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !unsupported.load(Ordering::Relaxed) {
+            loop {
+                // SAFETY: plain syscall on an fd owned by `self.file` (open
+                // for writing); no memory is passed. `offset` and `len` are
+                // within the volume size, so they fit in off_t.
+                let r = unsafe {
+                    libc::fallocate(
+                        self.file.as_raw_fd(),
+                        mode,
+                        offset as libc::off_t,
+                        len as libc::off_t,
+                    )
+                };
+                if r == 0 {
+                    return Ok(());
+                }
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Filesystem or device cannot do it (or this range is
+                    // not aligned for a device): write zeroes instead.
+                    Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
+                        unsupported.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    Some(libc::EINVAL) => break,
+                    _ => return Err(e),
+                }
+            }
+        }
+        let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn io_err(path: &Path, op: impl Into<String>, source: io::Error) -> StoreError {
+    StoreError::Io {
+        what: WHAT,
+        path: path.to_path_buf(),
+        op: op.into(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real I/O error (EBADF from a read-only descriptor) latches the
+    /// volume.
+    #[test]
+    fn io_error_latches() {
+        let dir = std::env::temp_dir().join(format!("msl-store-vol-latch-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("vol");
+        drop(Volume::open(&path, 1 << 16).unwrap());
+        let mut v = Volume::open(&path, 1 << 16).unwrap();
+        v.file = File::open(&path).unwrap(); // read-only: writes fail with EBADF
+        let mut buf = [0u8; 512];
+        v.read_at(&mut buf, 0).unwrap();
+        let e = v.write_at(&[1; 512], 0, false).unwrap_err();
+        assert!(matches!(e, StoreError::Io { .. }), "{e}");
+        assert!(v.is_failed());
+        for e in [
+            v.read_at(&mut buf, 0).unwrap_err(),
+            v.write_at(&[1; 512], 0, true).unwrap_err(),
+            v.flush().unwrap_err(),
+            v.trim(0, 512).unwrap_err(),
+            v.write_zeroes(0, 512).unwrap_err(),
+        ] {
+            assert!(matches!(e, StoreError::PreviousIo { .. }), "{e}");
+            assert!(e.to_string().contains("earlier error"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
