@@ -307,7 +307,7 @@ impl DaemonConfig {
                 "must be a power of two from 512 to 65536",
             ));
         }
-        if file.volume.size_bytes == 0 || file.volume.size_bytes % u64::from(bs) != 0 {
+        if file.volume.size_bytes == 0 || !file.volume.size_bytes.is_multiple_of(u64::from(bs)) {
             return Err(invalid(
                 "volume.size_bytes",
                 file.volume.size_bytes,
