@@ -2695,11 +2695,21 @@ impl<H: Payload> Node<H> {
     /// A clean shutdown: flush first, then call this; it persists a clean
     /// marker so that the next start does not count as a crash.
     pub fn shutdown(&mut self) {
-        self.end_session("shutdown");
         if self.role == Role::Primary {
+            // Stop being primary BEFORE the session ends: a node that will
+            // not write again must not start a generation (that would look
+            // like a split brain to a peer that took over meanwhile; found
+            // by the daemon's pair test). Blocks whose writes may not be
+            // stable on the peer yet stay marked, as after a crash.
+            for slot in &self.al {
+                self.meta
+                    .dirty
+                    .set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
+            }
             self.role = Role::Secondary;
             self.emit(Action::ServiceAddress { hold: false });
         }
+        self.end_session("shutdown");
         self.meta.clean = true;
         self.persist();
     }
@@ -2806,6 +2816,22 @@ mod tests {
         );
         assert!(!a.in_sync());
         assert_eq!(a.counters.frames_unknown_refused, 1);
+    }
+
+    #[test]
+    fn test_primary_clean_shutdown_starts_no_generation() {
+        let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+        connect(&mut a, &mut b, 200_000);
+        let before = a.meta().gens;
+        a.shutdown();
+        assert_eq!(a.meta().gens.current, before.current);
+        assert_eq!(
+            a.meta().gens.bitmap,
+            0,
+            "shutdown must not start change tracking"
+        );
+        assert!(a.meta().clean);
+        assert_eq!(a.role(), Role::Secondary);
     }
 
     #[test]

@@ -779,6 +779,17 @@ impl Sim {
         self.start_node(i);
     }
 
+    /// Clean stop of a node's daemon (administrator, maintenance): flushed
+    /// and shut down, then down until `restart`.
+    pub fn stop_clean(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].node.as_mut() {
+            node.shutdown();
+        }
+        self.drain_actions(i);
+        self.nodes[i].disk.flush(u64::MAX);
+        self.nodes[i].stop();
+    }
+
     /// Planned restart (the node asked for it): clean shutdown first.
     fn planned_restart(&mut self, i: usize) {
         if let Some(node) = self.nodes[i].node.as_mut() {
@@ -1381,7 +1392,17 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
             .unwrap_or(0);
         let secondary = 1 - primary;
         let hold = 100 * MS + r.below(2 * SEC);
-        match r.below(9) {
+        match r.below(10) {
+            9 => {
+                // Administrator restarts the primary's daemon cleanly.
+                sim.log(format!("FAULT n{} daemon restarted cleanly", primary + 1));
+                sim.report
+                    .faults
+                    .push(format!("clean restart n{}", primary + 1));
+                sim.stop_clean(primary);
+                sim.run_for(hold);
+                sim.restart(primary);
+            }
             0 => {
                 sim.crash(primary);
                 sim.run_for(hold);

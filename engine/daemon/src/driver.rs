@@ -1,0 +1,574 @@
+//! The core driver: the thread that owns a node's protocol core
+//! (`msl_core::Node`), its volume and its metadata store, and executes the
+//! core's actions in order.
+//!
+//! Inputs arrive on one channel (MSL frames from the receive thread, LAN
+//! server-state packets, client writes and flushes from the front end,
+//! admin commands). Actions are executed in order: metadata is persisted
+//! (atomically, fsync'd) before the next action runs, and if that fails the
+//! rest of the batch is dropped and the core latches fail-closed. Volume I/O
+//! is done synchronously on this thread (first version: simple and
+//! obviously ordered; an I/O pool is a later optimisation). MSL frames go to
+//! a transmit thread over two queues, control ahead of data.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use msl_core::meta::Meta;
+use msl_core::node::{Action, ClientError, Event, IoKind, Node, Status};
+use msl_core::{AdminCmd, Config};
+use msl_store::{MetaStore, Volume};
+use msl_transport::{RxLink, TxLink};
+use msl_wire::{self as wire, Header, Key, Message, Reassembler};
+
+use crate::lan::{LanPacket, LanPath};
+use crate::notify::{EventRecord, Notifier};
+
+/// What the driver thread consumes.
+pub enum Input {
+    Msl {
+        header: Header,
+        msg: Message,
+        payload: Option<Vec<u8>>,
+    },
+    MslUnknown {
+        code: u8,
+        must_understand: bool,
+    },
+    Lan(LanPacket),
+    LanAdapter {
+        adapter: u8,
+        up: bool,
+    },
+    MslLink {
+        up: bool,
+    },
+    Write {
+        block: u64,
+        count: u64,
+        kind: IoKind,
+        fua: bool,
+        payload: Option<Vec<u8>>,
+        reply: SyncSender<Reply>,
+    },
+    Flush {
+        reply: SyncSender<Reply>,
+    },
+    Admin(AdminCmd),
+    Status(SyncSender<Status>),
+    Stop,
+}
+
+/// A client request's outcome.
+pub type Reply = Result<(), ClientError>;
+
+/// Hooks the driver calls for things outside the node (service address).
+pub trait Host: Send {
+    /// Hold (add + gratuitous ARP) or release the service address.
+    fn service_address(&mut self, hold: bool);
+}
+
+/// A host that does nothing (tests without a LAN).
+pub struct NoHost;
+
+impl Host for NoHost {
+    fn service_address(&mut self, _hold: bool) {}
+}
+
+/// Why the driver stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `Input::Stop` (clean shutdown).
+    Stopped,
+    /// The core asked to restart as secondary (after a switchover).
+    Restart,
+}
+
+/// Shared view for front ends: whether this node serves clients.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub serving: AtomicBool,
+    pub in_sync: AtomicBool,
+    pub msl_tx_frames: AtomicU64,
+    pub msl_rx_frames: AtomicU64,
+    pub msl_rx_dropped: AtomicU64,
+}
+
+/// Encodes core messages into Ethernet frames (fragmenting to the link).
+pub struct FrameEncoder {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub key: Option<Key>,
+    pub max_frame: usize,
+}
+
+impl FrameEncoder {
+    /// Encode one message into one or more frames.
+    pub fn encode(
+        &self,
+        header: &Header,
+        msg: &Message,
+        payload: &[u8],
+        out: &mut Vec<Vec<u8>>,
+    ) -> Result<(), String> {
+        let max_msl = self.max_frame - wire::ETH_HEADER_LEN;
+        let n = wire::try_fragment_count(msg, payload.len(), max_msl, self.key.is_some())
+            .map_err(|e| e.to_string())?;
+        for i in 0..usize::from(n) {
+            let mut f = vec![0u8; self.max_frame];
+            let e =
+                wire::emit_eth(self.dst_mac, self.src_mac, &mut f).map_err(|e| e.to_string())?;
+            let len = if n == 1 {
+                wire::emit(header, msg, payload, self.key.as_ref(), &mut f[e..])
+                    .map_err(|e| e.to_string())?
+            } else {
+                wire::emit_fragment(
+                    header,
+                    msg,
+                    payload,
+                    i,
+                    max_msl,
+                    self.key.as_ref(),
+                    &mut f[e..],
+                )
+                .map_err(|e| e.to_string())?
+            };
+            f.truncate(e + len);
+            out.push(f);
+        }
+        Ok(())
+    }
+}
+
+/// Start the MSL transmit thread: control frames first, then data.
+pub fn start_msl_tx(
+    mut link: Box<dyn TxLink>,
+    shared: Arc<Shared>,
+) -> (SyncSender<(bool, Vec<u8>)>, JoinHandle<()>) {
+    let (tx, rx) = sync_channel::<(bool, Vec<u8>)>(4096);
+    let h = std::thread::spawn(move || {
+        let mut control = VecDeque::new();
+        let mut data = VecDeque::new();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok((is_control, f)) => {
+                    if is_control {
+                        control.push_back(f)
+                    } else {
+                        data.push_back(f)
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = link.flush();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while let Ok((is_control, f)) = rx.try_recv() {
+                if is_control {
+                    control.push_back(f)
+                } else {
+                    data.push_back(f)
+                }
+            }
+            // Control traffic never waits behind data.
+            for q in [&mut control, &mut data] {
+                while !q.is_empty() {
+                    let batch: Vec<Vec<u8>> =
+                        q.drain(..q.len().min(msl_transport::MAX_BATCH)).collect();
+                    let refs: Vec<&[u8]> = batch.iter().map(|f| f.as_slice()).collect();
+                    if link.send_frames(&refs).is_ok() {
+                        shared
+                            .msl_tx_frames
+                            .fetch_add(refs.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    });
+    (tx, h)
+}
+
+/// Start the MSL receive thread: Ethernet + frame checks, reassembly, then
+/// into the driver's input channel. Frames that fail a check are counted and
+/// dropped, never applied.
+pub fn start_msl_rx(
+    mut link: Box<dyn RxLink>,
+    cluster_id: u64,
+    key: Option<Key>,
+    max_message: usize,
+    out: SyncSender<Input>,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reasm = Reassembler::new(16, max_message);
+        let expect = wire::Expect {
+            cluster_id,
+            key: key.as_ref(),
+        };
+        let mut batch: Vec<Input> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let r = link.recv(
+                msl_transport::MAX_BATCH,
+                Duration::from_millis(20),
+                &mut |bytes| {
+                    shared.msl_rx_frames.fetch_add(1, Ordering::Relaxed);
+                    let Ok((_, body)) = wire::parse_eth(bytes) else {
+                        shared.msl_rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    match wire::parse(body, &expect) {
+                        Ok(p) if p.is_fragment() => match reasm.push(&p) {
+                            Ok(Some((header, msg, payload))) => batch.push(Input::Msl {
+                                header,
+                                msg,
+                                payload: (!payload.is_empty()).then(|| payload.to_vec()),
+                            }),
+                            Ok(None) => {}
+                            Err(_) => {
+                                shared.msl_rx_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        },
+                        Ok(p) => batch.push(Input::Msl {
+                            header: p.header,
+                            msg: p.msg,
+                            payload: (!p.payload.is_empty()).then(|| p.payload.to_vec()),
+                        }),
+                        Err(wire::ParseError::UnknownType {
+                            code,
+                            must_understand,
+                        }) => batch.push(Input::MslUnknown {
+                            code,
+                            must_understand,
+                        }),
+                        Err(_) => {
+                            shared.msl_rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                },
+            );
+            if r.is_err() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            for i in batch.drain(..) {
+                if out.send(i).is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// The driver itself.
+pub struct Driver<H: Host> {
+    node: Node<Vec<u8>>,
+    volume: Arc<Volume>,
+    store: MetaStore,
+    encoder: FrameEncoder,
+    msl_tx: SyncSender<(bool, Vec<u8>)>,
+    lan: Option<LanPath>,
+    notifier: Notifier,
+    host: H,
+    shared: Arc<Shared>,
+    replies: HashMap<u64, SyncSender<Reply>>,
+    next_req: u64,
+    epoch: Instant,
+    node_id: u16,
+    frames: Vec<Vec<u8>>,
+}
+
+impl<H: Host> Driver<H> {
+    /// Build a driver from loaded metadata.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        meta: Meta,
+        store: MetaStore,
+        volume: Arc<Volume>,
+        encoder: FrameEncoder,
+        msl_tx: SyncSender<(bool, Vec<u8>)>,
+        lan: Option<LanPath>,
+        notifier: Notifier,
+        host: H,
+        shared: Arc<Shared>,
+        seed: u64,
+    ) -> Self {
+        let node_id = cfg.node_id;
+        let epoch = Instant::now();
+        let node = Node::new(cfg, meta, seed, 0);
+        Driver {
+            node,
+            volume,
+            store,
+            encoder,
+            msl_tx,
+            lan,
+            notifier,
+            host,
+            shared,
+            replies: HashMap::new(),
+            next_req: 1,
+            epoch,
+            node_id,
+            frames: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Run until stopped; returns why.
+    pub fn run(mut self, inputs: Receiver<Input>) -> Exit {
+        let mut internal: VecDeque<Event<Vec<u8>>> = VecDeque::new();
+        self.step(Event::Tick, &mut internal);
+        loop {
+            let wait = self.node.poll_timeout().saturating_sub(self.now());
+            let input = match inputs.recv_timeout(Duration::from_micros(wait.clamp(100, 50_000))) {
+                Ok(i) => Some(i),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return self.finish(Exit::Stopped),
+            };
+            let ev = match input {
+                None => Event::Tick,
+                Some(Input::Stop) => return self.finish(Exit::Stopped),
+                Some(Input::Status(tx)) => {
+                    let _ = tx.send(self.node.status());
+                    continue;
+                }
+                Some(Input::Msl {
+                    header,
+                    msg,
+                    payload,
+                }) => Event::MslFrame {
+                    header,
+                    msg,
+                    payload,
+                },
+                Some(Input::MslUnknown {
+                    code,
+                    must_understand,
+                }) => Event::MslUnknownType {
+                    code,
+                    must_understand,
+                },
+                Some(Input::Lan(p)) => Event::LanFrame {
+                    adapter: p.adapter,
+                    header: p.header,
+                    hb: p.hb,
+                },
+                Some(Input::LanAdapter { adapter, up }) => Event::LanAdapter {
+                    adapter,
+                    link_up: up,
+                    carrier: up,
+                },
+                Some(Input::MslLink { up }) => Event::MslLink { up },
+                Some(Input::Admin(cmd)) => Event::Admin(cmd),
+                Some(Input::Write {
+                    block,
+                    count,
+                    kind,
+                    fua,
+                    payload,
+                    reply,
+                }) => {
+                    let req = self.next_req;
+                    self.next_req += 1;
+                    self.replies.insert(req, reply);
+                    Event::ClientWrite {
+                        req,
+                        block,
+                        count,
+                        kind,
+                        fua,
+                        payload,
+                    }
+                }
+                Some(Input::Flush { reply }) => {
+                    let req = self.next_req;
+                    self.next_req += 1;
+                    self.replies.insert(req, reply);
+                    Event::ClientFlush { req }
+                }
+            };
+            if let Some(exit) = self.step(ev, &mut internal) {
+                return self.finish(exit);
+            }
+        }
+    }
+
+    /// Feed one event, then everything it causes (local I/O completions).
+    fn step(
+        &mut self,
+        ev: Event<Vec<u8>>,
+        internal: &mut VecDeque<Event<Vec<u8>>>,
+    ) -> Option<Exit> {
+        internal.push_back(ev);
+        let mut exit = None;
+        while let Some(ev) = internal.pop_front() {
+            let now = self.now();
+            self.node.handle(now, ev);
+            while let Some(a) = self.node.poll_action() {
+                if let Some(e) = self.execute(a, internal) {
+                    exit = Some(e);
+                }
+            }
+        }
+        self.shared
+            .serving
+            .store(self.node.serving(), Ordering::Relaxed);
+        self.shared
+            .in_sync
+            .store(self.node.in_sync(), Ordering::Relaxed);
+        exit
+    }
+
+    fn execute(
+        &mut self,
+        a: Action<Vec<u8>>,
+        internal: &mut VecDeque<Event<Vec<u8>>>,
+    ) -> Option<Exit> {
+        let bs = u64::from(self.node.config().block_size);
+        match a {
+            Action::SendMsl {
+                header,
+                msg,
+                payload,
+            } => {
+                self.frames.clear();
+                let p = payload.as_deref().unwrap_or(&[]);
+                if self
+                    .encoder
+                    .encode(&header, &msg, p, &mut self.frames)
+                    .is_ok()
+                {
+                    let control = msg.is_control();
+                    for f in self.frames.drain(..) {
+                        let _ = self.msl_tx.try_send((control, f));
+                    }
+                }
+            }
+            Action::SendLan { header, hb } => {
+                if let Some(lan) = &self.lan {
+                    lan.send(&header, &hb);
+                }
+            }
+            Action::Write {
+                io,
+                block,
+                count,
+                kind,
+                fua,
+                payload,
+            } => {
+                let (off, len) = (block * bs, count * bs);
+                let ok = match (kind, &payload) {
+                    (IoKind::Write, Some(p)) if p.len() as u64 == len => {
+                        self.volume.write_at(p, off, fua).is_ok()
+                    }
+                    // A write whose payload does not cover it is refused
+                    // (counted by the core as an I/O failure).
+                    (IoKind::Write, _) => false,
+                    (IoKind::Trim, _) => self.volume.trim(off, len).is_ok(),
+                    (IoKind::Zeroes, _) => self.volume.write_zeroes(off, len).is_ok(),
+                };
+                internal.push_back(Event::IoDone { io, ok });
+            }
+            Action::Read { io, block, count } => {
+                let mut buf = vec![0u8; (count * bs) as usize];
+                let r = self.volume.read_at(&mut buf, block * bs);
+                internal.push_back(Event::ReadDone {
+                    io,
+                    ok: r.is_ok(),
+                    payload: r.ok().map(|_| buf),
+                });
+            }
+            Action::Flush { io } => {
+                let r = self.volume.flush();
+                internal.push_back(Event::IoDone { io, ok: r.is_ok() });
+            }
+            Action::PersistMeta(m) => {
+                if self.store.persist(&m).is_err() {
+                    // Drop the rest of this batch: nothing after a failed
+                    // metadata write may happen.
+                    while self.node.poll_action().is_some() {}
+                    internal.push_back(Event::MetaFailed);
+                }
+            }
+            Action::Reply { req, result } => {
+                if let Some(tx) = self.replies.remove(&req) {
+                    let _ = tx.send(result);
+                }
+            }
+            Action::Notify(n) => self.notifier.notify(EventRecord::new(self.node_id, &n)),
+            Action::ServiceAddress { hold } => self.host.service_address(hold),
+            Action::Restart => return Some(Exit::Restart),
+        }
+        None
+    }
+
+    fn finish(mut self, exit: Exit) -> Exit {
+        if exit == Exit::Stopped {
+            let _ = self.volume.flush();
+            self.node.shutdown();
+            let mut internal = VecDeque::new();
+            while let Some(a) = self.node.poll_action() {
+                let _ = self.execute(a, &mut internal);
+            }
+        }
+        for (_, tx) in self.replies.drain() {
+            let _ = tx.send(Err(ClientError::NotPrimary));
+        }
+        exit
+    }
+}
+
+/// A handle for front ends (NBD): submit writes and flushes, wait for the
+/// core's answer.
+#[derive(Clone)]
+pub struct Client {
+    pub inputs: SyncSender<Input>,
+    pub shared: Arc<Shared>,
+    pub block_size: u64,
+    /// Serializes read-modify-write of partial blocks.
+    pub rmw: Arc<Mutex<()>>,
+}
+
+impl Client {
+    /// Write whole blocks (offset and length multiples of the block size).
+    pub fn write_blocks(&self, offset: u64, data: &[u8], fua: bool) -> Reply {
+        let (tx, rx) = sync_channel(1);
+        let count = data.len() as u64 / self.block_size;
+        let input = Input::Write {
+            block: offset / self.block_size,
+            count,
+            kind: IoKind::Write,
+            fua,
+            payload: Some(data.to_vec()),
+            reply: tx,
+        };
+        self.inputs
+            .send(input)
+            .map_err(|_| ClientError::NotPrimary)?;
+        rx.recv().unwrap_or(Err(ClientError::NotPrimary))
+    }
+
+    pub fn flush(&self) -> Reply {
+        let (tx, rx) = sync_channel(1);
+        self.inputs
+            .send(Input::Flush { reply: tx })
+            .map_err(|_| ClientError::NotPrimary)?;
+        rx.recv().unwrap_or(Err(ClientError::NotPrimary))
+    }
+
+    pub fn status(&self) -> Option<Status> {
+        let (tx, rx) = sync_channel(1);
+        self.inputs.send(Input::Status(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(2)).ok()
+    }
+}
