@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -535,21 +535,31 @@ pub struct Client {
     pub inputs: SyncSender<Input>,
     pub shared: Arc<Shared>,
     pub block_size: u64,
-    /// Serializes read-modify-write of partial blocks.
-    pub rmw: Arc<Mutex<()>>,
 }
 
 impl Client {
     /// Write whole blocks (offset and length multiples of the block size).
     pub fn write_blocks(&self, offset: u64, data: &[u8], fua: bool) -> Reply {
+        self.submit(offset, data.len() as u64, IoKind::Write, fua, Some(data))
+    }
+
+    /// Submit a block-aligned write, trim or write-zeroes and wait for the
+    /// core's answer.
+    pub fn submit(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: IoKind,
+        fua: bool,
+        data: Option<&[u8]>,
+    ) -> Reply {
         let (tx, rx) = sync_channel(1);
-        let count = data.len() as u64 / self.block_size;
         let input = Input::Write {
             block: offset / self.block_size,
-            count,
-            kind: IoKind::Write,
+            count: len / self.block_size,
+            kind,
             fua,
-            payload: Some(data.to_vec()),
+            payload: data.map(|d| d.to_vec()),
             reply: tx,
         };
         self.inputs

@@ -1,0 +1,129 @@
+//! The NBD front end's backend: the mirrored volume.
+//!
+//! Reads come straight from the local volume while this node serves (the
+//! primary's volume holds every acknowledged write). Writes, trims and
+//! write-zeroes go through the protocol core, which acknowledges them only
+//! when they are written locally AND on the peer (sync mode) or marked dirty
+//! (degraded). Requests not aligned to the block size are done as
+//! read-modify-write of whole blocks, under a lock that keeps aligned writes
+//! out of the blocks being merged.
+
+use std::io;
+use std::sync::{Arc, RwLock};
+
+use msl_core::node::{ClientError, IoKind};
+use msl_nbd::Backend;
+use msl_store::Volume;
+
+use crate::driver::{Client, Reply};
+
+/// A [`Backend`] over the mirroring core.
+pub struct MirrorBackend {
+    client: Client,
+    volume: Arc<Volume>,
+    /// Largest write handed to the core at once (a multiple of the block
+    /// size; bounded so one mirrored message fits the fragment limit).
+    max_write_bytes: u64,
+    rmw: RwLock<()>,
+}
+
+fn to_io(e: ClientError) -> io::Error {
+    // Errno values NBD carries to the client.
+    let errno = match e {
+        ClientError::NotPrimary => 108, // ESHUTDOWN: reconnect to the service address
+        ClientError::IoError => 5,      // EIO
+        ClientError::OutOfRange => 22,  // EINVAL
+        ClientError::Busy => 12,        // ENOMEM: try again
+    };
+    io::Error::from_raw_os_error(errno)
+}
+
+impl MirrorBackend {
+    pub fn new(client: Client, volume: Arc<Volume>, max_write_bytes: u64) -> Self {
+        let bs = client.block_size;
+        let max_write_bytes = (max_write_bytes / bs).max(1) * bs;
+        MirrorBackend { client, volume, max_write_bytes, rmw: RwLock::new(()) }
+    }
+
+    fn serving(&self) -> io::Result<()> {
+        if self.client.shared.serving.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err(to_io(ClientError::NotPrimary))
+        }
+    }
+
+    /// Aligned blocks, split into core-sized pieces.
+    fn submit_aligned(&self, off: u64, len: u64, kind: IoKind, data: Option<&[u8]>, fua: bool) -> Reply {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(self.max_write_bytes);
+            let piece = data.map(|d| &d[done as usize..(done + n) as usize]);
+            self.client.submit(off + done, n, kind, fua, piece)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_any(&self, off: u64, len: u64, kind: IoKind, data: Option<&[u8]>, fua: bool) -> io::Result<()> {
+        self.serving()?;
+        let bs = self.client.block_size;
+        if off % bs == 0 && len % bs == 0 {
+            let _g = self.rmw.read().map_err(|_| io::Error::other("lock poisoned"))?;
+            return self.submit_aligned(off, len, kind, data, fua).map_err(to_io);
+        }
+        // Read-modify-write of the covering blocks.
+        let _g = self.rmw.write().map_err(|_| io::Error::other("lock poisoned"))?;
+        let first = off / bs * bs;
+        let end = (off + len).div_ceil(bs) * bs;
+        let mut buf = vec![0u8; (end - first) as usize];
+        self.volume.read_at(&mut buf, first).map_err(io::Error::other)?;
+        let at = (off - first) as usize;
+        match data {
+            Some(d) => buf[at..at + d.len()].copy_from_slice(d),
+            None => buf[at..at + len as usize].fill(0),
+        }
+        self.submit_aligned(first, end - first, IoKind::Write, Some(&buf), fua).map_err(to_io)
+    }
+}
+
+impl Backend for MirrorBackend {
+    fn size(&self) -> u64 {
+        self.volume.size()
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.serving()?;
+        self.volume.read_at(buf, off).map_err(io::Error::other)
+    }
+
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.write_any(off, data.len() as u64, IoKind::Write, Some(data), fua)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.serving()?;
+        self.client.flush().map_err(to_io)
+    }
+
+    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+        let bs = self.client.block_size;
+        // Trim is advisory: only whole blocks inside the range are trimmed.
+        let first = off.div_ceil(bs) * bs;
+        let end = (off + len) / bs * bs;
+        if end <= first {
+            return self.serving();
+        }
+        self.write_any(first, end - first, IoKind::Trim, None, false)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.write_any(off, len, IoKind::Zeroes, None, fua)
+    }
+
+    /// The core orders every write and a FLUSH covers all acknowledged
+    /// writes, from any connection.
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+}
