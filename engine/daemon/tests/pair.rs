@@ -148,7 +148,6 @@ fn start(
         inputs,
         shared,
         block_size: u64::from(BS),
-        rmw: Default::default(),
     };
     let _ = (tx_thread, rx_thread, fwd_thread);
     NodeRun {
