@@ -5,6 +5,7 @@
 //! front end (`msl-nbd`), is built on these.
 
 pub mod config;
+pub mod control;
 pub mod driver;
 pub mod lan;
 pub mod notify;

@@ -82,6 +82,8 @@ pub struct Sinks {
     pub command: Option<PathBuf>,
     /// A notification command running longer than this is killed.
     pub command_timeout: Duration,
+    /// `mslctl events` subscribers.
+    pub hub: Option<crate::control::EventHub>,
 }
 
 /// Counters for status and metrics.
@@ -170,6 +172,9 @@ fn run(rx: Receiver<EventRecord>, sinks: Sinks, counters: Arc<NotifyCounters>) {
 }
 
 fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters) {
+    if let Some(hub) = &sinks.hub {
+        hub.publish(rec);
+    }
     if sinks.console {
         eprintln!("{}", rec.console_line());
     }
@@ -231,6 +236,7 @@ mod tests {
             log_file: Some(dir.join("msld.log")),
             command,
             command_timeout: Duration::from_secs(5),
+            hub: None,
         }
     }
 

@@ -121,6 +121,7 @@ fn start(
             log_file: Some(dir.join(format!("n{id}.log"))),
             command: None,
             command_timeout: Duration::from_secs(1),
+            hub: None,
         },
         1024,
     );

@@ -1,0 +1,343 @@
+//! The control socket `mslctl` talks to: a Unix stream socket, mode 0600
+//! (root only), one JSON request per line, one JSON answer per line.
+//!
+//! Requests: `{"cmd":"status"}`, `{"cmd":"events"}` (then a stream of event
+//! lines until the client hangs up), and the admin commands
+//! `promote` (with `"force":true|false`), `demote`, `switchover`,
+//! `disconnect`, `connect`, `invalidate`. Answers carry `"ok"`; failures say
+//! why in `"error"`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use msl_core::node::Status;
+use msl_core::AdminCmd;
+use serde_json::{json, Value};
+
+use crate::driver::Input;
+use crate::notify::EventRecord;
+
+/// Subscribers of the event stream (`mslctl events`).
+#[derive(Clone, Debug, Default)]
+pub struct EventHub {
+    subs: Arc<Mutex<Vec<SyncSender<String>>>>,
+}
+
+impl EventHub {
+    /// Send an event to every subscriber; slow or gone ones are dropped.
+    pub fn publish(&self, rec: &EventRecord) {
+        let line = event_json(rec).to_string();
+        if let Ok(mut subs) = self.subs.lock() {
+            subs.retain(|s| s.try_send(line.clone()).is_ok());
+        }
+    }
+
+    fn subscribe(&self) -> std::sync::mpsc::Receiver<String> {
+        let (tx, rx) = sync_channel(1024);
+        if let Ok(mut subs) = self.subs.lock() {
+            subs.push(tx);
+        }
+        rx
+    }
+}
+
+/// An event as JSON.
+pub fn event_json(rec: &EventRecord) -> Value {
+    json!({"ts_ms": rec.unix_ms, "node": rec.node_id, "event": rec.kind, "message": rec.message})
+}
+
+/// A status snapshot as JSON (the `mslctl status --json` document).
+pub fn status_json(s: &Status) -> Value {
+    let c = &s.counters;
+    json!({
+        "node": s.node_id,
+        "role": format!("{:?}", s.role).to_lowercase(),
+        "disk": format!("{:?}", s.disk).to_lowercase(),
+        "generation": format!("{:016x}", s.generation),
+        "connected": s.connected,
+        "in_sync": s.in_sync,
+        "msl_alive": s.msl_alive,
+        "lan_alive": s.lan_alive,
+        "peer_role": s.peer_role.map(|r| format!("{r:?}").to_lowercase()),
+        "dirty_blocks": s.dirty_blocks,
+        "resync": {
+            "active": s.resync_total > 0,
+            "source": s.resync_source,
+            "remaining_blocks": s.resync_remaining,
+            "total_blocks": s.resync_total,
+        },
+        "pending_writes": s.pending_writes,
+        "pending_flushes": s.pending_flushes,
+        "switching": s.switching,
+        "counters": {
+            "client_writes": c.client_writes,
+            "client_writes_refused": c.client_writes_refused,
+            "takeovers": c.takeovers,
+            "split_brains": c.split_brains,
+            "resync_blocks_sent": c.resync_blocks_sent,
+            "resync_blocks_received": c.resync_blocks_received,
+            "retransmits": c.retransmits,
+            "meta_writes": c.meta_writes,
+            "frames_from_stranger": c.frames_from_stranger,
+            "frames_unexpected": c.frames_unexpected,
+            "frames_unknown_ignored": c.frames_unknown_ignored,
+            "frames_unknown_refused": c.frames_unknown_refused,
+        },
+    })
+}
+
+/// The listening side, owned by `msld`.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Bind `path` (replacing a stale socket), mode 0600, and serve.
+    pub fn start(path: &Path, inputs: SyncSender<Input>, hub: EventHub) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if path.exists() {
+            // A live daemon answers; a stale socket from a crash does not.
+            if UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "control socket {} is in use: is another msld running?",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("msl-control".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            let (i, h) = (inputs.clone(), hub.clone());
+                            let _ = std::thread::Builder::new()
+                                .name("msl-control-conn".into())
+                                .spawn(move || serve_conn(conn, &i, &h));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_conn(conn: UnixStream, inputs: &SyncSender<Input>, hub: &EventHub) {
+    let _ = conn.set_nonblocking(false);
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let reader = BufReader::new(conn);
+    for line in reader.lines() {
+        let Ok(line) = line else {
+            return;
+        };
+        if line.len() > 4096 {
+            let _ = writeln!(out, "{}", json!({"ok": false, "error": "request too long"}));
+            return;
+        }
+        let answer = match serde_json::from_str::<Value>(&line) {
+            Err(e) => json!({"ok": false, "error": format!("not JSON: {e}")}),
+            Ok(req) => match req.get("cmd").and_then(Value::as_str) {
+                Some("status") => {
+                    let (tx, rx) = sync_channel(1);
+                    match inputs
+                        .send(Input::Status(tx))
+                        .ok()
+                        .and_then(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
+                    {
+                        Some(s) => json!({"ok": true, "status": status_json(&s)}),
+                        None => json!({"ok": false, "error": "the daemon's core did not answer"}),
+                    }
+                }
+                Some("events") => {
+                    let rx = hub.subscribe();
+                    if writeln!(out, "{}", json!({"ok": true, "streaming": true})).is_err() {
+                        return;
+                    }
+                    while let Ok(ev) = rx.recv() {
+                        if writeln!(out, "{ev}").is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+                Some(cmd) => match admin(cmd, &req) {
+                    Some(a) => match inputs.send(Input::Admin(a)) {
+                        Ok(()) => {
+                            json!({"ok": true, "cmd": cmd, "note": "watch `mslctl events` for the outcome"})
+                        }
+                        Err(_) => json!({"ok": false, "error": "the daemon is shutting down"}),
+                    },
+                    None => json!({"ok": false, "error": format!("unknown command `{cmd}`")}),
+                },
+                None => json!({"ok": false, "error": "missing \"cmd\""}),
+            },
+        };
+        if writeln!(out, "{answer}").is_err() {
+            return;
+        }
+    }
+}
+
+fn admin(cmd: &str, req: &Value) -> Option<AdminCmd> {
+    Some(match cmd {
+        "promote" => AdminCmd::Promote {
+            force: req.get("force").and_then(Value::as_bool).unwrap_or(false),
+        },
+        "demote" => AdminCmd::Demote,
+        "switchover" => AdminCmd::Switchover,
+        "disconnect" => AdminCmd::Disconnect,
+        "connect" => AdminCmd::Connect,
+        "invalidate" => AdminCmd::Invalidate,
+        _ => return None,
+    })
+}
+
+/// Client side (used by `mslctl`): send one request, read one answer.
+pub fn request(socket: &Path, req: &Value) -> Result<Value, String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot connect to {}: {e} (is msld running? are you root?)",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from msld: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("bad answer from msld: {e}"))
+}
+
+/// Client side: stream events to `f` until the daemon goes away.
+pub fn follow_events(socket: &Path, mut f: impl FnMut(&Value)) -> Result<(), String> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    writeln!(s, "{}", json!({"cmd": "events"})).map_err(|e| e.to_string())?;
+    for line in BufReader::new(s).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if v.get("streaming").is_none() {
+                f(&v);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_control_socket_status_admin_and_bad_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl.sock");
+        let (tx, rx) = sync_channel::<Input>(16);
+        let hub = EventHub::default();
+        let server = ControlServer::start(&sock, tx, hub.clone()).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "control socket must be root-only");
+        // A fake core answering status and recording admin commands.
+        let core = std::thread::spawn(move || {
+            let mut admins = Vec::new();
+            while let Ok(i) = rx.recv_timeout(Duration::from_secs(3)) {
+                match i {
+                    Input::Status(r) => {
+                        let mut cfg = msl_core::Config::new(1, 2, 7, 64, 4096);
+                        cfg.window = 8;
+                        let meta = msl_core::meta::Meta::create(7, 1, 64, 4096, Some(3));
+                        let n: msl_core::Node<Vec<u8>> = msl_core::Node::new(cfg, meta, 1, 0);
+                        let _ = r.send(n.status());
+                    }
+                    Input::Admin(a) => admins.push(a),
+                    _ => {}
+                }
+                if admins.len() == 2 {
+                    break;
+                }
+            }
+            admins
+        });
+        let st = request(&sock, &json!({"cmd": "status"})).unwrap();
+        assert_eq!(st["ok"], true);
+        assert_eq!(st["status"]["role"], "secondary");
+        assert_eq!(st["status"]["disk"], "uptodate");
+        assert_eq!(
+            request(&sock, &json!({"cmd": "promote", "force": true})).unwrap()["ok"],
+            true
+        );
+        assert_eq!(
+            request(&sock, &json!({"cmd": "switchover"})).unwrap()["ok"],
+            true
+        );
+        let bad = request(&sock, &json!({"cmd": "reboot-the-world"})).unwrap();
+        assert_eq!(bad["ok"], false);
+        assert!(bad["error"].as_str().unwrap().contains("unknown command"));
+        assert_eq!(
+            core.join().unwrap(),
+            vec![AdminCmd::Promote { force: true }, AdminCmd::Switchover]
+        );
+        // Events reach a subscriber.
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        let s2 = sock.clone();
+        std::thread::spawn(move || {
+            let _ = follow_events(&s2, |v| g.lock().unwrap().push(v.clone()));
+        });
+        let rec = EventRecord {
+            unix_ms: 1,
+            node_id: 1,
+            kind: "takeover",
+            message: "x".into(),
+        };
+        for _ in 0..100 {
+            hub.publish(&rec);
+            if !got.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(got.lock().unwrap()[0]["event"], "takeover");
+        drop(server);
+        assert!(!sock.exists(), "socket removed on shutdown");
+    }
+}
