@@ -42,11 +42,21 @@ impl MirrorBackend {
     pub fn new(client: Client, volume: Arc<Volume>, max_write_bytes: u64) -> Self {
         let bs = client.block_size;
         let max_write_bytes = (max_write_bytes / bs).max(1) * bs;
-        MirrorBackend { client, volume, max_write_bytes, rmw: RwLock::new(()) }
+        MirrorBackend {
+            client,
+            volume,
+            max_write_bytes,
+            rmw: RwLock::new(()),
+        }
     }
 
     fn serving(&self) -> io::Result<()> {
-        if self.client.shared.serving.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .client
+            .shared
+            .serving
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             Ok(())
         } else {
             Err(to_io(ClientError::NotPrimary))
@@ -54,7 +64,14 @@ impl MirrorBackend {
     }
 
     /// Aligned blocks, split into core-sized pieces.
-    fn submit_aligned(&self, off: u64, len: u64, kind: IoKind, data: Option<&[u8]>, fua: bool) -> Reply {
+    fn submit_aligned(
+        &self,
+        off: u64,
+        len: u64,
+        kind: IoKind,
+        data: Option<&[u8]>,
+        fua: bool,
+    ) -> Reply {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(self.max_write_bytes);
@@ -65,25 +82,43 @@ impl MirrorBackend {
         Ok(())
     }
 
-    fn write_any(&self, off: u64, len: u64, kind: IoKind, data: Option<&[u8]>, fua: bool) -> io::Result<()> {
+    fn write_any(
+        &self,
+        off: u64,
+        len: u64,
+        kind: IoKind,
+        data: Option<&[u8]>,
+        fua: bool,
+    ) -> io::Result<()> {
         self.serving()?;
         let bs = self.client.block_size;
-        if off % bs == 0 && len % bs == 0 {
-            let _g = self.rmw.read().map_err(|_| io::Error::other("lock poisoned"))?;
-            return self.submit_aligned(off, len, kind, data, fua).map_err(to_io);
+        if off.is_multiple_of(bs) && len.is_multiple_of(bs) {
+            let _g = self
+                .rmw
+                .read()
+                .map_err(|_| io::Error::other("lock poisoned"))?;
+            return self
+                .submit_aligned(off, len, kind, data, fua)
+                .map_err(to_io);
         }
         // Read-modify-write of the covering blocks.
-        let _g = self.rmw.write().map_err(|_| io::Error::other("lock poisoned"))?;
+        let _g = self
+            .rmw
+            .write()
+            .map_err(|_| io::Error::other("lock poisoned"))?;
         let first = off / bs * bs;
         let end = (off + len).div_ceil(bs) * bs;
         let mut buf = vec![0u8; (end - first) as usize];
-        self.volume.read_at(&mut buf, first).map_err(io::Error::other)?;
+        self.volume
+            .read_at(&mut buf, first)
+            .map_err(io::Error::other)?;
         let at = (off - first) as usize;
         match data {
             Some(d) => buf[at..at + d.len()].copy_from_slice(d),
             None => buf[at..at + len as usize].fill(0),
         }
-        self.submit_aligned(first, end - first, IoKind::Write, Some(&buf), fua).map_err(to_io)
+        self.submit_aligned(first, end - first, IoKind::Write, Some(&buf), fua)
+            .map_err(to_io)
     }
 }
 

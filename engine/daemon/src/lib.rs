@@ -7,8 +7,10 @@
 pub mod config;
 pub mod control;
 pub mod driver;
+pub mod frontend;
 pub mod lan;
 pub mod notify;
+pub mod service;
 
 pub use config::{ConfigError, DaemonConfig};
 pub use notify::{EventRecord, Notifier, Sinks};

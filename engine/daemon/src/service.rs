@@ -1,0 +1,116 @@
+//! What msld does around the core: watch link state of the LAN adapters
+//! and the MSL NIC, run the NBD front end, and hold or release the service
+//! address.
+
+use std::net::{IpAddr, TcpListener};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use msl_nbd::{Backend, Server, ServerConfig};
+
+use crate::driver::{Host, Input};
+
+/// Link and carrier of an interface from sysfs (`ip netns exec` mounts the
+/// namespace's own sysfs, so this sees the daemon's namespace).
+pub fn link_up(ifname: &str) -> bool {
+    let base = Path::new("/sys/class/net").join(ifname);
+    let carrier = std::fs::read_to_string(base.join("carrier")).is_ok_and(|s| s.trim() == "1");
+    let oper = std::fs::read_to_string(base.join("operstate")).is_ok_and(|s| s.trim() == "up");
+    carrier && oper
+}
+
+/// Poll link state every 50 ms and report changes: LAN adapters as
+/// `Input::LanAdapter`, the MSL NIC (adapter `None`) as `Input::MslLink`.
+pub fn watch_links(
+    ifaces: Vec<(String, Option<u8>)>,
+    inputs: SyncSender<Input>,
+    stop: Arc<AtomicBool>,
+) {
+    std::thread::spawn(move || {
+        let mut last: Vec<Option<bool>> = vec![None; ifaces.len()];
+        while !stop.load(Ordering::Relaxed) {
+            for (i, (name, adapter)) in ifaces.iter().enumerate() {
+                let up = link_up(name);
+                if last[i] != Some(up) {
+                    last[i] = Some(up);
+                    let input = match adapter {
+                        Some(a) => Input::LanAdapter { adapter: *a, up },
+                        None => Input::MslLink { up },
+                    };
+                    if inputs.send(input).is_err() {
+                        return;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+}
+
+/// Serve NBD on `listener` until `stop`.
+pub fn start_nbd(
+    listener: TcpListener,
+    backend: Arc<dyn Backend>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let cfg = ServerConfig::default();
+    let server = Server::new(listener, String::new(), backend, cfg, stop);
+    std::thread::Builder::new()
+        .name("msl-nbd".into())
+        .spawn(move || {
+            if let Err(e) = server.run() {
+                eprintln!("msld: NBD server stopped: {e}");
+            }
+        })?;
+    Ok(())
+}
+
+/// Holds the service address on the primary: add + gratuitous ARP when
+/// the core says hold, remove when it says release.
+pub struct ServiceHost {
+    ifname: String,
+    ip: IpAddr,
+    prefix: u8,
+}
+
+impl ServiceHost {
+    pub fn new(ifname: &str, ip: IpAddr, prefix: u8) -> Self {
+        ServiceHost {
+            ifname: ifname.to_string(),
+            ip,
+            prefix,
+        }
+    }
+}
+
+impl Host for ServiceHost {
+    fn service_address(&mut self, hold: bool) {
+        let r = if hold {
+            let r = msl_netcfg::add_address(&self.ifname, self.ip, self.prefix);
+            if let (Ok(()), IpAddr::V4(v4)) = (&r, self.ip) {
+                // Announce off the core thread (rounds are 100 ms apart).
+                let ifname = self.ifname.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = msl_netcfg::send_gratuitous_arp(&ifname, v4, 3) {
+                        eprintln!("msld: gratuitous ARP for {v4} on {ifname} failed: {e}");
+                    }
+                });
+            }
+            r
+        } else {
+            msl_netcfg::remove_address(&self.ifname, self.ip, self.prefix)
+        };
+        if let Err(e) = r {
+            eprintln!(
+                "msld: service address {}/{} on {}: {} failed: {e}",
+                self.ip,
+                self.prefix,
+                self.ifname,
+                if hold { "claim" } else { "release" }
+            );
+        }
+    }
+}
