@@ -5,6 +5,8 @@
 #   iproute2  `ip netns`, `ip link` (two-namespace veth topology)
 #   iperf3    the kernel-TCP ceiling printed beside the MSL backends
 #   linux-perf (optional) profiling the data path
+#   libnbd-bin, qemu-utils, fio  NBD clients for the engine/nbd tests
+#             (nbdinfo, nbdcopy; qemu-io, qemu-img; fio --ioengine=nbd)
 #
 # No clang/llvm: the XDP program is hand-assembled eBPF loaded with the bpf
 # syscall (engine/transport/src/xdp_prog.rs).
@@ -13,6 +15,9 @@ set -euo pipefail
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
+command -v fio >/dev/null 2>&1 || need+=(fio)
 if [ "${MSL_SETUP_PERF:-0}" = 1 ] && ! command -v perf >/dev/null 2>&1; then
     need+=(linux-perf)
 fi
@@ -26,4 +31,4 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-echo "setup.sh: iproute2 and iperf3 present"
+echo "setup.sh: iproute2, iperf3 and the NBD clients present"

@@ -1,0 +1,155 @@
+//! The storage behind an export.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// What the NBD server reads and writes. Every call is made with a range the
+/// server has already checked against [`Backend::size`]. Calls may run
+/// concurrently from several worker threads.
+///
+/// The mirroring daemon implements this on top of its core: `write` returns
+/// only once the data is durable as the write semantics require.
+pub trait Backend: Send + Sync + 'static {
+    /// Export size in bytes; fixed for the life of the server.
+    fn size(&self) -> u64;
+    /// Fill `buf` from `off`.
+    fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Write `data` at `off`; with `fua`, it must be durable before returning.
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()>;
+    /// Make every write completed so far durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Advisory discard: afterwards the range may read as anything.
+    fn trim(&self, off: u64, len: u64) -> io::Result<()>;
+    /// The range reads as zeroes afterwards.
+    fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()>;
+    /// True only if a FLUSH on one connection covers writes completed on all
+    /// connections (then the server advertises NBD_FLAG_CAN_MULTI_CONN).
+    fn can_multi_conn(&self) -> bool {
+        false
+    }
+}
+
+/// A regular file or block device, through pread/pwrite/fdatasync, with
+/// fallocate for TRIM (punch hole) and WRITE_ZEROES (zero range). This is the
+/// unreplicated baseline and what the tests serve.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    size: u64,
+}
+
+impl FileBackend {
+    /// Open an existing file or block device read-write (or read-only); the
+    /// export size is its current size.
+    pub fn open(path: impl AsRef<Path>, read_only: bool) -> io::Result<Self> {
+        let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let size = file.seek(SeekFrom::End(0))?;
+        Ok(Self { file, size })
+    }
+
+    /// Create (or truncate) a regular file of `size` bytes and open it.
+    pub fn create(path: impl AsRef<Path>, size: u64) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(size)?;
+        Ok(Self { file, size })
+    }
+
+    fn fallocate(&self, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
+        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate takes a valid fd owned by self.file and plain integers.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, o, l) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn zero_by_writing(&self, mut off: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let end = off + len;
+        while off < end {
+            let n = CHUNK.min(end - off) as usize;
+            self.file.write_all_at(&zeroes[..n], off)?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENODEV)
+    )
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, off)
+    }
+
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.file.write_all_at(data, off)?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
+            // TRIM is advisory: where the file system cannot punch, do nothing.
+            Err(e) if unsupported(&e) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ) {
+            Ok(()) => {}
+            Err(e) if unsupported(&e) => self.zero_by_writing(off, len)?,
+            Err(e) => return Err(e),
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// A single file descriptor: fdatasync on any connection covers writes
+    /// completed on every connection.
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,700 @@
+//! One NBD connection: the fixed-newstyle handshake, then transmission with
+//! a reader thread (parses and validates requests, reads WRITE payloads) and
+//! a few worker threads (run backend calls and send replies, serialized by a
+//! writer lock). Several requests are in flight at once; replies go out in
+//! completion order, as the protocol allows.
+
+use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::counters::Counters;
+use crate::proto::*;
+use crate::{Backend, ServerConfig};
+
+/// Longest option payload accepted; a longer one drops the connection (the
+/// spec bounds names and queries at 4096 bytes each).
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+
+/// A byte stream the server can split into a reader and a writer.
+pub trait Socket: Read + Write + Send + Sync + Sized + 'static {
+    /// Another handle to the same connection.
+    fn clone_socket(&self) -> io::Result<Self>;
+    /// Shut both directions down (wakes a blocked reader).
+    fn shutdown_both(&self);
+    /// Read timeout (None: block forever).
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Socket for TcpStream {
+    fn clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl Socket for UnixStream {
+    fn clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(Shutdown::Both);
+    }
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+/// One export: a name, a backend, its configuration and its counters.
+pub struct Export {
+    pub name: String,
+    pub backend: Arc<dyn Backend>,
+    pub cfg: ServerConfig,
+    pub counters: Arc<Counters>,
+}
+
+impl Export {
+    pub fn new(name: String, backend: Arc<dyn Backend>, cfg: ServerConfig) -> Self {
+        Self {
+            name,
+            backend,
+            cfg,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    fn name_ok(&self, name: &[u8]) -> bool {
+        // The empty name selects the default export, which is ours.
+        name.is_empty() || name == self.name.as_bytes()
+    }
+
+    fn max_request(&self) -> u32 {
+        self.cfg.max_request.max(1)
+    }
+
+    fn transmission_flags(&self) -> u16 {
+        let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH;
+        if self.cfg.read_only {
+            f |= TFLAG_READ_ONLY;
+        } else {
+            f |= TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+        }
+        if self.backend.can_multi_conn() {
+            f |= TFLAG_CAN_MULTI_CONN;
+        }
+        f
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnEnd {
+    /// NBD_CMD_DISC after all in-flight requests were answered.
+    Disconnect,
+    /// The client closed the socket (or the server was stopped).
+    Closed,
+    /// NBD_OPT_ABORT during the handshake.
+    Aborted,
+    /// The handshake failed; the reason is counted in `handshake_failures`.
+    HandshakeFailed(String),
+    /// A request with a bad magic: the stream cannot be trusted any more.
+    BadMagic,
+    /// A WRITE longer than the maximum request: its payload is not read.
+    OversizedWrite,
+    /// A reply could not be sent.
+    ReplyFailed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    structured: bool,
+    meta_alloc: bool,
+}
+
+enum Hs {
+    Go(Negotiated),
+    End(ConnEnd),
+}
+
+fn be_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
+}
+fn be_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+}
+
+fn send_rep<W: Write>(w: &mut W, opt: u32, typ: u32, payload: &[u8]) -> io::Result<()> {
+    let mut b = Vec::with_capacity(20 + payload.len());
+    b.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&typ.to_be_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(payload);
+    w.write_all(&b)
+}
+
+/// Parse `u32 len + name` at `at`; returns the name and the offset after it.
+fn take_str(data: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let n = be_u32(data.get(at..at + 4)?, 0) as usize;
+    let end = at.checked_add(4)?.checked_add(n)?;
+    Some((data.get(at + 4..end)?, end))
+}
+
+/// Parse an OPT_INFO / OPT_GO payload: the export name and the info requests.
+fn parse_info(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
+    let (name, at) = take_str(data, 0)?;
+    let n = be_u16(data.get(at..at + 2)?, 0) as usize;
+    let reqs = data.get(at + 2..)?;
+    if reqs.len() != 2 * n {
+        return None;
+    }
+    Some((name, reqs.chunks_exact(2).map(|c| be_u16(c, 0)).collect()))
+}
+
+/// Parse an OPT_{LIST,SET}_META_CONTEXT payload: export name and queries.
+fn parse_meta(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+    let (name, mut at) = take_str(data, 0)?;
+    let n = be_u32(data.get(at..at + 4)?, 0);
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let (q, next) = take_str(data, at)?;
+        queries.push(q);
+        at = next;
+    }
+    (at == data.len()).then_some((name, queries))
+}
+
+fn handshake<S: Socket>(s: &mut S, ex: &Export) -> io::Result<Hs> {
+    let fail = |why: &str| Ok(Hs::End(ConnEnd::HandshakeFailed(why.to_string())));
+    let mut greet = [0u8; 18];
+    greet[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    greet[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    greet[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&greet)?;
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf)?;
+    let cflags = u32::from_be_bytes(cf);
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return fail("unknown client flags");
+    }
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let mut neg = Negotiated {
+        structured: false,
+        meta_alloc: false,
+    };
+    let size = ex.backend.size();
+    let tflags = ex.transmission_flags();
+    // The whole negotiation must finish by the deadline, however many
+    // options the client sends.
+    let deadline = Instant::now() + ex.cfg.handshake_timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return fail("handshake deadline passed");
+        }
+        s.set_timeout(Some(left))?;
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h)?;
+        if be_u64(&h, 0) != IHAVEOPT {
+            return fail("bad option magic");
+        }
+        let opt = be_u32(&h, 8);
+        let len = be_u32(&h, 12);
+        if len > MAX_OPTION_LEN {
+            return fail("option payload too long");
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                if !ex.name_ok(&data) {
+                    // No error reply exists for EXPORT_NAME: close.
+                    return fail("unknown export name");
+                }
+                let mut b = Vec::with_capacity(10 + 124);
+                b.extend_from_slice(&size.to_be_bytes());
+                b.extend_from_slice(&tflags.to_be_bytes());
+                if !no_zeroes {
+                    b.resize(b.len() + 124, 0);
+                }
+                s.write_all(&b)?;
+                return Ok(Hs::Go(neg));
+            }
+            OPT_ABORT => {
+                let _ = send_rep(s, opt, REP_ACK, &[]);
+                return Ok(Hs::End(ConnEnd::Aborted));
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    continue;
+                }
+                let mut p = (ex.name.len() as u32).to_be_bytes().to_vec();
+                p.extend_from_slice(ex.name.as_bytes());
+                send_rep(s, opt, REP_SERVER, &p)?;
+                send_rep(s, opt, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Some((name, reqs)) = parse_info(&data) else {
+                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    continue;
+                };
+                if !ex.name_ok(name) {
+                    send_rep(s, opt, REP_ERR_UNKNOWN, &[])?;
+                    continue;
+                }
+                let mut p = INFO_EXPORT.to_be_bytes().to_vec();
+                p.extend_from_slice(&size.to_be_bytes());
+                p.extend_from_slice(&tflags.to_be_bytes());
+                send_rep(s, opt, REP_INFO, &p)?;
+                if reqs.contains(&INFO_NAME) {
+                    let mut p = INFO_NAME.to_be_bytes().to_vec();
+                    p.extend_from_slice(ex.name.as_bytes());
+                    send_rep(s, opt, REP_INFO, &p)?;
+                }
+                let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                p.extend_from_slice(&1u32.to_be_bytes());
+                p.extend_from_slice(&4096u32.min(ex.max_request()).to_be_bytes());
+                p.extend_from_slice(&ex.max_request().to_be_bytes());
+                send_rep(s, opt, REP_INFO, &p)?;
+                send_rep(s, opt, REP_ACK, &[])?;
+                if opt == OPT_GO {
+                    return Ok(Hs::Go(neg));
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    continue;
+                }
+                neg.structured = true;
+                send_rep(s, opt, REP_ACK, &[])?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                if set && !neg.structured {
+                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    continue;
+                }
+                let Some((name, queries)) = parse_meta(&data) else {
+                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    continue;
+                };
+                if !ex.name_ok(name) {
+                    send_rep(s, opt, REP_ERR_UNKNOWN, &[])?;
+                    continue;
+                }
+                let exact = queries
+                    .iter()
+                    .any(|q| *q == META_BASE_ALLOCATION.as_bytes());
+                let listed = !set && (queries.is_empty() || queries.iter().any(|q| *q == b"base:"));
+                if exact || listed {
+                    let mut p = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                    send_rep(s, opt, REP_META_CONTEXT, &p)?;
+                }
+                if set {
+                    neg.meta_alloc = exact;
+                }
+                send_rep(s, opt, REP_ACK, &[])?;
+            }
+            // EXTENDED_HEADERS, STARTTLS, anything unknown: unsupported, and
+            // the client may carry on negotiating.
+            _ => {
+                Counters::inc(&ex.counters.options_unsupported);
+                send_rep(s, opt, REP_ERR_UNSUP, &[])?;
+            }
+        }
+    }
+}
+
+/// Serve one connection to the end: handshake, then transmission.
+pub fn serve_stream<S: Socket>(mut sock: S, ex: &Export) -> ConnEnd {
+    let c = &ex.counters;
+    let _ = sock.set_timeout(Some(ex.cfg.handshake_timeout));
+    let neg = match handshake(&mut sock, ex) {
+        Ok(Hs::Go(n)) => n,
+        Ok(Hs::End(e)) => {
+            if matches!(e, ConnEnd::HandshakeFailed(_)) {
+                Counters::inc(&c.handshake_failures);
+            }
+            sock.shutdown_both();
+            return e;
+        }
+        Err(e) => {
+            Counters::inc(&c.handshake_failures);
+            sock.shutdown_both();
+            return ConnEnd::HandshakeFailed(e.to_string());
+        }
+    };
+    Counters::inc(&c.handshakes_completed);
+    let _ = sock.set_timeout(None);
+    let end = transmission(sock, ex, neg);
+    if end == ConnEnd::ReplyFailed {
+        Counters::inc(&c.reply_send_failures);
+    }
+    end
+}
+
+/// Bounds the payload bytes held by in-flight requests of one connection.
+struct Budget {
+    used: Mutex<u64>,
+    cv: Condvar,
+    cap: u64,
+}
+
+impl Budget {
+    fn acquire(&self, n: u64) {
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        // A single request larger than the cap still runs, alone.
+        while *u > 0 && *u + n > self.cap {
+            u = self.cv.wait(u).unwrap_or_else(|e| e.into_inner());
+        }
+        *u += n;
+    }
+    fn release(&self, n: u64) {
+        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *u -= n;
+        self.cv.notify_all();
+    }
+}
+
+struct Job {
+    handle: u64,
+    cmd: u16,
+    flags: u16,
+    off: u64,
+    len: u32,
+    data: Vec<u8>,
+    cost: u64,
+}
+
+struct Conn<'a, S: Socket> {
+    ex: &'a Export,
+    neg: Negotiated,
+    writer: Mutex<S>,
+    killer: S,
+    dead: AtomicBool,
+    budget: Budget,
+}
+
+impl<S: Socket> Conn<'_, S> {
+    fn send(&self, buf: &[u8]) {
+        if self.dead.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if w.write_all(buf).is_err() && !self.dead.swap(true, Ordering::Relaxed) {
+            self.killer.shutdown_both();
+        }
+    }
+
+    fn reply_ok(&self, handle: u64) {
+        if self.neg.structured {
+            let mut b = [0u8; STRUCTURED_REPLY_LEN];
+            structured_header(&mut b, REPLY_TYPE_NONE, handle, 0);
+            self.send(&b);
+        } else {
+            let mut b = [0u8; SIMPLE_REPLY_LEN];
+            simple_header(&mut b, 0, handle);
+            self.send(&b);
+        }
+    }
+
+    fn reply_err(&self, handle: u64, errno: u32) {
+        self.ex.counters.count_error(errno);
+        if self.neg.structured {
+            let mut b = [0u8; STRUCTURED_REPLY_LEN + 6];
+            structured_header(&mut b, REPLY_TYPE_ERROR, handle, 6);
+            b[20..24].copy_from_slice(&errno.to_be_bytes());
+            // b[24..26]: message length 0.
+            self.send(&b);
+        } else {
+            let mut b = [0u8; SIMPLE_REPLY_LEN];
+            simple_header(&mut b, errno, handle);
+            self.send(&b);
+        }
+    }
+
+    fn reply_result(&self, handle: u64, r: io::Result<()>) {
+        match r {
+            Ok(()) => self.reply_ok(handle),
+            Err(e) => self.reply_err(handle, errno_of(&e)),
+        }
+    }
+
+    fn execute(&self, job: Job) {
+        let be = &*self.ex.backend;
+        let c = &self.ex.counters;
+        let fua = job.flags & CMD_FLAG_FUA != 0;
+        match job.cmd {
+            CMD_READ => {
+                let n = job.len as usize;
+                if n == 0 {
+                    self.reply_ok(job.handle);
+                } else if self.neg.structured {
+                    let h = STRUCTURED_REPLY_LEN + 8;
+                    let mut b = vec![0u8; h + n];
+                    match be.read(job.off, &mut b[h..]) {
+                        Ok(()) => {
+                            structured_header(&mut b, REPLY_TYPE_OFFSET_DATA, job.handle, 8 + n);
+                            b[20..28].copy_from_slice(&job.off.to_be_bytes());
+                            Counters::add(&c.bytes_read, n as u64);
+                            self.send(&b);
+                        }
+                        Err(e) => self.reply_err(job.handle, errno_of(&e)),
+                    }
+                } else {
+                    let h = SIMPLE_REPLY_LEN;
+                    let mut b = vec![0u8; h + n];
+                    match be.read(job.off, &mut b[h..]) {
+                        Ok(()) => {
+                            simple_header(&mut b, 0, job.handle);
+                            Counters::add(&c.bytes_read, n as u64);
+                            self.send(&b);
+                        }
+                        Err(e) => self.reply_err(job.handle, errno_of(&e)),
+                    }
+                }
+            }
+            CMD_WRITE => {
+                let r = be.write(job.off, &job.data, fua);
+                if r.is_ok() {
+                    Counters::add(&c.bytes_written, job.data.len() as u64);
+                }
+                self.reply_result(job.handle, r);
+            }
+            CMD_FLUSH => self.reply_result(job.handle, be.flush()),
+            CMD_TRIM => {
+                let mut r = be.trim(job.off, job.len.into());
+                if r.is_ok() && fua {
+                    r = be.flush();
+                }
+                self.reply_result(job.handle, r);
+            }
+            CMD_WRITE_ZEROES => {
+                self.reply_result(job.handle, be.write_zeroes(job.off, job.len.into(), fua))
+            }
+            CMD_BLOCK_STATUS => {
+                // Everything is reported allocated data: one extent, flags 0.
+                let mut b = [0u8; STRUCTURED_REPLY_LEN + 12];
+                structured_header(&mut b, REPLY_TYPE_BLOCK_STATUS, job.handle, 12);
+                b[20..24].copy_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+                b[24..28].copy_from_slice(&job.len.to_be_bytes());
+                self.send(&b);
+            }
+            _ => self.reply_err(job.handle, EINVAL),
+        }
+        self.budget.release(job.cost);
+    }
+
+    fn worker(&self, rx: &Mutex<Receiver<Job>>) {
+        loop {
+            let job = {
+                let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+                rx.recv()
+            };
+            match job {
+                Ok(job) => self.execute(job),
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+fn simple_header(b: &mut [u8], errno: u32, handle: u64) {
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&errno.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+}
+
+fn structured_header(b: &mut [u8], typ: u16, handle: u64, len: usize) {
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    b[6..8].copy_from_slice(&typ.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b[16..20].copy_from_slice(&(len as u32).to_be_bytes());
+}
+
+/// Read exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the
+/// first byte.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
+    let (writer, killer) = match (sock.clone_socket(), sock.clone_socket()) {
+        (Ok(w), Ok(k)) => (w, k),
+        _ => {
+            sock.shutdown_both();
+            return ConnEnd::Closed;
+        }
+    };
+    let max = ex.max_request();
+    let conn = Conn {
+        ex,
+        neg,
+        writer: Mutex::new(writer),
+        killer,
+        dead: AtomicBool::new(false),
+        budget: Budget {
+            used: Mutex::new(0),
+            cv: Condvar::new(),
+            cap: ex.cfg.max_inflight_bytes.max(u64::from(max)),
+        },
+    };
+    let workers = ex.cfg.workers_per_connection.max(1);
+    let (tx, rx) = sync_channel::<Job>(ex.cfg.queue_depth.max(1));
+    let rx = Mutex::new(rx);
+    let c = &ex.counters;
+    let size = ex.backend.size();
+    let ro = ex.cfg.read_only;
+    let mut r = BufReader::with_capacity(64 * 1024, sock);
+    let end = std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| conn.worker(&rx));
+        }
+        let end = loop {
+            let mut h = [0u8; REQUEST_LEN];
+            match read_full(&mut r, &mut h) {
+                Ok(true) => {}
+                _ => break ConnEnd::Closed,
+            }
+            if conn.dead.load(Ordering::Relaxed) {
+                break ConnEnd::ReplyFailed;
+            }
+            if be_u32(&h, 0) != REQUEST_MAGIC {
+                Counters::inc(&c.bad_magic);
+                break ConnEnd::BadMagic;
+            }
+            let flags = be_u16(&h, 4);
+            let cmd = be_u16(&h, 6);
+            let handle = be_u64(&h, 8);
+            let off = be_u64(&h, 16);
+            let len = be_u32(&h, 24);
+            let in_range = off.checked_add(len.into()).is_some_and(|e| e <= size);
+            let mut job = Job {
+                handle,
+                cmd,
+                flags,
+                off,
+                len,
+                data: Vec::new(),
+                cost: 0,
+            };
+            let err = match cmd {
+                CMD_DISC => {
+                    Counters::inc(&c.req_disc);
+                    break ConnEnd::Disconnect;
+                }
+                CMD_WRITE => {
+                    Counters::inc(&c.req_write);
+                    if len > max {
+                        // Reading up to 4 GiB just to stay in sync is not
+                        // worth it: drop the connection (the spec allows it).
+                        Counters::inc(&c.oversized_writes);
+                        break ConnEnd::OversizedWrite;
+                    }
+                    job.cost = len.into();
+                    conn.budget.acquire(job.cost);
+                    job.data = vec![0u8; len as usize];
+                    if r.read_exact(&mut job.data).is_err() {
+                        conn.budget.release(job.cost);
+                        break ConnEnd::Closed;
+                    }
+                    if ro {
+                        Some(EPERM)
+                    } else if !in_range {
+                        Some(ENOSPC)
+                    } else {
+                        None
+                    }
+                }
+                CMD_READ => {
+                    Counters::inc(&c.req_read);
+                    if len > max || !in_range {
+                        Some(EINVAL)
+                    } else {
+                        job.cost = len.into();
+                        conn.budget.acquire(job.cost);
+                        None
+                    }
+                }
+                CMD_FLUSH => {
+                    Counters::inc(&c.req_flush);
+                    None
+                }
+                CMD_TRIM | CMD_WRITE_ZEROES => {
+                    Counters::inc(if cmd == CMD_TRIM {
+                        &c.req_trim
+                    } else {
+                        &c.req_write_zeroes
+                    });
+                    if ro {
+                        Some(EPERM)
+                    } else if !in_range {
+                        Some(ENOSPC)
+                    } else {
+                        None
+                    }
+                }
+                CMD_BLOCK_STATUS => {
+                    Counters::inc(&c.req_block_status);
+                    if !(neg.structured && neg.meta_alloc) || len == 0 || !in_range {
+                        Some(EINVAL)
+                    } else {
+                        None
+                    }
+                }
+                _ => {
+                    Counters::inc(&c.req_unknown);
+                    Some(EINVAL)
+                }
+            };
+            match err {
+                Some(errno) => {
+                    let cost = job.cost;
+                    drop(job);
+                    conn.budget.release(cost);
+                    conn.reply_err(handle, errno);
+                }
+                None => {
+                    if tx.send(job).is_err() {
+                        break ConnEnd::Closed;
+                    }
+                }
+            }
+        };
+        // Let the workers drain what is in flight, then close.
+        drop(tx);
+        end
+    });
+    r.get_ref().shutdown_both();
+    if conn.dead.load(Ordering::Relaxed) && end == ConnEnd::Closed {
+        return ConnEnd::ReplyFailed;
+    }
+    end
+}

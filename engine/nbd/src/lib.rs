@@ -1,0 +1,53 @@
+//! msl-nbd: the NBD front end of msld.
+//!
+//! A hand-written fixed-newstyle NBD server on std threads. One thread per
+//! connection reads and validates requests; a few workers per connection run
+//! the [`Backend`] calls and send replies under a writer lock, so requests
+//! pipeline. See README.md for what is supported.
+
+mod backend;
+mod conn;
+mod counters;
+pub mod proto;
+mod server;
+
+use std::time::Duration;
+
+pub use backend::{Backend, FileBackend};
+pub use conn::{serve_stream, ConnEnd, Export, Socket, MAX_OPTION_LEN};
+pub use counters::{Counters, CountersSnapshot};
+pub use server::{serve, Server};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest READ/WRITE payload; advertised as the maximum block size.
+    /// A longer READ gets EINVAL; a longer WRITE drops the connection.
+    pub max_request: u32,
+    /// Connections beyond this are accepted and closed at once.
+    pub max_connections: usize,
+    /// Export read-only: NBD_FLAG_READ_ONLY, and EPERM for any write.
+    pub read_only: bool,
+    /// Worker threads per connection running backend calls.
+    pub workers_per_connection: usize,
+    /// Requests queued to the workers of one connection.
+    pub queue_depth: usize,
+    /// Payload bytes held by in-flight requests of one connection.
+    pub max_inflight_bytes: u64,
+    /// The whole handshake (greeting to OPT_GO) must finish within this.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_request: 32 << 20,
+            max_connections: 64,
+            read_only: false,
+            workers_per_connection: 4,
+            queue_depth: 64,
+            max_inflight_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
