@@ -198,7 +198,12 @@ fn fio_randwrite_verify_flush_and_trim() {
             .arg(format!("--uri={}", srv.uri()))
             .args(["--rw=randwrite", "--bs=4k", "--iodepth=16", "--fsync=8"])
             .args(["--size=32M", "--numjobs=2", "--offset_increment=32M"])
-            .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0"])
+            .args([
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+            ])
             .args(["--runtime=20", "--group_reporting"]),
         Duration::from_secs(120),
     ));
