@@ -158,17 +158,7 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cluster.key"), "11".repeat(32)).unwrap();
     let topo = Topology::new();
-    let msld = env!("CARGO_BIN_EXE_msld");
-    let start = |ns: &str, id: u16, primary: bool| {
-        let cfg = config(dir.path(), id);
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, msld, "--config"]).arg(&cfg);
-        if primary {
-            cmd.arg("--initial-primary");
-        }
-        let log = std::fs::File::create(dir.path().join(format!("n{id}.console"))).unwrap();
-        Daemon(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap())
-    };
+    let start = |ns: &str, id: u16, primary: bool| start_daemon(dir.path(), ns, id, primary);
     let _d1 = start(&topo.a, 1, true);
     let _d2 = start(&topo.b, 2, false);
     wait("both nodes in sync", 30, || {
@@ -263,21 +253,7 @@ fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cluster.key"), "22".repeat(32)).unwrap();
     let topo = Topology::new();
-    let msld = env!("CARGO_BIN_EXE_msld");
-    let start = |ns: &str, id: u16, primary: bool| {
-        let cfg = config(dir.path(), id);
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, msld, "--config"]).arg(&cfg);
-        if primary {
-            cmd.arg("--initial-primary");
-        }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.path().join(format!("n{id}.console")))
-            .unwrap();
-        Daemon(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap())
-    };
+    let start = |ns: &str, id: u16, primary: bool| start_daemon(dir.path(), ns, id, primary);
     let mut d1 = start(&topo.a, 1, true);
     let d2 = start(&topo.b, 2, false);
     wait("both nodes in sync", 30, || {
@@ -327,6 +303,24 @@ fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
     let log1 = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
     assert!(log1.contains("event=resync_finished"), "{log1}");
     eprintln!("takeover observed after {takeover:?} (includes status polling)");
+}
+
+/// Start msld for node `id` inside namespace `ns`; its console is appended
+/// to `n<id>.console` (kept across restarts).
+fn start_daemon(dir: &Path, ns: &str, id: u16, primary: bool) -> Daemon {
+    let cfg = config(dir, id);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_msld"), "--config"])
+        .arg(&cfg);
+    if primary {
+        cmd.arg("--initial-primary");
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("n{id}.console")))
+        .unwrap();
+    Daemon(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap())
 }
 
 fn msld_check(args: &[&str]) -> (bool, String) {
