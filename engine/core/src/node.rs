@@ -46,6 +46,17 @@ pub trait Payload: Clone {
     fn bytes(&self) -> &[u8];
 }
 
+/// Shared, immutable block data: cloning (for the retransmission buffer)
+/// shares the block instead of copying it. What the daemon uses.
+impl Payload for alloc::sync::Arc<[u8]> {
+    fn from_bytes(bytes: &[u8]) -> Self {
+        alloc::sync::Arc::from(bytes)
+    }
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 impl Payload for Vec<u8> {
     fn from_bytes(bytes: &[u8]) -> Self {
         bytes.to_vec()
@@ -452,7 +463,6 @@ struct PendingWrite {
     block: u64,
     count: u64,
     fua: bool,
-    flush: bool,
     local_done: bool,
     /// Sequence number of the mirrored DATA, if mirrored.
     seq: Option<u64>,
@@ -513,6 +523,8 @@ pub struct Status {
     pub pending_writes: usize,
     pub pending_flushes: usize,
     pub switching: bool,
+    /// Why the last MSL session ended, if one did.
+    pub last_session_end: Option<&'static str>,
     pub counters: Counters,
 }
 
@@ -531,6 +543,8 @@ pub struct Node<H> {
     session: Option<Session<H>>,
     /// Peer HELLO session last seen (echoed in our HELLO's ack field).
     peer_hello_seen: Option<u64>,
+    /// Why the last MSL session ended (shown by `mslctl status`).
+    last_session_end: Option<&'static str>,
     /// Crashed as primary and not yet resynced.
     crashed_primary: bool,
     /// MSL lost while the primary was still heard on the LAN: waiting for
@@ -610,6 +624,7 @@ impl<H: Payload> Node<H> {
             my_session,
             session: None,
             peer_hello_seen: None,
+            last_session_end: None,
             crashed_primary,
             msl_lost_pending: false,
             apply_ios: BTreeMap::new(),
@@ -720,6 +735,7 @@ impl<H: Payload> Node<H> {
             pending_writes: self.pending.len() + self.waiting.len(),
             pending_flushes: self.flush_waiters.len(),
             switching: self.switching.is_some(),
+            last_session_end: self.last_session_end,
             counters,
         }
     }
@@ -793,9 +809,8 @@ impl<H: Payload> Node<H> {
                 hb,
             } => self.on_lan_frame(adapter, header, hb),
             Event::MslUnknownType {
-                code,
-                must_understand,
-            } => self.on_unknown_type(code, must_understand),
+                must_understand, ..
+            } => self.on_unknown_type(must_understand),
             Event::ClientWrite {
                 req,
                 block,
@@ -1018,10 +1033,7 @@ impl<H: Payload> Node<H> {
         let was_connected = self.session.is_some();
         self.end_session("MSL lost");
         if self.role == Role::Primary {
-            if was_connected || self.meta.gens.bitmap == 0 {
-                // (end_session already went degraded)
-            }
-            return;
+            return; // end_session went degraded
         }
         self.secondary_decide(was_connected);
     }
@@ -1290,8 +1302,7 @@ impl<H: Payload> Node<H> {
     // ----------------------------------------------------------------
     // MSL
 
-    fn on_unknown_type(&mut self, code: u8, must_understand: bool) {
-        let _ = code;
+    fn on_unknown_type(&mut self, must_understand: bool) {
         if !must_understand {
             self.counters.frames_unknown_ignored += 1;
             return;
@@ -1524,7 +1535,7 @@ impl<H: Payload> Node<H> {
         // 1292).
         self.renew_session();
         self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
-        let _ = why;
+        self.last_session_end = Some(why);
         self.counters.retransmits += s.tx.stats.retransmits;
         // In-flight resync reads are abandoned (their blocks stay dirty).
         if self.role == Role::Primary && !self.failed {
@@ -2228,7 +2239,6 @@ impl<H: Payload> Node<H> {
                 block: q.block,
                 count: q.count,
                 fua: q.fua,
-                flush: false,
                 local_done: false,
                 seq,
             },
@@ -2293,7 +2303,7 @@ impl<H: Payload> Node<H> {
                 Some(u64::MAX) => false,
                 Some(seq) => {
                     connected
-                        && if p.fua || p.flush {
+                        && if p.fua {
                             peer_stable >= seq
                         } else {
                             peer_applied >= seq

@@ -76,6 +76,7 @@ pub fn status_json(s: &Status) -> Value {
         "pending_writes": s.pending_writes,
         "pending_flushes": s.pending_flushes,
         "switching": s.switching,
+        "last_session_end": s.last_session_end,
         "counters": {
             "client_writes": c.client_writes,
             "client_writes_refused": c.client_writes_refused,

@@ -28,12 +28,16 @@ use msl_wire::{self as wire, Header, Key, Message, Reassembler};
 use crate::lan::{LanPacket, LanPath};
 use crate::notify::{EventRecord, Notifier};
 
+/// Block data as the core holds it: shared, so keeping a block for
+/// retransmission does not copy it.
+pub type Block = Arc<[u8]>;
+
 /// What the driver thread consumes.
 pub enum Input {
     Msl {
         header: Header,
         msg: Message,
-        payload: Option<Vec<u8>>,
+        payload: Option<Block>,
     },
     MslUnknown {
         code: u8,
@@ -52,7 +56,7 @@ pub enum Input {
         count: u64,
         kind: IoKind,
         fua: bool,
-        payload: Option<Vec<u8>>,
+        payload: Option<Block>,
         reply: SyncSender<Reply>,
     },
     Flush {
@@ -118,8 +122,15 @@ impl FrameEncoder {
         let max_msl = self.max_frame - wire::ETH_HEADER_LEN;
         let n = wire::try_fragment_count(msg, payload.len(), max_msl, self.key.is_some())
             .map_err(|e| e.to_string())?;
+        // A single frame is allocated at its exact size (most control
+        // frames are a few dozen bytes); fragments at the link's maximum.
+        let size = if n == 1 {
+            wire::ETH_HEADER_LEN + wire::buffer_len(msg, payload.len(), self.key.is_some())
+        } else {
+            self.max_frame
+        };
         for i in 0..usize::from(n) {
-            let mut f = vec![0u8; self.max_frame];
+            let mut f = vec![0u8; size];
             let e =
                 wire::emit_eth(self.dst_mac, self.src_mac, &mut f).map_err(|e| e.to_string())?;
             let len = if n == 1 {
@@ -227,7 +238,7 @@ pub fn start_msl_rx(
                             Ok(Some((header, msg, payload))) => batch.push(Input::Msl {
                                 header,
                                 msg,
-                                payload: (!payload.is_empty()).then(|| payload.to_vec()),
+                                payload: (!payload.is_empty()).then(|| Block::from(payload)),
                             }),
                             Ok(None) => {}
                             Err(_) => {
@@ -237,7 +248,7 @@ pub fn start_msl_rx(
                         Ok(p) => batch.push(Input::Msl {
                             header: p.header,
                             msg: p.msg,
-                            payload: (!p.payload.is_empty()).then(|| p.payload.to_vec()),
+                            payload: (!p.payload.is_empty()).then(|| Block::from(p.payload)),
                         }),
                         Err(wire::ParseError::UnknownType {
                             code,
@@ -266,7 +277,7 @@ pub fn start_msl_rx(
 
 /// The driver itself.
 pub struct Driver<H: Host> {
-    node: Node<Vec<u8>>,
+    node: Node<Block>,
     volume: Arc<Volume>,
     store: MetaStore,
     encoder: FrameEncoder,
@@ -325,7 +336,7 @@ impl<H: Host> Driver<H> {
 
     /// Run until stopped; returns why.
     pub fn run(mut self, inputs: Receiver<Input>) -> Exit {
-        let mut internal: VecDeque<Event<Vec<u8>>> = VecDeque::new();
+        let mut internal: VecDeque<Event<Block>> = VecDeque::new();
         self.step(Event::Tick, &mut internal);
         loop {
             let wait = self.node.poll_timeout().saturating_sub(self.now());
@@ -403,11 +414,7 @@ impl<H: Host> Driver<H> {
     }
 
     /// Feed one event, then everything it causes (local I/O completions).
-    fn step(
-        &mut self,
-        ev: Event<Vec<u8>>,
-        internal: &mut VecDeque<Event<Vec<u8>>>,
-    ) -> Option<Exit> {
+    fn step(&mut self, ev: Event<Block>, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
         internal.push_back(ev);
         let mut exit = None;
         while let Some(ev) = internal.pop_front() {
@@ -428,11 +435,7 @@ impl<H: Host> Driver<H> {
         exit
     }
 
-    fn execute(
-        &mut self,
-        a: Action<Vec<u8>>,
-        internal: &mut VecDeque<Event<Vec<u8>>>,
-    ) -> Option<Exit> {
+    fn execute(&mut self, a: Action<Block>, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
         let bs = u64::from(self.node.config().block_size);
         match a {
             Action::SendMsl {
@@ -485,7 +488,7 @@ impl<H: Host> Driver<H> {
                 internal.push_back(Event::ReadDone {
                     io,
                     ok: r.is_ok(),
-                    payload: r.ok().map(|_| buf),
+                    payload: r.ok().map(|_| Block::from(buf)),
                 });
             }
             Action::Flush { io } => {
@@ -559,7 +562,7 @@ impl Client {
             count: len / self.block_size,
             kind,
             fua,
-            payload: data.map(|d| d.to_vec()),
+            payload: data.map(Block::from),
             reply: tx,
         };
         self.inputs

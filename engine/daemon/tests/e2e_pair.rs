@@ -9,11 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use msl_daemon::control::request;
+use msl_transport::netns::{is_root, VethPair, IF_A, IF_B};
 use serde_json::{json, Value};
 
+/// The pair's two hosts: namespaces and the MSL veth pair come from the
+/// transport's `VethPair` (unique names, removed on drop, on signals, and
+/// swept after a SIGKILL); the LAN veth pair is added here.
 struct Topology {
-    a: String,
-    b: String,
+    veth: VethPair,
 }
 
 fn ip(args: &[&str]) {
@@ -26,58 +29,17 @@ fn ip(args: &[&str]) {
 
 impl Topology {
     fn new() -> Topology {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = std::process::id();
-        let t = Topology {
-            a: format!("msle2e{id}-{n}a"),
-            b: format!("msle2e{id}-{n}b"),
-        };
-        ip(&["netns", "add", &t.a]);
-        ip(&["netns", "add", &t.b]);
-        for ns in [&t.a, &t.b] {
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
+        let veth = VethPair::create(9000).expect("create the namespaces and the MSL veth pair");
+        let (a, b) = (veth.ns_a.clone(), veth.ns_b.clone());
         ip(&[
-            "link",
-            "add",
-            "a-msl",
-            "netns",
-            &t.a,
-            "numtxqueues",
-            "1",
-            "numrxqueues",
-            "1",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "b-msl",
-            "netns",
-            &t.b,
-            "numtxqueues",
-            "1",
-            "numrxqueues",
-            "1",
+            "link", "add", "a-lan", "netns", &a, "type", "veth", "peer", "name", "b-lan", "netns",
+            &b,
         ]);
-        ip(&[
-            "link", "add", "a-lan", "netns", &t.a, "type", "veth", "peer", "name", "b-lan",
-            "netns", &t.b,
-        ]);
-        ip(&["-n", &t.a, "link", "set", "a-msl", "mtu", "9000", "up"]);
-        ip(&["-n", &t.b, "link", "set", "b-msl", "mtu", "9000", "up"]);
-        ip(&["-n", &t.a, "addr", "add", "10.77.1.1/24", "dev", "a-lan"]);
-        ip(&["-n", &t.b, "addr", "add", "10.77.1.2/24", "dev", "b-lan"]);
-        ip(&["-n", &t.a, "link", "set", "a-lan", "up"]);
-        ip(&["-n", &t.b, "link", "set", "b-lan", "up"]);
-        t
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
+        ip(&["-n", &a, "addr", "add", "10.77.1.1/24", "dev", "a-lan"]);
+        ip(&["-n", &b, "addr", "add", "10.77.1.2/24", "dev", "b-lan"]);
+        ip(&["-n", &a, "link", "set", "a-lan", "up"]);
+        ip(&["-n", &b, "link", "set", "b-lan", "up"]);
+        Topology { veth }
     }
 }
 
@@ -106,7 +68,7 @@ service_interface = "{side}-lan"
 log_file = "{dir}/n{id}.log"
 control_socket = "{dir}/n{id}.sock"
 [msl]
-interface = "{side}-msl"
+interface = "{msl_if}"
 backend = "afpacket"
 [[lan]]
 interface = "{side}-lan"
@@ -118,6 +80,7 @@ size_bytes = 67108864
 metadata = "{dir}/n{id}.meta"
 "#,
         peer_id = 3 - id,
+        msl_if = if id == 1 { IF_A } else { IF_B },
         dir = dir.display()
     );
     let p = dir.join(format!("n{id}.toml"));
@@ -144,7 +107,7 @@ fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 #[test]
 fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
     assert!(
-        unsafe_is_root(),
+        is_root(),
         "this test needs root (network namespaces); CI runs it as root"
     );
     assert!(
@@ -159,8 +122,8 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
     std::fs::write(dir.path().join("cluster.key"), "11".repeat(32)).unwrap();
     let topo = Topology::new();
     let start = |ns: &str, id: u16, primary: bool| start_daemon(dir.path(), ns, id, primary);
-    let _d1 = start(&topo.a, 1, true);
-    let _d2 = start(&topo.b, 2, false);
+    let _d1 = start(&topo.veth.ns_a, 1, true);
+    let _d2 = start(&topo.veth.ns_b, 2, false);
     wait("both nodes in sync", 30, || {
         status(dir.path(), 1).is_some_and(|s| s["in_sync"] == true && s["role"] == "primary")
             && status(dir.path(), 2)
@@ -171,7 +134,7 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
         .args([
             "netns",
             "exec",
-            &topo.b,
+            &topo.veth.ns_b,
             "qemu-io",
             "-f",
             "raw",
@@ -221,13 +184,6 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
     assert!(log1.contains("event=connected"), "{log1}");
 }
 
-fn unsafe_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 fn qemu_io(ns: &str, cmds: &[&str]) -> String {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, "qemu-io", "-f", "raw"]);
@@ -247,20 +203,23 @@ fn qemu_io(ns: &str, cmds: &[&str]) -> String {
 #[test]
 fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
     assert!(
-        unsafe_is_root(),
+        is_root(),
         "this test needs root (network namespaces); CI runs it as root"
     );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cluster.key"), "22".repeat(32)).unwrap();
     let topo = Topology::new();
     let start = |ns: &str, id: u16, primary: bool| start_daemon(dir.path(), ns, id, primary);
-    let mut d1 = start(&topo.a, 1, true);
-    let d2 = start(&topo.b, 2, false);
+    let mut d1 = start(&topo.veth.ns_a, 1, true);
+    let d2 = start(&topo.veth.ns_b, 2, false);
     wait("both nodes in sync", 30, || {
         status(dir.path(), 1).is_some_and(|s| s["in_sync"] == true && s["role"] == "primary")
             && status(dir.path(), 2).is_some_and(|s| s["in_sync"] == true)
     });
-    qemu_io(&topo.b, &["write -P 0x11 0 2M", "write -P 0x22 4M 1M"]);
+    qemu_io(
+        &topo.veth.ns_b,
+        &["write -P 0x11 0 2M", "write -P 0x22 4M 1M"],
+    );
     // kill -9 the primary.
     let t = Instant::now();
     let _ = d1.0.kill();
@@ -272,7 +231,7 @@ fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
     // Every acknowledged write is on the survivor; the client goes on
     // through the same address.
     qemu_io(
-        &topo.b,
+        &topo.veth.ns_b,
         &[
             "read -P 0x11 0 2M",
             "read -P 0x22 4M 1M",
@@ -281,7 +240,7 @@ fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
         ],
     );
     // The old primary restarts: secondary, resynced.
-    d1 = start(&topo.a, 1, false);
+    d1 = start(&topo.veth.ns_a, 1, false);
     wait("old primary rejoins as an in-sync secondary", 30, || {
         status(dir.path(), 1).is_some_and(|s| s["in_sync"] == true && s["role"] == "secondary")
             && status(dir.path(), 2).is_some_and(|s| s["in_sync"] == true)
@@ -348,7 +307,7 @@ fn test_bad_start_inputs_get_clear_errors() {
     let cfg = dir.path().join("n1.toml");
     let (ok, err) = msld_check(&["--config", cfg.to_str().unwrap()]);
     assert!(
-        !ok && err.contains("msl.interface") && err.contains("a-msl"),
+        !ok && err.contains("msl.interface") && err.contains(IF_A),
         "{err}"
     );
     // Corrupt metadata: named, with what to do.

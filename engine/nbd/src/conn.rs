@@ -625,13 +625,7 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                         conn.budget.release(job.cost);
                         break ConnEnd::Closed;
                     }
-                    if ro {
-                        Some(EPERM)
-                    } else if !in_range {
-                        Some(ENOSPC)
-                    } else {
-                        None
-                    }
+                    write_check(ro, in_range)
                 }
                 CMD_READ => {
                     Counters::inc(&c.req_read);
@@ -653,13 +647,7 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                     } else {
                         &c.req_write_zeroes
                     });
-                    if ro {
-                        Some(EPERM)
-                    } else if !in_range {
-                        Some(ENOSPC)
-                    } else {
-                        None
-                    }
+                    write_check(ro, in_range)
                 }
                 CMD_BLOCK_STATUS => {
                     Counters::inc(&c.req_block_status);
@@ -697,4 +685,16 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
         return ConnEnd::ReplyFailed;
     }
     end
+}
+
+/// The error a write-type command (WRITE, TRIM, WRITE_ZEROES) gets before it
+/// runs: EPERM on a read-only export, ENOSPC past the end.
+fn write_check(read_only: bool, in_range: bool) -> Option<u32> {
+    if read_only {
+        Some(EPERM)
+    } else if !in_range {
+        Some(ENOSPC)
+    } else {
+        None
+    }
 }

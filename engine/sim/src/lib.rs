@@ -765,8 +765,10 @@ impl Sim {
         if self.nodes[i].node.is_none() {
             return;
         }
-        self.log(format!("FAULT n{} crashes (kill -9 / power loss)", i + 1));
-        self.report.faults.push(format!("crash n{}", i + 1));
+        self.fault(
+            format!("n{} crashes (kill -9 / power loss)", i + 1),
+            Some(format!("crash n{}", i + 1)),
+        );
         let mut rng = Rng::new(self.rng.next_u64());
         self.nodes[i].stop();
         self.nodes[i].disk.crash(&mut rng);
@@ -792,26 +794,27 @@ impl Sim {
 
     /// Planned restart (the node asked for it): clean shutdown first.
     fn planned_restart(&mut self, i: usize) {
-        if let Some(node) = self.nodes[i].node.as_mut() {
-            node.shutdown();
-        }
-        self.drain_actions(i);
-        self.nodes[i].disk.flush(u64::MAX);
-        self.nodes[i].stop();
+        self.stop_clean(i);
         self.start_node(i);
+    }
+
+    /// Trace a fault; `injected` names it in the report (heals pass None).
+    pub fn fault(&mut self, what: String, injected: Option<String>) {
+        self.log(format!("FAULT {what}"));
+        if let Some(f) = injected {
+            self.report.faults.push(f);
+        }
     }
 
     pub fn set_msl_cut(&mut self, cut: bool) {
         if self.msl_cut == cut {
             return;
         }
-        self.log(format!(
-            "FAULT MSL link {}",
+        let what = format!(
+            "MSL link {}",
             if cut { "down (ip link set down)" } else { "up" }
-        ));
-        if cut {
-            self.report.faults.push("msl cut".into());
-        }
+        );
+        self.fault(what, cut.then(|| "msl cut".into()));
         self.msl_cut = cut;
         for i in 0..2 {
             self.feed(i, Event::MslLink { up: !cut });
@@ -819,36 +822,30 @@ impl Sim {
     }
 
     pub fn set_msl_blackhole(&mut self, on: bool) {
-        self.log(format!(
-            "FAULT MSL silently {}",
+        let what = format!(
+            "MSL silently {}",
             if on { "dropping every frame" } else { "healed" }
-        ));
-        if on {
-            self.report.faults.push("msl blackhole".into());
-        }
+        );
+        self.fault(what, on.then(|| "msl blackhole".into()));
         self.msl_blackhole = on;
     }
 
     pub fn set_lan_cut(&mut self, cut: bool) {
-        self.log(format!(
-            "FAULT LAN between the servers {}",
+        let what = format!(
+            "LAN between the servers {}",
             if cut { "cut" } else { "healed" }
-        ));
-        if cut {
-            self.report.faults.push("lan cut".into());
-        }
+        );
+        self.fault(what, cut.then(|| "lan cut".into()));
         self.lan_cut = cut;
     }
 
     pub fn set_lan_adapter(&mut self, i: usize, ok: bool) {
-        self.log(format!(
-            "FAULT n{} LAN adapter {}",
+        let what = format!(
+            "n{} LAN adapter {}",
             i + 1,
             if ok { "repaired" } else { "failed" }
-        ));
-        if !ok {
-            self.report.faults.push(format!("lan adapter n{}", i + 1));
-        }
+        );
+        self.fault(what, (!ok).then(|| format!("lan adapter n{}", i + 1)));
         self.nodes[i].lan_adapter_ok = ok;
         self.feed(
             i,
@@ -861,8 +858,10 @@ impl Sim {
     }
 
     pub fn disk_error(&mut self, i: usize) {
-        self.log(format!("FAULT n{} next disk I/O fails", i + 1));
-        self.report.faults.push(format!("disk error n{}", i + 1));
+        self.fault(
+            format!("n{} next disk I/O fails", i + 1),
+            Some(format!("disk error n{}", i + 1)),
+        );
         self.nodes[i].disk.fail_next = true;
     }
 
@@ -1395,10 +1394,11 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
         match r.below(10) {
             9 => {
                 // Administrator restarts the primary's daemon cleanly.
-                sim.log(format!("FAULT n{} daemon restarted cleanly", primary + 1));
-                sim.report
-                    .faults
-                    .push(format!("clean restart n{}", primary + 1));
+                let (what, name) = (
+                    format!("n{} daemon stopped cleanly", primary + 1),
+                    format!("clean restart n{}", primary + 1),
+                );
+                sim.fault(what, Some(name));
                 sim.stop_clean(primary);
                 sim.run_for(hold);
                 sim.restart(primary);
