@@ -41,6 +41,12 @@ pub struct VethPair {
 }
 
 fn ip(args: &[&str]) -> io::Result<()> {
+    ip_output(args).map(|_| ())
+}
+
+/// Run `ip ARGS`; its output, or an error naming the command and what it
+/// said.
+pub fn ip_output(args: &[&str]) -> io::Result<std::process::Output> {
     let out = Command::new("ip").args(args).output().map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -57,7 +63,7 @@ fn ip(args: &[&str]) -> io::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(())
+    Ok(out)
 }
 
 fn delete_ns(name: &str) {
@@ -196,4 +202,40 @@ impl Drop for VethPair {
 /// Whether the process can create namespaces and raw sockets.
 pub fn is_root() -> bool {
     sys::is_root()
+}
+
+/// One named network namespace with the same guarantees as [`VethPair`]:
+/// a unique name (`<prefix><pid>-<n>-<tag>`, swept by [`sweep_stale`] once
+/// the creating process is gone), removed on drop and from
+/// SIGINT/SIGTERM/SIGHUP/SIGQUIT. For topologies with more than two hosts
+/// (e.g. a LAN switch namespace next to a `VethPair`).
+#[derive(Debug)]
+pub struct NetNs {
+    pub name: String,
+    slot: usize,
+}
+
+impl NetNs {
+    /// Create `<prefix><pid>-<n>-<tag>` with loopback up. Needs root.
+    pub fn create(tag: &str) -> io::Result<NetNs> {
+        sys::install_cleanup_handlers();
+        sweep_stale();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{NS_PREFIX}{}-{n}-{tag}", std::process::id());
+        // Register before creating, so a signal during setup cleans up.
+        let ns = NetNs {
+            slot: sys::register_cleanup(&format!("/run/netns/{name}")),
+            name,
+        };
+        ip(&["netns", "add", &ns.name])?;
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        delete_ns(&self.name);
+        sys::unregister_cleanup(self.slot);
+    }
 }

@@ -1,0 +1,642 @@
+//! A real msld pair in the [`Topology`]: configuration files, a small
+//! supervisor per node, status and events over the control socket, logs,
+//! backing files and their digests.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use msl_daemon::control::{follow_events, request};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::bins::binary;
+use crate::topology::{Topology, LAN_A, LAN_B, SERVICE_IP};
+
+/// msld's exit code asking to be started again as secondary.
+pub const EXIT_RESTART: i32 = 75;
+
+/// How the pair is configured.
+#[derive(Clone, Debug)]
+pub struct PairOptions {
+    /// Volume size in bytes (both nodes).
+    pub volume_bytes: u64,
+    /// NBD port on the service address.
+    pub nbd_port: u16,
+    /// MSL backend (`afpacket`, `afxdp`, `auto`).
+    pub backend: String,
+    /// Extra top-level config keys, value as TOML (e.g.
+    /// `("resync_max_mib_s", "200")`, `("write_mode", "\"sync\"")`).
+    pub tunables: Vec<(String, String)>,
+    /// Restart msld after any exit, not only after exit 75 (what systemd's
+    /// `Restart=always` would do). Off by default: the harness restarts
+    /// only what msld asks for, so the tests see every other exit.
+    pub restart_on_any_exit: bool,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            volume_bytes: 64 << 20,
+            nbd_port: 10809,
+            backend: "afpacket".into(),
+            tunables: Vec::new(),
+            restart_on_any_exit: false,
+        }
+    }
+}
+
+impl PairOptions {
+    /// Set (or replace) a tunable.
+    pub fn tunable(mut self, key: &str, toml_value: impl ToString) -> Self {
+        self.tunables.retain(|(k, _)| k != key);
+        self.tunables.push((key.into(), toml_value.to_string()));
+        self
+    }
+}
+
+/// One exit of an msld process.
+#[derive(Clone, Debug)]
+pub struct ExitRecord {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub at: Instant,
+    /// Whether the supervisor started msld again after it.
+    pub restarted: bool,
+}
+
+/// One event from a node's control socket event stream.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub node: u16,
+    /// The daemon's timestamp (Unix ms).
+    pub ts_ms: u64,
+    pub kind: String,
+    pub message: String,
+    /// When the harness received it.
+    pub seen: Instant,
+}
+
+#[derive(Debug, Default)]
+struct NodeState {
+    pid: Option<u32>,
+    supervising: bool,
+    stop_requested: bool,
+    starts: u32,
+    restarts: u32,
+    exits: Vec<ExitRecord>,
+    spawn_error: Option<String>,
+}
+
+/// A node and its supervisor.
+#[derive(Debug)]
+struct NodeCtl {
+    id: u16,
+    ns: String,
+    config: PathBuf,
+    console: PathBuf,
+    msld: PathBuf,
+    meta: PathBuf,
+    restart_any: bool,
+    state: Mutex<NodeState>,
+    changed: Condvar,
+}
+
+impl NodeCtl {
+    fn lock(&self) -> MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn_msld(&self) -> io::Result<std::process::Child> {
+        let console = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.console)?;
+        let mut cmd = Topology::command_in(&self.ns, &self.msld.to_string_lossy());
+        cmd.arg("--config").arg(&self.config);
+        // Node 1 is the initial primary: the flag only matters when its
+        // metadata is created (first start).
+        if self.id == 1 && !self.meta.exists() {
+            cmd.arg("--initial-primary");
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
+        // SIGKILL msld when the supervisor thread that forked it goes away
+        // (so a SIGKILLed harness leaves no daemon behind). `ip netns exec`
+        // execs msld in place, keeping the setting.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd.spawn()
+    }
+
+    /// The supervisor loop (runs on its own thread).
+    fn supervise(self: Arc<Self>) {
+        loop {
+            let mut child = {
+                let mut st = self.lock();
+                if st.stop_requested {
+                    break;
+                }
+                match self.spawn_msld() {
+                    Ok(c) => {
+                        st.pid = Some(c.id());
+                        st.starts += 1;
+                        self.changed.notify_all();
+                        c
+                    }
+                    Err(e) => {
+                        st.spawn_error = Some(format!("starting msld for node {}: {e}", self.id));
+                        break;
+                    }
+                }
+            };
+            let status = child.wait();
+            let mut st = self.lock();
+            st.pid = None;
+            let (code, signal) = match &status {
+                Ok(s) => (s.code(), s.signal()),
+                Err(_) => (None, None),
+            };
+            let restart = !st.stop_requested && (code == Some(EXIT_RESTART) || self.restart_any);
+            st.exits.push(ExitRecord {
+                code,
+                signal,
+                at: Instant::now(),
+                restarted: restart,
+            });
+            if restart {
+                st.restarts += 1;
+            }
+            self.changed.notify_all();
+            if !restart {
+                break;
+            }
+            drop(st);
+            if code != Some(EXIT_RESTART) {
+                // Do not spin on a daemon that fails at start.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let mut st = self.lock();
+        st.supervising = false;
+        self.changed.notify_all();
+    }
+
+    fn signal_and_wait(&self, sig: libc::c_int, timeout: Duration) -> Result<(), String> {
+        let mut st = self.lock();
+        st.stop_requested = true;
+        if let Some(pid) = st.pid {
+            // SAFETY: kill has no memory preconditions; the pid is our own
+            // child, not yet reaped (the supervisor clears `pid` after wait).
+            unsafe { libc::kill(pid as libc::pid_t, sig) };
+        }
+        let t = Instant::now();
+        while st.supervising {
+            let left = timeout.saturating_sub(t.elapsed());
+            if left.is_zero() {
+                return Err(format!(
+                    "node {}: msld did not exit within {timeout:?} after signal {sig}",
+                    self.id
+                ));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
+
+/// A running (or stopped) pair of msld processes in their namespaces.
+pub struct Pair {
+    pub topo: Topology,
+    pub opts: PairOptions,
+    dir_path: PathBuf,
+    dir: Option<tempfile::TempDir>,
+    nodes: [Arc<NodeCtl>; 2],
+    events: Arc<Mutex<Vec<Event>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Milliseconds since the Unix epoch (the clock msld stamps events with).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Poll `f` every 10 ms until it holds; the time it took, or an error
+/// naming `what` after `timeout`.
+pub fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Result<Duration, String> {
+    let t = Instant::now();
+    loop {
+        if f() {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() >= timeout {
+            return Err(format!("timed out after {timeout:?} waiting for: {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn config_text(dir: &Path, id: u16, o: &PairOptions, msl_if: &str) -> String {
+    let (me, peer, lan_if) = if id == 1 {
+        (LAN_A, LAN_B, Topology::lan_if(1))
+    } else {
+        (LAN_B, LAN_A, Topology::lan_if(2))
+    };
+    let d = dir.display();
+    let mut t = format!(
+        "node_id = {id}\npeer_id = {peer_id}\ncluster_id = 0x6d736c6861726e01\n\
+         key_file = \"{d}/cluster.key\"\nservice_address = \"{SERVICE_IP}/24\"\n\
+         service_interface = \"{lan_if}\"\nnbd_port = {port}\n\
+         log_file = \"{d}/n{id}.log\"\ncontrol_socket = \"{d}/n{id}.sock\"\n",
+        peer_id = 3 - id,
+        port = o.nbd_port,
+    );
+    for (k, v) in &o.tunables {
+        t.push_str(&format!("{k} = {v}\n"));
+    }
+    t.push_str(&format!(
+        "[msl]\ninterface = \"{msl_if}\"\nbackend = \"{backend}\"\n\
+         [[lan]]\ninterface = \"{lan_if}\"\naddress = \"{me}\"\npeer_address = \"{peer}\"\n\
+         [volume]\npath = \"{d}/n{id}.img\"\nsize_bytes = {size}\nmetadata = \"{d}/n{id}.meta\"\n",
+        backend = o.backend,
+        size = o.volume_bytes,
+    ));
+    t
+}
+
+impl Pair {
+    /// Build the topology and write both configurations; no daemon runs
+    /// yet (see [`Pair::start`] / [`Pair::start_both`]). Needs root.
+    pub fn new(opts: PairOptions) -> Result<Pair, String> {
+        if !msl_transport::netns::is_root() {
+            return Err(
+                "msl-harness needs root (network namespaces, raw sockets): run as root".into(),
+            );
+        }
+        let msld = binary("msld")?;
+        let topo = Topology::create().map_err(|e| format!("building the topology: {e}"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("msl-harness-")
+            .tempdir()
+            .map_err(|e| format!("creating a run directory: {e}"))?;
+        std::fs::write(dir.path().join("cluster.key"), "5a".repeat(32))
+            .map_err(|e| format!("writing the cluster key: {e}"))?;
+        let mk = |id: u16| -> Result<Arc<NodeCtl>, String> {
+            let config = dir.path().join(format!("n{id}.toml"));
+            std::fs::write(&config, config_text(dir.path(), id, &opts, topo.msl_if(id)))
+                .map_err(|e| format!("writing {}: {e}", config.display()))?;
+            Ok(Arc::new(NodeCtl {
+                id,
+                ns: topo.server_ns(id).to_string(),
+                config,
+                console: dir.path().join(format!("n{id}.console")),
+                msld: msld.clone(),
+                meta: dir.path().join(format!("n{id}.meta")),
+                restart_any: opts.restart_on_any_exit,
+                state: Mutex::new(NodeState::default()),
+                changed: Condvar::new(),
+            }))
+        };
+        let nodes = [mk(1)?, mk(2)?];
+        let pair = Pair {
+            topo,
+            opts,
+            dir_path: dir.path().to_path_buf(),
+            dir: Some(dir),
+            nodes,
+            events: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        for id in [1, 2] {
+            pair.follow(id);
+        }
+        Ok(pair)
+    }
+
+    fn node(&self, id: u16) -> &Arc<NodeCtl> {
+        assert!(id == 1 || id == 2, "node ids are 1 and 2, not {id}");
+        &self.nodes[usize::from(id - 1)]
+    }
+
+    /// Keep a subscription to node `id`'s event stream (re-subscribing
+    /// whenever msld restarts) until the pair is dropped.
+    fn follow(&self, id: u16) {
+        let (events, stop, sock) = (self.events.clone(), self.stop.clone(), self.socket(id));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = follow_events(&sock, |v| {
+                    let ev = Event {
+                        node: v["node"].as_u64().unwrap_or(u64::from(id)) as u16,
+                        ts_ms: v["ts_ms"].as_u64().unwrap_or(0),
+                        kind: v["event"].as_str().unwrap_or("?").to_string(),
+                        message: v["message"].as_str().unwrap_or("").to_string(),
+                        seen: Instant::now(),
+                    };
+                    if let Ok(mut e) = events.lock() {
+                        e.push(ev);
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    }
+
+    /// Start node `id` under its supervisor (which restarts msld after
+    /// exit 75, and after any exit if `restart_on_any_exit`).
+    pub fn start(&self, id: u16) -> Result<(), String> {
+        let n = self.node(id).clone();
+        {
+            let mut st = n.lock();
+            if st.supervising {
+                return Err(format!("node {id} is already running"));
+            }
+            st.supervising = true;
+            st.stop_requested = false;
+            st.spawn_error = None;
+        }
+        let starts_before = n.lock().starts;
+        let sup = n.clone();
+        std::thread::Builder::new()
+            .name(format!("msld-sup-{id}"))
+            .spawn(move || sup.supervise())
+            .map_err(|e| format!("spawning the supervisor of node {id}: {e}"))?;
+        // Wait until msld is spawned (not until it is ready).
+        let mut st = n.lock();
+        while st.starts == starts_before && st.supervising {
+            st = n
+                .changed
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        match &st.spawn_error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Start node 1 (the initial primary), then node 2.
+    pub fn start_both(&self) -> Result<(), String> {
+        self.start(1)?;
+        self.start(2)
+    }
+
+    /// `kill -9` node `id`'s msld; the supervisor does not restart it.
+    /// Returns once it has exited.
+    pub fn kill9(&self, id: u16) -> Result<(), String> {
+        self.node(id)
+            .signal_and_wait(libc::SIGKILL, Duration::from_secs(10))
+    }
+
+    /// Stop node `id` cleanly (SIGTERM; SIGKILL after 10 s).
+    pub fn stop(&self, id: u16) -> Result<(), String> {
+        let n = self.node(id);
+        match n.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                n.signal_and_wait(libc::SIGKILL, Duration::from_secs(5))?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether node `id`'s supervisor is running (msld up or restarting).
+    pub fn is_running(&self, id: u16) -> bool {
+        self.node(id).lock().supervising
+    }
+
+    /// msld's pid for node `id`, if one runs now.
+    pub fn pid(&self, id: u16) -> Option<u32> {
+        self.node(id).lock().pid
+    }
+
+    /// How many times the supervisor restarted node `id`.
+    pub fn restarts(&self, id: u16) -> u32 {
+        self.node(id).lock().restarts
+    }
+
+    /// Every exit of node `id`'s msld so far.
+    pub fn exits(&self, id: u16) -> Vec<ExitRecord> {
+        self.node(id).lock().exits.clone()
+    }
+
+    /// The run directory (configs, key, logs, volumes, sockets).
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
+    }
+
+    pub fn config_path(&self, id: u16) -> PathBuf {
+        self.node(id).config.clone()
+    }
+    pub fn socket(&self, id: u16) -> PathBuf {
+        self.dir().join(format!("n{id}.sock"))
+    }
+    /// msld's log file (`log_file`).
+    pub fn log_path(&self, id: u16) -> PathBuf {
+        self.dir().join(format!("n{id}.log"))
+    }
+    /// msld's console (stdout + stderr, appended across restarts).
+    pub fn console_path(&self, id: u16) -> PathBuf {
+        self.node(id).console.clone()
+    }
+    /// The backing file.
+    pub fn volume_path(&self, id: u16) -> PathBuf {
+        self.dir().join(format!("n{id}.img"))
+    }
+    pub fn meta_path(&self, id: u16) -> PathBuf {
+        self.node(id).meta.clone()
+    }
+
+    /// The log file's text (empty if none yet).
+    pub fn log(&self, id: u16) -> String {
+        std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+    /// The console's text (empty if none yet).
+    pub fn console(&self, id: u16) -> String {
+        std::fs::read_to_string(self.console_path(id)).unwrap_or_default()
+    }
+
+    /// SHA-256 of node `id`'s backing file.
+    pub fn sha256(&self, id: u16) -> io::Result<String> {
+        sha256_file(&self.volume_path(id))
+    }
+
+    /// Send one control request to node `id`.
+    pub fn request(&self, id: u16, req: &Value) -> Result<Value, String> {
+        request(&self.socket(id), req)
+    }
+
+    /// Node `id`'s status document (`mslctl status --json`).
+    pub fn status(&self, id: u16) -> Result<Value, String> {
+        let v = self.request(id, &json!({"cmd": "status"}))?;
+        if v["ok"] == true {
+            Ok(v["status"].clone())
+        } else {
+            Err(format!("node {id} status: {v}"))
+        }
+    }
+
+    /// An administrator command (`promote`, `demote`, `switchover`,
+    /// `disconnect`, `connect`, `invalidate`).
+    pub fn admin(&self, id: u16, cmd: &str) -> Result<Value, String> {
+        let v = self.request(id, &json!({"cmd": cmd}))?;
+        if v["ok"] == true {
+            Ok(v)
+        } else {
+            Err(format!("node {id} {cmd}: {v}"))
+        }
+    }
+
+    /// Poll node `id`'s status until `f` holds.
+    pub fn wait_status(
+        &self,
+        id: u16,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&Value) -> bool,
+    ) -> Result<Duration, String> {
+        wait_for(&format!("node {id}: {what}"), timeout, || {
+            self.status(id).is_ok_and(|s| f(&s))
+        })
+        .map_err(|e| format!("{e}\n{}", self.diagnostics()))
+    }
+
+    /// Wait until `primary` is primary, the other node secondary, both in
+    /// sync, no resync running.
+    pub fn wait_in_sync(&self, primary: u16, timeout: Duration) -> Result<Duration, String> {
+        let secondary = 3 - primary;
+        wait_for(
+            &format!("node {primary} primary and node {secondary} secondary, in sync"),
+            timeout,
+            || {
+                let (Ok(p), Ok(s)) = (self.status(primary), self.status(secondary)) else {
+                    return false;
+                };
+                p["role"] == "primary"
+                    && p["in_sync"] == true
+                    && s["role"] == "secondary"
+                    && s["in_sync"] == true
+                    && s["disk"] == "uptodate"
+                    && p["resync"]["active"] == false
+                    && s["resync"]["active"] == false
+            },
+        )
+        .map_err(|e| format!("{e}\n{}", self.diagnostics()))
+    }
+
+    /// Every event received so far (both nodes, in arrival order).
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Events received from position `from` on (for live narration).
+    pub fn events_since(&self, from: usize) -> Vec<Event> {
+        self.events
+            .lock()
+            .map(|e| e.get(from..).map(<[Event]>::to_vec).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// The first event of `kind` from node `id` stamped at or after
+    /// `since_ms` (Unix ms).
+    pub fn event_after(&self, id: u16, kind: &str, since_ms: u64) -> Option<Event> {
+        self.events()
+            .into_iter()
+            .find(|e| e.node == id && e.kind == kind && e.ts_ms >= since_ms)
+    }
+
+    /// Run a command on the client host; its output (errors if it could
+    /// not run or exited non-zero).
+    pub fn run_in_client_ns(&self, program: &str, args: &[&str]) -> Result<Output, String> {
+        let out = self
+            .topo
+            .client_command(program)
+            .args(args)
+            .output()
+            .map_err(|e| format!("running {program} in the client namespace: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{program} {}: {}\n{}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Run `f` on a thread inside the client namespace.
+    pub fn in_client_ns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        self.topo.in_client_ns(f)
+    }
+
+    /// The tail of both nodes' logs and consoles and their statuses: for
+    /// error messages.
+    pub fn diagnostics(&self) -> String {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        };
+        let mut out = String::new();
+        for id in [1, 2] {
+            out.push_str(&format!(
+                "--- node {id} status: {}\n--- node {id} log (tail):\n{}\n--- node {id} console (tail):\n{}\n",
+                self.status(id).map_or_else(|e| e, |v| v.to_string()),
+                tail(self.log(id)),
+                tail(self.console(id)),
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for n in &self.nodes {
+            let _ = n.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
+        }
+        if std::env::var_os("MSL_HARNESS_KEEP").is_some() {
+            if let Some(d) = self.dir.take() {
+                eprintln!("msl-harness: kept run directory {}", d.keep().display());
+            }
+        }
+    }
+}
