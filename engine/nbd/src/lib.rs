@@ -6,6 +6,7 @@
 //! pipeline. See README.md for what is supported.
 
 mod backend;
+pub mod client;
 mod conn;
 mod counters;
 pub mod proto;
