@@ -25,8 +25,9 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use msl_wire::{
-    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Header, Heartbeat, Hello,
-    Message, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk, MAX_ADAPTERS,
+    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Generations, Header, Heartbeat,
+    Hello, Message, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk,
+    MAX_ADAPTERS,
 };
 
 use crate::config::{Config, WriteMode};
@@ -526,6 +527,18 @@ pub struct Status {
     /// Why the last MSL session ended, if one did.
     pub last_session_end: Option<&'static str>,
     pub counters: Counters,
+    pub peer_id: u16,
+    pub write_mode: WriteMode,
+    /// MSL carrier as the host reported it.
+    pub msl_link_up: bool,
+    /// This node's LAN adapters (the first `adapter_count` are valid):
+    /// link, carrier and whether the peer's heartbeats arrive on each.
+    pub adapters: [AdapterHealth; MAX_ADAPTERS],
+    pub adapter_count: u8,
+    /// Generation identifiers (current, bitmap, history).
+    pub gens: Generations,
+    /// Latched after a failed write or metadata update.
+    pub failed: bool,
 }
 
 /// One node of the pair.
@@ -737,6 +750,13 @@ impl<H: Payload> Node<H> {
             switching: self.switching.is_some(),
             last_session_end: self.last_session_end,
             counters,
+            peer_id: self.cfg.peer_id,
+            write_mode: self.cfg.write_mode,
+            msl_link_up: self.msl_carrier,
+            adapters: self.adapters,
+            adapter_count: self.adapter_count,
+            gens: self.meta.gens,
+            failed: self.failed,
         }
     }
 

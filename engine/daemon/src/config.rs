@@ -353,11 +353,6 @@ impl DaemonConfig {
                     .to_string(),
             );
         }
-        if let Some(m) = file.metrics_address {
-            warnings.push(format!(
-                "metrics_address {m}: the Prometheus endpoint is not implemented yet; ignored"
-            ));
-        }
         if file.key_file.is_none() {
             warnings.push("no key_file: MSL and LAN packets are not authenticated".to_string());
         }

@@ -17,12 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use msl_core::node::Status;
 use msl_core::AdminCmd;
 use serde_json::{json, Value};
 
 use crate::driver::Input;
 use crate::notify::EventRecord;
+pub use crate::telemetry::status_json;
+use crate::telemetry::{core_status, Telemetry};
 
 /// Subscribers of the event stream (`mslctl events`).
 #[derive(Clone, Debug, Default)]
@@ -53,47 +54,6 @@ pub fn event_json(rec: &EventRecord) -> Value {
     json!({"ts_ms": rec.unix_ms, "node": rec.node_id, "event": rec.kind, "message": rec.message})
 }
 
-/// A status snapshot as JSON (the `mslctl status --json` document).
-pub fn status_json(s: &Status) -> Value {
-    let c = &s.counters;
-    json!({
-        "node": s.node_id,
-        "role": format!("{:?}", s.role).to_lowercase(),
-        "disk": format!("{:?}", s.disk).to_lowercase(),
-        "generation": format!("{:016x}", s.generation),
-        "connected": s.connected,
-        "in_sync": s.in_sync,
-        "msl_alive": s.msl_alive,
-        "lan_alive": s.lan_alive,
-        "peer_role": s.peer_role.map(|r| format!("{r:?}").to_lowercase()),
-        "dirty_blocks": s.dirty_blocks,
-        "resync": {
-            "active": s.resync_total > 0,
-            "source": s.resync_source,
-            "remaining_blocks": s.resync_remaining,
-            "total_blocks": s.resync_total,
-        },
-        "pending_writes": s.pending_writes,
-        "pending_flushes": s.pending_flushes,
-        "switching": s.switching,
-        "last_session_end": s.last_session_end,
-        "counters": {
-            "client_writes": c.client_writes,
-            "client_writes_refused": c.client_writes_refused,
-            "takeovers": c.takeovers,
-            "split_brains": c.split_brains,
-            "resync_blocks_sent": c.resync_blocks_sent,
-            "resync_blocks_received": c.resync_blocks_received,
-            "retransmits": c.retransmits,
-            "meta_writes": c.meta_writes,
-            "frames_from_stranger": c.frames_from_stranger,
-            "frames_unexpected": c.frames_unexpected,
-            "frames_unknown_ignored": c.frames_unknown_ignored,
-            "frames_unknown_refused": c.frames_unknown_refused,
-        },
-    })
-}
-
 /// The listening side, owned by `msld`.
 pub struct ControlServer {
     path: PathBuf,
@@ -103,7 +63,12 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Bind `path` (replacing a stale socket), mode 0600, and serve.
-    pub fn start(path: &Path, inputs: SyncSender<Input>, hub: EventHub) -> std::io::Result<Self> {
+    pub fn start(
+        path: &Path,
+        inputs: SyncSender<Input>,
+        hub: EventHub,
+        telemetry: Arc<Telemetry>,
+    ) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -131,10 +96,10 @@ impl ControlServer {
                 while !st.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((conn, _)) => {
-                            let (i, h) = (inputs.clone(), hub.clone());
+                            let (i, h, t) = (inputs.clone(), hub.clone(), telemetry.clone());
                             let _ = std::thread::Builder::new()
                                 .name("msl-control-conn".into())
-                                .spawn(move || serve_conn(conn, &i, &h));
+                                .spawn(move || serve_conn(conn, &i, &h, &t));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
@@ -158,7 +123,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_conn(conn: UnixStream, inputs: &SyncSender<Input>, hub: &EventHub) {
+fn serve_conn(conn: UnixStream, inputs: &SyncSender<Input>, hub: &EventHub, tel: &Telemetry) {
     let _ = conn.set_nonblocking(false);
     let Ok(mut out) = conn.try_clone() else {
         return;
@@ -175,17 +140,10 @@ fn serve_conn(conn: UnixStream, inputs: &SyncSender<Input>, hub: &EventHub) {
         let answer = match serde_json::from_str::<Value>(&line) {
             Err(e) => json!({"ok": false, "error": format!("not JSON: {e}")}),
             Ok(req) => match req.get("cmd").and_then(Value::as_str) {
-                Some("status") => {
-                    let (tx, rx) = sync_channel(1);
-                    match inputs
-                        .send(Input::Status(tx))
-                        .ok()
-                        .and_then(|_| rx.recv_timeout(Duration::from_secs(2)).ok())
-                    {
-                        Some(s) => json!({"ok": true, "status": status_json(&s)}),
-                        None => json!({"ok": false, "error": "the daemon's core did not answer"}),
-                    }
-                }
+                Some("status") => match core_status(inputs) {
+                    Some(s) => json!({"ok": true, "status": status_json(&s, tel)}),
+                    None => json!({"ok": false, "error": "the daemon's core did not answer"}),
+                },
                 Some("events") => {
                     let rx = hub.subscribe();
                     if writeln!(out, "{}", json!({"ok": true, "streaming": true})).is_err() {
@@ -274,7 +232,7 @@ mod tests {
         let sock = dir.path().join("ctl.sock");
         let (tx, rx) = sync_channel::<Input>(16);
         let hub = EventHub::default();
-        let server = ControlServer::start(&sock, tx, hub.clone()).unwrap();
+        let server = ControlServer::start(&sock, tx, hub.clone(), Arc::default()).unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "control socket must be root-only");
         // A fake core answering status and recording admin commands.

@@ -28,6 +28,11 @@ use msl_wire::{self as wire, Header, Key, Message, Reassembler};
 use crate::lan::{LanPacket, LanPath};
 use crate::notify::{EventRecord, Notifier};
 
+/// LAN server-state packets that failed authentication.
+pub fn lan_auth_failures(rx: &wire::RxCounters) -> u64 {
+    rx.bad_auth + rx.missing_auth + rx.unexpected_auth
+}
+
 /// Block data as the core holds it: shared, so keeping a block for
 /// retransmission does not copy it.
 pub type Block = Arc<[u8]>;
@@ -98,8 +103,31 @@ pub struct Shared {
     pub serving: AtomicBool,
     pub in_sync: AtomicBool,
     pub msl_tx_frames: AtomicU64,
+    pub msl_tx_bytes: AtomicU64,
+    /// Frames the core produced that the transmit queue had no room for
+    /// (the reliable layer retransmits them).
+    pub msl_tx_dropped: AtomicU64,
     pub msl_rx_frames: AtomicU64,
+    pub msl_rx_bytes: AtomicU64,
+    /// Received frames dropped for any reason (including bad auth).
     pub msl_rx_dropped: AtomicU64,
+    /// Received frames that failed authentication (wrong, missing or
+    /// unexpected cluster key): a peer with another `key_file`.
+    pub msl_rx_bad_auth: AtomicU64,
+    /// Bytes of client writes the core accepted (whole blocks).
+    pub client_bytes_written: AtomicU64,
+    /// Measured resync rate (bytes per second, smoothed; 0 when idle).
+    pub resync_rate_bytes_s: AtomicU64,
+}
+
+/// True for the parse errors that mean "not signed with our key".
+pub fn is_auth_error(e: &wire::ParseError) -> bool {
+    matches!(
+        e,
+        wire::ParseError::BadAuth
+            | wire::ParseError::MissingAuth
+            | wire::ParseError::UnexpectedAuth
+    )
 }
 
 /// Encodes core messages into Ethernet frames (fragmenting to the link).
@@ -193,9 +221,13 @@ pub fn start_msl_tx(
                         q.drain(..q.len().min(msl_transport::MAX_BATCH)).collect();
                     let refs: Vec<&[u8]> = batch.iter().map(|f| f.as_slice()).collect();
                     if link.send_frames(&refs).is_ok() {
+                        let bytes: usize = refs.iter().map(|f| f.len()).sum();
                         shared
                             .msl_tx_frames
                             .fetch_add(refs.len() as u64, Ordering::Relaxed);
+                        shared
+                            .msl_tx_bytes
+                            .fetch_add(bytes as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -229,6 +261,9 @@ pub fn start_msl_rx(
                 Duration::from_millis(20),
                 &mut |bytes| {
                     shared.msl_rx_frames.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .msl_rx_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     let Ok((_, body)) = wire::parse_eth(bytes) else {
                         shared.msl_rx_dropped.fetch_add(1, Ordering::Relaxed);
                         return;
@@ -257,7 +292,10 @@ pub fn start_msl_rx(
                             code,
                             must_understand,
                         }),
-                        Err(_) => {
+                        Err(e) => {
+                            if is_auth_error(&e) {
+                                shared.msl_rx_bad_auth.fetch_add(1, Ordering::Relaxed);
+                            }
                             shared.msl_rx_dropped.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -291,7 +329,22 @@ pub struct Driver<H: Host> {
     epoch: Instant,
     node_id: u16,
     frames: Vec<Vec<u8>>,
+    house: Housekeeping,
 }
+
+/// Once-a-second bookkeeping on the core thread: the resync rate and the
+/// rate-limited "wrong cluster key" notice.
+struct Housekeeping {
+    next: Instant,
+    /// Last resync sample: when, blocks remaining.
+    resync_sample: Option<(Instant, u64)>,
+    /// Authentication failures already reported, and when.
+    bad_auth_reported: u64,
+    bad_auth_last: Option<Instant>,
+}
+
+/// At most one "bad_auth" notice per this long (each carries the count).
+pub const BAD_AUTH_NOTICE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl<H: Host> Driver<H> {
     /// Build a driver from loaded metadata.
@@ -327,6 +380,77 @@ impl<H: Host> Driver<H> {
             epoch,
             node_id,
             frames: Vec::new(),
+            house: Housekeeping {
+                next: epoch,
+                resync_sample: None,
+                bad_auth_reported: 0,
+                bad_auth_last: None,
+            },
+        }
+    }
+
+    /// Authentication failures on the MSL and on the LAN path so far.
+    fn auth_failures(&self) -> (u64, u64) {
+        let msl = self.shared.msl_rx_bad_auth.load(Ordering::Relaxed);
+        let lan = self
+            .lan
+            .as_ref()
+            .and_then(|l| l.counters.rx.lock().ok().map(|r| lan_auth_failures(&r)))
+            .unwrap_or(0);
+        (msl, lan)
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if now < self.house.next {
+            return;
+        }
+        self.house.next = now + Duration::from_secs(1);
+        // Resync rate: blocks done since the last sample, smoothed.
+        let st = self.node.status();
+        let bs = u64::from(self.node.config().block_size);
+        if st.resync_total > 0 {
+            if let Some((t, left)) = self.house.resync_sample {
+                let dt = now.duration_since(t).as_secs_f64();
+                let done = left.saturating_sub(st.resync_remaining) * bs;
+                if dt > 0.0 {
+                    let inst = done as f64 / dt;
+                    let old = self.shared.resync_rate_bytes_s.load(Ordering::Relaxed) as f64;
+                    let rate = if old == 0.0 {
+                        inst
+                    } else {
+                        0.5 * old + 0.5 * inst
+                    };
+                    self.shared
+                        .resync_rate_bytes_s
+                        .store(rate as u64, Ordering::Relaxed);
+                }
+            }
+            self.house.resync_sample = Some((now, st.resync_remaining));
+        } else {
+            self.house.resync_sample = None;
+            self.shared.resync_rate_bytes_s.store(0, Ordering::Relaxed);
+        }
+        // Wrong cluster key: one notice, then at most one per interval.
+        let (msl, lan) = self.auth_failures();
+        let total = msl + lan;
+        let due = self
+            .house
+            .bad_auth_last
+            .is_none_or(|t| now.duration_since(t) >= BAD_AUTH_NOTICE_INTERVAL);
+        if total > self.house.bad_auth_reported && due {
+            self.house.bad_auth_reported = total;
+            self.house.bad_auth_last = Some(now);
+            self.notifier.notify(EventRecord::now(
+                self.node_id,
+                "bad_auth",
+                format!(
+                    "{total} frames failed authentication so far (MSL {msl}, LAN {lan}): \
+                     the peer signs with a different cluster key; check that key_file \
+                     holds the same key on both nodes. Those frames are dropped: \
+                     the nodes will not pair."
+                ),
+            ));
         }
     }
 
@@ -432,6 +556,7 @@ impl<H: Host> Driver<H> {
         self.shared
             .in_sync
             .store(self.node.in_sync(), Ordering::Relaxed);
+        self.housekeeping();
         exit
     }
 
@@ -452,7 +577,9 @@ impl<H: Host> Driver<H> {
                 {
                     let control = msg.is_control();
                     for f in self.frames.drain(..) {
-                        let _ = self.msl_tx.try_send((control, f));
+                        if self.msl_tx.try_send((control, f)).is_err() {
+                            self.shared.msl_tx_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
@@ -568,7 +695,13 @@ impl Client {
         self.inputs
             .send(input)
             .map_err(|_| ClientError::NotPrimary)?;
-        rx.recv().unwrap_or(Err(ClientError::NotPrimary))
+        let r = rx.recv().unwrap_or(Err(ClientError::NotPrimary));
+        if r.is_ok() && kind == IoKind::Write {
+            self.shared
+                .client_bytes_written
+                .fetch_add(len, Ordering::Relaxed);
+        }
+        r
     }
 
     pub fn flush(&self) -> Reply {

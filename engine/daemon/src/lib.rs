@@ -11,6 +11,7 @@ pub mod frontend;
 pub mod lan;
 pub mod notify;
 pub mod service;
+pub mod telemetry;
 
 pub use config::{ConfigError, DaemonConfig};
 pub use notify::{EventRecord, Notifier, Sinks};

@@ -34,14 +34,19 @@ pub struct EventRecord {
 
 impl EventRecord {
     pub fn new(node_id: u16, notice: &Notice) -> Self {
+        Self::now(node_id, notice.kind(), notice.to_string())
+    }
+
+    /// A daemon event that is not a core notice (for example `bad_auth`).
+    pub fn now(node_id: u16, kind: &'static str, message: String) -> Self {
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         EventRecord {
             unix_ms,
             node_id,
-            kind: notice.kind(),
-            message: notice.to_string(),
+            kind,
+            message,
         }
     }
 

@@ -50,14 +50,15 @@ pub fn watch_links(
     });
 }
 
-/// Serve NBD on `listener` until `stop`.
+/// Serve NBD on `listener` until `stop`; returns the server's counters.
 pub fn start_nbd(
     listener: TcpListener,
     backend: Arc<dyn Backend>,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Arc<msl_nbd::Counters>> {
     let cfg = ServerConfig::default();
     let server = Server::new(listener, String::new(), backend, cfg, stop);
+    let counters = server.counters();
     std::thread::Builder::new()
         .name("msl-nbd".into())
         .spawn(move || {
@@ -65,7 +66,7 @@ pub fn start_nbd(
                 eprintln!("msld: NBD server stopped: {e}");
             }
         })?;
-    Ok(())
+    Ok(counters)
 }
 
 /// Holds the service address on the primary: add + gratuitous ARP when

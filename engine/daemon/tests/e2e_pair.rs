@@ -4,105 +4,11 @@
 //! backing files compared. Needs root (CI runs as root); fails loudly
 //! otherwise.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
-use msl_daemon::control::request;
-use msl_transport::netns::{is_root, VethPair, IF_A, IF_B};
-use serde_json::{json, Value};
-
-/// The pair's two hosts: namespaces and the MSL veth pair come from the
-/// transport's `VethPair` (unique names, removed on drop, on signals, and
-/// swept after a SIGKILL); the LAN veth pair is added here.
-struct Topology {
-    veth: VethPair,
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("run ip (apt-get install iproute2)");
-    assert!(st.success(), "ip {} failed", args.join(" "));
-}
-
-impl Topology {
-    fn new() -> Topology {
-        let veth = VethPair::create(9000).expect("create the namespaces and the MSL veth pair");
-        let (a, b) = (veth.ns_a.clone(), veth.ns_b.clone());
-        ip(&[
-            "link", "add", "a-lan", "netns", &a, "type", "veth", "peer", "name", "b-lan", "netns",
-            &b,
-        ]);
-        ip(&["-n", &a, "addr", "add", "10.77.1.1/24", "dev", "a-lan"]);
-        ip(&["-n", &b, "addr", "add", "10.77.1.2/24", "dev", "b-lan"]);
-        ip(&["-n", &a, "link", "set", "a-lan", "up"]);
-        ip(&["-n", &b, "link", "set", "b-lan", "up"]);
-        Topology { veth }
-    }
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn config(dir: &Path, id: u16) -> PathBuf {
-    let (me, peer, side) = if id == 1 {
-        ("10.77.1.1", "10.77.1.2", "a")
-    } else {
-        ("10.77.1.2", "10.77.1.1", "b")
-    };
-    let text = format!(
-        r#"node_id = {id}
-peer_id = {peer_id}
-cluster_id = 0x6d736c6532650001
-key_file = "{dir}/cluster.key"
-service_address = "10.77.1.100/24"
-service_interface = "{side}-lan"
-log_file = "{dir}/n{id}.log"
-control_socket = "{dir}/n{id}.sock"
-[msl]
-interface = "{msl_if}"
-backend = "afpacket"
-[[lan]]
-interface = "{side}-lan"
-address = "{me}"
-peer_address = "{peer}"
-[volume]
-path = "{dir}/n{id}.img"
-size_bytes = 67108864
-metadata = "{dir}/n{id}.meta"
-"#,
-        peer_id = 3 - id,
-        msl_if = if id == 1 { IF_A } else { IF_B },
-        dir = dir.display()
-    );
-    let p = dir.join(format!("n{id}.toml"));
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn status(dir: &Path, id: u16) -> Option<Value> {
-    let v = request(&dir.join(format!("n{id}.sock")), &json!({"cmd": "status"})).ok()?;
-    (v["ok"] == true).then(|| v["status"].clone())
-}
-
-fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(secs) {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {secs} s waiting for: {what}");
-}
+mod common;
+use common::*;
 
 #[test]
 fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
@@ -167,14 +73,7 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
         "{s1}"
     );
     // Stop both cleanly (SIGTERM) so caches are flushed, then compare.
-    for d in [&_d1, &_d2] {
-        let _ = Command::new("kill")
-            .args(["-TERM", &d.0.id().to_string()])
-            .status();
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    let a = std::fs::read(dir.path().join("n1.img")).unwrap();
-    let b = std::fs::read(dir.path().join("n2.img")).unwrap();
+    let (a, b) = stop_and_read_images(dir.path(), &[&_d1, &_d2]);
     assert!(
         a[..4 << 20].iter().all(|&x| x == 0xab),
         "node 1 volume lacks the client's data"
@@ -182,22 +81,6 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
     assert!(a == b, "backing files differ");
     let log1 = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
     assert!(log1.contains("event=connected"), "{log1}");
-}
-
-fn qemu_io(ns: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, "qemu-io", "-f", "raw"]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    let out = c.arg("nbd://10.77.1.100:10809").output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?}: {text}"
-    );
-    text
 }
 
 #[test]
@@ -245,14 +128,7 @@ fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
         status(dir.path(), 1).is_some_and(|s| s["in_sync"] == true && s["role"] == "secondary")
             && status(dir.path(), 2).is_some_and(|s| s["in_sync"] == true)
     });
-    for d in [&d1, &d2] {
-        let _ = Command::new("kill")
-            .args(["-TERM", &d.0.id().to_string()])
-            .status();
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    let a = std::fs::read(dir.path().join("n1.img")).unwrap();
-    let b = std::fs::read(dir.path().join("n2.img")).unwrap();
+    let (a, b) = stop_and_read_images(dir.path(), &[&d1, &d2]);
     assert!(a == b, "backing files differ after resync");
     assert!(
         a[..1 << 20].iter().all(|&x| x == 0x11) && a[1 << 20..2 << 20].iter().all(|&x| x == 0x33)
@@ -262,24 +138,6 @@ fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
     let log1 = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
     assert!(log1.contains("event=resync_finished"), "{log1}");
     eprintln!("takeover observed after {takeover:?} (includes status polling)");
-}
-
-/// Start msld for node `id` inside namespace `ns`; its console is appended
-/// to `n<id>.console` (kept across restarts).
-fn start_daemon(dir: &Path, ns: &str, id: u16, primary: bool) -> Daemon {
-    let cfg = config(dir, id);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_msld"), "--config"])
-        .arg(&cfg);
-    if primary {
-        cmd.arg("--initial-primary");
-    }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("n{id}.console")))
-        .unwrap();
-    Daemon(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap())
 }
 
 fn msld_check(args: &[&str]) -> (bool, String) {

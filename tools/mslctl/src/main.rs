@@ -51,24 +51,60 @@ enum Cmd {
     Invalidate,
 }
 
+fn yes_no(v: &Value, yes: &'static str, no: &'static str) -> &'static str {
+    if v == true {
+        yes
+    } else {
+        no
+    }
+}
+
 fn print_status(s: &Value) {
     let r = &s["resync"];
+    let g = &s["generations"];
     println!(
-        "node {}: {} (disk {}), generation {}",
+        "node {}: {} (disk {}{}), write mode {}",
         s["node"],
         s["role"].as_str().unwrap_or("?"),
         s["disk"].as_str().unwrap_or("?"),
-        s["generation"].as_str().unwrap_or("?")
+        yes_no(&s["failed"], ", FAILED: fail-closed", ""),
+        s["write_mode"].as_str().unwrap_or("?"),
     );
     println!(
-        "peer: {} | MSL {} | LAN {} | connected {} | in sync {}",
+        "peer: node {} ({}) | connected {} | in sync {}",
+        s["peer"],
         s["peer_role"].as_str().unwrap_or("unknown"),
-        if s["msl_alive"] == true { "up" } else { "DOWN" },
-        if s["lan_alive"] == true { "up" } else { "DOWN" },
         s["connected"],
         s["in_sync"]
     );
-    println!("dirty blocks: {}", s["dirty_blocks"]);
+    let m = &s["msl"];
+    println!(
+        "MSL {}: link {}, peer {}",
+        m["interface"].as_str().unwrap_or("?"),
+        yes_no(&m["link_up"], "up", "DOWN"),
+        yes_no(&m["peer_heard"], "heard", "NOT HEARD"),
+    );
+    for a in s["lan"].as_array().into_iter().flatten() {
+        println!(
+            "LAN adapter {} {}: link {}, carrier {}, peer heartbeats {}",
+            a["index"],
+            a["name"].as_str().unwrap_or("?"),
+            yes_no(&a["link_up"], "up", "DOWN"),
+            yes_no(&a["carrier"], "yes", "NO"),
+            yes_no(&a["peer_reachable"], "arriving", "MISSING"),
+        );
+    }
+    println!(
+        "generations: current {} bitmap {} history {}",
+        g["current"].as_str().unwrap_or("?"),
+        g["bitmap"].as_str().unwrap_or("?"),
+        g["history"]
+    );
+    println!(
+        "dirty: {} blocks ({:.1} MiB)",
+        s["dirty_blocks"],
+        s["dirty_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0
+    );
     if r["active"] == true {
         let total = r["total_blocks"].as_u64().unwrap_or(0);
         let left = r["remaining_blocks"].as_u64().unwrap_or(0);
@@ -77,21 +113,28 @@ fn print_status(s: &Value) {
         } else {
             100.0 * (total - left.min(total)) as f64 / total as f64
         };
+        let eta = r["eta_s"]
+            .as_u64()
+            .map_or("unknown".to_string(), |e| format!("{e} s"));
         println!(
-            "resync ({}): {:.1} % done, {left} of {total} blocks remaining",
-            if r["source"] == true {
-                "source"
-            } else {
-                "target"
-            },
-            pct
+            "resync ({}): {pct:.1} % done, {left} of {total} blocks remaining, {:.1} MiB/s, ETA {eta}",
+            yes_no(&r["source"], "source", "target"),
+            r["rate_mib_s"].as_f64().unwrap_or(0.0),
         );
+    }
+    if let Some(e) = s["last_session_end"].as_str() {
+        println!("last session ended: {e}");
     }
     println!(
         "pending writes {}, flushes {}",
         s["pending_writes"], s["pending_flushes"]
     );
-    println!("counters: {}", s["counters"]);
+    for (title, key) in [("counters", "counters"), ("NBD", "nbd")] {
+        if let Some(c) = s[key].as_object() {
+            let line: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("{title}: {}", line.join(" "));
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -23,6 +23,7 @@ use msl_daemon::frontend::MirrorBackend;
 use msl_daemon::lan::{LanEndpoint, LanPath};
 use msl_daemon::notify::{Notifier, Sinks};
 use msl_daemon::service::ServiceHost;
+use msl_daemon::telemetry::{MetricsServer, Telemetry};
 use msl_store::{CreateOptions, MetaStore, Volume};
 use msl_transport::{BackendKind, IfaceInfo, OpenOptions};
 use msl_wire::Key;
@@ -122,9 +123,8 @@ fn run(args: Args) -> Result<Exit, String> {
         },
         4096,
     );
+    let notify_counters = notifier.counters.clone();
     let (inputs, input_rx) = sync_channel::<Input>(16_384);
-    let _control =
-        ControlServer::start(&f.control_socket, inputs.clone(), hub).map_err(|e| e.to_string())?;
 
     // MSL transport.
     let iface = IfaceInfo::lookup(&f.msl.interface).map_err(|e| format!("msl.interface: {e}"))?;
@@ -203,7 +203,29 @@ fn run(args: Args) -> Result<Exit, String> {
     let backend = Arc::new(MirrorBackend::new(client, volume.clone(), max_write));
     let listener = TcpListener::bind(SocketAddr::new([0, 0, 0, 0].into(), f.nbd_port))
         .map_err(|e| format!("nbd_port {}: {e}", f.nbd_port))?;
-    msl_daemon::service::start_nbd(listener, backend, stop.clone()).map_err(|e| e.to_string())?;
+    let nbd_counters = msl_daemon::service::start_nbd(listener, backend, stop.clone())
+        .map_err(|e| e.to_string())?;
+
+    // Status (control socket) and metrics read the same counters.
+    let telemetry = Arc::new(Telemetry {
+        shared: shared.clone(),
+        lan: Some(lan.counters.clone()),
+        nbd: Some(nbd_counters),
+        notify: Some(notify_counters),
+        msl_interface: f.msl.interface.clone(),
+        lan_interfaces: f.lan.iter().map(|a| a.interface.clone()).collect(),
+        block_size: u64::from(f.volume.block_size),
+    });
+    let _control = ControlServer::start(&f.control_socket, inputs.clone(), hub, telemetry.clone())
+        .map_err(|e| format!("control_socket {}: {e}", f.control_socket.display()))?;
+    let _metrics = match f.metrics_address {
+        Some(addr) => {
+            let m = MetricsServer::start(addr, inputs.clone(), telemetry)?;
+            eprintln!("msld: Prometheus metrics on http://{}/metrics", m.addr);
+            Some(m)
+        }
+        None => None,
+    };
 
     // Signals: a clean stop.
     let sig_inputs = inputs.clone();

@@ -1,0 +1,215 @@
+//! Helpers shared by the msld end-to-end tests: the two-namespace
+//! topology, msld processes (killed on drop), configs, status, waiting.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use msl_daemon::control::request;
+pub use msl_transport::netns::{is_root, VethPair, IF_A, IF_B};
+use serde_json::{json, Value};
+
+/// The pair's two hosts: namespaces and the MSL veth pair come from the
+/// transport's `VethPair` (unique names, removed on drop, on signals, and
+/// swept after a SIGKILL); the LAN veth pair is added here.
+pub struct Topology {
+    pub veth: VethPair,
+}
+
+pub fn ip(args: &[&str]) {
+    let st = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip (apt-get install iproute2)");
+    assert!(st.success(), "ip {} failed", args.join(" "));
+}
+
+impl Topology {
+    pub fn new() -> Topology {
+        let veth = VethPair::create(9000).expect("create the namespaces and the MSL veth pair");
+        let (a, b) = (veth.ns_a.clone(), veth.ns_b.clone());
+        ip(&[
+            "link", "add", "a-lan", "netns", &a, "type", "veth", "peer", "name", "b-lan", "netns",
+            &b,
+        ]);
+        ip(&["-n", &a, "addr", "add", "10.77.1.1/24", "dev", "a-lan"]);
+        ip(&["-n", &b, "addr", "add", "10.77.1.2/24", "dev", "b-lan"]);
+        ip(&["-n", &a, "link", "set", "a-lan", "up"]);
+        ip(&["-n", &b, "link", "set", "b-lan", "up"]);
+        Topology { veth }
+    }
+}
+
+pub struct Daemon(pub Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Per-node variations of the test config.
+#[derive(Clone, Debug)]
+pub struct Opts {
+    /// Key file name inside the test directory.
+    pub key_file: String,
+    /// Extra top-level TOML lines (e.g. `metrics_address = "..."`).
+    pub extra: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            key_file: "cluster.key".into(),
+            extra: String::new(),
+        }
+    }
+}
+
+pub fn config(dir: &Path, id: u16) -> PathBuf {
+    config_opts(dir, id, &Opts::default())
+}
+
+pub fn config_opts(dir: &Path, id: u16, o: &Opts) -> PathBuf {
+    let (me, peer, side) = if id == 1 {
+        ("10.77.1.1", "10.77.1.2", "a")
+    } else {
+        ("10.77.1.2", "10.77.1.1", "b")
+    };
+    let text = format!(
+        r#"node_id = {id}
+peer_id = {peer_id}
+cluster_id = 0x6d736c6532650001
+key_file = "{dir}/{key}"
+{extra}
+service_address = "10.77.1.100/24"
+service_interface = "{side}-lan"
+log_file = "{dir}/n{id}.log"
+control_socket = "{dir}/n{id}.sock"
+[msl]
+interface = "{msl_if}"
+backend = "afpacket"
+[[lan]]
+interface = "{side}-lan"
+address = "{me}"
+peer_address = "{peer}"
+[volume]
+path = "{dir}/n{id}.img"
+size_bytes = 67108864
+metadata = "{dir}/n{id}.meta"
+"#,
+        peer_id = 3 - id,
+        msl_if = if id == 1 { IF_A } else { IF_B },
+        dir = dir.display(),
+        key = o.key_file,
+        extra = o.extra,
+    );
+    let p = dir.join(format!("n{id}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn status(dir: &Path, id: u16) -> Option<Value> {
+    let v = request(&dir.join(format!("n{id}.sock")), &json!({"cmd": "status"})).ok()?;
+    (v["ok"] == true).then(|| v["status"].clone())
+}
+
+pub fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(secs) {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {secs} s waiting for: {what}");
+}
+
+pub fn qemu_io(ns: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "qemu-io", "-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let out = c.arg("nbd://10.77.1.100:10809").output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?}: {text}"
+    );
+    text
+}
+
+/// Start msld for node `id` inside namespace `ns`; its console is appended
+/// to `n<id>.console` (kept across restarts).
+pub fn start_daemon(dir: &Path, ns: &str, id: u16, primary: bool) -> Daemon {
+    start_daemon_opts(dir, ns, id, primary, &Opts::default())
+}
+
+/// `start_daemon` with a varied config.
+pub fn start_daemon_opts(dir: &Path, ns: &str, id: u16, primary: bool, o: &Opts) -> Daemon {
+    let cfg = config_opts(dir, id, o);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_msld"), "--config"])
+        .arg(&cfg);
+    if primary {
+        cmd.arg("--initial-primary");
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("n{id}.console")))
+        .unwrap();
+    Daemon(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap())
+}
+
+/// Send SIGTERM to both daemons, give them time to stop cleanly (caches
+/// flushed), then return both backing files.
+pub fn stop_and_read_images(dir: &Path, daemons: &[&Daemon]) -> (Vec<u8>, Vec<u8>) {
+    for d in daemons {
+        let _ = Command::new("kill")
+            .args(["-TERM", &d.0.id().to_string()])
+            .status();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    (
+        std::fs::read(dir.join("n1.img")).unwrap(),
+        std::fs::read(dir.join("n2.img")).unwrap(),
+    )
+}
+
+/// Run a command inside namespace `ns`; returns (success, stdout+stderr).
+pub fn in_ns(ns: &str, prog: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, prog])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {prog} in {ns}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Fail loudly when a tool the test needs is missing.
+pub fn require_tool(prog: &str, hint: &str) {
+    assert!(
+        Command::new(prog)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+        "{prog} missing: {hint}"
+    );
+}
+
+pub fn require_root() {
+    assert!(
+        is_root(),
+        "this test needs root (network namespaces); CI runs it as root"
+    );
+}

