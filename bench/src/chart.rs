@@ -1,7 +1,9 @@
 //! A latency-by-percentile chart as a self-contained SVG (no plotting
 //! dependency): x is the percentile on a log scale of 1/(1-q) (50 %, 90 %,
 //! 99 %, 99.9 %, 99.99 %), y is latency in microseconds on a log scale,
-//! one line per backend.
+//! one line per series. Series come from an hdrhistogram ([`svg`]) or as
+//! (quantile, microseconds) points ([`svg_points`], e.g. fio's percentiles);
+//! [`stack`] puts several charts in one file.
 
 use hdrhistogram::Histogram;
 
@@ -21,17 +23,39 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// One line of a chart: a name and (quantile in [0, 1), microseconds)
+/// points in increasing quantile order.
+pub type Curve = (String, Vec<(f64, f64)>);
+
 /// Render `series` (name, histogram of microseconds).
 pub fn svg(title: &str, series: &[(String, &Histogram<u64>)]) -> String {
     // Percentiles from 0 to 99.99 % as x = log10(1/(1-q)) in [0, 4].
     let qs: Vec<f64> = (0..=80)
         .map(|i| 1.0 - 10f64.powf(-(i as f64) / 20.0))
         .collect();
+    let curves: Vec<Curve> = series
+        .iter()
+        .map(|(name, h)| {
+            let pts = qs.iter().map(|&q| (q, h.value_at_quantile(q) as f64));
+            (name.clone(), pts.collect())
+        })
+        .collect();
+    svg_points(title, "round trip (block sent to ack received)", &curves)
+}
+
+/// Render curves of (quantile, microseconds) points; `y_label` names what
+/// was timed.
+pub fn svg_points(title: &str, y_label: &str, series: &[Curve]) -> String {
     let mut ymin = f64::MAX;
     let mut ymax = 1.0f64;
-    for (_, h) in series {
-        ymin = ymin.min(h.min().max(1) as f64);
-        ymax = ymax.max(h.max().max(1) as f64);
+    for (_, pts) in series {
+        for &(_, us) in pts {
+            ymin = ymin.min(us.max(1.0));
+            ymax = ymax.max(us.max(1.0));
+        }
+    }
+    if ymin > ymax {
+        ymin = 1.0;
     }
     let lo = ymin.log10().floor();
     let hi = (ymax.log10().ceil()).max(lo + 1.0);
@@ -77,23 +101,23 @@ pub fn svg(title: &str, series: &[(String, &Histogram<u64>)]) -> String {
     }
     s += &format!(
         r#"<text x="{}" y="{}" text-anchor="middle">percentile</text>
-<text x="18" y="{}" transform="rotate(-90 18 {})" text-anchor="middle">round trip (block sent to ack received)</text>
+<text x="18" y="{}" transform="rotate(-90 18 {})" text-anchor="middle">{}</text>
 <rect x="{L}" y="{T}" width="{}" height="{}" fill="none" stroke="rgb(68,68,68)"/>
 "#,
         (L + W - R) / 2.0,
         H - 15.0,
         H / 2.0,
         H / 2.0,
+        esc(y_label),
         W - L - R,
         H - T - B
     );
-    for (i, (name, h)) in series.iter().enumerate() {
+    for (i, (name, curve)) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        let pts: Vec<String> = qs
+        let pts: Vec<String> = curve
             .iter()
-            .map(|&q| {
-                let x = (1.0 / (1.0 - q)).log10().min(4.0);
-                let v = h.value_at_quantile(q) as f64;
+            .map(|&(q, v)| {
+                let x = (1.0 / (1.0 - q.min(0.9999))).log10().min(4.0);
                 format!("{:.1},{:.1}", px(x), py(v))
             })
             .collect();
@@ -109,8 +133,36 @@ pub fn svg(title: &str, series: &[(String, &Histogram<u64>)]) -> String {
             W - R + 35.0,
             T + 14.0 + i as f64 * 20.0,
             esc(name),
-            fmt_us(h.value_at_quantile(0.99) as f64)
+            fmt_us(at_quantile(curve, 0.99))
         );
+    }
+    s += "</svg>\n";
+    s
+}
+
+/// The curve's value at quantile `q` (the first point at or above it).
+fn at_quantile(curve: &[(f64, f64)], q: f64) -> f64 {
+    curve
+        .iter()
+        .find(|&&(x, _)| x >= q - 1e-9)
+        .or(curve.last())
+        .map_or(0.0, |&(_, v)| v)
+}
+
+/// Several charts from [`svg_points`]/[`svg`] stacked vertically in one SVG.
+pub fn stack(charts: &[String]) -> String {
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{}">
+"#,
+        H * charts.len() as f64
+    );
+    for (i, c) in charts.iter().enumerate() {
+        let inner = c.replacen(
+            r#"<svg xmlns="http://www.w3.org/2000/svg""#,
+            &format!(r#"<svg x="0" y="{}""#, H * i as f64),
+            1,
+        );
+        s += &inner;
     }
     s += "</svg>\n";
     s

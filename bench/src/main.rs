@@ -6,9 +6,16 @@
 //! iperf3 TCP on the same link as the kernel's ceiling, and prints one table
 //! (or JSON lines) plus an SVG latency chart. `--qd1` measures one block in
 //! flight at a time against a kernel-TCP ping-pong of the same size.
+//!
+//! `msl-bench nbd` runs the same fio jobs (nbd engine) against a mirrored
+//! msld pair, the same primary degraded, nbdkit and qemu-nbd, all reached
+//! from the client host over the same bridge, and prints medians side by
+//! side with the ratios against the goals.
 
 mod chart;
+mod fio;
 mod link;
+mod nbd;
 
 use clap::{Parser, Subcommand};
 
@@ -24,12 +31,16 @@ enum Cmd {
     /// Stream 4 KiB blocks over the MSL on each backend and compare with
     /// iperf3 TCP on the same link. Needs root.
     Link(link::LinkArgs),
+    /// fio against msl (mirrored and degraded), nbdkit and qemu-nbd over
+    /// the same LAN path. Needs root, fio, nbdkit, qemu-nbd, nbdinfo.
+    Nbd(nbd::NbdArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Link(a) => link::run(a),
+        Cmd::Link(a) => link::run(a).map_err(|e| e.to_string()),
+        Cmd::Nbd(a) => nbd::run(a),
     };
     if let Err(e) = r {
         eprintln!("msl-bench: {e}");

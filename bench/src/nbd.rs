@@ -1,0 +1,561 @@
+//! `msl-bench nbd`: the mirrored NBD export against nbdkit and qemu-nbd,
+//! end to end, in one run.
+//!
+//! Every server is reached the same way: fio (nbd engine) on the client
+//! host of msl-harness's topology (the LAN namespace, 10.77.1.50), through
+//! the bridge, to a server in the primary's namespace (ns_a). The anchors
+//! listen on the primary's LAN address 10.77.1.1; msl serves on the service
+//! address 10.77.1.100 with its peer mirroring synchronously over the MSL
+//! veth pair; msl-degraded is the same primary with the peer stopped. Backing
+//! files of the same size on the same file system (the pair's run
+//! directory), all through the page cache, FLUSH = fdatasync (see README).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use clap::Args;
+use msl_harness::{Pair, PairOptions, SERVICE_IP};
+
+use crate::fio::{self, command_in, JobSpec, Proc, Sample};
+
+/// The anchors listen on the primary's LAN address.
+const ANCHOR_IP: &str = msl_harness::topology::LAN_A;
+const MSL_PORT: u16 = 10809;
+const NBDKIT_PORT: u16 = 10810;
+const QEMU_PORT: u16 = 10811;
+
+#[derive(Args, Debug, Clone)]
+pub struct NbdArgs {
+    /// Runs of every job on every server (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Measured seconds per fio run.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Warm-up seconds per fio run (not measured).
+    #[arg(long, default_value_t = 1)]
+    pub ramp: u64,
+    /// Jobs to run, comma separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub jobs: Vec<String>,
+    /// Servers, comma separated: msl, msl-degraded, nbdkit-file, qemu-nbd.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "nbdkit-file,qemu-nbd,msl,msl-degraded"
+    )]
+    pub servers: Vec<String>,
+    /// Volume (export) size, e.g. 256M, 1G (bytes without a suffix).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: u64,
+    /// One JSON object per line (server, job) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Where to write the latency chart (SVG).
+    #[arg(long, default_value = "msl-nbd-latency.svg")]
+    pub chart: String,
+    /// MSL backend of the pair (afpacket, afxdp, auto).
+    #[arg(long, default_value = "afpacket")]
+    pub backend: String,
+    /// Skip writing every byte of each export before the jobs.
+    #[arg(long)]
+    pub no_fill: bool,
+}
+
+/// `256M`, `1G`, `4096`, `64K` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("size {s}: unknown unit {c} (K, M, G)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("size {s}: not a number"))?;
+    n.checked_mul(mul)
+        .filter(|&b| b >= 1 << 20 && b.is_multiple_of(4096))
+        .ok_or(format!(
+            "size {s}: must be at least 1M and a multiple of 4K"
+        ))
+}
+
+/// The servers compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Server {
+    Msl,
+    MslDegraded,
+    NbdkitFile,
+    QemuNbd,
+}
+
+impl Server {
+    pub const ALL: [Server; 4] = [
+        Server::NbdkitFile,
+        Server::QemuNbd,
+        Server::Msl,
+        Server::MslDegraded,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Msl => "msl",
+            Server::MslDegraded => "msl-degraded",
+            Server::NbdkitFile => "nbdkit-file",
+            Server::QemuNbd => "qemu-nbd",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Server, String> {
+        Server::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or(format!(
+                "unknown server `{s}` (msl, msl-degraded, nbdkit-file, qemu-nbd)"
+            ))
+    }
+
+    fn uri(self) -> String {
+        let (ip, port) = match self {
+            Server::Msl | Server::MslDegraded => (SERVICE_IP, MSL_PORT),
+            Server::NbdkitFile => (ANCHOR_IP, NBDKIT_PORT),
+            Server::QemuNbd => (ANCHOR_IP, QEMU_PORT),
+        };
+        format!("nbd://{ip}:{port}/")
+    }
+}
+
+/// Start an anchor in namespace `ns` serving `file` on the LAN address.
+fn start_anchor(s: Server, ns: &str, file: &str) -> Result<Proc, String> {
+    let mut c = match s {
+        // file plugin, page cache (cache=default): like msld's volume,
+        // writes land in the page cache and FLUSH is fdatasync. -f: stay in
+        // the foreground (a child we can kill); 16 threads (nbdkit's default).
+        Server::NbdkitFile => {
+            let mut c = command_in(ns, "nbdkit");
+            c.args(["-f", "-t", "16", "-i", ANCHOR_IP, "-p"])
+                .arg(NBDKIT_PORT.to_string())
+                .args(["file", file, "cache=default"]);
+            c
+        }
+        // raw, cache=writeback (page cache, FLUSH = fdatasync) with the
+        // thread pool, up to 16 clients (-e 16), persistent (-t).
+        Server::QemuNbd => {
+            let mut c = command_in(ns, "qemu-nbd");
+            c.args([
+                "-t",
+                "-e",
+                "16",
+                "-f",
+                "raw",
+                "--cache=writeback",
+                "--aio=threads",
+            ])
+            .args(["-b", ANCHOR_IP, "-p"])
+            .arg(QEMU_PORT.to_string())
+            .arg(file);
+            c
+        }
+        _ => return Err(format!("{} is not an anchor", s.name())),
+    };
+    let child = c
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e} (bash scripts/setup.sh)", s.name()))?;
+    Ok(Proc(child))
+}
+
+/// Wait until `uri`'s server completes an NBD handshake (nbdinfo from the
+/// client namespace).
+fn wait_serving(client_ns: &str, uri: &str, timeout: Duration) -> Result<(), String> {
+    let t = std::time::Instant::now();
+    loop {
+        let mut c = command_in(client_ns, "nbdinfo");
+        c.args(["--size", uri]);
+        match fio::run_bounded(c, Duration::from_secs(5), &format!("nbdinfo {uri}")) {
+            Ok(_) => return Ok(()),
+            Err(e) if t.elapsed() > timeout => {
+                return Err(format!("{uri} not serving after {timeout:?}: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn need_tool(name: &str, pkg: &str) -> Result<(), String> {
+    let ok = std::process::Command::new(name)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` not found: apt-get install {pkg} (bash scripts/setup.sh)"
+        ))
+    }
+}
+
+/// The median result of one server on one job.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub server: Server,
+    pub job: &'static str,
+    pub runs: usize,
+    pub m: Sample,
+}
+
+impl Row {
+    pub fn json(&self, vs_nbdkit: Option<f64>, vs_degraded: Option<f64>) -> serde_json::Value {
+        serde_json::json!({
+            "server": self.server.name(),
+            "job": self.job,
+            "iops": round(self.m.iops, 1),
+            "mib_s": round(self.m.mib_s, 2),
+            "p50_us": round(self.m.p50_us, 1),
+            "p99_us": round(self.m.p99_us, 1),
+            "p999_us": round(self.m.p999_us, 1),
+            "runs": self.runs,
+            "iops_vs_nbdkit": vs_nbdkit.map(|r| round(r, 3)),
+            "iops_vs_degraded": vs_degraded.map(|r| round(r, 3)),
+        })
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+/// The goals of issue 6: (job, minimum msl/nbdkit IOPS ratio).
+pub const GOALS: [(&str, f64); 3] = [
+    ("randwrite-4k-qd32", 1.0),
+    ("randwrite-4k-qd1", 0.7),
+    ("seqwrite-1m-qd1", 0.8),
+];
+
+pub fn run(args: NbdArgs) -> Result<(), String> {
+    let jobs: Vec<JobSpec> = if args.jobs.is_empty() {
+        fio::JOBS.to_vec()
+    } else {
+        args.jobs
+            .iter()
+            .map(|n| fio::job(n).ok_or(format!("unknown job `{n}`")))
+            .collect::<Result<_, _>>()?
+    };
+    let servers: Vec<Server> = args
+        .servers
+        .iter()
+        .map(|s| Server::parse(s))
+        .collect::<Result<_, _>>()?;
+    if args.runs == 0 || args.seconds == 0 {
+        return Err("--runs and --seconds must be at least 1".into());
+    }
+    need_tool("fio", "fio")?;
+    need_tool("nbdinfo", "libnbd-bin")?;
+    if servers.contains(&Server::NbdkitFile) {
+        need_tool("nbdkit", "nbdkit")?;
+    }
+    if servers.contains(&Server::QemuNbd) {
+        need_tool("qemu-nbd", "qemu-utils")?;
+    }
+    let with_msl = servers
+        .iter()
+        .any(|s| matches!(s, Server::Msl | Server::MslDegraded));
+    let say = |m: &str| {
+        if !args.json {
+            eprintln!("msl-bench nbd: {m}");
+        }
+    };
+    // The pair owns the topology and the run directory (removed on drop,
+    // and the namespaces on SIGINT/SIGTERM too).
+    let pair = Pair::new(PairOptions {
+        volume_bytes: args.size,
+        nbd_port: MSL_PORT,
+        backend: args.backend.clone(),
+        ..PairOptions::default()
+    })?;
+    let server_ns = pair.topo.server_ns(1).to_string();
+    let client_ns = pair.topo.client_ns().to_string();
+    let mut anchors: Vec<Proc> = Vec::new();
+    for &s in &servers {
+        if matches!(s, Server::NbdkitFile | Server::QemuNbd) {
+            let file = pair.dir().join(format!("{}.img", s.name()));
+            let f = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            f.set_len(args.size)
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            anchors.push(start_anchor(s, &server_ns, &file.to_string_lossy())?);
+            wait_serving(&client_ns, &s.uri(), Duration::from_secs(20))?;
+        }
+    }
+    if with_msl {
+        say("starting the msl pair");
+        pair.start_both()?;
+        pair.wait_in_sync(1, Duration::from_secs(60))?;
+        wait_serving(&client_ns, &Server::Msl.uri(), Duration::from_secs(20))?;
+    }
+    // Fill each export once, so reads hit written data everywhere.
+    if !args.no_fill {
+        for &s in &servers {
+            if s != Server::MslDegraded {
+                say(&format!("filling {} ({} MiB)", s.name(), args.size >> 20));
+                fio::fill(&client_ns, &s.uri(), args.size)?;
+            }
+        }
+    }
+    let live: Vec<Server> = servers
+        .iter()
+        .copied()
+        .filter(|&s| s != Server::MslDegraded)
+        .collect();
+    let mut samples: HashMap<(Server, &'static str), Vec<Sample>> = HashMap::new();
+    for round in 0..args.runs {
+        for job in &jobs {
+            // Rotate the order each round so no server always runs first.
+            for i in 0..live.len() {
+                let s = live[(i + round) % live.len()];
+                say(&format!(
+                    "run {}/{}: {} on {}",
+                    round + 1,
+                    args.runs,
+                    job.name,
+                    s.name()
+                ));
+                let r = fio::run_job(&client_ns, &s.uri(), job, args.seconds, args.ramp)?;
+                samples.entry((s, job.name)).or_default().push(r);
+            }
+        }
+        if servers.contains(&Server::MslDegraded) {
+            say("stopping the secondary (msl-degraded)");
+            pair.stop(2)?;
+            pair.wait_status(
+                1,
+                "primary degraded (peer gone)",
+                Duration::from_secs(20),
+                |s| s["role"] == "primary" && s["connected"] == false,
+            )?;
+            for job in &jobs {
+                say(&format!(
+                    "run {}/{}: {} on msl-degraded",
+                    round + 1,
+                    args.runs,
+                    job.name
+                ));
+                let r = fio::run_job(
+                    &client_ns,
+                    &Server::MslDegraded.uri(),
+                    job,
+                    args.seconds,
+                    args.ramp,
+                )?;
+                samples
+                    .entry((Server::MslDegraded, job.name))
+                    .or_default()
+                    .push(r);
+            }
+            say("restarting the secondary; waiting for the resync");
+            pair.start(2)?;
+            let t = pair.wait_in_sync(1, Duration::from_secs(300))?;
+            say(&format!("in sync again after {:.1} s", t.as_secs_f64()));
+        }
+    }
+    drop(anchors);
+    let mut rows = Vec::new();
+    for job in &jobs {
+        for &s in &servers {
+            if let Some(v) = samples.get(&(s, job.name)) {
+                if let Some(m) = fio::median_sample(v) {
+                    rows.push(Row {
+                        server: s,
+                        job: job.name,
+                        runs: v.len(),
+                        m,
+                    });
+                }
+            }
+        }
+    }
+    report(&args, &jobs, &rows)
+}
+
+fn find<'a>(rows: &'a [Row], s: Server, job: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.server == s && r.job == job)
+}
+
+fn ratio(rows: &[Row], a: Server, b: Server, job: &str) -> Option<f64> {
+    let (x, y) = (find(rows, a, job)?, find(rows, b, job)?);
+    (y.m.iops > 0.0).then(|| x.m.iops / y.m.iops)
+}
+
+fn report(args: &NbdArgs, jobs: &[JobSpec], rows: &[Row]) -> Result<(), String> {
+    let vs = |r: &Row| ratio(rows, r.server, Server::NbdkitFile, r.job);
+    let vs_deg = |r: &Row| {
+        (r.server == Server::Msl)
+            .then(|| ratio(rows, Server::Msl, Server::MslDegraded, r.job))
+            .flatten()
+    };
+    if args.json {
+        for r in rows {
+            println!("{}", r.json(vs(r), vs_deg(r)));
+        }
+    } else {
+        println!(
+            "{:<24} {:<13} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "job", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "p99.9 us", "x nbdkit"
+        );
+        for job in jobs {
+            for r in rows.iter().filter(|r| r.job == job.name) {
+                println!(
+                    "{:<24} {:<13} {:>9.0} {:>8.1} {:>8.0} {:>8.0} {:>9.0} {:>9}",
+                    r.job,
+                    r.server.name(),
+                    r.m.iops,
+                    r.m.mib_s,
+                    r.m.p50_us,
+                    r.m.p99_us,
+                    r.m.p999_us,
+                    vs(r).map_or("-".into(), |x| format!("{x:.2}")),
+                );
+            }
+        }
+        println!("\nmirroring cost (msl IOPS / msl-degraded IOPS):");
+        for job in jobs {
+            if let Some(x) = ratio(rows, Server::Msl, Server::MslDegraded, job.name) {
+                println!("  {:<24} {x:.2}", job.name);
+            }
+        }
+        println!("\ngoals (msl IOPS / nbdkit-file IOPS, msl mirroring synchronously):");
+        for (job, goal) in GOALS {
+            if let Some(x) = ratio(rows, Server::Msl, Server::NbdkitFile, job) {
+                let ok = if x >= goal { "met" } else { "NOT met" };
+                println!("  {job:<24} {x:.2} (goal >= {goal:.1}) {ok}");
+            }
+        }
+        println!(
+            "\n{} run(s) of {} s (+{} s ramp) per job and server, medians; volume {} MiB",
+            args.runs,
+            args.seconds,
+            args.ramp,
+            args.size >> 20
+        );
+    }
+    let charts: Vec<String> = jobs
+        .iter()
+        .filter_map(|job| {
+            let curves: Vec<crate::chart::Curve> = rows
+                .iter()
+                .filter(|r| r.job == job.name)
+                .map(|r| (r.server.name().to_string(), r.m.curve.clone()))
+                .collect();
+            (!curves.is_empty()).then(|| {
+                crate::chart::svg_points(
+                    &format!(
+                        "{}: completion latency by percentile (fio, median of runs)",
+                        job.name
+                    ),
+                    "completion latency",
+                    &curves,
+                )
+            })
+        })
+        .collect();
+    if !charts.is_empty() {
+        std::fs::write(&args.chart, crate::chart::stack(&charts))
+            .map_err(|e| format!("{}: {e}", args.chart))?;
+        if !args.json {
+            println!("latency chart: {}", args.chart);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_size_units_and_bounds() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2097152").unwrap(), 2 << 20);
+        assert!(parse_size("12K").is_err());
+        assert!(parse_size("3T").unwrap_err().contains("unit"));
+        assert!(parse_size("abcM").unwrap_err().contains("not a number"));
+        assert!(parse_size("1048577").is_err());
+    }
+
+    #[test]
+    fn test_server_names_round_trip_and_uris() {
+        for s in Server::ALL {
+            assert_eq!(Server::parse(s.name()).unwrap(), s);
+        }
+        assert!(Server::parse("nbdkit").is_err());
+        assert_eq!(Server::Msl.uri(), "nbd://10.77.1.100:10809/");
+        assert_eq!(Server::NbdkitFile.uri(), "nbd://10.77.1.1:10810/");
+    }
+
+    #[test]
+    fn test_ratios_and_json_keys() {
+        let s = |iops: f64| Sample {
+            iops,
+            mib_s: iops / 256.0,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            p999_us: 3.0,
+            curve: vec![],
+        };
+        let rows = vec![
+            Row {
+                server: Server::NbdkitFile,
+                job: "randwrite-4k-qd1",
+                runs: 3,
+                m: s(1000.0),
+            },
+            Row {
+                server: Server::Msl,
+                job: "randwrite-4k-qd1",
+                runs: 3,
+                m: s(700.0),
+            },
+            Row {
+                server: Server::MslDegraded,
+                job: "randwrite-4k-qd1",
+                runs: 3,
+                m: s(1400.0),
+            },
+        ];
+        assert_eq!(
+            ratio(&rows, Server::Msl, Server::NbdkitFile, "randwrite-4k-qd1"),
+            Some(0.7)
+        );
+        assert_eq!(
+            ratio(&rows, Server::Msl, Server::MslDegraded, "randwrite-4k-qd1"),
+            Some(0.5)
+        );
+        assert_eq!(
+            ratio(
+                &rows,
+                Server::QemuNbd,
+                Server::NbdkitFile,
+                "randwrite-4k-qd1"
+            ),
+            None
+        );
+        let j = rows[1].json(Some(0.7), Some(0.5));
+        for k in [
+            "server", "job", "iops", "mib_s", "p50_us", "p99_us", "p999_us",
+        ] {
+            assert!(!j[k].is_null(), "missing {k}: {j}");
+        }
+        assert_eq!(j["server"], "msl");
+        assert_eq!(j["iops"], 700.0);
+    }
+}
