@@ -26,7 +26,7 @@ use core::fmt;
 
 use msl_wire::{
     data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Generations, Header, Heartbeat,
-    Hello, Message, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk,
+    Hello, Message, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk, Verify,
     MAX_ADAPTERS,
 };
 
@@ -35,6 +35,7 @@ use crate::gens::{self, Decision, Rule, SideView, Strategy};
 use crate::meta::{Image, Meta};
 use crate::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
 use crate::rng::Rng;
+use crate::verify::{self, VerifyRun, VerifyStatus};
 use crate::Micros;
 
 /// LAN adapters a node reports in its server-state packets.
@@ -98,6 +99,10 @@ pub enum AdminCmd {
     Connect,
     /// Discard local data: full resync of this node from the peer.
     Invalidate,
+    /// Online verify of `[start_block, start_block + count)` against the
+    /// peer (primary only, while in sync). Progress and result in
+    /// `Status::verify`; `VerifyFinished` when done.
+    Verify { start_block: u64, count: u64 },
 }
 
 /// Inputs.
@@ -249,6 +254,18 @@ pub enum Notice {
         adapter: u8,
         working: bool,
     },
+    VerifyStarted {
+        start_block: u64,
+        blocks: u64,
+    },
+    VerifyFinished {
+        checked: u64,
+        differing: u64,
+        first: Option<u64>,
+    },
+    VerifyAborted {
+        reason: &'static str,
+    },
     DiskFailed {
         what: &'static str,
     },
@@ -283,6 +300,9 @@ impl Notice {
             Notice::SwitchoverStarted { .. } => "switchover_started",
             Notice::SwitchoverDone { .. } => "switchover_done",
             Notice::AdapterHealth { .. } => "lan_adapter_health",
+            Notice::VerifyStarted { .. } => "verify_started",
+            Notice::VerifyFinished { .. } => "verify_finished",
+            Notice::VerifyAborted { .. } => "verify_aborted",
             Notice::DiskFailed { .. } => "disk_failed",
             Notice::Warning { .. } => "warning",
         }
@@ -339,6 +359,17 @@ impl fmt::Display for Notice {
                 write!(f, "LAN adapter {adapter} is {}", if *working { "working" } else { "FAILED" })
             }
             Notice::DiskFailed { what } => write!(f, "I/O error on {what}: node fail-closed, no more acknowledgements"),
+            Notice::VerifyStarted { start_block, blocks } => {
+                write!(f, "online verify started: {blocks} blocks from block {start_block}")
+            }
+            Notice::VerifyFinished { checked, differing, first } => match first {
+                None => write!(f, "online verify finished: {checked} blocks compared, all identical"),
+                Some(b) => write!(
+                    f,
+                    "online verify finished: {checked} blocks compared, {differing} DIFFER (first: block {b})"
+                ),
+            },
+            Notice::VerifyAborted { reason } => write!(f, "online verify aborted: {reason}"),
             Notice::Warning { what } => write!(f, "{what}"),
         }
     }
@@ -539,6 +570,8 @@ pub struct Status {
     pub gens: Generations,
     /// Latched after a failed write or metadata update.
     pub failed: bool,
+    /// The current or last online verify.
+    pub verify: VerifyStatus,
 }
 
 /// One node of the pair.
@@ -604,6 +637,12 @@ pub struct Node<H> {
     last_write_us: Micros,
     last_stabilize_us: Micros,
     switching: Option<&'static str>,
+
+    // Online verify: the primary's run, and verify reads in flight on
+    // either side (io -> first block, blocks, answer the peer).
+    verify: VerifyRun,
+    verify_reads: BTreeMap<IoId, (u64, u32, bool)>,
+    verify_notified: u64,
 
     pub counters: Counters,
 }
@@ -680,6 +719,9 @@ impl<H: Payload> Node<H> {
             last_write_us: 0,
             last_stabilize_us: now,
             switching: None,
+            verify: VerifyRun::default(),
+            verify_reads: BTreeMap::new(),
+            verify_notified: 0,
             counters: Counters::default(),
         };
         node.persist();
@@ -757,6 +799,7 @@ impl<H: Payload> Node<H> {
             adapter_count: self.adapter_count,
             gens: self.meta.gens,
             failed: self.failed,
+            verify: self.verify.status,
         }
     }
 
@@ -1557,6 +1600,12 @@ impl<H: Payload> Node<H> {
         self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
         self.last_session_end = Some(why);
         self.counters.retransmits += s.tx.stats.retransmits;
+        if self.verify.status.active {
+            self.verify.abort("the MSL session ended");
+            self.notify(Notice::VerifyAborted {
+                reason: "the MSL session ended",
+            });
+        }
         // In-flight resync reads are abandoned (their blocks stay dirty).
         if self.role == Role::Primary && !self.failed {
             for slot in &self.al {
@@ -1937,6 +1986,46 @@ impl<H: Payload> Node<H> {
                         source: false,
                         blocks: total,
                     });
+                }
+                Message::VerifyReq(v) => {
+                    // After every write sent before it is applied.
+                    if !idle {
+                        break;
+                    }
+                    s.apply_q.pop_front();
+                    s.last_processed = seq;
+                    let in_volume = v
+                        .start_block
+                        .checked_add(u64::from(v.count))
+                        .is_some_and(|end| end <= self.cfg.volume_blocks);
+                    if self.role == Role::Secondary
+                        && in_volume
+                        && v.count > 0
+                        && v.count <= 4 * verify::CHUNK_BLOCKS
+                    {
+                        let io = self.next_io;
+                        self.next_io += 1;
+                        self.verify_reads.insert(io, (v.start_block, v.count, true));
+                        self.emit(Action::Read {
+                            io,
+                            block: v.start_block,
+                            count: u64::from(v.count),
+                        });
+                    } else {
+                        self.counters.frames_unexpected += 1;
+                    }
+                }
+                Message::VerifyReply(v) => {
+                    let Some((_, m)) = s.apply_q.pop_front() else {
+                        break;
+                    };
+                    s.last_processed = seq;
+                    let d = m.payload.as_ref().map_or(&[][..], |p| p.bytes());
+                    if self.verify.remote(v.start_block, v.count, d) {
+                        self.verify_progress();
+                    } else {
+                        self.counters.frames_unexpected += 1;
+                    }
                 }
                 Message::RoleChange(rc) => {
                     if !idle {
@@ -2425,6 +2514,25 @@ impl<H: Payload> Node<H> {
             return;
         }
         let bs = u64::from(self.cfg.block_size);
+        if let Some((start, count, reply)) = self.verify_reads.remove(&io) {
+            let data = payload.as_ref().map_or(&[][..], |p| p.bytes());
+            if data.len() as u64 != u64::from(count) * bs {
+                self.counters.frames_unexpected += 1;
+                return;
+            }
+            let d = verify::digests(data, bs as usize);
+            if reply {
+                let v = Verify {
+                    start_block: start,
+                    count,
+                };
+                self.send_reliable(Message::VerifyReply(v), Some(H::from_bytes(&d)));
+            } else {
+                self.verify.local(start, d);
+                self.verify_progress();
+            }
+            return;
+        }
         let Some(s) = self.session.as_mut() else {
             return;
         };
@@ -2706,6 +2814,27 @@ impl<H: Payload> Node<H> {
                 self.admin_disconnected = false;
                 self.next_hello_us = self.now;
             }
+            AdminCmd::Verify { start_block, count } => {
+                if self.role != Role::Primary || !self.in_sync() {
+                    self.notify(Notice::Warning {
+                        what: "verify refused: this node is not an in-sync primary",
+                    });
+                    return;
+                }
+                if self.verify.status.active {
+                    self.notify(Notice::Warning {
+                        what: "verify refused: a verify is already running",
+                    });
+                    return;
+                }
+                self.verify
+                    .start(start_block, count, self.cfg.volume_blocks);
+                self.notify(Notice::VerifyStarted {
+                    start_block: self.verify.status.start_block,
+                    blocks: self.verify.status.total_blocks,
+                });
+                self.verify_progress();
+            }
             AdminCmd::Invalidate => {
                 if self.role == Role::Primary {
                     self.notify(Notice::Warning {
@@ -2719,6 +2848,38 @@ impl<H: Payload> Node<H> {
                 self.renew_session();
                 self.persist();
             }
+        }
+    }
+
+    /// Request the next verify chunks (local read first, then VERIFY_REQ
+    /// on the stream), or report the end of the run.
+    fn verify_progress(&mut self) {
+        if !self.verify.status.active {
+            let st = self.verify.status;
+            if st.runs > self.verify_notified && st.aborted.is_none() {
+                self.verify_notified = st.runs;
+                self.notify(Notice::VerifyFinished {
+                    checked: st.checked_blocks,
+                    differing: st.differing_blocks,
+                    first: (st.first_len > 0).then_some(st.first_differing[0]),
+                });
+            }
+            return;
+        }
+        while let Some((start, count)) = self.verify.next_chunk() {
+            let io = self.next_io;
+            self.next_io += 1;
+            self.verify_reads.insert(io, (start, count, false));
+            self.emit(Action::Read {
+                io,
+                block: start,
+                count: u64::from(count),
+            });
+            let v = Verify {
+                start_block: start,
+                count,
+            };
+            self.send_reliable(Message::VerifyReq(v), None);
         }
     }
 
@@ -2761,7 +2922,25 @@ mod tests {
 
     /// Drive two nodes over a perfect link with instant disks until `until`.
     fn connect(a: &mut Node<Vec<u8>>, b: &mut Node<Vec<u8>>, until: Micros) {
-        let mut now = 0;
+        run_pair(
+            a,
+            b,
+            0,
+            until,
+            &|_, _, count| alloc::vec![0; count as usize * 8],
+        );
+    }
+
+    /// `connect` from `from` to `until`; reads return `read(on_a, block,
+    /// count)`.
+    fn run_pair(
+        a: &mut Node<Vec<u8>>,
+        b: &mut Node<Vec<u8>>,
+        from: Micros,
+        until: Micros,
+        read: &dyn Fn(bool, u64, u64) -> Vec<u8>,
+    ) {
+        let mut now = from;
         while now < until {
             now += 100;
             for from_a in [true, false] {
@@ -2796,8 +2975,8 @@ mod tests {
                         Action::Write { io, .. } | Action::Flush { io } => {
                             src.handle(now, Event::IoDone { io, ok: true })
                         }
-                        Action::Read { io, count, .. } => {
-                            let payload = Some(alloc::vec![0; count as usize * 8]);
+                        Action::Read { io, block, count } => {
+                            let payload = Some(read(from_a, block, count));
                             src.handle(
                                 now,
                                 Event::ReadDone {
@@ -2862,6 +3041,61 @@ mod tests {
         );
         assert!(a.meta().clean);
         assert_eq!(a.role(), Role::Secondary);
+    }
+
+    #[test]
+    fn test_in_sync_pair_verify_reports_exactly_the_differing_block() {
+        let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+        connect(&mut a, &mut b, 200_000);
+        assert!(a.in_sync() && b.in_sync());
+        // Identical volumes except block 37 on the secondary.
+        let read = |on_a: bool, block: u64, count: u64| -> Vec<u8> {
+            (block..block + count)
+                .flat_map(|blk| {
+                    let v = if !on_a && blk == 37 { 0xee } else { blk as u8 };
+                    [v; 4096]
+                })
+                .collect()
+        };
+        a.handle(
+            200_000,
+            Event::Admin(AdminCmd::Verify {
+                start_block: 0,
+                count: u64::MAX,
+            }),
+        );
+        let st = a.status().verify;
+        assert!(st.active);
+        assert_eq!(st.total_blocks, 64, "clipped to the volume");
+        run_pair(&mut a, &mut b, 200_000, 300_000, &read);
+        let st = a.status().verify;
+        assert!(!st.active, "{st:?}");
+        assert_eq!(st.checked_blocks, 64);
+        assert_eq!(st.differing_blocks, 1);
+        assert_eq!(st.first_differing[0], 37);
+        assert!(a.in_sync(), "verify must not disturb the pair");
+        // The secondary refuses to start one.
+        b.handle(
+            300_000,
+            Event::Admin(AdminCmd::Verify {
+                start_block: 0,
+                count: 8,
+            }),
+        );
+        assert!(!b.status().verify.active);
+        // Same data on both sides: nothing differs.
+        a.handle(
+            300_000,
+            Event::Admin(AdminCmd::Verify {
+                start_block: 0,
+                count: 64,
+            }),
+        );
+        run_pair(&mut a, &mut b, 300_000, 400_000, &|_, blk, n| {
+            (blk..blk + n).flat_map(|x| [x as u8; 4096]).collect()
+        });
+        let st = a.status().verify;
+        assert_eq!((st.active, st.differing_blocks, st.runs), (false, 0, 2));
     }
 
     #[test]

@@ -156,6 +156,7 @@ fn serve_conn(conn: UnixStream, inputs: &SyncSender<Input>, hub: &EventHub, tel:
                     }
                     return;
                 }
+                Some("verify") => verify(inputs, &req),
                 Some(cmd) => match admin(cmd, &req) {
                     Some(a) => match inputs.send(Input::Admin(a)) {
                         Ok(()) => {
@@ -171,6 +172,35 @@ fn serve_conn(conn: UnixStream, inputs: &SyncSender<Input>, hub: &EventHub, tel:
         if writeln!(out, "{answer}").is_err() {
             return;
         }
+    }
+}
+
+/// Start an online verify: refused at once (with the reason) unless this
+/// node is an in-sync primary with no verify running; progress and result
+/// are then in `status.verify`.
+fn verify(inputs: &SyncSender<Input>, req: &Value) -> Value {
+    let Some(s) = core_status(inputs) else {
+        return json!({"ok": false, "error": "the daemon's core did not answer"});
+    };
+    let why = if s.role != msl_wire::Role::Primary {
+        Some("verify runs on the primary: ask the other node")
+    } else if !s.in_sync {
+        Some("the pair is not connected and in sync")
+    } else if s.verify.active {
+        Some("a verify is already running")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return json!({"ok": false, "error": format!("verify refused: {why}")});
+    }
+    let cmd = AdminCmd::Verify {
+        start_block: req.get("start_block").and_then(Value::as_u64).unwrap_or(0),
+        count: req.get("count").and_then(Value::as_u64).unwrap_or(u64::MAX),
+    };
+    match inputs.send(Input::Admin(cmd)) {
+        Ok(()) => json!({"ok": true, "cmd": "verify", "runs_before": s.verify.runs}),
+        Err(_) => json!({"ok": false, "error": "the daemon is shutting down"}),
     }
 }
 

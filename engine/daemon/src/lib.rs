@@ -9,6 +9,7 @@ pub mod control;
 pub mod driver;
 pub mod frontend;
 pub mod lan;
+pub mod md;
 pub mod notify;
 pub mod service;
 pub mod telemetry;

@@ -151,6 +151,20 @@ fn adapters(s: &Status, t: &Telemetry) -> Vec<Value> {
         .collect()
 }
 
+fn verify_json(s: &Status) -> Value {
+    let v = &s.verify;
+    json!({
+        "active": v.active,
+        "start_block": v.start_block,
+        "total_blocks": v.total_blocks,
+        "checked_blocks": v.checked_blocks,
+        "differing_blocks": v.differing_blocks,
+        "first_differing": &v.first_differing[..usize::from(v.first_len)],
+        "aborted": v.aborted,
+        "runs": v.runs,
+    })
+}
+
 /// A status snapshot as JSON (the `mslctl status --json` document).
 pub fn status_json(s: &Status, t: &Telemetry) -> Value {
     let r = resync(s, t);
@@ -214,6 +228,7 @@ pub fn status_json(s: &Status, t: &Telemetry) -> Value {
         "pending_flushes": s.pending_flushes,
         "switching": s.switching,
         "last_session_end": s.last_session_end,
+        "verify": verify_json(s),
         "counters": counters,
         "nbd": nbd,
     })
@@ -223,7 +238,7 @@ pub fn status_json(s: &Status, t: &Telemetry) -> Value {
 pub fn prometheus(s: &Status, t: &Telemetry) -> String {
     let mut o = String::new();
     let r = resync(s, t);
-    let gauges: [(&str, &str, u64); 12] = [
+    let gauges: [(&str, &str, u64); 14] = [
         (
             "role",
             "Role of this node (0 = secondary, 1 = primary).",
@@ -278,6 +293,16 @@ pub fn prometheus(s: &Status, t: &Telemetry) -> String {
             "resync_rate_bytes_per_second",
             "Measured resync rate.",
             r.rate_bytes_s,
+        ),
+        (
+            "verify_checked_blocks",
+            "Blocks compared by the current or last online verify.",
+            s.verify.checked_blocks,
+        ),
+        (
+            "verify_differing_blocks",
+            "Blocks the current or last online verify found different.",
+            s.verify.differing_blocks,
         ),
         (
             "pending_writes",

@@ -169,3 +169,48 @@ fn test_wrong_cluster_key_never_pair_counted_and_logged() {
         );
     }
 }
+
+#[test]
+fn test_online_verify_finds_exactly_the_block_changed_behind_msld() {
+    require_root();
+    require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "77".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
+    qemu_io(&topo.veth.ns_b, &["write -P 0x3c 0 2M", "flush"]);
+    // In sync: nothing differs.
+    let (code, out, err) = mslctl(dir.path(), 1, &["verify", "--json"]);
+    assert_eq!(code, 0, "verify of an in-sync pair: {out}{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["differing_blocks"], 0, "{v}");
+    assert_eq!(
+        v["checked_blocks"],
+        64 << 20 >> 12,
+        "whole volume compared: {v}"
+    );
+    // The secondary refuses (verify runs on the primary).
+    let (code, _, err) = mslctl(dir.path(), 2, &["verify"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("primary"), "{err}");
+    // Overwrite one 4 KiB block of the secondary's backing file behind
+    // msld's back.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("n2.img"))
+            .unwrap();
+        f.write_all_at(&[0xc3; 4096], 100 * 4096).unwrap();
+        f.sync_all().unwrap();
+    }
+    let (code, out, err) = mslctl(dir.path(), 1, &["verify"]);
+    assert_eq!(code, 2, "verify must report the difference: {out}{err}");
+    assert!(out.contains("1 differ") && out.contains("[100]"), "{out}");
+    let s1 = status(dir.path(), 1).unwrap();
+    assert_eq!(s1["verify"]["differing_blocks"], 1, "{s1}");
+    assert_eq!(s1["verify"]["first_differing"][0], 100);
+    assert_eq!(s1["in_sync"], true, "verify must not disturb the pair");
+    let log = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
+    assert!(log.contains("event=verify_finished"), "{log}");
+}

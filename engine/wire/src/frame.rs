@@ -29,7 +29,7 @@ use core::ops::Range;
 use crate::msg::{
     data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Generations, Header, Heartbeat,
     Hello, Message, MsgType, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk,
-    HISTORY_LEN, MAX_ADAPTERS, MAX_SACK,
+    Verify, HISTORY_LEN, MAX_ADAPTERS, MAX_SACK,
 };
 
 /// A byte range inside a header or body (smoltcp style).
@@ -240,6 +240,19 @@ pub mod body {
         pub const RESERVED: Field = 1..8;
         /// Generation the new primary writes in.
         pub const GENERATION: Field = 8..16;
+        /// Body length.
+        pub const LEN: usize = 16;
+    }
+
+    /// VERIFY_REQ and VERIFY_REPLY body.
+    pub mod verify {
+        use crate::frame::Field;
+        /// First block of the range.
+        pub const START_BLOCK: Field = 0..8;
+        /// Blocks in the range.
+        pub const COUNT: Field = 8..12;
+        /// Must be zero.
+        pub const RESERVED: Field = 12..16;
         /// Body length.
         pub const LEN: usize = 16;
     }
@@ -889,6 +902,7 @@ pub const fn body_len(t: MsgType) -> usize {
         MsgType::ResyncData => body::resync_data::LEN,
         MsgType::ResyncDone => body::resync_done::LEN,
         MsgType::RoleChange => body::role_change::LEN,
+        MsgType::VerifyReq | MsgType::VerifyReply => body::verify::LEN,
         MsgType::Unknown(_) => 0,
     }
 }
@@ -960,7 +974,10 @@ pub fn validate_message(msg: &Message) -> Result<(), EmitError> {
                 ));
             }
         }
-        Message::StateImage(_) | Message::ResyncDone(_) => {}
+        Message::StateImage(_)
+        | Message::ResyncDone(_)
+        | Message::VerifyReq(_)
+        | Message::VerifyReply(_) => {}
         Message::ResyncData(r) => {
             if r.flags & !data_flags::KNOWN != 0 {
                 return Err(EmitError::InvalidField(
@@ -1054,6 +1071,11 @@ fn emit_body(msg: &Message, b: &mut [u8]) {
             use body::role_change as f;
             b[f::PHASE] = rc.phase.to_u8();
             wr_u64(b, f::GENERATION, rc.generation);
+        }
+        Message::VerifyReq(v) | Message::VerifyReply(v) => {
+            use body::verify as f;
+            wr_u64(b, f::START_BLOCK, v.start_block);
+            wr_u32(b, f::COUNT, v.count);
         }
     }
 }
@@ -1291,6 +1313,21 @@ fn parse_body(t: MsgType, b: &[u8]) -> Result<Message, ParseError> {
                 phase: RolePhase::from_u8(b[f::PHASE]),
                 generation: rd_u64(b, f::GENERATION),
             })
+        }
+        MsgType::VerifyReq | MsgType::VerifyReply => {
+            use body::verify as f;
+            if !all_zero(&b[f::RESERVED]) {
+                return Err(ParseError::BadField("verify reserved bytes"));
+            }
+            let v = Verify {
+                start_block: rd_u64(b, f::START_BLOCK),
+                count: rd_u32(b, f::COUNT),
+            };
+            if t == MsgType::VerifyReq {
+                Message::VerifyReq(v)
+            } else {
+                Message::VerifyReply(v)
+            }
         }
         MsgType::Unknown(code) => {
             // Unreachable: the caller returns UnknownType first. Kept total

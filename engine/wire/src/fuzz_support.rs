@@ -414,6 +414,22 @@ pub fn sample_messages() -> Vec<(&'static str, Message, Vec<u8>)> {
             }),
             vec![],
         ),
+        (
+            "verify-req",
+            Message::VerifyReq(Verify {
+                start_block: 256,
+                count: 256,
+            }),
+            vec![],
+        ),
+        (
+            "verify-reply",
+            Message::VerifyReply(Verify {
+                start_block: 256,
+                count: 4,
+            }),
+            (0u8..32).collect(),
+        ),
     ]
 }
 

@@ -233,6 +233,20 @@ pub struct RoleChange {
     pub generation: u64,
 }
 
+/// VERIFY_REQ / VERIFY_REPLY: online comparison of a block range.
+///
+/// The primary sends VERIFY_REQ on the reliable stream, so the secondary
+/// answers only after applying every write sent before it; the secondary
+/// answers VERIFY_REPLY with one 64-bit digest per block as payload
+/// (`count * 8` bytes, little endian). Neither is must-understand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verify {
+    /// First block of the range.
+    pub start_block: u64,
+    /// Blocks in the range.
+    pub count: u32,
+}
+
 /// Message type codes. Values may never change without a version bump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MsgType {
@@ -252,6 +266,10 @@ pub enum MsgType {
     ResyncDone,
     /// ROLE_CHANGE (8).
     RoleChange,
+    /// VERIFY_REQ (9).
+    VerifyReq,
+    /// VERIFY_REPLY (10).
+    VerifyReply,
     /// A type code this build does not know.
     Unknown(u8),
 }
@@ -275,6 +293,10 @@ pub enum Message {
     ResyncDone(ResyncDone),
     /// ROLE_CHANGE.
     RoleChange(RoleChange),
+    /// VERIFY_REQ.
+    VerifyReq(Verify),
+    /// VERIFY_REPLY (payload: one 64-bit digest per block).
+    VerifyReply(Verify),
 }
 
 impl Message {
@@ -289,6 +311,8 @@ impl Message {
             Message::ResyncData(_) => MsgType::ResyncData,
             Message::ResyncDone(_) => MsgType::ResyncDone,
             Message::RoleChange(_) => MsgType::RoleChange,
+            Message::VerifyReq(_) => MsgType::VerifyReq,
+            Message::VerifyReply(_) => MsgType::VerifyReply,
         }
     }
 
@@ -399,7 +423,8 @@ impl RolePhase {
 
 impl MsgType {
     /// Wire code: Hello = 1, Data = 2, Ack = 3, Heartbeat = 4, StateImage = 5,
-    /// ResyncData = 6, ResyncDone = 7, RoleChange = 8.
+    /// ResyncData = 6, ResyncDone = 7, RoleChange = 8, VerifyReq = 9,
+    /// VerifyReply = 10.
     pub const fn to_u8(self) -> u8 {
         match self {
             MsgType::Hello => 1,
@@ -410,6 +435,8 @@ impl MsgType {
             MsgType::ResyncData => 6,
             MsgType::ResyncDone => 7,
             MsgType::RoleChange => 8,
+            MsgType::VerifyReq => 9,
+            MsgType::VerifyReply => 10,
             MsgType::Unknown(n) => n,
         }
     }
@@ -425,16 +452,18 @@ impl MsgType {
             6 => MsgType::ResyncData,
             7 => MsgType::ResyncDone,
             8 => MsgType::RoleChange,
+            9 => MsgType::VerifyReq,
+            10 => MsgType::VerifyReply,
             n => MsgType::Unknown(n),
         }
     }
 
-    /// Only DATA, STATE_IMAGE and RESYNC_DATA carry payload bytes (and so
-    /// only they may be fragmented).
+    /// Only DATA, STATE_IMAGE, RESYNC_DATA and VERIFY_REPLY carry payload
+    /// bytes (and so only they may be fragmented).
     pub const fn carries_payload(self) -> bool {
         matches!(
             self,
-            MsgType::Data | MsgType::StateImage | MsgType::ResyncData
+            MsgType::Data | MsgType::StateImage | MsgType::ResyncData | MsgType::VerifyReply
         )
     }
 
@@ -449,6 +478,8 @@ impl MsgType {
             MsgType::ResyncData => "resync_data",
             MsgType::ResyncDone => "resync_done",
             MsgType::RoleChange => "role_change",
+            MsgType::VerifyReq => "verify_req",
+            MsgType::VerifyReply => "verify_reply",
             MsgType::Unknown(_) => "unknown",
         }
     }

@@ -3,10 +3,12 @@
 //! Talks to msld over its root-only control socket (`control_socket` in the
 //! node's config, default /run/msl/msld.sock).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use msl_daemon::config::DaemonConfig;
 use msl_daemon::control::{follow_events, request};
 use serde_json::{json, Value};
 
@@ -49,6 +51,128 @@ enum Cmd {
     Connect,
     /// Discard this node's data: full resync from the peer.
     Invalidate,
+    /// Online verify (on the primary, while in sync): compare both copies
+    /// block by block without pausing clients. Shows progress; exits 0
+    /// when identical, 2 when blocks differ, 1 on error.
+    Verify {
+        /// First block to compare.
+        #[arg(long, default_value_t = 0)]
+        start_block: u64,
+        /// Blocks to compare (default: to the end of the volume).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Print the final status.verify document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create (initialise) this node's metadata from its msld config:
+    /// cluster id, node id, volume geometry, a fresh generation. Refuses
+    /// to overwrite an existing metadata file unless --force. (msld also
+    /// creates it on its first start.)
+    CreateMd {
+        /// The node's msld configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Declare this node's volume the authoritative data of the pair
+        /// (give it on exactly one node); otherwise it waits for a full sync.
+        #[arg(long)]
+        initial_primary: bool,
+        /// Overwrite existing metadata (its generations and dirty map are
+        /// lost: the node needs a full resync).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// One request; the answer if the daemon said ok, its error otherwise.
+fn call(socket: &Path, req: &Value) -> Result<Value, String> {
+    let v = request(socket, req)?;
+    if v["ok"] == true {
+        Ok(v)
+    } else {
+        Err(v["error"].as_str().unwrap_or("failed").to_string())
+    }
+}
+
+/// Start a verify and follow it to the end.
+fn run_verify(
+    socket: &Path,
+    start: u64,
+    count: Option<u64>,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let mut req = json!({"cmd": "verify", "start_block": start});
+    if let Some(c) = count {
+        req["count"] = c.into();
+    }
+    let runs_before = call(socket, &req)?["runs_before"].as_u64().unwrap_or(0);
+    let t0 = Instant::now();
+    let mut last_print = t0;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let v = call(socket, &json!({"cmd": "status"}))?["status"]["verify"].clone();
+        let (checked, total) = (
+            v["checked_blocks"].as_u64().unwrap_or(0),
+            v["total_blocks"].as_u64().unwrap_or(0),
+        );
+        if let Some(why) = v["aborted"].as_str() {
+            return Err(format!(
+                "verify aborted after {checked} of {total} blocks: {why}"
+            ));
+        }
+        let done = v["active"] == false && v["runs"].as_u64().unwrap_or(0) > runs_before;
+        if !done {
+            if last_print.elapsed() >= Duration::from_secs(1) && !json {
+                last_print = Instant::now();
+                eprintln!(
+                    "verify: {checked} of {total} blocks ({:.1} %), {} differ so far",
+                    100.0 * checked as f64 / total.max(1) as f64,
+                    v["differing_blocks"]
+                );
+            }
+            continue;
+        }
+        let differing = v["differing_blocks"].as_u64().unwrap_or(0);
+        if json {
+            println!("{v}");
+        } else {
+            println!(
+                "verify: {checked} blocks compared in {:.1} s: {differing} differ{}",
+                t0.elapsed().as_secs_f64(),
+                if differing > 0 {
+                    format!(" (first: {})", v["first_differing"])
+                } else {
+                    String::new()
+                }
+            );
+        }
+        return Ok(if differing == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        });
+    }
+}
+
+/// `create-md`: initialise a node's metadata from its config.
+fn create_md(config: &Path, initial_primary: bool, force: bool) -> Result<ExitCode, String> {
+    let cfg = DaemonConfig::load(config).map_err(|e| e.to_string())?;
+    let (_, meta) = msl_daemon::md::create(&cfg, initial_primary, force)?;
+    println!(
+        "created metadata {}: cluster {:016x}, node {}, {} blocks of {} bytes, generation {:016x} ({})",
+        cfg.file.volume.metadata.display(),
+        meta.cluster_id,
+        meta.node_id,
+        meta.volume_blocks,
+        meta.block_size,
+        meta.gens.current,
+        if initial_primary {
+            "this node's data is authoritative"
+        } else {
+            "waiting for a full sync from the peer"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn yes_no(v: &Value, yes: &'static str, no: &'static str) -> &'static str {
@@ -137,32 +261,20 @@ fn print_status(s: &Value) {
     }
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    let req = match &args.cmd {
+fn run(args: Args) -> Result<ExitCode, String> {
+    let socket = args.socket.as_path();
+    let req = match args.cmd {
         Cmd::Status { json } => {
-            return match request(&args.socket, &json!({"cmd": "status"})) {
-                Ok(v) if v["ok"] == true => {
-                    if *json {
-                        println!("{}", v["status"]);
-                    } else {
-                        print_status(&v["status"]);
-                    }
-                    ExitCode::SUCCESS
-                }
-                Ok(v) => {
-                    eprintln!("mslctl: {}", v["error"].as_str().unwrap_or("failed"));
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!("mslctl: {e}");
-                    ExitCode::FAILURE
-                }
-            };
+            let v = call(socket, &json!({"cmd": "status"}))?;
+            if json {
+                println!("{}", v["status"]);
+            } else {
+                print_status(&v["status"]);
+            }
+            return Ok(ExitCode::SUCCESS);
         }
         Cmd::Events { json } => {
-            let json = *json;
-            return match follow_events(&args.socket, |v| {
+            follow_events(socket, |v| {
                 if json {
                     println!("{v}");
                 } else {
@@ -173,14 +285,19 @@ fn main() -> ExitCode {
                         v["message"].as_str().unwrap_or("")
                     );
                 }
-            }) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("mslctl: {e}");
-                    ExitCode::FAILURE
-                }
-            };
+            })?;
+            return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Verify {
+            start_block,
+            count,
+            json,
+        } => return run_verify(socket, start_block, count, json),
+        Cmd::CreateMd {
+            config,
+            initial_primary,
+            force,
+        } => return create_md(&config, initial_primary, force),
         Cmd::Promote { force } => json!({"cmd": "promote", "force": force}),
         Cmd::Demote => json!({"cmd": "demote"}),
         Cmd::Switchover => json!({"cmd": "switchover"}),
@@ -188,19 +305,18 @@ fn main() -> ExitCode {
         Cmd::Connect => json!({"cmd": "connect"}),
         Cmd::Invalidate => json!({"cmd": "invalidate"}),
     };
-    match request(&args.socket, &req) {
-        Ok(v) if v["ok"] == true => {
-            println!(
-                "{}: requested; {}",
-                req["cmd"].as_str().unwrap_or(""),
-                v["note"].as_str().unwrap_or("")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(v) => {
-            eprintln!("mslctl: {}", v["error"].as_str().unwrap_or("failed"));
-            ExitCode::FAILURE
-        }
+    let v = call(socket, &req)?;
+    println!(
+        "{}: requested; {}",
+        req["cmd"].as_str().unwrap_or(""),
+        v["note"].as_str().unwrap_or("")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("mslctl: {e}");
             ExitCode::FAILURE

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use msl_core::meta::Meta;
 use msl_daemon::config::{Backend, DaemonConfig};
 use msl_daemon::control::{ControlServer, EventHub};
 use msl_daemon::driver::{self, Client, Driver, Exit, FrameEncoder, Input, Shared};
@@ -24,7 +23,7 @@ use msl_daemon::lan::{LanEndpoint, LanPath};
 use msl_daemon::notify::{Notifier, Sinks};
 use msl_daemon::service::ServiceHost;
 use msl_daemon::telemetry::{MetricsServer, Telemetry};
-use msl_store::{CreateOptions, MetaStore, Volume};
+use msl_store::{MetaStore, Volume};
 use msl_transport::{BackendKind, IfaceInfo, OpenOptions};
 use msl_wire::Key;
 
@@ -86,19 +85,7 @@ fn run(args: Args) -> Result<Exit, String> {
     let (store, meta) = if f.volume.metadata.exists() {
         MetaStore::open_checked(&f.volume.metadata, &core_cfg).map_err(|e| e.to_string())?
     } else {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        let gen = args.initial_primary.then_some(seed | 1);
-        let meta = Meta::create(
-            f.cluster_id,
-            f.node_id,
-            core_cfg.volume_blocks,
-            f.volume.block_size,
-            gen,
-        );
-        let store = MetaStore::create(&f.volume.metadata, &meta, &CreateOptions::default())
-            .map_err(|e| e.to_string())?;
+        let (store, meta) = msl_daemon::md::create(&cfg, args.initial_primary, false)?;
         eprintln!(
             "msld: created metadata {} ({})",
             f.volume.metadata.display(),

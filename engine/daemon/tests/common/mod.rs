@@ -213,3 +213,30 @@ pub fn require_root() {
         "this test needs root (network namespaces); CI runs it as root"
     );
 }
+
+/// The `mslctl` binary next to `msld` (built by `cargo build -p mslctl` or
+/// any workspace build).
+pub fn mslctl_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_msld")).with_file_name("mslctl");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p mslctl` first",
+        p.display()
+    );
+    p
+}
+
+/// Run `mslctl --socket <node's socket> args...`: (exit code, stdout, stderr).
+pub fn mslctl(dir: &Path, id: u16, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(mslctl_bin())
+        .arg("--socket")
+        .arg(dir.join(format!("n{id}.sock")))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

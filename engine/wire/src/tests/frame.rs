@@ -23,13 +23,15 @@ fn test_layout_sizes_frozen() {
     assert_eq!(body_len(MsgType::ResyncData), 16);
     assert_eq!(body_len(MsgType::ResyncDone), 8);
     assert_eq!(body_len(MsgType::RoleChange), 16);
-    assert_eq!(body_len(MsgType::Unknown(9)), 0);
-    for code in 1..=8u8 {
+    assert_eq!(body_len(MsgType::VerifyReq), 16);
+    assert_eq!(body_len(MsgType::VerifyReply), 16);
+    assert_eq!(body_len(MsgType::Unknown(11)), 0);
+    for code in 1..=10u8 {
         assert_eq!(MsgType::from_u8(code).to_u8(), code);
         assert!(!matches!(MsgType::from_u8(code), MsgType::Unknown(_)));
     }
     assert_eq!(MsgType::from_u8(0), MsgType::Unknown(0));
-    assert_eq!(MsgType::from_u8(9), MsgType::Unknown(9));
+    assert_eq!(MsgType::from_u8(11), MsgType::Unknown(11));
 }
 
 #[test]
