@@ -181,6 +181,13 @@ impl Client {
         })
     }
 
+    /// Bound every later read and write on the connection by `t`.
+    pub fn set_timeout(&self, t: Duration) -> Result<()> {
+        self.sock.set_read_timeout(Some(t))?;
+        self.sock.set_write_timeout(Some(t))?;
+        Ok(())
+    }
+
     /// Export size in bytes.
     pub fn size(&self) -> u64 {
         self.size

@@ -173,15 +173,9 @@ impl VethPair {
     /// Run `f` on a thread that has entered namespace `ns`. Sockets created
     /// there stay in that namespace wherever they are used later.
     pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-        let path = format!("/run/netns/{ns}");
         std::thread::scope(|s| {
             s.spawn(|| {
-                sys::setns_net(&path).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("entering netns {ns}: {e} (are you root?)"),
-                    )
-                })?;
+                enter(ns)?;
                 Ok(f())
             })
             .join()
@@ -238,4 +232,16 @@ impl Drop for NetNs {
         delete_ns(&self.name);
         sys::unregister_cleanup(self.slot);
     }
+}
+
+/// Move the calling thread into namespace `ns` for good (for long-lived
+/// threads, e.g. a client workload whose reconnects must happen there).
+pub fn enter(ns: &str) -> io::Result<()> {
+    let path = format!("/run/netns/{ns}");
+    sys::setns_net(&path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("entering netns {ns}: {e} (are you root?)"),
+        )
+    })
 }

@@ -15,3 +15,5 @@ pub mod topology;
 
 pub use pair::{sha256_file, unix_ms, wait_for, Event, ExitRecord, Pair, PairOptions};
 pub use topology::{Topology, CLIENT_IP, SERVICE_IP};
+pub mod scenario;
+pub mod workload;

@@ -7,11 +7,10 @@ use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use msl_daemon::control::{follow_events, request};
+use msl_daemon::control::request;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -70,16 +69,45 @@ pub struct ExitRecord {
     pub restarted: bool,
 }
 
-/// One event from a node's control socket event stream.
-#[derive(Clone, Debug)]
+/// One event a daemon reported (a line of its log file; the same events
+/// go to its console and its control socket's event stream).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     pub node: u16,
     /// The daemon's timestamp (Unix ms).
     pub ts_ms: u64,
     pub kind: String,
     pub message: String,
-    /// When the harness received it.
-    pub seen: Instant,
+}
+
+impl Event {
+    /// Parse a log line `ts=<ms> node=<id> event=<kind> msg="<text>"`.
+    pub fn parse_log_line(line: &str) -> Option<Event> {
+        let rest = line.strip_prefix("ts=")?;
+        let (ts, rest) = rest.split_once(" node=")?;
+        let (node, rest) = rest.split_once(" event=")?;
+        let (kind, rest) = rest.split_once(" msg=\"")?;
+        let raw = rest.strip_suffix('"')?;
+        let mut message = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                match chars.next() {
+                    Some('n') => message.push('\n'),
+                    Some(o) => message.push(o),
+                    None => {}
+                }
+            } else {
+                message.push(c);
+            }
+        }
+        Some(Event {
+            node: node.parse().ok()?,
+            ts_ms: ts.parse().ok()?,
+            kind: kind.to_string(),
+            message,
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -227,8 +255,6 @@ pub struct Pair {
     dir_path: PathBuf,
     dir: Option<tempfile::TempDir>,
     nodes: [Arc<NodeCtl>; 2],
-    events: Arc<Mutex<Vec<Event>>>,
-    stop: Arc<AtomicBool>,
 }
 
 /// Milliseconds since the Unix epoch (the clock msld stamps events with).
@@ -340,41 +366,13 @@ impl Pair {
             dir_path: dir.path().to_path_buf(),
             dir: Some(dir),
             nodes,
-            events: Arc::new(Mutex::new(Vec::new())),
-            stop: Arc::new(AtomicBool::new(false)),
         };
-        for id in [1, 2] {
-            pair.follow(id);
-        }
         Ok(pair)
     }
 
     fn node(&self, id: u16) -> &Arc<NodeCtl> {
         assert!(id == 1 || id == 2, "node ids are 1 and 2, not {id}");
         &self.nodes[usize::from(id - 1)]
-    }
-
-    /// Keep a subscription to node `id`'s event stream (re-subscribing
-    /// whenever msld restarts) until the pair is dropped.
-    fn follow(&self, id: u16) {
-        let (events, stop, sock) = (self.events.clone(), self.stop.clone(), self.socket(id));
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let _ = follow_events(&sock, |v| {
-                    let ev = Event {
-                        node: v["node"].as_u64().unwrap_or(u64::from(id)) as u16,
-                        ts_ms: v["ts_ms"].as_u64().unwrap_or(0),
-                        kind: v["event"].as_str().unwrap_or("?").to_string(),
-                        message: v["message"].as_str().unwrap_or("").to_string(),
-                        seen: Instant::now(),
-                    };
-                    if let Ok(mut e) = events.lock() {
-                        e.push(ev);
-                    }
-                });
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
     }
 
     /// Start node `id` under its supervisor (which restarts msld after
@@ -560,25 +558,28 @@ impl Pair {
         .map_err(|e| format!("{e}\n{}", self.diagnostics()))
     }
 
-    /// Every event received so far (both nodes, in arrival order).
-    pub fn events(&self) -> Vec<Event> {
-        self.events.lock().map(|e| e.clone()).unwrap_or_default()
+    /// Every event node `id` logged so far (its log file, in order).
+    pub fn node_events(&self, id: u16) -> Vec<Event> {
+        self.log(id)
+            .lines()
+            .filter_map(Event::parse_log_line)
+            .collect()
     }
 
-    /// Events received from position `from` on (for live narration).
-    pub fn events_since(&self, from: usize) -> Vec<Event> {
-        self.events
-            .lock()
-            .map(|e| e.get(from..).map(<[Event]>::to_vec).unwrap_or_default())
-            .unwrap_or_default()
+    /// Every event of both nodes, by timestamp.
+    pub fn events(&self) -> Vec<Event> {
+        let mut v = self.node_events(1);
+        v.extend(self.node_events(2));
+        v.sort_by_key(|e| e.ts_ms);
+        v
     }
 
     /// The first event of `kind` from node `id` stamped at or after
     /// `since_ms` (Unix ms).
     pub fn event_after(&self, id: u16, kind: &str, since_ms: u64) -> Option<Event> {
-        self.events()
+        self.node_events(id)
             .into_iter()
-            .find(|e| e.node == id && e.kind == kind && e.ts_ms >= since_ms)
+            .find(|e| e.kind == kind && e.ts_ms >= since_ms)
     }
 
     /// Run a command on the client host; its output (errors if it could
@@ -629,7 +630,6 @@ impl Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         for n in &self.nodes {
             let _ = n.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
         }
