@@ -214,3 +214,228 @@ fn test_online_verify_finds_exactly_the_block_changed_behind_msld() {
     let log = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
     assert!(log.contains("event=verify_finished"), "{log}");
 }
+
+fn both_in_sync_per_mslctl(dir: &Path) -> bool {
+    [1, 2].iter().all(|&id| {
+        let (code, out, _) = mslctl(dir, id, &["status", "--json"]);
+        code == 0 && serde_json::from_str::<Value>(out.trim()).is_ok_and(|s| s["in_sync"] == true)
+    })
+}
+
+#[test]
+fn test_fio_nbd_verify_through_service_address_files_identical() {
+    require_root();
+    require_tool("fio", "apt-get install fio (scripts/setup.sh)");
+    require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "88".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
+    // Two connections, disjoint regions, 4 KiB random writes at depth 16,
+    // FLUSH every 8 writes, then fio reads everything back and checks it.
+    let out = fio_cmd(
+        &topo.veth.ns_b,
+        dir.path(),
+        &[
+            "--name=mirror",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--fsync=8",
+            "--size=16M",
+            "--numjobs=2",
+            "--offset_increment=16M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--group_reporting",
+        ],
+    )
+    .output()
+    .unwrap();
+    let text = fio_ok(out, "randwrite + verify");
+    eprintln!("{text}");
+    wait("mslctl status --json says in sync on both", 15, || {
+        both_in_sync_per_mslctl(dir.path())
+    });
+    let s1 = status(dir.path(), 1).unwrap();
+    assert!(u(&s1["nbd"]["req_write"]) >= 8192, "{s1}");
+    assert!(u(&s1["nbd"]["req_flush"]) >= 1024, "{s1}");
+    // A FLUSH, then the backing files, read while both daemons run.
+    qemu_io(&topo.veth.ns_b, &["flush"]);
+    let a = std::fs::read(dir.path().join("n1.img")).unwrap();
+    let b = std::fs::read(dir.path().join("n2.img")).unwrap();
+    assert!(
+        a[..32 << 20].iter().any(|&x| x != 0),
+        "fio's data is missing"
+    );
+    assert!(a == b, "backing files differ after fio + FLUSH");
+}
+
+#[test]
+fn test_secondary_killed_during_fio_restarts_resyncs_and_fio_verifies() {
+    require_root();
+    require_tool("fio", "apt-get install fio (scripts/setup.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "99".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let (d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
+    // Rate-limited so that the kill and restart happen mid-run (about 6 s
+    // of writes), then fio verifies the whole written range.
+    let fio = fio_cmd(
+        &topo.veth.ns_b,
+        dir.path(),
+        &[
+            "--name=underkill",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--fsync=16",
+            "--size=24M",
+            "--rate=4m",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = d2.0.kill();
+    let _ = d2.0.wait();
+    let console_before = std::fs::read_to_string(dir.path().join("n2.console")).unwrap();
+    wait(
+        "the primary notices and keeps serving, degraded",
+        10,
+        || status(dir.path(), 1).is_some_and(|s| s["connected"] == false && s["role"] == "primary"),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    d2 = start_daemon(dir.path(), &topo.veth.ns_b, 2, false);
+    let text = fio_ok(
+        fio.wait_with_output().unwrap(),
+        "writes across a secondary kill -9",
+    );
+    eprintln!("{text}");
+    wait("the restarted secondary is resynced", 30, || {
+        status(dir.path(), 2).is_some_and(|s| s["in_sync"] == true && s["role"] == "secondary")
+            && status(dir.path(), 1).is_some_and(|s| s["in_sync"] == true)
+    });
+    let console = std::fs::read_to_string(dir.path().join("n2.console")).unwrap();
+    assert!(
+        !console[console_before.len()..].contains("created metadata"),
+        "the restarted node must load its metadata, not create it:\n{console}"
+    );
+    let log2 = std::fs::read_to_string(dir.path().join("n2.log")).unwrap();
+    assert!(log2.contains("event=resync_finished"), "{log2}");
+    let s2 = status(dir.path(), 2).unwrap();
+    assert!(u(&s2["counters"]["resync_blocks_received"]) > 0, "{s2}");
+    let (a, b) = stop_and_read_images(dir.path(), &[&d1, &d2]);
+    assert!(a == b, "backing files differ after the secondary's resync");
+    assert!(a[..24 << 20].iter().any(|&x| x != 0));
+}
+
+#[test]
+fn test_corrupt_or_truncated_metadata_refused_naming_the_file() {
+    // No namespaces needed: msld loads metadata before it opens the MSL.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "aa".repeat(32)).unwrap();
+    let cfg = config(dir.path(), 1);
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_msld"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // First start creates valid metadata, then stops at the missing MSL
+    // interface (this namespace has none), naming it.
+    let (code, err) = run();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("created metadata") && err.contains(IF_A),
+        "{err}"
+    );
+    let meta = dir.path().join("n1.meta");
+    let good = std::fs::read(&meta).unwrap();
+    // Second start loads it (no "created").
+    let (_, err) = run();
+    assert!(
+        !err.contains("created metadata") && err.contains(IF_A),
+        "{err}"
+    );
+    // One byte flipped in each of the two slots.
+    let slot = (good.len() - 4096) / 2;
+    let mut bad = good.clone();
+    bad[4096 + 100] ^= 0xff;
+    bad[4096 + slot + 100] ^= 0xff;
+    std::fs::write(&meta, &bad).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("n1.meta") && !err.contains(IF_A), "{err}");
+    // Truncated.
+    std::fs::write(&meta, &good[..good.len() / 2]).unwrap();
+    let (code, err) = run();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("n1.meta") && !err.contains(IF_A), "{err}");
+    // Empty.
+    std::fs::write(&meta, b"").unwrap();
+    let (code, err) = run();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("n1.meta"), "{err}");
+}
+
+#[test]
+fn test_malformed_config_values_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(config(dir.path(), 1)).unwrap();
+    let check = |text: String| {
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_msld"))
+            .args(["--check", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = check(good.replace("size_bytes = 67108864", "size_bytes = 12345"));
+    assert!(err.contains("size_bytes"), "{err}");
+    let err = check(good.replace("node_id = 1", "node_id = \"one\""));
+    assert!(err.contains("node_id"), "{err}");
+    let err = check(good.replace("backend = \"afpacket\"", "backend = \"carrier-pigeon\""));
+    assert!(err.contains("backend"), "{err}");
+    let err = check(good.clone() + "\nbogus_key = 1\n");
+    assert!(err.contains("bogus_key"), "{err}");
+}
+
+#[test]
+fn test_missing_lan_interface_named_at_start() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "bb".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let good = std::fs::read_to_string(config(dir.path(), 1)).unwrap();
+    // The LAN adapter (and so the service interface, which must be one of
+    // them) names an interface this host does not have.
+    let p = dir.path().join("n1.toml");
+    std::fs::write(&p, good.replace("\"a-lan\"", "\"nolan0\"")).unwrap();
+    let (ok, err) = in_ns(
+        &topo.veth.ns_a,
+        env!("CARGO_BIN_EXE_msld"),
+        &["--config", p.to_str().unwrap()],
+    );
+    assert!(!ok, "msld started without its LAN interface");
+    assert!(
+        err.contains("lan[0].interface") && err.contains("nolan0"),
+        "{err}"
+    );
+}

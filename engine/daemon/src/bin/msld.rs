@@ -115,6 +115,10 @@ fn run(args: Args) -> Result<Exit, String> {
 
     // MSL transport.
     let iface = IfaceInfo::lookup(&f.msl.interface).map_err(|e| format!("msl.interface: {e}"))?;
+    for (i, a) in f.lan.iter().enumerate() {
+        IfaceInfo::lookup(&a.interface).map_err(|e| format!("lan[{i}].interface: {e}"))?;
+    }
+    IfaceInfo::lookup(&f.service_interface).map_err(|e| format!("service_interface: {e}"))?;
     let kind = match f.msl.backend {
         Backend::Afxdp => BackendKind::AfXdp,
         Backend::Afpacket => BackendKind::AfPacket,

@@ -240,3 +240,25 @@ pub fn mslctl(dir: &Path, id: u16, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
 }
+
+/// Run fio's nbd engine inside namespace `ns` against the service address
+/// (working directory `dir`, so fio's state files stay out of the tree);
+/// bounded by `timeout`. Returns fio's output; asserts it succeeded.
+pub fn fio_cmd(ns: &str, dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "timeout", "180", "fio"])
+        .args(["--ioengine=nbd", "--uri=nbd://10.77.1.100:10809/"])
+        .args(args)
+        .current_dir(dir);
+    c
+}
+
+pub fn fio_ok(out: std::process::Output, what: &str) -> String {
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("err= 0") && !text.contains("verify: bad"),
+        "fio {what} failed:\n{text}"
+    );
+    text
+}
