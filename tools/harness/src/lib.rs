@@ -15,5 +15,6 @@ pub mod topology;
 
 pub use pair::{sha256_file, unix_ms, wait_for, Event, ExitRecord, Pair, PairOptions};
 pub use topology::{Topology, CLIENT_IP, SERVICE_IP};
+pub mod measure;
 pub mod scenario;
 pub mod workload;

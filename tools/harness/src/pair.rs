@@ -640,3 +640,41 @@ impl Drop for Pair {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_log_line_unescapes_and_rejects_other_lines() {
+        let e = Event::parse_log_line(
+            r#"ts=1795546623558 node=2 event=split_brain_refused msg="a \"b\" c\\d\ne""#,
+        )
+        .unwrap();
+        assert_eq!(e.ts_ms, 1795546623558);
+        assert_eq!(e.node, 2);
+        assert_eq!(e.kind, "split_brain_refused");
+        assert_eq!(e.message, "a \"b\" c\\d\ne");
+        assert_eq!(
+            Event::parse_log_line("msld: MSL on msla via afpacket"),
+            None
+        );
+        assert_eq!(Event::parse_log_line("ts=x node=1 event=a msg=\"\""), None);
+    }
+
+    #[test]
+    fn test_config_text_is_a_valid_msld_config_with_tunables() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = PairOptions::default()
+            .tunable("resync_max_mib_s", 200)
+            .tunable("heartbeat_interval_ms", 20);
+        let text = config_text(dir.path(), 2, &o, "mslb");
+        let cfg = msl_daemon::config::DaemonConfig::parse(&text, Path::new("n2.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(cfg.file.node_id, 2);
+        assert_eq!(cfg.file.resync_max_mib_s, 200);
+        assert_eq!(cfg.file.heartbeat_interval_ms, 20);
+        assert_eq!(cfg.file.service_interface, "b-lan");
+        assert_eq!(cfg.file.volume.size_bytes, 64 << 20);
+    }
+}

@@ -579,7 +579,7 @@ fn role(p: &Pair, node: u16) -> String {
 }
 
 /// The integer just before `suffix` in `s` ("... after 123 blocks").
-fn number_before(s: &str, suffix: &str) -> Option<u64> {
+pub fn number_before(s: &str, suffix: &str) -> Option<u64> {
     let i = s.find(suffix)?;
     let head = &s[..i];
     let start = head
