@@ -316,19 +316,19 @@ pub fn prometheus(s: &Status, t: &Telemetry) -> String {
             "# HELP msl_{name} {help}\n# TYPE msl_{name} gauge\nmsl_{name} {v}"
         );
     }
-    for (i, a) in adapters(s, t).iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "msl_lan_adapter_working{{adapter=\"{i}\",name=\"{}\"}} {}",
-            a["name"].as_str().unwrap_or(""),
-            u8::from(a["working"] == true)
-        );
-        let _ = writeln!(
-            o,
-            "msl_lan_adapter_peer_reachable{{adapter=\"{i}\",name=\"{}\"}} {}",
-            a["name"].as_str().unwrap_or(""),
-            u8::from(a["peer_reachable"] == true)
-        );
+    // One family at a time (the text format wants each family's samples
+    // together).
+    let ads = adapters(s, t);
+    for family in ["working", "peer_reachable"] {
+        let _ = writeln!(o, "# TYPE msl_lan_adapter_{family} gauge");
+        for (i, a) in ads.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "msl_lan_adapter_{family}{{adapter=\"{i}\",name=\"{}\"}} {}",
+                a["name"].as_str().unwrap_or(""),
+                u8::from(a[family] == true)
+            );
+        }
     }
     for (k, v) in core_counters(s).into_iter().chain(daemon_counters(t)) {
         let _ = writeln!(o, "# TYPE msl_{k}_total counter\nmsl_{k}_total {v}");

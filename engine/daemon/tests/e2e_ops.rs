@@ -81,6 +81,14 @@ fn test_pair_status_complete_and_metrics_count_writes() {
 
     // Status: every section the operator needs.
     let s1 = status(dir.path(), 1).unwrap();
+    eprintln!("{}\n{after}", serde_json::to_string_pretty(&s1).unwrap());
+    let (code, human, _) = mslctl(dir.path(), 1, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        human.contains("LAN adapter 0 a-lan") && human.contains("write mode sync"),
+        "{human}"
+    );
+    eprintln!("{human}");
     assert_eq!(s1["peer"], 2);
     assert_eq!(s1["write_mode"], "sync");
     assert_eq!(s1["msl"]["link_up"], true, "{s1}");
@@ -205,6 +213,7 @@ fn test_online_verify_finds_exactly_the_block_changed_behind_msld() {
         f.sync_all().unwrap();
     }
     let (code, out, err) = mslctl(dir.path(), 1, &["verify"]);
+    eprintln!("{out}");
     assert_eq!(code, 2, "verify must report the difference: {out}{err}");
     assert!(out.contains("1 differ") && out.contains("[100]"), "{out}");
     let s1 = status(dir.path(), 1).unwrap();
