@@ -38,6 +38,9 @@ pub struct Config {
     pub extent_blocks: u64,
     /// Resync reads in flight when clients are idle.
     pub resync_max_in_flight: usize,
+    /// Upper bound on the resync rate, bytes per second (0 = no limit:
+    /// the whole link when clients are idle).
+    pub resync_max_bytes_per_s: u64,
     /// Resync reads in flight while clients write (the floor that keeps a
     /// resync moving under load, like DRBD's c-min-rate).
     pub resync_min_in_flight: usize,
@@ -77,6 +80,7 @@ impl Config {
             al_extents: 61,
             extent_blocks: 1024,
             resync_max_in_flight: 64,
+            resync_max_bytes_per_s: 0,
             resync_min_in_flight: 1,
             resync_idle_us: 20_000,
             stabilize_interval_us: 200_000,

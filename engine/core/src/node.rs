@@ -643,6 +643,9 @@ pub struct Node<H> {
     verify: VerifyRun,
     verify_reads: BTreeMap<IoId, (u64, u32, bool)>,
     verify_notified: u64,
+    /// Resync pacing (`resync_max_bytes_per_s`): the next resync read may
+    /// start at this time.
+    resync_next_us: Micros,
 
     pub counters: Counters,
 }
@@ -722,6 +725,7 @@ impl<H: Payload> Node<H> {
             verify: VerifyRun::default(),
             verify_reads: BTreeMap::new(),
             verify_notified: 0,
+            resync_next_us: 0,
             counters: Counters::default(),
         };
         node.persist();
@@ -845,6 +849,9 @@ impl<H: Payload> Node<H> {
             }
             if s.phase == Phase::Source {
                 at(self.last_write_us + self.cfg.resync_idle_us);
+                if self.cfg.resync_max_bytes_per_s > 0 {
+                    at(self.resync_next_us);
+                }
             }
         }
         t
@@ -2692,12 +2699,24 @@ impl<H: Payload> Node<H> {
                 s.resync_cursor = block + 1;
                 continue;
             }
+            // Rate limit: each block costs block_size / rate seconds; up
+            // to 10 ms of unused budget may be spent at once.
+            let rate = self.cfg.resync_max_bytes_per_s;
+            if rate > 0 {
+                let now = self.now;
+                if now < self.resync_next_us {
+                    break;
+                }
+                let cost = (u64::from(self.cfg.block_size) * 1_000_000).div_ceil(rate);
+                self.resync_next_us = self.resync_next_us.max(now.saturating_sub(10_000)) + cost;
+            }
+            let Some(s) = self.session.as_mut() else {
+                return;
+            };
             s.resync_cursor = block + 1;
             let io = self.next_io;
             self.next_io += 1;
-            if let Some(s) = self.session.as_mut() {
-                s.resync_reads.insert(io, (block, false));
-            }
+            s.resync_reads.insert(io, (block, false));
             self.emit(Action::Read {
                 io,
                 block,
@@ -3096,6 +3115,27 @@ mod tests {
         });
         let st = a.status().verify;
         assert_eq!((st.active, st.differing_blocks, st.runs), (false, 0, 2));
+    }
+
+    #[test]
+    fn test_resync_rate_limit_paces_full_sync() {
+        let limited = |id: u16, gen: Option<u64>| {
+            let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
+            cfg.resync_max_bytes_per_s = 100 * 4096; // 100 blocks per second
+            Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+        };
+        let (mut a, mut b) = (limited(1, Some(5)), limited(2, None));
+        let zeros = |_: bool, _: u64, n: u64| alloc::vec![0u8; n as usize * 4096];
+        run_pair(&mut a, &mut b, 0, 300_000, &zeros);
+        let sent = a.counters.resync_blocks_sent;
+        assert!(!b.in_sync(), "64 blocks at 100/s cannot be done in 0.3 s");
+        assert!(
+            (5..=32).contains(&sent),
+            "about 100 blocks/s for under 0.3 s, got {sent}"
+        );
+        run_pair(&mut a, &mut b, 300_000, 1_200_000, &zeros);
+        assert!(a.in_sync() && b.in_sync(), "done after 1.2 s");
+        assert_eq!(a.counters.resync_blocks_sent, 64);
     }
 
     #[test]

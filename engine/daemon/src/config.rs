@@ -385,6 +385,7 @@ impl DaemonConfig {
         };
         c.heartbeat_interval_us = f.heartbeat_interval_ms * 1000;
         c.miss_count = f.miss_count;
+        c.resync_max_bytes_per_s = f.resync_max_mib_s << 20;
         c
     }
 }

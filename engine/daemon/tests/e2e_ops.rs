@@ -448,3 +448,50 @@ fn test_missing_lan_interface_named_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn test_rate_limited_full_sync_shows_rate_and_eta() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "cc".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let o1 = Opts {
+        extra: "resync_max_mib_s = 16\nresync_min_mib_s = 1".into(),
+        ..Opts::default()
+    };
+    let t0 = std::time::Instant::now();
+    let _d1 = start_daemon_opts(dir.path(), &topo.veth.ns_a, 1, true, &o1);
+    let _d2 = start_daemon(dir.path(), &topo.veth.ns_b, 2, false);
+    // 64 MiB at 16 MiB/s: about 4 s; the rate is known after 2 samples.
+    let mut seen = None;
+    wait("a resync rate and ETA on the source", 15, || {
+        seen = status(dir.path(), 1)
+            .filter(|s| s["resync"]["active"] == true && s["resync"]["eta_s"].is_u64());
+        seen.is_some()
+    });
+    let s = seen.unwrap();
+    let r = &s["resync"];
+    let rate = r["rate_mib_s"].as_f64().unwrap();
+    assert!(
+        (8.0..=24.0).contains(&rate),
+        "rate {rate} MiB/s, limit 16: {r}"
+    );
+    let eta = u(&r["eta_s"]);
+    assert!((1..=8).contains(&eta), "ETA {eta} s: {r}");
+    assert!(
+        u(&r["remaining_bytes"]) > 0 && u(&s["dirty_bytes"]) > 0,
+        "{s}"
+    );
+    let (code, human, _) = mslctl(dir.path(), 1, &["status"]);
+    assert_eq!(code, 0);
+    assert!(human.contains("MiB/s, ETA"), "{human}");
+    wait("in sync", 30, || {
+        status(dir.path(), 2).is_some_and(|s| s["in_sync"] == true && s["disk"] == "uptodate")
+    });
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "64 MiB at 16 MiB/s finished in {took:?}: limit not applied"
+    );
+    eprintln!("rate-limited full sync: {rate:.1} MiB/s, ETA {eta} s, done in {took:?}");
+}
