@@ -101,8 +101,14 @@ pub enum AdminCmd {
     Invalidate,
     /// Online verify of `[start_block, start_block + count)` against the
     /// peer (primary only, while in sync). Progress and result in
-    /// `Status::verify`; `VerifyFinished` when done.
-    Verify { start_block: u64, count: u64 },
+    /// `Status::verify`; `VerifyFinished` when done. With `resync`,
+    /// differing blocks are marked dirty and resynced from the primary
+    /// (the session restarts once, like after a lost link).
+    Verify {
+        start_block: u64,
+        count: u64,
+        resync: bool,
+    },
 }
 
 /// Inputs.
@@ -643,6 +649,7 @@ pub struct Node<H> {
     verify: VerifyRun,
     verify_reads: BTreeMap<IoId, (u64, u32, bool)>,
     verify_notified: u64,
+    verify_resync: bool,
     /// Resync pacing (`resync_max_bytes_per_s`): the next resync read may
     /// start at this time.
     resync_next_us: Micros,
@@ -725,6 +732,7 @@ impl<H: Payload> Node<H> {
             verify: VerifyRun::default(),
             verify_reads: BTreeMap::new(),
             verify_notified: 0,
+            verify_resync: false,
             resync_next_us: 0,
             counters: Counters::default(),
         };
@@ -2833,7 +2841,11 @@ impl<H: Payload> Node<H> {
                 self.admin_disconnected = false;
                 self.next_hello_us = self.now;
             }
-            AdminCmd::Verify { start_block, count } => {
+            AdminCmd::Verify {
+                start_block,
+                count,
+                resync,
+            } => {
                 if self.role != Role::Primary || !self.in_sync() {
                     self.notify(Notice::Warning {
                         what: "verify refused: this node is not an in-sync primary",
@@ -2848,6 +2860,7 @@ impl<H: Payload> Node<H> {
                 }
                 self.verify
                     .start(start_block, count, self.cfg.volume_blocks);
+                self.verify_resync = resync;
                 self.notify(Notice::VerifyStarted {
                     start_block: self.verify.status.start_block,
                     blocks: self.verify.status.total_blocks,
@@ -2873,6 +2886,11 @@ impl<H: Payload> Node<H> {
     /// Request the next verify chunks (local read first, then VERIFY_REQ
     /// on the stream), or report the end of the run.
     fn verify_progress(&mut self) {
+        for b in self.verify.take_differing() {
+            if self.verify_resync {
+                self.meta.dirty.set_range(b, 1);
+            }
+        }
         if !self.verify.status.active {
             let st = self.verify.status;
             if st.runs > self.verify_notified && st.aborted.is_none() {
@@ -2882,6 +2900,11 @@ impl<H: Payload> Node<H> {
                     differing: st.differing_blocks,
                     first: (st.first_len > 0).then_some(st.first_differing[0]),
                 });
+                if self.verify_resync && st.differing_blocks > 0 {
+                    // The marked blocks go to the peer through the normal
+                    // resync: a new session from the primary's dirty map.
+                    self.end_session("online verify found differing blocks: resyncing them");
+                }
             }
             return;
         }
@@ -3081,6 +3104,7 @@ mod tests {
             Event::Admin(AdminCmd::Verify {
                 start_block: 0,
                 count: u64::MAX,
+                resync: false,
             }),
         );
         let st = a.status().verify;
@@ -3099,6 +3123,7 @@ mod tests {
             Event::Admin(AdminCmd::Verify {
                 start_block: 0,
                 count: 8,
+                resync: false,
             }),
         );
         assert!(!b.status().verify.active);
@@ -3108,6 +3133,7 @@ mod tests {
             Event::Admin(AdminCmd::Verify {
                 start_block: 0,
                 count: 64,
+                resync: false,
             }),
         );
         run_pair(&mut a, &mut b, 300_000, 400_000, &|_, blk, n| {
@@ -3115,6 +3141,35 @@ mod tests {
         });
         let st = a.status().verify;
         assert_eq!((st.active, st.differing_blocks, st.runs), (false, 0, 2));
+    }
+
+    #[test]
+    fn test_verify_with_resync_resends_exactly_the_differing_block() {
+        let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+        connect(&mut a, &mut b, 200_000);
+        let full_sync = a.counters.resync_blocks_sent;
+        let read = |on_a: bool, block: u64, count: u64| -> Vec<u8> {
+            (block..block + count)
+                .flat_map(|blk| [if !on_a && blk == 9 { 0xee } else { 1 }; 4096])
+                .collect()
+        };
+        a.handle(
+            200_000,
+            Event::Admin(AdminCmd::Verify {
+                start_block: 0,
+                count: 64,
+                resync: true,
+            }),
+        );
+        run_pair(&mut a, &mut b, 200_000, 600_000, &read);
+        assert_eq!(a.status().verify.differing_blocks, 1);
+        assert!(a.in_sync() && b.in_sync(), "reconnected and resynced");
+        assert_eq!(
+            a.counters.resync_blocks_sent - full_sync,
+            1,
+            "only the differing block is resent"
+        );
+        assert_eq!(a.role(), Role::Primary);
     }
 
     #[test]

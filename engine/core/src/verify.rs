@@ -75,6 +75,9 @@ pub struct VerifyRun {
     next_block: u64,
     end_block: u64,
     in_flight: BTreeMap<u64, Chunk>,
+    /// Differing blocks found since the last `take_differing` (at most a
+    /// chunk or two: the node drains it after every comparison).
+    differing: Vec<u64>,
 }
 
 impl VerifyRun {
@@ -94,6 +97,7 @@ impl VerifyRun {
             next_block: start,
             end_block: end,
             in_flight: BTreeMap::new(),
+            differing: Vec::new(),
         };
     }
 
@@ -149,6 +153,7 @@ impl VerifyRun {
         let st = &mut self.status;
         for (i, (a, b)) in l.chunks(8).zip(r.chunks(8)).enumerate() {
             if a != b {
+                self.differing.push(start + i as u64);
                 st.differing_blocks += 1;
                 if usize::from(st.first_len) < FIRST_DIFFERING {
                     st.first_differing[usize::from(st.first_len)] = start + i as u64;
@@ -162,6 +167,11 @@ impl VerifyRun {
             st.active = false;
             st.runs += 1;
         }
+    }
+
+    /// Blocks found different since the last call.
+    pub fn take_differing(&mut self) -> Vec<u64> {
+        core::mem::take(&mut self.differing)
     }
 
     /// Stop the run (session lost, local read failed).
@@ -212,6 +222,8 @@ mod tests {
         assert_eq!(r.status.checked_blocks, 600);
         assert_eq!(r.status.differing_blocks, 2);
         assert_eq!(&r.status.first_differing[..2], &[3, 300]);
+        assert_eq!(r.take_differing(), alloc::vec![3, 300]);
+        assert!(r.take_differing().is_empty());
         assert_eq!(r.status.runs, 1);
         assert!(r.status.aborted.is_none());
     }

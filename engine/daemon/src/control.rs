@@ -197,6 +197,7 @@ fn verify(inputs: &SyncSender<Input>, req: &Value) -> Value {
     let cmd = AdminCmd::Verify {
         start_block: req.get("start_block").and_then(Value::as_u64).unwrap_or(0),
         count: req.get("count").and_then(Value::as_u64).unwrap_or(u64::MAX),
+        resync: req.get("resync").and_then(Value::as_bool).unwrap_or(false),
     };
     match inputs.send(Input::Admin(cmd)) {
         Ok(()) => json!({"ok": true, "cmd": "verify", "runs_before": s.verify.runs}),

@@ -222,6 +222,21 @@ fn test_online_verify_finds_exactly_the_block_changed_behind_msld() {
     assert_eq!(s1["in_sync"], true, "verify must not disturb the pair");
     let log = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
     assert!(log.contains("event=verify_finished"), "{log}");
+    // --resync: the block is marked out of sync and resent from the primary.
+    let (code, out, err) = mslctl(dir.path(), 1, &["verify", "--resync"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(out.contains("resync from the primary started"), "{out}");
+    wait("back in sync after the verify resync", 20, || {
+        status(dir.path(), 1).is_some_and(|s| s["in_sync"] == true)
+            && status(dir.path(), 2).is_some_and(|s| s["in_sync"] == true)
+    });
+    let (code, out, err) = mslctl(dir.path(), 1, &["verify"]);
+    assert_eq!(code, 0, "the repaired pair still differs: {out}{err}");
+    let a = std::fs::read(dir.path().join("n1.img")).unwrap();
+    let b = std::fs::read(dir.path().join("n2.img")).unwrap();
+    assert!(a == b, "backing files differ after verify --resync");
+    let s1 = status(dir.path(), 1).unwrap();
+    assert_eq!(s1["role"], "primary", "{s1}");
 }
 
 fn both_in_sync_per_mslctl(dir: &Path) -> bool {

@@ -64,6 +64,10 @@ enum Cmd {
         /// Print the final status.verify document as JSON.
         #[arg(long)]
         json: bool,
+        /// Mark differing blocks out of sync and resend them from the
+        /// primary (the MSL session restarts once).
+        #[arg(long)]
+        resync: bool,
     },
     /// Create (initialise) this node's metadata from its msld config:
     /// cluster id, node id, volume geometry, a fresh generation. Refuses
@@ -100,8 +104,9 @@ fn run_verify(
     start: u64,
     count: Option<u64>,
     json: bool,
+    resync: bool,
 ) -> Result<ExitCode, String> {
-    let mut req = json!({"cmd": "verify", "start_block": start});
+    let mut req = json!({"cmd": "verify", "start_block": start, "resync": resync});
     if let Some(c) = count {
         req["count"] = c.into();
     }
@@ -139,10 +144,13 @@ fn run_verify(
             println!(
                 "verify: {checked} blocks compared in {:.1} s: {differing} differ{}",
                 t0.elapsed().as_secs_f64(),
-                if differing > 0 {
-                    format!(" (first: {})", v["first_differing"])
-                } else {
-                    String::new()
+                match (differing > 0, resync) {
+                    (false, _) => String::new(),
+                    (true, false) => format!(" (first: {})", v["first_differing"]),
+                    (true, true) => format!(
+                        " (first: {}); marked out of sync, resync from the primary started",
+                        v["first_differing"]
+                    ),
                 }
             );
         }
@@ -292,7 +300,8 @@ fn run(args: Args) -> Result<ExitCode, String> {
             start_block,
             count,
             json,
-        } => return run_verify(socket, start_block, count, json),
+            resync,
+        } => return run_verify(socket, start_block, count, json, resync),
         Cmd::CreateMd {
             config,
             initial_primary,
