@@ -17,7 +17,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -342,9 +342,23 @@ pub fn prometheus(s: &Status, t: &Telemetry) -> String {
 /// Ask the core for a status snapshot (never blocks the core: it answers on
 /// a channel; a busy or stopped core makes this return `None` after 2 s).
 pub fn core_status(inputs: &SyncSender<Input>) -> Option<Status> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let (tx, rx) = sync_channel(1);
-    inputs.try_send(Input::Status(tx)).ok()?;
-    rx.recv_timeout(Duration::from_secs(2)).ok()
+    // The input queue may be momentarily full under heavy client load:
+    // retry until the deadline rather than fail at once or block forever.
+    let mut req = Input::Status(tx);
+    loop {
+        match inputs.try_send(req) {
+            Ok(()) => break,
+            Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                req = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return None,
+        }
+    }
+    rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        .ok()
 }
 
 /// The Prometheus endpoint: GET /metrics on `addr`.
@@ -411,5 +425,92 @@ impl Drop for MetricsServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn sample() -> (Status, Telemetry) {
+        let cfg = msl_core::Config::new(1, 2, 7, 64, 4096);
+        let meta = msl_core::meta::Meta::create(7, 1, 64, 4096, Some(3));
+        let mut n: msl_core::Node<Vec<u8>> = msl_core::Node::new(cfg, meta, 1, 0);
+        for adapter in 0..2 {
+            n.handle(
+                0,
+                msl_core::Event::LanAdapter {
+                    adapter,
+                    link_up: adapter == 0,
+                    carrier: adapter == 0,
+                },
+            );
+        }
+        let t = Telemetry {
+            nbd: Some(Arc::default()),
+            lan: Some(Arc::default()),
+            lan_interfaces: vec!["eth0".into(), "eth1".into()],
+            msl_interface: "msl0".into(),
+            block_size: 4096,
+            ..Telemetry::default()
+        };
+        t.shared.msl_rx_bad_auth.store(3, Ordering::Relaxed);
+        (n.status(), t)
+    }
+
+    #[test]
+    fn test_prometheus_families_contiguous_typed_once_values_numeric() {
+        let (s, t) = sample();
+        let text = prometheus(&s, &t);
+        let mut typed = HashSet::new();
+        let mut finished = HashSet::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap().to_string();
+                assert!(typed.insert(name), "TYPE twice: {line}");
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (name_labels, value) = line.rsplit_once(' ').unwrap();
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("value: {line}"));
+            let name = name_labels.split('{').next().unwrap().to_string();
+            assert!(
+                name.starts_with("msl_")
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{line}"
+            );
+            if name != current {
+                assert!(
+                    finished.insert(current.clone()),
+                    "family {name} split: {line}"
+                );
+                current = name;
+            }
+        }
+        assert!(text.contains("msl_role 0\n"), "a fresh node is secondary");
+        assert!(text.contains("msl_msl_rx_bad_auth_total 3\n"));
+        assert!(text.contains("msl_lan_adapter_working{adapter=\"1\",name=\"eth1\"} 0\n"));
+        assert!(text.contains("msl_nbd_req_write 0\n"));
+    }
+
+    #[test]
+    fn test_status_json_adapters_named_and_counters_present() {
+        let (s, t) = sample();
+        let v = status_json(&s, &t);
+        assert_eq!(v["lan"][0]["name"], "eth0");
+        assert_eq!(v["lan"][0]["working"], true);
+        assert_eq!(v["lan"][1]["working"], false);
+        assert_eq!(v["msl"]["interface"], "msl0");
+        assert_eq!(v["counters"]["msl_rx_bad_auth"], 3);
+        assert_eq!(v["peer"], 2);
+        assert_eq!(v["write_mode"], "sync");
+        assert_eq!(v["resync"]["eta_s"], Value::Null);
+        assert!(v["nbd"]["req_write"].is_u64());
     }
 }
