@@ -1043,7 +1043,7 @@ fn primary_crash_during_resync(c: &mut Ctx) -> Result<(), String> {
         remaining_before = left;
         matches!((left, total), (Some(l), Some(t)) if t > 0 && l * 10 <= t * 6)
     })?;
-    let (fault, fault_ms) = (Instant::now(), unix_ms());
+    let fault_ms = unix_ms();
     c.step(&format!(
         "resync running ({first:?} blocks, {remaining_before:?} remaining): kill -9 of node 1"
     ));
@@ -1093,7 +1093,8 @@ fn primary_crash_during_resync(c: &mut Ctx) -> Result<(), String> {
             "first resync {first:?} blocks, {remaining_before:?} remaining at the crash, after the crash {second:?} blocks"
         ),
     );
-    c.res.takeover_ms = ms_between(fault, wl.first_ack_on_new_connection_after(fault));
+    // No takeover here by design: clients wait for node 1 (their pause
+    // covers the outage).
     c.finish(wl, 1)?;
     Ok(())
 }

@@ -151,6 +151,8 @@ pub struct Workload {
 /// What the workload did, after [`Workload::stop`].
 #[derive(Debug)]
 pub struct WorkloadReport {
+    pub started: Instant,
+    pub stopped: Instant,
     pub acked_writes: u64,
     pub errors: usize,
     pub reconnects: usize,
@@ -411,6 +413,7 @@ impl Workload {
 
     /// Stop every connection and collect the record.
     pub fn stop(self) -> WorkloadReport {
+        let stopped = Instant::now();
         self.stop.store(true, Ordering::Relaxed);
         let mut blocks = Vec::new();
         for t in self.threads {
@@ -422,6 +425,8 @@ impl Workload {
         let mut acks = l.acks.clone();
         acks.sort_by_key(|a| a.at);
         WorkloadReport {
+            started: self.started,
+            stopped,
             acked_writes: acks.len() as u64,
             errors: l.errors.len(),
             reconnects: l
@@ -448,14 +453,15 @@ fn longest_gap(from: Instant, sorted: &[Instant], to: Instant) -> Duration {
 }
 
 impl WorkloadReport {
-    /// Longest time between two acknowledgements over the whole run.
+    /// Longest time without an acknowledgement, from the first one to
+    /// the stop (an outage at the end counts).
     pub fn longest_pause(&self) -> Duration {
-        match (self.acks.first(), self.acks.last()) {
-            (Some(f), Some(l)) => {
+        match self.acks.first() {
+            Some(f) => {
                 let t: Vec<Instant> = self.acks.iter().map(|a| a.at).collect();
-                longest_gap(f.at, &t, l.at)
+                longest_gap(f.at, &t, self.stopped.max(f.at))
             }
-            _ => Duration::ZERO,
+            None => self.stopped.saturating_duration_since(self.started),
         }
     }
 
