@@ -34,6 +34,10 @@ enum Cmd {
     /// fio against msl (mirrored and degraded), nbdkit and qemu-nbd over
     /// the same LAN path. Needs root, fio, nbdkit, qemu-nbd, nbdinfo.
     Nbd(nbd::NbdArgs),
+    /// Serve a file with msl's own NBD server (msl-nbd's FileBackend,
+    /// unreplicated): the `msl-nbd-file` server of `msl-bench nbd`.
+    #[command(hide = true)]
+    ServeFile(nbd::ServeFileArgs),
 }
 
 fn main() {
@@ -41,6 +45,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Link(a) => link::run(a).map_err(|e| e.to_string()),
         Cmd::Nbd(a) => nbd::run(a),
+        Cmd::ServeFile(a) => nbd::serve_file(a),
     };
     if let Err(e) = r {
         eprintln!("msl-bench: {e}");

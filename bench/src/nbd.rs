@@ -23,6 +23,35 @@ const ANCHOR_IP: &str = msl_harness::topology::LAN_A;
 const MSL_PORT: u16 = 10809;
 const NBDKIT_PORT: u16 = 10810;
 const QEMU_PORT: u16 = 10811;
+const MSL_NBD_FILE_PORT: u16 = 10812;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeFileArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
+    /// The file to serve (its size is the export's).
+    #[arg(long)]
+    pub file: std::path::PathBuf,
+}
+
+/// `msl-bench serve-file`: msl-nbd's server with its default settings over
+/// a plain file, until killed.
+pub fn serve_file(a: ServeFileArgs) -> Result<(), String> {
+    let backend = msl_nbd::FileBackend::open(&a.file, false)
+        .map_err(|e| format!("{}: {e}", a.file.display()))?;
+    let listener =
+        std::net::TcpListener::bind(a.listen).map_err(|e| format!("{}: {e}", a.listen))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    msl_nbd::serve(
+        listener,
+        String::new(),
+        std::sync::Arc::new(backend),
+        msl_nbd::ServerConfig::default(),
+        stop,
+    )
+    .map_err(|e| e.to_string())
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct NbdArgs {
@@ -42,7 +71,7 @@ pub struct NbdArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "nbdkit-file,qemu-nbd,msl,msl-degraded"
+        default_value = "nbdkit-file,qemu-nbd,msl-nbd-file,msl,msl-degraded"
     )]
     pub servers: Vec<String>,
     /// Volume (export) size, e.g. 256M, 1G (bytes without a suffix).
@@ -54,12 +83,18 @@ pub struct NbdArgs {
     /// Where to write the latency chart (SVG).
     #[arg(long, default_value = "msl-nbd-latency.svg")]
     pub chart: String,
-    /// MSL backend of the pair (afpacket, afxdp, auto).
-    #[arg(long, default_value = "afpacket")]
+    /// MSL backend of the pair (auto, afxdp, afpacket); msld's default
+    /// is auto (AF_XDP, else AF_PACKET).
+    #[arg(long, default_value = "auto")]
     pub backend: String,
     /// Skip writing every byte of each export before the jobs.
     #[arg(long)]
     pub no_fill: bool,
+    /// Profile: during each fio run against `msl` in the first round,
+    /// `perf record -g` the primary's msld into DIR/<job>.perf.data
+    /// (needs linux-perf: MSL_SETUP_PERF=1 bash scripts/setup.sh).
+    #[arg(long, value_name = "DIR")]
+    pub perf: Option<String>,
 }
 
 /// `256M`, `1G`, `4096`, `64K` (binary units).
@@ -92,12 +127,16 @@ pub enum Server {
     MslDegraded,
     NbdkitFile,
     QemuNbd,
+    /// msl's NBD server over a plain file (no mirroring): separates the
+    /// NBD server's cost from the mirror's.
+    MslNbdFile,
 }
 
 impl Server {
-    pub const ALL: [Server; 4] = [
+    pub const ALL: [Server; 5] = [
         Server::NbdkitFile,
         Server::QemuNbd,
+        Server::MslNbdFile,
         Server::Msl,
         Server::MslDegraded,
     ];
@@ -108,6 +147,7 @@ impl Server {
             Server::MslDegraded => "msl-degraded",
             Server::NbdkitFile => "nbdkit-file",
             Server::QemuNbd => "qemu-nbd",
+            Server::MslNbdFile => "msl-nbd-file",
         }
     }
 
@@ -116,7 +156,7 @@ impl Server {
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or(format!(
-                "unknown server `{s}` (msl, msl-degraded, nbdkit-file, qemu-nbd)"
+                "unknown server `{s}` (msl, msl-degraded, nbdkit-file, qemu-nbd, msl-nbd-file)"
             ))
     }
 
@@ -125,6 +165,7 @@ impl Server {
             Server::Msl | Server::MslDegraded => (SERVICE_IP, MSL_PORT),
             Server::NbdkitFile => (ANCHOR_IP, NBDKIT_PORT),
             Server::QemuNbd => (ANCHOR_IP, QEMU_PORT),
+            Server::MslNbdFile => (ANCHOR_IP, MSL_NBD_FILE_PORT),
         };
         format!("nbd://{ip}:{port}/")
     }
@@ -161,6 +202,16 @@ fn start_anchor(s: Server, ns: &str, file: &str) -> Result<Proc, String> {
             .arg(file);
             c
         }
+        // This binary's hidden `serve-file` subcommand.
+        Server::MslNbdFile => {
+            let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+            let mut c = command_in(ns, &exe.to_string_lossy());
+            c.args(["serve-file", "--listen"])
+                .arg(format!("{ANCHOR_IP}:{MSL_NBD_FILE_PORT}"))
+                .arg("--file")
+                .arg(file);
+            c
+        }
         _ => return Err(format!("{} is not an anchor", s.name())),
     };
     let child = c
@@ -186,6 +237,35 @@ fn wait_serving(client_ns: &str, uri: &str, timeout: Duration) -> Result<(), Str
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// `perf record -g -p PID` until dropped (SIGINT, so perf writes its file).
+struct PerfRecord(fio::Proc);
+
+impl Drop for PerfRecord {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0 .0.id() as libc::pid_t, libc::SIGINT) };
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.0 .0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn start_perf(dir: &str, job: &str, pid: u32) -> Result<PerfRecord, String> {
+    let out = format!("{dir}/{job}.perf.data");
+    let child = std::process::Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-q", "-o", &out, "-p"])
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("perf: {e}"))?;
+    Ok(PerfRecord(fio::Proc(child)))
 }
 
 fn need_tool(name: &str, pkg: &str) -> Result<(), String> {
@@ -287,7 +367,7 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
     let client_ns = pair.topo.client_ns().to_string();
     let mut anchors: Vec<Proc> = Vec::new();
     for &s in &servers {
-        if matches!(s, Server::NbdkitFile | Server::QemuNbd) {
+        if matches!(s, Server::NbdkitFile | Server::QemuNbd | Server::MslNbdFile) {
             let file = pair.dir().join(format!("{}.img", s.name()));
             let f = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             f.set_len(args.size)
@@ -301,6 +381,16 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
         pair.start_both()?;
         pair.wait_in_sync(1, Duration::from_secs(60))?;
         wait_serving(&client_ns, &Server::Msl.uri(), Duration::from_secs(20))?;
+        say(&format!(
+            "msld pids: primary {:?}, secondary {:?}; run directory {}",
+            pair.pid(1),
+            pair.pid(2),
+            pair.dir().display()
+        ));
+    }
+    if let Some(d) = &args.perf {
+        need_tool("perf", "linux-perf")?;
+        std::fs::create_dir_all(d).map_err(|e| format!("{d}: {e}"))?;
     }
     // Fill each export once, so reads hit written data everywhere.
     if !args.no_fill {
@@ -329,6 +419,12 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
                     job.name,
                     s.name()
                 ));
+                let _perf = match (&args.perf, pair.pid(1)) {
+                    (Some(d), Some(pid)) if s == Server::Msl && round == 0 => {
+                        Some(start_perf(d, job.name, pid)?)
+                    }
+                    _ => None,
+                };
                 let r = fio::run_job(&client_ns, &s.uri(), job, args.seconds, args.ramp)?;
                 samples.entry((s, job.name)).or_default().push(r);
             }
@@ -368,6 +464,13 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
         }
     }
     drop(anchors);
+    if with_msl {
+        for id in [1, 2] {
+            if let Ok(st) = pair.status(id) {
+                say(&format!("node {id} counters: {}", st["counters"]));
+            }
+        }
+    }
     let mut rows = Vec::new();
     for job in &jobs {
         for &s in &servers {

@@ -1,16 +1,21 @@
 //! One NBD connection: the fixed-newstyle handshake, then transmission with
 //! a reader thread (parses and validates requests, reads WRITE payloads) and
-//! a few worker threads (run backend calls and send replies, serialized by a
-//! writer lock). Several requests are in flight at once; replies go out in
-//! completion order, as the protocol allows.
+//! worker threads started on demand (run backend calls and send replies).
+//! Several requests are in flight at once; replies go out in completion
+//! order, as the protocol allows, combined into one write when several
+//! complete together. A request that arrives alone (nothing in flight,
+//! nothing more to read) runs on the reader: no hand-off for a client at
+//! queue depth 1.
 
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver};
 
 use crate::counters::Counters;
 use crate::proto::*;
@@ -28,6 +33,26 @@ pub trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn shutdown_both(&self);
     /// Read timeout (None: block forever).
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Whether more bytes are waiting to be read right now. When it says
+    /// no and nothing is in flight, the reader runs the request itself
+    /// instead of handing it to a worker (one thread hand-off less for a
+    /// client that waits for each reply). The default, true, always hands
+    /// off.
+    fn input_pending(&self) -> bool {
+        true
+    }
+}
+
+/// Bytes readable on `fd` now (FIONREAD); errors count as "some".
+fn readable_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the valid pointer.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        1
+    }
 }
 
 impl Socket for TcpStream {
@@ -40,6 +65,9 @@ impl Socket for TcpStream {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
     }
+    fn input_pending(&self) -> bool {
+        readable_bytes(self.as_raw_fd()) > 0
+    }
 }
 
 impl Socket for UnixStream {
@@ -51,6 +79,9 @@ impl Socket for UnixStream {
     }
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
+    }
+    fn input_pending(&self) -> bool {
+        readable_bytes(self.as_raw_fd()) > 0
     }
 }
 
@@ -382,22 +413,75 @@ struct Job {
     cost: u64,
 }
 
+/// Replies waiting for the thread that is writing (see [`Conn::send`]).
+#[derive(Default)]
+struct Outbox {
+    queued: Vec<u8>,
+    writing: bool,
+}
+
+/// Bytes queued behind the writing thread beyond which a replier waits its
+/// turn instead (bounds the outbox; read replies can be large).
+const OUTBOX_MAX: usize = 1 << 20;
+
 struct Conn<'a, S: Socket> {
     ex: &'a Export,
     neg: Negotiated,
+    /// Only the thread that set `outbox.writing` uses the socket.
     writer: Mutex<S>,
+    outbox: Mutex<Outbox>,
+    outbox_cv: Condvar,
     killer: S,
     dead: AtomicBool,
     budget: Budget,
+    /// Requests handed to the workers and not yet answered.
+    queued: AtomicUsize,
 }
 
 impl<S: Socket> Conn<'_, S> {
+    fn lock_outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Send one reply. Replies completing together are combined: if
+    /// another thread is writing, the reply is appended to the outbox and
+    /// that thread sends it with the others in one write, so a burst of
+    /// completions (the mirror acknowledges writes in batches) costs one
+    /// system call instead of one each, and no replier blocks on the
+    /// socket behind another.
     fn send(&self, buf: &[u8]) {
         if self.dead.load(Ordering::Relaxed) {
             return;
         }
+        let mut o = self.lock_outbox();
+        while o.writing && o.queued.len() + buf.len() > OUTBOX_MAX && !o.queued.is_empty() {
+            o = self.outbox_cv.wait(o).unwrap_or_else(|e| e.into_inner());
+        }
+        if o.writing {
+            o.queued.extend_from_slice(buf);
+            return;
+        }
+        o.writing = true;
+        drop(o);
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if w.write_all(buf).is_err() && !self.dead.swap(true, Ordering::Relaxed) {
+        let mut ok = w.write_all(buf).is_ok();
+        let mut spare = Vec::new();
+        loop {
+            let mut o = self.lock_outbox();
+            if o.queued.is_empty() || !ok {
+                o.queued.clear();
+                o.writing = false;
+                drop(o);
+                self.outbox_cv.notify_all();
+                break;
+            }
+            std::mem::swap(&mut o.queued, &mut spare);
+            drop(o);
+            self.outbox_cv.notify_all();
+            ok = w.write_all(&spare).is_ok();
+            spare.clear();
+        }
+        if !ok && !self.dead.swap(true, Ordering::Relaxed) {
             self.killer.shutdown_both();
         }
     }
@@ -501,16 +585,10 @@ impl<S: Socket> Conn<'_, S> {
         self.budget.release(job.cost);
     }
 
-    fn worker(&self, rx: &Mutex<Receiver<Job>>) {
-        loop {
-            let job = {
-                let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-                rx.recv()
-            };
-            match job {
-                Ok(job) => self.execute(job),
-                Err(_) => return,
-            }
+    fn worker(&self, rx: &Receiver<Job>) {
+        while let Ok(job) = rx.recv() {
+            self.execute(job);
+            self.queued.fetch_sub(1, Ordering::Release);
         }
     }
 }
@@ -558,6 +636,8 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
         ex,
         neg,
         writer: Mutex::new(writer),
+        outbox: Mutex::new(Outbox::default()),
+        outbox_cv: Condvar::new(),
         killer,
         dead: AtomicBool::new(false),
         budget: Budget {
@@ -565,18 +645,21 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
             cv: Condvar::new(),
             cap: ex.cfg.max_inflight_bytes.max(u64::from(max)),
         },
+        queued: AtomicUsize::new(0),
     };
     let workers = ex.cfg.workers_per_connection.max(1);
-    let (tx, rx) = sync_channel::<Job>(ex.cfg.queue_depth.max(1));
-    let rx = Mutex::new(rx);
+    let (tx, rx) = bounded::<Job>(ex.cfg.queue_depth.max(1));
     let c = &ex.counters;
     let size = ex.backend.size();
     let ro = ex.cfg.read_only;
     let mut r = BufReader::with_capacity(64 * 1024, sock);
     let end = std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| conn.worker(&rx));
-        }
+        // Workers start on demand: one more whenever every running worker
+        // has a request, up to `workers_per_connection`. A queue-depth-1
+        // client runs on the reader alone; a deep queue against a backend
+        // that blocks (the mirror waits for the peer) gets one thread per
+        // request in flight.
+        let mut spawned = 0usize;
         let end = loop {
             let mut h = [0u8; REQUEST_LEN];
             match read_full(&mut r, &mut h) {
@@ -670,6 +753,33 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                     conn.reply_err(handle, errno);
                 }
                 None => {
+                    // Nothing in flight and nothing more to read: the
+                    // client waits for this reply (queue depth 1), so run
+                    // it here rather than wake a worker for it.
+                    if conn.queued.load(Ordering::Acquire) == 0
+                        && r.buffer().is_empty()
+                        && !r.get_ref().input_pending()
+                    {
+                        conn.execute(job);
+                        continue;
+                    }
+                    let busy = conn.queued.fetch_add(1, Ordering::AcqRel);
+                    if busy >= spawned && spawned < workers {
+                        let rx = &rx;
+                        let conn = &conn;
+                        let t = std::thread::Builder::new()
+                            .name("nbd-worker".into())
+                            .spawn_scoped(scope, move || conn.worker(rx));
+                        if t.is_ok() {
+                            spawned += 1;
+                        }
+                    }
+                    if spawned == 0 {
+                        // No thread could be started: serve it here.
+                        conn.execute(job);
+                        conn.queued.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
                     if tx.send(job).is_err() {
                         break ConnEnd::Closed;
                     }

@@ -29,7 +29,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Export read-only: NBD_FLAG_READ_ONLY, and EPERM for any write.
     pub read_only: bool,
-    /// Worker threads per connection running backend calls.
+    /// Most worker threads per connection running backend calls (started
+    /// on demand). A backend call that blocks holds its worker, so this
+    /// bounds the requests of one connection in flight in the backend: keep
+    /// it at least the clients' queue depth (fio's iodepth, the kernel
+    /// client's queue) when the backend waits on a peer, as the mirror does.
     pub workers_per_connection: usize,
     /// Requests queued to the workers of one connection.
     pub queue_depth: usize,
@@ -45,7 +49,7 @@ impl Default for ServerConfig {
             max_request: 32 << 20,
             max_connections: 64,
             read_only: false,
-            workers_per_connection: 4,
+            workers_per_connection: 32,
             queue_depth: 64,
             max_inflight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(10),

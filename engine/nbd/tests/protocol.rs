@@ -659,3 +659,116 @@ impl Conn {
         self.c.read_exact(&mut b).is_err()
     }
 }
+
+/// Records which threads ran writes and how many ran at once; each write
+/// takes `delay`, like a mirrored write waiting for the peer.
+struct Probe {
+    delay: Duration,
+    threads: Mutex<Vec<String>>,
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
+
+impl Backend for Probe {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn read(&self, _off: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write(&self, _off: u64, _data: &[u8], _fua: bool) -> io::Result<()> {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.threads.lock().unwrap().push(name);
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(n, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, _off: u64, _len: u64, _fua: bool) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn write_request(handle: u64, off: u64) -> Vec<u8> {
+    let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&CMD_WRITE.to_be_bytes());
+    b.extend_from_slice(&handle.to_be_bytes());
+    b.extend_from_slice(&off.to_be_bytes());
+    b.extend_from_slice(&4096u32.to_be_bytes());
+    b.extend_from_slice(&common::pattern(4096, handle));
+    b
+}
+
+#[test]
+fn test_queue_depth_one_runs_on_reader_and_deep_queue_gets_one_worker_per_request() {
+    let probe = Arc::new(Probe {
+        delay: Duration::from_millis(30),
+        threads: Mutex::new(Vec::new()),
+        now: Default::default(),
+        max: Default::default(),
+    });
+    let export = Arc::new(Export::new("msl".into(), probe.clone(), small_cfg()));
+    let (c, s) = UnixStream::pair().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (tx, end) = mpsc::channel();
+    let ex = export.clone();
+    std::thread::Builder::new()
+        .name("nbd-reader".into())
+        .spawn(move || {
+            let _ = tx.send(serve_stream(s, &ex));
+        })
+        .unwrap();
+    let mut c = Conn {
+        c,
+        end,
+        export,
+        mem: Mem::new(),
+    };
+    c.greet(CF);
+    c.go("msl").unwrap();
+    // Queue depth 1: each write waits for its reply; no hand-off.
+    for h in 0..4u64 {
+        c.c.write_all(&write_request(h, h * 4096)).unwrap();
+        assert_eq!(c.simple(), (0, h));
+    }
+    assert_eq!(*probe.threads.lock().unwrap(), vec!["nbd-reader"; 4]);
+    // Queue depth 16 against a backend that blocks: they all run at once
+    // (the default allows 32 workers), replies complete and are distinct.
+    let n = 16u64;
+    let mut all = Vec::new();
+    for h in 100..100 + n {
+        all.extend(write_request(h, (h - 100) * 4096));
+    }
+    let t = Instant::now();
+    c.c.write_all(&all).unwrap();
+    let mut seen: Vec<u64> = (0..n)
+        .map(|_| c.simple())
+        .map(|(e, h)| {
+            assert_eq!(e, 0);
+            h
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, (100..100 + n).collect::<Vec<_>>());
+    let max = probe.max.load(Ordering::SeqCst);
+    assert!(max >= 12, "only {max} of {n} blocking writes ran at once");
+    // 16 x 30 ms one after another would take 480 ms.
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let names = probe.threads.lock().unwrap();
+    assert!(names[4..].iter().any(|n| n == "nbd-worker"), "{names:?}");
+    drop(names);
+    assert_eq!(c.end(), ConnEnd::Closed);
+}
