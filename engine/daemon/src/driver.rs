@@ -107,6 +107,8 @@ pub struct Shared {
     /// Frames the core produced that the transmit queue had no room for
     /// (the reliable layer retransmits them).
     pub msl_tx_dropped: AtomicU64,
+    /// Frames the link refused to send (counted per frame of the batch).
+    pub msl_tx_errors: AtomicU64,
     pub msl_rx_frames: AtomicU64,
     pub msl_rx_bytes: AtomicU64,
     /// Received frames dropped for any reason (including bad auth).
@@ -228,6 +230,11 @@ pub fn start_msl_tx(
                         shared
                             .msl_tx_bytes
                             .fetch_add(bytes as u64, Ordering::Relaxed);
+                    } else {
+                        // Lost on the link (the reliable layer resends).
+                        shared
+                            .msl_tx_errors
+                            .fetch_add(refs.len() as u64, Ordering::Relaxed);
                     }
                 }
             }

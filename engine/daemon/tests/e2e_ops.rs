@@ -106,6 +106,7 @@ fn test_pair_status_complete_and_metrics_count_writes() {
     assert!(u(&s1["counters"]["lan_rx_delivered"]) > 0);
     assert!(u(&s1["nbd"]["req_write"]) > 0, "{s1}");
     let s2 = status(dir.path(), 2).unwrap();
+    eprintln!("node 2 counters: {}", s2["counters"]);
     assert_eq!(s2["role"], "secondary");
     assert_eq!(s2["generations"]["current"], s1["generations"]["current"]);
     assert!(
@@ -509,4 +510,105 @@ fn test_rate_limited_full_sync_shows_rate_and_eta() {
         "64 MiB at 16 MiB/s finished in {took:?}: limit not applied"
     );
     eprintln!("rate-limited full sync: {rate:.1} MiB/s, ETA {eta} s, done in {took:?}");
+}
+
+/// `examples/node<id>.toml` with only its host paths moved into `dir` and
+/// the MSL interface renamed to the test topology's.
+fn example_config(dir: &Path, id: u16) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!(
+        "{}/../../examples/node{id}.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let d = format!("{}/", dir.display());
+    let text = text
+        .replace("/etc/msl/", &d)
+        .replace("/var/lib/msl/", &d)
+        .replace("/var/log/msl/", &d)
+        .replace("/run/msl/", &d)
+        .replace("\"a-msl\"", &format!("\"{IF_A}\""))
+        .replace("\"b-msl\"", &format!("\"{IF_B}\""));
+    let p = dir.join(format!("example{id}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn test_pair_from_example_configs_syncs_and_runs_notify_command() {
+    require_root();
+    require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("cluster.key"), "dd".repeat(32)).unwrap();
+    let script = d.join("notify.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$MSL_NODE $MSL_EVENT\" >> {}/notify.out\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let topo = Topology::new();
+    let start = |ns: &str, id: u16, first: bool| {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_msld"), "--config"])
+            .arg(example_config(d, id));
+        if first {
+            c.arg("--initial-primary");
+        }
+        let log = std::fs::File::create(d.join(format!("n{id}.console"))).unwrap();
+        Daemon(
+            c.stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _d1 = start(&topo.veth.ns_a, 1, true);
+    let _d2 = start(&topo.veth.ns_b, 2, false);
+    let st = |id: u16| {
+        let v = msl_daemon::control::request(
+            &d.join(format!("node{id}.sock")),
+            &serde_json::json!({"cmd": "status"}),
+        )
+        .ok()?;
+        (v["ok"] == true).then(|| v["status"].clone())
+    };
+    // The examples describe a 1 GiB volume: the first full sync moves it all.
+    let t0 = std::time::Instant::now();
+    wait("the example pair in sync", 120, || {
+        st(1).is_some_and(|s| s["in_sync"] == true && s["role"] == "primary")
+            && st(2).is_some_and(|s| s["in_sync"] == true && s["disk"] == "uptodate")
+    });
+    eprintln!(
+        "example pair: 1 GiB full sync done {:?} after start",
+        t0.elapsed()
+    );
+    qemu_io(&topo.veth.ns_b, &["write -P 0x6b 512M 1M", "flush"]);
+    // Compare the two 1 GiB files a MiB at a time.
+    use std::io::Read as _;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(d.join("node1.img")).unwrap(),
+        std::fs::File::open(d.join("node2.img")).unwrap(),
+    );
+    assert_eq!(fa.metadata().unwrap().len(), 1 << 30);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    for mib in 0..1024 {
+        fa.read_exact(&mut ba).unwrap();
+        fb.read_exact(&mut bb).unwrap();
+        assert!(ba == bb, "backing files differ in MiB {mib}");
+        if mib == 512 {
+            assert!(
+                ba.iter().all(|&x| x == 0x6b),
+                "the client's write is missing"
+            );
+        }
+    }
+    wait("the notification command ran", 10, || {
+        std::fs::read_to_string(d.join("notify.out"))
+            .is_ok_and(|t| t.contains("1 connected") && t.contains("2 resync_finished"))
+    });
 }
