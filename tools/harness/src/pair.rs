@@ -257,6 +257,30 @@ pub struct Pair {
     nodes: [Arc<NodeCtl>; 2],
 }
 
+/// Run directories are `<tmp>/msl-harness-<pid>-<random>`.
+const RUN_DIR_PREFIX: &str = "msl-harness-";
+
+/// Remove run directories left by harness processes that are gone (a
+/// SIGKILL skips the drop that removes them).
+fn sweep_stale_run_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(RUN_DIR_PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch (the clock msld stamps events with).
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -337,8 +361,9 @@ impl Pair {
         }
         let msld = binary("msld")?;
         let topo = Topology::create().map_err(|e| format!("building the topology: {e}"))?;
+        sweep_stale_run_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("msl-harness-")
+            .prefix(&format!("{RUN_DIR_PREFIX}{}-", std::process::id()))
             .tempdir()
             .map_err(|e| format!("creating a run directory: {e}"))?;
         std::fs::write(dir.path().join("cluster.key"), "5a".repeat(32))
