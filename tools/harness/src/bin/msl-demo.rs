@@ -34,6 +34,10 @@ struct Args {
     /// Client writes per second (0 = as fast as the pair acknowledges).
     #[arg(long, default_value_t = 1000)]
     client_rate: u32,
+    /// The client gives a silent server up after this long and reconnects
+    /// (a power loss or a dead LAN adapter sends no reset).
+    #[arg(long, default_value_t = 500)]
+    client_timeout_ms: u64,
 }
 
 /// Prints the narrative: steps, daemon events, a resync progress bar.
@@ -218,6 +222,7 @@ fn main() {
     let mut opts = ScenarioOptions::default();
     opts.pair.volume_bytes = args.volume_mib << 20;
     opts.client_writes_per_s = (args.client_rate > 0).then_some(args.client_rate);
+    opts.client_io_timeout = std::time::Duration::from_millis(args.client_timeout_ms.max(10));
     let intro = [
         "msl demo: two servers (network namespaces) mirrored over a dedicated link, one LAN switch",
         "",
