@@ -488,12 +488,16 @@ fn test_rate_limited_full_sync_shows_rate_and_eta() {
     let s = seen.unwrap();
     let r = &s["resync"];
     let rate = r["rate_mib_s"].as_f64().unwrap();
-    assert!(
-        (8.0..=24.0).contains(&rate),
-        "rate {rate} MiB/s, limit 16: {r}"
-    );
+    // Never above the cap (a little smoothing slack); below it only when
+    // the machine is busy (the tests run in parallel on 2 cores).
+    assert!(rate > 0.5 && rate <= 20.0, "rate {rate} MiB/s, cap 16: {r}");
+    // The ETA is what is left at the measured rate.
     let eta = u(&r["eta_s"]);
-    assert!((1..=8).contains(&eta), "ETA {eta} s: {r}");
+    let expect = u(&r["remaining_bytes"]) as f64 / (rate * 1048576.0);
+    assert!(
+        (eta as f64 - expect).abs() <= 1.0,
+        "ETA {eta} s, remaining/rate {expect:.1} s: {r}"
+    );
     assert!(
         u(&r["remaining_bytes"]) > 0 && u(&s["dirty_bytes"]) > 0,
         "{s}"
@@ -611,4 +615,51 @@ fn test_pair_from_example_configs_syncs_and_runs_notify_command() {
         std::fs::read_to_string(d.join("notify.out"))
             .is_ok_and(|t| t.contains("1 connected") && t.contains("2 resync_finished"))
     });
+}
+
+#[test]
+fn test_lan_failure_switchover_old_primary_exits_75_restarts_as_secondary_in_sync() {
+    require_root();
+    require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "ee".repeat(32)).unwrap();
+    let topo = Topology::switched();
+    let (mut d1, d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
+    qemu_io(&topo.veth.ns_b, &["write -P 0x1f 0 1M", "flush"]);
+    // The primary's only LAN adapter fails: the pair switches over (the
+    // secondary's LAN side works better) and the old primary restarts
+    // itself as secondary: exit 75.
+    ip(&["-n", &topo.veth.ns_a, "link", "set", "a-lan", "down"]);
+    wait("node 2 is primary", 15, || {
+        status(dir.path(), 2).is_some_and(|s| s["role"] == "primary")
+    });
+    let t = std::time::Instant::now();
+    let exit = loop {
+        if let Some(st) = d1.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "node 1 did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        exit.code(),
+        Some(75),
+        "exit code after a LAN-failure switchover"
+    );
+    // The adapter is repaired; systemd (Restart=always) starts msld again
+    // with the same command line. It must come back as a secondary and be
+    // in sync with the new primary.
+    ip(&["-n", &topo.veth.ns_a, "link", "set", "a-lan", "up"]);
+    d1 = start_daemon(dir.path(), &topo.veth.ns_a, 1, false);
+    wait("old primary back as an in-sync secondary", 30, || {
+        status(dir.path(), 1).is_some_and(|s| s["role"] == "secondary" && s["in_sync"] == true)
+            && status(dir.path(), 2).is_some_and(|s| s["in_sync"] == true)
+    });
+    qemu_io(
+        &topo.veth.ns_b,
+        &["read -P 0x1f 0 1M", "write -P 0x2e 1M 1M", "flush"],
+    );
+    let (a, b) = stop_and_read_images(dir.path(), &[&d1, &d2]);
+    assert!(a == b, "backing files differ after switchover and restart");
+    assert!(a[1 << 20..2 << 20].iter().all(|&x| x == 0x2e));
 }

@@ -12,9 +12,12 @@ use serde_json::{json, Value};
 
 /// The pair's two hosts: namespaces and the MSL veth pair come from the
 /// transport's `VethPair` (unique names, removed on drop, on signals, and
-/// swept after a SIGKILL); the LAN veth pair is added here.
+/// swept after a SIGKILL); the LAN is added here: a direct veth pair, or
+/// (`switched`) one veth per host into a bridge in a third namespace, so
+/// that one host's LAN adapter can fail alone.
 pub struct Topology {
     pub veth: VethPair,
+    pub switch: Option<msl_transport::netns::NetNs>,
 }
 
 pub fn ip(args: &[&str]) {
@@ -27,17 +30,43 @@ pub fn ip(args: &[&str]) {
 
 impl Topology {
     pub fn new() -> Topology {
+        Self::build(false)
+    }
+
+    pub fn switched() -> Topology {
+        Self::build(true)
+    }
+
+    fn build(switched: bool) -> Topology {
         let veth = VethPair::create(9000).expect("create the namespaces and the MSL veth pair");
         let (a, b) = (veth.ns_a.clone(), veth.ns_b.clone());
-        ip(&[
-            "link", "add", "a-lan", "netns", &a, "type", "veth", "peer", "name", "b-lan", "netns",
-            &b,
-        ]);
+        let switch = if switched {
+            let sw =
+                msl_transport::netns::NetNs::create("sw").expect("create the switch namespace");
+            let n = sw.name.as_str();
+            ip(&["-n", n, "link", "add", "br0", "type", "bridge"]);
+            for (ns, side) in [(&a, "a"), (&b, "b")] {
+                let (host_if, port) = (format!("{side}-lan"), format!("p{side}"));
+                ip(&[
+                    "link", "add", &host_if, "netns", ns, "type", "veth", "peer", "name", &port,
+                    "netns", n,
+                ]);
+                ip(&["-n", n, "link", "set", &port, "master", "br0", "up"]);
+            }
+            ip(&["-n", n, "link", "set", "br0", "up"]);
+            Some(sw)
+        } else {
+            ip(&[
+                "link", "add", "a-lan", "netns", &a, "type", "veth", "peer", "name", "b-lan",
+                "netns", &b,
+            ]);
+            None
+        };
         ip(&["-n", &a, "addr", "add", "10.77.1.1/24", "dev", "a-lan"]);
         ip(&["-n", &b, "addr", "add", "10.77.1.2/24", "dev", "b-lan"]);
         ip(&["-n", &a, "link", "set", "a-lan", "up"]);
         ip(&["-n", &b, "link", "set", "b-lan", "up"]);
-        Topology { veth }
+        Topology { veth, switch }
     }
 }
 
