@@ -2908,7 +2908,8 @@ impl<H: Payload> Node<H> {
             }
             return;
         }
-        while let Some((start, count)) = self.verify.next_chunk() {
+        let busy = self.now < self.last_write_us + self.cfg.resync_idle_us;
+        while let Some((start, count)) = self.verify.next_chunk(busy) {
             let io = self.next_io;
             self.next_io += 1;
             self.verify_reads.insert(io, (start, count, false));

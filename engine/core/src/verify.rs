@@ -16,11 +16,14 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-/// Blocks per VERIFY_REQ (1 MiB at 4 KiB blocks: one volume read).
+/// Blocks per VERIFY_REQ while clients are idle (1 MiB at 4 KiB blocks:
+/// one volume read).
 pub const CHUNK_BLOCKS: u32 = 256;
-/// Chunks in flight at once: verify takes at most this many slots of the
-/// reliable window, so client writes keep flowing.
+/// Chunks in flight at once while clients are idle.
 pub const MAX_IN_FLIGHT: usize = 2;
+/// While clients write: one small chunk at a time, so that the reads and
+/// hashing on both core threads come in short slices between writes.
+pub const BUSY_CHUNK_BLOCKS: u32 = 32;
 /// Differing block numbers kept for the report.
 pub const FIRST_DIFFERING: usize = 8;
 
@@ -101,16 +104,19 @@ impl VerifyRun {
         };
     }
 
-    /// The next chunk to request, if the run has room for one.
-    pub fn next_chunk(&mut self) -> Option<(u64, u32)> {
-        if !self.status.active
-            || self.in_flight.len() >= MAX_IN_FLIGHT
-            || self.next_block >= self.end_block
-        {
+    /// The next chunk to request, if the run has room for one. `busy`:
+    /// clients are writing (smaller chunks, one at a time).
+    pub fn next_chunk(&mut self, busy: bool) -> Option<(u64, u32)> {
+        let (chunk, max) = if busy {
+            (BUSY_CHUNK_BLOCKS, 1)
+        } else {
+            (CHUNK_BLOCKS, MAX_IN_FLIGHT)
+        };
+        if !self.status.active || self.in_flight.len() >= max || self.next_block >= self.end_block {
             return None;
         }
         let start = self.next_block;
-        let count = (self.end_block - start).min(u64::from(CHUNK_BLOCKS)) as u32;
+        let count = (self.end_block - start).min(u64::from(chunk)) as u32;
         self.next_block += u64::from(count);
         self.in_flight.insert(
             start,
@@ -199,7 +205,7 @@ mod tests {
         let mut seen = 0;
         while r.status.active {
             let mut chunks = Vec::new();
-            while let Some(c) = r.next_chunk() {
+            while let Some(c) = r.next_chunk(false) {
                 chunks.push(c);
             }
             assert!(chunks.len() <= MAX_IN_FLIGHT);
@@ -233,14 +239,28 @@ mod tests {
         let mut r = VerifyRun::default();
         r.start(10, 5, 12);
         assert_eq!(r.status.total_blocks, 2, "clipped to the volume");
-        let (s, c) = r.next_chunk().unwrap();
+        let (s, c) = r.next_chunk(false).unwrap();
         assert_eq!((s, c), (10, 2));
         assert!(!r.remote(11, 2, &[0; 16]), "no such chunk");
         assert!(!r.remote(10, 2, &[0; 8]), "short digest list");
         r.abort("session ended");
         assert!(!r.status.active);
         assert_eq!(r.status.aborted, Some("session ended"));
-        assert!(r.next_chunk().is_none());
+        assert!(r.next_chunk(false).is_none());
+    }
+
+    #[test]
+    fn test_verify_busy_clients_get_small_chunks_one_at_a_time() {
+        let mut r = VerifyRun::default();
+        r.start(0, 1000, 1000);
+        assert_eq!(r.next_chunk(true), Some((0, BUSY_CHUNK_BLOCKS)));
+        assert_eq!(r.next_chunk(true), None, "one at a time while busy");
+        assert_eq!(
+            r.next_chunk(false),
+            Some((32, CHUNK_BLOCKS)),
+            "idle: room for a second"
+        );
+        assert_eq!(r.next_chunk(false), None);
     }
 
     #[test]
