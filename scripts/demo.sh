@@ -9,6 +9,6 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "demo.sh: run as root (network namespaces, raw sockets): sudo bash scripts/demo.sh" >&2
     exit 2
 fi
-bash scripts/setup.sh
-cargo build --release --bin msld --bin mslctl --bin msl-demo
+bash scripts/setup.sh >&2   # keep stdout for msl-demo (--json lines)
+cargo build --release --bin msld --bin mslctl --bin msl-demo >&2
 exec target/release/msl-demo "$@"
