@@ -69,26 +69,60 @@ pub fn start_nbd(
     Ok(counters)
 }
 
+/// How often the holder re-announces the service address. A client whose
+/// ARP entry still points at the other server (a split brain resolved on
+/// reconnect, a lost announcement) is corrected within this interval.
+pub const GARP_REFRESH: Duration = Duration::from_secs(1);
+
 /// Holds the service address on the primary: add + gratuitous ARP when
-/// the core says hold, remove when it says release.
+/// the core says hold (and again every [`GARP_REFRESH`] while held), remove
+/// when it says release.
 pub struct ServiceHost {
     ifname: String,
     ip: IpAddr,
     prefix: u8,
+    held: Arc<AtomicBool>,
 }
 
 impl ServiceHost {
+    /// A starting msld holds nothing until its core says so: an address left
+    /// on the interface by a killed predecessor (the kernel keeps it) is
+    /// removed here, or a restarted secondary would answer ARP for it.
     pub fn new(ifname: &str, ip: IpAddr, prefix: u8) -> Self {
+        if msl_netcfg::has_address(ifname, ip).unwrap_or(false) {
+            match msl_netcfg::remove_address(ifname, ip, prefix) {
+                Ok(()) => eprintln!(
+                    "msld: removed the service address {ip}/{prefix} from {ifname}, left by an earlier run"
+                ),
+                Err(e) => eprintln!(
+                    "msld: service address {ip}/{prefix} on {ifname} left by an earlier run; removing it failed: {e}"
+                ),
+            }
+        }
+        let held = Arc::new(AtomicBool::new(false));
+        if let IpAddr::V4(v4) = ip {
+            let (ifname, held) = (ifname.to_string(), held.clone());
+            let _ = std::thread::Builder::new()
+                .name("msl-garp".into())
+                .spawn(move || loop {
+                    std::thread::sleep(GARP_REFRESH);
+                    if held.load(Ordering::Relaxed) {
+                        let _ = msl_netcfg::send_gratuitous_arp(&ifname, v4, 1);
+                    }
+                });
+        }
         ServiceHost {
             ifname: ifname.to_string(),
             ip,
             prefix,
+            held,
         }
     }
 }
 
 impl Host for ServiceHost {
     fn service_address(&mut self, hold: bool) {
+        self.held.store(hold, Ordering::Relaxed);
         let r = if hold {
             let r = msl_netcfg::add_address(&self.ifname, self.ip, self.prefix);
             if let (Ok(()), IpAddr::V4(v4)) = (&r, self.ip) {
