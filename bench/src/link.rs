@@ -592,3 +592,24 @@ fn print_table(rows: &[Row], mode: &str, secs: u64, mtu: usize) {
         );
     }
 }
+
+/// Streaming payload capacity of an existing link on one backend (4 KiB
+/// blocks with reliable delivery, `msl-bench link`'s defaults): the ceiling
+/// a resync over that link could reach. In Gbit/s of block payload.
+pub fn stream_capacity_gbit_s(ends: &Ends, backend: &str, seconds: u64) -> io::Result<f64> {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        a: LinkArgs,
+    }
+    let args = <Defaults as clap::Parser>::parse_from(["link"]).a;
+    let kind = parse_kind(backend)?;
+    let row = run_backend(&args, ends, kind, XdpMode::Generic, seconds.max(1))?;
+    if row.verified_blocks == 0 {
+        return Err(io::Error::other(format!(
+            "{backend}: no block verified ({})",
+            row.note
+        )));
+    }
+    Ok(row.payload_gbit_s)
+}

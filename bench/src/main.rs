@@ -10,12 +10,15 @@
 //! `msl-bench nbd` runs the same fio jobs (nbd engine) against a mirrored
 //! msld pair, the same primary degraded, nbdkit and qemu-nbd, all reached
 //! from the client host over the same bridge, and prints medians side by
-//! side with the ratios against the goals.
+//! side with the ratios against the goals. `msl-bench resync` measures
+//! the idle-cycles goals: client throughput during a resync, and the resync
+//! rate with clients idle against the link's raw capacity.
 
 mod chart;
 mod fio;
 mod link;
 mod nbd;
+mod resync;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +37,10 @@ enum Cmd {
     /// fio against msl (mirrored and degraded), nbdkit and qemu-nbd over
     /// the same LAN path. Needs root, fio, nbdkit, qemu-nbd, nbdinfo.
     Nbd(nbd::NbdArgs),
+    /// Idle cycles: client throughput before and during a full resync, and
+    /// the resync's rate with clients idle against the link's raw
+    /// capacity. Needs root.
+    Resync(resync::ResyncArgs),
     /// Serve a file with msl's own NBD server (msl-nbd's FileBackend,
     /// unreplicated): the `msl-nbd-file` server of `msl-bench nbd`.
     #[command(hide = true)]
@@ -46,6 +53,7 @@ fn main() {
         Cmd::Link(a) => link::run(a).map_err(|e| e.to_string()),
         Cmd::Nbd(a) => nbd::run(a),
         Cmd::ServeFile(a) => nbd::serve_file(a),
+        Cmd::Resync(a) => resync::run(a),
     };
     if let Err(e) = r {
         eprintln!("msl-bench: {e}");

@@ -20,7 +20,7 @@ use crate::fio::{self, command_in, JobSpec, Proc, Sample};
 
 /// The anchors listen on the primary's LAN address.
 const ANCHOR_IP: &str = msl_harness::topology::LAN_A;
-const MSL_PORT: u16 = 10809;
+pub const MSL_PORT: u16 = 10809;
 const NBDKIT_PORT: u16 = 10810;
 const QEMU_PORT: u16 = 10811;
 const MSL_NBD_FILE_PORT: u16 = 10812;
@@ -169,6 +169,27 @@ impl Server {
         };
         format!("nbd://{ip}:{port}/")
     }
+}
+
+/// Progress lines on stderr (`msl-bench CMD: ...`), silent with --json.
+pub fn narrator(cmd: &'static str, quiet: bool) -> impl Fn(&str) {
+    move |m: &str| {
+        if !quiet {
+            eprintln!("msl-bench {cmd}: {m}");
+        }
+    }
+}
+
+/// An msl pair (not started) serving NBD on the service address, port
+/// 10809. It owns the topology and the run directory: removed on drop, and
+/// the namespaces on SIGINT/SIGTERM too.
+pub fn new_pair(volume_bytes: u64, backend: &str) -> Result<Pair, String> {
+    Pair::new(PairOptions {
+        volume_bytes,
+        nbd_port: MSL_PORT,
+        backend: backend.to_string(),
+        ..PairOptions::default()
+    })
 }
 
 /// Start an anchor in namespace `ns` serving `file` on the LAN address.
@@ -350,19 +371,8 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
     let with_msl = servers
         .iter()
         .any(|s| matches!(s, Server::Msl | Server::MslDegraded));
-    let say = |m: &str| {
-        if !args.json {
-            eprintln!("msl-bench nbd: {m}");
-        }
-    };
-    // The pair owns the topology and the run directory (removed on drop,
-    // and the namespaces on SIGINT/SIGTERM too).
-    let pair = Pair::new(PairOptions {
-        volume_bytes: args.size,
-        nbd_port: MSL_PORT,
-        backend: args.backend.clone(),
-        ..PairOptions::default()
-    })?;
+    let say = narrator("nbd", args.json);
+    let pair = new_pair(args.size, &args.backend)?;
     let server_ns = pair.topo.server_ns(1).to_string();
     let client_ns = pair.topo.client_ns().to_string();
     let mut anchors: Vec<Proc> = Vec::new();

@@ -1,0 +1,267 @@
+//! `msl-bench resync`: the "idle cycles" measurement (issue 5).
+//!
+//! (a) Clients writing steadily through the service address (msl-harness's
+//! NBD workload from the client host): their throughput before a resync,
+//! then while the secondary is fully resynced (`invalidate` on it), with the
+//! resync's progress. Goal: during / before >= 80 %, and the resync
+//! progresses.
+//! (b) Clients idle: the same full resync's rate against the MSL link's raw
+//! capacity, measured in the same run on the same veth pair before msld
+//! starts (`msl-bench link`'s streaming of 4 KiB blocks with reliable
+//! delivery). Goal: >= 80 %.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use msl_harness::measure::{resync, resync_idle, ResyncRun, ResyncTrigger};
+use msl_harness::workload::{Workload, WorkloadOptions};
+use msl_harness::{unix_ms, SERVICE_IP};
+use msl_transport::pair::Ends;
+use serde_json::json;
+
+use crate::nbd::{narrator, new_pair, parse_size, MSL_PORT as NBD_PORT};
+/// Goals of issue 5.
+const GOAL_UNDER_LOAD: f64 = 0.8;
+const GOAL_IDLE: f64 = 0.8;
+
+#[derive(Args, Debug, Clone)]
+pub struct ResyncArgs {
+    /// Volume size, e.g. 256M, 1G.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: u64,
+    /// MSL backend of the pair (auto, afxdp, afpacket); also the backend
+    /// whose raw capacity is measured.
+    #[arg(long, default_value = "afpacket")]
+    pub backend: String,
+    /// Client connections of the steady load (queue depth 1 each).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Writes per second per connection (0: as fast as the pair answers).
+    #[arg(long, default_value_t = 500)]
+    pub rate: u32,
+    /// Seconds of load measured before the resync.
+    #[arg(long, default_value_t = 5)]
+    pub before: u64,
+    /// Seconds of raw link streaming for the capacity figure.
+    #[arg(long, default_value_t = 3)]
+    pub link_seconds: u64,
+    /// Bound on each resync, seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// One JSON object per line (one per measurement).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Whether the progress samples show the resync moving forward: at least
+/// two samples, never going back, and more done at the end than at the start.
+pub fn progressed(run: &ResyncRun) -> bool {
+    let p = &run.progress;
+    p.len() >= 2
+        && p.windows(2).all(|w| w[1].done_blocks >= w[0].done_blocks)
+        && p[p.len() - 1].done_blocks > p[0].done_blocks
+}
+
+fn mib_s_of_gbit_s(g: f64) -> f64 {
+    g * 1e9 / 8.0 / (1u64 << 20) as f64
+}
+
+pub fn run(a: ResyncArgs) -> Result<(), String> {
+    let say = narrator("resync", a.json);
+    let pair = new_pair(a.size, &a.backend)?;
+    // (b)'s ceiling first, while no msld holds the MSL interfaces.
+    let raw_backend = match a.backend.as_str() {
+        "auto" => "afxdp",
+        b => b,
+    };
+    say(&format!(
+        "raw capacity of the MSL veth ({raw_backend}, {} s)",
+        a.link_seconds
+    ));
+    let ends: Ends = (&pair.topo.veth).into();
+    let link_gbit = crate::link::stream_capacity_gbit_s(&ends, raw_backend, a.link_seconds)
+        .map_err(|e| format!("link capacity: {e}"))?;
+    let link_mib_s = mib_s_of_gbit_s(link_gbit);
+    say(&format!(
+        "link: {link_gbit:.2} Gbit/s = {link_mib_s:.0} MiB/s"
+    ));
+    say("starting the pair (initial full sync)");
+    pair.start_both()?;
+    pair.wait_in_sync(1, Duration::from_secs(a.timeout))?;
+    let timeout = Duration::from_secs(a.timeout);
+
+    // (b) clients idle: a full resync.
+    say("idle: invalidate the secondary, full resync");
+    let idle = resync_idle(&pair, 1, ResyncTrigger::Invalidate, timeout)?;
+    let idle_ratio = idle.mib_s / link_mib_s;
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "measure": "resync_idle",
+                "resync_mib_s": idle.mib_s,
+                "resync_s": idle.resync_s,
+                "resync_blocks": idle.blocks,
+                "link_backend": raw_backend,
+                "link_mib_s": link_mib_s,
+                "ratio": idle_ratio,
+                "goal": GOAL_IDLE,
+                "progressed": progressed(&idle),
+            })
+        );
+    } else {
+        println!(
+            "(b) resync with clients idle: {} blocks in {:.1} s = {:.1} MiB/s; link ({raw_backend}) \
+             {:.0} MiB/s; {:.0} % (goal >= {:.0} %) {}",
+            idle.blocks,
+            idle.resync_s,
+            idle.mib_s,
+            link_mib_s,
+            idle_ratio * 100.0,
+            GOAL_IDLE * 100.0,
+            verdict(idle_ratio >= GOAL_IDLE)
+        );
+    }
+    pair.wait_in_sync(1, timeout)?;
+
+    // (a) steady load, then the same resync under it.
+    let addr: SocketAddr = format!("{SERVICE_IP}:{NBD_PORT}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let mut wo = WorkloadOptions::new(addr);
+    wo.first_block = 0;
+    wo.blocks = a.size / 4096;
+    wo.connections = a.connections.max(1);
+    wo.max_writes_per_s = (a.rate > 0).then_some(a.rate);
+    let wl = Workload::start(pair.topo.client_ns(), wo)?;
+    wl.wait_acks(100, Duration::from_secs(20))?;
+    let load = if a.rate > 0 {
+        format!("{} connections at {} writes/s each", a.connections, a.rate)
+    } else {
+        format!("{} connections unpaced", a.connections)
+    };
+    say(&format!(
+        "under load ({load}): {} s before, then invalidate + full resync",
+        a.before
+    ));
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(a.before));
+    let before_mib_s = wl.mib_s_between(t0, Instant::now());
+    let since = unix_ms();
+    let t1 = Instant::now();
+    let run = resync(&pair, 1, ResyncTrigger::Invalidate, timeout);
+    let t2 = Instant::now();
+    let (during_mib_s, finished) = match &run {
+        Ok(r) => (wl.mib_s_between(r.seen_start, r.seen_end), true),
+        Err(e) => {
+            say(&format!(
+                "the resync under load did not finish: {}",
+                first_line(e)
+            ));
+            (wl.mib_s_between(t1, t2), false)
+        }
+    };
+    let report = wl.stop();
+    // A resync that restarts (the session dropped) starts again from the top.
+    let starts = pair
+        .events()
+        .iter()
+        .filter(|e| e.node == 1 && e.kind == "resync_started" && e.ts_ms >= since)
+        .count();
+    let ratio = if before_mib_s > 0.0 {
+        during_mib_s / before_mib_s
+    } else {
+        0.0
+    };
+    let (rs_mib_s, rs_s, rs_blocks, moved) = match &run {
+        Ok(r) => (r.mib_s, r.resync_s, r.blocks, progressed(r)),
+        Err(_) => (0.0, t2.duration_since(t1).as_secs_f64(), 0, false),
+    };
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "measure": "resync_under_load",
+                "before_mib_s": before_mib_s,
+                "during_mib_s": during_mib_s,
+                "ratio": ratio,
+                "goal": GOAL_UNDER_LOAD,
+                "finished": finished,
+                "resync_starts": starts,
+                "resync_mib_s": rs_mib_s,
+                "resync_s": rs_s,
+                "resync_blocks": rs_blocks,
+                "progressed": moved,
+                "load": load,
+                "client_errors": report.errors,
+            })
+        );
+    } else {
+        println!(
+            "(a) resync under load ({load}): clients {before_mib_s:.2} MiB/s before, \
+             {during_mib_s:.2} MiB/s during = {:.0} % (goal >= {:.0} %) {}",
+            ratio * 100.0,
+            GOAL_UNDER_LOAD * 100.0,
+            verdict(ratio >= GOAL_UNDER_LOAD && finished)
+        );
+        if finished {
+            println!(
+                "    resync meanwhile: {rs_blocks} blocks in {rs_s:.1} s = {rs_mib_s:.1} MiB/s; \
+                 progressed: {}; started {starts} time(s)",
+                if moved { "yes" } else { "NO" }
+            );
+        } else {
+            println!(
+                "    resync did NOT finish within {:.0} s: started {starts} time(s) (each session \
+                 drop restarts it); client errors {}",
+                rs_s, report.errors
+            );
+        }
+    }
+    Ok(())
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msl_harness::measure::Progress;
+
+    fn run_of(done: &[u64]) -> ResyncRun {
+        ResyncRun {
+            resync_s: 1.0,
+            blocks: 10,
+            mib_s: 1.0,
+            progress: done
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| Progress {
+                    at_s: i as f64 * 0.1,
+                    done_blocks: d,
+                    total_blocks: 100,
+                })
+                .collect(),
+            seen_start: Instant::now(),
+            seen_end: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn test_progress_must_move_forward() {
+        assert!(progressed(&run_of(&[0, 10, 10, 40])));
+        assert!(!progressed(&run_of(&[5, 5, 5])));
+        assert!(!progressed(&run_of(&[0, 30, 20, 40])));
+        assert!(!progressed(&run_of(&[7])));
+        assert!(!progressed(&run_of(&[])));
+    }
+
+    #[test]
+    fn test_gbit_to_mib() {
+        assert!((mib_s_of_gbit_s(8.0) - 953.674).abs() < 0.01);
+    }
+}
