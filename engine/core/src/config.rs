@@ -44,6 +44,13 @@ pub struct Config {
     /// Resync reads in flight while clients write (the floor that keeps a
     /// resync moving under load, like DRBD's c-min-rate).
     pub resync_min_in_flight: usize,
+    /// Resync rate floor while clients write, bytes per second (DRBD's
+    /// c-min-rate): under load the resync reads at least this fast (and
+    /// keeps `resync_min_in_flight` blocks moving); when clients are idle
+    /// it uses the whole link. 0 = only the in-flight floor. Default
+    /// 10 MiB/s: a 64 MiB backlog catches up in under 7 s under load while
+    /// taking a few percent of a 1 GbE-class link from clients.
+    pub resync_min_bytes_per_s: u64,
     /// Clients count as idle after this long without a write.
     pub resync_idle_us: u64,
     /// Flush both sides after this long with unstable hot extents.
@@ -82,6 +89,7 @@ impl Config {
             resync_max_in_flight: 64,
             resync_max_bytes_per_s: 0,
             resync_min_in_flight: 1,
+            resync_min_bytes_per_s: 10 << 20,
             resync_idle_us: 20_000,
             stabilize_interval_us: 200_000,
             switchover_debounce_us: 300_000,
@@ -161,6 +169,16 @@ impl Config {
             self.resync_min_in_flight as u64,
             1,
             self.resync_max_in_flight as u64,
+        )?;
+        range(
+            "resync_min_bytes_per_s",
+            self.resync_min_bytes_per_s,
+            0,
+            if self.resync_max_bytes_per_s == 0 {
+                u64::MAX
+            } else {
+                self.resync_max_bytes_per_s
+            },
         )?;
         range("resync_idle_us", self.resync_idle_us, 0, 10_000_000)?;
         range(

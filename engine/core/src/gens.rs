@@ -82,6 +82,10 @@ pub enum Rule {
     DivergedFromHistory,
     /// Peer's data is an ancestor of local data (no bitmap for it).
     PeerInHistory,
+    /// Peer's data is one of our past generations, at or after the one our
+    /// change tracking started from (a target finished a resync the source
+    /// never heard of, and the source went on writing).
+    PeerBehindBitmap,
     Unrelated,
 }
 
@@ -98,6 +102,7 @@ impl Rule {
             Rule::BothChangedSinceBitmap => "split-brain-both-changed",
             Rule::DivergedFromHistory => "split-brain-diverged-from-history",
             Rule::PeerInHistory => "peer-in-history",
+            Rule::PeerBehindBitmap => "peer-behind-bitmap",
             Rule::Unrelated => "unrelated-data",
         }
     }
@@ -195,6 +200,15 @@ fn decide_ordered(a: &SideView, b: &SideView) -> Decision {
     if gb.bitmap != 0 && gb.bitmap == ga.current {
         return d(TargetBitmap, Rule::PeerAtBitmap);
     }
+    // A target finished its resync (adopted the source's generation, no
+    // writes of its own since: no bitmap) but the source never learned it
+    // and moved on, tracking changes since an older generation.
+    if tracked_since(a, b) {
+        return d(SourceBitmap, Rule::PeerBehindBitmap);
+    }
+    if tracked_since(b, a) {
+        return d(TargetBitmap, Rule::PeerBehindBitmap);
+    }
     if in_history(ga, gb.bitmap) || in_history(gb, ga.bitmap) {
         return d(SplitBrain, Rule::DivergedFromHistory);
     }
@@ -205,6 +219,23 @@ fn decide_ordered(a: &SideView, b: &SideView) -> Decision {
         return d(TargetFull, Rule::PeerInHistory);
     }
     d(Unrelated, Rule::Unrelated)
+}
+
+/// `x`'s change tracking covers everything since `y`'s current generation:
+/// `y` never wrote on its own since (no bitmap generation), `y`'s current is
+/// in `x`'s history, and `x`'s bitmap generation is that one or older (a
+/// bitmap generation that left the history is older than all of it).
+fn tracked_since(x: &SideView, y: &SideView) -> bool {
+    let (gx, gy) = (&x.gens, &y.gens);
+    if gx.bitmap == 0 || gy.bitmap != 0 || gy.current == 0 {
+        return false;
+    }
+    let pos = |id: u64| gx.history.iter().position(|&h| h == id);
+    match (pos(gy.current), pos(gx.bitmap)) {
+        (Some(peer), Some(bitmap)) => peer <= bitmap,
+        (Some(_), None) => true,
+        _ => false,
+    }
 }
 
 /// Start a new generation: the old current goes to history; if change
@@ -260,6 +291,27 @@ mod tests {
             decide(&p, &s),
             d(Strategy::TargetBitmap, Rule::PeerAtBitmap)
         );
+    }
+
+    #[test]
+    fn test_target_finished_resync_source_missed_it_bitmap_resync() {
+        // P tracked since G1 and resynced S to G2; S finished (G2, no
+        // bitmap) but P lost S before hearing it and moved on to G3, G4
+        // (msl-sim seed 452). S wrote nothing of its own: bitmap resync.
+        let p = side(1, 4, 1, [3, 2, 1, 0]);
+        let s = side(2, 2, 0, [1, 0, 0, 0]);
+        let want = d(Strategy::SourceBitmap, Rule::PeerBehindBitmap);
+        assert_eq!(decide(&p, &s), want);
+        assert_eq!(decide(&s, &p), d(Strategy::TargetBitmap, want.rule));
+        // P's tracking started after G2: its map does not cover S's gap.
+        let p_late = side(1, 4, 3, [3, 2, 1, 0]);
+        assert_eq!(
+            decide(&p_late, &s),
+            d(Strategy::SourceFull, Rule::PeerInHistory)
+        );
+        // S wrote on its own since G2 (it has a bitmap): still split brain.
+        let s_wrote = side(2, 5, 2, [2, 1, 0, 0]);
+        assert_eq!(decide(&p, &s_wrote).strategy, Strategy::SplitBrain);
     }
 
     #[test]

@@ -30,6 +30,7 @@ use msl_wire::{
     MAX_ADAPTERS,
 };
 
+use crate::bitmap::Bitmap;
 use crate::config::{Config, WriteMode};
 use crate::gens::{self, Decision, Rule, SideView, Strategy};
 use crate::meta::{Image, Meta};
@@ -485,9 +486,15 @@ struct Session<H> {
     resync_cursor: u64,
     resync_reads: BTreeMap<IoId, (u64, bool)>, // io -> (block, cancelled)
     resync_sent: VecDeque<(u64, u64)>,         // (seq, block) awaiting stable
+    /// Blocks in `resync_reads` or `resync_sent` (sized when the resync
+    /// starts): one bit test instead of scanning both per block.
+    resync_busy: Bitmap,
     resync_done_seq: Option<u64>,
     resync_blocks_sent: u64,
     last_progress_us: Micros,
+    /// Target side: blocks written during the resync, by sequence number,
+    /// whose dirty bits clear once a flush covering them completes.
+    target_unflushed: VecDeque<(u64, u64, u64)>, // (seq, block, count)
     /// Mirrored write seq -> wid (for peer stability of AL extents).
     mirror_wids: VecDeque<(u64, u64)>,
     /// A handover (switchover) was sent at this seq.
@@ -653,9 +660,30 @@ pub struct Node<H> {
     /// Resync pacing (`resync_max_bytes_per_s`): the next resync read may
     /// start at this time.
     resync_next_us: Micros,
+    /// Resync floor under client load (`resync_min_bytes_per_s`): a resync
+    /// read beyond `resync_min_in_flight` may start at this time.
+    resync_floor_us: Micros,
+    /// Dirty bits cleared in memory since the last metadata write, and when
+    /// that write was: resync progress is persisted at most once per
+    /// `BITMAP_PERSIST_INTERVAL_US`, so a crash resumes from there.
+    bitmap_unpersisted: bool,
+    bitmap_persisted_us: Micros,
 
     pub counters: Counters,
 }
+
+/// Token-bucket pacing: the next start time after spending one block of
+/// `bs` bytes at `rate` bytes per second; up to 10 ms of unused budget may
+/// be spent at once.
+fn pace(next: Micros, now: Micros, bs: u64, rate: u64) -> Micros {
+    next.max(now.saturating_sub(10_000)) + (bs * 1_000_000).div_ceil(rate)
+}
+
+/// How often resync progress (cleared dirty bits) is written to the
+/// metadata during a resync, on the source and on the target (DRBD writes
+/// its bitmap out lazily in the same way). Bounded cost: one metadata write
+/// per second at most; a crash repeats at most one second of resync.
+pub const BITMAP_PERSIST_INTERVAL_US: Micros = 1_000_000;
 
 impl<H: Payload> Node<H> {
     /// Start a node from its metadata (as loaded from disk, or created).
@@ -734,6 +762,9 @@ impl<H: Payload> Node<H> {
             verify_notified: 0,
             verify_resync: false,
             resync_next_us: 0,
+            resync_floor_us: 0,
+            bitmap_unpersisted: false,
+            bitmap_persisted_us: now,
             counters: Counters::default(),
         };
         node.persist();
@@ -860,6 +891,9 @@ impl<H: Payload> Node<H> {
                 if self.cfg.resync_max_bytes_per_s > 0 {
                     at(self.resync_next_us);
                 }
+                if self.cfg.resync_min_bytes_per_s > 0 {
+                    at(self.resync_floor_us);
+                }
             }
         }
         t
@@ -929,6 +963,8 @@ impl<H: Payload> Node<H> {
     }
 
     fn persist(&mut self) {
+        self.bitmap_unpersisted = false;
+        self.bitmap_persisted_us = self.now;
         self.meta.role = self.role;
         self.meta.al = self.al.iter().map(|s| s.extent).collect();
         self.counters.meta_writes += 1;
@@ -1518,9 +1554,11 @@ impl<H: Payload> Node<H> {
             resync_cursor: 0,
             resync_reads: BTreeMap::new(),
             resync_sent: VecDeque::new(),
+            resync_busy: Bitmap::new(0),
             resync_done_seq: None,
             resync_blocks_sent: 0,
             last_progress_us: self.now,
+            target_unflushed: VecDeque::new(),
             mirror_wids: VecDeque::new(),
             handover_seq: None,
         };
@@ -1729,7 +1767,9 @@ impl<H: Payload> Node<H> {
                 break;
             }
             s.resync_sent.pop_front();
+            s.resync_busy.clear(block);
             self.meta.dirty.clear(block);
+            self.bitmap_unpersisted = true;
         }
         self.after_peer_progress();
     }
@@ -1822,7 +1862,9 @@ impl<H: Payload> Node<H> {
             }
             if let Message::ResyncData(_) = msg {
                 if let Some(s) = self.session.as_mut() {
-                    if let Some(e) = s.resync_sent.iter_mut().find(|e| e.0 == u64::MAX) {
+                    // Unnumbered entries are the tail, in send order.
+                    let first = s.resync_sent.partition_point(|e| e.0 != u64::MAX);
+                    if let Some(e) = s.resync_sent.get_mut(first) {
                         e.0 = seq;
                     }
                 }
@@ -2136,6 +2178,7 @@ impl<H: Payload> Node<H> {
             let total = self.meta.dirty.count();
             s.resync_total = total;
             s.resync_cursor = 0;
+            s.resync_busy = Bitmap::new(self.cfg.volume_blocks);
             s.phase = Phase::Source;
             self.persist();
             self.notify(Notice::ResyncStarted {
@@ -2495,11 +2538,9 @@ impl<H: Payload> Node<H> {
             if let Some(s) = self.session.as_mut() {
                 if let Some((block, count)) = s.applying.remove(&seq) {
                     if s.phase == Phase::Target {
-                        for b in block..block + count {
-                            // Cleared in memory; the persisted map stays a
-                            // superset until the next stable point.
-                            self.meta.dirty.clear(b);
-                        }
+                        // Clean once a flush covering it completes.
+                        let at = s.target_unflushed.partition_point(|e| e.0 < seq);
+                        s.target_unflushed.insert(at, (seq, block, count));
                     }
                 }
             }
@@ -2512,8 +2553,17 @@ impl<H: Payload> Node<H> {
                     s.flush_in_flight = None;
                     s.stable = s.stable.max(fseq);
                     s.ack_pending = true;
-                    if s.phase == Phase::Target {
-                        self.persist();
+                    // Blocks written up to the flush point are stable here:
+                    // their bits clear (persisted by `persist_progress`).
+                    while let Some(&(seq, block, count)) = s.target_unflushed.front() {
+                        if seq > s.stable {
+                            break;
+                        }
+                        s.target_unflushed.pop_front();
+                        for b in block..block + count {
+                            self.meta.dirty.clear(b);
+                        }
+                        self.bitmap_unpersisted = true;
                     }
                     self.run_apply_queue();
                 }
@@ -2556,6 +2606,7 @@ impl<H: Payload> Node<H> {
         };
         if cancelled || s.phase != Phase::Source {
             // A client wrote this block meanwhile; read it again later.
+            s.resync_busy.clear(block);
             s.resync_cursor = s.resync_cursor.min(block);
             return;
         }
@@ -2581,6 +2632,7 @@ impl<H: Payload> Node<H> {
         self.pump_resync();
         self.flush_backlog();
         self.stabilize_target();
+        self.persist_progress();
         if let Some(s) = self.session.as_mut() {
             if s.ack_pending {
                 s.ack_pending = false;
@@ -2614,6 +2666,19 @@ impl<H: Payload> Node<H> {
         }
     }
 
+    /// Resync progress reaches the metadata at most once per
+    /// `BITMAP_PERSIST_INTERVAL_US`: a bit cleared in memory was cleared
+    /// only once its block is stable on the target, so the persisted map is
+    /// always a superset of what really differs.
+    fn persist_progress(&mut self) {
+        if self.bitmap_unpersisted
+            && !self.failed
+            && self.now >= self.bitmap_persisted_us + BITMAP_PERSIST_INTERVAL_US
+        {
+            self.persist();
+        }
+    }
+
     /// Secondary: flush periodically so the primary's AL can cool and
     /// resync bits can clear.
     fn stabilize_target(&mut self) {
@@ -2631,7 +2696,11 @@ impl<H: Payload> Node<H> {
         if s.flush_in_flight.is_some() {
             return;
         }
-        if now >= s.last_flush_us + interval {
+        // Periodic, and after `2 * window` applied frames: a bulk stream
+        // (resync) then gets its stable points, and bits clear, without
+        // waiting for the timer.
+        let bulk = 2 * self.cfg.window as u64;
+        if now >= s.last_flush_us + interval || s.applied >= s.stable + bulk {
             s.flush_wanted = true;
         }
         if s.flush_wanted && s.applying.is_empty() {
@@ -2648,12 +2717,9 @@ impl<H: Payload> Node<H> {
     fn pump_resync(&mut self) {
         let idle =
             self.now >= self.last_write_us + self.cfg.resync_idle_us && self.pending.is_empty();
-        let budget = if idle {
-            self.cfg.resync_max_in_flight
-        } else {
-            self.cfg.resync_min_in_flight
-        };
+        let (min, max) = (self.cfg.resync_min_in_flight, self.cfg.resync_max_in_flight);
         let window = self.cfg.window;
+        let bs = u64::from(self.cfg.block_size);
         loop {
             let Some(s) = self.session.as_mut() else {
                 return;
@@ -2662,18 +2728,24 @@ impl<H: Payload> Node<H> {
                 return;
             }
             // Pace by blocks read or sent but not yet applied by the target.
-            // Under client load only the floor (`resync_min_in_flight`) runs,
-            // so the resync keeps moving but client writes go first.
+            // Under client load only the floor runs (`resync_min_in_flight`
+            // blocks, and `resync_min_bytes_per_s`), so the resync keeps
+            // moving but client writes go first.
             let applied_upto = s.peer_applied;
             let unapplied = s.resync_sent.len()
                 - s.resync_sent
                     .partition_point(|&(seq, _)| seq <= applied_upto);
             let outstanding = s.resync_reads.len() + unapplied;
             let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
-            if outstanding >= budget
-                || (congested && outstanding >= self.cfg.resync_min_in_flight)
-                || s.resync_sent.len() >= window * 4
-            {
+            let floor_due = self.cfg.resync_min_bytes_per_s > 0 && self.now >= self.resync_floor_us;
+            let may = if idle {
+                outstanding < max && !(congested && outstanding >= min)
+            } else {
+                outstanding < min || (floor_due && outstanding < max)
+            };
+            // Sent blocks wait for the target's next stable point (it
+            // flushes every `2 * window` applied frames under bulk input).
+            if !may || s.resync_sent.len() >= window * 16 {
                 break;
             }
             let Some(block) = self.meta.dirty.next_set(s.resync_cursor) else {
@@ -2700,23 +2772,25 @@ impl<H: Payload> Node<H> {
                 .pending
                 .values()
                 .any(|p| block >= p.block && block < p.block + p.count);
-            if busy
-                || s.resync_sent.iter().any(|&(_, b)| b == block)
-                || s.resync_reads.values().any(|&(b, _)| b == block)
-            {
+            if busy || s.resync_busy.get(block) {
                 s.resync_cursor = block + 1;
                 continue;
             }
             // Rate limit: each block costs block_size / rate seconds; up
             // to 10 ms of unused budget may be spent at once.
+            let now = self.now;
             let rate = self.cfg.resync_max_bytes_per_s;
             if rate > 0 {
-                let now = self.now;
                 if now < self.resync_next_us {
                     break;
                 }
-                let cost = (u64::from(self.cfg.block_size) * 1_000_000).div_ceil(rate);
-                self.resync_next_us = self.resync_next_us.max(now.saturating_sub(10_000)) + cost;
+                self.resync_next_us = pace(self.resync_next_us, now, bs, rate);
+            }
+            let floor = self.cfg.resync_min_bytes_per_s;
+            if floor > 0 && !idle {
+                // Every read under load spends floor budget, so the floor
+                // rate adds to the in-flight floor only where that is slower.
+                self.resync_floor_us = pace(self.resync_floor_us, now, bs, floor);
             }
             let Some(s) = self.session.as_mut() else {
                 return;
@@ -2725,6 +2799,7 @@ impl<H: Payload> Node<H> {
             let io = self.next_io;
             self.next_io += 1;
             s.resync_reads.insert(io, (block, false));
+            s.resync_busy.set(block);
             self.emit(Action::Read {
                 io,
                 block,
@@ -2975,14 +3050,15 @@ mod tests {
     }
 
     /// `connect` from `from` to `until`; reads return `read(on_a, block,
-    /// count)`.
+    /// count)`. Returns the last metadata each node persisted (a, b).
     fn run_pair(
         a: &mut Node<Vec<u8>>,
         b: &mut Node<Vec<u8>>,
         from: Micros,
         until: Micros,
         read: &dyn Fn(bool, u64, u64) -> Vec<u8>,
-    ) {
+    ) -> [Option<Meta>; 2] {
+        let mut persisted = [None, None];
         let mut now = from;
         while now < until {
             now += 100;
@@ -3029,6 +3105,7 @@ mod tests {
                                 },
                             )
                         }
+                        Action::PersistMeta(m) => persisted[usize::from(!from_a)] = Some(m),
                         _ => {}
                     }
                 }
@@ -3036,6 +3113,7 @@ mod tests {
             a.handle(now, Event::Tick);
             b.handle(now, Event::Tick);
         }
+        persisted
     }
 
     #[test]
@@ -3192,6 +3270,111 @@ mod tests {
         run_pair(&mut a, &mut b, 300_000, 1_200_000, &zeros);
         assert!(a.in_sync() && b.in_sync(), "done after 1.2 s");
         assert_eq!(a.counters.resync_blocks_sent, 64);
+    }
+
+    #[test]
+    fn test_source_crash_mid_resync_resumes_from_persisted_progress() {
+        const BLOCKS: u64 = 512;
+        let limited = |id: u16, meta: Meta, now: Micros| {
+            let mut cfg = Config::new(id, 3 - id, 7, BLOCKS, 4096);
+            cfg.resync_max_bytes_per_s = 100 * 4096; // 100 blocks per second
+            Node::new(cfg, meta, u64::from(id), now)
+        };
+        let mut a = limited(1, Meta::create(7, 1, BLOCKS, 4096, Some(5)), 0);
+        let mut b = limited(2, Meta::create(7, 2, BLOCKS, 4096, None), 0);
+        let zeros = |_: bool, _: u64, n: u64| alloc::vec![0u8; n as usize * 4096];
+        let [on_a, on_b] = run_pair(&mut a, &mut b, 0, 2_500_000, &zeros);
+        let (on_a, on_b) = (on_a.expect("a persisted"), on_b.expect("b persisted"));
+        assert!(!b.in_sync(), "512 blocks at 100/s take 5 s");
+        // The persisted maps show the progress (about 240 blocks done, at
+        // most one second of it not yet on disk) and are supersets of the
+        // in-memory maps: a bit is never cleared on disk before memory.
+        let left_a = a.meta().dirty.count();
+        for (node, disk) in [(&a, &on_a), (&b, &on_b)] {
+            let (mem, persisted) = (node.meta().dirty.count(), disk.dirty.count());
+            assert!(
+                persisted >= mem && persisted <= mem + 110,
+                "persisted {persisted} vs in memory {mem}"
+            );
+            let mut check = disk.dirty.clone();
+            assert_eq!(
+                check.union(&node.meta().dirty),
+                0,
+                "persisted map is a superset"
+            );
+        }
+        assert!(left_a < BLOCKS - 150, "resync progressed: {left_a} left");
+        // kill -9 of the source: it restarts from what it persisted; the
+        // target notices the loss, then the pair reconnects.
+        let crash = 2_500_000;
+        let mut a = limited(1, on_a.clone(), crash);
+        let mut now = crash;
+        while now < crash + 1_000_000 {
+            now += 1_000;
+            b.handle(now, Event::Tick);
+            drain(&mut b);
+        }
+        run_pair(&mut a, &mut b, now, now + 200_000, &zeros);
+        let total = b.status().resync_total;
+        assert!(
+            total > 0 && total <= on_a.dirty.count().max(on_b.dirty.count()) && total < BLOCKS - 150,
+            "resumed with {total} blocks (source persisted {}, target {}, {left_a} left at the crash)",
+            on_a.dirty.count(),
+            on_b.dirty.count()
+        );
+        run_pair(&mut a, &mut b, now + 200_000, now + 5_000_000, &zeros);
+        assert!(a.in_sync() && b.in_sync(), "resumed resync completed");
+        assert!(
+            a.counters.resync_blocks_sent <= total,
+            "only the remaining blocks were sent: {}",
+            a.counters.resync_blocks_sent
+        );
+    }
+
+    /// Blocks a full sync of 8192 blocks sends in 0.3 s while a client
+    /// writes block 0 every millisecond (never idle), with this floor.
+    fn resync_under_load(floor: u64) -> u64 {
+        let make = |id: u16, gen: Option<u64>| {
+            let mut cfg = Config::new(id, 3 - id, 7, 8192, 4096);
+            cfg.resync_min_bytes_per_s = floor;
+            Node::new(cfg, Meta::create(7, id, 8192, 4096, gen), u64::from(id), 0)
+        };
+        let (mut a, mut b) = (make(1, Some(5)), make(2, None));
+        let zeros = |_: bool, _: u64, n: u64| alloc::vec![0u8; n as usize * 4096];
+        for ms in 0..300u64 {
+            let now = ms * 1000;
+            a.handle(
+                now,
+                Event::ClientWrite {
+                    req: ms + 1,
+                    block: 0,
+                    count: 1,
+                    kind: IoKind::Write,
+                    fua: false,
+                    payload: Some(alloc::vec![1u8; 4096]),
+                },
+            );
+            run_pair(&mut a, &mut b, now, now + 1000, &zeros);
+        }
+        assert!(a.serving() && a.counters.client_writes == 300);
+        a.counters.resync_blocks_sent
+    }
+
+    #[test]
+    fn test_resync_floor_rate_enforced_under_client_load() {
+        // One block in flight moves a block per link round trip (200-300 us
+        // here): about 1000-1500 blocks in 0.3 s. A 64 MiB/s floor is
+        // 16384 blocks/s: about 4900 blocks in 0.3 s.
+        let only_in_flight = resync_under_load(0);
+        let floored = resync_under_load(64 << 20);
+        assert!(
+            only_in_flight < 2000,
+            "without a rate floor: {only_in_flight} blocks"
+        );
+        assert!(
+            (4000..=5400).contains(&floored),
+            "64 MiB/s floor for 0.3 s: {floored} blocks (without: {only_in_flight})"
+        );
     }
 
     #[test]

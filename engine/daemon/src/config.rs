@@ -386,6 +386,7 @@ impl DaemonConfig {
         c.heartbeat_interval_us = f.heartbeat_interval_ms * 1000;
         c.miss_count = f.miss_count;
         c.resync_max_bytes_per_s = f.resync_max_mib_s << 20;
+        c.resync_min_bytes_per_s = f.resync_min_mib_s << 20;
         // The core thread can be milliseconds behind its input queue during
         // bulk traffic, so acks wait there while retransmit timers expire:
         // with the core's 2 ms floor a 64 MiB full sync resent about every
