@@ -529,6 +529,9 @@ struct AlSlot {
     last_wid: u64,
     in_flight: u32,
     lru: u64,
+    /// Listed in the persisted activity log. Only hot extents are written
+    /// out; a cold one left out is persisted again before its next write.
+    on_disk: bool,
 }
 
 /// Counters for status and metrics.
@@ -966,7 +969,20 @@ impl<H: Payload> Node<H> {
         self.bitmap_unpersisted = false;
         self.bitmap_persisted_us = self.now;
         self.meta.role = self.role;
-        self.meta.al = self.al.iter().map(|s| s.extent).collect();
+        // Only hot extents: a cold one's writes are stable here and on the
+        // peer (or covered by the dirty map), so a crash need not resync
+        // it. (A resync's periodic metadata writes thus drop the extents a
+        // degraded backlog heated: a crashed source resumes, not restarts.)
+        let hot: Vec<bool> = self.al.iter().map(|s| !self.al_cold(s)).collect();
+        for (slot, hot) in self.al.iter_mut().zip(&hot) {
+            slot.on_disk = *hot;
+        }
+        self.meta.al = self
+            .al
+            .iter()
+            .filter(|s| s.on_disk)
+            .map(|s| s.extent)
+            .collect();
         self.counters.meta_writes += 1;
         self.emit(Action::PersistMeta(self.meta.clone()));
     }
@@ -2295,7 +2311,13 @@ impl<H: Payload> Node<H> {
             .filter(|e| !self.al.iter().any(|s| s.extent == *e))
             .collect();
         if need.is_empty() {
-            return Some(false);
+            // Hot again after a metadata write left it out as cold.
+            let range = self.extents(block, count);
+            let reheat = self
+                .al
+                .iter()
+                .any(|s| range.contains(&s.extent) && !s.on_disk);
+            return Some(reheat);
         }
         let free = self.cfg.al_extents.saturating_sub(self.al.len());
         // Never evict an extent this very write needs (found by msl-sim
@@ -2324,6 +2346,7 @@ impl<H: Payload> Node<H> {
                 last_wid: 0,
                 in_flight: 0,
                 lru: 0,
+                on_disk: false,
             });
         }
         Some(true)
