@@ -7,6 +7,8 @@
 #   linux-perf (optional) profiling the data path
 #   libnbd-bin, qemu-utils, fio  NBD clients for the engine/nbd tests
 #             (nbdinfo, nbdcopy; qemu-io, qemu-img; fio --ioengine=nbd)
+#   nbdkit    reference NBD server of `msl-bench nbd` (qemu-nbd, the other
+#             one, comes with qemu-utils)
 #
 # No clang/llvm: the XDP program is hand-assembled eBPF loaded with the bpf
 # syscall (engine/transport/src/xdp_prog.rs).
@@ -18,6 +20,7 @@ command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v fio >/dev/null 2>&1 || need+=(fio)
+command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 if [ "${MSL_SETUP_PERF:-0}" = 1 ] && ! command -v perf >/dev/null 2>&1; then
     need+=(linux-perf)
 fi
@@ -31,4 +34,4 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-echo "setup.sh: iproute2, iperf3 and the NBD clients present"
+echo "setup.sh: iproute2, iperf3, the NBD clients and nbdkit present"

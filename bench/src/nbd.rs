@@ -312,6 +312,9 @@ pub struct Row {
     pub job: &'static str,
     pub runs: usize,
     pub m: Sample,
+    /// msl only: times the primary went degraded (lost its peer) during
+    /// this job's runs.
+    pub session_drops: Option<usize>,
 }
 
 impl Row {
@@ -325,6 +328,7 @@ impl Row {
             "p99_us": round(self.m.p99_us, 1),
             "p999_us": round(self.m.p999_us, 1),
             "runs": self.runs,
+            "session_drops": self.session_drops,
             "iops_vs_nbdkit": vs_nbdkit.map(|r| round(r, 3)),
             "iops_vs_degraded": vs_degraded.map(|r| round(r, 3)),
         })
@@ -417,6 +421,7 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
         .filter(|&s| s != Server::MslDegraded)
         .collect();
     let mut samples: HashMap<(Server, &'static str), Vec<Sample>> = HashMap::new();
+    let mut drops: HashMap<&'static str, usize> = HashMap::new();
     for round in 0..args.runs {
         for job in &jobs {
             // Rotate the order each round so no server always runs first.
@@ -429,6 +434,18 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
                     job.name,
                     s.name()
                 ));
+                if s == Server::Msl {
+                    // Every msl job starts from a pair in sync (a job that
+                    // broke the session must not spill into the next).
+                    let t = pair.wait_in_sync(1, Duration::from_secs(300))?;
+                    if t > Duration::from_millis(100) {
+                        say(&format!(
+                            "waited {:.1} s for the pair to be in sync",
+                            t.as_secs_f64()
+                        ));
+                    }
+                }
+                let since = msl_harness::unix_ms();
                 let _perf = match (&args.perf, pair.pid(1)) {
                     (Some(d), Some(pid)) if s == Server::Msl && round == 0 => {
                         Some(start_perf(d, job.name, pid)?)
@@ -437,6 +454,15 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
                 };
                 let r = fio::run_job(&client_ns, &s.uri(), job, args.seconds, args.ramp)?;
                 samples.entry((s, job.name)).or_default().push(r);
+                if s == Server::Msl {
+                    // Sessions the primary lost during the job.
+                    let n = pair
+                        .events()
+                        .iter()
+                        .filter(|e| e.node == 1 && e.kind == "degraded" && e.ts_ms >= since)
+                        .count();
+                    *drops.entry(job.name).or_default() += n;
+                }
             }
         }
         if servers.contains(&Server::MslDegraded) {
@@ -491,6 +517,8 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
                         job: job.name,
                         runs: v.len(),
                         m,
+                        session_drops: (s == Server::Msl)
+                            .then(|| drops.get(job.name).copied().unwrap_or(0)),
                     });
                 }
             }
@@ -524,6 +552,7 @@ fn report(args: &NbdArgs, jobs: &[JobSpec], rows: &[Row]) -> Result<(), String> 
             "{:<24} {:<13} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
             "job", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "p99.9 us", "x nbdkit"
         );
+        let mut dropped = Vec::new();
         for job in jobs {
             for r in rows.iter().filter(|r| r.job == job.name) {
                 println!(
@@ -537,7 +566,17 @@ fn report(args: &NbdArgs, jobs: &[JobSpec], rows: &[Row]) -> Result<(), String> 
                     r.m.p999_us,
                     vs(r).map_or("-".into(), |x| format!("{x:.2}")),
                 );
+                if let Some(n) = r.session_drops.filter(|&n| n > 0) {
+                    dropped.push(format!("{} {n}", r.job));
+                }
             }
+        }
+        if !dropped.is_empty() {
+            println!(
+                "\nmsl sessions lost during the jobs (primary went degraded; each \
+                 reconnect resyncs): {}",
+                dropped.join(", ")
+            );
         }
         println!("\nmirroring cost (msl IOPS / msl-degraded IOPS):");
         for job in jobs {
@@ -631,18 +670,21 @@ mod tests {
                 job: "randwrite-4k-qd1",
                 runs: 3,
                 m: s(1000.0),
+                session_drops: None,
             },
             Row {
                 server: Server::Msl,
                 job: "randwrite-4k-qd1",
                 runs: 3,
                 m: s(700.0),
+                session_drops: None,
             },
             Row {
                 server: Server::MslDegraded,
                 job: "randwrite-4k-qd1",
                 runs: 3,
                 m: s(1400.0),
+                session_drops: None,
             },
         ];
         assert_eq!(
