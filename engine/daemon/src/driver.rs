@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -70,6 +70,11 @@ pub enum Input {
     Admin(AdminCmd),
     Status(SyncSender<Status>),
     Stop,
+    /// A volume flush run off the core thread finished.
+    IoDone {
+        io: u64,
+        ok: bool,
+    },
 }
 
 /// A client request's outcome.
@@ -337,7 +342,18 @@ pub struct Driver<H: Host> {
     node_id: u16,
     frames: Vec<Vec<u8>>,
     house: Housekeeping,
+    /// The newest ACK the core emitted while more input was queued: acks
+    /// are cumulative, so one per burst of input replaces one per frame
+    /// (a resync block caused two: on receipt and once written).
+    held_ack: Option<(Header, Message)>,
+    /// Flushes (fdatasync) run here, off the core thread, when set: a slow
+    /// fdatasync on a busy disk then delays only what waits for it, not
+    /// heartbeats and acks (a 400 ms stall made the peer declare us dead).
+    flusher: Option<SyncSender<u64>>,
 }
+
+/// Inputs handled back to back before a held ACK goes out regardless.
+const ACK_BATCH: u32 = 64;
 
 /// Once-a-second bookkeeping on the core thread: the resync rate and the
 /// rate-limited "wrong cluster key" notice.
@@ -387,6 +403,8 @@ impl<H: Host> Driver<H> {
             epoch,
             node_id,
             frames: Vec::new(),
+            held_ack: None,
+            flusher: None,
             house: Housekeeping {
                 next: epoch,
                 resync_sample: None,
@@ -394,6 +412,27 @@ impl<H: Host> Driver<H> {
                 bad_auth_last: None,
             },
         }
+    }
+
+    /// Run volume flushes on their own thread; completions come back as
+    /// `Input::IoDone` through `inputs` (the core's own input queue). The
+    /// core issues a flush only after the writes it must cover completed,
+    /// so a flush running beside later writes covers what it promises.
+    pub fn flush_off_thread(mut self, inputs: SyncSender<Input>) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<u64>(1024);
+        let volume = self.volume.clone();
+        std::thread::Builder::new()
+            .name("msld-flush".into())
+            .spawn(move || {
+                for io in rx {
+                    let ok = volume.flush().is_ok();
+                    if inputs.send(Input::IoDone { io, ok }).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        self.flusher = Some(tx);
+        Ok(self)
     }
 
     /// Authentication failures on the MSL and on the LAN path so far.
@@ -469,16 +508,42 @@ impl<H: Host> Driver<H> {
     pub fn run(mut self, inputs: Receiver<Input>) -> Exit {
         let mut internal: VecDeque<Event<Block>> = VecDeque::new();
         self.step(Event::Tick, &mut internal);
+        let mut batch = 0u32;
         loop {
-            let wait = self.node.poll_timeout().saturating_sub(self.now());
-            let input = match inputs.recv_timeout(Duration::from_micros(wait.clamp(100, 50_000))) {
-                Ok(i) => Some(i),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return self.finish(Exit::Stopped),
+            // Queued input is handled back to back; the newest ACK goes
+            // out once the queue is empty (or after `ACK_BATCH` inputs).
+            let queued = if batch < ACK_BATCH {
+                match inputs.try_recv() {
+                    Ok(i) => Some(i),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return self.finish(Exit::Stopped),
+                }
+            } else {
+                None
+            };
+            let input = match queued {
+                Some(i) => {
+                    batch += 1;
+                    Some(i)
+                }
+                None => {
+                    self.send_held_ack();
+                    batch = 0;
+                    let wait = self.node.poll_timeout().saturating_sub(self.now());
+                    match inputs.recv_timeout(Duration::from_micros(wait.clamp(100, 50_000))) {
+                        Ok(i) => {
+                            batch = 1;
+                            Some(i)
+                        }
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return self.finish(Exit::Stopped),
+                    }
+                }
             };
             let ev = match input {
                 None => Event::Tick,
                 Some(Input::Stop) => return self.finish(Exit::Stopped),
+                Some(Input::IoDone { io, ok }) => Event::IoDone { io, ok },
                 Some(Input::Status(tx)) => {
                     let _ = tx.send(self.node.status());
                     continue;
@@ -567,29 +632,43 @@ impl<H: Host> Driver<H> {
         exit
     }
 
+    /// Send the held ACK (the newest: it covers every earlier one).
+    fn send_held_ack(&mut self) {
+        if let Some((header, msg)) = self.held_ack.take() {
+            self.send_msl(&header, &msg, &[]);
+        }
+    }
+
+    /// Encode one MSL message into frames and queue them for the link.
+    fn send_msl(&mut self, header: &Header, msg: &Message, payload: &[u8]) {
+        self.frames.clear();
+        if self
+            .encoder
+            .encode(header, msg, payload, &mut self.frames)
+            .is_ok()
+        {
+            let control = msg.is_control();
+            for f in self.frames.drain(..) {
+                if self.msl_tx.try_send((control, f)).is_err() {
+                    self.shared.msl_tx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     fn execute(&mut self, a: Action<Block>, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
         let bs = u64::from(self.node.config().block_size);
         match a {
             Action::SendMsl {
                 header,
+                msg: msg @ Message::Ack(_),
+                ..
+            } => self.held_ack = Some((header, msg)),
+            Action::SendMsl {
+                header,
                 msg,
                 payload,
-            } => {
-                self.frames.clear();
-                let p = payload.as_deref().unwrap_or(&[]);
-                if self
-                    .encoder
-                    .encode(&header, &msg, p, &mut self.frames)
-                    .is_ok()
-                {
-                    let control = msg.is_control();
-                    for f in self.frames.drain(..) {
-                        if self.msl_tx.try_send((control, f)).is_err() {
-                            self.shared.msl_tx_dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
+            } => self.send_msl(&header, &msg, payload.as_deref().unwrap_or(&[])),
             Action::SendLan { header, hb } => {
                 if let Some(lan) = &self.lan {
                     lan.send(&header, &hb);
@@ -626,8 +705,14 @@ impl<H: Host> Driver<H> {
                 });
             }
             Action::Flush { io } => {
-                let r = self.volume.flush();
-                internal.push_back(Event::IoDone { io, ok: r.is_ok() });
+                let queued = self
+                    .flusher
+                    .as_ref()
+                    .is_some_and(|f| f.try_send(io).is_ok());
+                if !queued {
+                    let r = self.volume.flush();
+                    internal.push_back(Event::IoDone { io, ok: r.is_ok() });
+                }
             }
             Action::PersistMeta(m) => {
                 if self.store.persist(&m).is_err() {

@@ -254,7 +254,9 @@ fn run(args: Args) -> Result<Exit, String> {
         host,
         shared,
         seed,
-    );
+    )
+    .flush_off_thread(inputs.clone())
+    .map_err(|e| format!("msld: cannot start the flush thread: {e}"))?;
     let exit = d.run(input_rx);
     stop.store(true, Ordering::Relaxed);
     Ok(exit)
