@@ -288,6 +288,8 @@ pub struct ReliableRx<M> {
     delivered: u64,
     /// `buf[i]` holds sequence `delivered + 1 + i`.
     buf: VecDeque<Option<M>>,
+    /// How many slots of `buf` hold a message (the SACK scan stops there).
+    held: usize,
     pub stats: RxStats,
 }
 
@@ -301,6 +303,7 @@ impl<M> ReliableRx<M> {
             window,
             delivered: base,
             buf,
+            held: 0,
             stats: RxStats::default(),
         }
     }
@@ -322,6 +325,7 @@ impl<M> ReliableRx<M> {
             return RxOutcome::Duplicate;
         }
         *slot = Some(item);
+        self.held += 1;
         self.stats.accepted += 1;
         RxOutcome::Accepted
     }
@@ -329,6 +333,7 @@ impl<M> ReliableRx<M> {
     /// Next message in order, if it has arrived.
     pub fn pop(&mut self) -> Option<(u64, M)> {
         let item = self.buf.front_mut()?.take()?;
+        self.held -= 1;
         self.buf.pop_front();
         self.buf.push_back(None);
         self.delivered += 1;
@@ -357,7 +362,13 @@ impl<M> ReliableRx<M> {
         };
         let mut n = 0usize;
         let mut run: Option<(u64, u64)> = None;
+        let mut seen = 0usize;
         for (i, s) in self.buf.iter().enumerate() {
+            // Past the last held message only empty slots remain.
+            if seen == self.held && run.is_none() {
+                break;
+            }
+            seen += usize::from(s.is_some());
             let seq = self.delivered + 1 + i as u64;
             match (s.is_some(), run) {
                 (true, None) => run = Some((seq, seq)),
