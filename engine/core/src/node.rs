@@ -778,6 +778,16 @@ impl<H: Payload> Node<H> {
         &self.cfg
     }
 
+    /// Change the resync rate cap at run time (bytes/s, 0 = none; DRBD's
+    /// `resync-rate` set on a running resource). The floor under load is
+    /// kept at or below the cap.
+    pub fn set_resync_max_rate(&mut self, bytes_per_s: u64) {
+        self.cfg.resync_max_bytes_per_s = bytes_per_s;
+        if bytes_per_s > 0 {
+            self.cfg.resync_min_bytes_per_s = self.cfg.resync_min_bytes_per_s.min(bytes_per_s);
+        }
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }

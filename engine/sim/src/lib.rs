@@ -1259,6 +1259,19 @@ impl Sim {
         self.nodes[i].holds_address && self.nodes[i].node.is_some()
     }
 
+    /// Cap node `i`'s resync rate (bytes/s, 0 = none), now and after
+    /// restarts: a slow resync a crash can interrupt halfway.
+    pub fn set_resync_rate(&mut self, i: usize, bytes_per_s: u64) {
+        let n = &mut self.nodes[i];
+        n.cfg.resync_max_bytes_per_s = bytes_per_s;
+        if bytes_per_s > 0 {
+            n.cfg.resync_min_bytes_per_s = n.cfg.resync_min_bytes_per_s.min(bytes_per_s);
+        }
+        if let Some(node) = n.node.as_mut() {
+            node.set_resync_max_rate(bytes_per_s);
+        }
+    }
+
     pub fn node(&self, i: usize) -> Option<&Node<Buf>> {
         self.nodes[i].node.as_ref()
     }
