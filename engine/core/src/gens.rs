@@ -151,17 +151,20 @@ fn decide_ordered(a: &SideView, b: &SideView) -> Decision {
     }
     match (consistent(a.disk), consistent(b.disk)) {
         (false, false) => return d(NoGoodData, Rule::BothInconsistent),
+        // An interrupted resync resumes: the target's own map holds what it
+        // still lacks, the source's what changed since it started tracking
+        // (the source may have moved on to newer generations meanwhile).
         (true, false) => {
-            let bitmap_ok =
-                gb.current != 0 && (gb.current == ga.current || gb.current == ga.bitmap);
+            let bitmap_ok = gb.current != 0
+                && (gb.current == ga.current || gb.current == ga.bitmap || tracked_since(a, b));
             return d(
                 if bitmap_ok { SourceBitmap } else { SourceFull },
                 Rule::PeerInconsistent,
             );
         }
         (false, true) => {
-            let bitmap_ok =
-                ga.current != 0 && (ga.current == gb.current || ga.current == gb.bitmap);
+            let bitmap_ok = ga.current != 0
+                && (ga.current == gb.current || ga.current == gb.bitmap || tracked_since(b, a));
             return d(
                 if bitmap_ok { TargetBitmap } else { TargetFull },
                 Rule::PeerInconsistent,
@@ -312,6 +315,26 @@ mod tests {
         // S wrote on its own since G2 (it has a bitmap): still split brain.
         let s_wrote = side(2, 5, 2, [2, 1, 0, 0]);
         assert_eq!(decide(&p, &s_wrote).strategy, Strategy::SplitBrain);
+    }
+
+    #[test]
+    fn test_interrupted_resync_resumes_after_source_moved_on() {
+        // P (tracking since G1) was resyncing S, which adopted G2; the
+        // session dropped and P went on to G3. S is inconsistent: bitmap.
+        let p = side(1, 3, 1, [2, 1, 0, 0]);
+        let mut s = side(2, 2, 0, [1, 0, 0, 0]);
+        s.disk = DiskState::Inconsistent;
+        assert_eq!(
+            decide(&p, &s),
+            d(Strategy::SourceBitmap, Rule::PeerInconsistent)
+        );
+        assert_eq!(
+            decide(&s, &p),
+            d(Strategy::TargetBitmap, Rule::PeerInconsistent)
+        );
+        // P's tracking started after G2: full.
+        let p_late = side(1, 4, 3, [3, 2, 1, 0]);
+        assert_eq!(decide(&p_late, &s).strategy, Strategy::SourceFull);
     }
 
     #[test]
