@@ -484,8 +484,8 @@ struct Session<H> {
     /// Source side: resync progress.
     resync_total: u64,
     resync_cursor: u64,
-    resync_reads: BTreeMap<IoId, (u64, bool)>, // io -> (block, cancelled)
-    resync_sent: VecDeque<(u64, u64)>,         // (seq, block) awaiting stable
+    resync_reads: BTreeMap<IoId, (u64, u64, bool)>, // io -> (block, count, cancelled)
+    resync_sent: VecDeque<(u64, u64, u64)>,         // (seq, block, count) awaiting stable
     /// Blocks in `resync_reads` or `resync_sent` (sized when the resync
     /// starts): one bit test instead of scanning both per block.
     resync_busy: Bitmap,
@@ -674,6 +674,9 @@ pub struct Node<H> {
 
     pub counters: Counters,
 }
+
+/// Largest resync message (a run of contiguous dirty blocks).
+const RESYNC_MESSAGE_BYTES: u64 = 64 << 10;
 
 /// Token-bucket pacing: the next start time after spending one block of
 /// `bs` bytes at `rate` bytes per second; up to 10 ms of unused budget may
@@ -1788,13 +1791,15 @@ impl<H: Payload> Node<H> {
             s.mirror_wids.pop_front();
         }
         // Resync blocks stable on the target are clean now.
-        while let Some(&(seq, block)) = s.resync_sent.front() {
+        while let Some(&(seq, block, count)) = s.resync_sent.front() {
             if seq > s.peer_stable {
                 break;
             }
             s.resync_sent.pop_front();
-            s.resync_busy.clear(block);
-            self.meta.dirty.clear(block);
+            for b in block..block + count {
+                s.resync_busy.clear(b);
+                self.meta.dirty.clear(b);
+            }
             self.bitmap_unpersisted = true;
         }
         self.after_peer_progress();
@@ -2424,8 +2429,8 @@ impl<H: Payload> Node<H> {
             }
             // Cancel resync reads of these blocks: their data is stale now.
             if let Some(s) = self.session.as_mut() {
-                for (_, (b, cancelled)) in s.resync_reads.iter_mut() {
-                    if *b >= q.block && *b < q.block + q.count {
+                for (_, (b, c, cancelled)) in s.resync_reads.iter_mut() {
+                    if *b < q.block + q.count && q.block < *b + *c {
                         *cancelled = true;
                     }
                 }
@@ -2634,20 +2639,22 @@ impl<H: Payload> Node<H> {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        let Some((block, cancelled)) = s.resync_reads.remove(&io) else {
+        let Some((block, count, cancelled)) = s.resync_reads.remove(&io) else {
             return;
         };
         if cancelled || s.phase != Phase::Source {
-            // A client wrote this block meanwhile; read it again later.
-            s.resync_busy.clear(block);
+            // A client wrote these blocks meanwhile; read them again later.
+            for b in block..block + count {
+                s.resync_busy.clear(b);
+            }
             s.resync_cursor = s.resync_cursor.min(block);
             return;
         }
-        s.resync_blocks_sent += 1;
-        self.counters.resync_blocks_sent += 1;
+        s.resync_blocks_sent += count;
+        self.counters.resync_blocks_sent += count;
         let r = ResyncData {
             offset: block * bs,
-            len: bs as u32,
+            len: (count * bs) as u32,
             flags: 0,
         };
         // Not yet numbered if it went to the backlog (u64::MAX until then).
@@ -2655,7 +2662,7 @@ impl<H: Payload> Node<H> {
             .send_reliable(Message::ResyncData(r), payload)
             .unwrap_or(u64::MAX);
         if let Some(s) = self.session.as_mut() {
-            s.resync_sent.push_back((seq, block));
+            s.resync_sent.push_back((seq, block, count));
         }
     }
 
@@ -2753,6 +2760,17 @@ impl<H: Payload> Node<H> {
         let (min, max) = (self.cfg.resync_min_in_flight, self.cfg.resync_max_in_flight);
         let window = self.cfg.window;
         let bs = u64::from(self.cfg.block_size);
+        // Blocks per resync message: with clients idle up to 64 KiB, and no
+        // more than 10 ms of a rate cap (pacing stays smooth at low rates);
+        // under client load one (the floors are counted in blocks).
+        let mut max_run = if idle {
+            (RESYNC_MESSAGE_BYTES / bs).max(1)
+        } else {
+            1
+        };
+        if self.cfg.resync_max_bytes_per_s > 0 {
+            max_run = max_run.min((self.cfg.resync_max_bytes_per_s / 100 / bs).max(1));
+        }
         loop {
             let Some(s) = self.session.as_mut() else {
                 return;
@@ -2767,7 +2785,7 @@ impl<H: Payload> Node<H> {
             let applied_upto = s.peer_applied;
             let unapplied = s.resync_sent.len()
                 - s.resync_sent
-                    .partition_point(|&(seq, _)| seq <= applied_upto);
+                    .partition_point(|&(seq, _, _)| seq <= applied_upto);
             let outstanding = s.resync_reads.len() + unapplied;
             let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
             let floor_due = self.cfg.resync_min_bytes_per_s > 0 && self.now >= self.resync_floor_us;
@@ -2801,13 +2819,22 @@ impl<H: Payload> Node<H> {
                 }
                 break;
             };
-            let busy = self
-                .pending
-                .values()
-                .any(|p| block >= p.block && block < p.block + p.count);
-            if busy || s.resync_busy.get(block) {
+            let pending = &self.pending;
+            let free = |b: u64, s: &Session<H>| {
+                !s.resync_busy.get(b)
+                    && !pending
+                        .values()
+                        .any(|p| b >= p.block && b < p.block + p.count)
+            };
+            if !free(block, s) {
                 s.resync_cursor = block + 1;
                 continue;
+            }
+            // A run of up to `max_run` dirty, free blocks goes as one read
+            // and one message (fewer events, reads, frames and acks).
+            let mut count = 1;
+            while count < max_run && self.meta.dirty.get(block + count) && free(block + count, s) {
+                count += 1;
             }
             // Rate limit: each block costs block_size / rate seconds; up
             // to 10 ms of unused budget may be spent at once.
@@ -2817,27 +2844,25 @@ impl<H: Payload> Node<H> {
                 if now < self.resync_next_us {
                     break;
                 }
-                self.resync_next_us = pace(self.resync_next_us, now, bs, rate);
+                self.resync_next_us = pace(self.resync_next_us, now, bs * count, rate);
             }
             let floor = self.cfg.resync_min_bytes_per_s;
             if floor > 0 && !idle {
                 // Every read under load spends floor budget, so the floor
                 // rate adds to the in-flight floor only where that is slower.
-                self.resync_floor_us = pace(self.resync_floor_us, now, bs, floor);
+                self.resync_floor_us = pace(self.resync_floor_us, now, bs * count, floor);
             }
             let Some(s) = self.session.as_mut() else {
                 return;
             };
-            s.resync_cursor = block + 1;
+            s.resync_cursor = block + count;
             let io = self.next_io;
             self.next_io += 1;
-            s.resync_reads.insert(io, (block, false));
-            s.resync_busy.set(block);
-            self.emit(Action::Read {
-                io,
-                block,
-                count: 1,
-            });
+            s.resync_reads.insert(io, (block, count, false));
+            for b in block..block + count {
+                s.resync_busy.set(b);
+            }
+            self.emit(Action::Read { io, block, count });
         }
         self.resync_progress();
     }
