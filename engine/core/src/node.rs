@@ -979,16 +979,24 @@ impl<H: Payload> Node<H> {
     }
 
     fn persist(&mut self) {
+        self.persist_al(false);
+    }
+
+    /// Write the metadata. The persisted activity log keeps every extent
+    /// already listed plus the hot ones; with `trim`, only the hot ones: a
+    /// cold extent's writes are stable here and on the peer (or covered by
+    /// the dirty map), so a crash need not resync it. Trimming runs with the
+    /// resync's periodic progress writes (at most once a second), so the
+    /// extents a degraded backlog heated drop out and a crashed source
+    /// resumes instead of restarting; a trimmed extent is persisted again
+    /// before its next write (`al_reserve`).
+    fn persist_al(&mut self, trim: bool) {
         self.bitmap_unpersisted = false;
         self.bitmap_persisted_us = self.now;
         self.meta.role = self.role;
-        // Only hot extents: a cold one's writes are stable here and on the
-        // peer (or covered by the dirty map), so a crash need not resync
-        // it. (A resync's periodic metadata writes thus drop the extents a
-        // degraded backlog heated: a crashed source resumes, not restarts.)
         let hot: Vec<bool> = self.al.iter().map(|s| !self.al_cold(s)).collect();
         for (slot, hot) in self.al.iter_mut().zip(&hot) {
-            slot.on_disk = *hot;
+            slot.on_disk = *hot || (slot.on_disk && !trim);
         }
         self.meta.al = self
             .al
@@ -2715,7 +2723,7 @@ impl<H: Payload> Node<H> {
             && !self.failed
             && self.now >= self.bitmap_persisted_us + BITMAP_PERSIST_INTERVAL_US
         {
-            self.persist();
+            self.persist_al(true);
         }
     }
 
