@@ -645,7 +645,19 @@ fn primary_fails(c: &mut Ctx, power_loss: bool) -> Result<(), String> {
     let msl1 = c.pair.topo.msl_if(1);
     let (fault, fault_ms) = (Instant::now(), unix_ms());
     if power_loss {
-        c.step("power loss on node 1: its MSL and LAN links go down, msld is killed");
+        c.step("power loss on node 1: msld stops dead (SIGSTOP), its MSL and LAN links go down, msld is killed");
+        // A server losing power runs nothing while its links drop: frozen
+        // first, msld cannot react to its own MSL carrier loss (going
+        // degraded in a new generation, which node 2's takeover would then
+        // meet as a split brain: a double failure, not this scenario).
+        let pid = c.pair.pid(1).ok_or("node 1's msld is not running")?;
+        // SAFETY: kill(2) with a pid of a child this harness started.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) } != 0 {
+            return Err(format!(
+                "SIGSTOP node 1 ({pid}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
         c.link(1, msl1, false)?;
         c.link(1, Topology::lan_if(1), false)?;
     } else {
