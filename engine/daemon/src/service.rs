@@ -2,11 +2,11 @@
 //! and the MSL NIC, run the NBD front end, and hold or release the service
 //! address.
 
-use std::net::{IpAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use msl_nbd::{Backend, Server, ServerConfig};
@@ -76,12 +76,30 @@ pub const GARP_REFRESH: Duration = Duration::from_secs(1);
 
 /// Holds the service address on the primary: add + gratuitous ARP when
 /// the core says hold (and again every [`GARP_REFRESH`] while held), remove
-/// when it says release.
+/// when it says release. Every announcement checks `held` under the same
+/// lock the release takes, so none goes out after the address is released.
 pub struct ServiceHost {
     ifname: String,
     ip: IpAddr,
     prefix: u8,
-    held: Arc<AtomicBool>,
+    held: Arc<Mutex<bool>>,
+}
+
+/// Send `rounds` gratuitous ARPs, `gap` apart, each only while the address
+/// is still held.
+fn announce(ifname: &str, v4: Ipv4Addr, held: &Mutex<bool>, rounds: u32, gap: Duration) {
+    for i in 0..rounds {
+        if i > 0 {
+            std::thread::sleep(gap);
+        }
+        let held = held.lock().unwrap_or_else(|p| p.into_inner());
+        if !*held {
+            return;
+        }
+        if let Err(e) = msl_netcfg::send_gratuitous_arp(ifname, v4, 1) {
+            eprintln!("msld: gratuitous ARP for {v4} on {ifname} failed: {e}");
+        }
+    }
 }
 
 impl ServiceHost {
@@ -99,16 +117,14 @@ impl ServiceHost {
                 ),
             }
         }
-        let held = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(false));
         if let IpAddr::V4(v4) = ip {
             let (ifname, held) = (ifname.to_string(), held.clone());
             let _ = std::thread::Builder::new()
                 .name("msl-garp".into())
                 .spawn(move || loop {
                     std::thread::sleep(GARP_REFRESH);
-                    if held.load(Ordering::Relaxed) {
-                        let _ = msl_netcfg::send_gratuitous_arp(&ifname, v4, 1);
-                    }
+                    announce(&ifname, v4, &held, 1, Duration::ZERO);
                 });
         }
         ServiceHost {
@@ -122,20 +138,22 @@ impl ServiceHost {
 
 impl Host for ServiceHost {
     fn service_address(&mut self, hold: bool) {
-        self.held.store(hold, Ordering::Relaxed);
         let r = if hold {
             let r = msl_netcfg::add_address(&self.ifname, self.ip, self.prefix);
-            if let (Ok(()), IpAddr::V4(v4)) = (&r, self.ip) {
-                // Announce off the core thread (rounds are 100 ms apart).
-                let ifname = self.ifname.clone();
-                std::thread::spawn(move || {
-                    if let Err(e) = msl_netcfg::send_gratuitous_arp(&ifname, v4, 3) {
-                        eprintln!("msld: gratuitous ARP for {v4} on {ifname} failed: {e}");
-                    }
-                });
+            if r.is_ok() {
+                *self.held.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                if let IpAddr::V4(v4) = self.ip {
+                    // Announce off the core thread, three rounds 100 ms apart.
+                    let (ifname, held) = (self.ifname.clone(), self.held.clone());
+                    std::thread::spawn(move || {
+                        announce(&ifname, v4, &held, 3, Duration::from_millis(100))
+                    });
+                }
             }
             r
         } else {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            *held = false;
             msl_netcfg::remove_address(&self.ifname, self.ip, self.prefix)
         };
         if let Err(e) = r {
