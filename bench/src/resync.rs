@@ -10,17 +10,16 @@
 //! starts (`msl-bench link`'s streaming of 4 KiB blocks with reliable
 //! delivery). Goal: >= 80 %.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use msl_harness::measure::{resync, resync_idle, ResyncRun, ResyncTrigger};
+use msl_harness::unix_ms;
 use msl_harness::workload::{Workload, WorkloadOptions};
-use msl_harness::{unix_ms, SERVICE_IP};
 use msl_transport::pair::Ends;
 use serde_json::json;
 
-use crate::nbd::{narrator, new_pair, parse_size, MSL_PORT as NBD_PORT};
+use crate::nbd::{narrator, new_pair, parse_size};
 /// Goals of issue 5.
 const GOAL_UNDER_LOAD: f64 = 0.8;
 const GOAL_IDLE: f64 = 0.8;
@@ -127,10 +126,7 @@ pub fn run(a: ResyncArgs) -> Result<(), String> {
     pair.wait_in_sync(1, timeout)?;
 
     // (a) steady load, then the same resync under it.
-    let addr: SocketAddr = format!("{SERVICE_IP}:{NBD_PORT}")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let mut wo = WorkloadOptions::new(addr);
+    let mut wo = WorkloadOptions::new(pair.service_addr());
     wo.first_block = 0;
     wo.blocks = a.size / 4096;
     wo.connections = a.connections.max(1);

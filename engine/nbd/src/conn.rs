@@ -55,35 +55,26 @@ fn readable_bytes(fd: RawFd) -> usize {
     }
 }
 
-impl Socket for TcpStream {
-    fn clone_socket(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
-    }
-    fn input_pending(&self) -> bool {
-        readable_bytes(self.as_raw_fd()) > 0
-    }
+/// `TcpStream` and `UnixStream` offer the same calls under the same names.
+macro_rules! impl_socket {
+    ($($t:ty),*) => {$(
+        impl Socket for $t {
+            fn clone_socket(&self) -> io::Result<Self> {
+                self.try_clone()
+            }
+            fn shutdown_both(&self) {
+                let _ = self.shutdown(Shutdown::Both);
+            }
+            fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                self.set_read_timeout(t)
+            }
+            fn input_pending(&self) -> bool {
+                readable_bytes(self.as_raw_fd()) > 0
+            }
+        }
+    )*};
 }
-
-impl Socket for UnixStream {
-    fn clone_socket(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
-    }
-    fn input_pending(&self) -> bool {
-        readable_bytes(self.as_raw_fd()) > 0
-    }
-}
+impl_socket!(TcpStream, UnixStream);
 
 /// One export: a name, a backend, its configuration and its counters.
 pub struct Export {

@@ -479,6 +479,13 @@ impl Pair {
         self.node(id).lock().exits.clone()
     }
 
+    /// The NBD export's address as clients reach it: the service address
+    /// and the pair's NBD port.
+    pub fn service_addr(&self) -> std::net::SocketAddr {
+        let ip: std::net::IpAddr = SERVICE_IP.parse().expect("SERVICE_IP is an address");
+        (ip, self.opts.nbd_port).into()
+    }
+
     /// The run directory (configs, key, logs, volumes, sockets).
     pub fn dir(&self) -> &Path {
         &self.dir_path

@@ -340,9 +340,7 @@ impl<'a> Ctx<'a> {
 
     /// The client workload from the client host.
     pub fn start_workload(&mut self) -> Result<Workload, String> {
-        let addr: SocketAddr = format!("{SERVICE_IP}:{}", self.opts.pair.nbd_port)
-            .parse()
-            .map_err(|e| format!("service address: {e}"))?;
+        let addr = self.pair.service_addr();
         let mut w = WorkloadOptions::new(addr);
         w.blocks = self.opts.workload_blocks;
         w.connections = self.opts.workload_connections;

@@ -12,10 +12,7 @@ fn test_resync_under_load_and_idle_report_progress_and_rates() {
     let pair = Pair::new(PairOptions::default()).expect("build the pair (run as root)");
     pair.start_both().unwrap();
     pair.wait_in_sync(1, Duration::from_secs(30)).unwrap();
-    let addr = format!("{}:10809", msl_harness::SERVICE_IP)
-        .parse()
-        .unwrap();
-    let mut o = WorkloadOptions::new(addr);
+    let mut o = WorkloadOptions::new(pair.service_addr());
     o.blocks = 1024;
     o.max_writes_per_s = Some(500);
     let wl = Workload::start(pair.topo.client_ns(), o).unwrap();

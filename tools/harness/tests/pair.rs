@@ -66,10 +66,7 @@ fn test_workload_verify_detects_an_overwritten_acknowledged_block() {
     let pair = Pair::new(PairOptions::default()).expect("build the pair (run as root)");
     pair.start_both().unwrap();
     pair.wait_in_sync(1, Duration::from_secs(30)).unwrap();
-    let addr = format!("{}:10809", msl_harness::SERVICE_IP)
-        .parse()
-        .unwrap();
-    let mut o = WorkloadOptions::new(addr);
+    let mut o = WorkloadOptions::new(pair.service_addr());
     o.blocks = 64;
     let wl = Workload::start(pair.topo.client_ns(), o).unwrap();
     wl.wait_acks(300, Duration::from_secs(20)).unwrap();
