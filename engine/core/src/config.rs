@@ -84,7 +84,7 @@ impl Config {
             rto_initial_us: 20_000,
             rto_min_us: 2_000,
             rto_max_us: 1_000_000,
-            al_extents: 61,
+            al_extents: 1237,
             extent_blocks: 1024,
             resync_max_in_flight: 64,
             resync_max_bytes_per_s: 0,

@@ -2399,14 +2399,17 @@ impl<H: Payload> Node<H> {
         self.last_write_us = self.now;
         self.inflight_wids.insert(wid);
         let io = self.next_io();
-        self.emit(Action::Write {
+        // The local write is emitted after the mirror message: the peer's
+        // half of the round trip then overlaps the local write instead of
+        // waiting for it (the client's reply needs both either way).
+        let local = Action::Write {
             io,
             block: q.block,
             count: q.count,
             kind: q.kind,
             fua: q.fua,
             payload: q.payload.clone(),
-        });
+        };
         let mut seq = None;
         if mirror || mirror_async {
             let bs = u64::from(self.cfg.block_size);
@@ -2444,6 +2447,7 @@ impl<H: Payload> Node<H> {
                 }
             }
         }
+        self.emit(local);
         self.pending.insert(
             io,
             PendingWrite {

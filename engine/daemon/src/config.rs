@@ -124,6 +124,11 @@ pub struct FileConfig {
     /// Resync rate ceiling when clients are idle (MiB/s, 0 = the link).
     #[serde(default)]
     pub resync_max_mib_s: u64,
+    /// Activity-log extents (4 MiB each with 4 KiB blocks): the region
+    /// kept hot without a flush of both sides, and what a crashed primary
+    /// resyncs. DRBD's default, 1237 (about 4.8 GiB).
+    #[serde(default = "default_al_extents")]
+    pub al_extents: u32,
     pub log_file: PathBuf,
     /// Run for every state change, event in the environment.
     pub notify_command: Option<PathBuf>,
@@ -156,6 +161,9 @@ fn default_heartbeat_interval_ms() -> u64 {
 }
 fn default_miss_count() -> u32 {
     8
+}
+fn default_al_extents() -> u32 {
+    1237
 }
 fn default_resync_min_mib_s() -> u64 {
     10
@@ -338,6 +346,13 @@ impl DaemonConfig {
             ));
         }
         range("resync_min_mib_s", file.resync_min_mib_s, 1, 100_000)?;
+        // The metadata slots hold at most DEFAULT_AL_CAPACITY extents.
+        range(
+            "al_extents",
+            u64::from(file.al_extents),
+            1,
+            u64::from(msl_store::DEFAULT_AL_CAPACITY),
+        )?;
         if file.resync_max_mib_s != 0 && file.resync_max_mib_s < file.resync_min_mib_s {
             return Err(invalid(
                 "resync_max_mib_s",
@@ -387,6 +402,7 @@ impl DaemonConfig {
         c.miss_count = f.miss_count;
         c.resync_max_bytes_per_s = f.resync_max_mib_s << 20;
         c.resync_min_bytes_per_s = f.resync_min_mib_s << 20;
+        c.al_extents = f.al_extents as usize;
         // The core thread can be milliseconds behind its input queue during
         // bulk traffic, so acks wait there while retransmit timers expire:
         // with the core's 2 ms floor a 64 MiB full sync resent about every
