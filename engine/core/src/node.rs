@@ -478,9 +478,11 @@ struct Session<H> {
     stable: u64,
     flush_in_flight: Option<(IoId, u64)>,
     last_flush_us: Micros,
-    /// A flush is due (FUA write, or periodic): new applies wait until it
-    /// has been issued, so a steady stream cannot starve it.
+    /// A flush is due (FUA write, or periodic). It is issued once every
+    /// message up to `flush_upto` is applied; applies go on meanwhile, and
+    /// while it runs (it covers what completed before it was issued).
     flush_wanted: bool,
+    flush_upto: u64,
     /// Source side: resync progress.
     resync_total: u64,
     resync_cursor: u64,
@@ -1587,6 +1589,7 @@ impl<H: Payload> Node<H> {
             flush_in_flight: None,
             last_flush_us: self.now,
             flush_wanted: false,
+            flush_upto: 0,
             resync_total: 0,
             resync_cursor: 0,
             resync_reads: BTreeMap::new(),
@@ -1989,7 +1992,7 @@ impl<H: Payload> Node<H> {
                         .applying
                         .values()
                         .any(|&(b, c)| block < b + c && b < block + count);
-                    if overlaps || s.flush_in_flight.is_some() || s.flush_wanted {
+                    if overlaps {
                         break;
                     }
                     if m.generation != self.meta.gens.current && matches!(m.msg, Message::Data(_)) {
@@ -2028,9 +2031,10 @@ impl<H: Payload> Node<H> {
                         payload: m.payload,
                     });
                     if fua {
-                        // FUA: flush behind it so `stable` covers it.
+                        // FUA: flush once it is written so `stable` covers it.
                         if let Some(s) = self.session.as_mut() {
                             s.flush_wanted = true;
+                            s.flush_upto = s.flush_upto.max(seq);
                         }
                     }
                 }
@@ -2741,21 +2745,29 @@ impl<H: Payload> Node<H> {
         };
         if s.applied <= s.stable {
             // Everything applied is stable already (a FLUSH barrier got
-            // there first): nothing to wait for.
-            s.flush_wanted = false;
+            // there first): nothing to wait for, unless a FUA write is
+            // still being written.
+            if s.flush_upto <= s.stable {
+                s.flush_wanted = false;
+            }
             return;
         }
         if s.flush_in_flight.is_some() {
             return;
         }
-        // Periodic, and after `2 * window` applied frames: a bulk stream
-        // (resync) then gets its stable points, and bits clear, without
-        // waiting for the timer.
+        // Periodic, and during a resync after `2 * window` applied frames:
+        // the bulk stream then gets its stable points, and bits clear,
+        // without waiting for the timer.
         let bulk = 2 * self.cfg.window as u64;
-        if now >= s.last_flush_us + interval || s.applied >= s.stable + bulk {
+        if now >= s.last_flush_us + interval
+            || (!s.target_unflushed.is_empty() && s.applied >= s.stable + bulk)
+        {
             s.flush_wanted = true;
         }
-        if s.flush_wanted && s.applying.is_empty() {
+        // The flush covers everything applied when it is issued: writes
+        // still in flight are not waited for (the next flush covers them),
+        // only a FUA write that asked for it.
+        if s.flush_wanted && s.applied >= s.flush_upto {
             let io = self.next_io;
             self.next_io += 1;
             s.flush_in_flight = Some((io, s.applied));

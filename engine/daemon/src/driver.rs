@@ -62,7 +62,7 @@ pub enum Input {
         kind: IoKind,
         fua: bool,
         payload: Option<Block>,
-        reply: SyncSender<Reply>,
+        reply: ReplyTo,
     },
     Flush {
         reply: SyncSender<Reply>,
@@ -79,6 +79,26 @@ pub enum Input {
 
 /// A client request's outcome.
 pub type Reply = Result<(), ClientError>;
+
+/// Where a client write's outcome goes.
+pub enum ReplyTo {
+    /// A thread waiting on the channel.
+    Wait(SyncSender<Reply>),
+    /// Called on the core thread (it must not block): the NBD front end's
+    /// completion, which queues the reply for the connection's reply thread.
+    Call(Box<dyn FnOnce(Reply) + Send>),
+}
+
+impl ReplyTo {
+    fn send(self, r: Reply) {
+        match self {
+            ReplyTo::Wait(tx) => {
+                let _ = tx.send(r);
+            }
+            ReplyTo::Call(f) => f(r),
+        }
+    }
+}
 
 /// Hooks the driver calls for things outside the node (service address).
 pub trait Host: Send {
@@ -336,7 +356,9 @@ pub struct Driver<H: Host> {
     notifier: Notifier,
     host: H,
     shared: Arc<Shared>,
-    replies: HashMap<u64, SyncSender<Reply>>,
+    /// Waiting client requests: where the answer goes, and the bytes a
+    /// successful write adds to `client_bytes_written`.
+    replies: HashMap<u64, (ReplyTo, u64)>,
     next_req: u64,
     epoch: Instant,
     node_id: u16,
@@ -586,7 +608,11 @@ impl<H: Host> Driver<H> {
                 }) => {
                     let req = self.next_req;
                     self.next_req += 1;
-                    self.replies.insert(req, reply);
+                    let bytes = match kind {
+                        IoKind::Write => count * u64::from(self.node.config().block_size),
+                        _ => 0,
+                    };
+                    self.replies.insert(req, (reply, bytes));
                     Event::ClientWrite {
                         req,
                         block,
@@ -599,7 +625,7 @@ impl<H: Host> Driver<H> {
                 Some(Input::Flush { reply }) => {
                     let req = self.next_req;
                     self.next_req += 1;
-                    self.replies.insert(req, reply);
+                    self.replies.insert(req, (ReplyTo::Wait(reply), 0));
                     Event::ClientFlush { req }
                 }
             };
@@ -723,8 +749,13 @@ impl<H: Host> Driver<H> {
                 }
             }
             Action::Reply { req, result } => {
-                if let Some(tx) = self.replies.remove(&req) {
-                    let _ = tx.send(result);
+                if let Some((to, bytes)) = self.replies.remove(&req) {
+                    if result.is_ok() && bytes > 0 {
+                        self.shared
+                            .client_bytes_written
+                            .fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    to.send(result);
                 }
             }
             Action::Notify(n) => self.notifier.notify(EventRecord::new(self.node_id, &n)),
@@ -743,8 +774,8 @@ impl<H: Host> Driver<H> {
                 let _ = self.execute(a, &mut internal);
             }
         }
-        for (_, tx) in self.replies.drain() {
-            let _ = tx.send(Err(ClientError::NotPrimary));
+        for (_, (to, _)) in self.replies.drain() {
+            to.send(Err(ClientError::NotPrimary));
         }
         exit
     }
@@ -776,24 +807,49 @@ impl Client {
         data: Option<&[u8]>,
     ) -> Reply {
         let (tx, rx) = sync_channel(1);
+        let payload = data.map(Block::from);
+        self.send_write(offset, len, kind, fua, payload, ReplyTo::Wait(tx))?;
+        rx.recv().unwrap_or(Err(ClientError::NotPrimary))
+    }
+
+    /// Submit a block-aligned write without waiting: `done` runs on the
+    /// core thread with the outcome (it must not block).
+    pub fn submit_async(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        data: Block,
+        done: Box<dyn FnOnce(Reply) + Send>,
+    ) -> Result<(), ClientError> {
+        self.send_write(
+            offset,
+            len,
+            IoKind::Write,
+            fua,
+            Some(data),
+            ReplyTo::Call(done),
+        )
+    }
+
+    fn send_write(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: IoKind,
+        fua: bool,
+        payload: Option<Block>,
+        reply: ReplyTo,
+    ) -> Result<(), ClientError> {
         let input = Input::Write {
             block: offset / self.block_size,
             count: len / self.block_size,
             kind,
             fua,
-            payload: data.map(Block::from),
-            reply: tx,
+            payload,
+            reply,
         };
-        self.inputs
-            .send(input)
-            .map_err(|_| ClientError::NotPrimary)?;
-        let r = rx.recv().unwrap_or(Err(ClientError::NotPrimary));
-        if r.is_ok() && kind == IoKind::Write {
-            self.shared
-                .client_bytes_written
-                .fetch_add(len, Ordering::Relaxed);
-        }
-        r
+        self.inputs.send(input).map_err(|_| ClientError::NotPrimary)
     }
 
     pub fn flush(&self) -> Reply {

@@ -4,18 +4,60 @@
 //! primary's volume holds every acknowledged write). Writes, trims and
 //! write-zeroes go through the protocol core, which acknowledges them only
 //! when they are written locally AND on the peer (sync mode) or marked dirty
-//! (degraded). Requests not aligned to the block size are done as
-//! read-modify-write of whole blocks, under a lock that keeps aligned writes
-//! out of the blocks being merged.
+//! (degraded). Aligned writes are asynchronous: the core answers the NBD
+//! connection's reply thread directly. Requests not aligned to the block
+//! size are done as read-modify-write of whole blocks, under a lock that
+//! keeps other writes out, once the asynchronous writes in flight are done
+//! (the merge must read their data).
 
 use std::io;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use msl_core::node::{ClientError, IoKind};
-use msl_nbd::Backend;
+use msl_nbd::{Backend, Completion};
 use msl_store::Volume;
 
-use crate::driver::{Client, Reply};
+use crate::driver::{Block, Client, Reply};
+
+/// Asynchronous writes submitted and not yet answered.
+#[derive(Default)]
+struct InFlight {
+    n: Mutex<usize>,
+    zero: Condvar,
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.done();
+    }
+}
+
+impl InFlight {
+    fn add(&self) {
+        *self.n.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+    fn done(&self) {
+        let mut n = self.n.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            self.zero.notify_all();
+        }
+    }
+    /// Counted until the returned guard drops (answered, or dropped
+    /// unanswered when the core is gone).
+    fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.add();
+        InFlightGuard(self.clone())
+    }
+    fn wait_idle(&self) {
+        let mut n = self.n.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = self.zero.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
 
 /// A [`Backend`] over the mirroring core.
 pub struct MirrorBackend {
@@ -25,6 +67,7 @@ pub struct MirrorBackend {
     /// size; bounded so one mirrored message fits the fragment limit).
     max_write_bytes: u64,
     rmw: RwLock<()>,
+    in_flight: Arc<InFlight>,
 }
 
 fn to_io(e: ClientError) -> io::Error {
@@ -47,6 +90,7 @@ impl MirrorBackend {
             volume,
             max_write_bytes,
             rmw: RwLock::new(()),
+            in_flight: Arc::default(),
         }
     }
 
@@ -106,6 +150,7 @@ impl MirrorBackend {
             .rmw
             .write()
             .map_err(|_| io::Error::other("lock poisoned"))?;
+        self.in_flight.wait_idle();
         let first = off / bs * bs;
         let end = (off + len).div_ceil(bs) * bs;
         let mut buf = vec![0u8; (end - first) as usize];
@@ -134,6 +179,39 @@ impl Backend for MirrorBackend {
 
     fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
         self.write_any(off, data.len() as u64, IoKind::Write, Some(data), fua)
+    }
+
+    fn async_writes(&self) -> bool {
+        true
+    }
+
+    fn write_async(&self, off: u64, data: Vec<u8>, fua: bool, done: Completion) {
+        let len = data.len() as u64;
+        let bs = self.client.block_size;
+        let simple = off.is_multiple_of(bs)
+            && len.is_multiple_of(bs)
+            && len > 0
+            && len <= self.max_write_bytes;
+        if !simple {
+            // Unaligned (read-modify-write) or split: rare; done here.
+            return done.complete(self.write(off, &data, fua));
+        }
+        if let Err(e) = self.serving() {
+            return done.complete(Err(e));
+        }
+        let Ok(_g) = self.rmw.read() else {
+            return done.complete(Err(io::Error::other("lock poisoned")));
+        };
+        let guard = self.in_flight.enter();
+        let answer = Box::new(move |r: Reply| {
+            drop(guard);
+            done.complete(r.map_err(to_io));
+        });
+        // If the core is gone the closure is dropped unanswered: its
+        // Completion answers EIO and its guard leaves the count.
+        let _ = self
+            .client
+            .submit_async(off, len, fua, Block::from(data), answer);
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -30,6 +30,74 @@ pub trait Backend: Send + Sync + 'static {
     fn can_multi_conn(&self) -> bool {
         false
     }
+    /// True if [`Backend::write_async`] returns without waiting for the
+    /// write: the server then hands every WRITE to it from the connection's
+    /// reader and answers from one reply thread per connection as
+    /// completions arrive, so no thread waits per request in flight (the
+    /// mirror's writes wait for the peer; 32 in flight were 32 parked
+    /// threads and 64 thread wake-ups).
+    fn async_writes(&self) -> bool {
+        false
+    }
+    /// Start a write of `data` at `off` (durable before completion with
+    /// `fua`) and report its outcome through `done`, exactly once, from any
+    /// thread. Overlapping writes in flight may complete in any order, as
+    /// NBD allows. The default runs [`Backend::write`] here.
+    fn write_async(&self, off: u64, data: Vec<u8>, fua: bool, done: Completion) {
+        done.complete(self.write(off, &data, fua));
+    }
+}
+
+/// A finished asynchronous write, on its way to the connection's reply
+/// thread.
+pub(crate) struct Done {
+    pub handle: u64,
+    pub cost: u64,
+    pub len: u64,
+    pub result: io::Result<()>,
+}
+
+/// Where an asynchronous write reports its outcome. Dropping it without
+/// [`Completion::complete`] answers the request with EIO, so a backend
+/// that loses a request never leaves the client waiting forever.
+pub struct Completion {
+    to: Option<(crossbeam_channel::Sender<Done>, u64, u64, u64)>,
+}
+
+impl Completion {
+    pub(crate) fn new(
+        to: crossbeam_channel::Sender<Done>,
+        handle: u64,
+        cost: u64,
+        len: u64,
+    ) -> Self {
+        Completion {
+            to: Some((to, handle, cost, len)),
+        }
+    }
+
+    /// Report the write's outcome (the client's reply follows).
+    pub fn complete(mut self, result: io::Result<()>) {
+        self.finish(result);
+    }
+
+    fn finish(&mut self, result: io::Result<()>) {
+        if let Some((to, handle, cost, len)) = self.to.take() {
+            // The connection may be gone; then nobody waits for this.
+            let _ = to.send(Done {
+                handle,
+                cost,
+                len,
+                result,
+            });
+        }
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.finish(Err(io::Error::from_raw_os_error(libc::EIO)));
+    }
 }
 
 /// A regular file or block device, through pread/pwrite/fdatasync, with

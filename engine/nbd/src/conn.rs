@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 
+use crate::backend::{Completion, Done};
 use crate::counters::Counters;
 use crate::proto::*;
 use crate::{Backend, ServerConfig};
@@ -477,31 +478,33 @@ impl<S: Socket> Conn<'_, S> {
         }
     }
 
-    fn reply_ok(&self, handle: u64) {
-        if self.neg.structured {
-            let mut b = [0u8; STRUCTURED_REPLY_LEN];
+    /// A reply without payload: success (`errno` 0) or an error.
+    fn status_reply(&self, handle: u64, errno: u32) -> ([u8; STRUCTURED_REPLY_LEN + 6], usize) {
+        let mut b = [0u8; STRUCTURED_REPLY_LEN + 6];
+        let n = if !self.neg.structured {
+            simple_header(&mut b, errno, handle);
+            SIMPLE_REPLY_LEN
+        } else if errno == 0 {
             structured_header(&mut b, REPLY_TYPE_NONE, handle, 0);
-            self.send(&b);
+            STRUCTURED_REPLY_LEN
         } else {
-            let mut b = [0u8; SIMPLE_REPLY_LEN];
-            simple_header(&mut b, 0, handle);
-            self.send(&b);
-        }
+            structured_header(&mut b, REPLY_TYPE_ERROR, handle, 6);
+            b[20..24].copy_from_slice(&errno.to_be_bytes());
+            // b[24..26]: message length 0.
+            STRUCTURED_REPLY_LEN + 6
+        };
+        (b, n)
+    }
+
+    fn reply_ok(&self, handle: u64) {
+        let (b, n) = self.status_reply(handle, 0);
+        self.send(&b[..n]);
     }
 
     fn reply_err(&self, handle: u64, errno: u32) {
         self.ex.counters.count_error(errno);
-        if self.neg.structured {
-            let mut b = [0u8; STRUCTURED_REPLY_LEN + 6];
-            structured_header(&mut b, REPLY_TYPE_ERROR, handle, 6);
-            b[20..24].copy_from_slice(&errno.to_be_bytes());
-            // b[24..26]: message length 0.
-            self.send(&b);
-        } else {
-            let mut b = [0u8; SIMPLE_REPLY_LEN];
-            simple_header(&mut b, errno, handle);
-            self.send(&b);
-        }
+        let (b, n) = self.status_reply(handle, errno);
+        self.send(&b[..n]);
     }
 
     fn reply_result(&self, handle: u64, r: io::Result<()>) {
@@ -576,6 +579,40 @@ impl<S: Socket> Conn<'_, S> {
         self.budget.release(job.cost);
     }
 
+    /// Answer asynchronous writes as they complete: every completion that
+    /// is already there goes out in one write.
+    fn replier(&self, rx: &Receiver<Done>) {
+        let mut out = Vec::new();
+        while let Ok(d) = rx.recv() {
+            let mut cost = 0;
+            let mut next = Some(d);
+            while let Some(d) = next {
+                let errno = match &d.result {
+                    Ok(()) => {
+                        Counters::add(&self.ex.counters.bytes_written, d.len);
+                        0
+                    }
+                    Err(e) => {
+                        let errno = errno_of(e);
+                        self.ex.counters.count_error(errno);
+                        errno
+                    }
+                };
+                let (b, n) = self.status_reply(d.handle, errno);
+                out.extend_from_slice(&b[..n]);
+                cost += d.cost;
+                next = if out.len() < OUTBOX_MAX {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            self.send(&out);
+            out.clear();
+            self.budget.release(cost);
+        }
+    }
+
     fn worker(&self, rx: &Receiver<Job>) {
         while let Ok(job) = rx.recv() {
             self.execute(job);
@@ -644,7 +681,18 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
     let size = ex.backend.size();
     let ro = ex.cfg.read_only;
     let mut r = BufReader::with_capacity(64 * 1024, sock);
+    let async_writes = ex.backend.async_writes();
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
     let end = std::thread::scope(|scope| {
+        if async_writes {
+            let (conn, done_rx) = (&conn, &done_rx);
+            let t = std::thread::Builder::new()
+                .name("nbd-reply".into())
+                .spawn_scoped(scope, move || conn.replier(done_rx));
+            if t.is_err() {
+                return ConnEnd::Closed;
+            }
+        }
         // Workers start on demand: one more whenever every running worker
         // has a request, up to `workers_per_connection`. A queue-depth-1
         // client runs on the reader alone; a deep queue against a backend
@@ -743,6 +791,13 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                     conn.budget.release(cost);
                     conn.reply_err(handle, errno);
                 }
+                None if async_writes && cmd == CMD_WRITE => {
+                    // Answered by the reply thread when the backend is done.
+                    let data = std::mem::take(&mut job.data);
+                    let done = Completion::new(done_tx.clone(), handle, job.cost, len.into());
+                    ex.backend
+                        .write_async(off, data, flags & CMD_FLAG_FUA != 0, done);
+                }
                 None => {
                     // Nothing in flight and nothing more to read: the
                     // client waits for this reply (queue depth 1), so run
@@ -777,8 +832,10 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                 }
             }
         };
-        // Let the workers drain what is in flight, then close.
+        // Let the workers and the reply thread drain what is in flight,
+        // then close.
         drop(tx);
+        drop(done_tx);
         end
     });
     r.get_ref().shutdown_both();

@@ -14,7 +14,7 @@ mod server;
 
 use std::time::Duration;
 
-pub use backend::{Backend, FileBackend};
+pub use backend::{Backend, Completion, FileBackend};
 pub use conn::{serve_stream, ConnEnd, Export, Socket, MAX_OPTION_LEN};
 pub use counters::{Counters, CountersSnapshot};
 pub use server::{serve, Server};

@@ -772,3 +772,124 @@ fn test_queue_depth_one_runs_on_reader_and_deep_queue_gets_one_worker_per_reques
     drop(names);
     assert_eq!(c.end(), ConnEnd::Closed);
 }
+
+/// A backend with asynchronous writes: completions are held until `batch`
+/// of them are waiting, then answered in reverse order from another
+/// thread; the write at `drop_off` is never answered (its Completion is
+/// dropped).
+struct AsyncMem {
+    mem: Arc<Mem>,
+    batch: usize,
+    drop_off: u64,
+    held: Mutex<Vec<(u64, Vec<u8>, msl_nbd::Completion)>>,
+    threads: Mutex<Vec<String>>,
+}
+
+impl Backend for AsyncMem {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.mem.read(off, buf)
+    }
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.mem.write(off, data, fua)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.mem.write_zeroes(off, len, fua)
+    }
+    fn async_writes(&self) -> bool {
+        true
+    }
+    fn write_async(&self, off: u64, data: Vec<u8>, _fua: bool, done: msl_nbd::Completion) {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.threads.lock().unwrap().push(name);
+        let mut held = self.held.lock().unwrap();
+        held.push((off, data, done));
+        if held.len() < self.batch {
+            return;
+        }
+        let mut all = std::mem::take(&mut *held);
+        drop(held);
+        let mem = self.mem.clone();
+        let drop_off = self.drop_off;
+        std::thread::spawn(move || {
+            while let Some((off, data, done)) = all.pop() {
+                if off == drop_off {
+                    drop(done); // never answered by the backend
+                    continue;
+                }
+                done.complete(mem.write(off, &data, false));
+            }
+        });
+    }
+}
+
+#[test]
+fn async_writes_complete_out_of_order_on_the_reply_thread() {
+    let n = 32u64;
+    let be = Arc::new(AsyncMem {
+        mem: Mem::new(),
+        batch: 8,
+        drop_off: 5 * 4096,
+        held: Mutex::new(Vec::new()),
+        threads: Mutex::new(Vec::new()),
+    });
+    let export = Arc::new(Export::new("msl".into(), be.clone(), small_cfg()));
+    let (c, s) = UnixStream::pair().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (tx, end) = mpsc::channel();
+    let ex = export.clone();
+    std::thread::Builder::new()
+        .name("nbd-reader".into())
+        .spawn(move || {
+            let _ = tx.send(serve_stream(s, &ex));
+        })
+        .unwrap();
+    let mut c = Conn {
+        c,
+        end,
+        export,
+        mem: be.mem.clone(),
+    };
+    c.greet(CF);
+    c.go("msl").unwrap();
+    let mut all = Vec::new();
+    for h in 0..n {
+        all.extend(write_request(h, h * 4096));
+    }
+    c.c.write_all(&all).unwrap();
+    let mut got: Vec<(u64, u32)> = (0..n).map(|_| c.simple()).map(|(e, h)| (h, e)).collect();
+    let order: Vec<u64> = got.iter().map(|g| g.0).collect();
+    got.sort();
+    // Every request answered once; the dropped one with EIO, the rest OK.
+    for (h, e) in &got {
+        let want = if *h == 5 { libc_eio() as u32 } else { 0 };
+        assert_eq!(*e, want, "handle {h}");
+    }
+    assert_eq!(
+        got.iter().map(|g| g.0).collect::<Vec<_>>(),
+        (0..n).collect::<Vec<_>>()
+    );
+    // Answered in completion order (reversed batches), not request order.
+    assert_ne!(
+        order,
+        (0..n).filter(|h| *h != 5).chain([5]).collect::<Vec<_>>()
+    );
+    assert_ne!(order, (0..n).collect::<Vec<_>>());
+    // All handed over on the reader: no worker thread per request.
+    assert!(be.threads.lock().unwrap().iter().all(|t| t == "nbd-reader"));
+    let d = be.mem.data.lock().unwrap().clone();
+    for h in (0..n).filter(|h| *h != 5) {
+        let at = (h * 4096) as usize;
+        assert_eq!(&d[at..at + 4096], common::pattern(4096, h), "block {h}");
+    }
+    assert_eq!(c.export.counters.snapshot().bytes_written, (n - 1) * 4096);
+    assert_eq!(c.end(), ConnEnd::Closed);
+}
