@@ -697,6 +697,28 @@ impl Backend for Probe {
     }
 }
 
+/// Serve `backend` on a thread named "nbd-reader" (`mem` is what the
+/// test inspects).
+fn start_on_reader(backend: Arc<dyn Backend>, mem: Arc<Mem>) -> Conn {
+    let export = Arc::new(Export::new("msl".into(), backend, small_cfg()));
+    let (c, s) = UnixStream::pair().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (tx, end) = mpsc::channel();
+    let ex = export.clone();
+    std::thread::Builder::new()
+        .name("nbd-reader".into())
+        .spawn(move || {
+            let _ = tx.send(serve_stream(s, &ex));
+        })
+        .unwrap();
+    Conn {
+        c,
+        end,
+        export,
+        mem,
+    }
+}
+
 fn write_request(handle: u64, off: u64) -> Vec<u8> {
     let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
     b.extend_from_slice(&0u16.to_be_bytes());
@@ -716,23 +738,7 @@ fn test_queue_depth_one_runs_on_reader_and_deep_queue_gets_one_worker_per_reques
         now: Default::default(),
         max: Default::default(),
     });
-    let export = Arc::new(Export::new("msl".into(), probe.clone(), small_cfg()));
-    let (c, s) = UnixStream::pair().unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (tx, end) = mpsc::channel();
-    let ex = export.clone();
-    std::thread::Builder::new()
-        .name("nbd-reader".into())
-        .spawn(move || {
-            let _ = tx.send(serve_stream(s, &ex));
-        })
-        .unwrap();
-    let mut c = Conn {
-        c,
-        end,
-        export,
-        mem: Mem::new(),
-    };
+    let mut c = start_on_reader(probe.clone(), Mem::new());
     c.greet(CF);
     c.go("msl").unwrap();
     // Queue depth 1: each write waits for its reply; no hand-off.
@@ -841,23 +847,7 @@ fn async_writes_complete_out_of_order_on_the_reply_thread() {
         held: Mutex::new(Vec::new()),
         threads: Mutex::new(Vec::new()),
     });
-    let export = Arc::new(Export::new("msl".into(), be.clone(), small_cfg()));
-    let (c, s) = UnixStream::pair().unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (tx, end) = mpsc::channel();
-    let ex = export.clone();
-    std::thread::Builder::new()
-        .name("nbd-reader".into())
-        .spawn(move || {
-            let _ = tx.send(serve_stream(s, &ex));
-        })
-        .unwrap();
-    let mut c = Conn {
-        c,
-        end,
-        export,
-        mem: be.mem.clone(),
-    };
+    let mut c = start_on_reader(be.clone(), be.mem.clone());
     c.greet(CF);
     c.go("msl").unwrap();
     let mut all = Vec::new();
