@@ -210,13 +210,22 @@ impl FrameEncoder {
     }
 }
 
+/// Spawn a named thread (names show in `top -H` and profiles). Like
+/// `std::thread::spawn`, it aborts the start if the OS has no thread left.
+fn named_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot start thread {name}: {e}"))
+}
+
 /// Start the MSL transmit thread: control frames first, then data.
 pub fn start_msl_tx(
     mut link: Box<dyn TxLink>,
     shared: Arc<Shared>,
 ) -> (SyncSender<(bool, Vec<u8>)>, JoinHandle<()>) {
     let (tx, rx) = sync_channel::<(bool, Vec<u8>)>(4096);
-    let h = std::thread::spawn(move || {
+    let h = named_thread("msl-tx", move || {
         let mut control = VecDeque::new();
         let mut data = VecDeque::new();
         loop {
@@ -280,7 +289,7 @@ pub fn start_msl_rx(
     stop: Arc<AtomicBool>,
     shared: Arc<Shared>,
 ) -> JoinHandle<()> {
-    std::thread::spawn(move || {
+    named_thread("msl-rx", move || {
         let mut reasm = Reassembler::new(16, max_message);
         let expect = wire::Expect {
             cluster_id,

@@ -13,6 +13,14 @@ use crate::error::StoreError;
 const WHAT: &str = "volume";
 /// Chunk size for writing zeroes when the kernel cannot do it for us.
 const ZERO_CHUNK: usize = 256 * 1024;
+/// Largest single `pwrite` of a volume write. On ext4 with large folios
+/// (Linux 6.16 on) a write creates page-cache folios as large as itself,
+/// and every later 4 KiB write into such a folio walks all of its buffer
+/// heads: after a 1 MiB write, a 4 KiB write into it cost 11 us instead of
+/// 2-5 us, and on msld's core thread `ext4_block_write_begin` was half of
+/// all its time under 4 KiB random writes. 64 KiB pieces keep the folios
+/// small at one system call per 64 KiB.
+const WRITE_PIECE: usize = 64 * 1024;
 
 /// What backs a [`Volume`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +126,15 @@ impl Volume {
                 }
             }
         }
+        // No kernel readahead on the volume: readahead fills the page cache
+        // with large folios (up to 2 MiB on ext4 since Linux 6.16), and
+        // every later 4 KiB write into one walks all of its buffer heads:
+        // after a sequential read of the file (a resync source reads it
+        // all), 4 KiB random writes cost 38 us each instead of 3.3 us.
+        // Clients and the resync read what they need in large requests
+        // anyway. Advice only: an error changes nothing.
+        // SAFETY: a valid fd owned by `file`; plain integer arguments.
+        let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
         Ok(Volume {
             path: p,
             file,
@@ -167,7 +184,10 @@ impl Volume {
         let r = if fua {
             self.write_dsync(buf, offset)
         } else {
-            self.file.write_all_at(buf, offset)
+            // In pieces of at most WRITE_PIECE: see there.
+            buf.chunks(WRITE_PIECE)
+                .zip((offset..).step_by(WRITE_PIECE))
+                .try_for_each(|(piece, at)| self.file.write_all_at(piece, at))
         };
         let fua_s = if fua { " (FUA)" } else { "" };
         self.latch(r, || {
