@@ -12,9 +12,9 @@
 //! a transmit thread over two queues, control ahead of data.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -219,31 +219,113 @@ fn named_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> JoinHandle<()
         .unwrap_or_else(|e| panic!("cannot start thread {name}: {e}"))
 }
 
-/// Start the MSL transmit thread: control frames first, then data.
-pub fn start_msl_tx(
-    mut link: Box<dyn TxLink>,
+/// The MSL transmit path: a transmit thread fed by a queue (control
+/// frames ahead of data), and the link itself, which the core thread uses
+/// directly when it is about to wait for input anyway and nothing is
+/// queued: a lone message (queue depth 1, an ack) then costs no thread
+/// wake-up, while under load the transmit thread does the sending.
+pub struct MslTx {
+    queue: SyncSender<(bool, Vec<u8>)>,
+    link: Arc<Mutex<Box<dyn TxLink>>>,
+    /// Frames handed to the queue and not yet sent. Only read and
+    /// lowered under the link's lock, so a direct send never overtakes
+    /// queued frames.
+    queued: Arc<AtomicUsize>,
     shared: Arc<Shared>,
-) -> (SyncSender<(bool, Vec<u8>)>, JoinHandle<()>) {
+}
+
+fn lock_link(link: &Mutex<Box<dyn TxLink>>) -> MutexGuard<'_, Box<dyn TxLink>> {
+    link.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Send frames on the link in batches, control first; count them.
+fn send_batches(link: &mut dyn TxLink, shared: &Shared, queues: [&mut VecDeque<Vec<u8>>; 2]) {
+    for q in queues {
+        while !q.is_empty() {
+            let batch: Vec<Vec<u8>> = q.drain(..q.len().min(msl_transport::MAX_BATCH)).collect();
+            let refs: Vec<&[u8]> = batch.iter().map(|f| f.as_slice()).collect();
+            if link.send_frames(&refs).is_ok() {
+                let bytes: usize = refs.iter().map(|f| f.len()).sum();
+                shared
+                    .msl_tx_frames
+                    .fetch_add(refs.len() as u64, Ordering::Relaxed);
+                shared
+                    .msl_tx_bytes
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
+            } else {
+                // Lost on the link (the reliable layer resends).
+                shared
+                    .msl_tx_errors
+                    .fetch_add(refs.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl MslTx {
+    /// Send `frames` (each tagged control or not), emptying it: on the
+    /// link here if `direct`, the link is free and nothing is queued;
+    /// otherwise through the transmit thread.
+    fn send(&self, frames: &mut Vec<(bool, Vec<u8>)>, direct: bool) {
+        if frames.is_empty() {
+            return;
+        }
+        if direct {
+            if let Ok(mut link) = self.link.try_lock() {
+                if self.queued.load(Ordering::Acquire) == 0 {
+                    let mut control = VecDeque::new();
+                    let mut data = VecDeque::new();
+                    for (is_control, f) in frames.drain(..) {
+                        if is_control {
+                            control.push_back(f)
+                        } else {
+                            data.push_back(f)
+                        }
+                    }
+                    send_batches(&mut **link, &self.shared, [&mut control, &mut data]);
+                    return;
+                }
+            }
+        }
+        for f in frames.drain(..) {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+            if self.queue.try_send(f).is_err() {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                self.shared.msl_tx_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Start the MSL transmit thread: control frames first, then data.
+pub fn start_msl_tx(link: Box<dyn TxLink>, shared: Arc<Shared>) -> (MslTx, JoinHandle<()>) {
     let (tx, rx) = sync_channel::<(bool, Vec<u8>)>(4096);
+    let link = Arc::new(Mutex::new(link));
+    let queued = Arc::new(AtomicUsize::new(0));
+    let handle = MslTx {
+        queue: tx,
+        link: link.clone(),
+        queued: queued.clone(),
+        shared: shared.clone(),
+    };
     let h = named_thread("msl-tx", move || {
         let mut control = VecDeque::new();
         let mut data = VecDeque::new();
         loop {
-            match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok((is_control, f)) => {
-                    if is_control {
-                        control.push_back(f)
-                    } else {
-                        data.push_back(f)
-                    }
-                }
+            let first = match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(f) => f,
                 Err(RecvTimeoutError::Timeout) => {
-                    let _ = link.flush();
+                    let _ = lock_link(&link).flush();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
-            }
-            while let Ok((is_control, f)) = rx.try_recv() {
+            };
+            let mut l = lock_link(&link);
+            let mut taken = 0;
+            for (is_control, f) in
+                std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
+                taken += 1;
                 if is_control {
                     control.push_back(f)
                 } else {
@@ -251,30 +333,11 @@ pub fn start_msl_tx(
                 }
             }
             // Control traffic never waits behind data.
-            for q in [&mut control, &mut data] {
-                while !q.is_empty() {
-                    let batch: Vec<Vec<u8>> =
-                        q.drain(..q.len().min(msl_transport::MAX_BATCH)).collect();
-                    let refs: Vec<&[u8]> = batch.iter().map(|f| f.as_slice()).collect();
-                    if link.send_frames(&refs).is_ok() {
-                        let bytes: usize = refs.iter().map(|f| f.len()).sum();
-                        shared
-                            .msl_tx_frames
-                            .fetch_add(refs.len() as u64, Ordering::Relaxed);
-                        shared
-                            .msl_tx_bytes
-                            .fetch_add(bytes as u64, Ordering::Relaxed);
-                    } else {
-                        // Lost on the link (the reliable layer resends).
-                        shared
-                            .msl_tx_errors
-                            .fetch_add(refs.len() as u64, Ordering::Relaxed);
-                    }
-                }
-            }
+            send_batches(&mut **l, &shared, [&mut control, &mut data]);
+            queued.fetch_sub(taken, Ordering::AcqRel);
         }
     });
-    (tx, h)
+    (handle, h)
 }
 
 /// Start the MSL receive thread: Ethernet + frame checks, reassembly, then
@@ -360,7 +423,10 @@ pub struct Driver<H: Host> {
     volume: Arc<Volume>,
     store: MetaStore,
     encoder: FrameEncoder,
-    msl_tx: SyncSender<(bool, Vec<u8>)>,
+    msl_tx: MslTx,
+    /// Frames encoded and not yet handed to the link or the transmit
+    /// thread (see `MslTx::send`).
+    out: Vec<(bool, Vec<u8>)>,
     lan: Option<LanPath>,
     notifier: Notifier,
     host: H,
@@ -409,7 +475,7 @@ impl<H: Host> Driver<H> {
         store: MetaStore,
         volume: Arc<Volume>,
         encoder: FrameEncoder,
-        msl_tx: SyncSender<(bool, Vec<u8>)>,
+        msl_tx: MslTx,
         lan: Option<LanPath>,
         notifier: Notifier,
         host: H,
@@ -425,6 +491,7 @@ impl<H: Host> Driver<H> {
             store,
             encoder,
             msl_tx,
+            out: Vec::new(),
             lan,
             notifier,
             host,
@@ -554,11 +621,15 @@ impl<H: Host> Driver<H> {
             };
             let input = match queued {
                 Some(i) => {
+                    // More to do: the transmit thread sends meanwhile.
+                    self.msl_tx.send(&mut self.out, false);
                     batch += 1;
                     Some(i)
                 }
                 None => {
                     self.send_held_ack();
+                    // About to wait: send from here, no wake-up.
+                    self.msl_tx.send(&mut self.out, true);
                     batch = 0;
                     let wait = self.node.poll_timeout().saturating_sub(self.now());
                     match inputs.recv_timeout(Duration::from_micros(wait.clamp(100, 50_000))) {
@@ -683,11 +754,7 @@ impl<H: Host> Driver<H> {
             .is_ok()
         {
             let control = msg.is_control();
-            for f in self.frames.drain(..) {
-                if self.msl_tx.try_send((control, f)).is_err() {
-                    self.shared.msl_tx_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            self.out.extend(self.frames.drain(..).map(|f| (control, f)));
         }
     }
 
@@ -783,6 +850,9 @@ impl<H: Host> Driver<H> {
                 let _ = self.execute(a, &mut internal);
             }
         }
+        // Whatever the core said last (a restart's handover) goes out.
+        self.send_held_ack();
+        self.msl_tx.send(&mut self.out, false);
         for (_, (to, _)) in self.replies.drain() {
             to.send(Err(ClientError::NotPrimary));
         }

@@ -11,6 +11,7 @@
 //! (the merge must read their data).
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use msl_core::node::{ClientError, IoKind};
@@ -24,6 +25,38 @@ use crate::driver::{Block, Client, Reply};
 struct InFlight {
     n: Mutex<usize>,
     zero: Condvar,
+}
+
+/// Bytes per core write when a client write is split so that its pieces
+/// pipeline across the link (a multiple of every supported block size).
+const PIPELINE_PIECE: u64 = 128 * 1024;
+
+/// The pieces of one client write in flight: the client is answered when
+/// the last is done, with the first error if any. If pieces are dropped
+/// unanswered (the core stopped), dropping the joint answers EIO.
+struct Joint {
+    left: AtomicUsize,
+    failed: Mutex<Option<ClientError>>,
+    done: Mutex<Option<Completion>>,
+    _guard: InFlightGuard,
+}
+
+impl Joint {
+    fn piece_done(&self, r: Reply) {
+        if let Err(e) = r {
+            self.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(e);
+        }
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(done) = done {
+                done.complete(failed.map_or(Ok(()), |e| Err(to_io(e))));
+            }
+        }
+    }
 }
 
 struct InFlightGuard(Arc<InFlight>);
@@ -188,12 +221,8 @@ impl Backend for MirrorBackend {
     fn write_async(&self, off: u64, data: Vec<u8>, fua: bool, done: Completion) {
         let len = data.len() as u64;
         let bs = self.client.block_size;
-        let simple = off.is_multiple_of(bs)
-            && len.is_multiple_of(bs)
-            && len > 0
-            && len <= self.max_write_bytes;
-        if !simple {
-            // Unaligned (read-modify-write) or split: rare; done here.
+        if !(off.is_multiple_of(bs) && len.is_multiple_of(bs) && len > 0) {
+            // Unaligned (read-modify-write): rare; done here.
             return done.complete(self.write(off, &data, fua));
         }
         if let Err(e) = self.serving() {
@@ -203,15 +232,42 @@ impl Backend for MirrorBackend {
             return done.complete(Err(io::Error::other("lock poisoned")));
         };
         let guard = self.in_flight.enter();
-        let answer = Box::new(move |r: Reply| {
-            drop(guard);
-            done.complete(r.map_err(to_io));
+        let piece = PIPELINE_PIECE.min(self.max_write_bytes).max(bs);
+        if len <= piece {
+            let answer = Box::new(move |r: Reply| {
+                drop(guard);
+                done.complete(r.map_err(to_io));
+            });
+            // If the core is gone the closure is dropped unanswered: its
+            // Completion answers EIO and its guard leaves the count.
+            let _ = self
+                .client
+                .submit_async(off, len, fua, Block::from(data), answer);
+            return;
+        }
+        // A large write goes in pieces that are all in flight at once, so
+        // the peer verifies and writes the first while later ones are
+        // still being framed and sent (one 1 MiB message waited for all
+        // of its frames at each hop).
+        let joint = Arc::new(Joint {
+            left: AtomicUsize::new(len.div_ceil(piece) as usize),
+            failed: Mutex::new(None),
+            done: Mutex::new(Some(done)),
+            _guard: guard,
         });
-        // If the core is gone the closure is dropped unanswered: its
-        // Completion answers EIO and its guard leaves the count.
-        let _ = self
-            .client
-            .submit_async(off, len, fua, Block::from(data), answer);
+        for (i, chunk) in data.chunks(piece as usize).enumerate() {
+            let j = joint.clone();
+            let answer = Box::new(move |r: Reply| j.piece_done(r));
+            let at = off + i as u64 * piece;
+            let sent =
+                self.client
+                    .submit_async(at, chunk.len() as u64, fua, Block::from(chunk), answer);
+            if sent.is_err() {
+                // The core is gone: the rest would fail alike. The pieces
+                // dropped unanswered drop the joint: EIO to the client.
+                break;
+            }
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
