@@ -273,20 +273,42 @@ impl MslTx {
         if direct {
             if let Ok(mut link) = self.link.try_lock() {
                 if self.queued.load(Ordering::Acquire) == 0 {
-                    let mut control = VecDeque::new();
-                    let mut data = VecDeque::new();
-                    for (is_control, f) in frames.drain(..) {
-                        if is_control {
-                            control.push_back(f)
-                        } else {
-                            data.push_back(f)
+                    // Control first, as the transmit thread does; never
+                    // waits (the core thread must not block): what the
+                    // link cannot take now goes to the transmit thread,
+                    // queued while the lock keeps it from sending earlier.
+                    frames.sort_by_key(|(is_control, _)| !*is_control);
+                    let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| f.as_slice()).collect();
+                    match link.try_send_frames(&refs) {
+                        Ok(k) => {
+                            let bytes: usize = refs[..k].iter().map(|f| f.len()).sum();
+                            self.shared
+                                .msl_tx_frames
+                                .fetch_add(k as u64, Ordering::Relaxed);
+                            self.shared
+                                .msl_tx_bytes
+                                .fetch_add(bytes as u64, Ordering::Relaxed);
+                            drop(refs);
+                            frames.drain(..k);
+                        }
+                        Err(_) => {
+                            // Lost on the link (the reliable layer resends).
+                            self.shared
+                                .msl_tx_errors
+                                .fetch_add(refs.len() as u64, Ordering::Relaxed);
+                            drop(refs);
+                            frames.clear();
                         }
                     }
-                    send_batches(&mut **link, &self.shared, [&mut control, &mut data]);
+                    self.enqueue(frames);
                     return;
                 }
             }
         }
+        self.enqueue(frames);
+    }
+
+    fn enqueue(&self, frames: &mut Vec<(bool, Vec<u8>)>) {
         for f in frames.drain(..) {
             self.queued.fetch_add(1, Ordering::AcqRel);
             if self.queue.try_send(f).is_err() {

@@ -121,6 +121,23 @@ impl TxLink for AfPacketTx {
         Ok(())
     }
 
+    fn try_send_frames(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+        let max = self.max_frame_len();
+        let mut sent = 0usize;
+        for chunk in frames.chunks(self.batch.capacity()) {
+            if chunk.iter().any(|f| f.len() > max) {
+                break;
+            }
+            let k = self.batch.send_nowait(self.fd.as_raw_fd(), chunk)?;
+            sent += k;
+            self.stats.frames += k as u64;
+            if k < chunk.len() {
+                break;
+            }
+        }
+        Ok(sent)
+    }
+
     fn stats(&self) -> TxStats {
         self.stats
     }

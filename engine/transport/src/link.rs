@@ -56,6 +56,16 @@ pub trait TxLink: Send {
         Ok(())
     }
 
+    /// Send frames in order without ever waiting for room: returns how
+    /// many of the first frames were handed to the backend. 0 when it
+    /// cannot send now without waiting, or cannot promise not to wait
+    /// (the default). For a thread that must not block (msld's core
+    /// thread); the caller queues the rest for a thread that may wait.
+    fn try_send_frames(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+        let _ = frames;
+        Ok(0)
+    }
+
     /// Called when the worker is idle: push out anything held back
     /// (the fault layer's reordered frames) and reap completions.
     fn flush(&mut self) -> io::Result<()> {

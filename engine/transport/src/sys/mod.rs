@@ -310,8 +310,53 @@ impl MmsgBatch {
     }
 
     /// Send every frame with blocking `sendmmsg` on a bound packet socket;
-    /// returns when all were handed to the kernel.
+    /// returns when all were handed to the kernel. A device that keeps
+    /// refusing (queue full, no buffers) for `STUCK_FOR` fails the call:
+    /// the frames are lost (the reliable layer resends them) and the
+    /// sending thread is free again.
     pub fn send(&mut self, fd: RawFd, frames: &[&[u8]]) -> io::Result<()> {
+        const STUCK_FOR: std::time::Duration = std::time::Duration::from_millis(100);
+        let n = self.prepare(frames);
+        let mut done = 0usize;
+        let mut stuck_since: Option<std::time::Instant> = None;
+        while done < n {
+            match self.send_from(fd, done, n, 0)? {
+                Some(k) => {
+                    done += k;
+                    stuck_since = None;
+                }
+                None => {
+                    // Transient: device queue full. Yield and retry.
+                    let since = *stuck_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > STUCK_FOR {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            "the device accepted no frame for 100 ms",
+                        ));
+                    }
+                    std::thread::yield_now();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Send frames in order without waiting (`MSG_DONTWAIT`): returns how
+    /// many of the first frames went out.
+    pub fn send_nowait(&mut self, fd: RawFd, frames: &[&[u8]]) -> io::Result<usize> {
+        let n = self.prepare(frames);
+        let mut done = 0usize;
+        while done < n {
+            match self.send_from(fd, done, n, libc::MSG_DONTWAIT)? {
+                Some(k) => done += k,
+                None => break,
+            }
+        }
+        Ok(done)
+    }
+
+    /// Point the headers at (up to `capacity()` of) `frames`.
+    fn prepare(&mut self, frames: &[&[u8]]) -> usize {
         let n = frames.len().min(self.hdrs.len());
         for (i, f) in frames[..n].iter().enumerate() {
             self.iovs[i] = libc::iovec {
@@ -327,33 +372,40 @@ impl MmsgBatch {
                 msg_len: 0,
             };
         }
-        let mut done = 0usize;
-        while done < n {
-            // SAFETY: hdrs[done..n] point at iovecs that point into `frames`,
-            // all alive for this call; the socket is bound so no address.
+        n
+    }
+
+    /// One `sendmmsg` of the prepared frames `done..n`: how many went
+    /// out, or None when the device has no room now (EAGAIN / ENOBUFS).
+    fn send_from(
+        &mut self,
+        fd: RawFd,
+        done: usize,
+        n: usize,
+        flags: i32,
+    ) -> io::Result<Option<usize>> {
+        loop {
+            // SAFETY: hdrs[done..n] point at iovecs that point into the
+            // caller's frames, alive for this call (`prepare` ran in the
+            // same `send`/`send_nowait`); the socket is bound so no address.
             let r = unsafe {
                 libc::sendmmsg(
                     fd,
                     self.hdrs.as_mut_ptr().add(done),
                     (n - done) as libc::c_uint,
-                    0,
+                    flags,
                 )
             };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // Transient: device queue full. Yield and retry.
-                    Some(libc::ENOBUFS) | Some(libc::EAGAIN) => {
-                        std::thread::yield_now();
-                        continue;
-                    }
-                    _ => return Err(e),
-                }
+            if r >= 0 {
+                return Ok(Some(r as usize));
             }
-            done += r as usize;
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOBUFS) | Some(libc::EAGAIN) => return Ok(None),
+                _ => return Err(e),
+            }
         }
-        Ok(())
     }
 }
 

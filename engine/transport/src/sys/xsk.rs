@@ -76,6 +76,8 @@ pub struct XskTx {
     max_frame: usize,
     /// Bytes of UMEM per TX frame (whole chunks).
     span: u64,
+    /// TX ring slots (descriptors).
+    ring: u32,
 }
 
 /// Receive half.
@@ -202,6 +204,7 @@ pub fn open(
     });
     Ok((
         XskTx {
+            ring,
             shared: shared.clone(),
             tx,
             comp,
@@ -255,6 +258,17 @@ impl XskTx {
             self.reap();
         }
         Ok(())
+    }
+
+    /// Frames `send_with` takes right now without waiting for ring room:
+    /// 0 unless the kernel consumed every descriptor already queued.
+    pub fn room_now(&mut self) -> usize {
+        self.reap();
+        if self.tx.pending() != 0 {
+            return 0;
+        }
+        let per_frame = (self.max_frame as u64).div_ceil(self.chunk).max(1) as usize;
+        (self.ring as usize / per_frame).min(self.free.len())
     }
 
     pub fn send_with(
