@@ -274,7 +274,22 @@ fn run(args: Args) -> Result<Exit, String> {
     Ok(exit)
 }
 
+/// Keep block buffers in the heap: message payloads (64 KiB resync runs,
+/// 128 KiB write pieces) are allocated and freed at link speed, and glibc's
+/// defaults returned them to the kernel (`madvise`, heap trimming) only to
+/// fault them back in zeroed: page faults and `clear_page` were 7 % of the
+/// machine during a resync. Up to 64 MiB of free heap stays mapped.
+fn tune_malloc() {
+    // SAFETY: mallopt only changes allocator parameters; called before
+    // any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_malloc();
     match run(Args::parse()) {
         Ok(Exit::Stopped) => ExitCode::SUCCESS,
         Ok(Exit::Restart) => {
