@@ -20,12 +20,20 @@ use msl_store::Volume;
 
 use crate::driver::{Block, Client, Reply};
 
-/// Asynchronous writes submitted and not yet answered.
+/// Core writes submitted asynchronously and not yet answered, at most
+/// [`MAX_WRITES_IN_FLIGHT`]: a client that queues deeper waits on its
+/// connection's reader. Without the bound, writes would pile up in the
+/// core's input queue (up to its 16384 entries) ahead of the peer's
+/// heartbeats, and past the core's own limit be refused as busy.
 #[derive(Default)]
 struct InFlight {
-    n: Mutex<usize>,
-    zero: Condvar,
+    /// (writes in flight, threads waiting for a change)
+    state: Mutex<(usize, usize)>,
+    changed: Condvar,
 }
+
+/// Core writes (pieces) in flight from the NBD front end.
+const MAX_WRITES_IN_FLIGHT: usize = 512;
 
 /// Bytes per core write when a client write is split so that its pieces
 /// pipeline across the link (a multiple of every supported block size).
@@ -59,35 +67,43 @@ impl Joint {
     }
 }
 
-struct InFlightGuard(Arc<InFlight>);
+struct InFlightGuard(Arc<InFlight>, usize);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.done();
+        self.0.done(self.1);
     }
 }
 
 impl InFlight {
-    fn add(&self) {
-        *self.n.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, usize)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn done(&self) {
-        let mut n = self.n.lock().unwrap_or_else(|e| e.into_inner());
-        *n -= 1;
-        if *n == 0 {
-            self.zero.notify_all();
+    /// Count `k` writes until the returned guard drops (answered, or
+    /// dropped unanswered when the core is gone); waits for room first.
+    fn enter(self: &Arc<Self>, k: usize) -> InFlightGuard {
+        let mut s = self.lock();
+        while s.0 > 0 && s.0 + k > MAX_WRITES_IN_FLIGHT {
+            s.1 += 1;
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.1 -= 1;
+        }
+        s.0 += k;
+        InFlightGuard(self.clone(), k)
+    }
+    fn done(&self, k: usize) {
+        let mut s = self.lock();
+        s.0 -= k;
+        if s.1 > 0 {
+            self.changed.notify_all();
         }
     }
-    /// Counted until the returned guard drops (answered, or dropped
-    /// unanswered when the core is gone).
-    fn enter(self: &Arc<Self>) -> InFlightGuard {
-        self.add();
-        InFlightGuard(self.clone())
-    }
     fn wait_idle(&self) {
-        let mut n = self.n.lock().unwrap_or_else(|e| e.into_inner());
-        while *n > 0 {
-            n = self.zero.wait(n).unwrap_or_else(|e| e.into_inner());
+        let mut s = self.lock();
+        while s.0 > 0 {
+            s.1 += 1;
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.1 -= 1;
         }
     }
 }
@@ -231,8 +247,8 @@ impl Backend for MirrorBackend {
         let Ok(_g) = self.rmw.read() else {
             return done.complete(Err(io::Error::other("lock poisoned")));
         };
-        let guard = self.in_flight.enter();
         let piece = PIPELINE_PIECE.min(self.max_write_bytes).max(bs);
+        let guard = self.in_flight.enter(len.div_ceil(piece) as usize);
         if len <= piece {
             let answer = Box::new(move |r: Reply| {
                 drop(guard);

@@ -707,3 +707,52 @@ fn test_online_verify_during_fio_writes_finds_no_difference() {
     assert!(u(&s1["counters"]["client_writes"]) >= 4096, "{s1}");
     eprintln!("{runs} clean verify runs during fio:\n{text}");
 }
+
+/// A client far deeper than the core's queue (8192 writes in flight over
+/// four connections; the core refuses beyond 4096 pending): the front end
+/// holds clients back instead, so every write succeeds, fio's verify
+/// passes, and the peer is never lost behind the queue.
+#[test]
+fn test_very_deep_client_queue_is_held_back_not_refused() {
+    require_root();
+    require_tool("fio", "apt-get install fio (scripts/setup.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "99".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
+    let out = fio_cmd(
+        &topo.veth.ns_b,
+        dir.path(),
+        &[
+            "--name=deep",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=2048",
+            "--iodepth_batch_submit=2048",
+            "--size=16M",
+            "--numjobs=4",
+            "--offset_increment=16M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--group_reporting",
+        ],
+    )
+    .output()
+    .unwrap();
+    let text = fio_ok(out, "deep randwrite + verify");
+    eprintln!("{text}");
+    let s1 = status(dir.path(), 1).unwrap();
+    assert_eq!(u(&s1["counters"]["client_writes_refused"]), 0, "{s1}");
+    assert_eq!(u(&s1["nbd"]["err_other"]), 0, "{s1}");
+    assert!(u(&s1["nbd"]["req_write"]) >= 16384, "{s1}");
+    let log = std::fs::read_to_string(dir.path().join("n1.log")).unwrap();
+    assert!(
+        !log.contains("event=peer_lost"),
+        "the primary lost its live peer under the deep queue:\n{log}"
+    );
+    wait("mslctl status --json says in sync on both", 15, || {
+        both_in_sync_per_mslctl(dir.path())
+    });
+}
