@@ -13,6 +13,21 @@ mod common;
 use common::*;
 use serde_json::Value;
 
+/// fio 4 KiB random writes through the service address, then a read-back
+/// that checks every block (crc32c) and fails on the first mismatch.
+fn fio_randwrite_verify(ns: &str, dir: &Path, args: &[&str]) -> std::process::Command {
+    let mut all = vec!["--rw=randwrite", "--bs=4k"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&[
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--group_reporting",
+    ]);
+    fio_cmd(ns, dir, &all)
+}
+
 /// Start a pair (node 1 initial primary) and wait until it is in sync.
 fn pair_in_sync(dir: &Path, topo: &Topology, o1: &Opts, o2: &Opts) -> (Daemon, Daemon) {
     let d1 = start_daemon_opts(dir, &topo.veth.ns_a, 1, true, o1);
@@ -258,23 +273,16 @@ fn test_fio_nbd_verify_through_service_address_files_identical() {
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Two connections, disjoint regions, 4 KiB random writes at depth 16,
     // FLUSH every 8 writes, then fio reads everything back and checks it.
-    let out = fio_cmd(
+    let out = fio_randwrite_verify(
         &topo.veth.ns_b,
         dir.path(),
         &[
             "--name=mirror",
-            "--rw=randwrite",
-            "--bs=4k",
             "--iodepth=16",
             "--fsync=8",
             "--size=16M",
             "--numjobs=2",
             "--offset_increment=16M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--group_reporting",
         ],
     )
     .output()
@@ -720,23 +728,16 @@ fn test_very_deep_client_queue_is_held_back_not_refused() {
     std::fs::write(dir.path().join("cluster.key"), "99".repeat(32)).unwrap();
     let topo = Topology::new();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
-    let out = fio_cmd(
+    let out = fio_randwrite_verify(
         &topo.veth.ns_b,
         dir.path(),
         &[
             "--name=deep",
-            "--rw=randwrite",
-            "--bs=4k",
             "--iodepth=2048",
             "--iodepth_batch_submit=2048",
             "--size=16M",
             "--numjobs=4",
             "--offset_increment=16M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--group_reporting",
         ],
     )
     .output()
