@@ -90,6 +90,13 @@ pub struct NbdArgs {
     /// Skip writing every byte of each export before the jobs.
     #[arg(long)]
     pub no_fill: bool,
+    /// CPUs both msld processes run on (their `cpu_affinity`), comma
+    /// separated; "none" leaves them unpinned. Both nodes of this demo pair
+    /// share one machine: on one CPU their thread hand-offs stay on one
+    /// core and the other core is the client's (on 2 cores: QD1 p50 206 us
+    /// pinned vs ~300 us unpinned).
+    #[arg(long, default_value = "0")]
+    pub msl_cpus: String,
     /// Profile: during each fio run against `msl` in the first round,
     /// `perf record -g` the primary's msld into DIR/<job>.perf.data
     /// (needs linux-perf: MSL_SETUP_PERF=1 bash scripts/setup.sh).
@@ -183,13 +190,24 @@ pub fn narrator(cmd: &'static str, quiet: bool) -> impl Fn(&str) {
 /// An msl pair (not started) serving NBD on the service address, port
 /// 10809. It owns the topology and the run directory: removed on drop, and
 /// the namespaces on SIGINT/SIGTERM too.
-pub fn new_pair(volume_bytes: u64, backend: &str) -> Result<Pair, String> {
-    Pair::new(PairOptions {
+/// `cpus`: msld's `cpu_affinity` for both nodes (e.g. "0" or "0,1"; empty
+/// or "none": not pinned).
+pub fn new_pair(volume_bytes: u64, backend: &str, cpus: &str) -> Result<Pair, String> {
+    let mut o = PairOptions {
         volume_bytes,
         nbd_port: MSL_PORT,
         backend: backend.to_string(),
         ..PairOptions::default()
-    })
+    };
+    if !(cpus.is_empty() || cpus == "none") {
+        let list: Vec<usize> = cpus
+            .split(',')
+            .map(|c| c.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--msl-cpus {cpus}: {e}"))?;
+        o = o.tunable("cpu_affinity", format!("{list:?}"));
+    }
+    Pair::new(o)
 }
 
 /// Start an anchor in namespace `ns` serving `file` on the LAN address.
@@ -376,7 +394,7 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
         .iter()
         .any(|s| matches!(s, Server::Msl | Server::MslDegraded));
     let say = narrator("nbd", args.json);
-    let pair = new_pair(args.size, &args.backend)?;
+    let pair = new_pair(args.size, &args.backend, &args.msl_cpus)?;
     let server_ns = pair.topo.server_ns(1).to_string();
     let client_ns = pair.topo.client_ns().to_string();
     let mut anchors: Vec<Proc> = Vec::new();

@@ -33,6 +33,10 @@ pub struct ResyncArgs {
     /// whose raw capacity is measured.
     #[arg(long, default_value = "afpacket")]
     pub backend: String,
+    /// CPUs both msld processes run on (`cpu_affinity`), comma separated;
+    /// "none": unpinned (a resync wants both cores).
+    #[arg(long, default_value = "none")]
+    pub msl_cpus: String,
     /// Client connections of the steady load (queue depth 1 each).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
@@ -68,7 +72,7 @@ fn mib_s_of_gbit_s(g: f64) -> f64 {
 
 pub fn run(a: ResyncArgs) -> Result<(), String> {
     let say = narrator("resync", a.json);
-    let pair = new_pair(a.size, &a.backend)?;
+    let pair = new_pair(a.size, &a.backend, &a.msl_cpus)?;
     // (b)'s ceiling first, while no msld holds the MSL interfaces.
     let raw_backend = match a.backend.as_str() {
         "auto" => "afxdp",

@@ -129,6 +129,12 @@ pub struct FileConfig {
     /// resyncs. DRBD's default, 1237 (about 4.8 GiB).
     #[serde(default = "default_al_extents")]
     pub al_extents: u32,
+    /// CPUs msld's threads may run on (empty: any). On a dedicated server
+    /// this keeps msld off the cores its clients use; for a demo pair
+    /// sharing one machine, both daemons on one CPU keep their thread
+    /// hand-offs on one core.
+    #[serde(default)]
+    pub cpu_affinity: Vec<usize>,
     pub log_file: PathBuf,
     /// Run for every state change, event in the environment.
     pub notify_command: Option<PathBuf>,
@@ -162,6 +168,9 @@ fn default_heartbeat_interval_ms() -> u64 {
 fn default_miss_count() -> u32 {
     8
 }
+/// CPUs a `cpu_set_t` can name.
+pub const CPU_SETSIZE: usize = 1024;
+
 fn default_al_extents() -> u32 {
     1237
 }
@@ -346,6 +355,13 @@ impl DaemonConfig {
             ));
         }
         range("resync_min_mib_s", file.resync_min_mib_s, 1, 100_000)?;
+        if let Some(&c) = file.cpu_affinity.iter().find(|&&c| c >= CPU_SETSIZE) {
+            return Err(invalid(
+                "cpu_affinity",
+                c,
+                format!("CPU numbers are 0..{}", CPU_SETSIZE - 1),
+            ));
+        }
         // The metadata slots hold at most DEFAULT_AL_CAPACITY extents.
         range(
             "al_extents",

@@ -448,6 +448,39 @@ fn test_malformed_config_values_named() {
     assert!(err.contains("backend"), "{err}");
     let err = check(good.clone() + "\nbogus_key = 1\n");
     assert!(err.contains("bogus_key"), "{err}");
+    let err = check(good.clone() + "\ncpu_affinity = [5000]\n");
+    assert!(err.contains("cpu_affinity"), "{err}");
+    let err = check(good.clone() + "\nal_extents = 0\n");
+    assert!(err.contains("al_extents"), "{err}");
+}
+
+/// `cpu_affinity` restricts every msld thread (the core, MSL transmit and
+/// receive, NBD, LAN, control) to the CPUs listed; the pair still syncs.
+#[test]
+fn test_cpu_affinity_applies_to_every_thread() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), "aa".repeat(32)).unwrap();
+    let topo = Topology::new();
+    let o1 = Opts {
+        extra: "cpu_affinity = [0]".into(),
+        ..Opts::default()
+    };
+    let (d1, _d2) = pair_in_sync(dir.path(), &topo, &o1, &Opts::default());
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", d1.0.id())).unwrap();
+    let mut seen = 0;
+    for t in tasks {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(cpus, "0", "{status}");
+        seen += 1;
+    }
+    assert!(seen >= 6, "only {seen} threads");
 }
 
 #[test]
