@@ -34,8 +34,60 @@ pub fn lan_auth_failures(rx: &wire::RxCounters) -> u64 {
 }
 
 /// Block data as the core holds it: shared, so keeping a block for
-/// retransmission does not copy it.
-pub type Block = Arc<[u8]>;
+/// retransmission does not copy it, and a range of a buffer, so a client
+/// write's pieces and a volume read's buffer become blocks without a copy.
+#[derive(Clone)]
+pub struct Block {
+    buf: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl Block {
+    /// Bytes `range` of a shared buffer (clamped to it).
+    pub fn slice(buf: &Arc<Vec<u8>>, range: std::ops::Range<usize>) -> Block {
+        let end = range.end.min(buf.len());
+        Block {
+            buf: buf.clone(),
+            start: range.start.min(end),
+            end,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Block {
+    /// Takes the buffer over (no copy).
+    fn from(v: Vec<u8>) -> Block {
+        let end = v.len();
+        Block {
+            buf: Arc::new(v),
+            start: 0,
+            end,
+        }
+    }
+}
+
+impl From<&[u8]> for Block {
+    fn from(b: &[u8]) -> Block {
+        Block::from(b.to_vec())
+    }
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+impl msl_core::node::Payload for Block {
+    fn from_bytes(bytes: &[u8]) -> Self {
+        Block::from(bytes)
+    }
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
 
 /// What the driver thread consumes.
 pub enum Input {

@@ -265,19 +265,23 @@ impl Backend for MirrorBackend {
         // the peer verifies and writes the first while later ones are
         // still being framed and sent (one 1 MiB message waited for all
         // of its frames at each hop).
+        let data = Arc::new(data);
         let joint = Arc::new(Joint {
             left: AtomicUsize::new(len.div_ceil(piece) as usize),
             failed: Mutex::new(None),
             done: Mutex::new(Some(done)),
             _guard: guard,
         });
-        for (i, chunk) in data.chunks(piece as usize).enumerate() {
+        let piece = piece as usize;
+        for (i, start) in (0..data.len()).step_by(piece).enumerate() {
             let j = joint.clone();
             let answer = Box::new(move |r: Reply| j.piece_done(r));
-            let at = off + i as u64 * piece;
-            let sent =
-                self.client
-                    .submit_async(at, chunk.len() as u64, fua, Block::from(chunk), answer);
+            let at = off + (i * piece) as u64;
+            // A piece shares the client's buffer: no copy.
+            let block = Block::slice(&data, start..start + piece);
+            let sent = self
+                .client
+                .submit_async(at, block.len() as u64, fua, block, answer);
             if sent.is_err() {
                 // The core is gone: the rest would fail alike. The pieces
                 // dropped unanswered drop the joint: EIO to the client.

@@ -289,6 +289,28 @@ fn test_fio_nbd_verify_through_service_address_files_identical() {
     .unwrap();
     let text = fio_ok(out, "randwrite + verify");
     eprintln!("{text}");
+    // Large writes go to the core in 128 KiB pieces sharing the client's
+    // buffer: 1 MiB and 320 KiB (2.5 pieces) writes, read back and checked.
+    for bs in ["--bs=1m", "--bs=320k"] {
+        let out = fio_cmd(
+            &topo.veth.ns_b,
+            dir.path(),
+            &[
+                "--name=large",
+                "--rw=randwrite",
+                bs,
+                "--iodepth=4",
+                "--size=32M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+            ],
+        )
+        .output()
+        .unwrap();
+        eprintln!("{}", fio_ok(out, "large writes + verify"));
+    }
     wait("mslctl status --json says in sync on both", 15, || {
         both_in_sync_per_mslctl(dir.path())
     });
