@@ -180,6 +180,9 @@ pub struct Shared {
     pub serving: AtomicBool,
     pub in_sync: AtomicBool,
     pub msl_tx_frames: AtomicU64,
+    /// Of those, frames the core thread sent itself (no hand-off to the
+    /// transmit thread).
+    pub msl_tx_direct: AtomicU64,
     pub msl_tx_bytes: AtomicU64,
     /// Frames the core produced that the transmit queue had no room for
     /// (the reliable layer retransmits them).
@@ -336,6 +339,9 @@ impl MslTx {
                             let bytes: usize = refs[..k].iter().map(|f| f.len()).sum();
                             self.shared
                                 .msl_tx_frames
+                                .fetch_add(k as u64, Ordering::Relaxed);
+                            self.shared
+                                .msl_tx_direct
                                 .fetch_add(k as u64, Ordering::Relaxed);
                             self.shared
                                 .msl_tx_bytes

@@ -85,6 +85,7 @@ fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut v = vec![
         ("msl_tx_frames", ld(&sh.msl_tx_frames)),
+        ("msl_tx_direct", ld(&sh.msl_tx_direct)),
         ("msl_tx_bytes", ld(&sh.msl_tx_bytes)),
         ("msl_tx_dropped", ld(&sh.msl_tx_dropped)),
         ("msl_tx_errors", ld(&sh.msl_tx_errors)),

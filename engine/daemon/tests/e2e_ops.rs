@@ -92,6 +92,9 @@ fn test_pair_status_complete_and_metrics_count_writes() {
     );
     assert!(metric(&after, "msl_nbd_req_write") > nbd0);
     assert!(metric(&after, "msl_msl_tx_frames_total") > 0);
+    // Lone messages (queue depth 1 writes, their acks) leave from the core
+    // thread itself, without waking the transmit thread.
+    assert!(metric(&after, "msl_msl_tx_direct_total") > 0, "{after}");
     assert_eq!(metric(&after, "msl_msl_rx_bad_auth_total"), 0);
 
     // Status: every section the operator needs.

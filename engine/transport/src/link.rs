@@ -129,6 +129,9 @@ impl TxLink for Box<dyn TxLink> {
     fn send_frames(&mut self, frames: &[&[u8]]) -> io::Result<()> {
         (**self).send_frames(frames)
     }
+    fn try_send_frames(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+        (**self).try_send_frames(frames)
+    }
     fn flush(&mut self) -> io::Result<()> {
         (**self).flush()
     }
