@@ -1701,7 +1701,17 @@ impl<H: Payload> Node<H> {
         }
         // In-flight resync reads are abandoned (their blocks stay dirty).
         if self.role == Role::Primary && !self.failed {
+            // Extents the peer may lack: a write in flight, or one not yet
+            // covered by a flush the peer reported (its cache may be lost).
+            // Extents whose writes are all stable on the peer, or older
+            // than this session (their blocks were resynced or are still
+            // dirty), need nothing: with a 1237-extent log, merging every
+            // slot resynced gigabytes after a secondary restart.
+            let peer_has = self.peer_stable_wid.max(self.session_start_wid);
             for slot in &self.al {
+                if slot.in_flight == 0 && slot.last_wid <= peer_has {
+                    continue;
+                }
                 self.meta
                     .dirty
                     .set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
