@@ -1690,6 +1690,11 @@ impl<H: Payload> Node<H> {
         // renegotiates, instead of answering with stale state (msl-sim seed
         // 1292).
         self.renew_session();
+        // Applies still in flight belong to the ended session: their late
+        // completions must not release a new session's entry that reuses
+        // the sequence number (nothing is released; their blocks stay as
+        // the bitmaps say).
+        self.apply_ios.clear();
         self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
         self.last_session_end = Some(why);
         self.counters.retransmits += s.tx.stats.retransmits;

@@ -265,6 +265,16 @@ impl FrameEncoder {
     }
 }
 
+/// How `MslTx::send` may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SendMode {
+    /// Through the transmit thread.
+    Queue,
+    /// From this thread if the link is free and nothing is queued (never
+    /// waiting), the rest through the transmit thread.
+    Direct,
+}
+
 /// Spawn a named thread (names show in `top -H` and profiles). Like
 /// `std::thread::spawn`, it aborts the start if the OS has no thread left.
 fn named_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> JoinHandle<()> {
@@ -321,11 +331,11 @@ impl MslTx {
     /// Send `frames` (each tagged control or not), emptying it: on the
     /// link here if `direct`, the link is free and nothing is queued;
     /// otherwise through the transmit thread.
-    fn send(&self, frames: &mut Vec<(bool, Vec<u8>)>, direct: bool) {
+    fn send(&self, frames: &mut Vec<(bool, Vec<u8>)>, mode: SendMode) {
         if frames.is_empty() {
             return;
         }
-        if direct {
+        if mode != SendMode::Queue {
             if let Ok(mut link) = self.link.try_lock() {
                 if self.queued.load(Ordering::Acquire) == 0 {
                     // Control first, as the transmit thread does; never
@@ -702,14 +712,14 @@ impl<H: Host> Driver<H> {
             let input = match queued {
                 Some(i) => {
                     // More to do: the transmit thread sends meanwhile.
-                    self.msl_tx.send(&mut self.out, false);
+                    self.msl_tx.send(&mut self.out, SendMode::Queue);
                     batch += 1;
                     Some(i)
                 }
                 None => {
                     self.send_held_ack();
                     // About to wait: send from here, no wake-up.
-                    self.msl_tx.send(&mut self.out, true);
+                    self.msl_tx.send(&mut self.out, SendMode::Direct);
                     batch = 0;
                     let wait = self.node.poll_timeout().saturating_sub(self.now());
                     match inputs.recv_timeout(Duration::from_micros(wait.clamp(100, 50_000))) {
@@ -864,6 +874,9 @@ impl<H: Host> Driver<H> {
                 fua,
                 payload,
             } => {
+                // The core emits a write's mirror message first: send it
+                // before the local write so the peer's half overlaps it.
+                self.msl_tx.send(&mut self.out, SendMode::Direct);
                 let (off, len) = (block * bs, count * bs);
                 let ok = match (kind, &payload) {
                     (IoKind::Write, Some(p)) if p.len() as u64 == len => {
@@ -932,7 +945,7 @@ impl<H: Host> Driver<H> {
         }
         // Whatever the core said last (a restart's handover) goes out.
         self.send_held_ack();
-        self.msl_tx.send(&mut self.out, false);
+        self.msl_tx.send(&mut self.out, SendMode::Queue);
         for (_, (to, _)) in self.replies.drain() {
             to.send(Err(ClientError::NotPrimary));
         }

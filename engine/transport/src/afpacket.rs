@@ -128,7 +128,13 @@ impl TxLink for AfPacketTx {
             if chunk.iter().any(|f| f.len() > max) {
                 break;
             }
-            let k = self.batch.send_nowait(self.fd.as_raw_fd(), chunk)?;
+            let k = match self.batch.send_nowait(self.fd.as_raw_fd(), chunk) {
+                Ok(k) => k,
+                // What went out is reported; the error comes with the next
+                // call (the caller counts only unsent frames as errors).
+                Err(_) if sent > 0 => break,
+                Err(e) => return Err(e),
+            };
             sent += k;
             self.stats.frames += k as u64;
             if k < chunk.len() {

@@ -1081,7 +1081,11 @@ fn primary_crash_during_resync(c: &mut Ctx) -> Result<(), String> {
     };
     let m40 = meta_writes(&c.pair);
     c.wait_up_to("node 1 persists its progress", c.opts.wait, &mut |p| {
-        meta_writes(p) > m40
+        let left = p
+            .status(1)
+            .ok()
+            .and_then(|s| s["resync"]["remaining_blocks"].as_u64());
+        meta_writes(p) > m40 && left.is_some_and(|l| l > 0)
     })?;
     let fault_ms = unix_ms();
     c.step(&format!(

@@ -347,9 +347,12 @@ impl MmsgBatch {
         let n = self.prepare(frames);
         let mut done = 0usize;
         while done < n {
-            match self.send_from(fd, done, n, libc::MSG_DONTWAIT)? {
-                Some(k) => done += k,
-                None => break,
+            match self.send_from(fd, done, n, libc::MSG_DONTWAIT) {
+                Ok(Some(k)) => done += k,
+                Ok(None) => break,
+                // Report what went out; the error repeats on the next call.
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(e),
             }
         }
         Ok(done)
