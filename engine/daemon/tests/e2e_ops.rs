@@ -28,6 +28,15 @@ fn fio_randwrite_verify(ns: &str, dir: &Path, args: &[&str]) -> std::process::Co
     fio_cmd(ns, dir, &all)
 }
 
+/// kill -9 node 2 and wait until node 1 runs degraded.
+fn kill_secondary_wait_degraded(dir: &Path, d2: &mut Daemon) {
+    d2.0.kill().unwrap();
+    let _ = d2.0.wait();
+    wait("node 1 degraded", 10, || {
+        status(dir, 1).is_some_and(|s| s["connected"] == false && s["role"] == "primary")
+    });
+}
+
 /// Start a pair (node 1 initial primary) and wait until it is in sync.
 fn pair_in_sync(dir: &Path, topo: &Topology, o1: &Opts, o2: &Opts) -> (Daemon, Daemon) {
     let d1 = start_daemon_opts(dir, &topo.veth.ns_a, 1, true, o1);
@@ -828,11 +837,7 @@ fn test_degraded_random_writes_persist_once_per_extent() {
     std::fs::write(dir.path().join("cluster.key"), "bb".repeat(32)).unwrap();
     let topo = Topology::new();
     let (_d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
-    d2.0.kill().unwrap();
-    let _ = d2.0.wait();
-    wait("node 1 degraded", 10, || {
-        status(dir.path(), 1).is_some_and(|s| s["connected"] == false && s["role"] == "primary")
-    });
+    kill_secondary_wait_degraded(dir.path(), &mut d2);
     let s0 = status(dir.path(), 1).unwrap();
     let m0 = u(&s0["counters"]["meta_writes"]);
     let d0 = u(&s0["dirty_blocks"]);
@@ -879,11 +884,7 @@ fn test_secondary_lost_marks_only_unsettled_extents_dirty() {
     std::thread::sleep(std::time::Duration::from_millis(600));
     // One more write in a ninth extent, then the secondary dies.
     qemu_io(&topo.veth.ns_b, &["write -P 0x6b 40M 4k"]);
-    d2.0.kill().unwrap();
-    let _ = d2.0.wait();
-    wait("node 1 degraded", 10, || {
-        status(dir.path(), 1).is_some_and(|s| s["connected"] == false && s["role"] == "primary")
-    });
+    kill_secondary_wait_degraded(dir.path(), &mut d2);
     let s1 = status(dir.path(), 1).unwrap();
     let dirty = u(&s1["dirty_blocks"]);
     // At most the ninth extent (1024 blocks); merging every slot would
