@@ -169,7 +169,7 @@ fn default_miss_count() -> u32 {
     8
 }
 /// CPUs a `cpu_set_t` can name.
-pub const CPU_SETSIZE: usize = 1024;
+pub const CPU_SETSIZE: usize = libc::CPU_SETSIZE as usize;
 
 fn default_al_extents() -> u32 {
     1237

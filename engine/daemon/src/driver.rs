@@ -303,6 +303,21 @@ fn lock_link(link: &Mutex<Box<dyn TxLink>>) -> MutexGuard<'_, Box<dyn TxLink>> {
     link.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+impl Shared {
+    /// Frames handed to the link.
+    fn count_sent(&self, frames: &[&[u8]]) {
+        let bytes: usize = frames.iter().map(|f| f.len()).sum();
+        self.msl_tx_frames
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        self.msl_tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Frames the link refused (the reliable layer resends them).
+    fn count_lost(&self, n: usize) {
+        self.msl_tx_errors.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 /// Send frames on the link in batches, control first; count them.
 fn send_batches(link: &mut dyn TxLink, shared: &Shared, queues: [&mut VecDeque<Vec<u8>>; 2]) {
     for q in queues {
@@ -310,70 +325,57 @@ fn send_batches(link: &mut dyn TxLink, shared: &Shared, queues: [&mut VecDeque<V
             let batch: Vec<Vec<u8>> = q.drain(..q.len().min(msl_transport::MAX_BATCH)).collect();
             let refs: Vec<&[u8]> = batch.iter().map(|f| f.as_slice()).collect();
             if link.send_frames(&refs).is_ok() {
-                let bytes: usize = refs.iter().map(|f| f.len()).sum();
-                shared
-                    .msl_tx_frames
-                    .fetch_add(refs.len() as u64, Ordering::Relaxed);
-                shared
-                    .msl_tx_bytes
-                    .fetch_add(bytes as u64, Ordering::Relaxed);
+                shared.count_sent(&refs);
             } else {
-                // Lost on the link (the reliable layer resends).
-                shared
-                    .msl_tx_errors
-                    .fetch_add(refs.len() as u64, Ordering::Relaxed);
+                shared.count_lost(refs.len());
             }
         }
     }
 }
 
 impl MslTx {
-    /// Send `frames` (each tagged control or not), emptying it: on the
-    /// link here if `direct`, the link is free and nothing is queued;
-    /// otherwise through the transmit thread.
+    /// Send `frames` (each tagged control or not), emptying it: with
+    /// `Direct`, on the link from this thread as far as it takes them now
+    /// (if it is free and nothing is queued); the rest through the
+    /// transmit thread.
     fn send(&self, frames: &mut Vec<(bool, Vec<u8>)>, mode: SendMode) {
         if frames.is_empty() {
             return;
         }
-        if mode != SendMode::Queue {
+        if mode == SendMode::Direct {
             if let Ok(mut link) = self.link.try_lock() {
                 if self.queued.load(Ordering::Acquire) == 0 {
-                    // Control first, as the transmit thread does; never
-                    // waits (the core thread must not block): what the
-                    // link cannot take now goes to the transmit thread,
-                    // queued while the lock keeps it from sending earlier.
-                    frames.sort_by_key(|(is_control, _)| !*is_control);
-                    let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| f.as_slice()).collect();
-                    match link.try_send_frames(&refs) {
-                        Ok(k) => {
-                            let bytes: usize = refs[..k].iter().map(|f| f.len()).sum();
-                            self.shared
-                                .msl_tx_frames
-                                .fetch_add(k as u64, Ordering::Relaxed);
-                            self.shared
-                                .msl_tx_direct
-                                .fetch_add(k as u64, Ordering::Relaxed);
-                            self.shared
-                                .msl_tx_bytes
-                                .fetch_add(bytes as u64, Ordering::Relaxed);
-                            drop(refs);
-                            frames.drain(..k);
-                        }
-                        Err(_) => {
-                            // Lost on the link (the reliable layer resends).
-                            self.shared
-                                .msl_tx_errors
-                                .fetch_add(refs.len() as u64, Ordering::Relaxed);
-                            drop(refs);
-                            frames.clear();
-                        }
-                    }
-                    self.enqueue(frames);
-                    return;
+                    self.send_direct(&mut **link, frames);
                 }
+                // Queued while the lock keeps the transmit thread from
+                // sending them ahead of what just went out.
+                self.enqueue(frames);
+                return;
             }
         }
         self.enqueue(frames);
+    }
+
+    /// Control first, as the transmit thread does, and never waiting (the
+    /// core thread must not block): removes from `frames` what went out.
+    fn send_direct(&self, link: &mut dyn TxLink, frames: &mut Vec<(bool, Vec<u8>)>) {
+        frames.sort_by_key(|(is_control, _)| !*is_control);
+        let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| f.as_slice()).collect();
+        let sent = match link.try_send_frames(&refs) {
+            Ok(k) => {
+                self.shared.count_sent(&refs[..k]);
+                self.shared
+                    .msl_tx_direct
+                    .fetch_add(k as u64, Ordering::Relaxed);
+                k
+            }
+            Err(_) => {
+                self.shared.count_lost(refs.len());
+                refs.len()
+            }
+        };
+        drop(refs);
+        frames.drain(..sent);
     }
 
     fn enqueue(&self, frames: &mut Vec<(bool, Vec<u8>)>) {

@@ -350,21 +350,15 @@ fn test_secondary_killed_during_fio_restarts_resyncs_and_fio_verifies() {
     let (d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Rate-limited so that the kill and restart happen mid-run (about 6 s
     // of writes), then fio verifies the whole written range.
-    let fio = fio_cmd(
+    let fio = fio_randwrite_verify(
         &topo.veth.ns_b,
         dir.path(),
         &[
             "--name=underkill",
-            "--rw=randwrite",
-            "--bs=4k",
             "--iodepth=8",
             "--fsync=16",
             "--size=24M",
             "--rate=4m",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
         ],
     )
     .stdout(std::process::Stdio::piped())
@@ -750,20 +744,10 @@ fn test_online_verify_during_fio_writes_finds_no_difference() {
     // Clients keep writing (random 4 KiB, rate-limited to last a few
     // seconds) while verify runs: both digests of a block describe the
     // same point of the mirrored stream, so nothing may differ.
-    let mut fio = fio_cmd(
+    let mut fio = fio_randwrite_verify(
         &topo.veth.ns_b,
         dir.path(),
-        &[
-            "--name=busy",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--size=32M",
-            "--rate=8m",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_state_save=0",
-        ],
+        &["--name=busy", "--iodepth=8", "--size=32M", "--rate=8m"],
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
