@@ -21,6 +21,7 @@ use msl_core::AdminCmd;
 use serde_json::{json, Value};
 
 use crate::driver::Input;
+use crate::inbox::Inbox;
 use crate::notify::EventRecord;
 pub use crate::telemetry::status_json;
 use crate::telemetry::{core_status, Telemetry};
@@ -65,7 +66,7 @@ impl ControlServer {
     /// Bind `path` (replacing a stale socket), mode 0600, and serve.
     pub fn start(
         path: &Path,
-        inputs: SyncSender<Input>,
+        inputs: Inbox,
         hub: EventHub,
         telemetry: Arc<Telemetry>,
     ) -> std::io::Result<Self> {
@@ -123,7 +124,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_conn(conn: UnixStream, inputs: &SyncSender<Input>, hub: &EventHub, tel: &Telemetry) {
+fn serve_conn(conn: UnixStream, inputs: &Inbox, hub: &EventHub, tel: &Telemetry) {
     let _ = conn.set_nonblocking(false);
     let Ok(mut out) = conn.try_clone() else {
         return;
@@ -178,7 +179,7 @@ fn serve_conn(conn: UnixStream, inputs: &SyncSender<Input>, hub: &EventHub, tel:
 /// Start an online verify: refused at once (with the reason) unless this
 /// node is an in-sync primary with no verify running; progress and result
 /// are then in `status.verify`.
-fn verify(inputs: &SyncSender<Input>, req: &Value) -> Value {
+fn verify(inputs: &Inbox, req: &Value) -> Value {
     let Some(s) = core_status(inputs) else {
         return json!({"ok": false, "error": "the daemon's core did not answer"});
     };
@@ -261,7 +262,8 @@ mod tests {
     fn test_control_socket_status_admin_and_bad_requests() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("ctl.sock");
-        let (tx, rx) = sync_channel::<Input>(16);
+        let (tx, rx) = crate::inbox::inbox(16);
+        let rx = rx.into_receiver();
         let hub = EventHub::default();
         let server = ControlServer::start(&sock, tx, hub.clone(), Arc::default()).unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;

@@ -1,18 +1,23 @@
-//! The core driver: the thread that owns a node's protocol core
-//! (`msl_core::Node`), its volume and its metadata store, and executes the
-//! core's actions in order.
+//! The core driver: owns a node's protocol core (`msl_core::Node`), its
+//! volume and its metadata store, and executes the core's actions in
+//! order.
 //!
-//! Inputs arrive on one channel (MSL frames from the receive thread, LAN
-//! server-state packets, client writes and flushes from the front end,
-//! admin commands). Actions are executed in order: metadata is persisted
-//! (atomically, fsync'd) before the next action runs, and if that fails the
-//! rest of the batch is dropped and the core latches fail-closed. Volume I/O
-//! is done synchronously on this thread (first version: simple and
-//! obviously ordered; an I/O pool is a later optimisation). MSL frames go to
-//! a transmit thread over two queues, control ahead of data.
+//! Inputs arrive on one queue (`inbox`: MSL frames from the receive thread,
+//! LAN server-state packets, client writes and flushes from the front end,
+//! admin commands), and the thread that queues an input runs the core for
+//! it when no other thread is (a lone write runs on its NBD reader, an ack
+//! on the MSL receive thread); the core thread handles the rest and the
+//! timers. Whoever runs it, the core runs on one thread at a time and
+//! takes inputs in queue order. Actions are executed in order: metadata is
+//! persisted (atomically, fsync'd) before the next action runs, and if that
+//! fails the rest of the batch is dropped and the core latches fail-closed.
+//! Volume writes are done synchronously by the thread running the core;
+//! volume flushes (fdatasync) on a flush thread. MSL frames go out from
+//! the thread running the core when the link is free, else through a
+//! transmit thread, control ahead of data.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -25,6 +30,7 @@ use msl_store::{MetaStore, Volume};
 use msl_transport::{RxLink, TxLink};
 use msl_wire::{self as wire, Header, Key, Message, Reassembler};
 
+use crate::inbox::{Drained, Inbox, InboxRx, Runner};
 use crate::lan::{LanPacket, LanPath};
 use crate::notify::{EventRecord, Notifier};
 
@@ -89,7 +95,7 @@ impl msl_core::node::Payload for Block {
     }
 }
 
-/// What the driver thread consumes.
+/// What the core consumes (through its `Inbox`).
 pub enum Input {
     Msl {
         header: Header,
@@ -166,7 +172,7 @@ impl Host for NoHost {
 }
 
 /// Why the driver stopped.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
     /// `Input::Stop` (clean shutdown).
     Stopped,
@@ -440,7 +446,7 @@ pub fn start_msl_rx(
     cluster_id: u64,
     key: Option<Key>,
     max_message: usize,
-    out: SyncSender<Input>,
+    out: Inbox,
     stop: Arc<AtomicBool>,
     shared: Arc<Shared>,
 ) -> JoinHandle<()> {
@@ -500,10 +506,16 @@ pub fn start_msl_rx(
             if r.is_err() {
                 std::thread::sleep(Duration::from_millis(10));
             }
+            // The whole batch in, then the core runs once for it (on
+            // this thread if it is free).
+            let queued = !batch.is_empty();
             for i in batch.drain(..) {
-                if out.send(i).is_err() {
+                if out.push(i).is_err() {
                     return;
                 }
+            }
+            if queued {
+                out.kick();
             }
         }
     })
@@ -539,10 +551,14 @@ pub struct Driver<H: Host> {
     /// fdatasync on a busy disk then delays only what waits for it, not
     /// heartbeats and acks (a 400 ms stall made the peer declare us dead).
     flusher: Option<SyncSender<u64>>,
+    /// Events caused while handling one (local I/O completions).
+    internal: VecDeque<Event<Block>>,
+    /// Why the core stopped, once it has (whichever thread saw it).
+    exit: Option<Exit>,
 }
 
 /// Inputs handled back to back before a held ACK goes out regardless.
-const ACK_BATCH: u32 = 64;
+const ACK_BATCH: usize = 64;
 
 /// Once-a-second bookkeeping on the core thread: the resync rate and the
 /// rate-limited "wrong cluster key" notice.
@@ -595,6 +611,8 @@ impl<H: Host> Driver<H> {
             frames: Vec::new(),
             held_ack: None,
             flusher: None,
+            internal: VecDeque::new(),
+            exit: None,
             house: Housekeeping {
                 next: epoch,
                 resync_sample: None,
@@ -608,7 +626,7 @@ impl<H: Host> Driver<H> {
     /// `Input::IoDone` through `inputs` (the core's own input queue). The
     /// core issues a flush only after the writes it must cover completed,
     /// so a flush running beside later writes covers what it promises.
-    pub fn flush_off_thread(mut self, inputs: SyncSender<Input>) -> std::io::Result<Self> {
+    pub fn flush_off_thread(mut self, inputs: Inbox) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<u64>(1024);
         let volume = self.volume.clone();
         std::thread::Builder::new()
@@ -694,117 +712,84 @@ impl<H: Host> Driver<H> {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// Run until stopped; returns why.
-    pub fn run(mut self, inputs: Receiver<Input>) -> Exit {
-        let mut internal: VecDeque<Event<Block>> = VecDeque::new();
-        self.step(Event::Tick, &mut internal);
-        let mut batch = 0u32;
-        loop {
-            // Queued input is handled back to back; the newest ACK goes
-            // out once the queue is empty (or after `ACK_BATCH` inputs).
-            let queued = if batch < ACK_BATCH {
-                match inputs.try_recv() {
-                    Ok(i) => Some(i),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => return self.finish(Exit::Stopped),
-                }
-            } else {
-                None
-            };
-            let input = match queued {
-                Some(i) => {
-                    // More to do: the transmit thread sends meanwhile.
-                    self.msl_tx.send(&mut self.out, SendMode::Queue);
-                    batch += 1;
-                    Some(i)
-                }
-                None => {
-                    self.send_held_ack();
-                    // About to wait: send from here, no wake-up.
-                    self.msl_tx.send(&mut self.out, SendMode::Direct);
-                    batch = 0;
-                    let wait = self.node.poll_timeout().saturating_sub(self.now());
-                    match inputs.recv_timeout(Duration::from_micros(wait.clamp(100, 50_000))) {
-                        Ok(i) => {
-                            batch = 1;
-                            Some(i)
-                        }
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => return self.finish(Exit::Stopped),
-                    }
-                }
-            };
-            let ev = match input {
-                None => Event::Tick,
-                Some(Input::Stop) => return self.finish(Exit::Stopped),
-                Some(Input::IoDone { io, ok }) => Event::IoDone { io, ok },
-                Some(Input::Status(tx)) => {
-                    let _ = tx.send(self.node.status());
-                    continue;
-                }
-                Some(Input::Msl {
-                    header,
-                    msg,
-                    payload,
-                }) => Event::MslFrame {
-                    header,
-                    msg,
-                    payload,
-                },
-                Some(Input::MslUnknown {
-                    code,
-                    must_understand,
-                }) => Event::MslUnknownType {
-                    code,
-                    must_understand,
-                },
-                Some(Input::Lan(p)) => Event::LanFrame {
-                    adapter: p.adapter,
-                    header: p.header,
-                    hb: p.hb,
-                },
-                Some(Input::LanAdapter { adapter, up }) => Event::LanAdapter {
-                    adapter,
-                    link_up: up,
-                    carrier: up,
-                },
-                Some(Input::MslLink { up }) => Event::MslLink { up },
-                Some(Input::Admin(cmd)) => Event::Admin(cmd),
-                Some(Input::Write {
+    /// Run until stopped; returns why. This thread becomes the core
+    /// thread; threads that send inputs run the core too when it is free
+    /// (see `inbox`).
+    pub fn run(self, inputs: InboxRx) -> Exit
+    where
+        H: 'static,
+    {
+        inputs.run(Box::new(self))
+    }
+
+    /// The core's event for an input (`None`: handled here already).
+    fn event_for(&mut self, input: Input) -> Result<Option<Event<Block>>, Exit> {
+        Ok(Some(match input {
+            Input::Stop => return Err(Exit::Stopped),
+            Input::IoDone { io, ok } => Event::IoDone { io, ok },
+            Input::Status(tx) => {
+                let _ = tx.send(self.node.status());
+                return Ok(None);
+            }
+            Input::Msl {
+                header,
+                msg,
+                payload,
+            } => Event::MslFrame {
+                header,
+                msg,
+                payload,
+            },
+            Input::MslUnknown {
+                code,
+                must_understand,
+            } => Event::MslUnknownType {
+                code,
+                must_understand,
+            },
+            Input::Lan(p) => Event::LanFrame {
+                adapter: p.adapter,
+                header: p.header,
+                hb: p.hb,
+            },
+            Input::LanAdapter { adapter, up } => Event::LanAdapter {
+                adapter,
+                link_up: up,
+                carrier: up,
+            },
+            Input::MslLink { up } => Event::MslLink { up },
+            Input::Admin(cmd) => Event::Admin(cmd),
+            Input::Write {
+                block,
+                count,
+                kind,
+                fua,
+                payload,
+                reply,
+            } => {
+                let req = self.next_req;
+                self.next_req += 1;
+                let bytes = match kind {
+                    IoKind::Write => count * u64::from(self.node.config().block_size),
+                    _ => 0,
+                };
+                self.replies.insert(req, (reply, bytes));
+                Event::ClientWrite {
+                    req,
                     block,
                     count,
                     kind,
                     fua,
                     payload,
-                    reply,
-                }) => {
-                    let req = self.next_req;
-                    self.next_req += 1;
-                    let bytes = match kind {
-                        IoKind::Write => count * u64::from(self.node.config().block_size),
-                        _ => 0,
-                    };
-                    self.replies.insert(req, (reply, bytes));
-                    Event::ClientWrite {
-                        req,
-                        block,
-                        count,
-                        kind,
-                        fua,
-                        payload,
-                    }
                 }
-                Some(Input::Flush { reply }) => {
-                    let req = self.next_req;
-                    self.next_req += 1;
-                    self.replies.insert(req, (ReplyTo::Wait(reply), 0));
-                    Event::ClientFlush { req }
-                }
-            };
-            if let Some(exit) = self.step(ev, &mut internal) {
-                return self.finish(exit);
             }
-        }
+            Input::Flush { reply } => {
+                let req = self.next_req;
+                self.next_req += 1;
+                self.replies.insert(req, (ReplyTo::Wait(reply), 0));
+                Event::ClientFlush { req }
+            }
+        }))
     }
 
     /// Feed one event, then everything it causes (local I/O completions).
@@ -936,7 +921,7 @@ impl<H: Host> Driver<H> {
         None
     }
 
-    fn finish(mut self, exit: Exit) -> Exit {
+    fn finish_core(&mut self, exit: Exit) -> Exit {
         if exit == Exit::Stopped {
             let _ = self.volume.flush();
             self.node.shutdown();
@@ -955,11 +940,71 @@ impl<H: Host> Driver<H> {
     }
 }
 
+impl<H: Host> Runner for Driver<H> {
+    /// Queued inputs are handled back to back (frames produced meanwhile
+    /// go to the transmit thread); the newest ACK goes out once the queue
+    /// is empty or after `ACK_BATCH` inputs, and what is left to send goes
+    /// from this thread (`SendMode::Direct`) before it returns.
+    fn drain(&mut self, rx: &Receiver<Input>, pending: &AtomicIsize, budget: usize) -> Drained {
+        let mut internal = std::mem::take(&mut self.internal);
+        // Once stopped, stopped for every thread (the core thread finishes).
+        let mut exit = self.exit;
+        if exit.is_none() && self.now() >= self.node.poll_timeout() {
+            exit = self.step(Event::Tick, &mut internal);
+        }
+        let mut handled = 0;
+        while exit.is_none() && handled < budget {
+            let input = match rx.try_recv() {
+                Ok(i) => i,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    exit = Some(Exit::Stopped);
+                    break;
+                }
+            };
+            pending.fetch_sub(1, Ordering::SeqCst);
+            if handled > 0 {
+                // More to do: the transmit thread sends meanwhile.
+                self.msl_tx.send(&mut self.out, SendMode::Queue);
+                if handled % ACK_BATCH == 0 {
+                    self.send_held_ack();
+                }
+            }
+            handled += 1;
+            match self.event_for(input) {
+                Ok(Some(ev)) => exit = self.step(ev, &mut internal),
+                Ok(None) => {}
+                Err(e) => exit = Some(e),
+            }
+        }
+        self.internal = internal;
+        self.exit = exit;
+        if exit.is_none() {
+            self.send_held_ack();
+            // About to go back to other work or to wait: send from here.
+            self.msl_tx.send(&mut self.out, SendMode::Direct);
+        }
+        Drained {
+            handled,
+            deadline_us: self.node.poll_timeout(),
+            exit,
+        }
+    }
+
+    fn finish(&mut self, exit: Exit) -> Exit {
+        self.finish_core(exit)
+    }
+
+    fn now_us(&self) -> u64 {
+        self.now()
+    }
+}
+
 /// A handle for front ends (NBD): submit writes and flushes, wait for the
 /// core's answer.
 #[derive(Clone)]
 pub struct Client {
-    pub inputs: SyncSender<Input>,
+    pub inputs: Inbox,
     pub shared: Arc<Shared>,
     pub block_size: u64,
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod driver;
 pub mod frontend;
+pub mod inbox;
 pub mod lan;
 pub mod md;
 pub mod notify;

@@ -5,13 +5,13 @@
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use msl_nbd::{Backend, Server, ServerConfig};
 
 use crate::driver::{Host, Input};
+use crate::inbox::Inbox;
 
 /// Link and carrier of an interface from sysfs (`ip netns exec` mounts the
 /// namespace's own sysfs, so this sees the daemon's namespace).
@@ -24,11 +24,7 @@ pub fn link_up(ifname: &str) -> bool {
 
 /// Poll link state every 50 ms and report changes: LAN adapters as
 /// `Input::LanAdapter`, the MSL NIC (adapter `None`) as `Input::MslLink`.
-pub fn watch_links(
-    ifaces: Vec<(String, Option<u8>)>,
-    inputs: SyncSender<Input>,
-    stop: Arc<AtomicBool>,
-) {
+pub fn watch_links(ifaces: Vec<(String, Option<u8>)>, inputs: Inbox, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut last: Vec<Option<bool>> = vec![None; ifaces.len()];
         while !stop.load(Ordering::Relaxed) {
@@ -54,9 +50,13 @@ pub fn watch_links(
 pub fn start_nbd(
     listener: TcpListener,
     backend: Arc<dyn Backend>,
+    busy_poll: Duration,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<Arc<msl_nbd::Counters>> {
-    let cfg = ServerConfig::default();
+    let cfg = ServerConfig {
+        busy_poll,
+        ..ServerConfig::default()
+    };
     let server = Server::new(listener, String::new(), backend, cfg, stop);
     let counters = server.counters();
     std::thread::Builder::new()

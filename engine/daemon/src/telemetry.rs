@@ -17,7 +17,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -27,6 +27,7 @@ use msl_core::node::Status;
 use serde_json::{json, Value};
 
 use crate::driver::{Input, Shared};
+use crate::inbox::Inbox;
 use crate::lan::LanCounters;
 use crate::notify::NotifyCounters;
 
@@ -343,7 +344,7 @@ pub fn prometheus(s: &Status, t: &Telemetry) -> String {
 
 /// Ask the core for a status snapshot (never blocks the core: it answers on
 /// a channel; a busy or stopped core makes this return `None` after 2 s).
-pub fn core_status(inputs: &SyncSender<Input>) -> Option<Status> {
+pub fn core_status(inputs: &Inbox) -> Option<Status> {
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let (tx, rx) = sync_channel(1);
     // The input queue may be momentarily full under heavy client load:
@@ -373,7 +374,7 @@ pub struct MetricsServer {
 impl MetricsServer {
     pub fn start(
         addr: SocketAddr,
-        inputs: SyncSender<Input>,
+        inputs: Inbox,
         telemetry: Arc<Telemetry>,
     ) -> Result<Self, String> {
         let server = tiny_http::Server::http(addr)

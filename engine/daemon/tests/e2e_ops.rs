@@ -100,6 +100,11 @@ fn test_pair_status_complete_and_metrics_count_writes() {
         "client writes counter did not grow:\n{after}"
     );
     assert!(metric(&after, "msl_nbd_req_write") > nbd0);
+    // The NBD reader polls for each next request (nbd_busy_poll_us, on by
+    // default) before it sleeps.
+    let polls =
+        metric(&after, "msl_nbd_busy_poll_hits") + metric(&after, "msl_nbd_busy_poll_misses");
+    assert!(polls > 0, "{after}");
     assert!(metric(&after, "msl_msl_tx_frames_total") > 0);
     // Lone messages (queue depth 1 writes, their acks) leave from the core
     // thread itself, without waking the transmit thread.

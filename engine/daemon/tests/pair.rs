@@ -7,7 +7,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,7 +89,7 @@ fn start(
     let key = Key([9; 32]);
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let (inputs, input_rx) = sync_channel::<Input>(8192);
+    let (inputs, input_rx) = msl_daemon::inbox::inbox(8192);
     let (msl_tx, tx_thread) = driver::start_msl_tx(Box::new(tx), shared.clone());
     let rx_thread = driver::start_msl_rx(
         Box::new(rx),
@@ -107,7 +107,7 @@ fn start(
         peer: SocketAddr::from(([127, 0, 0, 1], lan_peer)),
     };
     let lan = LanPath::start(&[ep], CLUSTER, Some(key.clone()), lan_tx).unwrap();
-    let fwd: SyncSender<Input> = inputs.clone();
+    let fwd = inputs.clone();
     let fwd_thread = std::thread::spawn(move || {
         while let Ok(p) = lan_rx.recv() {
             if fwd.send(Input::Lan(p)).is_err() {

@@ -42,6 +42,12 @@ pub trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn input_pending(&self) -> bool {
         true
     }
+    /// Poll for input for up to `limit`, yielding the CPU between looks;
+    /// true once something is readable. The default does not poll.
+    fn poll_input(&self, limit: Duration) -> bool {
+        let _ = limit;
+        false
+    }
 }
 
 /// Bytes readable on `fd` now (FIONREAD); errors count as "some".
@@ -53,6 +59,24 @@ fn readable_bytes(fd: RawFd) -> usize {
         n.max(0) as usize
     } else {
         1
+    }
+}
+
+/// Look for readable bytes on `fd` until `limit` passes, giving the CPU to
+/// any other runnable thread between looks (`sched_yield`).
+fn spin_until_readable(fd: RawFd, limit: Duration) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if readable_bytes(fd) > 0 {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+        unsafe {
+            libc::sched_yield();
+        }
     }
 }
 
@@ -71,6 +95,9 @@ macro_rules! impl_socket {
             }
             fn input_pending(&self) -> bool {
                 readable_bytes(self.as_raw_fd()) > 0
+            }
+            fn poll_input(&self, limit: Duration) -> bool {
+                spin_until_readable(self.as_raw_fd(), limit)
             }
         }
     )*};
@@ -699,8 +726,16 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
         // that blocks (the mirror waits for the peer) gets one thread per
         // request in flight.
         let mut spawned = 0usize;
+        let busy_poll = ex.cfg.busy_poll;
         let end = loop {
             let mut h = [0u8; REQUEST_LEN];
+            if !busy_poll.is_zero() && r.buffer().is_empty() {
+                Counters::inc(if r.get_ref().poll_input(busy_poll) {
+                    &c.busy_poll_hits
+                } else {
+                    &c.busy_poll_misses
+                });
+            }
             match read_full(&mut r, &mut h) {
                 Ok(true) => {}
                 _ => break ConnEnd::Closed,

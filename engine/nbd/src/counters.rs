@@ -71,6 +71,10 @@ counters! {
     oversized_writes,
     /// Connections dropped because a reply could not be sent.
     reply_send_failures,
+    /// Requests the reader found while polling (`busy_poll`), and polls
+    /// that ended with nothing, the reader then sleeping in `recv`.
+    busy_poll_hits,
+    busy_poll_misses,
 }
 
 impl Counters {

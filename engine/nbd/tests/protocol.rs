@@ -730,6 +730,39 @@ fn write_request(handle: u64, off: u64) -> Vec<u8> {
     b
 }
 
+/// With `busy_poll`, the reader polls for the next request before it
+/// sleeps: a request sent while it polls is found by polling (a hit), one
+/// sent after the poll ended wakes it from `recv` (a miss); both are served
+/// and their data lands.
+#[test]
+fn test_busy_poll_finds_requests_sent_while_polling_and_sleeps_after() {
+    let mut c = start(ServerConfig {
+        busy_poll: Duration::from_millis(300),
+        ..small_cfg()
+    });
+    c.greet(CF);
+    c.go("msl").unwrap();
+    let polls = |c: &Conn| {
+        let s = c.export.counters.snapshot();
+        (s.busy_poll_hits, s.busy_poll_misses)
+    };
+    // Sent 20 ms into the reader's poll.
+    std::thread::sleep(Duration::from_millis(20));
+    c.c.write_all(&write_request(1, 0)).unwrap();
+    assert_eq!(c.simple(), (0, 1));
+    assert_eq!(polls(&c), (1, 0), "the first request was found by polling");
+    // Sent after the poll gave up: the reader slept in recv.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(polls(&c).1, 1, "a poll with nothing to find ends as a miss");
+    c.c.write_all(&write_request(2, 4096)).unwrap();
+    assert_eq!(c.simple(), (0, 2));
+    let d = c.mem.data.lock().unwrap();
+    assert_eq!(&d[..4096], &common::pattern(4096, 1)[..]);
+    assert_eq!(&d[4096..8192], &common::pattern(4096, 2)[..]);
+    drop(d);
+    assert_eq!(c.end(), ConnEnd::Closed);
+}
+
 #[test]
 fn test_queue_depth_one_runs_on_reader_and_deep_queue_gets_one_worker_per_request() {
     let probe = Arc::new(Probe {

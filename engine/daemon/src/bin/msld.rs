@@ -114,7 +114,7 @@ fn run(args: Args) -> Result<Exit, String> {
         4096,
     );
     let notify_counters = notifier.counters.clone();
-    let (inputs, input_rx) = sync_channel::<Input>(16_384);
+    let (inputs, input_rx) = msl_daemon::inbox::inbox(16_384);
 
     // MSL transport.
     let iface = IfaceInfo::lookup(&f.msl.interface).map_err(|e| format!("msl.interface: {e}"))?;
@@ -208,7 +208,8 @@ fn run(args: Args) -> Result<Exit, String> {
     let backend = Arc::new(MirrorBackend::new(client, volume.clone(), max_write));
     let listener = TcpListener::bind(SocketAddr::new([0, 0, 0, 0].into(), f.nbd_port))
         .map_err(|e| format!("nbd_port {}: {e}", f.nbd_port))?;
-    let nbd_counters = msl_daemon::service::start_nbd(listener, backend, stop.clone())
+    let busy_poll = Duration::from_micros(f.nbd_busy_poll_us);
+    let nbd_counters = msl_daemon::service::start_nbd(listener, backend, busy_poll, stop.clone())
         .map_err(|e| e.to_string())?;
 
     // Status (control socket) and metrics read the same counters.

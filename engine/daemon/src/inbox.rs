@@ -1,0 +1,390 @@
+//! The core's input queue, and which thread runs the core.
+//!
+//! Every input for the protocol core (MSL frames, LAN server-state packets,
+//! client writes, flush completions, admin commands) enters one FIFO
+//! channel. The thread that puts an input in then runs the core for what is
+//! queued itself, if no other thread is running it at that moment: a lone
+//! client write is handled on the NBD reader that read it, the peer's ack
+//! on the MSL receive thread that received it, with no wake-up of another
+//! thread (each hand-off cost tens of microseconds of a queue-depth-1 write
+//! on this kind of machine). A thread that finds the core busy leaves its
+//! input queued; the thread running the core looks at the queue again after
+//! letting go, so nothing queued is left behind.
+//!
+//! The core thread remains, for timers and backlogs: it sleeps until the
+//! core's next deadline, and a thread that ran the core wakes it when it
+//! leaves inputs behind (it handles at most `INLINE_BUDGET` before going
+//! back to its own work), when the core stopped, or when the next deadline
+//! moved earlier than the one the core thread sleeps for.
+//!
+//! Order: only the thread holding the core takes inputs out of the channel,
+//! so inputs are handled in the order they entered it, whichever thread
+//! handles them (frames of one sender never overtake each other).
+
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SendError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::Thread;
+use std::time::Duration;
+
+use crate::driver::{Exit, Input};
+
+/// Inputs a thread other than the core thread handles in one go before it
+/// hands the rest to the core thread.
+pub const INLINE_BUDGET: usize = 64;
+
+/// The longest the core thread sleeps, and the shortest (microseconds).
+const MAX_SLEEP_US: u64 = 50_000;
+const MIN_SLEEP_US: u64 = 100;
+
+/// What runs the core: the driver.
+pub trait Runner: Send {
+    /// Handle queued inputs (at most `budget`), and a timer tick if due.
+    fn drain(&mut self, rx: &Receiver<Input>, pending: &AtomicIsize, budget: usize) -> Drained;
+    /// Stop: the last actions, answers for waiting clients.
+    fn finish(&mut self, exit: Exit) -> Exit;
+    /// Microseconds on the core's clock.
+    fn now_us(&self) -> u64;
+}
+
+/// Outcome of `Runner::drain`.
+pub struct Drained {
+    /// Inputs handled.
+    pub handled: usize,
+    /// The core's next deadline (microseconds on its clock).
+    pub deadline_us: u64,
+    /// The core stopped.
+    pub exit: Option<Exit>,
+}
+
+struct Slot {
+    runner: Box<dyn Runner>,
+    rx: Receiver<Input>,
+    /// When the core thread wakes next (core clock), set under the lock.
+    sleep_until: u64,
+}
+
+struct Cell {
+    slot: Mutex<Option<Slot>>,
+    /// Inputs in the channel (may dip below zero for a moment: a sender
+    /// counts after its input is in, and it can be taken before that).
+    pending: AtomicIsize,
+    core_thread: OnceLock<Thread>,
+    /// Whether senders run the core themselves (else only the core thread
+    /// does, woken by each sender).
+    inline: bool,
+}
+
+impl Cell {
+    fn wake_core(&self) {
+        if let Some(t) = self.core_thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// Sending side of the core's input queue (cheap to clone).
+#[derive(Clone)]
+pub struct Inbox {
+    tx: SyncSender<Input>,
+    cell: Arc<Cell>,
+}
+
+/// Receiving side: becomes the core thread (`run`).
+pub struct InboxRx {
+    rx: Receiver<Input>,
+    cell: Arc<Cell>,
+}
+
+/// A core input queue holding up to `capacity` inputs; senders run the
+/// core themselves when it is free (see the module documentation).
+pub fn inbox(capacity: usize) -> (Inbox, InboxRx) {
+    inbox_with(capacity, true)
+}
+
+/// As `inbox`, choosing whether senders may run the core (`inline`); with
+/// `false` the core thread handles every input, woken by each sender.
+pub fn inbox_with(capacity: usize, inline: bool) -> (Inbox, InboxRx) {
+    let (tx, rx) = sync_channel(capacity);
+    let cell = Arc::new(Cell {
+        slot: Mutex::new(None),
+        pending: AtomicIsize::new(0),
+        core_thread: OnceLock::new(),
+        inline,
+    });
+    (
+        Inbox {
+            tx,
+            cell: cell.clone(),
+        },
+        InboxRx { rx, cell },
+    )
+}
+
+fn lock_slot(m: &Mutex<Option<Slot>>) -> MutexGuard<'_, Option<Slot>> {
+    // A panic while running the core leaves it in an unknown state: the
+    // core thread stops the process rather than go on with it.
+    match m.lock() {
+        Ok(g) => g,
+        Err(_) => {
+            eprintln!("msld: the core panicked on another thread; stopping");
+            std::process::abort();
+        }
+    }
+}
+
+// The errors hand the input back, as `SyncSender`'s do (a status request
+// retries with it), so they are as large as an input.
+#[allow(clippy::result_large_err)]
+impl Inbox {
+    /// Queue an input (waiting while the queue is full), then run the core
+    /// if it is free. Fails once the core has stopped.
+    pub fn send(&self, input: Input) -> Result<(), SendError<Input>> {
+        self.push(input)?;
+        self.kick();
+        Ok(())
+    }
+
+    /// As `send`, but fails instead of waiting when the queue is full.
+    pub fn try_send(&self, input: Input) -> Result<(), TrySendError<Input>> {
+        self.tx.try_send(input)?;
+        self.cell.pending.fetch_add(1, Ordering::SeqCst);
+        self.kick();
+        Ok(())
+    }
+
+    /// Queue an input without running the core (a batch of inputs is
+    /// queued first, then one `kick` handles them together).
+    pub fn push(&self, input: Input) -> Result<(), SendError<Input>> {
+        self.tx.send(input)?;
+        self.cell.pending.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Run the core for what is queued, on this thread if no other thread
+    /// is running it; wake the core thread for what this one leaves.
+    pub fn kick(&self) {
+        let cell = &*self.cell;
+        if !cell.inline {
+            cell.wake_core();
+            return;
+        }
+        let mut budget = INLINE_BUDGET;
+        while cell.pending.load(Ordering::SeqCst) > 0 {
+            if budget == 0 {
+                cell.wake_core();
+                return;
+            }
+            let mut guard = match cell.slot.try_lock() {
+                Ok(g) => g,
+                // Another thread runs the core: it looks at the queue
+                // again after letting go, and takes what is here.
+                Err(std::sync::TryLockError::WouldBlock) => return,
+                Err(std::sync::TryLockError::Poisoned(_)) => {
+                    cell.wake_core();
+                    return;
+                }
+            };
+            // No core yet (it starts later and takes what is queued) or
+            // stopped (the input is dropped with the queue).
+            let Some(slot) = guard.as_mut() else {
+                return;
+            };
+            let d = slot.runner.drain(&slot.rx, &cell.pending, budget);
+            let wake = d.exit.is_some() || d.deadline_us < slot.sleep_until;
+            drop(guard);
+            if wake {
+                cell.wake_core();
+                return;
+            }
+            budget = budget.saturating_sub(d.handled.max(1));
+        }
+    }
+}
+
+impl InboxRx {
+    /// The receiving end itself (tests that play the core).
+    pub fn into_receiver(self) -> Receiver<Input> {
+        self.rx
+    }
+
+    /// Become the core thread: install `runner`, then handle what other
+    /// threads leave queued and the core's timers, until the core stops.
+    pub fn run(self, runner: Box<dyn Runner>) -> Exit {
+        let cell = self.cell;
+        let _ = cell.core_thread.set(std::thread::current());
+        *lock_slot(&cell.slot) = Some(Slot {
+            runner,
+            rx: self.rx,
+            sleep_until: 0,
+        });
+        loop {
+            let mut guard = lock_slot(&cell.slot);
+            let Some(slot) = guard.as_mut() else {
+                return Exit::Stopped;
+            };
+            let d = slot.runner.drain(&slot.rx, &cell.pending, usize::MAX);
+            if let Some(exit) = d.exit {
+                let Some(mut slot) = guard.take() else {
+                    return exit;
+                };
+                drop(guard);
+                return slot.runner.finish(exit);
+            }
+            let now = slot.runner.now_us();
+            let wait = d
+                .deadline_us
+                .saturating_sub(now)
+                .clamp(MIN_SLEEP_US, MAX_SLEEP_US);
+            slot.sleep_until = now + wait;
+            drop(guard);
+            if cell.pending.load(Ordering::SeqCst) > 0 {
+                continue;
+            }
+            std::thread::park_timeout(Duration::from_micros(wait));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::thread::ThreadId;
+    use std::time::Instant;
+
+    /// A core that records which input it handled on which thread.
+    struct Recorder {
+        seen: Arc<Mutex<Vec<(ThreadId, u64)>>>,
+        finished: Arc<Mutex<Option<Exit>>>,
+        exit: Option<Exit>,
+        epoch: Instant,
+    }
+
+    impl Runner for Recorder {
+        fn drain(&mut self, rx: &Receiver<Input>, pending: &AtomicIsize, budget: usize) -> Drained {
+            let mut handled = 0;
+            while self.exit.is_none() && handled < budget {
+                let Ok(i) = rx.try_recv() else { break };
+                pending.fetch_sub(1, Ordering::SeqCst);
+                handled += 1;
+                match i {
+                    Input::IoDone { io, .. } => {
+                        let me = std::thread::current().id();
+                        self.seen.lock().unwrap().push((me, io));
+                    }
+                    Input::Stop => self.exit = Some(Exit::Stopped),
+                    _ => {}
+                }
+            }
+            Drained {
+                handled,
+                deadline_us: self.now_us() + 1_000_000,
+                exit: self.exit,
+            }
+        }
+        fn finish(&mut self, exit: Exit) -> Exit {
+            *self.finished.lock().unwrap() = Some(exit);
+            exit
+        }
+        fn now_us(&self) -> u64 {
+            self.epoch.elapsed().as_micros() as u64
+        }
+    }
+
+    type Seen = Arc<Mutex<Vec<(ThreadId, u64)>>>;
+
+    /// Four senders, 5000 inputs each, numbered; then Stop. Returns what
+    /// the core saw, the core thread's id and how `finish` was called.
+    fn run_senders(inline: bool) -> (Vec<(ThreadId, u64)>, ThreadId, Option<Exit>) {
+        let (inbox, rx) = inbox_with(64, inline);
+        let seen: Seen = Arc::default();
+        let finished = Arc::new(Mutex::new(None));
+        let r = Recorder {
+            seen: seen.clone(),
+            finished: finished.clone(),
+            exit: None,
+            epoch: Instant::now(),
+        };
+        let core = std::thread::spawn(move || (rx.run(Box::new(r)), std::thread::current().id()));
+        let senders: Vec<_> = (0..4u64)
+            .map(|p| {
+                let inbox = inbox.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5000u64 {
+                        inbox
+                            .send(Input::IoDone {
+                                io: p << 32 | i,
+                                ok: true,
+                            })
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.join().unwrap();
+        }
+        inbox.send(Input::Stop).unwrap();
+        let (exit, core_id) = core.join().unwrap();
+        assert_eq!(exit, Exit::Stopped);
+        let seen = seen.lock().unwrap().clone();
+        let finished = *finished.lock().unwrap();
+        (seen, core_id, finished)
+    }
+
+    fn assert_all_in_order(seen: &[(ThreadId, u64)]) {
+        let mut next: HashMap<u64, u64> = HashMap::new();
+        for &(_, io) in seen {
+            let (p, i) = (io >> 32, io & 0xffff_ffff);
+            let n = next.entry(p).or_default();
+            assert_eq!(i, *n, "sender {p}: input {i} handled when {n} was due");
+            *n += 1;
+        }
+        assert_eq!(next.len(), 4);
+        assert!(next.values().all(|&n| n == 5000), "{next:?}");
+    }
+
+    #[test]
+    fn test_senders_run_the_core_in_order_and_stop_reaches_the_core_thread() {
+        let (seen, core_id, finished) = run_senders(true);
+        assert_all_in_order(&seen);
+        let off_core = seen.iter().filter(|(t, _)| *t != core_id).count();
+        assert!(
+            off_core > 0,
+            "no input was handled by the thread that sent it"
+        );
+        // Stop was handled by the sending thread; the core thread still
+        // learnt of it and finished the core.
+        assert_eq!(finished, Some(Exit::Stopped));
+    }
+
+    #[test]
+    fn test_without_inline_only_the_core_thread_runs_the_core() {
+        let (seen, core_id, finished) = run_senders(false);
+        assert_all_in_order(&seen);
+        assert!(seen.iter().all(|(t, _)| *t == core_id));
+        assert_eq!(finished, Some(Exit::Stopped));
+    }
+
+    #[test]
+    fn test_inputs_sent_before_the_core_starts_are_handled() {
+        let (inbox, rx) = inbox(16);
+        for io in 0..10 {
+            inbox.send(Input::IoDone { io, ok: true }).unwrap();
+        }
+        inbox.send(Input::Stop).unwrap();
+        let seen: Seen = Arc::default();
+        let r = Recorder {
+            seen: seen.clone(),
+            finished: Arc::default(),
+            exit: None,
+            epoch: Instant::now(),
+        };
+        assert_eq!(rx.run(Box::new(r)), Exit::Stopped);
+        let ios: Vec<u64> = seen.lock().unwrap().iter().map(|&(_, io)| io).collect();
+        assert_eq!(ios, (0..10).collect::<Vec<_>>());
+        // Once stopped, sending fails (the queue is gone).
+        assert!(inbox.send(Input::Stop).is_err());
+    }
+}
