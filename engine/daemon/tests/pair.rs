@@ -90,7 +90,7 @@ fn start(
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
     let (inputs, input_rx) = msl_daemon::inbox::inbox(8192);
-    let (msl_tx, tx_thread) = driver::start_msl_tx(Box::new(tx), shared.clone());
+    let (msl_tx, tx_thread) = driver::start_msl_tx(Box::new(tx), shared.clone(), 9014);
     let rx_thread = driver::start_msl_rx(
         Box::new(rx),
         CLUSTER,

@@ -777,8 +777,11 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                     }
                     job.cost = len.into();
                     conn.budget.acquire(job.cost);
-                    job.data = vec![0u8; len as usize];
-                    if r.read_exact(&mut job.data).is_err() {
+                    // Read into the buffer's spare capacity: a 1 MiB write
+                    // is not zeroed first only to be overwritten.
+                    job.data = Vec::with_capacity(len as usize);
+                    let got = (&mut r).take(len.into()).read_to_end(&mut job.data);
+                    if !matches!(got, Ok(n) if n == len as usize) {
                         conn.budget.release(job.cost);
                         break ConnEnd::Closed;
                     }

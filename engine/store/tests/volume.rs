@@ -73,6 +73,10 @@ fn write_read_fua_flush_round_trip() {
     want[8192..8192 + 4096].copy_from_slice(&b);
     assert_eq!(read(&v, 0, want.len()), want);
     assert_eq!(read(&v, SIZE - 1000, c.len()), c);
+    // read_vec returns the same bytes as read_at, whole and unaligned.
+    assert_eq!(v.read_vec(0, want.len()).unwrap(), want);
+    assert_eq!(v.read_vec(SIZE - 1000, 1000).unwrap(), c);
+    assert_eq!(v.read_vec(8192, 0).unwrap(), Vec::<u8>::new());
     assert!(!v.is_failed());
 }
 
@@ -122,6 +126,7 @@ fn out_of_range_is_refused_without_latching() {
     let mut buf = [0u8; 512];
     for e in [
         v.read_at(&mut buf, SIZE - 100).unwrap_err(),
+        v.read_vec(SIZE - 100, 512).unwrap_err(),
         v.write_at(&buf, SIZE, false).unwrap_err(),
         v.write_at(&buf, u64::MAX - 10, true).unwrap_err(),
         v.trim(SIZE - 10, 11).unwrap_err(),

@@ -155,7 +155,7 @@ fn run(args: Args) -> Result<Exit, String> {
     let max_frame = iface
         .max_frame_len()
         .min(f.msl.mtu as usize + msl_wire::ETH_HEADER_LEN);
-    let (msl_tx, _tx_thread) = driver::start_msl_tx(opened.tx, shared.clone());
+    let (msl_tx, _tx_thread) = driver::start_msl_tx(opened.tx, shared.clone(), max_frame);
     let _rx_thread = driver::start_msl_rx(
         opened.rx,
         f.cluster_id,
