@@ -145,7 +145,8 @@ pub type Reply = Result<(), ClientError>;
 pub enum ReplyTo {
     /// A thread waiting on the channel.
     Wait(SyncSender<Reply>),
-    /// Called on the core thread (it must not block): the NBD front end's
+    /// Called by whichever thread runs the core (an NBD reader, the MSL
+    /// receive thread, ...; it must not block): the NBD front end's
     /// completion, which queues the reply for the connection's reply thread.
     Call(Box<dyn FnOnce(Reply) + Send>),
 }
@@ -189,7 +190,7 @@ pub struct Shared {
     pub serving: AtomicBool,
     pub in_sync: AtomicBool,
     pub msl_tx_frames: AtomicU64,
-    /// Of those, frames the core thread sent itself (no hand-off to the
+    /// Of those, frames the thread running the core sent itself (no hand-off to the
     /// transmit thread).
     pub msl_tx_direct: AtomicU64,
     pub msl_tx_bytes: AtomicU64,
@@ -273,6 +274,11 @@ impl FramePool {
     pub fn available(&self) -> usize {
         self.free.len()
     }
+
+    /// Bytes per buffer.
+    pub fn frame_size(&self) -> usize {
+        self.size
+    }
 }
 
 /// Encodes core messages into Ethernet frames (fragmenting to the link).
@@ -337,7 +343,7 @@ fn named_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> JoinHandle<()
 }
 
 /// The MSL transmit path: a transmit thread fed by a queue (control
-/// frames ahead of data), and the link itself, which the core thread uses
+/// frames ahead of data), and the link itself, which the thread running the core uses
 /// directly when it is about to wait for input anyway and nothing is
 /// queued: a lone message (queue depth 1, an ack) then costs no thread
 /// wake-up, while under load the transmit thread does the sending.
@@ -421,7 +427,7 @@ impl MslTx {
     }
 
     /// Control first, as the transmit thread does, and never waiting (the
-    /// core thread must not block): removes from `frames` what went out.
+    /// core must not block): removes from `frames` what went out.
     fn send_direct(&self, link: &mut dyn TxLink, frames: &mut Vec<(bool, Frame)>) {
         frames.sort_by_key(|(is_control, _)| !*is_control);
         let refs: Vec<&[u8]> = frames.iter().map(|(_, f)| &**f).collect();
@@ -627,6 +633,8 @@ pub struct Driver<H: Host> {
     internal: VecDeque<Event<Block>>,
     /// Why the core stopped, once it has (whichever thread saw it).
     exit: Option<Exit>,
+    /// The first tick has run.
+    started: bool,
 }
 
 /// Inputs handled back to back before a held ACK goes out regardless.
@@ -663,6 +671,14 @@ impl<H: Host> Driver<H> {
         seed: u64,
     ) -> Self {
         let node_id = cfg.node_id;
+        if msl_tx.pool.frame_size() != encoder.max_frame {
+            eprintln!(
+                "msld: frame buffers of {} bytes for frames of up to {}: every frame will be \
+                 allocated (start_msl_tx and FrameEncoder disagree)",
+                msl_tx.pool.frame_size(),
+                encoder.max_frame
+            );
+        }
         let epoch = Instant::now();
         let node = Node::new(cfg, meta, seed, 0);
         Driver {
@@ -685,6 +701,7 @@ impl<H: Host> Driver<H> {
             flusher: None,
             internal: VecDeque::new(),
             exit: None,
+            started: false,
             house: Housekeeping {
                 next: epoch,
                 resync_sample: None,
@@ -1020,7 +1037,10 @@ impl<H: Host> Runner for Driver<H> {
         let mut internal = std::mem::take(&mut self.internal);
         // Once stopped, stopped for every thread (the core thread finishes).
         let mut exit = self.exit;
-        if exit.is_none() && self.now() >= self.node.poll_timeout() {
+        // A tick on the first run (the core's first hello and heartbeat),
+        // then whenever a deadline has passed.
+        if exit.is_none() && (!self.started || self.now() >= self.node.poll_timeout()) {
+            self.started = true;
             exit = self.step(Event::Tick, &mut internal);
         }
         let mut handled = 0;
@@ -1103,7 +1123,8 @@ impl Client {
     }
 
     /// Submit a block-aligned write without waiting: `done` runs on the
-    /// core thread with the outcome (it must not block).
+    /// thread that runs the core when the outcome is known (it must not
+    /// block).
     pub fn submit_async(
         &self,
         offset: u64,

@@ -9,7 +9,12 @@
 //! thread (each hand-off cost tens of microseconds of a queue-depth-1 write
 //! on this kind of machine). A thread that finds the core busy leaves its
 //! input queued; the thread running the core looks at the queue again after
-//! letting go, so nothing queued is left behind.
+//! letting go (or, when it leaves work behind, wakes the core thread), so
+//! nothing queued is left behind.
+//!
+//! Whatever thread sends an input may so run the core: its actions (volume
+//! writes, metadata fsyncs, reply callbacks) run there too, and a callback
+//! must never block. A panic in the core stops the process.
 //!
 //! The core thread remains, for timers and backlogs: it sleeps until the
 //! core's next deadline, and a thread that ran the core wakes it when it
@@ -21,7 +26,7 @@
 //! so inputs are handled in the order they entered it, whichever thread
 //! handles them (frames of one sender never overtake each other).
 
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::{fence, AtomicIsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SendError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::Thread;
@@ -73,6 +78,8 @@ struct Cell {
     /// Whether senders run the core themselves (else only the core thread
     /// does, woken by each sender).
     inline: bool,
+    /// The longest the core thread sleeps (microseconds).
+    max_sleep_us: u64,
 }
 
 impl Cell {
@@ -105,12 +112,20 @@ pub fn inbox(capacity: usize) -> (Inbox, InboxRx) {
 /// As `inbox`, choosing whether senders may run the core (`inline`); with
 /// `false` the core thread handles every input, woken by each sender.
 pub fn inbox_with(capacity: usize, inline: bool) -> (Inbox, InboxRx) {
+    inbox_sleeping(capacity, inline, MAX_SLEEP_US)
+}
+
+/// As `inbox_with`, with the core thread sleeping at most `max_sleep_us`
+/// between timer checks (tests use a long one: nothing then hides an input
+/// left behind).
+fn inbox_sleeping(capacity: usize, inline: bool, max_sleep_us: u64) -> (Inbox, InboxRx) {
     let (tx, rx) = sync_channel(capacity);
     let cell = Arc::new(Cell {
         slot: Mutex::new(None),
         pending: AtomicIsize::new(0),
         core_thread: OnceLock::new(),
         inline,
+        max_sleep_us,
     });
     (
         Inbox {
@@ -122,15 +137,21 @@ pub fn inbox_with(capacity: usize, inline: bool) -> (Inbox, InboxRx) {
 }
 
 fn lock_slot(m: &Mutex<Option<Slot>>) -> MutexGuard<'_, Option<Slot>> {
-    // A panic while running the core leaves it in an unknown state: the
-    // core thread stops the process rather than go on with it.
-    match m.lock() {
-        Ok(g) => g,
-        Err(_) => {
-            eprintln!("msld: the core panicked on another thread; stopping");
-            std::process::abort();
-        }
-    }
+    m.lock().unwrap_or_else(|_| core_panicked())
+}
+
+/// A panic while running the core leaves it in an unknown state (a write
+/// half applied, an action half done): stop the process at once, whichever
+/// thread ran it, rather than go on or leave senders waiting on a core
+/// that will never run again. The supervisor restarts msld.
+fn core_panicked() -> ! {
+    eprintln!("msld: the protocol core panicked; stopping the process");
+    std::process::abort();
+}
+
+/// Run `f` on the core; a panic in it stops the process (`core_panicked`).
+fn guarded<T>(f: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| core_panicked())
 }
 
 // The errors hand the input back, as `SyncSender`'s do (a status request
@@ -138,7 +159,9 @@ fn lock_slot(m: &Mutex<Option<Slot>>) -> MutexGuard<'_, Option<Slot>> {
 #[allow(clippy::result_large_err)]
 impl Inbox {
     /// Queue an input (waiting while the queue is full), then run the core
-    /// if it is free. Fails once the core has stopped.
+    /// if it is free. Fails once the core has stopped and its queue is
+    /// gone (an input queued while it stops is dropped unanswered: a
+    /// waiting client then sees its reply channel close).
     pub fn send(&self, input: Input) -> Result<(), SendError<Input>> {
         self.push(input)?;
         self.kick();
@@ -170,6 +193,10 @@ impl Inbox {
             return;
         }
         let mut budget = INLINE_BUDGET;
+        // Count before try_lock, and a holder unlocks before it reads the
+        // count: with the fences one of the two sees the other (the
+        // failed try_lock alone orders nothing).
+        fence(Ordering::SeqCst);
         while cell.pending.load(Ordering::SeqCst) > 0 {
             if budget == 0 {
                 cell.wake_core();
@@ -180,19 +207,21 @@ impl Inbox {
                 // Another thread runs the core: it looks at the queue
                 // again after letting go, and takes what is here.
                 Err(std::sync::TryLockError::WouldBlock) => return,
-                Err(std::sync::TryLockError::Poisoned(_)) => {
-                    cell.wake_core();
-                    return;
-                }
+                Err(std::sync::TryLockError::Poisoned(_)) => core_panicked(),
             };
             // No core yet (it starts later and takes what is queued) or
             // stopped (the input is dropped with the queue).
             let Some(slot) = guard.as_mut() else {
                 return;
             };
-            let d = slot.runner.drain(&slot.rx, &cell.pending, budget);
-            let wake = d.exit.is_some() || d.deadline_us < slot.sleep_until;
+            let d = guarded(|| slot.runner.drain(&slot.rx, &cell.pending, budget));
+            // Earlier than the core thread will look anyway (it never
+            // sleeps less than MIN_SLEEP_US, so a deadline inside that
+            // needs no wake-up).
+            let wake =
+                d.exit.is_some() || d.deadline_us < slot.sleep_until.saturating_sub(MIN_SLEEP_US);
             drop(guard);
+            fence(Ordering::SeqCst);
             if wake {
                 cell.wake_core();
                 return;
@@ -223,21 +252,22 @@ impl InboxRx {
             let Some(slot) = guard.as_mut() else {
                 return Exit::Stopped;
             };
-            let d = slot.runner.drain(&slot.rx, &cell.pending, usize::MAX);
+            let d = guarded(|| slot.runner.drain(&slot.rx, &cell.pending, usize::MAX));
             if let Some(exit) = d.exit {
                 let Some(mut slot) = guard.take() else {
                     return exit;
                 };
                 drop(guard);
-                return slot.runner.finish(exit);
+                return guarded(|| slot.runner.finish(exit));
             }
             let now = slot.runner.now_us();
             let wait = d
                 .deadline_us
                 .saturating_sub(now)
-                .clamp(MIN_SLEEP_US, MAX_SLEEP_US);
+                .clamp(MIN_SLEEP_US, cell.max_sleep_us);
             slot.sleep_until = now + wait;
             drop(guard);
+            fence(Ordering::SeqCst);
             if cell.pending.load(Ordering::SeqCst) > 0 {
                 continue;
             }
@@ -253,16 +283,41 @@ mod tests {
     use std::thread::ThreadId;
     use std::time::Instant;
 
+    /// The core thread's longest sleep in these tests: an input left
+    /// behind would wait this long, far past the tests' deadlines.
+    const LONG_SLEEP_US: u64 = 10_000_000;
+
     /// A core that records which input it handled on which thread.
+    /// `MslLink` moves its next deadline to 20 ms from now; reaching a
+    /// deadline records a tick.
     struct Recorder {
-        seen: Arc<Mutex<Vec<(ThreadId, u64)>>>,
+        seen: Seen,
+        ticks: Arc<Mutex<Vec<Instant>>>,
         finished: Arc<Mutex<Option<Exit>>>,
         exit: Option<Exit>,
         epoch: Instant,
+        deadline: u64,
+    }
+
+    impl Recorder {
+        fn new(seen: &Seen) -> Self {
+            Recorder {
+                seen: seen.clone(),
+                ticks: Arc::default(),
+                finished: Arc::default(),
+                exit: None,
+                epoch: Instant::now(),
+                deadline: u64::MAX,
+            }
+        }
     }
 
     impl Runner for Recorder {
         fn drain(&mut self, rx: &Receiver<Input>, pending: &AtomicIsize, budget: usize) -> Drained {
+            if self.now_us() >= self.deadline {
+                self.ticks.lock().unwrap().push(Instant::now());
+                self.deadline = u64::MAX;
+            }
             let mut handled = 0;
             while self.exit.is_none() && handled < budget {
                 let Ok(i) = rx.try_recv() else { break };
@@ -273,13 +328,14 @@ mod tests {
                         let me = std::thread::current().id();
                         self.seen.lock().unwrap().push((me, io));
                     }
+                    Input::MslLink { .. } => self.deadline = self.now_us() + 20_000,
                     Input::Stop => self.exit = Some(Exit::Stopped),
                     _ => {}
                 }
             }
             Drained {
                 handled,
-                deadline_us: self.now_us() + 1_000_000,
+                deadline_us: self.deadline,
                 exit: self.exit,
             }
         }
@@ -294,18 +350,24 @@ mod tests {
 
     type Seen = Arc<Mutex<Vec<(ThreadId, u64)>>>;
 
-    /// Four senders, 5000 inputs each, numbered; then Stop. Returns what
-    /// the core saw, the core thread's id and how `finish` was called.
+    /// Wait up to 2 s for `ok`; the core thread sleeps 10 s, so only a
+    /// wake-up (or a sender running the core) gets there in time.
+    fn soon(what: &str, ok: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}: not within 2 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Four senders, 5000 inputs each, numbered; all handled without any
+    /// later send; then Stop. Returns what the core saw, the core thread's
+    /// id and how `finish` was called.
     fn run_senders(inline: bool) -> (Vec<(ThreadId, u64)>, ThreadId, Option<Exit>) {
-        let (inbox, rx) = inbox_with(64, inline);
+        let (inbox, rx) = inbox_sleeping(64, inline, LONG_SLEEP_US);
         let seen: Seen = Arc::default();
-        let finished = Arc::new(Mutex::new(None));
-        let r = Recorder {
-            seen: seen.clone(),
-            finished: finished.clone(),
-            exit: None,
-            epoch: Instant::now(),
-        };
+        let r = Recorder::new(&seen);
+        let finished = r.finished.clone();
         let core = std::thread::spawn(move || (rx.run(Box::new(r)), std::thread::current().id()));
         let senders: Vec<_> = (0..4u64)
             .map(|p| {
@@ -325,6 +387,10 @@ mod tests {
         for s in senders {
             s.join().unwrap();
         }
+        // Nothing left behind: every input handled with no later send.
+        soon("all 20000 inputs handled", || {
+            seen.lock().unwrap().len() == 20_000
+        });
         inbox.send(Input::Stop).unwrap();
         let (exit, core_id) = core.join().unwrap();
         assert_eq!(exit, Exit::Stopped);
@@ -354,8 +420,8 @@ mod tests {
             off_core > 0,
             "no input was handled by the thread that sent it"
         );
-        // Stop was handled by the sending thread; the core thread still
-        // learnt of it and finished the core.
+        // The core thread learnt of the Stop (whoever handled it) and
+        // finished the core.
         assert_eq!(finished, Some(Exit::Stopped));
     }
 
@@ -367,6 +433,55 @@ mod tests {
         assert_eq!(finished, Some(Exit::Stopped));
     }
 
+    /// A sender handles at most `INLINE_BUDGET` inputs; it wakes the core
+    /// thread for the rest, which would otherwise sleep 10 s.
+    #[test]
+    fn test_inputs_past_a_senders_budget_are_handed_to_the_core_thread() {
+        let (inbox, rx) = inbox_sleeping(1024, true, LONG_SLEEP_US);
+        let seen: Seen = Arc::default();
+        let r = Recorder::new(&seen);
+        let core = std::thread::spawn(move || (rx.run(Box::new(r)), std::thread::current().id()));
+        // Let the core thread start and go to sleep.
+        std::thread::sleep(Duration::from_millis(50));
+        for io in 0..200 {
+            inbox.push(Input::IoDone { io, ok: true }).unwrap();
+        }
+        inbox.kick();
+        soon("200 inputs handled", || seen.lock().unwrap().len() == 200);
+        let me = std::thread::current().id();
+        let here = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| *t == me)
+            .count();
+        assert_eq!(here, INLINE_BUDGET, "this thread handled its budget only");
+        inbox.send(Input::Stop).unwrap();
+        let (exit, _) = core.join().unwrap();
+        assert_eq!(exit, Exit::Stopped);
+    }
+
+    /// A sender that moves the core's next deadline earlier than the core
+    /// thread's wake-up wakes it: the timer fires on time, not 10 s later.
+    #[test]
+    fn test_an_earlier_deadline_wakes_the_core_thread() {
+        let (inbox, rx) = inbox_sleeping(16, true, LONG_SLEEP_US);
+        let seen: Seen = Arc::default();
+        let r = Recorder::new(&seen);
+        let ticks = r.ticks.clone();
+        let core = std::thread::spawn(move || rx.run(Box::new(r)));
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        inbox.send(Input::MslLink { up: true }).unwrap();
+        soon("the 20 ms timer fired", || {
+            !ticks.lock().unwrap().is_empty()
+        });
+        let fired = ticks.lock().unwrap()[0];
+        assert!(fired >= t + Duration::from_millis(20), "fired early");
+        inbox.send(Input::Stop).unwrap();
+        assert_eq!(core.join().unwrap(), Exit::Stopped);
+    }
+
     #[test]
     fn test_inputs_sent_before_the_core_starts_are_handled() {
         let (inbox, rx) = inbox(16);
@@ -375,13 +490,7 @@ mod tests {
         }
         inbox.send(Input::Stop).unwrap();
         let seen: Seen = Arc::default();
-        let r = Recorder {
-            seen: seen.clone(),
-            finished: Arc::default(),
-            exit: None,
-            epoch: Instant::now(),
-        };
-        assert_eq!(rx.run(Box::new(r)), Exit::Stopped);
+        assert_eq!(rx.run(Box::new(Recorder::new(&seen))), Exit::Stopped);
         let ios: Vec<u64> = seen.lock().unwrap().iter().map(|&(_, io)| io).collect();
         assert_eq!(ios, (0..10).collect::<Vec<_>>());
         // Once stopped, sending fails (the queue is gone).
