@@ -750,10 +750,15 @@ fn test_busy_poll_finds_requests_sent_while_polling_and_sleeps_after() {
     std::thread::sleep(Duration::from_millis(20));
     c.c.write_all(&write_request(1, 0)).unwrap();
     assert_eq!(c.simple(), (0, 1));
-    assert_eq!(polls(&c), (1, 0), "the first request was found by polling");
-    // Sent after the poll gave up: the reader slept in recv.
-    std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(polls(&c).1, 1, "a poll with nothing to find ends as a miss");
+    assert_eq!(polls(&c).0, 1, "the first request was found by polling");
+    // Nothing sent now: the next poll gives up (a miss) and the reader
+    // sleeps in recv.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while polls(&c).1 == 0 {
+        assert!(Instant::now() < deadline, "the poll never gave up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(polls(&c), (1, 1));
     c.c.write_all(&write_request(2, 4096)).unwrap();
     assert_eq!(c.simple(), (0, 2));
     let d = c.mem.data.lock().unwrap();
