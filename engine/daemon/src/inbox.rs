@@ -106,18 +106,14 @@ pub struct InboxRx {
 /// A core input queue holding up to `capacity` inputs; senders run the
 /// core themselves when it is free (see the module documentation).
 pub fn inbox(capacity: usize) -> (Inbox, InboxRx) {
-    inbox_with(capacity, true)
+    inbox_sleeping(capacity, true, MAX_SLEEP_US)
 }
 
-/// As `inbox`, choosing whether senders may run the core (`inline`); with
-/// `false` the core thread handles every input, woken by each sender.
-pub fn inbox_with(capacity: usize, inline: bool) -> (Inbox, InboxRx) {
-    inbox_sleeping(capacity, inline, MAX_SLEEP_US)
-}
-
-/// As `inbox_with`, with the core thread sleeping at most `max_sleep_us`
-/// between timer checks (tests use a long one: nothing then hides an input
-/// left behind).
+/// As `inbox`, choosing whether senders may run the core (`inline`; with
+/// `false` the core thread handles every input, woken by each sender: the
+/// comparison the tests make) and the core thread's longest sleep between
+/// timer checks (tests use a long one: nothing then hides an input left
+/// behind).
 fn inbox_sleeping(capacity: usize, inline: bool, max_sleep_us: u64) -> (Inbox, InboxRx) {
     let (tx, rx) = sync_channel(capacity);
     let cell = Arc::new(Cell {
