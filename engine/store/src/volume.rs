@@ -408,6 +408,30 @@ fn io_err(path: &Path, op: impl Into<String>, source: io::Error) -> StoreError {
 mod tests {
     use super::*;
 
+    /// A file cut short behind the volume's back: `read_vec` across the new
+    /// end returns the short read as an error (never uninitialized bytes)
+    /// and latches the volume; a read inside it still matched before.
+    #[test]
+    fn read_vec_short_file_is_an_error_and_latches() {
+        let dir = std::env::temp_dir().join(format!("msl-store-vol-short-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("vol");
+        let v = Volume::open(&path, 1 << 16).unwrap();
+        v.write_at(&[7u8; 8192], 0, false).unwrap();
+        assert_eq!(v.read_vec(4096, 4096).unwrap(), vec![7u8; 4096]);
+        // 6000 bytes left: a read of 0..8192 gets 6000, then EOF.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(6000)
+            .unwrap();
+        let e = v.read_vec(0, 8192).unwrap_err();
+        assert!(matches!(e, StoreError::Io { .. }), "{e}");
+        assert!(v.is_failed());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A real I/O error (EBADF from a read-only descriptor) latches the
     /// volume.
     #[test]
