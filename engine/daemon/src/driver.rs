@@ -17,7 +17,7 @@
 //! transmit thread, control ahead of data.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{
     sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
 };
@@ -1033,7 +1033,7 @@ impl<H: Host> Runner for Driver<H> {
     /// go to the transmit thread); the newest ACK goes out once the queue
     /// is empty or after `ACK_BATCH` inputs, and what is left to send goes
     /// from this thread (`SendMode::Direct`) before it returns.
-    fn drain(&mut self, rx: &Receiver<Input>, pending: &AtomicIsize, budget: usize) -> Drained {
+    fn drain(&mut self, rx: &Receiver<Input>, budget: usize) -> Drained {
         let mut internal = std::mem::take(&mut self.internal);
         // Once stopped, stopped for every thread (the core thread finishes).
         let mut exit = self.exit;
@@ -1053,7 +1053,6 @@ impl<H: Host> Runner for Driver<H> {
                     break;
                 }
             };
-            pending.fetch_sub(1, Ordering::SeqCst);
             if handled > 0 {
                 // More to do: the transmit thread sends meanwhile.
                 self.msl_tx.send(&mut self.out, SendMode::Queue);

@@ -44,8 +44,9 @@ const MIN_SLEEP_US: u64 = 100;
 
 /// What runs the core: the driver.
 pub trait Runner: Send {
-    /// Handle queued inputs (at most `budget`), and a timer tick if due.
-    fn drain(&mut self, rx: &Receiver<Input>, pending: &AtomicIsize, budget: usize) -> Drained;
+    /// Handle queued inputs (at most `budget`), and a timer tick if due;
+    /// `Drained::handled` says how many it took out of `rx`.
+    fn drain(&mut self, rx: &Receiver<Input>, budget: usize) -> Drained;
     /// Stop: the last actions, answers for waiting clients.
     fn finish(&mut self, exit: Exit) -> Exit;
     /// Microseconds on the core's clock.
@@ -83,6 +84,13 @@ struct Cell {
 }
 
 impl Cell {
+    /// Run the core (the caller holds `slot`) and count what it took.
+    fn drain(&self, slot: &mut Slot, budget: usize) -> Drained {
+        let d = guarded(|| slot.runner.drain(&slot.rx, budget));
+        self.pending.fetch_sub(d.handled as isize, Ordering::SeqCst);
+        d
+    }
+
     fn wake_core(&self) {
         if let Some(t) = self.core_thread.get() {
             t.unpark();
@@ -210,7 +218,7 @@ impl Inbox {
             let Some(slot) = guard.as_mut() else {
                 return;
             };
-            let d = guarded(|| slot.runner.drain(&slot.rx, &cell.pending, budget));
+            let d = cell.drain(slot, budget);
             // Earlier than the core thread will look anyway (it never
             // sleeps less than MIN_SLEEP_US, so a deadline inside that
             // needs no wake-up).
@@ -248,7 +256,7 @@ impl InboxRx {
             let Some(slot) = guard.as_mut() else {
                 return Exit::Stopped;
             };
-            let d = guarded(|| slot.runner.drain(&slot.rx, &cell.pending, usize::MAX));
+            let d = cell.drain(slot, usize::MAX);
             if let Some(exit) = d.exit {
                 let Some(mut slot) = guard.take() else {
                     return exit;
@@ -309,7 +317,7 @@ mod tests {
     }
 
     impl Runner for Recorder {
-        fn drain(&mut self, rx: &Receiver<Input>, pending: &AtomicIsize, budget: usize) -> Drained {
+        fn drain(&mut self, rx: &Receiver<Input>, budget: usize) -> Drained {
             if self.now_us() >= self.deadline {
                 self.ticks.lock().unwrap().push(Instant::now());
                 self.deadline = u64::MAX;
@@ -317,7 +325,6 @@ mod tests {
             let mut handled = 0;
             while self.exit.is_none() && handled < budget {
                 let Ok(i) = rx.try_recv() else { break };
-                pending.fetch_sub(1, Ordering::SeqCst);
                 handled += 1;
                 match i {
                     Input::IoDone { io, .. } => {

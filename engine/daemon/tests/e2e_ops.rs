@@ -76,8 +76,7 @@ fn u(v: &Value) -> u64 {
 fn test_pair_status_complete_and_metrics_count_writes() {
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "44".repeat(32)).unwrap();
+    let dir = keyed_dir("44");
     let topo = Topology::new();
     let o1 = Opts {
         extra: "metrics_address = \"10.77.1.1:9477\"".into(),
@@ -215,8 +214,7 @@ fn test_wrong_cluster_key_never_pair_counted_and_logged() {
 fn test_online_verify_finds_exactly_the_block_changed_behind_msld() {
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "77".repeat(32)).unwrap();
+    let dir = keyed_dir("77");
     let topo = Topology::new();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     qemu_io(&topo.veth.ns_b, &["write -P 0x3c 0 2M", "flush"]);
@@ -284,8 +282,7 @@ fn test_fio_nbd_verify_through_service_address_files_identical() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "88".repeat(32)).unwrap();
+    let dir = keyed_dir("88");
     let topo = Topology::new();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Two connections, disjoint regions, 4 KiB random writes at depth 16,
@@ -349,8 +346,7 @@ fn test_fio_nbd_verify_through_service_address_files_identical() {
 fn test_secondary_killed_during_fio_restarts_resyncs_and_fio_verifies() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "99".repeat(32)).unwrap();
+    let dir = keyed_dir("99");
     let topo = Topology::new();
     let (d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Rate-limited so that the kill and restart happen mid-run (about 6 s
@@ -407,8 +403,7 @@ fn test_secondary_killed_during_fio_restarts_resyncs_and_fio_verifies() {
 #[test]
 fn test_corrupt_or_truncated_metadata_refused_naming_the_file() {
     // No namespaces needed: msld loads metadata before it opens the MSL.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "aa".repeat(32)).unwrap();
+    let dir = keyed_dir("aa");
     let cfg = config(dir.path(), 1);
     let run = || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_msld"))
@@ -492,8 +487,7 @@ fn test_malformed_config_values_named() {
 #[test]
 fn test_cpu_affinity_applies_to_every_thread() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "aa".repeat(32)).unwrap();
+    let dir = keyed_dir("aa");
     let topo = Topology::new();
     let o1 = Opts {
         extra: "cpu_affinity = [0]".into(),
@@ -519,8 +513,7 @@ fn test_cpu_affinity_applies_to_every_thread() {
 #[test]
 fn test_missing_lan_interface_named_at_start() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "bb".repeat(32)).unwrap();
+    let dir = keyed_dir("bb");
     let topo = Topology::new();
     let good = std::fs::read_to_string(config(dir.path(), 1)).unwrap();
     // The LAN adapter (and so the service interface, which must be one of
@@ -542,8 +535,7 @@ fn test_missing_lan_interface_named_at_start() {
 #[test]
 fn test_rate_limited_full_sync_shows_rate_and_eta() {
     require_root();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "cc".repeat(32)).unwrap();
+    let dir = keyed_dir("cc");
     let topo = Topology::new();
     let o1 = Opts {
         extra: "resync_max_mib_s = 16\nresync_min_mib_s = 1".into(),
@@ -695,8 +687,7 @@ fn test_pair_from_example_configs_syncs_and_runs_notify_command() {
 fn test_lan_failure_switchover_old_primary_exits_75_restarts_as_secondary_in_sync() {
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "ee".repeat(32)).unwrap();
+    let dir = keyed_dir("ee");
     let topo = Topology::switched();
     let (mut d1, d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     qemu_io(&topo.veth.ns_b, &["write -P 0x1f 0 1M", "flush"]);
@@ -742,8 +733,7 @@ fn test_lan_failure_switchover_old_primary_exits_75_restarts_as_secondary_in_syn
 fn test_online_verify_during_fio_writes_finds_no_difference() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "f0".repeat(32)).unwrap();
+    let dir = keyed_dir("f0");
     let topo = Topology::new();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Clients keep writing (random 4 KiB, rate-limited to last a few
@@ -780,8 +770,7 @@ fn test_online_verify_during_fio_writes_finds_no_difference() {
 fn test_very_deep_client_queue_is_held_back_not_refused() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "99".repeat(32)).unwrap();
+    let dir = keyed_dir("99");
     let topo = Topology::new();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     let out = fio_randwrite_verify(
@@ -822,8 +811,7 @@ fn test_very_deep_client_queue_is_held_back_not_refused() {
 fn test_degraded_random_writes_persist_once_per_extent() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "bb".repeat(32)).unwrap();
+    let dir = keyed_dir("bb");
     let topo = Topology::new();
     let (_d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     kill_secondary_wait_degraded(dir.path(), &mut d2);
@@ -863,8 +851,7 @@ fn test_degraded_random_writes_persist_once_per_extent() {
 fn test_secondary_lost_marks_only_unsettled_extents_dirty() {
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "cc".repeat(32)).unwrap();
+    let dir = keyed_dir("cc");
     let topo = Topology::new();
     let (_d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Eight extents written, then given time to settle (the secondary

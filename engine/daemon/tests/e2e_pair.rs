@@ -24,8 +24,7 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
             .is_ok_and(|s| s.success()),
         "qemu-io missing: apt-get install qemu-utils (scripts/setup.sh)"
     );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "11".repeat(32)).unwrap();
+    let dir = keyed_dir("11");
     let topo = Topology::new();
     let start = |ns: &str, id: u16, primary: bool| start_daemon(dir.path(), ns, id, primary);
     let _d1 = start(&topo.veth.ns_a, 1, true);
@@ -89,8 +88,7 @@ fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
         is_root(),
         "this test needs root (network namespaces); CI runs it as root"
     );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), "22".repeat(32)).unwrap();
+    let dir = keyed_dir("22");
     let topo = Topology::new();
     let start = |ns: &str, id: u16, primary: bool| start_daemon(dir.path(), ns, id, primary);
     let mut d1 = start(&topo.veth.ns_a, 1, true);

@@ -97,6 +97,14 @@ impl Default for Opts {
     }
 }
 
+/// A run directory holding the pair's cluster key (32 bytes of `byte`, in
+/// hex), removed on drop.
+pub fn keyed_dir(byte: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.key"), byte.repeat(32)).unwrap();
+    dir
+}
+
 pub fn config(dir: &Path, id: u16) -> PathBuf {
     config_opts(dir, id, &Opts::default())
 }
