@@ -94,7 +94,9 @@ pub struct NbdArgs {
     /// separated; "none" leaves them unpinned. Both nodes of this demo pair
     /// share one machine: on one CPU their thread hand-offs stay on one
     /// core and the other core is the client's (on 2 cores: QD1 p50 206 us
-    /// pinned vs ~300 us unpinned).
+    /// pinned vs ~300 us unpinned). "A/B" pins node 1 (the primary) to
+    /// CPUs A and node 2 to B, e.g. "1/0": each server on a CPU of its
+    /// own, as on two machines.
     #[arg(long, default_value = "0")]
     pub msl_cpus: String,
     /// Profile: during each fio run against `msl` in the first round,
@@ -199,15 +201,33 @@ pub fn new_pair(volume_bytes: u64, backend: &str, cpus: &str) -> Result<Pair, St
         backend: backend.to_string(),
         ..PairOptions::default()
     };
-    if !(cpus.is_empty() || cpus == "none") {
-        let list: Vec<usize> = cpus
-            .split(',')
-            .map(|c| c.trim().parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("--msl-cpus {cpus}: {e}"))?;
-        o = o.tunable("cpu_affinity", format!("{list:?}"));
+    match cpus.split_once('/') {
+        Some((one, two)) => {
+            for (id, list) in [(1, one), (2, two)] {
+                if let Some(l) = cpu_list(list)? {
+                    o = o.node_tunable(id, "cpu_affinity", format!("{l:?}"));
+                }
+            }
+        }
+        None => {
+            if let Some(l) = cpu_list(cpus)? {
+                o = o.tunable("cpu_affinity", format!("{l:?}"));
+            }
+        }
     }
     Pair::new(o)
+}
+
+/// `"0,1"` -> Some([0, 1]); `""` or `"none"` -> None (not pinned).
+fn cpu_list(cpus: &str) -> Result<Option<Vec<usize>>, String> {
+    if cpus.is_empty() || cpus == "none" {
+        return Ok(None);
+    }
+    cpus.split(',')
+        .map(|c| c.trim().parse())
+        .collect::<Result<Vec<usize>, _>>()
+        .map(Some)
+        .map_err(|e| format!("--msl-cpus {cpus}: {e}"))
 }
 
 /// Start an anchor in namespace `ns` serving `file` on the LAN address.
@@ -660,6 +680,14 @@ mod tests {
         assert!(parse_size("3T").unwrap_err().contains("unit"));
         assert!(parse_size("abcM").unwrap_err().contains("not a number"));
         assert!(parse_size("1048577").is_err());
+    }
+
+    #[test]
+    fn test_cpu_lists_and_per_node_pinning() {
+        assert_eq!(cpu_list("0,1").unwrap(), Some(vec![0, 1]));
+        assert_eq!(cpu_list("none").unwrap(), None);
+        assert_eq!(cpu_list("").unwrap(), None);
+        assert!(cpu_list("0,x").unwrap_err().contains("0,x"));
     }
 
     #[test]

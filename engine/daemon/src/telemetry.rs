@@ -94,6 +94,7 @@ fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
         ("msl_rx_bytes", ld(&sh.msl_rx_bytes)),
         ("msl_rx_dropped", ld(&sh.msl_rx_dropped)),
         ("msl_rx_bad_auth", ld(&sh.msl_rx_bad_auth)),
+        ("msl_rx_ring_dropped", ld(&sh.msl_rx_ring_dropped)),
         ("client_bytes_written", ld(&sh.client_bytes_written)),
     ];
     if let Some(l) = &t.lan {

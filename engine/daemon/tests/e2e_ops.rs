@@ -109,6 +109,12 @@ fn test_pair_status_complete_and_metrics_count_writes() {
     // thread itself, without waking the transmit thread.
     assert!(metric(&after, "msl_msl_tx_direct_total") > 0, "{after}");
     assert_eq!(metric(&after, "msl_msl_rx_bad_auth_total"), 0);
+    // The receive ring's own drop count is exported (zero on an idle pair).
+    assert_eq!(
+        metric(&after, "msl_msl_rx_ring_dropped_total"),
+        0,
+        "{after}"
+    );
 
     // Status: every section the operator needs.
     let s1 = status(dir.path(), 1).unwrap();

@@ -59,8 +59,11 @@ impl Volume {
     /// Open the volume at `path` with `size` bytes (volume blocks times
     /// block size), taking an exclusive advisory lock.
     ///
-    /// A regular file is created if missing and extended (sparse) if
-    /// shorter; a longer file is used up to `size`. A block device must
+    /// A regular file is created if missing and extended if shorter, with
+    /// the new space allocated (`fallocate`), so a full filesystem shows
+    /// at start and not as a failed write while mirroring; where the
+    /// filesystem cannot allocate ahead the file is extended sparse. A
+    /// longer file is used up to `size`. A block device must
     /// hold at least `size` bytes. Anything else is refused.
     pub fn open(path: &Path, size: u64) -> Result<Volume, StoreError> {
         let p = path.to_path_buf();
@@ -96,7 +99,7 @@ impl Volume {
             VolumeKind::File => {
                 let len = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
                 if len < size {
-                    file.set_len(size)
+                    preallocate(&file, len, size)
                         .and_then(|()| file.sync_all())
                         .map_err(|e| io_err(path, format!("extend to {size} bytes"), e))?;
                 }
@@ -395,6 +398,36 @@ impl Volume {
     }
 }
 
+/// Extend `file` from `from` to `to` bytes with the new range allocated;
+/// sparse (`set_len`) where the filesystem cannot allocate ahead.
+fn preallocate(file: &File, from: u64, to: u64) -> io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on an fd `file` owns (open for writing); no
+        // memory is passed. Mode 0 allocates and extends the size.
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                0,
+                from as libc::off_t,
+                (to - from) as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => return file.set_len(to),
+            _ => {
+                // Give back whatever part was allocated (best effort).
+                let _ = file.set_len(from);
+                return Err(e);
+            }
+        }
+    }
+}
+
 fn io_err(path: &Path, op: impl Into<String>, source: io::Error) -> StoreError {
     StoreError::Io {
         what: WHAT,
@@ -429,6 +462,58 @@ mod tests {
         let e = v.read_vec(0, 8192).unwrap_err();
         assert!(matches!(e, StoreError::Io { .. }), "{e}");
         assert!(v.is_failed());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A new volume file has all its blocks allocated (on a filesystem
+    /// that can: the test's temp dir), so a full disk shows at start, and a
+    /// shorter existing file is extended with its data kept.
+    #[test]
+    fn new_file_is_allocated_and_extension_keeps_data() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("msl-store-vol-alloc-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("vol");
+        let size = 8u64 << 20;
+        let v = Volume::open(&path, size).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), size);
+        assert!(m.blocks() * 512 >= size, "{} blocks of 512", m.blocks());
+        v.write_at(&[9u8; 4096], 4096, false).unwrap();
+        drop(v);
+        let v = Volume::open(&path, 2 * size).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), 2 * size);
+        assert!(m.blocks() * 512 >= 2 * size, "{} blocks of 512", m.blocks());
+        assert_eq!(v.read_vec(4096, 4096).unwrap(), vec![9u8; 4096]);
+        assert_eq!(v.read_vec(size + 4096, 4096).unwrap(), vec![0u8; 4096]);
+        drop(v);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A volume larger than the filesystem's free space is refused at
+    /// open with an error that names the step, instead of failing writes
+    /// later.
+    #[test]
+    fn volume_larger_than_free_space_is_refused_at_open() {
+        let dir = std::env::temp_dir().join(format!("msl-store-vol-nospc-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("vol");
+        // 1 GiB more than the free space (a sparse file that size would be
+        // created without complaint).
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `statvfs` is a plain C struct; all-zero is a valid value.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a live,
+        // writable statvfs for the call to fill.
+        let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        assert_eq!(r, 0);
+        let free = st.f_bavail as u64 * st.f_frsize as u64;
+        let size = (free + (1 << 30)) & !4095;
+        let e = Volume::open(&path, size).unwrap_err();
+        assert!(e.to_string().contains("extend to"), "{e}");
+        // Nothing of it was kept allocated.
+        assert!(std::fs::metadata(&path).map_or(0, |m| m.len()) < size);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -32,6 +32,9 @@ pub struct PairOptions {
     /// Extra top-level config keys, value as TOML (e.g.
     /// `("resync_max_mib_s", "200")`, `("write_mode", "\"sync\"")`).
     pub tunables: Vec<(String, String)>,
+    /// Tunables for one node only (node id, key, TOML value); they replace
+    /// a shared tunable of the same key on that node.
+    pub node_tunables: Vec<(u16, String, String)>,
     /// Restart msld after any exit, not only after exit 75 (what systemd's
     /// `Restart=always` would do). Off by default: the harness restarts
     /// only what msld asks for, so the tests see every other exit.
@@ -45,6 +48,7 @@ impl Default for PairOptions {
             nbd_port: 10809,
             backend: "afpacket".into(),
             tunables: Vec::new(),
+            node_tunables: Vec::new(),
             restart_on_any_exit: false,
         }
     }
@@ -55,6 +59,15 @@ impl PairOptions {
     pub fn tunable(mut self, key: &str, toml_value: impl ToString) -> Self {
         self.tunables.retain(|(k, _)| k != key);
         self.tunables.push((key.into(), toml_value.to_string()));
+        self
+    }
+
+    /// Set (or replace) a tunable on node `id` only.
+    pub fn node_tunable(mut self, id: u16, key: &str, toml_value: impl ToString) -> Self {
+        self.node_tunables
+            .retain(|(n, k, _)| !(*n == id && k == key));
+        self.node_tunables
+            .push((id, key.into(), toml_value.to_string()));
         self
     }
 }
@@ -337,7 +350,18 @@ fn config_text(dir: &Path, id: u16, o: &PairOptions, msl_if: &str) -> String {
         peer_id = 3 - id,
         port = o.nbd_port,
     );
+    let own: Vec<(&str, &str)> = o
+        .node_tunables
+        .iter()
+        .filter(|(n, _, _)| *n == id)
+        .map(|(_, k, v)| (k.as_str(), v.as_str()))
+        .collect();
     for (k, v) in &o.tunables {
+        if !own.iter().any(|(ok, _)| ok == k) {
+            t.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    for (k, v) in own {
         t.push_str(&format!("{k} = {v}\n"));
     }
     t.push_str(&format!(
@@ -708,5 +732,24 @@ mod tests {
         assert_eq!(cfg.file.heartbeat_interval_ms, 20);
         assert_eq!(cfg.file.service_interface, "b-lan");
         assert_eq!(cfg.file.volume.size_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn test_node_tunable_overrides_the_shared_one_on_its_node_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = PairOptions::default()
+            .tunable("resync_max_mib_s", 200)
+            .node_tunable(2, "resync_max_mib_s", 300)
+            .node_tunable(2, "heartbeat_interval_ms", 20);
+        let parse = |id: u16| {
+            let text = config_text(dir.path(), id, &o, "msla");
+            msl_daemon::config::DaemonConfig::parse(&text, Path::new("n.toml"))
+                .unwrap_or_else(|e| panic!("{e}\n{text}"))
+        };
+        let (one, two) = (parse(1), parse(2));
+        assert_eq!(one.file.resync_max_mib_s, 200);
+        assert_eq!(two.file.resync_max_mib_s, 300);
+        assert_eq!(two.file.heartbeat_interval_ms, 20);
+        assert_ne!(one.file.heartbeat_interval_ms, 20);
     }
 }
