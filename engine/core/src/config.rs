@@ -53,8 +53,16 @@ pub struct Config {
     pub resync_min_bytes_per_s: u64,
     /// Clients count as idle after this long without a write.
     pub resync_idle_us: u64,
-    /// Flush both sides after this long with unstable hot extents.
+    /// Flush both sides after this long with unstable hot extents while
+    /// the activity log is under pressure (at least 3/4 of its slots hold
+    /// extents not yet stable on both sides).
     pub stabilize_interval_us: u64,
+    /// The same while the activity log has room: stable points then only
+    /// bound what a power loss of the secondary makes the primary resync
+    /// (the extents written since the last one), and flushing less often
+    /// writes back a page rewritten meanwhile once instead of at every
+    /// stable point. At least `stabilize_interval_us`.
+    pub stabilize_relaxed_us: u64,
     /// The primary's LAN must be worse than the secondary's for this long
     /// before a switchover.
     pub switchover_debounce_us: u64,
@@ -92,6 +100,7 @@ impl Config {
             resync_min_bytes_per_s: 10 << 20,
             resync_idle_us: 20_000,
             stabilize_interval_us: 200_000,
+            stabilize_relaxed_us: 5_000_000,
             switchover_debounce_us: 300_000,
             max_pending_writes: 4096,
         }
@@ -186,6 +195,12 @@ impl Config {
             self.stabilize_interval_us,
             1_000,
             60_000_000,
+        )?;
+        range(
+            "stabilize_relaxed_us",
+            self.stabilize_relaxed_us,
+            self.stabilize_interval_us,
+            600_000_000,
         )?;
         range(
             "switchover_debounce_us",
