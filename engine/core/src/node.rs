@@ -1815,18 +1815,30 @@ impl<H: Payload> Node<H> {
         self.al_clock += 1;
         let clock = self.al_clock;
         for x in exts {
-            match self.al.iter_mut().find(|s| s.extent == x) {
-                Some(slot) => {
-                    slot.last_wid = wid;
-                    slot.lru = clock;
-                }
-                None => self.al.push(AlSlot {
-                    extent: x,
-                    last_wid: wid,
-                    in_flight: 0,
-                    lru: clock,
-                    on_disk: false,
-                }),
+            let slot = AlSlot {
+                extent: x,
+                last_wid: wid,
+                in_flight: 0,
+                lru: clock,
+                on_disk: false,
+            };
+            if let Some(s) = self.al.iter_mut().find(|s| s.extent == x) {
+                s.last_wid = wid;
+                s.lru = clock;
+            } else if self.al.len() < self.cfg.al_extents {
+                self.al.push(slot);
+            } else if let Some(i) = self
+                .al
+                .iter()
+                .position(|s| s.last_wid < wid && self.al_cold(s))
+            {
+                self.al[i] = slot; // a cold extent is stable: evicted
+            } else {
+                // No room in the log (its on-disk slots are sized for
+                // `al_extents`): marked out of sync instead, resent from
+                // the peer at the next resync either way.
+                let e = self.cfg.extent_blocks;
+                self.meta.dirty.set_range(x * e, e);
             }
         }
         self.persist();
@@ -3662,6 +3674,26 @@ mod tests {
         let cfg = restarted.config().clone();
         let b2: Node<Vec<u8>> = Node::new(cfg, last, 2, now);
         assert!(b2.meta().dirty.get(9), "block 9 marked out of sync");
+    }
+
+    /// With the activity log full of hot extents, received writes that
+    /// need protecting are marked out of sync instead: the log never grows
+    /// past `al_extents` (its on-disk slots are sized for it).
+    #[test]
+    fn test_protecting_received_writes_never_overfills_the_log() {
+        let mut cfg = Config::new(2, 1, 7, 64, 4096);
+        cfg.extent_blocks = 8;
+        cfg.al_extents = 2;
+        let mut n: Node<Vec<u8>> = Node::new(cfg, Meta::create(7, 2, 64, 4096, None), 2, 0);
+        n.protect_received(alloc::vec![0, 1]);
+        n.protect_received(alloc::vec![5, 6]);
+        assert_eq!(n.al.len(), 2, "log capacity kept");
+        let listed: Vec<u64> = n.al.iter().map(|s| s.extent).collect();
+        for x in [0u64, 1, 5, 6] {
+            let covered = listed.contains(&x) || n.meta().dirty.get(x * 8);
+            assert!(covered, "extent {x} neither in the log nor marked");
+        }
+        assert!(n.meta().dirty.get(40) && n.meta().dirty.get(48));
     }
 
     #[test]
