@@ -540,6 +540,10 @@ struct AlSlot {
     /// Listed in the persisted activity log. Only hot extents are written
     /// out; a cold one left out is persisted again before its next write.
     on_disk: bool,
+    /// Its newest writes were received from the peer as secondary
+    /// (`protect_received`): the peer has them, so the slot cools once a
+    /// local flush covers them.
+    from_peer: bool,
 }
 
 /// Counters for status and metrics.
@@ -664,6 +668,8 @@ pub struct Node<H> {
     /// `Config::stabilize_interval_us`), and when that was last counted.
     al_pressure: bool,
     al_counted_us: Micros,
+    /// The next client write waits for activity-log room.
+    al_blocked: bool,
     switching: Option<&'static str>,
 
     // Online verify: the primary's run, and verify reads in flight on
@@ -776,6 +782,7 @@ impl<H: Payload> Node<H> {
             last_stabilize_us: now,
             al_pressure: false,
             al_counted_us: now,
+            al_blocked: false,
             switching: None,
             verify: VerifyRun::default(),
             verify_reads: BTreeMap::new(),
@@ -1322,11 +1329,9 @@ impl<H: Payload> Node<H> {
             self.al_pressure = unstable * 4 >= self.cfg.al_extents * 3;
         }
         let unstable = self.al.iter().any(|s| !self.al_cold(s));
-        let al_full = self.al.len() >= self.cfg.al_extents;
         let due = self.now >= self.stabilize_due_us();
-        let blocked = !self.waiting.is_empty();
-        if unstable && (due || (al_full && blocked)) && self.flushes.values().all(|&(_, r)| r != 0)
-        {
+        let blocked = self.al_blocked && !self.waiting.is_empty();
+        if unstable && (due || blocked) && self.flushes.values().all(|&(_, r)| r != 0) {
             self.last_stabilize_us = self.now;
             self.internal_flush();
         }
@@ -1407,6 +1412,9 @@ impl<H: Payload> Node<H> {
         }
         let id = self.rng.nonzero();
         self.role = Role::Secondary;
+        if let Some(s) = self.session.as_mut() {
+            s.decision.strategy = Strategy::TargetBitmap;
+        }
         self.emit(Action::ServiceAddress { hold: false });
         gens::new_generation(&mut self.meta.gens, id, false);
         self.persist();
@@ -1789,12 +1797,12 @@ impl<H: Payload> Node<H> {
             // activity log tracks writes received as secondary, so if this
             // node took over and then crashed they would go unsynced
             // (msl-sim seed 839, with stable points 5 s apart).
-            let e = self.cfg.extent_blocks;
-            let mut exts: Vec<u64> = s.unstable_applied.keys().copied().collect();
-            for &(b, c) in s.applying.values().filter(|(_, c)| *c > 0) {
-                exts.extend(b / e..=(b + c - 1) / e);
+            // Writes still in flight here may land after any flush issued
+            // now: marked out of sync instead.
+            for &(b, c) in s.applying.values() {
+                self.meta.dirty.set_range(b, c);
             }
-            self.protect_received(exts);
+            self.protect_received(s.unstable_applied.keys().copied().collect());
         }
         if s.handover_seq.is_some() {
             self.peer_role = Some(Role::Primary);
@@ -1821,8 +1829,11 @@ impl<H: Payload> Node<H> {
                 in_flight: 0,
                 lru: clock,
                 on_disk: false,
+                from_peer: true,
             };
             if let Some(s) = self.al.iter_mut().find(|s| s.extent == x) {
+                // Older writes of its own (from_peer false) keep the
+                // stricter rule.
                 s.last_wid = wid;
                 s.lru = clock;
             } else if self.al.len() < self.cfg.al_extents {
@@ -2085,6 +2096,7 @@ impl<H: Payload> Node<H> {
                     s.apply_q.pop_front();
                     s.last_processed = seq;
                     s.flush_in_flight = Some((io, seq));
+                    s.last_flush_us = self.now;
                     self.emit(Action::Flush { io });
                 }
                 Message::Data(Data {
@@ -2237,25 +2249,28 @@ impl<H: Payload> Node<H> {
                     if !idle {
                         break;
                     }
-                    if rc.phase == RolePhase::Handover && s.stable < s.last_processed {
-                        // Take the primary role with everything received
-                        // stable here: this node's activity log does not
-                        // cover writes it received as secondary.
-                        s.flush_wanted = true;
-                        s.flush_upto = s.flush_upto.max(s.last_processed);
-                        break;
-                    }
+                    // Received writes not yet flushed here: this node's
+                    // activity log covers them once it is primary.
+                    let unstable: Vec<u64> = s.unstable_applied.keys().copied().collect();
                     s.apply_q.pop_front();
                     s.last_processed = seq;
                     if rc.phase == RolePhase::Handover
                         && self.role == Role::Secondary
                         && s.phase == Phase::InSync
                     {
+                        if !unstable.is_empty() {
+                            self.protect_received(unstable);
+                        }
                         let cur = self.meta.gens.current;
                         gens::push_history(&mut self.meta.gens, cur);
                         self.meta.gens.current = rc.generation;
                         self.role = Role::Primary;
                         self.peer_role = Some(Role::Secondary);
+                        // The session goes on with the directions swapped:
+                        // this node's writes are mirrored from now on.
+                        if let Some(s) = self.session.as_mut() {
+                            s.decision.strategy = Strategy::SourceBitmap;
+                        }
                         self.persist();
                         self.emit(Action::ServiceAddress { hold: true });
                         self.notify(Notice::RoleChanged {
@@ -2422,8 +2437,12 @@ impl<H: Payload> Node<H> {
                 return;
             }
             let Some(al_changed) = self.al_reserve(block, count) else {
-                return; // AL full of hot extents: wait for a stabilizing flush
+                // Not enough free or cold extents: a stable point cools
+                // some (`stabilize_if_due` issues it at once).
+                self.al_blocked = true;
+                return;
             };
+            self.al_blocked = false;
             let Some(q) = self.waiting.pop_front() else {
                 return;
             };
@@ -2439,7 +2458,8 @@ impl<H: Payload> Node<H> {
     fn al_cold(&self, s: &AlSlot) -> bool {
         s.in_flight == 0
             && s.last_wid <= self.local_stable_wid
-            && (!self.mirroring()
+            && (s.from_peer
+                || !self.mirroring()
                 || s.last_wid <= self.peer_stable_wid
                 || s.last_wid <= self.session_start_wid)
     }
@@ -2488,6 +2508,7 @@ impl<H: Payload> Node<H> {
                 in_flight: 0,
                 lru: 0,
                 on_disk: false,
+                from_peer: false,
             });
         }
         Some(true)
@@ -2503,6 +2524,7 @@ impl<H: Payload> Node<H> {
             s.in_flight += 1;
             s.last_wid = wid;
             s.lru = clock;
+            s.from_peer = false;
         }
         let mirror = self.mirroring() && self.cfg.write_mode == WriteMode::Sync;
         let mirror_async = self.mirroring() && self.cfg.write_mode == WriteMode::Async;
@@ -2716,7 +2738,10 @@ impl<H: Payload> Node<H> {
                         // Clean once a flush covering it completes.
                         let at = s.target_unflushed.partition_point(|e| e.0 < seq);
                         s.target_unflushed.insert(at, (seq, block, count));
-                    } else if count > 0 {
+                    }
+                    // In every phase: a resync's last writes may still be
+                    // unflushed when it ends and this node is in sync.
+                    if count > 0 {
                         let e = self.cfg.extent_blocks;
                         for x in block / e..=(block + count - 1) / e {
                             let v = s.unstable_applied.entry(x).or_insert(seq);
@@ -3639,7 +3664,13 @@ mod tests {
             210_000,
             &|_, _, n| alloc::vec![0; n as usize * 4096],
         );
-        assert_eq!(a.counters.client_writes, 1);
+        assert!(a.pending.is_empty(), "the write was acknowledged");
+        assert!(
+            b.session
+                .as_ref()
+                .is_some_and(|s| s.unstable_applied.contains_key(&1)),
+            "applied on b, not yet flushed there"
+        );
         // The primary dies: b hears nothing more, ends the session, takes
         // over.
         let mut acts = Vec::new();
@@ -3662,9 +3693,15 @@ mod tests {
             "extent 1 (block 9) in b's persisted activity log: {:?}",
             persisted.iter().map(|m| &m.al).collect::<Vec<_>>()
         );
+        let first_with_1 = acts
+            .iter()
+            .position(|a| matches!(a, Action::PersistMeta(m) if m.al.contains(&1)))
+            .unwrap();
         assert!(
-            acts.iter().any(|a| matches!(a, Action::Flush { .. })),
-            "a local flush was issued"
+            acts[first_with_1..]
+                .iter()
+                .any(|a| matches!(a, Action::Flush { .. })),
+            "a local flush issued once extent 1 was persisted"
         );
         // Power loss before that flush completed: b restarts from what it
         // persisted, with block 9's extent marked for resync from its peer.
@@ -3686,6 +3723,7 @@ mod tests {
         cfg.al_extents = 2;
         let mut n: Node<Vec<u8>> = Node::new(cfg, Meta::create(7, 2, 64, 4096, None), 2, 0);
         n.protect_received(alloc::vec![0, 1]);
+        // Their flush has not completed: both hot, no room for more.
         n.protect_received(alloc::vec![5, 6]);
         assert_eq!(n.al.len(), 2, "log capacity kept");
         let listed: Vec<u64> = n.al.iter().map(|s| s.extent).collect();
@@ -3694,6 +3732,79 @@ mod tests {
             assert!(covered, "extent {x} neither in the log nor marked");
         }
         assert!(n.meta().dirty.get(40) && n.meta().dirty.get(48));
+        // Once the flushes complete the slots are cold and give way.
+        for a in drain(&mut n) {
+            if let Action::Flush { io } = a {
+                n.handle(1_000, Event::IoDone { io, ok: true });
+            }
+        }
+        n.protect_received(alloc::vec![3]);
+        assert_eq!(n.al.len(), 2);
+        assert!(n.al.iter().any(|s| s.extent == 3), "a cold slot was reused");
+        assert!(!n.meta().dirty.get(24), "extent 3 needed no resync mark");
+    }
+
+    /// A planned switchover: the secondary takes the role at once, with the
+    /// writes it received but has not flushed in its activity log (a flush
+    /// on its way); those slots cool once that flush completes, although
+    /// the old primary never sends the new one a write.
+    #[test]
+    fn test_handover_puts_received_unflushed_writes_in_the_new_primarys_log() {
+        let make = |id: u16, gen: Option<u64>| {
+            let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
+            cfg.extent_blocks = 8;
+            Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+        };
+        let (mut a, mut b) = (make(1, Some(5)), make(2, None));
+        connect(&mut a, &mut b, 200_000);
+        a.handle(
+            200_000,
+            Event::ClientWrite {
+                req: 1,
+                block: 17,
+                count: 1,
+                kind: IoKind::Write,
+                fua: false,
+                payload: Some(alloc::vec![4u8; 4096]),
+            },
+        );
+        let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+        run_pair(&mut a, &mut b, 200_000, 210_000, &zeros);
+        assert!(a.pending.is_empty());
+        a.handle(210_000, Event::Admin(AdminCmd::Switchover));
+        // One step at a time, so b's persisted log is seen before its
+        // flush completes (run_pair completes flushes at once).
+        let [_, on_b] = run_pair(&mut a, &mut b, 210_000, 210_300, &zeros);
+        assert_eq!(b.role(), Role::Primary, "b took the role at once");
+        assert!(
+            on_b.is_some_and(|m| m.al.contains(&2)),
+            "extent 2 (block 17) in b's persisted activity log"
+        );
+        run_pair(&mut a, &mut b, 210_300, 400_000, &zeros);
+        let slot = b.al.iter().find(|s| s.extent == 2).unwrap();
+        assert!(b.al_cold(slot), "flushed here: cold");
+        // The new primary mirrors its own writes to the old one.
+        assert!(b.mirroring(), "b mirrors after the switchover");
+        b.handle(
+            400_000,
+            Event::ClientWrite {
+                req: 2,
+                block: 33,
+                count: 1,
+                kind: IoKind::Write,
+                fua: false,
+                payload: Some(alloc::vec![5u8; 4096]),
+            },
+        );
+        run_pair(&mut a, &mut b, 400_000, 410_000, &zeros);
+        assert!(b.pending.is_empty(), "acknowledged");
+        assert!(
+            a.session
+                .as_ref()
+                .is_some_and(|s| s.unstable_applied.contains_key(&4)),
+            "block 33 (extent 4) applied on the old primary"
+        );
+        assert_eq!(b.meta().dirty.count(), 0, "nothing left to resync");
     }
 
     #[test]

@@ -735,6 +735,35 @@ fn test_lan_failure_switchover_old_primary_exits_75_restarts_as_secondary_in_syn
     assert!(a[1 << 20..2 << 20].iter().all(|&x| x == 0x2e));
 }
 
+/// `mslctl switchover`: the secondary becomes primary in the same session
+/// and mirrors its writes to the old primary (before session 5 it served
+/// them unmirrored: the old primary's file lacked them).
+#[test]
+fn test_admin_switchover_new_primary_mirrors_its_writes() {
+    require_root();
+    require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
+    let dir = keyed_dir("ef");
+    let topo = Topology::new();
+    let (d1, d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
+    qemu_io(&topo.veth.ns_b, &["write -P 0x1f 0 1M", "flush"]);
+    let (code, out, _) = mslctl(dir.path(), 1, &["switchover"]);
+    assert_eq!(code, 0, "{out}");
+    wait("node 2 primary, node 1 secondary, in sync", 15, || {
+        status(dir.path(), 2).is_some_and(|s| s["role"] == "primary" && s["in_sync"] == true)
+            && status(dir.path(), 1)
+                .is_some_and(|s| s["role"] == "secondary" && s["in_sync"] == true)
+    });
+    qemu_io(
+        &topo.veth.ns_b,
+        &["read -P 0x1f 0 1M", "write -P 0x2e 1M 1M", "flush"],
+    );
+    let s2 = status(dir.path(), 2).unwrap();
+    assert_eq!(s2["dirty_bytes"], 0, "the new primary mirrored: {s2}");
+    let (a, b) = stop_and_read_images(dir.path(), &[&d1, &d2]);
+    assert!(a == b, "backing files differ after an admin switchover");
+    assert!(a[1 << 20..2 << 20].iter().all(|&x| x == 0x2e));
+}
+
 #[test]
 fn test_online_verify_during_fio_writes_finds_no_difference() {
     require_root();
