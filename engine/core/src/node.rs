@@ -3629,6 +3629,20 @@ mod tests {
         );
     }
 
+    /// 64 blocks in extents of 8 (block b is in extent b / 8).
+    fn small_extents(id: u16, gen: Option<u64>) -> Node<Vec<u8>> {
+        let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
+        cfg.extent_blocks = 8;
+        Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+    }
+
+    /// A pair of `small_extents` nodes (1 primary), in sync at 200 ms.
+    fn in_sync_small_extents() -> (Node<Vec<u8>>, Node<Vec<u8>>) {
+        let (mut a, mut b) = (small_extents(1, Some(5)), small_extents(2, None));
+        connect(&mut a, &mut b, 200_000);
+        (a, b)
+    }
+
     /// A write the secondary received but has not flushed is not lost to
     /// a later power loss of that node after it took over: at the session's
     /// end it goes into its activity log (persisted) with a flush, and a
@@ -3636,13 +3650,7 @@ mod tests {
     /// (msl-sim seed 839 lost such writes with stable points 5 s apart).
     #[test]
     fn test_received_unflushed_writes_are_protected_when_the_secondary_takes_over() {
-        let make = |id: u16, gen: Option<u64>| {
-            let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
-            cfg.extent_blocks = 8;
-            Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
-        };
-        let (mut a, mut b) = (make(1, Some(5)), make(2, None));
-        connect(&mut a, &mut b, 200_000);
+        let (mut a, mut b) = in_sync_small_extents();
         assert!(a.in_sync() && b.in_sync());
         a.handle(
             200_000,
@@ -3707,7 +3715,7 @@ mod tests {
         // persisted, with block 9's extent marked for resync from its peer.
         let mut last = persisted.last().map(|m| (*m).clone()).unwrap();
         last.clean = false;
-        let restarted = make(2, None);
+        let restarted = small_extents(2, None);
         let cfg = restarted.config().clone();
         let b2: Node<Vec<u8>> = Node::new(cfg, last, 2, now);
         assert!(b2.meta().dirty.get(9), "block 9 marked out of sync");
@@ -3750,13 +3758,7 @@ mod tests {
     /// the old primary never sends the new one a write.
     #[test]
     fn test_handover_puts_received_unflushed_writes_in_the_new_primarys_log() {
-        let make = |id: u16, gen: Option<u64>| {
-            let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
-            cfg.extent_blocks = 8;
-            Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
-        };
-        let (mut a, mut b) = (make(1, Some(5)), make(2, None));
-        connect(&mut a, &mut b, 200_000);
+        let (mut a, mut b) = in_sync_small_extents();
         a.handle(
             200_000,
             Event::ClientWrite {
