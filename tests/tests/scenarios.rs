@@ -54,3 +54,8 @@ fn test_primary_crash_during_resync_target_waits() {
 fn test_saturated_msl_no_false_takeover() {
     run(scenario::saturated_msl_no_false_takeover, &[1]);
 }
+
+#[test]
+fn test_admin_switchover_then_new_primary_crash_loses_nothing() {
+    run(scenario::admin_switchover_then_crash, &[1, 2, 3]);
+}

@@ -20,7 +20,7 @@ fn test_random_faults_1000_seeds_safe_and_converge() {
 /// Regression seeds found while building the core (each was a real bug).
 #[test]
 fn test_regression_seeds() {
-    for seed in [18, 19, 84, 187, 191, 196, 512, 838, 1073, 1292] {
+    for seed in [18, 19, 84, 187, 191, 196, 512, 838, 839, 1073, 1292] {
         if let Err(e) = run_seed(seed, false) {
             panic!("{e}");
         }

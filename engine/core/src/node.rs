@@ -1387,6 +1387,13 @@ impl<H: Payload> Node<H> {
     fn start_switchover(&mut self, reason: &'static str) {
         self.switching = Some(reason);
         self.notify(Notice::SwitchoverStarted { reason });
+        if self.verify.status.active {
+            // The peer answers verify requests only as secondary.
+            self.verify.abort("planned switchover");
+            self.notify(Notice::VerifyAborted {
+                reason: "planned switchover",
+            });
+        }
         for q in core::mem::take(&mut self.waiting) {
             self.counters.client_writes_refused += 1;
             self.emit(Action::Reply {
@@ -1399,7 +1406,11 @@ impl<H: Payload> Node<H> {
 
     /// Once every accepted write is released, hand the role over.
     fn try_handover(&mut self) {
-        if self.switching.is_none() || !self.pending.is_empty() || !self.flush_waiters.is_empty() {
+        if self.role != Role::Primary
+            || self.switching.is_none()
+            || !self.pending.is_empty()
+            || !self.flush_waiters.is_empty()
+        {
             return;
         }
         let Some(s) = &self.session else {
@@ -1407,7 +1418,13 @@ impl<H: Payload> Node<H> {
             self.switching = None;
             return;
         };
-        if s.handover_seq.is_some() || s.phase != Phase::InSync {
+        // The RoleChange must get its sequence number now (not wait in
+        // the backlog): `handover_seq` tracks it.
+        if s.handover_seq.is_some()
+            || s.phase != Phase::InSync
+            || !s.backlog.is_empty()
+            || !s.tx.has_room()
+        {
             return;
         }
         let id = self.rng.nonzero();
@@ -1832,10 +1849,13 @@ impl<H: Payload> Node<H> {
                 from_peer: true,
             };
             if let Some(s) = self.al.iter_mut().find(|s| s.extent == x) {
-                // Older writes of its own (from_peer false) keep the
+                // A secondary has no unacknowledged writes of its own: the
+                // ones it released were applied by the peer, the rest were
+                // marked out of sync. One still in flight keeps the
                 // stricter rule.
                 s.last_wid = wid;
                 s.lru = clock;
+                s.from_peer |= s.in_flight == 0;
             } else if self.al.len() < self.cfg.al_extents {
                 self.al.push(slot);
             } else if let Some(i) = self
@@ -2424,6 +2444,7 @@ impl<H: Payload> Node<H> {
     /// Start queued writes in order while they don't overlap writes in
     /// flight and their AL extents can be made hot.
     fn start_waiting_writes(&mut self) {
+        self.al_blocked = false;
         while let Some(q) = self.waiting.front() {
             if !self.serving() {
                 return;

@@ -261,6 +261,48 @@ pub fn lan_adapter_fails(seed: u64) -> Result<Outcome, String> {
     })
 }
 
+/// The administrator's planned switchover (`mslctl switchover`) under
+/// client load, then the new primary loses power: every write it
+/// acknowledged must be on the old primary, which takes over. Before
+/// session 5 the new primary served its writes unmirrored.
+pub fn admin_switchover_then_crash(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    let t0 = sim.now();
+    sim.admin(0, AdminCmd::Switchover);
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.role(1) == Some(Role::Primary) && sim.role(0) == Some(Role::Secondary),
+        "n2 primary, n1 secondary after the switchover",
+        &sim,
+    )?;
+    ensure(
+        sim.has_notice(0, "switchover_done"),
+        "n1 reported the switchover",
+        &sim,
+    )?;
+    let takeover = sim
+        .first_notice_at(0, "switchover_done")
+        .map(|t| ms(t - t0));
+    sim.crash(1);
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.role(0) == Some(Role::Primary),
+        "n1 took over from the crashed new primary",
+        &sim,
+    )?;
+    sim.restart(1);
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    let pause = ms(sim.longest_pause_us);
+    sim.final_check()?;
+    Ok(Outcome {
+        name: "admin-switchover-then-crash",
+        detection_ms: None,
+        takeover_ms: takeover,
+        client_pause_ms: pause,
+        acked_writes: sim.report.acked_writes,
+    })
+}
+
 /// Both links cut at once: each side believes the other dead. msl's
 /// documented behaviour: the secondary takes over, the primary keeps
 /// serving degraded, and on reconnect the split brain is detected and
@@ -452,5 +494,6 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         ("both-links-cut", both_links_cut),
         ("primary-crash-during-resync", primary_crash_during_resync),
         ("saturated-msl", saturated_msl_no_false_takeover),
+        ("admin-switchover-then-crash", admin_switchover_then_crash),
     ]
 }
