@@ -1858,11 +1858,7 @@ impl<H: Payload> Node<H> {
                 s.from_peer |= s.in_flight == 0;
             } else if self.al.len() < self.cfg.al_extents {
                 self.al.push(slot);
-            } else if let Some(i) = self
-                .al
-                .iter()
-                .position(|s| s.last_wid < wid && self.al_cold(s))
-            {
+            } else if let Some(i) = self.al.iter().position(|s| self.al_cold(s)) {
                 self.al[i] = slot; // a cold extent is stable: evicted
             } else {
                 // No room in the log (its on-disk slots are sized for
