@@ -3660,6 +3660,29 @@ mod tests {
         (a, b)
     }
 
+    /// A one-block client write of `byte`s on `n`.
+    fn write_block(n: &mut Node<Vec<u8>>, now: Micros, req: u64, block: u64, byte: u8) {
+        n.handle(
+            now,
+            Event::ClientWrite {
+                req,
+                block,
+                count: 1,
+                kind: IoKind::Write,
+                fua: false,
+                payload: Some(alloc::vec![byte; 4096]),
+            },
+        );
+    }
+
+    /// Whether `n` applied a received write in `extent` that no flush
+    /// there has covered yet.
+    fn unflushed_here(n: &Node<Vec<u8>>, extent: u64) -> bool {
+        n.session
+            .as_ref()
+            .is_some_and(|s| s.unstable_applied.contains_key(&extent))
+    }
+
     /// A write the secondary received but has not flushed is not lost to
     /// a later power loss of that node after it took over: at the session's
     /// end it goes into its activity log (persisted) with a flush, and a
@@ -3669,17 +3692,7 @@ mod tests {
     fn test_received_unflushed_writes_are_protected_when_the_secondary_takes_over() {
         let (mut a, mut b) = in_sync_small_extents();
         assert!(a.in_sync() && b.in_sync());
-        a.handle(
-            200_000,
-            Event::ClientWrite {
-                req: 1,
-                block: 9,
-                count: 1,
-                kind: IoKind::Write,
-                fua: false,
-                payload: Some(alloc::vec![3u8; 4096]),
-            },
-        );
+        write_block(&mut a, 200_000, 1, 9, 3);
         // Applied on b and acknowledged; b's next stable point is seconds
         // away.
         run_pair(
@@ -3690,12 +3703,7 @@ mod tests {
             &|_, _, n| alloc::vec![0; n as usize * 4096],
         );
         assert!(a.pending.is_empty(), "the write was acknowledged");
-        assert!(
-            b.session
-                .as_ref()
-                .is_some_and(|s| s.unstable_applied.contains_key(&1)),
-            "applied on b, not yet flushed there"
-        );
+        assert!(unflushed_here(&b, 1), "applied on b, not yet flushed there");
         // The primary dies: b hears nothing more, ends the session, takes
         // over.
         let mut acts = Vec::new();
@@ -3776,17 +3784,7 @@ mod tests {
     #[test]
     fn test_handover_puts_received_unflushed_writes_in_the_new_primarys_log() {
         let (mut a, mut b) = in_sync_small_extents();
-        a.handle(
-            200_000,
-            Event::ClientWrite {
-                req: 1,
-                block: 17,
-                count: 1,
-                kind: IoKind::Write,
-                fua: false,
-                payload: Some(alloc::vec![4u8; 4096]),
-            },
-        );
+        write_block(&mut a, 200_000, 1, 17, 4);
         let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
         run_pair(&mut a, &mut b, 200_000, 210_000, &zeros);
         assert!(a.pending.is_empty());
@@ -3804,23 +3802,11 @@ mod tests {
         assert!(b.al_cold(slot), "flushed here: cold");
         // The new primary mirrors its own writes to the old one.
         assert!(b.mirroring(), "b mirrors after the switchover");
-        b.handle(
-            400_000,
-            Event::ClientWrite {
-                req: 2,
-                block: 33,
-                count: 1,
-                kind: IoKind::Write,
-                fua: false,
-                payload: Some(alloc::vec![5u8; 4096]),
-            },
-        );
+        write_block(&mut b, 400_000, 2, 33, 5);
         run_pair(&mut a, &mut b, 400_000, 410_000, &zeros);
         assert!(b.pending.is_empty(), "acknowledged");
         assert!(
-            a.session
-                .as_ref()
-                .is_some_and(|s| s.unstable_applied.contains_key(&4)),
+            unflushed_here(&a, 4),
             "block 33 (extent 4) applied on the old primary"
         );
         assert_eq!(b.meta().dirty.count(), 0, "nothing left to resync");

@@ -358,33 +358,15 @@ impl Volume {
             return Ok(());
         }
         if !unsupported.load(Ordering::Relaxed) {
-            loop {
-                // SAFETY: plain syscall on an fd owned by `self.file` (open
-                // for writing); no memory is passed. `offset` and `len` are
-                // within the volume size, so they fit in off_t.
-                let r = unsafe {
-                    libc::fallocate(
-                        self.file.as_raw_fd(),
-                        mode,
-                        offset as libc::off_t,
-                        len as libc::off_t,
-                    )
-                };
-                if r == 0 {
-                    return Ok(());
+            match fallocate(&self.file, mode, offset, len) {
+                Ok(()) => return Ok(()),
+                // Filesystem or device cannot do it (or this range is not
+                // aligned for a device): write zeroes instead.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+                    unsupported.store(true, Ordering::Relaxed);
                 }
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // Filesystem or device cannot do it (or this range is
-                    // not aligned for a device): write zeroes instead.
-                    Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
-                        unsupported.store(true, Ordering::Relaxed);
-                        break;
-                    }
-                    Some(libc::EINVAL) => break,
-                    _ => return Err(e),
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
             }
         }
         let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
@@ -401,29 +383,39 @@ impl Volume {
 /// Extend `file` from `from` to `to` bytes with the new range allocated;
 /// sparse (`set_len`) where the filesystem cannot allocate ahead.
 fn preallocate(file: &File, from: u64, to: u64) -> io::Result<()> {
+    match fallocate(file, 0, from, to - from) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+            file.set_len(to)
+        }
+        Err(e) => {
+            // Give back whatever part was allocated (best effort).
+            let _ = file.set_len(from);
+            Err(e)
+        }
+    }
+}
+
+/// `fallocate(2)` of `[offset, offset + len)`, retried on EINTR.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on an fd `file` owns (open for writing); no
-        // memory is passed. Mode 0 allocates and extends the size.
+        // memory is passed. Callers keep `offset + len` within the volume
+        // size (or its new size), so both fit in off_t.
         let r = unsafe {
             libc::fallocate(
                 file.as_raw_fd(),
-                0,
-                from as libc::off_t,
-                (to - from) as libc::off_t,
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
             )
         };
         if r == 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EOPNOTSUPP | libc::ENOSYS) => return file.set_len(to),
-            _ => {
-                // Give back whatever part was allocated (best effort).
-                let _ = file.set_len(from);
-                return Err(e);
-            }
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
         }
     }
 }
