@@ -99,6 +99,10 @@ pub struct NbdArgs {
     /// own, as on two machines.
     #[arg(long, default_value = "0")]
     pub msl_cpus: String,
+    /// Run the pair without a cluster key: MSL frames and LAN packets go
+    /// unauthenticated (no keyed MAC), to show what authentication costs.
+    #[arg(long)]
+    pub no_key: bool,
     /// Profile: during each fio run against `msl` in the first round,
     /// `perf record -g` the primary's msld into DIR/<job>.perf.data
     /// (needs linux-perf: MSL_SETUP_PERF=1 bash scripts/setup.sh).
@@ -194,11 +198,17 @@ pub fn narrator(cmd: &'static str, quiet: bool) -> impl Fn(&str) {
 /// the namespaces on SIGINT/SIGTERM too.
 /// `cpus`: msld's `cpu_affinity` for both nodes (e.g. "0" or "0,1"; empty
 /// or "none": not pinned).
-pub fn new_pair(volume_bytes: u64, backend: &str, cpus: &str) -> Result<Pair, String> {
+pub fn new_pair(
+    volume_bytes: u64,
+    backend: &str,
+    cpus: &str,
+    authenticate: bool,
+) -> Result<Pair, String> {
     let mut o = PairOptions {
         volume_bytes,
         nbd_port: MSL_PORT,
         backend: backend.to_string(),
+        authenticate,
         ..PairOptions::default()
     };
     match cpus.split_once('/') {
@@ -414,7 +424,7 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
         .iter()
         .any(|s| matches!(s, Server::Msl | Server::MslDegraded));
     let say = narrator("nbd", args.json);
-    let pair = new_pair(args.size, &args.backend, &args.msl_cpus)?;
+    let pair = new_pair(args.size, &args.backend, &args.msl_cpus, !args.no_key)?;
     let server_ns = pair.topo.server_ns(1).to_string();
     let client_ns = pair.topo.client_ns().to_string();
     let mut anchors: Vec<Proc> = Vec::new();

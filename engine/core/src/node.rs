@@ -671,6 +671,10 @@ pub struct Node<H> {
     /// The next client write waits for activity-log room.
     al_blocked: bool,
     switching: Option<&'static str>,
+    /// This node handed the primary role over (planned switchover) and its
+    /// session ended before the peer confirmed taking it: until the peer
+    /// shows which way it went, nobody may be serving.
+    handover_unconfirmed: bool,
 
     // Online verify: the primary's run, and verify reads in flight on
     // either side (io -> first block, blocks, answer the peer).
@@ -784,6 +788,7 @@ impl<H: Payload> Node<H> {
             al_counted_us: now,
             al_blocked: false,
             switching: None,
+            handover_unconfirmed: false,
             verify: VerifyRun::default(),
             verify_reads: BTreeMap::new(),
             verify_notified: 0,
@@ -1272,6 +1277,7 @@ impl<H: Payload> Node<H> {
 
     /// Become primary in a fresh generation, persisted before any write.
     fn become_primary(&mut self, track: bool, reason: &'static str) {
+        self.handover_unconfirmed = false;
         let id = self.rng.nonzero();
         gens::new_generation(&mut self.meta.gens, id, track);
         self.role = Role::Primary;
@@ -1472,15 +1478,53 @@ impl<H: Payload> Node<H> {
             self.lan_alive = true;
             self.notify(Notice::PeerFound { path: Path::Lan });
         }
+        let peer_was = self.peer_role;
         self.observe_peer(hb);
-        if self.msl_lost_pending
-            && !self.msl_alive
+        let unmirrored = !self.msl_alive && self.session.is_none() && self.role == Role::Secondary;
+        if hb.role == Role::Primary {
+            // The peer took the role (a handover applied after all).
+            self.handover_unconfirmed = false;
+        }
+        if unmirrored
             && hb.role == Role::Primary
-            && self.role == Role::Secondary
+            && (self.msl_lost_pending || peer_was == Some(Role::Secondary))
         {
+            // The primary is alive and serving, and this node does not
+            // receive its writes: its copy falls behind.
             self.msl_lost_pending = false;
             self.shut_mirror_side();
         }
+        if self.handover_unconfirmed && unmirrored && hb.role == Role::Secondary && !hb.msl_up {
+            // The peer is secondary and its MSL session has ended, so it
+            // can no longer apply our handover: nobody serves unless this
+            // node takes the role back.
+            self.reclaim_role();
+        }
+    }
+
+    /// A planned switchover that the peer never applied: this node is
+    /// still the most recent copy (it accepted no write since it handed
+    /// the role over), so it becomes primary again, tracking changes from
+    /// the generation the peer still holds.
+    fn reclaim_role(&mut self) {
+        self.handover_unconfirmed = false;
+        self.msl_lost_pending = false;
+        self.switching = None;
+        if self.failed || self.meta.disk != DiskState::UpToDate {
+            return;
+        }
+        self.notify(Notice::Warning {
+            what: "planned switchover failed: the MSL broke before the peer took the primary role, and the peer is still secondary; this node takes the role back",
+        });
+        // Nothing changed here since the generation the peer holds (the
+        // one before the handover's): the bitmap counts from it.
+        if self.meta.gens.bitmap == 0 {
+            self.meta.gens.bitmap = self.meta.gens.history[0];
+        }
+        self.peer_role = Some(Role::Secondary);
+        self.become_primary(true, "switchover failed before the peer took the role");
+        self.mark_extents_peer_may_lack();
+        self.persist();
     }
 
     fn observe_peer(&mut self, hb: Heartbeat) {
@@ -1593,6 +1637,16 @@ impl<H: Payload> Node<H> {
     }
 
     fn establish(&mut self, peer: Hello) {
+        if self.handover_unconfirmed && self.role == Role::Secondary {
+            if peer.role == Role::Secondary {
+                // A new session: the peer can no longer apply the old
+                // handover. Take the role back; the next HELLOs (a new
+                // session id) connect the pair with this node primary.
+                self.reclaim_role();
+                return;
+            }
+            self.handover_unconfirmed = false;
+        }
         let local = SideView {
             node_id: self.cfg.node_id,
             role: self.role,
@@ -1740,6 +1794,25 @@ impl<H: Payload> Node<H> {
     /// Tear the MSL session down. A primary goes degraded: everything that
     /// may be missing on the peer is marked dirty and persisted, and it
     /// starts a new generation, before any further write is acknowledged.
+    /// Primary losing its peer: out of sync are the extents the peer may
+    /// lack, those with a write in flight or one not yet covered by a
+    /// flush the peer reported (its cache may be lost). Extents whose
+    /// writes are all stable on the peer, or older than this session (their
+    /// blocks were resynced or are still dirty), need nothing: with a
+    /// 1237-extent log, merging every slot resynced gigabytes after a
+    /// secondary restart.
+    fn mark_extents_peer_may_lack(&mut self) {
+        let peer_has = self.peer_stable_wid.max(self.session_start_wid);
+        for slot in &self.al {
+            if slot.in_flight == 0 && slot.last_wid <= peer_has {
+                continue;
+            }
+            self.meta
+                .dirty
+                .set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
+        }
+    }
+
     fn end_session(&mut self, why: &'static str) {
         let Some(s) = self.session.take() else {
             return;
@@ -1771,15 +1844,7 @@ impl<H: Payload> Node<H> {
             // than this session (their blocks were resynced or are still
             // dirty), need nothing: with a 1237-extent log, merging every
             // slot resynced gigabytes after a secondary restart.
-            let peer_has = self.peer_stable_wid.max(self.session_start_wid);
-            for slot in &self.al {
-                if slot.in_flight == 0 && slot.last_wid <= peer_has {
-                    continue;
-                }
-                self.meta
-                    .dirty
-                    .set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
-            }
+            self.mark_extents_peer_may_lack();
             for p in self.pending.values() {
                 self.meta.dirty.set_range(p.block, p.count);
             }
@@ -1823,6 +1888,7 @@ impl<H: Payload> Node<H> {
         }
         if s.handover_seq.is_some() {
             self.peer_role = Some(Role::Primary);
+            self.handover_unconfirmed = self.role == Role::Secondary;
         }
         self.peer_hello_seen = None;
         self.next_hello_us = self.now;
@@ -3327,6 +3393,19 @@ mod tests {
         until: Micros,
         read: &dyn Fn(bool, u64, u64) -> Vec<u8>,
     ) -> [Option<Meta>; 2] {
+        run_pair_with(a, b, from, until, read, true)
+    }
+
+    /// `run_pair`, with the MSL carrying frames only if `msl` (the LAN
+    /// always does).
+    fn run_pair_with(
+        a: &mut Node<Vec<u8>>,
+        b: &mut Node<Vec<u8>>,
+        from: Micros,
+        until: Micros,
+        read: &dyn Fn(bool, u64, u64) -> Vec<u8>,
+        msl: bool,
+    ) -> [Option<Meta>; 2] {
         let mut persisted = [None, None];
         let mut now = from;
         while now < until {
@@ -3340,6 +3419,7 @@ mod tests {
                         (&mut *b, &mut *a)
                     };
                     match act {
+                        Action::SendMsl { .. } if !msl => {}
                         Action::SendMsl {
                             header,
                             msg,
@@ -3810,6 +3890,91 @@ mod tests {
             "block 33 (extent 4) applied on the old primary"
         );
         assert_eq!(b.meta().dirty.count(), 0, "nothing left to resync");
+    }
+
+    /// A planned switchover whose handover never reaches the peer (the MSL
+    /// breaks first): the old primary hears on the LAN that the peer is
+    /// still secondary and no longer connected, takes the role back and
+    /// serves; the peer's copy is outdated, and it is resynced from the
+    /// changed blocks once the MSL is back.
+    #[test]
+    fn test_switchover_cut_before_the_peer_took_the_role_gives_it_back() {
+        let (mut a, mut b) = in_sync_small_extents();
+        let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+        let before = a.meta().gens.current;
+        a.handle(200_000, Event::Admin(AdminCmd::Switchover));
+        assert_eq!(a.role(), Role::Secondary, "a handed the role over");
+        run_pair_with(&mut a, &mut b, 200_000, 2_000_000, &zeros, false);
+        assert_eq!(a.role(), Role::Primary, "a took the role back");
+        assert!(a.serving());
+        assert_eq!(b.role(), Role::Secondary);
+        assert_eq!(
+            b.meta().disk,
+            DiskState::Outdated,
+            "b knows it falls behind"
+        );
+        assert_eq!(
+            b.meta().gens.current,
+            before,
+            "b never applied the handover"
+        );
+        assert_eq!(
+            a.meta().gens.bitmap,
+            before,
+            "changes counted from b's generation"
+        );
+        write_block(&mut a, 2_000_000, 1, 17, 4);
+        run_pair_with(&mut a, &mut b, 2_000_000, 2_100_000, &zeros, false);
+        assert!(a.pending.is_empty(), "acknowledged without the peer");
+        assert!(a.meta().dirty.get(17));
+        // The MSL is back: b is resynced from the changed blocks only.
+        run_pair(&mut a, &mut b, 2_100_000, 4_000_000, &zeros);
+        assert!(a.in_sync() && b.in_sync());
+        assert_eq!((a.role(), b.role()), (Role::Primary, Role::Secondary));
+        assert_eq!(a.meta().dirty.count(), 0);
+        assert_eq!(b.meta().disk, DiskState::UpToDate);
+        assert!(
+            a.meta().gens.bitmap == 0 && b.meta().gens.current == a.meta().gens.current,
+            "one generation again"
+        );
+    }
+
+    /// The other side of that race: the peer applied the handover and the
+    /// MSL broke before the old primary heard so. The peer serves; the old
+    /// primary must not take the role back (that would be two primaries).
+    #[test]
+    fn test_switchover_cut_after_the_peer_took_the_role_is_not_undone() {
+        let (mut a, mut b) = in_sync_small_extents();
+        let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+        a.handle(200_000, Event::Admin(AdminCmd::Switchover));
+        // a's frames reach b; nothing of b's reaches a over the MSL.
+        for act in drain(&mut a) {
+            if let Action::SendMsl {
+                header,
+                msg,
+                payload,
+            } = act
+            {
+                b.handle(
+                    200_100,
+                    Event::MslFrame {
+                        header,
+                        msg,
+                        payload,
+                    },
+                );
+            }
+        }
+        assert_eq!(b.role(), Role::Primary, "b applied the handover");
+        run_pair_with(&mut a, &mut b, 200_100, 2_000_000, &zeros, false);
+        assert_eq!(a.role(), Role::Secondary, "a did not take the role back");
+        assert_eq!(b.role(), Role::Primary);
+        assert!(b.serving());
+        assert_eq!(
+            a.meta().disk,
+            DiskState::Outdated,
+            "a knows it falls behind"
+        );
     }
 
     #[test]

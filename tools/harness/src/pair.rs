@@ -39,6 +39,10 @@ pub struct PairOptions {
     /// `Restart=always` would do). Off by default: the harness restarts
     /// only what msld asks for, so the tests see every other exit.
     pub restart_on_any_exit: bool,
+    /// Give both nodes the cluster key (`key_file`), so every MSL frame
+    /// and LAN packet is authenticated. On by default; off shows what
+    /// authentication costs (msld then warns that nothing is).
+    pub authenticate: bool,
 }
 
 impl Default for PairOptions {
@@ -50,6 +54,7 @@ impl Default for PairOptions {
             tunables: Vec::new(),
             node_tunables: Vec::new(),
             restart_on_any_exit: false,
+            authenticate: true,
         }
     }
 }
@@ -344,12 +349,15 @@ fn config_text(dir: &Path, id: u16, o: &PairOptions, msl_if: &str) -> String {
     let d = dir.display();
     let mut t = format!(
         "node_id = {id}\npeer_id = {peer_id}\ncluster_id = 0x6d736c6861726e01\n\
-         key_file = \"{d}/cluster.key\"\nservice_address = \"{SERVICE_IP}/24\"\n\
+         service_address = \"{SERVICE_IP}/24\"\n\
          service_interface = \"{lan_if}\"\nnbd_port = {port}\n\
          log_file = \"{d}/n{id}.log\"\ncontrol_socket = \"{d}/n{id}.sock\"\n",
         peer_id = 3 - id,
         port = o.nbd_port,
     );
+    if o.authenticate {
+        t.push_str(&format!("key_file = \"{d}/cluster.key\"\n"));
+    }
     let own: Vec<(&str, &str)> = o
         .node_tunables
         .iter()
@@ -732,6 +740,26 @@ mod tests {
         assert_eq!(cfg.file.heartbeat_interval_ms, 20);
         assert_eq!(cfg.file.service_interface, "b-lan");
         assert_eq!(cfg.file.volume.size_bytes, 64 << 20);
+        let key = dir.path().join("cluster.key");
+        assert_eq!(cfg.file.key_file.as_deref(), Some(key.as_path()));
+    }
+
+    #[test]
+    fn test_unauthenticated_pair_has_no_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = PairOptions {
+            authenticate: false,
+            ..PairOptions::default()
+        };
+        let text = config_text(dir.path(), 1, &o, "msla");
+        let cfg = msl_daemon::config::DaemonConfig::parse(&text, Path::new("n1.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(cfg.file.key_file, None);
+        assert!(
+            cfg.warnings.iter().any(|w| w.contains("no key_file")),
+            "{:?}",
+            cfg.warnings
+        );
     }
 
     #[test]
