@@ -59,3 +59,8 @@ fn test_saturated_msl_no_false_takeover() {
 fn test_admin_switchover_then_new_primary_crash_loses_nothing() {
     run(scenario::admin_switchover_then_crash, &[1, 2, 3]);
 }
+
+#[test]
+fn test_admin_switchover_cut_before_the_handover_lands_keeps_a_primary() {
+    run(scenario::admin_switchover_msl_cut, &[1, 2, 3, 4, 5]);
+}

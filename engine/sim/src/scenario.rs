@@ -303,6 +303,74 @@ pub fn admin_switchover_then_crash(seed: u64) -> Result<Outcome, String> {
     })
 }
 
+/// The administrator's planned switchover, with the MSL cut the moment the
+/// old primary has handed the role over, before the peer hears of it.
+/// Nobody would serve if both stayed secondary (before session 6 they did,
+/// until an administrator acted): the old primary sees on the LAN that the
+/// peer is still secondary and no longer connected, and takes the role
+/// back. Never two primaries; once the MSL is back the pair converges and
+/// no acknowledged write is lost.
+pub fn admin_switchover_msl_cut(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    let t0 = sim.now();
+    sim.admin(0, AdminCmd::Switchover);
+    while sim.role(0) == Some(Role::Primary) && sim.now() < t0 + 2 * SEC {
+        sim.run_for(10);
+    }
+    ensure(
+        sim.role(0) == Some(Role::Secondary),
+        "n1 handed the role over",
+        &sim,
+    )?;
+    let peer_took_it = sim.role(1) == Some(Role::Primary);
+    sim.set_msl_cut(true);
+    for _ in 0..300 {
+        sim.run_for(10 * MS);
+        ensure(
+            !(sim.role(0) == Some(Role::Primary) && sim.role(1) == Some(Role::Primary)),
+            "never two primaries",
+            &sim,
+        )?;
+    }
+    let serving = |i: usize| sim.node(i).is_some_and(|n| n.serving());
+    ensure(
+        serving(0) != serving(1),
+        "exactly one server serves clients with the MSL still cut",
+        &sim,
+    )?;
+    if !peer_took_it {
+        ensure(
+            sim.role(0) == Some(Role::Primary) && sim.holds_address(0),
+            "n1 took the role back",
+            &sim,
+        )?;
+        ensure(
+            sim.roles_seen(1) == [Role::Secondary],
+            "n2 was never primary",
+            &sim,
+        )?;
+    }
+    let takeover = sim
+        .notices(0)
+        .iter()
+        .chain(sim.notices(1))
+        .filter(|(t, n)| *t > t0 && n.kind() == "role_changed")
+        .map(|(t, _)| *t)
+        .max()
+        .map(|t| ms(t - t0));
+    sim.set_msl_cut(false);
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    let pause = ms(sim.longest_pause_us);
+    sim.final_check()?;
+    Ok(Outcome {
+        name: "admin-switchover-msl-cut",
+        detection_ms: None,
+        takeover_ms: takeover,
+        client_pause_ms: pause,
+        acked_writes: sim.report.acked_writes,
+    })
+}
+
 /// Both links cut at once: each side believes the other dead. msl's
 /// documented behaviour: the secondary takes over, the primary keeps
 /// serving degraded, and on reconnect the split brain is detected and
@@ -495,5 +563,6 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         ("primary-crash-during-resync", primary_crash_during_resync),
         ("saturated-msl", saturated_msl_no_false_takeover),
         ("admin-switchover-then-crash", admin_switchover_then_crash),
+        ("admin-switchover-msl-cut", admin_switchover_msl_cut),
     ]
 }
