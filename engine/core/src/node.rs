@@ -3296,10 +3296,17 @@ impl<H: Payload> Node<H> {
     /// Request the next verify chunks (local read first, then VERIFY_REQ
     /// on the stream), or report the end of the run.
     fn verify_progress(&mut self) {
+        let mut marked = false;
         for b in self.verify.take_differing() {
             if self.verify_resync {
                 self.meta.dirty.set_range(b, 1);
+                marked = true;
             }
+        }
+        if marked {
+            // On disk at once: a verify of a large volume runs for hours,
+            // and a crash must not forget what it found.
+            self.persist();
         }
         if !self.verify.status.active {
             let st = self.verify.status;
@@ -3598,6 +3605,58 @@ mod tests {
             "only the differing block is resent"
         );
         assert_eq!(a.role(), Role::Primary);
+    }
+
+    /// `verify --resync` on a large volume: a differing block is on disk
+    /// as out of sync as soon as it is found, while the run goes on (a
+    /// crash then must not forget it).
+    #[test]
+    fn test_verify_with_resync_persists_what_it_finds_at_once() {
+        const BLOCKS: u64 = 4096;
+        let big = |id: u16, gen: Option<u64>| {
+            let cfg = Config::new(id, 3 - id, 7, BLOCKS, 4096);
+            Node::new(
+                cfg,
+                Meta::create(7, id, BLOCKS, 4096, gen),
+                u64::from(id),
+                0,
+            )
+        };
+        let (mut a, mut b) = (big(1, Some(5)), big(2, None));
+        let read = |on_a: bool, block: u64, count: u64| -> Vec<u8> {
+            (block..block + count)
+                .flat_map(|blk| [if !on_a && blk == 9 { 0xee } else { 1 }; 4096])
+                .collect()
+        };
+        run_pair(&mut a, &mut b, 0, 1_000_000, &read);
+        assert!(a.in_sync());
+        a.handle(
+            1_000_000,
+            Event::Admin(AdminCmd::Verify {
+                start_block: 0,
+                count: BLOCKS,
+                resync: true,
+            }),
+        );
+        let mut now = 1_000_000;
+        let mut on_disk = None;
+        while a.status().verify.differing_blocks == 0 && now < 2_000_000 {
+            let [on_a, _] = run_pair(&mut a, &mut b, now, now + 100, &read);
+            on_disk = on_a.or(on_disk);
+            now += 100;
+        }
+        assert_eq!(a.status().verify.differing_blocks, 1);
+        assert!(a.status().verify.active, "the run goes on");
+        // What a emitted last in that window (the host persists at once).
+        for act in drain(&mut a) {
+            if let Action::PersistMeta(m) = act {
+                on_disk = Some(m);
+            }
+        }
+        assert!(
+            on_disk.is_some_and(|m| m.dirty.get(9)),
+            "block 9 persisted as out of sync"
+        );
     }
 
     #[test]
