@@ -675,6 +675,9 @@ pub struct Node<H> {
     /// session ended before the peer confirmed taking it: until the peer
     /// shows which way it went, nobody may be serving.
     handover_unconfirmed: bool,
+    /// The peer's newest LAN heartbeat counter when the handover was sent:
+    /// only a heartbeat sent after it can show the handover did not land.
+    handover_hb_floor: u64,
 
     // Online verify: the primary's run, and verify reads in flight on
     // either side (io -> first block, blocks, answer the peer).
@@ -789,6 +792,7 @@ impl<H: Payload> Node<H> {
             al_blocked: false,
             switching: None,
             handover_unconfirmed: false,
+            handover_hb_floor: 0,
             verify: VerifyRun::default(),
             verify_reads: BTreeMap::new(),
             verify_notified: 0,
@@ -1278,6 +1282,8 @@ impl<H: Payload> Node<H> {
     /// Become primary in a fresh generation, persisted before any write.
     fn become_primary(&mut self, track: bool, reason: &'static str) {
         self.handover_unconfirmed = false;
+        // A switchover this node started and never saw finish is over.
+        self.switching = None;
         let id = self.rng.nonzero();
         gens::new_generation(&mut self.meta.gens, id, track);
         self.role = Role::Primary;
@@ -1435,6 +1441,7 @@ impl<H: Payload> Node<H> {
         }
         let id = self.rng.nonzero();
         self.role = Role::Secondary;
+        self.handover_hb_floor = self.peer_hb_counter_lan;
         if let Some(s) = self.session.as_mut() {
             s.decision.strategy = Strategy::TargetBitmap;
         }
@@ -1481,9 +1488,10 @@ impl<H: Payload> Node<H> {
         let peer_was = self.peer_role;
         self.observe_peer(hb);
         let unmirrored = !self.msl_alive && self.session.is_none() && self.role == Role::Secondary;
-        if hb.role == Role::Primary {
-            // The peer took the role (a handover applied after all).
+        if hb.role == Role::Primary && self.handover_unconfirmed {
+            // The peer took the role (the handover landed after all).
             self.handover_unconfirmed = false;
+            self.switching = None;
         }
         if unmirrored
             && hb.role == Role::Primary
@@ -1494,10 +1502,22 @@ impl<H: Payload> Node<H> {
             self.msl_lost_pending = false;
             self.shut_mirror_side();
         }
-        if self.handover_unconfirmed && unmirrored && hb.role == Role::Secondary && !hb.msl_up {
-            // The peer is secondary and its MSL session has ended, so it
-            // can no longer apply our handover: nobody serves unless this
-            // node takes the role back.
+        let n = usize::from(hb.adapter_count).min(MAX_ADAPTERS);
+        if self.handover_unconfirmed
+            && self.role == Role::Secondary
+            && self.session.is_none()
+            && hb.role == Role::Secondary
+            && !hb.msl_up
+            && hb.counter > self.handover_hb_floor
+            && header.generation == self.meta.gens.history[0]
+            && hb.adapters[..n].iter().any(|a| a.reachable)
+        {
+            // Sent after the handover, by a peer that is secondary in the
+            // generation before it (so it never applied it, nor served
+            // since), whose MSL session has ended (so it never will), and
+            // which hears this node on the LAN (so it will not take over
+            // while this node serves): nobody serves unless this node takes
+            // the role back.
             self.reclaim_role();
         }
     }
@@ -1638,7 +1658,11 @@ impl<H: Payload> Node<H> {
 
     fn establish(&mut self, peer: Hello) {
         if self.handover_unconfirmed && self.role == Role::Secondary {
-            if peer.role == Role::Secondary {
+            if peer.role == Role::Secondary
+                && peer.gens.current == self.meta.gens.history[0]
+                && peer.gens.bitmap == 0
+                && peer.flags & hello_flags::CRASHED_PRIMARY == 0
+            {
                 // A new session: the peer can no longer apply the old
                 // handover. Take the role back; the next HELLOs (a new
                 // session id) connect the pair with this node primary.
@@ -1646,6 +1670,7 @@ impl<H: Payload> Node<H> {
                 return;
             }
             self.handover_unconfirmed = false;
+            self.switching = None;
         }
         let local = SideView {
             node_id: self.cfg.node_id,
@@ -3998,6 +4023,84 @@ mod tests {
         );
     }
 
+    /// The guards of taking the role back: only a LAN heartbeat sent after
+    /// the handover, by a peer still secondary in the generation before it,
+    /// with its MSL session ended, and hearing this node on the LAN.
+    #[test]
+    fn test_switchover_role_taken_back_only_on_a_heartbeat_that_proves_it() {
+        let (mut a, mut b) = in_sync_small_extents();
+        let before = a.meta().gens.current;
+        // A heartbeat a already had before the handover, replayed later
+        // (with the MSL down, as before the pair connected).
+        let stale = {
+            let h = b.header(0, 0);
+            let mut hb = b.my_heartbeat();
+            hb.msl_up = false;
+            hb.counter = a.peer_hb_counter_lan;
+            (h, hb)
+        };
+        a.handle(200_000, Event::Admin(AdminCmd::Switchover));
+        assert_eq!(a.role(), Role::Secondary);
+        drain(&mut a); // the handover never leaves
+        for n in [&mut a, &mut b] {
+            n.handle(200_100, Event::MslLink { up: false });
+            drain(n);
+        }
+        b.handle(300_000, Event::Tick);
+        let (h, hb) = (b.header(0, 0), b.my_heartbeat());
+        assert!(hb.role == Role::Secondary && !hb.msl_up && h.generation == before);
+        let mut now = 300_000;
+        let mut offer = |a: &mut Node<Vec<u8>>, header: Header, hb: Heartbeat| {
+            now += 1_000;
+            a.handle(
+                now,
+                Event::LanFrame {
+                    adapter: 0,
+                    header,
+                    hb,
+                },
+            );
+            a.role()
+        };
+        // Each a newer heartbeat than the last (older ones are replays).
+        let mut fresh = 0;
+        let mut next = |mut hb: Heartbeat| {
+            fresh += 1;
+            hb.counter += fresh;
+            hb
+        };
+        let mut up = next(hb);
+        up.msl_up = true;
+        assert_eq!(
+            offer(&mut a, h, up),
+            Role::Secondary,
+            "peer still connected"
+        );
+        let mut other = h;
+        other.generation = before ^ 1;
+        assert_eq!(
+            offer(&mut a, other, next(hb)),
+            Role::Secondary,
+            "peer in another generation"
+        );
+        let mut deaf = next(hb);
+        deaf.adapters = [AdapterHealth::default(); MAX_ADAPTERS];
+        assert_eq!(
+            offer(&mut a, h, deaf),
+            Role::Secondary,
+            "peer does not hear us"
+        );
+        // After a LAN outage a replayed heartbeat is taken as news.
+        a.lan_alive = false;
+        assert_eq!(
+            offer(&mut a, stale.0, stale.1),
+            Role::Secondary,
+            "sent before the handover"
+        );
+        assert_eq!(offer(&mut a, h, next(hb)), Role::Primary, "taken back");
+        assert!(a.serving());
+    }
+
     /// The other side of that race: the peer applied the handover and the
     /// MSL broke before the old primary heard so. The peer serves; the old
     /// primary must not take the role back (that would be two primaries).
@@ -4033,6 +4136,10 @@ mod tests {
             a.meta().disk,
             DiskState::Outdated,
             "a knows it falls behind"
+        );
+        assert!(
+            a.switching.is_none(),
+            "the switchover is over: a serves if it is ever primary again"
         );
     }
 
