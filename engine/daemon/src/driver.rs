@@ -199,6 +199,10 @@ pub struct Shared {
     pub msl_tx_dropped: AtomicU64,
     /// Frames the link refused to send (counted per frame of the batch).
     pub msl_tx_errors: AtomicU64,
+    /// Messages the core produced that could not be encoded into frames
+    /// (none is expected: a message too large for the link's frames).
+    /// Nothing is sent; the reliable layer keeps retrying a data message.
+    pub msl_tx_encode_errors: AtomicU64,
     pub msl_rx_frames: AtomicU64,
     pub msl_rx_bytes: AtomicU64,
     /// Received frames dropped for any reason (including bad auth).
@@ -326,6 +330,37 @@ impl FrameEncoder {
             });
         }
         Ok(())
+    }
+
+    /// `encode`, counting a failure in `shared.msl_tx_encode_errors`
+    /// (the first one also on the console); on failure nothing is added
+    /// to `out` and the buffers taken go back to `pool`.
+    pub fn encode_counted(
+        &self,
+        header: &Header,
+        msg: &Message,
+        payload: &[u8],
+        pool: &FramePool,
+        out: &mut Vec<Frame>,
+        shared: &Shared,
+    ) -> bool {
+        let before = out.len();
+        match self.encode(header, msg, payload, pool, out) {
+            Ok(()) => true,
+            Err(e) => {
+                for f in out.drain(before..) {
+                    pool.give(f);
+                }
+                if shared.msl_tx_encode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!(
+                        "msld: an MSL message ({} bytes of payload) could not be encoded: {e} \
+                         (counted in msl_tx_encode_errors)",
+                        payload.len()
+                    );
+                }
+                false
+            }
+        }
     }
 }
 
@@ -931,11 +966,14 @@ impl<H: Host> Driver<H> {
     /// Encode one MSL message into frames and queue them for the link.
     fn send_msl(&mut self, header: &Header, msg: &Message, payload: &[u8]) {
         self.frames.clear();
-        if self
-            .encoder
-            .encode(header, msg, payload, &self.msl_tx.pool, &mut self.frames)
-            .is_ok()
-        {
+        if self.encoder.encode_counted(
+            header,
+            msg,
+            payload,
+            &self.msl_tx.pool,
+            &mut self.frames,
+            &self.shared,
+        ) {
             let control = msg.is_control();
             self.out.extend(self.frames.drain(..).map(|f| (control, f)));
         }
@@ -1234,23 +1272,31 @@ mod tests {
     /// Sent frames' buffers come back to the pool and are used again with
     /// no stale bytes: a fragmented data message, then a short control one
     /// in the same (reused) buffers, both decode and authenticate.
+    fn encoder(key: Option<Key>, max_frame: usize) -> FrameEncoder {
+        FrameEncoder {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [0xff; 6],
+            key,
+            max_frame,
+        }
+    }
+
+    fn data_msg(write_id: u64, offset: u64, payload: &[u8]) -> Message {
+        Message::Data(wire::Data {
+            write_id,
+            offset,
+            len: payload.len() as u32,
+            flags: 0,
+        })
+    }
+
     #[test]
     fn test_frame_buffers_are_reused_and_frames_stay_exact() {
         let key = Key([5; 32]);
-        let enc = FrameEncoder {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [0xff; 6],
-            key: Some(key.clone()),
-            max_frame: 9014,
-        };
+        let enc = encoder(Some(key.clone()), 9014);
         let pool = FramePool::new(9014, 8);
         let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + 3) as u8).collect();
-        let data = Message::Data(wire::Data {
-            write_id: 9,
-            offset: 4096,
-            len: payload.len() as u32,
-            flags: 0,
-        });
+        let data = data_msg(9, 4096, &payload);
         let mut frames = Vec::new();
         enc.encode(&header(1), &data, &payload, &pool, &mut frames)
             .unwrap();
@@ -1279,6 +1325,25 @@ mod tests {
             len: 10,
         });
         assert_eq!(pool.available(), 2);
+    }
+
+    /// A message the link's frames cannot carry is counted, not sent, and
+    /// leaves no buffer behind.
+    #[test]
+    fn test_unencodable_message_is_counted_and_sends_nothing() {
+        let enc = encoder(None, 200);
+        let pool = FramePool::new(200, 8);
+        let shared = Shared::default();
+        let payload = vec![7u8; 1 << 20];
+        let data = data_msg(1, 0, &payload);
+        let mut frames = Vec::new();
+        assert!(!enc.encode_counted(&header(1), &data, &payload, &pool, &mut frames, &shared));
+        assert!(frames.is_empty());
+        assert_eq!(shared.msl_tx_encode_errors.load(Ordering::Relaxed), 1);
+        let ack = Message::Ack(wire::Ack::default());
+        assert!(enc.encode_counted(&header(0), &ack, &[], &pool, &mut frames, &shared));
+        assert_eq!(frames.len(), 1);
+        assert_eq!(shared.msl_tx_encode_errors.load(Ordering::Relaxed), 1);
     }
 
     /// Frames the link dropped before the receive thread read them (here:

@@ -90,6 +90,7 @@ fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
         ("msl_tx_bytes", ld(&sh.msl_tx_bytes)),
         ("msl_tx_dropped", ld(&sh.msl_tx_dropped)),
         ("msl_tx_errors", ld(&sh.msl_tx_errors)),
+        ("msl_tx_encode_errors", ld(&sh.msl_tx_encode_errors)),
         ("msl_rx_frames", ld(&sh.msl_rx_frames)),
         ("msl_rx_bytes", ld(&sh.msl_rx_bytes)),
         ("msl_rx_dropped", ld(&sh.msl_rx_dropped)),
