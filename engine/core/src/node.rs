@@ -1491,11 +1491,11 @@ impl<H: Payload> Node<H> {
         if hb.role == Role::Primary && self.handover_unconfirmed {
             // The peer took the role (the handover landed after all).
             self.handover_unconfirmed = false;
-            self.switching = None;
+            self.finish_switchover();
         }
         if unmirrored
             && hb.role == Role::Primary
-            && (self.msl_lost_pending || peer_was == Some(Role::Secondary))
+            && (self.msl_lost_pending || peer_was == Some(Role::Secondary) || self.was_in_sync)
         {
             // The primary is alive and serving, and this node does not
             // receive its writes: its copy falls behind.
@@ -1670,7 +1670,11 @@ impl<H: Payload> Node<H> {
                 return;
             }
             self.handover_unconfirmed = false;
-            self.switching = None;
+            if peer.role == Role::Primary {
+                self.finish_switchover();
+            } else {
+                self.switching = None;
+            }
         }
         let local = SideView {
             node_id: self.cfg.node_id,
@@ -2072,18 +2076,23 @@ impl<H: Payload> Node<H> {
             }
         }
         if restart {
-            let reason = self.switching.take();
-            self.notify(Notice::SwitchoverDone {
-                new_primary: self.cfg.peer_id,
-            });
-            if reason == Some("the secondary's LAN side works better") {
-                // The failed server restarts itself as secondary.
-                self.emit(Action::Restart);
-            }
+            self.finish_switchover();
         }
         self.release_writes();
         self.flush_backlog();
         self.try_handover();
+    }
+
+    /// The peer took the role this node handed over.
+    fn finish_switchover(&mut self) {
+        let reason = self.switching.take();
+        self.notify(Notice::SwitchoverDone {
+            new_primary: self.cfg.peer_id,
+        });
+        if reason == Some("the secondary's LAN side works better") {
+            // The failed server restarts itself as secondary.
+            self.emit(Action::Restart);
+        }
     }
 
     fn flush_backlog(&mut self) {
@@ -3321,17 +3330,16 @@ impl<H: Payload> Node<H> {
     /// Request the next verify chunks (local read first, then VERIFY_REQ
     /// on the stream), or report the end of the run.
     fn verify_progress(&mut self) {
-        let mut marked = false;
         for b in self.verify.take_differing() {
             if self.verify_resync {
                 self.meta.dirty.set_range(b, 1);
-                marked = true;
+                // On disk within `BITMAP_PERSIST_INTERVAL_US` (with the
+                // resync's progress writes, `persist_progress`): a verify
+                // of a large volume runs for hours, and a crash must not
+                // forget what it found; once per chunk would write the
+                // whole map for every 1 MiB checked.
+                self.bitmap_unpersisted = true;
             }
-        }
-        if marked {
-            // On disk at once: a verify of a large volume runs for hours,
-            // and a crash must not forget what it found.
-            self.persist();
         }
         if !self.verify.status.active {
             let st = self.verify.status;
@@ -3425,18 +3433,18 @@ mod tests {
         until: Micros,
         read: &dyn Fn(bool, u64, u64) -> Vec<u8>,
     ) -> [Option<Meta>; 2] {
-        run_pair_with(a, b, from, until, read, true)
+        run_pair_with(a, b, from, until, read, [true, true])
     }
 
-    /// `run_pair`, with the MSL carrying frames only if `msl` (the LAN
-    /// always does).
+    /// `run_pair`, with the MSL carrying a's frames only if `msl[0]` and
+    /// b's only if `msl[1]` (the LAN always carries both).
     fn run_pair_with(
         a: &mut Node<Vec<u8>>,
         b: &mut Node<Vec<u8>>,
         from: Micros,
         until: Micros,
         read: &dyn Fn(bool, u64, u64) -> Vec<u8>,
-        msl: bool,
+        msl: [bool; 2],
     ) -> [Option<Meta>; 2] {
         let mut persisted = [None, None];
         let mut now = from;
@@ -3451,7 +3459,7 @@ mod tests {
                         (&mut *b, &mut *a)
                     };
                     match act {
-                        Action::SendMsl { .. } if !msl => {}
+                        Action::SendMsl { .. } if !msl[usize::from(!from_a)] => {}
                         Action::SendMsl {
                             header,
                             msg,
@@ -3633,10 +3641,10 @@ mod tests {
     }
 
     /// `verify --resync` on a large volume: a differing block is on disk
-    /// as out of sync as soon as it is found, while the run goes on (a
-    /// crash then must not forget it).
+    /// as out of sync within a second of being found, while the run goes
+    /// on (a crash then must not forget it), and not with every chunk.
     #[test]
-    fn test_verify_with_resync_persists_what_it_finds_at_once() {
+    fn test_verify_with_resync_persists_what_it_finds_within_a_second() {
         const BLOCKS: u64 = 4096;
         let big = |id: u16, gen: Option<u64>| {
             let cfg = Config::new(id, 3 - id, 7, BLOCKS, 4096);
@@ -3671,17 +3679,35 @@ mod tests {
             now += 100;
         }
         assert_eq!(a.status().verify.differing_blocks, 1);
-        assert!(a.status().verify.active, "the run goes on");
-        // What a emitted last in that window (the host persists at once).
-        for act in drain(&mut a) {
-            if let Action::PersistMeta(m) = act {
-                on_disk = Some(m);
+        // The peer stalls (nothing more is delivered): only time passes.
+        let mut persisted = |a: &mut Node<Vec<u8>>| {
+            for act in drain(a) {
+                if let Action::PersistMeta(m) = act {
+                    on_disk = Some(m);
+                }
             }
+            on_disk.as_ref().is_some_and(|m| m.dirty.get(9))
+        };
+        // b stays alive on both paths (heartbeats), nothing else arrives.
+        let end = now + BITMAP_PERSIST_INTERVAL_US;
+        while now < end && !persisted(&mut a) {
+            now += 20_000;
+            b.handle(now, Event::Tick);
+            drain(&mut b);
+            let (header, hb) = (b.header(0, 0), b.my_heartbeat());
+            let msg = Message::Heartbeat(hb);
+            lan_hb(&mut a, now, header, hb);
+            a.handle(
+                now,
+                Event::MslFrame {
+                    header,
+                    msg,
+                    payload: None,
+                },
+            );
         }
-        assert!(
-            on_disk.is_some_and(|m| m.dirty.get(9)),
-            "block 9 persisted as out of sync"
-        );
+        assert!(persisted(&mut a), "block 9 persisted as out of sync");
+        assert!(a.status().verify.active, "the run goes on");
     }
 
     #[test]
@@ -3839,6 +3865,18 @@ mod tests {
         );
     }
 
+    /// A LAN server-state packet from the peer, on adapter 0.
+    fn lan_hb(n: &mut Node<Vec<u8>>, now: Micros, header: Header, hb: Heartbeat) {
+        n.handle(
+            now,
+            Event::LanFrame {
+                adapter: 0,
+                header,
+                hb,
+            },
+        );
+    }
+
     /// Whether `n` applied a received write in `extent` that no flush
     /// there has covered yet.
     fn unflushed_here(n: &Node<Vec<u8>>, extent: u64) -> bool {
@@ -3988,7 +4026,7 @@ mod tests {
         let before = a.meta().gens.current;
         a.handle(200_000, Event::Admin(AdminCmd::Switchover));
         assert_eq!(a.role(), Role::Secondary, "a handed the role over");
-        run_pair_with(&mut a, &mut b, 200_000, 2_000_000, &zeros, false);
+        run_pair_with(&mut a, &mut b, 200_000, 2_000_000, &zeros, [false, false]);
         assert_eq!(a.role(), Role::Primary, "a took the role back");
         assert!(a.serving());
         assert_eq!(b.role(), Role::Secondary);
@@ -4008,7 +4046,7 @@ mod tests {
             "changes counted from b's generation"
         );
         write_block(&mut a, 2_000_000, 1, 17, 4);
-        run_pair_with(&mut a, &mut b, 2_000_000, 2_100_000, &zeros, false);
+        run_pair_with(&mut a, &mut b, 2_000_000, 2_100_000, &zeros, [false, false]);
         assert!(a.pending.is_empty(), "acknowledged without the peer");
         assert!(a.meta().dirty.get(17));
         // The MSL is back: b is resynced from the changed blocks only.
@@ -4020,6 +4058,60 @@ mod tests {
         assert!(
             a.meta().gens.bitmap == 0 && b.meta().gens.current == a.meta().gens.current,
             "one generation again"
+        );
+    }
+
+    /// A secondary that was in sync and has no MSL session, hearing the
+    /// primary serve on the LAN, marks its copy outdated (so it cannot
+    /// take over with stale data later), even when it missed the moment
+    /// the MSL broke: a brief MSL flap clears `msl_lost_pending`, and the
+    /// session it ended then was never re-established.
+    #[test]
+    fn test_secondary_without_msl_hearing_the_primary_marks_its_copy_outdated() {
+        let (mut a, mut b) = in_sync_small_extents();
+        let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+        run_pair_with(&mut a, &mut b, 200_000, 700_000, &zeros, [false, false]);
+        assert!(b.session.is_none());
+        // What the flap leaves: in sync when its last session ended, no
+        // pending MSL loss, the peer known primary.
+        b.was_in_sync = true;
+        b.msl_lost_pending = false;
+        b.peer_role = Some(Role::Primary);
+        b.meta.disk = DiskState::UpToDate;
+        run_pair_with(&mut a, &mut b, 700_000, 900_000, &zeros, [false, false]);
+        assert_eq!(b.meta().disk, DiskState::Outdated);
+        assert_eq!(a.role(), Role::Primary);
+    }
+
+    /// The HELLO path: the MSL fails one way (b's frames are lost), so b
+    /// keeps hearing a and never reports its MSL down; a's new session
+    /// attempts end b's session. When b's HELLO gets through again, a
+    /// takes the role back instead of connecting as a second secondary.
+    #[test]
+    fn test_switchover_lost_one_way_role_taken_back_at_the_next_session() {
+        let (mut a, mut b) = in_sync_small_extents();
+        b.cfg.miss_count *= 3; // b gives up on the MSL after a does
+        let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+        a.handle(200_000, Event::Admin(AdminCmd::Switchover));
+        drain(&mut a); // the handover never leaves
+                       // Both ways cut until a's session ends (no more retransmissions
+                       // of the handover), then only b's frames are lost.
+        run_pair_with(&mut a, &mut b, 200_000, 700_000, &zeros, [false, false]);
+        assert!(a.session.is_none() && b.session.is_some());
+        run_pair_with(&mut a, &mut b, 700_000, 1_500_000, &zeros, [true, false]);
+        assert_eq!((a.role(), b.role()), (Role::Secondary, Role::Secondary));
+        assert!(a.handover_unconfirmed && b.session.is_none());
+        let sent = a.counters.resync_blocks_sent;
+        run_pair(&mut a, &mut b, 1_500_000, 4_000_000, &zeros);
+        assert_eq!((a.role(), b.role()), (Role::Primary, Role::Secondary));
+        assert!(a.serving() && a.in_sync() && b.in_sync());
+        assert_eq!(a.meta().dirty.count(), 0);
+        // Connecting as two secondaries would also end with a primary
+        // (the one ahead), but through a full resync of the 64 blocks.
+        assert!(
+            a.counters.resync_blocks_sent - sent < 64,
+            "changed blocks only, not the volume: {}",
+            a.counters.resync_blocks_sent - sent
         );
     }
 
@@ -4052,14 +4144,7 @@ mod tests {
         let mut now = 300_000;
         let mut offer = |a: &mut Node<Vec<u8>>, header: Header, hb: Heartbeat| {
             now += 1_000;
-            a.handle(
-                now,
-                Event::LanFrame {
-                    adapter: 0,
-                    header,
-                    hb,
-                },
-            );
+            lan_hb(a, now, header, hb);
             a.role()
         };
         // Each a newer heartbeat than the last (older ones are replays).
@@ -4128,7 +4213,7 @@ mod tests {
             }
         }
         assert_eq!(b.role(), Role::Primary, "b applied the handover");
-        run_pair_with(&mut a, &mut b, 200_100, 2_000_000, &zeros, false);
+        run_pair_with(&mut a, &mut b, 200_100, 2_000_000, &zeros, [false, false]);
         assert_eq!(a.role(), Role::Secondary, "a did not take the role back");
         assert_eq!(b.role(), Role::Primary);
         assert!(b.serving());
