@@ -41,6 +41,25 @@ fn ensure(cond: bool, what: &str, sim: &Sim) -> Result<(), String> {
     }
 }
 
+/// The standard end of a scenario: the simulator's final safety checks,
+/// then its figures.
+fn finish(
+    sim: &mut Sim,
+    name: &'static str,
+    detection_ms: Option<f64>,
+    takeover_ms: Option<f64>,
+) -> Result<Outcome, String> {
+    let client_pause_ms = ms(sim.longest_pause_us);
+    sim.final_check()?;
+    Ok(Outcome {
+        name,
+        detection_ms,
+        takeover_ms,
+        client_pause_ms,
+        acked_writes: sim.report.acked_writes,
+    })
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -103,15 +122,7 @@ pub fn primary_fails(seed: u64) -> Result<Outcome, String> {
         "n2 roles: secondary -> primary",
         &sim,
     )?;
-    let pause = ms(sim.longest_pause_us);
-    sim.final_check()?;
-    Ok(Outcome {
-        name: "primary-fails",
-        detection_ms: detect,
-        takeover_ms: takeover,
-        client_pause_ms: pause,
-        acked_writes: sim.report.acked_writes,
-    })
+    finish(&mut sim, "primary-fails", detect, takeover)
 }
 
 /// Scenario 2: the secondary fails: the primary says so, stays primary, tracks
@@ -149,15 +160,7 @@ pub fn secondary_fails(seed: u64) -> Result<Outcome, String> {
         "n1 stayed primary throughout",
         &sim,
     )?;
-    let pause = ms(sim.longest_pause_us);
-    sim.final_check()?;
-    Ok(Outcome {
-        name: "secondary-fails",
-        detection_ms: detect,
-        takeover_ms: None,
-        client_pause_ms: pause,
-        acked_writes: sim.report.acked_writes,
-    })
+    finish(&mut sim, "secondary-fails", detect, None)
 }
 
 /// Scenario 3: the MSL fails while both servers live: the secondary hears the primary
@@ -207,15 +210,7 @@ pub fn msl_fails(seed: u64) -> Result<Outcome, String> {
         "n2 was never primary",
         &sim,
     )?;
-    let pause = ms(sim.longest_pause_us);
-    sim.final_check()?;
-    Ok(Outcome {
-        name: "msl-fails",
-        detection_ms: detect,
-        takeover_ms: None,
-        client_pause_ms: pause,
-        acked_writes: sim.report.acked_writes,
-    })
+    finish(&mut sim, "msl-fails", detect, None)
 }
 
 /// Scenario 4: the primary's LAN adapter fails while in sync: planned switchover to
@@ -250,15 +245,7 @@ pub fn lan_adapter_fails(seed: u64) -> Result<Outcome, String> {
         .map(|t| ms(t - t0));
     sim.set_lan_adapter(0, true);
     ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
-    let pause = ms(sim.longest_pause_us);
-    sim.final_check()?;
-    Ok(Outcome {
-        name: "lan-adapter-fails",
-        detection_ms: None,
-        takeover_ms: takeover,
-        client_pause_ms: pause,
-        acked_writes: sim.report.acked_writes,
-    })
+    finish(&mut sim, "lan-adapter-fails", None, takeover)
 }
 
 /// The administrator's planned switchover (`mslctl switchover`) under
@@ -292,15 +279,7 @@ pub fn admin_switchover_then_crash(seed: u64) -> Result<Outcome, String> {
     )?;
     sim.restart(1);
     ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
-    let pause = ms(sim.longest_pause_us);
-    sim.final_check()?;
-    Ok(Outcome {
-        name: "admin-switchover-then-crash",
-        detection_ms: None,
-        takeover_ms: takeover,
-        client_pause_ms: pause,
-        acked_writes: sim.report.acked_writes,
-    })
+    finish(&mut sim, "admin-switchover-then-crash", None, takeover)
 }
 
 /// The administrator's planned switchover, with the MSL cut the moment the
@@ -360,15 +339,7 @@ pub fn admin_switchover_msl_cut(seed: u64) -> Result<Outcome, String> {
         .map(|t| ms(t - t0));
     sim.set_msl_cut(false);
     ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
-    let pause = ms(sim.longest_pause_us);
-    sim.final_check()?;
-    Ok(Outcome {
-        name: "admin-switchover-msl-cut",
-        detection_ms: None,
-        takeover_ms: takeover,
-        client_pause_ms: pause,
-        acked_writes: sim.report.acked_writes,
-    })
+    finish(&mut sim, "admin-switchover-msl-cut", None, takeover)
 }
 
 /// Both links cut at once: each side believes the other dead. msl's
@@ -498,14 +469,7 @@ pub fn primary_crash_during_resync(seed: u64) -> Result<Outcome, String> {
         &format!("the resync resumed: {first} blocks, {left} left at the crash, {second} after"),
         &sim,
     )?;
-    sim.final_check()?;
-    Ok(Outcome {
-        name: "primary-crash-during-resync",
-        detection_ms: None,
-        takeover_ms: None,
-        client_pause_ms: ms(sim.longest_pause_us),
-        acked_writes: sim.report.acked_writes,
-    })
+    finish(&mut sim, "primary-crash-during-resync", None, None)
 }
 
 /// A saturated MSL (slow link, deep client queue) never causes a false
@@ -539,14 +503,7 @@ pub fn saturated_msl_no_false_takeover(seed: u64) -> Result<Outcome, String> {
         "n2 never primary",
         &sim,
     )?;
-    sim.final_check()?;
-    Ok(Outcome {
-        name: "saturated-msl",
-        detection_ms: None,
-        takeover_ms: None,
-        client_pause_ms: ms(sim.longest_pause_us),
-        acked_writes: sim.report.acked_writes,
-    })
+    finish(&mut sim, "saturated-msl", None, None)
 }
 
 /// A scenario: runs with a seed, returns its figures or what failed.
