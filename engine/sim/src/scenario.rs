@@ -60,6 +60,11 @@ fn finish(
     })
 }
 
+/// Milliseconds from `t0` to node `i`'s first `kind` notice, if any.
+fn ms_since(sim: &Sim, i: usize, kind: &str, t0: u64) -> Option<f64> {
+    sim.first_notice_at(i, kind).map(|t| ms(t - t0))
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -94,8 +99,8 @@ pub fn primary_fails(seed: u64) -> Result<Outcome, String> {
         &sim,
     )?;
     ensure(sim.holds_address(1), "n2 holds the service address", &sim)?;
-    let detect = sim.first_notice_at(1, "peer_down").map(|t| ms(t - t0));
-    let takeover = sim.first_notice_at(1, "takeover").map(|t| ms(t - t0));
+    let detect = ms_since(&sim, 1, "peer_down", t0);
+    let takeover = ms_since(&sim, 1, "takeover", t0);
     ensure(
         takeover.is_some_and(|t| t <= 500.0),
         "takeover within 0.5 s",
@@ -143,7 +148,7 @@ pub fn secondary_fails(seed: u64) -> Result<Outcome, String> {
         "n1 tracks changed blocks",
         &sim,
     )?;
-    let detect = sim.first_notice_at(0, "degraded").map(|t| ms(t - t0));
+    let detect = ms_since(&sim, 0, "degraded", t0);
     sim.restart(1);
     ensure(
         sim.run_until_converged(20 * SEC),
@@ -196,9 +201,7 @@ pub fn msl_fails(seed: u64) -> Result<Outcome, String> {
         "n1 degraded, tracking changes",
         &sim,
     )?;
-    let detect = sim
-        .first_notice_at(1, "mirror_shut_down")
-        .map(|t| ms(t - t0));
+    let detect = ms_since(&sim, 1, "mirror_shut_down", t0);
     sim.set_msl_cut(false);
     ensure(
         sim.run_until_converged(20 * SEC),
@@ -240,9 +243,7 @@ pub fn lan_adapter_fails(seed: u64) -> Result<Outcome, String> {
         "n1 restarted as secondary",
         &sim,
     )?;
-    let takeover = sim
-        .first_notice_at(0, "switchover_done")
-        .map(|t| ms(t - t0));
+    let takeover = ms_since(&sim, 0, "switchover_done", t0);
     sim.set_lan_adapter(0, true);
     ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
     finish(&mut sim, "lan-adapter-fails", None, takeover)
@@ -267,9 +268,7 @@ pub fn admin_switchover_then_crash(seed: u64) -> Result<Outcome, String> {
         "n1 reported the switchover",
         &sim,
     )?;
-    let takeover = sim
-        .first_notice_at(0, "switchover_done")
-        .map(|t| ms(t - t0));
+    let takeover = ms_since(&sim, 0, "switchover_done", t0);
     sim.crash(1);
     sim.run_for(2 * SEC);
     ensure(
