@@ -86,6 +86,21 @@ pub fn request(socket: &Path, req: &Request) -> Result<Answer, ClientError> {
     serde_json::from_str(&line).map_err(|e| bad_answer(socket, e))
 }
 
+/// One request given as JSON, its answer as JSON, errors as text: for
+/// callers that build requests by hand (test harnesses, the daemon's own
+/// tests) and for requests newer than this crate's [`Request`].
+pub fn request_value(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let mut s = connect(socket).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    writeln!(s, "{req}").map_err(|e| no_answer(socket, e).to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| no_answer(socket, e).to_string())?;
+    serde_json::from_str(&line).map_err(|e| bad_answer(socket, e).to_string())
+}
+
 /// A subscription to the event stream. Events published after
 /// [`EventStream::open`] returns are all seen (the daemon subscribes before
 /// it confirms), so a command sent afterwards cannot outrun its events.

@@ -9,7 +9,8 @@
 //! * [`proto`]: the request, answer, event and status types (the JSON on
 //!   the socket; unknown fields are kept or ignored, never an error, so an
 //!   older tool talks to a newer daemon).
-//! * [`client`]: [`request`], [`EventStream`] and [`follow_events`].
+//! * [`client`]: [`request`] (and [`request_value`] for hand-built JSON),
+//!   [`EventStream`] and [`follow_events`].
 //! * [`socket`]: where the socket is: `--socket`, the `control_socket` key
 //!   of the node's config, or the default.
 
@@ -17,6 +18,6 @@ pub mod client;
 pub mod proto;
 pub mod socket;
 
-pub use client::{follow_events, request, ClientError, EventStream};
+pub use client::{follow_events, request, request_value, ClientError, EventStream};
 pub use proto::{Answer, Event, Request, StatusView};
 pub use socket::{find_socket, socket_from_config, DEFAULT_SOCKET, SOCKET_DIR};

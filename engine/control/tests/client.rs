@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use msl_control::{request, ClientError, EventStream, Request};
+use msl_control::{request, request_value, ClientError, EventStream, Request};
 
 /// Serve one connection: read the request line, hand it to `f` with the
 /// connection to write on.
@@ -102,4 +102,17 @@ fn test_event_stream_reassembles_split_lines_and_times_out() {
         .next_before(Instant::now() + Duration::from_secs(3))
         .unwrap_err();
     assert!(e.to_string().contains("ended the event stream"), "{e}");
+}
+
+#[test]
+fn test_request_value_round_trip() {
+    let (_d, sock, t) = serve_one(|line, c| {
+        assert_eq!(line, "{\"cmd\":\"status\",\"x\":1}\n");
+        writeln!(c, r#"{{"ok":true,"status":{{"role":"primary"}}}}"#).unwrap();
+    });
+    let v = request_value(&sock, &serde_json::json!({"cmd": "status", "x": 1})).unwrap();
+    assert_eq!(v["status"]["role"], "primary");
+    t.join().unwrap();
+    let e = request_value(&sock.with_file_name("gone.sock"), &serde_json::json!({})).unwrap_err();
+    assert!(e.contains("gone.sock"), "{e}");
 }

@@ -38,6 +38,10 @@ fn man_pages(
     let path = dir.join(format!("{name}.8"));
     std::fs::write(&path, out)?;
     let mut pages = vec![path];
+    // `mslctl help` gets a page; its copies of every subcommand do not.
+    if cmd.get_name().ends_with("-help") {
+        return Ok(pages);
+    }
     for sub in cmd.get_subcommands() {
         pages.extend(man_pages(sub, dir, Some(name))?);
     }
