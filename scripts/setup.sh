@@ -9,6 +9,11 @@
 #             (nbdinfo, nbdcopy; qemu-io, qemu-img; fio --ioengine=nbd)
 #   nbdkit    reference NBD server of `msl-bench nbd` (qemu-nbd, the other
 #             one, comes with qemu-utils)
+#   resource-agents, prometheus, libxml2-utils, help2man
+#             ocf-tester, promtool and xmllint check dist/ (OCF agent,
+#             alert rules); help2man renders msld's man page
+#   openssl, python3-libnbd  TLS certificates and pipelined NBD clients
+#             in the tests
 #
 # No clang/llvm: the XDP program is hand-assembled eBPF loaded with the bpf
 # syscall (engine/transport/src/xdp_prog.rs).
@@ -21,6 +26,12 @@ command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v fio >/dev/null 2>&1 || need+=(fio)
 command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
+command -v ocf-tester >/dev/null 2>&1 || need+=(resource-agents)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)
+command -v help2man >/dev/null 2>&1 || need+=(help2man)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 if [ "${MSL_SETUP_PERF:-0}" = 1 ] && ! command -v perf >/dev/null 2>&1; then
     need+=(linux-perf)
 fi
@@ -34,4 +45,4 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-echo "setup.sh: iproute2, iperf3, the NBD clients and nbdkit present"
+echo "setup.sh: iproute2, iperf3, the NBD clients, nbdkit and the dist/ checkers present"
