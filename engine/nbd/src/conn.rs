@@ -140,7 +140,11 @@ impl Export {
 
     /// An export with its TLS files loaded from `cfg.tls_dir` when
     /// `cfg.tls` is not `Off`.
-    pub fn with_tls(name: String, backend: Arc<dyn Backend>, cfg: ServerConfig) -> io::Result<Self> {
+    pub fn with_tls(
+        name: String,
+        backend: Arc<dyn Backend>,
+        cfg: ServerConfig,
+    ) -> io::Result<Self> {
         let tls = match cfg.tls {
             TlsMode::Off => None,
             _ => Some(tls::load_server_config(&cfg.tls_dir, cfg.tls_verify_peer)?),
@@ -905,8 +909,7 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
             Ok(n) => got += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e)
-                if got == 0
-                    && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                if got == 0 && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
             {
                 return Err(io::Error::new(ErrorKind::TimedOut, IDLE))
             }
@@ -1075,7 +1078,7 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                 }
             };
             let err = match err {
-                None if bad_flags && cmd != CMD_DISC => {
+                _ if bad_flags && cmd != CMD_DISC => {
                     Counters::inc(&c.bad_flags);
                     Some(EINVAL)
                 }

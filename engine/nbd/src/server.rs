@@ -193,10 +193,11 @@ impl Server {
         cfg: ServerConfig,
         stop: Arc<AtomicBool>,
     ) -> Self {
-        let (export, init_error) = match Export::with_tls(export_name.clone(), backend.clone(), cfg.clone()) {
-            Ok(e) => (e, None),
-            Err(e) => (Export::new(export_name, backend, cfg), Some(e)),
-        };
+        let (export, init_error) =
+            match Export::with_tls(export_name.clone(), backend.clone(), cfg.clone()) {
+                Ok(e) => (e, None),
+                Err(e) => (Export::new(export_name, backend, cfg), Some(e)),
+            };
         let s = Self::from_export(export, stop);
         let init_error = init_error.or_else(|| s.handle().add_bound(listener).err());
         Self { init_error, ..s }

@@ -200,7 +200,9 @@ impl<S: Socket> TlsStream<S> {
 
     /// Whether the client sent a certificate that the verifier accepted.
     pub fn peer_verified(&self) -> bool {
-        self.lock().peer_certificates().is_some_and(|c| !c.is_empty())
+        self.lock()
+            .peer_certificates()
+            .is_some_and(|c| !c.is_empty())
     }
 }
 

@@ -29,7 +29,12 @@ fn tls_cfg(pki: &Pki, mode: TlsMode, verify_peer: bool) -> ServerConfig {
     }
 }
 
-fn server(dir: &std::path::Path, pki: &Pki, mode: TlsMode, verify: bool) -> (TestServer, std::path::PathBuf) {
+fn server(
+    dir: &std::path::Path,
+    pki: &Pki,
+    mode: TlsMode,
+    verify: bool,
+) -> (TestServer, std::path::PathBuf) {
     let path = dir.join("volume.img");
     let be = FileBackend::create(&path, 64 * MIB).expect("create backing file");
     (
@@ -54,7 +59,10 @@ fn qemu_opts(port: u16) -> String {
 }
 
 fn qemu_creds(certs: &std::path::Path) -> String {
-    format!("tls-creds-x509,id=tls0,dir={},endpoint=client", certs.display())
+    format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        certs.display()
+    )
 }
 
 fn text(o: &std::process::Output) -> String {
@@ -90,7 +98,9 @@ fn real_clients_work_with_client_certificates_on_a_require_export() {
     let src = dir.path().join("src.img");
     std::fs::write(&src, common::pattern(8 * MIB as usize, 7)).unwrap();
     run(
-        Command::new("nbdcopy").arg(&src).arg(nbds(srv.port, &client)),
+        Command::new("nbdcopy")
+            .arg(&src)
+            .arg(nbds(srv.port, &client)),
         T,
     );
     let back = dir.path().join("back.img");
@@ -101,7 +111,10 @@ fn real_clients_work_with_client_certificates_on_a_require_export() {
         T,
     );
     let back8 = std::fs::read(&back).unwrap();
-    assert_eq!(&back8[..8 * MIB as usize], &std::fs::read(&src).unwrap()[..]);
+    assert_eq!(
+        &back8[..8 * MIB as usize],
+        &std::fs::read(&src).unwrap()[..]
+    );
 
     // qemu-io writes through TLS, qemu-img reads the result.
     run(
@@ -161,21 +174,21 @@ fn real_clients_work_with_client_certificates_on_a_require_export() {
     };
     let o = run(
         fio.args([
-                "--name=tls",
-                "--ioengine=nbd",
-                "--rw=randwrite",
-                "--bs=4k",
-                "--size=8m",
-                "--iodepth=8",
-                "--verify=crc32c",
-                "--do_verify=1",
-            ])
-            .arg(format!(
-                "--uri=nbds://127.0.0.1:{}/{}",
-                srv.port,
-                common::EXPORT
-            ))
-            .env("HOME", home.path()),
+            "--name=tls",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8m",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+        ])
+        .arg(format!(
+            "--uri=nbds://127.0.0.1:{}/{}",
+            srv.port,
+            common::EXPORT
+        ))
+        .env("HOME", home.path()),
         T,
     );
     assert!(!text(&o).contains("verify: bad"), "{}", text(&o));
@@ -226,7 +239,10 @@ fn clients_without_a_valid_certificate_get_nothing_but_an_error() {
 }
 
 /// A rustls client with the test PKI's client certificate.
-fn tls_client(pki: &Pki, tcp: std::net::TcpStream) -> Nbd<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+fn tls_client(
+    pki: &Pki,
+    tcp: std::net::TcpStream,
+) -> Nbd<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(pki.path("client/ca-cert.pem")).unwrap() {
@@ -289,9 +305,11 @@ fn starttls_misuse_and_plain_text_on_a_require_export() {
     assert_eq!(t.rep().unwrap(), (OPT_STARTTLS, REP_ERR_INVALID, vec![]));
     assert_eq!(t.go().unwrap(), REP_ACK);
     let data = common::pattern(300_000, 3);
-    t.req(0, CMD_WRITE, 9, 4096, data.len() as u32, &data).unwrap();
+    t.req(0, CMD_WRITE, 9, 4096, data.len() as u32, &data)
+        .unwrap();
     assert_eq!(t.simple().unwrap(), (0, 9));
-    t.req(0, CMD_READ, 10, 4096, data.len() as u32, &[]).unwrap();
+    t.req(0, CMD_READ, 10, 4096, data.len() as u32, &[])
+        .unwrap();
     assert_eq!(t.simple().unwrap(), (0, 10));
     assert_eq!(t.rd(data.len()).unwrap(), data);
     let conns = srv.handle.connections();
@@ -309,7 +327,8 @@ fn starttls_misuse_and_plain_text_on_a_require_export() {
     c.greet().unwrap();
     c.opt(OPT_STARTTLS, &[]).unwrap();
     assert_eq!(c.rep().unwrap().1, REP_ACK);
-    c.s.write_all(&[0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5, 0, 0, 0]).unwrap();
+    c.s.write_all(&[0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5, 0, 0, 0])
+        .unwrap();
     let mut rest = Vec::new();
     let _ = c.s.read_to_end(&mut rest);
 
@@ -328,7 +347,10 @@ fn tls_on_serves_plain_and_tls_clients_and_off_refuses_starttls() {
     let dir = tempfile::tempdir().unwrap();
     // On, without client certificates: both kinds of client get in.
     let (srv, _) = server(dir.path(), &pki, TlsMode::On, false);
-    run(Command::new("nbdinfo").arg(nbds(srv.port, &pki.path("nocert"))), T);
+    run(
+        Command::new("nbdinfo").arg(nbds(srv.port, &pki.path("nocert"))),
+        T,
+    );
     run(
         Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{}/{}", srv.port, common::EXPORT)),
         T,

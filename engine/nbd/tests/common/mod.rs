@@ -159,7 +159,10 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Run a shell command line (bash), panicking with its output on failure.
 pub fn sh(script: &str) {
-    run(Command::new("bash").arg("-ec").arg(script), Duration::from_secs(60));
+    run(
+        Command::new("bash").arg("-ec").arg(script),
+        Duration::from_secs(60),
+    );
 }
 
 /// Certificates made with the openssl CLI, in the layout nbdkit, qemu and
@@ -300,7 +303,10 @@ impl<S: std::io::Read + std::io::Write> Nbd<S> {
 
 /// A TCP connection to `dst` from source address `src` (any 127.0.0.0/8
 /// address works on loopback), with 5 s read and write timeouts.
-pub fn connect_from(src: std::net::IpAddr, dst: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+pub fn connect_from(
+    src: std::net::IpAddr,
+    dst: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(dst),
         socket2::Type::STREAM,
