@@ -9,6 +9,7 @@ mod backend;
 pub mod client;
 mod conn;
 mod counters;
+pub mod fuzz_support;
 pub mod proto;
 mod server;
 pub mod tls;
