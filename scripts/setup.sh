@@ -21,6 +21,7 @@ command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
 command -v fio >/dev/null 2>&1 || need+=(fio)
 command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
+command -v openssl >/dev/null 2>&1 || need+=(openssl) # certificates in the engine/nbd TLS tests
 if [ "${MSL_SETUP_PERF:-0}" = 1 ] && ! command -v perf >/dev/null 2>&1; then
     need+=(linux-perf)
 fi

@@ -38,6 +38,8 @@ struct Entry {
     stream: TcpStream,
     since: Instant,
     cell: Arc<ConnCell>,
+    /// Closed to make room in the handshake; its thread is ending.
+    evicted: bool,
 }
 
 #[derive(Default)]
@@ -321,13 +323,21 @@ impl Server {
         }
         // Room in the handshake: evict the oldest connection still
         // negotiating.
-        let negotiating = t
-            .conns
-            .values()
-            .filter(|e| e.cell.phase.load(Ordering::Relaxed) & PHASE_TRANSMISSION == 0);
-        if negotiating.clone().count() >= cfg.max_handshakes.max(1) {
-            if let Some(old) = negotiating.min_by_key(|e| e.since) {
+        let negotiating = t.conns.values_mut().filter(|e| {
+            !e.evicted && e.cell.phase.load(Ordering::Relaxed) & PHASE_TRANSMISSION == 0
+        });
+        let mut oldest: Option<&mut Entry> = None;
+        let mut n = 0;
+        for e in negotiating {
+            n += 1;
+            if oldest.as_ref().is_none_or(|o| e.since < o.since) {
+                oldest = Some(e);
+            }
+        }
+        if n >= cfg.max_handshakes.max(1) {
+            if let Some(old) = oldest {
                 let _ = old.stream.shutdown(std::net::Shutdown::Both);
+                old.evicted = true;
                 Counters::inc(&c.handshakes_evicted);
             }
         }
@@ -342,6 +352,7 @@ impl Server {
                 stream: clone,
                 since: Instant::now(),
                 cell: cell.clone(),
+                evicted: false,
             },
         );
         *t.per_addr.entry(ip).or_insert(0) += 1;

@@ -304,3 +304,19 @@ impl<S: Socket> Socket for TlsStream<S> {
         self.raw.set_send_timeout(t)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_mode_parses_and_prints_the_config_words() {
+        for m in [TlsMode::Off, TlsMode::On, TlsMode::Require] {
+            assert_eq!(m.to_string().parse::<TlsMode>(), Ok(m));
+        }
+        assert!("yes"
+            .parse::<TlsMode>()
+            .unwrap_err()
+            .contains("off, on, require"));
+    }
+}
