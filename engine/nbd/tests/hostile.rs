@@ -513,6 +513,23 @@ fn allow_list_and_listeners_at_run_time() {
     // The connection accepted on it goes on.
     c.req(0, CMD_FLUSH, 1, 0, 0, &[]).unwrap();
     assert_eq!(c.simple().unwrap(), (0, 1));
+    // IPv4 and IPv6 wildcards on one port (IPV6_V6ONLY).
+    let any4 = srv
+        .handle
+        .add_listener("0.0.0.0:0".parse().unwrap())
+        .unwrap();
+    let any6 = srv
+        .handle
+        .add_listener(SocketAddr::new(ip("::"), any4.port()))
+        .expect("[::] beside 0.0.0.0 on one port");
+    for a in [addr(any4.port()), SocketAddr::new(ip("::1"), any6.port())] {
+        let mut c = Nbd {
+            s: connect_from(a.ip(), a).unwrap(),
+        };
+        c.greet().unwrap();
+        assert_eq!(c.go().unwrap(), REP_ACK);
+    }
+    assert!(srv.handle.remove_listener(any4) && srv.handle.remove_listener(any6));
     // A listener on an address this host does not have (IP_FREEBIND),
     // as the service address is bound before it moves here.
     let away = srv
