@@ -25,6 +25,14 @@ pub trait Backend: Send + Sync + 'static {
     fn trim(&self, off: u64, len: u64) -> io::Result<()>;
     /// The range reads as zeroes afterwards.
     fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()>;
+    /// Longest range one [`Backend::trim`] or [`Backend::write_zeroes`]
+    /// call gets: the server cuts a longer TRIM or WRITE_ZEROES at
+    /// multiples of this, so no call (and no lock it holds) lasts for a
+    /// whole-volume range, and a backend that must allocate or mirror per
+    /// call stays bounded. At least 4096. Default 1 MiB.
+    fn range_piece(&self) -> u64 {
+        1 << 20
+    }
     /// True only if a FLUSH on one connection covers writes completed on all
     /// connections (then the server advertises NBD_FLAG_CAN_MULTI_CONN).
     fn can_multi_conn(&self) -> bool {

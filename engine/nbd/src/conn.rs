@@ -11,7 +11,7 @@ use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use crossbeam_channel::{bounded, Receiver};
 use crate::backend::{Completion, Done};
 use crate::counters::Counters;
 use crate::proto::*;
+use crate::tls::{self, TlsMode, TlsStream};
 use crate::{Backend, ServerConfig};
 
 /// Longest option payload accepted; a longer one drops the connection (the
@@ -34,6 +35,12 @@ pub trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn shutdown_both(&self);
     /// Read timeout (None: block forever).
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Send timeout: a write blocked this long fails (None: block forever).
+    /// The default does nothing.
+    fn set_send_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        let _ = t;
+        Ok(())
+    }
     /// Whether more bytes are waiting to be read right now. When it says
     /// no and nothing is in flight, the reader runs the request itself
     /// instead of handing it to a worker (one thread hand-off less for a
@@ -93,6 +100,9 @@ macro_rules! impl_socket {
             fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
                 self.set_read_timeout(t)
             }
+            fn set_send_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                self.set_write_timeout(t)
+            }
             fn input_pending(&self) -> bool {
                 readable_bytes(self.as_raw_fd()) > 0
             }
@@ -110,16 +120,39 @@ pub struct Export {
     pub backend: Arc<dyn Backend>,
     pub cfg: ServerConfig,
     pub counters: Arc<Counters>,
+    /// The TLS configuration STARTTLS uses; None answers it
+    /// NBD_REP_ERR_POLICY.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Export {
+    /// An export without TLS (whatever `cfg.tls` says; see
+    /// [`Export::with_tls`]).
     pub fn new(name: String, backend: Arc<dyn Backend>, cfg: ServerConfig) -> Self {
         Self {
             name,
             backend,
             cfg,
             counters: Arc::new(Counters::default()),
+            tls: None,
         }
+    }
+
+    /// An export with its TLS files loaded from `cfg.tls_dir` when
+    /// `cfg.tls` is not `Off`.
+    pub fn with_tls(
+        name: String,
+        backend: Arc<dyn Backend>,
+        cfg: ServerConfig,
+    ) -> io::Result<Self> {
+        let tls = match cfg.tls {
+            TlsMode::Off => None,
+            _ => Some(tls::load_server_config(&cfg.tls_dir, cfg.tls_verify_peer)?),
+        };
+        Ok(Self {
+            tls,
+            ..Self::new(name, backend, cfg)
+        })
     }
 
     fn name_ok(&self, name: &[u8]) -> bool {
@@ -160,19 +193,17 @@ pub enum ConnEnd {
     BadMagic,
     /// A WRITE longer than the maximum request: its payload is not read.
     OversizedWrite,
-    /// A reply could not be sent.
+    /// A reply could not be sent (the client did not take it within the
+    /// write timeout, or the socket failed).
     ReplyFailed,
+    /// Nothing in flight and no request for `idle_timeout`.
+    IdleTimeout,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Negotiated {
     structured: bool,
     meta_alloc: bool,
-}
-
-enum Hs {
-    Go(Negotiated),
-    End(ConnEnd),
 }
 
 fn be_u16(b: &[u8], at: usize) -> u16 {
@@ -203,7 +234,7 @@ fn take_str(data: &[u8], at: usize) -> Option<(&[u8], usize)> {
 }
 
 /// Parse an OPT_INFO / OPT_GO payload: the export name and the info requests.
-fn parse_info(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
+pub fn parse_info(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     let (name, at) = take_str(data, 0)?;
     let n = be_u16(data.get(at..at + 2)?, 0) as usize;
     let reqs = data.get(at + 2..)?;
@@ -214,7 +245,7 @@ fn parse_info(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
 }
 
 /// Parse an OPT_{LIST,SET}_META_CONTEXT payload: export name and queries.
-fn parse_meta(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+pub fn parse_meta(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
     let (name, mut at) = take_str(data, 0)?;
     let n = be_u32(data.get(at..at + 4)?, 0);
     at += 4;
@@ -227,8 +258,85 @@ fn parse_meta(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
     (at == data.len()).then_some((name, queries))
 }
 
-fn handshake<S: Socket>(s: &mut S, ex: &Export) -> io::Result<Hs> {
+/// The connection during the handshake: plain text, or TLS after
+/// NBD_OPT_STARTTLS.
+enum Chan<S: Socket> {
+    Plain(S),
+    Tls(TlsStream<S>),
+}
+
+impl<S: Socket> Read for Chan<S> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Chan::Plain(s) => s.read(b),
+            Chan::Tls(s) => s.read(b),
+        }
+    }
+}
+
+impl<S: Socket> Write for Chan<S> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Chan::Plain(s) => s.write(b),
+            Chan::Tls(s) => s.write(b),
+        }
+    }
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        match self {
+            Chan::Plain(s) => s.write_all(b),
+            Chan::Tls(s) => s.write_all(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<S: Socket> Chan<S> {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        let (r, w) = match self {
+            Chan::Plain(s) => (s.set_timeout(Some(t)), s.set_send_timeout(Some(t))),
+            Chan::Tls(s) => (s.set_timeout(Some(t)), s.set_send_timeout(Some(t))),
+        };
+        r.and(w)
+    }
+}
+
+/// Connection phases, as [`ConnCell`] holds them (0: in the handshake).
+pub(crate) const PHASE_TRANSMISSION: u8 = 1;
+/// Set with either phase once TLS is up.
+pub(crate) const PHASE_TLS: u8 = 4;
+
+/// What the server's connection table sees of a connection.
+#[derive(Default)]
+pub(crate) struct ConnCell {
+    pub phase: AtomicU8,
+}
+
+enum Hs<S: Socket> {
+    Go(Negotiated, Chan<S>),
+    End(ConnEnd),
+}
+
+/// Parse one option header (`IHAVEOPT`, option, length): the option and its
+/// payload length, or why the connection must end.
+pub fn parse_option_header(h: &[u8; 16]) -> Result<(u32, u32), &'static str> {
+    if be_u64(h, 0) != IHAVEOPT {
+        return Err("bad option magic");
+    }
+    let len = be_u32(h, 12);
+    if len > MAX_OPTION_LEN {
+        return Err("option payload too long");
+    }
+    Ok((be_u32(h, 8), len))
+}
+
+fn handshake<S: Socket>(s: S, ex: &Export, cell: &ConnCell) -> io::Result<Hs<S>> {
+    let c = &ex.counters;
     let fail = |why: &str| Ok(Hs::End(ConnEnd::HandshakeFailed(why.to_string())));
+    let mut s = Chan::Plain(s);
+    let deadline = Instant::now() + ex.cfg.handshake_timeout;
+    s.set_timeouts(ex.cfg.handshake_timeout)?;
     let mut greet = [0u8; 18];
     greet[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     greet[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
@@ -247,28 +355,73 @@ fn handshake<S: Socket>(s: &mut S, ex: &Export) -> io::Result<Hs> {
     };
     let size = ex.backend.size();
     let tflags = ex.transmission_flags();
+    let mut options = 0u32;
     // The whole negotiation must finish by the deadline, however many
     // options the client sends.
-    let deadline = Instant::now() + ex.cfg.handshake_timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
+            Counters::inc(&c.handshake_timeouts);
             return fail("handshake deadline passed");
         }
-        s.set_timeout(Some(left))?;
+        s.set_timeouts(left)?;
         let mut h = [0u8; 16];
         s.read_exact(&mut h)?;
-        if be_u64(&h, 0) != IHAVEOPT {
-            return fail("bad option magic");
-        }
-        let opt = be_u32(&h, 8);
-        let len = be_u32(&h, 12);
-        if len > MAX_OPTION_LEN {
-            return fail("option payload too long");
+        let (opt, len) = match parse_option_header(&h) {
+            Ok(x) => x,
+            Err(why) => return fail(why),
+        };
+        options += 1;
+        if options > ex.cfg.max_options.max(1) {
+            Counters::inc(&c.too_many_options);
+            return fail("too many options");
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
+        let tls_up = matches!(s, Chan::Tls(_));
+        if ex.cfg.tls == TlsMode::Require && !tls_up && opt != OPT_STARTTLS && opt != OPT_ABORT {
+            Counters::inc(&c.tls_required_refusals);
+            if opt == OPT_EXPORT_NAME {
+                // No error reply exists for EXPORT_NAME: close.
+                return fail("TLS required");
+            }
+            send_rep(&mut s, opt, REP_ERR_TLS_REQD, &[])?;
+            continue;
+        }
         match opt {
+            OPT_STARTTLS => {
+                let why = match (&ex.tls, tls_up) {
+                    (_, true) => Some(REP_ERR_INVALID),
+                    (None, _) => Some(REP_ERR_POLICY),
+                    _ if !data.is_empty() => Some(REP_ERR_INVALID),
+                    _ => None,
+                };
+                if let Some(rep) = why {
+                    Counters::inc(&c.starttls_refused);
+                    send_rep(&mut s, opt, rep, &[])?;
+                    continue;
+                }
+                send_rep(&mut s, opt, REP_ACK, &[])?;
+                let (Chan::Plain(raw), Some(cfg)) = (s, ex.tls.clone()) else {
+                    unreachable!("checked above: plain text and TLS configured");
+                };
+                match tls::accept(raw, cfg, deadline) {
+                    Ok(t) => {
+                        Counters::inc(&c.tls_handshakes);
+                        cell.phase.fetch_or(PHASE_TLS, Ordering::Relaxed);
+                        s = Chan::Tls(t);
+                    }
+                    Err(e) => {
+                        Counters::inc(&c.tls_failures);
+                        return fail(&format!("TLS handshake: {e}"));
+                    }
+                }
+                // Nothing negotiated in plain text carries over.
+                neg = Negotiated {
+                    structured: false,
+                    meta_alloc: false,
+                };
+            }
             OPT_EXPORT_NAME => {
                 if !ex.name_ok(&data) {
                     // No error reply exists for EXPORT_NAME: close.
@@ -281,70 +434,70 @@ fn handshake<S: Socket>(s: &mut S, ex: &Export) -> io::Result<Hs> {
                     b.resize(b.len() + 124, 0);
                 }
                 s.write_all(&b)?;
-                return Ok(Hs::Go(neg));
+                return Ok(Hs::Go(neg, s));
             }
             OPT_ABORT => {
-                let _ = send_rep(s, opt, REP_ACK, &[]);
+                let _ = send_rep(&mut s, opt, REP_ACK, &[]);
                 return Ok(Hs::End(ConnEnd::Aborted));
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    send_rep(&mut s, opt, REP_ERR_INVALID, &[])?;
                     continue;
                 }
                 let mut p = (ex.name.len() as u32).to_be_bytes().to_vec();
                 p.extend_from_slice(ex.name.as_bytes());
-                send_rep(s, opt, REP_SERVER, &p)?;
-                send_rep(s, opt, REP_ACK, &[])?;
+                send_rep(&mut s, opt, REP_SERVER, &p)?;
+                send_rep(&mut s, opt, REP_ACK, &[])?;
             }
             OPT_INFO | OPT_GO => {
                 let Some((name, reqs)) = parse_info(&data) else {
-                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    send_rep(&mut s, opt, REP_ERR_INVALID, &[])?;
                     continue;
                 };
                 if !ex.name_ok(name) {
-                    send_rep(s, opt, REP_ERR_UNKNOWN, &[])?;
+                    send_rep(&mut s, opt, REP_ERR_UNKNOWN, &[])?;
                     continue;
                 }
                 let mut p = INFO_EXPORT.to_be_bytes().to_vec();
                 p.extend_from_slice(&size.to_be_bytes());
                 p.extend_from_slice(&tflags.to_be_bytes());
-                send_rep(s, opt, REP_INFO, &p)?;
+                send_rep(&mut s, opt, REP_INFO, &p)?;
                 if reqs.contains(&INFO_NAME) {
                     let mut p = INFO_NAME.to_be_bytes().to_vec();
                     p.extend_from_slice(ex.name.as_bytes());
-                    send_rep(s, opt, REP_INFO, &p)?;
+                    send_rep(&mut s, opt, REP_INFO, &p)?;
                 }
                 let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
                 p.extend_from_slice(&1u32.to_be_bytes());
                 p.extend_from_slice(&4096u32.min(ex.max_request()).to_be_bytes());
                 p.extend_from_slice(&ex.max_request().to_be_bytes());
-                send_rep(s, opt, REP_INFO, &p)?;
-                send_rep(s, opt, REP_ACK, &[])?;
+                send_rep(&mut s, opt, REP_INFO, &p)?;
+                send_rep(&mut s, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    return Ok(Hs::Go(neg));
+                    return Ok(Hs::Go(neg, s));
                 }
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    send_rep(&mut s, opt, REP_ERR_INVALID, &[])?;
                     continue;
                 }
                 neg.structured = true;
-                send_rep(s, opt, REP_ACK, &[])?;
+                send_rep(&mut s, opt, REP_ACK, &[])?;
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let set = opt == OPT_SET_META_CONTEXT;
                 if set && !neg.structured {
-                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    send_rep(&mut s, opt, REP_ERR_INVALID, &[])?;
                     continue;
                 }
                 let Some((name, queries)) = parse_meta(&data) else {
-                    send_rep(s, opt, REP_ERR_INVALID, &[])?;
+                    send_rep(&mut s, opt, REP_ERR_INVALID, &[])?;
                     continue;
                 };
                 if !ex.name_ok(name) {
-                    send_rep(s, opt, REP_ERR_UNKNOWN, &[])?;
+                    send_rep(&mut s, opt, REP_ERR_UNKNOWN, &[])?;
                     continue;
                 }
                 let exact = queries
@@ -354,47 +507,63 @@ fn handshake<S: Socket>(s: &mut S, ex: &Export) -> io::Result<Hs> {
                 if exact || listed {
                     let mut p = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
                     p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-                    send_rep(s, opt, REP_META_CONTEXT, &p)?;
+                    send_rep(&mut s, opt, REP_META_CONTEXT, &p)?;
                 }
                 if set {
                     neg.meta_alloc = exact;
                 }
-                send_rep(s, opt, REP_ACK, &[])?;
+                send_rep(&mut s, opt, REP_ACK, &[])?;
             }
-            // EXTENDED_HEADERS, STARTTLS, anything unknown: unsupported, and
-            // the client may carry on negotiating.
+            // EXTENDED_HEADERS, anything unknown: unsupported, and the
+            // client may carry on negotiating.
             _ => {
-                Counters::inc(&ex.counters.options_unsupported);
-                send_rep(s, opt, REP_ERR_UNSUP, &[])?;
+                Counters::inc(&c.options_unsupported);
+                send_rep(&mut s, opt, REP_ERR_UNSUP, &[])?;
             }
         }
     }
 }
 
 /// Serve one connection to the end: handshake, then transmission.
-pub fn serve_stream<S: Socket>(mut sock: S, ex: &Export) -> ConnEnd {
+pub fn serve_stream<S: Socket>(sock: S, ex: &Export) -> ConnEnd {
+    serve_conn(sock, ex, &ConnCell::default())
+}
+
+pub(crate) fn serve_conn<S: Socket>(sock: S, ex: &Export, cell: &ConnCell) -> ConnEnd {
     let c = &ex.counters;
-    let _ = sock.set_timeout(Some(ex.cfg.handshake_timeout));
-    let neg = match handshake(&mut sock, ex) {
-        Ok(Hs::Go(n)) => n,
+    let Ok(killer) = sock.clone_socket() else {
+        sock.shutdown_both();
+        return ConnEnd::Closed;
+    };
+    let (neg, chan) = match handshake(sock, ex, cell) {
+        Ok(Hs::Go(n, chan)) => (n, chan),
         Ok(Hs::End(e)) => {
             if matches!(e, ConnEnd::HandshakeFailed(_)) {
                 Counters::inc(&c.handshake_failures);
             }
-            sock.shutdown_both();
+            killer.shutdown_both();
             return e;
         }
         Err(e) => {
             Counters::inc(&c.handshake_failures);
-            sock.shutdown_both();
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                Counters::inc(&c.handshake_timeouts);
+            }
+            killer.shutdown_both();
             return ConnEnd::HandshakeFailed(e.to_string());
         }
     };
+    drop(killer);
     Counters::inc(&c.handshakes_completed);
-    let _ = sock.set_timeout(None);
-    let end = transmission(sock, ex, neg);
-    if end == ConnEnd::ReplyFailed {
-        Counters::inc(&c.reply_send_failures);
+    cell.phase.fetch_or(PHASE_TRANSMISSION, Ordering::Relaxed);
+    let end = match chan {
+        Chan::Plain(s) => transmission(s, ex, neg),
+        Chan::Tls(s) => transmission(s, ex, neg),
+    };
+    match end {
+        ConnEnd::ReplyFailed => Counters::inc(&c.reply_send_failures),
+        ConnEnd::IdleTimeout => Counters::inc(&c.idle_timeouts),
+        _ => {}
     }
     end
 }
@@ -414,6 +583,9 @@ impl Budget {
             u = self.cv.wait(u).unwrap_or_else(|e| e.into_inner());
         }
         *u += n;
+    }
+    fn in_use(&self) -> bool {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) > 0
     }
     fn release(&self, n: u64) {
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
@@ -475,6 +647,9 @@ impl<S: Socket> Conn<'_, S> {
         let mut o = self.lock_outbox();
         while o.writing && o.queued.len() + buf.len() > OUTBOX_MAX && !o.queued.is_empty() {
             o = self.outbox_cv.wait(o).unwrap_or_else(|e| e.into_inner());
+            if self.dead.load(Ordering::Relaxed) {
+                return;
+            }
         }
         if o.writing {
             o.queued.extend_from_slice(buf);
@@ -483,9 +658,10 @@ impl<S: Socket> Conn<'_, S> {
         o.writing = true;
         drop(o);
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ok = w.write_all(buf).is_ok();
+        let mut res = w.write_all(buf);
         let mut spare = Vec::new();
         loop {
+            let ok = res.is_ok();
             let mut o = self.lock_outbox();
             if o.queued.is_empty() || !ok {
                 o.queued.clear();
@@ -497,11 +673,16 @@ impl<S: Socket> Conn<'_, S> {
             std::mem::swap(&mut o.queued, &mut spare);
             drop(o);
             self.outbox_cv.notify_all();
-            ok = w.write_all(&spare).is_ok();
+            res = w.write_all(&spare);
             spare.clear();
         }
-        if !ok && !self.dead.swap(true, Ordering::Relaxed) {
-            self.killer.shutdown_both();
+        if let Err(e) = res {
+            if !self.dead.swap(true, Ordering::Relaxed) {
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                    Counters::inc(&self.ex.counters.write_timeouts);
+                }
+                self.killer.shutdown_both();
+            }
         }
     }
 
@@ -583,15 +764,21 @@ impl<S: Socket> Conn<'_, S> {
                 self.reply_result(job.handle, r);
             }
             CMD_FLUSH => self.reply_result(job.handle, be.flush()),
-            CMD_TRIM => {
-                let mut r = be.trim(job.off, job.len.into());
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                // In pieces, so that no backend call (and no lock it takes)
+                // lasts for a whole-volume range; FUA as one flush after.
+                let piece = be.range_piece();
+                let mut r = in_pieces(job.off, job.len.into(), piece, |o, n| {
+                    if job.cmd == CMD_TRIM {
+                        be.trim(o, n)
+                    } else {
+                        be.write_zeroes(o, n, false)
+                    }
+                });
                 if r.is_ok() && fua {
                     r = be.flush();
                 }
                 self.reply_result(job.handle, r);
-            }
-            CMD_WRITE_ZEROES => {
-                self.reply_result(job.handle, be.write_zeroes(job.off, job.len.into(), fua))
             }
             CMD_BLOCK_STATUS => {
                 // Everything is reported allocated data: one extent, flags 0.
@@ -648,6 +835,50 @@ impl<S: Socket> Conn<'_, S> {
     }
 }
 
+/// Call `f` on `[off, off + len)` cut at multiples of `piece` (one call
+/// for an empty range, none longer than `piece`), stopping at the first
+/// error.
+pub fn in_pieces(
+    off: u64,
+    len: u64,
+    piece: u64,
+    mut f: impl FnMut(u64, u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let piece = piece.max(4096);
+    let end = off.saturating_add(len);
+    if len == 0 {
+        return f(off, 0);
+    }
+    let mut o = off;
+    while o < end {
+        let next = (o / piece).saturating_add(1).saturating_mul(piece).min(end);
+        f(o, next - o)?;
+        o = next;
+    }
+    Ok(())
+}
+
+/// A request header, as [`parse_request`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub cmd: u16,
+    pub handle: u64,
+    pub off: u64,
+    pub len: u32,
+}
+
+/// Parse a request header; None for a bad magic.
+pub fn parse_request(h: &[u8; REQUEST_LEN]) -> Option<Request> {
+    (be_u32(h, 0) == REQUEST_MAGIC).then(|| Request {
+        flags: be_u16(h, 4),
+        cmd: be_u16(h, 6),
+        handle: be_u64(h, 8),
+        off: be_u64(h, 16),
+        len: be_u32(h, 24),
+    })
+}
+
 fn simple_header(b: &mut [u8], errno: u32, handle: u64) {
     b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     b[4..8].copy_from_slice(&errno.to_be_bytes());
@@ -662,8 +893,13 @@ fn structured_header(b: &mut [u8], typ: u16, handle: u64, len: usize) {
     b[16..20].copy_from_slice(&(len as u32).to_be_bytes());
 }
 
+/// The error [`read_full`] returns when the read timeout passed before the
+/// first byte of a request.
+const IDLE: &str = "idle";
+
 /// Read exactly `buf.len()` bytes; `Ok(false)` on a clean EOF before the
-/// first byte.
+/// first byte; the error [`IDLE`] on a timeout before the first byte (a
+/// timeout later, mid-request, is an error like any other).
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
     let mut got = 0;
     while got < buf.len() {
@@ -672,6 +908,11 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<bool> {
             Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
             Ok(n) => got += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e)
+                if got == 0 && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                return Err(io::Error::new(ErrorKind::TimedOut, IDLE))
+            }
             Err(e) => return Err(e),
         }
     }
@@ -687,6 +928,8 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
         }
     };
     let max = ex.max_request();
+    let _ = writer.set_send_timeout(Some(ex.cfg.write_timeout));
+    let _ = sock.set_timeout(ex.cfg.idle_timeout);
     let conn = Conn {
         ex,
         neg,
@@ -738,20 +981,32 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
             }
             match read_full(&mut r, &mut h) {
                 Ok(true) => {}
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+                        && e.to_string() == IDLE =>
+                {
+                    if conn.queued.load(Ordering::Acquire) > 0 || conn.budget.in_use() {
+                        continue;
+                    }
+                    break ConnEnd::IdleTimeout;
+                }
                 _ => break ConnEnd::Closed,
             }
             if conn.dead.load(Ordering::Relaxed) {
                 break ConnEnd::ReplyFailed;
             }
-            if be_u32(&h, 0) != REQUEST_MAGIC {
+            let Some(Request {
+                flags,
+                cmd,
+                handle,
+                off,
+                len,
+            }) = parse_request(&h)
+            else {
                 Counters::inc(&c.bad_magic);
                 break ConnEnd::BadMagic;
-            }
-            let flags = be_u16(&h, 4);
-            let cmd = be_u16(&h, 6);
-            let handle = be_u64(&h, 8);
-            let off = be_u64(&h, 16);
-            let len = be_u32(&h, 24);
+            };
+            let bad_flags = flags & !allowed_flags(cmd) != 0;
             let in_range = off.checked_add(len.into()).is_some_and(|e| e <= size);
             let mut job = Job {
                 handle,
@@ -821,6 +1076,13 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                     Counters::inc(&c.req_unknown);
                     Some(EINVAL)
                 }
+            };
+            let err = match err {
+                _ if bad_flags && cmd != CMD_DISC => {
+                    Counters::inc(&c.bad_flags);
+                    Some(EINVAL)
+                }
+                e => e,
             };
             match err {
                 Some(errno) => {

@@ -37,6 +37,34 @@ counters! {
     connections_accepted,
     /// Connections refused because `max_connections` were open.
     connections_rejected,
+    /// Connections from a peer outside the allow list, closed before the
+    /// greeting.
+    refused_not_allowed,
+    /// Connections refused because `max_per_address` were open from the
+    /// same client address.
+    refused_per_address,
+    /// Connections still negotiating, closed to make room for a new one
+    /// (`max_handshakes`).
+    handshakes_evicted,
+    /// Handshakes that did not finish by the deadline.
+    handshake_timeouts,
+    /// Handshakes that sent more than `max_options` options.
+    too_many_options,
+    /// Options answered NBD_REP_ERR_TLS_REQD (TLS required, not yet up).
+    tls_required_refusals,
+    /// NBD_OPT_STARTTLS refused: TLS off, already up, or a payload.
+    starttls_refused,
+    /// TLS handshakes completed, and failed (bad or missing client
+    /// certificate, protocol error, deadline).
+    tls_handshakes,
+    tls_failures,
+    /// Connections dropped after `idle_timeout` with nothing in flight.
+    idle_timeouts,
+    /// Connections dropped because the client did not take a reply within
+    /// `write_timeout`.
+    write_timeouts,
+    /// Requests with a command flag the command does not take (EINVAL).
+    bad_flags,
     /// Connections currently open.
     connections_active,
     /// Handshakes that failed (bad magic, bad flags, oversized option, timeout, I/O).

@@ -269,10 +269,15 @@ fn huge_option_length_disconnects_without_allocating() {
 fn unsupported_and_malformed_options_keep_the_connection() {
     let mut c = start(small_cfg());
     c.greet(CF);
-    for opt in [OPT_EXTENDED_HEADERS, OPT_STARTTLS, 4, 999, 0x7fff_ffff] {
+    for opt in [OPT_EXTENDED_HEADERS, 4, 999, 0x7fff_ffff] {
         c.opt(opt, b"junk");
         assert_eq!(c.rep(), (opt, REP_ERR_UNSUP, vec![]));
     }
+    // STARTTLS on an export without TLS: refused by policy, negotiation
+    // goes on.
+    c.opt(OPT_STARTTLS, &[]);
+    assert_eq!(c.rep(), (OPT_STARTTLS, REP_ERR_POLICY, vec![]));
+    assert_eq!(c.export.counters.snapshot().starttls_refused, 1);
     // Malformed INFO: declared name longer than the payload.
     c.opt(OPT_INFO, &[0, 0, 0, 200, b'm']);
     assert_eq!(c.rep().1, REP_ERR_INVALID);
@@ -329,7 +334,7 @@ fn unsupported_and_malformed_options_keep_the_connection() {
     let ex = c.export.clone();
     assert_eq!(c.end(), ConnEnd::Disconnect);
     let s = ex.counters.snapshot();
-    assert_eq!(s.options_unsupported, 5);
+    assert_eq!(s.options_unsupported, 4);
     assert_eq!(s.handshake_failures, 0);
 }
 
