@@ -1,4 +1,4 @@
-//! `msld`, the mirroring daemon of one node, as a library: [`assemble`]
+//! `msld`, the mirroring daemon of one node, as a library: `assemble()`
 //! opens the volume and metadata, builds the protocol core and starts the
 //! transports and threads around it; `bin/msld.rs` and the tests use it.
 //!
