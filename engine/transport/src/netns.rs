@@ -431,3 +431,79 @@ pub fn command_in(ns: &str, program: &str) -> Command {
     c.args(["netns", "exec", ns, program]);
     c
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn require_root() {
+        assert!(
+            is_root(),
+            "this test needs root (network namespaces): run it as root (CI does)"
+        );
+    }
+
+    /// Whether a UDP datagram sent from namespace `from` reaches `addr`
+    /// in namespace `to` (three tries, half a second each).
+    fn reaches(from: &str, to: &str, addr: &str) -> bool {
+        use std::net::UdpSocket;
+        let Ok(Ok(rx)) = VethPair::in_ns(to, || UdpSocket::bind((addr, 0))) else {
+            return false;
+        };
+        let tx = VethPair::in_ns(from, || UdpSocket::bind("0.0.0.0:0"))
+            .expect("enter the namespace")
+            .expect("bind a UDP socket");
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let to_addr = rx.local_addr().unwrap();
+        let mut buf = [0u8; 8];
+        (0..3).any(|_| tx.send_to(b"msl", to_addr).is_ok() && rx.recv(&mut buf).is_ok())
+    }
+
+    fn carrier(ns: &str, ifname: &str) -> bool {
+        let out = ip_output(&["-n", ns, "link", "show", ifname]).expect("ip link show");
+        !String::from_utf8_lossy(&out.stdout).contains("NO-CARRIER")
+    }
+
+    fn exists(ns: &str) -> bool {
+        std::path::Path::new(&format!("/run/netns/{ns}")).exists()
+    }
+
+    /// Direct LAN: the servers reach each other on the LAN and the MSL;
+    /// downing one end drops the other's carrier; nothing is left after
+    /// drop.
+    #[test]
+    fn test_direct_lan_reaches_peer_and_shares_carrier_and_is_removed() {
+        require_root();
+        let t = Topology::create(Lan::Direct).expect("create the topology");
+        let (a, b) = (t.server_ns(1).to_string(), t.server_ns(2).to_string());
+        assert_eq!(t.client_ns(), None);
+        assert!(reaches(&a, &b, LAN_B), "LAN a -> b");
+        assert!(reaches(&b, &a, IP_A), "MSL b -> a");
+        assert!(t.has_address(1, LAN_A).unwrap());
+        assert!(!t.has_address(1, LAN_B).unwrap());
+        t.set_link(1, Topology::lan_if(1), false).unwrap();
+        assert!(!carrier(&b, LAN_IF_B), "a direct veth shares its carrier");
+        drop(t);
+        assert!(!exists(&a) && !exists(&b), "namespaces left behind");
+    }
+
+    /// Switched LAN: both servers reach the client host and each other
+    /// through the bridge; one server's adapter can fail alone.
+    #[test]
+    fn test_switched_lan_has_client_host_and_independent_adapters() {
+        require_root();
+        let t = Topology::create(Lan::Switched).expect("create the topology");
+        let client = t.client_ns().expect("a client namespace").to_string();
+        let (a, b) = (t.server_ns(1), t.server_ns(2));
+        assert!(reaches(&client, a, LAN_A) && reaches(&client, b, LAN_B));
+        assert!(reaches(a, b, LAN_B), "server to server through the bridge");
+        assert!(reaches(a, &client, CLIENT_IP), "server to client host");
+        t.set_link(1, LAN_IF_A, false).unwrap();
+        assert!(!reaches(&client, a, LAN_A), "a-lan is down");
+        assert!(carrier(b, LAN_IF_B), "b-lan keeps its carrier");
+        assert!(reaches(&client, b, LAN_B));
+        drop(t);
+        assert!(!exists(&client), "switch namespace left behind");
+    }
+}
