@@ -207,8 +207,7 @@ impl Drop for Proc {
 
 /// `ip netns exec NS PROGRAM ARGS...` with the parent-death signal set.
 pub fn command_in(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, program]);
+    let mut c = msl_transport::netns::command_in(ns, program);
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
         c.pre_exec(|| {

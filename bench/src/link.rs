@@ -406,9 +406,7 @@ fn netns_cmd(ns: &str, prog: &str) -> Command {
     if ns.is_empty() {
         Command::new(prog)
     } else {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, prog]);
-        c
+        msl_transport::netns::command_in(ns, prog)
     }
 }
 

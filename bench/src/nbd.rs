@@ -388,7 +388,7 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * p).round() / p
 }
 
-/// The goals of issue 6: (job, minimum msl/nbdkit IOPS ratio).
+/// The goals: (job, minimum msl/nbdkit IOPS ratio).
 pub const GOALS: [(&str, f64); 3] = [
     ("randwrite-4k-qd32", 1.0),
     ("randwrite-4k-qd1", 0.7),

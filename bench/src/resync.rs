@@ -1,4 +1,4 @@
-//! `msl-bench resync`: the "idle cycles" measurement (issue 5).
+//! `msl-bench resync`: the "idle cycles" measurement.
 //!
 //! (a) Clients writing steadily through the service address (msl-harness's
 //! NBD workload from the client host): their throughput before a resync,
@@ -20,7 +20,8 @@ use msl_transport::pair::Ends;
 use serde_json::json;
 
 use crate::nbd::{narrator, new_pair, parse_size};
-/// Goals of issue 5.
+/// Goals: clients keep at least this share of their throughput during a
+/// resync, and an idle resync reaches this share of the raw link.
 const GOAL_UNDER_LOAD: f64 = 0.8;
 const GOAL_IDLE: f64 = 0.8;
 

@@ -12,48 +12,18 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use msl_core::AdminCmd;
 use serde_json::{json, Value};
 
-use crate::driver::Input;
 use crate::inbox::Inbox;
-use crate::notify::EventRecord;
-pub use crate::telemetry::status_json;
-use crate::telemetry::{core_status, Telemetry};
-
-/// Subscribers of the event stream (`mslctl events`).
-#[derive(Clone, Debug, Default)]
-pub struct EventHub {
-    subs: Arc<Mutex<Vec<SyncSender<String>>>>,
-}
-
-impl EventHub {
-    /// Send an event to every subscriber; slow or gone ones are dropped.
-    pub fn publish(&self, rec: &EventRecord) {
-        let line = event_json(rec).to_string();
-        if let Ok(mut subs) = self.subs.lock() {
-            subs.retain(|s| s.try_send(line.clone()).is_ok());
-        }
-    }
-
-    fn subscribe(&self) -> std::sync::mpsc::Receiver<String> {
-        let (tx, rx) = sync_channel(1024);
-        if let Ok(mut subs) = self.subs.lock() {
-            subs.push(tx);
-        }
-        rx
-    }
-}
-
-/// An event as JSON.
-pub fn event_json(rec: &EventRecord) -> Value {
-    json!({"ts_ms": rec.unix_ms, "node": rec.node_id, "event": rec.kind, "message": rec.message})
-}
+use crate::input::Input;
+pub use crate::notify::{event_json, EventHub};
+pub use crate::status::status_json;
+use crate::status::{core_status, Telemetry};
 
 /// The listening side, owned by `msld`.
 pub struct ControlServer {
@@ -257,6 +227,8 @@ pub fn follow_events(socket: &Path, mut f: impl FnMut(&Value)) -> Result<(), Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::notify::EventRecord;
+    use std::sync::Mutex;
 
     #[test]
     fn test_control_socket_status_admin_and_bad_requests() {

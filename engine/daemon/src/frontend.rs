@@ -18,7 +18,8 @@ use msl_core::node::{ClientError, IoKind};
 use msl_nbd::{Backend, Completion};
 use msl_store::Volume;
 
-use crate::driver::{Block, Client, Reply};
+use crate::client::Client;
+use crate::input::{Block, Reply};
 
 /// Core writes submitted asynchronously and not yet answered, at most
 /// [`MAX_WRITES_IN_FLIGHT`]: a client that queues deeper waits on its

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
 
-use crate::driver::{Exit, Input};
+use crate::input::{Exit, Input};
 
 /// Inputs a thread other than the core thread handles in one go before it
 /// hands the rest to the core thread.

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use msl_wire::{Expect, Header, Heartbeat, Key, Message, RxCounters};
 
+pub use crate::input::LanPacket;
+
 /// One LAN adapter's heartbeat endpoint.
 #[derive(Clone, Debug)]
 pub struct LanEndpoint {
@@ -28,12 +30,9 @@ pub struct LanEndpoint {
     pub peer: SocketAddr,
 }
 
-/// A verified server-state packet.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LanPacket {
-    pub adapter: u8,
-    pub header: Header,
-    pub hb: Heartbeat,
+/// LAN server-state packets that failed authentication.
+pub fn lan_auth_failures(rx: &RxCounters) -> u64 {
+    rx.bad_auth + rx.missing_auth + rx.unexpected_auth
 }
 
 /// Counters (shared with the receive threads).

@@ -14,11 +14,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use msl_core::Notice;
+use serde_json::{json, Value};
 
 /// One event as delivered to administrators.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,7 +89,36 @@ pub struct Sinks {
     /// A notification command running longer than this is killed.
     pub command_timeout: Duration,
     /// `mslctl events` subscribers.
-    pub hub: Option<crate::control::EventHub>,
+    pub hub: Option<EventHub>,
+}
+
+/// Subscribers of the event stream (`mslctl events`).
+#[derive(Clone, Debug, Default)]
+pub struct EventHub {
+    subs: Arc<Mutex<Vec<SyncSender<String>>>>,
+}
+
+impl EventHub {
+    /// Send an event to every subscriber; slow or gone ones are dropped.
+    pub fn publish(&self, rec: &EventRecord) {
+        let line = event_json(rec).to_string();
+        if let Ok(mut subs) = self.subs.lock() {
+            subs.retain(|s| s.try_send(line.clone()).is_ok());
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> std::sync::mpsc::Receiver<String> {
+        let (tx, rx) = sync_channel(1024);
+        if let Ok(mut subs) = self.subs.lock() {
+            subs.push(tx);
+        }
+        rx
+    }
+}
+
+/// An event as JSON.
+pub fn event_json(rec: &EventRecord) -> Value {
+    json!({"ts_ms": rec.unix_ms, "node": rec.node_id, "event": rec.kind, "message": rec.message})
 }
 
 /// Counters for status and metrics.

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use msl_nbd::{Backend, Server, ServerConfig};
 
-use crate::driver::{Host, Input};
+use crate::driver::Host;
 use crate::inbox::Inbox;
+use crate::input::Input;
 
 /// Link and carrier of an interface from sysfs (`ip netns exec` mounts the
 /// namespace's own sysfs, so this sees the daemon's namespace).

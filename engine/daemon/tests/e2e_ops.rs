@@ -77,7 +77,7 @@ fn test_pair_status_complete_and_metrics_count_writes() {
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
     let dir = keyed_dir("44");
-    let topo = Topology::new();
+    let topo = topology();
     let o1 = Opts {
         extra: "metrics_address = \"10.77.1.1:9477\"".into(),
         ..Opts::default()
@@ -159,7 +159,7 @@ fn test_wrong_cluster_key_never_pair_counted_and_logged() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("k1.key"), "55".repeat(32)).unwrap();
     std::fs::write(dir.path().join("k2.key"), "66".repeat(32)).unwrap();
-    let topo = Topology::new();
+    let topo = topology();
     let o = |k: &str| Opts {
         key_file: k.into(),
         ..Opts::default()
@@ -221,7 +221,7 @@ fn test_online_verify_finds_exactly_the_block_changed_behind_msld() {
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
     let dir = keyed_dir("77");
-    let topo = Topology::new();
+    let topo = topology();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     qemu_io(&topo.veth.ns_b, &["write -P 0x3c 0 2M", "flush"]);
     // In sync: nothing differs.
@@ -289,7 +289,7 @@ fn test_fio_nbd_verify_through_service_address_files_identical() {
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
     let dir = keyed_dir("88");
-    let topo = Topology::new();
+    let topo = topology();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Two connections, disjoint regions, 4 KiB random writes at depth 16,
     // FLUSH every 8 writes, then fio reads everything back and checks it.
@@ -353,7 +353,7 @@ fn test_secondary_killed_during_fio_restarts_resyncs_and_fio_verifies() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
     let dir = keyed_dir("99");
-    let topo = Topology::new();
+    let topo = topology();
     let (d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Rate-limited so that the kill and restart happen mid-run (about 6 s
     // of writes), then fio verifies the whole written range.
@@ -494,7 +494,7 @@ fn test_malformed_config_values_named() {
 fn test_cpu_affinity_applies_to_every_thread() {
     require_root();
     let dir = keyed_dir("aa");
-    let topo = Topology::new();
+    let topo = topology();
     let o1 = Opts {
         extra: "cpu_affinity = [0]".into(),
         ..Opts::default()
@@ -520,7 +520,7 @@ fn test_cpu_affinity_applies_to_every_thread() {
 fn test_missing_lan_interface_named_at_start() {
     require_root();
     let dir = keyed_dir("bb");
-    let topo = Topology::new();
+    let topo = topology();
     let good = std::fs::read_to_string(config(dir.path(), 1)).unwrap();
     // The LAN adapter (and so the service interface, which must be one of
     // them) names an interface this host does not have.
@@ -542,7 +542,7 @@ fn test_missing_lan_interface_named_at_start() {
 fn test_rate_limited_full_sync_shows_rate_and_eta() {
     require_root();
     let dir = keyed_dir("cc");
-    let topo = Topology::new();
+    let topo = topology();
     let o1 = Opts {
         extra: "resync_max_mib_s = 16\nresync_min_mib_s = 1".into(),
         ..Opts::default()
@@ -627,11 +627,10 @@ fn test_pair_from_example_configs_syncs_and_runs_notify_command() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let topo = Topology::new();
+    let topo = topology();
     let start = |ns: &str, id: u16, first: bool| {
-        let mut c = std::process::Command::new("ip");
-        c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_msld"), "--config"])
-            .arg(example_config(d, id));
+        let mut c = command_in(ns, env!("CARGO_BIN_EXE_msld"));
+        c.arg("--config").arg(example_config(d, id));
         if first {
             c.arg("--initial-primary");
         }
@@ -694,7 +693,7 @@ fn test_lan_failure_switchover_old_primary_exits_75_restarts_as_secondary_in_syn
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
     let dir = keyed_dir("ee");
-    let topo = Topology::switched();
+    let topo = switched_topology();
     let (mut d1, d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     qemu_io(&topo.veth.ns_b, &["write -P 0x1f 0 1M", "flush"]);
     // The primary's only LAN adapter fails: the pair switches over (the
@@ -736,14 +735,14 @@ fn test_lan_failure_switchover_old_primary_exits_75_restarts_as_secondary_in_syn
 }
 
 /// `mslctl switchover`: the secondary becomes primary in the same session
-/// and mirrors its writes to the old primary (before session 5 it served
-/// them unmirrored: the old primary's file lacked them).
+/// and mirrors its writes to the old primary (the old primary's file must
+/// hold them).
 #[test]
 fn test_admin_switchover_new_primary_mirrors_its_writes() {
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
     let dir = keyed_dir("ef");
-    let topo = Topology::new();
+    let topo = topology();
     let (d1, d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     qemu_io(&topo.veth.ns_b, &["write -P 0x1f 0 1M", "flush"]);
     let (code, out, _) = mslctl(dir.path(), 1, &["switchover"]);
@@ -769,7 +768,7 @@ fn test_online_verify_during_fio_writes_finds_no_difference() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
     let dir = keyed_dir("f0");
-    let topo = Topology::new();
+    let topo = topology();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Clients keep writing (random 4 KiB, rate-limited to last a few
     // seconds) while verify runs: both digests of a block describe the
@@ -806,7 +805,7 @@ fn test_very_deep_client_queue_is_held_back_not_refused() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
     let dir = keyed_dir("99");
-    let topo = Topology::new();
+    let topo = topology();
     let (_d1, _d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     let out = fio_randwrite_verify(
         &topo.veth.ns_b,
@@ -847,7 +846,7 @@ fn test_degraded_random_writes_persist_once_per_extent() {
     require_root();
     require_tool("fio", "apt-get install fio (scripts/setup.sh)");
     let dir = keyed_dir("bb");
-    let topo = Topology::new();
+    let topo = topology();
     let (_d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     kill_secondary_wait_degraded(dir.path(), &mut d2);
     let s0 = status(dir.path(), 1).unwrap();
@@ -887,7 +886,7 @@ fn test_secondary_lost_marks_only_unsettled_extents_dirty() {
     require_root();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
     let dir = keyed_dir("cc");
-    let topo = Topology::new();
+    let topo = topology();
     let (_d1, mut d2) = pair_in_sync(dir.path(), &topo, &Opts::default(), &Opts::default());
     // Eight extents written, then given time to settle (the secondary
     // flushes every 100 ms while it has unflushed writes).

@@ -25,7 +25,7 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
         "qemu-io missing: apt-get install qemu-utils (scripts/setup.sh)"
     );
     let dir = keyed_dir("11");
-    let topo = Topology::new();
+    let topo = topology();
     let start = |ns: &str, id: u16, primary: bool| start_daemon(dir.path(), ns, id, primary);
     let _d1 = start(&topo.veth.ns_a, 1, true);
     let _d2 = start(&topo.veth.ns_b, 2, false);
@@ -35,12 +35,8 @@ fn test_pair_in_namespaces_qemu_io_writes_mirrored_byte_identical() {
                 .is_some_and(|s| s["in_sync"] == true && s["disk"] == "uptodate")
     });
     // A real NBD client through the service address, from the LAN.
-    let out = Command::new("ip")
+    let out = command_in(&topo.veth.ns_b, "qemu-io")
         .args([
-            "netns",
-            "exec",
-            &topo.veth.ns_b,
-            "qemu-io",
             "-f",
             "raw",
             "-c",
@@ -89,7 +85,7 @@ fn test_primary_killed_secondary_takes_over_old_primary_rejoins_resynced() {
         "this test needs root (network namespaces); CI runs it as root"
     );
     let dir = keyed_dir("22");
-    let topo = Topology::new();
+    let topo = topology();
     let start = |ns: &str, id: u16, primary: bool| start_daemon(dir.path(), ns, id, primary);
     let mut d1 = start(&topo.veth.ns_a, 1, true);
     let d2 = start(&topo.veth.ns_b, 2, false);

@@ -7,15 +7,17 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use msl_core::meta::Meta;
 use msl_core::{Config, Notice};
-use msl_daemon::driver::{self, Client, Driver, Exit, FrameEncoder, Input, NoHost, Shared};
-use msl_daemon::lan::{LanEndpoint, LanPath};
+use msl_daemon::assemble::{MslLink, NodeParts, Wiring};
+use msl_daemon::client::Client;
+use msl_daemon::driver::NoHost;
+use msl_daemon::input::{Exit, Input};
+use msl_daemon::lan::LanEndpoint;
 use msl_daemon::notify::{Notifier, Sinks};
 use msl_store::{CreateOptions, MetaStore, Volume};
 use msl_transport::mem;
@@ -37,7 +39,6 @@ struct NodeRun {
     client: Client,
     thread: Option<JoinHandle<Exit>>,
     stop: Arc<AtomicBool>,
-    _threads: Vec<JoinHandle<()>>,
 }
 
 impl NodeRun {
@@ -86,35 +87,6 @@ fn start(
     };
     let volume =
         Arc::new(Volume::open(&dir.join(format!("n{id}.img")), BLOCKS * u64::from(BS)).unwrap());
-    let key = Key([9; 32]);
-    let shared = Arc::new(Shared::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (inputs, input_rx) = msl_daemon::inbox::inbox(8192);
-    let (msl_tx, tx_thread) = driver::start_msl_tx(Box::new(tx), shared.clone(), 9014);
-    let rx_thread = driver::start_msl_rx(
-        Box::new(rx),
-        CLUSTER,
-        Some(key.clone()),
-        1 << 20,
-        inputs.clone(),
-        stop.clone(),
-        shared.clone(),
-    );
-    let (lan_tx, lan_rx) = sync_channel(256);
-    let ep = LanEndpoint {
-        adapter: 0,
-        local: SocketAddr::from(([127, 0, 0, 1], lan_local)),
-        peer: SocketAddr::from(([127, 0, 0, 1], lan_peer)),
-    };
-    let lan = LanPath::start(&[ep], CLUSTER, Some(key.clone()), lan_tx).unwrap();
-    let fwd = inputs.clone();
-    let fwd_thread = std::thread::spawn(move || {
-        while let Ok(p) = lan_rx.recv() {
-            if fwd.send(Input::Lan(p)).is_err() {
-                return;
-            }
-        }
-    });
     let notifier = Notifier::start(
         Sinks {
             console: false,
@@ -125,37 +97,34 @@ fn start(
         },
         1024,
     );
-    let encoder = FrameEncoder {
-        src_mac: [2, 0, 0, 0, 0, id as u8],
-        dst_mac: [0xff; 6],
-        key: Some(key),
-        max_frame: 9014,
-    };
-    let d = Driver::new(
-        cfg,
+    let parts = NodeParts {
+        core: cfg,
         meta,
         store,
         volume,
-        encoder,
-        msl_tx,
-        Some(lan),
+        msl: MslLink {
+            tx: Box::new(tx),
+            rx: Box::new(rx),
+            mac: [2, 0, 0, 0, 0, id as u8],
+            max_frame: 9014,
+        },
+        key: Some(Key([9; 32])),
+        lan: vec![LanEndpoint {
+            adapter: 0,
+            local: SocketAddr::from(([127, 0, 0, 1], lan_local)),
+            peer: SocketAddr::from(([127, 0, 0, 1], lan_peer)),
+        }],
         notifier,
-        NoHost,
-        shared.clone(),
-        u64::from(id),
-    );
-    let thread = std::thread::spawn(move || d.run(input_rx));
-    let client = Client {
-        inputs,
-        shared,
-        block_size: u64::from(BS),
     };
-    let _ = (tx_thread, rx_thread, fwd_thread);
+    let d = Wiring::start(parts)
+        .and_then(|w| w.core(NoHost, u64::from(id)))
+        .unwrap();
+    let client = d.client.clone();
+    let stop = d.stop_flag();
     NodeRun {
         client,
-        thread: Some(thread),
+        thread: Some(std::thread::spawn(move || d.run())),
         stop,
-        _threads: Vec::new(),
     }
 }
 

@@ -1,5 +1,8 @@
 //! Two network namespaces joined by a veth pair: the test and bench
-//! topology for the MSL.
+//! topology for the MSL; and [`Topology`], the same pair with a LAN between
+//! the servers (direct, or through a switch namespace that is also the
+//! client host), which the daemon's end-to-end tests, the harness and the
+//! benches share.
 //!
 //! Names carry the creating process's pid and a counter, so concurrent runs
 //! never collide, and namespaces left by a process that was SIGKILLed are
@@ -244,4 +247,263 @@ pub fn enter(ns: &str) -> io::Result<()> {
             format!("entering netns {ns}: {e} (are you root?)"),
         )
     })
+}
+
+/// Address of server 1 on the test LAN (adapter [`LAN_IF_A`]).
+pub const LAN_A: &str = "10.77.1.1";
+/// Address of server 2 on the test LAN (adapter [`LAN_IF_B`]).
+pub const LAN_B: &str = "10.77.1.2";
+/// The client host's address: on the bridge in the switch namespace of a
+/// [`Lan::Switched`] topology.
+pub const CLIENT_IP: &str = "10.77.1.50";
+/// LAN adapter names inside the server namespaces.
+pub const LAN_IF_A: &str = "a-lan";
+pub const LAN_IF_B: &str = "b-lan";
+/// The bridge in the switch namespace.
+pub const BRIDGE: &str = "br0";
+/// MTU of the MSL veth pair of a [`Topology`].
+pub const TOPOLOGY_MSL_MTU: usize = 9000;
+
+/// How the two servers of a [`Topology`] share their LAN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lan {
+    /// One veth pair `a-lan` <-> `b-lan`. Downing one end drops the
+    /// other's carrier too: a LAN failure on both sides.
+    Direct,
+    /// One veth per server into a bridge in a third namespace (the
+    /// switch), which is also the client host ([`CLIENT_IP`] on the
+    /// bridge): one server's LAN adapter can fail alone.
+    Switched,
+}
+
+/// The test hosts of a server pair, each a network namespace:
+///
+/// ```text
+///   ns_a (server 1)                 switch (Lan::Switched: bridge + client)   ns_b (server 2)
+///   msla 10.79.0.1 <================ MSL veth pair ================> mslb 10.79.0.2
+///   a-lan 10.77.1.1 <--veth--> pa -- br0 10.77.1.50 (client) -- pb <--veth--> b-lan 10.77.1.2
+///   (Lan::Direct: a-lan 10.77.1.1 <------------ veth ------------> b-lan 10.77.1.2)
+/// ```
+///
+/// The daemon's end-to-end tests, the harness and the benches all build
+/// their hosts here. Every namespace has the guarantees of [`VethPair`]
+/// (unique names, removed on drop and on signals, swept after a SIGKILL).
+#[derive(Debug)]
+pub struct Topology {
+    /// Server namespaces and the MSL veth pair (`msla` / `mslb`).
+    pub veth: VethPair,
+    /// The switch and client host namespace (`Lan::Switched` only).
+    pub switch: Option<NetNs>,
+}
+
+impl Topology {
+    /// Build it. Needs root; any failure removes what was made.
+    pub fn create(lan: Lan) -> io::Result<Topology> {
+        let veth = VethPair::create(TOPOLOGY_MSL_MTU)?;
+        let topo = match lan {
+            Lan::Direct => {
+                ip(&[
+                    "link", "add", LAN_IF_A, "netns", &veth.ns_a, "type", "veth", "peer", "name",
+                    LAN_IF_B, "netns", &veth.ns_b,
+                ])?;
+                Topology { veth, switch: None }
+            }
+            Lan::Switched => {
+                let sw = NetNs::create("lan")?;
+                let topo = Topology {
+                    veth,
+                    switch: Some(sw),
+                };
+                topo.wire_switch()?;
+                topo
+            }
+        };
+        for (ns, ifn, addr) in [
+            (&topo.veth.ns_a, LAN_IF_A, LAN_A),
+            (&topo.veth.ns_b, LAN_IF_B, LAN_B),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", ifn])?;
+            ip(&["-n", ns, "link", "set", ifn, "up"])?;
+        }
+        Ok(topo)
+    }
+
+    /// The bridge (the client host's address on it) and one port per server.
+    fn wire_switch(&self) -> io::Result<()> {
+        let Some(l) = self.client_ns() else {
+            return Ok(());
+        };
+        ip(&["-n", l, "link", "add", BRIDGE, "type", "bridge"])?;
+        // No STP: ports forward at once.
+        ip(&[
+            "-n",
+            l,
+            "link",
+            "set",
+            BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
+        ip(&["-n", l, "link", "set", BRIDGE, "up"])?;
+        ip(&[
+            "-n",
+            l,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            BRIDGE,
+        ])?;
+        for (ns, ifn, port) in [
+            (&self.veth.ns_a, LAN_IF_A, "pa"),
+            (&self.veth.ns_b, LAN_IF_B, "pb"),
+        ] {
+            ip(&[
+                "link", "add", ifn, "netns", ns, "type", "veth", "peer", "name", port, "netns", l,
+            ])?;
+            ip(&["-n", l, "link", "set", port, "master", BRIDGE, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Namespace of server `node` (1 or 2).
+    pub fn server_ns(&self, node: u16) -> &str {
+        if node == 1 {
+            &self.veth.ns_a
+        } else {
+            &self.veth.ns_b
+        }
+    }
+
+    /// The client host's namespace (the switch; `None` with `Lan::Direct`).
+    pub fn client_ns(&self) -> Option<&str> {
+        self.switch.as_ref().map(|s| s.name.as_str())
+    }
+
+    /// LAN adapter of server `node`.
+    pub fn lan_if(node: u16) -> &'static str {
+        if node == 1 {
+            LAN_IF_A
+        } else {
+            LAN_IF_B
+        }
+    }
+
+    /// MSL interface of server `node`.
+    pub fn msl_if(&self, node: u16) -> &'static str {
+        if node == 1 {
+            self.veth.if_a
+        } else {
+            self.veth.if_b
+        }
+    }
+
+    /// `ip link set IF up|down` inside server `node`'s namespace.
+    pub fn set_link(&self, node: u16, ifname: &str, up: bool) -> io::Result<()> {
+        ip(&[
+            "-n",
+            self.server_ns(node),
+            "link",
+            "set",
+            ifname,
+            if up { "up" } else { "down" },
+        ])
+    }
+
+    /// Whether server `node` holds IPv4 address `addr` on any interface
+    /// (read with `ip -n NS addr`).
+    pub fn has_address(&self, node: u16, addr: &str) -> io::Result<bool> {
+        let out = ip_output(&["-n", self.server_ns(node), "-o", "addr", "show"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.contains(&format!("inet {addr}/"))))
+    }
+}
+
+/// A command that runs `program` inside namespace `ns` (`ip netns exec`,
+/// which also remounts /sys for that namespace).
+pub fn command_in(ns: &str, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, program]);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn require_root() {
+        assert!(
+            is_root(),
+            "this test needs root (network namespaces): run it as root (CI does)"
+        );
+    }
+
+    /// Whether a UDP datagram sent from namespace `from` reaches `addr`
+    /// in namespace `to` (three tries, half a second each).
+    fn reaches(from: &str, to: &str, addr: &str) -> bool {
+        use std::net::UdpSocket;
+        let Ok(Ok(rx)) = VethPair::in_ns(to, || UdpSocket::bind((addr, 0))) else {
+            return false;
+        };
+        let tx = VethPair::in_ns(from, || UdpSocket::bind("0.0.0.0:0"))
+            .expect("enter the namespace")
+            .expect("bind a UDP socket");
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            .unwrap();
+        let to_addr = rx.local_addr().unwrap();
+        let mut buf = [0u8; 8];
+        (0..3).any(|_| tx.send_to(b"msl", to_addr).is_ok() && rx.recv(&mut buf).is_ok())
+    }
+
+    fn carrier(ns: &str, ifname: &str) -> bool {
+        let out = ip_output(&["-n", ns, "link", "show", ifname]).expect("ip link show");
+        !String::from_utf8_lossy(&out.stdout).contains("NO-CARRIER")
+    }
+
+    fn exists(ns: &str) -> bool {
+        std::path::Path::new(&format!("/run/netns/{ns}")).exists()
+    }
+
+    /// Direct LAN: the servers reach each other on the LAN and the MSL;
+    /// downing one end drops the other's carrier; nothing is left after
+    /// drop.
+    #[test]
+    fn test_direct_lan_reaches_peer_and_shares_carrier_and_is_removed() {
+        require_root();
+        let t = Topology::create(Lan::Direct).expect("create the topology");
+        let (a, b) = (t.server_ns(1).to_string(), t.server_ns(2).to_string());
+        assert_eq!(t.client_ns(), None);
+        assert!(reaches(&a, &b, LAN_B), "LAN a -> b");
+        assert!(reaches(&b, &a, IP_A), "MSL b -> a");
+        assert!(t.has_address(1, LAN_A).unwrap());
+        assert!(!t.has_address(1, LAN_B).unwrap());
+        t.set_link(1, Topology::lan_if(1), false).unwrap();
+        assert!(!carrier(&b, LAN_IF_B), "a direct veth shares its carrier");
+        drop(t);
+        assert!(!exists(&a) && !exists(&b), "namespaces left behind");
+    }
+
+    /// Switched LAN: both servers reach the client host and each other
+    /// through the bridge; one server's adapter can fail alone.
+    #[test]
+    fn test_switched_lan_has_client_host_and_independent_adapters() {
+        require_root();
+        let t = Topology::create(Lan::Switched).expect("create the topology");
+        let client = t.client_ns().expect("a client namespace").to_string();
+        let (a, b) = (t.server_ns(1), t.server_ns(2));
+        assert!(reaches(&client, a, LAN_A) && reaches(&client, b, LAN_B));
+        assert!(reaches(a, b, LAN_B), "server to server through the bridge");
+        assert!(reaches(a, &client, CLIENT_IP), "server to client host");
+        t.set_link(1, LAN_IF_A, false).unwrap();
+        assert!(!reaches(&client, a, LAN_A), "a-lan is down");
+        assert!(carrier(b, LAN_IF_B), "b-lan keeps its carrier");
+        assert!(reaches(&client, b, LAN_B));
+        drop(t);
+        assert!(!exists(&client), "switch namespace left behind");
+    }
 }

@@ -7,66 +7,30 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use msl_daemon::control::request;
-pub use msl_transport::netns::{is_root, VethPair, IF_A, IF_B};
+#[allow(unused_imports)] // each test file uses a part
+pub use msl_transport::netns::{
+    command_in, ip_output, is_root, Lan, Topology, VethPair, IF_A, IF_B,
+};
 use serde_json::{json, Value};
 
-/// The pair's two hosts: namespaces and the MSL veth pair come from the
-/// transport's `VethPair` (unique names, removed on drop, on signals, and
-/// swept after a SIGKILL); the LAN is added here: a direct veth pair, or
-/// (`switched`) one veth per host into a bridge in a third namespace, so
-/// that one host's LAN adapter can fail alone.
-pub struct Topology {
-    pub veth: VethPair,
-    pub switch: Option<msl_transport::netns::NetNs>,
+/// The pair's two hosts with a direct LAN veth (`a-lan` 10.77.1.1 <->
+/// `b-lan` 10.77.1.2): the builder shared with the harness and the benches
+/// (`msl_transport::netns::Topology`; unique names, removed on drop, on
+/// signals, and swept after a SIGKILL).
+pub fn topology() -> Topology {
+    Topology::create(Lan::Direct).expect("create the namespaces, the MSL and the LAN")
 }
 
+/// As `topology`, the LAN through a bridge in a third namespace, so that
+/// one host's LAN adapter can fail alone.
+pub fn switched_topology() -> Topology {
+    Topology::create(Lan::Switched).expect("create the namespaces, the MSL and the switched LAN")
+}
+
+/// `ip ARGS`, which must succeed.
 pub fn ip(args: &[&str]) {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("run ip (apt-get install iproute2)");
-    assert!(st.success(), "ip {} failed", args.join(" "));
-}
-
-impl Topology {
-    pub fn new() -> Topology {
-        Self::build(false)
-    }
-
-    pub fn switched() -> Topology {
-        Self::build(true)
-    }
-
-    fn build(switched: bool) -> Topology {
-        let veth = VethPair::create(9000).expect("create the namespaces and the MSL veth pair");
-        let (a, b) = (veth.ns_a.clone(), veth.ns_b.clone());
-        let switch = if switched {
-            let sw =
-                msl_transport::netns::NetNs::create("sw").expect("create the switch namespace");
-            let n = sw.name.as_str();
-            ip(&["-n", n, "link", "add", "br0", "type", "bridge"]);
-            for (ns, side) in [(&a, "a"), (&b, "b")] {
-                let (host_if, port) = (format!("{side}-lan"), format!("p{side}"));
-                ip(&[
-                    "link", "add", &host_if, "netns", ns, "type", "veth", "peer", "name", &port,
-                    "netns", n,
-                ]);
-                ip(&["-n", n, "link", "set", &port, "master", "br0", "up"]);
-            }
-            ip(&["-n", n, "link", "set", "br0", "up"]);
-            Some(sw)
-        } else {
-            ip(&[
-                "link", "add", "a-lan", "netns", &a, "type", "veth", "peer", "name", "b-lan",
-                "netns", &b,
-            ]);
-            None
-        };
-        ip(&["-n", &a, "addr", "add", "10.77.1.1/24", "dev", "a-lan"]);
-        ip(&["-n", &b, "addr", "add", "10.77.1.2/24", "dev", "b-lan"]);
-        ip(&["-n", &a, "link", "set", "a-lan", "up"]);
-        ip(&["-n", &b, "link", "set", "b-lan", "up"]);
-        Topology { veth, switch }
+    if let Err(e) = ip_output(args) {
+        panic!("{e}");
     }
 }
 
@@ -165,8 +129,8 @@ pub fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 }
 
 pub fn qemu_io(ns: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, "qemu-io", "-f", "raw"]);
+    let mut c = command_in(ns, "qemu-io");
+    c.args(["-f", "raw"]);
     for x in cmds {
         c.args(["-c", x]);
     }
@@ -189,9 +153,8 @@ pub fn start_daemon(dir: &Path, ns: &str, id: u16, primary: bool) -> Daemon {
 /// `start_daemon` with a varied config.
 pub fn start_daemon_opts(dir: &Path, ns: &str, id: u16, primary: bool, o: &Opts) -> Daemon {
     let cfg = config_opts(dir, id, o);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_msld"), "--config"])
-        .arg(&cfg);
+    let mut cmd = command_in(ns, env!("CARGO_BIN_EXE_msld"));
+    cmd.arg("--config").arg(&cfg);
     if primary {
         cmd.arg("--initial-primary");
     }
@@ -220,8 +183,7 @@ pub fn stop_and_read_images(dir: &Path, daemons: &[&Daemon]) -> (Vec<u8>, Vec<u8
 
 /// Run a command inside namespace `ns`; returns (success, stdout+stderr).
 pub fn in_ns(ns: &str, prog: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, prog])
+    let out = command_in(ns, prog)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run {prog} in {ns}: {e}"));
@@ -282,8 +244,8 @@ pub fn mslctl(dir: &Path, id: u16, args: &[&str]) -> (i32, String, String) {
 /// (working directory `dir`, so fio's state files stay out of the tree);
 /// bounded by `timeout`. Returns fio's output; asserts it succeeded.
 pub fn fio_cmd(ns: &str, dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, "timeout", "180", "fio"])
+    let mut c = command_in(ns, "timeout");
+    c.args(["180", "fio"])
         .args(["--ioengine=nbd", "--uri=nbd://10.77.1.100:10809/"])
         .args(args)
         .current_dir(dir);

@@ -1,33 +1,24 @@
-//! What `mslctl status --json` and the Prometheus endpoint show: the core's
-//! status snapshot joined with the daemon's own counters (MSL frames, LAN
-//! heartbeat path, NBD server, notifier) and the resync rate.
+//! What `mslctl status --json` shows: the core's status snapshot joined
+//! with the daemon's own counters (MSL frames, LAN heartbeat path, NBD
+//! server, notifier) and the resync rate; and how a thread asks the core
+//! for that snapshot ([`core_status`]).
 //!
-//! Both renderings are built from the same [`Report`], so a counter shown by
-//! one is shown by the other. The JSON keys are documented in
-//! engine/daemon/README.md; existing keys never change meaning.
-//!
-//! The metrics endpoint is served by `tiny_http` (a small, well-kept HTTP/1.1
-//! server) on its own thread. The Prometheus text format is a handful of
-//! `name value` lines, written here directly (the NBD server's counters
-//! already render themselves in it), so no encoding crate is needed. A
-//! scrape asks the core thread for a status snapshot over the same channel
-//! as `mslctl status` and waits at most two seconds: the core never waits
-//! for a scraper.
+//! The Prometheus rendering (`metrics`) is built from the same parts, so a
+//! counter shown by one is shown by the other. The JSON keys are documented
+//! in engine/daemon/README.md; existing keys never change meaning.
 
-use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, TrySendError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use msl_core::config::WriteMode;
 use msl_core::node::Status;
 use serde_json::{json, Value};
 
-use crate::driver::{Input, Shared};
+use crate::counters::Shared;
 use crate::inbox::Inbox;
+use crate::input::Input;
 use crate::lan::LanCounters;
 use crate::notify::NotifyCounters;
 
@@ -48,21 +39,21 @@ fn lower<T: std::fmt::Debug>(v: T) -> String {
     format!("{v:?}").to_lowercase()
 }
 
-fn role_code(r: msl_wire::Role) -> u8 {
+pub(crate) fn role_code(r: msl_wire::Role) -> u8 {
     r.to_u8()
 }
 
 /// Resync progress derived from the snapshot and the measured rate.
-struct Resync {
-    active: bool,
-    done_blocks: u64,
-    remaining_blocks: u64,
-    total_blocks: u64,
-    rate_bytes_s: u64,
-    eta_s: Option<u64>,
+pub(crate) struct Resync {
+    pub(crate) active: bool,
+    pub(crate) done_blocks: u64,
+    pub(crate) remaining_blocks: u64,
+    pub(crate) total_blocks: u64,
+    pub(crate) rate_bytes_s: u64,
+    pub(crate) eta_s: Option<u64>,
 }
 
-fn resync(s: &Status, t: &Telemetry) -> Resync {
+pub(crate) fn resync(s: &Status, t: &Telemetry) -> Resync {
     let active = s.resync_total > 0;
     let rate = if active {
         t.shared.resync_rate_bytes_s.load(Ordering::Relaxed)
@@ -81,7 +72,7 @@ fn resync(s: &Status, t: &Telemetry) -> Resync {
 }
 
 /// Daemon-side counters as `(name, value)` pairs, shared by both renderings.
-fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
+pub(crate) fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
     let sh = &t.shared;
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut v = vec![
@@ -118,7 +109,7 @@ fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
     v
 }
 
-fn core_counters(s: &Status) -> [(&'static str, u64); 13] {
+pub(crate) fn core_counters(s: &Status) -> [(&'static str, u64); 13] {
     let c = &s.counters;
     [
         ("client_writes", c.client_writes),
@@ -137,7 +128,7 @@ fn core_counters(s: &Status) -> [(&'static str, u64); 13] {
     ]
 }
 
-fn adapters(s: &Status, t: &Telemetry) -> Vec<Value> {
+pub(crate) fn adapters(s: &Status, t: &Telemetry) -> Vec<Value> {
     let n = usize::from(s.adapter_count)
         .max(t.lan_interfaces.len())
         .min(s.adapters.len());
@@ -239,111 +230,6 @@ pub fn status_json(s: &Status, t: &Telemetry) -> Value {
     })
 }
 
-/// The same report in Prometheus text exposition format (version 0.0.4).
-pub fn prometheus(s: &Status, t: &Telemetry) -> String {
-    let mut o = String::new();
-    let r = resync(s, t);
-    let gauges: [(&str, &str, u64); 14] = [
-        (
-            "role",
-            "Role of this node (0 = secondary, 1 = primary).",
-            u64::from(role_code(s.role)),
-        ),
-        (
-            "in_sync",
-            "1 when connected and in sync.",
-            u64::from(s.in_sync),
-        ),
-        (
-            "connected",
-            "1 when the MSL session is up.",
-            u64::from(s.connected),
-        ),
-        (
-            "msl_alive",
-            "1 when the peer is heard on the MSL.",
-            u64::from(s.msl_alive),
-        ),
-        (
-            "lan_alive",
-            "1 when the peer is heard on the LAN.",
-            u64::from(s.lan_alive),
-        ),
-        (
-            "failed",
-            "1 after an I/O failure latched the node fail-closed.",
-            u64::from(s.failed),
-        ),
-        (
-            "dirty_bytes",
-            "Bytes out of sync with the peer.",
-            s.dirty_blocks * t.block_size,
-        ),
-        (
-            "resync_active",
-            "1 while a resync runs.",
-            u64::from(r.active),
-        ),
-        (
-            "resync_remaining_blocks",
-            "Blocks left to resync.",
-            r.remaining_blocks,
-        ),
-        (
-            "resync_total_blocks",
-            "Blocks of the current resync.",
-            r.total_blocks,
-        ),
-        (
-            "resync_rate_bytes_per_second",
-            "Measured resync rate.",
-            r.rate_bytes_s,
-        ),
-        (
-            "verify_checked_blocks",
-            "Blocks compared by the current or last online verify.",
-            s.verify.checked_blocks,
-        ),
-        (
-            "verify_differing_blocks",
-            "Blocks the current or last online verify found different.",
-            s.verify.differing_blocks,
-        ),
-        (
-            "pending_writes",
-            "Client writes in flight in the core.",
-            s.pending_writes as u64,
-        ),
-    ];
-    for (name, help, v) in gauges {
-        let _ = writeln!(
-            o,
-            "# HELP msl_{name} {help}\n# TYPE msl_{name} gauge\nmsl_{name} {v}"
-        );
-    }
-    // One family at a time (the text format wants each family's samples
-    // together).
-    let ads = adapters(s, t);
-    for family in ["working", "peer_reachable"] {
-        let _ = writeln!(o, "# TYPE msl_lan_adapter_{family} gauge");
-        for (i, a) in ads.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "msl_lan_adapter_{family}{{adapter=\"{i}\",name=\"{}\"}} {}",
-                a["name"].as_str().unwrap_or(""),
-                u8::from(a[family] == true)
-            );
-        }
-    }
-    for (k, v) in core_counters(s).into_iter().chain(daemon_counters(t)) {
-        let _ = writeln!(o, "# TYPE msl_{k}_total counter\nmsl_{k}_total {v}");
-    }
-    if let Some(n) = &t.nbd {
-        o.push_str(&n.snapshot().prometheus("msl_nbd_"));
-    }
-    o
-}
-
 /// Ask the core for a status snapshot (never blocks the core: it answers on
 /// a channel; a busy or stopped core makes this return `None` after 2 s).
 pub fn core_status(inputs: &Inbox) -> Option<Status> {
@@ -366,79 +252,11 @@ pub fn core_status(inputs: &Inbox) -> Option<Status> {
         .ok()
 }
 
-/// The Prometheus endpoint: GET /metrics on `addr`.
-pub struct MetricsServer {
-    pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl MetricsServer {
-    pub fn start(
-        addr: SocketAddr,
-        inputs: Inbox,
-        telemetry: Arc<Telemetry>,
-    ) -> Result<Self, String> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| format!("metrics_address {addr}: cannot listen: {e}"))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| format!("metrics_address {addr}: not an IP listener"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("msl-metrics".into())
-            .spawn(move || {
-                while !st.load(Ordering::Relaxed) {
-                    let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(100)) else {
-                        continue;
-                    };
-                    let resp = if req.method() != &tiny_http::Method::Get {
-                        tiny_http::Response::from_string("only GET\n").with_status_code(405)
-                    } else if req.url() != "/metrics" {
-                        tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
-                    } else {
-                        match core_status(&inputs) {
-                            Some(s) => tiny_http::Response::from_string(prometheus(&s, &telemetry))
-                                .with_header(
-                                    "Content-Type: text/plain; version=0.0.4"
-                                        .parse::<tiny_http::Header>()
-                                        .unwrap_or_else(|_| unreachable!()),
-                                ),
-                            None => tiny_http::Response::from_string(
-                                "the daemon's core did not answer\n",
-                            )
-                            .with_status_code(503),
-                        }
-                    };
-                    let _ = req.respond(resp);
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(MetricsServer {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::collections::HashSet;
 
-    fn sample() -> (Status, Telemetry) {
+    pub(crate) fn sample() -> (Status, Telemetry) {
         let cfg = msl_core::Config::new(1, 2, 7, 64, 4096);
         let meta = msl_core::meta::Meta::create(7, 1, 64, 4096, Some(3));
         let mut n: msl_core::Node<Vec<u8>> = msl_core::Node::new(cfg, meta, 1, 0);
@@ -462,46 +280,6 @@ mod tests {
         };
         t.shared.msl_rx_bad_auth.store(3, Ordering::Relaxed);
         (n.status(), t)
-    }
-
-    #[test]
-    fn test_prometheus_families_contiguous_typed_once_values_numeric() {
-        let (s, t) = sample();
-        let text = prometheus(&s, &t);
-        let mut typed = HashSet::new();
-        let mut finished = HashSet::new();
-        let mut current = String::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let name = rest.split(' ').next().unwrap().to_string();
-                assert!(typed.insert(name), "TYPE twice: {line}");
-                continue;
-            }
-            if line.starts_with('#') {
-                continue;
-            }
-            let (name_labels, value) = line.rsplit_once(' ').unwrap();
-            value
-                .parse::<f64>()
-                .unwrap_or_else(|_| panic!("value: {line}"));
-            let name = name_labels.split('{').next().unwrap().to_string();
-            assert!(
-                name.starts_with("msl_")
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                "{line}"
-            );
-            if name != current {
-                assert!(
-                    finished.insert(current.clone()),
-                    "family {name} split: {line}"
-                );
-                current = name;
-            }
-        }
-        assert!(text.contains("msl_role 0\n"), "a fresh node is secondary");
-        assert!(text.contains("msl_msl_rx_bad_auth_total 3\n"));
-        assert!(text.contains("msl_lan_adapter_working{adapter=\"1\",name=\"eth1\"} 0\n"));
-        assert!(text.contains("msl_nbd_req_write 0\n"));
     }
 
     #[test]

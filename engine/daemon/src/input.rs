@@ -1,0 +1,149 @@
+//! What the protocol core consumes, as the daemon's threads hand it over:
+//! the [`Input`] enum and the types it carries (block payloads, where a
+//! client's answer goes, LAN packets), and why the core stopped ([`Exit`]).
+//!
+//! A leaf: every other module may use it, it uses none of them.
+
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+
+use msl_core::node::{ClientError, IoKind, Status};
+use msl_core::AdminCmd;
+use msl_wire::{Header, Heartbeat, Message};
+
+/// Block data as the core holds it: shared, so keeping a block for
+/// retransmission does not copy it, and a range of a buffer, so a client
+/// write's pieces and a volume read's buffer become blocks without a copy.
+#[derive(Clone)]
+pub struct Block {
+    buf: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl Block {
+    /// Bytes `range` of a shared buffer (clamped to it).
+    pub fn slice(buf: &Arc<Vec<u8>>, range: std::ops::Range<usize>) -> Block {
+        let end = range.end.min(buf.len());
+        Block {
+            buf: buf.clone(),
+            start: range.start.min(end),
+            end,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Block {
+    /// Takes the buffer over (no copy).
+    fn from(v: Vec<u8>) -> Block {
+        let end = v.len();
+        Block {
+            buf: Arc::new(v),
+            start: 0,
+            end,
+        }
+    }
+}
+
+impl From<&[u8]> for Block {
+    fn from(b: &[u8]) -> Block {
+        Block::from(b.to_vec())
+    }
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+impl msl_core::node::Payload for Block {
+    fn from_bytes(bytes: &[u8]) -> Self {
+        Block::from(bytes)
+    }
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// What the core consumes (through its `Inbox`).
+pub enum Input {
+    Msl {
+        header: Header,
+        msg: Message,
+        payload: Option<Block>,
+    },
+    MslUnknown {
+        code: u8,
+        must_understand: bool,
+    },
+    Lan(LanPacket),
+    LanAdapter {
+        adapter: u8,
+        up: bool,
+    },
+    MslLink {
+        up: bool,
+    },
+    Write {
+        block: u64,
+        count: u64,
+        kind: IoKind,
+        fua: bool,
+        payload: Option<Block>,
+        reply: ReplyTo,
+    },
+    Flush {
+        reply: SyncSender<Reply>,
+    },
+    Admin(AdminCmd),
+    Status(SyncSender<Status>),
+    Stop,
+    /// A volume flush run off the core thread finished.
+    IoDone {
+        io: u64,
+        ok: bool,
+    },
+}
+
+/// A client request's outcome.
+pub type Reply = Result<(), ClientError>;
+
+/// Where a client write's outcome goes.
+pub enum ReplyTo {
+    /// A thread waiting on the channel.
+    Wait(SyncSender<Reply>),
+    /// Called by whichever thread runs the core (an NBD reader, the MSL
+    /// receive thread, ...; it must not block): the NBD front end's
+    /// completion, which queues the reply for the connection's reply thread.
+    Call(Box<dyn FnOnce(Reply) + Send>),
+}
+
+impl ReplyTo {
+    pub(crate) fn send(self, r: Reply) {
+        match self {
+            ReplyTo::Wait(tx) => {
+                let _ = tx.send(r);
+            }
+            ReplyTo::Call(f) => f(r),
+        }
+    }
+}
+
+/// Why the driver stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `Input::Stop` (clean shutdown).
+    Stopped,
+    /// The core asked to restart as secondary (after a switchover).
+    Restart,
+}
+
+/// A verified server-state packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LanPacket {
+    pub adapter: u8,
+    pub header: Header,
+    pub hb: Heartbeat,
+}
