@@ -52,7 +52,7 @@ fn exported() -> BTreeSet<String> {
             carrier: true,
         },
     );
-    let t = msl_daemon::telemetry::Telemetry {
+    let t = msl_daemon::status::Telemetry {
         nbd: Some(Arc::default()),
         lan: Some(Arc::default()),
         notify: Some(Arc::default()),
@@ -60,7 +60,7 @@ fn exported() -> BTreeSet<String> {
         block_size: 4096,
         ..Default::default()
     };
-    let text = msl_daemon::telemetry::prometheus(&n.status(), &t);
+    let text = msl_daemon::metrics::prometheus(&n.status(), &t);
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
