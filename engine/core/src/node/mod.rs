@@ -37,7 +37,9 @@ use crate::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
 use crate::rng::Rng;
 use crate::verify::{self, VerifyRun};
 use crate::Micros;
+use al::AlSlot;
 
+mod al;
 mod api;
 
 pub use api::*;
@@ -147,21 +149,6 @@ struct QueuedWrite<H> {
     kind: IoKind,
     fua: bool,
     payload: Option<H>,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct AlSlot {
-    extent: u64,
-    last_wid: u64,
-    in_flight: u32,
-    lru: u64,
-    /// Listed in the persisted activity log. Only hot extents are written
-    /// out; a cold one left out is persisted again before its next write.
-    on_disk: bool,
-    /// Its newest writes were received from the peer as secondary
-    /// (`protect_received`): the peer has them, so the slot cools once a
-    /// local flush covers them.
-    from_peer: bool,
 }
 
 /// One node of the pair.
@@ -577,32 +564,6 @@ impl<H: Payload> Node<H> {
         self.persist_al(false);
     }
 
-    /// Write the metadata. The persisted activity log keeps every extent
-    /// already listed plus the hot ones; with `trim`, only the hot ones: a
-    /// cold extent's writes are stable here and on the peer (or covered by
-    /// the dirty map), so a crash need not resync it. Trimming runs with the
-    /// resync's periodic progress writes (at most once a second), so the
-    /// extents a degraded backlog heated drop out and a crashed source
-    /// resumes instead of restarting; a trimmed extent is persisted again
-    /// before its next write (`al_reserve`).
-    fn persist_al(&mut self, trim: bool) {
-        self.bitmap_unpersisted = false;
-        self.bitmap_persisted_us = self.now;
-        self.meta.role = self.role;
-        let hot: Vec<bool> = self.al.iter().map(|s| !self.al_cold(s)).collect();
-        for (slot, hot) in self.al.iter_mut().zip(&hot) {
-            slot.on_disk = *hot || (slot.on_disk && !trim);
-        }
-        self.meta.al = self
-            .al
-            .iter()
-            .filter(|s| s.on_disk)
-            .map(|s| s.extent)
-            .collect();
-        self.counters.meta_writes += 1;
-        self.emit(Action::PersistMeta(self.meta.clone()));
-    }
-
     fn next_io(&mut self) -> IoId {
         let io = self.next_io;
         self.next_io += 1;
@@ -877,61 +838,6 @@ impl<H: Payload> Node<H> {
                 req: q.req,
                 result: Err(ClientError::NotPrimary),
             });
-        }
-    }
-
-    /// When the next periodic stable point is due: soon while the
-    /// activity log is under pressure, else relaxed.
-    fn stabilize_due_us(&self) -> Micros {
-        let interval = if self.al_pressure {
-            self.cfg.stabilize_interval_us
-        } else {
-            self.cfg.stabilize_relaxed_us
-        };
-        self.last_stabilize_us + interval
-    }
-
-    fn stabilize_if_due(&mut self) {
-        if self.role != Role::Primary || self.failed || self.al.is_empty() {
-            return;
-        }
-        if self.now >= self.al_counted_us + self.cfg.stabilize_interval_us {
-            // Counted at most once per short interval (the log holds up
-            // to `al_extents` slots).
-            self.al_counted_us = self.now;
-            let unstable = self.al.iter().filter(|s| !self.al_cold(s)).count();
-            self.al_pressure = unstable * 4 >= self.cfg.al_extents * 3;
-        }
-        let unstable = self.al.iter().any(|s| !self.al_cold(s));
-        let due = self.now >= self.stabilize_due_us();
-        let blocked = self.al_blocked && !self.waiting.is_empty();
-        if unstable && (due || blocked) && self.flushes.values().all(|&(_, r)| r != 0) {
-            self.last_stabilize_us = self.now;
-            self.internal_flush();
-        }
-    }
-
-    /// Flush locally and (if mirroring) on the peer, to cool AL extents.
-    fn internal_flush(&mut self) {
-        let io = self.next_io();
-        let mark = self.completed_wid();
-        self.flushes.insert(io, (mark, 0));
-        self.emit(Action::Flush { io });
-        if self.mirroring() {
-            let d = Data {
-                write_id: 0,
-                offset: 0,
-                len: 0,
-                flags: data_flags::FLUSH,
-            };
-            self.send_reliable(Message::Data(d), None);
-        }
-    }
-
-    fn completed_wid(&self) -> u64 {
-        match self.inflight_wids.first() {
-            Some(&w) => w - 1,
-            None => self.next_wid - 1,
         }
     }
 
@@ -1382,28 +1288,6 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    /// Tear the MSL session down. A primary goes degraded: everything that
-    /// may be missing on the peer is marked dirty and persisted, and it
-    /// starts a new generation, before any further write is acknowledged.
-    /// Primary losing its peer: out of sync are the extents the peer may
-    /// lack, those with a write in flight or one not yet covered by a
-    /// flush the peer reported (its cache may be lost). Extents whose
-    /// writes are all stable on the peer, or older than this session (their
-    /// blocks were resynced or are still dirty), need nothing: with a
-    /// 1237-extent log, merging every slot resynced gigabytes after a
-    /// secondary restart.
-    fn mark_extents_peer_may_lack(&mut self) {
-        let peer_has = self.peer_stable_wid.max(self.session_start_wid);
-        for slot in &self.al {
-            if slot.in_flight == 0 && slot.last_wid <= peer_has {
-                continue;
-            }
-            self.meta
-                .dirty
-                .set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
-        }
-    }
-
     fn end_session(&mut self, why: &'static str) {
         let Some(s) = self.session.take() else {
             return;
@@ -1483,53 +1367,6 @@ impl<H: Payload> Node<H> {
         }
         self.peer_hello_seen = None;
         self.next_hello_us = self.now;
-    }
-
-    /// Put `exts` in the activity log, hot until a local flush (issued
-    /// here) covers them: if this node crashes first, it resyncs them from
-    /// its peer when it comes back, like a crashed primary's in-flight
-    /// region.
-    fn protect_received(&mut self, mut exts: Vec<u64>) {
-        exts.sort_unstable();
-        exts.dedup();
-        let wid = self.next_wid;
-        self.next_wid += 1;
-        self.al_clock += 1;
-        let clock = self.al_clock;
-        for x in exts {
-            let slot = AlSlot {
-                extent: x,
-                last_wid: wid,
-                in_flight: 0,
-                lru: clock,
-                on_disk: false,
-                from_peer: true,
-            };
-            if let Some(s) = self.al.iter_mut().find(|s| s.extent == x) {
-                // A secondary has no unacknowledged writes of its own: the
-                // ones it released were applied by the peer, the rest were
-                // marked out of sync. One still in flight keeps the
-                // stricter rule.
-                s.last_wid = wid;
-                s.lru = clock;
-                s.from_peer |= s.in_flight == 0;
-            } else if self.al.len() < self.cfg.al_extents {
-                self.al.push(slot);
-            } else if let Some(i) = self.al.iter().position(|s| self.al_cold(s)) {
-                self.al[i] = slot; // a cold extent is stable: evicted
-            } else {
-                // No room in the log (its on-disk slots are sized for
-                // `al_extents`): marked out of sync instead, resent from
-                // the peer at the next resync either way.
-                let e = self.cfg.extent_blocks;
-                self.meta.dirty.set_range(x * e, e);
-            }
-        }
-        self.persist();
-        let io = self.next_io();
-        let mark = self.completed_wid();
-        self.flushes.insert(io, (mark, 0));
-        self.emit(Action::Flush { io });
     }
 
     fn send_control(&mut self, msg: Message) {
@@ -2127,70 +1964,6 @@ impl<H: Payload> Node<H> {
             };
             self.start_write(q, al_changed);
         }
-    }
-
-    fn extents(&self, block: u64, count: u64) -> core::ops::RangeInclusive<u64> {
-        let e = self.cfg.extent_blocks;
-        (block / e)..=((block + count - 1) / e)
-    }
-
-    fn al_cold(&self, s: &AlSlot) -> bool {
-        s.in_flight == 0
-            && s.last_wid <= self.local_stable_wid
-            && (s.from_peer
-                || !self.mirroring()
-                || s.last_wid <= self.peer_stable_wid
-                || s.last_wid <= self.session_start_wid)
-    }
-
-    /// Make the extents of a write hot. Returns Some(changed) or None if
-    /// there is no cold slot to evict.
-    fn al_reserve(&mut self, block: u64, count: u64) -> Option<bool> {
-        let need: Vec<u64> = self
-            .extents(block, count)
-            .filter(|e| !self.al.iter().any(|s| s.extent == *e))
-            .collect();
-        if need.is_empty() {
-            // Hot again after a metadata write left it out as cold.
-            let range = self.extents(block, count);
-            let reheat = self
-                .al
-                .iter()
-                .any(|s| range.contains(&s.extent) && !s.on_disk);
-            return Some(reheat);
-        }
-        let free = self.cfg.al_extents.saturating_sub(self.al.len());
-        // Never evict an extent this very write needs (found by msl-sim
-        // seed 838: its crashed primary's in-flight region went unsynced).
-        let range = self.extents(block, count);
-        let mut cold: Vec<(u64, usize)> = self
-            .al
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !range.contains(&s.extent) && self.al_cold(s))
-            .map(|(i, s)| (s.lru, i))
-            .collect();
-        if free + cold.len() < need.len() {
-            return None;
-        }
-        cold.sort_unstable();
-        let evict = need.len().saturating_sub(free);
-        let mut victims: Vec<usize> = cold.iter().take(evict).map(|&(_, i)| i).collect();
-        victims.sort_unstable_by(|a, b| b.cmp(a));
-        for i in victims {
-            self.al.swap_remove(i);
-        }
-        for e in need {
-            self.al.push(AlSlot {
-                extent: e,
-                last_wid: 0,
-                in_flight: 0,
-                lru: 0,
-                on_disk: false,
-                from_peer: false,
-            });
-        }
-        Some(true)
     }
 
     fn start_write(&mut self, q: QueuedWrite<H>, al_changed: bool) {
