@@ -39,8 +39,11 @@ use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::AlSlot;
 
+mod admin;
 mod al;
 mod api;
+mod online_verify;
+mod resync;
 
 pub use api::*;
 
@@ -247,16 +250,6 @@ pub struct Node<H> {
     bitmap_persisted_us: Micros,
 
     pub counters: Counters,
-}
-
-/// Largest resync message (a run of contiguous dirty blocks).
-const RESYNC_MESSAGE_BYTES: u64 = 64 << 10;
-
-/// Token-bucket pacing: the next start time after spending one block of
-/// `bs` bytes at `rate` bytes per second; up to 10 ms of unused budget may
-/// be spent at once.
-fn pace(next: Micros, now: Micros, bs: u64, rate: u64) -> Micros {
-    next.max(now.saturating_sub(10_000)) + (bs * 1_000_000).div_ceil(rate)
 }
 
 /// How often resync progress (cleared dirty bits) is written to the
@@ -2328,19 +2321,6 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    /// Resync progress reaches the metadata at most once per
-    /// `BITMAP_PERSIST_INTERVAL_US`: a bit cleared in memory was cleared
-    /// only once its block is stable on the target, so the persisted map is
-    /// always a superset of what really differs.
-    fn persist_progress(&mut self) {
-        if self.bitmap_unpersisted
-            && !self.failed
-            && self.now >= self.bitmap_persisted_us + BITMAP_PERSIST_INTERVAL_US
-        {
-            self.persist_al(true);
-        }
-    }
-
     /// How often the target side flushes what it applied: briskly while
     /// resync blocks wait for a stable point (their bits clear then, and
     /// the resync ends); otherwise relaxed, since the primary's own stable
@@ -2399,138 +2379,6 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    /// Source: read dirty blocks and send them, yielding to client writes.
-    fn pump_resync(&mut self) {
-        let idle =
-            self.now >= self.last_write_us + self.cfg.resync_idle_us && self.pending.is_empty();
-        let (min, max) = (self.cfg.resync_min_in_flight, self.cfg.resync_max_in_flight);
-        let window = self.cfg.window;
-        let bs = u64::from(self.cfg.block_size);
-        // Blocks per resync message: with clients idle up to 64 KiB, and no
-        // more than 10 ms of a rate cap (pacing stays smooth at low rates);
-        // under client load one (the floors are counted in blocks).
-        let mut max_run = if idle {
-            (RESYNC_MESSAGE_BYTES / bs).max(1)
-        } else {
-            1
-        };
-        if self.cfg.resync_max_bytes_per_s > 0 {
-            max_run = max_run.min((self.cfg.resync_max_bytes_per_s / 100 / bs).max(1));
-        }
-        loop {
-            let Some(s) = self.session.as_mut() else {
-                return;
-            };
-            if s.phase != Phase::Source || s.resync_done_seq.is_some() {
-                return;
-            }
-            // Pace by blocks read or sent but not yet applied by the target.
-            // Under client load only the floor runs (`resync_min_in_flight`
-            // blocks, and `resync_min_bytes_per_s`), so the resync keeps
-            // moving but client writes go first.
-            let applied_upto = s.peer_applied;
-            let unapplied = s.resync_sent.len()
-                - s.resync_sent
-                    .partition_point(|&(seq, _, _)| seq <= applied_upto);
-            let outstanding = s.resync_reads.len() + unapplied;
-            let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
-            let floor_due = self.cfg.resync_min_bytes_per_s > 0 && self.now >= self.resync_floor_us;
-            let may = if idle {
-                outstanding < max && !(congested && outstanding >= min)
-            } else {
-                outstanding < min || (floor_due && outstanding < max)
-            };
-            // Sent blocks wait for the target's next stable point (it
-            // flushes every `2 * window` applied frames under bulk input).
-            if !may || s.resync_sent.len() >= window * 16 {
-                break;
-            }
-            let Some(block) = self.meta.dirty.next_set(s.resync_cursor) else {
-                // Everything dirty has been read; done once all are stable.
-                if s.resync_reads.is_empty() && s.resync_sent.is_empty() {
-                    if self.meta.dirty.count() == 0 {
-                        let blocks = s.resync_blocks_sent;
-                        let seq = self.send_reliable(
-                            Message::ResyncDone(ResyncDone {
-                                blocks_sent: blocks,
-                            }),
-                            None,
-                        );
-                        if let Some(s) = self.session.as_mut() {
-                            s.resync_done_seq = seq.or(Some(u64::MAX));
-                        }
-                    } else if let Some(s) = self.session.as_mut() {
-                        s.resync_cursor = 0; // wrap: resend blocks re-dirtied meanwhile
-                    }
-                }
-                break;
-            };
-            let pending = &self.pending;
-            let free = |b: u64, s: &Session<H>| {
-                !s.resync_busy.get(b)
-                    && !pending
-                        .values()
-                        .any(|p| b >= p.block && b < p.block + p.count)
-            };
-            if !free(block, s) {
-                s.resync_cursor = block + 1;
-                continue;
-            }
-            // A run of up to `max_run` dirty, free blocks goes as one read
-            // and one message (fewer events, reads, frames and acks).
-            let mut count = 1;
-            while count < max_run && self.meta.dirty.get(block + count) && free(block + count, s) {
-                count += 1;
-            }
-            // Rate limit: each block costs block_size / rate seconds; up
-            // to 10 ms of unused budget may be spent at once.
-            let now = self.now;
-            let rate = self.cfg.resync_max_bytes_per_s;
-            if rate > 0 {
-                if now < self.resync_next_us {
-                    break;
-                }
-                self.resync_next_us = pace(self.resync_next_us, now, bs * count, rate);
-            }
-            let floor = self.cfg.resync_min_bytes_per_s;
-            if floor > 0 && !idle {
-                // Every read under load spends floor budget, so the floor
-                // rate adds to the in-flight floor only where that is slower.
-                self.resync_floor_us = pace(self.resync_floor_us, now, bs * count, floor);
-            }
-            let Some(s) = self.session.as_mut() else {
-                return;
-            };
-            s.resync_cursor = block + count;
-            let io = self.next_io;
-            self.next_io += 1;
-            s.resync_reads.insert(io, (block, count, false));
-            for b in block..block + count {
-                s.resync_busy.set(b);
-            }
-            self.emit(Action::Read { io, block, count });
-        }
-        self.resync_progress();
-    }
-
-    fn resync_progress(&mut self) {
-        let now = self.now;
-        let remaining = self.meta.dirty.count();
-        let Some(s) = self.session.as_mut() else {
-            return;
-        };
-        if matches!(s.phase, Phase::Source | Phase::Target) && now >= s.last_progress_us + 1_000_000
-        {
-            s.last_progress_us = now;
-            let (source, total) = (s.phase == Phase::Source, s.resync_total);
-            self.notify(Notice::ResyncProgress {
-                source,
-                remaining,
-                total,
-            });
-        }
-    }
-
     // ----------------------------------------------------------------
     // Failure latch and admin
 
@@ -2571,144 +2419,6 @@ impl<H: Payload> Node<H> {
         self.session = None;
         // Tell the peer at once (it takes over if it was in sync).
         self.next_hb_us = self.now;
-    }
-
-    fn on_admin(&mut self, cmd: AdminCmd) {
-        match cmd {
-            AdminCmd::Promote { force } => {
-                if self.role == Role::Primary || self.failed {
-                    return;
-                }
-                if self.peer_role == Some(Role::Primary)
-                    && (self.msl_alive || self.lan_alive)
-                    && !force
-                {
-                    self.notify(Notice::Warning {
-                        what: "promote refused: the peer is primary and alive",
-                    });
-                    return;
-                }
-                if self.meta.disk != DiskState::UpToDate && !force {
-                    self.notify(Notice::Warning {
-                        what: "promote refused: local data is not up to date (use force)",
-                    });
-                    return;
-                }
-                if force {
-                    self.meta.disk = DiskState::UpToDate;
-                }
-                self.end_session("promote");
-                self.become_primary(true, "administrator promoted this node");
-            }
-            AdminCmd::Demote => {
-                self.become_secondary("administrator demoted this node");
-            }
-            AdminCmd::Switchover => {
-                if self.role == Role::Primary && self.in_sync() && self.switching.is_none() {
-                    self.start_switchover("administrator requested a switchover");
-                } else {
-                    self.notify(Notice::Warning {
-                        what: "switchover refused: this node is not an in-sync primary",
-                    });
-                }
-            }
-            AdminCmd::Disconnect => {
-                self.admin_disconnected = true;
-                self.end_session("administrator disconnected");
-            }
-            AdminCmd::Connect => {
-                self.admin_disconnected = false;
-                self.next_hello_us = self.now;
-            }
-            AdminCmd::Verify {
-                start_block,
-                count,
-                resync,
-            } => {
-                if self.role != Role::Primary || !self.in_sync() {
-                    self.notify(Notice::Warning {
-                        what: "verify refused: this node is not an in-sync primary",
-                    });
-                    return;
-                }
-                if self.verify.status.active {
-                    self.notify(Notice::Warning {
-                        what: "verify refused: a verify is already running",
-                    });
-                    return;
-                }
-                self.verify
-                    .start(start_block, count, self.cfg.volume_blocks);
-                self.verify_resync = resync;
-                self.notify(Notice::VerifyStarted {
-                    start_block: self.verify.status.start_block,
-                    blocks: self.verify.status.total_blocks,
-                });
-                self.verify_progress();
-            }
-            AdminCmd::Invalidate => {
-                if self.role == Role::Primary {
-                    self.notify(Notice::Warning {
-                        what: "invalidate refused on the primary",
-                    });
-                    return;
-                }
-                self.meta.dirty.set_all();
-                self.meta.disk = DiskState::Inconsistent;
-                self.end_session("invalidate");
-                self.renew_session();
-                self.persist();
-            }
-        }
-    }
-
-    /// Request the next verify chunks (local read first, then VERIFY_REQ
-    /// on the stream), or report the end of the run.
-    fn verify_progress(&mut self) {
-        for b in self.verify.take_differing() {
-            if self.verify_resync {
-                self.meta.dirty.set_range(b, 1);
-                // On disk within `BITMAP_PERSIST_INTERVAL_US` (with the
-                // resync's progress writes, `persist_progress`): a verify
-                // of a large volume runs for hours, and a crash must not
-                // forget what it found; once per chunk would write the
-                // whole map for every 1 MiB checked.
-                self.bitmap_unpersisted = true;
-            }
-        }
-        if !self.verify.status.active {
-            let st = self.verify.status;
-            if st.runs > self.verify_notified && st.aborted.is_none() {
-                self.verify_notified = st.runs;
-                self.notify(Notice::VerifyFinished {
-                    checked: st.checked_blocks,
-                    differing: st.differing_blocks,
-                    first: (st.first_len > 0).then_some(st.first_differing[0]),
-                });
-                if self.verify_resync && st.differing_blocks > 0 {
-                    // The marked blocks go to the peer through the normal
-                    // resync: a new session from the primary's dirty map.
-                    self.end_session("online verify found differing blocks: resyncing them");
-                }
-            }
-            return;
-        }
-        let busy = self.now < self.last_write_us + self.cfg.resync_idle_us;
-        while let Some((start, count)) = self.verify.next_chunk(busy) {
-            let io = self.next_io;
-            self.next_io += 1;
-            self.verify_reads.insert(io, (start, count, false));
-            self.emit(Action::Read {
-                io,
-                block: start,
-                count: u64::from(count),
-            });
-            let v = Verify {
-                start_block: start,
-                count,
-            };
-            self.send_reliable(Message::VerifyReq(v), None);
-        }
     }
 
     /// A clean shutdown: flush first, then call this; it persists a clean

@@ -1,0 +1,94 @@
+//! Administrator commands (`mslctl`).
+
+use super::*;
+
+impl<H: Payload> Node<H> {
+    pub(super) fn on_admin(&mut self, cmd: AdminCmd) {
+        match cmd {
+            AdminCmd::Promote { force } => {
+                if self.role == Role::Primary || self.failed {
+                    return;
+                }
+                if self.peer_role == Some(Role::Primary)
+                    && (self.msl_alive || self.lan_alive)
+                    && !force
+                {
+                    self.notify(Notice::Warning {
+                        what: "promote refused: the peer is primary and alive",
+                    });
+                    return;
+                }
+                if self.meta.disk != DiskState::UpToDate && !force {
+                    self.notify(Notice::Warning {
+                        what: "promote refused: local data is not up to date (use force)",
+                    });
+                    return;
+                }
+                if force {
+                    self.meta.disk = DiskState::UpToDate;
+                }
+                self.end_session("promote");
+                self.become_primary(true, "administrator promoted this node");
+            }
+            AdminCmd::Demote => {
+                self.become_secondary("administrator demoted this node");
+            }
+            AdminCmd::Switchover => {
+                if self.role == Role::Primary && self.in_sync() && self.switching.is_none() {
+                    self.start_switchover("administrator requested a switchover");
+                } else {
+                    self.notify(Notice::Warning {
+                        what: "switchover refused: this node is not an in-sync primary",
+                    });
+                }
+            }
+            AdminCmd::Disconnect => {
+                self.admin_disconnected = true;
+                self.end_session("administrator disconnected");
+            }
+            AdminCmd::Connect => {
+                self.admin_disconnected = false;
+                self.next_hello_us = self.now;
+            }
+            AdminCmd::Verify {
+                start_block,
+                count,
+                resync,
+            } => {
+                if self.role != Role::Primary || !self.in_sync() {
+                    self.notify(Notice::Warning {
+                        what: "verify refused: this node is not an in-sync primary",
+                    });
+                    return;
+                }
+                if self.verify.status.active {
+                    self.notify(Notice::Warning {
+                        what: "verify refused: a verify is already running",
+                    });
+                    return;
+                }
+                self.verify
+                    .start(start_block, count, self.cfg.volume_blocks);
+                self.verify_resync = resync;
+                self.notify(Notice::VerifyStarted {
+                    start_block: self.verify.status.start_block,
+                    blocks: self.verify.status.total_blocks,
+                });
+                self.verify_progress();
+            }
+            AdminCmd::Invalidate => {
+                if self.role == Role::Primary {
+                    self.notify(Notice::Warning {
+                        what: "invalidate refused on the primary",
+                    });
+                    return;
+                }
+                self.meta.dirty.set_all();
+                self.meta.disk = DiskState::Inconsistent;
+                self.end_session("invalidate");
+                self.renew_session();
+                self.persist();
+            }
+        }
+    }
+}

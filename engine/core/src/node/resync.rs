@@ -1,0 +1,162 @@
+//! Resync as the source: read dirty blocks and send them, paced by a rate
+//! cap and a floor under client load, yielding to client writes; progress
+//! reaches the metadata at most once per `BITMAP_PERSIST_INTERVAL_US`.
+
+use super::*;
+
+/// Largest resync message (a run of contiguous dirty blocks).
+pub(super) const RESYNC_MESSAGE_BYTES: u64 = 64 << 10;
+
+/// Token-bucket pacing: the next start time after spending one block of
+/// `bs` bytes at `rate` bytes per second; up to 10 ms of unused budget may
+/// be spent at once.
+pub(super) fn pace(next: Micros, now: Micros, bs: u64, rate: u64) -> Micros {
+    next.max(now.saturating_sub(10_000)) + (bs * 1_000_000).div_ceil(rate)
+}
+
+impl<H: Payload> Node<H> {
+    /// Resync progress reaches the metadata at most once per
+    /// `BITMAP_PERSIST_INTERVAL_US`: a bit cleared in memory was cleared
+    /// only once its block is stable on the target, so the persisted map is
+    /// always a superset of what really differs.
+    pub(super) fn persist_progress(&mut self) {
+        if self.bitmap_unpersisted
+            && !self.failed
+            && self.now >= self.bitmap_persisted_us + BITMAP_PERSIST_INTERVAL_US
+        {
+            self.persist_al(true);
+        }
+    }
+
+    /// Source: read dirty blocks and send them, yielding to client writes.
+    pub(super) fn pump_resync(&mut self) {
+        let idle =
+            self.now >= self.last_write_us + self.cfg.resync_idle_us && self.pending.is_empty();
+        let (min, max) = (self.cfg.resync_min_in_flight, self.cfg.resync_max_in_flight);
+        let window = self.cfg.window;
+        let bs = u64::from(self.cfg.block_size);
+        // Blocks per resync message: with clients idle up to 64 KiB, and no
+        // more than 10 ms of a rate cap (pacing stays smooth at low rates);
+        // under client load one (the floors are counted in blocks).
+        let mut max_run = if idle {
+            (RESYNC_MESSAGE_BYTES / bs).max(1)
+        } else {
+            1
+        };
+        if self.cfg.resync_max_bytes_per_s > 0 {
+            max_run = max_run.min((self.cfg.resync_max_bytes_per_s / 100 / bs).max(1));
+        }
+        loop {
+            let Some(s) = self.session.as_mut() else {
+                return;
+            };
+            if s.phase != Phase::Source || s.resync_done_seq.is_some() {
+                return;
+            }
+            // Pace by blocks read or sent but not yet applied by the target.
+            // Under client load only the floor runs (`resync_min_in_flight`
+            // blocks, and `resync_min_bytes_per_s`), so the resync keeps
+            // moving but client writes go first.
+            let applied_upto = s.peer_applied;
+            let unapplied = s.resync_sent.len()
+                - s.resync_sent
+                    .partition_point(|&(seq, _, _)| seq <= applied_upto);
+            let outstanding = s.resync_reads.len() + unapplied;
+            let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
+            let floor_due = self.cfg.resync_min_bytes_per_s > 0 && self.now >= self.resync_floor_us;
+            let may = if idle {
+                outstanding < max && !(congested && outstanding >= min)
+            } else {
+                outstanding < min || (floor_due && outstanding < max)
+            };
+            // Sent blocks wait for the target's next stable point (it
+            // flushes every `2 * window` applied frames under bulk input).
+            if !may || s.resync_sent.len() >= window * 16 {
+                break;
+            }
+            let Some(block) = self.meta.dirty.next_set(s.resync_cursor) else {
+                // Everything dirty has been read; done once all are stable.
+                if s.resync_reads.is_empty() && s.resync_sent.is_empty() {
+                    if self.meta.dirty.count() == 0 {
+                        let blocks = s.resync_blocks_sent;
+                        let seq = self.send_reliable(
+                            Message::ResyncDone(ResyncDone {
+                                blocks_sent: blocks,
+                            }),
+                            None,
+                        );
+                        if let Some(s) = self.session.as_mut() {
+                            s.resync_done_seq = seq.or(Some(u64::MAX));
+                        }
+                    } else if let Some(s) = self.session.as_mut() {
+                        s.resync_cursor = 0; // wrap: resend blocks re-dirtied meanwhile
+                    }
+                }
+                break;
+            };
+            let pending = &self.pending;
+            let free = |b: u64, s: &Session<H>| {
+                !s.resync_busy.get(b)
+                    && !pending
+                        .values()
+                        .any(|p| b >= p.block && b < p.block + p.count)
+            };
+            if !free(block, s) {
+                s.resync_cursor = block + 1;
+                continue;
+            }
+            // A run of up to `max_run` dirty, free blocks goes as one read
+            // and one message (fewer events, reads, frames and acks).
+            let mut count = 1;
+            while count < max_run && self.meta.dirty.get(block + count) && free(block + count, s) {
+                count += 1;
+            }
+            // Rate limit: each block costs block_size / rate seconds; up
+            // to 10 ms of unused budget may be spent at once.
+            let now = self.now;
+            let rate = self.cfg.resync_max_bytes_per_s;
+            if rate > 0 {
+                if now < self.resync_next_us {
+                    break;
+                }
+                self.resync_next_us = pace(self.resync_next_us, now, bs * count, rate);
+            }
+            let floor = self.cfg.resync_min_bytes_per_s;
+            if floor > 0 && !idle {
+                // Every read under load spends floor budget, so the floor
+                // rate adds to the in-flight floor only where that is slower.
+                self.resync_floor_us = pace(self.resync_floor_us, now, bs * count, floor);
+            }
+            let Some(s) = self.session.as_mut() else {
+                return;
+            };
+            s.resync_cursor = block + count;
+            let io = self.next_io;
+            self.next_io += 1;
+            s.resync_reads.insert(io, (block, count, false));
+            for b in block..block + count {
+                s.resync_busy.set(b);
+            }
+            self.emit(Action::Read { io, block, count });
+        }
+        self.resync_progress();
+    }
+
+    pub(super) fn resync_progress(&mut self) {
+        let now = self.now;
+        let remaining = self.meta.dirty.count();
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if matches!(s.phase, Phase::Source | Phase::Target) && now >= s.last_progress_us + 1_000_000
+        {
+            s.last_progress_us = now;
+            let (source, total) = (s.phase == Phase::Source, s.resync_total);
+            self.notify(Notice::ResyncProgress {
+                source,
+                remaining,
+                total,
+            });
+        }
+    }
+}
