@@ -1,0 +1,439 @@
+//! The write path on the primary: client writes and flushes are queued,
+//! started once their activity-log extents are hot, mirrored to the peer
+//! (sync or async) and released when both halves are done; local I/O
+//! completions come back here.
+
+use super::*;
+
+#[derive(Clone, Debug)]
+pub(super) struct PendingWrite {
+    pub(super) req: ReqId,
+    pub(super) wid: u64,
+    pub(super) block: u64,
+    pub(super) count: u64,
+    pub(super) fua: bool,
+    pub(super) local_done: bool,
+    /// Sequence number of the mirrored DATA, if mirrored.
+    pub(super) seq: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct QueuedWrite<H> {
+    pub(super) req: ReqId,
+    pub(super) block: u64,
+    pub(super) count: u64,
+    pub(super) kind: IoKind,
+    pub(super) fua: bool,
+    pub(super) payload: Option<H>,
+}
+
+impl<H: Payload> Node<H> {
+    pub(super) fn mirroring(&self) -> bool {
+        self.role == Role::Primary
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| matches!(s.phase, Phase::Images | Phase::Source | Phase::InSync))
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.decision.strategy.is_source())
+    }
+
+    pub(super) fn on_client_write(&mut self, q: QueuedWrite<H>) {
+        if !self.serving() {
+            self.counters.client_writes_refused += 1;
+            let e = if self.failed {
+                ClientError::IoError
+            } else {
+                ClientError::NotPrimary
+            };
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(e),
+            });
+            return;
+        }
+        if q.count == 0
+            || q.block
+                .checked_add(q.count)
+                .is_none_or(|end| end > self.cfg.volume_blocks)
+        {
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::OutOfRange),
+            });
+            return;
+        }
+        if self.extents(q.block, q.count).count() > self.cfg.al_extents {
+            // Could never get its extents hot at once.
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::OutOfRange),
+            });
+            return;
+        }
+        if self.waiting.len() + self.pending.len() >= self.cfg.max_pending_writes {
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::Busy),
+            });
+            return;
+        }
+        self.waiting.push_back(q);
+        self.start_waiting_writes();
+    }
+
+    /// Start queued writes in order while they don't overlap writes in
+    /// flight and their AL extents can be made hot.
+    pub(super) fn start_waiting_writes(&mut self) {
+        self.al_blocked = false;
+        while let Some(q) = self.waiting.front() {
+            if !self.serving() {
+                return;
+            }
+            let (block, count) = (q.block, q.count);
+            if self
+                .pending
+                .values()
+                .any(|p| p.count > 0 && block < p.block + p.count && p.block < block + count)
+            {
+                return;
+            }
+            let Some(al_changed) = self.al_reserve(block, count) else {
+                // Not enough free or cold extents: a stable point cools
+                // some (`stabilize_if_due` issues it at once).
+                self.al_blocked = true;
+                return;
+            };
+            self.al_blocked = false;
+            let Some(q) = self.waiting.pop_front() else {
+                return;
+            };
+            self.start_write(q, al_changed);
+        }
+    }
+
+    pub(super) fn start_write(&mut self, q: QueuedWrite<H>, al_changed: bool) {
+        let wid = self.next_wid;
+        self.next_wid += 1;
+        self.al_clock += 1;
+        let clock = self.al_clock;
+        let exts = self.extents(q.block, q.count);
+        for s in self.al.iter_mut().filter(|s| exts.contains(&s.extent)) {
+            s.in_flight += 1;
+            s.last_wid = wid;
+            s.lru = clock;
+            s.from_peer = false;
+        }
+        let mirror = self.mirroring() && self.cfg.write_mode == WriteMode::Sync;
+        let mirror_async = self.mirroring() && self.cfg.write_mode == WriteMode::Async;
+        let mut persist = al_changed;
+        if !mirror && !mirror_async {
+            // Degraded: the dirty mark is persisted before the write, for
+            // the whole activity-log extent at its first write: one
+            // metadata write per extent touched instead of one per new
+            // block (4 KiB random writes ran at a tenth of the speed), at
+            // the price of resyncing whole extents when the peer returns.
+            let e = self.cfg.extent_blocks;
+            let first = q.block / e * e;
+            let end = ((q.block + q.count).div_ceil(e) * e).min(self.cfg.volume_blocks);
+            persist |= self.meta.dirty.set_range(first, end - first) > 0;
+        }
+        if persist {
+            self.persist();
+        }
+        self.last_write_us = self.now;
+        self.inflight_wids.insert(wid);
+        let io = self.next_io();
+        // The local write is emitted after the mirror message: the peer's
+        // half of the round trip then overlaps the local write instead of
+        // waiting for it (the client's reply needs both either way).
+        let local = Action::Write {
+            io,
+            block: q.block,
+            count: q.count,
+            kind: q.kind,
+            fua: q.fua,
+            payload: q.payload.clone(),
+        };
+        let mut seq = None;
+        if mirror || mirror_async {
+            let bs = u64::from(self.cfg.block_size);
+            let mut flags = if q.fua { data_flags::FUA } else { 0 };
+            flags |= match q.kind {
+                IoKind::Write => 0,
+                IoKind::Trim => data_flags::TRIM,
+                IoKind::Zeroes => data_flags::ZEROES,
+            };
+            let d = Data {
+                write_id: wid,
+                offset: q.block * bs,
+                len: (q.count * bs) as u32,
+                flags,
+            };
+            let sent = self.send_reliable(Message::Data(d), q.payload);
+            match sent {
+                Some(s) => {
+                    if let Some(sess) = self.session.as_mut() {
+                        sess.mirror_wids.push_back((s, wid));
+                    }
+                    seq = Some(s);
+                }
+                None => seq = Some(u64::MAX), // queued in backlog: seq assigned later
+            }
+            if mirror_async {
+                seq = None;
+            }
+            // Cancel resync reads of these blocks: their data is stale now.
+            if let Some(s) = self.session.as_mut() {
+                for (_, (b, c, cancelled)) in s.resync_reads.iter_mut() {
+                    if *b < q.block + q.count && q.block < *b + *c {
+                        *cancelled = true;
+                    }
+                }
+            }
+        }
+        self.emit(local);
+        self.pending.insert(
+            io,
+            PendingWrite {
+                req: q.req,
+                wid,
+                block: q.block,
+                count: q.count,
+                fua: q.fua,
+                local_done: false,
+                seq,
+            },
+        );
+    }
+
+    pub(super) fn on_client_flush(&mut self, req: ReqId) {
+        if !self.serving() {
+            let e = if self.failed {
+                ClientError::IoError
+            } else {
+                ClientError::NotPrimary
+            };
+            self.emit(Action::Reply {
+                req,
+                result: Err(e),
+            });
+            return;
+        }
+        let io = self.next_io();
+        let mark = self.completed_wid();
+        self.flushes.insert(io, (mark, req));
+        self.emit(Action::Flush { io });
+        let mut seq = None;
+        if self.mirroring() {
+            // Registered first: if the message goes to the backlog,
+            // `flush_backlog` finds the waiter by its io id.
+            self.flush_waiters.push_back((req, io, Some(u64::MAX)));
+            let d = Data {
+                write_id: io,
+                offset: 0,
+                len: 0,
+                flags: data_flags::FLUSH,
+            };
+            seq = Some(
+                self.send_reliable(Message::Data(d), None)
+                    .unwrap_or(u64::MAX),
+            );
+            if let Some(w) = self.flush_waiters.back_mut() {
+                if w.2 == Some(u64::MAX) {
+                    w.2 = seq;
+                }
+            }
+            return;
+        }
+        self.flush_waiters.push_back((req, io, seq));
+    }
+
+    /// Release client writes and flushes whose conditions are met.
+    pub(super) fn release_writes(&mut self) {
+        let (peer_applied, peer_stable, connected) = match &self.session {
+            Some(s) => (s.peer_applied, s.peer_stable, true),
+            None => (0, 0, false),
+        };
+        let mut done = Vec::new();
+        for (&io, p) in &self.pending {
+            if !p.local_done {
+                continue;
+            }
+            let peer_ok = match p.seq {
+                None => true,
+                Some(u64::MAX) => false,
+                Some(seq) => {
+                    connected
+                        && if p.fua {
+                            peer_stable >= seq
+                        } else {
+                            peer_applied >= seq
+                        }
+                }
+            };
+            if peer_ok {
+                done.push(io);
+            }
+        }
+        for io in done {
+            if let Some(p) = self.pending.remove(&io) {
+                self.emit(Action::Reply {
+                    req: p.req,
+                    result: Ok(()),
+                });
+            }
+        }
+        while let Some(&(req, io, seq)) = self.flush_waiters.front() {
+            let local = self.local_flush_done.contains(&io);
+            let peer_ok = match seq {
+                None => true,
+                Some(u64::MAX) => false,
+                Some(seq) => connected && peer_stable >= seq,
+            };
+            if !(local && peer_ok) {
+                break;
+            }
+            self.flush_waiters.pop_front();
+            self.local_flush_done.remove(&io);
+            self.emit(Action::Reply {
+                req,
+                result: Ok(()),
+            });
+        }
+        self.start_waiting_writes();
+        self.try_handover();
+    }
+
+    pub(super) fn on_io_done(&mut self, io: IoId, ok: bool) {
+        if !ok {
+            self.fail("volume write or flush");
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(&io) {
+            p.local_done = true;
+            let (wid, block, count) = (p.wid, p.block, p.count);
+            self.inflight_wids.remove(&wid);
+            let exts = self.extents(block, count);
+            for s in self.al.iter_mut().filter(|s| exts.contains(&s.extent)) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+            self.release_writes();
+            return;
+        }
+        if let Some((mark, req)) = self.flushes.remove(&io) {
+            self.local_stable_wid = self.local_stable_wid.max(mark);
+            if req != 0 || self.flush_waiters.iter().any(|w| w.1 == io) {
+                self.local_flush_done.insert(io);
+            }
+            self.release_writes();
+            return;
+        }
+        if let Some(seq) = self.apply_ios.remove(&io) {
+            if let Some(s) = self.session.as_mut() {
+                if let Some((block, count)) = s.applying.remove(&seq) {
+                    if s.phase == Phase::Target {
+                        // Clean once a flush covering it completes.
+                        let at = s.target_unflushed.partition_point(|e| e.0 < seq);
+                        s.target_unflushed.insert(at, (seq, block, count));
+                    }
+                    // In every phase: a resync's last writes may still be
+                    // unflushed when it ends and this node is in sync.
+                    if count > 0 {
+                        let e = self.cfg.extent_blocks;
+                        for x in block / e..=(block + count - 1) / e {
+                            let v = s.unstable_applied.entry(x).or_insert(seq);
+                            *v = (*v).max(seq);
+                        }
+                    }
+                }
+            }
+            self.run_apply_queue();
+            return;
+        }
+        if let Some(s) = self.session.as_mut() {
+            if let Some((fio, fseq)) = s.flush_in_flight {
+                if fio == io {
+                    s.flush_in_flight = None;
+                    s.stable = s.stable.max(fseq);
+                    s.ack_pending = true;
+                    let stable = s.stable;
+                    s.unstable_applied.retain(|_, seq| *seq > stable);
+                    // Blocks written up to the flush point are stable here:
+                    // their bits clear (persisted by `persist_progress`).
+                    while let Some(&(seq, block, count)) = s.target_unflushed.front() {
+                        if seq > s.stable {
+                            break;
+                        }
+                        s.target_unflushed.pop_front();
+                        for b in block..block + count {
+                            self.meta.dirty.clear(b);
+                        }
+                        self.bitmap_unpersisted = true;
+                    }
+                    self.run_apply_queue();
+                }
+            }
+        }
+        // Otherwise: a write from an ended session, or unknown: nothing to
+        // release.
+    }
+
+    pub(super) fn on_read_done(&mut self, io: IoId, ok: bool, payload: Option<H>) {
+        if !ok {
+            self.fail("volume read");
+            return;
+        }
+        let bs = u64::from(self.cfg.block_size);
+        if let Some((start, count, reply)) = self.verify_reads.remove(&io) {
+            let data = payload.as_ref().map_or(&[][..], |p| p.bytes());
+            if data.len() as u64 != u64::from(count) * bs {
+                self.counters.frames_unexpected += 1;
+                return;
+            }
+            let d = verify::digests(data, bs as usize);
+            if reply {
+                let v = Verify {
+                    start_block: start,
+                    count,
+                };
+                self.send_reliable(Message::VerifyReply(v), Some(H::from_bytes(&d)));
+            } else {
+                self.verify.local(start, d);
+                self.verify_progress();
+            }
+            return;
+        }
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let Some((block, count, cancelled)) = s.resync_reads.remove(&io) else {
+            return;
+        };
+        if cancelled || s.phase != Phase::Source {
+            // A client wrote these blocks meanwhile; read them again later.
+            for b in block..block + count {
+                s.resync_busy.clear(b);
+            }
+            s.resync_cursor = s.resync_cursor.min(block);
+            return;
+        }
+        s.resync_blocks_sent += count;
+        self.counters.resync_blocks_sent += count;
+        let r = ResyncData {
+            offset: block * bs,
+            len: (count * bs) as u32,
+            flags: 0,
+        };
+        // Not yet numbered if it went to the backlog (u64::MAX until then).
+        let seq = self
+            .send_reliable(Message::ResyncData(r), payload)
+            .unwrap_or(u64::MAX);
+        if let Some(s) = self.session.as_mut() {
+            s.resync_sent.push_back((seq, block, count));
+        }
+    }
+}
