@@ -1,0 +1,411 @@
+//! The MSL session: the HELLO handshake that decides the resync direction
+//! from both sides' generations, the memory image sent at its start, and
+//! its end (a primary goes degraded; a secondary protects what it received
+//! but has not flushed).
+
+use super::*;
+
+#[derive(Clone, Debug)]
+pub(super) struct OutMsg<H> {
+    pub(super) msg: Message,
+    pub(super) payload: Option<H>,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct InMsg<H> {
+    pub(super) generation: u64,
+    pub(super) msg: Message,
+    pub(super) payload: Option<H>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Images being exchanged (peer's not received yet).
+    Images,
+    /// Local node sends the resync.
+    Source,
+    /// Local node receives the resync.
+    Target,
+    InSync,
+    /// Refused (split brain, unrelated, no good data): no data flows.
+    Refused,
+}
+
+pub(super) struct Session<H> {
+    /// Our HELLO as the peer decided on it (its session is our base).
+    pub(super) my_hello: Hello,
+    pub(super) peer_session: u64,
+    pub(super) decision: Decision,
+    pub(super) phase: Phase,
+    pub(super) tx: ReliableTx<OutMsg<H>>,
+    pub(super) rx: ReliableRx<InMsg<H>>,
+    /// Messages waiting for room in the window (data class).
+    pub(super) backlog: VecDeque<OutMsg<H>>,
+    pub(super) ack_pending: bool,
+    /// Peer's applied / stable points (in our sequence space).
+    pub(super) peer_applied: u64,
+    pub(super) peer_stable: u64,
+    /// Image being received.
+    pub(super) image_buf: Vec<u8>,
+    pub(super) peer_image: bool,
+    /// Receiver side: in-order apply pipeline.
+    pub(super) apply_q: VecDeque<(u64, InMsg<H>)>,
+    pub(super) applying: BTreeMap<u64, (u64, u64)>, // seq -> (block, count) in flight
+    pub(super) last_processed: u64,
+    pub(super) applied: u64,
+    pub(super) stable: u64,
+    pub(super) flush_in_flight: Option<(IoId, u64)>,
+    pub(super) last_flush_us: Micros,
+    /// A flush is due (FUA write, or periodic). It is issued once every
+    /// message up to `flush_upto` is applied; applies go on meanwhile, and
+    /// while it runs (it covers what completed before it was issued).
+    pub(super) flush_wanted: bool,
+    pub(super) flush_upto: u64,
+    /// Source side: resync progress.
+    pub(super) resync_total: u64,
+    pub(super) resync_cursor: u64,
+    pub(super) resync_reads: BTreeMap<IoId, (u64, u64, bool)>, // io -> (block, count, cancelled)
+    pub(super) resync_sent: VecDeque<(u64, u64, u64)>, // (seq, block, count) awaiting stable
+    /// Blocks in `resync_reads` or `resync_sent` (sized when the resync
+    /// starts): one bit test instead of scanning both per block.
+    pub(super) resync_busy: Bitmap,
+    pub(super) resync_done_seq: Option<u64>,
+    pub(super) resync_blocks_sent: u64,
+    pub(super) last_progress_us: Micros,
+    /// Target side: blocks written during the resync, by sequence number,
+    /// whose dirty bits clear once a flush covering them completes.
+    pub(super) target_unflushed: VecDeque<(u64, u64, u64)>, // (seq, block, count)
+    /// Receiver side outside a resync: activity-log extents holding
+    /// applied writes no flush here has covered yet (extent -> newest
+    /// seq). A power loss would lose them, and no activity log tracks
+    /// writes received as secondary: if this node ends the session (and
+    /// perhaps takes over) they are marked out of sync.
+    pub(super) unstable_applied: BTreeMap<u64, u64>,
+    /// Mirrored write seq -> wid (for peer stability of AL extents).
+    pub(super) mirror_wids: VecDeque<(u64, u64)>,
+    /// A handover (switchover) was sent at this seq.
+    pub(super) handover_seq: Option<u64>,
+}
+
+impl<H: Payload> Node<H> {
+    pub(super) fn my_hello(&self) -> Hello {
+        let mut flags = 0;
+        if self.crashed_primary {
+            flags |= hello_flags::CRASHED_PRIMARY;
+        }
+        if self.meta.disk == DiskState::Inconsistent {
+            flags |= hello_flags::RESYNC_TARGET;
+        }
+        Hello {
+            role: self.role,
+            disk: if self.failed {
+                DiskState::Failed
+            } else {
+                self.meta.disk
+            },
+            volume_bytes: self.cfg.volume_blocks * u64::from(self.cfg.block_size),
+            block_size: self.cfg.block_size,
+            gens: self.meta.gens,
+            flags,
+            dirty_blocks: self.meta.dirty.count(),
+            session: self.my_session,
+        }
+    }
+
+    /// Any change to what HELLO says starts a new session id, so a peer never
+    /// decides on stale state.
+    pub(super) fn renew_session(&mut self) {
+        self.my_session = (self.rng.nonzero() & !0xFFFF_FFFF).max(1 << 32);
+    }
+
+    pub(super) fn on_hello(&mut self, header: Header, h: Hello) {
+        if self.admin_disconnected || self.failed {
+            return;
+        }
+        if h.volume_bytes != self.cfg.volume_blocks * u64::from(self.cfg.block_size)
+            || h.block_size != self.cfg.block_size
+        {
+            self.counters.frames_unexpected += 1;
+            self.notify(Notice::Warning {
+                what: "peer volume geometry differs: not connecting",
+            });
+            return;
+        }
+        self.peer_role = Some(h.role);
+        if let Some(s) = &self.session {
+            if s.peer_session == h.session {
+                if h.flags & hello_flags::ESTABLISHED == 0 {
+                    // The peer's timer still sends HELLOs: it has not
+                    // established (our establishing HELLO was lost). Repeat
+                    // it. Establishing HELLOs are never answered, so this
+                    // cannot loop.
+                    let hello = s.my_hello;
+                    let hdr = self.header(0, h.session);
+                    self.emit(Action::SendMsl {
+                        header: hdr,
+                        msg: Message::Hello(hello),
+                        payload: None,
+                    });
+                }
+                return;
+            }
+            // Peer restarted or its state changed: renegotiate.
+            self.end_session("peer started a new session");
+        }
+        self.peer_hello_seen = Some(h.session);
+        if header.ack == self.my_session {
+            self.establish(h);
+        } else {
+            // Answer soon so the peer can establish (at most one immediate
+            // answer per millisecond, so duplicates cannot snowball).
+            self.next_hello_us = self
+                .next_hello_us
+                .min(self.now.max(self.last_hello_us + 1_000));
+        }
+    }
+
+    pub(super) fn establish(&mut self, peer: Hello) {
+        if self.handover_unconfirmed && self.role == Role::Secondary {
+            if peer.role == Role::Secondary
+                && peer.gens.current == self.meta.gens.history[0]
+                && peer.gens.bitmap == 0
+                && peer.flags & hello_flags::CRASHED_PRIMARY == 0
+            {
+                // A new session: the peer can no longer apply the old
+                // handover. Take the role back; the next HELLOs (a new
+                // session id) connect the pair with this node primary.
+                self.reclaim_role();
+                return;
+            }
+            self.handover_unconfirmed = false;
+            if peer.role == Role::Primary {
+                self.finish_switchover();
+            } else {
+                self.switching = None;
+            }
+        }
+        let local = SideView {
+            node_id: self.cfg.node_id,
+            role: self.role,
+            disk: self.meta.disk,
+            gens: self.meta.gens,
+            crashed_primary: self.crashed_primary,
+        };
+        let remote = SideView {
+            node_id: self.cfg.peer_id,
+            role: peer.role,
+            disk: peer.disk,
+            gens: peer.gens,
+            crashed_primary: peer.flags & hello_flags::CRASHED_PRIMARY != 0,
+        };
+        let mut decision = gens::decide(&local, &remote);
+        if (decision.strategy.is_target() && self.role == Role::Primary)
+            || (decision.strategy.is_source() && peer.role == Role::Primary)
+        {
+            // A primary would lose its writes: both wrote independently.
+            decision = Decision {
+                strategy: Strategy::SplitBrain,
+                rule: decision.rule,
+            };
+        }
+        // Sequence spaces: ours from our session id, theirs from theirs.
+        let txcfg = TxConfig {
+            window: self.cfg.window,
+            rto_initial_us: self.cfg.rto_initial_us,
+            rto_min_us: self.cfg.rto_min_us,
+            rto_max_us: self.cfg.rto_max_us,
+        };
+        let mut my_hello = self.my_hello();
+        my_hello.flags |= hello_flags::ESTABLISHED;
+        let mut s = Session {
+            my_hello,
+            peer_session: peer.session,
+            decision,
+            phase: Phase::Images,
+            tx: ReliableTx::new(txcfg, self.my_session),
+            rx: ReliableRx::new(self.cfg.window, peer.session),
+            backlog: VecDeque::new(),
+            ack_pending: false,
+            peer_applied: self.my_session,
+            peer_stable: self.my_session,
+            image_buf: Vec::new(),
+            peer_image: false,
+            apply_q: VecDeque::new(),
+            applying: BTreeMap::new(),
+            last_processed: peer.session,
+            applied: peer.session,
+            stable: peer.session,
+            flush_in_flight: None,
+            last_flush_us: self.now,
+            flush_wanted: false,
+            flush_upto: 0,
+            resync_total: 0,
+            resync_cursor: 0,
+            resync_reads: BTreeMap::new(),
+            resync_sent: VecDeque::new(),
+            resync_busy: Bitmap::new(0),
+            resync_done_seq: None,
+            resync_blocks_sent: 0,
+            last_progress_us: self.now,
+            target_unflushed: VecDeque::new(),
+            unstable_applied: BTreeMap::new(),
+            mirror_wids: VecDeque::new(),
+            handover_seq: None,
+        };
+        // Tell the peer we established (it may still wait for our ack).
+        let ack_hdr = self.header(0, peer.session);
+        self.emit(Action::SendMsl {
+            header: ack_hdr,
+            msg: Message::Hello(my_hello),
+            payload: None,
+        });
+        if decision.strategy.is_refusal() {
+            s.phase = Phase::Refused;
+            if decision.strategy == Strategy::SplitBrain {
+                self.counters.split_brains += 1;
+            }
+            self.session = Some(s);
+            self.notify(Notice::Refused {
+                strategy: decision.strategy,
+                rule: decision.rule,
+            });
+            if decision.strategy == Strategy::SplitBrain
+                && self.role == Role::Primary
+                && peer.role == Role::Primary
+                && self.cfg.node_id > self.cfg.peer_id
+            {
+                // Two primaries must not both hold the service address. The
+                // higher node id steps down; its data is kept as it is (not
+                // merged, not discarded) until the administrator decides.
+                self.become_secondary("split brain: the node with the higher id steps down; its data is kept unmerged");
+            }
+            return;
+        }
+        self.session = Some(s);
+        self.session_start_wid = self.next_wid - 1;
+        self.notify(Notice::Connected {
+            strategy: decision.strategy,
+            rule: decision.rule,
+        });
+        // Cold start of the pair: the source with good data serves.
+        if decision.strategy.is_source()
+            && self.role == Role::Secondary
+            && peer.role == Role::Secondary
+            && self.meta.disk == DiskState::UpToDate
+        {
+            self.become_primary(false, "pair started: this node holds the newest data");
+            // The peer adopts our new generation from our image.
+        }
+        if decision.strategy == Strategy::SourceFull {
+            self.meta.dirty.set_all();
+            self.persist();
+        }
+        self.send_image();
+    }
+
+    pub(super) fn send_image(&mut self) {
+        let img = Image {
+            cluster_id: self.cfg.cluster_id,
+            node_id: self.cfg.node_id,
+            volume_blocks: self.cfg.volume_blocks,
+            block_size: self.cfg.block_size,
+            gens: self.meta.gens,
+            disk: self.meta.disk,
+            role: self.role,
+            dirty: self.meta.dirty.clone(),
+            tx_next_seq: self.session.as_ref().map_or(0, |s| s.tx.next_seq()),
+            frontend: Vec::new(),
+        };
+        let bytes = img.encode();
+        let crc = crc32c::crc32c(&bytes);
+        for (i, chunk) in bytes.chunks(IMAGE_CHUNK).enumerate() {
+            let c = StateImageChunk {
+                total_len: bytes.len() as u32,
+                offset: (i * IMAGE_CHUNK) as u32,
+                image_crc: crc,
+            };
+            self.send_reliable(Message::StateImage(c), Some(H::from_bytes(chunk)));
+        }
+    }
+
+    pub(super) fn end_session(&mut self, why: &'static str) {
+        let Some(s) = self.session.take() else {
+            return;
+        };
+        // Every session attempt gets a fresh id: a peer that still holds the
+        // old session (it has not timed out yet) then sees a new session and
+        // renegotiates, instead of answering with stale state (msl-sim seed
+        // 1292).
+        self.renew_session();
+        // Applies still in flight belong to the ended session: their late
+        // completions must not release a new session's entry that reuses
+        // the sequence number (nothing is released; their blocks stay as
+        // the bitmaps say).
+        self.apply_ios.clear();
+        self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
+        self.last_session_end = Some(why);
+        self.counters.retransmits += s.tx.stats.retransmits;
+        if self.verify.status.active {
+            self.verify.abort("the MSL session ended");
+            self.notify(Notice::VerifyAborted {
+                reason: "the MSL session ended",
+            });
+        }
+        // In-flight resync reads are abandoned (their blocks stay dirty).
+        if self.role == Role::Primary && !self.failed {
+            // Extents the peer may lack: a write in flight, or one not yet
+            // covered by a flush the peer reported (its cache may be lost).
+            // Extents whose writes are all stable on the peer, or older
+            // than this session (their blocks were resynced or are still
+            // dirty), need nothing: with a 1237-extent log, merging every
+            // slot resynced gigabytes after a secondary restart.
+            self.mark_extents_peer_may_lack();
+            for p in self.pending.values() {
+                self.meta.dirty.set_range(p.block, p.count);
+            }
+            let id = self.rng.nonzero();
+            gens::new_generation(&mut self.meta.gens, id, true);
+            self.renew_session();
+            self.persist();
+            self.notify(Notice::Degraded {
+                reason: if self.lan_alive {
+                    "MSL lost; secondary alive on the LAN"
+                } else {
+                    "secondary is down"
+                },
+            });
+            // Writes waiting only for the peer are released now.
+            for p in self.pending.values_mut() {
+                p.seq = None;
+            }
+            for w in self.flush_waiters.iter_mut() {
+                w.2 = None;
+            }
+            self.switching = None;
+            self.release_writes();
+        } else if s.phase == Phase::Target
+            || (s.phase == Phase::Images && s.decision.strategy.is_target())
+        {
+            // Interrupted resync as target: dirty map persisted as is.
+            self.persist();
+        } else if !self.failed && (!s.unstable_applied.is_empty() || !s.applying.is_empty()) {
+            // Writes received from the primary that no flush here covered
+            // yet: a power loss of this node could still lose them, and no
+            // activity log tracks writes received as secondary, so if this
+            // node took over and then crashed they would go unsynced
+            // (msl-sim seed 839, with stable points 5 s apart).
+            // Writes still in flight here may land after any flush issued
+            // now: marked out of sync instead.
+            for &(b, c) in s.applying.values() {
+                self.meta.dirty.set_range(b, c);
+            }
+            self.protect_received(s.unstable_applied.keys().copied().collect());
+        }
+        if s.handover_seq.is_some() {
+            self.peer_role = Some(Role::Primary);
+            self.handover_unconfirmed = self.role == Role::Secondary;
+        }
+        self.peer_hello_seen = None;
+        self.next_hello_us = self.now;
+    }
+}
