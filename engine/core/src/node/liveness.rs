@@ -1,0 +1,278 @@
+//! Liveness of the peer on each path (MSL and LAN), the heartbeats and
+//! HELLOs this node sends on time, and what the secondary concludes when a
+//! path dies.
+
+use super::*;
+
+impl<H: Payload> Node<H> {
+    pub(super) fn my_heartbeat(&mut self) -> Heartbeat {
+        // Strictly increasing across restarts (host clock), so receivers can
+        // drop replays without being fooled by a restarted sender.
+        self.hb_counter = self.now.max(self.hb_counter + 1);
+        Heartbeat {
+            role: self.role,
+            disk: if self.failed {
+                DiskState::Failed
+            } else {
+                self.meta.disk
+            },
+            msl_up: self.msl_alive,
+            in_sync: self.in_sync(),
+            adapters: self.adapters,
+            adapter_count: self.adapter_count,
+            counter: self.hb_counter,
+        }
+    }
+
+    pub(super) fn my_lan_score(&self) -> u8 {
+        let n = usize::from(self.adapter_count);
+        self.adapters[..n].iter().filter(|a| a.working()).count() as u8
+    }
+
+    pub(super) fn on_msl_link(&mut self, up: bool) {
+        if up == self.msl_carrier {
+            return;
+        }
+        self.msl_carrier = up;
+        if up {
+            self.notify(Notice::MslLinkUp);
+            self.next_hello_us = self.now;
+        } else {
+            self.notify(Notice::MslLinkDown);
+            if self.msl_alive {
+                self.msl_alive = false;
+                self.on_msl_lost();
+            }
+        }
+    }
+
+    pub(super) fn on_lan_adapter(&mut self, adapter: u8, link_up: bool, carrier: bool) {
+        let i = usize::from(adapter);
+        if i >= MAX_ADAPTERS {
+            self.counters.frames_unexpected += 1;
+            return;
+        }
+        if adapter >= self.adapter_count {
+            self.adapter_count = adapter + 1;
+        }
+        let before = self.adapters[i].working();
+        self.adapters[i].link_up = link_up;
+        self.adapters[i].carrier = carrier;
+        let after = self.adapters[i].working();
+        if before != after {
+            self.notify(Notice::AdapterHealth {
+                adapter,
+                working: after,
+            });
+        }
+    }
+
+    pub(super) fn on_timers(&mut self) {
+        let now = self.now;
+        let dead = self.cfg.dead_after_us();
+        if self.msl_alive && self.last_msl_rx.is_some_and(|t| now >= t + dead) {
+            self.msl_alive = false;
+            self.notify(Notice::PeerLost { path: Path::Msl });
+            self.on_msl_lost();
+        }
+        if self.lan_alive && self.last_lan_rx.is_some_and(|t| now >= t + dead) {
+            self.lan_alive = false;
+            self.notify(Notice::PeerLost { path: Path::Lan });
+            self.on_lan_lost();
+        }
+        for i in 0..usize::from(self.adapter_count) {
+            self.adapters[i].reachable = self.adapter_last_rx[i].is_some_and(|t| now < t + dead);
+        }
+        if now >= self.next_hb_us {
+            self.next_hb_us = now + self.cfg.heartbeat_interval_us;
+            let hb = self.my_heartbeat();
+            let h = self.header(0, 0);
+            self.emit(Action::SendLan { header: h, hb });
+            if self.msl_carrier {
+                let ack = self.session.as_ref().map_or(0, |s| s.rx.cumulative());
+                let h = self.header(0, ack);
+                self.emit(Action::SendMsl {
+                    header: h,
+                    msg: Message::Heartbeat(hb),
+                    payload: None,
+                });
+            }
+            // Acks are unreliable: refresh ours every heartbeat so a lost
+            // final ack (the one carrying `stable` for a FLUSH) cannot leave
+            // the peer waiting forever.
+            if let Some(s) = self.session.as_mut() {
+                s.ack_pending = true;
+            }
+        }
+        if self.session.is_none()
+            && !self.admin_disconnected
+            && self.msl_carrier
+            && now >= self.next_hello_us
+        {
+            self.next_hello_us = now + self.cfg.heartbeat_interval_us;
+            self.last_hello_us = now;
+            let ack = self.peer_hello_seen.unwrap_or(0);
+            let h = self.header(0, ack);
+            let hello = self.my_hello();
+            self.emit(Action::SendMsl {
+                header: h,
+                msg: Message::Hello(hello),
+                payload: None,
+            });
+        }
+        self.check_switchover();
+        self.stabilize_if_due();
+    }
+
+    /// MSL path declared dead (timeout or carrier loss).
+    pub(super) fn on_msl_lost(&mut self) {
+        let was_connected = self.session.is_some();
+        self.end_session("MSL lost");
+        if self.role == Role::Primary {
+            return; // end_session went degraded
+        }
+        self.secondary_decide(was_connected);
+    }
+
+    pub(super) fn on_lan_lost(&mut self) {
+        if self.role != Role::Primary {
+            self.secondary_decide(false);
+        }
+    }
+
+    /// The secondary's rule, evaluated whenever a path dies.
+    pub(super) fn secondary_decide(&mut self, msl_just_lost: bool) {
+        if self.role == Role::Primary || self.failed {
+            return;
+        }
+        let peer_primary = self.peer_role == Some(Role::Primary);
+        if !peer_primary {
+            return;
+        }
+        if !self.msl_alive && !self.lan_alive {
+            // Primary silent on both paths: it is dead.
+            self.notify(Notice::PeerDown {
+                peer_was: Role::Primary,
+            });
+            self.try_takeover("primary silent on both MSL and LAN");
+        } else if !self.msl_alive && self.lan_alive && msl_just_lost {
+            // Either the MSL broke or the primary just died and its LAN
+            // silence is not yet timed out. The next LAN heartbeat from the
+            // primary settles it (see `on_lan_frame`).
+            self.msl_lost_pending = true;
+        }
+    }
+
+    pub(super) fn on_lan_frame(&mut self, adapter: u8, header: Header, hb: Heartbeat) {
+        if header.sender != self.cfg.peer_id {
+            self.counters.frames_from_stranger += 1;
+            return;
+        }
+        if hb.counter <= self.peer_hb_counter_lan && self.lan_alive {
+            return; // replayed or reordered
+        }
+        self.peer_hb_counter_lan = hb.counter;
+        let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
+        self.adapter_last_rx[i] = Some(self.now);
+        self.last_lan_rx = Some(self.now);
+        if !self.lan_alive {
+            self.lan_alive = true;
+            self.notify(Notice::PeerFound { path: Path::Lan });
+        }
+        let peer_was = self.peer_role;
+        self.observe_peer(hb);
+        let unmirrored = !self.msl_alive && self.session.is_none() && self.role == Role::Secondary;
+        if hb.role == Role::Primary && self.handover_unconfirmed {
+            // The peer took the role (the handover landed after all).
+            self.handover_unconfirmed = false;
+            self.finish_switchover();
+        }
+        if unmirrored
+            && hb.role == Role::Primary
+            && (self.msl_lost_pending || peer_was == Some(Role::Secondary) || self.was_in_sync)
+        {
+            // The primary is alive and serving, and this node does not
+            // receive its writes: its copy falls behind.
+            self.msl_lost_pending = false;
+            self.shut_mirror_side();
+        }
+        let n = usize::from(hb.adapter_count).min(MAX_ADAPTERS);
+        if self.handover_unconfirmed
+            && self.role == Role::Secondary
+            && self.session.is_none()
+            && hb.role == Role::Secondary
+            && !hb.msl_up
+            && hb.counter > self.handover_hb_floor
+            && header.generation == self.meta.gens.history[0]
+            && hb.adapters[..n].iter().any(|a| a.reachable)
+        {
+            // Sent after the handover, by a peer that is secondary in the
+            // generation before it (so it never applied it, nor served
+            // since), whose MSL session has ended (so it never will), and
+            // which hears this node on the LAN (so it will not take over
+            // while this node serves): nobody serves unless this node takes
+            // the role back.
+            self.reclaim_role();
+        }
+    }
+
+    pub(super) fn observe_peer(&mut self, hb: Heartbeat) {
+        // A primary that fails its disk demotes itself; judge it by the role
+        // it had.
+        let peer_was_primary = self.peer_role == Some(Role::Primary) || hb.role == Role::Primary;
+        self.peer_role = Some(hb.role);
+        if hb.counter > self.peer_hb_counter {
+            self.peer_hb_counter = hb.counter;
+            self.peer_hb = Some(hb);
+        }
+        // A primary that reports its disk failed is as good as dead.
+        if hb.disk == DiskState::Failed {
+            if self.role == Role::Secondary
+                && peer_was_primary
+                && (self.was_in_sync || self.in_sync())
+            {
+                self.peer_role = Some(Role::Secondary);
+                self.end_session("peer disk failed");
+                self.try_takeover("primary reported a disk failure");
+            } else if self.role == Role::Primary && self.session.is_some() {
+                self.end_session("peer disk failed");
+            }
+        }
+        if hb.role == Role::Primary && self.role == Role::Primary && self.session.is_none() {
+            self.notify(Notice::Warning { what: "peer also claims the primary role (both paths were cut?): split brain will be refused on reconnect" });
+        }
+    }
+
+    pub(super) fn on_unknown_type(&mut self, must_understand: bool) {
+        if !must_understand {
+            self.counters.frames_unknown_ignored += 1;
+            return;
+        }
+        self.counters.frames_unknown_refused += 1;
+        if self.session.is_some() {
+            self.notify(Notice::Warning {
+                what: "peer sent a must-understand message type this version does not know: MSL session refused (upgrade this node)",
+            });
+            self.end_session("unknown must-understand message");
+        }
+    }
+
+    pub(super) fn on_msl_frame(&mut self, header: Header, msg: Message, payload: Option<H>) {
+        if header.sender != self.cfg.peer_id || header.cluster_id != self.cfg.cluster_id {
+            self.counters.frames_from_stranger += 1;
+            return;
+        }
+        self.last_msl_rx = Some(self.now);
+        if !self.msl_alive {
+            self.msl_alive = true;
+            self.msl_lost_pending = false;
+            self.notify(Notice::PeerFound { path: Path::Msl });
+        }
+        match msg {
+            Message::Hello(h) => self.on_hello(header, h),
+            Message::Heartbeat(hb) => self.observe_peer(hb),
+            Message::Ack(a) => self.on_ack(a),
+            _ => self.on_reliable(header, msg, payload),
+        }
+    }
+}
