@@ -24,18 +24,18 @@ impl<H: Payload> Node<H> {
                     });
                     return;
                 }
-                if force {
-                    self.meta.disk = DiskState::UpToDate;
+                if force && self.meta.disk != DiskState::UpToDate {
+                    self.transition(Reason::ForcedUpToDate);
                 }
                 self.end_session("promote");
-                self.become_primary(true, "administrator promoted this node");
+                self.become_primary(true, Reason::AdminPromoted);
             }
             AdminCmd::Demote => {
-                self.become_secondary("administrator demoted this node");
+                self.become_secondary(Reason::AdminDemoted);
             }
             AdminCmd::Switchover => {
                 if self.role == Role::Primary && self.in_sync() && self.switching.is_none() {
-                    self.start_switchover("administrator requested a switchover");
+                    self.start_switchover(Switchover::Admin);
                 } else {
                     self.notify(Notice::Warning {
                         what: "switchover refused: this node is not an in-sync primary",
@@ -84,7 +84,7 @@ impl<H: Payload> Node<H> {
                     return;
                 }
                 self.meta.dirty.set_all();
-                self.meta.disk = DiskState::Inconsistent;
+                self.transition(Reason::Invalidated);
                 self.end_session("invalidate");
                 self.renew_session();
                 self.persist();

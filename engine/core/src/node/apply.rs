@@ -159,7 +159,7 @@ impl<H: Payload> Node<H> {
                     s.phase = Phase::InSync;
                     let total = s.resync_total;
                     self.meta.dirty.clear_all();
-                    self.meta.disk = DiskState::UpToDate;
+                    self.transition(Reason::ResyncTargetFinished);
                     self.was_in_sync = true;
                     self.crashed_primary = false;
                     self.persist();
@@ -227,7 +227,7 @@ impl<H: Payload> Node<H> {
                         let cur = self.meta.gens.current;
                         gens::push_history(&mut self.meta.gens, cur);
                         self.meta.gens.current = rc.generation;
-                        self.role = Role::Primary;
+                        self.transition(Reason::HandoverReceived);
                         self.peer_role = Some(Role::Secondary);
                         // The session goes on with the directions swapped:
                         // this node's writes are mirrored from now on.
@@ -239,7 +239,7 @@ impl<H: Payload> Node<H> {
                         self.notify(Notice::RoleChanged {
                             role: Role::Primary,
                             generation: rc.generation,
-                            reason: "planned switchover from the peer",
+                            reason: Reason::HandoverReceived.text(),
                         });
                     } else {
                         self.counters.frames_unexpected += 1;
@@ -300,7 +300,7 @@ impl<H: Payload> Node<H> {
             let total = self.meta.dirty.count();
             s.resync_total = total;
             s.phase = Phase::Target;
-            self.meta.disk = DiskState::Inconsistent;
+            self.transition(Reason::ResyncTargetStarted);
             self.peer_role = Some(img.role);
             self.persist();
             self.notify(Notice::ResyncStarted {

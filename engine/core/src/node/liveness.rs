@@ -154,7 +154,7 @@ impl<H: Payload> Node<H> {
             self.notify(Notice::PeerDown {
                 peer_was: Role::Primary,
             });
-            self.try_takeover("primary silent on both MSL and LAN");
+            self.try_takeover(Reason::TakeoverPeerSilent);
         } else if !self.msl_alive && self.lan_alive && msl_just_lost {
             // Either the MSL broke or the primary just died and its LAN
             // silence is not yet timed out. The next LAN heartbeat from the
@@ -233,7 +233,7 @@ impl<H: Payload> Node<H> {
             {
                 self.peer_role = Some(Role::Secondary);
                 self.end_session("peer disk failed");
-                self.try_takeover("primary reported a disk failure");
+                self.try_takeover(Reason::TakeoverPeerDiskFailed);
             } else if self.role == Role::Primary && self.session.is_some() {
                 self.end_session("peer disk failed");
             }

@@ -38,6 +38,7 @@ use crate::rng::Rng;
 use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::AlSlot;
+use role::{Reason, Switchover};
 use session::{InMsg, OutMsg, Phase, Session};
 use write::{PendingWrite, QueuedWrite};
 
@@ -126,7 +127,7 @@ pub struct Node<H> {
     al_counted_us: Micros,
     /// The next client write waits for activity-log room.
     al_blocked: bool,
-    switching: Option<&'static str>,
+    switching: Option<Switchover>,
     /// This node handed the primary role over (planned switchover) and its
     /// session ended before the peer confirmed taking it: until the peer
     /// shows which way it went, nobody may be serving.
@@ -512,7 +513,7 @@ impl<H: Payload> Node<H> {
                     .dirty
                     .set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);
             }
-            self.role = Role::Secondary;
+            self.transition(Reason::Shutdown);
             self.emit(Action::ServiceAddress { hold: false });
         }
         self.end_session("shutdown");

@@ -1,13 +1,176 @@
 //! Roles and switchover: taking over, becoming primary or secondary, the
 //! planned switchover (handover, its confirmation, and taking the role back
 //! when it did not land), and the fail-closed latch.
+//!
+//! The node's role and its disk state change in ONE place,
+//! [`Node::transition`], and only for a [`Reason`]; the table of what each
+//! reason does ([`Reason::transition`]) is checked against a snapshot
+//! (`role_table.txt`). The actions around a change (persisting, the service
+//! address, notices) stay with the callers: their order is part of the
+//! protocol.
 
 use super::*;
 
+/// Why the role or the disk state changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Reason {
+    /// The primary is silent on both MSL and LAN.
+    TakeoverPeerSilent,
+    /// The primary reported its disk failed.
+    TakeoverPeerDiskFailed,
+    /// Cold start of the pair: this node holds the newest data.
+    PairStarted,
+    /// `mslctl promote`.
+    AdminPromoted,
+    /// `mslctl promote --force` on data that is not up to date.
+    ForcedUpToDate,
+    /// A planned switchover the peer never applied: the role comes back.
+    SwitchoverReclaimed,
+    /// The peer handed the primary role over (planned switchover).
+    HandoverReceived,
+    /// This node handed the primary role over (planned switchover).
+    HandoverSent,
+    /// Both nodes primary after a double cut: the higher id steps down.
+    SplitBrainStepDown,
+    /// `mslctl demote`.
+    AdminDemoted,
+    /// A volume or metadata I/O error latched the node fail-closed.
+    DiskFailure,
+    /// Clean shutdown of a primary.
+    Shutdown,
+    /// MSL lost while the primary is alive on the LAN.
+    MirrorShutDown,
+    /// `mslctl invalidate`: full resync of this node from the peer.
+    Invalidated,
+    /// A resync into this node started.
+    ResyncTargetStarted,
+    /// A resync into this node finished.
+    ResyncTargetFinished,
+}
+
+/// What a [`Reason`] does: the role it requires before (if any), and the
+/// role and disk state after (`None`: unchanged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Transition {
+    pub(super) from: Option<Role>,
+    pub(super) role: Option<Role>,
+    pub(super) disk: Option<DiskState>,
+}
+
+impl Reason {
+    /// Every reason, in table order.
+    #[cfg(test)]
+    pub(super) const ALL: [Reason; 16] = [
+        Reason::TakeoverPeerSilent,
+        Reason::TakeoverPeerDiskFailed,
+        Reason::PairStarted,
+        Reason::AdminPromoted,
+        Reason::ForcedUpToDate,
+        Reason::SwitchoverReclaimed,
+        Reason::HandoverReceived,
+        Reason::HandoverSent,
+        Reason::SplitBrainStepDown,
+        Reason::AdminDemoted,
+        Reason::DiskFailure,
+        Reason::Shutdown,
+        Reason::MirrorShutDown,
+        Reason::Invalidated,
+        Reason::ResyncTargetStarted,
+        Reason::ResyncTargetFinished,
+    ];
+
+    /// The transition table.
+    pub(super) const fn transition(self) -> Transition {
+        use DiskState::{Inconsistent, Outdated, UpToDate};
+        use Role::{Primary, Secondary};
+        let (from, role, disk) = match self {
+            Reason::TakeoverPeerSilent
+            | Reason::TakeoverPeerDiskFailed
+            | Reason::PairStarted
+            | Reason::AdminPromoted
+            | Reason::SwitchoverReclaimed
+            | Reason::HandoverReceived => (Some(Secondary), Some(Primary), None),
+            Reason::HandoverSent
+            | Reason::SplitBrainStepDown
+            | Reason::AdminDemoted
+            | Reason::DiskFailure
+            | Reason::Shutdown => (Some(Primary), Some(Secondary), None),
+            Reason::ForcedUpToDate => (Some(Secondary), None, Some(UpToDate)),
+            Reason::Invalidated => (Some(Secondary), None, Some(Inconsistent)),
+            Reason::MirrorShutDown => (None, None, Some(Outdated)),
+            Reason::ResyncTargetStarted => (None, None, Some(Inconsistent)),
+            Reason::ResyncTargetFinished => (None, None, Some(UpToDate)),
+        };
+        Transition { from, role, disk }
+    }
+
+    /// The reason as notices and the log give it.
+    pub(super) const fn text(self) -> &'static str {
+        match self {
+            Reason::TakeoverPeerSilent => "primary silent on both MSL and LAN",
+            Reason::TakeoverPeerDiskFailed => "primary reported a disk failure",
+            Reason::PairStarted => "pair started: this node holds the newest data",
+            Reason::AdminPromoted => "administrator promoted this node",
+            Reason::ForcedUpToDate => "administrator forced the local data up to date",
+            Reason::SwitchoverReclaimed => "switchover failed before the peer took the role",
+            Reason::HandoverReceived => "planned switchover from the peer",
+            Reason::HandoverSent => "planned switchover",
+            Reason::SplitBrainStepDown => {
+                "split brain: the node with the higher id steps down; its data is kept unmerged"
+            }
+            Reason::AdminDemoted => "administrator demoted this node",
+            Reason::DiskFailure => "disk failure",
+            Reason::Shutdown => "clean shutdown",
+            Reason::MirrorShutDown => "MSL lost while the primary is alive on the LAN",
+            Reason::Invalidated => "administrator invalidated the local data",
+            Reason::ResyncTargetStarted => "resync into this node started",
+            Reason::ResyncTargetFinished => "resync into this node finished",
+        }
+    }
+}
+
+/// Why a planned switchover runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Switchover {
+    /// The secondary's LAN side works better: once it lands, this node
+    /// restarts itself as secondary.
+    LanWorse,
+    /// `mslctl switchover`.
+    Admin,
+}
+
+impl Switchover {
+    pub(super) const fn text(self) -> &'static str {
+        match self {
+            Switchover::LanWorse => "the secondary's LAN side works better",
+            Switchover::Admin => "administrator requested a switchover",
+        }
+    }
+}
+
 impl<H: Payload> Node<H> {
+    /// The only writer of the role and the disk state.
+    pub(super) fn transition(&mut self, reason: Reason) {
+        let t = reason.transition();
+        assert!(
+            t.from.is_none_or(|r| r == self.role),
+            "{reason:?} needs role {:?}, node is {:?}",
+            t.from,
+            self.role
+        );
+        if let Some(r) = t.role {
+            self.role = r;
+        }
+        if let Some(d) = t.disk {
+            self.meta.disk = d;
+        }
+        debug_assert!(t.role.is_none_or(|r| self.role == r));
+        debug_assert!(t.disk.is_none_or(|d| self.meta.disk == d));
+    }
+
     pub(super) fn shut_mirror_side(&mut self) {
         if self.meta.disk == DiskState::UpToDate {
-            self.meta.disk = DiskState::Outdated;
+            self.transition(Reason::MirrorShutDown);
             self.renew_session();
             self.persist();
         }
@@ -15,7 +178,7 @@ impl<H: Payload> Node<H> {
         self.notify(Notice::MirrorShutDown);
     }
 
-    pub(super) fn try_takeover(&mut self, reason: &'static str) {
+    pub(super) fn try_takeover(&mut self, reason: Reason) {
         if self.meta.disk != DiskState::UpToDate || !self.was_in_sync {
             self.notify(Notice::CannotTakeOver {
                 reason: match self.meta.disk {
@@ -30,38 +193,43 @@ impl<H: Payload> Node<H> {
         self.peer_role = Some(Role::Secondary);
         self.become_primary(true, reason);
         let generation = self.meta.gens.current;
-        self.notify(Notice::Takeover { generation, reason });
+        self.notify(Notice::Takeover {
+            generation,
+            reason: reason.text(),
+        });
     }
 
     /// Become primary in a fresh generation, persisted before any write.
-    pub(super) fn become_primary(&mut self, track: bool, reason: &'static str) {
+    pub(super) fn become_primary(&mut self, track: bool, reason: Reason) {
         self.handover_unconfirmed = false;
         // A switchover this node started and never saw finish is over.
         self.switching = None;
         let id = self.rng.nonzero();
         gens::new_generation(&mut self.meta.gens, id, track);
-        self.role = Role::Primary;
+        self.transition(reason);
+        debug_assert_eq!(self.role, Role::Primary);
         self.renew_session();
         self.persist();
         self.emit(Action::ServiceAddress { hold: true });
         self.notify(Notice::RoleChanged {
             role: Role::Primary,
             generation: id,
-            reason,
+            reason: reason.text(),
         });
     }
 
-    pub(super) fn become_secondary(&mut self, reason: &'static str) {
+    pub(super) fn become_secondary(&mut self, reason: Reason) {
         if self.role != Role::Primary {
             return;
         }
-        self.role = Role::Secondary;
+        self.transition(reason);
+        debug_assert_eq!(self.role, Role::Secondary);
         self.emit(Action::ServiceAddress { hold: false });
         self.persist();
         self.notify(Notice::RoleChanged {
             role: Role::Secondary,
             generation: self.meta.gens.current,
-            reason,
+            reason: reason.text(),
         });
         for q in core::mem::take(&mut self.waiting) {
             self.counters.client_writes_refused += 1;
@@ -85,21 +253,21 @@ impl<H: Payload> Node<H> {
         if theirs > mine && peer.disk == DiskState::UpToDate {
             let since = *self.lan_worse_since.get_or_insert(self.now);
             if self.now >= since + self.cfg.switchover_debounce_us {
-                self.start_switchover("the secondary's LAN side works better");
+                self.start_switchover(Switchover::LanWorse);
             }
         } else {
             self.lan_worse_since = None;
         }
     }
 
-    pub(super) fn start_switchover(&mut self, reason: &'static str) {
-        self.switching = Some(reason);
-        self.notify(Notice::SwitchoverStarted { reason });
+    pub(super) fn start_switchover(&mut self, why: Switchover) {
+        self.switching = Some(why);
+        self.notify(Notice::SwitchoverStarted { reason: why.text() });
         if self.verify.status.active {
             // The peer answers verify requests only as secondary.
             self.verify.abort("planned switchover");
             self.notify(Notice::VerifyAborted {
-                reason: "planned switchover",
+                reason: Reason::HandoverSent.text(),
             });
         }
         for q in core::mem::take(&mut self.waiting) {
@@ -136,7 +304,7 @@ impl<H: Payload> Node<H> {
             return;
         }
         let id = self.rng.nonzero();
-        self.role = Role::Secondary;
+        self.transition(Reason::HandoverSent);
         self.handover_hb_floor = self.peer_hb_counter_lan;
         if let Some(s) = self.session.as_mut() {
             s.decision.strategy = Strategy::TargetBitmap;
@@ -182,7 +350,7 @@ impl<H: Payload> Node<H> {
             self.meta.gens.bitmap = self.meta.gens.history[0];
         }
         self.peer_role = Some(Role::Secondary);
-        self.become_primary(true, "switchover failed before the peer took the role");
+        self.become_primary(true, Reason::SwitchoverReclaimed);
         self.mark_extents_peer_may_lack();
         self.persist();
     }
@@ -193,7 +361,7 @@ impl<H: Payload> Node<H> {
         self.notify(Notice::SwitchoverDone {
             new_primary: self.cfg.peer_id,
         });
-        if reason == Some("the secondary's LAN side works better") {
+        if reason == Some(Switchover::LanWorse) {
             // The failed server restarts itself as secondary.
             self.emit(Action::Restart);
         }
@@ -225,12 +393,12 @@ impl<H: Payload> Node<H> {
             });
         }
         if self.role == Role::Primary {
-            self.role = Role::Secondary;
+            self.transition(Reason::DiskFailure);
             self.emit(Action::ServiceAddress { hold: false });
             self.notify(Notice::RoleChanged {
                 role: Role::Secondary,
                 generation: self.meta.gens.current,
-                reason: "disk failure",
+                reason: Reason::DiskFailure.text(),
             });
         }
         self.session = None;

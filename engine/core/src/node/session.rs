@@ -277,7 +277,7 @@ impl<H: Payload> Node<H> {
                 // Two primaries must not both hold the service address. The
                 // higher node id steps down; its data is kept as it is (not
                 // merged, not discarded) until the administrator decides.
-                self.become_secondary("split brain: the node with the higher id steps down; its data is kept unmerged");
+                self.become_secondary(Reason::SplitBrainStepDown);
             }
             return;
         }
@@ -293,7 +293,7 @@ impl<H: Payload> Node<H> {
             && peer.role == Role::Secondary
             && self.meta.disk == DiskState::UpToDate
         {
-            self.become_primary(false, "pair started: this node holds the newest data");
+            self.become_primary(false, Reason::PairStarted);
             // The peer adopts our new generation from our image.
         }
         if decision.strategy == Strategy::SourceFull {

@@ -1,5 +1,7 @@
 //! The core's own tests: two nodes wired back to back by one pair driver.
 
+extern crate std;
+
 use super::*;
 use alloc::vec::Vec;
 
@@ -836,4 +838,49 @@ fn test_cold_start_pair_initial_primary_serves_and_syncs() {
     assert_eq!(b.role(), Role::Secondary);
     assert_eq!(b.meta().disk, DiskState::UpToDate);
     assert_eq!(a.meta().gens.current, b.meta().gens.current);
+}
+
+/// The role/disk transition table as text, one reason per line.
+fn role_table() -> alloc::string::String {
+    use core::fmt::Write as _;
+    let mut out = alloc::string::String::new();
+    let show = |v: Option<alloc::string::String>| v.unwrap_or_else(|| "-".into());
+    for r in Reason::ALL {
+        let t = r.transition();
+        let _ = writeln!(
+            out,
+            "{:<24} from {:<9} -> role {:<9} disk {:<12} \"{}\"",
+            alloc::format!("{r:?}"),
+            show(t.from.map(|x| alloc::format!("{x:?}"))),
+            show(t.role.map(|x| alloc::format!("{x:?}"))),
+            show(t.disk.map(|x| alloc::format!("{x:?}"))),
+            r.text()
+        );
+    }
+    out
+}
+
+#[test]
+fn test_role_transition_table_matches_snapshot() {
+    let table = role_table();
+    assert!(
+        table == include_str!("role_table.txt"),
+        "the role/disk transition table changed; if intended, put this in engine/core/src/node/role_table.txt:\n{table}"
+    );
+    let mut seen = alloc::vec::Vec::new();
+    for r in Reason::ALL {
+        assert!(!seen.contains(&r), "{r:?} listed twice");
+        seen.push(r);
+    }
+}
+
+#[test]
+fn test_role_transition_refuses_a_reason_from_the_wrong_role() {
+    // A secondary cannot hand the primary role over.
+    let mut a = node(1, Some(5));
+    assert_eq!(a.role(), Role::Secondary);
+    let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(|| {
+        a.transition(Reason::HandoverSent)
+    }));
+    assert!(r.is_err());
 }
