@@ -72,7 +72,7 @@ impl<H: Payload> Node<H> {
         let unstable = self.al.iter().any(|s| !self.al_cold(s));
         let due = self.now >= self.stabilize_due_us();
         let blocked = self.al_blocked && !self.waiting.is_empty();
-        if unstable && (due || blocked) && self.flushes.values().all(|&(_, r)| r != 0) {
+        if unstable && (due || blocked) && self.ios.count(io::Kind::StablePoint) == 0 {
             self.last_stabilize_us = self.now;
             self.internal_flush();
         }
@@ -80,9 +80,8 @@ impl<H: Payload> Node<H> {
 
     /// Flush locally and (if mirroring) on the peer, to cool AL extents.
     pub(super) fn internal_flush(&mut self) {
-        let io = self.next_io();
         let mark = self.completed_wid();
-        self.flushes.insert(io, (mark, 0));
+        let io = self.ios.start(io::Purpose::Flush { mark, client: None });
         self.emit(Action::Flush { io });
         if self.mirroring() {
             let d = Data {
@@ -165,9 +164,8 @@ impl<H: Payload> Node<H> {
             }
         }
         self.persist();
-        let io = self.next_io();
         let mark = self.completed_wid();
-        self.flushes.insert(io, (mark, 0));
+        let io = self.ios.start(io::Purpose::Flush { mark, client: None });
         self.emit(Action::Flush { io });
     }
 

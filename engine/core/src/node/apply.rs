@@ -47,18 +47,16 @@ impl<H: Payload> Node<H> {
                 break;
             };
             let seq = *seq;
-            let idle = s.applying.is_empty() && s.flush_in_flight.is_none();
+            let idle = s.applying.is_empty() && self.ios.count(io::Kind::ApplyFlush) == 0;
             match m.msg {
                 Message::Data(d) if d.flags & data_flags::FLUSH != 0 || d.len == 0 => {
                     if !idle {
                         break;
                     }
-                    let io = self.next_io;
-                    self.next_io += 1;
+                    let io = self.ios.start(io::Purpose::ApplyFlush { seq });
                     let s = self.session.as_mut().unwrap_or_else(|| unreachable!());
                     s.apply_q.pop_front();
                     s.last_processed = seq;
-                    s.flush_in_flight = Some((io, seq));
                     s.last_flush_us = self.now;
                     self.emit(Action::Flush { io });
                 }
@@ -93,10 +91,7 @@ impl<H: Payload> Node<H> {
                     };
                     s.applying.insert(seq, (block, count));
                     s.last_processed = seq;
-                    let io = self.next_io;
-                    self.next_io += 1;
-                    // io ids and seqs share the apply map via this index.
-                    self.apply_ios.insert(io, seq);
+                    let io = self.ios.start(io::Purpose::Apply { seq });
                     if is_resync {
                         self.counters.resync_blocks_received += count;
                     }
@@ -184,9 +179,11 @@ impl<H: Payload> Node<H> {
                         && v.count > 0
                         && v.count <= 4 * verify::CHUNK_BLOCKS
                     {
-                        let io = self.next_io;
-                        self.next_io += 1;
-                        self.verify_reads.insert(io, (v.start_block, v.count, true));
+                        let io = self.ios.start(io::Purpose::VerifyRead {
+                            start: v.start_block,
+                            count: v.count,
+                            reply: true,
+                        });
                         self.emit(Action::Read {
                             io,
                             block: v.start_block,
@@ -357,7 +354,7 @@ impl<H: Payload> Node<H> {
             }
             return;
         }
-        if s.flush_in_flight.is_some() {
+        if self.ios.count(io::Kind::ApplyFlush) > 0 {
             return;
         }
         // Periodic, and during a resync after `2 * window` applied frames:
@@ -373,9 +370,7 @@ impl<H: Payload> Node<H> {
         // still in flight are not waited for (the next flush covers them),
         // only a FUA write that asked for it.
         if s.flush_wanted && s.applied >= s.flush_upto {
-            let io = self.next_io;
-            self.next_io += 1;
-            s.flush_in_flight = Some((io, s.applied));
+            let io = self.ios.start(io::Purpose::ApplyFlush { seq: s.applied });
             s.flush_wanted = false;
             s.last_flush_us = now;
             self.emit(Action::Flush { io });

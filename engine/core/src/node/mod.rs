@@ -40,12 +40,14 @@ use crate::Micros;
 use al::AlSlot;
 use role::{Reason, Switchover};
 use session::{InMsg, OutMsg, Phase, Session};
-use write::{PendingWrite, QueuedWrite};
+use session::{Numbered, SentRun};
+use write::{FlushWaiter, PeerHalf, QueuedWrite};
 
 mod admin;
 mod al;
 mod api;
 mod apply;
+mod io;
 mod liveness;
 mod online_verify;
 mod resync;
@@ -82,7 +84,6 @@ pub struct Node<H> {
     /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
     msl_lost_pending: bool,
     /// Receiver: local io -> sequence number of the message it applies.
-    apply_ios: BTreeMap<IoId, u64>,
     admin_disconnected: bool,
     next_hello_us: Micros,
     last_hello_us: Micros,
@@ -106,12 +107,11 @@ pub struct Node<H> {
     lan_worse_since: Option<Micros>,
 
     // Write path.
-    next_io: IoId,
+    /// Local I/O in flight, by id, with what it is for.
+    ios: io::IoTable,
     next_wid: u64,
-    pending: BTreeMap<IoId, PendingWrite>,
-    flushes: BTreeMap<IoId, (u64, u64)>, // local flush io -> (watermark wid, req or 0)
     waiting: VecDeque<QueuedWrite<H>>,
-    flush_waiters: VecDeque<(ReqId, IoId, Option<u64>)>, // client flush: (req, local io, mirrored seq)
+    flush_waiters: VecDeque<FlushWaiter>,
     local_flush_done: BTreeSet<IoId>,
     inflight_wids: BTreeSet<u64>,
     local_stable_wid: u64,
@@ -136,10 +136,8 @@ pub struct Node<H> {
     /// only a heartbeat sent after it can show the handover did not land.
     handover_hb_floor: u64,
 
-    // Online verify: the primary's run, and verify reads in flight on
-    // either side (io -> first block, blocks, answer the peer).
+    // Online verify: the primary's run (its reads are in `ios`).
     verify: VerifyRun,
-    verify_reads: BTreeMap<IoId, (u64, u32, bool)>,
     verify_notified: u64,
     verify_resync: bool,
     /// Resync pacing (`resync_max_bytes_per_s`): the next resync read may
@@ -195,7 +193,6 @@ impl<H: Payload> Node<H> {
             last_session_end: None,
             crashed_primary,
             msl_lost_pending: false,
-            apply_ios: BTreeMap::new(),
             admin_disconnected: false,
             next_hello_us: now,
             last_hello_us: 0,
@@ -219,10 +216,8 @@ impl<H: Payload> Node<H> {
             adapter_count: 1,
             adapter_last_rx: [None; MAX_ADAPTERS],
             lan_worse_since: None,
-            next_io: 1,
+            ios: io::IoTable::new(),
             next_wid: 1,
-            pending: BTreeMap::new(),
-            flushes: BTreeMap::new(),
             waiting: VecDeque::new(),
             flush_waiters: VecDeque::new(),
             local_flush_done: BTreeSet::new(),
@@ -241,7 +236,6 @@ impl<H: Payload> Node<H> {
             handover_unconfirmed: false,
             handover_hb_floor: 0,
             verify: VerifyRun::default(),
-            verify_reads: BTreeMap::new(),
             verify_notified: 0,
             verify_resync: false,
             resync_next_us: 0,
@@ -323,7 +317,7 @@ impl<H: Payload> Node<H> {
             resync_remaining,
             resync_total,
             resync_source,
-            pending_writes: self.pending.len() + self.waiting.len(),
+            pending_writes: self.ios.count(io::Kind::ClientWrite) + self.waiting.len(),
             pending_flushes: self.flush_waiters.len(),
             switching: self.switching.is_some(),
             last_session_end: self.last_session_end,
@@ -460,12 +454,6 @@ impl<H: Payload> Node<H> {
 
     fn persist(&mut self) {
         self.persist_al(false);
-    }
-
-    fn next_io(&mut self) -> IoId {
-        let io = self.next_io;
-        self.next_io += 1;
-        io
     }
 
     fn header(&self, seq: u64, ack: u64) -> Header {

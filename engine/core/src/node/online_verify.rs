@@ -38,9 +38,11 @@ impl<H: Payload> Node<H> {
         }
         let busy = self.now < self.last_write_us + self.cfg.resync_idle_us;
         while let Some((start, count)) = self.verify.next_chunk(busy) {
-            let io = self.next_io;
-            self.next_io += 1;
-            self.verify_reads.insert(io, (start, count, false));
+            let io = self.ios.start(io::Purpose::VerifyRead {
+                start,
+                count,
+                reply: false,
+            });
             self.emit(Action::Read {
                 io,
                 block: start,

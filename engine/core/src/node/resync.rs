@@ -30,8 +30,8 @@ impl<H: Payload> Node<H> {
 
     /// Source: read dirty blocks and send them, yielding to client writes.
     pub(super) fn pump_resync(&mut self) {
-        let idle =
-            self.now >= self.last_write_us + self.cfg.resync_idle_us && self.pending.is_empty();
+        let idle = self.now >= self.last_write_us + self.cfg.resync_idle_us
+            && self.ios.count(io::Kind::ClientWrite) == 0;
         let (min, max) = (self.cfg.resync_min_in_flight, self.cfg.resync_max_in_flight);
         let window = self.cfg.window;
         let bs = u64::from(self.cfg.block_size);
@@ -50,7 +50,7 @@ impl<H: Payload> Node<H> {
             let Some(s) = self.session.as_mut() else {
                 return;
             };
-            if s.phase != Phase::Source || s.resync_done_seq.is_some() {
+            if s.phase != Phase::Source || s.resync_done.is_some() {
                 return;
             }
             // Pace by blocks read or sent but not yet applied by the target.
@@ -60,8 +60,8 @@ impl<H: Payload> Node<H> {
             let applied_upto = s.peer_applied;
             let unapplied = s.resync_sent.len()
                 - s.resync_sent
-                    .partition_point(|&(seq, _, _)| seq <= applied_upto);
-            let outstanding = s.resync_reads.len() + unapplied;
+                    .partition_point(|r| r.seq.is_at_or_before(applied_upto));
+            let outstanding = self.ios.count(io::Kind::ResyncRead) + unapplied;
             let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
             let floor_due = self.cfg.resync_min_bytes_per_s > 0 && self.now >= self.resync_floor_us;
             let may = if idle {
@@ -76,7 +76,7 @@ impl<H: Payload> Node<H> {
             }
             let Some(block) = self.meta.dirty.next_set(s.resync_cursor) else {
                 // Everything dirty has been read; done once all are stable.
-                if s.resync_reads.is_empty() && s.resync_sent.is_empty() {
+                if self.ios.count(io::Kind::ResyncRead) == 0 && s.resync_sent.is_empty() {
                     if self.meta.dirty.count() == 0 {
                         let blocks = s.resync_blocks_sent;
                         let seq = self.send_reliable(
@@ -86,7 +86,7 @@ impl<H: Payload> Node<H> {
                             None,
                         );
                         if let Some(s) = self.session.as_mut() {
-                            s.resync_done_seq = seq.or(Some(u64::MAX));
+                            s.resync_done = Some(seq.map_or(Numbered::Queued, Numbered::Sent));
                         }
                     } else if let Some(s) = self.session.as_mut() {
                         s.resync_cursor = 0; // wrap: resend blocks re-dirtied meanwhile
@@ -94,12 +94,12 @@ impl<H: Payload> Node<H> {
                 }
                 break;
             };
-            let pending = &self.pending;
+            let ios = &self.ios;
             let free = |b: u64, s: &Session<H>| {
                 !s.resync_busy.get(b)
-                    && !pending
-                        .values()
-                        .any(|p| b >= p.block && b < p.block + p.count)
+                    && !ios
+                        .client_writes()
+                        .any(|(_, p)| b >= p.block && b < p.block + p.count)
             };
             if !free(block, s) {
                 s.resync_cursor = block + 1;
@@ -131,9 +131,11 @@ impl<H: Payload> Node<H> {
                 return;
             };
             s.resync_cursor = block + count;
-            let io = self.next_io;
-            self.next_io += 1;
-            s.resync_reads.insert(io, (block, count, false));
+            let io = self.ios.start(io::Purpose::ResyncRead {
+                block,
+                count,
+                cancelled: false,
+            });
             for b in block..block + count {
                 s.resync_busy.set(b);
             }

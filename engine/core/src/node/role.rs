@@ -284,7 +284,7 @@ impl<H: Payload> Node<H> {
     pub(super) fn try_handover(&mut self) {
         if self.role != Role::Primary
             || self.switching.is_none()
-            || !self.pending.is_empty()
+            || self.ios.count(io::Kind::ClientWrite) > 0
             || !self.flush_waiters.is_empty()
         {
             return;
@@ -374,7 +374,7 @@ impl<H: Payload> Node<H> {
         }
         self.failed = true;
         self.notify(Notice::DiskFailed { what });
-        for (_, p) in core::mem::take(&mut self.pending) {
+        for p in self.ios.take_client_writes() {
             self.emit(Action::Reply {
                 req: p.req,
                 result: Err(ClientError::IoError),
@@ -386,7 +386,7 @@ impl<H: Payload> Node<H> {
                 result: Err(ClientError::IoError),
             });
         }
-        for (req, _, _) in core::mem::take(&mut self.flush_waiters) {
+        for FlushWaiter { req, .. } in core::mem::take(&mut self.flush_waiters) {
             self.emit(Action::Reply {
                 req,
                 result: Err(ClientError::IoError),
@@ -402,6 +402,7 @@ impl<H: Payload> Node<H> {
             });
         }
         self.session = None;
+        self.ios.end_session();
         // Tell the peer at once (it takes over if it was in sync).
         self.next_hb_us = self.now;
     }

@@ -31,6 +31,29 @@ pub(super) enum Phase {
     Refused,
 }
 
+/// A reliable message's sequence number, once it leaves the backlog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Numbered {
+    /// In the send backlog (the window was full).
+    Queued,
+    Sent(u64),
+}
+
+impl Numbered {
+    /// Sent with a sequence number at or before `seq`.
+    pub(super) fn is_at_or_before(self, seq: u64) -> bool {
+        matches!(self, Numbered::Sent(s) if s <= seq)
+    }
+}
+
+/// A run of resync blocks sent to the target.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct SentRun {
+    pub(super) seq: Numbered,
+    pub(super) block: u64,
+    pub(super) count: u64,
+}
+
 pub(super) struct Session<H> {
     /// Our HELLO as the peer decided on it (its session is our base).
     pub(super) my_hello: Hello,
@@ -54,7 +77,6 @@ pub(super) struct Session<H> {
     pub(super) last_processed: u64,
     pub(super) applied: u64,
     pub(super) stable: u64,
-    pub(super) flush_in_flight: Option<(IoId, u64)>,
     pub(super) last_flush_us: Micros,
     /// A flush is due (FUA write, or periodic). It is issued once every
     /// message up to `flush_upto` is applied; applies go on meanwhile, and
@@ -64,12 +86,14 @@ pub(super) struct Session<H> {
     /// Source side: resync progress.
     pub(super) resync_total: u64,
     pub(super) resync_cursor: u64,
-    pub(super) resync_reads: BTreeMap<IoId, (u64, u64, bool)>, // io -> (block, count, cancelled)
-    pub(super) resync_sent: VecDeque<(u64, u64, u64)>, // (seq, block, count) awaiting stable
+    /// Runs sent, awaiting the target's stable point, in send order (the
+    /// ones still in the backlog, unnumbered, at the tail).
+    pub(super) resync_sent: VecDeque<SentRun>,
     /// Blocks in `resync_reads` or `resync_sent` (sized when the resync
     /// starts): one bit test instead of scanning both per block.
     pub(super) resync_busy: Bitmap,
-    pub(super) resync_done_seq: Option<u64>,
+    /// RESYNC_DONE, once queued.
+    pub(super) resync_done: Option<Numbered>,
     pub(super) resync_blocks_sent: u64,
     pub(super) last_progress_us: Micros,
     /// Target side: blocks written during the resync, by sequence number,
@@ -235,16 +259,14 @@ impl<H: Payload> Node<H> {
             last_processed: peer.session,
             applied: peer.session,
             stable: peer.session,
-            flush_in_flight: None,
             last_flush_us: self.now,
             flush_wanted: false,
             flush_upto: 0,
             resync_total: 0,
             resync_cursor: 0,
-            resync_reads: BTreeMap::new(),
             resync_sent: VecDeque::new(),
             resync_busy: Bitmap::new(0),
-            resync_done_seq: None,
+            resync_done: None,
             resync_blocks_sent: 0,
             last_progress_us: self.now,
             target_unflushed: VecDeque::new(),
@@ -341,7 +363,7 @@ impl<H: Payload> Node<H> {
         // completions must not release a new session's entry that reuses
         // the sequence number (nothing is released; their blocks stay as
         // the bitmaps say).
-        self.apply_ios.clear();
+        self.ios.end_session();
         self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
         self.last_session_end = Some(why);
         self.counters.retransmits += s.tx.stats.retransmits;
@@ -360,7 +382,7 @@ impl<H: Payload> Node<H> {
             // dirty), need nothing: with a 1237-extent log, merging every
             // slot resynced gigabytes after a secondary restart.
             self.mark_extents_peer_may_lack();
-            for p in self.pending.values() {
+            for (_, p) in self.ios.client_writes() {
                 self.meta.dirty.set_range(p.block, p.count);
             }
             let id = self.rng.nonzero();
@@ -375,11 +397,11 @@ impl<H: Payload> Node<H> {
                 },
             });
             // Writes waiting only for the peer are released now.
-            for p in self.pending.values_mut() {
-                p.seq = None;
+            for p in self.ios.client_writes_mut() {
+                p.peer = PeerHalf::Local;
             }
             for w in self.flush_waiters.iter_mut() {
-                w.2 = None;
+                w.peer = PeerHalf::Local;
             }
             self.switching = None;
             self.release_writes();

@@ -65,8 +65,8 @@ impl<H: Payload> Node<H> {
             s.mirror_wids.pop_front();
         }
         // Resync blocks stable on the target are clean now.
-        while let Some(&(seq, block, count)) = s.resync_sent.front() {
-            if seq > s.peer_stable {
+        while let Some(&SentRun { seq, block, count }) = s.resync_sent.front() {
+            if !seq.is_at_or_before(s.peer_stable) {
                 break;
             }
             s.resync_sent.pop_front();
@@ -85,7 +85,7 @@ impl<H: Payload> Node<H> {
         };
         // Resync finished once RESYNC_DONE is applied by the target.
         if s.phase == Phase::Source {
-            if let Some(done) = s.resync_done_seq {
+            if let Some(Numbered::Sent(done)) = s.resync_done {
                 if s.peer_applied >= done {
                     s.phase = Phase::InSync;
                     let blocks = s.resync_blocks_sent;
@@ -140,9 +140,9 @@ impl<H: Payload> Node<H> {
             if let Message::Data(d) = msg {
                 if d.len > 0 {
                     // Pending write learns its sequence number.
-                    for p in self.pending.values_mut() {
-                        if p.seq == Some(u64::MAX) && p.wid == d.write_id {
-                            p.seq = Some(seq);
+                    for p in self.ios.client_writes_mut() {
+                        if p.peer == PeerHalf::Queued && p.wid == d.write_id {
+                            p.peer = PeerHalf::Sent(seq);
                         }
                     }
                     if let Some(s) = self.session.as_mut() {
@@ -152,8 +152,8 @@ impl<H: Payload> Node<H> {
                     // A client flush (write_id = its local flush io) learns
                     // its sequence number; internal flushes carry 0.
                     for w in self.flush_waiters.iter_mut() {
-                        if w.1 == d.write_id {
-                            w.2 = Some(seq);
+                        if w.io == d.write_id {
+                            w.peer = PeerHalf::Sent(seq);
                         }
                     }
                 }
@@ -161,15 +161,15 @@ impl<H: Payload> Node<H> {
             if let Message::ResyncData(_) = msg {
                 if let Some(s) = self.session.as_mut() {
                     // Unnumbered entries are the tail, in send order.
-                    let first = s.resync_sent.partition_point(|e| e.0 != u64::MAX);
+                    let first = s.resync_sent.partition_point(|e| e.seq != Numbered::Queued);
                     if let Some(e) = s.resync_sent.get_mut(first) {
-                        e.0 = seq;
+                        e.seq = Numbered::Sent(seq);
                     }
                 }
             }
             if let Message::ResyncDone(_) = msg {
                 if let Some(s) = self.session.as_mut() {
-                    s.resync_done_seq = Some(seq);
+                    s.resync_done = Some(Numbered::Sent(seq));
                 }
             }
             let mut h = self.header(seq, ack);

@@ -505,7 +505,7 @@ fn test_received_unflushed_writes_are_protected_when_the_secondary_takes_over() 
         210_000,
         &|_, _, n| alloc::vec![0; n as usize * 4096],
     );
-    assert!(a.pending.is_empty(), "the write was acknowledged");
+    assert!(a.ios.count(io::Kind::ClientWrite) == 0, "the write was acknowledged");
     assert!(unflushed_here(&b, 1), "applied on b, not yet flushed there");
     // The primary dies: b hears nothing more, ends the session, takes
     // over.
@@ -590,7 +590,7 @@ fn test_handover_puts_received_unflushed_writes_in_the_new_primarys_log() {
     write_block(&mut a, 200_000, 1, 17, 4);
     let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
     run_pair(&mut a, &mut b, 200_000, 210_000, &zeros);
-    assert!(a.pending.is_empty());
+    assert!(a.ios.count(io::Kind::ClientWrite) == 0);
     a.handle(210_000, Event::Admin(AdminCmd::Switchover));
     // One step at a time, so b's persisted log is seen before its
     // flush completes (run_pair completes flushes at once).
@@ -607,7 +607,7 @@ fn test_handover_puts_received_unflushed_writes_in_the_new_primarys_log() {
     assert!(b.mirroring(), "b mirrors after the switchover");
     write_block(&mut b, 400_000, 2, 33, 5);
     run_pair(&mut a, &mut b, 400_000, 410_000, &zeros);
-    assert!(b.pending.is_empty(), "acknowledged");
+    assert!(b.ios.count(io::Kind::ClientWrite) == 0, "acknowledged");
     assert!(
         unflushed_here(&a, 4),
         "block 33 (extent 4) applied on the old primary"
@@ -648,7 +648,7 @@ fn test_switchover_cut_before_the_peer_took_the_role_gives_it_back() {
     );
     write_block(&mut a, 2_000_000, 1, 17, 4);
     run_pair_with(&mut a, &mut b, 2_000_000, 2_100_000, &zeros, [false, false]);
-    assert!(a.pending.is_empty(), "acknowledged without the peer");
+    assert!(a.ios.count(io::Kind::ClientWrite) == 0, "acknowledged without the peer");
     assert!(a.meta().dirty.get(17));
     // The MSL is back: b is resynced from the changed blocks only.
     run_pair(&mut a, &mut b, 2_100_000, 4_000_000, &zeros);

@@ -13,8 +13,29 @@ pub(super) struct PendingWrite {
     pub(super) count: u64,
     pub(super) fua: bool,
     pub(super) local_done: bool,
-    /// Sequence number of the mirrored DATA, if mirrored.
-    pub(super) seq: Option<u64>,
+    /// The peer's half.
+    pub(super) peer: PeerHalf,
+}
+
+/// Where the peer's half of a client write or flush stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PeerHalf {
+    /// Not mirrored (degraded, async mode, or the session ended): only the
+    /// local half counts.
+    Local,
+    /// Mirrored, but still in the send backlog: numbered when it is sent.
+    Queued,
+    /// Mirrored as this sequence number.
+    Sent(u64),
+}
+
+/// A client flush waiting for its local flush and the peer's.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FlushWaiter {
+    pub(super) req: ReqId,
+    /// The local flush's io id (also the `write_id` of the mirrored FLUSH).
+    pub(super) io: IoId,
+    pub(super) peer: PeerHalf,
 }
 
 #[derive(Clone, Debug)]
@@ -73,7 +94,8 @@ impl<H: Payload> Node<H> {
             });
             return;
         }
-        if self.waiting.len() + self.pending.len() >= self.cfg.max_pending_writes {
+        if self.waiting.len() + self.ios.count(io::Kind::ClientWrite) >= self.cfg.max_pending_writes
+        {
             self.counters.client_writes_refused += 1;
             self.emit(Action::Reply {
                 req: q.req,
@@ -95,9 +117,9 @@ impl<H: Payload> Node<H> {
             }
             let (block, count) = (q.block, q.count);
             if self
-                .pending
-                .values()
-                .any(|p| p.count > 0 && block < p.block + p.count && p.block < block + count)
+                .ios
+                .client_writes()
+                .any(|(_, p)| p.count > 0 && block < p.block + p.count && p.block < block + count)
             {
                 return;
             }
@@ -146,19 +168,18 @@ impl<H: Payload> Node<H> {
         }
         self.last_write_us = self.now;
         self.inflight_wids.insert(wid);
-        let io = self.next_io();
         // The local write is emitted after the mirror message: the peer's
         // half of the round trip then overlaps the local write instead of
         // waiting for it (the client's reply needs both either way).
-        let local = Action::Write {
-            io,
+        let mut local = Action::Write {
+            io: 0,
             block: q.block,
             count: q.count,
             kind: q.kind,
             fua: q.fua,
             payload: q.payload.clone(),
         };
-        let mut seq = None;
+        let mut peer = PeerHalf::Local;
         if mirror || mirror_async {
             let bs = u64::from(self.cfg.block_size);
             let mut flags = if q.fua { data_flags::FUA } else { 0 };
@@ -179,35 +200,30 @@ impl<H: Payload> Node<H> {
                     if let Some(sess) = self.session.as_mut() {
                         sess.mirror_wids.push_back((s, wid));
                     }
-                    seq = Some(s);
+                    peer = PeerHalf::Sent(s);
                 }
-                None => seq = Some(u64::MAX), // queued in backlog: seq assigned later
+                // Numbered when it leaves the backlog (`flush_backlog`).
+                None => peer = PeerHalf::Queued,
             }
             if mirror_async {
-                seq = None;
+                peer = PeerHalf::Local;
             }
             // Cancel resync reads of these blocks: their data is stale now.
-            if let Some(s) = self.session.as_mut() {
-                for (_, (b, c, cancelled)) in s.resync_reads.iter_mut() {
-                    if *b < q.block + q.count && q.block < *b + *c {
-                        *cancelled = true;
-                    }
-                }
-            }
+            self.ios.cancel_resync_reads(q.block, q.count);
+        }
+        let io = self.ios.start(io::Purpose::ClientWrite(PendingWrite {
+            req: q.req,
+            wid,
+            block: q.block,
+            count: q.count,
+            fua: q.fua,
+            local_done: false,
+            peer,
+        }));
+        if let Action::Write { io: id, .. } = &mut local {
+            *id = io;
         }
         self.emit(local);
-        self.pending.insert(
-            io,
-            PendingWrite {
-                req: q.req,
-                wid,
-                block: q.block,
-                count: q.count,
-                fua: q.fua,
-                local_done: false,
-                seq,
-            },
-        );
     }
 
     pub(super) fn on_client_flush(&mut self, req: ReqId) {
@@ -223,33 +239,40 @@ impl<H: Payload> Node<H> {
             });
             return;
         }
-        let io = self.next_io();
         let mark = self.completed_wid();
-        self.flushes.insert(io, (mark, req));
+        let io = self.ios.start(io::Purpose::Flush {
+            mark,
+            client: Some(req),
+        });
         self.emit(Action::Flush { io });
-        let mut seq = None;
         if self.mirroring() {
             // Registered first: if the message goes to the backlog,
             // `flush_backlog` finds the waiter by its io id.
-            self.flush_waiters.push_back((req, io, Some(u64::MAX)));
+            self.flush_waiters.push_back(FlushWaiter {
+                req,
+                io,
+                peer: PeerHalf::Queued,
+            });
             let d = Data {
                 write_id: io,
                 offset: 0,
                 len: 0,
                 flags: data_flags::FLUSH,
             };
-            seq = Some(
-                self.send_reliable(Message::Data(d), None)
-                    .unwrap_or(u64::MAX),
-            );
-            if let Some(w) = self.flush_waiters.back_mut() {
-                if w.2 == Some(u64::MAX) {
-                    w.2 = seq;
+            let sent = self.send_reliable(Message::Data(d), None);
+            if let (Some(seq), Some(w)) = (sent, self.flush_waiters.back_mut()) {
+                debug_assert_eq!(w.io, io);
+                if w.peer == PeerHalf::Queued {
+                    w.peer = PeerHalf::Sent(seq);
                 }
             }
             return;
         }
-        self.flush_waiters.push_back((req, io, seq));
+        self.flush_waiters.push_back(FlushWaiter {
+            req,
+            io,
+            peer: PeerHalf::Local,
+        });
     }
 
     /// Release client writes and flushes whose conditions are met.
@@ -259,14 +282,14 @@ impl<H: Payload> Node<H> {
             None => (0, 0, false),
         };
         let mut done = Vec::new();
-        for (&io, p) in &self.pending {
+        for (io, p) in self.ios.client_writes() {
             if !p.local_done {
                 continue;
             }
-            let peer_ok = match p.seq {
-                None => true,
-                Some(u64::MAX) => false,
-                Some(seq) => {
+            let peer_ok = match p.peer {
+                PeerHalf::Local => true,
+                PeerHalf::Queued => false,
+                PeerHalf::Sent(seq) => {
                     connected
                         && if p.fua {
                             peer_stable >= seq
@@ -280,19 +303,19 @@ impl<H: Payload> Node<H> {
             }
         }
         for io in done {
-            if let Some(p) = self.pending.remove(&io) {
+            if let Some(io::Purpose::ClientWrite(p)) = self.ios.take(io) {
                 self.emit(Action::Reply {
                     req: p.req,
                     result: Ok(()),
                 });
             }
         }
-        while let Some(&(req, io, seq)) = self.flush_waiters.front() {
+        while let Some(&FlushWaiter { req, io, peer }) = self.flush_waiters.front() {
             let local = self.local_flush_done.contains(&io);
-            let peer_ok = match seq {
-                None => true,
-                Some(u64::MAX) => false,
-                Some(seq) => connected && peer_stable >= seq,
+            let peer_ok = match peer {
+                PeerHalf::Local => true,
+                PeerHalf::Queued => false,
+                PeerHalf::Sent(seq) => connected && peer_stable >= seq,
             };
             if !(local && peer_ok) {
                 break;
@@ -313,7 +336,11 @@ impl<H: Payload> Node<H> {
             self.fail("volume write or flush");
             return;
         }
-        if let Some(p) = self.pending.get_mut(&io) {
+        let Some(kind) = self.ios.kind(io) else {
+            // A write from an ended session, or unknown: nothing to release.
+            return;
+        };
+        if let Some(io::Purpose::ClientWrite(p)) = self.ios.get_mut(io) {
             p.local_done = true;
             let (wid, block, count) = (p.wid, p.block, p.count);
             self.inflight_wids.remove(&wid);
@@ -324,15 +351,21 @@ impl<H: Payload> Node<H> {
             self.release_writes();
             return;
         }
-        if let Some((mark, req)) = self.flushes.remove(&io) {
+        if matches!(kind, io::Kind::Flush | io::Kind::StablePoint) {
+            let Some(io::Purpose::Flush { mark, client }) = self.ios.take(io) else {
+                unreachable!("io {io} is a flush");
+            };
             self.local_stable_wid = self.local_stable_wid.max(mark);
-            if req != 0 || self.flush_waiters.iter().any(|w| w.1 == io) {
+            if client.is_some() || self.flush_waiters.iter().any(|w| w.io == io) {
                 self.local_flush_done.insert(io);
             }
             self.release_writes();
             return;
         }
-        if let Some(seq) = self.apply_ios.remove(&io) {
+        if kind == io::Kind::Apply {
+            let Some(io::Purpose::Apply { seq }) = self.ios.take(io) else {
+                unreachable!("io {io} is an apply");
+            };
             if let Some(s) = self.session.as_mut() {
                 if let Some((block, count)) = s.applying.remove(&seq) {
                     if s.phase == Phase::Target {
@@ -354,32 +387,34 @@ impl<H: Payload> Node<H> {
             self.run_apply_queue();
             return;
         }
-        if let Some(s) = self.session.as_mut() {
-            if let Some((fio, fseq)) = s.flush_in_flight {
-                if fio == io {
-                    s.flush_in_flight = None;
-                    s.stable = s.stable.max(fseq);
-                    s.ack_pending = true;
-                    let stable = s.stable;
-                    s.unstable_applied.retain(|_, seq| *seq > stable);
-                    // Blocks written up to the flush point are stable here:
-                    // their bits clear (persisted by `persist_progress`).
-                    while let Some(&(seq, block, count)) = s.target_unflushed.front() {
-                        if seq > s.stable {
-                            break;
-                        }
-                        s.target_unflushed.pop_front();
-                        for b in block..block + count {
-                            self.meta.dirty.clear(b);
-                        }
-                        self.bitmap_unpersisted = true;
+        if kind == io::Kind::ApplyFlush {
+            let Some(io::Purpose::ApplyFlush { seq: fseq }) = self.ios.take(io) else {
+                unreachable!("io {io} is an apply flush");
+            };
+            // Session I/O leaves the table when its session ends.
+            let s = self.session.as_mut();
+            debug_assert!(s.is_some(), "apply flush {io} outlived its session");
+            if let Some(s) = s {
+                s.stable = s.stable.max(fseq);
+                s.ack_pending = true;
+                let stable = s.stable;
+                s.unstable_applied.retain(|_, seq| *seq > stable);
+                // Blocks written up to the flush point are stable here:
+                // their bits clear (persisted by `persist_progress`).
+                while let Some(&(seq, block, count)) = s.target_unflushed.front() {
+                    if seq > s.stable {
+                        break;
                     }
-                    self.run_apply_queue();
+                    s.target_unflushed.pop_front();
+                    for b in block..block + count {
+                        self.meta.dirty.clear(b);
+                    }
+                    self.bitmap_unpersisted = true;
                 }
+                self.run_apply_queue();
             }
         }
-        // Otherwise: a write from an ended session, or unknown: nothing to
-        // release.
+        // A read's io reported as a write: nothing to release.
     }
 
     pub(super) fn on_read_done(&mut self, io: IoId, ok: bool, payload: Option<H>) {
@@ -388,7 +423,15 @@ impl<H: Payload> Node<H> {
             return;
         }
         let bs = u64::from(self.cfg.block_size);
-        if let Some((start, count, reply)) = self.verify_reads.remove(&io) {
+        if self.ios.kind(io) == Some(io::Kind::VerifyRead) {
+            let Some(io::Purpose::VerifyRead {
+                start,
+                count,
+                reply,
+            }) = self.ios.take(io)
+            else {
+                unreachable!("io {io} is a verify read");
+            };
             let data = payload.as_ref().map_or(&[][..], |p| p.bytes());
             if data.len() as u64 != u64::from(count) * bs {
                 self.counters.frames_unexpected += 1;
@@ -407,10 +450,20 @@ impl<H: Payload> Node<H> {
             }
             return;
         }
-        let Some(s) = self.session.as_mut() else {
+        if self.ios.kind(io) != Some(io::Kind::ResyncRead) {
             return;
+        }
+        let Some(io::Purpose::ResyncRead {
+            block,
+            count,
+            cancelled,
+        }) = self.ios.take(io)
+        else {
+            unreachable!("io {io} is a resync read");
         };
-        let Some((block, count, cancelled)) = s.resync_reads.remove(&io) else {
+        // Session I/O leaves the table when its session ends.
+        let Some(s) = self.session.as_mut() else {
+            debug_assert!(false, "resync read {io} outlived its session");
             return;
         };
         if cancelled || s.phase != Phase::Source {
@@ -428,12 +481,13 @@ impl<H: Payload> Node<H> {
             len: (count * bs) as u32,
             flags: 0,
         };
-        // Not yet numbered if it went to the backlog (u64::MAX until then).
-        let seq = self
-            .send_reliable(Message::ResyncData(r), payload)
-            .unwrap_or(u64::MAX);
+        // Not yet numbered if it went to the backlog.
+        let seq = match self.send_reliable(Message::ResyncData(r), payload) {
+            Some(seq) => Numbered::Sent(seq),
+            None => Numbered::Queued,
+        };
         if let Some(s) = self.session.as_mut() {
-            s.resync_sent.push_back((seq, block, count));
+            s.resync_sent.push_back(SentRun { seq, block, count });
         }
     }
 }
