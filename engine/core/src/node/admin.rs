@@ -48,7 +48,7 @@ impl<H: Payload> Node<H> {
             }
             AdminCmd::Connect => {
                 self.admin_disconnected = false;
-                self.next_hello_us = self.now;
+                self.timers.set(Timer::Hello, self.now);
             }
             AdminCmd::Verify {
                 start_block,

@@ -36,7 +36,7 @@ impl<H: Payload> Node<H> {
         self.msl_carrier = up;
         if up {
             self.notify(Notice::MslLinkUp);
-            self.next_hello_us = self.now;
+            self.timers.set(Timer::Hello, self.now);
         } else {
             self.notify(Notice::MslLinkDown);
             if self.msl_alive {
@@ -83,8 +83,9 @@ impl<H: Payload> Node<H> {
         for i in 0..usize::from(self.adapter_count) {
             self.adapters[i].reachable = self.adapter_last_rx[i].is_some_and(|t| now < t + dead);
         }
-        if now >= self.next_hb_us {
-            self.next_hb_us = now + self.cfg.heartbeat_interval_us;
+        if self.timers.expired(Timer::Heartbeat, now) {
+            self.timers
+                .set(Timer::Heartbeat, now + self.cfg.heartbeat_interval_us);
             let hb = self.my_heartbeat();
             let h = self.header(0, 0);
             self.emit(Action::SendLan { header: h, hb });
@@ -107,9 +108,10 @@ impl<H: Payload> Node<H> {
         if self.session.is_none()
             && !self.admin_disconnected
             && self.msl_carrier
-            && now >= self.next_hello_us
+            && self.timers.expired(Timer::Hello, now)
         {
-            self.next_hello_us = now + self.cfg.heartbeat_interval_us;
+            self.timers
+                .set(Timer::Hello, now + self.cfg.heartbeat_interval_us);
             self.last_hello_us = now;
             let ack = self.peer_hello_seen.unwrap_or(0);
             let h = self.header(0, ack);

@@ -41,6 +41,7 @@ use al::AlSlot;
 use role::{Reason, Switchover};
 use session::{InMsg, OutMsg, Phase, Session};
 use session::{Numbered, SentRun};
+use timers::{Timer, TimerTable};
 use write::{FlushWaiter, PeerHalf, QueuedWrite};
 
 mod admin;
@@ -85,7 +86,6 @@ pub struct Node<H> {
     msl_lost_pending: bool,
     /// Receiver: local io -> sequence number of the message it applies.
     admin_disconnected: bool,
-    next_hello_us: Micros,
     last_hello_us: Micros,
 
     // Liveness.
@@ -97,14 +97,12 @@ pub struct Node<H> {
     peer_hb: Option<Heartbeat>,
     peer_role: Option<Role>,
     was_in_sync: bool,
-    next_hb_us: Micros,
     hb_counter: u64,
     peer_hb_counter: u64,
     peer_hb_counter_lan: u64,
     adapters: [AdapterHealth; MAX_ADAPTERS],
     adapter_count: u8,
     adapter_last_rx: [Option<Micros>; MAX_ADAPTERS],
-    lan_worse_since: Option<Micros>,
 
     // Write path.
     /// Local I/O in flight, by id, with what it is for.
@@ -140,17 +138,14 @@ pub struct Node<H> {
     verify: VerifyRun,
     verify_notified: u64,
     verify_resync: bool,
-    /// Resync pacing (`resync_max_bytes_per_s`): the next resync read may
-    /// start at this time.
-    resync_next_us: Micros,
-    /// Resync floor under client load (`resync_min_bytes_per_s`): a resync
-    /// read beyond `resync_min_in_flight` may start at this time.
-    resync_floor_us: Micros,
     /// Dirty bits cleared in memory since the last metadata write, and when
     /// that write was: resync progress is persisted at most once per
     /// `BITMAP_PERSIST_INTERVAL_US`, so a crash resumes from there.
     bitmap_unpersisted: bool,
     bitmap_persisted_us: Micros,
+
+    /// Every timer's deadline.
+    timers: TimerTable,
 
     pub counters: Counters,
 }
@@ -194,7 +189,6 @@ impl<H: Payload> Node<H> {
             crashed_primary,
             msl_lost_pending: false,
             admin_disconnected: false,
-            next_hello_us: now,
             last_hello_us: 0,
             msl_carrier: true,
             last_msl_rx: None,
@@ -204,7 +198,6 @@ impl<H: Payload> Node<H> {
             peer_hb: None,
             peer_role: None,
             was_in_sync: false,
-            next_hb_us: now,
             hb_counter: 0,
             peer_hb_counter: 0,
             peer_hb_counter_lan: 0,
@@ -215,7 +208,6 @@ impl<H: Payload> Node<H> {
             }; MAX_ADAPTERS],
             adapter_count: 1,
             adapter_last_rx: [None; MAX_ADAPTERS],
-            lan_worse_since: None,
             ios: io::IoTable::new(),
             next_wid: 1,
             waiting: VecDeque::new(),
@@ -238,12 +230,13 @@ impl<H: Payload> Node<H> {
             verify: VerifyRun::default(),
             verify_notified: 0,
             verify_resync: false,
-            resync_next_us: 0,
-            resync_floor_us: 0,
             bitmap_unpersisted: false,
             bitmap_persisted_us: now,
             counters: Counters::default(),
+            timers: TimerTable::new(),
         };
+        node.timers.set(Timer::Heartbeat, now);
+        node.timers.set(Timer::Hello, now);
         node.persist();
         node
     }
@@ -350,9 +343,9 @@ impl<H: Payload> Node<H> {
             }
         };
         let dead = self.cfg.dead_after_us();
-        at(self.next_hb_us);
+        at(self.timers.deadline(Timer::Heartbeat));
         if self.session.is_none() && !self.admin_disconnected && self.msl_carrier {
-            at(self.next_hello_us);
+            at(self.timers.deadline(Timer::Hello));
         }
         if let (Some(x), true) = (self.last_msl_rx, self.msl_alive) {
             at(x + dead);
@@ -360,8 +353,8 @@ impl<H: Payload> Node<H> {
         if let (Some(x), true) = (self.last_lan_rx, self.lan_alive) {
             at(x + dead);
         }
-        if let Some(since) = self.lan_worse_since {
-            at(since + self.cfg.switchover_debounce_us);
+        if let Some(d) = self.timers.get(Timer::SwitchoverDebounce) {
+            at(d);
         }
         if self.role == Role::Primary && !self.al.is_empty() {
             at(self.stabilize_due_us());
@@ -379,10 +372,10 @@ impl<H: Payload> Node<H> {
             if s.phase == Phase::Source {
                 at(self.last_write_us + self.cfg.resync_idle_us);
                 if self.cfg.resync_max_bytes_per_s > 0 {
-                    at(self.resync_next_us);
+                    at(self.timers.deadline(Timer::ResyncPace));
                 }
                 if self.cfg.resync_min_bytes_per_s > 0 {
-                    at(self.resync_floor_us);
+                    at(self.timers.deadline(Timer::ResyncFloor));
                 }
             }
         }
@@ -512,3 +505,4 @@ impl<H: Payload> Node<H> {
 
 #[cfg(test)]
 mod tests;
+mod timers;

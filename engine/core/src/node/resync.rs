@@ -63,7 +63,8 @@ impl<H: Payload> Node<H> {
                     .partition_point(|r| r.seq.is_at_or_before(applied_upto));
             let outstanding = self.ios.count(io::Kind::ResyncRead) + unapplied;
             let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
-            let floor_due = self.cfg.resync_min_bytes_per_s > 0 && self.now >= self.resync_floor_us;
+            let floor_due = self.cfg.resync_min_bytes_per_s > 0
+                && self.now >= self.timers.deadline(Timer::ResyncFloor);
             let may = if idle {
                 outstanding < max && !(congested && outstanding >= min)
             } else {
@@ -116,16 +117,20 @@ impl<H: Payload> Node<H> {
             let now = self.now;
             let rate = self.cfg.resync_max_bytes_per_s;
             if rate > 0 {
-                if now < self.resync_next_us {
+                let next = self.timers.deadline(Timer::ResyncPace);
+                if now < next {
                     break;
                 }
-                self.resync_next_us = pace(self.resync_next_us, now, bs * count, rate);
+                self.timers
+                    .set(Timer::ResyncPace, pace(next, now, bs * count, rate));
             }
             let floor = self.cfg.resync_min_bytes_per_s;
             if floor > 0 && !idle {
                 // Every read under load spends floor budget, so the floor
                 // rate adds to the in-flight floor only where that is slower.
-                self.resync_floor_us = pace(self.resync_floor_us, now, bs * count, floor);
+                let next = self.timers.deadline(Timer::ResyncFloor);
+                self.timers
+                    .set(Timer::ResyncFloor, pace(next, now, bs * count, floor));
             }
             let Some(s) = self.session.as_mut() else {
                 return;

@@ -242,7 +242,7 @@ impl<H: Payload> Node<H> {
 
     pub(super) fn check_switchover(&mut self) {
         if self.role != Role::Primary || self.switching.is_some() || !self.in_sync() {
-            self.lan_worse_since = None;
+            self.timers.stop(Timer::SwitchoverDebounce);
             return;
         }
         let Some(peer) = self.peer_hb else {
@@ -251,12 +251,15 @@ impl<H: Payload> Node<H> {
         let mine = self.my_lan_score();
         let theirs = peer.working_adapters();
         if theirs > mine && peer.disk == DiskState::UpToDate {
-            let since = *self.lan_worse_since.get_or_insert(self.now);
-            if self.now >= since + self.cfg.switchover_debounce_us {
+            if self.timers.get(Timer::SwitchoverDebounce).is_none() {
+                let at = self.now + self.cfg.switchover_debounce_us;
+                self.timers.set(Timer::SwitchoverDebounce, at);
+            }
+            if self.timers.expired(Timer::SwitchoverDebounce, self.now) {
                 self.start_switchover(Switchover::LanWorse);
             }
         } else {
-            self.lan_worse_since = None;
+            self.timers.stop(Timer::SwitchoverDebounce);
         }
     }
 
@@ -404,6 +407,6 @@ impl<H: Payload> Node<H> {
         self.session = None;
         self.ios.end_session();
         // Tell the peer at once (it takes over if it was in sync).
-        self.next_hb_us = self.now;
+        self.timers.set(Timer::Heartbeat, self.now);
     }
 }

@@ -182,9 +182,9 @@ impl<H: Payload> Node<H> {
         } else {
             // Answer soon so the peer can establish (at most one immediate
             // answer per millisecond, so duplicates cannot snowball).
-            self.next_hello_us = self
-                .next_hello_us
-                .min(self.now.max(self.last_hello_us + 1_000));
+            let soon = self.now.max(self.last_hello_us + 1_000);
+            let at = self.timers.deadline(Timer::Hello).min(soon);
+            self.timers.set(Timer::Hello, at);
         }
     }
 
@@ -428,6 +428,6 @@ impl<H: Payload> Node<H> {
             self.handover_unconfirmed = self.role == Role::Secondary;
         }
         self.peer_hello_seen = None;
-        self.next_hello_us = self.now;
+        self.timers.set(Timer::Hello, self.now);
     }
 }

@@ -505,7 +505,10 @@ fn test_received_unflushed_writes_are_protected_when_the_secondary_takes_over() 
         210_000,
         &|_, _, n| alloc::vec![0; n as usize * 4096],
     );
-    assert!(a.ios.count(io::Kind::ClientWrite) == 0, "the write was acknowledged");
+    assert!(
+        a.ios.count(io::Kind::ClientWrite) == 0,
+        "the write was acknowledged"
+    );
     assert!(unflushed_here(&b, 1), "applied on b, not yet flushed there");
     // The primary dies: b hears nothing more, ends the session, takes
     // over.
@@ -648,7 +651,10 @@ fn test_switchover_cut_before_the_peer_took_the_role_gives_it_back() {
     );
     write_block(&mut a, 2_000_000, 1, 17, 4);
     run_pair_with(&mut a, &mut b, 2_000_000, 2_100_000, &zeros, [false, false]);
-    assert!(a.ios.count(io::Kind::ClientWrite) == 0, "acknowledged without the peer");
+    assert!(
+        a.ios.count(io::Kind::ClientWrite) == 0,
+        "acknowledged without the peer"
+    );
     assert!(a.meta().dirty.get(17));
     // The MSL is back: b is resynced from the changed blocks only.
     run_pair(&mut a, &mut b, 2_100_000, 4_000_000, &zeros);
