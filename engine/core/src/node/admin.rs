@@ -10,7 +10,7 @@ impl<H: Payload> Node<H> {
                     return;
                 }
                 if self.peer_role == Some(Role::Primary)
-                    && (self.msl_alive || self.lan_alive)
+                    && (self.msl.alive() || self.lan.alive())
                     && !force
                 {
                     self.notify(Notice::Warning {

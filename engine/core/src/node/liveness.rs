@@ -4,6 +4,53 @@
 
 use super::*;
 
+/// Whether the peer is heard on one path (MSL or LAN).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct PathLiveness {
+    /// When the peer was last heard here.
+    last_rx: Option<Micros>,
+    alive: bool,
+}
+
+impl PathLiveness {
+    pub(super) fn alive(&self) -> bool {
+        self.alive
+    }
+
+    /// The peer was heard at `now`; true if the path just came alive.
+    pub(super) fn heard(&mut self, now: Micros) -> bool {
+        self.last_rx = Some(now);
+        let found = !self.alive;
+        self.alive = true;
+        debug_assert!(self.alive && self.last_rx == Some(now));
+        found
+    }
+
+    /// Declared dead at once (carrier lost); true if it was alive.
+    pub(super) fn lose(&mut self) -> bool {
+        let lost = self.alive;
+        self.alive = false;
+        lost
+    }
+
+    /// Silent for `dead` at `now`: true if the path just died.
+    pub(super) fn expire(&mut self, now: Micros, dead: Micros) -> bool {
+        if self.alive && self.last_rx.is_some_and(|t| now >= t + dead) {
+            self.alive = false;
+            return true;
+        }
+        false
+    }
+
+    /// When the path dies unless the peer is heard again.
+    pub(super) fn deadline(&self, dead: Micros) -> Option<Micros> {
+        match (self.last_rx, self.alive) {
+            (Some(x), true) => Some(x + dead),
+            _ => None,
+        }
+    }
+}
+
 impl<H: Payload> Node<H> {
     pub(super) fn my_heartbeat(&mut self) -> Heartbeat {
         // Strictly increasing across restarts (host clock), so receivers can
@@ -16,7 +63,7 @@ impl<H: Payload> Node<H> {
             } else {
                 self.meta.disk
             },
-            msl_up: self.msl_alive,
+            msl_up: self.msl.alive(),
             in_sync: self.in_sync(),
             adapters: self.adapters,
             adapter_count: self.adapter_count,
@@ -39,8 +86,7 @@ impl<H: Payload> Node<H> {
             self.timers.set(Timer::Hello, self.now);
         } else {
             self.notify(Notice::MslLinkDown);
-            if self.msl_alive {
-                self.msl_alive = false;
+            if self.msl.lose() {
                 self.on_msl_lost();
             }
         }
@@ -70,13 +116,11 @@ impl<H: Payload> Node<H> {
     pub(super) fn on_timers(&mut self) {
         let now = self.now;
         let dead = self.cfg.dead_after_us();
-        if self.msl_alive && self.last_msl_rx.is_some_and(|t| now >= t + dead) {
-            self.msl_alive = false;
+        if self.msl.expire(now, dead) {
             self.notify(Notice::PeerLost { path: Path::Msl });
             self.on_msl_lost();
         }
-        if self.lan_alive && self.last_lan_rx.is_some_and(|t| now >= t + dead) {
-            self.lan_alive = false;
+        if self.lan.expire(now, dead) {
             self.notify(Notice::PeerLost { path: Path::Lan });
             self.on_lan_lost();
         }
@@ -151,13 +195,13 @@ impl<H: Payload> Node<H> {
         if !peer_primary {
             return;
         }
-        if !self.msl_alive && !self.lan_alive {
+        if !self.msl.alive() && !self.lan.alive() {
             // Primary silent on both paths: it is dead.
             self.notify(Notice::PeerDown {
                 peer_was: Role::Primary,
             });
             self.try_takeover(Reason::TakeoverPeerSilent);
-        } else if !self.msl_alive && self.lan_alive && msl_just_lost {
+        } else if !self.msl.alive() && self.lan.alive() && msl_just_lost {
             // Either the MSL broke or the primary just died and its LAN
             // silence is not yet timed out. The next LAN heartbeat from the
             // primary settles it (see `on_lan_frame`).
@@ -170,20 +214,19 @@ impl<H: Payload> Node<H> {
             self.counters.frames_from_stranger += 1;
             return;
         }
-        if hb.counter <= self.peer_hb_counter_lan && self.lan_alive {
+        if hb.counter <= self.peer_hb_counter_lan && self.lan.alive() {
             return; // replayed or reordered
         }
         self.peer_hb_counter_lan = hb.counter;
         let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
         self.adapter_last_rx[i] = Some(self.now);
-        self.last_lan_rx = Some(self.now);
-        if !self.lan_alive {
-            self.lan_alive = true;
+        if self.lan.heard(self.now) {
             self.notify(Notice::PeerFound { path: Path::Lan });
         }
         let peer_was = self.peer_role;
         self.observe_peer(hb);
-        let unmirrored = !self.msl_alive && self.session.is_none() && self.role == Role::Secondary;
+        let unmirrored =
+            !self.msl.alive() && self.session.is_none() && self.role == Role::Secondary;
         if hb.role == Role::Primary && self.handover_unconfirmed {
             // The peer took the role (the handover landed after all).
             self.handover_unconfirmed = false;
@@ -264,9 +307,7 @@ impl<H: Payload> Node<H> {
             self.counters.frames_from_stranger += 1;
             return;
         }
-        self.last_msl_rx = Some(self.now);
-        if !self.msl_alive {
-            self.msl_alive = true;
+        if self.msl.heard(self.now) {
             self.msl_lost_pending = false;
             self.notify(Notice::PeerFound { path: Path::Msl });
         }

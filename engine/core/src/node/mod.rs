@@ -38,6 +38,8 @@ use crate::rng::Rng;
 use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::AlSlot;
+use liveness::PathLiveness;
+use outbox::Outbox;
 use role::{Reason, Switchover};
 use session::{InMsg, OutMsg, Phase, Session};
 use session::{Numbered, SentRun};
@@ -51,6 +53,7 @@ mod apply;
 mod io;
 mod liveness;
 mod online_verify;
+mod outbox;
 mod resync;
 mod role;
 mod session;
@@ -70,7 +73,8 @@ pub struct Node<H> {
     meta: Meta,
     failed: bool,
     now: Micros,
-    actions: VecDeque<Action<H>>,
+    /// Actions for the host, in order.
+    out: Outbox<H>,
 
     // Session / handshake.
     my_session: u64,
@@ -90,10 +94,9 @@ pub struct Node<H> {
 
     // Liveness.
     msl_carrier: bool,
-    last_msl_rx: Option<Micros>,
-    last_lan_rx: Option<Micros>,
-    msl_alive: bool,
-    lan_alive: bool,
+    /// The peer heard on the MSL and on the LAN.
+    msl: PathLiveness,
+    lan: PathLiveness,
     peer_hb: Option<Heartbeat>,
     peer_role: Option<Role>,
     was_in_sync: bool,
@@ -181,7 +184,7 @@ impl<H: Payload> Node<H> {
             meta,
             failed: false,
             now,
-            actions: VecDeque::new(),
+            out: Outbox::new(),
             my_session,
             session: None,
             peer_hello_seen: None,
@@ -191,10 +194,8 @@ impl<H: Payload> Node<H> {
             admin_disconnected: false,
             last_hello_us: 0,
             msl_carrier: true,
-            last_msl_rx: None,
-            last_lan_rx: None,
-            msl_alive: false,
-            lan_alive: false,
+            msl: PathLiveness::default(),
+            lan: PathLiveness::default(),
             peer_hb: None,
             peer_role: None,
             was_in_sync: false,
@@ -303,8 +304,8 @@ impl<H: Payload> Node<H> {
             generation: self.meta.gens.current,
             connected: self.session.is_some(),
             in_sync: self.in_sync(),
-            msl_alive: self.msl_alive,
-            lan_alive: self.lan_alive,
+            msl_alive: self.msl.alive(),
+            lan_alive: self.lan.alive(),
             peer_role: self.peer_role,
             dirty_blocks: self.meta.dirty.count(),
             resync_remaining,
@@ -328,7 +329,7 @@ impl<H: Payload> Node<H> {
 
     /// Next queued action.
     pub fn poll_action(&mut self) -> Option<Action<H>> {
-        self.actions.pop_front()
+        self.out.pop()
     }
 
     /// When the node next needs `handle(now, Event::Tick)`.
@@ -347,11 +348,11 @@ impl<H: Payload> Node<H> {
         if self.session.is_none() && !self.admin_disconnected && self.msl_carrier {
             at(self.timers.deadline(Timer::Hello));
         }
-        if let (Some(x), true) = (self.last_msl_rx, self.msl_alive) {
-            at(x + dead);
-        }
-        if let (Some(x), true) = (self.last_lan_rx, self.lan_alive) {
-            at(x + dead);
+        for d in [self.msl.deadline(dead), self.lan.deadline(dead)]
+            .into_iter()
+            .flatten()
+        {
+            at(d);
         }
         if let Some(d) = self.timers.get(Timer::SwitchoverDebounce) {
             at(d);
@@ -438,7 +439,7 @@ impl<H: Payload> Node<H> {
     // Helpers
 
     fn emit(&mut self, a: Action<H>) {
-        self.actions.push_back(a);
+        self.out.push(a);
     }
 
     fn notify(&mut self, n: Notice) {

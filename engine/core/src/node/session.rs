@@ -390,7 +390,7 @@ impl<H: Payload> Node<H> {
             self.renew_session();
             self.persist();
             self.notify(Notice::Degraded {
-                reason: if self.lan_alive {
+                reason: if self.lan.alive() {
                     "MSL lost; secondary alive on the LAN"
                 } else {
                     "secondary is down"

@@ -783,7 +783,7 @@ fn test_switchover_role_taken_back_only_on_a_heartbeat_that_proves_it() {
         "peer does not hear us"
     );
     // After a LAN outage a replayed heartbeat is taken as news.
-    a.lan_alive = false;
+    a.lan.lose();
     assert_eq!(
         offer(&mut a, stale.0, stale.1),
         Role::Secondary,
