@@ -5,6 +5,37 @@
 
 use super::*;
 
+/// The receiving side of a session: the in-order apply pipeline.
+pub(super) struct ApplyPipeline<H> {
+    pub(super) rx: ReliableRx<InMsg<H>>,
+    /// An ack (applied / stable points) is owed to the peer.
+    pub(super) ack_pending: bool,
+    /// Delivered messages, in order, not yet processed.
+    pub(super) apply_q: VecDeque<(u64, InMsg<H>)>,
+    /// Writes in flight here: seq -> (block, count).
+    pub(super) applying: BTreeMap<u64, (u64, u64)>,
+    pub(super) last_processed: u64,
+    /// Everything up to here is applied / flushed here.
+    pub(super) applied: u64,
+    pub(super) stable: u64,
+    pub(super) last_flush_us: Micros,
+    /// A flush is due (FUA write, or periodic). It is issued once every
+    /// message up to `flush_upto` is applied; applies go on meanwhile, and
+    /// while it runs (it covers what completed before it was issued).
+    pub(super) flush_wanted: bool,
+    pub(super) flush_upto: u64,
+    /// Target side: blocks written during the resync, by sequence number,
+    /// whose dirty bits clear once a flush covering them completes:
+    /// (seq, block, count).
+    pub(super) target_unflushed: VecDeque<(u64, u64, u64)>,
+    /// Receiver side outside a resync: activity-log extents holding
+    /// applied writes no flush here has covered yet (extent -> newest
+    /// seq). A power loss would lose them, and no activity log tracks
+    /// writes received as secondary: if this node ends the session (and
+    /// perhaps takes over) they are marked out of sync.
+    pub(super) unstable_applied: BTreeMap<u64, u64>,
+}
+
 impl<H: Payload> Node<H> {
     pub(super) fn on_reliable(&mut self, header: Header, msg: Message, payload: Option<H>) {
         let Some(s) = self.session.as_mut() else {
@@ -14,7 +45,7 @@ impl<H: Payload> Node<H> {
         if s.phase == Phase::Refused {
             return;
         }
-        let outcome = s.rx.on_frame(
+        let outcome = s.recv.rx.on_frame(
             header.seq,
             InMsg {
                 generation: header.generation,
@@ -22,15 +53,15 @@ impl<H: Payload> Node<H> {
                 payload,
             },
         );
-        s.ack_pending = true;
+        s.recv.ack_pending = true;
         if outcome == RxOutcome::OutOfWindow {
             self.counters.frames_unexpected += 1;
         }
         while let Some(s) = self.session.as_mut() {
-            let Some((seq, m)) = s.rx.pop() else {
+            let Some((seq, m)) = s.recv.rx.pop() else {
                 break;
             };
-            s.apply_q.push_back((seq, m));
+            s.recv.apply_q.push_back((seq, m));
         }
         self.run_apply_queue();
     }
@@ -43,11 +74,11 @@ impl<H: Payload> Node<H> {
             let Some(s) = self.session.as_mut() else {
                 return;
             };
-            let Some((seq, m)) = s.apply_q.front() else {
+            let Some((seq, m)) = s.recv.apply_q.front() else {
                 break;
             };
             let seq = *seq;
-            let idle = s.applying.is_empty() && self.ios.count(io::Kind::ApplyFlush) == 0;
+            let idle = s.recv.applying.is_empty() && self.ios.count(io::Kind::ApplyFlush) == 0;
             match m.msg {
                 Message::Data(d) if d.flags & data_flags::FLUSH != 0 || d.len == 0 => {
                     if !idle {
@@ -55,9 +86,9 @@ impl<H: Payload> Node<H> {
                     }
                     let io = self.ios.start(io::Purpose::ApplyFlush { seq });
                     let s = self.session.as_mut().unwrap_or_else(|| unreachable!());
-                    s.apply_q.pop_front();
-                    s.last_processed = seq;
-                    s.last_flush_us = self.now;
+                    s.recv.apply_q.pop_front();
+                    s.recv.last_processed = seq;
+                    s.recv.last_flush_us = self.now;
                     self.emit(Action::Flush { io });
                 }
                 Message::Data(Data {
@@ -68,6 +99,7 @@ impl<H: Payload> Node<H> {
                     let block = offset / bs;
                     let count = u64::from(len) / bs;
                     let overlaps = s
+                        .recv
                         .applying
                         .values()
                         .any(|&(b, c)| block < b + c && b < block + count);
@@ -86,11 +118,11 @@ impl<H: Payload> Node<H> {
                         IoKind::Write
                     };
                     let fua = flags & data_flags::FUA != 0;
-                    let Some((_, m)) = s.apply_q.pop_front() else {
+                    let Some((_, m)) = s.recv.apply_q.pop_front() else {
                         break;
                     };
-                    s.applying.insert(seq, (block, count));
-                    s.last_processed = seq;
+                    s.recv.applying.insert(seq, (block, count));
+                    s.recv.last_processed = seq;
                     let io = self.ios.start(io::Purpose::Apply { seq });
                     if is_resync {
                         self.counters.resync_blocks_received += count;
@@ -109,26 +141,26 @@ impl<H: Payload> Node<H> {
                     if fua {
                         // FUA: flush once it is written so `stable` covers it.
                         if let Some(s) = self.session.as_mut() {
-                            s.flush_wanted = true;
-                            s.flush_upto = s.flush_upto.max(seq);
+                            s.recv.flush_wanted = true;
+                            s.recv.flush_upto = s.recv.flush_upto.max(seq);
                         }
                     }
                 }
                 Message::StateImage(c) => {
-                    let Some((_, m)) = s.apply_q.pop_front() else {
+                    let Some((_, m)) = s.recv.apply_q.pop_front() else {
                         break;
                     };
-                    s.last_processed = seq;
+                    s.recv.last_processed = seq;
                     if let Some(p) = &m.payload {
                         let bytes = p.bytes();
                         let expected = c.offset as usize;
-                        if s.image_buf.len() == expected && c.total_len as usize <= 64 << 20 {
-                            s.image_buf.extend_from_slice(bytes);
+                        if s.image.buf.len() == expected && c.total_len as usize <= 64 << 20 {
+                            s.image.buf.extend_from_slice(bytes);
                         } else {
                             self.counters.frames_unexpected += 1;
                         }
-                        if s.image_buf.len() >= c.total_len as usize {
-                            let buf = core::mem::take(&mut s.image_buf);
+                        if s.image.buf.len() >= c.total_len as usize {
+                            let buf = core::mem::take(&mut s.image.buf);
                             if crc32c::crc32c(&buf) != c.image_crc {
                                 self.counters.frames_unexpected += 1;
                                 self.end_session("corrupt memory image");
@@ -149,10 +181,10 @@ impl<H: Payload> Node<H> {
                     if !idle {
                         break;
                     }
-                    s.apply_q.pop_front();
-                    s.last_processed = seq;
+                    s.recv.apply_q.pop_front();
+                    s.recv.last_processed = seq;
                     s.phase = Phase::InSync;
-                    let total = s.resync_total;
+                    let total = s.resync.total;
                     self.meta.dirty.clear_all();
                     self.transition(Reason::ResyncTargetFinished);
                     self.was_in_sync = true;
@@ -168,8 +200,8 @@ impl<H: Payload> Node<H> {
                     if !idle {
                         break;
                     }
-                    s.apply_q.pop_front();
-                    s.last_processed = seq;
+                    s.recv.apply_q.pop_front();
+                    s.recv.last_processed = seq;
                     let in_volume = v
                         .start_block
                         .checked_add(u64::from(v.count))
@@ -194,10 +226,10 @@ impl<H: Payload> Node<H> {
                     }
                 }
                 Message::VerifyReply(v) => {
-                    let Some((_, m)) = s.apply_q.pop_front() else {
+                    let Some((_, m)) = s.recv.apply_q.pop_front() else {
                         break;
                     };
-                    s.last_processed = seq;
+                    s.recv.last_processed = seq;
                     let d = m.payload.as_ref().map_or(&[][..], |p| p.bytes());
                     if self.verify.remote(v.start_block, v.count, d) {
                         self.verify_progress();
@@ -211,9 +243,9 @@ impl<H: Payload> Node<H> {
                     }
                     // Received writes not yet flushed here: this node's
                     // activity log covers them once it is primary.
-                    let unstable: Vec<u64> = s.unstable_applied.keys().copied().collect();
-                    s.apply_q.pop_front();
-                    s.last_processed = seq;
+                    let unstable: Vec<u64> = s.recv.unstable_applied.keys().copied().collect();
+                    s.recv.apply_q.pop_front();
+                    s.recv.last_processed = seq;
                     if rc.phase == RolePhase::Handover
                         && self.role == Role::Secondary
                         && s.phase == Phase::InSync
@@ -243,8 +275,8 @@ impl<H: Payload> Node<H> {
                     }
                 }
                 _ => {
-                    s.apply_q.pop_front();
-                    s.last_processed = seq;
+                    s.recv.apply_q.pop_front();
+                    s.recv.last_processed = seq;
                     self.counters.frames_unexpected += 1;
                 }
             }
@@ -259,13 +291,13 @@ impl<H: Payload> Node<H> {
         // Everything processed before the oldest write still in flight is
         // applied. (A FLUSH barrier counts as applied once processed: its
         // durability is reported through `stable`.)
-        let applied = match s.applying.keys().next() {
+        let applied = match s.recv.applying.keys().next() {
             Some(&first) => first - 1,
-            None => s.last_processed,
+            None => s.recv.last_processed,
         };
-        if applied > s.applied {
-            s.applied = applied;
-            s.ack_pending = true;
+        if applied > s.recv.applied {
+            s.recv.applied = applied;
+            s.recv.ack_pending = true;
         }
     }
 
@@ -278,7 +310,7 @@ impl<H: Payload> Node<H> {
             self.end_session("memory image geometry differs");
             return;
         }
-        s.peer_image = true;
+        s.image.installed = true;
         let strategy = s.decision.strategy;
         if strategy.is_target() {
             // Adopt the source's generation; everything either side marked
@@ -295,7 +327,7 @@ impl<H: Payload> Node<H> {
                 self.meta.dirty.union(&img.dirty);
             }
             let total = self.meta.dirty.count();
-            s.resync_total = total;
+            s.resync.total = total;
             s.phase = Phase::Target;
             self.transition(Reason::ResyncTargetStarted);
             self.peer_role = Some(img.role);
@@ -308,9 +340,9 @@ impl<H: Payload> Node<H> {
         } else if strategy.is_source() {
             self.meta.dirty.union(&img.dirty);
             let total = self.meta.dirty.count();
-            s.resync_total = total;
-            s.resync_cursor = 0;
-            s.resync_busy = Bitmap::new(self.cfg.volume_blocks);
+            s.resync.total = total;
+            s.resync.cursor = 0;
+            s.resync.busy = Bitmap::new(self.cfg.volume_blocks);
             s.phase = Phase::Source;
             self.persist();
             self.notify(Notice::ResyncStarted {
@@ -328,7 +360,7 @@ impl<H: Payload> Node<H> {
     /// barriers anyway.
     pub(super) fn target_flush_interval(&self) -> Option<Micros> {
         let s = self.session.as_ref()?;
-        Some(if s.target_unflushed.is_empty() {
+        Some(if s.recv.target_unflushed.is_empty() {
             self.cfg.stabilize_relaxed_us / 2
         } else {
             self.cfg.stabilize_interval_us / 2
@@ -345,12 +377,12 @@ impl<H: Payload> Node<H> {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        if s.applied <= s.stable {
+        if s.recv.applied <= s.recv.stable {
             // Everything applied is stable already (a FLUSH barrier got
             // there first): nothing to wait for, unless a FUA write is
             // still being written.
-            if s.flush_upto <= s.stable {
-                s.flush_wanted = false;
+            if s.recv.flush_upto <= s.recv.stable {
+                s.recv.flush_wanted = false;
             }
             return;
         }
@@ -361,18 +393,20 @@ impl<H: Payload> Node<H> {
         // the bulk stream then gets its stable points, and bits clear,
         // without waiting for the timer.
         let bulk = 2 * self.cfg.window as u64;
-        if now >= s.last_flush_us + interval
-            || (!s.target_unflushed.is_empty() && s.applied >= s.stable + bulk)
+        if now >= s.recv.last_flush_us + interval
+            || (!s.recv.target_unflushed.is_empty() && s.recv.applied >= s.recv.stable + bulk)
         {
-            s.flush_wanted = true;
+            s.recv.flush_wanted = true;
         }
         // The flush covers everything applied when it is issued: writes
         // still in flight are not waited for (the next flush covers them),
         // only a FUA write that asked for it.
-        if s.flush_wanted && s.applied >= s.flush_upto {
-            let io = self.ios.start(io::Purpose::ApplyFlush { seq: s.applied });
-            s.flush_wanted = false;
-            s.last_flush_us = now;
+        if s.recv.flush_wanted && s.recv.applied >= s.recv.flush_upto {
+            let io = self.ios.start(io::Purpose::ApplyFlush {
+                seq: s.recv.applied,
+            });
+            s.recv.flush_wanted = false;
+            s.recv.last_flush_us = now;
             self.emit(Action::Flush { io });
         }
     }

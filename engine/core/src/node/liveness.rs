@@ -134,7 +134,7 @@ impl<H: Payload> Node<H> {
             let h = self.header(0, 0);
             self.emit(Action::SendLan { header: h, hb });
             if self.msl_carrier {
-                let ack = self.session.as_ref().map_or(0, |s| s.rx.cumulative());
+                let ack = self.session.as_ref().map_or(0, |s| s.recv.rx.cumulative());
                 let h = self.header(0, ack);
                 self.emit(Action::SendMsl {
                     header: h,
@@ -146,7 +146,7 @@ impl<H: Payload> Node<H> {
             // final ack (the one carrying `stable` for a FLUSH) cannot leave
             // the peer waiting forever.
             if let Some(s) = self.session.as_mut() {
-                s.ack_pending = true;
+                s.recv.ack_pending = true;
             }
         }
         if self.session.is_none()

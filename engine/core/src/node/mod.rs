@@ -38,11 +38,13 @@ use crate::rng::Rng;
 use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::AlSlot;
+use apply::ApplyPipeline;
 use liveness::PathLiveness;
 use outbox::Outbox;
 use role::{Reason, Switchover};
 use session::{InMsg, OutMsg, Phase, Session};
 use session::{Numbered, SentRun};
+use stream::SendStream;
 use timers::{Timer, TimerTable};
 use write::{FlushWaiter, PeerHalf, QueuedWrite};
 
@@ -289,13 +291,13 @@ impl<H: Payload> Node<H> {
 
     pub fn status(&self) -> Status {
         let (resync_remaining, resync_total, resync_source) = match &self.session {
-            Some(s) if s.phase == Phase::Source => (self.meta.dirty.count(), s.resync_total, true),
-            Some(s) if s.phase == Phase::Target => (self.meta.dirty.count(), s.resync_total, false),
+            Some(s) if s.phase == Phase::Source => (self.meta.dirty.count(), s.resync.total, true),
+            Some(s) if s.phase == Phase::Target => (self.meta.dirty.count(), s.resync.total, false),
             _ => (0, 0, false),
         };
         let mut counters = self.counters;
         if let Some(s) = &self.session {
-            counters.retransmits += s.tx.stats.retransmits;
+            counters.retransmits += s.send.tx.stats.retransmits;
         }
         Status {
             node_id: self.cfg.node_id,
@@ -364,11 +366,12 @@ impl<H: Payload> Node<H> {
             }
         }
         if let Some(s) = &self.session {
-            if let Some(r) = s.tx.poll_timeout() {
+            if let Some(r) = s.send.tx.poll_timeout() {
                 at(r.max(now + 1));
             }
-            if let (true, Some(i)) = (s.applied > s.stable, self.target_flush_interval()) {
-                at(s.last_flush_us + i);
+            if let (true, Some(i)) = (s.recv.applied > s.recv.stable, self.target_flush_interval())
+            {
+                at(s.recv.last_flush_us + i);
             }
             if s.phase == Phase::Source {
                 at(self.last_write_us + self.cfg.resync_idle_us);

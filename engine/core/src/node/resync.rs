@@ -50,19 +50,20 @@ impl<H: Payload> Node<H> {
             let Some(s) = self.session.as_mut() else {
                 return;
             };
-            if s.phase != Phase::Source || s.resync_done.is_some() {
+            if s.phase != Phase::Source || s.resync.done.is_some() {
                 return;
             }
             // Pace by blocks read or sent but not yet applied by the target.
             // Under client load only the floor runs (`resync_min_in_flight`
             // blocks, and `resync_min_bytes_per_s`), so the resync keeps
             // moving but client writes go first.
-            let applied_upto = s.peer_applied;
-            let unapplied = s.resync_sent.len()
-                - s.resync_sent
+            let applied_upto = s.send.peer_applied;
+            let unapplied = s.resync.sent.len()
+                - s.resync
+                    .sent
                     .partition_point(|r| r.seq.is_at_or_before(applied_upto));
             let outstanding = self.ios.count(io::Kind::ResyncRead) + unapplied;
-            let congested = !s.backlog.is_empty() || s.tx.in_flight() >= window * 3 / 4;
+            let congested = !s.send.backlog.is_empty() || s.send.tx.in_flight() >= window * 3 / 4;
             let floor_due = self.cfg.resync_min_bytes_per_s > 0
                 && self.now >= self.timers.deadline(Timer::ResyncFloor);
             let may = if idle {
@@ -72,14 +73,14 @@ impl<H: Payload> Node<H> {
             };
             // Sent blocks wait for the target's next stable point (it
             // flushes every `2 * window` applied frames under bulk input).
-            if !may || s.resync_sent.len() >= window * 16 {
+            if !may || s.resync.sent.len() >= window * 16 {
                 break;
             }
-            let Some(block) = self.meta.dirty.next_set(s.resync_cursor) else {
+            let Some(block) = self.meta.dirty.next_set(s.resync.cursor) else {
                 // Everything dirty has been read; done once all are stable.
-                if self.ios.count(io::Kind::ResyncRead) == 0 && s.resync_sent.is_empty() {
+                if self.ios.count(io::Kind::ResyncRead) == 0 && s.resync.sent.is_empty() {
                     if self.meta.dirty.count() == 0 {
-                        let blocks = s.resync_blocks_sent;
+                        let blocks = s.resync.blocks_sent;
                         let seq = self.send_reliable(
                             Message::ResyncDone(ResyncDone {
                                 blocks_sent: blocks,
@@ -87,23 +88,23 @@ impl<H: Payload> Node<H> {
                             None,
                         );
                         if let Some(s) = self.session.as_mut() {
-                            s.resync_done = Some(seq.map_or(Numbered::Queued, Numbered::Sent));
+                            s.resync.done = Some(seq.map_or(Numbered::Queued, Numbered::Sent));
                         }
                     } else if let Some(s) = self.session.as_mut() {
-                        s.resync_cursor = 0; // wrap: resend blocks re-dirtied meanwhile
+                        s.resync.cursor = 0; // wrap: resend blocks re-dirtied meanwhile
                     }
                 }
                 break;
             };
             let ios = &self.ios;
             let free = |b: u64, s: &Session<H>| {
-                !s.resync_busy.get(b)
+                !s.resync.busy.get(b)
                     && !ios
                         .client_writes()
                         .any(|(_, p)| b >= p.block && b < p.block + p.count)
             };
             if !free(block, s) {
-                s.resync_cursor = block + 1;
+                s.resync.cursor = block + 1;
                 continue;
             }
             // A run of up to `max_run` dirty, free blocks goes as one read
@@ -135,14 +136,14 @@ impl<H: Payload> Node<H> {
             let Some(s) = self.session.as_mut() else {
                 return;
             };
-            s.resync_cursor = block + count;
+            s.resync.cursor = block + count;
             let io = self.ios.start(io::Purpose::ResyncRead {
                 block,
                 count,
                 cancelled: false,
             });
             for b in block..block + count {
-                s.resync_busy.set(b);
+                s.resync.busy.set(b);
             }
             self.emit(Action::Read { io, block, count });
         }
@@ -155,10 +156,11 @@ impl<H: Payload> Node<H> {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        if matches!(s.phase, Phase::Source | Phase::Target) && now >= s.last_progress_us + 1_000_000
+        if matches!(s.phase, Phase::Source | Phase::Target)
+            && now >= s.resync.last_progress_us + 1_000_000
         {
-            s.last_progress_us = now;
-            let (source, total) = (s.phase == Phase::Source, s.resync_total);
+            s.resync.last_progress_us = now;
+            let (source, total) = (s.phase == Phase::Source, s.resync.total);
             self.notify(Notice::ResyncProgress {
                 source,
                 remaining,

@@ -299,10 +299,10 @@ impl<H: Payload> Node<H> {
         };
         // The RoleChange must get its sequence number now (not wait in
         // the backlog): `handover_seq` tracks it.
-        if s.handover_seq.is_some()
+        if s.send.handover_seq.is_some()
             || s.phase != Phase::InSync
-            || !s.backlog.is_empty()
-            || !s.tx.has_room()
+            || !s.send.backlog.is_empty()
+            || !s.send.tx.has_room()
         {
             return;
         }
@@ -328,7 +328,7 @@ impl<H: Payload> Node<H> {
             None,
         );
         if let Some(s) = self.session.as_mut() {
-            s.handover_seq = seq;
+            s.send.handover_seq = seq;
         }
         self.peer_role = Some(Role::Primary);
     }

@@ -54,61 +54,47 @@ pub(super) struct SentRun {
     pub(super) count: u64,
 }
 
+/// One MSL session: the outcome of the handshake, and its parts.
 pub(super) struct Session<H> {
     /// Our HELLO as the peer decided on it (its session is our base).
     pub(super) my_hello: Hello,
     pub(super) peer_session: u64,
     pub(super) decision: Decision,
     pub(super) phase: Phase,
-    pub(super) tx: ReliableTx<OutMsg<H>>,
-    pub(super) rx: ReliableRx<InMsg<H>>,
-    /// Messages waiting for room in the window (data class).
-    pub(super) backlog: VecDeque<OutMsg<H>>,
-    pub(super) ack_pending: bool,
-    /// Peer's applied / stable points (in our sequence space).
-    pub(super) peer_applied: u64,
-    pub(super) peer_stable: u64,
-    /// Image being received.
-    pub(super) image_buf: Vec<u8>,
-    pub(super) peer_image: bool,
-    /// Receiver side: in-order apply pipeline.
-    pub(super) apply_q: VecDeque<(u64, InMsg<H>)>,
-    pub(super) applying: BTreeMap<u64, (u64, u64)>, // seq -> (block, count) in flight
-    pub(super) last_processed: u64,
-    pub(super) applied: u64,
-    pub(super) stable: u64,
-    pub(super) last_flush_us: Micros,
-    /// A flush is due (FUA write, or periodic). It is issued once every
-    /// message up to `flush_upto` is applied; applies go on meanwhile, and
-    /// while it runs (it covers what completed before it was issued).
-    pub(super) flush_wanted: bool,
-    pub(super) flush_upto: u64,
-    /// Source side: resync progress.
-    pub(super) resync_total: u64,
-    pub(super) resync_cursor: u64,
+    /// What this node sends.
+    pub(super) send: SendStream<H>,
+    /// What this node receives and applies.
+    pub(super) recv: ApplyPipeline<H>,
+    /// The peer's memory image.
+    pub(super) image: ImageRx,
+    /// Resync progress (source side; the total on both sides).
+    pub(super) resync: ResyncSource,
+}
+
+/// The peer's memory image as it arrives.
+pub(super) struct ImageRx {
+    /// The chunks received so far, in order.
+    pub(super) buf: Vec<u8>,
+    /// Installed.
+    pub(super) installed: bool,
+}
+
+/// Resync progress of a session.
+pub(super) struct ResyncSource {
+    /// Blocks to resync when it started (both sides).
+    pub(super) total: u64,
+    /// The next block to look at.
+    pub(super) cursor: u64,
     /// Runs sent, awaiting the target's stable point, in send order (the
     /// ones still in the backlog, unnumbered, at the tail).
-    pub(super) resync_sent: VecDeque<SentRun>,
-    /// Blocks in `resync_reads` or `resync_sent` (sized when the resync
-    /// starts): one bit test instead of scanning both per block.
-    pub(super) resync_busy: Bitmap,
+    pub(super) sent: VecDeque<SentRun>,
+    /// Blocks being read or in `sent` (sized when the resync starts): one
+    /// bit test instead of scanning both per block.
+    pub(super) busy: Bitmap,
     /// RESYNC_DONE, once queued.
-    pub(super) resync_done: Option<Numbered>,
-    pub(super) resync_blocks_sent: u64,
+    pub(super) done: Option<Numbered>,
+    pub(super) blocks_sent: u64,
     pub(super) last_progress_us: Micros,
-    /// Target side: blocks written during the resync, by sequence number,
-    /// whose dirty bits clear once a flush covering them completes.
-    pub(super) target_unflushed: VecDeque<(u64, u64, u64)>, // (seq, block, count)
-    /// Receiver side outside a resync: activity-log extents holding
-    /// applied writes no flush here has covered yet (extent -> newest
-    /// seq). A power loss would lose them, and no activity log tracks
-    /// writes received as secondary: if this node ends the session (and
-    /// perhaps takes over) they are marked out of sync.
-    pub(super) unstable_applied: BTreeMap<u64, u64>,
-    /// Mirrored write seq -> wid (for peer stability of AL extents).
-    pub(super) mirror_wids: VecDeque<(u64, u64)>,
-    /// A handover (switchover) was sent at this seq.
-    pub(super) handover_seq: Option<u64>,
 }
 
 impl<H: Payload> Node<H> {
@@ -246,33 +232,41 @@ impl<H: Payload> Node<H> {
             peer_session: peer.session,
             decision,
             phase: Phase::Images,
-            tx: ReliableTx::new(txcfg, self.my_session),
-            rx: ReliableRx::new(self.cfg.window, peer.session),
-            backlog: VecDeque::new(),
-            ack_pending: false,
-            peer_applied: self.my_session,
-            peer_stable: self.my_session,
-            image_buf: Vec::new(),
-            peer_image: false,
-            apply_q: VecDeque::new(),
-            applying: BTreeMap::new(),
-            last_processed: peer.session,
-            applied: peer.session,
-            stable: peer.session,
-            last_flush_us: self.now,
-            flush_wanted: false,
-            flush_upto: 0,
-            resync_total: 0,
-            resync_cursor: 0,
-            resync_sent: VecDeque::new(),
-            resync_busy: Bitmap::new(0),
-            resync_done: None,
-            resync_blocks_sent: 0,
-            last_progress_us: self.now,
-            target_unflushed: VecDeque::new(),
-            unstable_applied: BTreeMap::new(),
-            mirror_wids: VecDeque::new(),
-            handover_seq: None,
+            send: SendStream {
+                tx: ReliableTx::new(txcfg, self.my_session),
+                backlog: VecDeque::new(),
+                peer_applied: self.my_session,
+                peer_stable: self.my_session,
+                mirror_wids: VecDeque::new(),
+                handover_seq: None,
+            },
+            recv: ApplyPipeline {
+                rx: ReliableRx::new(self.cfg.window, peer.session),
+                ack_pending: false,
+                apply_q: VecDeque::new(),
+                applying: BTreeMap::new(),
+                last_processed: peer.session,
+                applied: peer.session,
+                stable: peer.session,
+                last_flush_us: self.now,
+                flush_wanted: false,
+                flush_upto: 0,
+                target_unflushed: VecDeque::new(),
+                unstable_applied: BTreeMap::new(),
+            },
+            image: ImageRx {
+                buf: Vec::new(),
+                installed: false,
+            },
+            resync: ResyncSource {
+                total: 0,
+                cursor: 0,
+                sent: VecDeque::new(),
+                busy: Bitmap::new(0),
+                done: None,
+                blocks_sent: 0,
+                last_progress_us: self.now,
+            },
         };
         // Tell the peer we established (it may still wait for our ack).
         let ack_hdr = self.header(0, peer.session);
@@ -335,7 +329,7 @@ impl<H: Payload> Node<H> {
             disk: self.meta.disk,
             role: self.role,
             dirty: self.meta.dirty.clone(),
-            tx_next_seq: self.session.as_ref().map_or(0, |s| s.tx.next_seq()),
+            tx_next_seq: self.session.as_ref().map_or(0, |s| s.send.tx.next_seq()),
             frontend: Vec::new(),
         };
         let bytes = img.encode();
@@ -366,7 +360,7 @@ impl<H: Payload> Node<H> {
         self.ios.end_session();
         self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
         self.last_session_end = Some(why);
-        self.counters.retransmits += s.tx.stats.retransmits;
+        self.counters.retransmits += s.send.tx.stats.retransmits;
         if self.verify.status.active {
             self.verify.abort("the MSL session ended");
             self.notify(Notice::VerifyAborted {
@@ -410,7 +404,9 @@ impl<H: Payload> Node<H> {
         {
             // Interrupted resync as target: dirty map persisted as is.
             self.persist();
-        } else if !self.failed && (!s.unstable_applied.is_empty() || !s.applying.is_empty()) {
+        } else if !self.failed
+            && (!s.recv.unstable_applied.is_empty() || !s.recv.applying.is_empty())
+        {
             // Writes received from the primary that no flush here covered
             // yet: a power loss of this node could still lose them, and no
             // activity log tracks writes received as secondary, so if this
@@ -418,12 +414,12 @@ impl<H: Payload> Node<H> {
             // (msl-sim seed 839, with stable points 5 s apart).
             // Writes still in flight here may land after any flush issued
             // now: marked out of sync instead.
-            for &(b, c) in s.applying.values() {
+            for &(b, c) in s.recv.applying.values() {
                 self.meta.dirty.set_range(b, c);
             }
-            self.protect_received(s.unstable_applied.keys().copied().collect());
+            self.protect_received(s.recv.unstable_applied.keys().copied().collect());
         }
-        if s.handover_seq.is_some() {
+        if s.send.handover_seq.is_some() {
             self.peer_role = Some(Role::Primary);
             self.handover_unconfirmed = self.role == Role::Secondary;
         }

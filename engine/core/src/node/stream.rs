@@ -4,9 +4,23 @@
 
 use super::*;
 
+/// The sending side of a session.
+pub(super) struct SendStream<H> {
+    pub(super) tx: ReliableTx<OutMsg<H>>,
+    /// Messages waiting for room in the window (data class).
+    pub(super) backlog: VecDeque<OutMsg<H>>,
+    /// The peer's applied / stable points (in our sequence space).
+    pub(super) peer_applied: u64,
+    pub(super) peer_stable: u64,
+    /// Mirrored write seq -> wid (for peer stability of AL extents).
+    pub(super) mirror_wids: VecDeque<(u64, u64)>,
+    /// A handover (switchover) was sent at this seq.
+    pub(super) handover_seq: Option<u64>,
+}
+
 impl<H: Payload> Node<H> {
     pub(super) fn send_control(&mut self, msg: Message) {
-        let ack = self.session.as_ref().map_or(0, |s| s.rx.cumulative());
+        let ack = self.session.as_ref().map_or(0, |s| s.recv.rx.cumulative());
         let h = self.header(0, ack);
         self.emit(Action::SendMsl {
             header: h,
@@ -20,12 +34,14 @@ impl<H: Payload> Node<H> {
         let now = self.now;
         let gen = self.meta.gens.current;
         let s = self.session.as_mut()?;
-        if !s.backlog.is_empty() || !s.tx.has_room() {
-            s.backlog.push_back(OutMsg { msg, payload });
+        if !s.send.backlog.is_empty() || !s.send.tx.has_room() {
+            s.send.backlog.push_back(OutMsg { msg, payload });
             return None;
         }
-        let seq =
-            s.tx.push(
+        let seq = s
+            .send
+            .tx
+            .push(
                 now,
                 OutMsg {
                     msg,
@@ -33,8 +49,8 @@ impl<H: Payload> Node<H> {
                 },
             )
             .ok()?;
-        let ack = s.rx.cumulative();
-        s.ack_pending = false;
+        let ack = s.recv.rx.cumulative();
+        s.recv.ack_pending = false;
         let mut h = self.header(seq, ack);
         h.generation = gen;
         self.emit(Action::SendMsl {
@@ -50,28 +66,28 @@ impl<H: Payload> Node<H> {
         let Some(s) = self.session.as_mut() else {
             return;
         };
-        if a.applied > s.tx.last_seq() || a.stable > s.tx.last_seq() {
+        if a.applied > s.send.tx.last_seq() || a.stable > s.send.tx.last_seq() {
             self.counters.frames_unexpected += 1;
             return;
         }
-        s.tx.on_ack(now, &a, |_, _| {});
-        s.peer_applied = s.peer_applied.max(a.applied);
-        s.peer_stable = s.peer_stable.max(a.stable);
-        while let Some(&(seq, wid)) = s.mirror_wids.front() {
-            if seq > s.peer_stable {
+        s.send.tx.on_ack(now, &a, |_, _| {});
+        s.send.peer_applied = s.send.peer_applied.max(a.applied);
+        s.send.peer_stable = s.send.peer_stable.max(a.stable);
+        while let Some(&(seq, wid)) = s.send.mirror_wids.front() {
+            if seq > s.send.peer_stable {
                 break;
             }
             self.peer_stable_wid = self.peer_stable_wid.max(wid);
-            s.mirror_wids.pop_front();
+            s.send.mirror_wids.pop_front();
         }
         // Resync blocks stable on the target are clean now.
-        while let Some(&SentRun { seq, block, count }) = s.resync_sent.front() {
-            if !seq.is_at_or_before(s.peer_stable) {
+        while let Some(&SentRun { seq, block, count }) = s.resync.sent.front() {
+            if !seq.is_at_or_before(s.send.peer_stable) {
                 break;
             }
-            s.resync_sent.pop_front();
+            s.resync.sent.pop_front();
             for b in block..block + count {
-                s.resync_busy.clear(b);
+                s.resync.busy.clear(b);
                 self.meta.dirty.clear(b);
             }
             self.bitmap_unpersisted = true;
@@ -85,10 +101,10 @@ impl<H: Payload> Node<H> {
         };
         // Resync finished once RESYNC_DONE is applied by the target.
         if s.phase == Phase::Source {
-            if let Some(Numbered::Sent(done)) = s.resync_done {
-                if s.peer_applied >= done {
+            if let Some(Numbered::Sent(done)) = s.resync.done {
+                if s.send.peer_applied >= done {
                     s.phase = Phase::InSync;
-                    let blocks = s.resync_blocks_sent;
+                    let blocks = s.resync.blocks_sent;
                     self.meta.gens.bitmap = 0;
                     self.was_in_sync = true;
                     self.crashed_primary = false;
@@ -103,9 +119,9 @@ impl<H: Payload> Node<H> {
         // Handover acknowledged as applied: switchover complete.
         let mut restart = false;
         if let Some(s) = self.session.as_mut() {
-            if let Some(hs) = s.handover_seq {
-                if s.peer_applied >= hs {
-                    s.handover_seq = None;
+            if let Some(hs) = s.send.handover_seq {
+                if s.send.peer_applied >= hs {
+                    s.send.handover_seq = None;
                     restart = true;
                 }
             }
@@ -125,18 +141,18 @@ impl<H: Payload> Node<H> {
             let Some(s) = self.session.as_mut() else {
                 return;
             };
-            if !s.tx.has_room() {
+            if !s.send.tx.has_room() {
                 return;
             }
-            let Some(m) = s.backlog.pop_front() else {
+            let Some(m) = s.send.backlog.pop_front() else {
                 return;
             };
             let msg = m.msg;
             let payload = m.payload.clone();
-            let Ok(seq) = s.tx.push(now, m) else {
+            let Ok(seq) = s.send.tx.push(now, m) else {
                 return;
             };
-            let ack = s.rx.cumulative();
+            let ack = s.recv.rx.cumulative();
             if let Message::Data(d) = msg {
                 if d.len > 0 {
                     // Pending write learns its sequence number.
@@ -146,7 +162,7 @@ impl<H: Payload> Node<H> {
                         }
                     }
                     if let Some(s) = self.session.as_mut() {
-                        s.mirror_wids.push_back((seq, d.write_id));
+                        s.send.mirror_wids.push_back((seq, d.write_id));
                     }
                 } else if d.flags & data_flags::FLUSH != 0 && d.write_id != 0 {
                     // A client flush (write_id = its local flush io) learns
@@ -161,15 +177,15 @@ impl<H: Payload> Node<H> {
             if let Message::ResyncData(_) = msg {
                 if let Some(s) = self.session.as_mut() {
                     // Unnumbered entries are the tail, in send order.
-                    let first = s.resync_sent.partition_point(|e| e.seq != Numbered::Queued);
-                    if let Some(e) = s.resync_sent.get_mut(first) {
+                    let first = s.resync.sent.partition_point(|e| e.seq != Numbered::Queued);
+                    if let Some(e) = s.resync.sent.get_mut(first) {
                         e.seq = Numbered::Sent(seq);
                     }
                 }
             }
             if let Message::ResyncDone(_) = msg {
                 if let Some(s) = self.session.as_mut() {
-                    s.resync_done = Some(Numbered::Sent(seq));
+                    s.resync.done = Some(Numbered::Sent(seq));
                 }
             }
             let mut h = self.header(seq, ack);
@@ -190,9 +206,9 @@ impl<H: Payload> Node<H> {
         self.stabilize_target();
         self.persist_progress();
         if let Some(s) = self.session.as_mut() {
-            if s.ack_pending {
-                s.ack_pending = false;
-                let a = s.rx.ack(s.applied, s.stable);
+            if s.recv.ack_pending {
+                s.recv.ack_pending = false;
+                let a = s.recv.rx.ack(s.recv.applied, s.recv.stable);
                 self.send_control(Message::Ack(a));
             }
         }
@@ -203,8 +219,8 @@ impl<H: Payload> Node<H> {
         let gen = self.meta.gens.current;
         let mut out = Vec::new();
         if let Some(s) = self.session.as_mut() {
-            let ack = s.rx.cumulative();
-            while let Some((seq, m)) = s.tx.poll_retransmit(now) {
+            let ack = s.recv.rx.cumulative();
+            while let Some((seq, m)) = s.send.tx.poll_retransmit(now) {
                 out.push((seq, ack, m.msg, m.payload.clone()));
                 if out.len() >= 64 {
                     break;

@@ -483,7 +483,7 @@ fn lan_hb(n: &mut Node<Vec<u8>>, now: Micros, header: Header, hb: Heartbeat) {
 fn unflushed_here(n: &Node<Vec<u8>>, extent: u64) -> bool {
     n.session
         .as_ref()
-        .is_some_and(|s| s.unstable_applied.contains_key(&extent))
+        .is_some_and(|s| s.recv.unstable_applied.contains_key(&extent))
 }
 
 /// A write the secondary received but has not flushed is not lost to

@@ -198,7 +198,7 @@ impl<H: Payload> Node<H> {
             match sent {
                 Some(s) => {
                     if let Some(sess) = self.session.as_mut() {
-                        sess.mirror_wids.push_back((s, wid));
+                        sess.send.mirror_wids.push_back((s, wid));
                     }
                     peer = PeerHalf::Sent(s);
                 }
@@ -278,7 +278,7 @@ impl<H: Payload> Node<H> {
     /// Release client writes and flushes whose conditions are met.
     pub(super) fn release_writes(&mut self) {
         let (peer_applied, peer_stable, connected) = match &self.session {
-            Some(s) => (s.peer_applied, s.peer_stable, true),
+            Some(s) => (s.send.peer_applied, s.send.peer_stable, true),
             None => (0, 0, false),
         };
         let mut done = Vec::new();
@@ -367,18 +367,18 @@ impl<H: Payload> Node<H> {
                 unreachable!("io {io} is an apply");
             };
             if let Some(s) = self.session.as_mut() {
-                if let Some((block, count)) = s.applying.remove(&seq) {
+                if let Some((block, count)) = s.recv.applying.remove(&seq) {
                     if s.phase == Phase::Target {
                         // Clean once a flush covering it completes.
-                        let at = s.target_unflushed.partition_point(|e| e.0 < seq);
-                        s.target_unflushed.insert(at, (seq, block, count));
+                        let at = s.recv.target_unflushed.partition_point(|e| e.0 < seq);
+                        s.recv.target_unflushed.insert(at, (seq, block, count));
                     }
                     // In every phase: a resync's last writes may still be
                     // unflushed when it ends and this node is in sync.
                     if count > 0 {
                         let e = self.cfg.extent_blocks;
                         for x in block / e..=(block + count - 1) / e {
-                            let v = s.unstable_applied.entry(x).or_insert(seq);
+                            let v = s.recv.unstable_applied.entry(x).or_insert(seq);
                             *v = (*v).max(seq);
                         }
                     }
@@ -395,17 +395,17 @@ impl<H: Payload> Node<H> {
             let s = self.session.as_mut();
             debug_assert!(s.is_some(), "apply flush {io} outlived its session");
             if let Some(s) = s {
-                s.stable = s.stable.max(fseq);
-                s.ack_pending = true;
-                let stable = s.stable;
-                s.unstable_applied.retain(|_, seq| *seq > stable);
+                s.recv.stable = s.recv.stable.max(fseq);
+                s.recv.ack_pending = true;
+                let stable = s.recv.stable;
+                s.recv.unstable_applied.retain(|_, seq| *seq > stable);
                 // Blocks written up to the flush point are stable here:
                 // their bits clear (persisted by `persist_progress`).
-                while let Some(&(seq, block, count)) = s.target_unflushed.front() {
-                    if seq > s.stable {
+                while let Some(&(seq, block, count)) = s.recv.target_unflushed.front() {
+                    if seq > s.recv.stable {
                         break;
                     }
-                    s.target_unflushed.pop_front();
+                    s.recv.target_unflushed.pop_front();
                     for b in block..block + count {
                         self.meta.dirty.clear(b);
                     }
@@ -469,12 +469,12 @@ impl<H: Payload> Node<H> {
         if cancelled || s.phase != Phase::Source {
             // A client wrote these blocks meanwhile; read them again later.
             for b in block..block + count {
-                s.resync_busy.clear(b);
+                s.resync.busy.clear(b);
             }
-            s.resync_cursor = s.resync_cursor.min(block);
+            s.resync.cursor = s.resync.cursor.min(block);
             return;
         }
-        s.resync_blocks_sent += count;
+        s.resync.blocks_sent += count;
         self.counters.resync_blocks_sent += count;
         let r = ResyncData {
             offset: block * bs,
@@ -487,7 +487,7 @@ impl<H: Payload> Node<H> {
             None => Numbered::Queued,
         };
         if let Some(s) = self.session.as_mut() {
-            s.resync_sent.push_back(SentRun { seq, block, count });
+            s.resync.sent.push_back(SentRun { seq, block, count });
         }
     }
 }
