@@ -34,7 +34,8 @@ impl<H: Payload> Node<H> {
                 self.become_secondary(Reason::AdminDemoted);
             }
             AdminCmd::Switchover => {
-                if self.role == Role::Primary && self.in_sync() && self.switching.is_none() {
+                if self.role == Role::Primary && self.in_sync() && self.switchover.running.is_none()
+                {
                     self.start_switchover(Switchover::Admin);
                 } else {
                     self.notify(Notice::Warning {

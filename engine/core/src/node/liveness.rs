@@ -227,9 +227,9 @@ impl<H: Payload> Node<H> {
         self.observe_peer(hb);
         let unmirrored =
             !self.msl.alive() && self.session.is_none() && self.role == Role::Secondary;
-        if hb.role == Role::Primary && self.handover_unconfirmed {
+        if hb.role == Role::Primary && self.switchover.unconfirmed {
             // The peer took the role (the handover landed after all).
-            self.handover_unconfirmed = false;
+            self.switchover.unconfirmed = false;
             self.finish_switchover();
         }
         if unmirrored
@@ -242,12 +242,12 @@ impl<H: Payload> Node<H> {
             self.shut_mirror_side();
         }
         let n = usize::from(hb.adapter_count).min(MAX_ADAPTERS);
-        if self.handover_unconfirmed
+        if self.switchover.unconfirmed
             && self.role == Role::Secondary
             && self.session.is_none()
             && hb.role == Role::Secondary
             && !hb.msl_up
-            && hb.counter > self.handover_hb_floor
+            && hb.counter > self.switchover.hb_floor
             && header.generation == self.meta.gens.history[0]
             && hb.adapters[..n].iter().any(|a| a.reachable)
         {

@@ -41,6 +41,7 @@ use al::AlSlot;
 use apply::ApplyPipeline;
 use liveness::PathLiveness;
 use outbox::Outbox;
+use role::SwitchoverState;
 use role::{Reason, Switchover};
 use session::{InMsg, OutMsg, Phase, Session};
 use session::{Numbered, SentRun};
@@ -90,7 +91,6 @@ pub struct Node<H> {
     /// MSL lost while the primary was still heard on the LAN: waiting for
     /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
     msl_lost_pending: bool,
-    /// Receiver: local io -> sequence number of the message it applies.
     admin_disconnected: bool,
     last_hello_us: Micros,
 
@@ -130,14 +130,6 @@ pub struct Node<H> {
     al_counted_us: Micros,
     /// The next client write waits for activity-log room.
     al_blocked: bool,
-    switching: Option<Switchover>,
-    /// This node handed the primary role over (planned switchover) and its
-    /// session ended before the peer confirmed taking it: until the peer
-    /// shows which way it went, nobody may be serving.
-    handover_unconfirmed: bool,
-    /// The peer's newest LAN heartbeat counter when the handover was sent:
-    /// only a heartbeat sent after it can show the handover did not land.
-    handover_hb_floor: u64,
 
     // Online verify: the primary's run (its reads are in `ios`).
     verify: VerifyRun,
@@ -153,6 +145,8 @@ pub struct Node<H> {
     timers: TimerTable,
 
     pub counters: Counters,
+    /// A planned switchover this node runs or ran (primary side).
+    switchover: SwitchoverState,
 }
 
 /// How often resync progress (cleared dirty bits) is written to the
@@ -227,9 +221,6 @@ impl<H: Payload> Node<H> {
             al_pressure: false,
             al_counted_us: now,
             al_blocked: false,
-            switching: None,
-            handover_unconfirmed: false,
-            handover_hb_floor: 0,
             verify: VerifyRun::default(),
             verify_notified: 0,
             verify_resync: false,
@@ -237,6 +228,11 @@ impl<H: Payload> Node<H> {
             bitmap_persisted_us: now,
             counters: Counters::default(),
             timers: TimerTable::new(),
+            switchover: SwitchoverState {
+                running: None,
+                unconfirmed: false,
+                hb_floor: 0,
+            },
         };
         node.timers.set(Timer::Heartbeat, now);
         node.timers.set(Timer::Hello, now);
@@ -275,7 +271,7 @@ impl<H: Payload> Node<H> {
         self.role == Role::Primary
             && !self.failed
             && self.meta.disk == DiskState::UpToDate
-            && self.switching.is_none()
+            && self.switchover.running.is_none()
     }
 
     /// Connected to the peer, pair in sync.
@@ -315,7 +311,7 @@ impl<H: Payload> Node<H> {
             resync_source,
             pending_writes: self.ios.count(io::Kind::ClientWrite) + self.waiting.len(),
             pending_flushes: self.flush_waiters.len(),
-            switching: self.switching.is_some(),
+            switching: self.switchover.running.is_some(),
             last_session_end: self.last_session_end,
             counters,
             peer_id: self.cfg.peer_id,

@@ -11,6 +11,18 @@
 
 use super::*;
 
+/// A planned switchover this node runs or ran (primary side).
+pub(super) struct SwitchoverState {
+    pub(super) running: Option<Switchover>,
+    /// This node handed the primary role over (planned switchover) and its
+    /// session ended before the peer confirmed taking it: until the peer
+    /// shows which way it went, nobody may be serving.
+    pub(super) unconfirmed: bool,
+    /// The peer's newest LAN heartbeat counter when the handover was sent:
+    /// only a heartbeat sent after it can show the handover did not land.
+    pub(super) hb_floor: u64,
+}
+
 /// Why the role or the disk state changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Reason {
@@ -201,9 +213,9 @@ impl<H: Payload> Node<H> {
 
     /// Become primary in a fresh generation, persisted before any write.
     pub(super) fn become_primary(&mut self, track: bool, reason: Reason) {
-        self.handover_unconfirmed = false;
+        self.switchover.unconfirmed = false;
         // A switchover this node started and never saw finish is over.
-        self.switching = None;
+        self.switchover.running = None;
         let id = self.rng.nonzero();
         gens::new_generation(&mut self.meta.gens, id, track);
         self.transition(reason);
@@ -241,7 +253,7 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn check_switchover(&mut self) {
-        if self.role != Role::Primary || self.switching.is_some() || !self.in_sync() {
+        if self.role != Role::Primary || self.switchover.running.is_some() || !self.in_sync() {
             self.timers.stop(Timer::SwitchoverDebounce);
             return;
         }
@@ -264,7 +276,7 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn start_switchover(&mut self, why: Switchover) {
-        self.switching = Some(why);
+        self.switchover.running = Some(why);
         self.notify(Notice::SwitchoverStarted { reason: why.text() });
         if self.verify.status.active {
             // The peer answers verify requests only as secondary.
@@ -286,7 +298,7 @@ impl<H: Payload> Node<H> {
     /// Once every accepted write is released, hand the role over.
     pub(super) fn try_handover(&mut self) {
         if self.role != Role::Primary
-            || self.switching.is_none()
+            || self.switchover.running.is_none()
             || self.ios.count(io::Kind::ClientWrite) > 0
             || !self.flush_waiters.is_empty()
         {
@@ -294,7 +306,7 @@ impl<H: Payload> Node<H> {
         }
         let Some(s) = &self.session else {
             // Peer gone mid-switchover: stay primary.
-            self.switching = None;
+            self.switchover.running = None;
             return;
         };
         // The RoleChange must get its sequence number now (not wait in
@@ -308,7 +320,7 @@ impl<H: Payload> Node<H> {
         }
         let id = self.rng.nonzero();
         self.transition(Reason::HandoverSent);
-        self.handover_hb_floor = self.peer_hb_counter_lan;
+        self.switchover.hb_floor = self.peer_hb_counter_lan;
         if let Some(s) = self.session.as_mut() {
             s.decision.strategy = Strategy::TargetBitmap;
         }
@@ -338,9 +350,9 @@ impl<H: Payload> Node<H> {
     /// the role over), so it becomes primary again, tracking changes from
     /// the generation the peer still holds.
     pub(super) fn reclaim_role(&mut self) {
-        self.handover_unconfirmed = false;
+        self.switchover.unconfirmed = false;
         self.msl_lost_pending = false;
-        self.switching = None;
+        self.switchover.running = None;
         if self.failed || self.meta.disk != DiskState::UpToDate {
             return;
         }
@@ -360,7 +372,7 @@ impl<H: Payload> Node<H> {
 
     /// The peer took the role this node handed over.
     pub(super) fn finish_switchover(&mut self) {
-        let reason = self.switching.take();
+        let reason = self.switchover.running.take();
         self.notify(Notice::SwitchoverDone {
             new_primary: self.cfg.peer_id,
         });

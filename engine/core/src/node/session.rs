@@ -175,7 +175,7 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn establish(&mut self, peer: Hello) {
-        if self.handover_unconfirmed && self.role == Role::Secondary {
+        if self.switchover.unconfirmed && self.role == Role::Secondary {
             if peer.role == Role::Secondary
                 && peer.gens.current == self.meta.gens.history[0]
                 && peer.gens.bitmap == 0
@@ -187,11 +187,11 @@ impl<H: Payload> Node<H> {
                 self.reclaim_role();
                 return;
             }
-            self.handover_unconfirmed = false;
+            self.switchover.unconfirmed = false;
             if peer.role == Role::Primary {
                 self.finish_switchover();
             } else {
-                self.switching = None;
+                self.switchover.running = None;
             }
         }
         let local = SideView {
@@ -397,7 +397,7 @@ impl<H: Payload> Node<H> {
             for w in self.flush_waiters.iter_mut() {
                 w.peer = PeerHalf::Local;
             }
-            self.switching = None;
+            self.switchover.running = None;
             self.release_writes();
         } else if s.phase == Phase::Target
             || (s.phase == Phase::Images && s.decision.strategy.is_target())
@@ -421,7 +421,7 @@ impl<H: Payload> Node<H> {
         }
         if s.send.handover_seq.is_some() {
             self.peer_role = Some(Role::Primary);
-            self.handover_unconfirmed = self.role == Role::Secondary;
+            self.switchover.unconfirmed = self.role == Role::Secondary;
         }
         self.peer_hello_seen = None;
         self.timers.set(Timer::Hello, self.now);

@@ -707,7 +707,7 @@ fn test_switchover_lost_one_way_role_taken_back_at_the_next_session() {
     assert!(a.session.is_none() && b.session.is_some());
     run_pair_with(&mut a, &mut b, 700_000, 1_500_000, &zeros, [true, false]);
     assert_eq!((a.role(), b.role()), (Role::Secondary, Role::Secondary));
-    assert!(a.handover_unconfirmed && b.session.is_none());
+    assert!(a.switchover.unconfirmed && b.session.is_none());
     let sent = a.counters.resync_blocks_sent;
     run_pair(&mut a, &mut b, 1_500_000, 4_000_000, &zeros);
     assert_eq!((a.role(), b.role()), (Role::Primary, Role::Secondary));
@@ -830,7 +830,7 @@ fn test_switchover_cut_after_the_peer_took_the_role_is_not_undone() {
         "a knows it falls behind"
     );
     assert!(
-        a.switching.is_none(),
+        a.switchover.running.is_none(),
         "the switchover is over: a serves if it is ever primary again"
     );
 }
