@@ -71,7 +71,7 @@ impl<H: Payload> Node<H> {
         }
         let unstable = self.al.iter().any(|s| !self.al_cold(s));
         let due = self.now >= self.stabilize_due_us();
-        let blocked = self.al_blocked && !self.waiting.is_empty();
+        let blocked = self.al_blocked && !self.writes.waiting.is_empty();
         if unstable && (due || blocked) && self.ios.count(io::Kind::StablePoint) == 0 {
             self.last_stabilize_us = self.now;
             self.internal_flush();
@@ -95,9 +95,9 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn completed_wid(&self) -> u64 {
-        match self.inflight_wids.first() {
+        match self.writes.inflight_wids.first() {
             Some(&w) => w - 1,
-            None => self.next_wid - 1,
+            None => self.writes.next_wid - 1,
         }
     }
 
@@ -112,7 +112,10 @@ impl<H: Payload> Node<H> {
     /// 1237-extent log, merging every slot resynced gigabytes after a
     /// secondary restart.
     pub(super) fn mark_extents_peer_may_lack(&mut self) {
-        let peer_has = self.peer_stable_wid.max(self.session_start_wid);
+        let peer_has = self
+            .writes
+            .peer_stable_wid
+            .max(self.writes.session_start_wid);
         for slot in &self.al {
             if slot.in_flight == 0 && slot.last_wid <= peer_has {
                 continue;
@@ -130,8 +133,8 @@ impl<H: Payload> Node<H> {
     pub(super) fn protect_received(&mut self, mut exts: Vec<u64>) {
         exts.sort_unstable();
         exts.dedup();
-        let wid = self.next_wid;
-        self.next_wid += 1;
+        let wid = self.writes.next_wid;
+        self.writes.next_wid += 1;
         self.al_clock += 1;
         let clock = self.al_clock;
         for x in exts {
@@ -176,11 +179,11 @@ impl<H: Payload> Node<H> {
 
     pub(super) fn al_cold(&self, s: &AlSlot) -> bool {
         s.in_flight == 0
-            && s.last_wid <= self.local_stable_wid
+            && s.last_wid <= self.writes.local_stable_wid
             && (s.from_peer
                 || !self.mirroring()
-                || s.last_wid <= self.peer_stable_wid
-                || s.last_wid <= self.session_start_wid)
+                || s.last_wid <= self.writes.peer_stable_wid
+                || s.last_wid <= self.writes.session_start_wid)
     }
 
     /// Make the extents of a write hot. Returns Some(changed) or None if

@@ -47,6 +47,7 @@ use session::{InMsg, OutMsg, Phase, Session};
 use session::{Numbered, SentRun};
 use stream::SendStream;
 use timers::{Timer, TimerTable};
+use write::WritePath;
 use write::{FlushWaiter, PeerHalf, QueuedWrite};
 
 mod admin;
@@ -112,17 +113,8 @@ pub struct Node<H> {
     // Write path.
     /// Local I/O in flight, by id, with what it is for.
     ios: io::IoTable,
-    next_wid: u64,
-    waiting: VecDeque<QueuedWrite<H>>,
-    flush_waiters: VecDeque<FlushWaiter>,
-    local_flush_done: BTreeSet<IoId>,
-    inflight_wids: BTreeSet<u64>,
-    local_stable_wid: u64,
-    peer_stable_wid: u64,
-    session_start_wid: u64,
     al: Vec<AlSlot>,
     al_clock: u64,
-    last_write_us: Micros,
     last_stabilize_us: Micros,
     /// Whether the activity log is under pressure (see
     /// `Config::stabilize_interval_us`), and when that was last counted.
@@ -147,6 +139,8 @@ pub struct Node<H> {
     pub counters: Counters,
     /// A planned switchover this node runs or ran (primary side).
     switchover: SwitchoverState,
+    /// The primary's write path: write ids, queued writes and flush waiters,
+    writes: WritePath<H>,
 }
 
 /// How often resync progress (cleared dirty bits) is written to the
@@ -206,17 +200,8 @@ impl<H: Payload> Node<H> {
             adapter_count: 1,
             adapter_last_rx: [None; MAX_ADAPTERS],
             ios: io::IoTable::new(),
-            next_wid: 1,
-            waiting: VecDeque::new(),
-            flush_waiters: VecDeque::new(),
-            local_flush_done: BTreeSet::new(),
-            inflight_wids: BTreeSet::new(),
-            local_stable_wid: 0,
-            peer_stable_wid: 0,
-            session_start_wid: 0,
             al: Vec::new(),
             al_clock: 0,
-            last_write_us: 0,
             last_stabilize_us: now,
             al_pressure: false,
             al_counted_us: now,
@@ -232,6 +217,17 @@ impl<H: Payload> Node<H> {
                 running: None,
                 unconfirmed: false,
                 hb_floor: 0,
+            },
+            writes: WritePath {
+                next_wid: 1,
+                waiting: VecDeque::new(),
+                flush_waiters: VecDeque::new(),
+                local_flush_done: BTreeSet::new(),
+                inflight_wids: BTreeSet::new(),
+                local_stable_wid: 0,
+                peer_stable_wid: 0,
+                session_start_wid: 0,
+                last_write_us: 0,
             },
         };
         node.timers.set(Timer::Heartbeat, now);
@@ -309,8 +305,8 @@ impl<H: Payload> Node<H> {
             resync_remaining,
             resync_total,
             resync_source,
-            pending_writes: self.ios.count(io::Kind::ClientWrite) + self.waiting.len(),
-            pending_flushes: self.flush_waiters.len(),
+            pending_writes: self.ios.count(io::Kind::ClientWrite) + self.writes.waiting.len(),
+            pending_flushes: self.writes.flush_waiters.len(),
             switching: self.switchover.running.is_some(),
             last_session_end: self.last_session_end,
             counters,
@@ -370,7 +366,7 @@ impl<H: Payload> Node<H> {
                 at(s.recv.last_flush_us + i);
             }
             if s.phase == Phase::Source {
-                at(self.last_write_us + self.cfg.resync_idle_us);
+                at(self.writes.last_write_us + self.cfg.resync_idle_us);
                 if self.cfg.resync_max_bytes_per_s > 0 {
                     at(self.timers.deadline(Timer::ResyncPace));
                 }

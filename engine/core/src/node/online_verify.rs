@@ -36,7 +36,7 @@ impl<H: Payload> Node<H> {
             }
             return;
         }
-        let busy = self.now < self.last_write_us + self.cfg.resync_idle_us;
+        let busy = self.now < self.writes.last_write_us + self.cfg.resync_idle_us;
         while let Some((start, count)) = self.verify.next_chunk(busy) {
             let io = self.ios.start(io::Purpose::VerifyRead {
                 start,

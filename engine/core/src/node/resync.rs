@@ -30,7 +30,7 @@ impl<H: Payload> Node<H> {
 
     /// Source: read dirty blocks and send them, yielding to client writes.
     pub(super) fn pump_resync(&mut self) {
-        let idle = self.now >= self.last_write_us + self.cfg.resync_idle_us
+        let idle = self.now >= self.writes.last_write_us + self.cfg.resync_idle_us
             && self.ios.count(io::Kind::ClientWrite) == 0;
         let (min, max) = (self.cfg.resync_min_in_flight, self.cfg.resync_max_in_flight);
         let window = self.cfg.window;

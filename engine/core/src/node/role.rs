@@ -243,7 +243,7 @@ impl<H: Payload> Node<H> {
             generation: self.meta.gens.current,
             reason: reason.text(),
         });
-        for q in core::mem::take(&mut self.waiting) {
+        for q in core::mem::take(&mut self.writes.waiting) {
             self.counters.client_writes_refused += 1;
             self.emit(Action::Reply {
                 req: q.req,
@@ -285,7 +285,7 @@ impl<H: Payload> Node<H> {
                 reason: Reason::HandoverSent.text(),
             });
         }
-        for q in core::mem::take(&mut self.waiting) {
+        for q in core::mem::take(&mut self.writes.waiting) {
             self.counters.client_writes_refused += 1;
             self.emit(Action::Reply {
                 req: q.req,
@@ -300,7 +300,7 @@ impl<H: Payload> Node<H> {
         if self.role != Role::Primary
             || self.switchover.running.is_none()
             || self.ios.count(io::Kind::ClientWrite) > 0
-            || !self.flush_waiters.is_empty()
+            || !self.writes.flush_waiters.is_empty()
         {
             return;
         }
@@ -395,13 +395,13 @@ impl<H: Payload> Node<H> {
                 result: Err(ClientError::IoError),
             });
         }
-        for q in core::mem::take(&mut self.waiting) {
+        for q in core::mem::take(&mut self.writes.waiting) {
             self.emit(Action::Reply {
                 req: q.req,
                 result: Err(ClientError::IoError),
             });
         }
-        for FlushWaiter { req, .. } in core::mem::take(&mut self.flush_waiters) {
+        for FlushWaiter { req, .. } in core::mem::take(&mut self.writes.flush_waiters) {
             self.emit(Action::Reply {
                 req,
                 result: Err(ClientError::IoError),

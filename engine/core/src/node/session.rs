@@ -298,7 +298,7 @@ impl<H: Payload> Node<H> {
             return;
         }
         self.session = Some(s);
-        self.session_start_wid = self.next_wid - 1;
+        self.writes.session_start_wid = self.writes.next_wid - 1;
         self.notify(Notice::Connected {
             strategy: decision.strategy,
             rule: decision.rule,
@@ -394,7 +394,7 @@ impl<H: Payload> Node<H> {
             for p in self.ios.client_writes_mut() {
                 p.peer = PeerHalf::Local;
             }
-            for w in self.flush_waiters.iter_mut() {
+            for w in self.writes.flush_waiters.iter_mut() {
                 w.peer = PeerHalf::Local;
             }
             self.switchover.running = None;

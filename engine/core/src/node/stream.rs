@@ -77,7 +77,7 @@ impl<H: Payload> Node<H> {
             if seq > s.send.peer_stable {
                 break;
             }
-            self.peer_stable_wid = self.peer_stable_wid.max(wid);
+            self.writes.peer_stable_wid = self.writes.peer_stable_wid.max(wid);
             s.send.mirror_wids.pop_front();
         }
         // Resync blocks stable on the target are clean now.
@@ -167,7 +167,7 @@ impl<H: Payload> Node<H> {
                 } else if d.flags & data_flags::FLUSH != 0 && d.write_id != 0 {
                     // A client flush (write_id = its local flush io) learns
                     // its sequence number; internal flushes carry 0.
-                    for w in self.flush_waiters.iter_mut() {
+                    for w in self.writes.flush_waiters.iter_mut() {
                         if w.io == d.write_id {
                             w.peer = PeerHalf::Sent(seq);
                         }

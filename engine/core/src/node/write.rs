@@ -5,6 +5,20 @@
 
 use super::*;
 
+/// The primary's write path: write ids, queued writes and flush waiters,
+/// and the stable points of both sides in write ids.
+pub(super) struct WritePath<H> {
+    pub(super) next_wid: u64,
+    pub(super) waiting: VecDeque<QueuedWrite<H>>,
+    pub(super) flush_waiters: VecDeque<FlushWaiter>,
+    pub(super) local_flush_done: BTreeSet<IoId>,
+    pub(super) inflight_wids: BTreeSet<u64>,
+    pub(super) local_stable_wid: u64,
+    pub(super) peer_stable_wid: u64,
+    pub(super) session_start_wid: u64,
+    pub(super) last_write_us: Micros,
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct PendingWrite {
     pub(super) req: ReqId,
@@ -94,7 +108,8 @@ impl<H: Payload> Node<H> {
             });
             return;
         }
-        if self.waiting.len() + self.ios.count(io::Kind::ClientWrite) >= self.cfg.max_pending_writes
+        if self.writes.waiting.len() + self.ios.count(io::Kind::ClientWrite)
+            >= self.cfg.max_pending_writes
         {
             self.counters.client_writes_refused += 1;
             self.emit(Action::Reply {
@@ -103,7 +118,7 @@ impl<H: Payload> Node<H> {
             });
             return;
         }
-        self.waiting.push_back(q);
+        self.writes.waiting.push_back(q);
         self.start_waiting_writes();
     }
 
@@ -111,7 +126,7 @@ impl<H: Payload> Node<H> {
     /// flight and their AL extents can be made hot.
     pub(super) fn start_waiting_writes(&mut self) {
         self.al_blocked = false;
-        while let Some(q) = self.waiting.front() {
+        while let Some(q) = self.writes.waiting.front() {
             if !self.serving() {
                 return;
             }
@@ -130,7 +145,7 @@ impl<H: Payload> Node<H> {
                 return;
             };
             self.al_blocked = false;
-            let Some(q) = self.waiting.pop_front() else {
+            let Some(q) = self.writes.waiting.pop_front() else {
                 return;
             };
             self.start_write(q, al_changed);
@@ -138,8 +153,8 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn start_write(&mut self, q: QueuedWrite<H>, al_changed: bool) {
-        let wid = self.next_wid;
-        self.next_wid += 1;
+        let wid = self.writes.next_wid;
+        self.writes.next_wid += 1;
         self.al_clock += 1;
         let clock = self.al_clock;
         let exts = self.extents(q.block, q.count);
@@ -166,8 +181,8 @@ impl<H: Payload> Node<H> {
         if persist {
             self.persist();
         }
-        self.last_write_us = self.now;
-        self.inflight_wids.insert(wid);
+        self.writes.last_write_us = self.now;
+        self.writes.inflight_wids.insert(wid);
         // The local write is emitted after the mirror message: the peer's
         // half of the round trip then overlaps the local write instead of
         // waiting for it (the client's reply needs both either way).
@@ -248,7 +263,7 @@ impl<H: Payload> Node<H> {
         if self.mirroring() {
             // Registered first: if the message goes to the backlog,
             // `flush_backlog` finds the waiter by its io id.
-            self.flush_waiters.push_back(FlushWaiter {
+            self.writes.flush_waiters.push_back(FlushWaiter {
                 req,
                 io,
                 peer: PeerHalf::Queued,
@@ -260,7 +275,7 @@ impl<H: Payload> Node<H> {
                 flags: data_flags::FLUSH,
             };
             let sent = self.send_reliable(Message::Data(d), None);
-            if let (Some(seq), Some(w)) = (sent, self.flush_waiters.back_mut()) {
+            if let (Some(seq), Some(w)) = (sent, self.writes.flush_waiters.back_mut()) {
                 debug_assert_eq!(w.io, io);
                 if w.peer == PeerHalf::Queued {
                     w.peer = PeerHalf::Sent(seq);
@@ -268,7 +283,7 @@ impl<H: Payload> Node<H> {
             }
             return;
         }
-        self.flush_waiters.push_back(FlushWaiter {
+        self.writes.flush_waiters.push_back(FlushWaiter {
             req,
             io,
             peer: PeerHalf::Local,
@@ -310,8 +325,8 @@ impl<H: Payload> Node<H> {
                 });
             }
         }
-        while let Some(&FlushWaiter { req, io, peer }) = self.flush_waiters.front() {
-            let local = self.local_flush_done.contains(&io);
+        while let Some(&FlushWaiter { req, io, peer }) = self.writes.flush_waiters.front() {
+            let local = self.writes.local_flush_done.contains(&io);
             let peer_ok = match peer {
                 PeerHalf::Local => true,
                 PeerHalf::Queued => false,
@@ -320,8 +335,8 @@ impl<H: Payload> Node<H> {
             if !(local && peer_ok) {
                 break;
             }
-            self.flush_waiters.pop_front();
-            self.local_flush_done.remove(&io);
+            self.writes.flush_waiters.pop_front();
+            self.writes.local_flush_done.remove(&io);
             self.emit(Action::Reply {
                 req,
                 result: Ok(()),
@@ -343,7 +358,7 @@ impl<H: Payload> Node<H> {
         if let Some(io::Purpose::ClientWrite(p)) = self.ios.get_mut(io) {
             p.local_done = true;
             let (wid, block, count) = (p.wid, p.block, p.count);
-            self.inflight_wids.remove(&wid);
+            self.writes.inflight_wids.remove(&wid);
             let exts = self.extents(block, count);
             for s in self.al.iter_mut().filter(|s| exts.contains(&s.extent)) {
                 s.in_flight = s.in_flight.saturating_sub(1);
@@ -355,9 +370,9 @@ impl<H: Payload> Node<H> {
             let Some(io::Purpose::Flush { mark, client }) = self.ios.take(io) else {
                 unreachable!("io {io} is a flush");
             };
-            self.local_stable_wid = self.local_stable_wid.max(mark);
-            if client.is_some() || self.flush_waiters.iter().any(|w| w.io == io) {
-                self.local_flush_done.insert(io);
+            self.writes.local_stable_wid = self.writes.local_stable_wid.max(mark);
+            if client.is_some() || self.writes.flush_waiters.iter().any(|w| w.io == io) {
+                self.writes.local_flush_done.insert(io);
             }
             self.release_writes();
             return;
