@@ -5,6 +5,20 @@
 
 use super::*;
 
+/// The activity log: hot extents, their LRU clock, and the pressure that
+/// decides how soon the next stable point comes.
+pub(super) struct ActivityLog {
+    pub(super) slots: Vec<AlSlot>,
+    pub(super) clock: u64,
+    /// Whether the activity log is under pressure (see
+    /// `Config::stabilize_interval_us`), and when that was last counted.
+    pub(super) pressure: bool,
+    pub(super) counted_us: Micros,
+    /// The next client write waits for activity-log room.
+    pub(super) blocked: bool,
+    pub(super) last_stabilize_us: Micros,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(super) struct AlSlot {
     pub(super) extent: u64,
@@ -33,12 +47,13 @@ impl<H: Payload> Node<H> {
         self.bitmap_unpersisted = false;
         self.bitmap_persisted_us = self.now;
         self.meta.role = self.role;
-        let hot: Vec<bool> = self.al.iter().map(|s| !self.al_cold(s)).collect();
-        for (slot, hot) in self.al.iter_mut().zip(&hot) {
+        let hot: Vec<bool> = self.actlog.slots.iter().map(|s| !self.al_cold(s)).collect();
+        for (slot, hot) in self.actlog.slots.iter_mut().zip(&hot) {
             slot.on_disk = *hot || (slot.on_disk && !trim);
         }
         self.meta.al = self
-            .al
+            .actlog
+            .slots
             .iter()
             .filter(|s| s.on_disk)
             .map(|s| s.extent)
@@ -50,30 +65,35 @@ impl<H: Payload> Node<H> {
     /// When the next periodic stable point is due: soon while the
     /// activity log is under pressure, else relaxed.
     pub(super) fn stabilize_due_us(&self) -> Micros {
-        let interval = if self.al_pressure {
+        let interval = if self.actlog.pressure {
             self.cfg.stabilize_interval_us
         } else {
             self.cfg.stabilize_relaxed_us
         };
-        self.last_stabilize_us + interval
+        self.actlog.last_stabilize_us + interval
     }
 
     pub(super) fn stabilize_if_due(&mut self) {
-        if self.role != Role::Primary || self.failed || self.al.is_empty() {
+        if self.role != Role::Primary || self.failed || self.actlog.slots.is_empty() {
             return;
         }
-        if self.now >= self.al_counted_us + self.cfg.stabilize_interval_us {
+        if self.now >= self.actlog.counted_us + self.cfg.stabilize_interval_us {
             // Counted at most once per short interval (the log holds up
             // to `al_extents` slots).
-            self.al_counted_us = self.now;
-            let unstable = self.al.iter().filter(|s| !self.al_cold(s)).count();
-            self.al_pressure = unstable * 4 >= self.cfg.al_extents * 3;
+            self.actlog.counted_us = self.now;
+            let unstable = self
+                .actlog
+                .slots
+                .iter()
+                .filter(|s| !self.al_cold(s))
+                .count();
+            self.actlog.pressure = unstable * 4 >= self.cfg.al_extents * 3;
         }
-        let unstable = self.al.iter().any(|s| !self.al_cold(s));
+        let unstable = self.actlog.slots.iter().any(|s| !self.al_cold(s));
         let due = self.now >= self.stabilize_due_us();
-        let blocked = self.al_blocked && !self.writes.waiting.is_empty();
+        let blocked = self.actlog.blocked && !self.writes.waiting.is_empty();
         if unstable && (due || blocked) && self.ios.count(io::Kind::StablePoint) == 0 {
-            self.last_stabilize_us = self.now;
+            self.actlog.last_stabilize_us = self.now;
             self.internal_flush();
         }
     }
@@ -116,7 +136,7 @@ impl<H: Payload> Node<H> {
             .writes
             .peer_stable_wid
             .max(self.writes.session_start_wid);
-        for slot in &self.al {
+        for slot in &self.actlog.slots {
             if slot.in_flight == 0 && slot.last_wid <= peer_has {
                 continue;
             }
@@ -135,8 +155,8 @@ impl<H: Payload> Node<H> {
         exts.dedup();
         let wid = self.writes.next_wid;
         self.writes.next_wid += 1;
-        self.al_clock += 1;
-        let clock = self.al_clock;
+        self.actlog.clock += 1;
+        let clock = self.actlog.clock;
         for x in exts {
             let slot = AlSlot {
                 extent: x,
@@ -146,7 +166,7 @@ impl<H: Payload> Node<H> {
                 on_disk: false,
                 from_peer: true,
             };
-            if let Some(s) = self.al.iter_mut().find(|s| s.extent == x) {
+            if let Some(s) = self.actlog.slots.iter_mut().find(|s| s.extent == x) {
                 // A secondary has no unacknowledged writes of its own: the
                 // ones it released were applied by the peer, the rest were
                 // marked out of sync. One still in flight keeps the
@@ -154,10 +174,10 @@ impl<H: Payload> Node<H> {
                 s.last_wid = wid;
                 s.lru = clock;
                 s.from_peer |= s.in_flight == 0;
-            } else if self.al.len() < self.cfg.al_extents {
-                self.al.push(slot);
-            } else if let Some(i) = self.al.iter().position(|s| self.al_cold(s)) {
-                self.al[i] = slot; // a cold extent is stable: evicted
+            } else if self.actlog.slots.len() < self.cfg.al_extents {
+                self.actlog.slots.push(slot);
+            } else if let Some(i) = self.actlog.slots.iter().position(|s| self.al_cold(s)) {
+                self.actlog.slots[i] = slot; // a cold extent is stable: evicted
             } else {
                 // No room in the log (its on-disk slots are sized for
                 // `al_extents`): marked out of sync instead, resent from
@@ -191,23 +211,25 @@ impl<H: Payload> Node<H> {
     pub(super) fn al_reserve(&mut self, block: u64, count: u64) -> Option<bool> {
         let need: Vec<u64> = self
             .extents(block, count)
-            .filter(|e| !self.al.iter().any(|s| s.extent == *e))
+            .filter(|e| !self.actlog.slots.iter().any(|s| s.extent == *e))
             .collect();
         if need.is_empty() {
             // Hot again after a metadata write left it out as cold.
             let range = self.extents(block, count);
             let reheat = self
-                .al
+                .actlog
+                .slots
                 .iter()
                 .any(|s| range.contains(&s.extent) && !s.on_disk);
             return Some(reheat);
         }
-        let free = self.cfg.al_extents.saturating_sub(self.al.len());
+        let free = self.cfg.al_extents.saturating_sub(self.actlog.slots.len());
         // Never evict an extent this very write needs (found by msl-sim
         // seed 838: its crashed primary's in-flight region went unsynced).
         let range = self.extents(block, count);
         let mut cold: Vec<(u64, usize)> = self
-            .al
+            .actlog
+            .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| !range.contains(&s.extent) && self.al_cold(s))
@@ -221,10 +243,10 @@ impl<H: Payload> Node<H> {
         let mut victims: Vec<usize> = cold.iter().take(evict).map(|&(_, i)| i).collect();
         victims.sort_unstable_by(|a, b| b.cmp(a));
         for i in victims {
-            self.al.swap_remove(i);
+            self.actlog.slots.swap_remove(i);
         }
         for e in need {
-            self.al.push(AlSlot {
+            self.actlog.slots.push(AlSlot {
                 extent: e,
                 last_wid: 0,
                 in_flight: 0,

@@ -37,7 +37,7 @@ use crate::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
 use crate::rng::Rng;
 use crate::verify::{self, VerifyRun};
 use crate::Micros;
-use al::AlSlot;
+use al::ActivityLog;
 use apply::ApplyPipeline;
 use liveness::PathLiveness;
 use outbox::Outbox;
@@ -113,15 +113,6 @@ pub struct Node<H> {
     // Write path.
     /// Local I/O in flight, by id, with what it is for.
     ios: io::IoTable,
-    al: Vec<AlSlot>,
-    al_clock: u64,
-    last_stabilize_us: Micros,
-    /// Whether the activity log is under pressure (see
-    /// `Config::stabilize_interval_us`), and when that was last counted.
-    al_pressure: bool,
-    al_counted_us: Micros,
-    /// The next client write waits for activity-log room.
-    al_blocked: bool,
 
     // Online verify: the primary's run (its reads are in `ios`).
     verify: VerifyRun,
@@ -141,6 +132,8 @@ pub struct Node<H> {
     switchover: SwitchoverState,
     /// The primary's write path: write ids, queued writes and flush waiters,
     writes: WritePath<H>,
+    /// The activity log: hot extents, their LRU clock, and the pressure that
+    actlog: ActivityLog,
 }
 
 /// How often resync progress (cleared dirty bits) is written to the
@@ -200,12 +193,6 @@ impl<H: Payload> Node<H> {
             adapter_count: 1,
             adapter_last_rx: [None; MAX_ADAPTERS],
             ios: io::IoTable::new(),
-            al: Vec::new(),
-            al_clock: 0,
-            last_stabilize_us: now,
-            al_pressure: false,
-            al_counted_us: now,
-            al_blocked: false,
             verify: VerifyRun::default(),
             verify_notified: 0,
             verify_resync: false,
@@ -228,6 +215,14 @@ impl<H: Payload> Node<H> {
                 peer_stable_wid: 0,
                 session_start_wid: 0,
                 last_write_us: 0,
+            },
+            actlog: ActivityLog {
+                slots: Vec::new(),
+                clock: 0,
+                last_stabilize_us: now,
+                pressure: false,
+                counted_us: now,
+                blocked: false,
             },
         };
         node.timers.set(Timer::Heartbeat, now);
@@ -351,10 +346,10 @@ impl<H: Payload> Node<H> {
         if let Some(d) = self.timers.get(Timer::SwitchoverDebounce) {
             at(d);
         }
-        if self.role == Role::Primary && !self.al.is_empty() {
+        if self.role == Role::Primary && !self.actlog.slots.is_empty() {
             at(self.stabilize_due_us());
-            if !self.al_pressure {
-                at(self.al_counted_us + self.cfg.stabilize_interval_us);
+            if !self.actlog.pressure {
+                at(self.actlog.counted_us + self.cfg.stabilize_interval_us);
             }
         }
         if let Some(s) = &self.session {
@@ -485,7 +480,7 @@ impl<H: Payload> Node<H> {
             // like a split brain to a peer that took over meanwhile; found
             // by the daemon's pair test). Blocks whose writes may not be
             // stable on the peer yet stay marked, as after a crash.
-            for slot in &self.al {
+            for slot in &self.actlog.slots {
                 self.meta
                     .dirty
                     .set_range(slot.extent * self.cfg.extent_blocks, self.cfg.extent_blocks);

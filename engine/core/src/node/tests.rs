@@ -564,8 +564,8 @@ fn test_protecting_received_writes_never_overfills_the_log() {
     n.protect_received(alloc::vec![0, 1]);
     // Their flush has not completed: both hot, no room for more.
     n.protect_received(alloc::vec![5, 6]);
-    assert_eq!(n.al.len(), 2, "log capacity kept");
-    let listed: Vec<u64> = n.al.iter().map(|s| s.extent).collect();
+    assert_eq!(n.actlog.slots.len(), 2, "log capacity kept");
+    let listed: Vec<u64> = n.actlog.slots.iter().map(|s| s.extent).collect();
     for x in [0u64, 1, 5, 6] {
         let covered = listed.contains(&x) || n.meta().dirty.get(x * 8);
         assert!(covered, "extent {x} neither in the log nor marked");
@@ -578,8 +578,11 @@ fn test_protecting_received_writes_never_overfills_the_log() {
         }
     }
     n.protect_received(alloc::vec![3]);
-    assert_eq!(n.al.len(), 2);
-    assert!(n.al.iter().any(|s| s.extent == 3), "a cold slot was reused");
+    assert_eq!(n.actlog.slots.len(), 2);
+    assert!(
+        n.actlog.slots.iter().any(|s| s.extent == 3),
+        "a cold slot was reused"
+    );
     assert!(!n.meta().dirty.get(24), "extent 3 needed no resync mark");
 }
 
@@ -604,7 +607,7 @@ fn test_handover_puts_received_unflushed_writes_in_the_new_primarys_log() {
         "extent 2 (block 17) in b's persisted activity log"
     );
     run_pair(&mut a, &mut b, 210_300, 400_000, &zeros);
-    let slot = b.al.iter().find(|s| s.extent == 2).unwrap();
+    let slot = b.actlog.slots.iter().find(|s| s.extent == 2).unwrap();
     assert!(b.al_cold(slot), "flushed here: cold");
     // The new primary mirrors its own writes to the old one.
     assert!(b.mirroring(), "b mirrors after the switchover");

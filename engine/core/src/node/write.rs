@@ -125,7 +125,7 @@ impl<H: Payload> Node<H> {
     /// Start queued writes in order while they don't overlap writes in
     /// flight and their AL extents can be made hot.
     pub(super) fn start_waiting_writes(&mut self) {
-        self.al_blocked = false;
+        self.actlog.blocked = false;
         while let Some(q) = self.writes.waiting.front() {
             if !self.serving() {
                 return;
@@ -141,10 +141,10 @@ impl<H: Payload> Node<H> {
             let Some(al_changed) = self.al_reserve(block, count) else {
                 // Not enough free or cold extents: a stable point cools
                 // some (`stabilize_if_due` issues it at once).
-                self.al_blocked = true;
+                self.actlog.blocked = true;
                 return;
             };
-            self.al_blocked = false;
+            self.actlog.blocked = false;
             let Some(q) = self.writes.waiting.pop_front() else {
                 return;
             };
@@ -155,10 +155,15 @@ impl<H: Payload> Node<H> {
     pub(super) fn start_write(&mut self, q: QueuedWrite<H>, al_changed: bool) {
         let wid = self.writes.next_wid;
         self.writes.next_wid += 1;
-        self.al_clock += 1;
-        let clock = self.al_clock;
+        self.actlog.clock += 1;
+        let clock = self.actlog.clock;
         let exts = self.extents(q.block, q.count);
-        for s in self.al.iter_mut().filter(|s| exts.contains(&s.extent)) {
+        for s in self
+            .actlog
+            .slots
+            .iter_mut()
+            .filter(|s| exts.contains(&s.extent))
+        {
             s.in_flight += 1;
             s.last_wid = wid;
             s.lru = clock;
@@ -360,7 +365,12 @@ impl<H: Payload> Node<H> {
             let (wid, block, count) = (p.wid, p.block, p.count);
             self.writes.inflight_wids.remove(&wid);
             let exts = self.extents(block, count);
-            for s in self.al.iter_mut().filter(|s| exts.contains(&s.extent)) {
+            for s in self
+                .actlog
+                .slots
+                .iter_mut()
+                .filter(|s| exts.contains(&s.extent))
+            {
                 s.in_flight = s.in_flight.saturating_sub(1);
             }
             self.release_writes();
