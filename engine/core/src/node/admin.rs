@@ -62,18 +62,19 @@ impl<H: Payload> Node<H> {
                     });
                     return;
                 }
-                if self.verify.status.active {
+                if self.online.run.status.active {
                     self.notify(Notice::Warning {
                         what: "verify refused: a verify is already running",
                     });
                     return;
                 }
-                self.verify
+                self.online
+                    .run
                     .start(start_block, count, self.cfg.volume_blocks);
-                self.verify_resync = resync;
+                self.online.resync = resync;
                 self.notify(Notice::VerifyStarted {
-                    start_block: self.verify.status.start_block,
-                    blocks: self.verify.status.total_blocks,
+                    start_block: self.online.run.status.start_block,
+                    blocks: self.online.run.status.total_blocks,
                 });
                 self.verify_progress();
             }

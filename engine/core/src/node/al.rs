@@ -44,8 +44,8 @@ impl<H: Payload> Node<H> {
     /// resumes instead of restarting; a trimmed extent is persisted again
     /// before its next write (`al_reserve`).
     pub(super) fn persist_al(&mut self, trim: bool) {
-        self.bitmap_unpersisted = false;
-        self.bitmap_persisted_us = self.now;
+        self.progress.unpersisted = false;
+        self.progress.persisted_us = self.now;
         self.meta.role = self.role;
         let hot: Vec<bool> = self.actlog.slots.iter().map(|s| !self.al_cold(s)).collect();
         for (slot, hot) in self.actlog.slots.iter_mut().zip(&hot) {

@@ -231,7 +231,7 @@ impl<H: Payload> Node<H> {
                     };
                     s.recv.last_processed = seq;
                     let d = m.payload.as_ref().map_or(&[][..], |p| p.bytes());
-                    if self.verify.remote(v.start_block, v.count, d) {
+                    if self.online.run.remote(v.start_block, v.count, d) {
                         self.verify_progress();
                     } else {
                         self.counters.frames_unexpected += 1;

@@ -40,7 +40,9 @@ use crate::Micros;
 use al::ActivityLog;
 use apply::ApplyPipeline;
 use liveness::PathLiveness;
+use online_verify::OnlineVerify;
 use outbox::Outbox;
+use resync::ResyncProgress;
 use role::SwitchoverState;
 use role::{Reason, Switchover};
 use session::{InMsg, OutMsg, Phase, Session};
@@ -115,15 +117,6 @@ pub struct Node<H> {
     ios: io::IoTable,
 
     // Online verify: the primary's run (its reads are in `ios`).
-    verify: VerifyRun,
-    verify_notified: u64,
-    verify_resync: bool,
-    /// Dirty bits cleared in memory since the last metadata write, and when
-    /// that write was: resync progress is persisted at most once per
-    /// `BITMAP_PERSIST_INTERVAL_US`, so a crash resumes from there.
-    bitmap_unpersisted: bool,
-    bitmap_persisted_us: Micros,
-
     /// Every timer's deadline.
     timers: TimerTable,
 
@@ -134,6 +127,10 @@ pub struct Node<H> {
     writes: WritePath<H>,
     /// The activity log: hot extents, their LRU clock, and the pressure that
     actlog: ActivityLog,
+    /// The primary's online verify run and how its end is reported.
+    online: OnlineVerify,
+    /// Resync progress not yet on disk: dirty bits cleared in memory since the
+    progress: ResyncProgress,
 }
 
 /// How often resync progress (cleared dirty bits) is written to the
@@ -193,11 +190,6 @@ impl<H: Payload> Node<H> {
             adapter_count: 1,
             adapter_last_rx: [None; MAX_ADAPTERS],
             ios: io::IoTable::new(),
-            verify: VerifyRun::default(),
-            verify_notified: 0,
-            verify_resync: false,
-            bitmap_unpersisted: false,
-            bitmap_persisted_us: now,
             counters: Counters::default(),
             timers: TimerTable::new(),
             switchover: SwitchoverState {
@@ -223,6 +215,15 @@ impl<H: Payload> Node<H> {
                 pressure: false,
                 counted_us: now,
                 blocked: false,
+            },
+            online: OnlineVerify {
+                run: VerifyRun::default(),
+                notified: 0,
+                resync: false,
+            },
+            progress: ResyncProgress {
+                unpersisted: false,
+                persisted_us: now,
             },
         };
         node.timers.set(Timer::Heartbeat, now);
@@ -312,7 +313,7 @@ impl<H: Payload> Node<H> {
             adapter_count: self.adapter_count,
             gens: self.meta.gens,
             failed: self.failed,
-            verify: self.verify.status,
+            verify: self.online.run.status,
         }
     }
 

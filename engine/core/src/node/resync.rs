@@ -4,6 +4,16 @@
 
 use super::*;
 
+/// Resync progress not yet on disk: dirty bits cleared in memory since the
+/// last metadata write, and when that write was.
+pub(super) struct ResyncProgress {
+    /// Dirty bits cleared in memory since the last metadata write, and when
+    /// that write was: resync progress is persisted at most once per
+    /// `BITMAP_PERSIST_INTERVAL_US`, so a crash resumes from there.
+    pub(super) unpersisted: bool,
+    pub(super) persisted_us: Micros,
+}
+
 /// Largest resync message (a run of contiguous dirty blocks).
 pub(super) const RESYNC_MESSAGE_BYTES: u64 = 64 << 10;
 
@@ -20,9 +30,9 @@ impl<H: Payload> Node<H> {
     /// only once its block is stable on the target, so the persisted map is
     /// always a superset of what really differs.
     pub(super) fn persist_progress(&mut self) {
-        if self.bitmap_unpersisted
+        if self.progress.unpersisted
             && !self.failed
-            && self.now >= self.bitmap_persisted_us + BITMAP_PERSIST_INTERVAL_US
+            && self.now >= self.progress.persisted_us + BITMAP_PERSIST_INTERVAL_US
         {
             self.persist_al(true);
         }

@@ -278,9 +278,9 @@ impl<H: Payload> Node<H> {
     pub(super) fn start_switchover(&mut self, why: Switchover) {
         self.switchover.running = Some(why);
         self.notify(Notice::SwitchoverStarted { reason: why.text() });
-        if self.verify.status.active {
+        if self.online.run.status.active {
             // The peer answers verify requests only as secondary.
-            self.verify.abort("planned switchover");
+            self.online.run.abort("planned switchover");
             self.notify(Notice::VerifyAborted {
                 reason: Reason::HandoverSent.text(),
             });

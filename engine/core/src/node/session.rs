@@ -361,8 +361,8 @@ impl<H: Payload> Node<H> {
         self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
         self.last_session_end = Some(why);
         self.counters.retransmits += s.send.tx.stats.retransmits;
-        if self.verify.status.active {
-            self.verify.abort("the MSL session ended");
+        if self.online.run.status.active {
+            self.online.run.abort("the MSL session ended");
             self.notify(Notice::VerifyAborted {
                 reason: "the MSL session ended",
             });

@@ -90,7 +90,7 @@ impl<H: Payload> Node<H> {
                 s.resync.busy.clear(b);
                 self.meta.dirty.clear(b);
             }
-            self.bitmap_unpersisted = true;
+            self.progress.unpersisted = true;
         }
         self.after_peer_progress();
     }

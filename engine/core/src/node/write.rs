@@ -434,7 +434,7 @@ impl<H: Payload> Node<H> {
                     for b in block..block + count {
                         self.meta.dirty.clear(b);
                     }
-                    self.bitmap_unpersisted = true;
+                    self.progress.unpersisted = true;
                 }
                 self.run_apply_queue();
             }
@@ -470,7 +470,7 @@ impl<H: Payload> Node<H> {
                 };
                 self.send_reliable(Message::VerifyReply(v), Some(H::from_bytes(&d)));
             } else {
-                self.verify.local(start, d);
+                self.online.run.local(start, d);
                 self.verify_progress();
             }
             return;
