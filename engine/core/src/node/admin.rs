@@ -9,7 +9,7 @@ impl<H: Payload> Node<H> {
                 if self.role == Role::Primary || self.failed {
                     return;
                 }
-                if self.peer_role == Some(Role::Primary)
+                if self.peer.role == Some(Role::Primary)
                     && (self.msl.alive() || self.lan.alive())
                     && !force
                 {
@@ -44,11 +44,11 @@ impl<H: Payload> Node<H> {
                 }
             }
             AdminCmd::Disconnect => {
-                self.admin_disconnected = true;
+                self.hs.admin_disconnected = true;
                 self.end_session("administrator disconnected");
             }
             AdminCmd::Connect => {
-                self.admin_disconnected = false;
+                self.hs.admin_disconnected = false;
                 self.timers.set(Timer::Hello, self.now);
             }
             AdminCmd::Verify {

@@ -187,8 +187,8 @@ impl<H: Payload> Node<H> {
                     let total = s.resync.total;
                     self.meta.dirty.clear_all();
                     self.transition(Reason::ResyncTargetFinished);
-                    self.was_in_sync = true;
-                    self.crashed_primary = false;
+                    self.peer.was_in_sync = true;
+                    self.hs.crashed_primary = false;
                     self.persist();
                     self.notify(Notice::ResyncFinished {
                         source: false,
@@ -257,7 +257,7 @@ impl<H: Payload> Node<H> {
                         gens::push_history(&mut self.meta.gens, cur);
                         self.meta.gens.current = rc.generation;
                         self.transition(Reason::HandoverReceived);
-                        self.peer_role = Some(Role::Secondary);
+                        self.peer.role = Some(Role::Secondary);
                         // The session goes on with the directions swapped:
                         // this node's writes are mirrored from now on.
                         if let Some(s) = self.session.as_mut() {
@@ -330,7 +330,7 @@ impl<H: Payload> Node<H> {
             s.resync.total = total;
             s.phase = Phase::Target;
             self.transition(Reason::ResyncTargetStarted);
-            self.peer_role = Some(img.role);
+            self.peer.role = Some(img.role);
             self.persist();
             self.notify(Notice::ResyncStarted {
                 source: false,

@@ -4,6 +4,28 @@
 
 use super::*;
 
+/// This node's own links: MSL carrier, LAN adapters, the heartbeat counter.
+pub(super) struct LocalLinks {
+    pub(super) msl_carrier: bool,
+    pub(super) hb_counter: u64,
+    pub(super) adapters: [AdapterHealth; MAX_ADAPTERS],
+    pub(super) adapter_count: u8,
+    pub(super) adapter_last_rx: [Option<Micros>; MAX_ADAPTERS],
+}
+
+/// What this node knows of its peer: its last heartbeat and role, and
+/// whether the pair was in sync when it last saw it.
+pub(super) struct PeerView {
+    pub(super) last_hb: Option<Heartbeat>,
+    pub(super) role: Option<Role>,
+    pub(super) was_in_sync: bool,
+    pub(super) hb_counter: u64,
+    pub(super) hb_counter_lan: u64,
+    /// MSL lost while the primary was still heard on the LAN: waiting for
+    /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
+    pub(super) msl_lost_pending: bool,
+}
+
 /// Whether the peer is heard on one path (MSL or LAN).
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct PathLiveness {
@@ -55,7 +77,7 @@ impl<H: Payload> Node<H> {
     pub(super) fn my_heartbeat(&mut self) -> Heartbeat {
         // Strictly increasing across restarts (host clock), so receivers can
         // drop replays without being fooled by a restarted sender.
-        self.hb_counter = self.now.max(self.hb_counter + 1);
+        self.local.hb_counter = self.now.max(self.local.hb_counter + 1);
         Heartbeat {
             role: self.role,
             disk: if self.failed {
@@ -65,22 +87,25 @@ impl<H: Payload> Node<H> {
             },
             msl_up: self.msl.alive(),
             in_sync: self.in_sync(),
-            adapters: self.adapters,
-            adapter_count: self.adapter_count,
-            counter: self.hb_counter,
+            adapters: self.local.adapters,
+            adapter_count: self.local.adapter_count,
+            counter: self.local.hb_counter,
         }
     }
 
     pub(super) fn my_lan_score(&self) -> u8 {
-        let n = usize::from(self.adapter_count);
-        self.adapters[..n].iter().filter(|a| a.working()).count() as u8
+        let n = usize::from(self.local.adapter_count);
+        self.local.adapters[..n]
+            .iter()
+            .filter(|a| a.working())
+            .count() as u8
     }
 
     pub(super) fn on_msl_link(&mut self, up: bool) {
-        if up == self.msl_carrier {
+        if up == self.local.msl_carrier {
             return;
         }
-        self.msl_carrier = up;
+        self.local.msl_carrier = up;
         if up {
             self.notify(Notice::MslLinkUp);
             self.timers.set(Timer::Hello, self.now);
@@ -98,13 +123,13 @@ impl<H: Payload> Node<H> {
             self.counters.frames_unexpected += 1;
             return;
         }
-        if adapter >= self.adapter_count {
-            self.adapter_count = adapter + 1;
+        if adapter >= self.local.adapter_count {
+            self.local.adapter_count = adapter + 1;
         }
-        let before = self.adapters[i].working();
-        self.adapters[i].link_up = link_up;
-        self.adapters[i].carrier = carrier;
-        let after = self.adapters[i].working();
+        let before = self.local.adapters[i].working();
+        self.local.adapters[i].link_up = link_up;
+        self.local.adapters[i].carrier = carrier;
+        let after = self.local.adapters[i].working();
         if before != after {
             self.notify(Notice::AdapterHealth {
                 adapter,
@@ -124,8 +149,9 @@ impl<H: Payload> Node<H> {
             self.notify(Notice::PeerLost { path: Path::Lan });
             self.on_lan_lost();
         }
-        for i in 0..usize::from(self.adapter_count) {
-            self.adapters[i].reachable = self.adapter_last_rx[i].is_some_and(|t| now < t + dead);
+        for i in 0..usize::from(self.local.adapter_count) {
+            self.local.adapters[i].reachable =
+                self.local.adapter_last_rx[i].is_some_and(|t| now < t + dead);
         }
         if self.timers.expired(Timer::Heartbeat, now) {
             self.timers
@@ -133,7 +159,7 @@ impl<H: Payload> Node<H> {
             let hb = self.my_heartbeat();
             let h = self.header(0, 0);
             self.emit(Action::SendLan { header: h, hb });
-            if self.msl_carrier {
+            if self.local.msl_carrier {
                 let ack = self.session.as_ref().map_or(0, |s| s.recv.rx.cumulative());
                 let h = self.header(0, ack);
                 self.emit(Action::SendMsl {
@@ -150,14 +176,14 @@ impl<H: Payload> Node<H> {
             }
         }
         if self.session.is_none()
-            && !self.admin_disconnected
-            && self.msl_carrier
+            && !self.hs.admin_disconnected
+            && self.local.msl_carrier
             && self.timers.expired(Timer::Hello, now)
         {
             self.timers
                 .set(Timer::Hello, now + self.cfg.heartbeat_interval_us);
-            self.last_hello_us = now;
-            let ack = self.peer_hello_seen.unwrap_or(0);
+            self.hs.last_hello_us = now;
+            let ack = self.hs.peer_hello_seen.unwrap_or(0);
             let h = self.header(0, ack);
             let hello = self.my_hello();
             self.emit(Action::SendMsl {
@@ -191,7 +217,7 @@ impl<H: Payload> Node<H> {
         if self.role == Role::Primary || self.failed {
             return;
         }
-        let peer_primary = self.peer_role == Some(Role::Primary);
+        let peer_primary = self.peer.role == Some(Role::Primary);
         if !peer_primary {
             return;
         }
@@ -205,7 +231,7 @@ impl<H: Payload> Node<H> {
             // Either the MSL broke or the primary just died and its LAN
             // silence is not yet timed out. The next LAN heartbeat from the
             // primary settles it (see `on_lan_frame`).
-            self.msl_lost_pending = true;
+            self.peer.msl_lost_pending = true;
         }
     }
 
@@ -214,16 +240,16 @@ impl<H: Payload> Node<H> {
             self.counters.frames_from_stranger += 1;
             return;
         }
-        if hb.counter <= self.peer_hb_counter_lan && self.lan.alive() {
+        if hb.counter <= self.peer.hb_counter_lan && self.lan.alive() {
             return; // replayed or reordered
         }
-        self.peer_hb_counter_lan = hb.counter;
+        self.peer.hb_counter_lan = hb.counter;
         let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
-        self.adapter_last_rx[i] = Some(self.now);
+        self.local.adapter_last_rx[i] = Some(self.now);
         if self.lan.heard(self.now) {
             self.notify(Notice::PeerFound { path: Path::Lan });
         }
-        let peer_was = self.peer_role;
+        let peer_was = self.peer.role;
         self.observe_peer(hb);
         let unmirrored =
             !self.msl.alive() && self.session.is_none() && self.role == Role::Secondary;
@@ -234,11 +260,13 @@ impl<H: Payload> Node<H> {
         }
         if unmirrored
             && hb.role == Role::Primary
-            && (self.msl_lost_pending || peer_was == Some(Role::Secondary) || self.was_in_sync)
+            && (self.peer.msl_lost_pending
+                || peer_was == Some(Role::Secondary)
+                || self.peer.was_in_sync)
         {
             // The primary is alive and serving, and this node does not
             // receive its writes: its copy falls behind.
-            self.msl_lost_pending = false;
+            self.peer.msl_lost_pending = false;
             self.shut_mirror_side();
         }
         let n = usize::from(hb.adapter_count).min(MAX_ADAPTERS);
@@ -264,19 +292,19 @@ impl<H: Payload> Node<H> {
     pub(super) fn observe_peer(&mut self, hb: Heartbeat) {
         // A primary that fails its disk demotes itself; judge it by the role
         // it had.
-        let peer_was_primary = self.peer_role == Some(Role::Primary) || hb.role == Role::Primary;
-        self.peer_role = Some(hb.role);
-        if hb.counter > self.peer_hb_counter {
-            self.peer_hb_counter = hb.counter;
-            self.peer_hb = Some(hb);
+        let peer_was_primary = self.peer.role == Some(Role::Primary) || hb.role == Role::Primary;
+        self.peer.role = Some(hb.role);
+        if hb.counter > self.peer.hb_counter {
+            self.peer.hb_counter = hb.counter;
+            self.peer.last_hb = Some(hb);
         }
         // A primary that reports its disk failed is as good as dead.
         if hb.disk == DiskState::Failed {
             if self.role == Role::Secondary
                 && peer_was_primary
-                && (self.was_in_sync || self.in_sync())
+                && (self.peer.was_in_sync || self.in_sync())
             {
-                self.peer_role = Some(Role::Secondary);
+                self.peer.role = Some(Role::Secondary);
                 self.end_session("peer disk failed");
                 self.try_takeover(Reason::TakeoverPeerDiskFailed);
             } else if self.role == Role::Primary && self.session.is_some() {
@@ -308,7 +336,7 @@ impl<H: Payload> Node<H> {
             return;
         }
         if self.msl.heard(self.now) {
-            self.msl_lost_pending = false;
+            self.peer.msl_lost_pending = false;
             self.notify(Notice::PeerFound { path: Path::Msl });
         }
         match msg {

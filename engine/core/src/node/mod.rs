@@ -39,12 +39,15 @@ use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::ActivityLog;
 use apply::ApplyPipeline;
+use liveness::LocalLinks;
 use liveness::PathLiveness;
+use liveness::PeerView;
 use online_verify::OnlineVerify;
 use outbox::Outbox;
 use resync::ResyncProgress;
 use role::SwitchoverState;
 use role::{Reason, Switchover};
+use session::Handshake;
 use session::{InMsg, OutMsg, Phase, Session};
 use session::{Numbered, SentRun};
 use stream::SendStream;
@@ -83,34 +86,12 @@ pub struct Node<H> {
     out: Outbox<H>,
 
     // Session / handshake.
-    my_session: u64,
     session: Option<Session<H>>,
-    /// Peer HELLO session last seen (echoed in our HELLO's ack field).
-    peer_hello_seen: Option<u64>,
-    /// Why the last MSL session ended (shown by `mslctl status`).
-    last_session_end: Option<&'static str>,
-    /// Crashed as primary and not yet resynced.
-    crashed_primary: bool,
-    /// MSL lost while the primary was still heard on the LAN: waiting for
-    /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
-    msl_lost_pending: bool,
-    admin_disconnected: bool,
-    last_hello_us: Micros,
 
     // Liveness.
-    msl_carrier: bool,
     /// The peer heard on the MSL and on the LAN.
     msl: PathLiveness,
     lan: PathLiveness,
-    peer_hb: Option<Heartbeat>,
-    peer_role: Option<Role>,
-    was_in_sync: bool,
-    hb_counter: u64,
-    peer_hb_counter: u64,
-    peer_hb_counter_lan: u64,
-    adapters: [AdapterHealth; MAX_ADAPTERS],
-    adapter_count: u8,
-    adapter_last_rx: [Option<Micros>; MAX_ADAPTERS],
 
     // Write path.
     /// Local I/O in flight, by id, with what it is for.
@@ -131,6 +112,12 @@ pub struct Node<H> {
     online: OnlineVerify,
     /// Resync progress not yet on disk: dirty bits cleared in memory since the
     progress: ResyncProgress,
+    /// The handshake's state across sessions: this node's session id, the
+    hs: Handshake,
+    /// What this node knows of its peer: its last heartbeat and role, and
+    peer: PeerView,
+    /// This node's own links: MSL carrier, LAN adapters, the heartbeat counter.
+    local: LocalLinks,
 }
 
 /// How often resync progress (cleared dirty bits) is written to the
@@ -165,30 +152,9 @@ impl<H: Payload> Node<H> {
             failed: false,
             now,
             out: Outbox::new(),
-            my_session,
             session: None,
-            peer_hello_seen: None,
-            last_session_end: None,
-            crashed_primary,
-            msl_lost_pending: false,
-            admin_disconnected: false,
-            last_hello_us: 0,
-            msl_carrier: true,
             msl: PathLiveness::default(),
             lan: PathLiveness::default(),
-            peer_hb: None,
-            peer_role: None,
-            was_in_sync: false,
-            hb_counter: 0,
-            peer_hb_counter: 0,
-            peer_hb_counter_lan: 0,
-            adapters: [AdapterHealth {
-                link_up: true,
-                carrier: true,
-                reachable: false,
-            }; MAX_ADAPTERS],
-            adapter_count: 1,
-            adapter_last_rx: [None; MAX_ADAPTERS],
             ios: io::IoTable::new(),
             counters: Counters::default(),
             timers: TimerTable::new(),
@@ -224,6 +190,33 @@ impl<H: Payload> Node<H> {
             progress: ResyncProgress {
                 unpersisted: false,
                 persisted_us: now,
+            },
+            hs: Handshake {
+                my_session: my_session,
+                peer_hello_seen: None,
+                last_session_end: None,
+                crashed_primary: crashed_primary,
+                admin_disconnected: false,
+                last_hello_us: 0,
+            },
+            peer: PeerView {
+                msl_lost_pending: false,
+                last_hb: None,
+                role: None,
+                was_in_sync: false,
+                hb_counter: 0,
+                hb_counter_lan: 0,
+            },
+            local: LocalLinks {
+                msl_carrier: true,
+                hb_counter: 0,
+                adapters: [AdapterHealth {
+                    link_up: true,
+                    carrier: true,
+                    reachable: false,
+                }; MAX_ADAPTERS],
+                adapter_count: 1,
+                adapter_last_rx: [None; MAX_ADAPTERS],
             },
         };
         node.timers.set(Timer::Heartbeat, now);
@@ -274,7 +267,7 @@ impl<H: Payload> Node<H> {
     }
 
     pub fn set_adapter_count(&mut self, n: u8) {
-        self.adapter_count = n.clamp(1, MAX_ADAPTERS as u8);
+        self.local.adapter_count = n.clamp(1, MAX_ADAPTERS as u8);
     }
 
     pub fn status(&self) -> Status {
@@ -296,7 +289,7 @@ impl<H: Payload> Node<H> {
             in_sync: self.in_sync(),
             msl_alive: self.msl.alive(),
             lan_alive: self.lan.alive(),
-            peer_role: self.peer_role,
+            peer_role: self.peer.role,
             dirty_blocks: self.meta.dirty.count(),
             resync_remaining,
             resync_total,
@@ -304,13 +297,13 @@ impl<H: Payload> Node<H> {
             pending_writes: self.ios.count(io::Kind::ClientWrite) + self.writes.waiting.len(),
             pending_flushes: self.writes.flush_waiters.len(),
             switching: self.switchover.running.is_some(),
-            last_session_end: self.last_session_end,
+            last_session_end: self.hs.last_session_end,
             counters,
             peer_id: self.cfg.peer_id,
             write_mode: self.cfg.write_mode,
-            msl_link_up: self.msl_carrier,
-            adapters: self.adapters,
-            adapter_count: self.adapter_count,
+            msl_link_up: self.local.msl_carrier,
+            adapters: self.local.adapters,
+            adapter_count: self.local.adapter_count,
             gens: self.meta.gens,
             failed: self.failed,
             verify: self.online.run.status,
@@ -335,7 +328,7 @@ impl<H: Payload> Node<H> {
         };
         let dead = self.cfg.dead_after_us();
         at(self.timers.deadline(Timer::Heartbeat));
-        if self.session.is_none() && !self.admin_disconnected && self.msl_carrier {
+        if self.session.is_none() && !self.hs.admin_disconnected && self.local.msl_carrier {
             at(self.timers.deadline(Timer::Hello));
         }
         for d in [self.msl.deadline(dead), self.lan.deadline(dead)]

@@ -186,12 +186,12 @@ impl<H: Payload> Node<H> {
             self.renew_session();
             self.persist();
         }
-        self.was_in_sync = false;
+        self.peer.was_in_sync = false;
         self.notify(Notice::MirrorShutDown);
     }
 
     pub(super) fn try_takeover(&mut self, reason: Reason) {
-        if self.meta.disk != DiskState::UpToDate || !self.was_in_sync {
+        if self.meta.disk != DiskState::UpToDate || !self.peer.was_in_sync {
             self.notify(Notice::CannotTakeOver {
                 reason: match self.meta.disk {
                     DiskState::Outdated => "local data is outdated (mirror side was shut down)",
@@ -202,7 +202,7 @@ impl<H: Payload> Node<H> {
             return;
         }
         self.counters.takeovers += 1;
-        self.peer_role = Some(Role::Secondary);
+        self.peer.role = Some(Role::Secondary);
         self.become_primary(true, reason);
         let generation = self.meta.gens.current;
         self.notify(Notice::Takeover {
@@ -257,7 +257,7 @@ impl<H: Payload> Node<H> {
             self.timers.stop(Timer::SwitchoverDebounce);
             return;
         }
-        let Some(peer) = self.peer_hb else {
+        let Some(peer) = self.peer.last_hb else {
             return;
         };
         let mine = self.my_lan_score();
@@ -320,7 +320,7 @@ impl<H: Payload> Node<H> {
         }
         let id = self.rng.nonzero();
         self.transition(Reason::HandoverSent);
-        self.switchover.hb_floor = self.peer_hb_counter_lan;
+        self.switchover.hb_floor = self.peer.hb_counter_lan;
         if let Some(s) = self.session.as_mut() {
             s.decision.strategy = Strategy::TargetBitmap;
         }
@@ -342,7 +342,7 @@ impl<H: Payload> Node<H> {
         if let Some(s) = self.session.as_mut() {
             s.send.handover_seq = seq;
         }
-        self.peer_role = Some(Role::Primary);
+        self.peer.role = Some(Role::Primary);
     }
 
     /// A planned switchover that the peer never applied: this node is
@@ -351,7 +351,7 @@ impl<H: Payload> Node<H> {
     /// the generation the peer still holds.
     pub(super) fn reclaim_role(&mut self) {
         self.switchover.unconfirmed = false;
-        self.msl_lost_pending = false;
+        self.peer.msl_lost_pending = false;
         self.switchover.running = None;
         if self.failed || self.meta.disk != DiskState::UpToDate {
             return;
@@ -364,7 +364,7 @@ impl<H: Payload> Node<H> {
         if self.meta.gens.bitmap == 0 {
             self.meta.gens.bitmap = self.meta.gens.history[0];
         }
-        self.peer_role = Some(Role::Secondary);
+        self.peer.role = Some(Role::Secondary);
         self.become_primary(true, Reason::SwitchoverReclaimed);
         self.mark_extents_peer_may_lack();
         self.persist();

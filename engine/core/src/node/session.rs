@@ -5,6 +5,20 @@
 
 use super::*;
 
+/// The handshake's state across sessions: this node's session id, the
+/// peer's last HELLO, why the last session ended, and what HELLO reports.
+pub(super) struct Handshake {
+    pub(super) my_session: u64,
+    /// Peer HELLO session last seen (echoed in our HELLO's ack field).
+    pub(super) peer_hello_seen: Option<u64>,
+    /// Why the last MSL session ended (shown by `mslctl status`).
+    pub(super) last_session_end: Option<&'static str>,
+    /// Crashed as primary and not yet resynced.
+    pub(super) crashed_primary: bool,
+    pub(super) admin_disconnected: bool,
+    pub(super) last_hello_us: Micros,
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct OutMsg<H> {
     pub(super) msg: Message,
@@ -100,7 +114,7 @@ pub(super) struct ResyncSource {
 impl<H: Payload> Node<H> {
     pub(super) fn my_hello(&self) -> Hello {
         let mut flags = 0;
-        if self.crashed_primary {
+        if self.hs.crashed_primary {
             flags |= hello_flags::CRASHED_PRIMARY;
         }
         if self.meta.disk == DiskState::Inconsistent {
@@ -118,18 +132,18 @@ impl<H: Payload> Node<H> {
             gens: self.meta.gens,
             flags,
             dirty_blocks: self.meta.dirty.count(),
-            session: self.my_session,
+            session: self.hs.my_session,
         }
     }
 
     /// Any change to what HELLO says starts a new session id, so a peer never
     /// decides on stale state.
     pub(super) fn renew_session(&mut self) {
-        self.my_session = (self.rng.nonzero() & !0xFFFF_FFFF).max(1 << 32);
+        self.hs.my_session = (self.rng.nonzero() & !0xFFFF_FFFF).max(1 << 32);
     }
 
     pub(super) fn on_hello(&mut self, header: Header, h: Hello) {
-        if self.admin_disconnected || self.failed {
+        if self.hs.admin_disconnected || self.failed {
             return;
         }
         if h.volume_bytes != self.cfg.volume_blocks * u64::from(self.cfg.block_size)
@@ -141,7 +155,7 @@ impl<H: Payload> Node<H> {
             });
             return;
         }
-        self.peer_role = Some(h.role);
+        self.peer.role = Some(h.role);
         if let Some(s) = &self.session {
             if s.peer_session == h.session {
                 if h.flags & hello_flags::ESTABLISHED == 0 {
@@ -162,13 +176,13 @@ impl<H: Payload> Node<H> {
             // Peer restarted or its state changed: renegotiate.
             self.end_session("peer started a new session");
         }
-        self.peer_hello_seen = Some(h.session);
-        if header.ack == self.my_session {
+        self.hs.peer_hello_seen = Some(h.session);
+        if header.ack == self.hs.my_session {
             self.establish(h);
         } else {
             // Answer soon so the peer can establish (at most one immediate
             // answer per millisecond, so duplicates cannot snowball).
-            let soon = self.now.max(self.last_hello_us + 1_000);
+            let soon = self.now.max(self.hs.last_hello_us + 1_000);
             let at = self.timers.deadline(Timer::Hello).min(soon);
             self.timers.set(Timer::Hello, at);
         }
@@ -199,7 +213,7 @@ impl<H: Payload> Node<H> {
             role: self.role,
             disk: self.meta.disk,
             gens: self.meta.gens,
-            crashed_primary: self.crashed_primary,
+            crashed_primary: self.hs.crashed_primary,
         };
         let remote = SideView {
             node_id: self.cfg.peer_id,
@@ -233,10 +247,10 @@ impl<H: Payload> Node<H> {
             decision,
             phase: Phase::Images,
             send: SendStream {
-                tx: ReliableTx::new(txcfg, self.my_session),
+                tx: ReliableTx::new(txcfg, self.hs.my_session),
                 backlog: VecDeque::new(),
-                peer_applied: self.my_session,
-                peer_stable: self.my_session,
+                peer_applied: self.hs.my_session,
+                peer_stable: self.hs.my_session,
                 mirror_wids: VecDeque::new(),
                 handover_seq: None,
             },
@@ -358,8 +372,8 @@ impl<H: Payload> Node<H> {
         // the sequence number (nothing is released; their blocks stay as
         // the bitmaps say).
         self.ios.end_session();
-        self.was_in_sync = self.was_in_sync && s.phase == Phase::InSync;
-        self.last_session_end = Some(why);
+        self.peer.was_in_sync = self.peer.was_in_sync && s.phase == Phase::InSync;
+        self.hs.last_session_end = Some(why);
         self.counters.retransmits += s.send.tx.stats.retransmits;
         if self.online.run.status.active {
             self.online.run.abort("the MSL session ended");
@@ -420,10 +434,10 @@ impl<H: Payload> Node<H> {
             self.protect_received(s.recv.unstable_applied.keys().copied().collect());
         }
         if s.send.handover_seq.is_some() {
-            self.peer_role = Some(Role::Primary);
+            self.peer.role = Some(Role::Primary);
             self.switchover.unconfirmed = self.role == Role::Secondary;
         }
-        self.peer_hello_seen = None;
+        self.hs.peer_hello_seen = None;
         self.timers.set(Timer::Hello, self.now);
     }
 }

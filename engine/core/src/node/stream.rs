@@ -106,8 +106,8 @@ impl<H: Payload> Node<H> {
                     s.phase = Phase::InSync;
                     let blocks = s.resync.blocks_sent;
                     self.meta.gens.bitmap = 0;
-                    self.was_in_sync = true;
-                    self.crashed_primary = false;
+                    self.peer.was_in_sync = true;
+                    self.hs.crashed_primary = false;
                     self.persist();
                     self.notify(Notice::ResyncFinished {
                         source: true,

@@ -684,9 +684,9 @@ fn test_secondary_without_msl_hearing_the_primary_marks_its_copy_outdated() {
     assert!(b.session.is_none());
     // What the flap leaves: in sync when its last session ended, no
     // pending MSL loss, the peer known primary.
-    b.was_in_sync = true;
-    b.msl_lost_pending = false;
-    b.peer_role = Some(Role::Primary);
+    b.peer.was_in_sync = true;
+    b.peer.msl_lost_pending = false;
+    b.peer.role = Some(Role::Primary);
     b.meta.disk = DiskState::UpToDate;
     run_pair_with(&mut a, &mut b, 700_000, 900_000, &zeros, [false, false]);
     assert_eq!(b.meta().disk, DiskState::Outdated);
@@ -738,7 +738,7 @@ fn test_switchover_role_taken_back_only_on_a_heartbeat_that_proves_it() {
         let h = b.header(0, 0);
         let mut hb = b.my_heartbeat();
         hb.msl_up = false;
-        hb.counter = a.peer_hb_counter_lan;
+        hb.counter = a.peer.hb_counter_lan;
         (h, hb)
     };
     a.handle(200_000, Event::Admin(AdminCmd::Switchover));
