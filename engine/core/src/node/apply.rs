@@ -121,7 +121,8 @@ impl<H: Payload> Node<H> {
                     let Some((_, m)) = s.recv.apply_q.pop_front() else {
                         break;
                     };
-                    s.recv.applying.insert(seq, (block, count));
+                    let prev = s.recv.applying.insert(seq, (block, count));
+                    debug_assert!(prev.is_none(), "message {seq} applied twice");
                     s.recv.last_processed = seq;
                     let io = self.ios.start(io::Purpose::Apply { seq });
                     if is_resync {

@@ -169,6 +169,12 @@ impl<H: Payload> Node<H> {
                     // its sequence number; internal flushes carry 0.
                     for w in self.writes.flush_waiters.iter_mut() {
                         if w.io == d.write_id {
+                            debug_assert_eq!(
+                                w.peer,
+                                PeerHalf::Queued,
+                                "flush {} numbered twice",
+                                w.io
+                            );
                             w.peer = PeerHalf::Sent(seq);
                         }
                     }
@@ -178,6 +184,14 @@ impl<H: Payload> Node<H> {
                 if let Some(s) = self.session.as_mut() {
                     // Unnumbered entries are the tail, in send order.
                     let first = s.resync.sent.partition_point(|e| e.seq != Numbered::Queued);
+                    // The queued runs are the tail, and this message is one.
+                    debug_assert!(first < s.resync.sent.len(), "no queued resync run");
+                    debug_assert!(s
+                        .resync
+                        .sent
+                        .iter()
+                        .skip(first)
+                        .all(|e| e.seq == Numbered::Queued));
                     if let Some(e) = s.resync.sent.get_mut(first) {
                         e.seq = Numbered::Sent(seq);
                     }

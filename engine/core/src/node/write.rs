@@ -392,7 +392,14 @@ impl<H: Payload> Node<H> {
                 unreachable!("io {io} is an apply");
             };
             if let Some(s) = self.session.as_mut() {
-                if let Some((block, count)) = s.recv.applying.remove(&seq) {
+                // Its entry went in with the io (`run_apply_queue`); both
+                // leave with the session.
+                let found = s.recv.applying.remove(&seq);
+                debug_assert!(
+                    found.is_some(),
+                    "apply io of message {seq} without its entry"
+                );
+                if let Some((block, count)) = found {
                     if s.phase == Phase::Target {
                         // Clean once a flush covering it completes.
                         let at = s.recv.target_unflushed.partition_point(|e| e.0 < seq);
@@ -512,6 +519,13 @@ impl<H: Payload> Node<H> {
             None => Numbered::Queued,
         };
         if let Some(s) = self.session.as_mut() {
+            // Sent at once only with an empty backlog: every run before it
+            // is numbered (`flush_backlog` relies on the queued ones being
+            // the tail).
+            debug_assert!(
+                seq == Numbered::Queued || s.resync.sent.iter().all(|r| r.seq != Numbered::Queued),
+                "resync run numbered ahead of a queued one"
+            );
             s.resync.sent.push_back(SentRun { seq, block, count });
         }
     }
