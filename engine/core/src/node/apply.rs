@@ -5,6 +5,19 @@
 
 use super::*;
 
+/// `count` blocks from `block`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Blocks {
+    pub(super) block: u64,
+    pub(super) count: u64,
+}
+
+impl Blocks {
+    pub(super) fn overlaps(self, block: u64, count: u64) -> bool {
+        block < self.block + self.count && self.block < block + count
+    }
+}
+
 /// The receiving side of a session: the in-order apply pipeline.
 pub(super) struct ApplyPipeline<H> {
     pub(super) rx: ReliableRx<InMsg<H>>,
@@ -12,8 +25,8 @@ pub(super) struct ApplyPipeline<H> {
     pub(super) ack_pending: bool,
     /// Delivered messages, in order, not yet processed.
     pub(super) apply_q: VecDeque<(u64, InMsg<H>)>,
-    /// Writes in flight here: seq -> (block, count).
-    pub(super) applying: BTreeMap<u64, (u64, u64)>,
+    /// Writes in flight here, by message.
+    pub(super) applying: BTreeMap<u64, Blocks>,
     pub(super) last_processed: u64,
     /// Everything up to here is applied / flushed here.
     pub(super) applied: u64,
@@ -24,10 +37,9 @@ pub(super) struct ApplyPipeline<H> {
     /// while it runs (it covers what completed before it was issued).
     pub(super) flush_wanted: bool,
     pub(super) flush_upto: u64,
-    /// Target side: blocks written during the resync, by sequence number,
-    /// whose dirty bits clear once a flush covering them completes:
-    /// (seq, block, count).
-    pub(super) target_unflushed: VecDeque<(u64, u64, u64)>,
+    /// Target side: blocks written during the resync, in message order,
+    /// whose dirty bits clear once a flush covering them completes.
+    pub(super) target_unflushed: VecDeque<(u64, Blocks)>,
     /// Receiver side outside a resync: activity-log extents holding
     /// applied writes no flush here has covered yet (extent -> newest
     /// seq). A power loss would lose them, and no activity log tracks
@@ -98,11 +110,7 @@ impl<H: Payload> Node<H> {
                     let bs = u64::from(self.cfg.block_size);
                     let block = offset / bs;
                     let count = u64::from(len) / bs;
-                    let overlaps = s
-                        .recv
-                        .applying
-                        .values()
-                        .any(|&(b, c)| block < b + c && b < block + count);
+                    let overlaps = s.recv.applying.values().any(|b| b.overlaps(block, count));
                     if overlaps {
                         break;
                     }
@@ -121,7 +129,7 @@ impl<H: Payload> Node<H> {
                     let Some((_, m)) = s.recv.apply_q.pop_front() else {
                         break;
                     };
-                    let prev = s.recv.applying.insert(seq, (block, count));
+                    let prev = s.recv.applying.insert(seq, Blocks { block, count });
                     debug_assert!(prev.is_none(), "message {seq} applied twice");
                     s.recv.last_processed = seq;
                     let io = self.ios.start(io::Purpose::Apply { seq });

@@ -78,7 +78,7 @@ use crate::rng::Rng;
 use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::ActivityLog;
-use apply::ApplyPipeline;
+use apply::{ApplyPipeline, Blocks};
 use liveness::{LocalLinks, PathLiveness, PeerView};
 use online_verify::OnlineVerify;
 use outbox::Outbox;

@@ -428,8 +428,8 @@ impl<H: Payload> Node<H> {
             // (msl-sim seed 839, with stable points 5 s apart).
             // Writes still in flight here may land after any flush issued
             // now: marked out of sync instead.
-            for &(b, c) in s.recv.applying.values() {
-                self.meta.dirty.set_range(b, c);
+            for b in s.recv.applying.values() {
+                self.meta.dirty.set_range(b.block, b.count);
             }
             self.protect_received(s.recv.unstable_applied.keys().copied().collect());
         }

@@ -399,11 +399,13 @@ impl<H: Payload> Node<H> {
                     found.is_some(),
                     "apply io of message {seq} without its entry"
                 );
-                if let Some((block, count)) = found {
+                if let Some(Blocks { block, count }) = found {
                     if s.phase == Phase::Target {
                         // Clean once a flush covering it completes.
                         let at = s.recv.target_unflushed.partition_point(|e| e.0 < seq);
-                        s.recv.target_unflushed.insert(at, (seq, block, count));
+                        s.recv
+                            .target_unflushed
+                            .insert(at, (seq, Blocks { block, count }));
                     }
                     // In every phase: a resync's last writes may still be
                     // unflushed when it ends and this node is in sync.
@@ -433,7 +435,7 @@ impl<H: Payload> Node<H> {
                 s.recv.unstable_applied.retain(|_, seq| *seq > stable);
                 // Blocks written up to the flush point are stable here:
                 // their bits clear (persisted by `persist_progress`).
-                while let Some(&(seq, block, count)) = s.recv.target_unflushed.front() {
+                while let Some(&(seq, Blocks { block, count })) = s.recv.target_unflushed.front() {
                     if seq > s.recv.stable {
                         break;
                     }
