@@ -12,9 +12,12 @@
 //! twice. Checked at the end, after all faults heal: one primary, one
 //! in-sync secondary, empty dirty maps, byte-identical volumes.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt::Write as _;
+use std::io::{BufWriter, Write as _};
+use std::path::PathBuf;
 
 use msl_core::meta::Meta;
 use msl_core::node::{Action, ClientError, Event, IoKind, Node, Notice};
@@ -23,6 +26,20 @@ use msl_core::{Config, Micros};
 use msl_wire::{self as wire, DiskState, Header, Message, Role};
 
 pub mod scenario;
+
+thread_local! {
+    static RECORD_NEXT: RefCell<Option<PathBuf>> = const { RefCell::new(None) };
+}
+
+/// Write the full trace of the next simulator created on this thread to
+/// `path`: every input fed to a node and every action it emits (Debug
+/// form, with virtual time and node id), the simulator's own lines
+/// (faults, restarts, safety violations) and the final node status. Two
+/// builds that behave the same write byte-identical files, so `diff -r`
+/// over a directory of traces shows any change of behaviour.
+pub fn record_next_run(path: PathBuf) {
+    RECORD_NEXT.with(|r| *r.borrow_mut() = Some(path));
+}
 
 /// Block payload in the simulator: one u64 tag per block.
 type Buf = Vec<u8>;
@@ -292,6 +309,8 @@ pub struct Sim {
     generations: BTreeMap<u64, usize>,
     pub report: Report,
     trace: VecDeque<String>,
+    /// Full trace file (see [`record_next_run`]).
+    record: Option<BufWriter<std::fs::File>>,
     failure: Option<String>,
     /// Longest time the client could not complete any operation.
     pub last_client_ok: Micros,
@@ -360,6 +379,10 @@ impl Sim {
                 ..Report::default()
             },
             trace: VecDeque::new(),
+            record: RECORD_NEXT
+                .with(|r| r.borrow_mut().take())
+                .and_then(|p| std::fs::File::create(p).ok())
+                .map(BufWriter::new),
             failure: None,
             last_client_ok: 0,
             longest_pause_us: 0,
@@ -374,10 +397,20 @@ impl Sim {
         self.now
     }
 
+    /// One line of the full trace, if this run records one.
+    fn record(&mut self, line: std::fmt::Arguments) {
+        if let Some(w) = self.record.as_mut() {
+            let _ = writeln!(w, "[{:>4}.{:06}] {line}", self.now / SEC, self.now % SEC);
+        }
+    }
+
     fn log(&mut self, line: String) {
         let l = format!("[{:>4}.{:06}] {}", self.now / SEC, self.now % SEC, line);
         if self.opts.trace {
             println!("{l}");
+        }
+        if let Some(w) = self.record.as_mut() {
+            let _ = writeln!(w, "{l}");
         }
         self.trace.push_back(l);
         if self.trace.len() > 60 {
@@ -450,6 +483,12 @@ impl Sim {
     /// Deliver an event to a live node and run its actions.
     fn feed(&mut self, i: usize, ev: Event<Buf>) {
         let now = self.now;
+        if self.nodes[i].node.is_none() {
+            return;
+        }
+        if self.record.is_some() {
+            self.record(format_args!("n{} <- {ev:?}", i + 1));
+        }
         let Some(node) = self.nodes[i].node.as_mut() else {
             return;
         };
@@ -491,6 +530,9 @@ impl Sim {
 
     fn do_action(&mut self, i: usize, a: Action<Buf>) {
         let peer = 1 - i;
+        if self.record.is_some() {
+            self.record(format_args!("n{} -> {a:?}", i + 1));
+        }
         match a {
             Action::SendMsl {
                 header,
@@ -784,6 +826,9 @@ impl Sim {
     /// Clean stop of a node's daemon (administrator, maintenance): flushed
     /// and shut down, then down until `restart`.
     pub fn stop_clean(&mut self, i: usize) {
+        if self.nodes[i].node.is_some() {
+            self.record(format_args!("n{} <- shutdown", i + 1));
+        }
         if let Some(node) = self.nodes[i].node.as_mut() {
             node.shutdown();
         }
@@ -1262,6 +1307,7 @@ impl Sim {
     /// Cap node `i`'s resync rate (bytes/s, 0 = none), now and after
     /// restarts: a slow resync a crash can interrupt halfway.
     pub fn set_resync_rate(&mut self, i: usize, bytes_per_s: u64) {
+        self.record(format_args!("n{} <- resync rate {bytes_per_s}", i + 1));
         let n = &mut self.nodes[i];
         n.cfg.resync_max_bytes_per_s = bytes_per_s;
         if bytes_per_s > 0 {
@@ -1362,6 +1408,12 @@ impl Sim {
             }
         }
         self.report.end_us = self.now;
+        if self.record.is_some() {
+            for i in 0..2 {
+                let st = self.nodes[i].node.as_ref().map(|n| n.status());
+                self.record(format_args!("n{} status {st:?}", i + 1));
+            }
+        }
         match self.failure() {
             Some(f) => Err(f),
             None => Ok(()),

@@ -3,12 +3,19 @@
 //! * `msl-sim --seed N` replays one run with a readable trace.
 //! * `msl-sim --seeds N` runs seeds 1..=N and ends with `N passed, M failed`.
 //! * `msl-sim --scenario NAME` runs a named scenario (`--scenario all`).
+//! * `--trace DIR` with any of these writes the full trace of each run to
+//!   `DIR/seed-N.trace` or `DIR/scenario-NAME.trace` (every node input and
+//!   action with virtual time, then the verdict). Traces are deterministic:
+//!   `diff -r` of two directories shows whether a change altered behaviour.
 
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use msl_sim::{run_seed, scenario};
+use msl_sim::{record_next_run, run_seed, scenario};
 
 #[derive(Parser)]
 #[command(
@@ -28,10 +35,38 @@ struct Args {
     /// Run a named scenario, or `all`.
     #[arg(long)]
     scenario: Option<String>,
+    /// Write one full trace file per run into this directory.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+}
+
+/// Arrange for the next run to record into `dir/name.trace`.
+fn trace_to(dir: Option<&Path>, name: &str) -> Option<PathBuf> {
+    let p = dir?.join(format!("{name}.trace"));
+    record_next_run(p.clone());
+    Some(p)
+}
+
+/// Append the run's verdict to its trace file.
+fn verdict(file: Option<PathBuf>, v: &str) {
+    let Some(p) = file else { return };
+    match OpenOptions::new().append(true).create(true).open(&p) {
+        Ok(mut f) => {
+            let _ = writeln!(f, "verdict: {v}");
+        }
+        Err(e) => eprintln!("msl-sim: cannot write {}: {e}", p.display()),
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let dir = args.trace.as_deref();
+    if let Some(d) = dir {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            eprintln!("msl-sim: cannot create {}: {e}", d.display());
+            return ExitCode::from(2);
+        }
+    }
     if let Some(name) = args.scenario {
         let mut failed = 0;
         let mut passed = 0;
@@ -39,7 +74,10 @@ fn main() -> ExitCode {
             if name != "all" && name != n {
                 continue;
             }
-            match f(args.seed.unwrap_or(1)) {
+            let file = trace_to(dir, &format!("scenario-{n}"));
+            let r = f(args.seed.unwrap_or(1));
+            verdict(file, &format!("{r:?}"));
+            match r {
                 Ok(o) => {
                     passed += 1;
                     println!(
@@ -68,7 +106,10 @@ fn main() -> ExitCode {
         };
     }
     if let Some(seed) = args.seed {
-        return match run_seed(seed, true) {
+        let file = trace_to(dir, &format!("seed-{seed}"));
+        let r = run_seed(seed, true);
+        verdict(file, &format!("{r:?}"));
+        return match r {
             Ok(r) => {
                 println!(
                     "seed {seed}: ok ({} acked writes, {} reads checked, {} takeovers, {} resyncs, faults {:?})",
@@ -88,7 +129,10 @@ fn main() -> ExitCode {
     let mut failed = Vec::new();
     let mut writes = 0;
     for seed in args.first..args.first + n {
-        match run_seed(seed, false) {
+        let file = trace_to(dir, &format!("seed-{seed}"));
+        let r = run_seed(seed, false);
+        verdict(file, &format!("{r:?}"));
+        match r {
             Ok(r) => writes += r.acked_writes,
             Err(e) => {
                 let first = e.lines().next().unwrap_or("").to_string();

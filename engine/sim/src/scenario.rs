@@ -251,8 +251,8 @@ pub fn lan_adapter_fails(seed: u64) -> Result<Outcome, String> {
 
 /// The administrator's planned switchover (`mslctl switchover`) under
 /// client load, then the new primary loses power: every write it
-/// acknowledged must be on the old primary, which takes over. Before
-/// session 5 the new primary served its writes unmirrored.
+/// acknowledged must be on the old primary, which takes over (the new
+/// primary must mirror its writes from its first one).
 pub fn admin_switchover_then_crash(seed: u64) -> Result<Outcome, String> {
     let mut sim = pair(seed)?;
     let t0 = sim.now();
@@ -283,10 +283,9 @@ pub fn admin_switchover_then_crash(seed: u64) -> Result<Outcome, String> {
 
 /// The administrator's planned switchover, with the MSL cut the moment the
 /// old primary has handed the role over, before the peer hears of it.
-/// Nobody would serve if both stayed secondary (before session 6 they did,
-/// until an administrator acted): the old primary sees on the LAN that the
-/// peer is still secondary and no longer connected, and takes the role
-/// back. Never two primaries; once the MSL is back the pair converges and
+/// Nobody would serve if both stayed secondary: the old primary sees on
+/// the LAN that the peer is still secondary and no longer connected, and
+/// takes the role back. Never two primaries; once the MSL is back the pair converges and
 /// no acknowledged write is lost.
 pub fn admin_switchover_msl_cut(seed: u64) -> Result<Outcome, String> {
     let mut sim = pair(seed)?;

@@ -1,0 +1,349 @@
+//! Liveness of the peer on each path (MSL and LAN), the heartbeats and
+//! HELLOs this node sends on time, and what the secondary concludes when a
+//! path dies.
+
+use super::*;
+
+/// This node's own links: MSL carrier, LAN adapters, the heartbeat counter.
+pub(super) struct LocalLinks {
+    pub(super) msl_carrier: bool,
+    pub(super) hb_counter: u64,
+    pub(super) adapters: [AdapterHealth; MAX_ADAPTERS],
+    pub(super) adapter_count: u8,
+    pub(super) adapter_last_rx: [Option<Micros>; MAX_ADAPTERS],
+}
+
+/// What this node knows of its peer: its last heartbeat and role, and
+/// whether the pair was in sync when it last saw it.
+pub(super) struct PeerView {
+    pub(super) last_hb: Option<Heartbeat>,
+    pub(super) role: Option<Role>,
+    pub(super) was_in_sync: bool,
+    pub(super) hb_counter: u64,
+    pub(super) hb_counter_lan: u64,
+    /// MSL lost while the primary was still heard on the LAN: waiting for
+    /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
+    pub(super) msl_lost_pending: bool,
+}
+
+/// Whether the peer is heard on one path (MSL or LAN).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct PathLiveness {
+    /// When the peer was last heard here.
+    last_rx: Option<Micros>,
+    alive: bool,
+}
+
+impl PathLiveness {
+    pub(super) fn alive(&self) -> bool {
+        self.alive
+    }
+
+    /// The peer was heard at `now`; true if the path just came alive.
+    pub(super) fn heard(&mut self, now: Micros) -> bool {
+        self.last_rx = Some(now);
+        let found = !self.alive;
+        self.alive = true;
+        debug_assert!(self.alive && self.last_rx == Some(now));
+        found
+    }
+
+    /// Declared dead at once (carrier lost); true if it was alive.
+    pub(super) fn lose(&mut self) -> bool {
+        let lost = self.alive;
+        self.alive = false;
+        lost
+    }
+
+    /// Silent for `dead` at `now`: true if the path just died.
+    pub(super) fn expire(&mut self, now: Micros, dead: Micros) -> bool {
+        if self.alive && self.last_rx.is_some_and(|t| now >= t + dead) {
+            self.alive = false;
+            return true;
+        }
+        false
+    }
+
+    /// When the path dies unless the peer is heard again.
+    pub(super) fn deadline(&self, dead: Micros) -> Option<Micros> {
+        match (self.last_rx, self.alive) {
+            (Some(x), true) => Some(x + dead),
+            _ => None,
+        }
+    }
+}
+
+impl<H: Payload> Node<H> {
+    pub(super) fn my_heartbeat(&mut self) -> Heartbeat {
+        // Strictly increasing across restarts (host clock), so receivers can
+        // drop replays without being fooled by a restarted sender.
+        self.local.hb_counter = self.now.max(self.local.hb_counter + 1);
+        Heartbeat {
+            role: self.role,
+            disk: if self.failed {
+                DiskState::Failed
+            } else {
+                self.meta.disk
+            },
+            msl_up: self.msl.alive(),
+            in_sync: self.in_sync(),
+            adapters: self.local.adapters,
+            adapter_count: self.local.adapter_count,
+            counter: self.local.hb_counter,
+        }
+    }
+
+    pub(super) fn my_lan_score(&self) -> u8 {
+        let n = usize::from(self.local.adapter_count);
+        self.local.adapters[..n]
+            .iter()
+            .filter(|a| a.working())
+            .count() as u8
+    }
+
+    pub(super) fn on_msl_link(&mut self, up: bool) {
+        if up == self.local.msl_carrier {
+            return;
+        }
+        self.local.msl_carrier = up;
+        if up {
+            self.notify(Notice::MslLinkUp);
+            self.timers.set(Timer::Hello, self.now);
+        } else {
+            self.notify(Notice::MslLinkDown);
+            if self.msl.lose() {
+                self.on_msl_lost();
+            }
+        }
+    }
+
+    pub(super) fn on_lan_adapter(&mut self, adapter: u8, link_up: bool, carrier: bool) {
+        let i = usize::from(adapter);
+        if i >= MAX_ADAPTERS {
+            self.counters.frames_unexpected += 1;
+            return;
+        }
+        if adapter >= self.local.adapter_count {
+            self.local.adapter_count = adapter + 1;
+        }
+        let before = self.local.adapters[i].working();
+        self.local.adapters[i].link_up = link_up;
+        self.local.adapters[i].carrier = carrier;
+        let after = self.local.adapters[i].working();
+        if before != after {
+            self.notify(Notice::AdapterHealth {
+                adapter,
+                working: after,
+            });
+        }
+    }
+
+    pub(super) fn on_timers(&mut self) {
+        let now = self.now;
+        let dead = self.cfg.dead_after_us();
+        if self.msl.expire(now, dead) {
+            self.notify(Notice::PeerLost { path: Path::Msl });
+            self.on_msl_lost();
+        }
+        if self.lan.expire(now, dead) {
+            self.notify(Notice::PeerLost { path: Path::Lan });
+            self.on_lan_lost();
+        }
+        for i in 0..usize::from(self.local.adapter_count) {
+            self.local.adapters[i].reachable =
+                self.local.adapter_last_rx[i].is_some_and(|t| now < t + dead);
+        }
+        if self.timers.expired(Timer::Heartbeat, now) {
+            self.timers
+                .set(Timer::Heartbeat, now + self.cfg.heartbeat_interval_us);
+            let hb = self.my_heartbeat();
+            let h = self.header(0, 0);
+            self.emit(Action::SendLan { header: h, hb });
+            if self.local.msl_carrier {
+                let ack = self.session.as_ref().map_or(0, |s| s.recv.rx.cumulative());
+                let h = self.header(0, ack);
+                self.emit(Action::SendMsl {
+                    header: h,
+                    msg: Message::Heartbeat(hb),
+                    payload: None,
+                });
+            }
+            // Acks are unreliable: refresh ours every heartbeat so a lost
+            // final ack (the one carrying `stable` for a FLUSH) cannot leave
+            // the peer waiting forever.
+            if let Some(s) = self.session.as_mut() {
+                s.recv.ack_pending = true;
+            }
+        }
+        if self.session.is_none()
+            && !self.hs.admin_disconnected
+            && self.local.msl_carrier
+            && self.timers.expired(Timer::Hello, now)
+        {
+            self.timers
+                .set(Timer::Hello, now + self.cfg.heartbeat_interval_us);
+            self.hs.last_hello_us = now;
+            let ack = self.hs.peer_hello_seen.unwrap_or(0);
+            let h = self.header(0, ack);
+            let hello = self.my_hello();
+            self.emit(Action::SendMsl {
+                header: h,
+                msg: Message::Hello(hello),
+                payload: None,
+            });
+        }
+        self.check_switchover();
+        self.stabilize_if_due();
+    }
+
+    /// MSL path declared dead (timeout or carrier loss).
+    pub(super) fn on_msl_lost(&mut self) {
+        let was_connected = self.session.is_some();
+        self.end_session("MSL lost");
+        if self.role == Role::Primary {
+            return; // end_session went degraded
+        }
+        self.secondary_decide(was_connected);
+    }
+
+    pub(super) fn on_lan_lost(&mut self) {
+        if self.role != Role::Primary {
+            self.secondary_decide(false);
+        }
+    }
+
+    /// The secondary's rule, evaluated whenever a path dies.
+    pub(super) fn secondary_decide(&mut self, msl_just_lost: bool) {
+        if self.role == Role::Primary || self.failed {
+            return;
+        }
+        let peer_primary = self.peer.role == Some(Role::Primary);
+        if !peer_primary {
+            return;
+        }
+        if !self.msl.alive() && !self.lan.alive() {
+            // Primary silent on both paths: it is dead.
+            self.notify(Notice::PeerDown {
+                peer_was: Role::Primary,
+            });
+            self.try_takeover(Reason::TakeoverPeerSilent);
+        } else if !self.msl.alive() && self.lan.alive() && msl_just_lost {
+            // Either the MSL broke or the primary just died and its LAN
+            // silence is not yet timed out. The next LAN heartbeat from the
+            // primary settles it (see `on_lan_frame`).
+            self.peer.msl_lost_pending = true;
+        }
+    }
+
+    pub(super) fn on_lan_frame(&mut self, adapter: u8, header: Header, hb: Heartbeat) {
+        if header.sender != self.cfg.peer_id {
+            self.counters.frames_from_stranger += 1;
+            return;
+        }
+        if hb.counter <= self.peer.hb_counter_lan && self.lan.alive() {
+            return; // replayed or reordered
+        }
+        self.peer.hb_counter_lan = hb.counter;
+        let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
+        self.local.adapter_last_rx[i] = Some(self.now);
+        if self.lan.heard(self.now) {
+            self.notify(Notice::PeerFound { path: Path::Lan });
+        }
+        let peer_was = self.peer.role;
+        self.observe_peer(hb);
+        let unmirrored =
+            !self.msl.alive() && self.session.is_none() && self.role == Role::Secondary;
+        if hb.role == Role::Primary && self.switchover.unconfirmed {
+            // The peer took the role (the handover landed after all).
+            self.switchover.unconfirmed = false;
+            self.finish_switchover();
+        }
+        if unmirrored
+            && hb.role == Role::Primary
+            && (self.peer.msl_lost_pending
+                || peer_was == Some(Role::Secondary)
+                || self.peer.was_in_sync)
+        {
+            // The primary is alive and serving, and this node does not
+            // receive its writes: its copy falls behind.
+            self.peer.msl_lost_pending = false;
+            self.shut_mirror_side();
+        }
+        let n = usize::from(hb.adapter_count).min(MAX_ADAPTERS);
+        if self.switchover.unconfirmed
+            && self.role == Role::Secondary
+            && self.session.is_none()
+            && hb.role == Role::Secondary
+            && !hb.msl_up
+            && hb.counter > self.switchover.hb_floor
+            && header.generation == self.meta.gens.history[0]
+            && hb.adapters[..n].iter().any(|a| a.reachable)
+        {
+            // Sent after the handover, by a peer that is secondary in the
+            // generation before it (so it never applied it, nor served
+            // since), whose MSL session has ended (so it never will), and
+            // which hears this node on the LAN (so it will not take over
+            // while this node serves): nobody serves unless this node takes
+            // the role back.
+            self.reclaim_role();
+        }
+    }
+
+    pub(super) fn observe_peer(&mut self, hb: Heartbeat) {
+        // A primary that fails its disk demotes itself; judge it by the role
+        // it had.
+        let peer_was_primary = self.peer.role == Some(Role::Primary) || hb.role == Role::Primary;
+        self.peer.role = Some(hb.role);
+        if hb.counter > self.peer.hb_counter {
+            self.peer.hb_counter = hb.counter;
+            self.peer.last_hb = Some(hb);
+        }
+        // A primary that reports its disk failed is as good as dead.
+        if hb.disk == DiskState::Failed {
+            if self.role == Role::Secondary
+                && peer_was_primary
+                && (self.peer.was_in_sync || self.in_sync())
+            {
+                self.peer.role = Some(Role::Secondary);
+                self.end_session("peer disk failed");
+                self.try_takeover(Reason::TakeoverPeerDiskFailed);
+            } else if self.role == Role::Primary && self.session.is_some() {
+                self.end_session("peer disk failed");
+            }
+        }
+        if hb.role == Role::Primary && self.role == Role::Primary && self.session.is_none() {
+            self.notify(Notice::Warning { what: "peer also claims the primary role (both paths were cut?): split brain will be refused on reconnect" });
+        }
+    }
+
+    pub(super) fn on_unknown_type(&mut self, must_understand: bool) {
+        if !must_understand {
+            self.counters.frames_unknown_ignored += 1;
+            return;
+        }
+        self.counters.frames_unknown_refused += 1;
+        if self.session.is_some() {
+            self.notify(Notice::Warning {
+                what: "peer sent a must-understand message type this version does not know: MSL session refused (upgrade this node)",
+            });
+            self.end_session("unknown must-understand message");
+        }
+    }
+
+    pub(super) fn on_msl_frame(&mut self, header: Header, msg: Message, payload: Option<H>) {
+        if header.sender != self.cfg.peer_id || header.cluster_id != self.cfg.cluster_id {
+            self.counters.frames_from_stranger += 1;
+            return;
+        }
+        if self.msl.heard(self.now) {
+            self.peer.msl_lost_pending = false;
+            self.notify(Notice::PeerFound { path: Path::Msl });
+        }
+        match msg {
+            Message::Hello(h) => self.on_hello(header, h),
+            Message::Heartbeat(hb) => self.observe_peer(hb),
+            Message::Ack(a) => self.on_ack(a),
+            _ => self.on_reliable(header, msg, payload),
+        }
+    }
+}

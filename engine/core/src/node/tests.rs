@@ -1,0 +1,895 @@
+//! The core's own tests: two nodes wired back to back by one pair driver.
+
+extern crate std;
+
+use super::*;
+use alloc::vec::Vec;
+
+fn node(id: u16, gen: Option<u64>) -> Node<Vec<u8>> {
+    let cfg = Config::new(id, 3 - id, 7, 64, 4096);
+    Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+}
+
+fn drain(n: &mut Node<Vec<u8>>) -> Vec<Action<Vec<u8>>> {
+    core::iter::from_fn(|| n.poll_action()).collect()
+}
+
+/// Drive two nodes over a perfect link with instant disks until `until`.
+fn connect(a: &mut Node<Vec<u8>>, b: &mut Node<Vec<u8>>, until: Micros) {
+    run_pair(
+        a,
+        b,
+        0,
+        until,
+        &|_, _, count| alloc::vec![0; count as usize * 8],
+    );
+}
+
+/// `connect` from `from` to `until`; reads return `read(on_a, block,
+/// count)`. Returns the last metadata each node persisted (a, b).
+fn run_pair(
+    a: &mut Node<Vec<u8>>,
+    b: &mut Node<Vec<u8>>,
+    from: Micros,
+    until: Micros,
+    read: &dyn Fn(bool, u64, u64) -> Vec<u8>,
+) -> [Option<Meta>; 2] {
+    run_pair_with(a, b, from, until, read, [true, true])
+}
+
+/// `run_pair`, with the MSL carrying a's frames only if `msl[0]` and
+/// b's only if `msl[1]` (the LAN always carries both).
+fn run_pair_with(
+    a: &mut Node<Vec<u8>>,
+    b: &mut Node<Vec<u8>>,
+    from: Micros,
+    until: Micros,
+    read: &dyn Fn(bool, u64, u64) -> Vec<u8>,
+    msl: [bool; 2],
+) -> [Option<Meta>; 2] {
+    let mut persisted = [None, None];
+    let mut now = from;
+    while now < until {
+        now += 100;
+        for from_a in [true, false] {
+            let acts = if from_a { drain(a) } else { drain(b) };
+            for act in acts {
+                let (src, dst) = if from_a {
+                    (&mut *a, &mut *b)
+                } else {
+                    (&mut *b, &mut *a)
+                };
+                match act {
+                    Action::SendMsl { .. } if !msl[usize::from(!from_a)] => {}
+                    Action::SendMsl {
+                        header,
+                        msg,
+                        payload,
+                    } => dst.handle(
+                        now,
+                        Event::MslFrame {
+                            header,
+                            msg,
+                            payload,
+                        },
+                    ),
+                    Action::SendLan { header, hb } => dst.handle(
+                        now,
+                        Event::LanFrame {
+                            adapter: 0,
+                            header,
+                            hb,
+                        },
+                    ),
+                    Action::Write { io, .. } | Action::Flush { io } => {
+                        src.handle(now, Event::IoDone { io, ok: true })
+                    }
+                    Action::Read { io, block, count } => {
+                        let payload = Some(read(from_a, block, count));
+                        src.handle(
+                            now,
+                            Event::ReadDone {
+                                io,
+                                ok: true,
+                                payload,
+                            },
+                        )
+                    }
+                    Action::PersistMeta(m) => persisted[usize::from(!from_a)] = Some(m),
+                    _ => {}
+                }
+            }
+        }
+        a.handle(now, Event::Tick);
+        b.handle(now, Event::Tick);
+    }
+    persisted
+}
+
+#[test]
+fn test_connected_pair_unknown_ignorable_type_counted_only() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.in_sync() && b.in_sync());
+    a.handle(
+        200_000,
+        Event::MslUnknownType {
+            code: 99,
+            must_understand: false,
+        },
+    );
+    assert!(a.in_sync());
+    assert_eq!(a.counters.frames_unknown_ignored, 1);
+}
+
+#[test]
+fn test_connected_pair_unknown_must_understand_refuses_session() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.in_sync());
+    a.handle(
+        200_000,
+        Event::MslUnknownType {
+            code: 99,
+            must_understand: true,
+        },
+    );
+    assert!(!a.in_sync());
+    assert_eq!(a.counters.frames_unknown_refused, 1);
+}
+
+#[test]
+fn test_primary_clean_shutdown_starts_no_generation() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    let before = a.meta().gens;
+    a.shutdown();
+    assert_eq!(a.meta().gens.current, before.current);
+    assert_eq!(
+        a.meta().gens.bitmap,
+        0,
+        "shutdown must not start change tracking"
+    );
+    assert!(a.meta().clean);
+    assert_eq!(a.role(), Role::Secondary);
+}
+
+#[test]
+fn test_in_sync_pair_verify_reports_exactly_the_differing_block() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.in_sync() && b.in_sync());
+    // Identical volumes except block 37 on the secondary.
+    let read = |on_a: bool, block: u64, count: u64| -> Vec<u8> {
+        (block..block + count)
+            .flat_map(|blk| {
+                let v = if !on_a && blk == 37 { 0xee } else { blk as u8 };
+                [v; 4096]
+            })
+            .collect()
+    };
+    a.handle(
+        200_000,
+        Event::Admin(AdminCmd::Verify {
+            start_block: 0,
+            count: u64::MAX,
+            resync: false,
+        }),
+    );
+    let st = a.status().verify;
+    assert!(st.active);
+    assert_eq!(st.total_blocks, 64, "clipped to the volume");
+    run_pair(&mut a, &mut b, 200_000, 300_000, &read);
+    let st = a.status().verify;
+    assert!(!st.active, "{st:?}");
+    assert_eq!(st.checked_blocks, 64);
+    assert_eq!(st.differing_blocks, 1);
+    assert_eq!(st.first_differing[0], 37);
+    assert!(a.in_sync(), "verify must not disturb the pair");
+    // The secondary refuses to start one.
+    b.handle(
+        300_000,
+        Event::Admin(AdminCmd::Verify {
+            start_block: 0,
+            count: 8,
+            resync: false,
+        }),
+    );
+    assert!(!b.status().verify.active);
+    // Same data on both sides: nothing differs.
+    a.handle(
+        300_000,
+        Event::Admin(AdminCmd::Verify {
+            start_block: 0,
+            count: 64,
+            resync: false,
+        }),
+    );
+    run_pair(&mut a, &mut b, 300_000, 400_000, &|_, blk, n| {
+        (blk..blk + n).flat_map(|x| [x as u8; 4096]).collect()
+    });
+    let st = a.status().verify;
+    assert_eq!((st.active, st.differing_blocks, st.runs), (false, 0, 2));
+}
+
+#[test]
+fn test_verify_with_resync_resends_exactly_the_differing_block() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    let full_sync = a.counters.resync_blocks_sent;
+    let read = |on_a: bool, block: u64, count: u64| -> Vec<u8> {
+        (block..block + count)
+            .flat_map(|blk| [if !on_a && blk == 9 { 0xee } else { 1 }; 4096])
+            .collect()
+    };
+    a.handle(
+        200_000,
+        Event::Admin(AdminCmd::Verify {
+            start_block: 0,
+            count: 64,
+            resync: true,
+        }),
+    );
+    run_pair(&mut a, &mut b, 200_000, 600_000, &read);
+    assert_eq!(a.status().verify.differing_blocks, 1);
+    assert!(a.in_sync() && b.in_sync(), "reconnected and resynced");
+    assert_eq!(
+        a.counters.resync_blocks_sent - full_sync,
+        1,
+        "only the differing block is resent"
+    );
+    assert_eq!(a.role(), Role::Primary);
+}
+
+/// `verify --resync` on a large volume: a differing block is on disk
+/// as out of sync within a second of being found, while the run goes
+/// on (a crash then must not forget it), and not with every chunk.
+#[test]
+fn test_verify_with_resync_persists_what_it_finds_within_a_second() {
+    const BLOCKS: u64 = 4096;
+    let big = |id: u16, gen: Option<u64>| {
+        let cfg = Config::new(id, 3 - id, 7, BLOCKS, 4096);
+        Node::new(
+            cfg,
+            Meta::create(7, id, BLOCKS, 4096, gen),
+            u64::from(id),
+            0,
+        )
+    };
+    let (mut a, mut b) = (big(1, Some(5)), big(2, None));
+    let read = |on_a: bool, block: u64, count: u64| -> Vec<u8> {
+        (block..block + count)
+            .flat_map(|blk| [if !on_a && blk == 9 { 0xee } else { 1 }; 4096])
+            .collect()
+    };
+    run_pair(&mut a, &mut b, 0, 1_000_000, &read);
+    assert!(a.in_sync());
+    a.handle(
+        1_000_000,
+        Event::Admin(AdminCmd::Verify {
+            start_block: 0,
+            count: BLOCKS,
+            resync: true,
+        }),
+    );
+    let mut now = 1_000_000;
+    let mut on_disk = None;
+    while a.status().verify.differing_blocks == 0 && now < 2_000_000 {
+        let [on_a, _] = run_pair(&mut a, &mut b, now, now + 100, &read);
+        on_disk = on_a.or(on_disk);
+        now += 100;
+    }
+    assert_eq!(a.status().verify.differing_blocks, 1);
+    // The peer stalls (nothing more is delivered): only time passes.
+    let mut persisted = |a: &mut Node<Vec<u8>>| {
+        for act in drain(a) {
+            if let Action::PersistMeta(m) = act {
+                on_disk = Some(m);
+            }
+        }
+        on_disk.as_ref().is_some_and(|m| m.dirty.get(9))
+    };
+    // b stays alive on both paths (heartbeats), nothing else arrives.
+    let end = now + BITMAP_PERSIST_INTERVAL_US;
+    while now < end && !persisted(&mut a) {
+        now += 20_000;
+        b.handle(now, Event::Tick);
+        drain(&mut b);
+        let (header, hb) = (b.header(0, 0), b.my_heartbeat());
+        let msg = Message::Heartbeat(hb);
+        lan_hb(&mut a, now, header, hb);
+        a.handle(
+            now,
+            Event::MslFrame {
+                header,
+                msg,
+                payload: None,
+            },
+        );
+    }
+    assert!(persisted(&mut a), "block 9 persisted as out of sync");
+    assert!(a.status().verify.active, "the run goes on");
+}
+
+#[test]
+fn test_resync_rate_limit_paces_full_sync() {
+    let limited = |id: u16, gen: Option<u64>| {
+        let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
+        cfg.resync_max_bytes_per_s = 100 * 4096; // 100 blocks per second
+        Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+    };
+    let (mut a, mut b) = (limited(1, Some(5)), limited(2, None));
+    let zeros = |_: bool, _: u64, n: u64| alloc::vec![0u8; n as usize * 4096];
+    run_pair(&mut a, &mut b, 0, 300_000, &zeros);
+    let sent = a.counters.resync_blocks_sent;
+    assert!(!b.in_sync(), "64 blocks at 100/s cannot be done in 0.3 s");
+    assert!(
+        (5..=32).contains(&sent),
+        "about 100 blocks/s for under 0.3 s, got {sent}"
+    );
+    run_pair(&mut a, &mut b, 300_000, 1_200_000, &zeros);
+    assert!(a.in_sync() && b.in_sync(), "done after 1.2 s");
+    assert_eq!(a.counters.resync_blocks_sent, 64);
+}
+
+#[test]
+fn test_source_crash_mid_resync_resumes_from_persisted_progress() {
+    const BLOCKS: u64 = 512;
+    let limited = |id: u16, meta: Meta, now: Micros| {
+        let mut cfg = Config::new(id, 3 - id, 7, BLOCKS, 4096);
+        cfg.resync_max_bytes_per_s = 100 * 4096; // 100 blocks per second
+        Node::new(cfg, meta, u64::from(id), now)
+    };
+    let mut a = limited(1, Meta::create(7, 1, BLOCKS, 4096, Some(5)), 0);
+    let mut b = limited(2, Meta::create(7, 2, BLOCKS, 4096, None), 0);
+    let zeros = |_: bool, _: u64, n: u64| alloc::vec![0u8; n as usize * 4096];
+    let [on_a, on_b] = run_pair(&mut a, &mut b, 0, 2_500_000, &zeros);
+    let (on_a, on_b) = (on_a.expect("a persisted"), on_b.expect("b persisted"));
+    assert!(!b.in_sync(), "512 blocks at 100/s take 5 s");
+    // The persisted maps show the progress (about 240 blocks done, at
+    // most one second of it not yet on disk) and are supersets of the
+    // in-memory maps: a bit is never cleared on disk before memory.
+    let left_a = a.meta().dirty.count();
+    for (node, disk) in [(&a, &on_a), (&b, &on_b)] {
+        let (mem, persisted) = (node.meta().dirty.count(), disk.dirty.count());
+        assert!(
+            persisted >= mem && persisted <= mem + 110,
+            "persisted {persisted} vs in memory {mem}"
+        );
+        let mut check = disk.dirty.clone();
+        assert_eq!(
+            check.union(&node.meta().dirty),
+            0,
+            "persisted map is a superset"
+        );
+    }
+    assert!(left_a < BLOCKS - 150, "resync progressed: {left_a} left");
+    // kill -9 of the source: it restarts from what it persisted; the
+    // target notices the loss, then the pair reconnects.
+    let crash = 2_500_000;
+    let mut a = limited(1, on_a.clone(), crash);
+    let mut now = crash;
+    while now < crash + 1_000_000 {
+        now += 1_000;
+        b.handle(now, Event::Tick);
+        drain(&mut b);
+    }
+    run_pair(&mut a, &mut b, now, now + 200_000, &zeros);
+    let total = b.status().resync_total;
+    assert!(
+        total > 0 && total <= on_a.dirty.count().max(on_b.dirty.count()) && total < BLOCKS - 150,
+        "resumed with {total} blocks (source persisted {}, target {}, {left_a} left at the crash)",
+        on_a.dirty.count(),
+        on_b.dirty.count()
+    );
+    run_pair(&mut a, &mut b, now + 200_000, now + 5_000_000, &zeros);
+    assert!(a.in_sync() && b.in_sync(), "resumed resync completed");
+    assert!(
+        a.counters.resync_blocks_sent <= total,
+        "only the remaining blocks were sent: {}",
+        a.counters.resync_blocks_sent
+    );
+}
+
+/// Blocks a full sync of 8192 blocks sends in 0.3 s while a client
+/// writes block 0 every millisecond (never idle), with this floor.
+fn resync_under_load(floor: u64) -> u64 {
+    let make = |id: u16, gen: Option<u64>| {
+        let mut cfg = Config::new(id, 3 - id, 7, 8192, 4096);
+        cfg.resync_min_bytes_per_s = floor;
+        Node::new(cfg, Meta::create(7, id, 8192, 4096, gen), u64::from(id), 0)
+    };
+    let (mut a, mut b) = (make(1, Some(5)), make(2, None));
+    let zeros = |_: bool, _: u64, n: u64| alloc::vec![0u8; n as usize * 4096];
+    for ms in 0..300u64 {
+        let now = ms * 1000;
+        a.handle(
+            now,
+            Event::ClientWrite {
+                req: ms + 1,
+                block: 0,
+                count: 1,
+                kind: IoKind::Write,
+                fua: false,
+                payload: Some(alloc::vec![1u8; 4096]),
+            },
+        );
+        run_pair(&mut a, &mut b, now, now + 1000, &zeros);
+    }
+    assert!(a.serving() && a.counters.client_writes == 300);
+    a.counters.resync_blocks_sent
+}
+
+#[test]
+fn test_resync_floor_rate_enforced_under_client_load() {
+    // One block in flight moves a block per link round trip (200-300 us
+    // here): about 1000-1500 blocks in 0.3 s. A 64 MiB/s floor is
+    // 16384 blocks/s: about 4900 blocks in 0.3 s.
+    let only_in_flight = resync_under_load(0);
+    let floored = resync_under_load(64 << 20);
+    assert!(
+        only_in_flight < 2000,
+        "without a rate floor: {only_in_flight} blocks"
+    );
+    assert!(
+        (4000..=5400).contains(&floored),
+        "64 MiB/s floor for 0.3 s: {floored} blocks (without: {only_in_flight})"
+    );
+}
+
+/// 64 blocks in extents of 8 (block b is in extent b / 8).
+fn small_extents(id: u16, gen: Option<u64>) -> Node<Vec<u8>> {
+    let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
+    cfg.extent_blocks = 8;
+    Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+}
+
+/// A pair of `small_extents` nodes (1 primary), in sync at 200 ms.
+fn in_sync_small_extents() -> (Node<Vec<u8>>, Node<Vec<u8>>) {
+    let (mut a, mut b) = (small_extents(1, Some(5)), small_extents(2, None));
+    connect(&mut a, &mut b, 200_000);
+    (a, b)
+}
+
+/// A one-block client write of `byte`s on `n`.
+fn write_block(n: &mut Node<Vec<u8>>, now: Micros, req: u64, block: u64, byte: u8) {
+    n.handle(
+        now,
+        Event::ClientWrite {
+            req,
+            block,
+            count: 1,
+            kind: IoKind::Write,
+            fua: false,
+            payload: Some(alloc::vec![byte; 4096]),
+        },
+    );
+}
+
+/// A LAN server-state packet from the peer, on adapter 0.
+fn lan_hb(n: &mut Node<Vec<u8>>, now: Micros, header: Header, hb: Heartbeat) {
+    n.handle(
+        now,
+        Event::LanFrame {
+            adapter: 0,
+            header,
+            hb,
+        },
+    );
+}
+
+/// Whether `n` applied a received write in `extent` that no flush
+/// there has covered yet.
+fn unflushed_here(n: &Node<Vec<u8>>, extent: u64) -> bool {
+    n.session
+        .as_ref()
+        .is_some_and(|s| s.recv.unstable_applied.contains_key(&extent))
+}
+
+/// A write the secondary received but has not flushed is not lost to
+/// a later power loss of that node after it took over: at the session's
+/// end it goes into its activity log (persisted) with a flush, and a
+/// restart before that flush finished marks the extent for resync
+/// (msl-sim seed 839 lost such writes with stable points 5 s apart).
+#[test]
+fn test_received_unflushed_writes_are_protected_when_the_secondary_takes_over() {
+    let (mut a, mut b) = in_sync_small_extents();
+    assert!(a.in_sync() && b.in_sync());
+    write_block(&mut a, 200_000, 1, 9, 3);
+    // Applied on b and acknowledged; b's next stable point is seconds
+    // away.
+    run_pair(
+        &mut a,
+        &mut b,
+        200_000,
+        210_000,
+        &|_, _, n| alloc::vec![0; n as usize * 4096],
+    );
+    assert!(
+        a.ios.count(io::Kind::ClientWrite) == 0,
+        "the write was acknowledged"
+    );
+    assert!(unflushed_here(&b, 1), "applied on b, not yet flushed there");
+    // The primary dies: b hears nothing more, ends the session, takes
+    // over.
+    let mut acts = Vec::new();
+    let mut now = 210_000;
+    while now < 1_500_000 {
+        now += 1_000;
+        b.handle(now, Event::Tick);
+        acts.extend(drain(&mut b));
+    }
+    assert_eq!(b.role(), Role::Primary, "b took over");
+    let persisted: Vec<&Meta> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::PersistMeta(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        persisted.last().is_some_and(|m| m.al.contains(&1)),
+        "extent 1 (block 9) in b's persisted activity log: {:?}",
+        persisted.iter().map(|m| &m.al).collect::<Vec<_>>()
+    );
+    let first_with_1 = acts
+        .iter()
+        .position(|a| matches!(a, Action::PersistMeta(m) if m.al.contains(&1)))
+        .unwrap();
+    assert!(
+        acts[first_with_1..]
+            .iter()
+            .any(|a| matches!(a, Action::Flush { .. })),
+        "a local flush issued once extent 1 was persisted"
+    );
+    // Power loss before that flush completed: b restarts from what it
+    // persisted, with block 9's extent marked for resync from its peer.
+    let mut last = persisted.last().map(|m| (*m).clone()).unwrap();
+    last.clean = false;
+    let restarted = small_extents(2, None);
+    let cfg = restarted.config().clone();
+    let b2: Node<Vec<u8>> = Node::new(cfg, last, 2, now);
+    assert!(b2.meta().dirty.get(9), "block 9 marked out of sync");
+}
+
+/// With the activity log full of hot extents, received writes that
+/// need protecting are marked out of sync instead: the log never grows
+/// past `al_extents` (its on-disk slots are sized for it).
+#[test]
+fn test_protecting_received_writes_never_overfills_the_log() {
+    let mut cfg = Config::new(2, 1, 7, 64, 4096);
+    cfg.extent_blocks = 8;
+    cfg.al_extents = 2;
+    let mut n: Node<Vec<u8>> = Node::new(cfg, Meta::create(7, 2, 64, 4096, None), 2, 0);
+    n.protect_received(alloc::vec![0, 1]);
+    // Their flush has not completed: both hot, no room for more.
+    n.protect_received(alloc::vec![5, 6]);
+    assert_eq!(n.actlog.slots.len(), 2, "log capacity kept");
+    let listed: Vec<u64> = n.actlog.slots.iter().map(|s| s.extent).collect();
+    for x in [0u64, 1, 5, 6] {
+        let covered = listed.contains(&x) || n.meta().dirty.get(x * 8);
+        assert!(covered, "extent {x} neither in the log nor marked");
+    }
+    assert!(n.meta().dirty.get(40) && n.meta().dirty.get(48));
+    // Once the flushes complete the slots are cold and give way.
+    for a in drain(&mut n) {
+        if let Action::Flush { io } = a {
+            n.handle(1_000, Event::IoDone { io, ok: true });
+        }
+    }
+    n.protect_received(alloc::vec![3]);
+    assert_eq!(n.actlog.slots.len(), 2);
+    assert!(
+        n.actlog.slots.iter().any(|s| s.extent == 3),
+        "a cold slot was reused"
+    );
+    assert!(!n.meta().dirty.get(24), "extent 3 needed no resync mark");
+}
+
+/// A planned switchover: the secondary takes the role at once, with the
+/// writes it received but has not flushed in its activity log (a flush
+/// on its way); those slots cool once that flush completes, although
+/// the old primary never sends the new one a write.
+#[test]
+fn test_handover_puts_received_unflushed_writes_in_the_new_primarys_log() {
+    let (mut a, mut b) = in_sync_small_extents();
+    write_block(&mut a, 200_000, 1, 17, 4);
+    let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+    run_pair(&mut a, &mut b, 200_000, 210_000, &zeros);
+    assert!(a.ios.count(io::Kind::ClientWrite) == 0);
+    a.handle(210_000, Event::Admin(AdminCmd::Switchover));
+    // One step at a time, so b's persisted log is seen before its
+    // flush completes (run_pair completes flushes at once).
+    let [_, on_b] = run_pair(&mut a, &mut b, 210_000, 210_300, &zeros);
+    assert_eq!(b.role(), Role::Primary, "b took the role at once");
+    assert!(
+        on_b.is_some_and(|m| m.al.contains(&2)),
+        "extent 2 (block 17) in b's persisted activity log"
+    );
+    run_pair(&mut a, &mut b, 210_300, 400_000, &zeros);
+    let slot = b.actlog.slots.iter().find(|s| s.extent == 2).unwrap();
+    assert!(b.al_cold(slot), "flushed here: cold");
+    // The new primary mirrors its own writes to the old one.
+    assert!(b.mirroring(), "b mirrors after the switchover");
+    write_block(&mut b, 400_000, 2, 33, 5);
+    run_pair(&mut a, &mut b, 400_000, 410_000, &zeros);
+    assert!(b.ios.count(io::Kind::ClientWrite) == 0, "acknowledged");
+    assert!(
+        unflushed_here(&a, 4),
+        "block 33 (extent 4) applied on the old primary"
+    );
+    assert_eq!(b.meta().dirty.count(), 0, "nothing left to resync");
+}
+
+/// A planned switchover whose handover never reaches the peer (the MSL
+/// breaks first): the old primary hears on the LAN that the peer is
+/// still secondary and no longer connected, takes the role back and
+/// serves; the peer's copy is outdated, and it is resynced from the
+/// changed blocks once the MSL is back.
+#[test]
+fn test_switchover_cut_before_the_peer_took_the_role_gives_it_back() {
+    let (mut a, mut b) = in_sync_small_extents();
+    let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+    let before = a.meta().gens.current;
+    a.handle(200_000, Event::Admin(AdminCmd::Switchover));
+    assert_eq!(a.role(), Role::Secondary, "a handed the role over");
+    run_pair_with(&mut a, &mut b, 200_000, 2_000_000, &zeros, [false, false]);
+    assert_eq!(a.role(), Role::Primary, "a took the role back");
+    assert!(a.serving());
+    assert_eq!(b.role(), Role::Secondary);
+    assert_eq!(
+        b.meta().disk,
+        DiskState::Outdated,
+        "b knows it falls behind"
+    );
+    assert_eq!(
+        b.meta().gens.current,
+        before,
+        "b never applied the handover"
+    );
+    assert_eq!(
+        a.meta().gens.bitmap,
+        before,
+        "changes counted from b's generation"
+    );
+    write_block(&mut a, 2_000_000, 1, 17, 4);
+    run_pair_with(&mut a, &mut b, 2_000_000, 2_100_000, &zeros, [false, false]);
+    assert!(
+        a.ios.count(io::Kind::ClientWrite) == 0,
+        "acknowledged without the peer"
+    );
+    assert!(a.meta().dirty.get(17));
+    // The MSL is back: b is resynced from the changed blocks only.
+    run_pair(&mut a, &mut b, 2_100_000, 4_000_000, &zeros);
+    assert!(a.in_sync() && b.in_sync());
+    assert_eq!((a.role(), b.role()), (Role::Primary, Role::Secondary));
+    assert_eq!(a.meta().dirty.count(), 0);
+    assert_eq!(b.meta().disk, DiskState::UpToDate);
+    assert!(
+        a.meta().gens.bitmap == 0 && b.meta().gens.current == a.meta().gens.current,
+        "one generation again"
+    );
+}
+
+/// A secondary that was in sync and has no MSL session, hearing the
+/// primary serve on the LAN, marks its copy outdated (so it cannot
+/// take over with stale data later), even when it missed the moment
+/// the MSL broke: a brief MSL flap clears `msl_lost_pending`, and the
+/// session it ended then was never re-established.
+#[test]
+fn test_secondary_without_msl_hearing_the_primary_marks_its_copy_outdated() {
+    let (mut a, mut b) = in_sync_small_extents();
+    let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+    run_pair_with(&mut a, &mut b, 200_000, 700_000, &zeros, [false, false]);
+    assert!(b.session.is_none());
+    // What the flap leaves: in sync when its last session ended, no
+    // pending MSL loss, the peer known primary.
+    b.peer.was_in_sync = true;
+    b.peer.msl_lost_pending = false;
+    b.peer.role = Some(Role::Primary);
+    b.meta.disk = DiskState::UpToDate;
+    run_pair_with(&mut a, &mut b, 700_000, 900_000, &zeros, [false, false]);
+    assert_eq!(b.meta().disk, DiskState::Outdated);
+    assert_eq!(a.role(), Role::Primary);
+}
+
+/// The HELLO path: the MSL fails one way (b's frames are lost), so b
+/// keeps hearing a and never reports its MSL down; a's new session
+/// attempts end b's session. When b's HELLO gets through again, a
+/// takes the role back instead of connecting as a second secondary.
+#[test]
+fn test_switchover_lost_one_way_role_taken_back_at_the_next_session() {
+    let (mut a, mut b) = in_sync_small_extents();
+    b.cfg.miss_count *= 3; // b gives up on the MSL after a does
+    let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+    a.handle(200_000, Event::Admin(AdminCmd::Switchover));
+    drain(&mut a); // the handover never leaves
+                   // Both ways cut until a's session ends (no more retransmissions
+                   // of the handover), then only b's frames are lost.
+    run_pair_with(&mut a, &mut b, 200_000, 700_000, &zeros, [false, false]);
+    assert!(a.session.is_none() && b.session.is_some());
+    run_pair_with(&mut a, &mut b, 700_000, 1_500_000, &zeros, [true, false]);
+    assert_eq!((a.role(), b.role()), (Role::Secondary, Role::Secondary));
+    assert!(a.switchover.unconfirmed && b.session.is_none());
+    let sent = a.counters.resync_blocks_sent;
+    run_pair(&mut a, &mut b, 1_500_000, 4_000_000, &zeros);
+    assert_eq!((a.role(), b.role()), (Role::Primary, Role::Secondary));
+    assert!(a.serving() && a.in_sync() && b.in_sync());
+    assert_eq!(a.meta().dirty.count(), 0);
+    // Connecting as two secondaries would also end with a primary
+    // (the one ahead), but through a full resync of the 64 blocks.
+    assert!(
+        a.counters.resync_blocks_sent - sent < 64,
+        "changed blocks only, not the volume: {}",
+        a.counters.resync_blocks_sent - sent
+    );
+}
+
+/// The guards of taking the role back: only a LAN heartbeat sent after
+/// the handover, by a peer still secondary in the generation before it,
+/// with its MSL session ended, and hearing this node on the LAN.
+#[test]
+fn test_switchover_role_taken_back_only_on_a_heartbeat_that_proves_it() {
+    let (mut a, mut b) = in_sync_small_extents();
+    let before = a.meta().gens.current;
+    // A heartbeat a already had before the handover, replayed later
+    // (with the MSL down, as before the pair connected).
+    let stale = {
+        let h = b.header(0, 0);
+        let mut hb = b.my_heartbeat();
+        hb.msl_up = false;
+        hb.counter = a.peer.hb_counter_lan;
+        (h, hb)
+    };
+    a.handle(200_000, Event::Admin(AdminCmd::Switchover));
+    assert_eq!(a.role(), Role::Secondary);
+    drain(&mut a); // the handover never leaves
+    for n in [&mut a, &mut b] {
+        n.handle(200_100, Event::MslLink { up: false });
+        drain(n);
+    }
+    b.handle(300_000, Event::Tick);
+    let (h, hb) = (b.header(0, 0), b.my_heartbeat());
+    assert!(hb.role == Role::Secondary && !hb.msl_up && h.generation == before);
+    let mut now = 300_000;
+    let mut offer = |a: &mut Node<Vec<u8>>, header: Header, hb: Heartbeat| {
+        now += 1_000;
+        lan_hb(a, now, header, hb);
+        a.role()
+    };
+    // Each a newer heartbeat than the last (older ones are replays).
+    let mut fresh = 0;
+    let mut next = |mut hb: Heartbeat| {
+        fresh += 1;
+        hb.counter += fresh;
+        hb
+    };
+    let mut up = next(hb);
+    up.msl_up = true;
+    assert_eq!(
+        offer(&mut a, h, up),
+        Role::Secondary,
+        "peer still connected"
+    );
+    let mut other = h;
+    other.generation = before ^ 1;
+    assert_eq!(
+        offer(&mut a, other, next(hb)),
+        Role::Secondary,
+        "peer in another generation"
+    );
+    let mut deaf = next(hb);
+    deaf.adapters = [AdapterHealth::default(); MAX_ADAPTERS];
+    assert_eq!(
+        offer(&mut a, h, deaf),
+        Role::Secondary,
+        "peer does not hear us"
+    );
+    // After a LAN outage a replayed heartbeat is taken as news.
+    a.lan.lose();
+    assert_eq!(
+        offer(&mut a, stale.0, stale.1),
+        Role::Secondary,
+        "sent before the handover"
+    );
+    assert_eq!(offer(&mut a, h, next(hb)), Role::Primary, "taken back");
+    assert!(a.serving());
+}
+
+/// The other side of that race: the peer applied the handover and the
+/// MSL broke before the old primary heard so. The peer serves; the old
+/// primary must not take the role back (that would be two primaries).
+#[test]
+fn test_switchover_cut_after_the_peer_took_the_role_is_not_undone() {
+    let (mut a, mut b) = in_sync_small_extents();
+    let zeros = |_: bool, _: u64, n: u64| alloc::vec![0; n as usize * 4096];
+    a.handle(200_000, Event::Admin(AdminCmd::Switchover));
+    // a's frames reach b; nothing of b's reaches a over the MSL.
+    for act in drain(&mut a) {
+        if let Action::SendMsl {
+            header,
+            msg,
+            payload,
+        } = act
+        {
+            b.handle(
+                200_100,
+                Event::MslFrame {
+                    header,
+                    msg,
+                    payload,
+                },
+            );
+        }
+    }
+    assert_eq!(b.role(), Role::Primary, "b applied the handover");
+    run_pair_with(&mut a, &mut b, 200_100, 2_000_000, &zeros, [false, false]);
+    assert_eq!(a.role(), Role::Secondary, "a did not take the role back");
+    assert_eq!(b.role(), Role::Primary);
+    assert!(b.serving());
+    assert_eq!(
+        a.meta().disk,
+        DiskState::Outdated,
+        "a knows it falls behind"
+    );
+    assert!(
+        a.switchover.running.is_none(),
+        "the switchover is over: a serves if it is ever primary again"
+    );
+}
+
+#[test]
+fn test_cold_start_pair_initial_primary_serves_and_syncs() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert_eq!(a.role(), Role::Primary);
+    assert!(a.serving());
+    assert_eq!(b.role(), Role::Secondary);
+    assert_eq!(b.meta().disk, DiskState::UpToDate);
+    assert_eq!(a.meta().gens.current, b.meta().gens.current);
+}
+
+/// The role/disk transition table as text, one reason per line.
+fn role_table() -> alloc::string::String {
+    use core::fmt::Write as _;
+    let mut out = alloc::string::String::new();
+    let show = |v: Option<alloc::string::String>| v.unwrap_or_else(|| "-".into());
+    for r in Reason::ALL {
+        let t = r.transition();
+        let _ = writeln!(
+            out,
+            "{:<24} from {:<9} -> role {:<9} disk {:<12} \"{}\"",
+            alloc::format!("{r:?}"),
+            show(t.from.map(|x| alloc::format!("{x:?}"))),
+            show(t.role.map(|x| alloc::format!("{x:?}"))),
+            show(t.disk.map(|x| alloc::format!("{x:?}"))),
+            r.text()
+        );
+    }
+    out
+}
+
+#[test]
+fn test_role_transition_table_matches_snapshot() {
+    let table = role_table();
+    assert!(
+        table == include_str!("role_table.txt"),
+        "the role/disk transition table changed; if intended, put this in engine/core/src/node/role_table.txt:\n{table}"
+    );
+    let mut seen = alloc::vec::Vec::new();
+    for r in Reason::ALL {
+        assert!(!seen.contains(&r), "{r:?} listed twice");
+        seen.push(r);
+    }
+}
+
+#[test]
+fn test_role_transition_refuses_a_reason_from_the_wrong_role() {
+    // A secondary cannot hand the primary role over.
+    let mut a = node(1, Some(5));
+    assert_eq!(a.role(), Role::Secondary);
+    let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(|| {
+        a.transition(Reason::HandoverSent)
+    }));
+    assert!(r.is_err());
+}

@@ -1,0 +1,534 @@
+//! The write path on the primary: client writes and flushes are queued,
+//! started once their activity-log extents are hot, mirrored to the peer
+//! (sync or async) and released when both halves are done; local I/O
+//! completions come back here.
+
+use super::*;
+
+/// The primary's write path: write ids, queued writes and flush waiters,
+/// and the stable points of both sides in write ids.
+pub(super) struct WritePath<H> {
+    pub(super) next_wid: u64,
+    pub(super) waiting: VecDeque<QueuedWrite<H>>,
+    pub(super) flush_waiters: VecDeque<FlushWaiter>,
+    pub(super) local_flush_done: BTreeSet<IoId>,
+    pub(super) inflight_wids: BTreeSet<u64>,
+    pub(super) local_stable_wid: u64,
+    pub(super) peer_stable_wid: u64,
+    pub(super) session_start_wid: u64,
+    pub(super) last_write_us: Micros,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct PendingWrite {
+    pub(super) req: ReqId,
+    pub(super) wid: u64,
+    pub(super) block: u64,
+    pub(super) count: u64,
+    pub(super) fua: bool,
+    pub(super) local_done: bool,
+    /// The peer's half.
+    pub(super) peer: PeerHalf,
+}
+
+/// Where the peer's half of a client write or flush stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PeerHalf {
+    /// Not mirrored (degraded, async mode, or the session ended): only the
+    /// local half counts.
+    Local,
+    /// Mirrored, but still in the send backlog: numbered when it is sent.
+    Queued,
+    /// Mirrored as this sequence number.
+    Sent(u64),
+}
+
+/// A client flush waiting for its local flush and the peer's.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FlushWaiter {
+    pub(super) req: ReqId,
+    /// The local flush's io id (also the `write_id` of the mirrored FLUSH).
+    pub(super) io: IoId,
+    pub(super) peer: PeerHalf,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct QueuedWrite<H> {
+    pub(super) req: ReqId,
+    pub(super) block: u64,
+    pub(super) count: u64,
+    pub(super) kind: IoKind,
+    pub(super) fua: bool,
+    pub(super) payload: Option<H>,
+}
+
+impl<H: Payload> Node<H> {
+    pub(super) fn mirroring(&self) -> bool {
+        self.role == Role::Primary
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| matches!(s.phase, Phase::Images | Phase::Source | Phase::InSync))
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.decision.strategy.is_source())
+    }
+
+    pub(super) fn on_client_write(&mut self, q: QueuedWrite<H>) {
+        if !self.serving() {
+            self.counters.client_writes_refused += 1;
+            let e = if self.failed {
+                ClientError::IoError
+            } else {
+                ClientError::NotPrimary
+            };
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(e),
+            });
+            return;
+        }
+        if q.count == 0
+            || q.block
+                .checked_add(q.count)
+                .is_none_or(|end| end > self.cfg.volume_blocks)
+        {
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::OutOfRange),
+            });
+            return;
+        }
+        if self.extents(q.block, q.count).count() > self.cfg.al_extents {
+            // Could never get its extents hot at once.
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::OutOfRange),
+            });
+            return;
+        }
+        if self.writes.waiting.len() + self.ios.count(io::Kind::ClientWrite)
+            >= self.cfg.max_pending_writes
+        {
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::Busy),
+            });
+            return;
+        }
+        self.writes.waiting.push_back(q);
+        self.start_waiting_writes();
+    }
+
+    /// Start queued writes in order while they don't overlap writes in
+    /// flight and their AL extents can be made hot.
+    pub(super) fn start_waiting_writes(&mut self) {
+        self.actlog.blocked = false;
+        while let Some(q) = self.writes.waiting.front() {
+            if !self.serving() {
+                return;
+            }
+            let (block, count) = (q.block, q.count);
+            if self
+                .ios
+                .client_writes()
+                .any(|(_, p)| p.count > 0 && block < p.block + p.count && p.block < block + count)
+            {
+                return;
+            }
+            let Some(al_changed) = self.al_reserve(block, count) else {
+                // Not enough free or cold extents: a stable point cools
+                // some (`stabilize_if_due` issues it at once).
+                self.actlog.blocked = true;
+                return;
+            };
+            self.actlog.blocked = false;
+            let Some(q) = self.writes.waiting.pop_front() else {
+                return;
+            };
+            self.start_write(q, al_changed);
+        }
+    }
+
+    pub(super) fn start_write(&mut self, q: QueuedWrite<H>, al_changed: bool) {
+        let wid = self.writes.next_wid;
+        self.writes.next_wid += 1;
+        self.actlog.clock += 1;
+        let clock = self.actlog.clock;
+        let exts = self.extents(q.block, q.count);
+        for s in self
+            .actlog
+            .slots
+            .iter_mut()
+            .filter(|s| exts.contains(&s.extent))
+        {
+            s.in_flight += 1;
+            s.last_wid = wid;
+            s.lru = clock;
+            s.from_peer = false;
+        }
+        let mirror = self.mirroring() && self.cfg.write_mode == WriteMode::Sync;
+        let mirror_async = self.mirroring() && self.cfg.write_mode == WriteMode::Async;
+        let mut persist = al_changed;
+        if !mirror && !mirror_async {
+            // Degraded: the dirty mark is persisted before the write, for
+            // the whole activity-log extent at its first write: one
+            // metadata write per extent touched instead of one per new
+            // block (4 KiB random writes ran at a tenth of the speed), at
+            // the price of resyncing whole extents when the peer returns.
+            let e = self.cfg.extent_blocks;
+            let first = q.block / e * e;
+            let end = ((q.block + q.count).div_ceil(e) * e).min(self.cfg.volume_blocks);
+            persist |= self.meta.dirty.set_range(first, end - first) > 0;
+        }
+        if persist {
+            self.persist();
+        }
+        self.writes.last_write_us = self.now;
+        self.writes.inflight_wids.insert(wid);
+        // The local write is emitted after the mirror message: the peer's
+        // half of the round trip then overlaps the local write instead of
+        // waiting for it (the client's reply needs both either way).
+        let mut local = Action::Write {
+            io: 0,
+            block: q.block,
+            count: q.count,
+            kind: q.kind,
+            fua: q.fua,
+            payload: q.payload.clone(),
+        };
+        let mut peer = PeerHalf::Local;
+        if mirror || mirror_async {
+            let bs = u64::from(self.cfg.block_size);
+            let mut flags = if q.fua { data_flags::FUA } else { 0 };
+            flags |= match q.kind {
+                IoKind::Write => 0,
+                IoKind::Trim => data_flags::TRIM,
+                IoKind::Zeroes => data_flags::ZEROES,
+            };
+            let d = Data {
+                write_id: wid,
+                offset: q.block * bs,
+                len: (q.count * bs) as u32,
+                flags,
+            };
+            let sent = self.send_reliable(Message::Data(d), q.payload);
+            match sent {
+                Some(s) => {
+                    if let Some(sess) = self.session.as_mut() {
+                        sess.send.mirror_wids.push_back((s, wid));
+                    }
+                    peer = PeerHalf::Sent(s);
+                }
+                // Numbered when it leaves the backlog (`flush_backlog`).
+                None => peer = PeerHalf::Queued,
+            }
+            if mirror_async {
+                peer = PeerHalf::Local;
+            }
+            // Cancel resync reads of these blocks: their data is stale now.
+            self.ios.cancel_resync_reads(q.block, q.count);
+        }
+        let io = self.ios.start(io::Purpose::ClientWrite(PendingWrite {
+            req: q.req,
+            wid,
+            block: q.block,
+            count: q.count,
+            fua: q.fua,
+            local_done: false,
+            peer,
+        }));
+        if let Action::Write { io: id, .. } = &mut local {
+            *id = io;
+        }
+        self.emit(local);
+    }
+
+    pub(super) fn on_client_flush(&mut self, req: ReqId) {
+        if !self.serving() {
+            let e = if self.failed {
+                ClientError::IoError
+            } else {
+                ClientError::NotPrimary
+            };
+            self.emit(Action::Reply {
+                req,
+                result: Err(e),
+            });
+            return;
+        }
+        let mark = self.completed_wid();
+        let io = self.ios.start(io::Purpose::Flush {
+            mark,
+            client: Some(req),
+        });
+        self.emit(Action::Flush { io });
+        if self.mirroring() {
+            // Registered first: if the message goes to the backlog,
+            // `flush_backlog` finds the waiter by its io id.
+            self.writes.flush_waiters.push_back(FlushWaiter {
+                req,
+                io,
+                peer: PeerHalf::Queued,
+            });
+            let d = Data {
+                write_id: io,
+                offset: 0,
+                len: 0,
+                flags: data_flags::FLUSH,
+            };
+            let sent = self.send_reliable(Message::Data(d), None);
+            if let (Some(seq), Some(w)) = (sent, self.writes.flush_waiters.back_mut()) {
+                debug_assert_eq!(w.io, io);
+                if w.peer == PeerHalf::Queued {
+                    w.peer = PeerHalf::Sent(seq);
+                }
+            }
+            return;
+        }
+        self.writes.flush_waiters.push_back(FlushWaiter {
+            req,
+            io,
+            peer: PeerHalf::Local,
+        });
+    }
+
+    /// Release client writes and flushes whose conditions are met.
+    pub(super) fn release_writes(&mut self) {
+        let (peer_applied, peer_stable, connected) = match &self.session {
+            Some(s) => (s.send.peer_applied, s.send.peer_stable, true),
+            None => (0, 0, false),
+        };
+        let mut done = Vec::new();
+        for (io, p) in self.ios.client_writes() {
+            if !p.local_done {
+                continue;
+            }
+            let peer_ok = match p.peer {
+                PeerHalf::Local => true,
+                PeerHalf::Queued => false,
+                PeerHalf::Sent(seq) => {
+                    connected
+                        && if p.fua {
+                            peer_stable >= seq
+                        } else {
+                            peer_applied >= seq
+                        }
+                }
+            };
+            if peer_ok {
+                done.push(io);
+            }
+        }
+        for io in done {
+            if let Some(io::Purpose::ClientWrite(p)) = self.ios.take(io) {
+                self.emit(Action::Reply {
+                    req: p.req,
+                    result: Ok(()),
+                });
+            }
+        }
+        while let Some(&FlushWaiter { req, io, peer }) = self.writes.flush_waiters.front() {
+            let local = self.writes.local_flush_done.contains(&io);
+            let peer_ok = match peer {
+                PeerHalf::Local => true,
+                PeerHalf::Queued => false,
+                PeerHalf::Sent(seq) => connected && peer_stable >= seq,
+            };
+            if !(local && peer_ok) {
+                break;
+            }
+            self.writes.flush_waiters.pop_front();
+            self.writes.local_flush_done.remove(&io);
+            self.emit(Action::Reply {
+                req,
+                result: Ok(()),
+            });
+        }
+        self.start_waiting_writes();
+        self.try_handover();
+    }
+
+    pub(super) fn on_io_done(&mut self, io: IoId, ok: bool) {
+        if !ok {
+            self.fail("volume write or flush");
+            return;
+        }
+        let Some(kind) = self.ios.kind(io) else {
+            // A write from an ended session, or unknown: nothing to release.
+            return;
+        };
+        if let Some(io::Purpose::ClientWrite(p)) = self.ios.get_mut(io) {
+            p.local_done = true;
+            let (wid, block, count) = (p.wid, p.block, p.count);
+            self.writes.inflight_wids.remove(&wid);
+            let exts = self.extents(block, count);
+            for s in self
+                .actlog
+                .slots
+                .iter_mut()
+                .filter(|s| exts.contains(&s.extent))
+            {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+            self.release_writes();
+            return;
+        }
+        if matches!(kind, io::Kind::Flush | io::Kind::StablePoint) {
+            let Some(io::Purpose::Flush { mark, client }) = self.ios.take(io) else {
+                unreachable!("io {io} is a flush");
+            };
+            self.writes.local_stable_wid = self.writes.local_stable_wid.max(mark);
+            if client.is_some() || self.writes.flush_waiters.iter().any(|w| w.io == io) {
+                self.writes.local_flush_done.insert(io);
+            }
+            self.release_writes();
+            return;
+        }
+        if kind == io::Kind::Apply {
+            let Some(io::Purpose::Apply { seq }) = self.ios.take(io) else {
+                unreachable!("io {io} is an apply");
+            };
+            if let Some(s) = self.session.as_mut() {
+                // Its entry went in with the io (`run_apply_queue`); both
+                // leave with the session.
+                let found = s.recv.applying.remove(&seq);
+                debug_assert!(
+                    found.is_some(),
+                    "apply io of message {seq} without its entry"
+                );
+                if let Some(Blocks { block, count }) = found {
+                    if s.phase == Phase::Target {
+                        // Clean once a flush covering it completes.
+                        let at = s.recv.target_unflushed.partition_point(|e| e.0 < seq);
+                        s.recv
+                            .target_unflushed
+                            .insert(at, (seq, Blocks { block, count }));
+                    }
+                    // In every phase: a resync's last writes may still be
+                    // unflushed when it ends and this node is in sync.
+                    if count > 0 {
+                        let e = self.cfg.extent_blocks;
+                        for x in block / e..=(block + count - 1) / e {
+                            let v = s.recv.unstable_applied.entry(x).or_insert(seq);
+                            *v = (*v).max(seq);
+                        }
+                    }
+                }
+            }
+            self.run_apply_queue();
+            return;
+        }
+        if kind == io::Kind::ApplyFlush {
+            let Some(io::Purpose::ApplyFlush { seq: fseq }) = self.ios.take(io) else {
+                unreachable!("io {io} is an apply flush");
+            };
+            // Session I/O leaves the table when its session ends.
+            let s = self.session.as_mut();
+            debug_assert!(s.is_some(), "apply flush {io} outlived its session");
+            if let Some(s) = s {
+                s.recv.stable = s.recv.stable.max(fseq);
+                s.recv.ack_pending = true;
+                let stable = s.recv.stable;
+                s.recv.unstable_applied.retain(|_, seq| *seq > stable);
+                // Blocks written up to the flush point are stable here:
+                // their bits clear (persisted by `persist_progress`).
+                while let Some(&(seq, Blocks { block, count })) = s.recv.target_unflushed.front() {
+                    if seq > s.recv.stable {
+                        break;
+                    }
+                    s.recv.target_unflushed.pop_front();
+                    for b in block..block + count {
+                        self.meta.dirty.clear(b);
+                    }
+                    self.progress.unpersisted = true;
+                }
+                self.run_apply_queue();
+            }
+        }
+        // A read's io reported as a write: nothing to release.
+    }
+
+    pub(super) fn on_read_done(&mut self, io: IoId, ok: bool, payload: Option<H>) {
+        if !ok {
+            self.fail("volume read");
+            return;
+        }
+        let bs = u64::from(self.cfg.block_size);
+        if self.ios.kind(io) == Some(io::Kind::VerifyRead) {
+            let Some(io::Purpose::VerifyRead {
+                start,
+                count,
+                reply,
+            }) = self.ios.take(io)
+            else {
+                unreachable!("io {io} is a verify read");
+            };
+            let data = payload.as_ref().map_or(&[][..], |p| p.bytes());
+            if data.len() as u64 != u64::from(count) * bs {
+                self.counters.frames_unexpected += 1;
+                return;
+            }
+            let d = verify::digests(data, bs as usize);
+            if reply {
+                let v = Verify {
+                    start_block: start,
+                    count,
+                };
+                self.send_reliable(Message::VerifyReply(v), Some(H::from_bytes(&d)));
+            } else {
+                self.online.run.local(start, d);
+                self.verify_progress();
+            }
+            return;
+        }
+        if self.ios.kind(io) != Some(io::Kind::ResyncRead) {
+            return;
+        }
+        let Some(io::Purpose::ResyncRead {
+            block,
+            count,
+            cancelled,
+        }) = self.ios.take(io)
+        else {
+            unreachable!("io {io} is a resync read");
+        };
+        // Session I/O leaves the table when its session ends.
+        let Some(s) = self.session.as_mut() else {
+            debug_assert!(false, "resync read {io} outlived its session");
+            return;
+        };
+        if cancelled || s.phase != Phase::Source {
+            // A client wrote these blocks meanwhile; read them again later.
+            for b in block..block + count {
+                s.resync.busy.clear(b);
+            }
+            s.resync.cursor = s.resync.cursor.min(block);
+            return;
+        }
+        s.resync.blocks_sent += count;
+        self.counters.resync_blocks_sent += count;
+        let r = ResyncData {
+            offset: block * bs,
+            len: (count * bs) as u32,
+            flags: 0,
+        };
+        // Not yet numbered if it went to the backlog.
+        let seq = match self.send_reliable(Message::ResyncData(r), payload) {
+            Some(seq) => Numbered::Sent(seq),
+            None => Numbered::Queued,
+        };
+        if let Some(s) = self.session.as_mut() {
+            // Sent at once only with an empty backlog: every run before it
+            // is numbered (`flush_backlog` relies on the queued ones being
+            // the tail).
+            debug_assert!(
+                seq == Numbered::Queued || s.resync.sent.iter().all(|r| r.seq != Numbered::Queued),
+                "resync run numbered ahead of a queued one"
+            );
+            s.resync.sent.push_back(SentRun { seq, block, count });
+        }
+    }
+}
