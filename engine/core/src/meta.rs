@@ -13,6 +13,7 @@ use crate::bitmap::Bitmap;
 
 const META_MAGIC: &[u8; 8] = b"MSLMETA\0";
 const IMAGE_MAGIC: &[u8; 8] = b"MSLIMAG\0";
+const FIELDS_MAGIC: &[u8; 8] = b"MSLMFLD\0";
 /// Format version; bump on any layout change.
 pub const META_VERSION: u32 = 1;
 
@@ -71,10 +72,28 @@ impl Meta {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_as(META_MAGIC, true)
+    }
+
+    /// Everything but the dirty bitmap (which a paged store keeps in its
+    /// own pages), checksummed like [`Meta::encode`]; read back with
+    /// [`Meta::decode_fields`].
+    pub fn encode_fields(&self) -> Vec<u8> {
+        self.encode_as(FIELDS_MAGIC, false)
+    }
+
+    /// Decode what [`Meta::encode_fields`] wrote; the dirty map comes back
+    /// empty, sized for `volume_blocks`.
+    pub fn decode_fields(bytes: &[u8]) -> Result<Meta, DecodeError> {
+        Self::decode_as(bytes, FIELDS_MAGIC, false)
+    }
+
+    fn encode_as(&self, magic: &[u8; 8], with_bitmap: bool) -> Vec<u8> {
+        let words = if with_bitmap { self.dirty.words() } else { &[] };
         let mut w = Writer(Vec::with_capacity(
-            128 + self.dirty.words().len() * 8 + self.al.len() * 8,
+            128 + words.len() * 8 + self.al.len() * 8,
         ));
-        w.bytes(META_MAGIC);
+        w.bytes(magic);
         w.u32(META_VERSION);
         w.u64(self.cluster_id);
         w.u16(self.node_id);
@@ -88,15 +107,19 @@ impl Meta {
         for e in &self.al {
             w.u64(*e);
         }
-        w.u32(self.dirty.words().len() as u32);
-        for x in self.dirty.words() {
+        w.u32(words.len() as u32);
+        for x in words {
             w.u64(*x);
         }
         w.finish()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Meta, DecodeError> {
-        let mut r = Reader::checked(bytes, META_MAGIC)?;
+        Self::decode_as(bytes, META_MAGIC, true)
+    }
+
+    fn decode_as(bytes: &[u8], magic: &[u8; 8], with_bitmap: bool) -> Result<Meta, DecodeError> {
+        let mut r = Reader::checked(bytes, magic)?;
         let cluster_id = r.u64()?;
         let node_id = r.u16()?;
         let volume_blocks = r.u64()?;
@@ -111,7 +134,14 @@ impl Meta {
             let e = r.u64()?;
             al.push(e);
         }
-        let dirty = r.bitmap(volume_blocks)?;
+        let dirty = if with_bitmap {
+            r.bitmap(volume_blocks)?
+        } else {
+            if r.u32()? != 0 {
+                return Err(DecodeError::BadField("dirty bitmap length"));
+            }
+            Bitmap::new(volume_blocks)
+        };
         r.end()?;
         Ok(Meta {
             cluster_id,
@@ -429,6 +459,32 @@ mod tests {
             let mut b = bytes.clone();
             b[i / 8] ^= 1 << (i % 8);
             assert!(Meta::decode(&b).is_err(), "flip of bit {i} accepted");
+        }
+    }
+
+    #[test]
+    fn test_fields_roundtrip_without_bitmap() {
+        let m = sample();
+        let bytes = m.encode_fields();
+        assert!(bytes.len() < m.encode().len());
+        let got = Meta::decode_fields(&bytes).unwrap();
+        assert_eq!(got.dirty, Bitmap::new(m.volume_blocks));
+        assert_eq!(
+            Meta {
+                dirty: m.dirty.clone(),
+                ..got
+            },
+            m
+        );
+        assert!(
+            Meta::decode(&bytes).is_err(),
+            "fields are not full metadata"
+        );
+        assert!(Meta::decode_fields(&m.encode()).is_err());
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(Meta::decode_fields(&b).is_err(), "flip of bit {i} accepted");
         }
     }
 
