@@ -54,6 +54,8 @@ pub fn create(
         al_capacity: CreateOptions::default()
             .al_capacity
             .max(core_cfg.al_extents as u32),
+        extent_blocks: core_cfg.extent_blocks,
+        ..CreateOptions::default()
     };
     let store = MetaStore::create(path, &meta, &opts)
         .map_err(|e| format!("metadata {}: {e}", path.display()))?;

@@ -39,3 +39,8 @@ pub fn sample_meta(base: &Meta, v: u64) -> Meta {
     m.al = (0..v % 61).map(|i| v + i).collect();
     m
 }
+
+/// Write a format-1 metadata file holding `meta` (for conversion tests).
+pub fn write_v1(path: &std::path::Path, meta: &Meta) -> std::io::Result<()> {
+    crate::v1::write(path, meta, 4096)
+}

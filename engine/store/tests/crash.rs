@@ -41,8 +41,9 @@ impl Rng {
 fn sigkill_during_persist_loses_no_acknowledged_version() {
     let dir = TempDir::new("crash");
     let path = dir.join("meta");
-    // 4 Mi blocks: a 512 KiB bitmap, so each slot write spans 128 pages
-    // and a kill can land in the middle of one.
+    // 4 Mi blocks: 129 bitmap pages; each version changes a few of them
+    // and the superblock, so a kill can land between the page writes and
+    // the superblock, or inside either.
     let base = Meta::create(0xc0ff_ee00_0000_0001, 1, 4 << 20, 4096, None);
     drop(MetaStore::create(&path, &sample_meta(&base, 0), &CreateOptions::default()).unwrap());
 
@@ -123,7 +124,7 @@ fn sigkill_during_persist_loses_no_acknowledged_version() {
         if let Some((slot, why)) = s.rejected_slot() {
             if why.contains("checksum mismatch") && why != last_torn {
                 last_torn = why.to_string();
-                // The kill tore a slot write; the other slot was loaded.
+                // The kill tore a superblock write; the other one was loaded.
                 torn += 1;
                 eprintln!("iteration {it}: slot {slot} torn: {why}");
             }
