@@ -651,10 +651,15 @@ pub struct MetaStore<D: MetaIo = File> {
     cur: Vec<u8>,
     /// Per page: CRC32C of its durable content (page plus transactions).
     crc: Vec<u32>,
-    /// Pages whose durable content (kept here) may differ from the last
-    /// persisted map: bits inside activity-log extents, or bits carried
-    /// by transactions since the last commit.
+    /// Durable content of the pages where it differs from the last
+    /// persisted map (bits inside activity-log extents) or from the page
+    /// on disk (bits carried by transactions since the last commit).
     pending: BTreeMap<usize, Vec<u64>>,
+    /// Pages of `pending` that differ from the last persisted map.
+    differs: BTreeSet<usize>,
+    /// Pages of `pending` that differ from the page on disk: a commit
+    /// writes them, since its superblock ends the transactions' replay.
+    carried: BTreeSet<usize>,
     /// (lineage, change counter) of the last persisted map.
     last: Option<(u64, u64)>,
     stats: MetaStats,
@@ -962,6 +967,7 @@ impl<D: MetaIo> MetaStore<D> {
             al_seq = s;
         }
         let mut pending = BTreeMap::new();
+        let carried = touched.clone();
         for p in touched {
             pending.insert(
                 p,
@@ -986,6 +992,8 @@ impl<D: MetaIo> MetaStore<D> {
             cur,
             crc,
             pending,
+            differs: BTreeSet::new(),
+            carried,
             last: Some((meta.dirty.origin(), meta.dirty.change_seq())),
             stats: MetaStats::default(),
             failed: None,
@@ -1107,7 +1115,7 @@ impl<D: MetaIo> MetaStore<D> {
         }
         let bm = &meta.dirty;
         // Pages whose content may differ from disk.
-        let mut cand: BTreeSet<usize> = self.pending.keys().copied().collect();
+        let mut cand: BTreeSet<usize> = self.differs.clone();
         match self.last {
             Some((o, s)) if o == bm.origin() && s <= bm.change_seq() => {
                 cand.extend(bm.changed_pages_since(s))
@@ -1125,7 +1133,10 @@ impl<D: MetaIo> MetaStore<D> {
             if d != bm.page_words(p) {
                 diffs.push((p, d));
             } else {
-                self.pending.remove(&p);
+                self.differs.remove(&p);
+                if !self.carried.contains(&p) {
+                    self.pending.remove(&p);
+                }
             }
         }
         let new_al: BTreeSet<u64> = meta.al.iter().copied().collect();
@@ -1136,6 +1147,7 @@ impl<D: MetaIo> MetaStore<D> {
                 self.stats.skipped += 1;
                 for (p, d) in diffs {
                     self.pending.insert(p, d);
+                    self.differs.insert(p);
                 }
                 Ok(())
             }
@@ -1228,6 +1240,7 @@ impl<D: MetaIo> MetaStore<D> {
                 let end = base + d.len() as u64 * 64;
                 let (pa, pz) = (a.max(base), z.min(end));
                 if pa < pz {
+                    self.carried.insert(*p);
                     // Bits of this page inside the extent, from the map.
                     let src = read_bits(meta.dirty.words(), pa, pz);
                     write_bits(d, pa - base, pz - base, &src);
@@ -1237,6 +1250,11 @@ impl<D: MetaIo> MetaStore<D> {
         for (p, d) in diffs {
             self.crc[p] = words_crc(&d);
             if d == meta.dirty.page_words(p) {
+                self.differs.remove(&p);
+            } else {
+                self.differs.insert(p);
+            }
+            if d == meta.dirty.page_words(p) && !self.carried.contains(&p) {
                 self.pending.remove(&p);
             } else {
                 self.pending.insert(p, d);
@@ -1252,14 +1270,18 @@ impl<D: MetaIo> MetaStore<D> {
         diffs: Vec<(usize, Vec<u64>)>,
     ) -> Result<(), StoreError> {
         let seq = self.seq + 1;
-        for (p, _) in &diffs {
+        // Pages whose carried bits live only in transactions go too: the
+        // new superblock ends their replay.
+        let mut write: BTreeSet<usize> = diffs.into_iter().map(|(p, _)| p).collect();
+        write.extend(self.carried.iter().copied());
+        for p in &write {
             let c = 1 - usize::from(self.cur[*p]);
             let off = self.label.page_offset(*p, c);
             let b = encode_page(*p, seq, meta.dirty.page_words(*p));
             self.write(&b, off, || format!("write bitmap page {p} at offset {off}"))?;
             self.stats.pages_written += 1;
         }
-        if !diffs.is_empty() {
+        if !write.is_empty() {
             self.sync()?;
         }
         let slot = self.next;
@@ -1270,11 +1292,13 @@ impl<D: MetaIo> MetaStore<D> {
         })?;
         self.sync()?;
         self.stats.commits += 1;
-        for (p, _) in diffs {
+        for p in write {
             self.cur[p] = 1 - self.cur[p];
             self.crc[p] = words_crc(meta.dirty.page_words(p));
         }
         self.pending.clear();
+        self.differs.clear();
+        self.carried.clear();
         self.seq = seq;
         self.next = 1 - slot;
         self.sb_al_seq = self.al_seq;
