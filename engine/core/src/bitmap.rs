@@ -92,10 +92,12 @@ impl Eq for Bitmap {}
 
 impl fmt::Debug for Bitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The bits only, as the derived form printed them before the
+        // indexes existed (traces compare Debug output).
         f.debug_struct("Bitmap")
+            .field("words", &self.words)
             .field("len", &self.len)
             .field("ones", &self.ones)
-            .field("words", &self.words)
             .finish()
     }
 }
