@@ -1,13 +1,20 @@
 //! Block bitmap: one bit per volume block (the dirty / out-of-sync map).
 //!
+//! The bits are kept in pages of [`PAGE_WORDS`] words, shared
+//! copy-on-write: cloning a map copies one pointer per page (about 8 KiB
+//! per TiB of volume at 4 KiB blocks, instead of 32 MiB of bits), a page
+//! is copied only when one of two sharers changes it, and pages without
+//! a set bit all share one zero page until written. So the core can hand
+//! the host a snapshot of its metadata on every persist, and a fresh map
+//! of a large volume costs almost nothing until it fills.
+//!
 //! Besides the bits, the map keeps two small indexes, both maintained by
 //! every mutating method:
 //!
-//! * a **summary**: the number of set bits per page ([`PAGE_WORDS`] words)
-//!   and per group of [`GROUP_PAGES`] pages, so [`Bitmap::next_set`] skips
-//!   empty regions without reading them and [`Bitmap::count_range`] reads
-//!   only the partial pages at its ends. At 4 KiB blocks a TiB of volume is
-//!   32 MiB of bits and about 32 KiB of summary.
+//! * a **summary**: the number of set bits per page and per group of
+//!   [`GROUP_PAGES`] pages, so [`Bitmap::next_set`] skips empty regions
+//!   without reading them and [`Bitmap::count_range`] reads only the
+//!   partial pages at its ends.
 //! * **change tracking**: a change counter, and per page (and per group)
 //!   the counter value of its last change, so the host can write only the
 //!   pages that changed since its last persist
@@ -17,10 +24,11 @@
 //!   own, so a host comparing against an older clone never mistakes a
 //!   diverged copy for a descendant.
 //!
-//! A page is the unit the metadata file stores with its own header:
+//! A page is also the unit the metadata file stores with its own header:
 //! 508 words (4064 bytes) of bits plus a 32-byte header fill one 4 KiB
 //! block.
 
+use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
@@ -34,6 +42,8 @@ pub const PAGE_BITS: u64 = PAGE_WORDS as u64 * 64;
 /// Pages per summary group.
 pub const GROUP_PAGES: usize = 512;
 
+type Page = [u64; PAGE_WORDS];
+
 /// Lineage numbers: unique per process, never 0.
 static NEXT_ORIGIN: AtomicU64 = AtomicU64::new(1);
 
@@ -41,10 +51,15 @@ fn fresh_origin() -> u64 {
     NEXT_ORIGIN.fetch_add(1, Ordering::Relaxed)
 }
 
+fn zero_page() -> Arc<Page> {
+    Arc::new([0; PAGE_WORDS])
+}
+
 /// A fixed-size bitmap of `len` bits, allocated once.
 #[derive(Default)]
 pub struct Bitmap {
-    words: Vec<u64>,
+    pages: Vec<Arc<Page>>,
+    nwords: usize,
     len: u64,
     ones: u64,
     /// Set bits per page.
@@ -66,7 +81,8 @@ pub struct Bitmap {
 impl Clone for Bitmap {
     fn clone(&self) -> Self {
         Bitmap {
-            words: self.words.clone(),
+            pages: self.pages.clone(),
+            nwords: self.nwords,
             len: self.len,
             ones: self.ones,
             page_ones: self.page_ones.clone(),
@@ -84,7 +100,12 @@ impl Clone for Bitmap {
 /// change history do not take part.
 impl PartialEq for Bitmap {
     fn eq(&self, other: &Self) -> bool {
-        self.len == other.len && self.words == other.words
+        self.len == other.len
+            && self
+                .pages
+                .iter()
+                .zip(&other.pages)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || a[..] == b[..])
     }
 }
 
@@ -92,49 +113,67 @@ impl Eq for Bitmap {}
 
 impl fmt::Debug for Bitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The bits only, as the derived form printed them before the
-        // indexes existed (traces compare Debug output).
+        // The fields in the order (and the words in the form) the derived
+        // implementation printed before pages existed: traces compare
+        // Debug output.
+        struct Words<'a>(&'a Bitmap);
+        impl fmt::Debug for Words<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_list().entries(self.0.words()).finish()
+            }
+        }
         f.debug_struct("Bitmap")
-            .field("words", &self.words)
+            .field("words", &Words(self))
             .field("len", &self.len)
             .field("ones", &self.ones)
             .finish()
     }
 }
 
-impl Bitmap {
-    pub fn new(len: u64) -> Self {
-        Self::build(len, vec![0; len.div_ceil(64) as usize])
+/// The words of a [`Bitmap`] in order ([`Bitmap::words`]).
+#[derive(Clone)]
+pub struct Words<'a> {
+    map: &'a Bitmap,
+    at: usize,
+}
+
+impl<'a> Iterator for Words<'a> {
+    type Item = &'a u64;
+
+    fn next(&mut self) -> Option<&'a u64> {
+        if self.at >= self.map.nwords {
+            return None;
+        }
+        let w = &self.map.pages[self.at / PAGE_WORDS][self.at % PAGE_WORDS];
+        self.at += 1;
+        Some(w)
     }
 
-    fn build(len: u64, words: Vec<u64>) -> Self {
-        let pages = words.len().div_ceil(PAGE_WORDS);
-        let groups = pages.div_ceil(GROUP_PAGES);
-        let mut b = Bitmap {
-            words,
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.map.nwords - self.at;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Words<'_> {}
+
+impl Bitmap {
+    pub fn new(len: u64) -> Self {
+        let nwords = len.div_ceil(64) as usize;
+        let npages = nwords.div_ceil(PAGE_WORDS);
+        let groups = npages.div_ceil(GROUP_PAGES);
+        Bitmap {
+            pages: vec![zero_page(); npages],
+            nwords,
             len,
             ones: 0,
-            page_ones: vec![0; pages],
+            page_ones: vec![0; npages],
             group_ones: vec![0; groups],
-            page_seq: vec![0; pages],
+            page_seq: vec![0; npages],
             group_seq: vec![0; groups],
             seq: 0,
             origin: fresh_origin(),
             owner: true,
-        };
-        b.recount();
-        b
-    }
-
-    /// Recompute every count from the words.
-    fn recount(&mut self) {
-        self.ones = 0;
-        self.group_ones.iter_mut().for_each(|g| *g = 0);
-        for (p, chunk) in self.words.chunks(PAGE_WORDS).enumerate() {
-            let n: u32 = chunk.iter().map(|w| w.count_ones()).sum();
-            self.page_ones[p] = n;
-            self.group_ones[p / GROUP_PAGES] += u64::from(n);
-            self.ones += u64::from(n);
         }
     }
 
@@ -149,11 +188,29 @@ impl Bitmap {
                 *last &= (1u64 << (len % 64)) - 1;
             }
         }
-        Some(Self::build(len, words))
+        let mut b = Bitmap::new(len);
+        for (p, chunk) in words.chunks(PAGE_WORDS).enumerate() {
+            let n: u32 = chunk.iter().map(|w| w.count_ones()).sum();
+            if n != 0 {
+                let mut page = [0u64; PAGE_WORDS];
+                page[..chunk.len()].copy_from_slice(chunk);
+                b.pages[p] = Arc::new(page);
+                b.page_ones[p] = n;
+                b.group_ones[p / GROUP_PAGES] += u64::from(n);
+                b.ones += u64::from(n);
+            }
+        }
+        Some(b)
     }
 
-    pub fn words(&self) -> &[u64] {
-        &self.words
+    /// The words, in order (`len.div_ceil(64)` of them).
+    pub fn words(&self) -> Words<'_> {
+        Words { map: self, at: 0 }
+    }
+
+    /// Word `i` (bits `64 i .. 64 i + 63`).
+    pub fn word(&self, i: usize) -> u64 {
+        self.pages[i / PAGE_WORDS][i % PAGE_WORDS]
     }
 
     pub fn len(&self) -> u64 {
@@ -171,14 +228,15 @@ impl Bitmap {
 
     /// Number of pages ([`PAGE_WORDS`] words each, the last one partial).
     pub fn page_count(&self) -> usize {
-        self.page_ones.len()
+        self.pages.len()
     }
 
     /// The words of page `p` (shorter for the last page; empty past the end).
     pub fn page_words(&self, p: usize) -> &[u64] {
-        let start = (p * PAGE_WORDS).min(self.words.len());
-        let end = (start + PAGE_WORDS).min(self.words.len());
-        &self.words[start..end]
+        match self.pages.get(p) {
+            Some(page) => &page[..(self.nwords - p * PAGE_WORDS).min(PAGE_WORDS)],
+            None => &[],
+        }
     }
 
     /// Set bits in page `p`.
@@ -190,28 +248,17 @@ impl Bitmap {
     /// bits past `len` are cleared. Returns false if `p` or `words.len()`
     /// does not fit the map.
     pub fn set_page_words(&mut self, p: usize, words: &[u64]) -> bool {
-        if words.len() != self.page_words(p).len() || p >= self.page_count() {
+        if p >= self.page_count() || words.len() != self.page_words(p).len() {
             return false;
         }
-        let start = p * PAGE_WORDS;
-        let mut changed = false;
+        let mut seq = None;
         for (i, &w) in words.iter().enumerate() {
+            let wi = p * PAGE_WORDS + i;
             let mut w = w;
-            if start + i + 1 == self.words.len() && !self.len.is_multiple_of(64) {
+            if wi + 1 == self.nwords && !self.len.is_multiple_of(64) {
                 w &= (1u64 << (self.len % 64)) - 1;
             }
-            let old = core::mem::replace(&mut self.words[start + i], w);
-            if old != w {
-                changed = true;
-                let (a, b) = (u64::from(old.count_ones()), u64::from(w.count_ones()));
-                self.ones = self.ones + b - a;
-                self.page_ones[p] = (u64::from(self.page_ones[p]) + b - a) as u32;
-                self.group_ones[p / GROUP_PAGES] = self.group_ones[p / GROUP_PAGES] + b - a;
-            }
-        }
-        if changed {
-            let s = self.begin_change();
-            self.mark(p, s);
+            self.store(wi, w, &mut seq);
         }
         true
     }
@@ -253,17 +300,16 @@ impl Bitmap {
         self.seq
     }
 
-    fn mark(&mut self, page: usize, seq: u64) {
-        self.page_seq[page] = seq;
-        self.group_seq[page / GROUP_PAGES] = seq;
-    }
-
-    /// Account for word `wi` going from `old` to `new`.
-    fn account(&mut self, wi: usize, old: u64, new: u64, seq: &mut Option<u64>) {
+    /// Store `new` into word `wi`, keeping the counts and the change
+    /// tracking (one counter value per call: `seq`). Touches (and, if
+    /// shared, copies) the page only when the word changes.
+    fn store(&mut self, wi: usize, new: u64, seq: &mut Option<u64>) {
+        let (p, i) = (wi / PAGE_WORDS, wi % PAGE_WORDS);
+        let old = self.pages[p][i];
         if old == new {
             return;
         }
-        let p = wi / PAGE_WORDS;
+        Arc::make_mut(&mut self.pages[p])[i] = new;
         let (a, b) = (u64::from(old.count_ones()), u64::from(new.count_ones()));
         self.ones = self.ones + b - a;
         self.page_ones[p] = (u64::from(self.page_ones[p]) + b - a) as u32;
@@ -276,11 +322,12 @@ impl Bitmap {
                 s
             }
         };
-        self.mark(p, s);
+        self.page_seq[p] = s;
+        self.group_seq[p / GROUP_PAGES] = s;
     }
 
     pub fn get(&self, i: u64) -> bool {
-        i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+        i < self.len && self.word((i / 64) as usize) & (1 << (i % 64)) != 0
     }
 
     /// Set bit `i`; returns true if it was clear.
@@ -289,11 +336,9 @@ impl Bitmap {
             return false;
         }
         let wi = (i / 64) as usize;
-        let old = self.words[wi];
-        let new = old | 1u64 << (i % 64);
-        self.words[wi] = new;
-        self.account(wi, old, new, &mut None);
-        old != new
+        let old = self.word(wi);
+        self.store(wi, old | 1u64 << (i % 64), &mut None);
+        old & 1u64 << (i % 64) == 0
     }
 
     /// Clear bit `i`; returns true if it was set.
@@ -302,11 +347,9 @@ impl Bitmap {
             return false;
         }
         let wi = (i / 64) as usize;
-        let old = self.words[wi];
-        let new = old & !(1u64 << (i % 64));
-        self.words[wi] = new;
-        self.account(wi, old, new, &mut None);
-        old != new
+        let old = self.word(wi);
+        self.store(wi, old & !(1u64 << (i % 64)), &mut None);
+        old & 1u64 << (i % 64) != 0
     }
 
     /// Set `count` bits from `first`; returns how many were newly set.
@@ -325,9 +368,8 @@ impl Bitmap {
                 ((1u64 << n) - 1) << bit
             };
             let wi = (i / 64) as usize;
-            let old = self.words[wi];
-            self.words[wi] = old | mask;
-            self.account(wi, old, old | mask, &mut seq);
+            let old = self.word(wi);
+            self.store(wi, old | mask, &mut seq);
             i += n;
         }
         self.ones - before
@@ -343,13 +385,13 @@ impl Bitmap {
             return;
         }
         let s = self.begin_change();
-        for p in 0..self.page_ones.len() {
+        let zero = zero_page();
+        for p in 0..self.pages.len() {
             if self.page_ones[p] != 0 {
-                let start = p * PAGE_WORDS;
-                let end = (start + PAGE_WORDS).min(self.words.len());
-                self.words[start..end].iter_mut().for_each(|w| *w = 0);
+                self.pages[p] = zero.clone();
                 self.page_ones[p] = 0;
-                self.mark(p, s);
+                self.page_seq[p] = s;
+                self.group_seq[p / GROUP_PAGES] = s;
             }
         }
         self.group_ones.iter_mut().for_each(|g| *g = 0);
@@ -360,11 +402,16 @@ impl Bitmap {
     pub fn union(&mut self, other: &Bitmap) -> u64 {
         let before = self.ones;
         let mut seq = None;
-        for wi in 0..self.words.len().min(other.words.len()) {
-            let old = self.words[wi];
-            let new = old | other.words[wi];
-            self.words[wi] = new;
-            self.account(wi, old, new, &mut seq);
+        for p in 0..self.pages.len().min(other.pages.len()) {
+            if other.page_ones[p] == 0 || Arc::ptr_eq(&self.pages[p], &other.pages[p]) {
+                continue;
+            }
+            let n = self.page_words(p).len().min(other.page_words(p).len());
+            for i in 0..n {
+                let wi = p * PAGE_WORDS + i;
+                let new = self.word(wi) | other.word(wi);
+                self.store(wi, new, &mut seq);
+            }
         }
         self.ones - before
     }
@@ -388,7 +435,7 @@ impl Bitmap {
                 } else {
                     ((1u64 << k) - 1) << bit
                 };
-                n += u64::from((self.words[(i / 64) as usize] & mask).count_ones());
+                n += u64::from((self.word((i / 64) as usize) & mask).count_ones());
                 i += k;
             }
             n
@@ -419,13 +466,12 @@ impl Bitmap {
         if from >= self.len {
             return None;
         }
-        let nwords = self.words.len();
         let mut wi = (from / 64) as usize;
-        let mut w = self.words[wi] & (!0u64 << (from % 64));
+        let mut w = self.word(wi) & (!0u64 << (from % 64));
         if self.page_ones[wi / PAGE_WORDS] == 0 {
             let p = self.next_nonempty_page(wi / PAGE_WORDS + 1)?;
             wi = p * PAGE_WORDS;
-            w = self.words[wi];
+            w = self.word(wi);
         }
         loop {
             if w != 0 {
@@ -433,14 +479,14 @@ impl Bitmap {
                 return (i < self.len).then_some(i);
             }
             wi += 1;
-            if wi >= nwords {
+            if wi >= self.nwords {
                 return None;
             }
             if wi.is_multiple_of(PAGE_WORDS) {
                 let p = self.next_nonempty_page(wi / PAGE_WORDS)?;
                 wi = p * PAGE_WORDS;
             }
-            w = self.words[wi];
+            w = self.word(wi);
         }
     }
 
@@ -516,6 +562,30 @@ mod tests {
         e.set(PAGE_BITS + 1);
         e.set(5);
         assert_eq!(e, a);
+    }
+
+    #[test]
+    fn test_clones_share_pages_until_written() {
+        let len = 5 * PAGE_BITS;
+        let mut a = Bitmap::new(len);
+        a.set(3);
+        a.set(4 * PAGE_BITS + 9);
+        let snapshot = a.clone();
+        let mut b = a.clone();
+        b.set(PAGE_BITS);
+        b.clear(3);
+        a.set(2 * PAGE_BITS);
+        a.clear_all();
+        assert_eq!(snapshot.count(), 2);
+        assert!(snapshot.get(3) && snapshot.get(4 * PAGE_BITS + 9));
+        assert!(!snapshot.get(PAGE_BITS) && !snapshot.get(2 * PAGE_BITS));
+        assert_eq!(b.count(), 2);
+        assert!(b.get(PAGE_BITS) && !b.get(3) && b.get(4 * PAGE_BITS + 9));
+        assert_eq!(a.count(), 0);
+        assert_eq!(a.next_set(0), None);
+        let words: Vec<u64> = snapshot.words().copied().collect();
+        assert_eq!(words.len(), snapshot.words().len());
+        assert_eq!(Bitmap::from_words(len, words), Some(snapshot));
     }
 
     #[derive(Clone, Debug)]

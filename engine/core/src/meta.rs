@@ -89,10 +89,12 @@ impl Meta {
     }
 
     fn encode_as(&self, magic: &[u8; 8], with_bitmap: bool) -> Vec<u8> {
-        let words = if with_bitmap { self.dirty.words() } else { &[] };
-        let mut w = Writer(Vec::with_capacity(
-            128 + words.len() * 8 + self.al.len() * 8,
-        ));
+        let nwords = if with_bitmap {
+            self.dirty.words().len()
+        } else {
+            0
+        };
+        let mut w = Writer(Vec::with_capacity(128 + nwords * 8 + self.al.len() * 8));
         w.bytes(magic);
         w.u32(META_VERSION);
         w.u64(self.cluster_id);
@@ -107,9 +109,11 @@ impl Meta {
         for e in &self.al {
             w.u64(*e);
         }
-        w.u32(words.len() as u32);
-        for x in words {
-            w.u64(*x);
+        w.u32(nwords as u32);
+        if with_bitmap {
+            for x in self.dirty.words() {
+                w.u64(*x);
+            }
         }
         w.finish()
     }

@@ -450,10 +450,10 @@ fn extent_range(e: u64, extent_blocks: u64, blocks: u64) -> (u64, u64) {
     (first, first.saturating_add(extent_blocks).min(blocks))
 }
 
-fn read_bits(words: &[u64], first: u64, end: u64) -> Vec<u64> {
+fn read_bits(map: &Bitmap, first: u64, end: u64) -> Vec<u64> {
     let mut out = vec![0u64; (end - first).div_ceil(64) as usize];
     for i in first..end {
-        if words[(i / 64) as usize] >> (i % 64) & 1 == 1 {
+        if map.get(i) {
             let k = i - first;
             out[(k / 64) as usize] |= 1 << (k % 64);
         }
@@ -895,7 +895,11 @@ impl<D: MetaIo> MetaStore<D> {
         // Bitmap pages: the valid copy with the highest sequence <= seq.
         let pages = label.pages as usize;
         let nwords = label.geo.volume_blocks.div_ceil(64) as usize;
-        let mut words = vec![0u64; nwords];
+        let blocks = label.geo.volume_blocks;
+        // Pages without a bit stay shared zero pages: an empty map of a
+        // large volume costs little memory.
+        let mut map = Bitmap::new(blocks);
+        let mut crc = vec![0u32; pages];
         let mut cur = vec![0u8; pages];
         let mut scrub = Vec::new();
         let mut chunk = vec![0u8; LOAD_CHUNK_PAGES * 2 * BLOCK];
@@ -928,12 +932,13 @@ impl<D: MetaIo> MetaStore<D> {
                     });
                 };
                 cur[p] = c as u8;
-                words[p * PAGE_WORDS..p * PAGE_WORDS + pw].copy_from_slice(&w);
+                crc[p] = words_crc(&w);
+                if w.iter().any(|&x| x != 0) {
+                    map.set_page_words(p, &w);
+                }
             }
         }
-        let crc: Vec<u32> = words.chunks(PAGE_WORDS).map(words_crc).collect();
         // Activity-log transactions after the superblock.
-        let blocks = label.geo.volume_blocks;
         let mut al_seq = sb_al_seq;
         let mut touched = BTreeSet::new();
         let mut tb = vec![0u8; BLOCK];
@@ -956,7 +961,14 @@ impl<D: MetaIo> MetaStore<D> {
             for (e, bits) in &tx.evicted {
                 if let Some(bits) = bits {
                     let (a, z) = extent_range(*e, tx.extent_blocks, blocks);
-                    write_bits(&mut words, a, z, bits);
+                    for i in a..z {
+                        let k = i - a;
+                        if bits[(k / 64) as usize] >> (k % 64) & 1 == 1 {
+                            map.set(i);
+                        } else {
+                            map.clear(i);
+                        }
+                    }
                     if a < z {
                         let (pa, pz) =
                             (a / 64 / PAGE_WORDS as u64, (z - 1) / 64 / PAGE_WORDS as u64);
@@ -969,15 +981,11 @@ impl<D: MetaIo> MetaStore<D> {
         let mut pending = BTreeMap::new();
         let carried = touched.clone();
         for p in touched {
-            pending.insert(
-                p,
-                words[p * PAGE_WORDS..((p + 1) * PAGE_WORDS).min(nwords)].to_vec(),
-            );
+            let w = map.page_words(p).to_vec();
+            crc[p] = words_crc(&w);
+            pending.insert(p, w);
         }
-        meta.dirty = Bitmap::from_words(blocks, words).ok_or_else(|| StoreError::Corrupt {
-            path: path.clone(),
-            detail: "bitmap length".into(),
-        })?;
+        meta.dirty = map;
         let mut store = MetaStore {
             path,
             io,
@@ -1201,7 +1209,7 @@ impl<D: MetaIo> MetaStore<D> {
                 .map(|&e| {
                     let bits = carry.contains(&e).then(|| {
                         let (a, z) = extent_range(e, eb, blocks);
-                        read_bits(meta.dirty.words(), a, z)
+                        read_bits(&meta.dirty, a, z)
                     });
                     (e, bits)
                 })
@@ -1242,7 +1250,7 @@ impl<D: MetaIo> MetaStore<D> {
                 if pa < pz {
                     self.carried.insert(*p);
                     // Bits of this page inside the extent, from the map.
-                    let src = read_bits(meta.dirty.words(), pa, pz);
+                    let src = read_bits(&meta.dirty, pa, pz);
                     write_bits(d, pa - base, pz - base, &src);
                 }
             }

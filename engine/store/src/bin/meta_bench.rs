@@ -113,7 +113,9 @@ fn main() {
             "--sizes" => {
                 sizes = v
                     .split(',')
-                    .map(|s| parse_size(s).unwrap_or_else(|| panic!("bad size {s:?} (e.g. 1G, 8T)")))
+                    .map(|s| {
+                        parse_size(s).unwrap_or_else(|| panic!("bad size {s:?} (e.g. 1G, 8T)"))
+                    })
                     .collect()
             }
             "--hot" => hot = v.parse().expect("--hot N"),
@@ -173,7 +175,11 @@ fn main() {
             s.persist(&m).unwrap();
             at += step;
         }
-        line("resync progress", delta(before, s.stats()), t.elapsed().as_secs_f64());
+        line(
+            "resync progress",
+            delta(before, s.stats()),
+            t.elapsed().as_secs_f64(),
+        );
         drop(s);
         let t = Instant::now();
         let (_, got) = MetaStore::open(&path).unwrap();
