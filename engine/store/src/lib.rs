@@ -36,4 +36,4 @@ pub use meta_store::{
     convert_v1_to_v2, CreateOptions, MetaStats, MetaStore, DEFAULT_AL_CAPACITY, DEFAULT_RING_LEN,
     FORMAT, PAGE,
 };
-pub use volume::{Volume, VolumeKind};
+pub use volume::{Volume, VolumeKind, VolumeOptions};

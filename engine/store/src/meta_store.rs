@@ -61,7 +61,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use msl_core::bitmap::{Bitmap, PAGE_WORDS};
+use msl_core::bitmap::{Bitmap, PAGE_BITS, PAGE_WORDS};
 use msl_core::meta::Meta;
 use msl_core::Config;
 use msl_wire::{DiskState, Generations, Role};
@@ -1122,15 +1122,30 @@ impl<D: MetaIo> MetaStore<D> {
             });
         }
         let bm = &meta.dirty;
-        // Pages whose content may differ from disk.
-        let mut cand: BTreeSet<usize> = self.differs.clone();
+        let new_al: BTreeSet<u64> = meta.al.iter().copied().collect();
+        // Pages whose content may differ from disk. A page that differs
+        // (inside the log) but has not changed since the last persist
+        // still differs only inside the log's extents: it needs a look
+        // only if one of them leaves the log, or for a commit.
+        let mut cand: BTreeSet<usize> = BTreeSet::new();
         match self.last {
             Some((o, s)) if o == bm.origin() && s <= bm.change_seq() => {
-                cand.extend(bm.changed_pages_since(s))
+                cand.extend(bm.changed_pages_since(s));
+                let blocks = self.label.geo.volume_blocks;
+                for &e in self.al.difference(&new_al) {
+                    let (a, z) = extent_range(e, self.extent_blocks, blocks);
+                    if a < z {
+                        let (pa, pz) = (a / PAGE_BITS, (z - 1) / PAGE_BITS);
+                        cand.extend(self.differs.range(pa as usize..=pz as usize).copied());
+                    }
+                }
             }
-            _ => cand.extend(
-                (0..bm.page_count()).filter(|&p| words_crc(bm.page_words(p)) != self.crc[p]),
-            ),
+            _ => {
+                cand.extend(self.differs.iter().copied());
+                cand.extend(
+                    (0..bm.page_count()).filter(|&p| words_crc(bm.page_words(p)) != self.crc[p]),
+                )
+            }
         }
         let mut diffs: Vec<(usize, Vec<u64>)> = Vec::new();
         for p in cand {
@@ -1147,8 +1162,14 @@ impl<D: MetaIo> MetaStore<D> {
                 }
             }
         }
-        let new_al: BTreeSet<u64> = meta.al.iter().copied().collect();
         let tx = self.plan_tx(meta, &new_al, &diffs);
+        if tx.is_none() {
+            // A commit writes every page that differs.
+            let seen: BTreeSet<usize> = diffs.iter().map(|(p, _)| *p).collect();
+            for &p in self.differs.difference(&seen) {
+                diffs.push((p, self.pending[&p].clone()));
+            }
+        }
         let result = match tx {
             Some(tx) if tx.added.is_empty() && tx.evicted.is_empty() => {
                 // Only bits inside the log changed: nothing to write.
