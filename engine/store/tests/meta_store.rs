@@ -538,9 +538,9 @@ fn torn_write_at_every_point_of_a_commit_keeps_previous_version() {
     drop(s);
     let mut cuts: Vec<usize> = (0..4096).step_by(512).collect();
     cuts.extend([1, 7, 31, 33, 47, 49, 2051, 4095]);
-    for k in 0..writes {
+    for (k, &len) in lens.iter().enumerate() {
         // A cut at or past the write's end is no tear.
-        for &n in cuts.iter().filter(|&&n| n < lens[k]) {
+        for &n in cuts.iter().filter(|&&n| n < len) {
             std::fs::write(&path, &pristine).unwrap();
             let (mut s, _) = faulty(&path);
             s.io().tear_at.set(Some((k, n)));

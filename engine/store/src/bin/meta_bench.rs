@@ -1,5 +1,5 @@
 //! What a metadata persist costs, by volume size:
-//! `msl-store-bench [--dir DIR] [--sizes 1G,1T,8T] [--hot N]`.
+//! `msl-store-bench [--dir DIR] [--sizes 1G,1T,8T] [--hot N] [--rounds N]`.
 //!
 //! For each volume size (4 KiB blocks, 4 MiB extents, a 1237-extent
 //! activity log: the core's defaults) it creates a metadata file in DIR
@@ -13,6 +13,10 @@
 //! * `progress`: resync progress, 16 MiB of blocks cleared per persist
 //!   over a 1 GiB dirty region;
 //! * `open`: loading the file.
+//!
+//! The hot-extent runs are interleaved across the volumes in rounds and
+//! the median round rate is printed: an `fdatasync` here takes from under
+//! 1 ms to over 10 ms depending on the neighbours' load.
 //!
 //! Format 1 wrote the whole bitmap per persist: its bytes per persist are
 //! printed alongside (`blocks / 8` plus the header), computed, not run.
@@ -87,12 +91,24 @@ fn hot_step(s: &mut MetaStore, m: &mut Meta, rng: &mut Rng, clone: bool) {
     m.dirty.set(e * EXTENT + rng.below(EXTENT));
 }
 
-fn line(what: &str, d: MetaStats, secs: f64) {
+fn add(a: MetaStats, b: MetaStats) -> MetaStats {
+    MetaStats {
+        persists: a.persists + b.persists,
+        skipped: a.skipped + b.skipped,
+        transactions: a.transactions + b.transactions,
+        commits: a.commits + b.commits,
+        pages_written: a.pages_written + b.pages_written,
+        bytes_written: a.bytes_written + b.bytes_written,
+        syncs: a.syncs + b.syncs,
+    }
+}
+
+fn line(what: &str, d: MetaStats, rate: f64) {
     let n = d.persists.max(1) as f64;
     println!(
         "  {what:<22} {:>9.0} persists/s  {:>9.0} B/persist  {:>5.2} fdatasync/persist  \
          ({} transactions, {} commits, {} pages)",
-        d.persists as f64 / secs,
+        rate,
         d.bytes_written as f64 / n,
         d.syncs as f64 / n,
         d.transactions,
@@ -101,10 +117,25 @@ fn line(what: &str, d: MetaStats, secs: f64) {
     );
 }
 
+/// One volume under test.
+struct Vol {
+    size: u64,
+    path: PathBuf,
+    s: MetaStore,
+    m: Meta,
+    rng: Rng,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
     let mut dir = std::env::temp_dir();
     let mut sizes = vec![1u64 << 30, 1 << 40];
     let mut hot = 2000u64;
+    let mut rounds = 5u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_default();
@@ -119,72 +150,103 @@ fn main() {
                     .collect()
             }
             "--hot" => hot = v.parse().expect("--hot N"),
+            "--rounds" => rounds = v.parse::<u64>().expect("--rounds N").max(1),
             _ => {
-                eprintln!("usage: msl-store-bench [--dir DIR] [--sizes 1G,1T,8T] [--hot N]");
+                eprintln!(
+                    "usage: msl-store-bench [--dir DIR] [--sizes 1G,1T,8T] [--hot N] [--rounds N]"
+                );
                 std::process::exit(2);
             }
         }
     }
-    for size in sizes {
+    let mut vols = Vec::new();
+    for &size in &sizes {
         let blocks = size / 4096;
         let path = dir.join(format!("msl-store-bench-{}-{size}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let mut m = Meta::create(1, 1, blocks, 4096, Some(7));
         m.clean = false;
         let t = Instant::now();
-        let mut s = MetaStore::create(&path, &m, &CreateOptions::default()).unwrap();
-        let create_s = t.elapsed().as_secs_f64();
+        let s = MetaStore::create(&path, &m, &CreateOptions::default()).unwrap();
         println!(
-            "volume {} GiB: metadata file {} MiB (created in {create_s:.2} s); \
+            "volume {} GiB: metadata file {} MiB (created in {:.2} s); \
              format 1 wrote {} KiB per persist",
             size >> 30,
             s.file_len() >> 20,
+            t.elapsed().as_secs_f64(),
             (blocks / 8 + 64 + 8 * AL as u64) >> 10
         );
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut v = Vol {
+            size,
+            path,
+            s,
+            m,
+            rng: Rng(0x9e37_79b9_7f4a_7c15),
+        };
         for _ in 0..al_len(blocks / EXTENT) {
-            hot_step(&mut s, &mut m, &mut rng, false);
+            hot_step(&mut v.s, &mut v.m, &mut v.rng, false);
         }
-        for clone in [false, true] {
-            let before = s.stats();
-            let t = Instant::now();
-            for _ in 0..hot {
-                hot_step(&mut s, &mut m, &mut rng, clone);
+        vols.push(v);
+    }
+    // Hot extents, in rounds interleaved across the volumes (the time of
+    // an fdatasync varies a lot on a shared disk): the median round rate.
+    println!("\nnew hot extents ({hot} per volume, {rounds} interleaved rounds, median rate):");
+    for clone in [false, true] {
+        let mut rates = vec![Vec::new(); vols.len()];
+        let mut totals: Vec<MetaStats> = vec![MetaStats::default(); vols.len()];
+        for _ in 0..rounds {
+            for (i, v) in vols.iter_mut().enumerate() {
+                let before = v.s.stats();
+                let t = Instant::now();
+                for _ in 0..hot / rounds {
+                    hot_step(&mut v.s, &mut v.m, &mut v.rng, clone);
+                }
+                let d = delta(before, v.s.stats());
+                rates[i].push(d.persists as f64 / t.elapsed().as_secs_f64());
+                totals[i] = add(totals[i], d);
             }
-            let what = if clone {
-                "hot extent (+Meta clone)"
-            } else {
-                "hot extent"
-            };
-            line(what, delta(before, s.stats()), t.elapsed().as_secs_f64());
         }
-        // Resync progress over a dirty GiB.
+        for (i, v) in vols.iter().enumerate() {
+            let what = format!(
+                "{:>5} GiB{}",
+                v.size >> 30,
+                if clone { " +Meta clone" } else { "" }
+            );
+            line(&what, totals[i], median(rates[i].clone()));
+        }
+    }
+    println!("\nresync progress (16 MiB cleared per persist over a dirty GiB):");
+    for v in &mut vols {
+        let blocks = v.size / 4096;
         let region = (1u64 << 30) / 4096;
         let first = blocks / 2 - region / 2;
-        m.dirty.set_range(first, region);
-        m.gens.current += 1;
-        s.persist(&m).unwrap();
-        let before = s.stats();
+        v.m.dirty.set_range(first, region);
+        v.m.gens.current += 1;
+        v.s.persist(&v.m).unwrap();
+        let before = v.s.stats();
         let t = Instant::now();
         let step = (16u64 << 20) / 4096;
         let mut at = first;
         while at < first + region {
             for b in at..at + step {
-                m.dirty.clear(b);
+                v.m.dirty.clear(b);
             }
-            s.persist(&m).unwrap();
+            v.s.persist(&v.m).unwrap();
             at += step;
         }
-        line(
-            "resync progress",
-            delta(before, s.stats()),
-            t.elapsed().as_secs_f64(),
-        );
-        drop(s);
+        let d = delta(before, v.s.stats());
+        let rate = d.persists as f64 / t.elapsed().as_secs_f64();
+        line(&format!("{:>5} GiB", v.size >> 30), d, rate);
+    }
+    println!("\nopen:");
+    for v in vols {
+        let (size, path) = (v.size, v.path.clone());
+        drop(v);
         let t = Instant::now();
         let (_, got) = MetaStore::open(&path).unwrap();
         println!(
-            "  open                   {:.3} s ({} dirty blocks)",
+            "  {:>5} GiB              {:.3} s ({} dirty blocks)",
+            size >> 30,
             t.elapsed().as_secs_f64(),
             got.dirty.count()
         );
