@@ -25,6 +25,11 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The tests of this file run one at a time: a child forked by one test
+/// inherits, until it execs, the descriptors of the other test's open
+/// metadata file, and with them its lock.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// xorshift64*: enough randomness for kill timing, no dependency.
 struct Rng(u64);
 
@@ -39,6 +44,7 @@ impl Rng {
 
 #[test]
 fn sigkill_during_persist_loses_no_acknowledged_version() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("crash");
     let path = dir.join("meta");
     // 4 Mi blocks: 129 bitmap pages; each version changes a few of them
@@ -151,6 +157,7 @@ fn sigkill_during_hot_extent_transactions_loses_no_acknowledged_extent() {
     use msl_store::testkit::{
         hot_extent, hot_version, HOT_EXTENTS, HOT_EXTENT_BLOCKS as EXT, HOT_LOG,
     };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("crash-hot");
     let path = dir.join("meta");
     let mut base = Meta::create(0xc0ff_ee00_0000_0002, 1, HOT_EXTENTS * EXT, 4096, Some(1));
