@@ -9,13 +9,17 @@ use core::fmt;
 
 use msl_wire::{DiskState, Generations, Role, HISTORY_LEN};
 
-use crate::bitmap::Bitmap;
+use crate::bitmap::{Bitmap, PAGE_WORDS};
 
 const META_MAGIC: &[u8; 8] = b"MSLMETA\0";
 const IMAGE_MAGIC: &[u8; 8] = b"MSLIMAG\0";
 const FIELDS_MAGIC: &[u8; 8] = b"MSLMFLD\0";
-/// Format version; bump on any layout change.
+/// Format version of [`Meta::encode`]; bump on any layout change.
 pub const META_VERSION: u32 = 1;
+/// Format version of [`Image::encode`]: 2 sends only the bitmap pages
+/// that hold a set bit (1 sent every word), so the image of a large,
+/// mostly clean volume stays small.
+pub const IMAGE_VERSION: u32 = 2;
 
 /// What a node keeps on disk (written atomically by the host).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,7 +127,7 @@ impl Meta {
     }
 
     fn decode_as(bytes: &[u8], magic: &[u8; 8], with_bitmap: bool) -> Result<Meta, DecodeError> {
-        let mut r = Reader::checked(bytes, magic)?;
+        let mut r = Reader::checked(bytes, magic, META_VERSION)?;
         let cluster_id = r.u64()?;
         let node_id = r.u16()?;
         let volume_blocks = r.u64()?;
@@ -183,12 +187,17 @@ pub struct Image {
 }
 
 impl Image {
+    /// The bitmap goes as its page count, then each page with a set bit:
+    /// its index (u32, ascending) and its words.
     pub fn encode(&self) -> Vec<u8> {
+        let pages: Vec<usize> = (0..self.dirty.page_count())
+            .filter(|&p| self.dirty.page_ones(p) != 0)
+            .collect();
         let mut w = Writer(Vec::with_capacity(
-            128 + self.dirty.words().len() * 8 + self.frontend.len(),
+            128 + pages.len() * (4 + PAGE_WORDS * 8) + self.frontend.len(),
         ));
         w.bytes(IMAGE_MAGIC);
-        w.u32(META_VERSION);
+        w.u32(IMAGE_VERSION);
         w.u64(self.cluster_id);
         w.u16(self.node_id);
         w.u64(self.volume_blocks);
@@ -199,15 +208,19 @@ impl Image {
         w.u64(self.tx_next_seq);
         w.u32(self.frontend.len() as u32);
         w.bytes(&self.frontend);
-        w.u32(self.dirty.words().len() as u32);
-        for x in self.dirty.words() {
-            w.u64(*x);
+        w.u32(self.dirty.page_count() as u32);
+        w.u32(pages.len() as u32);
+        for p in pages {
+            w.u32(p as u32);
+            for x in self.dirty.page_words(p) {
+                w.u64(*x);
+            }
         }
         w.finish()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Image, DecodeError> {
-        let mut r = Reader::checked(bytes, IMAGE_MAGIC)?;
+        let mut r = Reader::checked(bytes, IMAGE_MAGIC, IMAGE_VERSION)?;
         let cluster_id = r.u64()?;
         let node_id = r.u16()?;
         let volume_blocks = r.u64()?;
@@ -218,7 +231,7 @@ impl Image {
         let tx_next_seq = r.u64()?;
         let fe_len = r.u32()? as usize;
         let frontend = r.take(fe_len)?.to_vec();
-        let dirty = r.bitmap(volume_blocks)?;
+        let dirty = r.sparse_bitmap(volume_blocks)?;
         r.end()?;
         Ok(Image {
             cluster_id,
@@ -291,7 +304,7 @@ impl fmt::Display for DecodeError {
             DecodeError::BadMagic => write!(f, "not msl metadata (bad magic)"),
             DecodeError::BadVersion(v) => write!(
                 f,
-                "unsupported metadata version {v} (this build reads {META_VERSION})"
+                "unsupported version {v} (this build reads metadata {META_VERSION}, images {IMAGE_VERSION})"
             ),
             DecodeError::BadChecksum { computed, stored } => {
                 write!(
@@ -342,7 +355,7 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn checked(bytes: &'a [u8], magic: &[u8; 8]) -> Result<Self, DecodeError> {
+    fn checked(bytes: &'a [u8], magic: &[u8; 8], version: u32) -> Result<Self, DecodeError> {
         if bytes.len() < 16 {
             return Err(DecodeError::Truncated {
                 need: 16,
@@ -360,7 +373,7 @@ impl<'a> Reader<'a> {
         }
         let mut r = Reader { buf: &body[8..] };
         let v = r.u32()?;
-        if v != META_VERSION {
+        if v != version {
             return Err(DecodeError::BadVersion(v));
         }
         Ok(r)
@@ -426,6 +439,30 @@ impl<'a> Reader<'a> {
             words.push(self.u64()?);
         }
         Bitmap::from_words(blocks, words).ok_or(DecodeError::BadField("dirty bitmap"))
+    }
+    /// A bitmap as [`Image::encode`] writes it: the page count, then the
+    /// pages with a set bit, by ascending index.
+    fn sparse_bitmap(&mut self, blocks: u64) -> Result<Bitmap, DecodeError> {
+        let mut b = Bitmap::new(blocks);
+        if self.u32()? as usize != b.page_count() {
+            return Err(DecodeError::BadField("dirty bitmap page count"));
+        }
+        let n = self.u32()? as usize;
+        let mut next = 0usize;
+        let mut words = Vec::with_capacity(PAGE_WORDS);
+        for _ in 0..n {
+            let p = self.u32()? as usize;
+            if p < next || p >= b.page_count() {
+                return Err(DecodeError::BadField("dirty bitmap page index"));
+            }
+            next = p + 1;
+            words.clear();
+            for _ in 0..b.page_words(p).len() {
+                words.push(self.u64()?);
+            }
+            b.set_page_words(p, &words);
+        }
+        Ok(b)
     }
     fn end(&self) -> Result<(), DecodeError> {
         if self.buf.is_empty() {
@@ -510,7 +547,55 @@ mod tests {
         assert_eq!(Image::decode(&img.encode()), Ok(img));
     }
 
+    fn image(dirty: Bitmap) -> Image {
+        Image {
+            cluster_id: 1,
+            node_id: 2,
+            volume_blocks: dirty.len(),
+            block_size: 4096,
+            gens: Generations::default(),
+            disk: DiskState::UpToDate,
+            role: Role::Primary,
+            dirty,
+            tx_next_seq: 5,
+            frontend: alloc::vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn test_image_of_a_large_clean_volume_is_small() {
+        // 8 TiB of 4 KiB blocks, two dirty bits far apart.
+        let mut dirty = Bitmap::new(1 << 31);
+        dirty.set(7);
+        dirty.set((1 << 31) - 1);
+        let img = image(dirty);
+        let bytes = img.encode();
+        assert!(bytes.len() < 3 * 4096 + 256, "{} bytes", bytes.len());
+        assert_eq!(Image::decode(&bytes), Ok(img));
+    }
+
+    #[test]
+    fn test_image_any_bit_flip_rejected() {
+        let mut dirty = Bitmap::new(100_000);
+        dirty.set(3);
+        dirty.set(99_999);
+        let bytes = image(dirty).encode();
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(Image::decode(&b).is_err(), "flip of bit {i} accepted");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn prop_image_roundtrip(bits in proptest::collection::vec(0u64..200_000, 0..50)) {
+            let mut dirty = Bitmap::new(200_000);
+            for b in bits { dirty.set(b); }
+            let img = image(dirty);
+            prop_assert_eq!(Image::decode(&img.encode()), Ok(img));
+        }
+
         #[test]
         fn prop_decode_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = Meta::decode(&b);
