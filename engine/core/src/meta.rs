@@ -9,12 +9,17 @@ use core::fmt;
 
 use msl_wire::{DiskState, Generations, Role, HISTORY_LEN};
 
-use crate::bitmap::Bitmap;
+use crate::bitmap::{Bitmap, PAGE_WORDS};
 
 const META_MAGIC: &[u8; 8] = b"MSLMETA\0";
 const IMAGE_MAGIC: &[u8; 8] = b"MSLIMAG\0";
-/// Format version; bump on any layout change.
+const FIELDS_MAGIC: &[u8; 8] = b"MSLMFLD\0";
+/// Format version of [`Meta::encode`]; bump on any layout change.
 pub const META_VERSION: u32 = 1;
+/// Format version of [`Image::encode`]: 2 sends only the bitmap pages
+/// that hold a set bit (1 sent every word), so the image of a large,
+/// mostly clean volume stays small.
+pub const IMAGE_VERSION: u32 = 2;
 
 /// What a node keeps on disk (written atomically by the host).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,10 +76,30 @@ impl Meta {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(
-            128 + self.dirty.words().len() * 8 + self.al.len() * 8,
-        ));
-        w.bytes(META_MAGIC);
+        self.encode_as(META_MAGIC, true)
+    }
+
+    /// Everything but the dirty bitmap (which a paged store keeps in its
+    /// own pages), checksummed like [`Meta::encode`]; read back with
+    /// [`Meta::decode_fields`].
+    pub fn encode_fields(&self) -> Vec<u8> {
+        self.encode_as(FIELDS_MAGIC, false)
+    }
+
+    /// Decode what [`Meta::encode_fields`] wrote; the dirty map comes back
+    /// empty, sized for `volume_blocks`.
+    pub fn decode_fields(bytes: &[u8]) -> Result<Meta, DecodeError> {
+        Self::decode_as(bytes, FIELDS_MAGIC, false)
+    }
+
+    fn encode_as(&self, magic: &[u8; 8], with_bitmap: bool) -> Vec<u8> {
+        let nwords = if with_bitmap {
+            self.dirty.words().len()
+        } else {
+            0
+        };
+        let mut w = Writer(Vec::with_capacity(128 + nwords * 8 + self.al.len() * 8));
+        w.bytes(magic);
         w.u32(META_VERSION);
         w.u64(self.cluster_id);
         w.u16(self.node_id);
@@ -88,15 +113,21 @@ impl Meta {
         for e in &self.al {
             w.u64(*e);
         }
-        w.u32(self.dirty.words().len() as u32);
-        for x in self.dirty.words() {
-            w.u64(*x);
+        w.u32(nwords as u32);
+        if with_bitmap {
+            for x in self.dirty.words() {
+                w.u64(*x);
+            }
         }
         w.finish()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Meta, DecodeError> {
-        let mut r = Reader::checked(bytes, META_MAGIC)?;
+        Self::decode_as(bytes, META_MAGIC, true)
+    }
+
+    fn decode_as(bytes: &[u8], magic: &[u8; 8], with_bitmap: bool) -> Result<Meta, DecodeError> {
+        let mut r = Reader::checked(bytes, magic, META_VERSION)?;
         let cluster_id = r.u64()?;
         let node_id = r.u16()?;
         let volume_blocks = r.u64()?;
@@ -111,7 +142,14 @@ impl Meta {
             let e = r.u64()?;
             al.push(e);
         }
-        let dirty = r.bitmap(volume_blocks)?;
+        let dirty = if with_bitmap {
+            r.bitmap(volume_blocks)?
+        } else {
+            if r.u32()? != 0 {
+                return Err(DecodeError::BadField("dirty bitmap length"));
+            }
+            Bitmap::new(volume_blocks)
+        };
         r.end()?;
         Ok(Meta {
             cluster_id,
@@ -149,12 +187,17 @@ pub struct Image {
 }
 
 impl Image {
+    /// The bitmap goes as its page count, then each page with a set bit:
+    /// its index (u32, ascending) and its words.
     pub fn encode(&self) -> Vec<u8> {
+        let pages: Vec<usize> = (0..self.dirty.page_count())
+            .filter(|&p| self.dirty.page_ones(p) != 0)
+            .collect();
         let mut w = Writer(Vec::with_capacity(
-            128 + self.dirty.words().len() * 8 + self.frontend.len(),
+            128 + pages.len() * (4 + PAGE_WORDS * 8) + self.frontend.len(),
         ));
         w.bytes(IMAGE_MAGIC);
-        w.u32(META_VERSION);
+        w.u32(IMAGE_VERSION);
         w.u64(self.cluster_id);
         w.u16(self.node_id);
         w.u64(self.volume_blocks);
@@ -165,15 +208,19 @@ impl Image {
         w.u64(self.tx_next_seq);
         w.u32(self.frontend.len() as u32);
         w.bytes(&self.frontend);
-        w.u32(self.dirty.words().len() as u32);
-        for x in self.dirty.words() {
-            w.u64(*x);
+        w.u32(self.dirty.page_count() as u32);
+        w.u32(pages.len() as u32);
+        for p in pages {
+            w.u32(p as u32);
+            for x in self.dirty.page_words(p) {
+                w.u64(*x);
+            }
         }
         w.finish()
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Image, DecodeError> {
-        let mut r = Reader::checked(bytes, IMAGE_MAGIC)?;
+        let mut r = Reader::checked(bytes, IMAGE_MAGIC, IMAGE_VERSION)?;
         let cluster_id = r.u64()?;
         let node_id = r.u16()?;
         let volume_blocks = r.u64()?;
@@ -184,7 +231,7 @@ impl Image {
         let tx_next_seq = r.u64()?;
         let fe_len = r.u32()? as usize;
         let frontend = r.take(fe_len)?.to_vec();
-        let dirty = r.bitmap(volume_blocks)?;
+        let dirty = r.sparse_bitmap(volume_blocks)?;
         r.end()?;
         Ok(Image {
             cluster_id,
@@ -257,7 +304,7 @@ impl fmt::Display for DecodeError {
             DecodeError::BadMagic => write!(f, "not msl metadata (bad magic)"),
             DecodeError::BadVersion(v) => write!(
                 f,
-                "unsupported metadata version {v} (this build reads {META_VERSION})"
+                "unsupported version {v} (this build reads metadata {META_VERSION}, images {IMAGE_VERSION})"
             ),
             DecodeError::BadChecksum { computed, stored } => {
                 write!(
@@ -308,7 +355,7 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn checked(bytes: &'a [u8], magic: &[u8; 8]) -> Result<Self, DecodeError> {
+    fn checked(bytes: &'a [u8], magic: &[u8; 8], version: u32) -> Result<Self, DecodeError> {
         if bytes.len() < 16 {
             return Err(DecodeError::Truncated {
                 need: 16,
@@ -326,7 +373,7 @@ impl<'a> Reader<'a> {
         }
         let mut r = Reader { buf: &body[8..] };
         let v = r.u32()?;
-        if v != META_VERSION {
+        if v != version {
             return Err(DecodeError::BadVersion(v));
         }
         Ok(r)
@@ -393,6 +440,30 @@ impl<'a> Reader<'a> {
         }
         Bitmap::from_words(blocks, words).ok_or(DecodeError::BadField("dirty bitmap"))
     }
+    /// A bitmap as [`Image::encode`] writes it: the page count, then the
+    /// pages with a set bit, by ascending index.
+    fn sparse_bitmap(&mut self, blocks: u64) -> Result<Bitmap, DecodeError> {
+        let mut b = Bitmap::new(blocks);
+        if self.u32()? as usize != b.page_count() {
+            return Err(DecodeError::BadField("dirty bitmap page count"));
+        }
+        let n = self.u32()? as usize;
+        let mut next = 0usize;
+        let mut words = Vec::with_capacity(PAGE_WORDS);
+        for _ in 0..n {
+            let p = self.u32()? as usize;
+            if p < next || p >= b.page_count() {
+                return Err(DecodeError::BadField("dirty bitmap page index"));
+            }
+            next = p + 1;
+            words.clear();
+            for _ in 0..b.page_words(p).len() {
+                words.push(self.u64()?);
+            }
+            b.set_page_words(p, &words);
+        }
+        Ok(b)
+    }
     fn end(&self) -> Result<(), DecodeError> {
         if self.buf.is_empty() {
             Ok(())
@@ -433,6 +504,32 @@ mod tests {
     }
 
     #[test]
+    fn test_fields_roundtrip_without_bitmap() {
+        let m = sample();
+        let bytes = m.encode_fields();
+        assert!(bytes.len() < m.encode().len());
+        let got = Meta::decode_fields(&bytes).unwrap();
+        assert_eq!(got.dirty, Bitmap::new(m.volume_blocks));
+        assert_eq!(
+            Meta {
+                dirty: m.dirty.clone(),
+                ..got
+            },
+            m
+        );
+        assert!(
+            Meta::decode(&bytes).is_err(),
+            "fields are not full metadata"
+        );
+        assert!(Meta::decode_fields(&m.encode()).is_err());
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(Meta::decode_fields(&b).is_err(), "flip of bit {i} accepted");
+        }
+    }
+
+    #[test]
     fn test_image_roundtrip() {
         let m = sample();
         let img = Image {
@@ -450,7 +547,55 @@ mod tests {
         assert_eq!(Image::decode(&img.encode()), Ok(img));
     }
 
+    fn image(dirty: Bitmap) -> Image {
+        Image {
+            cluster_id: 1,
+            node_id: 2,
+            volume_blocks: dirty.len(),
+            block_size: 4096,
+            gens: Generations::default(),
+            disk: DiskState::UpToDate,
+            role: Role::Primary,
+            dirty,
+            tx_next_seq: 5,
+            frontend: alloc::vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn test_image_of_a_large_clean_volume_is_small() {
+        // 8 TiB of 4 KiB blocks, two dirty bits far apart.
+        let mut dirty = Bitmap::new(1 << 31);
+        dirty.set(7);
+        dirty.set((1 << 31) - 1);
+        let img = image(dirty);
+        let bytes = img.encode();
+        assert!(bytes.len() < 3 * 4096 + 256, "{} bytes", bytes.len());
+        assert_eq!(Image::decode(&bytes), Ok(img));
+    }
+
+    #[test]
+    fn test_image_any_bit_flip_rejected() {
+        let mut dirty = Bitmap::new(100_000);
+        dirty.set(3);
+        dirty.set(99_999);
+        let bytes = image(dirty).encode();
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(Image::decode(&b).is_err(), "flip of bit {i} accepted");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn prop_image_roundtrip(bits in proptest::collection::vec(0u64..200_000, 0..50)) {
+            let mut dirty = Bitmap::new(200_000);
+            for b in bits { dirty.set(b); }
+            let img = image(dirty);
+            prop_assert_eq!(Image::decode(&img.encode()), Ok(img));
+        }
+
         #[test]
         fn prop_decode_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = Meta::decode(&b);

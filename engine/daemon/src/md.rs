@@ -2,7 +2,7 @@
 //! use the same code.
 
 use msl_core::meta::Meta;
-use msl_store::{CreateOptions, MetaStore};
+use msl_store::{convert_v1_to_v2, CreateOptions, MetaStore};
 
 use crate::config::DaemonConfig;
 
@@ -54,8 +54,27 @@ pub fn create(
         al_capacity: CreateOptions::default()
             .al_capacity
             .max(core_cfg.al_extents as u32),
+        extent_blocks: core_cfg.extent_blocks,
+        ..CreateOptions::default()
     };
     let store = MetaStore::create(path, &meta, &opts)
         .map_err(|e| format!("metadata {}: {e}", path.display()))?;
     Ok((store, meta))
+}
+
+/// Convert the node's format-1 metadata to the current format in place
+/// (`mslctl convert-md`): generations, state, dirty map and activity log
+/// are kept; the old file stays next to it as `<metadata>.v1`. The daemon
+/// must be stopped (the file is locked while it runs).
+pub fn convert(cfg: &DaemonConfig) -> Result<Meta, String> {
+    let path = &cfg.file.volume.metadata;
+    let core_cfg = cfg.core_config();
+    let opts = CreateOptions {
+        al_capacity: CreateOptions::default()
+            .al_capacity
+            .max(core_cfg.al_extents as u32),
+        extent_blocks: core_cfg.extent_blocks,
+        ..CreateOptions::default()
+    };
+    convert_v1_to_v2(path, &opts).map_err(|e| format!("converting {}: {e}", path.display()))
 }

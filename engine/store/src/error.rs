@@ -88,6 +88,18 @@ pub enum StoreError {
         /// Why slot B was rejected.
         slot_b: String,
     },
+    /// The file holds metadata of an older format.
+    #[error(
+        "metadata {}: format {format}, which this build no longer writes; convert it with \
+         `mslctl convert-md` (the daemon stopped; the old file is kept as `<file>.v1`)",
+        path.display()
+    )]
+    OldFormat {
+        /// The metadata file.
+        path: PathBuf,
+        /// The format found.
+        format: u32,
+    },
     /// The file is shorter than its layout needs.
     #[error(
         "metadata {}: truncated: the file is {len} bytes but its layout needs {need}; {RECREATE}",

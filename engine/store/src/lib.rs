@@ -1,14 +1,15 @@
 //! Host-side persistence for an msl node: the mirrored volume and the
 //! node metadata.
 //!
-//! * [`MetaStore`] keeps [`msl_core::meta::Meta`] in a small file with a
-//!   superblock and two fixed slots (A/B) written alternately, each
-//!   wrapped in a header with a sequence number and a CRC32C. A persist is
-//!   one `pwrite` into the slot that does *not* hold the newest version,
-//!   followed by `fdatasync`; a crash at any point therefore leaves either
-//!   the previous or the new version loadable, and [`MetaStore::open`]
-//!   picks the newest valid slot. This is how the host executes the core's
-//!   `Action::PersistMeta` durably and atomically.
+//! * [`MetaStore`] keeps [`msl_core::meta::Meta`] in a file whose write
+//!   cost is what changed: two superblocks (A/B) for the state, the dirty
+//!   bitmap as checksummed 4 KiB pages (two copies each) written only when
+//!   they change, and the activity log as a ring of checksummed
+//!   transactions, so a new hot extent costs one 4 KiB write and one
+//!   `fdatasync` whatever the volume size. A crash at any point leaves the
+//!   previous or the new version loadable. This is how the host executes
+//!   the core's `Action::PersistMeta` durably. Format-1 files are refused
+//!   with a message; [`convert_v1_to_v2`] converts them.
 //! * [`Volume`] is the backing regular file or block device: positioned
 //!   reads and writes, FUA writes, flush, trim and write-zeroes.
 //!
@@ -26,9 +27,13 @@ mod io;
 mod meta_store;
 #[doc(hidden)]
 pub mod testkit;
+mod v1;
 mod volume;
 
 pub use error::StoreError;
 pub use io::MetaIo;
-pub use meta_store::{CreateOptions, MetaStore, DEFAULT_AL_CAPACITY, PAGE};
-pub use volume::{Volume, VolumeKind};
+pub use meta_store::{
+    convert_v1_to_v2, CreateOptions, MetaStats, MetaStore, DEFAULT_AL_CAPACITY, DEFAULT_RING_LEN,
+    FORMAT, PAGE,
+};
+pub use volume::{Volume, VolumeKind, VolumeOptions};

@@ -1,63 +1,112 @@
-//! Crash-safe metadata: a superblock and two alternately written slots.
+//! Crash-safe metadata whose write cost is what changed (format 2).
 //!
-//! File layout (all integers little-endian):
+//! File layout (all integers little-endian, every region 4 KiB aligned):
 //!
 //! ```text
-//! [0, 4096)                      superblock (written once, at create)
-//!   0  magic "MSLSTOR\0"   8  format u32   12 reserved u32
-//!   16 slot_size u64       24 cluster_id u64   32 volume_blocks u64
-//!   40 block_size u32      44 node_id u16      46 reserved u16
-//!   48 al_capacity u32     52 crc32c of bytes [0, 52) u32
-//! [4096, 4096 + S)               slot A
-//! [4096 + S, 4096 + 2S)          slot B
-//!   0  magic "MSLSLOT1"    8  seq u64   16 len u32   20 slot index u32
-//!   24 crc32c u32 of bytes [0, 24) followed by the payload
-//!   28 reserved u32        32 payload: `Meta::encode()` (len bytes)
+//! [0, 4096)        label, written once at create
+//!   0  magic "MSLSTOR\0"  8  format u32 (2)   12 reserved u32
+//!   16 cluster_id u64     24 volume_blocks u64
+//!   32 block_size u32     36 node_id u16      38 reserved u16
+//!   40 al_capacity u32    44 sb_size u32      48 ring_len u32
+//!   52 pages u32          56 extent_blocks u64
+//!   64 crc32c of bytes [0, 64) u32
+//! superblock A, superblock B (sb_size bytes each)
+//!   0  magic "MSLSUPB2"   8  seq u64          16 al_seq u64
+//!   24 extent_blocks u64  32 len u32          36 slot index u32
+//!   40 reserved u32       44 crc32c of [0, 44) ++ payload
+//!   48 payload: `Meta::encode_fields()` (generations, state, geometry,
+//!      the activity log as of `al_seq`; no bitmap)
+//! activity-log ring: ring_len blocks of 4 KiB, transaction s in block s % ring_len
+//!   0  magic "MSLALTX2"   8  seq u64          16 extent_blocks u64
+//!   24 entries u32        28 len u32          32 reserved u32
+//!   36 crc32c of [0, 36) ++ payload          40 payload, `len` bytes:
+//!      per entry: extent u64, kind u8 (0 add, 1 evict, 2 evict with bits),
+//!      for kind 2 the extent's bits, ceil(n / 64) u64 words (n = the
+//!      extent's blocks inside the volume)
+//! bitmap: `pages` pages, two copies each, page p copy c at
+//!   bitmap_offset + (2p + c) * 4096
+//!   0  magic "MSLPAGE2"   8  seq u64          16 page u32
+//!   20 reserved u32       24 reserved u32     28 crc32c of [0, 28) ++ words
+//!   32 the page's words (`PAGE_WORDS` u64, the last page zero-padded)
+//!   An all-zero block is a page never written: no bits set.
 //! ```
 //!
-//! `S` is a multiple of 4 KiB large enough for the encoded `Meta` of the
-//! geometry with `al_capacity` activity-log extents. The file is created
-//! complete (both slots allocated) under a temporary name, synced, and
-//! linked into place, so its length never changes afterwards.
+//! **Loading.** The newest superblock whose checksum holds gives the
+//! commit sequence `P`. Each page is the valid copy with the highest
+//! sequence not above `P` (copies above `P` belong to a commit that never
+//! landed and are zeroed). Then the activity-log transactions
+//! `al_seq + 1, al_seq + 2, ...` are replayed while they are valid and
+//! consecutive: each adds and evicts extents, and sets the bits of the
+//! extents it evicts.
 //!
-//! A persist writes header and payload with one `pwrite` into the slot
-//! that does not hold the newest valid version, with `seq` one above the
-//! newest, then `fdatasync`s. Until the sync returns, the other slot still
-//! holds the previous version untouched; a torn write fails its CRC.
+//! **Persisting** compares the new `Meta` with the durable state and picks
+//! the cheapest write that is crash-safe:
+//! * nothing at all, when only bits inside activity-log extents changed
+//!   (a crashed node marks its whole activity log dirty at start);
+//! * one transaction (one 4 KiB write, one `fdatasync`), when only the
+//!   activity log changed (plus bits in extents it keeps or evicts): the
+//!   "new hot extent" case, whatever the volume size;
+//! * a commit otherwise (state or generations changed, bits outside the
+//!   log, a clean shutdown, or the ring would wrap onto transactions the
+//!   newest superblock still needs): the changed pages into their spare
+//!   copies, `fdatasync`, the superblock into its spare slot, `fdatasync`.
+//!
+//! A torn write fails its checksum and the previous state is used: a torn
+//! page copy leaves the other copy; a torn superblock leaves the other one
+//! (whose pages are still there: a commit writes only spare copies); a
+//! torn transaction ends the replay before it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use msl_core::bitmap::{Bitmap, PAGE_BITS, PAGE_WORDS};
 use msl_core::meta::Meta;
 use msl_core::Config;
+use msl_wire::{DiskState, Generations, Role};
 
 use crate::error::StoreError;
 use crate::io::MetaIo;
 
-/// Alignment of the superblock region and of slot sizes.
+/// Alignment of every region of the file.
 pub const PAGE: u64 = 4096;
-/// Activity-log capacity reserved per slot by [`CreateOptions::default`]
-/// (8 bytes per extent; far above the core's default of 61).
+/// Activity-log capacity a superblock holds by [`CreateOptions::default`]
+/// (8 bytes per extent; far above the core's default).
 pub const DEFAULT_AL_CAPACITY: u32 = 4096;
+/// Activity-log transactions in the ring by [`CreateOptions::default`]
+/// (4 MiB): a commit is forced at most once per this many transactions.
+pub const DEFAULT_RING_LEN: u32 = 1024;
+/// Metadata format this build writes.
+pub const FORMAT: u32 = 2;
 
-const SB_MAGIC: &[u8; 8] = b"MSLSTOR\0";
-const SB_FORMAT: u32 = 1;
-const SB_LEN: usize = 56;
-const SLOT_MAGIC: &[u8; 8] = b"MSLSLOT1";
-const SLOT_HDR: usize = 32;
-/// Refuse absurd slot sizes from a (CRC-valid but) hostile superblock.
-const MAX_SLOT: u64 = 1 << 32;
+const LABEL_MAGIC: &[u8; 8] = b"MSLSTOR\0";
+const LABEL_LEN: usize = 68;
+const SB_MAGIC: &[u8; 8] = b"MSLSUPB2";
+const SB_HDR: usize = 48;
+const TX_MAGIC: &[u8; 8] = b"MSLALTX2";
+const TX_HDR: usize = 40;
+const PG_MAGIC: &[u8; 8] = b"MSLPAGE2";
+const PG_HDR: usize = 32;
+const BLOCK: usize = PAGE as usize;
+/// Pages read per `pread` at load.
+const LOAD_CHUNK_PAGES: usize = 128;
 const WHAT: &str = "metadata";
+const DEFAULT_EXTENT_BLOCKS: u64 = 1024;
 
 /// Options for [`MetaStore::create`].
 #[derive(Clone, Copy, Debug)]
 pub struct CreateOptions {
     /// Overwrite an existing file (`mslctl create-md --force`).
     pub force: bool,
-    /// Activity-log extents each slot must hold (at least the configured
-    /// `al_extents`).
+    /// Activity-log extents a superblock must hold (at least the
+    /// configured `al_extents`).
     pub al_capacity: u32,
+    /// Blocks per activity-log extent (the configured `extent_blocks`);
+    /// [`MetaStore::open_checked`] takes it from the configuration.
+    pub extent_blocks: u64,
+    /// Transactions in the activity-log ring.
+    pub ring_len: u32,
 }
 
 impl Default for CreateOptions {
@@ -65,21 +114,23 @@ impl Default for CreateOptions {
         CreateOptions {
             force: false,
             al_capacity: DEFAULT_AL_CAPACITY,
+            extent_blocks: DEFAULT_EXTENT_BLOCKS,
+            ring_len: DEFAULT_RING_LEN,
         }
     }
 }
 
-/// Identity and geometry recorded in the superblock.
+/// Identity and geometry recorded in the label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geometry {
-    cluster_id: u64,
-    node_id: u16,
-    volume_blocks: u64,
-    block_size: u32,
+pub(crate) struct Geometry {
+    pub(crate) cluster_id: u64,
+    pub(crate) node_id: u16,
+    pub(crate) volume_blocks: u64,
+    pub(crate) block_size: u32,
 }
 
 impl Geometry {
-    fn of(m: &Meta) -> Geometry {
+    pub(crate) fn of(m: &Meta) -> Geometry {
         Geometry {
             cluster_id: m.cluster_id,
             node_id: m.node_id,
@@ -89,7 +140,7 @@ impl Geometry {
     }
 
     /// The first field that differs: (key, self's value, other's value).
-    fn diff(&self, other: &Geometry) -> Option<(&'static str, String, String)> {
+    pub(crate) fn diff(&self, other: &Geometry) -> Option<(&'static str, String, String)> {
         if self.cluster_id != other.cluster_id {
             return Some((
                 "cluster_id",
@@ -113,84 +164,152 @@ impl Geometry {
     }
 }
 
+/// The label: identity and layout, written once.
 #[derive(Clone, Copy, Debug)]
-struct Superblock {
-    slot_size: u64,
+struct Label {
     geo: Geometry,
     al_capacity: u32,
+    sb_size: u32,
+    ring_len: u32,
+    pages: u32,
+    extent_blocks: u64,
 }
 
-impl Superblock {
-    fn encode(&self) -> [u8; SB_LEN] {
-        let mut b = [0u8; SB_LEN];
-        b[0..8].copy_from_slice(SB_MAGIC);
-        b[8..12].copy_from_slice(&SB_FORMAT.to_le_bytes());
-        b[16..24].copy_from_slice(&self.slot_size.to_le_bytes());
-        b[24..32].copy_from_slice(&self.geo.cluster_id.to_le_bytes());
-        b[32..40].copy_from_slice(&self.geo.volume_blocks.to_le_bytes());
-        b[40..44].copy_from_slice(&self.geo.block_size.to_le_bytes());
-        b[44..46].copy_from_slice(&self.geo.node_id.to_le_bytes());
-        b[48..52].copy_from_slice(&self.al_capacity.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..52]);
-        b[52..56].copy_from_slice(&crc.to_le_bytes());
-        b
-    }
-
-    /// `Err((is_msl, detail))`.
-    fn decode(b: &[u8; SB_LEN]) -> Result<Superblock, (bool, String)> {
-        if &b[0..8] != SB_MAGIC {
-            if b.iter().all(|&x| x == 0) {
-                return Err((false, "the superblock is all zeroes".into()));
-            }
-            return Err((false, format!("bad superblock magic {:02x?}", &b[0..8])));
-        }
-        let stored = le32(&b[52..56]);
-        let computed = crc32c::crc32c(&b[..52]);
-        if stored != computed {
-            return Err((
-                true,
-                format!(
-                    "superblock checksum mismatch (computed {computed:#010x}, stored {stored:#010x})"
-                ),
-            ));
-        }
-        let format = le32(&b[8..12]);
-        if format != SB_FORMAT {
-            return Err((
-                true,
-                format!("unsupported store format {format} (this build reads {SB_FORMAT})"),
-            ));
-        }
-        let slot_size = le64(&b[16..24]);
-        if slot_size < PAGE || !slot_size.is_multiple_of(PAGE) || slot_size > MAX_SLOT {
-            return Err((true, format!("invalid slot size {slot_size} in superblock")));
-        }
-        Ok(Superblock {
-            slot_size,
-            geo: Geometry {
-                cluster_id: le64(&b[24..32]),
-                volume_blocks: le64(&b[32..40]),
-                block_size: le32(&b[40..44]),
-                node_id: u16::from_le_bytes([b[44], b[45]]),
-            },
-            al_capacity: le32(&b[48..52]),
+impl Label {
+    fn for_meta(meta: &Meta, opts: &CreateOptions) -> Result<Label, String> {
+        let al_capacity = opts.al_capacity.max(meta.al.len() as u32);
+        let pages = meta.volume_blocks.div_ceil(64).div_ceil(PAGE_WORDS as u64);
+        let pages = u32::try_from(pages).map_err(|_| "volume too large".to_string())?;
+        // The fields encoding with a full log, rounded up to whole blocks.
+        let mut probe = Meta::create(0, 0, 0, 0, None);
+        probe.al = vec![0; al_capacity as usize];
+        let need = SB_HDR + probe.encode_fields().len();
+        Ok(Label {
+            geo: Geometry::of(meta),
+            al_capacity,
+            sb_size: u32::try_from((need as u64).div_ceil(PAGE) * PAGE)
+                .map_err(|_| "activity log too large".to_string())?,
+            ring_len: opts.ring_len.max(2),
+            pages,
+            extent_blocks: opts.extent_blocks.max(1),
         })
     }
 
-    fn slot_offset(&self, slot: usize) -> u64 {
-        PAGE + slot as u64 * self.slot_size
+    fn encode(&self) -> [u8; LABEL_LEN] {
+        let mut b = [0u8; LABEL_LEN];
+        b[0..8].copy_from_slice(LABEL_MAGIC);
+        b[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+        b[16..24].copy_from_slice(&self.geo.cluster_id.to_le_bytes());
+        b[24..32].copy_from_slice(&self.geo.volume_blocks.to_le_bytes());
+        b[32..36].copy_from_slice(&self.geo.block_size.to_le_bytes());
+        b[36..38].copy_from_slice(&self.geo.node_id.to_le_bytes());
+        b[40..44].copy_from_slice(&self.al_capacity.to_le_bytes());
+        b[44..48].copy_from_slice(&self.sb_size.to_le_bytes());
+        b[48..52].copy_from_slice(&self.ring_len.to_le_bytes());
+        b[52..56].copy_from_slice(&self.pages.to_le_bytes());
+        b[56..64].copy_from_slice(&self.extent_blocks.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..64]);
+        b[64..68].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8; LABEL_LEN], path: &Path) -> Result<Label, StoreError> {
+        let path = path.to_path_buf();
+        if &b[0..8] != LABEL_MAGIC {
+            let detail = if b.iter().all(|&x| x == 0) {
+                "the label is all zeroes".into()
+            } else {
+                format!("bad label magic {:02x?}", &b[0..8])
+            };
+            return Err(StoreError::NotMetadata { path, detail });
+        }
+        let format = le32(&b[8..12]);
+        if format == crate::v1::SB_FORMAT {
+            return Err(StoreError::OldFormat { path, format });
+        }
+        let stored = le32(&b[64..68]);
+        let computed = crc32c::crc32c(&b[..64]);
+        if stored != computed {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: format!(
+                    "label checksum mismatch (computed {computed:#010x}, stored {stored:#010x})"
+                ),
+            });
+        }
+        if format != FORMAT {
+            return Err(StoreError::Corrupt {
+                path,
+                detail: format!("unsupported metadata format {format} (this build reads {FORMAT})"),
+            });
+        }
+        let l = Label {
+            geo: Geometry {
+                cluster_id: le64(&b[16..24]),
+                volume_blocks: le64(&b[24..32]),
+                block_size: le32(&b[32..36]),
+                node_id: u16::from_le_bytes([b[36], b[37]]),
+            },
+            al_capacity: le32(&b[40..44]),
+            sb_size: le32(&b[44..48]),
+            ring_len: le32(&b[48..52]),
+            pages: le32(&b[52..56]),
+            extent_blocks: le64(&b[56..64]),
+        };
+        let pages = l.geo.volume_blocks.div_ceil(64).div_ceil(PAGE_WORDS as u64);
+        let bad = if u64::from(l.pages) != pages {
+            Some(format!(
+                "{} bitmap pages for {} blocks",
+                l.pages, l.geo.volume_blocks
+            ))
+        } else if l.sb_size < PAGE as u32 || !u64::from(l.sb_size).is_multiple_of(PAGE) {
+            Some(format!("superblock size {}", l.sb_size))
+        } else if !(2..=1 << 20).contains(&l.ring_len) {
+            Some(format!("ring length {}", l.ring_len))
+        } else if l.extent_blocks == 0 {
+            Some("extent size 0".into())
+        } else {
+            None
+        };
+        match bad {
+            Some(what) => Err(StoreError::Corrupt {
+                path,
+                detail: format!("invalid label: {what}"),
+            }),
+            None => Ok(l),
+        }
+    }
+
+    fn sb_offset(&self, slot: usize) -> u64 {
+        PAGE + slot as u64 * u64::from(self.sb_size)
+    }
+
+    fn ring_offset(&self) -> u64 {
+        PAGE + 2 * u64::from(self.sb_size)
+    }
+
+    fn tx_offset(&self, seq: u64) -> u64 {
+        self.ring_offset() + (seq % u64::from(self.ring_len)) * PAGE
+    }
+
+    fn bitmap_offset(&self) -> u64 {
+        self.ring_offset() + u64::from(self.ring_len) * PAGE
+    }
+
+    fn page_offset(&self, page: usize, copy: usize) -> u64 {
+        self.bitmap_offset() + (2 * page as u64 + copy as u64) * PAGE
     }
 
     fn file_len(&self) -> u64 {
-        PAGE + 2 * self.slot_size
+        self.bitmap_offset() + 2 * u64::from(self.pages) * PAGE
     }
 }
 
-fn le32(b: &[u8]) -> u32 {
+pub(crate) fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn le64(b: &[u8]) -> u64 {
+pub(crate) fn le64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_le_bytes(a)
@@ -204,86 +323,283 @@ fn slot_name(slot: usize) -> char {
     }
 }
 
-/// Header + payload for one slot write.
-fn encode_slot(slot: usize, seq: u64, payload: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(SLOT_HDR + payload.len());
-    b.extend_from_slice(SLOT_MAGIC);
-    b.extend_from_slice(&seq.to_le_bytes());
-    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    b.extend_from_slice(&(slot as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..24]), payload);
-    b.extend_from_slice(&crc.to_le_bytes());
-    b.extend_from_slice(&[0u8; 4]);
-    b.extend_from_slice(payload);
+/// CRC32C of words as little-endian bytes.
+fn words_crc(words: &[u64]) -> u32 {
+    let mut crc = 0;
+    let mut buf = [0u8; 512];
+    for chunk in words.chunks(64) {
+        for (i, w) in chunk.iter().enumerate() {
+            buf[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..8 * chunk.len()]);
+    }
+    crc
+}
+
+/// One 4 KiB page record.
+fn encode_page(page: usize, seq: u64, words: &[u64]) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    b[0..8].copy_from_slice(PG_MAGIC);
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    b[16..20].copy_from_slice(&(page as u32).to_le_bytes());
+    for (i, w) in words.iter().enumerate() {
+        b[PG_HDR + 8 * i..PG_HDR + 8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..28]), &b[PG_HDR..]);
+    b[28..32].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
-/// Why a slot holds no usable version.
-enum SlotFault {
-    /// Expected after a crash (torn or never written): fall back.
-    Invalid(String),
-    /// The slot's checksum is valid but its content is not: a format or
-    /// software problem, not a torn write. Never silently roll back.
-    Fatal(String),
+/// `Some((seq, words))` for a valid copy (seq 0 and no bits for a block
+/// never written), `None` for a torn or foreign one.
+fn decode_page(page: usize, b: &[u8], nwords: usize) -> Option<(u64, Vec<u64>)> {
+    if b.iter().all(|&x| x == 0) {
+        return Some((0, vec![0; nwords]));
+    }
+    if &b[0..8] != PG_MAGIC || le32(&b[16..20]) as usize != page {
+        return None;
+    }
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..28]), &b[PG_HDR..]);
+    if crc != le32(&b[28..32]) {
+        return None;
+    }
+    let words = (0..nwords).map(|i| le64(&b[PG_HDR + 8 * i..])).collect();
+    Some((le64(&b[8..16]), words))
 }
 
-fn decode_slot(slot: usize, buf: &[u8], geo: &Geometry) -> Result<(u64, Meta), SlotFault> {
-    use SlotFault::{Fatal, Invalid};
-    if buf[..SLOT_HDR].iter().all(|&x| x == 0) {
-        return Err(Invalid("never written".into()));
+fn encode_sb(slot: usize, seq: u64, al_seq: u64, extent_blocks: u64, meta: &Meta) -> Vec<u8> {
+    let payload = meta.encode_fields();
+    let mut b = Vec::with_capacity(SB_HDR + payload.len());
+    b.extend_from_slice(SB_MAGIC);
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(&al_seq.to_le_bytes());
+    b.extend_from_slice(&extent_blocks.to_le_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(slot as u32).to_le_bytes());
+    b.extend_from_slice(&[0u8; 4]);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..44]), &payload);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b.extend_from_slice(&payload);
+    b
+}
+
+/// A valid superblock: (seq, al_seq, extent_blocks, fields).
+type SbContent = (u64, u64, u64, Meta);
+
+/// `Err(Ok(why))`: torn or never written (fall back);
+/// `Err(Err(why))`: checksum valid, content not (never roll back silently).
+fn decode_sb(slot: usize, b: &[u8], geo: &Geometry) -> Result<SbContent, Result<String, String>> {
+    if b[..SB_HDR].iter().all(|&x| x == 0) {
+        return Err(Ok("never written".into()));
     }
-    if &buf[0..8] != SLOT_MAGIC {
-        return Err(Invalid(format!("bad slot magic {:02x?}", &buf[0..8])));
+    if &b[0..8] != SB_MAGIC {
+        return Err(Ok(format!("bad superblock magic {:02x?}", &b[0..8])));
     }
-    let seq = le64(&buf[8..16]);
-    let len = le32(&buf[16..20]) as usize;
-    let index = le32(&buf[20..24]);
-    let stored = le32(&buf[24..28]);
-    if len > buf.len() - SLOT_HDR {
-        return Err(Invalid(format!(
-            "length {len} exceeds the slot capacity {}",
-            buf.len() - SLOT_HDR
-        )));
+    let seq = le64(&b[8..16]);
+    let len = le32(&b[32..36]) as usize;
+    if len > b.len() - SB_HDR {
+        return Err(Ok(format!("length {len} exceeds the slot")));
     }
-    let payload = &buf[SLOT_HDR..SLOT_HDR + len];
-    let computed = crc32c::crc32c_append(crc32c::crc32c(&buf[..24]), payload);
+    let payload = &b[SB_HDR..SB_HDR + len];
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&b[..44]), payload);
+    let stored = le32(&b[44..48]);
     if computed != stored {
-        return Err(Invalid(format!(
+        return Err(Ok(format!(
             "checksum mismatch (seq {seq}, computed {computed:#010x}, stored {stored:#010x})"
         )));
     }
-    if index as usize != slot {
-        return Err(Fatal(format!(
-            "slot {} holds a copy of slot {index} (seq {seq})",
-            slot_name(slot)
+    let name = slot_name(slot);
+    if le32(&b[36..40]) as usize != slot {
+        return Err(Err(format!(
+            "superblock {name} holds a copy of slot {} (seq {seq})",
+            le32(&b[36..40])
         )));
     }
-    let meta = Meta::decode(payload).map_err(|e| {
-        Fatal(format!(
-            "slot {} (seq {seq}) passes its checksum but its metadata does not decode: {e}",
-            slot_name(slot)
+    let meta = Meta::decode_fields(payload).map_err(|e| {
+        Err(format!(
+            "superblock {name} (seq {seq}) passes its checksum but does not decode: {e}"
         ))
     })?;
     if let Some((key, found, expected)) = Geometry::of(&meta).diff(geo) {
-        return Err(Fatal(format!(
-            "slot {} (seq {seq}) has {key} {found} but the superblock says {expected}",
-            slot_name(slot)
+        return Err(Err(format!(
+            "superblock {name} (seq {seq}) has {key} {found} but the label says {expected}"
         )));
     }
-    Ok((seq, meta))
+    let extent_blocks = le64(&b[24..32]);
+    if extent_blocks == 0 {
+        return Err(Err(format!(
+            "superblock {name} (seq {seq}) has extent size 0"
+        )));
+    }
+    Ok((seq, le64(&b[16..24]), extent_blocks, meta))
 }
 
-/// Encoded size of the largest `Meta` of this geometry.
-fn max_meta_len(geo: &Geometry, al_capacity: u32) -> usize {
-    let mut m = Meta::create(
-        geo.cluster_id,
-        geo.node_id,
-        geo.volume_blocks,
-        geo.block_size,
-        None,
-    );
-    m.al = vec![0; al_capacity as usize];
-    m.encode().len()
+/// An activity-log transaction.
+#[derive(Debug, Default)]
+struct Tx {
+    seq: u64,
+    extent_blocks: u64,
+    added: Vec<u64>,
+    /// Evicted extents, with their bits when those change on disk.
+    evicted: Vec<(u64, Option<Vec<u64>>)>,
+}
+
+/// Blocks `[first, end)` of extent `e` inside a volume of `blocks`.
+fn extent_range(e: u64, extent_blocks: u64, blocks: u64) -> (u64, u64) {
+    let first = e.saturating_mul(extent_blocks).min(blocks);
+    (first, first.saturating_add(extent_blocks).min(blocks))
+}
+
+fn read_bits(map: &Bitmap, first: u64, end: u64) -> Vec<u64> {
+    let mut out = vec![0u64; (end - first).div_ceil(64) as usize];
+    for i in first..end {
+        if map.get(i) {
+            let k = i - first;
+            out[(k / 64) as usize] |= 1 << (k % 64);
+        }
+    }
+    out
+}
+
+fn write_bits(words: &mut [u64], first: u64, end: u64, bits: &[u64]) {
+    for i in first..end {
+        let k = i - first;
+        let w = &mut words[(i / 64) as usize];
+        if bits[(k / 64) as usize] >> (k % 64) & 1 == 1 {
+            *w |= 1 << (i % 64);
+        } else {
+            *w &= !(1 << (i % 64));
+        }
+    }
+}
+
+impl Tx {
+    fn encode(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        for e in &self.added {
+            p.extend_from_slice(&e.to_le_bytes());
+            p.push(0);
+        }
+        for (e, bits) in &self.evicted {
+            p.extend_from_slice(&e.to_le_bytes());
+            match bits {
+                None => p.push(1),
+                Some(words) => {
+                    p.push(2);
+                    for w in words {
+                        p.extend_from_slice(&w.to_le_bytes());
+                    }
+                }
+            }
+        }
+        let mut b = vec![0u8; BLOCK];
+        b[0..8].copy_from_slice(TX_MAGIC);
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.extent_blocks.to_le_bytes());
+        let n = (self.added.len() + self.evicted.len()) as u32;
+        b[24..28].copy_from_slice(&n.to_le_bytes());
+        b[28..32].copy_from_slice(&(p.len() as u32).to_le_bytes());
+        b[TX_HDR..TX_HDR + p.len()].copy_from_slice(&p);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..36]), &p);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Bytes [`Tx::encode`] needs for its payload.
+    fn payload_len(&self, blocks: u64) -> usize {
+        let mut n = self.added.len() * 9;
+        for (e, bits) in &self.evicted {
+            n += 9;
+            if bits.is_some() {
+                let (a, z) = extent_range(*e, self.extent_blocks, blocks);
+                n += (z - a).div_ceil(64) as usize * 8;
+            }
+        }
+        n
+    }
+
+    /// The transaction `seq` if block `b` holds it intact.
+    fn decode(b: &[u8], seq: u64, blocks: u64) -> Option<Tx> {
+        if &b[0..8] != TX_MAGIC || le64(&b[8..16]) != seq {
+            return None;
+        }
+        let len = le32(&b[28..32]) as usize;
+        if len > BLOCK - TX_HDR {
+            return None;
+        }
+        let p = &b[TX_HDR..TX_HDR + len];
+        if crc32c::crc32c_append(crc32c::crc32c(&b[..36]), p) != le32(&b[36..40]) {
+            return None;
+        }
+        let mut tx = Tx {
+            seq,
+            extent_blocks: le64(&b[16..24]),
+            ..Tx::default()
+        };
+        if tx.extent_blocks == 0 {
+            return None;
+        }
+        let mut at = 0;
+        for _ in 0..le32(&b[24..28]) {
+            let e = le64(p.get(at..at + 8)?);
+            let kind = *p.get(at + 8)?;
+            at += 9;
+            match kind {
+                0 => tx.added.push(e),
+                1 => tx.evicted.push((e, None)),
+                2 => {
+                    let (a, z) = extent_range(e, tx.extent_blocks, blocks);
+                    let n = (z - a).div_ceil(64) as usize;
+                    let raw = p.get(at..at + 8 * n)?;
+                    at += 8 * n;
+                    tx.evicted
+                        .push((e, Some(raw.chunks(8).map(le64).collect())));
+                }
+                _ => return None,
+            }
+        }
+        (at == len).then_some(tx)
+    }
+}
+
+/// What a persist cost (cumulative since open): for benches and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaStats {
+    /// `persist` calls that returned `Ok`.
+    pub persists: u64,
+    /// Of those, the ones that wrote nothing (only bits covered by the
+    /// activity log changed, or nothing at all).
+    pub skipped: u64,
+    /// Activity-log transactions written.
+    pub transactions: u64,
+    /// Commits (superblock writes).
+    pub commits: u64,
+    /// Bitmap pages written.
+    pub pages_written: u64,
+    /// Bytes written to the file.
+    pub bytes_written: u64,
+    /// `fdatasync` calls.
+    pub syncs: u64,
+}
+
+/// The fields of a `Meta` a transaction cannot change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct State {
+    gens: Generations,
+    disk: DiskState,
+    role: Role,
+    clean: bool,
+}
+
+impl State {
+    fn of(m: &Meta) -> State {
+        State {
+            gens: m.gens,
+            disk: m.disk,
+            role: m.role,
+            clean: m.clean,
+        }
+    }
 }
 
 /// Lock `file` exclusively (advisory `flock`) or say who holds it.
@@ -298,7 +614,7 @@ fn lock(file: &File, what: &'static str, path: &Path) -> Result<(), StoreError> 
     }
 }
 
-fn io_err(path: &Path, op: impl Into<String>, source: io::Error) -> StoreError {
+pub(crate) fn io_err(path: &Path, op: impl Into<String>, source: io::Error) -> StoreError {
     StoreError::Io {
         what: WHAT,
         path: path.to_path_buf(),
@@ -311,31 +627,58 @@ fn io_err(path: &Path, op: impl Into<String>, source: io::Error) -> StoreError {
 /// `Action::PersistMeta`.
 ///
 /// Holds an exclusive advisory lock on the file while open (when opened
-/// through [`MetaStore::open`]).
+/// through [`MetaStore::open`]). Memory beyond the caller's `Meta`: about
+/// 5 bytes per bitmap page (8 KiB per TiB at 4 KiB blocks), plus the pages
+/// that differ from disk inside activity-log extents.
 #[derive(Debug)]
 pub struct MetaStore<D: MetaIo = File> {
     path: PathBuf,
     io: D,
-    sb: Superblock,
-    /// Sequence number of the newest durable (or loaded) version.
+    label: Label,
+    /// Sequence number of the newest durable superblock, and the slot the
+    /// next commit writes.
     seq: u64,
-    /// Slot the next persist writes (the one not holding `seq`).
     next: usize,
+    /// `al_seq` of that superblock, and of the newest durable transaction.
+    sb_al_seq: u64,
+    al_seq: u64,
+    /// Extent size used for the activity log from now on.
+    extent_blocks: u64,
+    /// Durable state fields and activity log.
+    state: State,
+    al: BTreeSet<u64>,
+    /// Per page: the copy holding its durable content.
+    cur: Vec<u8>,
+    /// Per page: CRC32C of its durable content (page plus transactions).
+    crc: Vec<u32>,
+    /// Durable content of the pages where it differs from the last
+    /// persisted map (bits inside activity-log extents) or from the page
+    /// on disk (bits carried by transactions since the last commit).
+    pending: BTreeMap<usize, Vec<u64>>,
+    /// Pages of `pending` that differ from the last persisted map.
+    differs: BTreeSet<usize>,
+    /// Pages of `pending` that differ from the page on disk: a commit
+    /// writes them, since its superblock ends the transactions' replay.
+    carried: BTreeSet<usize>,
+    /// (lineage, change counter) of the last persisted map.
+    last: Option<(u64, u64)>,
+    stats: MetaStats,
     /// First I/O error, once one happened.
     failed: Option<String>,
-    /// At open: the slot not loaded, if it was unusable, and why.
+    /// At open: the superblock not loaded, if it was unusable, and why.
     rejected: Option<(char, String)>,
 }
 
 impl MetaStore<File> {
-    /// Create a new metadata file at `path` holding `meta` (sequence 1 in
-    /// slot A), durably, and open it.
+    /// Create a new metadata file at `path` holding `meta` (commit 1),
+    /// durably, and open it.
     ///
     /// Fails with [`StoreError::Exists`] if the file exists, unless
     /// `opts.force`. The file is written under a temporary name, synced,
     /// and linked (or, with `force`, renamed) into place, and the
     /// directory is synced: a crash leaves either no file (or the old one)
-    /// or the complete new one.
+    /// or the complete new one. All of its blocks are allocated
+    /// (`fallocate`), so a later persist cannot fail for want of space.
     pub fn create(path: &Path, meta: &Meta, opts: &CreateOptions) -> Result<Self, StoreError> {
         let path = path.to_path_buf();
         match fs::symlink_metadata(&path) {
@@ -349,14 +692,10 @@ impl MetaStore<File> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path, "stat", e)),
         }
-        let al_capacity = opts.al_capacity.max(meta.al.len() as u32);
-        let geo = Geometry::of(meta);
-        let need = SLOT_HDR + max_meta_len(&geo, al_capacity);
-        let sb = Superblock {
-            slot_size: (need as u64).div_ceil(PAGE) * PAGE,
-            geo,
-            al_capacity,
-        };
+        let label = Label::for_meta(meta, opts).map_err(|detail| StoreError::Corrupt {
+            path: path.clone(),
+            detail,
+        })?;
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
@@ -374,20 +713,23 @@ impl MetaStore<File> {
                 .create_new(true)
                 .open(&tmp)
                 .map_err(|e| io_err(&tmp, "create", e))?;
-            f.set_len(sb.file_len())
-                .map_err(|e| io_err(&tmp, "set length", e))?;
-            MetaIo::pwrite_all(&f, &sb.encode(), 0)
-                .map_err(|e| io_err(&tmp, "write superblock", e))?;
-            // Write both slots in full (slot A padded, slot B zeroes) so
-            // their blocks are allocated now: a later persist then cannot
-            // fail with ENOSPC on filesystems that overwrite in place.
-            let mut slot_a = encode_slot(0, 1, &meta.encode());
-            slot_a.resize(sb.slot_size as usize, 0);
-            MetaIo::pwrite_all(&f, &slot_a, sb.slot_offset(0))
-                .map_err(|e| io_err(&tmp, "write slot A", e))?;
-            slot_a.fill(0);
-            MetaIo::pwrite_all(&f, &slot_a, sb.slot_offset(1))
-                .map_err(|e| io_err(&tmp, "write slot B", e))?;
+            allocate(&f, label.file_len()).map_err(|e| io_err(&tmp, "allocate", e))?;
+            MetaIo::pwrite_all(&f, &label.encode(), 0)
+                .map_err(|e| io_err(&tmp, "write label", e))?;
+            MetaIo::pwrite_all(
+                &f,
+                &encode_sb(0, 1, 0, label.extent_blocks, meta),
+                label.sb_offset(0),
+            )
+            .map_err(|e| io_err(&tmp, "write superblock A", e))?;
+            // Pages with bits, copy 0; the rest stay zero (no bits).
+            for p in 0..label.pages as usize {
+                if meta.dirty.page_ones(p) != 0 {
+                    let b = encode_page(p, 1, meta.dirty.page_words(p));
+                    MetaIo::pwrite_all(&f, &b, label.page_offset(p, 0))
+                        .map_err(|e| io_err(&tmp, format!("write bitmap page {p}"), e))?;
+                }
+            }
             f.sync_all().map_err(|e| io_err(&tmp, "fsync", e))?;
             drop(f);
             if opts.force {
@@ -428,16 +770,18 @@ impl MetaStore<File> {
 
     /// [`MetaStore::open`], then check the identity and geometry against
     /// the node's configuration: cluster id, node id, volume size, block
-    /// size, and that the slots can hold `cfg.al_extents` extents.
+    /// size, and that a superblock can hold `cfg.al_extents` extents. The
+    /// activity log's extent size follows `cfg.extent_blocks` from then
+    /// on (each transaction records the size it used).
     pub fn open_checked(path: &Path, cfg: &Config) -> Result<(Self, Meta), StoreError> {
-        let (store, meta) = Self::open(path)?;
+        let (mut store, meta) = Self::open(path)?;
         let want = Geometry {
             cluster_id: cfg.cluster_id,
             node_id: cfg.node_id,
             volume_blocks: cfg.volume_blocks,
             block_size: cfg.block_size,
         };
-        if let Some((key, found, expected)) = store.sb.geo.diff(&want) {
+        if let Some((key, found, expected)) = store.label.geo.diff(&want) {
             return Err(StoreError::Mismatch {
                 path: path.to_path_buf(),
                 key,
@@ -445,80 +789,101 @@ impl MetaStore<File> {
                 expected,
             });
         }
-        if (store.sb.al_capacity as usize) < cfg.al_extents {
+        if (store.label.al_capacity as usize) < cfg.al_extents {
             return Err(StoreError::Mismatch {
                 path: path.to_path_buf(),
                 key: "al_extents (slot capacity)",
-                found: store.sb.al_capacity.to_string(),
+                found: store.label.al_capacity.to_string(),
                 expected: cfg.al_extents.to_string(),
             });
         }
+        store.extent_blocks = cfg.extent_blocks.max(1);
         Ok((store, meta))
+    }
+}
+
+/// Give `f` length `len` with every block allocated (zeroes).
+fn allocate(f: &File, len: u64) -> io::Result<()> {
+    f.set_len(len)?;
+    let off = 0;
+    let len = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    loop {
+        // SAFETY: plain syscall on an open file descriptor; no memory is passed.
+        let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(f), 0, off, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // A filesystem without fallocate: the file stays sparse.
+            Some(libc::EOPNOTSUPP) => return Ok(()),
+            _ => return Err(e),
+        }
     }
 }
 
 impl<D: MetaIo> MetaStore<D> {
     /// Load from an already opened file (or a test wrapper around one).
-    /// `path` is used in messages only. No lock is taken.
+    /// `path` is used in messages only. No lock is taken. Page copies of a
+    /// commit that never landed are zeroed (one write and `fdatasync`
+    /// each, after a crash during a commit only).
     pub fn open_io(io: D, path: &Path) -> Result<(Self, Meta), StoreError> {
         let path = path.to_path_buf();
         let len = io.file_len().map_err(|e| io_err(&path, "stat", e))?;
-        if len < SB_LEN as u64 {
-            if len == 0 {
-                return Err(StoreError::NotMetadata {
-                    path,
-                    detail: "the file is empty".into(),
-                });
-            }
+        if len == 0 {
+            return Err(StoreError::NotMetadata {
+                path,
+                detail: "the file is empty".into(),
+            });
+        }
+        if len < LABEL_LEN as u64 {
             return Err(StoreError::Truncated {
                 path,
                 len,
                 need: PAGE,
             });
         }
-        let mut sbb = [0u8; SB_LEN];
-        io.pread_exact(&mut sbb, 0)
-            .map_err(|e| io_err(&path, "read superblock", e))?;
-        let sb = match Superblock::decode(&sbb) {
-            Ok(sb) => sb,
-            Err((false, detail)) => return Err(StoreError::NotMetadata { path, detail }),
-            Err((true, detail)) => return Err(StoreError::Corrupt { path, detail }),
-        };
-        if len < sb.file_len() {
+        let mut lb = [0u8; LABEL_LEN];
+        io.pread_exact(&mut lb, 0)
+            .map_err(|e| io_err(&path, "read label", e))?;
+        let label = Label::decode(&lb, &path)?;
+        if len < label.file_len() {
             return Err(StoreError::Truncated {
                 path,
                 len,
-                need: sb.file_len(),
+                need: label.file_len(),
             });
         }
-        let mut buf = vec![0u8; sb.slot_size as usize];
-        let mut found: [Result<(u64, Meta), String>; 2] = [Err(String::new()), Err(String::new())];
+        // Superblocks.
+        let mut buf = vec![0u8; label.sb_size as usize];
+        let mut found: [Result<SbContent, String>; 2] = [Err(String::new()), Err(String::new())];
         for (slot, out) in found.iter_mut().enumerate() {
-            let off = sb.slot_offset(slot);
+            let off = label.sb_offset(slot);
             io.pread_exact(&mut buf, off).map_err(|e| {
                 io_err(
                     &path,
-                    format!("read slot {} at offset {off}", slot_name(slot)),
+                    format!("read superblock {} at offset {off}", slot_name(slot)),
                     e,
                 )
             })?;
-            *out = match decode_slot(slot, &buf, &sb.geo) {
+            *out = match decode_sb(slot, &buf, &label.geo) {
                 Ok(v) => Ok(v),
-                Err(SlotFault::Invalid(why)) => Err(why),
-                Err(SlotFault::Fatal(detail)) => return Err(StoreError::Corrupt { path, detail }),
+                Err(Ok(why)) => Err(why),
+                Err(Err(detail)) => return Err(StoreError::Corrupt { path, detail }),
             };
         }
         let [a, b] = found;
-        let (newest, seq, meta, rejected) = match (a, b) {
-            (Ok((sa, ma)), Ok((sb_, mb))) => {
-                if sb_ > sa {
-                    (1, sb_, mb, None)
+        let (newest, (seq, sb_al_seq, sb_eb, mut meta), rejected) = match (a, b) {
+            (Ok(x), Ok(y)) => {
+                if y.0 > x.0 {
+                    (1, y, None)
                 } else {
-                    (0, sa, ma, None)
+                    (0, x, None)
                 }
             }
-            (Ok((s, m)), Err(why)) => (0, s, m, Some(('B', why))),
-            (Err(why), Ok((s, m))) => (1, s, m, Some(('A', why))),
+            (Ok(x), Err(why)) => (0, x, Some(('B', why))),
+            (Err(why), Ok(y)) => (1, y, Some(('A', why))),
             (Err(slot_a), Err(slot_b)) => {
                 return Err(StoreError::BothSlotsBad {
                     path,
@@ -527,37 +892,221 @@ impl<D: MetaIo> MetaStore<D> {
                 })
             }
         };
-        let store = MetaStore {
+        // Bitmap pages: the valid copy with the highest sequence <= seq.
+        let pages = label.pages as usize;
+        let nwords = label.geo.volume_blocks.div_ceil(64) as usize;
+        let blocks = label.geo.volume_blocks;
+        // Pages without a bit stay shared zero pages: an empty map of a
+        // large volume costs little memory.
+        let mut map = Bitmap::new(blocks);
+        let mut crc = vec![0u32; pages];
+        let mut cur = vec![0u8; pages];
+        let mut scrub = Vec::new();
+        let mut chunk = vec![0u8; LOAD_CHUNK_PAGES * 2 * BLOCK];
+        for first in (0..pages).step_by(LOAD_CHUNK_PAGES) {
+            let n = LOAD_CHUNK_PAGES.min(pages - first);
+            let off = label.page_offset(first, 0);
+            io.pread_exact(&mut chunk[..n * 2 * BLOCK], off)
+                .map_err(|e| io_err(&path, format!("read bitmap pages at offset {off}"), e))?;
+            for i in 0..n {
+                let p = first + i;
+                let pw = (nwords - p * PAGE_WORDS).min(PAGE_WORDS);
+                let mut best: Option<(usize, u64, Vec<u64>)> = None;
+                for c in 0..2 {
+                    let blk = &chunk[(2 * i + c) * BLOCK..(2 * i + c + 1) * BLOCK];
+                    match decode_page(p, blk, pw) {
+                        Some((s, _)) if s > seq => scrub.push(label.page_offset(p, c)),
+                        Some((s, w)) if best.as_ref().is_none_or(|b| s > b.1) => {
+                            best = Some((c, s, w))
+                        }
+                        _ => {}
+                    }
+                }
+                let Some((c, _, w)) = best else {
+                    return Err(StoreError::Corrupt {
+                        path,
+                        detail: format!(
+                            "bitmap page {p}: neither copy is valid at commit {seq} \
+                             (a page is written only into its spare copy, so this is not a torn write)"
+                        ),
+                    });
+                };
+                cur[p] = c as u8;
+                crc[p] = words_crc(&w);
+                if w.iter().any(|&x| x != 0) {
+                    map.set_page_words(p, &w);
+                }
+            }
+        }
+        // Activity-log transactions after the superblock.
+        let mut al_seq = sb_al_seq;
+        let mut touched = BTreeSet::new();
+        let mut tb = vec![0u8; BLOCK];
+        loop {
+            let s = al_seq + 1;
+            io.pread_exact(&mut tb, label.tx_offset(s))
+                .map_err(|e| io_err(&path, format!("read activity-log transaction {s}"), e))?;
+            let Some(tx) = Tx::decode(&tb, s, blocks) else {
+                break;
+            };
+            if s - sb_al_seq > u64::from(label.ring_len) {
+                break;
+            }
+            meta.al.retain(|e| !tx.evicted.iter().any(|(x, _)| x == e));
+            for e in &tx.added {
+                if !meta.al.contains(e) {
+                    meta.al.push(*e);
+                }
+            }
+            for (e, bits) in &tx.evicted {
+                if let Some(bits) = bits {
+                    let (a, z) = extent_range(*e, tx.extent_blocks, blocks);
+                    for i in a..z {
+                        let k = i - a;
+                        if bits[(k / 64) as usize] >> (k % 64) & 1 == 1 {
+                            map.set(i);
+                        } else {
+                            map.clear(i);
+                        }
+                    }
+                    if a < z {
+                        let (pa, pz) =
+                            (a / 64 / PAGE_WORDS as u64, (z - 1) / 64 / PAGE_WORDS as u64);
+                        touched.extend(pa as usize..=pz as usize);
+                    }
+                }
+            }
+            al_seq = s;
+        }
+        let mut pending = BTreeMap::new();
+        let carried = touched.clone();
+        for p in touched {
+            let w = map.page_words(p).to_vec();
+            crc[p] = words_crc(&w);
+            pending.insert(p, w);
+        }
+        meta.dirty = map;
+        let mut store = MetaStore {
             path,
             io,
-            sb,
+            label,
             seq,
             next: 1 - newest,
+            sb_al_seq,
+            al_seq,
+            extent_blocks: sb_eb,
+            state: State::of(&meta),
+            al: meta.al.iter().copied().collect(),
+            cur,
+            crc,
+            pending,
+            differs: BTreeSet::new(),
+            carried,
+            last: Some((meta.dirty.origin(), meta.dirty.change_seq())),
+            stats: MetaStats::default(),
             failed: None,
             rejected,
         };
+        // Page copies of the commit that never landed: zero them, or a
+        // later commit with the same sequence would make them valid.
+        if !scrub.is_empty() {
+            let zero = vec![0u8; BLOCK];
+            for off in scrub {
+                store.write(&zero, off, || {
+                    format!("zero stale page copy at offset {off}")
+                })?;
+            }
+            store.sync()?;
+        }
         Ok((store, meta))
     }
 
-    /// Write `meta` durably and atomically: one `pwrite` of header and
-    /// payload into the older slot, then `fdatasync`. When this returns
-    /// `Ok`, `meta` survives a crash; when it returns `Err`, the file
-    /// holds either the previous or this version.
+    fn latched(&self) -> Result<(), StoreError> {
+        match &self.failed {
+            Some(first) => Err(StoreError::PreviousIo {
+                what: WHAT,
+                path: self.path.clone(),
+                first: first.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn write(&mut self, b: &[u8], off: u64, op: impl FnOnce() -> String) -> Result<(), StoreError> {
+        match self.io.pwrite_all(b, off) {
+            Ok(()) => {
+                self.stats.bytes_written += b.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let err = io_err(&self.path, op(), e);
+                self.failed = Some(err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        match self.io.fdatasync() {
+            Ok(()) => {
+                self.stats.syncs += 1;
+                Ok(())
+            }
+            Err(e) => {
+                let err = io_err(&self.path, "fdatasync", e);
+                self.failed = Some(err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    /// The durable content of page `p`.
+    fn durable_page(&mut self, p: usize) -> Result<Vec<u64>, StoreError> {
+        if let Some(w) = self.pending.get(&p) {
+            return Ok(w.clone());
+        }
+        let nwords = self.label.geo.volume_blocks.div_ceil(64) as usize;
+        let pw = (nwords - p * PAGE_WORDS).min(PAGE_WORDS);
+        let c = usize::from(self.cur[p]);
+        let off = self.label.page_offset(p, c);
+        let mut b = vec![0u8; BLOCK];
+        if let Err(e) = self.io.pread_exact(&mut b, off) {
+            let err = io_err(
+                &self.path,
+                format!("read bitmap page {p} at offset {off}"),
+                e,
+            );
+            self.failed = Some(err.to_string());
+            return Err(err);
+        }
+        match decode_page(p, &b, pw) {
+            Some((_, w)) if words_crc(&w) == self.crc[p] => Ok(w),
+            _ => {
+                let err = StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("bitmap page {p} changed on disk behind the store's back"),
+                };
+                self.failed = Some(err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    /// Write `meta` durably and atomically, at the cost of what changed
+    /// since the last persist (see the module documentation). When this
+    /// returns `Ok`, `meta` survives a crash, except that bits inside its
+    /// activity-log extents may come back clear while `clean` is false
+    /// (the core marks those extents dirty after a crash); when it returns
+    /// `Err`, the file holds either the previous or this version.
     ///
     /// The first I/O error latches the store: this call returns
     /// [`StoreError::Io`] and every later one [`StoreError::PreviousIo`]
     /// (the host then reports `Event::MetaFailed`). A `meta` of another
-    /// cluster or geometry, or one too large for a slot, is refused without
-    /// writing or latching.
+    /// cluster or geometry, or with an activity log larger than the file
+    /// holds, is refused without writing or latching.
     pub fn persist(&mut self, meta: &Meta) -> Result<(), StoreError> {
-        if let Some(first) = &self.failed {
-            return Err(StoreError::PreviousIo {
-                what: WHAT,
-                path: self.path.clone(),
-                first: first.clone(),
-            });
-        }
-        if let Some((key, found, expected)) = self.sb.geo.diff(&Geometry::of(meta)) {
+        self.latched()?;
+        if let Some((key, found, expected)) = self.label.geo.diff(&Geometry::of(meta)) {
             return Err(StoreError::Mismatch {
                 path: self.path.clone(),
                 key,
@@ -565,62 +1114,278 @@ impl<D: MetaIo> MetaStore<D> {
                 expected,
             });
         }
-        let seq = self.seq + 1;
-        let buf = encode_slot(self.next, seq, &meta.encode());
-        if buf.len() as u64 > self.sb.slot_size {
+        if meta.al.len() > self.label.al_capacity as usize {
             return Err(StoreError::TooLarge {
                 path: self.path.clone(),
-                need: buf.len() as u64,
-                cap: self.sb.slot_size,
+                need: SB_HDR as u64 + meta.encode_fields().len() as u64,
+                cap: u64::from(self.label.sb_size),
             });
         }
-        let off = self.sb.slot_offset(self.next);
-        let op;
-        let res = match self.io.pwrite_all(&buf, off) {
-            Err(e) => {
-                op = format!("write slot {} at offset {off}", slot_name(self.next));
-                Err(e)
+        let bm = &meta.dirty;
+        let new_al: BTreeSet<u64> = meta.al.iter().copied().collect();
+        // Pages whose content may differ from disk. A page that differs
+        // (inside the log) but has not changed since the last persist
+        // still differs only inside the log's extents: it needs a look
+        // only if one of them leaves the log, or for a commit.
+        let mut cand: BTreeSet<usize> = BTreeSet::new();
+        match self.last {
+            Some((o, s)) if o == bm.origin() && s <= bm.change_seq() => {
+                cand.extend(bm.changed_pages_since(s));
+                let blocks = self.label.geo.volume_blocks;
+                for &e in self.al.difference(&new_al) {
+                    let (a, z) = extent_range(e, self.extent_blocks, blocks);
+                    if a < z {
+                        let (pa, pz) = (a / PAGE_BITS, (z - 1) / PAGE_BITS);
+                        cand.extend(self.differs.range(pa as usize..=pz as usize).copied());
+                    }
+                }
             }
-            Ok(()) => {
-                op = "fdatasync".to_string();
-                self.io.fdatasync()
-            }
-        };
-        match res {
-            Ok(()) => {
-                self.seq = seq;
-                self.next = 1 - self.next;
-                Ok(())
-            }
-            Err(e) => {
-                let err = io_err(&self.path, op, e);
-                self.failed = Some(err.to_string());
-                Err(err)
+            _ => {
+                cand.extend(self.differs.iter().copied());
+                cand.extend(
+                    (0..bm.page_count()).filter(|&p| words_crc(bm.page_words(p)) != self.crc[p]),
+                )
             }
         }
+        let mut diffs: Vec<(usize, Vec<u64>)> = Vec::new();
+        for p in cand {
+            if !self.pending.contains_key(&p) && words_crc(bm.page_words(p)) == self.crc[p] {
+                continue;
+            }
+            let d = self.durable_page(p)?;
+            if d != bm.page_words(p) {
+                diffs.push((p, d));
+            } else {
+                self.differs.remove(&p);
+                if !self.carried.contains(&p) {
+                    self.pending.remove(&p);
+                }
+            }
+        }
+        let tx = self.plan_tx(meta, &new_al, &diffs);
+        if tx.is_none() {
+            // A commit writes every page that differs.
+            let seen: BTreeSet<usize> = diffs.iter().map(|(p, _)| *p).collect();
+            for &p in self.differs.difference(&seen) {
+                diffs.push((p, self.pending[&p].clone()));
+            }
+        }
+        let result = match tx {
+            Some(tx) if tx.added.is_empty() && tx.evicted.is_empty() => {
+                // Only bits inside the log changed: nothing to write.
+                self.stats.skipped += 1;
+                for (p, d) in diffs {
+                    self.pending.insert(p, d);
+                    self.differs.insert(p);
+                }
+                Ok(())
+            }
+            Some(tx) => self.write_tx(tx, meta, new_al, diffs),
+            None => self.commit(meta, new_al, diffs),
+        };
+        if result.is_ok() {
+            self.stats.persists += 1;
+            self.last = Some((bm.origin(), bm.change_seq()));
+        }
+        result
     }
 
-    /// Sequence number of the newest durable version.
+    /// The transaction that makes `meta` durable, if one can.
+    fn plan_tx(
+        &self,
+        meta: &Meta,
+        new_al: &BTreeSet<u64>,
+        diffs: &[(usize, Vec<u64>)],
+    ) -> Option<Tx> {
+        if meta.clean || State::of(meta) != self.state {
+            return None;
+        }
+        let eb = self.extent_blocks;
+        let blocks = self.label.geo.volume_blocks;
+        let evicted: BTreeSet<u64> = self.al.difference(new_al).copied().collect();
+        // Every differing bit must lie in a logged or evicted extent.
+        let mut carry = BTreeSet::new();
+        for (p, d) in diffs {
+            for (i, (m, w)) in meta.dirty.page_words(*p).iter().zip(d).enumerate() {
+                let mut x = m ^ w;
+                while x != 0 {
+                    let bit = x.trailing_zeros();
+                    x &= x - 1;
+                    let block = ((p * PAGE_WORDS + i) as u64) * 64 + u64::from(bit);
+                    let e = block / eb;
+                    if evicted.contains(&e) {
+                        carry.insert(e);
+                    } else if !new_al.contains(&e) {
+                        return None;
+                    }
+                }
+            }
+        }
+        let tx = Tx {
+            seq: self.al_seq + 1,
+            extent_blocks: eb,
+            added: new_al.difference(&self.al).copied().collect(),
+            evicted: evicted
+                .iter()
+                .map(|&e| {
+                    let bits = carry.contains(&e).then(|| {
+                        let (a, z) = extent_range(e, eb, blocks);
+                        read_bits(&meta.dirty, a, z)
+                    });
+                    (e, bits)
+                })
+                .collect(),
+        };
+        let room = self.al_seq - self.sb_al_seq < u64::from(self.label.ring_len) - 1;
+        (tx.payload_len(blocks) <= BLOCK - TX_HDR && room).then_some(tx)
+    }
+
+    fn write_tx(
+        &mut self,
+        tx: Tx,
+        meta: &Meta,
+        new_al: BTreeSet<u64>,
+        diffs: Vec<(usize, Vec<u64>)>,
+    ) -> Result<(), StoreError> {
+        let off = self.label.tx_offset(tx.seq);
+        let seq = tx.seq;
+        self.write(&tx.encode(), off, || {
+            format!("write activity-log transaction {seq} at offset {off}")
+        })?;
+        self.sync()?;
+        self.stats.transactions += 1;
+        self.al_seq = seq;
+        self.al = new_al;
+        // The durable content of the pages now includes the carried bits.
+        let blocks = self.label.geo.volume_blocks;
+        let mut diffs: BTreeMap<usize, Vec<u64>> = diffs.into_iter().collect();
+        for (e, bits) in &tx.evicted {
+            if bits.is_none() {
+                continue;
+            }
+            let (a, z) = extent_range(*e, tx.extent_blocks, blocks);
+            for (p, d) in diffs.iter_mut() {
+                let base = (*p * PAGE_WORDS) as u64 * 64;
+                let end = base + d.len() as u64 * 64;
+                let (pa, pz) = (a.max(base), z.min(end));
+                if pa < pz {
+                    self.carried.insert(*p);
+                    // Bits of this page inside the extent, from the map.
+                    let src = read_bits(&meta.dirty, pa, pz);
+                    write_bits(d, pa - base, pz - base, &src);
+                }
+            }
+        }
+        for (p, d) in diffs {
+            self.crc[p] = words_crc(&d);
+            if d == meta.dirty.page_words(p) {
+                self.differs.remove(&p);
+            } else {
+                self.differs.insert(p);
+            }
+            if d == meta.dirty.page_words(p) && !self.carried.contains(&p) {
+                self.pending.remove(&p);
+            } else {
+                self.pending.insert(p, d);
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(
+        &mut self,
+        meta: &Meta,
+        new_al: BTreeSet<u64>,
+        diffs: Vec<(usize, Vec<u64>)>,
+    ) -> Result<(), StoreError> {
+        let seq = self.seq + 1;
+        // Pages whose carried bits live only in transactions go too: the
+        // new superblock ends their replay.
+        let mut write: BTreeSet<usize> = diffs.into_iter().map(|(p, _)| p).collect();
+        write.extend(self.carried.iter().copied());
+        for p in &write {
+            let c = 1 - usize::from(self.cur[*p]);
+            let off = self.label.page_offset(*p, c);
+            let b = encode_page(*p, seq, meta.dirty.page_words(*p));
+            self.write(&b, off, || format!("write bitmap page {p} at offset {off}"))?;
+            self.stats.pages_written += 1;
+        }
+        if !write.is_empty() {
+            self.sync()?;
+        }
+        let slot = self.next;
+        let b = encode_sb(slot, seq, self.al_seq, self.extent_blocks, meta);
+        let off = self.label.sb_offset(slot);
+        self.write(&b, off, || {
+            format!("write superblock {} at offset {off}", slot_name(slot))
+        })?;
+        self.sync()?;
+        self.stats.commits += 1;
+        for p in write {
+            self.cur[p] = 1 - self.cur[p];
+            self.crc[p] = words_crc(meta.dirty.page_words(p));
+        }
+        self.pending.clear();
+        self.differs.clear();
+        self.carried.clear();
+        self.seq = seq;
+        self.next = 1 - slot;
+        self.sb_al_seq = self.al_seq;
+        self.state = State::of(meta);
+        self.al = new_al;
+        Ok(())
+    }
+
+    /// Sequence number of the newest durable superblock (one per commit).
     pub fn seq(&self) -> u64 {
         self.seq
     }
 
-    /// The slot (`'A'` or `'B'`) the next persist writes.
+    /// Sequence number of the newest durable activity-log transaction.
+    pub fn al_seq(&self) -> u64 {
+        self.al_seq
+    }
+
+    /// What the persists since open cost.
+    pub fn stats(&self) -> MetaStats {
+        self.stats
+    }
+
+    /// The superblock (`'A'` or `'B'`) the next commit writes.
     pub fn next_slot(&self) -> char {
         slot_name(self.next)
     }
 
-    /// Byte offset and capacity of slot `'A'` or `'B'` (for tests and
+    /// Byte offset and size of superblock `'A'` or `'B'` (for tests and
     /// `mslctl dump-md`).
     pub fn slot_region(&self, slot: char) -> (u64, u64) {
         let i = usize::from(slot == 'B');
-        (self.sb.slot_offset(i), self.sb.slot_size)
+        (self.label.sb_offset(i), u64::from(self.label.sb_size))
     }
 
-    /// The slot that was unusable when the file was opened, and why
+    /// Byte offset of the ring block that transaction `seq` goes to.
+    pub fn transaction_offset(&self, seq: u64) -> u64 {
+        self.label.tx_offset(seq)
+    }
+
+    /// Byte offset of copy `copy` (0 or 1) of bitmap page `page`, and the
+    /// copy that holds the page's durable content.
+    pub fn page_offset(&self, page: usize, copy: usize) -> (u64, usize) {
+        (
+            self.label.page_offset(page, copy),
+            usize::from(self.cur.get(page).copied().unwrap_or(0)),
+        )
+    }
+
+    /// Length of the file for this layout.
+    pub fn file_len(&self) -> u64 {
+        self.label.file_len()
+    }
+
+    /// The superblock that was unusable when the file was opened, and why
     /// (e.g. `('B', "checksum mismatch ...")` after a crash during a
-    /// persist, or `"never written"` for a fresh file). Worth a log line;
-    /// not an error: the other slot was loaded.
+    /// commit, or `"never written"` for a fresh file). Worth a log line;
+    /// not an error: the other one was loaded.
     pub fn rejected_slot(&self) -> Option<(char, &str)> {
         self.rejected.as_ref().map(|(c, s)| (*c, s.as_str()))
     }
@@ -639,4 +1404,44 @@ impl<D: MetaIo> MetaStore<D> {
     pub fn is_failed(&self) -> bool {
         self.failed.is_some()
     }
+}
+
+/// Convert the format-1 metadata file at `path` to format 2 in place
+/// (`mslctl convert-md`): the newest valid format-1 version is read, a
+/// format-2 file holding it is written under a temporary name and renamed
+/// over `path`; the old file is kept as `<path>.v1`. Returns the
+/// converted metadata. Refuses a file that is not format 1.
+pub fn convert_v1_to_v2(path: &Path, opts: &CreateOptions) -> Result<Meta, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io_err(path, "open", e))?;
+    lock(&file, WHAT, path)?;
+    let mut lb = [0u8; LABEL_LEN];
+    MetaIo::pread_exact(&file, &mut lb, 0).map_err(|e| io_err(path, "read label", e))?;
+    match Label::decode(&lb, path) {
+        Err(StoreError::OldFormat { .. }) => {}
+        Err(e) => return Err(e),
+        Ok(_) => {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("already format {FORMAT}: nothing to convert"),
+            })
+        }
+    }
+    let meta = crate::v1::load(&file, path)?;
+    let mut backup = path.as_os_str().to_owned();
+    backup.push(".v1");
+    let backup = PathBuf::from(backup);
+    fs::hard_link(path, &backup).map_err(|e| io_err(&backup, "keep the format-1 file", e))?;
+    let opts = CreateOptions {
+        force: true,
+        al_capacity: opts.al_capacity.max(meta.al.len() as u32),
+        ..*opts
+    };
+    // The lock is on the old inode; `create` renames the new file over it.
+    drop(file);
+    MetaStore::create(path, &meta, &opts)?;
+    Ok(meta)
 }

@@ -39,3 +39,36 @@ pub fn sample_meta(base: &Meta, v: u64) -> Meta {
     m.al = (0..v % 61).map(|i| v + i).collect();
     m
 }
+
+/// Write a format-1 metadata file holding `meta` (for conversion tests).
+pub fn write_v1(path: &std::path::Path, meta: &Meta) -> std::io::Result<()> {
+    crate::v1::write(path, meta, 4096)
+}
+
+/// Blocks per extent of the `--hot` crash loop.
+pub const HOT_EXTENT_BLOCKS: u64 = 64;
+/// Extents of its volume (a bijection of versions onto extents below this).
+pub const HOT_EXTENTS: u64 = 1 << 16;
+/// Its activity-log length.
+pub const HOT_LOG: usize = 8;
+const HOT_MUL: u64 = 7919;
+
+/// The extent version `v` of the `--hot` crash loop adds to the log.
+pub fn hot_extent(v: u64) -> u64 {
+    v.wrapping_mul(HOT_MUL) % HOT_EXTENTS
+}
+
+/// The version whose extent is `e` (`v < HOT_EXTENTS`).
+pub fn hot_version_of(e: u64) -> u64 {
+    // The inverse of HOT_MUL modulo 2^16, by Newton's iteration.
+    let mut inv: u64 = HOT_MUL;
+    for _ in 0..5 {
+        inv = inv.wrapping_mul(2u64.wrapping_sub(HOT_MUL.wrapping_mul(inv)));
+    }
+    e.wrapping_mul(inv) % HOT_EXTENTS
+}
+
+/// The newest version named by a loaded log (0 for an empty one).
+pub fn hot_version(al: &[u64]) -> u64 {
+    al.iter().map(|&e| hot_version_of(e)).max().unwrap_or(0)
+}

@@ -31,6 +31,25 @@ pub enum VolumeKind {
     BlockDevice,
 }
 
+/// How [`Volume::open_with`] prepares a regular file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeOptions {
+    /// Allocate the whole file ahead (`fallocate`), so a full filesystem
+    /// shows at start. With `false` the file is thin (sparse): blocks are
+    /// allocated as they are first written, so a filesystem that fills up
+    /// fails a later write with ENOSPC, which latches the volume and
+    /// takes the node out of service (the peer, if in sync, keeps
+    /// serving). Choose `false` only where the space is watched. Block
+    /// devices are used as they are either way.
+    pub preallocate: bool,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions { preallocate: true }
+    }
+}
+
 /// The backing store of the mirrored volume.
 ///
 /// All methods take `&self` (positioned I/O) so several threads can share
@@ -66,6 +85,12 @@ impl Volume {
     /// longer file is used up to `size`. A block device must
     /// hold at least `size` bytes. Anything else is refused.
     pub fn open(path: &Path, size: u64) -> Result<Volume, StoreError> {
+        Self::open_with(path, size, &VolumeOptions::default())
+    }
+
+    /// [`Volume::open`] with options: `preallocate = false` makes a thin
+    /// (sparse) file instead of allocating it ahead.
+    pub fn open_with(path: &Path, size: u64, opts: &VolumeOptions) -> Result<Volume, StoreError> {
         let p = path.to_path_buf();
         let existing = match std::fs::metadata(path) {
             Ok(m) => Some(m),
@@ -99,8 +124,12 @@ impl Volume {
             VolumeKind::File => {
                 let len = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
                 if len < size {
-                    preallocate(&file, len, size)
-                        .and_then(|()| file.sync_all())
+                    let grow = if opts.preallocate {
+                        preallocate(&file, len, size)
+                    } else {
+                        file.set_len(size)
+                    };
+                    grow.and_then(|()| file.sync_all())
                         .map_err(|e| io_err(path, format!("extend to {size} bytes"), e))?;
                 }
                 if existing.is_none() {
@@ -148,6 +177,63 @@ impl Volume {
             no_punch: AtomicBool::new(false),
             no_zero_range: AtomicBool::new(false),
         })
+    }
+
+    /// The next range holding data at or after `offset`, as
+    /// `(start, end)` within the volume: everything outside such ranges
+    /// reads as zeroes (holes of a sparse file, found with `SEEK_DATA` /
+    /// `SEEK_HOLE`). `None` when only holes follow. Where the file system
+    /// or device cannot tell (block devices, for instance), everything
+    /// from `offset` on counts as data. The granularity is the file
+    /// system's block, so a range may start before and end after the
+    /// bytes actually written.
+    pub fn next_data(&self, offset: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        self.check("seek data", offset.min(self.size), 0)?;
+        if offset >= self.size {
+            return Ok(None);
+        }
+        if self.kind == VolumeKind::BlockDevice {
+            return Ok(Some((offset, self.size)));
+        }
+        let start = match lseek(&self.file, offset, libc::SEEK_DATA) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Ok(Some((offset, self.size)))
+            }
+            Err(e) => return Err(io_err(&self.path, format!("seek data from {offset}"), e)),
+        };
+        if start >= self.size {
+            return Ok(None);
+        }
+        let end = match lseek(&self.file, start, libc::SEEK_HOLE) {
+            Ok(h) => h.min(self.size),
+            Err(e) => return Err(io_err(&self.path, format!("seek hole from {start}"), e)),
+        };
+        Ok(Some((start, end.max(start + 1).min(self.size))))
+    }
+
+    /// True if `[offset, offset + len)` holds no data (reads as zeroes
+    /// without reading it): see [`Volume::next_data`].
+    pub fn is_hole(&self, offset: u64, len: u64) -> Result<bool, StoreError> {
+        Ok(match self.next_data(offset)? {
+            None => true,
+            Some((start, _)) => start >= offset.saturating_add(len),
+        })
+    }
+
+    /// Bytes the volume occupies on its file system (allocated blocks;
+    /// the device size for a block device).
+    pub fn allocated_bytes(&self) -> Result<u64, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        if self.kind == VolumeKind::BlockDevice {
+            return Ok(self.size);
+        }
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, "stat", e))?;
+        Ok(m.blocks() * 512)
     }
 
     /// Configured size in bytes.
@@ -393,6 +479,18 @@ fn preallocate(file: &File, from: u64, to: u64) -> io::Result<()> {
             let _ = file.set_len(from);
             Err(e)
         }
+    }
+}
+
+/// `lseek(2)` with `whence` (`SEEK_DATA` / `SEEK_HOLE`). Does not move any
+/// shared position that matters: all volume I/O is positioned.
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: plain syscall on an fd `file` owns; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
     }
 }
 

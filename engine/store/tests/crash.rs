@@ -25,6 +25,11 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The tests of this file run one at a time: a child forked by one test
+/// inherits, until it execs, the descriptors of the other test's open
+/// metadata file, and with them its lock.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// xorshift64*: enough randomness for kill timing, no dependency.
 struct Rng(u64);
 
@@ -39,10 +44,12 @@ impl Rng {
 
 #[test]
 fn sigkill_during_persist_loses_no_acknowledged_version() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("crash");
     let path = dir.join("meta");
-    // 4 Mi blocks: a 512 KiB bitmap, so each slot write spans 128 pages
-    // and a kill can land in the middle of one.
+    // 4 Mi blocks: 129 bitmap pages; each version changes a few of them
+    // and the superblock, so a kill can land between the page writes and
+    // the superblock, or inside either.
     let base = Meta::create(0xc0ff_ee00_0000_0001, 1, 4 << 20, 4096, None);
     drop(MetaStore::create(&path, &sample_meta(&base, 0), &CreateOptions::default()).unwrap());
 
@@ -123,7 +130,7 @@ fn sigkill_during_persist_loses_no_acknowledged_version() {
         if let Some((slot, why)) = s.rejected_slot() {
             if why.contains("checksum mismatch") && why != last_torn {
                 last_torn = why.to_string();
-                // The kill tore a slot write; the other slot was loaded.
+                // The kill tore a superblock write; the other one was loaded.
                 torn += 1;
                 eprintln!("iteration {it}: slot {slot} torn: {why}");
             }
@@ -143,4 +150,98 @@ fn sigkill_during_persist_loses_no_acknowledged_version() {
         elapsed < Duration::from_secs(30),
         "crash test too slow: {elapsed:?}"
     );
+}
+
+#[test]
+fn sigkill_during_hot_extent_transactions_loses_no_acknowledged_extent() {
+    use msl_store::testkit::{
+        hot_extent, hot_version, HOT_EXTENTS, HOT_EXTENT_BLOCKS as EXT, HOT_LOG,
+    };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("crash-hot");
+    let path = dir.join("meta");
+    let mut base = Meta::create(0xc0ff_ee00_0000_0002, 1, HOT_EXTENTS * EXT, 4096, Some(1));
+    base.clean = false;
+    // A short ring: kills also land in the commits its wraps force.
+    let opts = CreateOptions {
+        extent_blocks: EXT,
+        ring_len: 32,
+        ..CreateOptions::default()
+    };
+    drop(MetaStore::create(&path, &base, &opts).unwrap());
+    let iterations: u32 = env_or("MSL_STORE_CRASH_ITERS", ITERATIONS);
+    let mut rng = Rng(env_or("MSL_STORE_CRASH_SEED", SEED) | 1);
+    let mut acked = 0u64;
+    let mut total_acks = 0u64;
+    for it in 0..iterations {
+        let delay_us = 2_000 + rng.next() % 100_000;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_msl-store-persist-loop"))
+            .arg("--hot")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut last = None;
+            let mut n = 0u64;
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                if let Some(v) = std::str::from_utf8(&line)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    last = Some(v);
+                    n += 1;
+                }
+            }
+            (last, n)
+        });
+        std::thread::sleep(Duration::from_micros(delay_us));
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        let (last, n) = reader.join().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(status.code().is_none(), "iteration {it}: {status}: {err}");
+        if let Some(v) = last {
+            acked = v;
+        }
+        total_acks += n;
+        let (_, m) = MetaStore::open(&path).unwrap_or_else(|e| panic!("iteration {it}: {e}"));
+        let v = hot_version(&m.al);
+        assert!(
+            v >= acked && v <= acked + 1,
+            "iteration {it}: acked {acked}, loaded {v}"
+        );
+        // The log is exactly the last HOT_LOG extents of version v.
+        let want: std::collections::BTreeSet<u64> = (v.saturating_sub(HOT_LOG as u64 - 1)..=v)
+            .filter(|&i| i > 0)
+            .map(hot_extent)
+            .collect();
+        let got: std::collections::BTreeSet<u64> = m.al.iter().copied().collect();
+        assert_eq!(got, want, "iteration {it}: log of version {v}");
+        // Every write to an extent that left the log is on disk.
+        for i in 1..=v.saturating_sub(HOT_LOG as u64) {
+            let bit = hot_extent(i) * EXT + i % EXT;
+            assert!(
+                m.dirty.get(bit),
+                "iteration {it}: the bit of version {i} was lost"
+            );
+        }
+        // Extents never written hold no bits.
+        for i in v + 1..v + 50 {
+            let e = hot_extent(i);
+            assert_eq!(
+                m.dirty.count_range(e * EXT, EXT),
+                0,
+                "iteration {it}: extent {e}"
+            );
+        }
+        // The next child continues from what was loaded.
+        acked = v;
+    }
+    assert!(total_acks > 0, "no persist was acknowledged");
+    eprintln!("{iterations} kills, {total_acks} acknowledged transactions, final version {acked}");
 }

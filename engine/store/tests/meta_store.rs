@@ -1,5 +1,5 @@
-//! MetaStore: round trips, A/B alternation, corruption handling, identity
-//! checks and the I/O error latch.
+//! MetaStore: round trips, A/B superblocks, corruption handling, identity
+//! checks, the I/O error latch, and torn writes at every point of a commit.
 
 mod common;
 
@@ -61,7 +61,7 @@ fn slot_seq(path: &Path, off: u64) -> u64 {
 fn slot_len(path: &Path, off: u64) -> u64 {
     let f = File::open(path).unwrap();
     let mut b = [0u8; 4];
-    f.read_exact_at(&mut b, off + 16).unwrap();
+    f.read_exact_at(&mut b, off + 32).unwrap();
     u64::from(u32::from_le_bytes(b))
 }
 
@@ -79,11 +79,15 @@ fn create_open_round_trip() {
     let (s, got) = MetaStore::open(&path).unwrap();
     assert_eq!(got, m);
     assert_eq!(s.seq(), 1);
-    // Layout: 4 KiB superblock, two 4 KiB-aligned slots; no temp file left.
+    // Layout: 4 KiB label, two 4 KiB-aligned superblocks, the activity-log
+    // ring, then two copies of each bitmap page; no temp file left.
     let (b_off, size) = s.slot_region('B');
     assert_eq!(size % 4096, 0);
     assert_eq!(b_off, 4096 + size);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096 + 2 * size);
+    let pages = BLOCKS.div_ceil(64 * 508);
+    let ring = u64::from(msl_store::DEFAULT_RING_LEN) * 4096;
+    assert_eq!(s.file_len(), 4096 + 2 * size + ring + 2 * pages * 4096);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), s.file_len());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
@@ -111,19 +115,21 @@ fn persist_alternates_slots_and_newest_wins() {
     assert_eq!(s.next_slot(), 'B');
 }
 
-/// Byte positions in a slot: each header field, the body, and the last
-/// payload byte (the core's own trailer CRC).
+/// Byte positions in a superblock: each header field, the body, and the
+/// last payload byte (the core's own trailer CRC).
 fn positions(path: &Path, off: u64) -> Vec<(&'static str, u64)> {
     let len = slot_len(path, off);
     vec![
         ("header magic", off),
         ("header seq", off + 9),
-        ("header len", off + 16),
-        ("header slot index", off + 20),
-        ("header crc", off + 25),
-        ("body start", off + 32),
-        ("body middle", off + 32 + len / 2),
-        ("body trailer crc", off + 32 + len - 1),
+        ("header al_seq", off + 17),
+        ("header extent size", off + 25),
+        ("header len", off + 32),
+        ("header slot index", off + 36),
+        ("header crc", off + 45),
+        ("body start", off + 48),
+        ("body middle", off + 48 + len / 2),
+        ("body trailer crc", off + 48 + len - 1),
     ]
 }
 
@@ -212,15 +218,17 @@ fn valid_checksum_with_bad_content_is_not_silently_rolled_back() {
     let (path, s) = store_at(&dir, 1); // seq 2 in B
     let (b, _) = s.slot_region('B');
     drop(s);
-    let payload = b"MSLMETA\0garbage-that-is-not-metadata";
+    let payload = b"MSLMFLD\0garbage-that-is-not-metadata";
     let mut slot = Vec::new();
-    slot.extend_from_slice(b"MSLSLOT1");
-    slot.extend_from_slice(&3u64.to_le_bytes());
+    slot.extend_from_slice(b"MSLSUPB2");
+    slot.extend_from_slice(&3u64.to_le_bytes()); // seq
+    slot.extend_from_slice(&0u64.to_le_bytes()); // al_seq
+    slot.extend_from_slice(&1024u64.to_le_bytes()); // extent size
     slot.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    slot.extend_from_slice(&1u32.to_le_bytes());
+    slot.extend_from_slice(&1u32.to_le_bytes()); // slot B
+    slot.extend_from_slice(&[0; 4]);
     let crc = crc32c::crc32c_append(crc32c::crc32c(&slot), payload);
     slot.extend_from_slice(&crc.to_le_bytes());
-    slot.extend_from_slice(&[0; 4]);
     slot.extend_from_slice(payload);
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.write_all_at(&slot, b).unwrap();
@@ -263,17 +271,14 @@ fn truncated_and_foreign_files() {
     std::fs::write(&path, vec![b'x'; 20_000]).unwrap();
     let e = MetaStore::open(&path).unwrap_err();
     assert!(matches!(e, StoreError::NotMetadata { .. }), "{e}");
-    assert!(e.to_string().contains("bad superblock magic"), "{e}");
+    assert!(e.to_string().contains("bad label magic"), "{e}");
 
-    // Superblock bit flip.
+    // Label bit flip.
     std::fs::write(&path, &pristine).unwrap();
     flip(&path, 30);
     let e = MetaStore::open(&path).unwrap_err();
     assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
-    assert!(
-        e.to_string().contains("superblock checksum mismatch"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("label checksum mismatch"), "{e}");
 
     let e = MetaStore::open(&dir.join("missing")).unwrap_err();
     assert!(matches!(e, StoreError::Io { .. }), "{e}");
@@ -322,8 +327,8 @@ fn persist_refuses_foreign_or_oversized_meta_without_latching() {
     let dir = TempDir::new("refuse");
     let path = dir.join("meta");
     let opts = CreateOptions {
-        force: false,
         al_capacity: 8,
+        ..CreateOptions::default()
     };
     let mut s = MetaStore::create(&path, &base(), &opts).unwrap();
     let mut other = base();
@@ -377,8 +382,12 @@ fn create_refuses_existing_unless_forced_and_lock_excludes() {
 /// A metadata file whose writes or syncs fail on demand.
 struct Faulty {
     file: File,
-    /// Write only this many bytes, then fail (a torn write).
-    tear_at: Cell<Option<usize>>,
+    /// Tear write number `k` (counting from 0) after `n` bytes: `(k, n)`.
+    /// Earlier writes land whole.
+    tear_at: Cell<Option<(usize, usize)>>,
+    writes: Cell<usize>,
+    /// Length of each write so far.
+    lens: std::cell::RefCell<Vec<usize>>,
     fail_write: Cell<bool>,
     fail_sync: Cell<bool>,
 }
@@ -388,9 +397,14 @@ impl MetaIo for Faulty {
         self.file.read_exact_at(buf, offset)
     }
     fn pwrite_all(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if let Some(n) = self.tear_at.get() {
-            self.file.write_all_at(&buf[..n.min(buf.len())], offset)?;
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        let k = self.writes.get();
+        self.writes.set(k + 1);
+        self.lens.borrow_mut().push(buf.len());
+        if let Some((at, n)) = self.tear_at.get() {
+            if k == at {
+                self.file.write_all_at(&buf[..n.min(buf.len())], offset)?;
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
         }
         if self.fail_write.get() {
             // A torn write: half the bytes land, then EIO.
@@ -419,6 +433,8 @@ fn faulty(path: &Path) -> (MetaStore<Faulty>, Meta) {
     let io = Faulty {
         file,
         tear_at: Cell::new(None),
+        writes: Cell::new(0),
+        lens: Default::default(),
         fail_write: Cell::new(false),
         fail_sync: Cell::new(false),
     };
@@ -467,7 +483,7 @@ fn failed_torn_write_latches_and_keeps_previous() {
     s.io_fail_write();
     let e = s.persist(&sample_meta(&base(), 3)).unwrap_err();
     assert!(matches!(e, StoreError::Io { .. }), "{e}");
-    assert!(e.to_string().contains("write slot"), "{e}");
+    assert!(e.to_string().contains("write bitmap page"), "{e}");
     assert_latched(&mut s, 4);
     drop(s);
     assert_eq!(reopen(&path), sample_meta(&base(), 2));
@@ -502,48 +518,54 @@ impl FaultCtl for MetaStore<Faulty> {
 }
 
 #[test]
-fn torn_write_at_every_sector_keeps_previous_version() {
-    // A crash during the slot write leaves any prefix of it on disk: for
-    // every 512-byte boundary (and a few odd lengths) the previous version
+fn torn_write_at_every_point_of_a_commit_keeps_previous_version() {
+    // A crash during a commit leaves every earlier write of it whole and
+    // any prefix of the current one: for every write of the commit (the
+    // changed bitmap pages, then the superblock), and every 512-byte
+    // boundary (and a few odd lengths) inside it, the previous version
     // must load, and the next persist must succeed.
     let dir = TempDir::new("torn");
     let (path, s) = store_at(&dir, 4);
     drop(s);
     let pristine = std::fs::read(&path).unwrap();
     let new = sample_meta(&base(), 5);
-    let len = 32 + new.encode().len();
-    let mut cuts: Vec<usize> = (0..len).step_by(512).collect();
-    cuts.extend([1, 7, 31, 33, len / 2 + 3, len - 1]);
-    for n in cuts {
-        std::fs::write(&path, &pristine).unwrap();
-        let (mut s, _) = faulty(&path);
-        s.io().tear_at.set(Some(n));
-        assert!(s.persist(&new).is_err());
-        assert!(s.is_failed());
-        drop(s);
-        let (mut s, m) = MetaStore::open(&path).unwrap_or_else(|e| panic!("cut {n}: {e}"));
-        assert!(
-            m == sample_meta(&base(), 4),
-            "cut {n}: loaded {}",
-            m.gens.current
-        );
-        // A prefix that only rewrote identical bytes (the magic) leaves
-        // the old slot B valid; otherwise B is reported as torn.
-        if let Some((slot, why)) = s.rejected_slot() {
-            assert_eq!(slot, 'B', "cut {n}"); // v4 is seq 5 in A; v5 goes to B
+    // How many writes the commit does: run it once.
+    let (mut s, _) = faulty(&path);
+    s.persist(&new).unwrap();
+    let lens = s.io().lens.borrow().clone();
+    let writes = lens.len();
+    assert!(writes >= 2, "pages and the superblock: {writes}");
+    drop(s);
+    let mut cuts: Vec<usize> = (0..4096).step_by(512).collect();
+    cuts.extend([1, 7, 31, 33, 47, 49, 2051, 4095]);
+    for (k, &len) in lens.iter().enumerate() {
+        // A cut at or past the write's end is no tear.
+        for &n in cuts.iter().filter(|&&n| n < len) {
+            std::fs::write(&path, &pristine).unwrap();
+            let (mut s, _) = faulty(&path);
+            s.io().tear_at.set(Some((k, n)));
+            assert!(s.persist(&new).is_err());
+            assert!(s.is_failed());
+            drop(s);
+            let (mut s, m) =
+                MetaStore::open(&path).unwrap_or_else(|e| panic!("write {k} cut {n}: {e}"));
             assert!(
-                why.contains("checksum mismatch") || why.contains("bad slot magic"),
-                "cut {n}: {why}"
+                m == sample_meta(&base(), 4),
+                "write {k} cut {n}: loaded {}",
+                m.gens.current
             );
+            // Only the superblock write (the last) can leave B torn.
+            if k + 1 == writes && n > 8 {
+                let (slot, why) = s.rejected_slot().expect("torn superblock reported");
+                assert_eq!(slot, 'B', "write {k} cut {n}"); // v4 is seq 5 in A
+                assert!(
+                    why.contains("checksum mismatch") || why.contains("bad superblock magic"),
+                    "write {k} cut {n}: {why}"
+                );
+            }
+            s.persist(&new).unwrap();
+            drop(s);
+            assert!(reopen(&path) == new, "write {k} cut {n}");
         }
-        if n > 8 {
-            assert!(
-                s.rejected_slot().is_some(),
-                "cut {n}: torn slot not reported"
-            );
-        }
-        s.persist(&new).unwrap();
-        drop(s);
-        assert!(reopen(&path) == new, "cut {n}");
     }
 }

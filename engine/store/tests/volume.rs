@@ -5,7 +5,7 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 
 use common::TempDir;
-use msl_store::{StoreError, Volume, VolumeKind};
+use msl_store::{StoreError, Volume, VolumeKind, VolumeOptions};
 
 const SIZE: u64 = 8 << 20;
 
@@ -137,4 +137,45 @@ fn out_of_range_is_refused_without_latching() {
     }
     assert!(!v.is_failed());
     v.write_at(&buf, SIZE - 512, false).unwrap();
+}
+
+#[test]
+fn thin_volume_of_a_tebibyte_and_its_data_ranges() {
+    let dir = TempDir::new("vol-thin");
+    let path = dir.join("vol");
+    let tib = 1u64 << 40;
+    let thin = VolumeOptions { preallocate: false };
+    let v = Volume::open_with(&path, tib, &thin).unwrap();
+    assert_eq!(v.size(), tib);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), tib);
+    assert!(
+        v.allocated_bytes().unwrap() < 1 << 20,
+        "thin: nothing allocated"
+    );
+    assert_eq!(v.next_data(0).unwrap(), None, "all holes");
+    assert!(v.is_hole(0, tib).unwrap());
+    // Two written ranges far apart.
+    let (a, b) = (tib / 2 + 8192, tib - 3 * 4096);
+    v.write_at(&pattern(4096, 1), a, false).unwrap();
+    v.write_at(&pattern(8192, 2), b, false).unwrap();
+    v.flush().unwrap();
+    let (s, e) = v.next_data(0).unwrap().unwrap();
+    assert!(s <= a && e >= a + 4096 && e < b, "{s}..{e}");
+    let (s2, e2) = v.next_data(e).unwrap().unwrap();
+    assert!(s2 <= b && e2 >= b + 8192 && e2 <= tib, "{s2}..{e2}");
+    assert_eq!(v.next_data(e2).unwrap(), None);
+    assert!(v.is_hole(0, a - 4096).unwrap());
+    assert!(!v.is_hole(0, a + 1).unwrap());
+    assert_eq!(read(&v, a, 4096), pattern(4096, 1));
+    assert_eq!(read(&v, a - 4096, 4096), vec![0; 4096]);
+    // A trimmed range becomes a hole again.
+    v.trim(a, 4096).unwrap();
+    let (s3, _) = v.next_data(0).unwrap().unwrap();
+    assert!(s3 > a, "{s3}");
+    assert!(v.allocated_bytes().unwrap() < 1 << 20);
+    drop(v);
+    // Preallocated (the default) allocates the whole file.
+    let path = dir.join("full");
+    let v = Volume::open(&path, SIZE).unwrap();
+    assert!(v.allocated_bytes().unwrap() >= SIZE);
 }
