@@ -454,7 +454,9 @@ impl<H: Host> Driver<H> {
                     to.send(result);
                 }
             }
-            Action::Notify(n) => self.notifier.notify(EventRecord::new(self.node_id, &n)),
+            Action::Notify(n) => self
+                .notifier
+                .notify(EventRecord::new(self.node_id, &n).with_peer(self.node.config().peer_id)),
             Action::ServiceAddress { hold } => self.host.service_address(hold),
             Action::Restart => return Some(Exit::Restart),
         }

@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use msl_control::Event;
 use msl_core::Notice;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 /// One event as delivered to administrators.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,11 +32,33 @@ pub struct EventRecord {
     pub kind: &'static str,
     /// Human-readable text.
     pub message: String,
+    /// Structured fields beside the text (`role`, `generation`, `peer`,
+    /// `reason`, `path`, `strategy`, `rule`, `remaining`, `total`, ...).
+    pub fields: Map<String, Value>,
 }
 
 impl EventRecord {
     pub fn new(node_id: u16, notice: &Notice) -> Self {
-        Self::now(node_id, notice.kind(), notice.to_string())
+        let mut rec = Self::now(node_id, notice.kind(), notice.to_string());
+        rec.fields = notice_fields(notice);
+        rec
+    }
+
+    /// Name the peer (`peer` field) of the event.
+    pub fn with_peer(mut self, peer: u16) -> Self {
+        self.fields.insert("peer".into(), peer.into());
+        self
+    }
+
+    /// The event as it goes over the control socket.
+    pub fn to_event(&self) -> Event {
+        Event {
+            ts_ms: self.unix_ms,
+            node: self.node_id,
+            event: self.kind.into(),
+            message: self.message.clone(),
+            fields: self.fields.clone(),
+        }
     }
 
     /// A daemon event that is not a core notice (for example `bad_auth`).
@@ -48,6 +71,7 @@ impl EventRecord {
             node_id,
             kind,
             message,
+            fields: Map::new(),
         }
     }
 
@@ -116,9 +140,85 @@ impl EventHub {
     }
 }
 
-/// An event as JSON.
+/// An event as JSON (the control socket's [`Event`]).
 pub fn event_json(rec: &EventRecord) -> Value {
-    json!({"ts_ms": rec.unix_ms, "node": rec.node_id, "event": rec.kind, "message": rec.message})
+    serde_json::to_value(rec.to_event()).unwrap_or(Value::Null)
+}
+
+fn lower<T: std::fmt::Debug>(v: T) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+fn snake<T: std::fmt::Debug>(v: T) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{v:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The structured fields of a core notice.
+pub fn notice_fields(n: &Notice) -> Map<String, Value> {
+    let gen = |g: &u64| Value::from(format!("{g:016x}"));
+    let v = match n {
+        Notice::RoleChanged {
+            role,
+            generation,
+            reason,
+        } => json!({"role": lower(role), "generation": gen(generation), "reason": reason}),
+        Notice::PeerLost { path } | Notice::PeerFound { path } => json!({"path": lower(path)}),
+        Notice::MslLinkDown | Notice::MslLinkUp => json!({"path": "msl"}),
+        Notice::PeerDown { peer_was } => json!({"peer_role": lower(peer_was)}),
+        Notice::Degraded { reason }
+        | Notice::CannotTakeOver { reason }
+        | Notice::SwitchoverStarted { reason }
+        | Notice::VerifyAborted { reason } => json!({"reason": reason}),
+        Notice::Takeover { generation, reason } => {
+            json!({"role": "primary", "generation": gen(generation), "reason": reason})
+        }
+        Notice::MirrorShutDown => json!({"disk": "outdated"}),
+        Notice::Connected { strategy, rule } | Notice::Refused { strategy, rule } => {
+            json!({"strategy": snake(strategy), "rule": snake(rule)})
+        }
+        Notice::ResyncStarted {
+            source,
+            blocks,
+            full,
+        } => json!({"source": source, "remaining": blocks, "total": blocks, "full": full}),
+        Notice::ResyncProgress {
+            source,
+            remaining,
+            total,
+        } => json!({"source": source, "remaining": remaining, "total": total}),
+        Notice::ResyncFinished { source, blocks } => {
+            json!({"source": source, "remaining": 0, "total": blocks})
+        }
+        Notice::SwitchoverDone { new_primary } => json!({"new_primary": new_primary}),
+        Notice::AdapterHealth { adapter, working } => {
+            json!({"adapter": adapter, "working": working})
+        }
+        Notice::VerifyStarted {
+            start_block,
+            blocks,
+        } => json!({"start_block": start_block, "total": blocks}),
+        Notice::VerifyFinished {
+            checked,
+            differing,
+            first,
+        } => json!({"checked": checked, "differing": differing, "first": first}),
+        Notice::DiskFailed { what } | Notice::Warning { what } => json!({"reason": what}),
+    };
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
 }
 
 /// Counters for status and metrics.
@@ -200,6 +300,7 @@ fn run(rx: Receiver<EventRecord>, sinks: Sinks, counters: Arc<NotifyCounters>) {
                 message: format!(
                     "{dropped} events were dropped because the notification queue was full"
                 ),
+                fields: Map::new(),
             };
             deliver(&note, &sinks, &counters);
         }
@@ -282,6 +383,7 @@ mod tests {
             node_id: 2,
             kind: "takeover",
             message: "took over \"now\"\nreally".into(),
+            fields: Map::new(),
         };
         assert_eq!(
             r.log_line(),
