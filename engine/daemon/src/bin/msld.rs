@@ -6,27 +6,12 @@
 //! 0 after a clean stop (SIGTERM/SIGINT), 75 when the core asks to restart
 //! as secondary (the supervisor starts it again), 1 on a start-up error.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use msl_daemon::cli::Args;
 use msl_daemon::config::DaemonConfig;
 use msl_daemon::input::{Exit, Input};
-
-#[derive(Parser)]
-#[command(name = "msld", about = "msl mirroring daemon (one node of a pair)")]
-struct Args {
-    /// The node's configuration file (TOML).
-    #[arg(long)]
-    config: PathBuf,
-    /// On first start (no metadata yet): declare this node's volume the
-    /// authoritative data of the pair. Give it on exactly one node.
-    #[arg(long)]
-    initial_primary: bool,
-    /// Check the configuration and exit.
-    #[arg(long)]
-    check: bool,
-}
 
 /// Exit code asking the supervisor to start msld again.
 const EXIT_RESTART: u8 = 75;
