@@ -33,7 +33,7 @@ use crate::inbox::{Drained, Inbox, InboxRx, Runner};
 use crate::input::{Block, Exit, Input, ReplyTo};
 use crate::lan::{lan_auth_failures, LanPath};
 use crate::msl::{Frame, FrameEncoder, MslTx, SendMode};
-use crate::notify::{EventRecord, Notifier};
+use crate::notify::{EventRecord, Notifier, ServiceManager};
 
 /// Hooks the driver calls for things outside the node (service address).
 pub trait Host: Send {
@@ -84,6 +84,9 @@ pub struct Driver<H: Host> {
     exit: Option<Exit>,
     /// The first tick has run.
     started: bool,
+    /// systemd: readiness, status line and watchdog, fed from here (the
+    /// core thread), so a hung core stops feeding the watchdog.
+    service: ServiceManager,
 }
 
 /// Inputs handled back to back before a held ACK goes out regardless.
@@ -151,6 +154,7 @@ impl<H: Host> Driver<H> {
             internal: VecDeque::new(),
             exit: None,
             started: false,
+            service: ServiceManager::from_env(),
             house: Housekeeping {
                 next: epoch,
                 resync_sample: None,
@@ -194,12 +198,14 @@ impl<H: Host> Driver<H> {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
+        self.service.alive(now);
         if now < self.house.next {
             return;
         }
         self.house.next = now + Duration::from_secs(1);
         // Resync rate: blocks done since the last sample, smoothed.
         let st = self.node.status();
+        self.service.state(&st);
         let bs = u64::from(self.node.config().block_size);
         if st.resync_total > 0 {
             if let Some((t, left)) = self.house.resync_sample {
@@ -464,6 +470,7 @@ impl<H: Host> Driver<H> {
     }
 
     fn finish_core(&mut self, exit: Exit) -> Exit {
+        self.service.stopping();
         if exit == Exit::Stopped {
             let _ = self.volume.flush();
             self.node.shutdown();

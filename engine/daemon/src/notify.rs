@@ -361,6 +361,129 @@ fn run_command(cmd: &PathBuf, rec: &EventRecord, timeout: Duration) -> bool {
     }
 }
 
+/// The service manager (systemd `Type=notify`): `READY=1` once the core
+/// runs, `STATUS=` with the role and sync state when they change,
+/// `WATCHDOG=1` while the core thread keeps running, `STOPPING=1`. Without
+/// `NOTIFY_SOCKET` in the environment every call does nothing.
+#[derive(Debug)]
+pub struct ServiceManager {
+    enabled: bool,
+    ready: bool,
+    status: String,
+    /// Feed the watchdog this often (half of `WATCHDOG_USEC`).
+    watchdog: Option<Duration>,
+    next_watchdog: Instant,
+}
+
+impl ServiceManager {
+    /// From the environment systemd gives the service.
+    pub fn from_env() -> Self {
+        let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
+        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        // As sd_watchdog_enabled(3): WATCHDOG_USEC, for this process if
+        // WATCHDOG_PID names one.
+        let usec = var("WATCHDOG_USEC").filter(|&u| u > 0);
+        let ours = var("WATCHDOG_PID").is_none_or(|p| p == u64::from(std::process::id()));
+        let watchdog = usec
+            .filter(|_| enabled && ours)
+            .map(|u| Duration::from_micros(u / 2));
+        ServiceManager {
+            enabled,
+            ready: false,
+            status: String::new(),
+            watchdog,
+            next_watchdog: Instant::now(),
+        }
+    }
+
+    /// A manager that never sends (tests, no systemd).
+    pub fn disabled() -> Self {
+        ServiceManager {
+            enabled: false,
+            ready: false,
+            status: String::new(),
+            watchdog: None,
+            next_watchdog: Instant::now(),
+        }
+    }
+
+    /// The watchdog interval systemd asked for, halved (None: no watchdog).
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        self.watchdog
+    }
+
+    /// Called from the loop that runs the core: feeds the watchdog when
+    /// due. Cheap when nothing is due.
+    pub fn alive(&mut self, now: Instant) {
+        if let Some(every) = self.watchdog {
+            if now >= self.next_watchdog {
+                self.next_watchdog = now + every;
+                self.send(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }
+
+    /// Called with the core's status (about once a second): `READY=1` the
+    /// first time, `STATUS=` whenever the text changes.
+    pub fn state(&mut self, st: &msl_core::node::Status) {
+        let text = status_line(st);
+        if !self.ready {
+            self.ready = true;
+            self.status = text;
+            self.send(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&self.status.clone()),
+            ]);
+        } else if text != self.status {
+            self.status = text;
+            self.send(&[sd_notify::NotifyState::Status(&self.status.clone())]);
+        }
+    }
+
+    /// The daemon is stopping.
+    pub fn stopping(&self) {
+        self.send(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping"),
+        ]);
+    }
+
+    fn send(&self, state: &[sd_notify::NotifyState]) {
+        if self.enabled {
+            let _ = sd_notify::notify(false, state);
+        }
+    }
+}
+
+/// The one-line `STATUS=` text: role, disk and sync state.
+pub fn status_line(st: &msl_core::node::Status) -> String {
+    let role = lower(st.role);
+    let mut s = format!("{role}, disk {}", lower(st.disk));
+    if st.failed {
+        s.push_str(", FAILED");
+    }
+    if st.resync_total > 0 && st.resync_remaining > 0 {
+        let done = st.resync_total - st.resync_remaining.min(st.resync_total);
+        s.push_str(&format!(
+            ", resync {} {}% ({} of {} blocks left)",
+            if st.resync_source { "to" } else { "from" },
+            done * 100 / st.resync_total,
+            st.resync_remaining,
+            st.resync_total
+        ));
+    } else if st.in_sync {
+        s.push_str(&format!(", in sync with node {}", st.peer_id));
+    } else if st.connected {
+        s.push_str(&format!(", connected to node {}, not in sync", st.peer_id));
+    } else {
+        s.push_str(&format!(", node {} not connected", st.peer_id));
+    }
+    if st.switching {
+        s.push_str(", switchover under way");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

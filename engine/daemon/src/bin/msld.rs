@@ -27,16 +27,27 @@ fn run(args: Args) -> Result<Exit, String> {
     }
     let daemon = msl_daemon::assemble(&cfg, args.initial_primary)?;
 
-    // Signals: a clean stop.
+    // Signals: SIGTERM/SIGINT are a clean stop; SIGHUP (systemd's
+    // ExecReload) must not kill msld: it is logged and otherwise ignored
+    // until the configuration can be reloaded.
     let sig_inputs = daemon.inputs.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                eprintln!(
+                    "msld: SIGHUP: reloading the configuration is not supported yet; ignored"
+                );
+                continue;
+            }
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
             let _ = sig_inputs.send(Input::Stop);
+            return;
         }
     });
     Ok(daemon.run())
