@@ -62,9 +62,10 @@ pub struct Driver<H: Host> {
     notifier: Notifier,
     host: H,
     shared: Arc<Shared>,
-    /// Waiting client requests: where the answer goes, and the bytes a
-    /// successful write adds to `client_bytes_written`.
-    replies: HashMap<u64, (ReplyTo, u64)>,
+    /// Waiting client requests: where the answer goes, the bytes a
+    /// successful write adds to `client_bytes_written`, and when a write
+    /// arrived (its latency goes to the metrics histogram).
+    replies: HashMap<u64, (ReplyTo, u64, Option<Instant>)>,
     next_req: u64,
     epoch: Instant,
     node_id: u16,
@@ -317,7 +318,8 @@ impl<H: Host> Driver<H> {
                     IoKind::Write => count * u64::from(self.node.config().block_size),
                     _ => 0,
                 };
-                self.replies.insert(req, (reply, bytes));
+                let since = matches!(kind, IoKind::Write).then(Instant::now);
+                self.replies.insert(req, (reply, bytes, since));
                 Event::ClientWrite {
                     req,
                     block,
@@ -330,7 +332,7 @@ impl<H: Host> Driver<H> {
             Input::Flush { reply } => {
                 let req = self.next_req;
                 self.next_req += 1;
-                self.replies.insert(req, (ReplyTo::Wait(reply), 0));
+                self.replies.insert(req, (ReplyTo::Wait(reply), 0, None));
                 Event::ClientFlush { req }
             }
         }))
@@ -451,7 +453,10 @@ impl<H: Host> Driver<H> {
                 }
             }
             Action::Reply { req, result } => {
-                if let Some((to, bytes)) = self.replies.remove(&req) {
+                if let Some((to, bytes, since)) = self.replies.remove(&req) {
+                    if let (Ok(_), Some(t)) = (&result, since) {
+                        crate::metrics::client_write_latency().record(t.elapsed());
+                    }
                     if result.is_ok() && bytes > 0 {
                         self.shared
                             .client_bytes_written
@@ -482,7 +487,7 @@ impl<H: Host> Driver<H> {
         // Whatever the core said last (a restart's handover) goes out.
         self.send_held_ack();
         self.msl_tx.send(&mut self.out, SendMode::Queue);
-        for (_, (to, _)) in self.replies.drain() {
+        for (_, (to, _, _)) in self.replies.drain() {
             to.send(Err(ClientError::NotPrimary));
         }
         exit
