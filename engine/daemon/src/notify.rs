@@ -230,6 +230,60 @@ pub struct NotifyCounters {
     pub command_failures: AtomicU64,
 }
 
+/// Which events run the notification command. Console, log file and
+/// `mslctl events` get every event regardless.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandPolicy {
+    /// Event names (`takeover`, `peer_down`, ...) that run the command;
+    /// `None` runs it for every event (config key `notify_events`).
+    pub events: Option<Vec<String>>,
+    /// Progress events (`resync_progress`) run the command at most once
+    /// per this long (config key `notify_progress_interval_s`); the start
+    /// and end of a resync always do.
+    pub progress_interval: Duration,
+}
+
+/// Default for [`CommandPolicy::progress_interval`].
+pub const PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Event names that report progress (rate-limited for the command).
+pub const PROGRESS_EVENTS: [&str; 1] = ["resync_progress"];
+
+impl Default for CommandPolicy {
+    fn default() -> Self {
+        CommandPolicy {
+            events: None,
+            progress_interval: PROGRESS_NOTIFY_INTERVAL,
+        }
+    }
+}
+
+/// The command's gate: the policy and when a progress event last ran it.
+struct CommandGate {
+    policy: CommandPolicy,
+    last_progress: Option<Instant>,
+}
+
+impl CommandGate {
+    fn admits(&mut self, kind: &str, now: Instant) -> bool {
+        if let Some(events) = &self.policy.events {
+            if !events.iter().any(|e| e == kind) {
+                return false;
+            }
+        }
+        if PROGRESS_EVENTS.contains(&kind) {
+            if self
+                .last_progress
+                .is_some_and(|t| now.duration_since(t) < self.policy.progress_interval)
+            {
+                return false;
+            }
+            self.last_progress = Some(now);
+        }
+        true
+    }
+}
+
 /// Handle the daemon's threads use to report events.
 pub struct Notifier {
     tx: Option<SyncSender<EventRecord>>,
@@ -238,14 +292,26 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Start the worker; `capacity` bounds the queue.
+    /// Start the worker; `capacity` bounds the queue. The command runs
+    /// under the default [`CommandPolicy`] (every event, progress at most
+    /// once a minute).
     pub fn start(sinks: Sinks, capacity: usize) -> Self {
+        Self::start_with(sinks, capacity, CommandPolicy::default())
+    }
+
+    /// As [`Notifier::start`], with the command's event filter and
+    /// progress rate limit.
+    pub fn start_with(sinks: Sinks, capacity: usize, policy: CommandPolicy) -> Self {
         let (tx, rx) = sync_channel(capacity.max(1));
         let counters = Arc::new(NotifyCounters::default());
         let c = counters.clone();
+        let gate = CommandGate {
+            policy,
+            last_progress: None,
+        };
         let worker = std::thread::Builder::new()
             .name("msl-notify".into())
-            .spawn(move || run(rx, sinks, c))
+            .spawn(move || run(rx, sinks, c, gate))
             .ok();
         Notifier {
             tx: Some(tx),
@@ -286,10 +352,15 @@ impl Drop for Notifier {
     }
 }
 
-fn run(rx: Receiver<EventRecord>, sinks: Sinks, counters: Arc<NotifyCounters>) {
+fn run(
+    rx: Receiver<EventRecord>,
+    sinks: Sinks,
+    counters: Arc<NotifyCounters>,
+    mut gate: CommandGate,
+) {
     let mut reported_drops = 0;
     while let Ok(rec) = rx.recv() {
-        deliver(&rec, &sinks, &counters);
+        deliver(&rec, &sinks, &counters, &mut gate);
         let dropped = counters.dropped.load(Ordering::Relaxed);
         if dropped > reported_drops {
             reported_drops = dropped;
@@ -302,12 +373,12 @@ fn run(rx: Receiver<EventRecord>, sinks: Sinks, counters: Arc<NotifyCounters>) {
                 ),
                 fields: Map::new(),
             };
-            deliver(&note, &sinks, &counters);
+            deliver(&note, &sinks, &counters, &mut gate);
         }
     }
 }
 
-fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters) {
+fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters, gate: &mut CommandGate) {
     if let Some(hub) = &sinks.hub {
         hub.publish(rec);
     }
@@ -324,7 +395,11 @@ fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters) {
             counters.log_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if let Some(cmd) = &sinks.command {
+    if let Some(cmd) = sinks
+        .command
+        .as_ref()
+        .filter(|_| gate.admits(rec.kind, Instant::now()))
+    {
         if !run_command(cmd, rec, sinks.command_timeout) {
             counters.command_failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -333,9 +408,20 @@ fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters) {
 }
 
 /// Run the notification command with the event in its environment:
-/// `MSL_EVENT`, `MSL_MESSAGE`, `MSL_NODE`, `MSL_TIME_MS`.
+/// `MSL_EVENT`, `MSL_MESSAGE`, `MSL_NODE`, `MSL_TIME_MS`, and each
+/// structured field as `MSL_<FIELD>` (`MSL_ROLE`, `MSL_PEER`,
+/// `MSL_REMAINING`, ...).
 fn run_command(cmd: &PathBuf, rec: &EventRecord, timeout: Duration) -> bool {
-    let child = Command::new(cmd)
+    let mut c = Command::new(cmd);
+    for (k, v) in &rec.fields {
+        let v = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            v => v.to_string(),
+        };
+        c.env(format!("MSL_{}", k.to_uppercase()), v);
+    }
+    let child = c
         .env("MSL_EVENT", rec.kind)
         .env("MSL_MESSAGE", &rec.message)
         .env("MSL_NODE", rec.node_id.to_string())
@@ -586,5 +672,66 @@ mod tests {
         );
         let log = std::fs::read_to_string(dir.path().join("msld.log")).unwrap();
         assert!(log.contains("event=events_dropped"), "{log}");
+    }
+
+    #[test]
+    fn test_command_filtered_and_progress_rate_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cmd.out");
+        let script = dir.path().join("notify.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$MSL_EVENT $MSL_REMAINING\" >> {}\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let policy = CommandPolicy {
+            events: Some(vec![
+                "resync_started".into(),
+                "resync_progress".into(),
+                "resync_finished".into(),
+            ]),
+            progress_interval: Duration::from_secs(3600),
+        };
+        let n = Notifier::start_with(sinks(dir.path(), Some(script)), 64, policy);
+        n.notify(EventRecord::new(1, &Notice::PeerLost { path: Path::Msl }));
+        n.notify(EventRecord::new(
+            1,
+            &Notice::ResyncStarted {
+                source: true,
+                blocks: 100,
+                full: false,
+            },
+        ));
+        for remaining in [90, 80, 70, 60] {
+            n.notify(EventRecord::new(
+                1,
+                &Notice::ResyncProgress {
+                    source: true,
+                    remaining,
+                    total: 100,
+                },
+            ));
+        }
+        n.notify(EventRecord::new(
+            1,
+            &Notice::ResyncFinished {
+                source: true,
+                blocks: 100,
+            },
+        ));
+        n.shutdown();
+        let cmd = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            cmd, "resync_started 100\nresync_progress 90\nresync_finished 0\n",
+            "filtered (no peer_lost), one progress run per interval"
+        );
+        // The log file still has every event.
+        let log = std::fs::read_to_string(dir.path().join("msld.log")).unwrap();
+        assert_eq!(log.lines().count(), 7, "{log}");
     }
 }
