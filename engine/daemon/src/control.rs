@@ -161,7 +161,7 @@ fn command(inputs: &Inbox, req: &Request) -> Answer {
         Verdict::Refused(why) => {
             return Answer {
                 cmd: Some(req.name().into()),
-                ..Answer::refused(format!("{} refused: {why}", req.name()))
+                ..Answer::refused(why)
             }
         }
         Verdict::Nothing(note) => (None, Some(note)),
@@ -190,7 +190,8 @@ enum Verdict {
     Run(AdminCmd),
     /// Already done: nothing to pass on.
     Nothing(&'static str),
-    /// Refused, with the reason.
+    /// Refused, with the reason (`"<cmd> refused..."`, the core's words
+    /// where the core has them).
     Refused(&'static str),
 }
 
@@ -200,13 +201,13 @@ fn verdict(req: &Request, s: &Status) -> Verdict {
     match *req {
         Request::Promote { force } => {
             if s.failed {
-                Verdict::Refused("this node's disk or metadata failed")
+                Verdict::Refused("promote refused: this node's disk or metadata failed")
             } else if primary {
                 Verdict::Nothing("already primary")
             } else if s.peer_role == Some(Role::Primary) && (s.msl_alive || s.lan_alive) && !force {
-                Verdict::Refused("the peer is primary and alive")
+                Verdict::Refused("promote refused: the peer is primary and alive")
             } else if s.disk != DiskState::UpToDate && !force {
-                Verdict::Refused("local data is not up to date (use force)")
+                Verdict::Refused("promote refused: local data is not up to date (use force)")
             } else {
                 run(AdminCmd::Promote { force })
             }
@@ -217,20 +218,20 @@ fn verdict(req: &Request, s: &Status) -> Verdict {
             if primary && s.in_sync && !s.switching {
                 run(AdminCmd::Switchover)
             } else {
-                Verdict::Refused("this node is not an in-sync primary")
+                Verdict::Refused("switchover refused: this node is not an in-sync primary")
             }
         }
         Request::Disconnect => run(AdminCmd::Disconnect),
         Request::Connect => {
             if s.failed {
-                Verdict::Refused("this node's disk or metadata failed")
+                Verdict::Refused("connect refused: this node's disk or metadata failed")
             } else {
                 run(AdminCmd::Connect)
             }
         }
         Request::Invalidate => {
             if primary {
-                Verdict::Refused("this node is primary: invalidate the secondary")
+                Verdict::Refused("invalidate refused on the primary")
             } else {
                 run(AdminCmd::Invalidate)
             }
@@ -241,11 +242,11 @@ fn verdict(req: &Request, s: &Status) -> Verdict {
             resync,
         } => {
             if !primary {
-                Verdict::Refused("verify runs on the primary: ask the other node")
+                Verdict::Refused("verify refused: verify runs on the primary: ask the other node")
             } else if !s.in_sync {
-                Verdict::Refused("the pair is not connected and in sync")
+                Verdict::Refused("verify refused: the pair is not connected and in sync")
             } else if s.verify.active {
-                Verdict::Refused("a verify is already running")
+                Verdict::Refused("verify refused: a verify is already running")
             } else {
                 run(AdminCmd::Verify {
                     start_block,
@@ -304,7 +305,7 @@ mod tests {
         peer_primary.lan_alive = true;
         assert_eq!(
             verdict(&promote, &peer_primary),
-            Verdict::Refused("the peer is primary and alive")
+            Verdict::Refused("promote refused: the peer is primary and alive")
         );
         assert_eq!(
             verdict(&Request::Promote { force: true }, &peer_primary),
