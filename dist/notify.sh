@@ -6,6 +6,12 @@
 #   MSL_MESSAGE  the text
 #   MSL_NODE     this node's id
 #   MSL_TIME_MS  when, in milliseconds since the Unix epoch
+#   MSL_<FIELD>  the event's structured fields, as they apply: MSL_ROLE,
+#                MSL_GENERATION, MSL_PEER, MSL_REASON, MSL_PATH,
+#                MSL_STRATEGY, MSL_RULE, MSL_REMAINING, MSL_TOTAL, ...
+#
+# Which events run it: notify_events (all when unset); resync progress
+# runs it at most once per notify_progress_interval_s (default 60 s).
 #
 # msld kills it after a few seconds and never waits for it on the data
 # path: keep it short. This example sends what an administrator must act

@@ -9,9 +9,7 @@
 #   scripts/package.sh --test     build it, install it here, run msld, mslctl
 #                                 and man from the package, then purge it
 #
-# Needs cargo-deb (installed from crates.io at a pinned version if missing)
-# and help2man (msld's man page, until msld's clap definition is reachable
-# by the generator).
+# Needs cargo-deb (installed from crates.io at a pinned version if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,13 +18,6 @@ t0=$(date +%s)
 
 if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
     cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
-fi
-if ! command -v help2man >/dev/null 2>&1; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "package.sh: need help2man (apt-get install help2man)" >&2
-        exit 1
-    fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends help2man
 fi
 
 echo "== build (release)"
@@ -41,16 +32,8 @@ cargo run --release -q -p mslctl --features gen-docs --bin mslctl-gen-docs -- "$
 mv "$out"/gen/man/*.8 "$out/man/"
 mv "$out"/gen/completions/* "$out/completions/"
 rm -rf "$out/gen"
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
-# msld's man page from its --help (help2man), until the generator can
-# reach msld's clap definition.
-help2man --no-info --section 8 --name "msl mirroring daemon (one node of a pair)" \
-    --version-string "$version" --manual msl --source "msl $version" \
-    --output "$out/man/msld.8" "${CARGO_TARGET_DIR:-target}/release/msld"
 gzip -9n "$out"/man/*.8
-# The unit as installed by the package: binaries in /usr/bin.
-sed -e 's|/usr/local/bin/|/usr/bin/|g' -e 's|/usr/local/share/doc/|/usr/share/doc/|g' \
-    dist/msld@.service >"$out/msld@.service"
+cp dist/msld@.service "$out/msld@.service"
 
 echo "== package"
 # --no-strip: the release profile already dropped debug info and keeps
@@ -67,14 +50,11 @@ if [ "${1:-}" = "--test" ]; then
     dpkg -i "$deb"
     trap 'dpkg --purge msl >/dev/null' EXIT
     test -x /usr/bin/msld && test -x /usr/bin/mslctl
-    if /usr/bin/msld --version >/dev/null 2>&1; then
-        /usr/bin/msld --version
-    else
-        /usr/bin/msld --help | head -n 1
-    fi
+    /usr/bin/msld --version
     /usr/bin/mslctl --version
     man -w mslctl msld mslctl-promote
     test -f /usr/share/bash-completion/completions/mslctl
+    test -f /usr/share/bash-completion/completions/msld
     test -f /lib/systemd/system/msld@.service
     grep -q '^ExecStart=/usr/bin/msld ' /lib/systemd/system/msld@.service
     test -x /etc/msl/notify.sh

@@ -1,11 +1,11 @@
 //! The control socket `mslctl` talks to: a Unix stream socket, mode 0600
 //! (root only), one JSON request per line, one JSON answer per line.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"events"}` (then a stream of event
-//! lines until the client hangs up), and the admin commands
-//! `promote` (with `"force":true|false`), `demote`, `switchover`,
-//! `disconnect`, `connect`, `invalidate`. Answers carry `"ok"`; failures say
-//! why in `"error"`.
+//! The JSON is `msl_control`'s: a [`Request`] per line, an [`Answer`] per
+//! line; `events` streams `msl_control::Event` lines (text and structured
+//! fields) until the client hangs up. State-changing commands are judged
+//! against the core's state before they are passed on, so the answer is the
+//! verdict: `"refused":true` with the reason in `"error"`, or `"ok":true`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -16,8 +16,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use msl_control::proto::MAX_REQUEST_BYTES;
+use msl_control::{Answer, Request};
+use msl_core::node::Status;
 use msl_core::AdminCmd;
-use serde_json::{json, Value};
+use msl_wire::{DiskState, Role};
 
 use crate::inbox::Inbox;
 use crate::input::Input;
@@ -104,159 +107,270 @@ fn serve_conn(conn: UnixStream, inputs: &Inbox, hub: &EventHub, tel: &Telemetry)
         let Ok(line) = line else {
             return;
         };
-        if line.len() > 4096 {
-            let _ = writeln!(out, "{}", json!({"ok": false, "error": "request too long"}));
-            return;
-        }
-        let answer = match serde_json::from_str::<Value>(&line) {
-            Err(e) => json!({"ok": false, "error": format!("not JSON: {e}")}),
-            Ok(req) => match req.get("cmd").and_then(Value::as_str) {
-                Some("status") => match core_status(inputs) {
-                    Some(s) => json!({"ok": true, "status": status_json(&s, tel)}),
-                    None => json!({"ok": false, "error": "the daemon's core did not answer"}),
+        let too_long = line.len() > MAX_REQUEST_BYTES;
+        let answer = match Request::parse_line(&line) {
+            Err(e) => Answer::error(e),
+            Ok(Request::Status) => match core_status(inputs) {
+                Some(s) => Answer {
+                    status: Some(status_json(&s, tel)),
+                    ..Answer::ok()
                 },
-                Some("events") => {
-                    let rx = hub.subscribe();
-                    if writeln!(out, "{}", json!({"ok": true, "streaming": true})).is_err() {
-                        return;
-                    }
-                    while let Ok(ev) = rx.recv() {
-                        if writeln!(out, "{ev}").is_err() {
-                            return;
-                        }
-                    }
+                None => Answer::error(NO_CORE),
+            },
+            Ok(Request::Events) => {
+                let rx = hub.subscribe();
+                let confirm = Answer {
+                    streaming: Some(true),
+                    ..Answer::ok()
+                };
+                if writeln!(out, "{}", to_line(&confirm)).is_err() {
                     return;
                 }
-                Some("verify") => verify(inputs, &req),
-                Some(cmd) => match admin(cmd, &req) {
-                    Some(a) => match inputs.send(Input::Admin(a)) {
-                        Ok(()) => {
-                            json!({"ok": true, "cmd": cmd, "note": "watch `mslctl events` for the outcome"})
-                        }
-                        Err(_) => json!({"ok": false, "error": "the daemon is shutting down"}),
-                    },
-                    None => json!({"ok": false, "error": format!("unknown command `{cmd}`")}),
-                },
-                None => json!({"ok": false, "error": "missing \"cmd\""}),
-            },
+                while let Ok(ev) = rx.recv() {
+                    if writeln!(out, "{ev}").is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            Ok(req) => command(inputs, &req),
         };
-        if writeln!(out, "{answer}").is_err() {
+        if writeln!(out, "{}", to_line(&answer)).is_err() || too_long {
             return;
         }
     }
 }
 
-/// Start an online verify: refused at once (with the reason) unless this
-/// node is an in-sync primary with no verify running; progress and result
-/// are then in `status.verify`.
-fn verify(inputs: &Inbox, req: &Value) -> Value {
+const NO_CORE: &str = "the daemon's core did not answer";
+
+fn to_line(a: &Answer) -> String {
+    serde_json::to_string(a)
+        .unwrap_or_else(|_| r#"{"ok":false,"error":"unencodable answer"}"#.into())
+}
+
+/// A state-changing command (or verify): ask the core for its state, judge
+/// the command as the core will (same guards as the core's admin handling,
+/// plus a failed node), and pass it on only if it is accepted, so that the
+/// answer is the verdict: `refused` with the reason, or ok (with a note
+/// when there is nothing to do).
+fn command(inputs: &Inbox, req: &Request) -> Answer {
     let Some(s) = core_status(inputs) else {
-        return json!({"ok": false, "error": "the daemon's core did not answer"});
+        return Answer::error(NO_CORE);
     };
-    let why = if s.role != msl_wire::Role::Primary {
-        Some("verify runs on the primary: ask the other node")
-    } else if !s.in_sync {
-        Some("the pair is not connected and in sync")
-    } else if s.verify.active {
-        Some("a verify is already running")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        return json!({"ok": false, "error": format!("verify refused: {why}")});
-    }
-    let cmd = AdminCmd::Verify {
-        start_block: req.get("start_block").and_then(Value::as_u64).unwrap_or(0),
-        count: req.get("count").and_then(Value::as_u64).unwrap_or(u64::MAX),
-        resync: req.get("resync").and_then(Value::as_bool).unwrap_or(false),
-    };
-    match inputs.send(Input::Admin(cmd)) {
-        Ok(()) => json!({"ok": true, "cmd": "verify", "runs_before": s.verify.runs}),
-        Err(_) => json!({"ok": false, "error": "the daemon is shutting down"}),
-    }
-}
-
-fn admin(cmd: &str, req: &Value) -> Option<AdminCmd> {
-    Some(match cmd {
-        "promote" => AdminCmd::Promote {
-            force: req.get("force").and_then(Value::as_bool).unwrap_or(false),
-        },
-        "demote" => AdminCmd::Demote,
-        "switchover" => AdminCmd::Switchover,
-        "disconnect" => AdminCmd::Disconnect,
-        "connect" => AdminCmd::Connect,
-        "invalidate" => AdminCmd::Invalidate,
-        _ => return None,
-    })
-}
-
-/// Client side (used by `mslctl`): send one request, read one answer.
-pub fn request(socket: &Path, req: &Value) -> Result<Value, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot connect to {}: {e} (is msld running? are you root?)",
-            socket.display()
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    writeln!(s, "{req}").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("no answer from msld: {e}"))?;
-    serde_json::from_str(&line).map_err(|e| format!("bad answer from msld: {e}"))
-}
-
-/// Client side: stream events to `f` until the daemon goes away.
-pub fn follow_events(socket: &Path, mut f: impl FnMut(&Value)) -> Result<(), String> {
-    let mut s = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
-    writeln!(s, "{}", json!({"cmd": "events"})).map_err(|e| e.to_string())?;
-    for line in BufReader::new(s).lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            if v.get("streaming").is_none() {
-                f(&v);
+    let (cmd, note) = match verdict(req, &s) {
+        Verdict::Refused(why) => {
+            return Answer {
+                cmd: Some(req.name().into()),
+                ..Answer::refused(why)
             }
         }
+        Verdict::Nothing(note) => (None, Some(note)),
+        Verdict::Run(cmd) => (Some(cmd), None),
+    };
+    if let Some(cmd) = cmd {
+        if inputs.send(Input::Admin(cmd)).is_err() {
+            return Answer::error("the daemon is shutting down");
+        }
     }
-    Ok(())
+    Answer {
+        cmd: Some(req.name().into()),
+        note: Some(
+            note.unwrap_or("watch `mslctl events` for the outcome")
+                .into(),
+        ),
+        runs_before: matches!(req, Request::Verify { .. }).then_some(s.verify.runs),
+        ..Answer::ok()
+    }
 }
+
+/// What a command does in the node's state.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Pass it to the core.
+    Run(AdminCmd),
+    /// Already done: nothing to pass on.
+    Nothing(&'static str),
+    /// Refused, with the reason (`"<cmd> refused..."`, the core's words
+    /// where the core has them).
+    Refused(&'static str),
+}
+
+fn verdict(req: &Request, s: &Status) -> Verdict {
+    let primary = s.role == Role::Primary;
+    let run = Verdict::Run;
+    match *req {
+        Request::Promote { force } => {
+            if s.failed {
+                Verdict::Refused("promote refused: this node's disk or metadata failed")
+            } else if primary {
+                Verdict::Nothing("already primary")
+            } else if s.peer_role == Some(Role::Primary) && (s.msl_alive || s.lan_alive) && !force {
+                Verdict::Refused("promote refused: the peer is primary and alive")
+            } else if s.disk != DiskState::UpToDate && !force {
+                Verdict::Refused("promote refused: local data is not up to date (use force)")
+            } else {
+                run(AdminCmd::Promote { force })
+            }
+        }
+        Request::Demote if !primary && !s.switching => Verdict::Nothing("already secondary"),
+        Request::Demote => run(AdminCmd::Demote),
+        Request::Switchover => {
+            if primary && s.in_sync && !s.switching {
+                run(AdminCmd::Switchover)
+            } else {
+                Verdict::Refused("switchover refused: this node is not an in-sync primary")
+            }
+        }
+        Request::Disconnect => run(AdminCmd::Disconnect),
+        Request::Connect => {
+            if s.failed {
+                Verdict::Refused("connect refused: this node's disk or metadata failed")
+            } else {
+                run(AdminCmd::Connect)
+            }
+        }
+        Request::Invalidate => {
+            if primary {
+                Verdict::Refused("invalidate refused on the primary")
+            } else {
+                run(AdminCmd::Invalidate)
+            }
+        }
+        Request::Verify {
+            start_block,
+            count,
+            resync,
+        } => {
+            if !primary {
+                Verdict::Refused("verify refused: verify runs on the primary: ask the other node")
+            } else if !s.in_sync {
+                Verdict::Refused("verify refused: the pair is not connected and in sync")
+            } else if s.verify.active {
+                Verdict::Refused("verify refused: a verify is already running")
+            } else {
+                run(AdminCmd::Verify {
+                    start_block,
+                    count: count.unwrap_or(u64::MAX),
+                    resync,
+                })
+            }
+        }
+        // Answered in `serve_conn`.
+        Request::Status | Request::Events => Verdict::Nothing("nothing to do"),
+    }
+}
+
+/// One request given as JSON, its answer as JSON (kept for callers that
+/// build requests by hand; `mslctl` uses [`msl_control::request`]).
+pub use msl_control::request_value as request;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::notify::EventRecord;
-    use std::sync::Mutex;
+    use msl_control::{Event, EventStream};
+    use msl_core::Notice;
+    use serde_json::json;
+    use std::time::Instant;
+
+    fn status(role: Role) -> Status {
+        let mut cfg = msl_core::Config::new(1, 2, 7, 64, 4096);
+        cfg.window = 8;
+        let meta = msl_core::meta::Meta::create(7, 1, 64, 4096, Some(3));
+        let n: msl_core::Node<Vec<u8>> = msl_core::Node::new(cfg, meta, 1, 0);
+        let mut s = n.status();
+        s.role = role;
+        s
+    }
 
     #[test]
-    fn test_control_socket_status_admin_and_bad_requests() {
+    fn test_verdicts_follow_the_node_state() {
+        let sec = status(Role::Secondary);
+        let pri = status(Role::Primary);
+        let promote = Request::Promote { force: false };
+        assert_eq!(
+            verdict(&promote, &sec),
+            Verdict::Run(AdminCmd::Promote { force: false })
+        );
+        assert_eq!(verdict(&promote, &pri), Verdict::Nothing("already primary"));
+        let mut failed = status(Role::Secondary);
+        failed.failed = true;
+        assert!(matches!(verdict(&promote, &failed), Verdict::Refused(_)));
+        assert!(matches!(
+            verdict(&Request::Promote { force: true }, &failed),
+            Verdict::Refused(_)
+        ));
+        let mut peer_primary = status(Role::Secondary);
+        peer_primary.peer_role = Some(Role::Primary);
+        peer_primary.lan_alive = true;
+        assert_eq!(
+            verdict(&promote, &peer_primary),
+            Verdict::Refused("promote refused: the peer is primary and alive")
+        );
+        assert_eq!(
+            verdict(&Request::Promote { force: true }, &peer_primary),
+            Verdict::Run(AdminCmd::Promote { force: true })
+        );
+        let mut outdated = status(Role::Secondary);
+        outdated.disk = DiskState::Outdated;
+        assert!(
+            matches!(verdict(&promote, &outdated), Verdict::Refused(m) if m.contains("up to date"))
+        );
+        assert!(matches!(
+            verdict(&Request::Switchover, &sec),
+            Verdict::Refused(_)
+        ));
+        let mut in_sync = status(Role::Primary);
+        in_sync.in_sync = true;
+        assert_eq!(
+            verdict(&Request::Switchover, &in_sync),
+            Verdict::Run(AdminCmd::Switchover)
+        );
+        assert!(matches!(
+            verdict(&Request::Invalidate, &pri),
+            Verdict::Refused(_)
+        ));
+        assert_eq!(
+            verdict(&Request::Invalidate, &sec),
+            Verdict::Run(AdminCmd::Invalidate)
+        );
+        assert_eq!(
+            verdict(&Request::Demote, &sec),
+            Verdict::Nothing("already secondary")
+        );
+        assert_eq!(
+            verdict(&Request::Demote, &pri),
+            Verdict::Run(AdminCmd::Demote)
+        );
+        assert!(matches!(
+            verdict(&Request::Connect, &failed),
+            Verdict::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn test_control_socket_answers_verdicts_and_streams_structured_events() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("ctl.sock");
         let (tx, rx) = crate::inbox::inbox(16);
         let rx = rx.into_receiver();
         let hub = EventHub::default();
+        let stop = tx.clone();
         let server = ControlServer::start(&sock, tx, hub.clone(), Arc::default()).unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "control socket must be root-only");
-        // A fake core answering status and recording admin commands.
+        // A fake core: a secondary that answers status and records admin
+        // commands until told to stop.
         let core = std::thread::spawn(move || {
             let mut admins = Vec::new();
             while let Ok(i) = rx.recv_timeout(Duration::from_secs(3)) {
                 match i {
                     Input::Status(r) => {
-                        let mut cfg = msl_core::Config::new(1, 2, 7, 64, 4096);
-                        cfg.window = 8;
-                        let meta = msl_core::meta::Meta::create(7, 1, 64, 4096, Some(3));
-                        let n: msl_core::Node<Vec<u8>> = msl_core::Node::new(cfg, meta, 1, 0);
-                        let _ = r.send(n.status());
+                        let _ = r.send(status(Role::Secondary));
                     }
                     Input::Admin(a) => admins.push(a),
+                    Input::Stop => break,
                     _ => {}
-                }
-                if admins.len() == 2 {
-                    break;
                 }
             }
             admins
@@ -265,43 +379,50 @@ mod tests {
         assert_eq!(st["ok"], true);
         assert_eq!(st["status"]["role"], "secondary");
         assert_eq!(st["status"]["disk"], "uptodate");
+        let p = request(&sock, &json!({"cmd": "promote", "force": true})).unwrap();
+        assert_eq!(p["ok"], true, "{p}");
+        assert_eq!(p["cmd"], "promote");
+        let refused = request(&sock, &json!({"cmd": "switchover"})).unwrap();
+        assert_eq!(refused["ok"], false, "{refused}");
+        assert_eq!(refused["refused"], true, "{refused}");
         assert_eq!(
-            request(&sock, &json!({"cmd": "promote", "force": true})).unwrap()["ok"],
-            true
+            refused["error"],
+            "switchover refused: this node is not an in-sync primary"
         );
-        assert_eq!(
-            request(&sock, &json!({"cmd": "switchover"})).unwrap()["ok"],
-            true
-        );
+        let nothing = request(&sock, &json!({"cmd": "demote"})).unwrap();
+        assert_eq!(nothing["ok"], true);
+        assert_eq!(nothing["note"], "already secondary");
         let bad = request(&sock, &json!({"cmd": "reboot-the-world"})).unwrap();
         assert_eq!(bad["ok"], false);
+        assert!(bad.get("refused").is_none(), "a bad request is no refusal");
         assert!(bad["error"].as_str().unwrap().contains("unknown command"));
+        // Events reach a subscriber, with their structured fields.
+        let mut events = EventStream::open(&sock).unwrap();
+        let rec = EventRecord::new(
+            1,
+            &Notice::Takeover {
+                generation: 0xab,
+                reason: "primary silent",
+            },
+        )
+        .with_peer(2);
+        hub.publish(&rec);
+        let e: Event = events
+            .next_before(Instant::now() + Duration::from_secs(3))
+            .unwrap()
+            .expect("an event");
+        assert_eq!(e.event, "takeover");
+        assert_eq!(e.fields["role"], "primary");
+        assert_eq!(e.fields["generation"], "00000000000000ab");
+        assert_eq!(e.fields["reason"], "primary silent");
+        assert_eq!(e.fields["peer"], 2);
+        drop(server);
+        let _ = stop.send(Input::Stop);
+        assert!(!sock.exists(), "socket removed on shutdown");
+        // Only the accepted command reached the core.
         assert_eq!(
             core.join().unwrap(),
-            vec![AdminCmd::Promote { force: true }, AdminCmd::Switchover]
+            vec![AdminCmd::Promote { force: true }]
         );
-        // Events reach a subscriber.
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let g = got.clone();
-        let s2 = sock.clone();
-        std::thread::spawn(move || {
-            let _ = follow_events(&s2, |v| g.lock().unwrap().push(v.clone()));
-        });
-        let rec = EventRecord {
-            unix_ms: 1,
-            node_id: 1,
-            kind: "takeover",
-            message: "x".into(),
-        };
-        for _ in 0..100 {
-            hub.publish(&rec);
-            if !got.lock().unwrap().is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(got.lock().unwrap()[0]["event"], "takeover");
-        drop(server);
-        assert!(!sock.exists(), "socket removed on shutdown");
     }
 }

@@ -33,7 +33,7 @@ use crate::inbox::{Drained, Inbox, InboxRx, Runner};
 use crate::input::{Block, Exit, Input, ReplyTo};
 use crate::lan::{lan_auth_failures, LanPath};
 use crate::msl::{Frame, FrameEncoder, MslTx, SendMode};
-use crate::notify::{EventRecord, Notifier};
+use crate::notify::{EventRecord, Notifier, ServiceManager};
 
 /// Hooks the driver calls for things outside the node (service address).
 pub trait Host: Send {
@@ -62,9 +62,10 @@ pub struct Driver<H: Host> {
     notifier: Notifier,
     host: H,
     shared: Arc<Shared>,
-    /// Waiting client requests: where the answer goes, and the bytes a
-    /// successful write adds to `client_bytes_written`.
-    replies: HashMap<u64, (ReplyTo, u64)>,
+    /// Waiting client requests: where the answer goes, the bytes a
+    /// successful write adds to `client_bytes_written`, and when a write
+    /// arrived (its latency goes to the metrics histogram).
+    replies: HashMap<u64, (ReplyTo, u64, Option<Instant>)>,
     next_req: u64,
     epoch: Instant,
     node_id: u16,
@@ -84,6 +85,9 @@ pub struct Driver<H: Host> {
     exit: Option<Exit>,
     /// The first tick has run.
     started: bool,
+    /// systemd: readiness, status line and watchdog, fed from here (the
+    /// core thread), so a hung core stops feeding the watchdog.
+    service: ServiceManager,
 }
 
 /// Inputs handled back to back before a held ACK goes out regardless.
@@ -151,6 +155,7 @@ impl<H: Host> Driver<H> {
             internal: VecDeque::new(),
             exit: None,
             started: false,
+            service: ServiceManager::from_env(),
             house: Housekeeping {
                 next: epoch,
                 resync_sample: None,
@@ -194,12 +199,14 @@ impl<H: Host> Driver<H> {
 
     fn housekeeping(&mut self) {
         let now = Instant::now();
+        self.service.alive(now);
         if now < self.house.next {
             return;
         }
         self.house.next = now + Duration::from_secs(1);
         // Resync rate: blocks done since the last sample, smoothed.
         let st = self.node.status();
+        self.service.state(&st);
         let bs = u64::from(self.node.config().block_size);
         if st.resync_total > 0 {
             if let Some((t, left)) = self.house.resync_sample {
@@ -311,7 +318,8 @@ impl<H: Host> Driver<H> {
                     IoKind::Write => count * u64::from(self.node.config().block_size),
                     _ => 0,
                 };
-                self.replies.insert(req, (reply, bytes));
+                let since = matches!(kind, IoKind::Write).then(Instant::now);
+                self.replies.insert(req, (reply, bytes, since));
                 Event::ClientWrite {
                     req,
                     block,
@@ -324,7 +332,7 @@ impl<H: Host> Driver<H> {
             Input::Flush { reply } => {
                 let req = self.next_req;
                 self.next_req += 1;
-                self.replies.insert(req, (ReplyTo::Wait(reply), 0));
+                self.replies.insert(req, (ReplyTo::Wait(reply), 0, None));
                 Event::ClientFlush { req }
             }
         }))
@@ -445,7 +453,10 @@ impl<H: Host> Driver<H> {
                 }
             }
             Action::Reply { req, result } => {
-                if let Some((to, bytes)) = self.replies.remove(&req) {
+                if let Some((to, bytes, since)) = self.replies.remove(&req) {
+                    if let (Ok(_), Some(t)) = (&result, since) {
+                        crate::metrics::client_write_latency().record(t.elapsed());
+                    }
                     if result.is_ok() && bytes > 0 {
                         self.shared
                             .client_bytes_written
@@ -454,7 +465,9 @@ impl<H: Host> Driver<H> {
                     to.send(result);
                 }
             }
-            Action::Notify(n) => self.notifier.notify(EventRecord::new(self.node_id, &n)),
+            Action::Notify(n) => self
+                .notifier
+                .notify(EventRecord::new(self.node_id, &n).with_peer(self.node.config().peer_id)),
             Action::ServiceAddress { hold } => self.host.service_address(hold),
             Action::Restart => return Some(Exit::Restart),
         }
@@ -462,6 +475,7 @@ impl<H: Host> Driver<H> {
     }
 
     fn finish_core(&mut self, exit: Exit) -> Exit {
+        self.service.stopping();
         if exit == Exit::Stopped {
             let _ = self.volume.flush();
             self.node.shutdown();
@@ -473,7 +487,7 @@ impl<H: Host> Driver<H> {
         // Whatever the core said last (a restart's handover) goes out.
         self.send_held_ack();
         self.msl_tx.send(&mut self.out, SendMode::Queue);
-        for (_, (to, _)) in self.replies.drain() {
+        for (_, (to, _, _)) in self.replies.drain() {
             to.send(Err(ClientError::NotPrimary));
         }
         exit

@@ -19,6 +19,7 @@
 //! * [`assemble`]: the whole daemon.
 
 pub mod assemble;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;

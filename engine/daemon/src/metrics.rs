@@ -2,17 +2,22 @@
 //! Prometheus text format.
 //!
 //! The endpoint is served by `tiny_http` (a small, well-kept HTTP/1.1
-//! server) on its own thread. The Prometheus text format is a handful of
-//! `name value` lines, written here directly (the NBD server's counters
-//! already render themselves in it), so no encoding crate is needed. A
+//! server) on its own thread. The text is written here directly in the
+//! Prometheus conventions (`promtool check metrics` clean): every family
+//! has HELP and TYPE, counters end in `_total`, units are base units
+//! (bytes, seconds), every sample carries `node` and `peer` labels (and
+//! `cluster` when the caller knows it), states are labelled gauges
+//! (`msl_role{role=...}`, `msl_disk_state{state=...}`), the MSL's counters
+//! are `msl_link_*`, `msl_build_info` carries the version, and client
+//! write latency is a histogram. A
 //! scrape asks the core thread for a status snapshot over the same channel
 //! as `mslctl status` and waits at most two seconds: the core never waits
 //! for a scraper.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -23,16 +28,175 @@ use crate::status::{
     adapters, core_counters, core_status, daemon_counters, resync, role_code, Telemetry,
 };
 
-/// The same report in Prometheus text exposition format (version 0.0.4).
+/// Latency histogram with fixed buckets (seconds), lock-free to record.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds_us: &'static [u64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+/// Bucket bounds for client write latency: 50 µs to 10 s.
+pub const WRITE_LATENCY_BOUNDS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 10_000_000,
+];
+
+impl Histogram {
+    pub fn new(bounds_us: &'static [u64]) -> Self {
+        Histogram {
+            bounds_us,
+            buckets: bounds_us.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        if let Some(i) = self.bounds_us.iter().position(|&b| us <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// The `_bucket` (cumulative), `_sum` and `_count` samples.
+    fn render(&self, o: &mut String, name: &str, help: &str, labels: &str) {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, n) in self.bounds_us.iter().zip(&self.buckets) {
+            cum += n.load(Ordering::Relaxed);
+            let le = *b as f64 / 1e6;
+            let _ = writeln!(o, "{name}_bucket{{{labels},le=\"{le}\"}} {cum}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(o, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(o, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(o, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Client write latency (request queued to the core until its reply),
+/// recorded by the driver. One msld per process: process-wide.
+pub fn client_write_latency() -> &'static Histogram {
+    static H: OnceLock<Histogram> = OnceLock::new();
+    H.get_or_init(|| Histogram::new(&WRITE_LATENCY_BOUNDS_US))
+}
+
+/// Labels on every sample: which node of which pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Labels {
+    pub node: u16,
+    pub peer: u16,
+    /// The pair's `cluster_id` (None: not known to the caller).
+    pub cluster: Option<u64>,
+}
+
+impl Labels {
+    fn render(&self) -> String {
+        let mut l = format!("node=\"{}\",peer=\"{}\"", self.node, self.peer);
+        if let Some(c) = self.cluster {
+            let _ = write!(l, ",cluster=\"{c:016x}\"");
+        }
+        l
+    }
+}
+
+struct Out {
+    o: String,
+    labels: String,
+}
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.o, "# HELP msl_{name} {help}\n# TYPE msl_{name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, extra: &str, v: impl std::fmt::Display) {
+        let sep = if extra.is_empty() { "" } else { "," };
+        let _ = writeln!(self.o, "msl_{name}{{{}{sep}{extra}}} {v}", self.labels);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, v: u64) {
+        self.family(name, "gauge", help);
+        self.sample(name, "", v);
+    }
+
+    fn counter(&mut self, name: &str, help: &str, v: u64) {
+        let name = format!("{name}_total");
+        self.family(&name, "counter", help);
+        self.sample(&name, "", v);
+    }
+}
+
+/// The daemon counter's metric name: the MSL's counters are `link_*`.
+fn daemon_metric(k: &str) -> String {
+    match k.strip_prefix("msl_") {
+        Some(rest) => format!("link_{rest}"),
+        None => k.to_string(),
+    }
+}
+
+/// The same report in the Prometheus text exposition format (0.0.4),
+/// node and peer labels from the snapshot.
 pub fn prometheus(s: &Status, t: &Telemetry) -> String {
-    let mut o = String::new();
+    prometheus_labelled(
+        s,
+        t,
+        Labels {
+            node: s.node_id,
+            peer: s.peer_id,
+            cluster: None,
+        },
+    )
+}
+
+/// The report with the given labels on every sample.
+pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String {
+    let mut o = Out {
+        o: String::new(),
+        labels: labels.render(),
+    };
     let r = resync(s, t);
-    let gauges: [(&str, &str, u64); 14] = [
-        (
-            "role",
-            "Role of this node (0 = secondary, 1 = primary).",
-            u64::from(role_code(s.role)),
-        ),
+    o.family("build_info", "gauge", "msld's version (always 1).");
+    o.sample(
+        "build_info",
+        &format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+        1,
+    );
+    o.family(
+        "role",
+        "gauge",
+        "1 for the role this node has (label role).",
+    );
+    for role in [msl_wire::Role::Primary, msl_wire::Role::Secondary] {
+        let name = format!("{role:?}").to_lowercase();
+        // By wire code, as the status document compares roles.
+        let has = role_code(s.role) == role_code(role);
+        o.sample("role", &format!("role=\"{name}\""), u8::from(has));
+    }
+    o.family(
+        "disk_state",
+        "gauge",
+        "1 for the state of this node's copy of the volume (label state).",
+    );
+    for d in [
+        msl_wire::DiskState::UpToDate,
+        msl_wire::DiskState::Outdated,
+        msl_wire::DiskState::Inconsistent,
+        msl_wire::DiskState::Failed,
+    ] {
+        let name = format!("{d:?}").to_lowercase();
+        o.sample(
+            "disk_state",
+            &format!("state=\"{name}\""),
+            u8::from(s.disk == d),
+        );
+    }
+    let gauges: [(&str, &str, u64); 13] = [
         (
             "in_sync",
             "1 when connected and in sync.",
@@ -44,7 +208,7 @@ pub fn prometheus(s: &Status, t: &Telemetry) -> String {
             u64::from(s.connected),
         ),
         (
-            "msl_alive",
+            "link_alive",
             "1 when the peer is heard on the MSL.",
             u64::from(s.msl_alive),
         ),
@@ -100,32 +264,118 @@ pub fn prometheus(s: &Status, t: &Telemetry) -> String {
         ),
     ];
     for (name, help, v) in gauges {
-        let _ = writeln!(
-            o,
-            "# HELP msl_{name} {help}\n# TYPE msl_{name} gauge\nmsl_{name} {v}"
-        );
+        o.gauge(name, help, v);
     }
-    // One family at a time (the text format wants each family's samples
-    // together).
     let ads = adapters(s, t);
-    for family in ["working", "peer_reachable"] {
-        let _ = writeln!(o, "# TYPE msl_lan_adapter_{family} gauge");
+    for (family, help) in [
+        ("working", "1 when the LAN adapter has link and carrier."),
+        (
+            "peer_reachable",
+            "1 when the peer is heard on this LAN adapter.",
+        ),
+    ] {
+        let name = format!("lan_adapter_{family}");
+        o.family(&name, "gauge", help);
         for (i, a) in ads.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "msl_lan_adapter_{family}{{adapter=\"{i}\",name=\"{}\"}} {}",
-                a["name"].as_str().unwrap_or(""),
-                u8::from(a[family] == true)
+            let l = format!(
+                "adapter=\"{i}\",name=\"{}\"",
+                a["name"].as_str().unwrap_or("")
             );
+            o.sample(&name, &l, u8::from(a[family] == true));
         }
     }
-    for (k, v) in core_counters(s).into_iter().chain(daemon_counters(t)) {
-        let _ = writeln!(o, "# TYPE msl_{k}_total counter\nmsl_{k}_total {v}");
+    for (k, v) in core_counters(s) {
+        o.counter(k, &format!("Core counter {k}."), v);
+    }
+    for (k, v) in daemon_counters(t) {
+        o.counter(&daemon_metric(k), &format!("Daemon counter {k}."), v);
     }
     if let Some(n) = &t.nbd {
-        o.push_str(&n.snapshot().prometheus("msl_nbd_"));
+        nbd(&mut o, &n.snapshot());
     }
-    o
+    client_write_latency().render(
+        &mut o.o,
+        "msl_client_write_latency_seconds",
+        "Client write latency: from the request reaching the core to its acknowledgement.",
+        &o.labels.clone(),
+    );
+    o.o
+}
+
+fn nbd(o: &mut Out, n: &msl_nbd::CountersSnapshot) {
+    o.family("nbd_requests_total", "counter", "NBD requests by command.");
+    for (op, v) in [
+        ("read", n.req_read),
+        ("write", n.req_write),
+        ("flush", n.req_flush),
+        ("trim", n.req_trim),
+        ("write_zeroes", n.req_write_zeroes),
+        ("block_status", n.req_block_status),
+        ("disc", n.req_disc),
+        ("unknown", n.req_unknown),
+    ] {
+        o.sample("nbd_requests_total", &format!("op=\"{op}\""), v);
+    }
+    o.family(
+        "nbd_errors_total",
+        "counter",
+        "NBD replies with an error, by errno.",
+    );
+    for (e, v) in [
+        ("einval", n.err_einval),
+        ("enospc", n.err_enospc),
+        ("eperm", n.err_eperm),
+        ("eio", n.err_eio),
+        ("other", n.err_other),
+    ] {
+        o.sample("nbd_errors_total", &format!("errno=\"{e}\""), v);
+    }
+    o.family(
+        "nbd_busy_polls_total",
+        "counter",
+        "Busy polls for the next request, by result.",
+    );
+    o.sample("nbd_busy_polls_total", "result=\"hit\"", n.busy_poll_hits);
+    o.sample(
+        "nbd_busy_polls_total",
+        "result=\"miss\"",
+        n.busy_poll_misses,
+    );
+    o.counter("nbd_read_bytes", "Bytes read by NBD clients.", n.bytes_read);
+    o.counter(
+        "nbd_written_bytes",
+        "Bytes written by NBD clients.",
+        n.bytes_written,
+    );
+    o.gauge(
+        "nbd_connections_active",
+        "NBD connections open now.",
+        n.connections_active,
+    );
+    for (k, v) in [
+        ("connections_accepted", n.connections_accepted),
+        ("connections_rejected", n.connections_rejected),
+        ("refused_not_allowed", n.refused_not_allowed),
+        ("refused_per_address", n.refused_per_address),
+        ("handshakes_evicted", n.handshakes_evicted),
+        ("handshake_timeouts", n.handshake_timeouts),
+        ("handshake_failures", n.handshake_failures),
+        ("handshakes_completed", n.handshakes_completed),
+        ("too_many_options", n.too_many_options),
+        ("options_unsupported", n.options_unsupported),
+        ("tls_required_refusals", n.tls_required_refusals),
+        ("starttls_refused", n.starttls_refused),
+        ("tls_handshakes", n.tls_handshakes),
+        ("tls_failures", n.tls_failures),
+        ("idle_timeouts", n.idle_timeouts),
+        ("write_timeouts", n.write_timeouts),
+        ("bad_flags", n.bad_flags),
+        ("bad_magic", n.bad_magic),
+        ("oversized_writes", n.oversized_writes),
+        ("reply_send_failures", n.reply_send_failures),
+    ] {
+        o.counter(&format!("nbd_{k}"), &format!("NBD server counter {k}."), v);
+    }
 }
 
 /// The Prometheus endpoint: GET /metrics on `addr`.
@@ -200,10 +450,13 @@ mod tests {
     use super::*;
     use crate::status::tests::sample;
     use std::collections::HashSet;
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
 
     #[test]
     fn test_prometheus_families_contiguous_typed_once_values_numeric() {
         let (s, t) = sample();
+        client_write_latency().record(Duration::from_micros(700));
         let text = prometheus(&s, &t);
         let mut typed = HashSet::new();
         let mut finished = HashSet::new();
@@ -221,23 +474,91 @@ mod tests {
             value
                 .parse::<f64>()
                 .unwrap_or_else(|_| panic!("value: {line}"));
+            assert!(name_labels.contains("node=\"1\",peer=\"2\""), "{line}");
             let name = name_labels.split('{').next().unwrap().to_string();
             assert!(
                 name.starts_with("msl_")
+                    && !name.starts_with("msl_msl_")
                     && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
                 "{line}"
             );
-            if name != current {
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count")
+                .to_string();
+            if family != current {
                 assert!(
                     finished.insert(current.clone()),
-                    "family {name} split: {line}"
+                    "family {family} split: {line}"
                 );
-                current = name;
+                current = family;
             }
         }
-        assert!(text.contains("msl_role 0\n"), "a fresh node is secondary");
-        assert!(text.contains("msl_msl_rx_bad_auth_total 3\n"));
-        assert!(text.contains("msl_lan_adapter_working{adapter=\"1\",name=\"eth1\"} 0\n"));
-        assert!(text.contains("msl_nbd_req_write 0\n"));
+        let l = "node=\"1\",peer=\"2\"";
+        assert!(text.contains(&format!("msl_role{{{l},role=\"secondary\"}} 1\n")));
+        assert!(text.contains(&format!("msl_role{{{l},role=\"primary\"}} 0\n")));
+        assert!(text.contains(&format!("msl_disk_state{{{l},state=\"uptodate\"}} 1\n")));
+        assert!(text.contains(&format!("msl_link_rx_bad_auth_total{{{l}}} 3\n")));
+        assert!(text.contains(&format!(
+            "msl_lan_adapter_working{{{l},adapter=\"1\",name=\"eth1\"}} 0\n"
+        )));
+        assert!(text.contains(&format!("msl_nbd_requests_total{{{l},op=\"write\"}} 0\n")));
+        assert!(text.contains(&format!(
+            "msl_build_info{{{l},version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+        // 700 µs falls in the 1 ms bucket, not the 500 µs one (cumulative).
+        let bucket = |le: &str| -> u64 {
+            let key = format!("msl_client_write_latency_seconds_bucket{{{l},le=\"{le}\"}} ");
+            let at = text.find(&key).unwrap_or_else(|| panic!("{key}\n{text}"));
+            text[at + key.len()..]
+                .lines()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(bucket("0.001") > bucket("0.0005"), "{text}");
+        assert_eq!(bucket("+Inf"), bucket("10"));
+    }
+
+    #[test]
+    fn test_cluster_label_when_known() {
+        let (s, t) = sample();
+        let text = prometheus_labelled(
+            &s,
+            &t,
+            Labels {
+                node: 1,
+                peer: 2,
+                cluster: Some(0x6d73),
+            },
+        );
+        assert!(text.contains("msl_in_sync{node=\"1\",peer=\"2\",cluster=\"0000000000006d73\"} "));
+    }
+
+    #[test]
+    fn test_promtool_check_metrics_passes_without_warnings() {
+        let (s, t) = sample();
+        let text = prometheus(&s, &t);
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (apt-get install prometheus; scripts/setup.sh)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}\n{text}");
+        assert!(said.trim().is_empty(), "promtool warns:\n{said}");
     }
 }

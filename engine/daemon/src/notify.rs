@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use msl_control::Event;
 use msl_core::Notice;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 /// One event as delivered to administrators.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,11 +32,33 @@ pub struct EventRecord {
     pub kind: &'static str,
     /// Human-readable text.
     pub message: String,
+    /// Structured fields beside the text (`role`, `generation`, `peer`,
+    /// `reason`, `path`, `strategy`, `rule`, `remaining`, `total`, ...).
+    pub fields: Map<String, Value>,
 }
 
 impl EventRecord {
     pub fn new(node_id: u16, notice: &Notice) -> Self {
-        Self::now(node_id, notice.kind(), notice.to_string())
+        let mut rec = Self::now(node_id, notice.kind(), notice.to_string());
+        rec.fields = notice_fields(notice);
+        rec
+    }
+
+    /// Name the peer (`peer` field) of the event.
+    pub fn with_peer(mut self, peer: u16) -> Self {
+        self.fields.insert("peer".into(), peer.into());
+        self
+    }
+
+    /// The event as it goes over the control socket.
+    pub fn to_event(&self) -> Event {
+        Event {
+            ts_ms: self.unix_ms,
+            node: self.node_id,
+            event: self.kind.into(),
+            message: self.message.clone(),
+            fields: self.fields.clone(),
+        }
     }
 
     /// A daemon event that is not a core notice (for example `bad_auth`).
@@ -48,6 +71,7 @@ impl EventRecord {
             node_id,
             kind,
             message,
+            fields: Map::new(),
         }
     }
 
@@ -116,9 +140,85 @@ impl EventHub {
     }
 }
 
-/// An event as JSON.
+/// An event as JSON (the control socket's [`Event`]).
 pub fn event_json(rec: &EventRecord) -> Value {
-    json!({"ts_ms": rec.unix_ms, "node": rec.node_id, "event": rec.kind, "message": rec.message})
+    serde_json::to_value(rec.to_event()).unwrap_or(Value::Null)
+}
+
+fn lower<T: std::fmt::Debug>(v: T) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+fn snake<T: std::fmt::Debug>(v: T) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{v:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The structured fields of a core notice.
+pub fn notice_fields(n: &Notice) -> Map<String, Value> {
+    let gen = |g: &u64| Value::from(format!("{g:016x}"));
+    let v = match n {
+        Notice::RoleChanged {
+            role,
+            generation,
+            reason,
+        } => json!({"role": lower(role), "generation": gen(generation), "reason": reason}),
+        Notice::PeerLost { path } | Notice::PeerFound { path } => json!({"path": lower(path)}),
+        Notice::MslLinkDown | Notice::MslLinkUp => json!({"path": "msl"}),
+        Notice::PeerDown { peer_was } => json!({"peer_role": lower(peer_was)}),
+        Notice::Degraded { reason }
+        | Notice::CannotTakeOver { reason }
+        | Notice::SwitchoverStarted { reason }
+        | Notice::VerifyAborted { reason } => json!({"reason": reason}),
+        Notice::Takeover { generation, reason } => {
+            json!({"role": "primary", "generation": gen(generation), "reason": reason})
+        }
+        Notice::MirrorShutDown => json!({"disk": "outdated"}),
+        Notice::Connected { strategy, rule } | Notice::Refused { strategy, rule } => {
+            json!({"strategy": snake(strategy), "rule": snake(rule)})
+        }
+        Notice::ResyncStarted {
+            source,
+            blocks,
+            full,
+        } => json!({"source": source, "remaining": blocks, "total": blocks, "full": full}),
+        Notice::ResyncProgress {
+            source,
+            remaining,
+            total,
+        } => json!({"source": source, "remaining": remaining, "total": total}),
+        Notice::ResyncFinished { source, blocks } => {
+            json!({"source": source, "remaining": 0, "total": blocks})
+        }
+        Notice::SwitchoverDone { new_primary } => json!({"new_primary": new_primary}),
+        Notice::AdapterHealth { adapter, working } => {
+            json!({"adapter": adapter, "working": working})
+        }
+        Notice::VerifyStarted {
+            start_block,
+            blocks,
+        } => json!({"start_block": start_block, "total": blocks}),
+        Notice::VerifyFinished {
+            checked,
+            differing,
+            first,
+        } => json!({"checked": checked, "differing": differing, "first": first}),
+        Notice::DiskFailed { what } | Notice::Warning { what } => json!({"reason": what}),
+    };
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
 }
 
 /// Counters for status and metrics.
@@ -130,6 +230,60 @@ pub struct NotifyCounters {
     pub command_failures: AtomicU64,
 }
 
+/// Which events run the notification command. Console, log file and
+/// `mslctl events` get every event regardless.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandPolicy {
+    /// Event names (`takeover`, `peer_down`, ...) that run the command;
+    /// `None` runs it for every event (config key `notify_events`).
+    pub events: Option<Vec<String>>,
+    /// Progress events (`resync_progress`) run the command at most once
+    /// per this long (config key `notify_progress_interval_s`); the start
+    /// and end of a resync always do.
+    pub progress_interval: Duration,
+}
+
+/// Default for [`CommandPolicy::progress_interval`].
+pub const PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Event names that report progress (rate-limited for the command).
+pub const PROGRESS_EVENTS: [&str; 1] = ["resync_progress"];
+
+impl Default for CommandPolicy {
+    fn default() -> Self {
+        CommandPolicy {
+            events: None,
+            progress_interval: PROGRESS_NOTIFY_INTERVAL,
+        }
+    }
+}
+
+/// The command's gate: the policy and when a progress event last ran it.
+struct CommandGate {
+    policy: CommandPolicy,
+    last_progress: Option<Instant>,
+}
+
+impl CommandGate {
+    fn admits(&mut self, kind: &str, now: Instant) -> bool {
+        if let Some(events) = &self.policy.events {
+            if !events.iter().any(|e| e == kind) {
+                return false;
+            }
+        }
+        if PROGRESS_EVENTS.contains(&kind) {
+            if self
+                .last_progress
+                .is_some_and(|t| now.duration_since(t) < self.policy.progress_interval)
+            {
+                return false;
+            }
+            self.last_progress = Some(now);
+        }
+        true
+    }
+}
+
 /// Handle the daemon's threads use to report events.
 pub struct Notifier {
     tx: Option<SyncSender<EventRecord>>,
@@ -138,14 +292,26 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Start the worker; `capacity` bounds the queue.
+    /// Start the worker; `capacity` bounds the queue. The command runs
+    /// under the default [`CommandPolicy`] (every event, progress at most
+    /// once a minute).
     pub fn start(sinks: Sinks, capacity: usize) -> Self {
+        Self::start_with(sinks, capacity, CommandPolicy::default())
+    }
+
+    /// As [`Notifier::start`], with the command's event filter and
+    /// progress rate limit.
+    pub fn start_with(sinks: Sinks, capacity: usize, policy: CommandPolicy) -> Self {
         let (tx, rx) = sync_channel(capacity.max(1));
         let counters = Arc::new(NotifyCounters::default());
         let c = counters.clone();
+        let gate = CommandGate {
+            policy,
+            last_progress: None,
+        };
         let worker = std::thread::Builder::new()
             .name("msl-notify".into())
-            .spawn(move || run(rx, sinks, c))
+            .spawn(move || run(rx, sinks, c, gate))
             .ok();
         Notifier {
             tx: Some(tx),
@@ -186,10 +352,15 @@ impl Drop for Notifier {
     }
 }
 
-fn run(rx: Receiver<EventRecord>, sinks: Sinks, counters: Arc<NotifyCounters>) {
+fn run(
+    rx: Receiver<EventRecord>,
+    sinks: Sinks,
+    counters: Arc<NotifyCounters>,
+    mut gate: CommandGate,
+) {
     let mut reported_drops = 0;
     while let Ok(rec) = rx.recv() {
-        deliver(&rec, &sinks, &counters);
+        deliver(&rec, &sinks, &counters, &mut gate);
         let dropped = counters.dropped.load(Ordering::Relaxed);
         if dropped > reported_drops {
             reported_drops = dropped;
@@ -200,13 +371,14 @@ fn run(rx: Receiver<EventRecord>, sinks: Sinks, counters: Arc<NotifyCounters>) {
                 message: format!(
                     "{dropped} events were dropped because the notification queue was full"
                 ),
+                fields: Map::new(),
             };
-            deliver(&note, &sinks, &counters);
+            deliver(&note, &sinks, &counters, &mut gate);
         }
     }
 }
 
-fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters) {
+fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters, gate: &mut CommandGate) {
     if let Some(hub) = &sinks.hub {
         hub.publish(rec);
     }
@@ -223,7 +395,11 @@ fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters) {
             counters.log_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if let Some(cmd) = &sinks.command {
+    if let Some(cmd) = sinks
+        .command
+        .as_ref()
+        .filter(|_| gate.admits(rec.kind, Instant::now()))
+    {
         if !run_command(cmd, rec, sinks.command_timeout) {
             counters.command_failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -232,9 +408,20 @@ fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters) {
 }
 
 /// Run the notification command with the event in its environment:
-/// `MSL_EVENT`, `MSL_MESSAGE`, `MSL_NODE`, `MSL_TIME_MS`.
+/// `MSL_EVENT`, `MSL_MESSAGE`, `MSL_NODE`, `MSL_TIME_MS`, and each
+/// structured field as `MSL_<FIELD>` (`MSL_ROLE`, `MSL_PEER`,
+/// `MSL_REMAINING`, ...).
 fn run_command(cmd: &PathBuf, rec: &EventRecord, timeout: Duration) -> bool {
-    let child = Command::new(cmd)
+    let mut c = Command::new(cmd);
+    for (k, v) in &rec.fields {
+        let v = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            v => v.to_string(),
+        };
+        c.env(format!("MSL_{}", k.to_uppercase()), v);
+    }
+    let child = c
         .env("MSL_EVENT", rec.kind)
         .env("MSL_MESSAGE", &rec.message)
         .env("MSL_NODE", rec.node_id.to_string())
@@ -260,6 +447,129 @@ fn run_command(cmd: &PathBuf, rec: &EventRecord, timeout: Duration) -> bool {
     }
 }
 
+/// The service manager (systemd `Type=notify`): `READY=1` once the core
+/// runs, `STATUS=` with the role and sync state when they change,
+/// `WATCHDOG=1` while the core thread keeps running, `STOPPING=1`. Without
+/// `NOTIFY_SOCKET` in the environment every call does nothing.
+#[derive(Debug)]
+pub struct ServiceManager {
+    enabled: bool,
+    ready: bool,
+    status: String,
+    /// Feed the watchdog this often (half of `WATCHDOG_USEC`).
+    watchdog: Option<Duration>,
+    next_watchdog: Instant,
+}
+
+impl ServiceManager {
+    /// From the environment systemd gives the service.
+    pub fn from_env() -> Self {
+        let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
+        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        // As sd_watchdog_enabled(3): WATCHDOG_USEC, for this process if
+        // WATCHDOG_PID names one.
+        let usec = var("WATCHDOG_USEC").filter(|&u| u > 0);
+        let ours = var("WATCHDOG_PID").is_none_or(|p| p == u64::from(std::process::id()));
+        let watchdog = usec
+            .filter(|_| enabled && ours)
+            .map(|u| Duration::from_micros(u / 2));
+        ServiceManager {
+            enabled,
+            ready: false,
+            status: String::new(),
+            watchdog,
+            next_watchdog: Instant::now(),
+        }
+    }
+
+    /// A manager that never sends (tests, no systemd).
+    pub fn disabled() -> Self {
+        ServiceManager {
+            enabled: false,
+            ready: false,
+            status: String::new(),
+            watchdog: None,
+            next_watchdog: Instant::now(),
+        }
+    }
+
+    /// The watchdog interval systemd asked for, halved (None: no watchdog).
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        self.watchdog
+    }
+
+    /// Called from the loop that runs the core: feeds the watchdog when
+    /// due. Cheap when nothing is due.
+    pub fn alive(&mut self, now: Instant) {
+        if let Some(every) = self.watchdog {
+            if now >= self.next_watchdog {
+                self.next_watchdog = now + every;
+                self.send(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }
+
+    /// Called with the core's status (about once a second): `READY=1` the
+    /// first time, `STATUS=` whenever the text changes.
+    pub fn state(&mut self, st: &msl_core::node::Status) {
+        let text = status_line(st);
+        if !self.ready {
+            self.ready = true;
+            self.status = text;
+            self.send(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&self.status.clone()),
+            ]);
+        } else if text != self.status {
+            self.status = text;
+            self.send(&[sd_notify::NotifyState::Status(&self.status.clone())]);
+        }
+    }
+
+    /// The daemon is stopping.
+    pub fn stopping(&self) {
+        self.send(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping"),
+        ]);
+    }
+
+    fn send(&self, state: &[sd_notify::NotifyState]) {
+        if self.enabled {
+            let _ = sd_notify::notify(false, state);
+        }
+    }
+}
+
+/// The one-line `STATUS=` text: role, disk and sync state.
+pub fn status_line(st: &msl_core::node::Status) -> String {
+    let role = lower(st.role);
+    let mut s = format!("{role}, disk {}", lower(st.disk));
+    if st.failed {
+        s.push_str(", FAILED");
+    }
+    if st.resync_total > 0 && st.resync_remaining > 0 {
+        let done = st.resync_total - st.resync_remaining.min(st.resync_total);
+        s.push_str(&format!(
+            ", resync {} {}% ({} of {} blocks left)",
+            if st.resync_source { "to" } else { "from" },
+            done * 100 / st.resync_total,
+            st.resync_remaining,
+            st.resync_total
+        ));
+    } else if st.in_sync {
+        s.push_str(&format!(", in sync with node {}", st.peer_id));
+    } else if st.connected {
+        s.push_str(&format!(", connected to node {}, not in sync", st.peer_id));
+    } else {
+        s.push_str(&format!(", node {} not connected", st.peer_id));
+    }
+    if st.switching {
+        s.push_str(", switchover under way");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +592,7 @@ mod tests {
             node_id: 2,
             kind: "takeover",
             message: "took over \"now\"\nreally".into(),
+            fields: Map::new(),
         };
         assert_eq!(
             r.log_line(),
@@ -361,5 +672,66 @@ mod tests {
         );
         let log = std::fs::read_to_string(dir.path().join("msld.log")).unwrap();
         assert!(log.contains("event=events_dropped"), "{log}");
+    }
+
+    #[test]
+    fn test_command_filtered_and_progress_rate_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cmd.out");
+        let script = dir.path().join("notify.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$MSL_EVENT $MSL_REMAINING\" >> {}\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let policy = CommandPolicy {
+            events: Some(vec![
+                "resync_started".into(),
+                "resync_progress".into(),
+                "resync_finished".into(),
+            ]),
+            progress_interval: Duration::from_secs(3600),
+        };
+        let n = Notifier::start_with(sinks(dir.path(), Some(script)), 64, policy);
+        n.notify(EventRecord::new(1, &Notice::PeerLost { path: Path::Msl }));
+        n.notify(EventRecord::new(
+            1,
+            &Notice::ResyncStarted {
+                source: true,
+                blocks: 100,
+                full: false,
+            },
+        ));
+        for remaining in [90, 80, 70, 60] {
+            n.notify(EventRecord::new(
+                1,
+                &Notice::ResyncProgress {
+                    source: true,
+                    remaining,
+                    total: 100,
+                },
+            ));
+        }
+        n.notify(EventRecord::new(
+            1,
+            &Notice::ResyncFinished {
+                source: true,
+                blocks: 100,
+            },
+        ));
+        n.shutdown();
+        let cmd = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            cmd, "resync_started 100\nresync_progress 90\nresync_finished 0\n",
+            "filtered (no peer_lost), one progress run per interval"
+        );
+        // The log file still has every event.
+        let log = std::fs::read_to_string(dir.path().join("msld.log")).unwrap();
+        assert_eq!(log.lines().count(), 7, "{log}");
     }
 }

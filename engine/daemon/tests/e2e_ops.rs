@@ -62,9 +62,20 @@ fn scrape(ns: &str, addr: &str) -> String {
     .unwrap()
 }
 
+/// The value of `family{label="v",...}`: the first sample of the family
+/// whose labels include the ones given (every sample also has node/peer).
 fn metric(text: &str, name: &str) -> u64 {
+    let (family, want) = match name.split_once('{') {
+        Some((f, l)) => (f, l.trim_end_matches('}')),
+        None => (name, ""),
+    };
     text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (f, labels) = series.split_once('{').unwrap_or((series, ""));
+            let ok = f == family && want.split(',').all(|w| w.is_empty() || labels.contains(w));
+            ok.then(|| value.trim().parse().ok()).flatten()
+        })
         .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
 }
 
@@ -88,30 +99,34 @@ fn test_pair_status_complete_and_metrics_count_writes() {
         before.starts_with("HTTP/1.") && before.contains(" 200 "),
         "{before}"
     );
-    assert_eq!(metric(&before, "msl_role"), 1, "node 1 is primary");
+    assert_eq!(
+        metric(&before, "msl_role{role=\"primary\"}"),
+        1,
+        "node 1 is primary"
+    );
     assert_eq!(metric(&before, "msl_in_sync"), 1);
     let w0 = metric(&before, "msl_client_writes_total");
-    let nbd0 = metric(&before, "msl_nbd_req_write");
+    let nbd0 = metric(&before, "msl_nbd_requests_total{op=\"write\"}");
     qemu_io(&topo.veth.ns_b, &["write -P 0x5a 0 1M", "flush"]);
     let after = scrape(&topo.veth.ns_a, "10.77.1.1:9477");
     assert!(
         metric(&after, "msl_client_writes_total") > w0,
         "client writes counter did not grow:\n{after}"
     );
-    assert!(metric(&after, "msl_nbd_req_write") > nbd0);
+    assert!(metric(&after, "msl_nbd_requests_total{op=\"write\"}") > nbd0);
     // The NBD reader polls for each next request (nbd_busy_poll_us, on by
     // default) before it sleeps.
-    let polls =
-        metric(&after, "msl_nbd_busy_poll_hits") + metric(&after, "msl_nbd_busy_poll_misses");
+    let polls = metric(&after, "msl_nbd_busy_polls_total{result=\"hit\"}")
+        + metric(&after, "msl_nbd_busy_polls_total{result=\"miss\"}");
     assert!(polls > 0, "{after}");
-    assert!(metric(&after, "msl_msl_tx_frames_total") > 0);
+    assert!(metric(&after, "msl_link_tx_frames_total") > 0);
     // Lone messages (queue depth 1 writes, their acks) leave from the core
     // thread itself, without waking the transmit thread.
-    assert!(metric(&after, "msl_msl_tx_direct_total") > 0, "{after}");
-    assert_eq!(metric(&after, "msl_msl_rx_bad_auth_total"), 0);
+    assert!(metric(&after, "msl_link_tx_direct_total") > 0, "{after}");
+    assert_eq!(metric(&after, "msl_link_rx_bad_auth_total"), 0);
     // The receive ring's own drop count is exported (zero on an idle pair).
     assert_eq!(
-        metric(&after, "msl_msl_rx_ring_dropped_total"),
+        metric(&after, "msl_link_rx_ring_dropped_total"),
         0,
         "{after}"
     );

@@ -61,16 +61,36 @@ fn exported() -> BTreeSet<String> {
         ..Default::default()
     };
     let text = msl_daemon::metrics::prometheus(&n.status(), &t);
+    // Sample names, and family names (a histogram's samples are
+    // `<family>_bucket`, `_sum`, `_count`).
     text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| match l.strip_prefix("# TYPE ") {
+            Some(t) => t.split(' ').next(),
+            None if l.starts_with('#') => None,
+            None => l.split(['{', ' ']).next(),
+        })
+        .map(str::to_string)
         .collect()
 }
 
 #[test]
 fn test_dashboard_and_alerts_name_only_exported_metrics() {
     let exported = exported();
-    assert!(exported.contains("msl_role"), "{exported:?}");
+    for name in [
+        "msl_role",
+        "msl_disk_state",
+        "msl_build_info",
+        "msl_link_tx_frames_total",
+        "msl_nbd_requests_total",
+        "msl_client_write_latency_seconds_bucket",
+    ] {
+        assert!(exported.contains(name), "{name}: {exported:?}");
+    }
+    assert!(
+        !exported.iter().any(|n| n.starts_with("msl_msl_")),
+        "no doubled prefix: {exported:?}"
+    );
     for file in ["grafana/msl-dashboard.json", "prometheus/msl-alerts.yml"] {
         let text = std::fs::read_to_string(dist().join(file)).unwrap();
         if file.ends_with(".json") {

@@ -67,8 +67,16 @@ fn test_real_pair_refusals_exit_3_outcomes_exit_0_waits_time_out() {
         3,
         "switchover refused: this node is not an in-sync primary",
     );
-    // --no-wait: accepted is all it says.
-    check(&pair, 2, &["promote", "--no-wait"], 0, "promote: requested");
+    // --no-wait: msld judges the request at once, so a refusal still
+    // exits 3; an accepted one (here: nothing to do) exits 0.
+    check(
+        &pair,
+        2,
+        &["promote", "--no-wait"],
+        3,
+        "promote refused: the peer is primary and alive",
+    );
+    check(&pair, 2, &["demote", "--no-wait"], 0, "demote: requested");
 
     // The current state, then exit.
     check(

@@ -6,27 +6,12 @@
 //! 0 after a clean stop (SIGTERM/SIGINT), 75 when the core asks to restart
 //! as secondary (the supervisor starts it again), 1 on a start-up error.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use msl_daemon::cli::Args;
 use msl_daemon::config::DaemonConfig;
 use msl_daemon::input::{Exit, Input};
-
-#[derive(Parser)]
-#[command(name = "msld", about = "msl mirroring daemon (one node of a pair)")]
-struct Args {
-    /// The node's configuration file (TOML).
-    #[arg(long)]
-    config: PathBuf,
-    /// On first start (no metadata yet): declare this node's volume the
-    /// authoritative data of the pair. Give it on exactly one node.
-    #[arg(long)]
-    initial_primary: bool,
-    /// Check the configuration and exit.
-    #[arg(long)]
-    check: bool,
-}
 
 /// Exit code asking the supervisor to start msld again.
 const EXIT_RESTART: u8 = 75;
@@ -42,16 +27,27 @@ fn run(args: Args) -> Result<Exit, String> {
     }
     let daemon = msl_daemon::assemble(&cfg, args.initial_primary)?;
 
-    // Signals: a clean stop.
+    // Signals: SIGTERM/SIGINT are a clean stop; SIGHUP (systemd's
+    // ExecReload) must not kill msld: it is logged and otherwise ignored
+    // until the configuration can be reloaded.
     let sig_inputs = daemon.inputs.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                eprintln!(
+                    "msld: SIGHUP: reloading the configuration is not supported yet; ignored"
+                );
+                continue;
+            }
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
             let _ = sig_inputs.send(Input::Stop);
+            return;
         }
     });
     Ok(daemon.run())

@@ -1,15 +1,18 @@
-//! Writes mslctl's man pages (section 8: mslctl.8 and one page per
-//! subcommand, mslctl-promote.8, ...) and its shell completions (bash, zsh,
-//! fish) from the clap definition, so they never disagree with `--help`.
+//! Writes the man pages of mslctl (section 8: mslctl.8 and one page per
+//! subcommand, mslctl-promote.8, ...) and of msld (msld.8), and the shell
+//! completions (bash, zsh, fish) of both, from their clap definitions, so
+//! they never disagree with `--help`.
 //!
 //!     cargo run -p mslctl --features gen-docs --bin mslctl-gen-docs -- OUTDIR
 //!
-//! Output: OUTDIR/man/*.8, OUTDIR/completions/{mslctl.bash,_mslctl,mslctl.fish}.
+//! Output: OUTDIR/man/*.8, OUTDIR/completions/{mslctl,msld}.bash,
+//! _mslctl, _msld, {mslctl,msld}.fish.
 
 use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
 use clap_complete::Shell;
+use msl_daemon::cli::Args as MsldArgs;
 use mslctl::cli::Args;
 
 fn man_pages(
@@ -57,17 +60,19 @@ fn main() -> std::io::Result<()> {
     let comp = out.join("completions");
     std::fs::create_dir_all(&man)?;
     std::fs::create_dir_all(&comp)?;
-    let mut cmd = Args::command();
-    cmd.build();
-    let pages = man_pages(&cmd, &man, None)?;
+    let mut pages = Vec::new();
     let mut files = Vec::new();
-    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
-        files.push(clap_complete::generate_to(
-            shell,
-            &mut Args::command(),
-            "mslctl",
-            &comp,
-        )?);
+    for (mut cmd, bin) in [(Args::command(), "mslctl"), (MsldArgs::command(), "msld")] {
+        cmd.build();
+        pages.extend(man_pages(&cmd, &man, None)?);
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            files.push(clap_complete::generate_to(
+                shell,
+                &mut cmd.clone(),
+                bin,
+                &comp,
+            )?);
+        }
     }
     println!(
         "mslctl-gen-docs: {} man pages in {}, completions {}",
