@@ -355,18 +355,17 @@ fn nbd_settings(f: &FileConfig) -> Result<NbdSettings, ConfigError> {
             }
             f.nbd_tls_dir.clone().unwrap_or_default()
         }
-        (None, _) => return Err(invalid(
-            "nbd_tls_dir",
-            "(absent)",
-            format!(
-                "nbd_tls = \"{tls}\" needs the directory of server-cert.pem and server-key.pem{}",
-                if f.nbd_tls_verify_peer {
-                    " and ca-cert.pem"
-                } else {
-                    ""
-                }
-            ),
-        )),
+        (None, _) => {
+            let ca = if f.nbd_tls_verify_peer {
+                " and ca-cert.pem"
+            } else {
+                ""
+            };
+            let why = format!(
+                "nbd_tls = \"{tls}\" needs the directory of server-cert.pem and server-key.pem{ca}"
+            );
+            return Err(invalid("nbd_tls_dir", "(absent)", why));
+        }
         (Some(dir), _) => {
             msl_nbd::tls::load_server_config(dir, f.nbd_tls_verify_peer)
                 .map_err(|e| invalid("nbd_tls_dir", dir.display(), e.to_string()))?;
