@@ -189,3 +189,29 @@ impl Host for ServiceHost {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The service address is bound before this node holds it (IPv4 and
+    /// IPv6 alike): neither is on any interface here, and both bind.
+    #[test]
+    fn test_nbd_binds_service_addresses_not_on_any_interface() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let backend = Arc::new(msl_nbd::FileBackend::open(file.path(), false).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let addrs: [SocketAddr; 2] = [
+            "192.0.2.77:0".parse().unwrap(),
+            "[2001:db8:77::10]:0".parse().unwrap(),
+        ];
+        let h = start_nbd(&addrs, backend, ServerConfig::default(), stop.clone())
+            .expect("bind with IP_FREEBIND");
+        let bound = h.listeners();
+        assert_eq!(bound.len(), 2, "{bound:?}");
+        assert_eq!(bound[0].ip(), addrs[0].ip());
+        assert_eq!(bound[1].ip(), addrs[1].ip());
+        stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -371,3 +371,51 @@ fn test_whole_volume_unaligned_write_zeroes_mirrored_beside_small_writes() {
         control.1
     );
 }
+
+/// A node that releases the service address (an administrator's
+/// switchover) closes its NBD connections at once: the client sees the
+/// connection end, not errors from a node that no longer serves, and its
+/// reconnect reaches the new primary.
+#[test]
+fn test_released_service_address_closes_nbd_connections() {
+    use msl_nbd::client::Client;
+    let pair = Pair::new(PairOptions::default()).expect("build the pair (run as root)");
+    pair.start_both().unwrap();
+    pair.wait_in_sync(1, Duration::from_secs(30)).unwrap();
+    let addr = pair.service_addr();
+    let connect = || {
+        pair.in_client_ns(|| Client::connect(addr, "", Duration::from_secs(10)))
+            .unwrap()
+            .expect("connect to the service address")
+    };
+    let mut c = connect();
+    c.write(0, &[7u8; 4096], true).unwrap();
+    assert_eq!(pair.status(1).unwrap()["nbd_access"]["in_transmission"], 1);
+    pair.admin(1, "switchover").unwrap();
+    wait_for("node 2 primary", Duration::from_secs(10), || {
+        pair.status(2).is_ok_and(|s| s["role"] == "primary")
+    })
+    .unwrap();
+    wait_for(
+        "node 1 closed its NBD connections",
+        Duration::from_secs(5),
+        || {
+            pair.status(1)
+                .is_ok_and(|s| s["nbd_access"]["connections"] == 0)
+        },
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let e = c
+        .read(0, &mut buf)
+        .expect_err("a read on a released connection");
+    assert!(e.is_connection_lost(), "{e}");
+    wait_for("service address on node 2", Duration::from_secs(5), || {
+        pair.topo.holds_service_address(2).unwrap_or(false)
+    })
+    .unwrap();
+    let mut c = connect();
+    c.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [7u8; 4096]);
+    assert_eq!(pair.status(2).unwrap()["nbd_access"]["in_transmission"], 1);
+}
