@@ -15,7 +15,7 @@
 //! only after the control socket proved that no other msld runs with this
 //! configuration.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
@@ -394,21 +394,48 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
     watched.push((f.msl.interface.clone(), None));
     crate::service::watch_links(watched, w.inputs.clone(), w.stop.clone());
 
-    // NBD front end: every node listens; only the primary serves (clients
-    // reach it through the service address, which only the primary holds).
+    // NBD front end: both nodes listen on the service address alone
+    // (IP_FREEBIND: bound before the address is on an interface), so only
+    // the node holding it receives connections; only the primary serves
+    // I/O, and a node releasing the address closes its connections.
     let max_write = (200 * (w.max_frame - 200) as u64).min(1 << 20);
     let backend = Arc::new(MirrorBackend::new(w.client(), w.volume.clone(), max_write));
-    let listener = TcpListener::bind(SocketAddr::new([0, 0, 0, 0].into(), f.nbd_port))
-        .map_err(|e| format!("nbd_port {}: {e}", f.nbd_port))?;
-    let busy_poll = Duration::from_micros(f.nbd_busy_poll_us);
-    let nbd_counters = crate::service::start_nbd(listener, backend, busy_poll, w.stop.clone())
-        .map_err(|e| e.to_string())?;
+    let nbd_addr = cfg.nbd_listen_addr();
+    let nbd = crate::service::start_nbd(
+        &[nbd_addr],
+        backend,
+        cfg.nbd_server_config(),
+        w.stop.clone(),
+    )
+    .map_err(|e| format!("NBD on {nbd_addr} (service_address, nbd_port, nbd_tls_dir): {e}"))?;
+    eprintln!(
+        "msld: NBD on {nbd_addr} (TLS {}{}{})",
+        cfg.nbd.tls,
+        if cfg.nbd.tls_verify_peer {
+            ", client certificates required"
+        } else {
+            ""
+        },
+        if cfg.nbd.allow.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", clients from {:?}",
+                cfg.nbd
+                    .allow
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+            )
+        }
+    );
 
     // Status (control socket) and metrics read the same counters.
     let telemetry = Arc::new(Telemetry {
         shared: w.shared.clone(),
         lan: Some(w.lan.counters.clone()),
-        nbd: Some(nbd_counters),
+        nbd: Some(nbd.counters()),
+        nbd_server: Some(crate::status::NbdView(nbd.clone())),
         notify: Some(notify_counters),
         msl_interface: f.msl.interface.clone(),
         lan_interfaces: f.lan.iter().map(|a| a.interface.clone()).collect(),
@@ -425,7 +452,8 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
         None => None,
     };
 
-    let host = ServiceHost::new(&f.service_interface, cfg.service_ip, cfg.service_prefix);
+    let host =
+        ServiceHost::new(&f.service_interface, cfg.service_ip, cfg.service_prefix).with_nbd(nbd);
     let seed = std::process::id() as u64
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -143,6 +144,47 @@ pub struct FileConfig {
     /// The reader yields the CPU to any other thread while it polls.
     #[serde(default = "default_nbd_busy_poll_us")]
     pub nbd_busy_poll_us: u64,
+    /// NBD over TLS (NBD_OPT_STARTTLS): "off" (STARTTLS refused), "on"
+    /// (a client may upgrade or stay in plain text) or "require" (every
+    /// option but STARTTLS is refused before TLS is up).
+    #[serde(default = "default_nbd_tls")]
+    pub nbd_tls: String,
+    /// Directory of the TLS files, in the layout nbdkit and qemu use:
+    /// `server-cert.pem` (chain, leaf first), `server-key.pem`, and with
+    /// `nbd_tls_verify_peer` `ca-cert.pem`. Needed unless `nbd_tls` is off;
+    /// read at load, so `msld --check` reports a missing or bad file.
+    pub nbd_tls_dir: Option<PathBuf>,
+    /// Clients must present a certificate signed by `ca-cert.pem` (mutual
+    /// TLS: the clients' authentication). Needs `nbd_tls` on or require.
+    #[serde(default)]
+    pub nbd_tls_verify_peer: bool,
+    /// Networks whose clients may connect (IPv4/IPv6 CIDRs, or single
+    /// addresses); anyone else is closed before the NBD greeting. Empty:
+    /// anyone who reaches the service address.
+    #[serde(default)]
+    pub nbd_allow: Vec<String>,
+    /// Export the volume read-only (writes get EPERM).
+    #[serde(default)]
+    pub nbd_read_only: bool,
+    /// Open NBD connections in all; more are closed at once.
+    #[serde(default = "default_nbd_max_connections")]
+    pub nbd_max_connections: u64,
+    /// Open NBD connections from one client address.
+    #[serde(default = "default_nbd_max_per_address")]
+    pub nbd_max_per_address: u64,
+    /// Seconds a client may take from the greeting to the end of the
+    /// handshake (TLS included).
+    #[serde(default = "default_nbd_handshake_timeout_s")]
+    pub nbd_handshake_timeout_s: u64,
+    /// Close a connection with nothing in flight that sends no request for
+    /// this many seconds (0: never; the kernel's NBD client is silent while
+    /// its device is idle).
+    #[serde(default)]
+    pub nbd_idle_timeout_s: u64,
+    /// Close a connection whose client does not take a reply within this
+    /// many seconds (its buffers are freed).
+    #[serde(default = "default_nbd_write_timeout_s")]
+    pub nbd_write_timeout_s: u64,
     /// Lower bound of the MSL retransmission timeout (milliseconds). Lost
     /// frames with later traffic behind them are resent at once (selective
     /// acks); this timer only covers a lost tail and acks held up on the
@@ -198,6 +240,21 @@ pub const CPU_SETSIZE: usize = libc::CPU_SETSIZE as usize;
 fn default_nbd_busy_poll_us() -> u64 {
     200
 }
+fn default_nbd_tls() -> String {
+    "off".into()
+}
+fn default_nbd_max_connections() -> u64 {
+    1024
+}
+fn default_nbd_max_per_address() -> u64 {
+    16
+}
+fn default_nbd_handshake_timeout_s() -> u64 {
+    10
+}
+fn default_nbd_write_timeout_s() -> u64 {
+    30
+}
 fn default_msl_rto_min_ms() -> u64 {
     200
 }
@@ -222,8 +279,111 @@ pub struct DaemonConfig {
     pub file: FileConfig,
     pub service_ip: IpAddr,
     pub service_prefix: u8,
+    /// The NBD server's settings (TLS files checked, allow list parsed).
+    pub nbd: NbdSettings,
     /// Warnings to show at start (e.g. async write mode).
     pub warnings: Vec<String>,
+}
+
+/// The NBD keys, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdSettings {
+    pub tls: msl_nbd::TlsMode,
+    pub tls_dir: PathBuf,
+    pub tls_verify_peer: bool,
+    pub allow: Vec<msl_nbd::IpNet>,
+    pub read_only: bool,
+    pub max_connections: usize,
+    pub max_per_address: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub write_timeout: Duration,
+}
+
+/// Validate the `nbd_*` keys; the TLS files are loaded (as msld will) so
+/// a missing or unreadable file is refused here, naming the file.
+fn nbd_settings(f: &FileConfig) -> Result<NbdSettings, ConfigError> {
+    let tls: msl_nbd::TlsMode = f.nbd_tls.parse().map_err(|_| {
+        invalid(
+            "nbd_tls",
+            format!("{:?}", f.nbd_tls),
+            "must be \"off\", \"on\" or \"require\"",
+        )
+    })?;
+    let mut allow = Vec::with_capacity(f.nbd_allow.len());
+    for (i, a) in f.nbd_allow.iter().enumerate() {
+        let net = match a.parse::<msl_nbd::IpNet>() {
+            Ok(n) => n.trunc(),
+            Err(_) => match a.parse::<IpAddr>() {
+                Ok(ip) => msl_nbd::IpNet::from(ip),
+                Err(_) => {
+                    return Err(invalid(
+                        &format!("nbd_allow[{i}]"),
+                        format!("{a:?}"),
+                        "not an IPv4/IPv6 network (ADDRESS/PREFIX) or address",
+                    ))
+                }
+            },
+        };
+        allow.push(net);
+    }
+    let range = |key: &str, v: u64, lo: u64, hi: u64| {
+        if v < lo || v > hi {
+            Err(invalid(key, v, format!("must be between {lo} and {hi}")))
+        } else {
+            Ok(v)
+        }
+    };
+    let max_connections = range("nbd_max_connections", f.nbd_max_connections, 1, 65_536)?;
+    let max_per_address = range(
+        "nbd_max_per_address",
+        f.nbd_max_per_address,
+        1,
+        max_connections,
+    )?;
+    let handshake = range("nbd_handshake_timeout_s", f.nbd_handshake_timeout_s, 1, 300)?;
+    let idle = range("nbd_idle_timeout_s", f.nbd_idle_timeout_s, 0, 7 * 86_400)?;
+    let write = range("nbd_write_timeout_s", f.nbd_write_timeout_s, 1, 3600)?;
+    let tls_dir = match (&f.nbd_tls_dir, tls) {
+        (_, msl_nbd::TlsMode::Off) => {
+            if f.nbd_tls_verify_peer {
+                return Err(invalid(
+                    "nbd_tls_verify_peer",
+                    true,
+                    "client certificates need nbd_tls = \"on\" or \"require\"",
+                ));
+            }
+            f.nbd_tls_dir.clone().unwrap_or_default()
+        }
+        (None, _) => {
+            let ca = if f.nbd_tls_verify_peer {
+                " and ca-cert.pem"
+            } else {
+                ""
+            };
+            let why = format!(
+                "nbd_tls = \"{tls}\" needs the directory of server-cert.pem and server-key.pem{ca}"
+            );
+            return Err(invalid("nbd_tls_dir", "(absent)", why));
+        }
+        (Some(dir), _) => {
+            msl_nbd::tls::load_server_config(dir, f.nbd_tls_verify_peer)
+                .map_err(|e| invalid("nbd_tls_dir", dir.display(), e.to_string()))?;
+            dir.clone()
+        }
+    };
+    Ok(NbdSettings {
+        tls,
+        tls_dir,
+        tls_verify_peer: f.nbd_tls_verify_peer,
+        allow,
+        read_only: f.nbd_read_only,
+        max_connections: max_connections as usize,
+        max_per_address: max_per_address as usize,
+        handshake_timeout: Duration::from_secs(handshake),
+        idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
+        write_timeout: Duration::from_secs(write),
+    })
 }
 
 impl DaemonConfig {
@@ -419,6 +579,7 @@ impl DaemonConfig {
                 "must be 0 (no limit) or >= resync_min_mib_s",
             ));
         }
+        let nbd = nbd_settings(&file)?;
         let mut warnings = Vec::new();
         if file.write_mode == WriteMode::Async {
             warnings.push(
@@ -434,12 +595,38 @@ impl DaemonConfig {
             file,
             service_ip,
             service_prefix,
+            nbd,
             warnings,
         };
         cfg.core_config()
             .validate()
             .map_err(|e| invalid(e.key, e.value, e.to_string()))?;
         Ok(cfg)
+    }
+
+    /// The NBD server's configuration (`busy_poll` from
+    /// `nbd_busy_poll_us`).
+    pub fn nbd_server_config(&self) -> msl_nbd::ServerConfig {
+        let n = &self.nbd;
+        msl_nbd::ServerConfig {
+            busy_poll: Duration::from_micros(self.file.nbd_busy_poll_us),
+            tls: n.tls,
+            tls_dir: n.tls_dir.clone(),
+            tls_verify_peer: n.tls_verify_peer,
+            allow: n.allow.clone(),
+            read_only: n.read_only,
+            max_connections: n.max_connections,
+            max_per_address: n.max_per_address,
+            handshake_timeout: n.handshake_timeout,
+            idle_timeout: n.idle_timeout,
+            write_timeout: n.write_timeout,
+            ..msl_nbd::ServerConfig::default()
+        }
+    }
+
+    /// Where msld listens for NBD: the service address only.
+    pub fn nbd_listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.service_ip, self.file.nbd_port)
     }
 
     /// The protocol core's configuration.
@@ -608,6 +795,109 @@ metadata = "/var/lib/msl/meta"
             assert_ne!(t, GOOD, "case {key} did not change the text");
             assert_eq!(key_of(parse(&t).unwrap_err()), key, "case {to}");
         }
+    }
+
+    #[test]
+    fn test_nbd_keys_defaults_and_values() {
+        let c = parse(GOOD).unwrap();
+        let n = c.nbd_server_config();
+        assert_eq!(n.tls, msl_nbd::TlsMode::Off);
+        assert!(n.allow.is_empty() && !n.read_only && !n.tls_verify_peer);
+        assert_eq!((n.max_connections, n.max_per_address), (1024, 16));
+        assert_eq!(n.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(n.idle_timeout, None);
+        assert_eq!(n.write_timeout, Duration::from_secs(30));
+        assert_eq!(n.busy_poll, Duration::from_micros(200));
+        assert_eq!(c.nbd_listen_addr(), "10.77.1.100:10809".parse().unwrap());
+        let t = GOOD.replacen(
+            "node_id = 1",
+            "node_id = 1\nnbd_allow = [\"10.77.1.7/24\", \"2001:db8::/32\", \"192.0.2.9\"]\n\
+             nbd_read_only = true\nnbd_max_connections = 50\nnbd_max_per_address = 5\n\
+             nbd_idle_timeout_s = 600\nnbd_write_timeout_s = 5\nnbd_handshake_timeout_s = 3",
+            1,
+        );
+        let n = parse(&t).unwrap().nbd_server_config();
+        let allow: Vec<String> = n.allow.iter().map(|a| a.to_string()).collect();
+        // A host address inside a network is reduced to the network.
+        assert_eq!(allow, ["10.77.1.0/24", "2001:db8::/32", "192.0.2.9/32"]);
+        assert!(n.read_only);
+        assert_eq!((n.max_connections, n.max_per_address), (50, 5));
+        assert_eq!(n.idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(n.write_timeout, Duration::from_secs(5));
+        assert_eq!(n.handshake_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn test_bad_nbd_keys_name_the_key() {
+        let cases = [
+            ("nbd_tls = \"maybe\"", "nbd_tls"),
+            ("nbd_allow = [\"10.77.1.0/33\"]", "nbd_allow[0]"),
+            ("nbd_allow = [\"10.0.0.0/8\", \"lan\"]", "nbd_allow[1]"),
+            ("nbd_tls = \"require\"", "nbd_tls_dir"),
+            ("nbd_tls_verify_peer = true", "nbd_tls_verify_peer"),
+            ("nbd_max_connections = 0", "nbd_max_connections"),
+            ("nbd_max_per_address = 2000", "nbd_max_per_address"),
+            ("nbd_write_timeout_s = 0", "nbd_write_timeout_s"),
+            ("nbd_handshake_timeout_s = 0", "nbd_handshake_timeout_s"),
+        ];
+        for (line, key) in cases {
+            let t = GOOD.replacen("node_id = 1", &format!("node_id = 1\n{line}"), 1);
+            assert_eq!(key_of(parse(&t).unwrap_err()), key, "case {line}");
+        }
+    }
+
+    /// The TLS files are read at load: a missing directory or file is
+    /// refused naming nbd_tls_dir and the file.
+    #[test]
+    fn test_nbd_tls_files_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let with = |extra: &str| GOOD.replacen("node_id = 1", &format!("node_id = 1\n{extra}"), 1);
+        let tls = |mode: &str, verify: bool| {
+            with(&format!(
+                "nbd_tls = \"{mode}\"\nnbd_tls_dir = \"{}\"\nnbd_tls_verify_peer = {verify}",
+                d.display()
+            ))
+        };
+        let e = parse(&tls("require", false)).unwrap_err();
+        assert!(e.to_string().contains("server-cert.pem"), "{e}");
+        assert_eq!(key_of(e), "nbd_tls_dir");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl (apt-get install openssl)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server-key.pem",
+            "-out",
+            "server-cert.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=nbd.example",
+        ]);
+        let c = parse(&tls("require", false)).unwrap();
+        assert_eq!(c.nbd_server_config().tls, msl_nbd::TlsMode::Require);
+        assert_eq!(c.nbd_server_config().tls_dir, d);
+        // Client certificates need the CA file.
+        let e = parse(&tls("on", true)).unwrap_err();
+        assert!(e.to_string().contains("ca-cert.pem"), "{e}");
+        std::fs::copy(d.join("server-cert.pem"), d.join("ca-cert.pem")).unwrap();
+        assert!(parse(&tls("on", true)).unwrap().nbd.tls_verify_peer);
+        std::fs::write(d.join("server-key.pem"), "not a key").unwrap();
+        let e = parse(&tls("on", true)).unwrap_err();
+        assert!(e.to_string().contains("server-key.pem"), "{e}");
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! and the MSL NIC, run the NBD front end, and hold or release the service
 //! address.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use msl_nbd::{Backend, Server, ServerConfig};
+use msl_nbd::{Backend, Server, ServerConfig, ServerHandle};
 
 use crate::driver::Host;
 use crate::inbox::Inbox;
@@ -47,19 +47,20 @@ pub fn watch_links(ifaces: Vec<(String, Option<u8>)>, inputs: Inbox, stop: Arc<A
     });
 }
 
-/// Serve NBD on `listener` until `stop`; returns the server's counters.
+/// Serve NBD on `addrs` until `stop`; returns a handle to the running
+/// server (its counters, connections and listeners). msld passes the
+/// service address alone, bound with IP_FREEBIND on both nodes: only the
+/// node holding the address receives connections, and no other address
+/// of the node (its own LAN address) answers on the NBD port. TLS files
+/// are loaded here; a file that fails names itself.
 pub fn start_nbd(
-    listener: TcpListener,
+    addrs: &[SocketAddr],
     backend: Arc<dyn Backend>,
-    busy_poll: Duration,
+    cfg: ServerConfig,
     stop: Arc<AtomicBool>,
-) -> std::io::Result<Arc<msl_nbd::Counters>> {
-    let cfg = ServerConfig {
-        busy_poll,
-        ..ServerConfig::default()
-    };
-    let server = Server::new(listener, String::new(), backend, cfg, stop);
-    let counters = server.counters();
+) -> std::io::Result<ServerHandle> {
+    let server = Server::with_listeners(addrs, String::new(), backend, cfg, stop)?;
+    let handle = server.handle();
     std::thread::Builder::new()
         .name("msl-nbd".into())
         .spawn(move || {
@@ -67,7 +68,7 @@ pub fn start_nbd(
                 eprintln!("msld: NBD server stopped: {e}");
             }
         })?;
-    Ok(counters)
+    Ok(handle)
 }
 
 /// How often the holder re-announces the service address. A client whose
@@ -84,6 +85,10 @@ pub struct ServiceHost {
     ip: IpAddr,
     prefix: u8,
     held: Arc<Mutex<bool>>,
+    /// The NBD server, whose connections are closed when the address is
+    /// released: a client then reconnects to the new holder at once
+    /// instead of getting errors from a node that no longer serves.
+    nbd: Option<ServerHandle>,
 }
 
 /// Send `rounds` gratuitous ARPs, `gap` apart, each only while the address
@@ -133,7 +138,15 @@ impl ServiceHost {
             ip,
             prefix,
             held,
+            nbd: None,
         }
+    }
+
+    /// Close the NBD server's connections whenever the address is
+    /// released.
+    pub fn with_nbd(mut self, nbd: ServerHandle) -> Self {
+        self.nbd = Some(nbd);
+        self
     }
 }
 
@@ -155,7 +168,15 @@ impl Host for ServiceHost {
         } else {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
             *held = false;
-            msl_netcfg::remove_address(&self.ifname, self.ip, self.prefix)
+            let r = msl_netcfg::remove_address(&self.ifname, self.ip, self.prefix);
+            if let Some(nbd) = &self.nbd {
+                let n = nbd.connections().len();
+                nbd.close_connections();
+                if n > 0 {
+                    eprintln!("msld: service address released: closed {n} NBD connection(s)");
+                }
+            }
+            r
         };
         if let Err(e) = r {
             eprintln!(
@@ -166,5 +187,31 @@ impl Host for ServiceHost {
                 if hold { "claim" } else { "release" }
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The service address is bound before this node holds it (IPv4 and
+    /// IPv6 alike): neither is on any interface here, and both bind.
+    #[test]
+    fn test_nbd_binds_service_addresses_not_on_any_interface() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let backend = Arc::new(msl_nbd::FileBackend::open(file.path(), false).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let addrs: [SocketAddr; 2] = [
+            "192.0.2.77:0".parse().unwrap(),
+            "[2001:db8:77::10]:0".parse().unwrap(),
+        ];
+        let h = start_nbd(&addrs, backend, ServerConfig::default(), stop.clone())
+            .expect("bind with IP_FREEBIND");
+        let bound = h.listeners();
+        assert_eq!(bound.len(), 2, "{bound:?}");
+        assert_eq!(bound[0].ip(), addrs[0].ip());
+        assert_eq!(bound[1].ip(), addrs[1].ip());
+        stop.store(true, Ordering::Relaxed);
     }
 }

@@ -28,11 +28,154 @@ pub struct Telemetry {
     pub shared: Arc<Shared>,
     pub lan: Option<Arc<LanCounters>>,
     pub nbd: Option<Arc<msl_nbd::Counters>>,
+    /// The running NBD server: TLS mode, listeners, open connections.
+    pub nbd_server: Option<NbdView>,
     pub notify: Option<Arc<NotifyCounters>>,
     /// Names of the MSL interface and of the LAN adapters (config order).
     pub msl_interface: String,
     pub lan_interfaces: Vec<String>,
     pub block_size: u64,
+}
+
+/// The running NBD server as status and metrics read it.
+#[derive(Clone)]
+pub struct NbdView(pub msl_nbd::ServerHandle);
+
+impl std::fmt::Debug for NbdView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdView")
+            .field("listeners", &self.0.listeners())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Connections listed one by one in the status (a flood of hundreds is
+/// summed up, not listed).
+pub const NBD_CLIENTS_LISTED: usize = 64;
+
+/// Why the NBD server closed connections, by reason, from its counters:
+/// `(reason, count)`, the names `mslctl status` and the metrics use.
+pub fn nbd_refusals(c: &msl_nbd::CountersSnapshot) -> [(&'static str, u64); 10] {
+    [
+        ("not_allowed", c.refused_not_allowed),
+        ("over_max_connections", c.connections_rejected),
+        ("over_max_per_address", c.refused_per_address),
+        ("handshake_evicted", c.handshakes_evicted),
+        ("handshake_timeout", c.handshake_timeouts),
+        ("too_many_options", c.too_many_options),
+        ("tls_required", c.tls_required_refusals),
+        ("tls_failed", c.tls_failures),
+        ("idle_timeout", c.idle_timeouts),
+        ("write_timeout", c.write_timeouts),
+    ]
+}
+
+/// The `nbd_access` part of the status: who may connect and who is
+/// connected. `Null` when the node runs no NBD server.
+pub fn nbd_access_json(t: &Telemetry) -> Value {
+    let Some(NbdView(h)) = &t.nbd_server else {
+        return Value::Null;
+    };
+    let cfg = h.config();
+    let mut conns = h.connections();
+    conns.sort_by_key(|c| std::cmp::Reverse(c.age));
+    let in_transmission = conns
+        .iter()
+        .filter(|c| c.phase == msl_nbd::ConnPhase::Transmission)
+        .count();
+    let clients: Vec<Value> = conns
+        .iter()
+        .take(NBD_CLIENTS_LISTED)
+        .map(|c| {
+            json!({
+                "peer": c.peer.to_string(),
+                "phase": lower(c.phase),
+                "tls": c.tls,
+                "age_s": c.age.as_secs(),
+            })
+        })
+        .collect();
+    let snap = h.counters().snapshot();
+    let mut refused = serde_json::Map::new();
+    for (k, v) in nbd_refusals(&snap) {
+        refused.insert(k.into(), v.into());
+    }
+    json!({
+        "tls": cfg.tls.to_string(),
+        "tls_verify_peer": cfg.tls_verify_peer,
+        "read_only": cfg.read_only,
+        "allow": cfg.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        "listeners": h.listeners().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "connections": conns.len(),
+        "in_transmission": in_transmission,
+        "clients": clients,
+        "refused": refused,
+    })
+}
+
+/// `nbd_access` as lines of text (what `mslctl status` prints).
+pub fn nbd_access_text(s: &Value) -> Vec<String> {
+    let a = &s["nbd_access"];
+    if a.is_null() {
+        return Vec::new();
+    }
+    let list = |v: &Value| -> String {
+        let items: Vec<&str> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        items.join(", ")
+    };
+    let allow = list(&a["allow"]);
+    let mut out = vec![format!(
+        "NBD on {}: TLS {}{}, {}, clients from {}",
+        list(&a["listeners"]),
+        a["tls"].as_str().unwrap_or("?"),
+        if a["tls_verify_peer"] == true {
+            " (client certificates required)"
+        } else {
+            ""
+        },
+        if a["read_only"] == true {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        if allow.is_empty() { "anywhere" } else { &allow },
+    )];
+    let refused: Vec<String> = a["refused"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    out.push(format!(
+        "NBD connections: {} open, {} in transmission; refused: {}",
+        a["connections"],
+        a["in_transmission"],
+        if refused.is_empty() {
+            "none".to_string()
+        } else {
+            refused.join(", ")
+        }
+    ));
+    for c in a["clients"].as_array().into_iter().flatten() {
+        out.push(format!(
+            "  NBD client {}: {}{}, {} s",
+            c["peer"].as_str().unwrap_or("?"),
+            c["phase"].as_str().unwrap_or("?"),
+            if c["tls"] == true {
+                ", TLS"
+            } else {
+                ", plain text"
+            },
+            c["age_s"],
+        ));
+    }
+    out
 }
 
 fn lower<T: std::fmt::Debug>(v: T) -> String {
@@ -227,6 +370,7 @@ pub fn status_json(s: &Status, t: &Telemetry) -> Value {
         "verify": verify_json(s),
         "counters": counters,
         "nbd": nbd,
+        "nbd_access": nbd_access_json(t),
     })
 }
 
@@ -295,5 +439,66 @@ pub(crate) mod tests {
         assert_eq!(v["write_mode"], "sync");
         assert_eq!(v["resync"]["eta_s"], Value::Null);
         assert!(v["nbd"]["req_write"].is_u64());
+    }
+
+    /// A real NBD server: a peer outside the allow list is counted by
+    /// reason, an open connection is listed with its phase.
+    #[test]
+    fn test_nbd_access_shows_tls_mode_connections_and_refusals() {
+        use std::io::Read;
+        let (s, mut t) = sample();
+        assert_eq!(status_json(&s, &t)["nbd_access"], Value::Null);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let backend = Arc::new(msl_nbd::FileBackend::open(file.path(), false).unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cfg = msl_nbd::ServerConfig {
+            allow: vec!["127.0.0.1/32".parse().unwrap()],
+            read_only: true,
+            ..msl_nbd::ServerConfig::default()
+        };
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let h = crate::service::start_nbd(&[addr], backend, cfg, stop.clone()).unwrap();
+        let bound = h.listeners()[0];
+        t.nbd_server = Some(NbdView(h.clone()));
+        // Allowed: greeted, and listed while it sits in the handshake.
+        let mut ok = std::net::TcpStream::connect(bound).unwrap();
+        let mut magic = [0u8; 8];
+        ok.read_exact(&mut magic).unwrap();
+        assert_eq!(&magic, b"NBDMAGIC");
+        // A source outside the allow list (127.0.0.2) gets no byte.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(
+            &"127.0.0.2:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        sock.connect(&bound.into()).unwrap();
+        let mut stranger: std::net::TcpStream = sock.into();
+        stranger
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(stranger.read(&mut magic).unwrap_or(0), 0);
+        let v = status_json(&s, &t);
+        let a = &v["nbd_access"];
+        assert_eq!(a["tls"], "off");
+        assert_eq!(a["read_only"], true);
+        assert_eq!(a["allow"][0], "127.0.0.1/32");
+        assert_eq!(a["listeners"][0], bound.to_string());
+        assert_eq!(a["connections"], 1);
+        assert_eq!(a["in_transmission"], 0);
+        assert_eq!(a["clients"][0]["phase"], "handshake");
+        assert_eq!(a["clients"][0]["tls"], false);
+        assert_eq!(a["refused"]["not_allowed"], 1);
+        assert_eq!(a["refused"]["tls_failed"], 0);
+        let text = nbd_access_text(&v).join("\n");
+        assert!(text.contains("TLS off"), "{text}");
+        assert!(text.contains("refused: not_allowed 1"), "{text}");
+        assert!(text.contains("1 open, 0 in transmission"), "{text}");
+        stop.store(true, Ordering::Relaxed);
+        drop(ok);
     }
 }

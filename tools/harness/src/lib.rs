@@ -11,6 +11,7 @@
 
 pub mod bins;
 pub mod pair;
+pub mod pki;
 pub mod topology;
 
 pub use pair::{sha256_file, unix_ms, wait_for, Event, ExitRecord, Pair, PairOptions};

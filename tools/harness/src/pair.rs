@@ -67,6 +67,21 @@ impl PairOptions {
         self
     }
 
+    /// NBD over TLS on both nodes (`nbd_tls`, `nbd_tls_dir`,
+    /// `nbd_tls_verify_peer`): `mode` is "off", "on" or "require"; with
+    /// `verify_peer` clients need a certificate signed by the directory's
+    /// ca-cert.pem.
+    pub fn nbd_tls(self, mode: &str, dir: &Path, verify_peer: bool) -> Self {
+        self.tunable("nbd_tls", format!("{mode:?}"))
+            .tunable("nbd_tls_dir", format!("{:?}", dir.display().to_string()))
+            .tunable("nbd_tls_verify_peer", verify_peer)
+    }
+
+    /// Admit NBD clients from these networks only (`nbd_allow`).
+    pub fn nbd_allow(self, nets: &[&str]) -> Self {
+        self.tunable("nbd_allow", format!("{nets:?}"))
+    }
+
     /// Set (or replace) a tunable on node `id` only.
     pub fn node_tunable(mut self, id: u16, key: &str, toml_value: impl ToString) -> Self {
         self.node_tunables

@@ -460,14 +460,21 @@ impl<'a> Ctx<'a> {
             detail,
         );
         let report = wl.stop();
-        // Read back from the primary's own LAN address: the data check
-        // must not depend on where the service address points.
-        let lan = if primary == 1 {
-            crate::topology::LAN_A
-        } else {
-            crate::topology::LAN_B
-        };
-        let addr: SocketAddr = format!("{lan}:{}", self.opts.pair.nbd_port)
+        // Read back from the primary through the service address (msld
+        // serves NBD there only): wait until the primary holds it, so the
+        // check reads the primary's data, not whatever held it last.
+        let primary_holds = wait_for(
+            &format!("node {primary} holding the service address for the read-back"),
+            Duration::from_secs(10),
+            || {
+                self.pair
+                    .topo
+                    .holds_service_address(primary)
+                    .unwrap_or(false)
+            },
+        );
+        primary_holds.map_err(|e| format!("{e}; {}", self.lan_view()))?;
+        let addr: SocketAddr = format!("{SERVICE_IP}:{}", self.opts.pair.nbd_port)
             .parse()
             .map_err(|e| format!("{e}"))?;
         let v = report.verify_at(self.pair.topo.client_ns(), addr)?;

@@ -82,6 +82,9 @@ pub fn print_status(s: &Value) {
         "pending writes {}, flushes {}",
         s["pending_writes"], s["pending_flushes"]
     );
+    for line in msl_daemon::status::nbd_access_text(s) {
+        println!("{line}");
+    }
     for (title, key) in [("counters", "counters"), ("NBD", "nbd")] {
         if let Some(c) = s[key].as_object() {
             let line: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
