@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use msl_core::meta::Meta;
 use msl_core::Config;
-use msl_store::{MetaStore, Volume};
+use msl_store::{MetaStore, Volume, VolumeOptions};
 use msl_transport::afpacket::{RingConfig, TpVersion};
 use msl_transport::{BackendKind, IfaceInfo, OpenOptions, RxLink, TxLink};
 use msl_wire::Key;
@@ -324,8 +324,16 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
     set_cpu_affinity(&f.cpu_affinity)?;
 
     // Volume and metadata (created on first start).
-    let volume =
-        Arc::new(Volume::open(&f.volume.path, f.volume.size_bytes).map_err(|e| e.to_string())?);
+    let volume = Arc::new(
+        Volume::open_with(
+            &f.volume.path,
+            f.volume.size_bytes,
+            &VolumeOptions {
+                preallocate: f.volume.preallocate,
+            },
+        )
+        .map_err(|e| e.to_string())?,
+    );
     let (store, meta) = if f.volume.metadata.exists() {
         MetaStore::open_checked(&f.volume.metadata, &core_cfg).map_err(|e| e.to_string())?
     } else {
@@ -344,7 +352,7 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
 
     // Notifications (also to `mslctl events` followers).
     let hub = EventHub::default();
-    let notifier = Notifier::start(
+    let notifier = Notifier::start_with(
         Sinks {
             console: true,
             log_file: Some(f.log_file.clone()),
@@ -353,6 +361,7 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
             hub: Some(hub.clone()),
         },
         4096,
+        cfg.command_policy(),
     );
     let notify_counters = notifier.counters.clone();
 
@@ -440,6 +449,8 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
         msl_interface: f.msl.interface.clone(),
         lan_interfaces: f.lan.iter().map(|a| a.interface.clone()).collect(),
         block_size: u64::from(f.volume.block_size),
+        cluster_id: Some(f.cluster_id),
+        insecure_no_auth: false,
     });
     let control = ControlServer::start(&f.control_socket, w.inputs.clone(), hub, telemetry.clone())
         .map_err(|e| format!("control_socket {}: {e}", f.control_socket.display()))?;

@@ -91,6 +91,14 @@ pub struct VolumeSection {
     pub block_size: u32,
     /// Metadata file (two atomic slots).
     pub metadata: PathBuf,
+    /// Allocate the whole volume file when it is created or extended
+    /// (`fallocate`), so a full filesystem shows at creation. `false`
+    /// makes a thin (sparse) file: space is taken as clients and resyncs
+    /// write, and a filesystem that fills up later fails those writes
+    /// (ENOSPC: the node's disk fails and its peer takes over or the pair
+    /// runs degraded). Block devices are not affected.
+    #[serde(default = "default_true")]
+    pub preallocate: bool,
 }
 
 /// The whole file as written.
@@ -204,11 +212,59 @@ pub struct FileConfig {
     pub log_file: PathBuf,
     /// Run for every state change, event in the environment.
     pub notify_command: Option<PathBuf>,
+    /// Events that run `notify_command` (names as `mslctl events` prints
+    /// them, e.g. `["takeover", "peer_down", "disk_failed"]`); absent: all.
+    /// The console, the log file and `mslctl events` get every event.
+    pub notify_events: Option<Vec<String>>,
+    /// `resync_progress` runs `notify_command` at most once per this many
+    /// seconds (start and end of a resync always do).
+    #[serde(default = "default_notify_progress_interval_s")]
+    pub notify_progress_interval_s: u64,
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
     /// Prometheus text metrics (e.g. "127.0.0.1:9477"); off when absent.
     pub metrics_address: Option<SocketAddr>,
 }
+
+fn default_true() -> bool {
+    true
+}
+fn default_notify_progress_interval_s() -> u64 {
+    crate::notify::PROGRESS_NOTIFY_INTERVAL.as_secs()
+}
+
+/// Every event name the daemon reports (`notify_events` accepts these).
+pub const EVENT_NAMES: &[&str] = &[
+    "role_changed",
+    "peer_lost",
+    "peer_found",
+    "msl_link_down",
+    "msl_link_up",
+    "peer_down",
+    "degraded",
+    "takeover",
+    "mirror_shut_down",
+    "cannot_take_over",
+    "connected",
+    "split_brain_refused",
+    "connection_refused",
+    "resync_started",
+    "resync_progress",
+    "resync_finished",
+    "switchover_started",
+    "switchover_done",
+    "lan_adapter_health",
+    "verify_started",
+    "verify_finished",
+    "verify_aborted",
+    "disk_failed",
+    "warning",
+    "events_dropped",
+    "bad_auth",
+    "config_reloaded",
+    "config_reload_failed",
+    "insecure_no_auth",
+];
 
 fn default_backend() -> Backend {
     Backend::Auto
@@ -579,6 +635,23 @@ impl DaemonConfig {
                 "must be 0 (no limit) or >= resync_min_mib_s",
             ));
         }
+        if let Some(events) = &file.notify_events {
+            for (i, e) in events.iter().enumerate() {
+                if !EVENT_NAMES.contains(&e.as_str()) {
+                    return Err(invalid(
+                        &format!("notify_events[{i}]"),
+                        format!("{e:?}"),
+                        format!("unknown event; known events: {}", EVENT_NAMES.join(", ")),
+                    ));
+                }
+            }
+        }
+        range(
+            "notify_progress_interval_s",
+            file.notify_progress_interval_s,
+            0,
+            86_400,
+        )?;
         let nbd = nbd_settings(&file)?;
         let mut warnings = Vec::new();
         if file.write_mode == WriteMode::Async {
@@ -621,6 +694,14 @@ impl DaemonConfig {
             idle_timeout: n.idle_timeout,
             write_timeout: n.write_timeout,
             ..msl_nbd::ServerConfig::default()
+        }
+    }
+
+    /// Which events run the notification command.
+    pub fn command_policy(&self) -> crate::notify::CommandPolicy {
+        crate::notify::CommandPolicy {
+            events: self.file.notify_events.clone(),
+            progress_interval: Duration::from_secs(self.file.notify_progress_interval_s),
         }
     }
 
@@ -898,6 +979,40 @@ metadata = "/var/lib/msl/meta"
         std::fs::write(d.join("server-key.pem"), "not a key").unwrap();
         let e = parse(&tls("on", true)).unwrap_err();
         assert!(e.to_string().contains("server-key.pem"), "{e}");
+    }
+
+    #[test]
+    fn test_notify_filter_and_thin_volume_keys() {
+        let c = parse(GOOD).unwrap();
+        assert!(
+            c.file.volume.preallocate,
+            "volumes are allocated ahead by default"
+        );
+        assert_eq!(c.command_policy(), crate::notify::CommandPolicy::default());
+        let t = GOOD.replacen(
+            "node_id = 1",
+            "node_id = 1\nnotify_events = [\"takeover\", \"disk_failed\"]\nnotify_progress_interval_s = 5",
+            1,
+        ) + "preallocate = false\n";
+        let c = parse(&t).unwrap();
+        assert!(!c.file.volume.preallocate);
+        let p = c.command_policy();
+        assert_eq!(
+            p.events.as_deref(),
+            Some(&["takeover".to_string(), "disk_failed".into()][..])
+        );
+        assert_eq!(p.progress_interval, Duration::from_secs(5));
+        let t = GOOD.replacen(
+            "node_id = 1",
+            "node_id = 1\nnotify_events = [\"takeover\", \"take_over\"]",
+            1,
+        );
+        let e = parse(&t).unwrap_err();
+        assert!(
+            e.to_string().contains("take_over") && e.to_string().contains("peer_down"),
+            "{e}"
+        );
+        assert_eq!(key_of(e), "notify_events[1]");
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub struct Telemetry {
     pub msl_interface: String,
     pub lan_interfaces: Vec<String>,
     pub block_size: u64,
+    /// The pair's `cluster_id` (the metrics' `cluster` label).
+    pub cluster_id: Option<u64>,
+    /// Running without a cluster key (`insecure_no_auth = true`): repeated
+    /// by every status report.
+    pub insecure_no_auth: bool,
 }
 
 /// The running NBD server as status and metrics read it.

@@ -177,6 +177,22 @@ fn create_md(config: &Path, initial_primary: bool, force: bool) -> Result<u8, Fa
     Ok(EXIT_OK)
 }
 
+/// `convert-md`: convert a node's format-1 metadata in place.
+fn convert_md(config: &Path) -> Result<u8, Failure> {
+    use msl_daemon::config::DaemonConfig;
+    let cfg = DaemonConfig::load(config).map_err(|e| Failure::error(e.to_string()))?;
+    let meta = msl_daemon::md::convert(&cfg).map_err(Failure::error)?;
+    println!(
+        "converted metadata {} to the current format: node {}, generation {:016x}, {} blocks out of sync (the format-1 file is kept as {}.v1)",
+        cfg.file.volume.metadata.display(),
+        meta.node_id,
+        meta.gens.current,
+        meta.dirty.count(),
+        cfg.file.volume.metadata.display(),
+    );
+    Ok(EXIT_OK)
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -199,6 +215,15 @@ pub fn run(args: Args, socket_dir: &Path) -> Result<u8, Failure> {
             });
         };
         return create_md(config, initial_primary, force);
+    }
+    if let Cmd::ConvertMd = args.cmd {
+        let Some(config) = &args.config else {
+            return Err(Failure {
+                code: EXIT_USAGE_OR_DIFFER,
+                message: "convert-md needs the node's config: --config FILE".into(),
+            });
+        };
+        return convert_md(config);
     }
     let socket: PathBuf =
         msl_control::find_socket(args.socket.as_deref(), args.config.as_deref(), socket_dir)
@@ -253,6 +278,6 @@ pub fn run(args: Args, socket_dir: &Path) -> Result<u8, Failure> {
         Cmd::Disconnect { wait } => state_change(socket, Request::Disconnect, wait),
         Cmd::Connect { wait } => state_change(socket, Request::Connect, wait),
         Cmd::Invalidate { wait } => state_change(socket, Request::Invalidate, wait),
-        Cmd::CreateMd { .. } => unreachable!("handled above"),
+        Cmd::CreateMd { .. } | Cmd::ConvertMd => unreachable!("handled above"),
     }
 }
