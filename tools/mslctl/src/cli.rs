@@ -154,8 +154,9 @@ pub enum Cmd {
     },
     /// Create (initialise) this node's metadata from its msld config
     /// (--config FILE): cluster id, node id, volume geometry, a fresh
-    /// generation. Refuses to overwrite an existing metadata file unless
-    /// --force. (`msld --create` also creates it on a first start.)
+    /// generation; and the volume file if it does not exist. Both are
+    /// owner-only (0600). Refuses to overwrite an existing metadata file
+    /// unless --force. (`msld --create` also creates it on a first start.)
     CreateMd {
         /// Declare this node's volume the authoritative data of the pair
         /// (give it on exactly one node); otherwise it waits for a full sync.

@@ -160,6 +160,22 @@ fn create_md(config: &Path, initial_primary: bool, force: bool) -> Result<u8, Fa
     use msl_daemon::config::DaemonConfig;
     let cfg = DaemonConfig::load(config).map_err(|e| Failure::error(e.to_string()))?;
     let (_, meta) = msl_daemon::md::create(&cfg, initial_primary, force).map_err(Failure::error)?;
+    // The volume too, when it is a file that does not exist yet (owner-only,
+    // allocated as `[volume] preallocate` says): msld never creates it.
+    let vol = &cfg.file.volume.path;
+    if !vol.exists() {
+        drop(msl_daemon::assemble::open_volume(&cfg, true).map_err(Failure::error)?);
+        println!(
+            "created volume {} ({} bytes{})",
+            vol.display(),
+            cfg.file.volume.size_bytes,
+            if cfg.file.volume.preallocate {
+                ""
+            } else {
+                ", thin"
+            }
+        );
+    }
     println!(
         "created metadata {}: cluster {:016x}, node {}, {} blocks of {} bytes, generation {:016x} ({})",
         cfg.file.volume.metadata.display(),

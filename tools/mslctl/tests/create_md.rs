@@ -52,6 +52,21 @@ fn test_create_md_creates_refuses_overwrite_and_forces() {
         out.contains("node 1") && out.contains("4096 blocks"),
         "{out}"
     );
+    // The volume file is created too; both owner-only.
+    assert!(out.contains("created volume"), "{out}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["node1.meta", "node1.img"] {
+            let m = std::fs::metadata(dir.path().join(f)).unwrap();
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
+        }
+        assert_eq!(
+            std::fs::metadata(dir.path().join("node1.img"))
+                .unwrap()
+                .len(),
+            16 << 20
+        );
+    }
     let g1 = generation(&out);
     assert_ne!(g1, "0000000000000000", "initial primary gets a generation");
     // Valid metadata is kept: refused without --force, and the refusal
