@@ -213,7 +213,7 @@ impl<H: Host> Driver<H> {
         let (kind, message) = match r {
             Reload::Failed(why) => (
                 "config_reload_failed",
-                format!("configuration not reloaded: {why}"),
+                format!("configuration not reloaded (SIGHUP): {why}"),
             ),
             Reload::Apply {
                 settings: s,
@@ -236,7 +236,7 @@ impl<H: Host> Driver<H> {
                     s.log_file.clone(),
                 );
                 let mut m = format!(
-                    "configuration reloaded: resync at least {} MiB/s, at most {}; notify_command {}; notify_events {}",
+                    "configuration reloaded (SIGHUP): resync at least {} MiB/s, at most {}; notify_command {}; notify_events {}",
                     min >> 20,
                     if max == 0 { "the link's speed".to_string() } else { format!("{} MiB/s", max >> 20) },
                     s.notify_command.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
