@@ -251,7 +251,7 @@ fn test_online_verify_finds_exactly_the_block_changed_behind_msld() {
     );
     // The secondary refuses (verify runs on the primary).
     let (code, _, err) = mslctl(dir.path(), 2, &["verify"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "a refusal exits 3: {err}");
     assert!(err.contains("primary"), "{err}");
     // Overwrite one 4 KiB block of the secondary's backing file behind
     // msld's back.
@@ -551,7 +551,7 @@ fn test_missing_lan_interface_named_at_start() {
     let (ok, err) = in_ns(
         &topo.veth.ns_a,
         env!("CARGO_BIN_EXE_msld"),
-        &["--config", p.to_str().unwrap()],
+        &["--config", p.to_str().unwrap(), "--create"],
     );
     assert!(!ok, "msld started without its LAN interface");
     assert!(
