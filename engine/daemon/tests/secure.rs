@@ -323,3 +323,31 @@ fn test_sighup_reloads_rates_and_notify_command_keeps_old_on_error() {
     assert_eq!(s["resync"]["min_mib_s"], 5, "{s}");
     assert_eq!(s["role"], role, "{s}");
 }
+
+/// `[volume] preallocate = false`: the first start makes a thin (sparse)
+/// volume file of the configured size.
+#[test]
+fn test_thin_volume_created_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = keyed_dir("12");
+    let d = dir.path();
+    let cfg = config(d, 1);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.trim_end().ends_with(".meta\""),
+        "[volume] is the last table"
+    );
+    text.push_str("preallocate = false\n");
+    std::fs::write(&cfg, text).unwrap();
+    // Stops at the MSL interface this namespace lacks, after creating.
+    let (ok, out) = msld(&["--config", cfg.to_str().unwrap(), "--create"]);
+    assert!(!ok && out.contains("msl.interface"), "{out}");
+    let m = std::fs::metadata(d.join("n1.img")).unwrap();
+    assert_eq!(m.len(), 64 << 20);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "thin volume has {} bytes allocated",
+        m.blocks() * 512
+    );
+    assert_eq!(m.mode() & 0o777, 0o600);
+}
