@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use msl_core::meta::Meta;
 use msl_core::Config;
-use msl_store::{MetaStore, Volume};
+use msl_store::{MetaStore, Volume, VolumeOptions};
 use msl_transport::afpacket::{RingConfig, TpVersion};
 use msl_transport::{BackendKind, IfaceInfo, OpenOptions, RxLink, TxLink};
 use msl_wire::Key;
@@ -40,7 +40,7 @@ use crate::input::{Exit, Input};
 use crate::lan::{LanEndpoint, LanPath};
 use crate::metrics::MetricsServer;
 use crate::msl::{start_msl_rx, start_msl_tx, FrameEncoder, MslTx};
-use crate::notify::{EventHub, Notifier, Sinks};
+use crate::notify::{EventHub, EventRecord, Notifier, Sinks};
 use crate::service::ServiceHost;
 use crate::status::Telemetry;
 
@@ -180,7 +180,10 @@ impl Wiring {
         )
         .flush_off_thread(self.inputs.clone())
         .map_err(|e| format!("cannot start the flush thread: {e}"))?;
+        let reload = Arc::new(crate::reload::ReloadSlot::default());
+        let d = d.with_reload(reload.clone());
         Ok(Daemon {
+            reload,
             inputs: self.inputs,
             client,
             shared: self.shared,
@@ -205,6 +208,9 @@ pub struct Daemon {
     runner: Box<dyn Runner>,
     /// Servers that live as long as the daemon (control socket, metrics).
     keep: Vec<Box<dyn Send>>,
+    /// Where a configuration reload waits for the core thread; see
+    /// [`Daemon::reload`].
+    reload: Arc<crate::reload::ReloadSlot>,
 }
 
 impl Daemon {
@@ -214,6 +220,16 @@ impl Daemon {
         self.stop.clone()
     }
 
+    /// Hand a reload to the core thread and wake it (it applies the
+    /// reload before its next input, then reports it as an event). Called
+    /// from any thread; returns once the core took it, or after 2 s.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            slot: self.reload.clone(),
+            inputs: self.inputs.clone(),
+        }
+    }
+
     /// Run the core on this thread until it stops; returns why. The
     /// daemon's threads are told to stop, its servers are closed.
     pub fn run(self) -> Exit {
@@ -221,6 +237,111 @@ impl Daemon {
         self.stop.store(true, Ordering::Relaxed);
         drop(self.keep);
         exit
+    }
+}
+
+/// Refuse a secret file (cluster key, metadata) that group or others may
+/// read or write: `what` names the config key.
+pub fn check_private(what: &str, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{what} {p}: mode {mode:04o} lets group or others read or write it; \
+             run `chmod 600 {p}` (owner only)",
+            p = path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Create a missing file owner-only (0600) before it is opened to be
+/// filled: volumes and metadata are never readable by others.
+pub fn create_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("cannot create {}: {e}", path.display())),
+    }
+}
+
+/// What `create` allows when the volume or metadata file is missing.
+fn missing(what: &str, path: &Path) -> String {
+    format!(
+        "{what} {}: no such file. msld does not create it on its own (an unmounted \
+         filesystem must not be replaced by an empty volume): mount the filesystem that \
+         holds it, or on a first start create it with `mslctl create-md --config FILE` \
+         (add --initial-primary on the node whose data is authoritative) or start msld \
+         once with --create",
+        path.display()
+    )
+}
+
+/// The start-up checks that read the files the configuration names (run
+/// by `msld --check` too): the cluster key (owner-only, well-formed), the
+/// volume and metadata files (present unless `create`; the metadata
+/// owner-only). Returns the key.
+pub fn preflight(cfg: &DaemonConfig, create: bool) -> Result<Option<Key>, String> {
+    let f = &cfg.file;
+    let key = match &f.key_file {
+        Some(p) => {
+            check_private("key_file", p)?;
+            Some(load_key(p)?)
+        }
+        None => None,
+    };
+    if !create && !f.volume.path.exists() {
+        return Err(missing("volume.path", &f.volume.path));
+    }
+    if f.volume.metadata.exists() {
+        check_private("volume.metadata", &f.volume.metadata)?;
+    } else if !create {
+        return Err(missing("volume.metadata", &f.volume.metadata));
+    }
+    Ok(key)
+}
+
+/// Open (with `create`: create, owner-only) the node's volume.
+pub fn open_volume(cfg: &DaemonConfig, create: bool) -> Result<Volume, String> {
+    let v = &cfg.file.volume;
+    if !v.path.exists() {
+        if !create {
+            return Err(missing("volume.path", &v.path));
+        }
+        create_private(&v.path)?;
+    }
+    Volume::open_with(
+        &v.path,
+        v.size_bytes,
+        &VolumeOptions {
+            preallocate: v.preallocate,
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Hands reloads to a running daemon's core thread ([`Daemon::reloader`]).
+#[derive(Clone)]
+pub struct Reloader {
+    slot: Arc<crate::reload::ReloadSlot>,
+    inputs: Inbox,
+}
+
+impl Reloader {
+    /// Leave `r` for the core thread and wake it: a status request goes
+    /// through the core's queue, and the core applies the reload before it
+    /// answers (false: the core did not answer within 2 s; it applies the
+    /// reload at its next input).
+    pub fn reload(&self, r: crate::reload::Reload) -> bool {
+        self.slot.put(r);
+        crate::status::core_status(&self.inputs).is_some()
     }
 }
 
@@ -315,17 +436,21 @@ fn open_msl(cfg: &DaemonConfig, iface: &IfaceInfo) -> Result<MslLink, String> {
 
 /// Build the daemon the configuration describes (see the module
 /// documentation). `initial_primary`: on first start (no metadata yet),
-/// this node's volume is the pair's authoritative data.
-pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, String> {
+/// this node's volume is the pair's authoritative data. `create`: a
+/// missing volume or metadata file is created (owner-only); otherwise it
+/// is an error naming the path (`initial_primary` implies `create`).
+pub fn assemble(cfg: &DaemonConfig, initial_primary: bool, create: bool) -> Result<Daemon, String> {
     let f = &cfg.file;
     let core_cfg = cfg.core_config();
-    let key = f.key_file.as_deref().map(load_key).transpose()?;
+    // The first start's explicit creation: --create, or --initial-primary
+    // (which only means anything when the metadata is created).
+    let create = create || initial_primary;
+    let key = preflight(cfg, create)?;
     // Before any thread starts: they all inherit it.
     set_cpu_affinity(&f.cpu_affinity)?;
 
-    // Volume and metadata (created on first start).
-    let volume =
-        Arc::new(Volume::open(&f.volume.path, f.volume.size_bytes).map_err(|e| e.to_string())?);
+    // Volume and metadata (created only when asked to).
+    let volume = Arc::new(open_volume(cfg, create)?);
     let (store, meta) = if f.volume.metadata.exists() {
         MetaStore::open_checked(&f.volume.metadata, &core_cfg).map_err(|e| e.to_string())?
     } else {
@@ -344,7 +469,7 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
 
     // Notifications (also to `mslctl events` followers).
     let hub = EventHub::default();
-    let notifier = Notifier::start(
+    let notifier = Notifier::start_with(
         Sinks {
             console: true,
             log_file: Some(f.log_file.clone()),
@@ -353,8 +478,17 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
             hub: Some(hub.clone()),
         },
         4096,
+        cfg.command_policy(),
     );
     let notify_counters = notifier.counters.clone();
+    if f.insecure_no_auth {
+        // Console and log file, at every start.
+        notifier.notify(EventRecord::now(
+            f.node_id,
+            "insecure_no_auth",
+            crate::config::INSECURE_NO_AUTH_WARNING.to_string(),
+        ));
+    }
 
     // The MSL transport, the LAN heartbeats.
     let iface = IfaceInfo::lookup(&f.msl.interface).map_err(|e| format!("msl.interface: {e}"))?;
@@ -440,6 +574,8 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool) -> Result<Daemon, Str
         msl_interface: f.msl.interface.clone(),
         lan_interfaces: f.lan.iter().map(|a| a.interface.clone()).collect(),
         block_size: u64::from(f.volume.block_size),
+        cluster_id: Some(f.cluster_id),
+        insecure_no_auth: f.insecure_no_auth,
     });
     let control = ControlServer::start(&f.control_socket, w.inputs.clone(), hub, telemetry.clone())
         .map_err(|e| format!("control_socket {}: {e}", f.control_socket.display()))?;

@@ -26,7 +26,14 @@ pub struct Args {
     /// authoritative data of the pair. Give it on exactly one node.
     #[arg(long)]
     pub initial_primary: bool,
-    /// Check the configuration and exit.
+    /// First start: create a missing volume file and metadata (owner-only,
+    /// 0600). Without it (or --initial-primary) a missing file is an error
+    /// naming it, so an unmounted filesystem is never replaced by an empty
+    /// volume. `mslctl create-md` does the same ahead of a start.
+    #[arg(long)]
+    pub create: bool,
+    /// Check the configuration and the files it names (cluster key,
+    /// volume, metadata) and the interfaces, then exit.
     #[arg(long)]
     pub check: bool,
 }

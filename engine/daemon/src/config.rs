@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Why a configuration was refused.
@@ -38,7 +38,7 @@ fn invalid(key: &str, value: impl std::fmt::Display, why: impl Into<String>) -> 
 }
 
 /// MSL transport backend.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Afxdp,
@@ -47,7 +47,7 @@ pub enum Backend {
 }
 
 /// Write acknowledgement mode.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum WriteMode {
     Sync,
@@ -55,7 +55,7 @@ pub enum WriteMode {
 }
 
 /// `[msl]`: the dedicated mirroring link.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MslSection {
     /// Interface name of the MSL NIC.
@@ -68,7 +68,7 @@ pub struct MslSection {
 }
 
 /// `[[lan]]`: one client-facing adapter.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LanAdapter {
     pub interface: String,
@@ -79,7 +79,7 @@ pub struct LanAdapter {
 }
 
 /// `[volume]`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeSection {
     /// Backing file or block device.
@@ -91,17 +91,33 @@ pub struct VolumeSection {
     pub block_size: u32,
     /// Metadata file (two atomic slots).
     pub metadata: PathBuf,
+    /// Allocate the whole volume file when it is created or extended
+    /// (`fallocate`), so a full filesystem shows at creation. `false`
+    /// makes a thin (sparse) file: space is taken as clients and resyncs
+    /// write, and a filesystem that fills up later fails those writes
+    /// (ENOSPC: the node's disk fails and its peer takes over or the pair
+    /// runs degraded). Block devices are not affected.
+    #[serde(default = "default_true")]
+    pub preallocate: bool,
 }
 
 /// The whole file as written.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub node_id: u16,
     pub peer_id: u16,
     pub cluster_id: u64,
-    /// File holding the shared cluster key (32 bytes, or 64 hex digits).
+    /// File holding the shared cluster key (32 bytes, or 64 hex digits;
+    /// mode 0600: refused if group or others may read or write it).
+    /// Required unless `insecure_no_auth = true`.
     pub key_file: Option<PathBuf>,
+    /// Run without a cluster key: MSL and LAN packets are not
+    /// authenticated, so anyone on those networks can forge a peer's
+    /// heartbeat or a disk failure and make a secondary take over a live
+    /// primary. For lab use only; every start and `mslctl status` say so.
+    #[serde(default)]
+    pub insecure_no_auth: bool,
     pub msl: MslSection,
     pub lan: Vec<LanAdapter>,
     /// Service address with prefix, e.g. "10.77.1.100/24".
@@ -204,11 +220,59 @@ pub struct FileConfig {
     pub log_file: PathBuf,
     /// Run for every state change, event in the environment.
     pub notify_command: Option<PathBuf>,
+    /// Events that run `notify_command` (names as `mslctl events` prints
+    /// them, e.g. `["takeover", "peer_down", "disk_failed"]`); absent: all.
+    /// The console, the log file and `mslctl events` get every event.
+    pub notify_events: Option<Vec<String>>,
+    /// `resync_progress` runs `notify_command` at most once per this many
+    /// seconds (start and end of a resync always do).
+    #[serde(default = "default_notify_progress_interval_s")]
+    pub notify_progress_interval_s: u64,
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
     /// Prometheus text metrics (e.g. "127.0.0.1:9477"); off when absent.
     pub metrics_address: Option<SocketAddr>,
 }
+
+fn default_true() -> bool {
+    true
+}
+fn default_notify_progress_interval_s() -> u64 {
+    crate::notify::PROGRESS_NOTIFY_INTERVAL.as_secs()
+}
+
+/// Every event name the daemon reports (`notify_events` accepts these).
+pub const EVENT_NAMES: &[&str] = &[
+    "role_changed",
+    "peer_lost",
+    "peer_found",
+    "msl_link_down",
+    "msl_link_up",
+    "peer_down",
+    "degraded",
+    "takeover",
+    "mirror_shut_down",
+    "cannot_take_over",
+    "connected",
+    "split_brain_refused",
+    "connection_refused",
+    "resync_started",
+    "resync_progress",
+    "resync_finished",
+    "switchover_started",
+    "switchover_done",
+    "lan_adapter_health",
+    "verify_started",
+    "verify_finished",
+    "verify_aborted",
+    "disk_failed",
+    "warning",
+    "events_dropped",
+    "bad_auth",
+    "config_reloaded",
+    "config_reload_failed",
+    "insecure_no_auth",
+];
 
 fn default_backend() -> Backend {
     Backend::Auto
@@ -272,6 +336,12 @@ fn default_resync_min_mib_s() -> u64 {
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/msl/msld.sock")
 }
+
+/// What every start and status report repeat while `insecure_no_auth`.
+pub const INSECURE_NO_AUTH_WARNING: &str =
+    "insecure_no_auth = true: MSL and LAN packets are NOT authenticated; anyone on \
+     those networks can forge heartbeats or a disk failure and make the secondary take \
+     over a live primary (set key_file to a 0600 cluster key)";
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -579,6 +649,23 @@ impl DaemonConfig {
                 "must be 0 (no limit) or >= resync_min_mib_s",
             ));
         }
+        if let Some(events) = &file.notify_events {
+            for (i, e) in events.iter().enumerate() {
+                if !EVENT_NAMES.contains(&e.as_str()) {
+                    return Err(invalid(
+                        &format!("notify_events[{i}]"),
+                        format!("{e:?}"),
+                        format!("unknown event; known events: {}", EVENT_NAMES.join(", ")),
+                    ));
+                }
+            }
+        }
+        range(
+            "notify_progress_interval_s",
+            file.notify_progress_interval_s,
+            0,
+            86_400,
+        )?;
         let nbd = nbd_settings(&file)?;
         let mut warnings = Vec::new();
         if file.write_mode == WriteMode::Async {
@@ -588,8 +675,30 @@ impl DaemonConfig {
                     .to_string(),
             );
         }
-        if file.key_file.is_none() {
-            warnings.push("no key_file: MSL and LAN packets are not authenticated".to_string());
+        match (&file.key_file, file.insecure_no_auth) {
+            (None, false) => {
+                return Err(invalid(
+                    "key_file",
+                    "(absent)",
+                    "a cluster key is required: create one with \
+                     `head -c 32 /dev/urandom > /etc/msl/cluster.key && chmod 600 /etc/msl/cluster.key`, \
+                     copy it to both nodes and set key_file = \"/etc/msl/cluster.key\" \
+                     (or, for a lab only, insecure_no_auth = true)",
+                ))
+            }
+            (Some(k), true) => {
+                return Err(invalid(
+                    "insecure_no_auth",
+                    true,
+                    format!(
+                        "contradicts key_file = {:?}: remove insecure_no_auth (the key is used) \
+                         or key_file",
+                        k.display()
+                    ),
+                ))
+            }
+            (None, true) => warnings.push(INSECURE_NO_AUTH_WARNING.to_string()),
+            (Some(_), false) => {}
         }
         let cfg = DaemonConfig {
             file,
@@ -621,6 +730,14 @@ impl DaemonConfig {
             idle_timeout: n.idle_timeout,
             write_timeout: n.write_timeout,
             ..msl_nbd::ServerConfig::default()
+        }
+    }
+
+    /// Which events run the notification command.
+    pub fn command_policy(&self) -> crate::notify::CommandPolicy {
+        crate::notify::CommandPolicy {
+            events: self.file.notify_events.clone(),
+            progress_interval: Duration::from_secs(self.file.notify_progress_interval_s),
         }
     }
 
@@ -669,6 +786,7 @@ mod tests {
 node_id = 1
 peer_id = 2
 cluster_id = 0x6d736c00
+key_file = "/etc/msl/cluster.key"
 msl = { interface = "a-msl" }
 service_address = "10.77.1.100/24"
 service_interface = "a-lan"
@@ -716,7 +834,8 @@ metadata = "/var/lib/msl/meta"
         );
         assert_eq!(core.volume_blocks, 262_144);
         assert!(core.dead_after_us() <= 500_000);
-        assert_eq!(c.warnings.len(), 1, "missing key file warned about");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert!(!c.file.insecure_no_auth);
     }
 
     #[test]
@@ -898,6 +1017,63 @@ metadata = "/var/lib/msl/meta"
         std::fs::write(d.join("server-key.pem"), "not a key").unwrap();
         let e = parse(&tls("on", true)).unwrap_err();
         assert!(e.to_string().contains("server-key.pem"), "{e}");
+    }
+
+    #[test]
+    fn test_notify_filter_and_thin_volume_keys() {
+        let c = parse(GOOD).unwrap();
+        assert!(
+            c.file.volume.preallocate,
+            "volumes are allocated ahead by default"
+        );
+        assert_eq!(c.command_policy(), crate::notify::CommandPolicy::default());
+        let t = GOOD.replacen(
+            "node_id = 1",
+            "node_id = 1\nnotify_events = [\"takeover\", \"disk_failed\"]\nnotify_progress_interval_s = 5",
+            1,
+        ) + "preallocate = false\n";
+        let c = parse(&t).unwrap();
+        assert!(!c.file.volume.preallocate);
+        let p = c.command_policy();
+        assert_eq!(
+            p.events.as_deref(),
+            Some(&["takeover".to_string(), "disk_failed".into()][..])
+        );
+        assert_eq!(p.progress_interval, Duration::from_secs(5));
+        let t = GOOD.replacen(
+            "node_id = 1",
+            "node_id = 1\nnotify_events = [\"takeover\", \"take_over\"]",
+            1,
+        );
+        let e = parse(&t).unwrap_err();
+        assert!(
+            e.to_string().contains("take_over") && e.to_string().contains("peer_down"),
+            "{e}"
+        );
+        assert_eq!(key_of(e), "notify_events[1]");
+    }
+
+    /// No key: refused, naming key_file and how to make one; an explicit
+    /// `insecure_no_auth = true` runs, with a warning; both together are
+    /// a contradiction.
+    #[test]
+    fn test_cluster_key_required_unless_insecure_no_auth() {
+        let no_key = GOOD.replacen("key_file = \"/etc/msl/cluster.key\"\n", "", 1);
+        assert_ne!(no_key, GOOD);
+        let e = parse(&no_key).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("chmod 600") && text.contains("insecure_no_auth"),
+            "{text}"
+        );
+        assert_eq!(key_of(e), "key_file");
+        let c = parse(&no_key.replacen("node_id = 1", "node_id = 1\ninsecure_no_auth = true", 1))
+            .unwrap();
+        assert!(c.file.insecure_no_auth);
+        assert_eq!(c.warnings, [INSECURE_NO_AUTH_WARNING]);
+        let e = parse(&GOOD.replacen("node_id = 1", "node_id = 1\ninsecure_no_auth = true", 1))
+            .unwrap_err();
+        assert_eq!(key_of(e), "insecure_no_auth");
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub struct Shared {
     pub client_bytes_written: AtomicU64,
     /// Measured resync rate (bytes per second, smoothed; 0 when idle).
     pub resync_rate_bytes_s: AtomicU64,
+    /// The resync rate limits in force (bytes/s; max 0: the link's speed),
+    /// as configured at start or by the last reload (SIGHUP).
+    pub resync_min_bytes_s: AtomicU64,
+    pub resync_max_bytes_s: AtomicU64,
 }
 
 impl Shared {

@@ -85,6 +85,13 @@ pub struct Driver<H: Host> {
     exit: Option<Exit>,
     /// The first tick has run.
     started: bool,
+    /// The node's disk failed (an I/O error latched the volume, the final
+    /// flush failed, or the core marked its disk failed): metadata this
+    /// node persists from now on never says `clean`, so the next start
+    /// counts as a crash and resyncs what the activity log holds.
+    never_clean: bool,
+    /// Where a configuration reload (SIGHUP) waits for this thread.
+    reload: Option<Arc<crate::reload::ReloadSlot>>,
     /// systemd: readiness, status line and watchdog, fed from here (the
     /// core thread), so a hung core stops feeding the watchdog.
     service: ServiceManager,
@@ -133,6 +140,12 @@ impl<H: Host> Driver<H> {
             );
         }
         let epoch = Instant::now();
+        shared
+            .resync_min_bytes_s
+            .store(cfg.resync_min_bytes_per_s, Ordering::Relaxed);
+        shared
+            .resync_max_bytes_s
+            .store(cfg.resync_max_bytes_per_s, Ordering::Relaxed);
         let node = Node::new(cfg, meta, seed, 0);
         Driver {
             node,
@@ -155,6 +168,8 @@ impl<H: Host> Driver<H> {
             internal: VecDeque::new(),
             exit: None,
             started: false,
+            never_clean: false,
+            reload: None,
             service: ServiceManager::from_env(),
             house: Housekeeping {
                 next: epoch,
@@ -184,6 +199,66 @@ impl<H: Host> Driver<H> {
             })?;
         self.flusher = Some(tx);
         Ok(self)
+    }
+
+    /// Take configuration reloads from `slot` (see [`crate::reload`]).
+    pub fn with_reload(mut self, slot: Arc<crate::reload::ReloadSlot>) -> Self {
+        self.reload = Some(slot);
+        self
+    }
+
+    /// Apply a reload on the core thread and report it as an event.
+    fn apply_reload(&mut self, r: crate::reload::Reload) {
+        use crate::reload::Reload;
+        let (kind, message) = match r {
+            Reload::Failed(why) => (
+                "config_reload_failed",
+                format!("configuration not reloaded (SIGHUP): {why}"),
+            ),
+            Reload::Apply {
+                settings: s,
+                restart_keys,
+            } => {
+                // The core lowers its floor along with its cap and has no
+                // way to raise it: a higher floor waits for a restart.
+                let had_min = self.node.config().resync_min_bytes_per_s;
+                if s.resync_min_bytes_s < had_min {
+                    self.node.set_resync_max_rate(s.resync_min_bytes_s);
+                }
+                self.node.set_resync_max_rate(s.resync_max_bytes_s);
+                let c = self.node.config();
+                let (min, max) = (c.resync_min_bytes_per_s, c.resync_max_bytes_per_s);
+                self.shared.resync_min_bytes_s.store(min, Ordering::Relaxed);
+                self.shared.resync_max_bytes_s.store(max, Ordering::Relaxed);
+                self.notifier.reconfigure(
+                    s.notify_command.clone(),
+                    s.notify_policy.clone(),
+                    s.log_file.clone(),
+                );
+                let mut m = format!(
+                    "configuration reloaded (SIGHUP): resync at least {} MiB/s, at most {}; notify_command {}; notify_events {}",
+                    min >> 20,
+                    if max == 0 { "the link's speed".to_string() } else { format!("{} MiB/s", max >> 20) },
+                    s.notify_command.as_ref().map_or("none".to_string(), |p| p.display().to_string()),
+                    s.notify_policy.events.as_ref().map_or("all".to_string(), |e| e.join(",")),
+                );
+                if min != s.resync_min_bytes_s {
+                    m.push_str(&format!(
+                        "; resync_min_mib_s = {} takes effect at the next start (a running node can only lower it)",
+                        s.resync_min_bytes_s >> 20
+                    ));
+                }
+                if !restart_keys.is_empty() {
+                    m.push_str(&format!(
+                        "; changed keys that take effect at the next start: {}",
+                        restart_keys.join(", ")
+                    ));
+                }
+                ("config_reloaded", m)
+            }
+        };
+        self.notifier
+            .notify(EventRecord::now(self.node_id, kind, message));
     }
 
     /// Authentication failures on the MSL and on the LAN path so far.
@@ -444,7 +519,10 @@ impl<H: Host> Driver<H> {
                     internal.push_back(Event::IoDone { io, ok: r.is_ok() });
                 }
             }
-            Action::PersistMeta(m) => {
+            Action::PersistMeta(mut m) => {
+                if self.never_clean {
+                    m.clean = false;
+                }
                 if self.store.persist(&m).is_err() {
                     // Drop the rest of this batch: nothing after a failed
                     // metadata write may happen.
@@ -477,7 +555,12 @@ impl<H: Host> Driver<H> {
     fn finish_core(&mut self, exit: Exit) -> Exit {
         self.service.stopping();
         if exit == Exit::Stopped {
-            let _ = self.volume.flush();
+            // The core's shutdown persists `clean`; after a disk failure
+            // the daemon withholds it (see `never_clean`).
+            let flushed = self.volume.flush().is_ok();
+            self.never_clean |= !flushed
+                || self.volume.is_failed()
+                || self.node.meta().disk == msl_wire::DiskState::Failed;
             self.node.shutdown();
             let mut internal = VecDeque::new();
             while let Some(a) = self.node.poll_action() {
@@ -500,6 +583,9 @@ impl<H: Host> Runner for Driver<H> {
     /// is empty or after `ACK_BATCH` inputs, and what is left to send goes
     /// from this thread (`SendMode::Direct`) before it returns.
     fn drain(&mut self, rx: &Receiver<Input>, budget: usize) -> Drained {
+        if let Some(r) = self.reload.as_ref().and_then(|s| s.take()) {
+            self.apply_reload(r);
+        }
         let mut internal = std::mem::take(&mut self.internal);
         // Once stopped, stopped for every thread (the core thread finishes).
         let mut exit = self.exit;

@@ -16,6 +16,8 @@
 //!   watching and the service address.
 //! * [`status`], [`control`], [`metrics`]: `mslctl status`, the control
 //!   socket, the Prometheus endpoint.
+//! * [`reload`]: SIGHUP: the settings a running node takes from its
+//!   configuration file again.
 //! * [`assemble`]: the whole daemon.
 
 pub mod assemble;
@@ -33,6 +35,7 @@ pub mod md;
 pub mod metrics;
 pub mod msl;
 pub mod notify;
+pub mod reload;
 pub mod service;
 pub mod status;
 

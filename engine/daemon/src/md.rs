@@ -57,8 +57,9 @@ pub fn create(
         extent_blocks: core_cfg.extent_blocks,
         ..CreateOptions::default()
     };
-    let store = MetaStore::create(path, &meta, &opts)
+    let store = private_files(|| MetaStore::create(path, &meta, &opts))
         .map_err(|e| format!("metadata {}: {e}", path.display()))?;
+    make_private(path)?;
     Ok((store, meta))
 }
 
@@ -76,5 +77,28 @@ pub fn convert(cfg: &DaemonConfig) -> Result<Meta, String> {
         extent_blocks: core_cfg.extent_blocks,
         ..CreateOptions::default()
     };
-    convert_v1_to_v2(path, &opts).map_err(|e| format!("converting {}: {e}", path.display()))
+    let meta = private_files(|| convert_v1_to_v2(path, &opts))
+        .map_err(|e| format!("converting {}: {e}", path.display()))?;
+    make_private(path)?;
+    Ok(meta)
+}
+
+/// Run `f` with the process's umask at 077, so the files it creates
+/// (metadata is written under a temporary name, then linked into place)
+/// are owner-only from their first byte.
+fn private_files<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let old = unsafe { libc::umask(0o077) };
+    let r = f();
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    r
+}
+
+/// Metadata is owner-only (msld refuses it otherwise): also after
+/// `--force` over an existing file.
+fn make_private(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("metadata {}: chmod 600: {e}", path.display()))
 }

@@ -149,7 +149,7 @@ pub fn prometheus(s: &Status, t: &Telemetry) -> String {
         Labels {
             node: s.node_id,
             peer: s.peer_id,
-            cluster: None,
+            cluster: t.cluster_id,
         },
     )
 }
@@ -293,6 +293,9 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
     if let Some(n) = &t.nbd {
         nbd(&mut o, &n.snapshot());
     }
+    if let Some(crate::status::NbdView(h)) = &t.nbd_server {
+        nbd_access(&mut o, h);
+    }
     client_write_latency().render(
         &mut o.o,
         "msl_client_write_latency_seconds",
@@ -300,6 +303,41 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
         &o.labels.clone(),
     );
     o.o
+}
+
+/// Who may reach the NBD server and who was turned away: refusals by
+/// reason (the names `mslctl status` prints), open connections, TLS mode.
+fn nbd_access(o: &mut Out, h: &msl_nbd::ServerHandle) {
+    o.family(
+        "nbd_refused_total",
+        "counter",
+        "NBD connections closed by the access rules, by reason.",
+    );
+    for (reason, v) in crate::status::nbd_refusals(&h.counters().snapshot()) {
+        o.sample("nbd_refused_total", &format!("reason=\"{reason}\""), v);
+    }
+    o.gauge(
+        "nbd_connections",
+        "NBD connections open now (handshake or transmission).",
+        h.connections().len() as u64,
+    );
+    o.family(
+        "nbd_tls_mode",
+        "gauge",
+        "1 for the NBD server's TLS mode (label mode: off, on, require).",
+    );
+    let mode = h.config().tls;
+    for m in [
+        msl_nbd::TlsMode::Off,
+        msl_nbd::TlsMode::On,
+        msl_nbd::TlsMode::Require,
+    ] {
+        o.sample(
+            "nbd_tls_mode",
+            &format!("mode=\"{m}\""),
+            u8::from(m == mode),
+        );
+    }
 }
 
 fn nbd(o: &mut Out, n: &msl_nbd::CountersSnapshot) {
@@ -540,8 +578,35 @@ mod tests {
 
     #[test]
     fn test_promtool_check_metrics_passes_without_warnings() {
-        let (s, t) = sample();
+        let (s, mut t) = sample();
+        // With the NBD access families and the cluster label, as msld
+        // serves them.
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        let backend = Arc::new(msl_nbd::FileBackend::open(f.path(), false).unwrap());
+        let server = msl_nbd::Server::with_listeners(
+            &[],
+            "msl".into(),
+            backend,
+            msl_nbd::ServerConfig {
+                tls: msl_nbd::TlsMode::Off,
+                ..msl_nbd::ServerConfig::default()
+            },
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        t.nbd_server = Some(crate::status::NbdView(server.handle()));
+        t.cluster_id = Some(0x6d73);
         let text = prometheus(&s, &t);
+        assert!(
+            text.contains("msl_nbd_tls_mode{node=\"1\",peer=\"2\",cluster=\"0000000000006d73\",mode=\"off\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("mode=\"require\"} 0"), "{text}");
+        assert!(
+            text.contains("msl_nbd_refused_total{") && text.contains("reason=\"tls_required\"} 0")
+        );
+        assert!(text.contains("# TYPE msl_nbd_connections gauge"));
         let mut child = Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(Stdio::piped())

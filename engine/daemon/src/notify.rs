@@ -289,6 +289,16 @@ pub struct Notifier {
     tx: Option<SyncSender<EventRecord>>,
     worker: Option<JoinHandle<()>>,
     pub counters: Arc<NotifyCounters>,
+    /// New command settings for the worker (a reload), taken before the
+    /// next event is delivered.
+    next: Arc<Mutex<Option<Reconfig>>>,
+}
+
+/// What a reload changes in the notifier.
+struct Reconfig {
+    command: Option<PathBuf>,
+    policy: CommandPolicy,
+    log_file: PathBuf,
 }
 
 impl Notifier {
@@ -309,15 +319,29 @@ impl Notifier {
             policy,
             last_progress: None,
         };
+        let next = Arc::new(Mutex::new(None));
+        let n = next.clone();
         let worker = std::thread::Builder::new()
             .name("msl-notify".into())
-            .spawn(move || run(rx, sinks, c, gate))
+            .spawn(move || run(rx, sinks, c, gate, n))
             .ok();
         Notifier {
             tx: Some(tx),
             worker,
             counters,
+            next,
         }
+    }
+
+    /// Change the notification command, its filter and the log file (a
+    /// reload); events queued from now on are delivered under them. A
+    /// notifier started without a log file keeps none.
+    pub fn reconfigure(&self, command: Option<PathBuf>, policy: CommandPolicy, log_file: PathBuf) {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(Reconfig {
+            command,
+            policy,
+            log_file,
+        });
     }
 
     /// Queue an event; never blocks.
@@ -354,12 +378,23 @@ impl Drop for Notifier {
 
 fn run(
     rx: Receiver<EventRecord>,
-    sinks: Sinks,
+    mut sinks: Sinks,
     counters: Arc<NotifyCounters>,
     mut gate: CommandGate,
+    next: Arc<Mutex<Option<Reconfig>>>,
 ) {
     let mut reported_drops = 0;
     while let Ok(rec) = rx.recv() {
+        if let Some(r) = next.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            sinks.command = r.command;
+            if sinks.log_file.is_some() {
+                sinks.log_file = Some(r.log_file);
+            }
+            gate = CommandGate {
+                policy: r.policy,
+                last_progress: None,
+            };
+        }
         deliver(&rec, &sinks, &counters, &mut gate);
         let dropped = counters.dropped.load(Ordering::Relaxed);
         if dropped > reported_drops {

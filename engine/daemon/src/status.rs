@@ -35,6 +35,11 @@ pub struct Telemetry {
     pub msl_interface: String,
     pub lan_interfaces: Vec<String>,
     pub block_size: u64,
+    /// The pair's `cluster_id` (the metrics' `cluster` label).
+    pub cluster_id: Option<u64>,
+    /// Running without a cluster key (`insecure_no_auth = true`): repeated
+    /// by every status report.
+    pub insecure_no_auth: bool,
 }
 
 /// The running NBD server as status and metrics read it.
@@ -362,7 +367,10 @@ pub fn status_json(s: &Status, t: &Telemetry) -> Value {
             "remaining_bytes": r.remaining_blocks * t.block_size,
             "rate_mib_s": r.rate_bytes_s as f64 / f64::from(1u32 << 20),
             "eta_s": r.eta_s,
+            "min_mib_s": t.shared.resync_min_bytes_s.load(Ordering::Relaxed) >> 20,
+            "max_mib_s": t.shared.resync_max_bytes_s.load(Ordering::Relaxed) >> 20,
         },
+        "insecure_no_auth": t.insecure_no_auth,
         "pending_writes": s.pending_writes,
         "pending_flushes": s.pending_flushes,
         "switching": s.switching,

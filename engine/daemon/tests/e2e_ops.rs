@@ -172,8 +172,8 @@ fn test_pair_status_complete_and_metrics_count_writes() {
 fn test_wrong_cluster_key_never_pair_counted_and_logged() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("k1.key"), "55".repeat(32)).unwrap();
-    std::fs::write(dir.path().join("k2.key"), "66".repeat(32)).unwrap();
+    write_key(&dir.path().join("k1.key"), &"55".repeat(32));
+    write_key(&dir.path().join("k2.key"), &"66".repeat(32));
     let topo = topology();
     let o = |k: &str| Opts {
         key_file: k.into(),
@@ -251,7 +251,7 @@ fn test_online_verify_finds_exactly_the_block_changed_behind_msld() {
     );
     // The secondary refuses (verify runs on the primary).
     let (code, _, err) = mslctl(dir.path(), 2, &["verify"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "a refusal exits 3: {err}");
     assert!(err.contains("primary"), "{err}");
     // Overwrite one 4 KiB block of the secondary's backing file behind
     // msld's back.
@@ -426,10 +426,11 @@ fn test_corrupt_or_truncated_metadata_refused_naming_the_file() {
     // No namespaces needed: msld loads metadata before it opens the MSL.
     let dir = keyed_dir("aa");
     let cfg = config(dir.path(), 1);
-    let run = || {
+    let run_with = |create: bool| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_msld"))
             .arg("--config")
             .arg(&cfg)
+            .args(create.then_some("--create"))
             .output()
             .unwrap();
         (
@@ -437,9 +438,15 @@ fn test_corrupt_or_truncated_metadata_refused_naming_the_file() {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    // First start creates valid metadata, then stops at the missing MSL
-    // interface (this namespace has none), naming it.
+    let run = || run_with(false);
+    // Without --create, the missing files are refused, naming them.
     let (code, err) = run();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("n1.img") && err.contains("--create"), "{err}");
+    assert!(!dir.path().join("n1.meta").exists());
+    // The first start (--create) creates valid metadata, then stops at
+    // the missing MSL interface (this namespace has none), naming it.
+    let (code, err) = run_with(true);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("created metadata") && err.contains(IF_A),
@@ -544,7 +551,7 @@ fn test_missing_lan_interface_named_at_start() {
     let (ok, err) = in_ns(
         &topo.veth.ns_a,
         env!("CARGO_BIN_EXE_msld"),
-        &["--config", p.to_str().unwrap()],
+        &["--config", p.to_str().unwrap(), "--create"],
     );
     assert!(!ok, "msld started without its LAN interface");
     assert!(
@@ -630,7 +637,7 @@ fn test_pair_from_example_configs_syncs_and_runs_notify_command() {
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("cluster.key"), "dd".repeat(32)).unwrap();
+    write_key(&d.join("cluster.key"), &"dd".repeat(32));
     let script = d.join("notify.sh");
     std::fs::write(
         &script,
@@ -646,9 +653,11 @@ fn test_pair_from_example_configs_syncs_and_runs_notify_command() {
     let start = |ns: &str, id: u16, first: bool| {
         let mut c = command_in(ns, env!("CARGO_BIN_EXE_msld"));
         c.arg("--config").arg(example_config(d, id));
-        if first {
-            c.arg("--initial-primary");
-        }
+        c.arg(if first {
+            "--initial-primary"
+        } else {
+            "--create"
+        });
         let log = std::fs::File::create(d.join(format!("n{id}.console"))).unwrap();
         Daemon(
             c.stdout(std::process::Stdio::null())

@@ -155,9 +155,9 @@ fn test_bad_start_inputs_get_clear_errors() {
     let (ok, err) = msld_check(&["--config", bad.to_str().unwrap(), "--check"]);
     assert!(!ok && err.contains("`peer_id`"), "{err}");
     // Missing interface (this namespace has no a-msl).
-    std::fs::write(dir.path().join("cluster.key"), "33".repeat(32)).unwrap();
+    write_key(&dir.path().join("cluster.key"), &"33".repeat(32));
     let cfg = dir.path().join("n1.toml");
-    let (ok, err) = msld_check(&["--config", cfg.to_str().unwrap()]);
+    let (ok, err) = msld_check(&["--config", cfg.to_str().unwrap(), "--create"]);
     assert!(
         !ok && err.contains("msl.interface") && err.contains(IF_A),
         "{err}"
@@ -167,7 +167,7 @@ fn test_bad_start_inputs_get_clear_errors() {
     let (ok, err) = msld_check(&["--config", cfg.to_str().unwrap()]);
     assert!(!ok && err.contains("n1.meta"), "{err}");
     // Wrong key file format.
-    std::fs::write(dir.path().join("cluster.key"), "short").unwrap();
+    write_key(&dir.path().join("cluster.key"), "short");
     std::fs::remove_file(dir.path().join("n1.meta")).unwrap();
     let (ok, err) = msld_check(&["--config", cfg.to_str().unwrap()]);
     assert!(!ok && err.contains("key_file"), "{err}");

@@ -9,6 +9,7 @@ fn check(dir: &std::path::Path, extra: &str) -> (bool, String) {
         r#"node_id = 1
 peer_id = 2
 cluster_id = 0x6d736c00
+insecure_no_auth = true
 service_address = "10.77.1.100/24"
 service_interface = "a-lan"
 log_file = "{d}/n1.log"
@@ -32,6 +33,7 @@ metadata = "{d}/v.meta"
         .arg("--config")
         .arg(&cfg)
         .arg("--check")
+        .arg("--create")
         .output()
         .unwrap();
     (

@@ -88,7 +88,10 @@ fn test_msld_notifies_ready_status_watchdog_and_stopping() {
         .status()
         .unwrap()
         .success());
-    std::thread::sleep(Duration::from_millis(300));
+    // The reload is announced to systemd (RELOADING=1, then READY=1).
+    got.clear();
+    collect(&sock, &mut got, 5, |g| count(g, "READY=1") >= 1);
+    assert_eq!(count(&got, "RELOADING=1"), 1, "{got:?}\n{}", console());
     assert!(
         status(dir.path(), 1).is_some(),
         "msld died of SIGHUP: {}",

@@ -3,7 +3,7 @@
 //! backing files and their digests.
 
 use std::fs::OpenOptions;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -182,8 +182,14 @@ impl NodeCtl {
         cmd.arg("--config").arg(&self.config);
         // Node 1 is the initial primary: the flag only matters when its
         // metadata is created (first start).
-        if self.id == 1 && !self.meta.exists() {
-            cmd.arg("--initial-primary");
+        // Node 2's first start creates its files explicitly (msld never
+        // creates a missing volume or metadata file on its own).
+        if !self.meta.exists() {
+            cmd.arg(if self.id == 1 {
+                "--initial-primary"
+            } else {
+                "--create"
+            });
         }
         cmd.stdin(Stdio::null())
             .stdout(console.try_clone()?)
@@ -372,6 +378,8 @@ fn config_text(dir: &Path, id: u16, o: &PairOptions, msl_if: &str) -> String {
     );
     if o.authenticate {
         t.push_str(&format!("key_file = \"{d}/cluster.key\"\n"));
+    } else {
+        t.push_str("insecure_no_auth = true\n");
     }
     let own: Vec<(&str, &str)> = o
         .node_tunables
@@ -413,8 +421,17 @@ impl Pair {
             .prefix(&format!("{RUN_DIR_PREFIX}{}-", std::process::id()))
             .tempdir()
             .map_err(|e| format!("creating a run directory: {e}"))?;
-        std::fs::write(dir.path().join("cluster.key"), "5a".repeat(32))
-            .map_err(|e| format!("writing the cluster key: {e}"))?;
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut k = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.path().join("cluster.key"))
+                .map_err(|e| format!("writing the cluster key: {e}"))?;
+            k.write_all("5a".repeat(32).as_bytes())
+                .map_err(|e| format!("writing the cluster key: {e}"))?;
+        }
         let mk = |id: u16| -> Result<Arc<NodeCtl>, String> {
             let config = dir.path().join(format!("n{id}.toml"));
             std::fs::write(&config, config_text(dir.path(), id, &opts, topo.msl_if(id)))
@@ -771,7 +788,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(cfg.file.key_file, None);
         assert!(
-            cfg.warnings.iter().any(|w| w.contains("no key_file")),
+            cfg.warnings.iter().any(|w| w.contains("insecure_no_auth")),
             "{:?}",
             cfg.warnings
         );

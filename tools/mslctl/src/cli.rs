@@ -154,8 +154,9 @@ pub enum Cmd {
     },
     /// Create (initialise) this node's metadata from its msld config
     /// (--config FILE): cluster id, node id, volume geometry, a fresh
-    /// generation. Refuses to overwrite an existing metadata file unless
-    /// --force. (msld also creates it on its first start.)
+    /// generation; and the volume file if it does not exist. Both are
+    /// owner-only (0600). Refuses to overwrite an existing metadata file
+    /// unless --force. (`msld --create` also creates it on a first start.)
     CreateMd {
         /// Declare this node's volume the authoritative data of the pair
         /// (give it on exactly one node); otherwise it waits for a full sync.
@@ -166,6 +167,10 @@ pub enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Convert this node's metadata from format 1 to the current format in
+    /// place (--config FILE; msld stopped): generations, state, dirty map
+    /// and activity log are kept, the old file stays as `<metadata>.v1`.
+    ConvertMd,
 }
 
 #[cfg(test)]

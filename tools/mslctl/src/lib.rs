@@ -160,6 +160,22 @@ fn create_md(config: &Path, initial_primary: bool, force: bool) -> Result<u8, Fa
     use msl_daemon::config::DaemonConfig;
     let cfg = DaemonConfig::load(config).map_err(|e| Failure::error(e.to_string()))?;
     let (_, meta) = msl_daemon::md::create(&cfg, initial_primary, force).map_err(Failure::error)?;
+    // The volume too, when it is a file that does not exist yet (owner-only,
+    // allocated as `[volume] preallocate` says): msld never creates it.
+    let vol = &cfg.file.volume.path;
+    if !vol.exists() {
+        drop(msl_daemon::assemble::open_volume(&cfg, true).map_err(Failure::error)?);
+        println!(
+            "created volume {} ({} bytes{})",
+            vol.display(),
+            cfg.file.volume.size_bytes,
+            if cfg.file.volume.preallocate {
+                ""
+            } else {
+                ", thin"
+            }
+        );
+    }
     println!(
         "created metadata {}: cluster {:016x}, node {}, {} blocks of {} bytes, generation {:016x} ({})",
         cfg.file.volume.metadata.display(),
@@ -173,6 +189,22 @@ fn create_md(config: &Path, initial_primary: bool, force: bool) -> Result<u8, Fa
         } else {
             "waiting for a full sync from the peer"
         }
+    );
+    Ok(EXIT_OK)
+}
+
+/// `convert-md`: convert a node's format-1 metadata in place.
+fn convert_md(config: &Path) -> Result<u8, Failure> {
+    use msl_daemon::config::DaemonConfig;
+    let cfg = DaemonConfig::load(config).map_err(|e| Failure::error(e.to_string()))?;
+    let meta = msl_daemon::md::convert(&cfg).map_err(Failure::error)?;
+    println!(
+        "converted metadata {} to the current format: node {}, generation {:016x}, {} blocks out of sync (the format-1 file is kept as {}.v1)",
+        cfg.file.volume.metadata.display(),
+        meta.node_id,
+        meta.gens.current,
+        meta.dirty.count(),
+        cfg.file.volume.metadata.display(),
     );
     Ok(EXIT_OK)
 }
@@ -199,6 +231,15 @@ pub fn run(args: Args, socket_dir: &Path) -> Result<u8, Failure> {
             });
         };
         return create_md(config, initial_primary, force);
+    }
+    if let Cmd::ConvertMd = args.cmd {
+        let Some(config) = &args.config else {
+            return Err(Failure {
+                code: EXIT_USAGE_OR_DIFFER,
+                message: "convert-md needs the node's config: --config FILE".into(),
+            });
+        };
+        return convert_md(config);
     }
     let socket: PathBuf =
         msl_control::find_socket(args.socket.as_deref(), args.config.as_deref(), socket_dir)
@@ -253,6 +294,6 @@ pub fn run(args: Args, socket_dir: &Path) -> Result<u8, Failure> {
         Cmd::Disconnect { wait } => state_change(socket, Request::Disconnect, wait),
         Cmd::Connect { wait } => state_change(socket, Request::Connect, wait),
         Cmd::Invalidate { wait } => state_change(socket, Request::Invalidate, wait),
-        Cmd::CreateMd { .. } => unreachable!("handled above"),
+        Cmd::CreateMd { .. } | Cmd::ConvertMd => unreachable!("handled above"),
     }
 }

@@ -15,6 +15,12 @@ fn yes_no(v: &Value, yes: &'static str, no: &'static str) -> &'static str {
 pub fn print_status(s: &Value) {
     let r = &s["resync"];
     let g = &s["generations"];
+    if s["insecure_no_auth"] == true {
+        println!(
+            "WARNING: insecure_no_auth = true: MSL and LAN packets are NOT authenticated \
+             (anyone on those networks can forge a takeover); set key_file"
+        );
+    }
     println!(
         "node {}: {} (disk {}{}), write mode {}",
         s["node"],
@@ -58,6 +64,18 @@ pub fn print_status(s: &Value) {
         s["dirty_blocks"],
         s["dirty_bytes"].as_u64().unwrap_or(0) as f64 / 1048576.0
     );
+    if r["min_mib_s"].is_u64() {
+        let max = r["max_mib_s"].as_u64().unwrap_or(0);
+        println!(
+            "resync limits: at least {} MiB/s under client load, at most {}",
+            r["min_mib_s"],
+            if max == 0 {
+                "the link's speed".to_string()
+            } else {
+                format!("{max} MiB/s")
+            }
+        );
+    }
     if r["active"] == true {
         let total = r["total_blocks"].as_u64().unwrap_or(0);
         let left = r["remaining_blocks"].as_u64().unwrap_or(0);

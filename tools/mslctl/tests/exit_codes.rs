@@ -275,3 +275,35 @@ fn test_socket_from_config_version_and_unreachable_daemon() {
         "{err}"
     );
 }
+
+/// `mslctl status` repeats `insecure_no_auth` first, in text and JSON,
+/// and shows the resync limits in force.
+#[test]
+fn test_status_repeats_insecure_no_auth_and_resync_limits() {
+    let mut st = base_status();
+    st["insecure_no_auth"] = json!(true);
+    st["resync"]["min_mib_s"] = json!(5);
+    st["resync"]["max_mib_s"] = json!(40);
+    let srv = fake(st, &[]);
+    let (code, out, err, _) = mslctl(&srv.sock, &["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.lines()
+            .next()
+            .unwrap_or("")
+            .contains("insecure_no_auth")
+            && out.contains("NOT authenticated"),
+        "{out}"
+    );
+    assert!(
+        out.contains("at least 5 MiB/s") && out.contains("at most 40 MiB/s"),
+        "{out}"
+    );
+    let (_, out, _, _) = mslctl(&srv.sock, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["insecure_no_auth"], true, "{out}");
+    // A keyed node's status has no warning.
+    let srv = fake(base_status(), &[]);
+    let (_, out, _, _) = mslctl(&srv.sock, &["status"]);
+    assert!(!out.contains("insecure"), "{out}");
+}

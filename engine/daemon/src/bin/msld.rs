@@ -3,7 +3,8 @@
 //! Wires the protocol core (through the driver) to the MSL transport, the
 //! LAN heartbeat path, the volume and metadata store, the NBD front end,
 //! the service address, the control socket and the notifier. Exit codes:
-//! 0 after a clean stop (SIGTERM/SIGINT), 75 when the core asks to restart
+//! 0 after a clean stop (SIGTERM/SIGINT; SIGHUP reloads the run-time
+//! settings, see `msl_daemon::reload`), 75 when the core asks to restart
 //! as secondary (the supervisor starts it again), 1 on a start-up error.
 
 use std::process::ExitCode;
@@ -21,16 +22,21 @@ fn run(args: Args) -> Result<Exit, String> {
     for w in &cfg.warnings {
         eprintln!("msld: warning: {w}");
     }
+    let create = args.create || args.initial_primary;
     if args.check {
+        msl_daemon::assemble::preflight(&cfg, create)?;
         println!("msld: configuration {} is valid", args.config.display());
         return Ok(Exit::Stopped);
     }
-    let daemon = msl_daemon::assemble(&cfg, args.initial_primary)?;
+    let daemon = msl_daemon::assemble(&cfg, args.initial_primary, args.create)?;
 
     // Signals: SIGTERM/SIGINT are a clean stop; SIGHUP (systemd's
-    // ExecReload) must not kill msld: it is logged and otherwise ignored
-    // until the configuration can be reloaded.
+    // ExecReload, logrotate) reloads what can change at run time and never
+    // stops the node: a file that does not load keeps the old settings.
     let sig_inputs = daemon.inputs.clone();
+    let reloader = daemon.reloader();
+    let config_path = args.config.clone();
+    let mut in_force = cfg;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -40,9 +46,10 @@ fn run(args: Args) -> Result<Exit, String> {
     std::thread::spawn(move || {
         for sig in signals.forever() {
             if sig == signal_hook::consts::SIGHUP {
-                eprintln!(
-                    "msld: SIGHUP: reloading the configuration is not supported yet; ignored"
-                );
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                let r = msl_daemon::reload::request(&config_path, &mut in_force);
+                reloader.reload(r);
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 continue;
             }
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);

@@ -65,8 +65,15 @@ impl Default for Opts {
 /// hex), removed on drop.
 pub fn keyed_dir(byte: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.key"), byte.repeat(32)).unwrap();
+    write_key(&dir.path().join("cluster.key"), &byte.repeat(32));
     dir
+}
+
+/// Write a key file owner-only (msld refuses one that others may read).
+pub fn write_key(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 pub fn config(dir: &Path, id: u16) -> PathBuf {
@@ -155,9 +162,13 @@ pub fn start_daemon_opts(dir: &Path, ns: &str, id: u16, primary: bool, o: &Opts)
     let cfg = config_opts(dir, id, o);
     let mut cmd = command_in(ns, env!("CARGO_BIN_EXE_msld"));
     cmd.arg("--config").arg(&cfg);
-    if primary {
-        cmd.arg("--initial-primary");
-    }
+    // The first start creates the volume and metadata; later starts find
+    // them (a missing one would be an error without the flag).
+    cmd.arg(if primary {
+        "--initial-primary"
+    } else {
+        "--create"
+    });
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
