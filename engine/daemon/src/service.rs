@@ -2,7 +2,7 @@
 //! and the MSL NIC, run the NBD front end, and hold or release the service
 //! address.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,9 +91,10 @@ pub struct ServiceHost {
     nbd: Option<ServerHandle>,
 }
 
-/// Send `rounds` gratuitous ARPs, `gap` apart, each only while the address
-/// is still held.
-fn announce(ifname: &str, v4: Ipv4Addr, held: &Mutex<bool>, rounds: u32, gap: Duration) {
+/// Send `rounds` announcements (gratuitous ARP for IPv4, unsolicited
+/// neighbour advertisements for IPv6), `gap` apart, each only while the
+/// address is still held.
+fn announce(ifname: &str, ip: IpAddr, held: &Mutex<bool>, rounds: u32, gap: Duration) {
     for i in 0..rounds {
         if i > 0 {
             std::thread::sleep(gap);
@@ -102,8 +103,8 @@ fn announce(ifname: &str, v4: Ipv4Addr, held: &Mutex<bool>, rounds: u32, gap: Du
         if !*held {
             return;
         }
-        if let Err(e) = msl_netcfg::send_gratuitous_arp(ifname, v4, 1) {
-            eprintln!("msld: gratuitous ARP for {v4} on {ifname} failed: {e}");
+        if let Err(e) = msl_netcfg::announce_address(ifname, ip, 1) {
+            eprintln!("msld: announcing {ip} on {ifname} failed: {e}");
         }
     }
 }
@@ -124,13 +125,13 @@ impl ServiceHost {
             }
         }
         let held = Arc::new(Mutex::new(false));
-        if let IpAddr::V4(v4) = ip {
+        {
             let (ifname, held) = (ifname.to_string(), held.clone());
             let _ = std::thread::Builder::new()
                 .name("msl-garp".into())
                 .spawn(move || loop {
                     std::thread::sleep(GARP_REFRESH);
-                    announce(&ifname, v4, &held, 1, Duration::ZERO);
+                    announce(&ifname, ip, &held, 1, Duration::ZERO);
                 });
         }
         ServiceHost {
@@ -156,13 +157,11 @@ impl Host for ServiceHost {
             let r = msl_netcfg::add_address(&self.ifname, self.ip, self.prefix);
             if r.is_ok() {
                 *self.held.lock().unwrap_or_else(|p| p.into_inner()) = true;
-                if let IpAddr::V4(v4) = self.ip {
-                    // Announce off the core thread, three rounds 100 ms apart.
-                    let (ifname, held) = (self.ifname.clone(), self.held.clone());
-                    std::thread::spawn(move || {
-                        announce(&ifname, v4, &held, 3, Duration::from_millis(100))
-                    });
-                }
+                // Announce off the core thread, three rounds 100 ms apart.
+                let (ifname, held, ip) = (self.ifname.clone(), self.held.clone(), self.ip);
+                std::thread::spawn(move || {
+                    announce(&ifname, ip, &held, 3, Duration::from_millis(100))
+                });
             }
             r
         } else {

@@ -89,7 +89,7 @@ pub fn send_gratuitous_arp_with_interval(
     Ok(())
 }
 
-fn open_packet_socket() -> io::Result<OwnedFd> {
+pub(crate) fn open_packet_socket() -> io::Result<OwnedFd> {
     // Protocol 0: send-only, the socket receives nothing.
     // SAFETY: plain socket(2) call with constant arguments.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
@@ -101,13 +101,25 @@ fn open_packet_socket() -> io::Result<OwnedFd> {
 }
 
 fn send_frame(sock: &OwnedFd, ifindex: i32, frame: &[u8]) -> io::Result<()> {
+    send_frame_to(sock, ifindex, ETH_P_ARP, BROADCAST, frame)
+}
+
+/// Send one complete Ethernet `frame` out of `ifindex`, addressed to `dst`
+/// with EtherType `proto`.
+pub(crate) fn send_frame_to(
+    sock: &OwnedFd,
+    ifindex: i32,
+    proto: u16,
+    dst: [u8; 6],
+    frame: &[u8],
+) -> io::Result<()> {
     // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as libc::c_ushort;
-    sll.sll_protocol = ETH_P_ARP.to_be();
+    sll.sll_protocol = proto.to_be();
     sll.sll_ifindex = ifindex;
     sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&BROADCAST);
+    sll.sll_addr[..6].copy_from_slice(&dst);
     // SAFETY: the fd is a live AF_PACKET socket; `frame` and `sll` are valid
     // for the lengths passed and outlive the call.
     let n = unsafe {

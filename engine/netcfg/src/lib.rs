@@ -9,11 +9,13 @@
 //!
 //! Addresses and links go through rtnetlink messages (`netlink-packet-route`
 //! over a synchronous `netlink-sys` socket); no shell commands, no tokio.
-//! Gratuitous ARP goes out through an `AF_PACKET` socket.
+//! Gratuitous ARP (IPv4) and unsolicited neighbour advertisements (IPv6)
+//! go out through an `AF_PACKET` socket.
 
 #![warn(missing_docs)]
 
 mod arp;
+mod ndisc;
 mod nl;
 
 use std::io;
@@ -23,6 +25,20 @@ pub use arp::{
     build_garp_frame, send_gratuitous_arp, send_gratuitous_arp_with_interval, GarpKind,
     DEFAULT_GARP_INTERVAL,
 };
+pub use ndisc::{
+    build_unsolicited_na_frame, icmpv6_checksum, send_unsolicited_na,
+    send_unsolicited_na_with_interval, ALL_NODES, NA_FRAME_LEN,
+};
+
+/// Announce that `ip` is at `ifname`'s MAC, `count` times spaced by
+/// [`DEFAULT_GARP_INTERVAL`]: gratuitous ARP (request and reply style) for
+/// IPv4, unsolicited neighbour advertisements with Override for IPv6.
+pub fn announce_address(ifname: &str, ip: IpAddr, count: u32) -> Result<()> {
+    match ip {
+        IpAddr::V4(v4) => send_gratuitous_arp(ifname, v4, count),
+        IpAddr::V6(v6) => send_unsolicited_na(ifname, v6, count),
+    }
+}
 
 /// Errors from this crate. Every variant names the interface (and address,
 /// where there is one) and carries the OS error, whose text gives the errno

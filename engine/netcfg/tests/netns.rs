@@ -4,16 +4,17 @@
 //!
 //! Every namespace name contains the test's pid and tag, and a Drop guard
 //! deletes the namespaces (and with them every veth and bridge inside) on
-//! every exit path, panics included. Addresses: 10.77.1.0/24 only.
+//! every exit path, panics included. Addresses: 10.77.1.0/24 and fd77:1::/64
+//! only.
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use msl_netcfg::{
     add_address, has_address, interface_index, interface_mac, link_health, remove_address,
-    send_gratuitous_arp_with_interval, Error,
+    send_gratuitous_arp_with_interval, send_unsolicited_na_with_interval, Error,
 };
 
 const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 100);
@@ -375,4 +376,215 @@ fn service_address_failover() {
     });
     let (_conn, peer) = listener.accept().unwrap();
     assert_eq!(peer.ip(), IpAddr::V4(Ipv4Addr::new(10, 77, 1, 3)));
+}
+
+const SERVICE6: Ipv6Addr = Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 0x100);
+
+fn neigh6_lladdr(ns: &str, dev: &str, addr: Ipv6Addr) -> Option<String> {
+    let out = ip(&[
+        "-n",
+        ns,
+        "-6",
+        "neigh",
+        "show",
+        &addr.to_string(),
+        "dev",
+        dev,
+    ]);
+    let mut words = out.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "lladdr" {
+            return words.next().map(str::to_owned);
+        }
+    }
+    None
+}
+
+/// An `AF_PACKET` socket receiving every IPv6 frame on `dev` of the calling
+/// thread's namespace (the socket stays in that namespace afterwards).
+fn ipv6_capture(dev: &str) -> OwnedFd {
+    let proto = 0x86ddu16.to_be();
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd was just returned by socket(2).
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain old data.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = interface_index(dev).unwrap() as i32;
+    // SAFETY: valid socket and sockaddr for the length passed.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: valid socket; tv outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    assert_eq!(rc, 0);
+    sock
+}
+
+/// Independent ones'-complement sum over the IPv6 pseudo-header and `msg`
+/// (RFC 4443): 0xffff for a message whose checksum is right.
+fn pseudo_sum(src: &[u8], dst: &[u8], msg: &[u8]) -> u16 {
+    let mut buf = Vec::new();
+    buf.extend_from_slice(src);
+    buf.extend_from_slice(dst);
+    buf.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&[0, 0, 0, 58]);
+    buf.extend_from_slice(msg);
+    if buf.len() % 2 == 1 {
+        buf.push(0);
+    }
+    let mut sum: u64 = buf
+        .chunks(2)
+        .map(|c| u64::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The advertisement B receives is a well-formed unsolicited NA for the
+/// service address from A's MAC, and B's stale neighbour entry for the
+/// address moves to A's MAC. The IPv6 address is usable at once (nodad).
+#[test]
+fn unsolicited_na_updates_peer_neighbour_cache() {
+    let ns = two_hosts("na6");
+    let (a, b) = (ns.name(0).to_owned(), ns.name(1).to_owned());
+    for (n, dev) in [(&a, "a-lan"), (&b, "b-lan")] {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                n,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+            ],
+        );
+    }
+    ip(&[
+        "-n",
+        &b,
+        "-6",
+        "addr",
+        "add",
+        "fd77:1::2/64",
+        "dev",
+        "b-lan",
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &b,
+        "-6",
+        "neigh",
+        "add",
+        &SERVICE6.to_string(),
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "b-lan",
+        "nud",
+        "stale",
+    ]);
+    assert_eq!(
+        neigh6_lladdr(&b, "b-lan", SERVICE6).as_deref(),
+        Some("02:00:00:00:00:99")
+    );
+    let cap = in_ns(&b, || ipv6_capture("b-lan"));
+
+    let (mac, flags) = in_ns(&a, || {
+        add_address("a-lan", IpAddr::V6(SERVICE6), 64).unwrap();
+        let flags = ip(&["-6", "-o", "addr", "show", "dev", "a-lan"]);
+        send_unsolicited_na_with_interval("a-lan", SERVICE6, 3, Duration::from_millis(20)).unwrap();
+        (interface_mac("a-lan").unwrap(), flags)
+    });
+    let line = flags
+        .lines()
+        .find(|l| l.contains("fd77:1::100/64"))
+        .unwrap_or_else(|| panic!("service address not on a-lan: {flags}"));
+    assert!(!line.contains("tentative"), "added without nodad: {line}");
+
+    // Find the NA among whatever else IPv6 sends (MLD, router solicits).
+    let start = Instant::now();
+    let frame = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "no NA captured on b-lan"
+        );
+        let mut buf = [0u8; 2048];
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(cap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            continue;
+        }
+        let f = buf[..n as usize].to_vec();
+        if f.len() >= 55 && f[20] == 58 && f[54] == 136 {
+            break f;
+        }
+    };
+    assert_eq!(frame.len(), 86, "{frame:02x?}");
+    assert_eq!(&frame[0..6], &[0x33, 0x33, 0, 0, 0, 1]);
+    assert_eq!(&frame[6..12], &mac);
+    assert_eq!(frame[14] >> 4, 6);
+    assert_eq!(u16::from_be_bytes([frame[18], frame[19]]), 32);
+    assert_eq!(frame[21], 255, "hop limit");
+    assert_eq!(&frame[22..38], &SERVICE6.octets());
+    assert_eq!(
+        &frame[38..54],
+        &"ff02::1".parse::<Ipv6Addr>().unwrap().octets()
+    );
+    let icmp = &frame[54..];
+    assert_eq!(icmp[1], 0, "code");
+    assert_eq!(
+        icmp[4] & 0xe0,
+        0x20,
+        "Override set, Router and Solicited clear"
+    );
+    assert_eq!(&icmp[8..24], &SERVICE6.octets());
+    assert_eq!(&icmp[24..26], &[2, 1], "Target Link-Layer Address option");
+    assert_eq!(&icmp[26..32], &mac);
+    assert_eq!(
+        pseudo_sum(&frame[22..38], &frame[38..54], icmp),
+        0xffff,
+        "checksum"
+    );
+
+    let want = mac_str(mac);
+    wait_for(
+        "B's neighbour cache maps the service IPv6 address to A's MAC",
+        Duration::from_secs(2),
+        || neigh6_lladdr(&b, "b-lan", SERVICE6).as_deref() == Some(want.as_str()),
+    );
+
+    let e = in_ns(&a, || {
+        send_unsolicited_na_with_interval("nosuch0", SERVICE6, 1, Duration::ZERO)
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("nosuch0"), "{e}");
 }

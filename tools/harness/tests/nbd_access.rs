@@ -1,10 +1,11 @@
 //! Who may use the export of a real pair: NBD over TLS with client
 //! certificates through the service address before and after a takeover
-//! (nbdinfo, nbdcopy, qemu-io), clients without a certificate or in plain
+//! (nbdinfo, nbdcopy, qemu-io, qemu-img, fio), clients without a certificate or in plain
 //! text refused, a host outside `nbd_allow` refused and counted, no NBD
 //! port on the nodes' own LAN addresses; and a whole-volume unaligned
 //! WRITE_ZEROES on the mirrored pair beside another client's 4 KiB writes.
-//! Needs root, libnbd-bin, qemu-utils, openssl, python3-libnbd.
+//! Needs root, libnbd-bin, qemu-utils, fio, util-linux (setpriv), openssl,
+//! python3-libnbd.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
@@ -55,7 +56,9 @@ fn nbds(pair: &Pair, certs: &std::path::Path) -> String {
     )
 }
 
-fn qemu_io(pair: &Pair, certs: &std::path::Path, cmds: &[&str]) -> String {
+/// qemu's `--object` (TLS client credentials from `certs`) and
+/// `--image-opts` (the export through the service address) arguments.
+fn qemu_tls(pair: &Pair, certs: &std::path::Path) -> (String, String) {
     let creds = format!(
         "tls-creds-x509,id=tls0,dir={},endpoint=client",
         certs.display()
@@ -64,11 +67,107 @@ fn qemu_io(pair: &Pair, certs: &std::path::Path, cmds: &[&str]) -> String {
         "driver=nbd,host={SERVICE_IP},port={},tls-creds=tls0",
         pair.opts.nbd_port
     );
+    (creds, opts)
+}
+
+fn qemu_io(pair: &Pair, certs: &std::path::Path, cmds: &[&str]) -> String {
+    let (creds, opts) = qemu_tls(pair, certs);
     let mut args = vec!["--object", &creds, "--image-opts", &opts];
     for c in cmds {
         args.extend(["-c", c]);
     }
     ok(pair, "qemu-io", &args, "qemu-utils")
+}
+
+/// `qemu-img info` of the export must report the 64 MiB volume.
+fn qemu_img_info(pair: &Pair, certs: &std::path::Path) {
+    let (creds, opts) = qemu_tls(pair, certs);
+    let t = ok(
+        pair,
+        "qemu-img",
+        &["info", "--object", &creds, "--image-opts", &opts],
+        "qemu-utils",
+    );
+    assert!(t.contains(&format!("({} bytes)", 64 * MIB)), "{t}");
+}
+
+/// `qemu-img convert` the whole export into a local raw file and return it.
+fn qemu_img_read_all(pair: &Pair, certs: &std::path::Path, name: &str) -> Vec<u8> {
+    let (creds, opts) = qemu_tls(pair, certs);
+    let out = pair.dir().join(name);
+    let out_s = out.display().to_string();
+    ok(
+        pair,
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &creds,
+            "--image-opts",
+            &opts,
+            "-O",
+            "raw",
+            &out_s,
+        ],
+        "qemu-utils",
+    );
+    let b = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(b.len() as u64, 64 * MIB, "qemu-img convert size");
+    b
+}
+
+/// A home for fio holding the client certificates where libnbd looks by
+/// default ($HOME/.pki/libnbd): libnbd refuses `tls-certificates=` in a URI
+/// from fio (local file access, which fio does not enable). Root's default
+/// is /etc/pki/libnbd, which a test must not touch, so fio runs as nobody
+/// and the home is readable by all.
+fn fio_home(certs: &std::path::Path) -> tempfile::TempDir {
+    let home = tempfile::tempdir().unwrap();
+    let libnbd = home.path().join(".pki/libnbd");
+    std::fs::create_dir_all(&libnbd).unwrap();
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(certs.join(f), libnbd.join(f)).unwrap();
+    }
+    let st = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(home.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    home
+}
+
+/// fio's nbd engine over TLS (as nobody, on the client host): 8 MiB of
+/// random 4 KiB writes at `offset`, each read back and checked (crc32c).
+fn fio_verify(pair: &Pair, home: &std::path::Path, offset: u64) {
+    let uri = format!("--uri=nbds://{SERVICE_IP}:{}/", pair.opts.nbd_port);
+    let off = format!("--offset={offset}");
+    let o = msl_harness::Topology::command_in(pair.topo.client_ns(), "setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["timeout", "60", "fio", "--name=tls", "--ioengine=nbd"])
+        .args(["--rw=randwrite", "--bs=4k", "--size=8m", "--iodepth=8"])
+        .args(["--verify=crc32c", "--do_verify=1", &off, &uri])
+        .env("HOME", home)
+        .output()
+        .unwrap_or_else(|e| panic!("setpriv fio (apt-get install fio util-linux): {e}"));
+    let t = text(&o);
+    assert!(
+        o.status.success() && !t.contains("verify: bad") && t.contains("err= 0"),
+        "fio at {offset}: {t}\n{}",
+        pair.diagnostics()
+    );
+}
+
+/// Every 4 KiB block fio wrote with verify starts with fio's verify header
+/// magic (0xacca, little-endian).
+fn assert_fio_blocks(b: &[u8], offset: u64, when: &str) {
+    let region = &b[offset as usize..(offset + 8 * MIB) as usize];
+    let bad = region
+        .chunks(4096)
+        .filter(|blk| blk[..2] != [0xca, 0xac])
+        .count();
+    assert_eq!(bad, 0, "{bad} blocks at {offset} lack fio's header {when}");
 }
 
 /// What a client connecting to `addr` gets: how many bytes it could read
@@ -128,6 +227,18 @@ fn test_tls_clients_through_the_service_address_before_and_after_takeover() {
         &certs,
         &["write -P 0x5a 16M 1M", "read -P 0x5a 16M 1M"],
     );
+    // qemu-img reads everything back; fio writes and verifies at 40 MiB.
+    qemu_img_info(&pair, &certs);
+    let img = qemu_img_read_all(&pair, &certs, "before.img");
+    assert!(
+        img[..8 * MIB as usize] == data[..],
+        "qemu-img: nbdcopy data"
+    );
+    assert!(img[16 * MIB as usize..17 * MIB as usize]
+        .iter()
+        .all(|&x| x == 0x5a));
+    let home = fio_home(&certs);
+    fio_verify(&pair, home.path(), 40 * MIB);
 
     // Refused: no client certificate; plain text on a `require` export.
     let url_plain = format!("nbd://{SERVICE_IP}:{}", pair.opts.nbd_port);
@@ -238,6 +349,24 @@ fn test_tls_clients_through_the_service_address_before_and_after_takeover() {
     assert!(b[32 * MIB as usize..33 * MIB as usize]
         .iter()
         .all(|&x| x == 0xa5));
+    // fio's blocks written before the takeover survived it; fio writes and
+    // verifies again at 48 MiB; qemu-img sees all of it.
+    assert_fio_blocks(&b, 40 * MIB, "after takeover (nbdcopy)");
+    fio_verify(&pair, home.path(), 48 * MIB);
+    qemu_img_info(&pair, &certs);
+    let img = qemu_img_read_all(&pair, &certs, "after.img");
+    assert!(
+        img[..8 * MIB as usize] == data[..],
+        "qemu-img after takeover"
+    );
+    assert!(img[16 * MIB as usize..17 * MIB as usize]
+        .iter()
+        .all(|&x| x == 0x5a));
+    assert!(img[32 * MIB as usize..33 * MIB as usize]
+        .iter()
+        .all(|&x| x == 0xa5));
+    assert_fio_blocks(&img, 40 * MIB, "after takeover (qemu-img)");
+    assert_fio_blocks(&img, 48 * MIB, "written after takeover (qemu-img)");
     let o = client(&pair, "nbdinfo", &[&nbds(&pair, &nocert)], "libnbd-bin");
     assert!(
         !o.status.success(),
