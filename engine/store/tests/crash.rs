@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TempDir;
 use msl_core::meta::Meta;
-use msl_store::testkit::sample_meta;
+use msl_store::testkit::{sample_meta, Rng};
 use msl_store::{CreateOptions, MetaStore};
 
 /// Defaults; override with `MSL_STORE_CRASH_ITERS` / `MSL_STORE_CRASH_SEED`
@@ -29,18 +29,6 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 /// inherits, until it execs, the descriptors of the other test's open
 /// metadata file, and with them its lock.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// xorshift64*: enough randomness for kill timing, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 #[test]
 fn sigkill_during_persist_loses_no_acknowledged_version() {
