@@ -779,7 +779,7 @@ impl DaemonConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const GOOD: &str = r#"
@@ -801,8 +801,13 @@ size_bytes = 1073741824
 metadata = "/var/lib/msl/meta"
 "#;
 
-    fn parse(t: &str) -> Result<DaemonConfig, ConfigError> {
+    pub(crate) fn parse(t: &str) -> Result<DaemonConfig, ConfigError> {
         DaemonConfig::parse(t, Path::new("test.toml"))
+    }
+
+    /// The good configuration with `extra` lines among its top-level keys.
+    pub(crate) fn with(extra: &str) -> String {
+        GOOD.replacen("node_id = 1", &format!("node_id = 1\n{extra}"), 1)
     }
 
     fn key_of(e: ConfigError) -> String {
@@ -824,10 +829,10 @@ metadata = "/var/lib/msl/meta"
         assert_eq!(core.rto_min_us, 200_000);
         assert!(core.rto_initial_us >= core.rto_min_us);
         assert!(core.validate().is_ok());
-        let t = GOOD.replacen("node_id = 1", "node_id = 1\nmsl_rto_min_ms = 5", 1);
+        let t = with("msl_rto_min_ms = 5");
         assert_eq!(parse(&t).unwrap().core_config().rto_min_us, 5_000);
         assert_eq!(core.stabilize_relaxed_us, 5_000_000);
-        let t = GOOD.replacen("node_id = 1", "node_id = 1\nstable_interval_ms = 1000", 1);
+        let t = with("stable_interval_ms = 1000");
         assert_eq!(
             parse(&t).unwrap().core_config().stabilize_relaxed_us,
             1_000_000
@@ -960,7 +965,7 @@ metadata = "/var/lib/msl/meta"
             ("nbd_handshake_timeout_s = 0", "nbd_handshake_timeout_s"),
         ];
         for (line, key) in cases {
-            let t = GOOD.replacen("node_id = 1", &format!("node_id = 1\n{line}"), 1);
+            let t = with(line);
             assert_eq!(key_of(parse(&t).unwrap_err()), key, "case {line}");
         }
     }
@@ -971,7 +976,6 @@ metadata = "/var/lib/msl/meta"
     fn test_nbd_tls_files_checked_at_load() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let with = |extra: &str| GOOD.replacen("node_id = 1", &format!("node_id = 1\n{extra}"), 1);
         let tls = |mode: &str, verify: bool| {
             with(&format!(
                 "nbd_tls = \"{mode}\"\nnbd_tls_dir = \"{}\"\nnbd_tls_verify_peer = {verify}",
@@ -1071,14 +1075,13 @@ metadata = "/var/lib/msl/meta"
             .unwrap();
         assert!(c.file.insecure_no_auth);
         assert_eq!(c.warnings, [INSECURE_NO_AUTH_WARNING]);
-        let e = parse(&GOOD.replacen("node_id = 1", "node_id = 1\ninsecure_no_auth = true", 1))
-            .unwrap_err();
+        let e = parse(&with("insecure_no_auth = true")).unwrap_err();
         assert_eq!(key_of(e), "insecure_no_auth");
     }
 
     #[test]
     fn test_async_mode_warns() {
-        let t = GOOD.replacen("node_id = 1", "node_id = 1\nwrite_mode = \"async\"", 1);
+        let t = with("write_mode = \"async\"");
         let c = parse(&t).unwrap();
         assert!(c.warnings.iter().any(|w| w.contains("async")));
     }

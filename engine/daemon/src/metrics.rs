@@ -120,6 +120,21 @@ impl Out {
         let _ = writeln!(self.o, "msl_{name}{{{}{sep}{extra}}} {v}", self.labels);
     }
 
+    /// One family whose samples differ by the one label `label`.
+    fn labelled<K: std::fmt::Display, V: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        samples: impl IntoIterator<Item = (K, V)>,
+    ) {
+        self.family(name, kind, help);
+        for (k, v) in samples {
+            self.sample(name, &format!("{label}=\"{k}\""), v);
+        }
+    }
+
     fn gauge(&mut self, name: &str, help: &str, v: u64) {
         self.family(name, "gauge", help);
         self.sample(name, "", v);
@@ -167,35 +182,30 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
         &format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
         1,
     );
-    o.family(
+    o.labelled(
         "role",
         "gauge",
         "1 for the role this node has (label role).",
+        "role",
+        [msl_wire::Role::Primary, msl_wire::Role::Secondary].map(|role| {
+            // By wire code, as the status document compares roles.
+            let has = role_code(s.role) == role_code(role);
+            (format!("{role:?}").to_lowercase(), u8::from(has))
+        }),
     );
-    for role in [msl_wire::Role::Primary, msl_wire::Role::Secondary] {
-        let name = format!("{role:?}").to_lowercase();
-        // By wire code, as the status document compares roles.
-        let has = role_code(s.role) == role_code(role);
-        o.sample("role", &format!("role=\"{name}\""), u8::from(has));
-    }
-    o.family(
+    o.labelled(
         "disk_state",
         "gauge",
         "1 for the state of this node's copy of the volume (label state).",
+        "state",
+        [
+            msl_wire::DiskState::UpToDate,
+            msl_wire::DiskState::Outdated,
+            msl_wire::DiskState::Inconsistent,
+            msl_wire::DiskState::Failed,
+        ]
+        .map(|d| (format!("{d:?}").to_lowercase(), u8::from(s.disk == d))),
     );
-    for d in [
-        msl_wire::DiskState::UpToDate,
-        msl_wire::DiskState::Outdated,
-        msl_wire::DiskState::Inconsistent,
-        msl_wire::DiskState::Failed,
-    ] {
-        let name = format!("{d:?}").to_lowercase();
-        o.sample(
-            "disk_state",
-            &format!("state=\"{name}\""),
-            u8::from(s.disk == d),
-        );
-    }
     let gauges: [(&str, &str, u64); 13] = [
         (
             "in_sync",
@@ -308,76 +318,69 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
 /// Who may reach the NBD server and who was turned away: refusals by
 /// reason (the names `mslctl status` prints), open connections, TLS mode.
 fn nbd_access(o: &mut Out, h: &msl_nbd::ServerHandle) {
-    o.family(
+    o.labelled(
         "nbd_refused_total",
         "counter",
         "NBD connections closed by the access rules, by reason.",
+        "reason",
+        crate::status::nbd_refusals(&h.counters().snapshot()),
     );
-    for (reason, v) in crate::status::nbd_refusals(&h.counters().snapshot()) {
-        o.sample("nbd_refused_total", &format!("reason=\"{reason}\""), v);
-    }
     o.gauge(
         "nbd_connections",
         "NBD connections open now (handshake or transmission).",
         h.connections().len() as u64,
     );
-    o.family(
+    let mode = h.config().tls;
+    o.labelled(
         "nbd_tls_mode",
         "gauge",
         "1 for the NBD server's TLS mode (label mode: off, on, require).",
+        "mode",
+        [
+            msl_nbd::TlsMode::Off,
+            msl_nbd::TlsMode::On,
+            msl_nbd::TlsMode::Require,
+        ]
+        .map(|m| (m, u8::from(m == mode))),
     );
-    let mode = h.config().tls;
-    for m in [
-        msl_nbd::TlsMode::Off,
-        msl_nbd::TlsMode::On,
-        msl_nbd::TlsMode::Require,
-    ] {
-        o.sample(
-            "nbd_tls_mode",
-            &format!("mode=\"{m}\""),
-            u8::from(m == mode),
-        );
-    }
 }
 
 fn nbd(o: &mut Out, n: &msl_nbd::CountersSnapshot) {
-    o.family("nbd_requests_total", "counter", "NBD requests by command.");
-    for (op, v) in [
-        ("read", n.req_read),
-        ("write", n.req_write),
-        ("flush", n.req_flush),
-        ("trim", n.req_trim),
-        ("write_zeroes", n.req_write_zeroes),
-        ("block_status", n.req_block_status),
-        ("disc", n.req_disc),
-        ("unknown", n.req_unknown),
-    ] {
-        o.sample("nbd_requests_total", &format!("op=\"{op}\""), v);
-    }
-    o.family(
+    o.labelled(
+        "nbd_requests_total",
+        "counter",
+        "NBD requests by command.",
+        "op",
+        [
+            ("read", n.req_read),
+            ("write", n.req_write),
+            ("flush", n.req_flush),
+            ("trim", n.req_trim),
+            ("write_zeroes", n.req_write_zeroes),
+            ("block_status", n.req_block_status),
+            ("disc", n.req_disc),
+            ("unknown", n.req_unknown),
+        ],
+    );
+    o.labelled(
         "nbd_errors_total",
         "counter",
         "NBD replies with an error, by errno.",
+        "errno",
+        [
+            ("einval", n.err_einval),
+            ("enospc", n.err_enospc),
+            ("eperm", n.err_eperm),
+            ("eio", n.err_eio),
+            ("other", n.err_other),
+        ],
     );
-    for (e, v) in [
-        ("einval", n.err_einval),
-        ("enospc", n.err_enospc),
-        ("eperm", n.err_eperm),
-        ("eio", n.err_eio),
-        ("other", n.err_other),
-    ] {
-        o.sample("nbd_errors_total", &format!("errno=\"{e}\""), v);
-    }
-    o.family(
+    o.labelled(
         "nbd_busy_polls_total",
         "counter",
         "Busy polls for the next request, by result.",
-    );
-    o.sample("nbd_busy_polls_total", "result=\"hit\"", n.busy_poll_hits);
-    o.sample(
-        "nbd_busy_polls_total",
-        "result=\"miss\"",
-        n.busy_poll_misses,
+        "result",
+        [("hit", n.busy_poll_hits), ("miss", n.busy_poll_misses)],
     );
     o.counter("nbd_read_bytes", "Bytes read by NBD clients.", n.bytes_read);
     o.counter(

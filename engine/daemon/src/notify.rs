@@ -620,6 +620,16 @@ mod tests {
         }
     }
 
+    /// An executable shell script `name` in `dir` with `body` after the
+    /// `#!/bin/sh` line.
+    fn script(dir: &std::path::Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        path
+    }
+
     #[test]
     fn test_event_log_line_is_parsable() {
         let r = EventRecord {
@@ -639,17 +649,14 @@ mod tests {
     fn test_notices_reach_log_file_and_command() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("cmd.out");
-        let script = dir.path().join("notify.sh");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho \"$MSL_NODE $MSL_EVENT $MSL_MESSAGE\" >> {}\n",
+        let script = script(
+            dir.path(),
+            "notify.sh",
+            &format!(
+                "echo \"$MSL_NODE $MSL_EVENT $MSL_MESSAGE\" >> {}\n",
                 out.display()
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         let n = Notifier::start(sinks(dir.path(), Some(script)), 16);
         n.notify(EventRecord::new(1, &Notice::PeerLost { path: Path::Msl }));
         n.notify(EventRecord::new(
@@ -682,10 +689,7 @@ mod tests {
     #[test]
     fn test_slow_command_never_blocks_notify_and_drops_are_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("slow.sh");
-        std::fs::write(&script, "#!/bin/sh\nsleep 1\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let script = script(dir.path(), "slow.sh", "sleep 1\n");
         let mut s = sinks(dir.path(), Some(script));
         s.command_timeout = Duration::from_millis(50);
         let n = Notifier::start(s, 2);
@@ -713,17 +717,11 @@ mod tests {
     fn test_command_filtered_and_progress_rate_limited() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("cmd.out");
-        let script = dir.path().join("notify.sh");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\necho \"$MSL_EVENT $MSL_REMAINING\" >> {}\n",
-                out.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let script = script(
+            dir.path(),
+            "notify.sh",
+            &format!("echo \"$MSL_EVENT $MSL_REMAINING\" >> {}\n", out.display()),
+        );
         let policy = CommandPolicy {
             events: Some(vec![
                 "resync_started".into(),

@@ -149,31 +149,7 @@ mod tests {
     }
 
     fn cfg(extra: &str) -> DaemonConfig {
-        DaemonConfig::parse(
-            &format!(
-                r#"node_id = 1
-peer_id = 2
-cluster_id = 0x6d736c00
-insecure_no_auth = true
-service_address = "10.77.1.100/24"
-service_interface = "a-lan"
-log_file = "/var/log/msl/msld.log"
-{extra}
-[msl]
-interface = "a-msl"
-[[lan]]
-interface = "a-lan"
-address = "10.77.1.1"
-peer_address = "10.77.1.2"
-[volume]
-path = "/var/lib/msl/volume.img"
-size_bytes = 1073741824
-metadata = "/var/lib/msl/meta"
-"#
-            ),
-            Path::new("t.toml"),
-        )
-        .unwrap()
+        crate::config::tests::parse(&crate::config::tests::with(extra)).unwrap()
     }
 
     /// Reloadable keys are not reported; others are, by name (sections

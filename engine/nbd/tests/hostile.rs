@@ -41,6 +41,22 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// `c` after the greeting and OPT_GO: in transmission.
+#[track_caller]
+fn negotiated(mut c: Nbd<TcpStream>) -> Nbd<TcpStream> {
+    c.greet().unwrap();
+    assert_eq!(c.go().unwrap(), REP_ACK);
+    c
+}
+
+/// A client from `src` to `dst`, in transmission.
+#[track_caller]
+fn negotiated_from(src: IpAddr, dst: SocketAddr) -> Nbd<TcpStream> {
+    negotiated(Nbd {
+        s: connect_from(src, dst).unwrap(),
+    })
+}
+
 /// Poll `cond` every 10 ms for up to `limit`.
 fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let t0 = Instant::now();
@@ -83,9 +99,7 @@ fn fio_iops(port: u16, secs: u32) -> f64 {
 /// took.
 fn time_to_transmission(port: u16) -> Duration {
     let t0 = Instant::now();
-    let mut c = plain(port);
-    c.greet().unwrap();
-    assert_eq!(c.go().unwrap(), REP_ACK);
+    let mut c = negotiated(plain(port));
     let t = t0.elapsed();
     c.req(0, CMD_DISC, 0, 0, 0, &[]).unwrap();
     t
@@ -106,12 +120,7 @@ impl Flood {
     fn start(port: u16) -> Self {
         let mut held: Vec<TcpStream> = Vec::new();
         for i in 0..250 {
-            let mut c = Nbd {
-                s: connect_from(ip(&format!("127.0.2.{}", 1 + i / 10)), addr(port)).unwrap(),
-            };
-            c.greet().unwrap();
-            assert_eq!(c.go().unwrap(), REP_ACK);
-            held.push(c.s);
+            held.push(negotiated_from(ip(&format!("127.0.2.{}", 1 + i / 10)), addr(port)).s);
         }
         for i in 0..250 {
             held.push(connect_from(ip(&format!("127.0.1.{}", 1 + i / 10)), addr(port)).unwrap());
@@ -304,11 +313,7 @@ fn one_address_cannot_take_every_slot() {
     assert!(wait_for(Duration::from_secs(5), || {
         srv.counters.snapshot().connections_active == 0
     }));
-    let mut c = Nbd {
-        s: connect_from(ip("127.0.0.9"), addr(srv.port)).unwrap(),
-    };
-    c.greet().unwrap();
-    assert_eq!(c.go().unwrap(), REP_ACK);
+    let _c = negotiated_from(ip("127.0.0.9"), addr(srv.port));
 
     // The total limit.
     let dir2 = tempfile::tempdir().unwrap();
@@ -344,9 +349,7 @@ fn unread_replies_drop_the_connection_and_free_its_memory() {
         },
     );
     // Warm up the allocator with one big read, answered.
-    let mut c = plain(srv.port);
-    c.greet().unwrap();
-    assert_eq!(c.go().unwrap(), REP_ACK);
+    let mut c = negotiated(plain(srv.port));
     c.req(0, CMD_READ, 1, 0, 32 << 20, &[]).unwrap();
     assert_eq!(c.simple().unwrap(), (0, 1));
     c.rd(32 << 20).unwrap();
@@ -354,9 +357,7 @@ fn unread_replies_drop_the_connection_and_free_its_memory() {
     let rss0 = rss();
 
     // 64 reads of 32 MiB, never read.
-    let mut c = plain(srv.port);
-    c.greet().unwrap();
-    assert_eq!(c.go().unwrap(), REP_ACK);
+    let mut c = negotiated(plain(srv.port));
     let t0 = Instant::now();
     for h in 0..64 {
         c.req(0, CMD_READ, h, h * MIB, 32 << 20, &[]).unwrap();
@@ -387,9 +388,7 @@ fn oversized_unaligned_and_badly_flagged_requests() {
     let _s = serial();
     let dir = tempfile::tempdir().unwrap();
     let srv = file_server(dir.path(), 4 * MIB, ServerConfig::default());
-    let mut c = plain(srv.port);
-    c.greet().unwrap();
-    assert_eq!(c.go().unwrap(), REP_ACK);
+    let mut c = negotiated(plain(srv.port));
     // Unaligned write and read back.
     let data = common::pattern(4095, 5);
     c.req(CMD_FLAG_FUA, CMD_WRITE, 1, 1, 4095, &data).unwrap();
@@ -475,12 +474,8 @@ fn option_loops_and_idle_connections_are_cut_off() {
 
     // Idle after OPT_GO: dropped after the idle timeout; a client that
     // keeps sending requests is not.
-    let mut idle = plain(srv.port);
-    idle.greet().unwrap();
-    assert_eq!(idle.go().unwrap(), REP_ACK);
-    let mut busy = plain(srv.port);
-    busy.greet().unwrap();
-    assert_eq!(busy.go().unwrap(), REP_ACK);
+    let mut idle = negotiated(plain(srv.port));
+    let mut busy = negotiated(plain(srv.port));
     for h in 0..10 {
         std::thread::sleep(Duration::from_millis(100));
         busy.req(0, CMD_FLUSH, h, 0, 0, &[]).unwrap();
@@ -515,11 +510,7 @@ fn allow_list_and_listeners_at_run_time() {
         .handle
         .add_listener("[::1]:0".parse().unwrap())
         .expect("bind [::1]");
-    let mut c = Nbd {
-        s: connect_from(ip("::1"), v6).unwrap(),
-    };
-    c.greet().unwrap();
-    assert_eq!(c.go().unwrap(), REP_ACK);
+    let mut c = negotiated_from(ip("::1"), v6);
     assert_eq!(srv.handle.listeners().len(), 2);
     assert!(srv.handle.remove_listener(v6));
     assert!(wait_for(Duration::from_secs(2), || TcpStream::connect(v6).is_err()));
@@ -536,11 +527,7 @@ fn allow_list_and_listeners_at_run_time() {
         .add_listener(SocketAddr::new(ip("::"), any4.port()))
         .expect("[::] beside 0.0.0.0 on one port");
     for a in [addr(any4.port()), SocketAddr::new(ip("::1"), any6.port())] {
-        let mut c = Nbd {
-            s: connect_from(a.ip(), a).unwrap(),
-        };
-        c.greet().unwrap();
-        assert_eq!(c.go().unwrap(), REP_ACK);
+        negotiated_from(a.ip(), a);
     }
     assert!(srv.handle.remove_listener(any4) && srv.handle.remove_listener(any6));
     // A listener on an address this host does not have (IP_FREEBIND),
@@ -638,12 +625,8 @@ fn whole_volume_unaligned_write_zeroes_does_not_delay_another_clients_writes() {
     let srv = TestServer::start(be.clone(), ServerConfig::default());
     let rss0 = rss();
 
-    let mut writer = plain(srv.port);
-    writer.greet().unwrap();
-    assert_eq!(writer.go().unwrap(), REP_ACK);
-    let mut zeroer = plain(srv.port);
-    zeroer.greet().unwrap();
-    assert_eq!(zeroer.go().unwrap(), REP_ACK);
+    let mut writer = negotiated(plain(srv.port));
+    let mut zeroer = negotiated(plain(srv.port));
     zeroer
         .s
         .set_read_timeout(Some(Duration::from_secs(60)))

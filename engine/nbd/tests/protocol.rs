@@ -163,14 +163,9 @@ impl Conn {
         assert_eq!(self.rep(), (OPT_STRUCTURED_REPLY, REP_ACK, vec![]));
     }
     fn req(&mut self, flags: u16, cmd: u16, handle: u64, off: u64, len: u32, payload: &[u8]) {
-        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&cmd.to_be_bytes());
-        b.extend_from_slice(&handle.to_be_bytes());
-        b.extend_from_slice(&off.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(payload);
-        self.c.write_all(&b).unwrap();
+        self.c
+            .write_all(&common::request(flags, cmd, handle, off, len, payload))
+            .unwrap();
     }
     /// Simple reply: (errno, handle).
     fn simple(&mut self) -> (u32, u64) {
@@ -545,14 +540,8 @@ fn pipelined_requests_all_answered() {
     let sender = std::thread::spawn(move || {
         for i in 0..n {
             let data = common::pattern(4096, i + 1);
-            let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-            b.extend_from_slice(&0u16.to_be_bytes());
-            b.extend_from_slice(&CMD_WRITE.to_be_bytes());
-            b.extend_from_slice(&i.to_be_bytes());
-            b.extend_from_slice(&(i * 4096).to_be_bytes());
-            b.extend_from_slice(&4096u32.to_be_bytes());
-            b.extend_from_slice(&data);
-            w.write_all(&b).unwrap();
+            w.write_all(&common::request(0, CMD_WRITE, i, i * 4096, 4096, &data))
+                .unwrap();
         }
     });
     let mut seen = vec![false; n as usize];
@@ -725,14 +714,14 @@ fn start_on_reader(backend: Arc<dyn Backend>, mem: Arc<Mem>) -> Conn {
 }
 
 fn write_request(handle: u64, off: u64) -> Vec<u8> {
-    let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-    b.extend_from_slice(&0u16.to_be_bytes());
-    b.extend_from_slice(&CMD_WRITE.to_be_bytes());
-    b.extend_from_slice(&handle.to_be_bytes());
-    b.extend_from_slice(&off.to_be_bytes());
-    b.extend_from_slice(&4096u32.to_be_bytes());
-    b.extend_from_slice(&common::pattern(4096, handle));
-    b
+    common::request(
+        0,
+        CMD_WRITE,
+        handle,
+        off,
+        4096,
+        &common::pattern(4096, handle),
+    )
 }
 
 /// With `busy_poll`, the reader polls for the next request before it

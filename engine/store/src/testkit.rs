@@ -4,6 +4,53 @@
 use msl_core::meta::Meta;
 use msl_wire::{DiskState, Role};
 
+use crate::MetaStats;
+
+/// xorshift64*: deterministic randomness with no dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    // Not an iterator: it never ends, and `next` is its only step.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value below `n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Every counter of `a` plus the same counter of `b`.
+pub fn stats_sum(a: MetaStats, b: MetaStats) -> MetaStats {
+    MetaStats {
+        persists: a.persists + b.persists,
+        skipped: a.skipped + b.skipped,
+        transactions: a.transactions + b.transactions,
+        commits: a.commits + b.commits,
+        pages_written: a.pages_written + b.pages_written,
+        bytes_written: a.bytes_written + b.bytes_written,
+        syncs: a.syncs + b.syncs,
+    }
+}
+
+/// What the counters went up by from `a` to `b`.
+pub fn stats_delta(a: MetaStats, b: MetaStats) -> MetaStats {
+    MetaStats {
+        persists: b.persists - a.persists,
+        skipped: b.skipped - a.skipped,
+        transactions: b.transactions - a.transactions,
+        commits: b.commits - a.commits,
+        pages_written: b.pages_written - a.pages_written,
+        bytes_written: b.bytes_written - a.bytes_written,
+        syncs: b.syncs - a.syncs,
+    }
+}
+
 /// Version `v` of a node's metadata, derived only from `base`'s geometry
 /// and `v`: `gens.current == v`, with bitmap bits, activity log, role and
 /// flags varying with `v` (so the encoded length varies too).

@@ -4,13 +4,14 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TempDir;
 use msl_core::meta::Meta;
-use msl_store::testkit::sample_meta;
+use msl_store::testkit::{sample_meta, Rng};
 use msl_store::{CreateOptions, MetaStore};
 
 /// Defaults; override with `MSL_STORE_CRASH_ITERS` / `MSL_STORE_CRASH_SEED`
@@ -30,16 +31,71 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 /// metadata file, and with them its lock.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// xorshift64*: enough randomness for kill timing, no dependency.
-struct Rng(u64);
+/// What the persist loop printed: the last version and how many.
+type Acks = (Option<u64>, u64);
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+/// Run the persist-loop helper with `args`, SIGKILL it after `delay_us`
+/// microseconds; its exit status, what `read` made of its output, and
+/// its standard error.
+fn kill_loop_after(
+    args: &[&OsStr],
+    delay_us: u64,
+    read: fn(ChildStdout) -> Acks,
+) -> (ExitStatus, Acks, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_msl-store-persist-loop"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || read(stdout));
+    std::thread::sleep(Duration::from_micros(delay_us));
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    let acks = reader.join().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, acks, err)
+}
+
+/// Every line is a version; a line without its newline was not fully
+/// written.
+fn whole_versions(stdout: ChildStdout) -> Acks {
+    let mut r = BufReader::new(stdout);
+    let mut last = None;
+    let mut n = 0u64;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line.last() != Some(&b'\n') => break,
+            Ok(_) => {
+                let s = std::str::from_utf8(&line[..line.len() - 1]).unwrap();
+                last = Some(s.parse::<u64>().unwrap());
+                n += 1;
+            }
+        }
     }
+    (last, n)
+}
+
+/// The lines that read as numbers.
+fn numeric_lines(stdout: ChildStdout) -> Acks {
+    let mut last = None;
+    let mut n = 0u64;
+    for line in BufReader::new(stdout).split(b'\n') {
+        let Ok(line) = line else { break };
+        if let Some(v) = std::str::from_utf8(&line)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            last = Some(v);
+            n += 1;
+        }
+    }
+    (last, n)
 }
 
 #[test]
@@ -68,39 +124,8 @@ fn sigkill_during_persist_loses_no_acknowledged_version() {
         } else {
             2_000 + rng.next() % 150_000
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_msl-store-persist-loop"))
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut last = None;
-            let mut n = 0u64;
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match r.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
-                    // A line without its newline was not fully written.
-                    Ok(_) if line.last() != Some(&b'\n') => break,
-                    Ok(_) => {
-                        let s = std::str::from_utf8(&line[..line.len() - 1]).unwrap();
-                        last = Some(s.parse::<u64>().unwrap());
-                        n += 1;
-                    }
-                }
-            }
-            (last, n)
-        });
-        std::thread::sleep(Duration::from_micros(delay_us));
-        child.kill().unwrap(); // SIGKILL
-        let status = child.wait().unwrap();
-        let (last, n) = reader.join().unwrap();
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        let (status, (last, n), err) =
+            kill_loop_after(&[path.as_os_str()], delay_us, whole_versions);
         assert!(
             status.code().is_none(),
             "iteration {it}: helper exited by itself ({status}): {err}"
@@ -175,35 +200,11 @@ fn sigkill_during_hot_extent_transactions_loses_no_acknowledged_extent() {
     let mut total_acks = 0u64;
     for it in 0..iterations {
         let delay_us = 2_000 + rng.next() % 100_000;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_msl-store-persist-loop"))
-            .arg("--hot")
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut last = None;
-            let mut n = 0u64;
-            for line in BufReader::new(stdout).split(b'\n') {
-                let Ok(line) = line else { break };
-                if let Some(v) = std::str::from_utf8(&line)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                {
-                    last = Some(v);
-                    n += 1;
-                }
-            }
-            (last, n)
-        });
-        std::thread::sleep(Duration::from_micros(delay_us));
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        let (last, n) = reader.join().unwrap();
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        let (status, (last, n), err) = kill_loop_after(
+            &["--hot".as_ref(), path.as_os_str()],
+            delay_us,
+            numeric_lines,
+        );
         assert!(status.code().is_none(), "iteration {it}: {status}: {err}");
         if let Some(v) = last {
             acked = v;

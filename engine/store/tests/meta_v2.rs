@@ -13,6 +13,7 @@ use std::path::Path;
 
 use common::TempDir;
 use msl_core::meta::Meta;
+use msl_store::testkit::{stats_delta, stats_sum, Rng};
 use msl_store::{convert_v1_to_v2, CreateOptions, MetaIo, MetaStats, MetaStore, StoreError};
 use msl_wire::DiskState;
 
@@ -20,21 +21,6 @@ const CLUSTER: u64 = 0x5eed_cafe_f00d_0002;
 const EXTENT: u64 = 1024;
 const GIB_BLOCKS: u64 = 1 << 18;
 const TIB_BLOCKS: u64 = 1 << 28;
-
-/// xorshift64*: deterministic test randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// A running node's metadata (not clean), durably created.
 fn running(dir: &TempDir, blocks: u64) -> (std::path::PathBuf, MetaStore, Meta) {
@@ -106,30 +92,6 @@ fn hot_extents(s: &mut MetaStore, m: &mut Meta, rng: &mut Rng, writes: usize, al
     }
 }
 
-fn add(a: MetaStats, b: MetaStats) -> MetaStats {
-    MetaStats {
-        persists: a.persists + b.persists,
-        skipped: a.skipped + b.skipped,
-        transactions: a.transactions + b.transactions,
-        commits: a.commits + b.commits,
-        pages_written: a.pages_written + b.pages_written,
-        bytes_written: a.bytes_written + b.bytes_written,
-        syncs: a.syncs + b.syncs,
-    }
-}
-
-fn delta(a: MetaStats, b: MetaStats) -> MetaStats {
-    MetaStats {
-        persists: b.persists - a.persists,
-        skipped: b.skipped - a.skipped,
-        transactions: b.transactions - a.transactions,
-        commits: b.commits - a.commits,
-        pages_written: b.pages_written - a.pages_written,
-        bytes_written: b.bytes_written - a.bytes_written,
-        syncs: b.syncs - a.syncs,
-    }
-}
-
 /// Persist costs of the hot-extent pattern and of a commit on a volume of
 /// `blocks`.
 fn costs(blocks: u64) -> (MetaStats, MetaStats) {
@@ -140,7 +102,7 @@ fn costs(blocks: u64) -> (MetaStats, MetaStats) {
     hot_extents(&mut s, &mut m, &mut rng, 61, 61);
     let before = s.stats();
     hot_extents(&mut s, &mut m, &mut rng, 300, 61);
-    let hot = delta(before, s.stats());
+    let hot = stats_delta(before, s.stats());
     // A commit: a new generation and bits set in three pages far apart.
     let before = s.stats();
     m.gens.current += 1;
@@ -149,7 +111,7 @@ fn costs(blocks: u64) -> (MetaStats, MetaStats) {
         m.dirty.set(blocks / 3 * k + 5);
     }
     s.persist(&m.clone()).unwrap();
-    let commit = delta(before, s.stats());
+    let commit = stats_delta(before, s.stats());
     drop(s);
     let (_, got) = MetaStore::open(&path).unwrap();
     same_after_restart(&got, &m).unwrap();
@@ -301,7 +263,7 @@ fn crash_at_any_point_of_any_persist_recovers_the_previous_or_the_new_version() 
                 }
                 next.clean = true;
                 s.persist(&next).unwrap();
-                total = add(total, s.stats());
+                total = stats_sum(total, s.stats());
                 drop(s);
                 let (s2, loaded) = MetaStore::open(&path).unwrap();
                 assert_eq!(loaded, next, "step {step}: a clean stop is exact");
@@ -332,7 +294,7 @@ fn crash_at_any_point_of_any_persist_recovers_the_previous_or_the_new_version() 
         m = next;
         acked = m.clone();
     }
-    let st = add(total, s.stats());
+    let st = stats_sum(total, s.stats());
     eprintln!("{st:?}");
     assert!(
         st.transactions > 50 && st.commits > 50 && st.skipped > 10,

@@ -3,24 +3,16 @@
 //! accepted ones exit 0 once their outcome is there, `wait-sync` ends when
 //! the pair is in sync. Needs root; fails loudly otherwise.
 
-use std::process::Command;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use msl_harness::{Pair, PairOptions};
 
 /// mslctl on node `id`'s socket: (exit code, stdout, stderr).
 fn ctl(pair: &Pair, id: u16, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mslctl"))
-        .arg("--socket")
-        .arg(pair.socket(id))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, out, err, _) = common::mslctl(&pair.socket(id), args);
+    (code, out, err)
 }
 
 /// Run mslctl on node `id` and check its exit code and that `text` is in

@@ -276,14 +276,8 @@ impl<S: std::io::Read + std::io::Write> Nbd<S> {
         len: u32,
         payload: &[u8],
     ) -> std::io::Result<()> {
-        let mut b = msl_nbd::proto::REQUEST_MAGIC.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&cmd.to_be_bytes());
-        b.extend_from_slice(&handle.to_be_bytes());
-        b.extend_from_slice(&off.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b.extend_from_slice(payload);
-        self.s.write_all(&b)
+        self.s
+            .write_all(&request(flags, cmd, handle, off, len, payload))
     }
     /// A simple reply header: (errno, handle).
     pub fn simple(&mut self) -> std::io::Result<(u32, u64)> {
@@ -299,6 +293,18 @@ impl<S: std::io::Read + std::io::Write> Nbd<S> {
         let mut b = [0u8; 1];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
     }
+}
+
+/// A transmission-phase request: header, then `payload`.
+pub fn request(flags: u16, cmd: u16, handle: u64, off: u64, len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut b = msl_nbd::proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&cmd.to_be_bytes());
+    b.extend_from_slice(&handle.to_be_bytes());
+    b.extend_from_slice(&off.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(payload);
+    b
 }
 
 /// A TCP connection to `dst` from source address `src` (any 127.0.0.0/8

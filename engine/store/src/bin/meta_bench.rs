@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use msl_core::meta::Meta;
+use msl_store::testkit::{stats_delta, stats_sum, Rng};
 use msl_store::{CreateOptions, MetaStats, MetaStore};
 
 const EXTENT: u64 = 1024;
@@ -38,29 +39,6 @@ fn parse_size(s: &str) -> Option<u64> {
         "T" => n << 40,
         _ => return None,
     })
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
-
-fn delta(a: MetaStats, b: MetaStats) -> MetaStats {
-    MetaStats {
-        persists: b.persists - a.persists,
-        skipped: b.skipped - a.skipped,
-        transactions: b.transactions - a.transactions,
-        commits: b.commits - a.commits,
-        pages_written: b.pages_written - a.pages_written,
-        bytes_written: b.bytes_written - a.bytes_written,
-        syncs: b.syncs - a.syncs,
-    }
 }
 
 /// Activity-log size on a volume of `extents`: the core's default, or
@@ -89,18 +67,6 @@ fn hot_step(s: &mut MetaStore, m: &mut Meta, rng: &mut Rng, clone: bool) {
     };
     r.unwrap_or_else(|e| panic!("{e}"));
     m.dirty.set(e * EXTENT + rng.below(EXTENT));
-}
-
-fn add(a: MetaStats, b: MetaStats) -> MetaStats {
-    MetaStats {
-        persists: a.persists + b.persists,
-        skipped: a.skipped + b.skipped,
-        transactions: a.transactions + b.transactions,
-        commits: a.commits + b.commits,
-        pages_written: a.pages_written + b.pages_written,
-        bytes_written: a.bytes_written + b.bytes_written,
-        syncs: a.syncs + b.syncs,
-    }
 }
 
 fn line(what: &str, d: MetaStats, rate: f64) {
@@ -201,9 +167,9 @@ fn main() {
                 for _ in 0..hot / rounds {
                     hot_step(&mut v.s, &mut v.m, &mut v.rng, clone);
                 }
-                let d = delta(before, v.s.stats());
+                let d = stats_delta(before, v.s.stats());
                 rates[i].push(d.persists as f64 / t.elapsed().as_secs_f64());
-                totals[i] = add(totals[i], d);
+                totals[i] = stats_sum(totals[i], d);
             }
         }
         for (i, v) in vols.iter().enumerate() {
@@ -234,7 +200,7 @@ fn main() {
             v.s.persist(&v.m).unwrap();
             at += step;
         }
-        let d = delta(before, v.s.stats());
+        let d = stats_delta(before, v.s.stats());
         let rate = d.persists as f64 / t.elapsed().as_secs_f64();
         line(&format!("{:>5} GiB", v.size >> 30), d, rate);
     }
