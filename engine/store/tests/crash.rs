@@ -81,18 +81,27 @@ fn whole_versions(stdout: ChildStdout) -> Acks {
     (last, n)
 }
 
-/// The lines that read as numbers.
+/// The whole lines that read as numbers (a last line without its newline
+/// was not fully written: "1" of "15" is not a version).
 fn numeric_lines(stdout: ChildStdout) -> Acks {
+    let mut r = BufReader::new(stdout);
     let mut last = None;
     let mut n = 0u64;
-    for line in BufReader::new(stdout).split(b'\n') {
-        let Ok(line) = line else { break };
-        if let Some(v) = std::str::from_utf8(&line)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            last = Some(v);
-            n += 1;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line.last() != Some(&b'\n') => break,
+            Ok(_) => {
+                if let Some(v) = std::str::from_utf8(&line[..line.len() - 1])
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    last = Some(v);
+                    n += 1;
+                }
+            }
         }
     }
     (last, n)
