@@ -59,31 +59,10 @@ fn kill_loop_after(
     (status, acks, err)
 }
 
-/// Every line is a version; a line without its newline was not fully
-/// written.
-fn whole_versions(stdout: ChildStdout) -> Acks {
-    let mut r = BufReader::new(stdout);
-    let mut last = None;
-    let mut n = 0u64;
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match r.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) if line.last() != Some(&b'\n') => break,
-            Ok(_) => {
-                let s = std::str::from_utf8(&line[..line.len() - 1]).unwrap();
-                last = Some(s.parse::<u64>().unwrap());
-                n += 1;
-            }
-        }
-    }
-    (last, n)
-}
-
-/// The whole lines that read as numbers (a last line without its newline
-/// was not fully written: "1" of "15" is not a version).
-fn numeric_lines(stdout: ChildStdout) -> Acks {
+/// The versions among the whole lines (a last line without its newline
+/// was not fully written: "1" of "15" is not a version); `version` reads
+/// one line.
+fn versions(stdout: ChildStdout, version: impl Fn(&str) -> Option<u64>) -> Acks {
     let mut r = BufReader::new(stdout);
     let mut last = None;
     let mut n = 0u64;
@@ -96,7 +75,7 @@ fn numeric_lines(stdout: ChildStdout) -> Acks {
             Ok(_) => {
                 if let Some(v) = std::str::from_utf8(&line[..line.len() - 1])
                     .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
+                    .and_then(&version)
                 {
                     last = Some(v);
                     n += 1;
@@ -105,6 +84,16 @@ fn numeric_lines(stdout: ChildStdout) -> Acks {
         }
     }
     (last, n)
+}
+
+/// Every whole line is a version.
+fn whole_versions(stdout: ChildStdout) -> Acks {
+    versions(stdout, |s| Some(s.parse::<u64>().unwrap()))
+}
+
+/// The whole lines that read as numbers.
+fn numeric_lines(stdout: ChildStdout) -> Acks {
+    versions(stdout, |s| s.parse::<u64>().ok())
 }
 
 #[test]
