@@ -20,6 +20,10 @@ pub struct Config {
     pub node_id: u16,
     pub peer_id: u16,
     pub cluster_id: u64,
+    /// This start of the node: persisted in its metadata and one higher at
+    /// every start, so the peer can tell a restarted node's packets from a
+    /// replay of the previous run's.
+    pub epoch: u64,
     pub volume_blocks: u64,
     pub block_size: u32,
     pub write_mode: WriteMode,
@@ -83,6 +87,7 @@ impl Config {
             node_id,
             peer_id,
             cluster_id,
+            epoch: 0,
             volume_blocks,
             block_size,
             write_mode: WriteMode::Sync,

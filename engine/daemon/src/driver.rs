@@ -359,6 +359,7 @@ impl<H: Host> Driver<H> {
                 header,
                 msg,
                 payload,
+                arrived: self.now(),
             },
             Input::MslUnknown {
                 code,
@@ -371,6 +372,7 @@ impl<H: Host> Driver<H> {
                 adapter: p.adapter,
                 header: p.header,
                 hb: p.hb,
+                arrived: self.now(),
             },
             Input::LanAdapter { adapter, up } => Event::LanAdapter {
                 adapter,

@@ -785,6 +785,7 @@ impl Sim {
                         adapter: 0,
                         header,
                         hb,
+                        arrived: self.now(),
                     },
                 );
             }
@@ -795,6 +796,7 @@ impl Sim {
                     header,
                     msg,
                     payload,
+                    arrived: self.now(),
                 },
             );
         }

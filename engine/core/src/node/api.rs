@@ -105,6 +105,10 @@ pub enum Event<H> {
         header: Header,
         msg: Message,
         payload: Option<H>,
+        /// When the frame arrived, taken on the receiving thread (the
+        /// host's clock, as `now`): liveness counts from arrival, not from
+        /// when the core got to it.
+        arrived: crate::Micros,
     },
     /// A frame from the peer that verified (CRC, auth, cluster) but whose
     /// message type this build does not know. Ignored and counted, unless
@@ -118,6 +122,8 @@ pub enum Event<H> {
         adapter: u8,
         header: Header,
         hb: Heartbeat,
+        /// When the packet arrived (see `MslFrame::arrived`).
+        arrived: crate::Micros,
     },
     /// A client write, trim or write-zeroes of whole blocks.
     ClientWrite {

@@ -419,11 +419,13 @@ impl<H: Payload> Node<H> {
                 header,
                 msg,
                 payload,
+                arrived: _,
             } => self.on_msl_frame(header, msg, payload),
             Event::LanFrame {
                 adapter,
                 header,
                 hb,
+                arrived: _,
             } => self.on_lan_frame(adapter, header, hb),
             Event::MslUnknownType {
                 must_understand, ..

@@ -71,6 +71,7 @@ fn run_pair_with(
                             header,
                             msg,
                             payload,
+                            arrived: now,
                         },
                     ),
                     Action::SendLan { header, hb } => dst.handle(
@@ -79,6 +80,7 @@ fn run_pair_with(
                             adapter: 0,
                             header,
                             hb,
+                            arrived: now,
                         },
                     ),
                     Action::Write { io, .. } | Action::Flush { io } => {
@@ -304,6 +306,7 @@ fn test_verify_with_resync_persists_what_it_finds_within_a_second() {
                 header,
                 msg,
                 payload: None,
+                arrived: now,
             },
         );
     }
@@ -474,6 +477,7 @@ fn lan_hb(n: &mut Node<Vec<u8>>, now: Micros, header: Header, hb: Heartbeat) {
             adapter: 0,
             header,
             hb,
+            arrived: now,
         },
     );
 }
@@ -818,6 +822,7 @@ fn test_switchover_cut_after_the_peer_took_the_role_is_not_undone() {
                     header,
                     msg,
                     payload,
+                    arrived: 200_100,
                 },
             );
         }
