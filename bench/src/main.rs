@@ -19,6 +19,7 @@ mod fio;
 mod link;
 mod nbd;
 mod resync;
+mod scale;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,10 @@ enum Cmd {
     /// the resync's rate with clients idle against the link's raw
     /// capacity. Needs root.
     Resync(resync::ResyncArgs),
+    /// What a volume's size costs: a primary running alone on loop devices
+    /// of each size (sparse), fio random writes over a hot span and over
+    /// the whole volume, side by side. Needs root, fio, nbdinfo, losetup.
+    Scale(scale::ScaleArgs),
     /// Serve a file with msl's own NBD server (msl-nbd's FileBackend,
     /// unreplicated): the `msl-nbd-file` server of `msl-bench nbd`.
     #[command(hide = true)]
@@ -54,6 +59,7 @@ fn main() {
         Cmd::Nbd(a) => nbd::run(a),
         Cmd::ServeFile(a) => nbd::serve_file(a),
         Cmd::Resync(a) => resync::run(a),
+        Cmd::Scale(a) => scale::run(a),
     };
     if let Err(e) = r {
         eprintln!("msl-bench: {e}");

@@ -110,7 +110,7 @@ pub struct NbdArgs {
     pub perf: Option<String>,
 }
 
-/// `256M`, `1G`, `4096`, `64K` (binary units).
+/// `256M`, `1G`, `1T`, `4096`, `64K` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mul) = match t.char_indices().last() {
@@ -119,7 +119,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'K' => 1 << 10,
                 'M' => 1 << 20,
                 'G' => 1 << 30,
-                _ => return Err(format!("size {s}: unknown unit {c} (K, M, G)")),
+                'T' => 1 << 40,
+                _ => return Err(format!("size {s}: unknown unit {c} (K, M, G, T)")),
             };
             (&t[..i], m)
         }
@@ -687,7 +688,8 @@ mod tests {
         assert_eq!(parse_size("1g").unwrap(), 1 << 30);
         assert_eq!(parse_size("2097152").unwrap(), 2 << 20);
         assert!(parse_size("12K").is_err());
-        assert!(parse_size("3T").unwrap_err().contains("unit"));
+        assert_eq!(parse_size("8T").unwrap(), 8 << 40);
+        assert!(parse_size("3P").unwrap_err().contains("unit"));
         assert!(parse_size("abcM").unwrap_err().contains("not a number"));
         assert!(parse_size("1048577").is_err());
     }

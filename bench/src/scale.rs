@@ -1,0 +1,351 @@
+//! `msl-bench scale`: what a volume's size costs a primary running alone
+//! (degraded: its secondary down, the most common failure).
+//!
+//! For each size one msld runs as the initial primary with no peer, on a
+//! real loop device over a sparse file (so a terabyte volume needs no
+//! terabyte of disk). fio (nbd engine, 4 KiB random writes, QD16) writes
+//! through the service address, over a hot span (the first `--hot` bytes:
+//! the same extents again and again, as a database's working set) and
+//! over the whole volume (a new extent for almost every write: one
+//! activity-log transaction each). Rounds rotate the sizes so each
+//! runs first in turn; the table shows medians, msld's resident memory
+//! after the runs and its metadata writes per client write, so sizes
+//! compare side by side.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Args;
+use msl_harness::{Pair, PairOptions};
+use serde_json::json;
+
+use crate::fio::{self, JobSpec, Sample};
+use crate::nbd::{narrator, parse_size};
+
+const PORT: u16 = 10809;
+
+#[derive(Args, Debug)]
+pub struct ScaleArgs {
+    /// Volume sizes, comma separated (K, M, G, T suffixes).
+    #[arg(long, value_delimiter = ',', default_value = "1G,1T,8T", value_parser = parse_size)]
+    pub sizes: Vec<u64>,
+    /// Rounds; each runs every size and span once, in rotated order.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds per fio run (after a 1 s ramp).
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// The hot span: random writes over the first this many bytes.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub hot: u64,
+    /// Spans to run: `hot`, `whole`, or both.
+    #[arg(long, value_delimiter = ',', default_value = "hot,whole")]
+    pub spans: Vec<String>,
+    /// Directory for the sparse backing files (default: the run directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// One JSON object per row instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const JOB: JobSpec = JobSpec {
+    name: "randwrite-4k-qd16",
+    rw: "randwrite",
+    bs: "4k",
+    iodepth: 16,
+    numjobs: 1,
+    flush_each: false,
+};
+
+/// A loop device over a sparse file, detached and removed on drop.
+struct LoopDev {
+    dev: String,
+    backing: PathBuf,
+}
+
+impl LoopDev {
+    fn new(backing: &Path, size: u64) -> Result<LoopDev, String> {
+        let f =
+            std::fs::File::create(backing).map_err(|e| format!("{}: {e}", backing.display()))?;
+        f.set_len(size).map_err(|e| {
+            format!(
+                "{}: cannot make a sparse file of {size} bytes: {e}",
+                backing.display()
+            )
+        })?;
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(backing)
+            .output()
+            .map_err(|e| format!("losetup: {e} (util-linux)"))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(backing);
+            return Err(format!(
+                "losetup {}: {}",
+                backing.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(LoopDev {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            backing: backing.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+/// One size under test: its primary (alone) and its loop device. Fields
+/// drop in order: msld stops before the device goes.
+struct Subject {
+    size: u64,
+    pair: Pair,
+    _dev: LoopDev,
+}
+
+impl Subject {
+    fn uri(&self) -> String {
+        format!("nbd://{}:{PORT}/", msl_harness::SERVICE_IP)
+    }
+
+    fn client_ns(&self) -> String {
+        self.pair.topo.client_ns().to_string()
+    }
+
+    fn rss_mib(&self) -> Option<f64> {
+        let pid = self.pair.pid(1)?;
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: f64 = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
+    }
+
+    fn counter(&self, name: &str) -> Option<u64> {
+        self.pair.status(1).ok()?["counters"][name].as_u64()
+    }
+}
+
+fn start(size: u64, dir: Option<&Path>, say: &impl Fn(&str)) -> Result<Subject, String> {
+    let pair = Pair::new(PairOptions {
+        volume_bytes: size,
+        nbd_port: PORT,
+        ..PairOptions::default()
+    })?;
+    let backing = dir
+        .unwrap_or(pair.dir())
+        .join(format!("scale-{}-{size}.backing", std::process::id()));
+    let dev = LoopDev::new(&backing, size)?;
+    std::os::unix::fs::symlink(&dev.dev, pair.volume_path(1))
+        .map_err(|e| format!("symlink to {}: {e}", dev.dev))?;
+    say(&format!(
+        "{}: {} over a sparse {}, primary alone",
+        human(size),
+        dev.dev,
+        backing.display()
+    ));
+    pair.start(1)?;
+    // A node never becomes primary on its own before it has seen its peer:
+    // the administrator promotes the lone node (as after losing a server).
+    pair.wait_status(1, "msld up", Duration::from_secs(60), |_| true)?;
+    pair.admin(1, "promote")?;
+    pair.wait_status(1, "primary serving alone", Duration::from_secs(120), |s| {
+        s["role"] == "primary"
+    })?;
+    let s = Subject {
+        size,
+        pair,
+        _dev: dev,
+    };
+    wait_serving(&s)?;
+    Ok(s)
+}
+
+fn wait_serving(s: &Subject) -> Result<(), String> {
+    let t = std::time::Instant::now();
+    loop {
+        let mut c = fio::command_in(&s.client_ns(), "nbdinfo");
+        c.args(["--size", &s.uri()]);
+        if c.output().is_ok_and(|o| o.status.success()) {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{}: not serving NBD after 30 s", s.uri()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 40 && b % (1 << 40) == 0 => format!("{} TiB", b >> 40),
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b => format!("{} MiB", b >> 20),
+    }
+}
+
+fn run_span(s: &Subject, span: &str, hot: u64, seconds: u64) -> Result<Sample, String> {
+    let mut c = fio::command_in(&s.client_ns(), "fio");
+    c.args([
+        "--ioengine=nbd",
+        &format!("--uri={}", s.uri()),
+        "--direct=1",
+    ])
+    .args(JOB.fio_args())
+    .arg("--time_based")
+    .arg(format!("--runtime={seconds}"))
+    .arg("--ramp_time=1")
+    .arg("--randrepeat=0")
+    .arg("--output-format=json")
+    .arg(format!("--percentile_list={}", fio::PERCENTILES));
+    if span == "hot" {
+        c.arg(format!("--size={}", hot.min(s.size)));
+    }
+    let out = fio::run_bounded(
+        c,
+        Duration::from_secs(seconds + 60),
+        &format!("fio {span} on {}", human(s.size)),
+    )?;
+    fio::parse(&out, false)
+}
+
+struct Row {
+    size: u64,
+    span: String,
+    m: Sample,
+    runs: usize,
+    rss_mib: Option<f64>,
+    meta_per_write: Option<f64>,
+}
+
+pub fn run(args: ScaleArgs) -> Result<(), String> {
+    if args.rounds == 0 || args.seconds == 0 || args.sizes.is_empty() {
+        return Err("--rounds, --seconds and --sizes must not be empty or zero".into());
+    }
+    for s in &args.spans {
+        if s != "hot" && s != "whole" {
+            return Err(format!("--spans: unknown span `{s}` (hot, whole)"));
+        }
+    }
+    for (tool, pkg) in [
+        ("fio", "fio"),
+        ("nbdinfo", "libnbd-bin"),
+        ("losetup", "mount"),
+    ] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            return Err(format!(
+                "{tool} not found: apt-get install {pkg} (bash scripts/setup.sh)"
+            ));
+        }
+    }
+    let say = narrator("scale", args.json);
+    let mut subjects = Vec::new();
+    for &size in &args.sizes {
+        subjects.push(start(size, args.dir.as_deref(), &say)?);
+    }
+    let mut samples: Vec<Vec<Vec<Sample>>> =
+        vec![vec![Vec::new(); args.spans.len()]; subjects.len()];
+    let mut meta_writes = vec![vec![(0u64, 0u64); args.spans.len()]; subjects.len()];
+    for round in 0..args.rounds {
+        for (k, span) in args.spans.iter().enumerate() {
+            for i in 0..subjects.len() {
+                let j = (i + round) % subjects.len();
+                let s = &subjects[j];
+                say(&format!(
+                    "round {}/{}: {span} on {}",
+                    round + 1,
+                    args.rounds,
+                    human(s.size)
+                ));
+                let (w0, m0) = (s.counter("client_writes"), s.counter("meta_writes"));
+                samples[j][k].push(run_span(s, span, args.hot, args.seconds)?);
+                let (w1, m1) = (s.counter("client_writes"), s.counter("meta_writes"));
+                if let (Some(w0), Some(w1), Some(m0), Some(m1)) = (w0, w1, m0, m1) {
+                    meta_writes[j][k].0 += w1 - w0;
+                    meta_writes[j][k].1 += m1 - m0;
+                }
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (j, s) in subjects.iter().enumerate() {
+        for (k, span) in args.spans.iter().enumerate() {
+            if let Some(m) = fio::median_sample(&samples[j][k]) {
+                let (w, p) = meta_writes[j][k];
+                rows.push(Row {
+                    size: s.size,
+                    span: span.clone(),
+                    m,
+                    runs: samples[j][k].len(),
+                    rss_mib: s.rss_mib(),
+                    meta_per_write: (w > 0).then(|| p as f64 / w as f64),
+                });
+            }
+        }
+    }
+    report(&args, &rows);
+    Ok(())
+}
+
+fn report(args: &ScaleArgs, rows: &[Row]) {
+    if args.json {
+        for r in rows {
+            println!(
+                "{}",
+                json!({
+                    "bench": "scale",
+                    "size_bytes": r.size,
+                    "span": r.span,
+                    "job": JOB.name,
+                    "runs": r.runs,
+                    "iops": r.m.iops.round(),
+                    "p50_us": r.m.p50_us,
+                    "p99_us": r.m.p99_us,
+                    "p999_us": r.m.p999_us,
+                    "rss_mib": r.rss_mib.map(|x| x.round()),
+                    "meta_persists_per_write": r.meta_per_write,
+                })
+            );
+        }
+        return;
+    }
+    println!(
+        "{:<9} {:<6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>12}",
+        "volume", "span", "IOPS", "p50 us", "p99 us", "p99.9 us", "RSS MiB", "meta/write"
+    );
+    for r in rows {
+        println!(
+            "{:<9} {:<6} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>12}",
+            human(r.size),
+            r.span,
+            r.m.iops,
+            r.m.p50_us,
+            r.m.p99_us,
+            r.m.p999_us,
+            r.rss_mib.map_or("-".into(), |x| format!("{x:.0}")),
+            r.meta_per_write.map_or("-".into(), |x| format!("{x:.3}")),
+        );
+    }
+    println!(
+        "\n{} (primary alone), {} round(s) of {} s per size and span, medians; hot span = first {}",
+        JOB.name,
+        args.rounds,
+        args.seconds,
+        human(args.hot)
+    );
+}
