@@ -730,6 +730,17 @@ impl DaemonConfig {
             0,
             86_400,
         )?;
+        if file.role_control == RoleControl::Cluster {
+            // The protocol core decides takeovers and the cold start of the
+            // pair by itself; with a cluster manager deciding as well, the
+            // pair would have two deciders for one role.
+            return Err(invalid(
+                "role_control",
+                "\"cluster\"",
+                "this msld cannot leave the role to a cluster manager: its core still \
+                 takes over from a failed peer and starts the pair by itself; use \"self\"",
+            ));
+        }
         let nbd = nbd_settings(&file)?;
         let mut warnings = Vec::new();
         if file.write_mode == WriteMode::Async {
@@ -1297,6 +1308,46 @@ metadata = "/var/lib/msl/meta"
         // A host route may lie outside the LAN's networks.
         let route = parse(&GOOD.replacen("10.77.1.100/24", "10.99.0.1/32", 1)).unwrap();
         assert!(route.host_problems(&good).is_empty());
+    }
+
+    /// `role_control` defaults to "self"; "cluster" is refused (by name)
+    /// until the core can leave the role to a cluster manager; other
+    /// values are syntax errors naming the accepted ones.
+    #[test]
+    fn test_role_control_key() {
+        assert_eq!(
+            parse(GOOD).unwrap().file.role_control,
+            RoleControl::SelfManaged
+        );
+        let c = parse(&with("role_control = \"self\"")).unwrap();
+        assert_eq!(c.file.role_control.as_str(), "self");
+        let e = parse(&with("role_control = \"cluster\"")).unwrap_err();
+        assert!(e.to_string().contains("takes over"), "{e}");
+        assert_eq!(key_of(e), "role_control");
+        let e = parse(&with("role_control = \"pacemaker\"")).unwrap_err();
+        assert!(
+            e.to_string().contains("`self`") && e.to_string().contains("`cluster`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn test_log_keys() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.file.log_level, LogLevel::Info);
+        assert_eq!(
+            c.file.log_level.filter(),
+            tracing::level_filters::LevelFilter::INFO
+        );
+        let no_file = GOOD.replacen("log_file = \"/var/log/msl/msld.log\"\n", "", 1);
+        assert_ne!(no_file, GOOD);
+        assert_eq!(parse(&no_file).unwrap().file.log_file, PathBuf::new());
+        let c = parse(&with("log_level = \"warning\"")).unwrap();
+        assert_eq!(
+            c.file.log_level.filter(),
+            tracing::level_filters::LevelFilter::WARN
+        );
+        assert!(parse(&with("log_level = \"loud\"")).is_err());
     }
 
     #[test]

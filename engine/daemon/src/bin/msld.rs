@@ -50,6 +50,7 @@ fn run(args: Args) -> Result<Exit, String> {
         println!("msld: configuration {} is valid", args.config.display());
         return Ok(Exit::Stopped);
     }
+    msl_daemon::status::set_role_control(cfg.file.role_control);
     let daemon = msl_daemon::assemble(&cfg, args.initial_primary, args.create)?;
 
     // Signals: SIGTERM/SIGINT are a clean stop; SIGHUP (systemd's
