@@ -14,6 +14,11 @@
 #             alert rules); help2man renders msld's man page
 #   openssl, python3-libnbd  TLS certificates and pipelined NBD clients
 #             in the tests
+#   pacemaker, corosync, pacemaker-cli-utils (optional,
+#             MSL_SETUP_CLUSTER=1) a two-node cluster manager for the OCF
+#             agent (dist/ocf/msld): runs in two network namespaces, each
+#             with private mounts (/etc/corosync, /var/lib/pacemaker, /run,
+#             /dev/shm mode 1777) and its own hostname
 #
 # No clang/llvm: the XDP program is hand-assembled eBPF loaded with the bpf
 # syscall (engine/transport/src/xdp_prog.rs).
@@ -34,6 +39,11 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
 if [ "${MSL_SETUP_PERF:-0}" = 1 ] && ! command -v perf >/dev/null 2>&1; then
     need+=(linux-perf)
+fi
+if [ "${MSL_SETUP_CLUSTER:-0}" = 1 ]; then
+    command -v corosync >/dev/null 2>&1 || need+=(corosync)
+    [ -x /usr/sbin/pacemakerd ] || need+=(pacemaker)
+    command -v crm_mon >/dev/null 2>&1 || need+=(pacemaker-cli-utils)
 fi
 
 if [ "${#need[@]}" -gt 0 ]; then

@@ -32,8 +32,11 @@ pub struct Args {
     /// volume. `mslctl create-md` does the same ahead of a start.
     #[arg(long)]
     pub create: bool,
-    /// Check the configuration and the files it names (cluster key,
-    /// volume, metadata) and the interfaces, then exit.
+    /// Check the configuration, the files it names (cluster key, volume,
+    /// metadata) and this host's network namespace (the MSL interface and
+    /// each LAN adapter exist, each adapter's address is on it, the
+    /// service address fits a network of its interface), then exit:
+    /// 0 when all is well, 1 after naming every problem.
     #[arg(long)]
     pub check: bool,
 }

@@ -54,6 +54,55 @@ pub enum WriteMode {
     Async,
 }
 
+/// `log_level`: the least important messages logged.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    #[serde(alias = "warning")]
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The `tracing` filter of this level.
+    pub fn filter(self) -> tracing::level_filters::LevelFilter {
+        use tracing::level_filters::LevelFilter;
+        match self {
+            LogLevel::Error => LevelFilter::ERROR,
+            LogLevel::Warn => LevelFilter::WARN,
+            LogLevel::Info => LevelFilter::INFO,
+            LogLevel::Debug => LevelFilter::DEBUG,
+            LogLevel::Trace => LevelFilter::TRACE,
+        }
+    }
+}
+
+/// `role_control`: who decides the node's role.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum RoleControl {
+    /// msld itself (takeover, cold start of the pair).
+    #[default]
+    #[serde(rename = "self")]
+    SelfManaged,
+    /// A cluster manager, through `mslctl promote` and `mslctl demote`.
+    #[serde(rename = "cluster")]
+    Cluster,
+}
+
+impl RoleControl {
+    /// The name as written in the configuration and shown by status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleControl::SelfManaged => "self",
+            RoleControl::Cluster => "cluster",
+        }
+    }
+}
+
 /// `[msl]`: the dedicated mirroring link.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -217,7 +266,22 @@ pub struct FileConfig {
     /// a page rewritten meanwhile once instead of at every stable point.
     #[serde(default = "default_stable_interval_ms")]
     pub stable_interval_ms: u64,
+    /// The event log file: one `ts=... node=... event=... msg="..."` line
+    /// per event. Absent (or empty): no file; events go to the journal
+    /// (or stderr) and `mslctl events` only.
+    #[serde(default)]
     pub log_file: PathBuf,
+    /// The least important messages logged (journal or stderr): "error",
+    /// "warn", "info" (every event), "debug" or "trace". Reloadable.
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// Who decides this node's role: "self" (msld takes over from a
+    /// failed peer and becomes primary on a cold start of the pair by
+    /// itself) or "cluster" (a cluster manager decides: msld never becomes
+    /// primary or takes the service address by itself, only on `mslctl
+    /// promote`, e.g. from the OCF agent under Pacemaker).
+    #[serde(default)]
+    pub role_control: RoleControl,
     /// Run for every state change, event in the environment.
     pub notify_command: Option<PathBuf>,
     /// Events that run `notify_command` (names as `mslctl events` prints
@@ -666,6 +730,17 @@ impl DaemonConfig {
             0,
             86_400,
         )?;
+        if file.role_control == RoleControl::Cluster {
+            // The protocol core decides takeovers and the cold start of the
+            // pair by itself; with a cluster manager deciding as well, the
+            // pair would have two deciders for one role.
+            return Err(invalid(
+                "role_control",
+                "\"cluster\"",
+                "this msld cannot leave the role to a cluster manager: its core still \
+                 takes over from a failed peer and starts the pair by itself; use \"self\"",
+            ));
+        }
         let nbd = nbd_settings(&file)?;
         let mut warnings = Vec::new();
         if file.write_mode == WriteMode::Async {
@@ -775,6 +850,103 @@ impl DaemonConfig {
         c.rto_max_us = c.rto_max_us.max(c.rto_min_us);
         c.stabilize_relaxed_us = (f.stable_interval_ms * 1000).max(c.stabilize_interval_us);
         c
+    }
+}
+
+/// A network interface as `msld --check` sees it: its name and its
+/// addresses with their prefix lengths.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostInterface {
+    pub name: String,
+    pub addrs: Vec<(IpAddr, u8)>,
+}
+
+/// The interfaces of the current network namespace.
+pub fn host_interfaces() -> Vec<HostInterface> {
+    pnet_datalink::interfaces()
+        .into_iter()
+        .map(|i| HostInterface {
+            name: i.name,
+            addrs: i.ips.iter().map(|n| (n.ip(), n.prefix())).collect(),
+        })
+        .collect()
+}
+
+impl DaemonConfig {
+    /// What in this host (its network namespace) does not fit the
+    /// configuration: every problem, each naming the key and what is
+    /// wrong. Checked: the MSL interface and each LAN adapter exist; each
+    /// adapter's `address` is on its interface (heartbeats are sent from
+    /// it); the service address lies in a network of `service_interface`
+    /// with the same prefix length (a host route, /32 or /128, may lie
+    /// outside).
+    pub fn host_problems(&self, ifs: &[HostInterface]) -> Vec<String> {
+        let f = &self.file;
+        let mut out = Vec::new();
+        let names = || {
+            let mut n: Vec<&str> = ifs.iter().map(|i| i.name.as_str()).collect();
+            n.sort_unstable();
+            n.join(", ")
+        };
+        let find = |key: &str, name: &str, out: &mut Vec<String>| {
+            let i = ifs.iter().find(|i| i.name == name);
+            if i.is_none() {
+                out.push(format!(
+                    "{key} = {name:?}: no such interface here (have: {})",
+                    names()
+                ));
+            }
+            i
+        };
+        let shown = |i: &HostInterface| {
+            let a: Vec<String> = i.addrs.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+            if a.is_empty() {
+                "no address".to_string()
+            } else {
+                a.join(", ")
+            }
+        };
+        find("msl.interface", &f.msl.interface, &mut out);
+        for (n, a) in f.lan.iter().enumerate() {
+            let Some(i) = find(&format!("lan[{n}].interface"), &a.interface, &mut out) else {
+                continue;
+            };
+            if !i.addrs.iter().any(|(ip, _)| *ip == a.address) {
+                out.push(format!(
+                    "lan[{n}].address = {}: not an address of {} (it has {}); heartbeats are sent from it",
+                    a.address,
+                    a.interface,
+                    shown(i)
+                ));
+            }
+        }
+        let host_route = self.service_prefix == if self.service_ip.is_ipv4() { 32 } else { 128 };
+        if let Some(i) = ifs.iter().find(|i| i.name == f.service_interface) {
+            let own: Vec<&(IpAddr, u8)> = i
+                .addrs
+                .iter()
+                .filter(|(ip, _)| *ip != self.service_ip)
+                .collect();
+            let net = own.iter().find(|(ip, p)| {
+                ipnet::IpNet::new(*ip, *p).is_ok_and(|n| n.contains(&self.service_ip))
+            });
+            match net {
+                Some((ip, p)) if *p != self.service_prefix => out.push(format!(
+                    "service_address = {}: {} has {ip}/{p}, the same network with prefix /{p}; \
+                     write the service address as {}/{p}",
+                    f.service_address, f.service_interface, self.service_ip
+                )),
+                None if !host_route => out.push(format!(
+                    "service_address = {}: outside every network of {} (it has {}); clients \
+                     on that LAN could not reach it",
+                    f.service_address,
+                    f.service_interface,
+                    shown(i)
+                )),
+                _ => {}
+            }
+        }
+        out
     }
 }
 
@@ -1077,6 +1249,105 @@ metadata = "/var/lib/msl/meta"
         assert_eq!(c.warnings, [INSECURE_NO_AUTH_WARNING]);
         let e = parse(&with("insecure_no_auth = true")).unwrap_err();
         assert_eq!(key_of(e), "insecure_no_auth");
+    }
+
+    fn iface(name: &str, addrs: &[&str]) -> HostInterface {
+        HostInterface {
+            name: name.into(),
+            addrs: addrs
+                .iter()
+                .map(|a| {
+                    let (ip, p) = a.split_once('/').unwrap();
+                    (ip.parse().unwrap(), p.parse().unwrap())
+                })
+                .collect(),
+        }
+    }
+
+    /// Every problem is reported, each naming its key; a host that fits
+    /// has none.
+    #[test]
+    fn test_host_problems_name_the_keys() {
+        let c = parse(GOOD).unwrap();
+        let good = [
+            iface("lo", &["127.0.0.1/8"]),
+            iface("a-msl", &[]),
+            iface("a-lan", &["10.77.1.1/24"]),
+        ];
+        assert_eq!(c.host_problems(&good), Vec::<String>::new());
+        // The service address on its interface (this node is primary).
+        let mut holding = good.clone();
+        holding[2] = iface("a-lan", &["10.77.1.1/24", "10.77.1.100/24"]);
+        assert!(c.host_problems(&holding).is_empty());
+        let p = c.host_problems(&good[..1]);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("msl.interface = \"a-msl\": no such interface here (have: lo)"));
+        assert!(p[1].starts_with("lan[0].interface = \"a-lan\": no such interface"));
+        let wrong = [iface("a-msl", &[]), iface("a-lan", &["10.77.1.9/24"])];
+        let p = c.host_problems(&wrong);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with(
+                "lan[0].address = 10.77.1.1: not an address of a-lan (it has 10.77.1.9/24)"
+            ),
+            "{p:?}"
+        );
+        let c16 = parse(&GOOD.replacen("10.77.1.100/24", "10.77.1.100/16", 1)).unwrap();
+        let p = c16.host_problems(&good);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("write the service address as 10.77.1.100/24"),
+            "{p:?}"
+        );
+        let other = parse(&GOOD.replacen("10.77.1.100/24", "10.99.0.1/24", 1)).unwrap();
+        let p = other.host_problems(&good);
+        assert!(
+            p[0].starts_with("service_address = 10.99.0.1/24: outside every network of a-lan"),
+            "{p:?}"
+        );
+        // A host route may lie outside the LAN's networks.
+        let route = parse(&GOOD.replacen("10.77.1.100/24", "10.99.0.1/32", 1)).unwrap();
+        assert!(route.host_problems(&good).is_empty());
+    }
+
+    /// `role_control` defaults to "self"; "cluster" is refused (by name)
+    /// until the core can leave the role to a cluster manager; other
+    /// values are syntax errors naming the accepted ones.
+    #[test]
+    fn test_role_control_key() {
+        assert_eq!(
+            parse(GOOD).unwrap().file.role_control,
+            RoleControl::SelfManaged
+        );
+        let c = parse(&with("role_control = \"self\"")).unwrap();
+        assert_eq!(c.file.role_control.as_str(), "self");
+        let e = parse(&with("role_control = \"cluster\"")).unwrap_err();
+        assert!(e.to_string().contains("takes over"), "{e}");
+        assert_eq!(key_of(e), "role_control");
+        let e = parse(&with("role_control = \"pacemaker\"")).unwrap_err();
+        assert!(
+            e.to_string().contains("`self`") && e.to_string().contains("`cluster`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn test_log_keys() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.file.log_level, LogLevel::Info);
+        assert_eq!(
+            c.file.log_level.filter(),
+            tracing::level_filters::LevelFilter::INFO
+        );
+        let no_file = GOOD.replacen("log_file = \"/var/log/msl/msld.log\"\n", "", 1);
+        assert_ne!(no_file, GOOD);
+        assert_eq!(parse(&no_file).unwrap().file.log_file, PathBuf::new());
+        let c = parse(&with("log_level = \"warning\"")).unwrap();
+        assert_eq!(
+            c.file.log_level.filter(),
+            tracing::level_filters::LevelFilter::WARN
+        );
+        assert!(parse(&with("log_level = \"loud\"")).is_err());
     }
 
     #[test]

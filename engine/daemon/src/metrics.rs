@@ -9,7 +9,8 @@
 //! `cluster` when the caller knows it), states are labelled gauges
 //! (`msl_role{role=...}`, `msl_disk_state{state=...}`), the MSL's counters
 //! are `msl_link_*`, `msl_build_info` carries the version, and client
-//! write latency is a histogram. A
+//! write latency and the MSL round trip (`msl_link_rtt_seconds`) are
+//! histograms. A
 //! scrape asks the core thread for a status snapshot over the same channel
 //! as `mslctl status` and waits at most two seconds: the core never waits
 //! for a scraper.
@@ -54,7 +55,11 @@ impl Histogram {
     }
 
     pub fn record(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.record_us(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Record one sample of `us` microseconds.
+    pub fn record_us(&self, us: u64) {
         if let Some(i) = self.bounds_us.iter().position(|&b| us <= b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -84,6 +89,23 @@ impl Histogram {
 pub fn client_write_latency() -> &'static Histogram {
     static H: OnceLock<Histogram> = OnceLock::new();
     H.get_or_init(|| Histogram::new(&WRITE_LATENCY_BOUNDS_US))
+}
+
+/// Bucket bounds for the MSL round trip: 10 µs (a direct link) to 1 s
+/// (retransmission territory).
+pub const MSL_RTT_BOUNDS_US: [u64; 15] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000,
+];
+
+/// MSL round trips: one sample per acknowledged message whose first
+/// transmission was acknowledged (the reliable layer's RTT samples, which
+/// also drive its retransmission timeout). Process-wide, as
+/// [`client_write_latency`]; the core thread records each sample the core
+/// hands over.
+pub fn msl_rtt() -> &'static Histogram {
+    static H: OnceLock<Histogram> = OnceLock::new();
+    H.get_or_init(|| Histogram::new(&MSL_RTT_BOUNDS_US))
 }
 
 /// Labels on every sample: which node of which pair.
@@ -310,6 +332,12 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
         &mut o.o,
         "msl_client_write_latency_seconds",
         "Client write latency: from the request reaching the core to its acknowledgement.",
+        &o.labels.clone(),
+    );
+    msl_rtt().render(
+        &mut o.o,
+        "msl_link_rtt_seconds",
+        "MSL round trip: from a message's first transmission to the acknowledgement that covers it.",
         &o.labels.clone(),
     );
     o.o
@@ -562,6 +590,54 @@ mod tests {
         };
         assert!(bucket("0.001") > bucket("0.0005"), "{text}");
         assert_eq!(bucket("+Inf"), bucket("10"));
+    }
+
+    /// Round-trip samples land in their buckets (cumulative), with sum
+    /// and count; the family is a histogram in seconds.
+    #[test]
+    fn test_msl_rtt_histogram() {
+        let h = Histogram::new(&MSL_RTT_BOUNDS_US);
+        for us in [8, 40, 40, 900, 3_000_000] {
+            h.record_us(us);
+        }
+        let mut text = String::new();
+        h.render(&mut text, "msl_link_rtt_seconds", "RTT.", "node=\"1\"");
+        let v = |s: &str| -> f64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(s))
+                .unwrap_or_else(|| panic!("{s}\n{text}"));
+            line.rsplit_once(' ').unwrap().1.parse().unwrap()
+        };
+        assert!(text.contains("# TYPE msl_link_rtt_seconds histogram"));
+        assert_eq!(
+            v("msl_link_rtt_seconds_bucket{node=\"1\",le=\"0.00001\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("msl_link_rtt_seconds_bucket{node=\"1\",le=\"0.00005\"}"),
+            3.0
+        );
+        assert_eq!(
+            v("msl_link_rtt_seconds_bucket{node=\"1\",le=\"0.001\"}"),
+            4.0
+        );
+        assert_eq!(v("msl_link_rtt_seconds_bucket{node=\"1\",le=\"1\"}"), 4.0);
+        assert_eq!(
+            v("msl_link_rtt_seconds_bucket{node=\"1\",le=\"+Inf\"}"),
+            5.0
+        );
+        assert_eq!(v("msl_link_rtt_seconds_count{"), 5.0);
+        assert!((v("msl_link_rtt_seconds_sum{") - 3.000988).abs() < 1e-9);
+        // The daemon's endpoint carries the process-wide histogram.
+        msl_rtt().record_us(120);
+        let (s, t) = sample();
+        let all = prometheus(&s, &t);
+        assert!(
+            all.contains("# TYPE msl_link_rtt_seconds histogram"),
+            "{all}"
+        );
+        assert!(all.contains("msl_link_rtt_seconds_bucket{node=\"1\",peer=\"2\",le=\"0.00025\"} "));
     }
 
     #[test]

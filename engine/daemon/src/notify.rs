@@ -1,5 +1,7 @@
 //! Administrator notifications: every state change the core reports goes to
-//! the console (stderr, for people), the log file (one timestamped,
+//! the daemon's log (through `tracing`, at the event's level: the systemd
+//! journal when msld runs as a service whose stderr is the journal, stderr
+//! otherwise), the optional event log file (one timestamped,
 //! machine-parsable line per event) and an optional notification command
 //! (event in environment variables).
 //!
@@ -93,7 +95,14 @@ impl EventRecord {
         )
     }
 
-    /// The console line.
+    /// How much the event matters to an administrator: the level it is
+    /// logged at (journal priority `err`, `warning`, `info`). See
+    /// [`event_level`].
+    pub fn level(&self) -> tracing::Level {
+        event_level(self.kind, &self.fields)
+    }
+
+    /// The console line (the log message; the level is beside it).
     pub fn console_line(&self) -> String {
         format!(
             "msld[node {}] {}: {}",
@@ -104,10 +113,69 @@ impl EventRecord {
     }
 }
 
+/// The level an event is logged at, from its name and fields.
+///
+/// * error: the node or the pair can no longer protect the data by
+///   itself: `disk_failed` (volume or metadata I/O failed), a split brain
+///   (`split_brain_refused`), `cannot_take_over` (the peer is gone and
+///   this node's data may not serve).
+/// * warning: redundancy is lost or something needs a look: the peer or a
+///   path lost (`peer_lost`, `peer_down`, `msl_link_down`), `degraded`,
+///   `mirror_shut_down`, a stall, a LAN adapter that stopped working, an
+///   online verify that found differences or was aborted, refused
+///   connections and bad authentication, dropped events, a failed reload,
+///   running without a cluster key, and the core's own `warning`.
+/// * info: everything else (role changes, takeover, resync progress,
+///   links and peer found again, ...).
+pub fn event_level(kind: &str, fields: &Map<String, Value>) -> tracing::Level {
+    use tracing::Level;
+    match kind {
+        "disk_failed" | "split_brain_refused" | "cannot_take_over" => Level::ERROR,
+        "peer_lost"
+        | "peer_down"
+        | "msl_link_down"
+        | "degraded"
+        | "mirror_shut_down"
+        | "connection_refused"
+        | "verify_aborted"
+        | "warning"
+        | "events_dropped"
+        | "bad_auth"
+        | "config_reload_failed"
+        | "insecure_no_auth" => Level::WARN,
+        "lan_adapter_health" if fields.get("working") == Some(&Value::Bool(false)) => Level::WARN,
+        "verify_finished" if fields.get("differing").and_then(Value::as_u64) > Some(0) => {
+            Level::WARN
+        }
+        k if k.contains("stall") => Level::WARN,
+        _ => Level::INFO,
+    }
+}
+
+/// Log an event through `tracing` at its level, with its name and node as
+/// fields (`EVENT=`, `NODE=` in the journal).
+fn log_event(rec: &EventRecord) {
+    let msg = rec.console_line();
+    macro_rules! at {
+        ($lvl:expr) => {
+            tracing::event!(target: "msld", $lvl, event = rec.kind, node = rec.node_id, "{msg}")
+        };
+    }
+    match rec.level() {
+        tracing::Level::ERROR => at!(tracing::Level::ERROR),
+        tracing::Level::WARN => at!(tracing::Level::WARN),
+        tracing::Level::INFO => at!(tracing::Level::INFO),
+        tracing::Level::DEBUG => at!(tracing::Level::DEBUG),
+        _ => at!(tracing::Level::TRACE),
+    }
+}
+
 /// Where events go.
 #[derive(Clone, Debug)]
 pub struct Sinks {
+    /// Log every event through `tracing` (see [`init_logging`]).
     pub console: bool,
+    /// The event log file; `None` or an empty path: none.
     pub log_file: Option<PathBuf>,
     pub command: Option<PathBuf>,
     /// A notification command running longer than this is killed.
@@ -334,8 +402,9 @@ impl Notifier {
     }
 
     /// Change the notification command, its filter and the log file (a
-    /// reload); events queued from now on are delivered under them. A
-    /// notifier started without a log file keeps none.
+    /// reload); events queued from now on are delivered under them. An
+    /// empty `log_file` stops the log file. A notifier started without a
+    /// log file sink (`Sinks::log_file` None) keeps none.
     pub fn reconfigure(&self, command: Option<PathBuf>, policy: CommandPolicy, log_file: PathBuf) {
         *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(Reconfig {
             command,
@@ -418,9 +487,13 @@ fn deliver(rec: &EventRecord, sinks: &Sinks, counters: &NotifyCounters, gate: &m
         hub.publish(rec);
     }
     if sinks.console {
-        eprintln!("{}", rec.console_line());
+        log_event(rec);
     }
-    if let Some(path) = &sinks.log_file {
+    if let Some(path) = sinks
+        .log_file
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         let ok = OpenOptions::new()
             .create(true)
             .append(true)
@@ -605,10 +678,187 @@ pub fn status_line(st: &msl_core::node::Status) -> String {
     s
 }
 
+/// Where the daemon's log goes (see [`init_logging`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    /// The systemd journal, natively: priorities from the levels, the
+    /// event's name and node as the fields `EVENT` and `NODE`.
+    Journal,
+    /// stderr, one line per message with its time and level.
+    Stderr,
+}
+
+/// The installed logger: its target, and the level filter a reload
+/// changes.
+pub struct LogControl {
+    pub target: LogTarget,
+    handle: tracing_subscriber::reload::Handle<
+        tracing::level_filters::LevelFilter,
+        tracing_subscriber::Registry,
+    >,
+}
+
+impl LogControl {
+    /// Log messages at `level` and above from now on (SIGHUP).
+    pub fn set_level(&self, level: tracing::level_filters::LevelFilter) {
+        let _ = self.handle.modify(|f| *f = level);
+    }
+}
+
+/// Whether stderr is the journal: systemd sets `JOURNAL_STREAM` to the
+/// device and inode (`DEV:INODE`) of the stream it connected stderr to
+/// (systemd.exec(5)); it only counts if fd 2 is still that stream (a
+/// service whose stderr goes to a file, or a child started from a shell
+/// that inherited the variable, logs to stderr).
+pub fn stderr_is_journal() -> bool {
+    std::env::var("JOURNAL_STREAM").is_ok_and(|v| journal_stream_is(&v, 2))
+}
+
+/// Whether `var` (`DEV:INODE`, decimal) names the file open as `fd`.
+fn journal_stream_is(var: &str, fd: std::os::fd::RawFd) -> bool {
+    let Some((dev, ino)) = var.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    // SAFETY: fstat writes only into `st`, a plain-data struct for which
+    // all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return false;
+    }
+    st.st_dev as u64 == dev && st.st_ino as u64 == ino
+}
+
+/// Install the process's logger (once, in `main`): the journal when
+/// stderr is the journal (msld run by systemd) and its socket answers,
+/// stderr otherwise; messages below `level` are dropped.
+pub fn init_logging(level: tracing::level_filters::LevelFilter) -> LogControl {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(level);
+    let journal = stderr_is_journal()
+        .then(tracing_journald::layer)
+        .and_then(Result::ok)
+        .map(|l| {
+            // `info` is the journal's informational (6), not notice (5):
+            // routine events stay out of `journalctl -p notice`.
+            let mut prio = tracing_journald::PriorityMappings::new();
+            prio.info = tracing_journald::Priority::Informational;
+            prio.debug = tracing_journald::Priority::Debug;
+            l.with_field_prefix(None)
+                .with_syslog_identifier("msld".into())
+                .with_priority_mappings(prio)
+        });
+    let target = if journal.is_some() {
+        LogTarget::Journal
+    } else {
+        LogTarget::Stderr
+    };
+    let stderr = journal.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    let subscriber = tracing_subscriber::registry()
+        .with(filter)
+        .with(journal)
+        .with(stderr);
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    LogControl { target, handle }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use msl_core::node::Path;
+
+    /// Each class of event at its level; a LAN adapter and a verify are
+    /// warnings only when something is wrong; unknown names are info.
+    #[test]
+    fn test_event_levels() {
+        use tracing::Level;
+        let none = Map::new();
+        for k in ["disk_failed", "split_brain_refused", "cannot_take_over"] {
+            assert_eq!(event_level(k, &none), Level::ERROR, "{k}");
+        }
+        for k in [
+            "peer_lost",
+            "peer_down",
+            "degraded",
+            "msl_link_down",
+            "mirror_shut_down",
+            "warning",
+            "bad_auth",
+            "config_reload_failed",
+            "core_stall",
+        ] {
+            assert_eq!(event_level(k, &none), Level::WARN, "{k}");
+        }
+        for k in [
+            "takeover",
+            "role_changed",
+            "peer_found",
+            "resync_progress",
+            "config_reloaded",
+            "something_new",
+        ] {
+            assert_eq!(event_level(k, &none), Level::INFO, "{k}");
+        }
+        // Every name the daemon reports has a deliberate level: the
+        // errors are exactly these three.
+        let errors: Vec<&str> = crate::config::EVENT_NAMES
+            .iter()
+            .copied()
+            .filter(|k| event_level(k, &none) == Level::ERROR)
+            .collect();
+        assert_eq!(
+            errors,
+            ["cannot_take_over", "split_brain_refused", "disk_failed"]
+        );
+        let rec = |n: &Notice| EventRecord::new(1, n);
+        let down = Notice::AdapterHealth {
+            adapter: 1,
+            working: false,
+        };
+        let up = Notice::AdapterHealth {
+            adapter: 1,
+            working: true,
+        };
+        assert_eq!(rec(&down).level(), Level::WARN);
+        assert_eq!(rec(&up).level(), Level::INFO);
+        let verify = |differing| Notice::VerifyFinished {
+            checked: 10,
+            differing,
+            first: None,
+        };
+        assert_eq!(rec(&verify(0)).level(), Level::INFO);
+        assert_eq!(rec(&verify(3)).level(), Level::WARN);
+        let failed = Notice::DiskFailed {
+            what: "metadata write failed",
+        };
+        assert_eq!(rec(&failed).level(), Level::ERROR);
+    }
+
+    /// `JOURNAL_STREAM` counts only when it names the very file open on
+    /// the descriptor.
+    #[test]
+    fn test_journal_stream_must_name_the_descriptor() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let f = tempfile::tempfile().unwrap();
+        let m = f.metadata().unwrap();
+        let fd = f.as_raw_fd();
+        assert!(journal_stream_is(&format!("{}:{}", m.dev(), m.ino()), fd));
+        assert!(!journal_stream_is(
+            &format!("{}:{}", m.dev(), m.ino() + 1),
+            fd
+        ));
+        assert!(!journal_stream_is(&format!("{}", m.ino()), fd));
+        assert!(!journal_stream_is("x:y", fd));
+    }
 
     fn sinks(dir: &std::path::Path, command: Option<PathBuf>) -> Sinks {
         Sinks {

@@ -5,9 +5,11 @@
 //!
 //! Reloadable: the resync rate limits (`resync_min_mib_s`,
 //! `resync_max_mib_s`), the notification command and its filter
-//! (`notify_command`, `notify_events`, `notify_progress_interval_s`) and
-//! the event log file (`log_file`; it is opened for each event, so a file
-//! that logrotate moved away is replaced at the next event). Any other key
+//! (`notify_command`, `notify_events`, `notify_progress_interval_s`), the
+//! event log file (`log_file`; it is opened for each event, so a file
+//! that logrotate moved away is replaced at the next event; set it to
+//! start one, empty it to stop it) and the log level (`log_level`, applied
+//! by the signal thread as soon as the file loaded). Any other key
 //! that changed takes effect at the next start; the reload event says so.
 //!
 //! The signal thread loads and validates the file ([`request`]); the core
@@ -33,6 +35,7 @@ pub struct RuntimeSettings {
     pub notify_command: Option<PathBuf>,
     pub notify_policy: CommandPolicy,
     pub log_file: PathBuf,
+    pub log_level: crate::config::LogLevel,
 }
 
 impl RuntimeSettings {
@@ -44,6 +47,7 @@ impl RuntimeSettings {
             notify_command: f.notify_command.clone(),
             notify_policy: cfg.command_policy(),
             log_file: f.log_file.clone(),
+            log_level: f.log_level,
         }
     }
 }
@@ -120,6 +124,7 @@ pub fn restart_only_changes(old: &FileConfig, new: &FileConfig) -> Vec<String> {
         f.notify_events = None;
         f.notify_progress_interval_s = 0;
         f.log_file = PathBuf::new();
+        f.log_level = crate::config::LogLevel::default();
         toml::Table::try_from(&f).unwrap_or_default()
     };
     let (a, b) = (table(old), table(new));
@@ -157,8 +162,16 @@ mod tests {
     #[test]
     fn test_restart_only_changes_name_the_keys() {
         let a = cfg("resync_min_mib_s = 5");
-        let b = cfg("resync_min_mib_s = 50\nresync_max_mib_s = 80\nnotify_command = \"/bin/true\"\nnotify_events = [\"takeover\"]");
+        let b = cfg("resync_min_mib_s = 50\nresync_max_mib_s = 80\nnotify_command = \"/bin/true\"\nnotify_events = [\"takeover\"]\nlog_level = \"debug\"");
         assert!(restart_only_changes(&a.file, &b.file).is_empty());
+        assert_eq!(
+            RuntimeSettings::of(&b).log_level,
+            crate::config::LogLevel::Debug
+        );
+        // Who decides the role is fixed while the node runs.
+        let mut r = a.clone();
+        r.file.role_control = crate::config::RoleControl::Cluster;
+        assert_eq!(restart_only_changes(&a.file, &r.file), ["role_control"]);
         let c = cfg("heartbeat_interval_ms = 20\nnbd_port = 10900");
         assert_eq!(
             restart_only_changes(&a.file, &c.file),

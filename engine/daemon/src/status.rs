@@ -7,7 +7,7 @@
 //! counter shown by one is shown by the other. The JSON keys are documented
 //! in engine/daemon/README.md; existing keys never change meaning.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use msl_core::config::WriteMode;
 use msl_core::node::Status;
 use serde_json::{json, Value};
 
+use crate::config::RoleControl;
 use crate::counters::Shared;
 use crate::inbox::Inbox;
 use crate::input::Input;
@@ -40,6 +41,25 @@ pub struct Telemetry {
     /// Running without a cluster key (`insecure_no_auth = true`): repeated
     /// by every status report.
     pub insecure_no_auth: bool,
+}
+
+/// Who decides this node's role (`role_control`), as status reports it:
+/// set once at start by msld (one daemon per process; a node built
+/// without it reports "self").
+static ROLE_CONTROL: AtomicU8 = AtomicU8::new(0);
+
+/// Record the node's `role_control` for status reports.
+pub fn set_role_control(rc: RoleControl) {
+    ROLE_CONTROL.store(u8::from(rc == RoleControl::Cluster), Ordering::Relaxed);
+}
+
+/// The node's `role_control`.
+pub fn role_control() -> RoleControl {
+    if ROLE_CONTROL.load(Ordering::Relaxed) == 1 {
+        RoleControl::Cluster
+    } else {
+        RoleControl::SelfManaged
+    }
 }
 
 /// The running NBD server as status and metrics read it.
@@ -371,6 +391,7 @@ pub fn status_json(s: &Status, t: &Telemetry) -> Value {
             "max_mib_s": t.shared.resync_max_bytes_s.load(Ordering::Relaxed) >> 20,
         },
         "insecure_no_auth": t.insecure_no_auth,
+        "role_control": role_control().as_str(),
         "pending_writes": s.pending_writes,
         "pending_flushes": s.pending_flushes,
         "switching": s.switching,
@@ -447,6 +468,11 @@ pub(crate) mod tests {
         assert_eq!(v["write_mode"], "sync");
         assert_eq!(v["resync"]["eta_s"], Value::Null);
         assert!(v["nbd"]["req_write"].is_u64());
+        assert_eq!(v["role_control"], "self");
+        set_role_control(RoleControl::Cluster);
+        assert_eq!(status_json(&s, &t)["role_control"], "cluster");
+        set_role_control(RoleControl::SelfManaged);
+        assert_eq!(status_json(&s, &t)["role_control"], "self");
     }
 
     /// A real NBD server: a peer outside the allow list is counted by

@@ -36,6 +36,12 @@ pub fn print_status(s: &Value) {
         s["connected"],
         s["in_sync"]
     );
+    if s["role_control"] == "cluster" {
+        println!(
+            "role control: cluster (msld never becomes primary by itself; \
+             the cluster manager promotes and demotes it)"
+        );
+    }
     let m = &s["msl"];
     println!(
         "MSL {}: link {}, peer {}",

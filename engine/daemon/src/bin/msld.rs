@@ -6,6 +6,10 @@
 //! 0 after a clean stop (SIGTERM/SIGINT; SIGHUP reloads the run-time
 //! settings, see `msl_daemon::reload`), 75 when the core asks to restart
 //! as secondary (the supervisor starts it again), 1 on a start-up error.
+//!
+//! Messages and events are logged through `tracing` at their level: to
+//! the systemd journal when stderr is the journal (`JOURNAL_STREAM`),
+//! else to stderr (`log_level` filters them; see `msl_daemon::notify`).
 
 use std::process::ExitCode;
 
@@ -19,15 +23,34 @@ const EXIT_RESTART: u8 = 75;
 
 fn run(args: Args) -> Result<Exit, String> {
     let cfg = DaemonConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let log = msl_daemon::notify::init_logging(cfg.file.log_level.filter());
     for w in &cfg.warnings {
-        eprintln!("msld: warning: {w}");
+        tracing::warn!("msld: {w}");
     }
     let create = args.create || args.initial_primary;
     if args.check {
-        msl_daemon::assemble::preflight(&cfg, create)?;
+        // Every problem, not just the first: the files, then this host
+        // (its network namespace).
+        let mut problems = Vec::new();
+        if let Err(e) = msl_daemon::assemble::preflight(&cfg, create) {
+            problems.push(e);
+        }
+        problems.extend(cfg.host_problems(&msl_daemon::config::host_interfaces()));
+        if !problems.is_empty() {
+            for p in &problems {
+                tracing::error!("msld: {p}");
+            }
+            return Err(format!(
+                "configuration {} does not fit this host: {} problem{}",
+                args.config.display(),
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            ));
+        }
         println!("msld: configuration {} is valid", args.config.display());
         return Ok(Exit::Stopped);
     }
+    msl_daemon::status::set_role_control(cfg.file.role_control);
     let daemon = msl_daemon::assemble(&cfg, args.initial_primary, args.create)?;
 
     // Signals: SIGTERM/SIGINT are a clean stop; SIGHUP (systemd's
@@ -48,6 +71,9 @@ fn run(args: Args) -> Result<Exit, String> {
             if sig == signal_hook::consts::SIGHUP {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
                 let r = msl_daemon::reload::request(&config_path, &mut in_force);
+                if let msl_daemon::reload::Reload::Apply { settings, .. } = &r {
+                    log.set_level(settings.log_level.filter());
+                }
                 reloader.reload(r);
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 continue;
@@ -79,11 +105,15 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(Exit::Stopped) => ExitCode::SUCCESS,
         Ok(Exit::Restart) => {
-            eprintln!("msld: restarting as secondary (exit {EXIT_RESTART}: the supervisor starts msld again)");
+            tracing::warn!("msld: restarting as secondary (exit {EXIT_RESTART}: the supervisor starts msld again)");
             ExitCode::from(EXIT_RESTART)
         }
         Err(e) => {
-            eprintln!("msld: {e}");
+            // Before the configuration loaded there is no logger yet.
+            if !tracing::dispatcher::has_been_set() {
+                msl_daemon::notify::init_logging(tracing::level_filters::LevelFilter::INFO);
+            }
+            tracing::error!("msld: {e}");
             ExitCode::FAILURE
         }
     }
