@@ -411,7 +411,9 @@ impl Drop for Writer {
 /// pipelined writes (the handshake is the library client's).
 fn connect(timeout: Duration) -> std::io::Result<TcpStream> {
     let addr: SocketAddr = format!("{SERVICE_IP}:10809").parse().unwrap();
-    let sock = TcpStream::connect_timeout(&addr, timeout)?;
+    // A connect to a server that left (its ARP entry not yet replaced by
+    // the new primary's announcement) is retried soon.
+    let sock = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_millis(50)))?;
     sock.set_read_timeout(Some(timeout))?;
     sock.set_write_timeout(Some(timeout))?;
     let raw = sock.try_clone()?;
@@ -601,7 +603,7 @@ fn test_secondary_paused_does_not_take_over() {
             d,
             &format!("the pair back in sync after a {pause:?} pause of the secondary"),
             30,
-            || in_sync_as(d, 1) || role(d, 2).as_deref() == Some("primary"),
+            || in_sync_as(d, 1) || log_events(d, 2, "takeover") > 0,
         );
         std::thread::sleep(Duration::from_millis(300));
         let (r1, r2) = (watch1.finish(), watch2.finish());
@@ -703,7 +705,7 @@ fn test_primary_paused_past_dead_interval_is_replaced_and_rejoins() {
     wait_logs(
         d,
         "node 1 back as an in-sync secondary without the address",
-        40,
+        30,
         || {
             if let Some(code) = restart_if_exited(d, &topo, 1, &mut d1) {
                 restarts.push(code);
@@ -713,7 +715,9 @@ fn test_primary_paused_past_dead_interval_is_replaced_and_rejoins() {
                     max_seen = max_seen.max(counter(&s, "client_bytes_written"));
                 }
             }
-            in_sync_as(d, 2) && !holds_address(&topo, 1)
+            (in_sync_as(d, 2) && !holds_address(&topo, 1))
+                || log_events(d, 1, "split_brain_refused") + log_events(d, 2, "split_brain_refused")
+                    > 0
         },
     );
     eprintln!(
@@ -725,6 +729,13 @@ fn test_primary_paused_past_dead_interval_is_replaced_and_rejoins() {
         max_seen == acked_by_1,
         "node 1 acknowledged {} bytes of client writes after its pause (it was replaced)",
         max_seen - acked_by_1
+    );
+    check!(
+        d,
+        log_events(d, 1, "split_brain_refused") + log_events(d, 2, "split_brain_refused") == 0,
+        "split brain after the stopped primary woke (it had been replaced): roles now node 1 {:?}, node 2 {:?}",
+        role(d, 1),
+        role(d, 2)
     );
     check!(
         d,
@@ -775,7 +786,9 @@ fn test_four_lan_switchovers_in_a_row() {
             rate: 1500,
         },
     );
-    let mut took = Vec::new();
+    // Per round: fault to the first write acknowledged on a connection
+    // made after the fault (`None`: none within 10 s).
+    let mut took: Vec<Option<Duration>> = Vec::new();
     for round in 0..4 {
         let p: u16 = if round % 2 == 0 { 1 } else { 2 };
         let s = 3 - p;
@@ -790,16 +803,17 @@ fn test_four_lan_switchovers_in_a_row() {
         let t = Instant::now();
         topo.set_link(p, lan, false).unwrap();
         let mut first = None;
-        wait_logs(
-            d,
-            &format!("round {round}: a write acknowledged after node {p}'s LAN adapter failed"),
-            15,
-            || {
-                first = w.first_ack_on_connection_after(t);
-                first.is_some()
-            },
+        while first.is_none() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+            first = w.first_ack_on_connection_after(t);
+        }
+        eprintln!(
+            "round {round}: node {p}'s LAN adapter down; first write acknowledged after {first:?}"
         );
-        let first = first.unwrap();
+        took.push(first);
+        if first.is_none() {
+            break;
+        }
         wait_logs(d, &format!("round {round}: node {s} primary"), 10, || {
             role(d, s).as_deref() == Some("primary")
         });
@@ -811,26 +825,28 @@ fn test_four_lan_switchovers_in_a_row() {
             code = old.0.try_wait().unwrap().map(|st| st.code());
             code.is_some()
         });
+        eprintln!("round {round}: node {p} exited {code:?}, restarted");
         topo.set_link(p, lan, true).unwrap();
         *old = start_daemon(d, topo.server_ns(p), p, false);
-        eprintln!(
-            "round {round}: node {p}'s LAN adapter down; first write acknowledged by node {s} after {first:?}; node {p} exited {code:?}"
-        );
-        took.push(first);
     }
-    wait_logs(d, "in sync after four switchovers", 30, || in_sync_as(d, 1));
     eprintln!("fault to first write acknowledged: {took:?}");
-    let bad = w.verify();
-    eprintln!("client: {}", w.summary());
+    if took.len() == 4 {
+        wait_logs(d, "in sync after four switchovers", 30, || in_sync_as(d, 1));
+        let bad = w.verify();
+        eprintln!("client: {}", w.summary());
+        check!(
+            d,
+            bad.is_empty(),
+            "acknowledged writes do not read back: {bad:#?}"
+        );
+    }
     check!(
         d,
-        bad.is_empty(),
-        "acknowledged writes do not read back: {bad:#?}"
-    );
-    check!(
-        d,
-        took.iter().all(|t| *t <= Duration::from_millis(600)),
-        "fault to first write acknowledged over 0.6 s: {took:?}"
+        took.len() == 4
+            && took
+                .iter()
+                .all(|t| t.is_some_and(|t| t <= Duration::from_millis(600))),
+        "fault to first write acknowledged over 0.6 s (None: none within 10 s): {took:?}"
     );
     let (a, b) = stop_and_read_images(d, &[&daemons[0], &daemons[1]]);
     check!(d, a == b, "backing files differ after four switchovers");
