@@ -721,8 +721,11 @@ fn test_primary_paused_past_dead_interval_is_replaced_and_rejoins() {
         },
     );
     eprintln!(
-        "node 1 in sync as secondary {:?} after it woke; restarts by exit code: {restarts:?}",
-        woke.elapsed()
+        "{:?} after node 1 woke: node 1 {:?}, node 2 {:?}, in sync {}; node 1 restarted after exit codes {restarts:?}",
+        woke.elapsed(),
+        role(d, 1),
+        role(d, 2),
+        in_sync_as(d, 2)
     );
     check!(
         d,
