@@ -34,6 +34,15 @@ const BS: usize = 4096;
 /// The dead interval of the test config (8 heartbeats of 50 ms).
 const DEAD: Duration = Duration::from_millis(400);
 
+/// One test of this file at a time: their timings (the dead interval, the
+/// 0.6 s switchover) are what they check, and each pair already keeps a
+/// 2-CPU machine busy.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The run directory; when the test fails it is kept (logs, metadata,
 /// consoles; the 64 MiB volume images are removed) and its path printed.
 struct RunDir(tempfile::TempDir);
@@ -564,6 +573,7 @@ impl Drop for RoleWatch {
 #[test]
 fn test_secondary_paused_does_not_take_over() {
     require_root();
+    let _serial = serial();
     let dir = RunDir::new("5a");
     let d = dir.path();
     let topo = switched_topology();
@@ -661,6 +671,7 @@ fn restart_if_exited(dir: &Path, topo: &Topology, id: u16, d: &mut Daemon) -> Op
 #[test]
 fn test_primary_paused_past_dead_interval_is_replaced_and_rejoins() {
     require_root();
+    let _serial = serial();
     let dir = RunDir::new("5b");
     let d = dir.path();
     let topo = switched_topology();
@@ -772,6 +783,7 @@ fn test_primary_paused_past_dead_interval_is_replaced_and_rejoins() {
 #[test]
 fn test_four_lan_switchovers_in_a_row() {
     require_root();
+    let _serial = serial();
     let dir = RunDir::new("5c");
     let d = dir.path();
     let topo = switched_topology();
@@ -934,6 +946,7 @@ fn capture_udp(
 #[test]
 fn test_replayed_heartbeat_does_not_block_takeover() {
     require_root();
+    let _serial = serial();
     require_tool("qemu-io", "apt-get install qemu-utils (scripts/setup.sh)");
     let dir = RunDir::new("5d");
     let d = dir.path();
