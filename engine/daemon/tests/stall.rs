@@ -965,15 +965,15 @@ fn test_replayed_heartbeat_does_not_block_takeover() {
         caught.len()
     );
     let delivered0 = counter(&status(d, 2).unwrap(), "lan_rx_delivered");
-    // From node 1's own address and port, once node 1 is dead, over and
-    // over at the heartbeat rate: the newest first, then all of them.
-    let sock = VethPair::in_ns(&topo.veth.ns_a, || UdpSocket::bind("10.77.1.1:0"))
-        .unwrap()
-        .unwrap();
+    // From node 1's own address and port (free once node 1 is dead), over
+    // and over at twice the heartbeat rate: the newest first, then all.
     let stop = Arc::new(AtomicBool::new(false));
     let t = Instant::now();
     d1.0.kill().unwrap();
     let _ = d1.0.wait();
+    let sock = VethPair::in_ns(&topo.veth.ns_a, || UdpSocket::bind("10.77.1.1:7789"))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("bind node 1's heartbeat address after its death: {e}"));
     let replayer = {
         let stop = stop.clone();
         std::thread::spawn(move || {
