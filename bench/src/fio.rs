@@ -64,7 +64,7 @@ impl JobSpec {
 }
 
 /// The benchmark's jobs, in the order they run.
-pub const JOBS: [JobSpec; 7] = [
+pub const JOBS: [JobSpec; 8] = [
     JobSpec::new("randwrite-4k-qd1", "randwrite", "4k", 1),
     JobSpec::new("randwrite-4k-qd32", "randwrite", "4k", 32),
     JobSpec {
@@ -73,6 +73,7 @@ pub const JOBS: [JobSpec; 7] = [
     },
     JobSpec::new("seqwrite-64k-qd1", "write", "64k", 1),
     JobSpec::new("seqwrite-1m-qd1", "write", "1m", 1),
+    JobSpec::new("seqwrite-64k-qd8", "write", "64k", 8),
     JobSpec::new("randread-4k-qd32", "randread", "4k", 32),
     JobSpec {
         numjobs: 4,
@@ -405,6 +406,7 @@ mod tests {
                 "randwrite-4k-qd1-flush",
                 "seqwrite-64k-qd1",
                 "seqwrite-1m-qd1",
+                "seqwrite-64k-qd8",
                 "randread-4k-qd32",
                 "randwrite-4k-qd8-x4conn"
             ]

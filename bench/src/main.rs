@@ -18,6 +18,7 @@ mod chart;
 mod fio;
 mod link;
 mod nbd;
+mod qemu_mirror;
 mod resync;
 mod scale;
 

@@ -24,6 +24,7 @@ pub const MSL_PORT: u16 = 10809;
 const NBDKIT_PORT: u16 = 10810;
 const QEMU_PORT: u16 = 10811;
 const MSL_NBD_FILE_PORT: u16 = 10812;
+const QEMU_MIRROR_PORT: u16 = 10814;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeFileArgs {
@@ -67,11 +68,12 @@ pub struct NbdArgs {
     /// Jobs to run, comma separated (default: all).
     #[arg(long, value_delimiter = ',')]
     pub jobs: Vec<String>,
-    /// Servers, comma separated: msl, msl-degraded, nbdkit-file, qemu-nbd.
+    /// Servers, comma separated: msl, msl-degraded, nbdkit-file, qemu-nbd,
+    /// msl-nbd-file, qemu-mirror.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "nbdkit-file,qemu-nbd,msl-nbd-file,msl,msl-degraded"
+        default_value = "nbdkit-file,qemu-nbd,msl-nbd-file,qemu-mirror,msl,msl-degraded"
     )]
     pub servers: Vec<String>,
     /// Volume (export) size, e.g. 256M, 1G (bytes without a suffix).
@@ -144,13 +146,18 @@ pub enum Server {
     /// msl's NBD server over a plain file (no mirroring): separates the
     /// NBD server's cost from the mirror's.
     MslNbdFile,
+    /// QEMU's synchronous mirror (qemu-storage-daemon, `blockdev-mirror`
+    /// write-blocking to qemu-nbd in the peer's namespace over the MSL
+    /// veth): the other synchronous mirror a user could run.
+    QemuMirror,
 }
 
 impl Server {
-    pub const ALL: [Server; 5] = [
+    pub const ALL: [Server; 6] = [
         Server::NbdkitFile,
         Server::QemuNbd,
         Server::MslNbdFile,
+        Server::QemuMirror,
         Server::Msl,
         Server::MslDegraded,
     ];
@@ -162,6 +169,7 @@ impl Server {
             Server::NbdkitFile => "nbdkit-file",
             Server::QemuNbd => "qemu-nbd",
             Server::MslNbdFile => "msl-nbd-file",
+            Server::QemuMirror => "qemu-mirror",
         }
     }
 
@@ -170,7 +178,7 @@ impl Server {
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or(format!(
-                "unknown server `{s}` (msl, msl-degraded, nbdkit-file, qemu-nbd, msl-nbd-file)"
+                "unknown server `{s}` (msl, msl-degraded, nbdkit-file, qemu-nbd, msl-nbd-file, qemu-mirror)"
             ))
     }
 
@@ -180,6 +188,8 @@ impl Server {
             Server::NbdkitFile => (ANCHOR_IP, NBDKIT_PORT),
             Server::QemuNbd => (ANCHOR_IP, QEMU_PORT),
             Server::MslNbdFile => (ANCHOR_IP, MSL_NBD_FILE_PORT),
+            // qemu-storage-daemon's export is named after its node.
+            Server::QemuMirror => return format!("nbd://{ANCHOR_IP}:{QEMU_MIRROR_PORT}/src"),
         };
         format!("nbd://{ip}:{port}/")
     }
@@ -338,6 +348,26 @@ fn start_perf(dir: &str, job: &str, pid: u32) -> Result<PerfRecord, String> {
     Ok(PerfRecord(fio::Proc(child)))
 }
 
+/// Total CPU time (user + system, all threads) of `pids`, microseconds;
+/// None if any is gone or `pids` is empty.
+fn cpu_us(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let mut ticks = 0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    }
+    Some(ticks * 1_000_000 / hz)
+}
+
 fn need_tool(name: &str, pkg: &str) -> Result<(), String> {
     let ok = std::process::Command::new(name)
         .arg("--version")
@@ -364,6 +394,9 @@ pub struct Row {
     /// msl only: times the primary went degraded (lost its peer) during
     /// this job's runs.
     pub session_drops: Option<usize>,
+    /// msl and qemu-mirror, write jobs: CPU time of both halves of the
+    /// mirror per client write, microseconds (median of runs).
+    pub cpu_us_per_write: Option<f64>,
 }
 
 impl Row {
@@ -378,6 +411,7 @@ impl Row {
             "p999_us": round(self.m.p999_us, 1),
             "runs": self.runs,
             "session_drops": self.session_drops,
+            "cpu_us_per_write": self.cpu_us_per_write.map(|x| round(x, 1)),
             "iops_vs_nbdkit": vs_nbdkit.map(|r| round(r, 3)),
             "iops_vs_degraded": vs_degraded.map(|r| round(r, 3)),
         })
@@ -389,12 +423,18 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * p).round() / p
 }
 
-/// The goals: (job, minimum msl/nbdkit IOPS ratio).
-pub const GOALS: [(&str, f64); 3] = [
+/// The goals: (job, minimum msl/nbdkit IOPS ratio). On one 2-core
+/// machine a mirror does at least twice nbdkit's copying, so about 0.5 is
+/// the sequential limit.
+pub const GOALS: [(&str, f64); 4] = [
     ("randwrite-4k-qd32", 1.0),
-    ("randwrite-4k-qd1", 0.7),
-    ("seqwrite-1m-qd1", 0.8),
+    ("randwrite-4k-qd1", 0.8),
+    ("seqwrite-1m-qd1", 0.4),
+    ("seqwrite-64k-qd8", 0.4),
 ];
+
+/// The goal against QEMU's synchronous mirror, on every job.
+pub const MIRROR_GOAL: f64 = 2.0;
 
 pub fn run(args: NbdArgs) -> Result<(), String> {
     let jobs: Vec<JobSpec> = if args.jobs.is_empty() {
@@ -418,8 +458,11 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
     if servers.contains(&Server::NbdkitFile) {
         need_tool("nbdkit", "nbdkit")?;
     }
-    if servers.contains(&Server::QemuNbd) {
+    if servers.contains(&Server::QemuNbd) || servers.contains(&Server::QemuMirror) {
         need_tool("qemu-nbd", "qemu-utils")?;
+    }
+    if servers.contains(&Server::QemuMirror) {
+        need_tool("qemu-storage-daemon", "qemu-utils")?;
     }
     let with_msl = servers
         .iter()
@@ -429,6 +472,24 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
     let server_ns = pair.topo.server_ns(1).to_string();
     let client_ns = pair.topo.client_ns().to_string();
     let mut anchors: Vec<Proc> = Vec::new();
+    let mut mirror = None;
+    if servers.contains(&Server::QemuMirror) {
+        say("starting qemu-mirror (waiting for the mirror job to be ready)");
+        mirror = Some(crate::qemu_mirror::QemuMirror::start(
+            &server_ns,
+            ANCHOR_IP,
+            QEMU_MIRROR_PORT,
+            pair.topo.server_ns(2),
+            msl_transport::netns::IP_B,
+            pair.dir(),
+            args.size,
+        )?);
+        wait_serving(
+            &client_ns,
+            &Server::QemuMirror.uri(),
+            Duration::from_secs(20),
+        )?;
+    }
     for &s in &servers {
         if matches!(s, Server::NbdkitFile | Server::QemuNbd | Server::MslNbdFile) {
             let file = pair.dir().join(format!("{}.img", s.name()));
@@ -471,6 +532,8 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
         .collect();
     let mut samples: HashMap<(Server, &'static str), Vec<Sample>> = HashMap::new();
     let mut drops: HashMap<&'static str, usize> = HashMap::new();
+    // Both halves' CPU time (user + system) per write, microseconds.
+    let mut cpu: HashMap<(Server, &'static str), Vec<f64>> = HashMap::new();
     for round in 0..args.runs {
         for job in &jobs {
             // Rotate the order each round so no server always runs first.
@@ -501,7 +564,22 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
                     }
                     _ => None,
                 };
+                let pids: Vec<u32> = match (s, &mirror) {
+                    (Server::Msl, _) => [pair.pid(1), pair.pid(2)].into_iter().flatten().collect(),
+                    (Server::QemuMirror, Some(m)) => m.pids().to_vec(),
+                    _ => Vec::new(),
+                };
+                let cpu0 = cpu_us(&pids);
                 let r = fio::run_job(&client_ns, &s.uri(), job, args.seconds, args.ramp)?;
+                if let (Some(a), Some(b), false) = (cpu0, cpu_us(&pids), job.is_read()) {
+                    // fio's rate over the ramp and the run alike.
+                    let writes = r.iops * (args.seconds + args.ramp) as f64;
+                    if writes > 0.0 {
+                        cpu.entry((s, job.name))
+                            .or_default()
+                            .push(b.saturating_sub(a) as f64 / writes);
+                    }
+                }
                 samples.entry((s, job.name)).or_default().push(r);
                 if s == Server::Msl {
                     // Sessions the primary lost during the job.
@@ -549,6 +627,7 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
         }
     }
     drop(anchors);
+    drop(mirror);
     if with_msl {
         for id in [1, 2] {
             if let Ok(st) = pair.status(id) {
@@ -568,6 +647,7 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
                         m,
                         session_drops: (s == Server::Msl)
                             .then(|| drops.get(job.name).copied().unwrap_or(0)),
+                        cpu_us_per_write: cpu.get(&(s, job.name)).map(|v| fio::median(v)),
                     });
                 }
             }
@@ -598,14 +678,22 @@ fn report(args: &NbdArgs, jobs: &[JobSpec], rows: &[Row]) -> Result<(), String> 
         }
     } else {
         println!(
-            "{:<24} {:<13} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
-            "job", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "p99.9 us", "x nbdkit"
+            "{:<24} {:<13} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10}",
+            "job",
+            "server",
+            "IOPS",
+            "MiB/s",
+            "p50 us",
+            "p99 us",
+            "p99.9 us",
+            "x nbdkit",
+            "CPU us/wr"
         );
         let mut dropped = Vec::new();
         for job in jobs {
             for r in rows.iter().filter(|r| r.job == job.name) {
                 println!(
-                    "{:<24} {:<13} {:>9.0} {:>8.1} {:>8.0} {:>8.0} {:>9.0} {:>9}",
+                    "{:<24} {:<13} {:>9.0} {:>8.1} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>10}",
                     r.job,
                     r.server.name(),
                     r.m.iops,
@@ -614,6 +702,7 @@ fn report(args: &NbdArgs, jobs: &[JobSpec], rows: &[Row]) -> Result<(), String> 
                     r.m.p99_us,
                     r.m.p999_us,
                     vs(r).map_or("-".into(), |x| format!("{x:.2}")),
+                    r.cpu_us_per_write.map_or("-".into(), |x| format!("{x:.1}")),
                 );
                 if let Some(n) = r.session_drops.filter(|&n| n > 0) {
                     dropped.push(format!("{} {n}", r.job));
@@ -638,6 +727,17 @@ fn report(args: &NbdArgs, jobs: &[JobSpec], rows: &[Row]) -> Result<(), String> 
             if let Some(x) = ratio(rows, Server::Msl, Server::NbdkitFile, job) {
                 let ok = if x >= goal { "met" } else { "NOT met" };
                 println!("  {job:<24} {x:.2} (goal >= {goal:.1}) {ok}");
+            }
+        }
+        let mut head = false;
+        for job in jobs {
+            if let Some(x) = ratio(rows, Server::Msl, Server::QemuMirror, job.name) {
+                if !head {
+                    println!("\ngoals (msl IOPS / qemu-mirror IOPS, both synchronous mirrors):");
+                    head = true;
+                }
+                let ok = if x >= MIRROR_GOAL { "met" } else { "NOT met" };
+                println!("  {:<24} {x:.2} (goal >= {MIRROR_GOAL:.1}) {ok}", job.name);
             }
         }
         println!(
@@ -713,6 +813,25 @@ mod tests {
     }
 
     #[test]
+    fn test_cpu_time_of_this_process_grows() {
+        let me = [std::process::id()];
+        let a = cpu_us(&me).expect("own /proc stat");
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let b = cpu_us(&me).unwrap();
+        assert!(
+            b >= a + 100_000,
+            "300 ms of spinning counted as {} us",
+            b - a
+        );
+        assert_eq!(cpu_us(&[]), None);
+        assert_eq!(cpu_us(&[u32::MAX]), None, "a pid that does not exist");
+    }
+
+    #[test]
     fn test_ratios_and_json_keys() {
         let s = |iops: f64| Sample {
             iops,
@@ -729,6 +848,7 @@ mod tests {
                 runs: 3,
                 m: s(1000.0),
                 session_drops: None,
+                cpu_us_per_write: None,
             },
             Row {
                 server: Server::Msl,
@@ -736,6 +856,7 @@ mod tests {
                 runs: 3,
                 m: s(700.0),
                 session_drops: None,
+                cpu_us_per_write: Some(41.5),
             },
             Row {
                 server: Server::MslDegraded,
@@ -743,6 +864,7 @@ mod tests {
                 runs: 3,
                 m: s(1400.0),
                 session_drops: None,
+                cpu_us_per_write: None,
             },
         ];
         assert_eq!(
@@ -764,7 +886,14 @@ mod tests {
         );
         let j = rows[1].json(Some(0.7), Some(0.5));
         for k in [
-            "server", "job", "iops", "mib_s", "p50_us", "p99_us", "p999_us",
+            "server",
+            "job",
+            "iops",
+            "mib_s",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "cpu_us_per_write",
         ] {
             assert!(!j[k].is_null(), "missing {k}: {j}");
         }
