@@ -188,6 +188,14 @@ impl Inbox {
         Ok(())
     }
 
+    /// Queue an input without waiting and without running the core: fails
+    /// (handing it back) when the queue is full or gone.
+    pub fn try_push(&self, input: Input) -> Result<(), TrySendError<Input>> {
+        self.tx.try_send(input)?;
+        self.cell.pending.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Run the core for what is queued, on this thread if no other thread
     /// is running it; wake the core thread for what this one leaves.
     pub fn kick(&self) {
