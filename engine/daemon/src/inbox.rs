@@ -12,9 +12,10 @@
 //! letting go (or, when it leaves work behind, wakes the core thread), so
 //! nothing queued is left behind.
 //!
-//! Whatever thread sends an input may so run the core: its actions (volume
-//! writes, metadata fsyncs, reply callbacks) run there too, and a callback
-//! must never block. A panic in the core stops the process.
+//! Whatever thread sends an input may so run the core: its actions (MSL
+//! sends, reply callbacks; disk I/O is handed to the driver's I/O worker)
+//! run there too, and a callback must never block. A panic in the core
+//! stops the process.
 //!
 //! The core thread remains, for timers and backlogs: it sleeps until the
 //! core's next deadline, and a thread that ran the core wakes it when it
