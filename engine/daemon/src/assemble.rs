@@ -98,8 +98,17 @@ pub struct Wiring {
 }
 
 impl Wiring {
-    /// Start the MSL threads and the LAN heartbeat path of a node.
-    pub fn start(p: NodeParts) -> Result<Wiring, String> {
+    /// Start the MSL threads and the LAN heartbeat path of a node. First,
+    /// before anything can be sent, the node's start epoch is raised and
+    /// made durable in its metadata and handed to the core
+    /// (`Config::epoch`).
+    pub fn start(mut p: NodeParts) -> Result<Wiring, String> {
+        p.core.epoch = p.store.next_epoch(&p.meta).map_err(|e| {
+            format!(
+                "metadata {}: cannot record this start (start epoch): {e}",
+                p.store.path().display()
+            )
+        })?;
         let (inputs, input_rx) = crate::inbox::inbox(INBOX_CAPACITY);
         let shared = Arc::new(Shared::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -160,7 +169,7 @@ impl Wiring {
         }
     }
 
-    /// Build the core and its driver (volume flushes on their own thread);
+    /// Build the core and its driver (disk I/O on its own threads);
     /// `host` holds or releases the service address, `seed` seeds the
     /// core's randomness.
     pub fn core<H: Host + 'static>(self, host: H, seed: u64) -> Result<Daemon, String> {
@@ -177,9 +186,9 @@ impl Wiring {
             host,
             self.shared.clone(),
             seed,
+            self.inputs.clone(),
         )
-        .flush_off_thread(self.inputs.clone())
-        .map_err(|e| format!("cannot start the flush thread: {e}"))?;
+        .map_err(|e| format!("cannot start the I/O worker: {e}"))?;
         let reload = Arc::new(crate::reload::ReloadSlot::default());
         let d = d.with_reload(reload.clone());
         Ok(Daemon {

@@ -35,6 +35,10 @@ pub struct Shared {
     /// retransmits them; a steady rise means the receive thread falls
     /// behind.
     pub msl_rx_ring_dropped: AtomicU64,
+    /// Times the driver found inputs lost because the core did not take
+    /// them in time: the MSL receive ring, a LAN socket's buffer or the
+    /// LAN hand-off queue dropped frames since the core last ran.
+    pub input_overruns: AtomicU64,
     /// Bytes of client writes the core accepted (whole blocks).
     pub client_bytes_written: AtomicU64,
     /// Measured resync rate (bytes per second, smoothed; 0 when idle).

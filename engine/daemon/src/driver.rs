@@ -8,24 +8,42 @@
 //! it when no other thread is (a lone write runs on its NBD reader, an ack
 //! on the MSL receive thread); the core thread handles the rest and the
 //! timers. Whoever runs it, the core runs on one thread at a time and
-//! takes inputs in queue order. Actions are executed in order: metadata is
-//! persisted (atomically, fsync'd) before the next action runs, and if that
-//! fails the rest of the batch is dropped and the core latches fail-closed.
-//! Volume writes are done synchronously by the thread running the core;
-//! volume flushes (fdatasync) on a flush thread. MSL frames go out from
-//! the thread running the core when the link is free, else through a
-//! transmit thread, control ahead of data.
+//! takes inputs in queue order: what is queued first, then the timers, so
+//! a frame that arrived before a deadline is counted before the deadline
+//! is checked (each frame also carries when it arrived).
+//!
+//! No disk I/O runs on the thread that runs the core: heartbeats and acks
+//! leave from that thread, and a slow `fdatasync` there made the peer
+//! declare this node dead. Volume writes, reads, flushes and metadata
+//! persists go, in the order the core emitted them, to one I/O worker
+//! thread ([`DiskOp`]); their completions come back through the inbox. A
+//! persist is durable before anything the core emitted after it happens:
+//! the worker's queue orders the disk operations behind it, and the other
+//! actions (reliable MSL messages, client replies, notices, the service
+//! address) wait in the driver ([`PersistGate`]) until the worker reports
+//! it done. Heartbeats and acks carry no state the disk must hold first
+//! and go out at once. If a persist fails, nothing after it happens: the
+//! worker fails every disk operation queued after it without executing
+//! it, the waiting actions are dropped (a waiting client gets an I/O
+//! error) and the core gets `MetaFailed`. Volume flushes are handed on
+//! to a flush thread when the worker reaches them, so later writes do not
+//! wait for an `fdatasync`. MSL frames go out from the thread running the
+//! core when the link is free, else through a transmit thread, control
+//! ahead of data.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{
+    channel, sync_channel, Receiver, Sender, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use msl_core::meta::Meta;
 use msl_core::node::{Action, ClientError, Event, IoKind, Node};
 use msl_core::Config;
-use msl_store::{MetaStore, Volume};
+use msl_store::{MetaIo, MetaStore, Volume};
 use msl_wire::{Header, Message};
 
 use crate::counters::Shared;
@@ -52,7 +70,10 @@ impl Host for NoHost {
 pub struct Driver<H: Host> {
     node: Node<Block>,
     volume: Arc<Volume>,
-    store: MetaStore,
+    /// The I/O worker: every disk operation goes there, in order.
+    disk: DiskQueue,
+    /// Actions waiting for a metadata persist to be durable.
+    gate: PersistGate,
     encoder: FrameEncoder,
     msl_tx: MslTx,
     /// Frames encoded and not yet handed to the link or the transmit
@@ -75,12 +96,11 @@ pub struct Driver<H: Host> {
     /// are cumulative, so one per burst of input replaces one per frame
     /// (a resync block caused two: on receipt and once written).
     held_ack: Option<(Header, Message)>,
-    /// Flushes (fdatasync) run here, off the core thread, when set: a slow
-    /// fdatasync on a busy disk then delays only what waits for it, not
-    /// heartbeats and acks (a 400 ms stall made the peer declare us dead).
-    flusher: Option<SyncSender<u64>>,
-    /// Events caused while handling one (local I/O completions).
+    /// Events caused while handling one (a persist that failed, an I/O
+    /// worker that is gone).
     internal: VecDeque<Event<Block>>,
+    /// Input drops (receive rings, LAN queues) already reported.
+    overruns_seen: u64,
     /// Why the core stopped, once it has (whichever thread saw it).
     exit: Option<Exit>,
     /// The first tick has run.
@@ -100,6 +120,11 @@ pub struct Driver<H: Host> {
 /// Inputs handled back to back before a held ACK goes out regardless.
 const ACK_BATCH: usize = 64;
 
+/// Inputs handled ahead of an overdue timer tick at most (one full inbox:
+/// everything queued when the core got to run comes first, and a steady
+/// flood of input cannot hold the timers off for long).
+const TICK_AFTER: usize = crate::assemble::INBOX_CAPACITY;
+
 /// Once-a-second bookkeeping on the core thread: the resync rate and the
 /// rate-limited "wrong cluster key" notice.
 struct Housekeeping {
@@ -115,7 +140,9 @@ struct Housekeeping {
 pub const BAD_AUTH_NOTICE_INTERVAL: Duration = Duration::from_secs(10);
 
 impl<H: Host> Driver<H> {
-    /// Build a driver from loaded metadata.
+    /// Build a driver from loaded metadata. Its I/O worker and flush
+    /// thread start here; their completions come back through `inputs`
+    /// (the core's own input queue).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: Config,
@@ -129,7 +156,8 @@ impl<H: Host> Driver<H> {
         host: H,
         shared: Arc<Shared>,
         seed: u64,
-    ) -> Self {
+        inputs: Inbox,
+    ) -> std::io::Result<Self> {
         let node_id = cfg.node_id;
         if msl_tx.pool.frame_size() != encoder.max_frame {
             eprintln!(
@@ -147,10 +175,12 @@ impl<H: Host> Driver<H> {
             .resync_max_bytes_s
             .store(cfg.resync_max_bytes_per_s, Ordering::Relaxed);
         let node = Node::new(cfg, meta, seed, 0);
-        Driver {
+        let disk = DiskQueue::start(volume.clone(), store, inputs)?;
+        Ok(Driver {
             node,
             volume,
-            store,
+            disk,
+            gate: PersistGate::default(),
             encoder,
             msl_tx,
             out: Vec::new(),
@@ -164,8 +194,8 @@ impl<H: Host> Driver<H> {
             node_id,
             frames: Vec::new(),
             held_ack: None,
-            flusher: None,
             internal: VecDeque::new(),
+            overruns_seen: 0,
             exit: None,
             started: false,
             never_clean: false,
@@ -177,28 +207,7 @@ impl<H: Host> Driver<H> {
                 bad_auth_reported: 0,
                 bad_auth_last: None,
             },
-        }
-    }
-
-    /// Run volume flushes on their own thread; completions come back as
-    /// `Input::IoDone` through `inputs` (the core's own input queue). The
-    /// core issues a flush only after the writes it must cover completed,
-    /// so a flush running beside later writes covers what it promises.
-    pub fn flush_off_thread(mut self, inputs: Inbox) -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel::<u64>(1024);
-        let volume = self.volume.clone();
-        std::thread::Builder::new()
-            .name("msld-flush".into())
-            .spawn(move || {
-                for io in rx {
-                    let ok = volume.flush().is_ok();
-                    if inputs.send(Input::IoDone { io, ok }).is_err() {
-                        return;
-                    }
-                }
-            })?;
-        self.flusher = Some(tx);
-        Ok(self)
+        })
     }
 
     /// Take configuration reloads from `slot` (see [`crate::reload`]).
@@ -332,6 +341,37 @@ impl<H: Host> Driver<H> {
         self.epoch.elapsed().as_micros() as u64
     }
 
+    /// A core deadline has passed.
+    fn tick_due(&self) -> bool {
+        self.now() >= self.node.poll_timeout()
+    }
+
+    /// An arrival time on this driver's clock.
+    fn arrival(&self, arrived: Instant) -> u64 {
+        arrival_us(self.epoch, arrived, self.now())
+    }
+
+    /// Inputs lost so far because the core did not take them in time:
+    /// MSL frames the kernel's receive ring dropped, LAN datagrams a
+    /// socket's buffer or the hand-off queue dropped.
+    fn input_drops(&self) -> u64 {
+        let msl = self.shared.msl_rx_ring_dropped.load(Ordering::Relaxed);
+        let lan = self.lan.as_ref().map_or(0, |l| {
+            l.counters.kernel_dropped.load(Ordering::Relaxed)
+                + l.counters.queue_full.load(Ordering::Relaxed)
+        });
+        msl + lan
+    }
+
+    /// Count an overrun once per run of the core that finds new drops.
+    fn check_overrun(&mut self) {
+        let drops = self.input_drops();
+        if drops > self.overruns_seen {
+            self.overruns_seen = drops;
+            self.shared.input_overruns.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Run until stopped; returns why. This thread becomes the core
     /// thread; threads that send inputs run the core too when it is free
     /// (see `inbox`).
@@ -347,6 +387,9 @@ impl<H: Host> Driver<H> {
         Ok(Some(match input {
             Input::Stop => return Err(Exit::Stopped),
             Input::IoDone { io, ok } => Event::IoDone { io, ok },
+            Input::ReadDone { io, ok, payload } => Event::ReadDone { io, ok, payload },
+            // Handled by `input` (the persist gate), never here.
+            Input::MetaDone { .. } => return Ok(None),
             Input::Status(tx) => {
                 let _ = tx.send(self.node.status());
                 return Ok(None);
@@ -355,11 +398,12 @@ impl<H: Host> Driver<H> {
                 header,
                 msg,
                 payload,
+                arrived,
             } => Event::MslFrame {
                 header,
                 msg,
                 payload,
-                arrived: self.now(),
+                arrived: self.arrival(arrived),
             },
             Input::MslUnknown {
                 code,
@@ -372,7 +416,7 @@ impl<H: Host> Driver<H> {
                 adapter: p.adapter,
                 header: p.header,
                 hb: p.hb,
-                arrived: self.now(),
+                arrived: self.arrival(p.arrived),
             },
             Input::LanAdapter { adapter, up } => Event::LanAdapter {
                 adapter,
@@ -415,9 +459,46 @@ impl<H: Host> Driver<H> {
         }))
     }
 
-    /// Feed one event, then everything it causes (local I/O completions).
-    fn step(&mut self, ev: Event<Block>, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
-        internal.push_back(ev);
+    /// Handle one input.
+    fn input(&mut self, input: Input, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
+        if let Input::MetaDone { ok } = input {
+            let exit = self.persist_done(ok, internal);
+            return self.step(None, internal).or(exit);
+        }
+        match self.event_for(input) {
+            Ok(Some(ev)) => self.step(Some(ev), internal),
+            Ok(None) => None,
+            Err(e) => Some(e),
+        }
+    }
+
+    /// A metadata persist finished: run what waited for it, or (failed)
+    /// drop it, answer its waiting clients with an I/O error and tell the
+    /// core.
+    fn persist_done(&mut self, ok: bool, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
+        let mut exit = None;
+        for a in self.gate.done() {
+            if ok {
+                exit = self.execute_now(a, internal).or(exit);
+            } else if let Action::Reply { req, .. } = a {
+                if let Some((to, _, _)) = self.replies.remove(&req) {
+                    to.send(Err(ClientError::IoError));
+                }
+            }
+        }
+        if !ok {
+            internal.push_back(Event::MetaFailed);
+        }
+        exit
+    }
+
+    /// Feed one event (if any), then everything it causes.
+    fn step(
+        &mut self,
+        ev: Option<Event<Block>>,
+        internal: &mut VecDeque<Event<Block>>,
+    ) -> Option<Exit> {
+        internal.extend(ev);
         let mut exit = None;
         while let Some(ev) = internal.pop_front() {
             let now = self.now();
@@ -461,7 +542,39 @@ impl<H: Host> Driver<H> {
         }
     }
 
+    /// Execute an action now, or hold it behind a persist in flight.
     fn execute(&mut self, a: Action<Block>, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
+        let a = self.gate.admit(a)?;
+        self.execute_now(a, internal)
+    }
+
+    /// Hand a disk operation to the I/O worker; if the worker is gone, it
+    /// fails here.
+    fn disk_op(&mut self, op: DiskOp, internal: &mut VecDeque<Event<Block>>) {
+        let Err(op) = self.disk.send(op) else {
+            return;
+        };
+        match op {
+            DiskOp::Write { io, .. } | DiskOp::Flush { io } => {
+                internal.push_back(Event::IoDone { io, ok: false })
+            }
+            DiskOp::Read { io, .. } => internal.push_back(Event::ReadDone {
+                io,
+                ok: false,
+                payload: None,
+            }),
+            DiskOp::Persist(_) => {
+                let _ = self.persist_done(false, internal);
+            }
+            DiskOp::Settle(_) => {}
+        }
+    }
+
+    fn execute_now(
+        &mut self,
+        a: Action<Block>,
+        internal: &mut VecDeque<Event<Block>>,
+    ) -> Option<Exit> {
         let bs = u64::from(self.node.config().block_size);
         match a {
             Action::SendMsl {
@@ -490,47 +603,31 @@ impl<H: Host> Driver<H> {
                 // The core emits a write's mirror message first: send it
                 // before the local write so the peer's half overlaps it.
                 self.msl_tx.send(&mut self.out, SendMode::Direct);
-                let (off, len) = (block * bs, count * bs);
-                let ok = match (kind, &payload) {
-                    (IoKind::Write, Some(p)) if p.len() as u64 == len => {
-                        self.volume.write_at(p, off, fua).is_ok()
-                    }
-                    // A write whose payload does not cover it is refused
-                    // (counted by the core as an I/O failure).
-                    (IoKind::Write, _) => false,
-                    (IoKind::Trim, _) => self.volume.trim(off, len).is_ok(),
-                    (IoKind::Zeroes, _) => self.volume.write_zeroes(off, len).is_ok(),
+                let op = DiskOp::Write {
+                    io,
+                    off: block * bs,
+                    len: count * bs,
+                    kind,
+                    fua,
+                    payload,
                 };
-                internal.push_back(Event::IoDone { io, ok });
+                self.disk_op(op, internal);
             }
             Action::Read { io, block, count } => {
-                let r = self.volume.read_vec(block * bs, (count * bs) as usize);
-                internal.push_back(Event::ReadDone {
+                let op = DiskOp::Read {
                     io,
-                    ok: r.is_ok(),
-                    payload: r.ok().map(Block::from),
-                });
+                    off: block * bs,
+                    len: (count * bs) as usize,
+                };
+                self.disk_op(op, internal);
             }
-            Action::Flush { io } => {
-                let queued = self
-                    .flusher
-                    .as_ref()
-                    .is_some_and(|f| f.try_send(io).is_ok());
-                if !queued {
-                    let r = self.volume.flush();
-                    internal.push_back(Event::IoDone { io, ok: r.is_ok() });
-                }
-            }
+            Action::Flush { io } => self.disk_op(DiskOp::Flush { io }, internal),
             Action::PersistMeta(mut m) => {
                 if self.never_clean {
                     m.clean = false;
                 }
-                if self.store.persist(&m).is_err() {
-                    // Drop the rest of this batch: nothing after a failed
-                    // metadata write may happen.
-                    while self.node.poll_action().is_some() {}
-                    internal.push_back(Event::MetaFailed);
-                }
+                self.gate.sent();
+                self.disk_op(DiskOp::Persist(Box::new(m)), internal);
             }
             Action::Reply { req, result } => {
                 if let Some((to, bytes, since)) = self.replies.remove(&req) {
@@ -554,21 +651,44 @@ impl<H: Host> Driver<H> {
         None
     }
 
+    /// Wait until the I/O worker has done everything queued so far, and
+    /// settle what waited for its persists (the completions it queued go
+    /// unread: the core has stopped).
+    fn settle_disk(&mut self, internal: &mut VecDeque<Event<Block>>) {
+        let (tx, rx) = sync_channel(1);
+        let persisted = match self.disk.send(DiskOp::Settle(tx)) {
+            Ok(()) => rx.recv().ok(),
+            Err(_) => None,
+        };
+        let ok = persisted.unwrap_or(0);
+        while self.gate.in_flight() {
+            let _ = self.persist_done(self.gate.done_count() < ok, internal);
+        }
+    }
+
     fn finish_core(&mut self, exit: Exit) -> Exit {
         self.service.stopping();
+        // The worker must not wait for room in a queue nobody reads now.
+        self.disk.closing.store(true, Ordering::Relaxed);
+        let mut internal = VecDeque::new();
+        self.settle_disk(&mut internal);
         if exit == Exit::Stopped {
             // The core's shutdown persists `clean`; after a disk failure
-            // the daemon withholds it (see `never_clean`).
+            // the daemon withholds it (see `never_clean`). Every write the
+            // core emitted is done (settled above) before this flush.
             let flushed = self.volume.flush().is_ok();
             self.never_clean |= !flushed
                 || self.volume.is_failed()
                 || self.node.meta().disk == msl_wire::DiskState::Failed;
             self.node.shutdown();
-            let mut internal = VecDeque::new();
             while let Some(a) = self.node.poll_action() {
                 let _ = self.execute(a, &mut internal);
             }
+            self.settle_disk(&mut internal);
         }
+        // The worker ends and lets go of the metadata file before this
+        // returns (a restart in the same process opens it again).
+        self.disk.close();
         // Whatever the core said last (a restart's handover) goes out.
         self.send_held_ack();
         self.msl_tx.send(&mut self.out, SendMode::Queue);
@@ -581,9 +701,16 @@ impl<H: Host> Driver<H> {
 
 impl<H: Host> Runner for Driver<H> {
     /// Queued inputs are handled back to back (frames produced meanwhile
-    /// go to the transmit thread); the newest ACK goes out once the queue
-    /// is empty or after `ACK_BATCH` inputs, and what is left to send goes
-    /// from this thread (`SendMode::Direct`) before it returns.
+    /// go to the transmit thread), then the timers: a tick if a deadline
+    /// has passed. The newest ACK goes out once the queue is empty or
+    /// after `ACK_BATCH` inputs, and what is left to send goes from this
+    /// thread (`SendMode::Direct`) before it returns.
+    ///
+    /// Inputs first: after the core was held up (the process paused, the
+    /// CPU starved), the peer's frames that arrived meanwhile are counted
+    /// before a timer can find the peer silent. A thread that ran out of
+    /// `budget` with input possibly left leaves the tick to the core
+    /// thread, which it wakes (see `inbox`).
     fn drain(&mut self, rx: &Receiver<Input>, budget: usize) -> Drained {
         if let Some(r) = self.reload.as_ref().and_then(|s| s.take()) {
             self.apply_reload(r);
@@ -591,13 +718,15 @@ impl<H: Host> Runner for Driver<H> {
         let mut internal = std::mem::take(&mut self.internal);
         // Once stopped, stopped for every thread (the core thread finishes).
         let mut exit = self.exit;
-        // A tick on the first run (the core's first hello and heartbeat),
-        // then whenever a deadline has passed.
-        if exit.is_none() && (!self.started || self.now() >= self.node.poll_timeout()) {
+        // The first run starts the core (its first hello and heartbeat)
+        // before any input.
+        if exit.is_none() && !self.started {
             self.started = true;
-            exit = self.step(Event::Tick, &mut internal);
+            exit = self.step(Some(Event::Tick), &mut internal);
         }
+        self.check_overrun();
         let mut handled = 0;
+        let mut since_tick = 0;
         while exit.is_none() && handled < budget {
             let input = match rx.try_recv() {
                 Ok(i) => i,
@@ -615,11 +744,15 @@ impl<H: Host> Runner for Driver<H> {
                 }
             }
             handled += 1;
-            match self.event_for(input) {
-                Ok(Some(ev)) => exit = self.step(ev, &mut internal),
-                Ok(None) => {}
-                Err(e) => exit = Some(e),
+            since_tick += 1;
+            exit = self.input(input, &mut internal);
+            if exit.is_none() && since_tick >= TICK_AFTER && self.tick_due() {
+                since_tick = 0;
+                exit = self.step(Some(Event::Tick), &mut internal);
             }
+        }
+        if exit.is_none() && handled < budget && self.tick_due() {
+            exit = self.step(Some(Event::Tick), &mut internal);
         }
         self.internal = internal;
         self.exit = exit;
@@ -641,5 +774,578 @@ impl<H: Host> Runner for Driver<H> {
 
     fn now_us(&self) -> u64 {
         self.now()
+    }
+}
+
+/// `arrived` on the clock of a driver started at `epoch` (microseconds),
+/// clamped to `[0, now_us]`: the core never sees a frame from before it
+/// started or from its future.
+fn arrival_us(epoch: Instant, arrived: Instant, now_us: u64) -> u64 {
+    let us = arrived.saturating_duration_since(epoch).as_micros();
+    u64::try_from(us).unwrap_or(u64::MAX).min(now_us)
+}
+
+/// A disk operation for the I/O worker, in the order the core emitted it.
+pub(crate) enum DiskOp {
+    Write {
+        io: u64,
+        off: u64,
+        len: u64,
+        kind: IoKind,
+        fua: bool,
+        payload: Option<Block>,
+    },
+    Read {
+        io: u64,
+        off: u64,
+        len: usize,
+    },
+    Flush {
+        io: u64,
+    },
+    Persist(Box<Meta>),
+    /// Answered, with how many persists succeeded so far, once everything
+    /// queued before it is done (shutdown).
+    Settle(SyncSender<u64>),
+}
+
+/// The driver's end of the I/O worker.
+struct DiskQueue {
+    tx: Option<Sender<DiskOp>>,
+    thread: Option<JoinHandle<()>>,
+    /// Set at shutdown: completions nobody will read are dropped rather
+    /// than waited for when the inbox is full.
+    closing: Arc<AtomicBool>,
+}
+
+impl DiskQueue {
+    /// Start the I/O worker (and the flush thread it hands flushes to).
+    fn start<D: MetaIo + Send + 'static>(
+        volume: Arc<Volume>,
+        store: MetaStore<D>,
+        inputs: Inbox,
+    ) -> std::io::Result<DiskQueue> {
+        let closing = Arc::new(AtomicBool::new(false));
+        let flusher = start_flusher(volume.clone(), inputs.clone())?;
+        let (tx, rx) = channel();
+        let w = DiskWorker {
+            volume,
+            store,
+            flusher: Some(flusher),
+            inputs,
+            closing: closing.clone(),
+            failed: false,
+            persisted: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("msld-disk".into())
+            .spawn(move || w.run(rx))?;
+        Ok(DiskQueue {
+            tx: Some(tx),
+            thread: Some(thread),
+            closing,
+        })
+    }
+
+    /// Queue an operation (never waits); hands it back if the worker is
+    /// gone.
+    fn send(&self, op: DiskOp) -> Result<(), DiskOp> {
+        match &self.tx {
+            Some(tx) => tx.send(op).map_err(|e| e.0),
+            None => Err(op),
+        }
+    }
+
+    /// End the worker (after what is queued) and wait for it.
+    fn close(&mut self) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DiskQueue {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Run volume flushes on their own thread; completions come back as
+/// `Input::IoDone`. The core issues a flush only after the writes it must
+/// cover completed, so a flush running beside later writes covers what
+/// it promises.
+fn start_flusher(volume: Arc<Volume>, inputs: Inbox) -> std::io::Result<SyncSender<u64>> {
+    let (tx, rx) = sync_channel::<u64>(1024);
+    std::thread::Builder::new()
+        .name("msld-flush".into())
+        .spawn(move || {
+            for io in rx {
+                let ok = volume.flush().is_ok();
+                if inputs.send(Input::IoDone { io, ok }).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+/// Operations the worker does back to back before it runs the core for
+/// their completions.
+const DISK_BATCH: usize = 16;
+
+/// The I/O worker: executes disk operations in order, one at a time.
+struct DiskWorker<D: MetaIo> {
+    volume: Arc<Volume>,
+    store: MetaStore<D>,
+    flusher: Option<SyncSender<u64>>,
+    inputs: Inbox,
+    closing: Arc<AtomicBool>,
+    /// A persist failed: nothing queued after it is executed.
+    failed: bool,
+    /// Persists that succeeded.
+    persisted: u64,
+}
+
+impl<D: MetaIo> DiskWorker<D> {
+    fn run(mut self, rx: Receiver<DiskOp>) {
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            let mut done = 0;
+            while let Some(op) = next {
+                self.execute(op);
+                done += 1;
+                if done % DISK_BATCH == 0 {
+                    self.inputs.kick();
+                }
+                next = rx.try_recv().ok();
+            }
+            // The core runs for the completions, here if it is free.
+            self.inputs.kick();
+        }
+    }
+
+    fn execute(&mut self, op: DiskOp) {
+        match op {
+            DiskOp::Write {
+                io,
+                off,
+                len,
+                kind,
+                fua,
+                payload,
+            } => {
+                let ok = !self.failed
+                    && match (kind, &payload) {
+                        (IoKind::Write, Some(p)) if p.len() as u64 == len => {
+                            self.volume.write_at(p, off, fua).is_ok()
+                        }
+                        // A write whose payload does not cover it is
+                        // refused (counted by the core as an I/O failure).
+                        (IoKind::Write, _) => false,
+                        (IoKind::Trim, _) => self.volume.trim(off, len).is_ok(),
+                        (IoKind::Zeroes, _) => self.volume.write_zeroes(off, len).is_ok(),
+                    };
+                self.deliver(Input::IoDone { io, ok });
+            }
+            DiskOp::Read { io, off, len } => {
+                let r = if self.failed {
+                    None
+                } else {
+                    self.volume.read_vec(off, len).ok()
+                };
+                self.deliver(Input::ReadDone {
+                    io,
+                    ok: r.is_some(),
+                    payload: r.map(Block::from),
+                });
+            }
+            DiskOp::Flush { io } => {
+                if self.failed {
+                    return self.deliver(Input::IoDone { io, ok: false });
+                }
+                let handed = self
+                    .flusher
+                    .as_ref()
+                    .is_some_and(|f| f.try_send(io).is_ok());
+                if !handed {
+                    let ok = self.volume.flush().is_ok();
+                    self.deliver(Input::IoDone { io, ok });
+                }
+            }
+            DiskOp::Persist(m) => {
+                let ok = !self.failed && self.store.persist(&m).is_ok();
+                self.failed |= !ok;
+                self.persisted += u64::from(ok);
+                self.deliver(Input::MetaDone { ok });
+            }
+            DiskOp::Settle(tx) => {
+                let _ = tx.send(self.persisted);
+            }
+        }
+    }
+
+    /// Queue a completion for the core; while the queue is full, wait for
+    /// room, unless the driver is shutting down.
+    fn deliver(&self, mut input: Input) {
+        loop {
+            match self.inputs.try_push(input) {
+                Ok(()) => return,
+                Err(TrySendError::Full(i)) if !self.closing.load(Ordering::Relaxed) => {
+                    input = i;
+                    self.inputs.kick();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// The actions the core emitted after a metadata persist that is not yet
+/// durable, other than disk operations (the worker's queue orders those):
+/// they wait here, in order, until it is.
+#[derive(Default)]
+pub(crate) struct PersistGate {
+    /// Persists handed to the worker, and of those, the ones reported done.
+    sent: u64,
+    done: u64,
+    /// Held actions, each with the persist it waits for (`sent` when it
+    /// was held).
+    held: VecDeque<(u64, Action<Block>)>,
+}
+
+impl PersistGate {
+    /// A persist was handed to the worker.
+    pub(crate) fn sent(&mut self) {
+        self.sent += 1;
+    }
+
+    /// Some persist is not done yet.
+    pub(crate) fn in_flight(&self) -> bool {
+        self.done < self.sent
+    }
+
+    /// Persists reported done.
+    pub(crate) fn done_count(&self) -> u64 {
+        self.done
+    }
+
+    /// `a` if it may happen now; else it is held until the persists
+    /// before it are durable. Disk operations and liveness traffic
+    /// (heartbeats, acks, LAN server-state packets) never wait.
+    pub(crate) fn admit(&mut self, a: Action<Block>) -> Option<Action<Block>> {
+        let waits = match &a {
+            Action::Write { .. }
+            | Action::Read { .. }
+            | Action::Flush { .. }
+            | Action::PersistMeta(_)
+            | Action::SendLan { .. } => false,
+            Action::SendMsl { msg, .. } => msg.is_reliable(),
+            Action::Reply { .. }
+            | Action::Notify(_)
+            | Action::ServiceAddress { .. }
+            | Action::Restart => true,
+        };
+        if waits && self.in_flight() {
+            self.held.push_back((self.sent, a));
+            None
+        } else {
+            Some(a)
+        }
+    }
+
+    /// The oldest persist in flight finished: the actions that waited for
+    /// it, in order (to run if it succeeded, to drop if not).
+    pub(crate) fn done(&mut self) -> Vec<Action<Block>> {
+        self.done = (self.done + 1).min(self.sent);
+        let n = self
+            .held
+            .iter()
+            .take_while(|(wait, _)| *wait <= self.done)
+            .count();
+        self.held.drain(..n).map(|(_, a)| a).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msl_store::{CreateOptions, VolumeOptions};
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::AtomicBool;
+
+    /// Frame and packet arrival times land on the driver's clock, never
+    /// before its start nor after now.
+    #[test]
+    fn test_arrival_on_the_drivers_clock_is_clamped_to_its_start_and_now() {
+        let epoch = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(arrival_us(epoch, epoch + ms(1500), 2_000_000), 1_500_000);
+        // Before the driver started (a packet queued before it): 0.
+        let before = epoch.checked_sub(ms(5)).unwrap_or(epoch);
+        assert_eq!(arrival_us(epoch, before, 2_000_000), 0);
+        // Stamped after the driver's `now` was read: now.
+        assert_eq!(arrival_us(epoch, epoch + ms(2500), 2_000_000), 2_000_000);
+    }
+
+    fn header() -> Header {
+        Header {
+            cluster_id: 1,
+            sender: 1,
+            generation: 2,
+            seq: 0,
+            ack: 0,
+            flags: 0,
+            frag_index: 0,
+            frag_count: 1,
+        }
+    }
+
+    fn data(id: u64) -> Action<Block> {
+        Action::SendMsl {
+            header: header(),
+            msg: Message::Data(msl_wire::Data {
+                write_id: id,
+                offset: 0,
+                len: 0,
+                flags: 0,
+            }),
+            payload: None,
+        }
+    }
+
+    fn reply(req: u64) -> Action<Block> {
+        Action::Reply {
+            req,
+            result: Ok(()),
+        }
+    }
+
+    fn write(io: u64) -> Action<Block> {
+        Action::Write {
+            io,
+            block: 0,
+            count: 1,
+            kind: IoKind::Write,
+            fua: false,
+            payload: None,
+        }
+    }
+
+    fn ack() -> Action<Block> {
+        Action::SendMsl {
+            header: header(),
+            msg: Message::Ack(msl_wire::Ack::default()),
+            payload: None,
+        }
+    }
+
+    /// What an action is, for comparing orders.
+    fn name(a: &Action<Block>) -> String {
+        match a {
+            Action::SendMsl {
+                msg: Message::Data(d),
+                ..
+            } => format!("data{}", d.write_id),
+            Action::SendMsl { .. } => "ack".into(),
+            Action::Reply { req, .. } => format!("reply{req}"),
+            Action::Write { io, .. } => format!("write{io}"),
+            Action::ServiceAddress { .. } => "address".into(),
+            _ => "other".into(),
+        }
+    }
+
+    fn names(v: &[Action<Block>]) -> Vec<String> {
+        v.iter().map(name).collect()
+    }
+
+    /// Behind a persist in flight, replies, reliable messages and the
+    /// service address wait, each for the persists emitted before it, and
+    /// come out in order; disk operations (ordered by the worker) and
+    /// acks go at once.
+    #[test]
+    fn test_persist_gate_holds_what_follows_a_persist_until_it_is_durable() {
+        let mut g = PersistGate::default();
+        // Nothing in flight: everything passes.
+        assert!(g.admit(reply(1)).is_some());
+        assert!(g.admit(data(1)).is_some());
+        g.sent();
+        assert!(g.admit(data(2)).is_none());
+        assert!(g.admit(write(2)).is_some(), "the worker orders writes");
+        assert!(g.admit(ack()).is_some(), "acks are liveness traffic");
+        assert!(g.admit(reply(2)).is_none());
+        g.sent();
+        assert!(g.admit(reply(3)).is_none());
+        assert!(g.admit(Action::ServiceAddress { hold: true }).is_none());
+        // The first persist is durable: what followed it, not what
+        // followed the second.
+        assert_eq!(names(&g.done()), ["data2", "reply2"]);
+        assert!(g.in_flight());
+        assert!(g.admit(data(4)).is_none(), "still behind the second");
+        assert_eq!(names(&g.done()), ["reply3", "address", "data4"]);
+        assert!(!g.in_flight());
+        assert!(g.admit(reply(5)).is_some());
+        assert!(g.done().is_empty());
+        assert_eq!(g.done_count(), 2);
+    }
+
+    /// A metadata file whose fdatasync fails once `fail` is set.
+    struct FailingMeta {
+        file: File,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl MetaIo for FailingMeta {
+        fn pread_exact(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.file.read_exact_at(buf, offset)
+        }
+        fn pwrite_all(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.file.write_all_at(buf, offset)
+        }
+        fn fdatasync(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.file.sync_data()
+        }
+        fn file_len(&self) -> std::io::Result<u64> {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    const BS: u64 = 4096;
+
+    /// A volume of 16 blocks and its metadata (persists fail once `fail`
+    /// is set); the worker's completions arrive on the returned receiver.
+    fn worker(
+        dir: &tempfile::TempDir,
+        fail: &Arc<AtomicBool>,
+    ) -> (DiskQueue, Arc<Volume>, Receiver<Input>, Meta) {
+        let vol = dir.path().join("vol");
+        let volume = Arc::new(
+            Volume::open_with(&vol, 16 * BS, &VolumeOptions { preallocate: true }).unwrap(),
+        );
+        let path = dir.path().join("meta");
+        let meta = Meta::create(7, 1, 16, BS as u32, Some(3));
+        drop(MetaStore::create(&path, &meta, &CreateOptions::default()).unwrap());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let io = FailingMeta {
+            file,
+            fail: fail.clone(),
+        };
+        let (store, meta) = MetaStore::open_io(io, &path).unwrap();
+        let (inbox, rx) = crate::inbox::inbox(256);
+        let q = DiskQueue::start(volume.clone(), store, inbox).unwrap();
+        (q, volume, rx.into_receiver(), meta)
+    }
+
+    fn put(q: &DiskQueue, io: u64, block: u64, byte: u8) {
+        q.send(DiskOp::Write {
+            io,
+            off: block * BS,
+            len: BS,
+            kind: IoKind::Write,
+            fua: false,
+            payload: Some(Block::from(vec![byte; BS as usize])),
+        })
+        .ok()
+        .unwrap();
+    }
+
+    /// Completions, in order, as text, until `n` arrived.
+    fn completions(rx: &Receiver<Input>, n: usize) -> Vec<String> {
+        (0..n)
+            .map(
+                |_| match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                    Input::IoDone { io, ok } => format!("io{io}:{ok}"),
+                    Input::ReadDone { io, ok, payload } => {
+                        format!("read{io}:{ok}:{}", payload.map_or(0, |p| p[0]))
+                    }
+                    Input::MetaDone { ok } => format!("meta:{ok}"),
+                    _ => "other".into(),
+                },
+            )
+            .collect()
+    }
+
+    /// The worker executes in the order given: a read sees the write
+    /// queued before it, persists report success, settle counts them.
+    #[test]
+    fn test_disk_worker_runs_operations_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let (q, volume, rx, meta) = worker(&dir, &fail);
+        put(&q, 1, 2, 0xaa);
+        q.send(DiskOp::Persist(Box::new(meta.clone())))
+            .ok()
+            .unwrap();
+        q.send(DiskOp::Read {
+            io: 2,
+            off: 2 * BS,
+            len: BS as usize,
+        })
+        .ok()
+        .unwrap();
+        q.send(DiskOp::Flush { io: 3 }).ok().unwrap();
+        let (tx, settled) = sync_channel(1);
+        q.send(DiskOp::Settle(tx)).ok().unwrap();
+        assert_eq!(settled.recv().unwrap(), 1);
+        let mut got = completions(&rx, 4);
+        // The flush's completion comes from the flush thread.
+        got.sort();
+        assert_eq!(got, ["io1:true", "io3:true", "meta:true", "read2:true:170"]);
+        assert_eq!(volume.read_vec(2 * BS, 1).unwrap(), [0xaa]);
+    }
+
+    /// Nothing queued after a failed persist is executed: the write after
+    /// it does not reach the volume, and every operation after it fails.
+    #[test]
+    fn test_disk_worker_fails_everything_after_a_failed_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let (q, volume, rx, meta) = worker(&dir, &fail);
+        fail.store(true, Ordering::Relaxed);
+        put(&q, 1, 0, 0x11);
+        let mut m = meta.clone();
+        m.dirty.set(5);
+        m.clean = false;
+        q.send(DiskOp::Persist(Box::new(m.clone()))).ok().unwrap();
+        put(&q, 2, 1, 0x22);
+        q.send(DiskOp::Read {
+            io: 3,
+            off: 0,
+            len: BS as usize,
+        })
+        .ok()
+        .unwrap();
+        q.send(DiskOp::Flush { io: 4 }).ok().unwrap();
+        q.send(DiskOp::Persist(Box::new(m))).ok().unwrap();
+        let (tx, settled) = sync_channel(1);
+        q.send(DiskOp::Settle(tx)).ok().unwrap();
+        assert_eq!(settled.recv().unwrap(), 0, "no persist succeeded");
+        assert_eq!(
+            completions(&rx, 6),
+            [
+                "io1:true",
+                "meta:false",
+                "io2:false",
+                "read3:false:0",
+                "io4:false",
+                "meta:false",
+            ]
+        );
+        assert_eq!(volume.read_vec(0, 1).unwrap(), [0x11], "before the persist");
+        assert_eq!(
+            volume.read_vec(BS, 1).unwrap(),
+            [0],
+            "a write after a failed persist reached the volume"
+        );
     }
 }

@@ -12,9 +12,10 @@
 //! letting go (or, when it leaves work behind, wakes the core thread), so
 //! nothing queued is left behind.
 //!
-//! Whatever thread sends an input may so run the core: its actions (volume
-//! writes, metadata fsyncs, reply callbacks) run there too, and a callback
-//! must never block. A panic in the core stops the process.
+//! Whatever thread sends an input may so run the core: its actions (MSL
+//! sends, reply callbacks; disk I/O is handed to the driver's I/O worker)
+//! run there too, and a callback must never block. A panic in the core
+//! stops the process.
 //!
 //! The core thread remains, for timers and backlogs: it sleeps until the
 //! core's next deadline, and a thread that ran the core wakes it when it
@@ -184,6 +185,14 @@ impl Inbox {
     /// queued first, then one `kick` handles them together).
     pub fn push(&self, input: Input) -> Result<(), SendError<Input>> {
         self.tx.send(input)?;
+        self.cell.pending.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Queue an input without waiting and without running the core: fails
+    /// (handing it back) when the queue is full or gone.
+    pub fn try_push(&self, input: Input) -> Result<(), TrySendError<Input>> {
+        self.tx.try_send(input)?;
         self.cell.pending.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

@@ -6,6 +6,7 @@
 
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
+use std::time::Instant;
 
 use msl_core::node::{ClientError, IoKind, Status};
 use msl_core::AdminCmd;
@@ -73,6 +74,9 @@ pub enum Input {
         header: Header,
         msg: Message,
         payload: Option<Block>,
+        /// When the receive thread took the frame (its last fragment)
+        /// off the link: the core counts liveness from it.
+        arrived: Instant,
     },
     MslUnknown {
         code: u8,
@@ -100,9 +104,21 @@ pub enum Input {
     Admin(AdminCmd),
     Status(SyncSender<Status>),
     Stop,
-    /// A volume flush run off the core thread finished.
+    /// A volume write, trim or flush run off the core thread finished.
     IoDone {
         io: u64,
+        ok: bool,
+    },
+    /// A volume read run off the core thread finished.
+    ReadDone {
+        io: u64,
+        ok: bool,
+        payload: Option<Block>,
+    },
+    /// A metadata persist run off the core thread finished: with `ok`,
+    /// it is durable and what the core emitted after it may happen;
+    /// without, nothing after it may (the core gets `MetaFailed`).
+    MetaDone {
         ok: bool,
     },
 }
@@ -146,4 +162,7 @@ pub struct LanPacket {
     pub adapter: u8,
     pub header: Header,
     pub hb: Heartbeat,
+    /// When it arrived: the kernel's receive timestamp where the socket
+    /// gives one, else when the receive thread read it.
+    pub arrived: Instant,
 }

@@ -6,14 +6,22 @@
 //! fails is counted by reason and dropped, what passes is handed to the
 //! daemon's event loop through a bounded channel (never blocking: a full
 //! channel drops the packet and counts it; heartbeats are periodic).
+//!
+//! Each packet carries when it arrived: the kernel stamps it on receipt
+//! (`SO_TIMESTAMPNS`, the realtime clock), and the receive thread turns
+//! that into a monotonic `Instant` by subtracting the packet's age from
+//! now. A node whose core ran late (paused, starved) then still sees when
+//! the peer's heartbeats really came in. The kernel also reports the
+//! datagrams it dropped on a full socket buffer (`SO_RXQ_OVFL`).
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use msl_wire::{Expect, Header, Heartbeat, Key, Message, RxCounters};
 
@@ -43,6 +51,9 @@ pub struct LanCounters {
     pub delivered: AtomicU64,
     pub not_heartbeat: AtomicU64,
     pub queue_full: AtomicU64,
+    /// Datagrams the kernel dropped because the socket's buffer was full
+    /// (the receive thread fell behind), all adapters.
+    pub kernel_dropped: AtomicU64,
     /// Parse failures by reason (`rx_bad_crc`, `rx_bad_auth`, ...).
     pub rx: Mutex<RxCounters>,
 }
@@ -80,6 +91,15 @@ impl LanPath {
                 )
             })?;
             sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            // Without kernel stamps the thread's clock at receipt serves.
+            let stamped = set_flag(&sock, libc::SO_TIMESTAMPNS).is_ok();
+            let _ = set_flag(&sock, libc::SO_RXQ_OVFL);
+            if !stamped {
+                eprintln!(
+                    "msld: LAN adapter {}: no kernel receive timestamps; heartbeats are timed when read",
+                    ep.adapter
+                );
+            }
             let sock = Arc::new(sock);
             let (s, c, st, o, k, adapter) = (
                 sock.clone(),
@@ -139,6 +159,102 @@ impl Drop for LanPath {
     }
 }
 
+/// Turn on a boolean `SOL_SOCKET` option.
+fn set_flag(sock: &UdpSocket, opt: libc::c_int) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`, which
+    // lives across the call; the descriptor is open (owned by `sock`).
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One received datagram: its length, the kernel's receive timestamp
+/// (realtime, since the Unix epoch) and the socket's drop counter, when
+/// the socket reports them.
+struct Received {
+    len: usize,
+    stamp: Option<Duration>,
+    dropped: Option<u32>,
+}
+
+/// Receive one datagram into `buf` with its control messages.
+fn recv_stamped(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<Received> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for a timespec and a u32 with their headers, 8-byte aligned.
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `iov` (which points at `buf`) and at
+    // `control`, all alive and exclusively borrowed across the call, with
+    // their true lengths; the kernel writes at most that much.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut got = Received {
+        len: n as usize,
+        stamp: None,
+        dropped: None,
+    };
+    // SAFETY: the CMSG_* walk stays inside `control` as the kernel filled
+    // it (msg_controllen was updated by recvmsg); each payload is read
+    // unaligned with the size its type says.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_TIMESTAMPNS {
+                let t: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                if t.tv_sec >= 0 && (0..1_000_000_000).contains(&t.tv_nsec) {
+                    got.stamp = Some(Duration::new(t.tv_sec as u64, t.tv_nsec as u32));
+                }
+            } else if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SO_RXQ_OVFL {
+                got.dropped = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(got)
+}
+
+/// When a datagram arrived, on the monotonic clock: `mono_now` minus its
+/// age, the realtime clock now (`real_now`) less the kernel's stamp
+/// (`stamp`; both since the Unix epoch). An age below zero (the realtime
+/// clock stepped back) counts as zero; a datagram cannot have arrived
+/// before its socket existed (`floor`: the realtime clock stepped forward).
+/// Without a stamp: now.
+pub(crate) fn arrival_instant(
+    stamp: Option<Duration>,
+    real_now: Duration,
+    mono_now: Instant,
+    floor: Instant,
+) -> Instant {
+    let age = stamp.map_or(Duration::ZERO, |k| real_now.saturating_sub(k));
+    mono_now
+        .checked_sub(age)
+        .map_or(floor, |t| t.max(floor))
+        .min(mono_now)
+}
+
 fn rx_loop(
     sock: &UdpSocket,
     adapter: u8,
@@ -150,9 +266,11 @@ fn rx_loop(
 ) {
     let mut buf = [0u8; 2048];
     let expect = Expect { cluster_id, key };
+    let bound = Instant::now();
+    let mut dropped_seen = 0u32;
     while !stop.load(Ordering::Relaxed) {
-        let n = match sock.recv_from(&mut buf) {
-            Ok((n, _)) => n,
+        let got = match recv_stamped(sock, &mut buf) {
+            Ok(got) => got,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -166,6 +284,23 @@ fn rx_loop(
                 continue;
             }
         };
+        let arrived = arrival_instant(
+            got.stamp,
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+            Instant::now(),
+            bound,
+        );
+        if let Some(d) = got.dropped {
+            // The socket's own running count: add what it rose by.
+            let new = d.wrapping_sub(dropped_seen);
+            dropped_seen = d;
+            counters
+                .kernel_dropped
+                .fetch_add(u64::from(new), Ordering::Relaxed);
+        }
+        let n = got.len.min(buf.len());
         let parsed = msl_wire::parse(&buf[..n], &expect);
         if let Ok(mut rx) = counters.rx.lock() {
             rx.record(&parsed);
@@ -181,6 +316,7 @@ fn rx_loop(
             adapter,
             header: p.header,
             hb,
+            arrived,
         }) {
             Ok(()) => counters.delivered.fetch_add(1, Ordering::Relaxed),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -269,6 +405,72 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         None
+    }
+
+    /// The kernel's realtime stamp becomes a monotonic instant by the
+    /// packet's age, clamped to [the socket's start, now].
+    #[test]
+    fn test_arrival_instant_subtracts_the_packets_age_and_clamps() {
+        let floor = Instant::now();
+        let mono = floor + Duration::from_secs(10);
+        let real = Duration::from_secs(1_700_000_000);
+        let ms = Duration::from_millis;
+        // 250 ms old.
+        assert_eq!(
+            arrival_instant(Some(real - ms(250)), real, mono, floor),
+            mono - ms(250)
+        );
+        // No stamp: now.
+        assert_eq!(arrival_instant(None, real, mono, floor), mono);
+        // Stamped in the future (the realtime clock stepped back): now.
+        assert_eq!(arrival_instant(Some(real + ms(5)), real, mono, floor), mono);
+        // Older than the socket (the realtime clock stepped forward): the
+        // socket's start.
+        assert_eq!(
+            arrival_instant(Some(real - Duration::from_secs(3600)), real, mono, floor),
+            floor
+        );
+    }
+
+    /// A datagram left in the socket for 150 ms carries the kernel's
+    /// receive time, not the time it was read.
+    #[test]
+    fn test_kernel_stamp_gives_the_time_of_receipt() {
+        let rx = UdpSocket::bind(lo()).unwrap();
+        set_flag(&rx, libc::SO_TIMESTAMPNS).unwrap();
+        set_flag(&rx, libc::SO_RXQ_OVFL).unwrap();
+        let tx = UdpSocket::bind(lo()).unwrap();
+        tx.send_to(b"hello", rx.local_addr().unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        let mut buf = [0u8; 64];
+        let got = recv_stamped(&rx, &mut buf).unwrap();
+        assert_eq!(&buf[..got.len], b"hello");
+        // The kernel adds the drop count only once there were drops.
+        assert_eq!(got.dropped.unwrap_or(0), 0);
+        let stamp = got.stamp.expect("kernel timestamp");
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        let age = now.saturating_sub(stamp);
+        assert!(
+            age >= Duration::from_millis(140) && age < Duration::from_secs(5),
+            "age {age:?}"
+        );
+    }
+
+    /// The receive thread's packets carry an arrival time between the
+    /// send and their delivery.
+    #[test]
+    fn test_delivered_heartbeat_carries_its_arrival() {
+        let (_b, rx, addr) = receiver(None);
+        let a = sender(None, addr);
+        let before = Instant::now();
+        a.send(&header(1), &hb(5));
+        let got = wait_for(|| rx.try_recv().ok()).expect("heartbeat delivered");
+        let after = Instant::now();
+        // The kernel clock and the realtime read differ by a little.
+        assert!(got.arrived + Duration::from_millis(5) >= before);
+        assert!(got.arrived <= after);
     }
 
     #[test]

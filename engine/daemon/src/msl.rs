@@ -370,10 +370,15 @@ pub fn start_msl_rx(
                     .msl_rx_ring_dropped
                     .store(link.stats().kernel_dropped, Ordering::Relaxed);
             }
+            // When this batch came off the link: taken here, on the
+            // receive thread, so a core that runs late still sees when
+            // the peer was last heard.
+            let mut taken: Option<Instant> = None;
             let r = link.recv(
                 msl_transport::MAX_BATCH,
                 Duration::from_millis(20),
                 &mut |bytes| {
+                    let arrived = *taken.get_or_insert_with(Instant::now);
                     shared.msl_rx_frames.fetch_add(1, Ordering::Relaxed);
                     shared
                         .msl_rx_bytes
@@ -388,6 +393,7 @@ pub fn start_msl_rx(
                                 header,
                                 msg,
                                 payload: (!payload.is_empty()).then(|| Block::from(payload)),
+                                arrived,
                             }),
                             Ok(None) => {}
                             Err(_) => {
@@ -398,6 +404,7 @@ pub fn start_msl_rx(
                             header: p.header,
                             msg: p.msg,
                             payload: (!p.payload.is_empty()).then(|| Block::from(p.payload)),
+                            arrived,
                         }),
                         Err(wire::ParseError::UnknownType {
                             code,

@@ -13,7 +13,8 @@
 //! superblock A, superblock B (sb_size bytes each)
 //!   0  magic "MSLSUPB2"   8  seq u64          16 al_seq u64
 //!   24 extent_blocks u64  32 len u32          36 slot index u32
-//!   40 reserved u32       44 crc32c of [0, 44) ++ payload
+//!   40 epoch u32 (the node's start epoch; 0 in files written before it
+//!      was kept)          44 crc32c of [0, 44) ++ payload
 //!   48 payload: `Meta::encode_fields()` (generations, state, geometry,
 //!      the activity log as of `al_seq`; no bitmap)
 //! activity-log ring: ring_len blocks of 4 KiB, transaction s in block s % ring_len
@@ -55,6 +56,14 @@
 //! page copy leaves the other copy; a torn superblock leaves the other one
 //! (whose pages are still there: a commit writes only spare copies); a
 //! torn transaction ends the replay before it.
+//!
+//! **Start epoch.** Every superblock carries the node's start epoch: the
+//! number of daemon starts so far. [`MetaStore::next_epoch`] raises it by
+//! one and commits (a superblock write and `fdatasync`) before the daemon
+//! sends anything; every later commit carries it on. A torn commit leaves
+//! the other superblock, which holds the same epoch (the one that raised
+//! it, or a later one), so an epoch once returned is never handed out
+//! again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -367,7 +376,23 @@ fn decode_page(page: usize, b: &[u8], nwords: usize) -> Option<(u64, Vec<u64>)> 
     Some((le64(&b[8..16]), words))
 }
 
-fn encode_sb(slot: usize, seq: u64, al_seq: u64, extent_blocks: u64, meta: &Meta) -> Vec<u8> {
+/// Where a superblock is and what it holds besides `meta`'s fields.
+struct SbPlace {
+    slot: usize,
+    seq: u64,
+    al_seq: u64,
+    extent_blocks: u64,
+    epoch: u32,
+}
+
+fn encode_sb(at: &SbPlace, meta: &Meta) -> Vec<u8> {
+    let SbPlace {
+        slot,
+        seq,
+        al_seq,
+        extent_blocks,
+        epoch,
+    } = *at;
     let payload = meta.encode_fields();
     let mut b = Vec::with_capacity(SB_HDR + payload.len());
     b.extend_from_slice(SB_MAGIC);
@@ -376,15 +401,15 @@ fn encode_sb(slot: usize, seq: u64, al_seq: u64, extent_blocks: u64, meta: &Meta
     b.extend_from_slice(&extent_blocks.to_le_bytes());
     b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     b.extend_from_slice(&(slot as u32).to_le_bytes());
-    b.extend_from_slice(&[0u8; 4]);
+    b.extend_from_slice(&epoch.to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..44]), &payload);
     b.extend_from_slice(&crc.to_le_bytes());
     b.extend_from_slice(&payload);
     b
 }
 
-/// A valid superblock: (seq, al_seq, extent_blocks, fields).
-type SbContent = (u64, u64, u64, Meta);
+/// A valid superblock: (seq, al_seq, extent_blocks, epoch, fields).
+type SbContent = (u64, u64, u64, u32, Meta);
 
 /// `Err(Ok(why))`: torn or never written (fall back);
 /// `Err(Err(why))`: checksum valid, content not (never roll back silently).
@@ -431,7 +456,7 @@ fn decode_sb(slot: usize, b: &[u8], geo: &Geometry) -> Result<SbContent, Result<
             "superblock {name} (seq {seq}) has extent size 0"
         )));
     }
-    Ok((seq, le64(&b[16..24]), extent_blocks, meta))
+    Ok((seq, le64(&b[16..24]), extent_blocks, le32(&b[40..44]), meta))
 }
 
 /// An activity-log transaction.
@@ -667,6 +692,8 @@ pub struct MetaStore<D: MetaIo = File> {
     failed: Option<String>,
     /// At open: the superblock not loaded, if it was unusable, and why.
     rejected: Option<(char, String)>,
+    /// Start epoch every commit writes (see [`MetaStore::next_epoch`]).
+    epoch: u32,
 }
 
 impl MetaStore<File> {
@@ -718,7 +745,16 @@ impl MetaStore<File> {
                 .map_err(|e| io_err(&tmp, "write label", e))?;
             MetaIo::pwrite_all(
                 &f,
-                &encode_sb(0, 1, 0, label.extent_blocks, meta),
+                &encode_sb(
+                    &SbPlace {
+                        slot: 0,
+                        seq: 1,
+                        al_seq: 0,
+                        extent_blocks: label.extent_blocks,
+                        epoch: 0,
+                    },
+                    meta,
+                ),
                 label.sb_offset(0),
             )
             .map_err(|e| io_err(&tmp, "write superblock A", e))?;
@@ -874,7 +910,7 @@ impl<D: MetaIo> MetaStore<D> {
             };
         }
         let [a, b] = found;
-        let (newest, (seq, sb_al_seq, sb_eb, mut meta), rejected) = match (a, b) {
+        let (newest, (seq, sb_al_seq, sb_eb, epoch, mut meta), rejected) = match (a, b) {
             (Ok(x), Ok(y)) => {
                 if y.0 > x.0 {
                     (1, y, None)
@@ -1006,6 +1042,7 @@ impl<D: MetaIo> MetaStore<D> {
             stats: MetaStats::default(),
             failed: None,
             rejected,
+            epoch,
         };
         // Page copies of the commit that never landed: zero them, or a
         // later commit with the same sequence would make them valid.
@@ -1105,6 +1142,47 @@ impl<D: MetaIo> MetaStore<D> {
     /// cluster or geometry, or with an activity log larger than the file
     /// holds, is refused without writing or latching.
     pub fn persist(&mut self, meta: &Meta) -> Result<(), StoreError> {
+        self.persist_as(meta, false)
+    }
+
+    /// Raise the node's start epoch by one and make it durable (a commit
+    /// of `meta`: a superblock write and `fdatasync`, plus the bitmap
+    /// pages that differ from disk); returns the new epoch. The daemon
+    /// calls it once per start, before it sends anything, with the
+    /// metadata it loaded: a peer then tells a restarted node from a
+    /// replay of its old frames. Files written before the epoch was kept
+    /// hold 0, so their first start is epoch 1.
+    ///
+    /// On `Err` the epoch is not raised; after an I/O error the file holds
+    /// the old or the new epoch and the store is latched (the daemon does
+    /// not start), so an epoch this returned `Ok` for is never returned
+    /// again.
+    pub fn next_epoch(&mut self, meta: &Meta) -> Result<u64, StoreError> {
+        self.latched()?;
+        let old = self.epoch;
+        let next = old.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: format!("start epoch {old} cannot be raised (the field is 32 bits)"),
+        })?;
+        self.epoch = next;
+        match self.persist_as(meta, true) {
+            Ok(()) => Ok(u64::from(next)),
+            Err(e) => {
+                self.epoch = old;
+                Err(e)
+            }
+        }
+    }
+
+    /// The start epoch the newest superblock holds (0 for files written
+    /// before it was kept).
+    pub fn epoch(&self) -> u64 {
+        u64::from(self.epoch)
+    }
+
+    /// [`MetaStore::persist`]; with `commit`, as a commit whatever
+    /// changed.
+    fn persist_as(&mut self, meta: &Meta, commit: bool) -> Result<(), StoreError> {
         self.latched()?;
         if let Some((key, found, expected)) = self.label.geo.diff(&Geometry::of(meta)) {
             return Err(StoreError::Mismatch {
@@ -1162,7 +1240,11 @@ impl<D: MetaIo> MetaStore<D> {
                 }
             }
         }
-        let tx = self.plan_tx(meta, &new_al, &diffs);
+        let tx = if commit {
+            None
+        } else {
+            self.plan_tx(meta, &new_al, &diffs)
+        };
         if tx.is_none() {
             // A commit writes every page that differs.
             let seen: BTreeSet<usize> = diffs.iter().map(|(p, _)| *p).collect();
@@ -1314,7 +1396,16 @@ impl<D: MetaIo> MetaStore<D> {
             self.sync()?;
         }
         let slot = self.next;
-        let b = encode_sb(slot, seq, self.al_seq, self.extent_blocks, meta);
+        let b = encode_sb(
+            &SbPlace {
+                slot,
+                seq,
+                al_seq: self.al_seq,
+                extent_blocks: self.extent_blocks,
+                epoch: self.epoch,
+            },
+            meta,
+        );
         let off = self.label.sb_offset(slot);
         self.write(&b, off, || {
             format!("write superblock {} at offset {off}", slot_name(slot))

@@ -569,3 +569,98 @@ fn torn_write_at_every_point_of_a_commit_keeps_previous_version() {
         }
     }
 }
+
+/// The start epoch: 0 at create (the same bytes as files written before
+/// it was kept), raised by one per `next_epoch`, carried by every later
+/// transaction and commit, and there after a reopen.
+#[test]
+fn start_epoch_is_raised_durably_and_survives_reopen_and_persists() {
+    let dir = TempDir::new("epoch");
+    let (path, s) = store_at(&dir, 3);
+    let (a, _) = s.slot_region('A');
+    drop(s);
+    let f = File::open(&path).unwrap();
+    let mut raw = [0u8; 4];
+    f.read_exact_at(&mut raw, a + 40).unwrap();
+    assert_eq!(raw, [0; 4], "a fresh superblock holds epoch 0");
+    let (mut s, m) = MetaStore::open(&path).unwrap();
+    assert_eq!(s.epoch(), 0);
+    assert_eq!(s.next_epoch(&m).unwrap(), 1);
+    assert_eq!(s.epoch(), 1);
+    drop(s);
+    let (mut s, m) = MetaStore::open(&path).unwrap();
+    assert_eq!(s.epoch(), 1);
+    // Raising the epoch changes nothing else.
+    assert!(m == sample_meta(&base(), 3));
+    assert_eq!(s.next_epoch(&m).unwrap(), 2);
+    // Later commits and transactions carry it on.
+    for v in 4..12 {
+        s.persist(&sample_meta(&base(), v)).unwrap();
+    }
+    assert!(s.stats().commits >= 2, "{:?}", s.stats());
+    drop(s);
+    let (s, m) = MetaStore::open(&path).unwrap();
+    assert_eq!(s.epoch(), 2);
+    assert!(m == sample_meta(&base(), 11));
+}
+
+/// A torn write never loses a raised epoch: tearing any write of a later
+/// commit (pages or superblock) at every 512-byte step leaves the epoch
+/// the last `next_epoch` returned; tearing the raise itself fails it, and
+/// the next raise returns a higher epoch than any returned before.
+#[test]
+fn torn_superblock_never_loses_or_reuses_a_start_epoch() {
+    let dir = TempDir::new("epoch-torn");
+    let (path, s) = store_at(&dir, 4);
+    drop(s);
+    let (mut s, m) = MetaStore::open(&path).unwrap();
+    assert_eq!(s.next_epoch(&m).unwrap(), 1);
+    drop(s);
+    let pristine = std::fs::read(&path).unwrap();
+    let new = sample_meta(&base(), 5);
+    let mut cuts: Vec<usize> = (0..4096).step_by(512).collect();
+    cuts.extend([1, 41, 43, 45, 4095]);
+    // A later commit, torn at every write and cut.
+    let (mut s, _) = faulty(&path);
+    s.persist(&new).unwrap();
+    assert_eq!(s.stats().commits, 1, "version 5 needs a commit");
+    let lens = s.io().lens.borrow().clone();
+    drop(s);
+    for (k, &len) in lens.iter().enumerate() {
+        for &n in cuts.iter().filter(|&&n| n < len) {
+            std::fs::write(&path, &pristine).unwrap();
+            let (mut s, _) = faulty(&path);
+            s.io().tear_at.set(Some((k, n)));
+            assert!(s.persist(&new).is_err());
+            drop(s);
+            let (s, _) = MetaStore::open(&path).unwrap();
+            assert_eq!(s.epoch(), 1, "commit write {k} cut {n}");
+        }
+    }
+    // The raise itself, torn at every write and cut (or written whole
+    // and then failing): it returns an error, and whatever the file holds
+    // the next raise is above 1, the only epoch returned so far.
+    std::fs::write(&path, &pristine).unwrap();
+    let (mut s, m) = faulty(&path);
+    assert_eq!(s.next_epoch(&m).unwrap(), 2);
+    let lens = s.io().lens.borrow().clone();
+    drop(s);
+    for (k, &len) in lens.iter().enumerate() {
+        for &n in cuts.iter().filter(|&&n| n < len).chain([&len]) {
+            std::fs::write(&path, &pristine).unwrap();
+            let (mut s, m) = faulty(&path);
+            s.io().tear_at.set(Some((k, n)));
+            assert!(s.next_epoch(&m).is_err(), "raise write {k} cut {n}");
+            assert_eq!(s.epoch(), 1, "a failed raise keeps the old epoch");
+            drop(s);
+            let (mut s, m) = MetaStore::open(&path).unwrap();
+            let held = s.epoch();
+            assert!(
+                held == 1 || (held == 2 && n == len),
+                "write {k} cut {n}: {held}"
+            );
+            let next = s.next_epoch(&m).unwrap();
+            assert!(next >= 2, "raise write {k} cut {n}: epoch {next} again");
+        }
+    }
+}
