@@ -398,7 +398,7 @@ fn set_cpu_affinity(cpus: &[usize]) -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
-    eprintln!("msld: threads run on CPUs {cpus:?} (cpu_affinity)");
+    tracing::info!("msld: threads run on CPUs {cpus:?} (cpu_affinity)");
     Ok(())
 }
 
@@ -423,7 +423,7 @@ fn open_msl(cfg: &DaemonConfig, iface: &IfaceInfo) -> Result<MslLink, String> {
     };
     let opened = msl_transport::open(kind, iface, &opts)
         .map_err(|e| format!("msl: cannot open the {kind} backend on {}: {e}", iface.name))?;
-    eprintln!(
+    tracing::info!(
         "msld: MSL on {} via {}{}",
         iface.name,
         opened.backend,
@@ -464,7 +464,7 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool, create: bool) -> Resu
         MetaStore::open_checked(&f.volume.metadata, &core_cfg).map_err(|e| e.to_string())?
     } else {
         let (store, meta) = crate::md::create(cfg, initial_primary, false)?;
-        eprintln!(
+        tracing::info!(
             "msld: created metadata {} ({})",
             f.volume.metadata.display(),
             if initial_primary {
@@ -551,7 +551,7 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool, create: bool) -> Resu
         w.stop.clone(),
     )
     .map_err(|e| format!("NBD on {nbd_addr} (service_address, nbd_port, nbd_tls_dir): {e}"))?;
-    eprintln!(
+    tracing::info!(
         "msld: NBD on {nbd_addr} (TLS {}{}{})",
         cfg.nbd.tls,
         if cfg.nbd.tls_verify_peer {
@@ -591,7 +591,7 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool, create: bool) -> Resu
     let metrics = match f.metrics_address {
         Some(addr) => {
             let m = MetricsServer::start(addr, w.inputs.clone(), telemetry)?;
-            eprintln!("msld: Prometheus metrics on http://{}/metrics", m.addr);
+            tracing::info!("msld: Prometheus metrics on http://{}/metrics", m.addr);
             Some(m)
         }
         None => None,

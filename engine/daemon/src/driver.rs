@@ -160,7 +160,7 @@ impl<H: Host> Driver<H> {
     ) -> std::io::Result<Self> {
         let node_id = cfg.node_id;
         if msl_tx.pool.frame_size() != encoder.max_frame {
-            eprintln!(
+            tracing::warn!(
                 "msld: frame buffers of {} bytes for frames of up to {}: every frame will be \
                  allocated (start_msl_tx and FrameEncoder disagree)",
                 msl_tx.pool.frame_size(),

@@ -150,7 +150,7 @@ fn lock_slot(m: &Mutex<Option<Slot>>) -> MutexGuard<'_, Option<Slot>> {
 /// thread ran it, rather than go on or leave senders waiting on a core
 /// that will never run again. The supervisor restarts msld.
 fn core_panicked() -> ! {
-    eprintln!("msld: the protocol core panicked; stopping the process");
+    tracing::error!("msld: the protocol core panicked; stopping the process");
     std::process::abort();
 }
 

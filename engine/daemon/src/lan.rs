@@ -95,7 +95,7 @@ impl LanPath {
             let stamped = set_flag(&sock, libc::SO_TIMESTAMPNS).is_ok();
             let _ = set_flag(&sock, libc::SO_RXQ_OVFL);
             if !stamped {
-                eprintln!(
+                tracing::warn!(
                     "msld: LAN adapter {}: no kernel receive timestamps; heartbeats are timed when read",
                     ep.adapter
                 );

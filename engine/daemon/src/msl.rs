@@ -149,7 +149,7 @@ impl FrameEncoder {
                     pool.give(f);
                 }
                 if shared.msl_tx_encode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                    eprintln!(
+                    tracing::error!(
                         "msld: an MSL message ({} bytes of payload) could not be encoded: {e} \
                          (counted in msl_tx_encode_errors)",
                         payload.len()

@@ -65,7 +65,7 @@ pub fn start_nbd(
         .name("msl-nbd".into())
         .spawn(move || {
             if let Err(e) = server.run() {
-                eprintln!("msld: NBD server stopped: {e}");
+                tracing::error!("msld: NBD server stopped: {e}");
             }
         })?;
     Ok(handle)
@@ -104,7 +104,7 @@ fn announce(ifname: &str, ip: IpAddr, held: &Mutex<bool>, rounds: u32, gap: Dura
             return;
         }
         if let Err(e) = msl_netcfg::announce_address(ifname, ip, 1) {
-            eprintln!("msld: announcing {ip} on {ifname} failed: {e}");
+            tracing::warn!("msld: announcing {ip} on {ifname} failed: {e}");
         }
     }
 }
@@ -116,10 +116,10 @@ impl ServiceHost {
     pub fn new(ifname: &str, ip: IpAddr, prefix: u8) -> Self {
         if msl_netcfg::has_address(ifname, ip).unwrap_or(false) {
             match msl_netcfg::remove_address(ifname, ip, prefix) {
-                Ok(()) => eprintln!(
+                Ok(()) => tracing::info!(
                     "msld: removed the service address {ip}/{prefix} from {ifname}, left by an earlier run"
                 ),
-                Err(e) => eprintln!(
+                Err(e) => tracing::warn!(
                     "msld: service address {ip}/{prefix} on {ifname} left by an earlier run; removing it failed: {e}"
                 ),
             }
@@ -172,13 +172,13 @@ impl Host for ServiceHost {
                 let n = nbd.connections().len();
                 nbd.close_connections();
                 if n > 0 {
-                    eprintln!("msld: service address released: closed {n} NBD connection(s)");
+                    tracing::info!("msld: service address released: closed {n} NBD connection(s)");
                 }
             }
             r
         };
         if let Err(e) = r {
-            eprintln!(
+            tracing::error!(
                 "msld: service address {}/{} on {}: {} failed: {e}",
                 self.ip,
                 self.prefix,

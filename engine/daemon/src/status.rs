@@ -256,6 +256,8 @@ pub(crate) fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
         ("msl_rx_bad_auth", ld(&sh.msl_rx_bad_auth)),
         ("msl_rx_ring_dropped", ld(&sh.msl_rx_ring_dropped)),
         ("client_bytes_written", ld(&sh.client_bytes_written)),
+        // Times the core found input lost because it did not run in time.
+        ("input_overruns", ld(&sh.input_overruns)),
     ];
     if let Some(l) = &t.lan {
         let rx = l.rx.lock().map(|r| *r).unwrap_or_default();
@@ -266,6 +268,7 @@ pub(crate) fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
             ("lan_rx_dropped", rx.dropped()),
             ("lan_rx_bad_auth", rx.bad_auth),
             ("lan_rx_queue_full", ld(&l.queue_full)),
+            ("lan_rx_kernel_dropped", ld(&l.kernel_dropped)),
         ]);
     }
     if let Some(n) = &t.notify {
