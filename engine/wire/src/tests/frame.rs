@@ -6,6 +6,7 @@ use crate::frame::{
     body, body_len, field, flags, EmitError, Frame, RxCounters, CRC_LEN, HEADER_LEN, TAG_LEN,
 };
 use crate::fuzz_support::fix_checksums;
+use crate::Domain;
 
 // ----- layout snapshot -----------------------------------------------------
 
@@ -357,6 +358,32 @@ fn test_wrong_key_bad_auth() {
     let other = Key([8; 32]);
     assert_eq!(parse(&b, &expect(Some(&other))), Err(ParseError::BadAuth));
     assert!(parse(&b, &expect(Some(&KEY))).is_ok());
+}
+
+#[test]
+fn test_domain_keys_differ_and_a_lan_packet_never_verifies_as_an_msl_frame() {
+    let master = [3u8; 32];
+    let msl = Key::derive(&master, Domain::Msl);
+    let lan = Key::derive(&master, Domain::Lan);
+    let witness = Key::derive(&master, Domain::Witness);
+    assert_ne!(msl.0, lan.0);
+    assert_ne!(msl.0, witness.0);
+    assert_ne!(lan.0, witness.0);
+    assert_ne!(msl.0, master);
+    // Deterministic: both nodes derive the same key from the same master.
+    assert_eq!(Key::derive(&master, Domain::Lan).0, lan.0);
+    let (m, payload) = sample("heartbeat");
+    let on_lan = emit_vec(&header(0), &m, &payload, Some(&lan));
+    assert!(parse(&on_lan, &expect(Some(&lan))).is_ok());
+    assert_eq!(
+        parse(&on_lan, &expect(Some(&msl))),
+        Err(ParseError::BadAuth)
+    );
+    let on_msl = emit_vec(&header(0), &m, &payload, Some(&msl));
+    assert_eq!(
+        parse(&on_msl, &expect(Some(&lan))),
+        Err(ParseError::BadAuth)
+    );
 }
 
 #[test]
