@@ -132,6 +132,17 @@ enum Ev {
     ClientReply { op: u64, ok: bool, frame: usize },
     ClientTick,
     Restart { node: usize },
+    Thaw { node: usize, epoch: u32 },
+}
+
+/// An input that reached a frozen node, fed to it when it thaws.
+#[derive(Clone, Debug)]
+enum Held {
+    /// Its host received it (frame, packet, disk completion, link change);
+    /// frames carry their arrival time.
+    Event(Event<Buf>),
+    /// A client request that reached the server.
+    Client(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -215,6 +226,14 @@ impl Disk {
 struct SimNode {
     node: Option<Node<Buf>>,
     epoch: u32,
+    /// The node's start count, persisted with its metadata: every start
+    /// runs with the next one (`Config::epoch`).
+    boot_epoch: u64,
+    /// The process does not run (VM pause, SIGSTOP): its inputs queue up
+    /// in `held`, its disk and its peer go on.
+    frozen: bool,
+    held: Vec<Held>,
+
     disk: Disk,
     meta: Option<Vec<u8>>,
     ios: BTreeMap<u64, DiskOp>,
@@ -224,6 +243,8 @@ struct SimNode {
     cfg: Config,
     roles: Vec<Role>,
     notices: Vec<(Micros, Notice)>,
+    /// When this node acknowledged a client write.
+    acks: Vec<Micros>,
 }
 
 impl SimNode {
@@ -234,6 +255,8 @@ impl SimNode {
         self.epoch += 1;
         self.ios.clear();
         self.holds_address = false;
+        self.frozen = false;
+        self.held.clear();
     }
 }
 
@@ -290,7 +313,11 @@ pub struct Sim {
     nodes: [SimNode; 2],
     frames: BTreeMap<usize, Vec<u8>>,
     next_frame: usize,
-    key: wire::Key,
+    /// The cluster's keys, one per domain (derived from one master key, as
+    /// the daemon does): MSL frames and LAN packets never verify as each
+    /// other.
+    msl_key: wire::Key,
+    lan_key: wire::Key,
     msl_cut: bool,
     msl_blackhole: bool,
     lan_cut: bool,
@@ -333,6 +360,9 @@ impl Sim {
             SimNode {
                 node: None,
                 epoch: 0,
+                boot_epoch: 0,
+                frozen: false,
+                held: Vec::new(),
                 disk: Disk::new(blocks),
                 meta: Some(meta.encode()),
                 ios: BTreeMap::new(),
@@ -342,6 +372,7 @@ impl Sim {
                 cfg,
                 roles: vec![Role::Secondary],
                 notices: Vec::new(),
+                acks: Vec::new(),
             }
         };
         let n1 = mk(1, 2, &mut rng);
@@ -358,7 +389,8 @@ impl Sim {
             nodes: [n1, n2],
             frames: BTreeMap::new(),
             next_frame: 0,
-            key: wire::Key(key),
+            msl_key: wire::Key::derive(&key, wire::Domain::Msl),
+            lan_key: wire::Key::derive(&key, wire::Domain::Lan),
             msl_cut: false,
             msl_blackhole: false,
             lan_cut: false,
@@ -463,6 +495,10 @@ impl Sim {
         n.epoch += 1;
         n.ios.clear();
         n.holds_address = false;
+        n.frozen = false;
+        n.held.clear();
+        n.boot_epoch += 1;
+        n.cfg.epoch = n.boot_epoch;
         let node = Node::new(n.cfg.clone(), meta, seed, self.now);
         n.node = Some(node);
         n.next_tick = 0;
@@ -484,6 +520,14 @@ impl Sim {
     fn feed(&mut self, i: usize, ev: Event<Buf>) {
         let now = self.now;
         if self.nodes[i].node.is_none() {
+            return;
+        }
+        if self.nodes[i].frozen {
+            // The host queues it; the core sees it when it runs again. A
+            // timer is not an input: the thaw ends with one Tick.
+            if !matches!(ev, Event::Tick) {
+                self.nodes[i].held.push(Held::Event(ev));
+            }
             return;
         }
         if self.record.is_some() {
@@ -544,7 +588,7 @@ impl Sim {
                 {
                     return;
                 }
-                let Some(bytes) = self.encode(&header, &Message::Heartbeat(hb), None) else {
+                let Some(bytes) = self.encode(&header, &Message::Heartbeat(hb), None, true) else {
                     return;
                 };
                 let f = self.opts.lan;
@@ -624,10 +668,12 @@ impl Sim {
         header: &Header,
         msg: &Message,
         payload: Option<&[u8]>,
+        lan: bool,
     ) -> Option<Vec<u8>> {
         let p = payload.unwrap_or(&[]);
         let mut out = vec![0u8; wire::buffer_len(msg, p.len(), true)];
-        match wire::emit(header, msg, p, Some(&self.key), &mut out) {
+        let key = if lan { &self.lan_key } else { &self.msl_key };
+        match wire::emit(header, msg, p, Some(key), &mut out) {
             Ok(n) => {
                 out.truncate(n);
                 Some(out)
@@ -643,7 +689,7 @@ impl Sim {
         if self.msl_cut || self.msl_blackhole {
             return;
         }
-        let Some(mut bytes) = self.encode(&header, &msg, payload.as_deref()) else {
+        let Some(mut bytes) = self.encode(&header, &msg, payload.as_deref(), false) else {
             return;
         };
         let f = self.opts.msl;
@@ -751,7 +797,7 @@ impl Sim {
         };
         let expect = wire::Expect {
             cluster_id: CLUSTER,
-            key: Some(&self.key),
+            key: Some(if lan { &self.lan_key } else { &self.msl_key }),
         };
         let parsed = match wire::parse(&bytes, &expect) {
             Ok(p) => p,
@@ -843,6 +889,48 @@ impl Sim {
     fn planned_restart(&mut self, i: usize) {
         self.stop_clean(i);
         self.start_node(i);
+    }
+
+    /// Freeze node `i` for `d`: its process does not run (VM pause,
+    /// SIGSTOP, a slow fsync on the core thread) while its disk, the links
+    /// and its peer go on. Frames, packets, disk completions and client
+    /// requests for it queue up with their arrival times; on thaw they are
+    /// fed in arrival order, then one Tick (input before timers, as the
+    /// daemon does).
+    pub fn freeze(&mut self, i: usize, d: Micros) {
+        if self.nodes[i].node.is_none() || self.nodes[i].frozen {
+            return;
+        }
+        self.fault(
+            format!("n{} frozen for {} ms", i + 1, d / MS),
+            Some(format!("freeze n{} {} ms", i + 1, d / MS)),
+        );
+        self.nodes[i].frozen = true;
+        let e = self.nodes[i].epoch;
+        self.push(self.now + d, Ev::Thaw { node: i, epoch: e });
+    }
+
+    pub fn is_frozen(&self, i: usize) -> bool {
+        self.nodes[i].frozen
+    }
+
+    fn thaw(&mut self, i: usize) {
+        if !self.nodes[i].frozen {
+            return;
+        }
+        self.fault(format!("n{} runs again", i + 1), None);
+        self.nodes[i].frozen = false;
+        for h in std::mem::take(&mut self.nodes[i].held) {
+            match h {
+                Held::Event(ev) => self.feed(i, ev),
+                Held::Client(op) => {
+                    if self.nodes[i].node.is_some() {
+                        self.client_deliver(i, op);
+                    }
+                }
+            }
+        }
+        self.feed(i, Event::Tick);
     }
 
     /// Trace a fault; `injected` names it in the report (heals pass None).
@@ -942,11 +1030,27 @@ impl Sim {
     }
 
     fn serving_node(&self) -> Option<usize> {
-        (0..2).find(|&i| {
-            self.nodes[i].holds_address
-                && self.nodes[i].lan_adapter_ok
-                && self.nodes[i].node.is_some()
-        })
+        let holders: Vec<usize> = (0..2)
+            .filter(|&i| {
+                self.nodes[i].holds_address
+                    && self.nodes[i].lan_adapter_ok
+                    && self.nodes[i].node.is_some()
+            })
+            .collect();
+        // A node that is frozen, or runs again but holds until it knows
+        // whether it was replaced, still has the address but its
+        // gratuitous ARP is older than a new holder's: clients follow the
+        // new one. Otherwise they stay where they were (during a double cut
+        // both hold it).
+        let settled = |i: &usize| {
+            let n = &self.nodes[*i];
+            !n.frozen && n.node.as_ref().is_some_and(|n| !n.holding_after_stall())
+        };
+        holders
+            .iter()
+            .copied()
+            .find(settled)
+            .or_else(|| holders.first().copied())
     }
 
     fn client_tick(&mut self) {
@@ -1085,6 +1189,7 @@ impl Sim {
         if result.is_ok() {
             if let (Some(op), Some(node)) = (self.ops.get(&req), self.nodes[i].node.as_ref()) {
                 if matches!(op.kind, OpKind::Write { .. }) {
+                    self.nodes[i].acks.push(self.now);
                     let g = node.meta().gens.current;
                     match self.generations.get(&g) {
                         Some(&other) if other != i => {
@@ -1244,7 +1349,16 @@ impl Sim {
             }
             Ev::ClientDeliver { node, epoch, op } => {
                 if self.nodes[node].epoch == epoch && self.nodes[node].node.is_some() {
-                    self.client_deliver(node, op);
+                    if self.nodes[node].frozen {
+                        self.nodes[node].held.push(Held::Client(op));
+                    } else {
+                        self.client_deliver(node, op);
+                    }
+                }
+            }
+            Ev::Thaw { node, epoch } => {
+                if self.nodes[node].epoch == epoch {
+                    self.thaw(node);
                 }
             }
             Ev::ClientReply { op, ok, frame } => {
@@ -1261,8 +1375,17 @@ impl Sim {
         if (self.msl_cut || self.msl_blackhole) && self.lan_cut {
             self.double_cut_seen = true;
         }
+        // A node that does not run, or that runs again but holds everything
+        // until it knows whether it was replaced, cannot serve a client on
+        // the address it still has (its gratuitous ARP is older than the
+        // new holder's); it must settle within one dead interval.
         let holders: Vec<usize> = (0..2)
-            .filter(|&i| self.nodes[i].holds_address && self.nodes[i].node.is_some())
+            .filter(|&i| {
+                let n = &self.nodes[i];
+                n.holds_address
+                    && !n.frozen
+                    && n.node.as_ref().is_some_and(|n| !n.holding_after_stall())
+            })
             .collect();
         if holders.len() > 1 && !self.allow_dual_primary() {
             self.fail("both nodes hold the service address".into());
@@ -1302,6 +1425,11 @@ impl Sim {
             .map(|(t, _)| *t)
     }
 
+    /// When node `i` acknowledged client writes.
+    pub fn acks(&self, i: usize) -> &[Micros] {
+        &self.nodes[i].acks
+    }
+
     pub fn holds_address(&self, i: usize) -> bool {
         self.nodes[i].holds_address && self.nodes[i].node.is_some()
     }
@@ -1330,6 +1458,9 @@ impl Sim {
         let (Some(a), Some(b)) = (self.nodes[0].node.as_ref(), self.nodes[1].node.as_ref()) else {
             return false;
         };
+        if self.nodes.iter().any(|n| n.frozen) {
+            return false;
+        }
         let one_primary = (a.role() == Role::Primary) ^ (b.role() == Role::Primary);
         let (sa, sb) = (a.status(), b.status());
         let paths_up = sa.msl_alive && sa.lan_alive && sb.msl_alive && sb.lan_alive;
@@ -1435,6 +1566,17 @@ impl Sim {
     }
 }
 
+/// A freeze length from 50 ms to 10 s: shorter than the dead interval,
+/// around it, a few dead intervals, and long.
+fn freeze_len(r: &mut Rng) -> Micros {
+    match r.below(4) {
+        0 => 50 * MS + r.below(350 * MS),
+        1 => 350 * MS + r.below(300 * MS),
+        2 => 650 * MS + r.below(2 * SEC),
+        _ => 3 * SEC + r.below(7 * SEC),
+    }
+}
+
 /// One seeded run with random faults. Faults come one at a time (the
 /// product's guarantee is for single failures); each heals before the next.
 pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
@@ -1458,7 +1600,26 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
             .unwrap_or(0);
         let secondary = 1 - primary;
         let hold = 100 * MS + r.below(2 * SEC);
-        match r.below(10) {
+        match r.below(13) {
+            10 | 11 => {
+                // A node does not run for a while, at any moment (mid-write
+                // under the client load).
+                let who = if r.below(2) == 0 { primary } else { secondary };
+                let d = freeze_len(&mut r);
+                sim.freeze(who, d);
+                sim.run_for(d);
+            }
+            12 => {
+                // A freeze in the middle of the resync after a crash.
+                sim.crash(secondary);
+                sim.run_for(hold);
+                sim.restart(secondary);
+                sim.run_for(r.below(100 * MS));
+                let who = if r.below(2) == 0 { primary } else { secondary };
+                let d = freeze_len(&mut r);
+                sim.freeze(who, d);
+                sim.run_for(d);
+            }
             9 => {
                 // Administrator restarts the primary's daemon cleanly.
                 let (what, name) = (
@@ -1497,6 +1658,14 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
             }
             5 => {
                 sim.set_lan_adapter(primary, false);
+                if r.below(3) == 0 {
+                    // A freeze in the middle of the switchover it starts.
+                    sim.run_for(r.below(600 * MS));
+                    let who = if r.below(2) == 0 { primary } else { secondary };
+                    let d = freeze_len(&mut r);
+                    sim.freeze(who, d);
+                    sim.run_for(d);
+                }
                 sim.run_for(hold.max(SEC));
                 sim.set_lan_adapter(primary, true);
             }

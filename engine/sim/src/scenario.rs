@@ -504,6 +504,112 @@ pub fn saturated_msl_no_false_takeover(seed: u64) -> Result<Outcome, String> {
     finish(&mut sim, "saturated-msl", None, None)
 }
 
+/// A secondary that does not run for `d` (VM pause, SIGSTOP) does not take
+/// over when it runs again: the primary's frames that arrived meanwhile
+/// are read before any timer, and its silence counts only from when it
+/// runs. The primary meanwhile goes degraded (if the freeze outlasts its
+/// dead interval) and resyncs the secondary afterwards.
+fn secondary_frozen(seed: u64, d: u64, name: &'static str) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    sim.freeze(1, d);
+    sim.run_for(d);
+    let thawed = sim.now();
+    ensure(
+        sim.has_notice(1, "stalled"),
+        "n2 noticed that it stalled",
+        &sim,
+    )?;
+    sim.run_for(2 * SEC);
+    ensure(
+        !sim.has_notice(1, "takeover") && sim.roles_seen(1) == [Role::Secondary],
+        "n2 never took over",
+        &sim,
+    )?;
+    ensure(
+        sim.roles_seen(0) == [Role::Secondary, Role::Primary] && sim.holds_address(0),
+        "n1 stayed primary and kept the service address",
+        &sim,
+    )?;
+    ensure(
+        sim.acks(0).iter().any(|&t| t > thawed),
+        "n1 went on acknowledging writes",
+        &sim,
+    )?;
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    finish(&mut sim, name, None, None)
+}
+
+/// The secondary frozen for 0.6 s (longer than the dead interval).
+pub fn secondary_frozen_short(seed: u64) -> Result<Outcome, String> {
+    secondary_frozen(seed, 600 * MS, "secondary-frozen-0.6s")
+}
+
+/// The secondary frozen for 10 s.
+pub fn secondary_frozen_long(seed: u64) -> Result<Outcome, String> {
+    secondary_frozen(seed, 10 * SEC, "secondary-frozen-10s")
+}
+
+/// The primary does not run for 2 s: the secondary takes over. When the
+/// old primary runs again it learns from the frames queued meanwhile that
+/// it was replaced: it acknowledges no write (the ones it held fail), gives
+/// the service address up and rejoins as a resynced secondary.
+pub fn primary_frozen(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    let t0 = sim.now();
+    sim.freeze(0, 2 * SEC);
+    sim.run_for(2 * SEC);
+    let thawed = sim.now();
+    ensure(
+        sim.role(1) == Some(Role::Primary) && sim.has_notice(1, "takeover"),
+        "n2 took over while n1 was frozen",
+        &sim,
+    )?;
+    let takeover = ms_since(&sim, 1, "takeover", t0);
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.has_notice(0, "stalled"),
+        "n1 noticed that it stalled",
+        &sim,
+    )?;
+    ensure(
+        sim.role(0) == Some(Role::Secondary) && !sim.holds_address(0),
+        "n1 stepped down and released the service address",
+        &sim,
+    )?;
+    ensure(
+        sim.node(0)
+            .is_some_and(|n| n.status().counters.deposed == 1),
+        "n1 counted itself deposed once",
+        &sim,
+    )?;
+    ensure(
+        !sim.has_notice(0, "degraded"),
+        "n1 never went degraded",
+        &sim,
+    )?;
+    ensure(
+        sim.acks(0).iter().all(|&t| t < t0),
+        "n1 acknowledged nothing after it froze",
+        &sim,
+    )?;
+    ensure(
+        sim.acks(1).iter().any(|&t| t > thawed),
+        "n2 serves the client",
+        &sim,
+    )?;
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges with n2 primary",
+        &sim,
+    )?;
+    ensure(
+        sim.role(0) == Some(Role::Secondary) && sim.has_notice(0, "resync_finished"),
+        "n1 rejoined as a resynced secondary",
+        &sim,
+    )?;
+    finish(&mut sim, "primary-frozen-2s", None, takeover)
+}
+
 /// A scenario: runs with a seed, returns its figures or what failed.
 pub type ScenarioFn = fn(u64) -> Result<Outcome, String>;
 
@@ -519,5 +625,8 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         ("saturated-msl", saturated_msl_no_false_takeover),
         ("admin-switchover-then-crash", admin_switchover_then_crash),
         ("admin-switchover-msl-cut", admin_switchover_msl_cut),
+        ("secondary-frozen-0.6s", secondary_frozen_short),
+        ("secondary-frozen-10s", secondary_frozen_long),
+        ("primary-frozen-2s", primary_frozen),
     ]
 }

@@ -64,3 +64,21 @@ fn test_admin_switchover_then_new_primary_crash_loses_nothing() {
 fn test_admin_switchover_cut_before_the_handover_lands_keeps_a_primary() {
     run(scenario::admin_switchover_msl_cut, &[1, 2, 3, 4, 5]);
 }
+
+#[test]
+fn test_secondary_frozen_0_6s_does_not_take_over() {
+    run(scenario::secondary_frozen_short, &[1, 2, 3]);
+}
+
+#[test]
+fn test_secondary_frozen_10s_does_not_take_over() {
+    run(scenario::secondary_frozen_long, &[1, 2]);
+}
+
+#[test]
+fn test_primary_frozen_2s_is_replaced_acknowledges_nothing_and_rejoins() {
+    for o in run(scenario::primary_frozen, &[1, 2, 3]) {
+        let t = o.takeover_ms.expect("takeover time measured");
+        assert!(t <= 500.0, "takeover took {t} ms");
+    }
+}

@@ -26,6 +26,19 @@ pub(super) struct PeerView {
     pub(super) msl_lost_pending: bool,
 }
 
+/// Stalls: times this node did not run (or its host lost input), and the
+/// primary's hold on new writes after one.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct StallGuard {
+    /// When the last stall ended (the first call of the core after it).
+    pub(super) ended: Option<Micros>,
+    /// After a stall, until then (one dead interval of its own running
+    /// time), a primary starts no write and ends no session: the peer may
+    /// have taken over while it did not run, and until the peer has had
+    /// that long to show it, acknowledging a write alone could lose it.
+    pub(super) hold_until: Option<Micros>,
+}
+
 /// Whether the peer is heard on one path (MSL or LAN).
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct PathLiveness {
@@ -39,13 +52,24 @@ impl PathLiveness {
         self.alive
     }
 
-    /// The peer was heard at `now`; true if the path just came alive.
-    pub(super) fn heard(&mut self, now: Micros) -> bool {
-        self.last_rx = Some(now);
+    /// A packet from the peer arrived at `arrived` (the host's receive
+    /// time, which may be earlier than the core's `now`); true if the path
+    /// just came alive.
+    pub(super) fn heard(&mut self, arrived: Micros) -> bool {
+        let t = self.last_rx.map_or(arrived, |t| t.max(arrived));
+        self.last_rx = Some(t);
         let found = !self.alive;
         self.alive = true;
-        debug_assert!(self.alive && self.last_rx == Some(now));
+        debug_assert!(self.alive && self.last_rx >= Some(arrived));
         found
+    }
+
+    /// The node did not run until `now`: a path that was alive gets a full
+    /// dead interval from `now` (silence counts only while the node runs).
+    pub(super) fn restart(&mut self, now: Micros) {
+        if self.alive {
+            self.last_rx = Some(now);
+        }
     }
 
     /// Declared dead at once (carrier lost); true if it was alive.
@@ -138,6 +162,103 @@ impl<H: Payload> Node<H> {
         }
     }
 
+    /// This node did not run for `for_us` (or its host lost input): the
+    /// silence it measured across the gap is void. Every path that was
+    /// alive gets a fresh, full dead interval, and a primary holds new
+    /// writes for that interval (see `StallGuard::hold_until`).
+    pub(super) fn on_stall(&mut self, for_us: Micros) {
+        let now = self.now;
+        self.counters.stalls += 1;
+        self.msl.restart(now);
+        self.lan.restart(now);
+        for i in 0..usize::from(self.local.adapter_count) {
+            if self.local.adapters[i].reachable {
+                self.local.adapter_last_rx[i] = Some(now);
+            }
+        }
+        self.stall.ended = Some(now);
+        // Also when secondary: input queued during the stall can make it
+        // primary (a handover the peer sent before it gave up on this node
+        // and took the role back).
+        self.stall.hold_until = Some(now + self.cfg.dead_after_us());
+        // Tell the peer at once that this node runs again.
+        self.timers.set(Timer::Heartbeat, now);
+        self.notify(Notice::Stalled { for_us });
+    }
+
+    /// A primary holding writes after a stall.
+    pub(super) fn stall_hold(&self) -> bool {
+        self.role == Role::Primary && self.stall.hold_until.is_some_and(|t| self.now < t)
+    }
+
+    /// A fresh packet shows the peer as `role` in `generation`. A primary
+    /// holding after a stall that hears the peer as primary in another
+    /// generation was replaced while it did not run: it steps down. True
+    /// if it did.
+    pub(super) fn check_deposed(&mut self, role: Role, generation: u64) -> bool {
+        if self.stall_hold() && role == Role::Primary && generation != self.meta.gens.current {
+            self.depose();
+            return true;
+        }
+        false
+    }
+
+    /// Step down after the peer took over while this node did not run:
+    /// every client write not yet acknowledged fails (the new primary may
+    /// not have it, so it must never be acknowledged), the service address
+    /// goes, and the data is outdated until the new primary resyncs it.
+    /// The blocks this node may have written that the new primary lacks
+    /// (its activity log's extents and the writes in flight) are marked
+    /// out of sync, as after a crash of a primary.
+    pub(super) fn depose(&mut self) {
+        self.counters.deposed += 1;
+        self.stall.hold_until = None;
+        let e = self.cfg.extent_blocks;
+        for slot in self.actlog.slots.iter_mut() {
+            self.meta.dirty.set_range(slot.extent * e, e);
+            // Their completions are no longer looked for.
+            slot.in_flight = 0;
+        }
+        for p in self.ios.take_client_writes() {
+            self.meta.dirty.set_range(p.block, p.count);
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply {
+                req: p.req,
+                result: Err(ClientError::NotPrimary),
+            });
+        }
+        self.writes.inflight_wids.clear();
+        for q in core::mem::take(&mut self.writes.waiting) {
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::NotPrimary),
+            });
+        }
+        for FlushWaiter { req, .. } in core::mem::take(&mut self.writes.flush_waiters) {
+            self.emit(Action::Reply {
+                req,
+                result: Err(ClientError::NotPrimary),
+            });
+        }
+        self.writes.local_flush_done.clear();
+        self.switchover.running = None;
+        self.switchover.unconfirmed = false;
+        // Never take over with this data: the new primary's writes are not
+        // here.
+        self.peer.was_in_sync = false;
+        self.peer.role = Some(Role::Primary);
+        self.transition(Reason::Deposed);
+        self.emit(Action::ServiceAddress { hold: false });
+        self.persist();
+        self.notify(Notice::RoleChanged {
+            role: Role::Secondary,
+            generation: self.meta.gens.current,
+            reason: Reason::Deposed.text(),
+        });
+        self.end_session(Reason::Deposed.text());
+    }
+
     pub(super) fn on_timers(&mut self) {
         let now = self.now;
         let dead = self.cfg.dead_after_us();
@@ -148,6 +269,13 @@ impl<H: Payload> Node<H> {
         if self.lan.expire(now, dead) {
             self.notify(Notice::PeerLost { path: Path::Lan });
             self.on_lan_lost();
+        }
+        if self.stall.hold_until.is_some_and(|t| now >= t) {
+            // A full dead interval of running time without news of a
+            // takeover: the paths that stayed silent died above (the
+            // primary is degraded), the others carry the peer's word.
+            self.stall.hold_until = None;
+            self.start_waiting_writes();
         }
         for i in 0..usize::from(self.local.adapter_count) {
             self.local.adapters[i].reachable =
@@ -235,7 +363,13 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    pub(super) fn on_lan_frame(&mut self, adapter: u8, header: Header, hb: Heartbeat) {
+    pub(super) fn on_lan_frame(
+        &mut self,
+        adapter: u8,
+        header: Header,
+        hb: Heartbeat,
+        arrived: Micros,
+    ) {
         if header.sender != self.cfg.peer_id {
             self.counters.frames_from_stranger += 1;
             return;
@@ -245,9 +379,13 @@ impl<H: Payload> Node<H> {
         }
         self.peer.hb_counter_lan = hb.counter;
         let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
-        self.local.adapter_last_rx[i] = Some(self.now);
-        if self.lan.heard(self.now) {
+        let last = &mut self.local.adapter_last_rx[i];
+        *last = Some(last.map_or(arrived, |t| t.max(arrived)));
+        if self.lan.heard(arrived) {
             self.notify(Notice::PeerFound { path: Path::Lan });
+        }
+        if self.check_deposed(hb.role, header.generation) {
+            return;
         }
         let peer_was = self.peer.role;
         self.observe_peer(hb);
@@ -330,18 +468,28 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    pub(super) fn on_msl_frame(&mut self, header: Header, msg: Message, payload: Option<H>) {
+    pub(super) fn on_msl_frame(
+        &mut self,
+        header: Header,
+        msg: Message,
+        payload: Option<H>,
+        arrived: Micros,
+    ) {
         if header.sender != self.cfg.peer_id || header.cluster_id != self.cfg.cluster_id {
             self.counters.frames_from_stranger += 1;
             return;
         }
-        if self.msl.heard(self.now) {
+        if self.msl.heard(arrived) {
             self.peer.msl_lost_pending = false;
             self.notify(Notice::PeerFound { path: Path::Msl });
         }
         match msg {
             Message::Hello(h) => self.on_hello(header, h),
-            Message::Heartbeat(hb) => self.observe_peer(hb),
+            Message::Heartbeat(hb) => {
+                if !self.check_deposed(hb.role, header.generation) {
+                    self.observe_peer(hb);
+                }
+            }
             Message::Ack(a) => self.on_ack(a),
             _ => self.on_reliable(header, msg, payload),
         }

@@ -155,6 +155,7 @@ impl<H: Payload> Node<H> {
             });
             return;
         }
+        self.check_deposed(h.role, h.gens.current);
         self.peer.role = Some(h.role);
         if let Some(s) = &self.session {
             if s.peer_session == h.session {
@@ -171,6 +172,13 @@ impl<H: Payload> Node<H> {
                         payload: None,
                     });
                 }
+                return;
+            }
+            if self.stall_hold() {
+                // The peer may have ended the session because this node
+                // was silent, and may take over next: a primary that ended
+                // it now would go degraded and acknowledge writes alone.
+                // Judged once the hold is over.
                 return;
             }
             // Peer restarted or its state changed: renegotiate.

@@ -898,3 +898,117 @@ fn test_role_transition_refuses_a_reason_from_the_wrong_role() {
     }));
     assert!(r.is_err());
 }
+
+#[test]
+fn test_liveness_keeps_the_latest_arrival_not_the_latest_processed() {
+    let mut p = PathLiveness::default();
+    assert!(p.heard(1_000));
+    // A frame processed later but that arrived earlier moves nothing.
+    assert!(!p.heard(500));
+    assert_eq!(p.deadline(400_000), Some(401_000));
+    assert!(!p.expire(400_999, 400_000));
+    assert!(p.expire(401_000, 400_000));
+}
+
+/// Connect a pair (node 1 primary), then keep node 2 ticking alone (the
+/// primary silent) from `from` to `until`, every `step`.
+fn secondary_alone(b: &mut Node<Vec<u8>>, from: Micros, until: Micros, step: Micros) {
+    let mut t = from;
+    while t < until {
+        t += step;
+        b.handle(t, Event::Tick);
+    }
+}
+
+#[test]
+fn test_stalled_secondary_waits_a_full_dead_interval_of_its_own_time() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.role() == Role::Primary && b.in_sync());
+    drain(&mut b);
+    // b does not run for 1 s; the primary died meanwhile (nothing queued).
+    b.handle(1_200_000, Event::Tick);
+    let acts = drain(&mut b);
+    assert!(acts
+        .iter()
+        .any(|x| matches!(x, Action::Notify(Notice::Stalled { for_us }) if *for_us >= 1_000_000)));
+    assert_eq!(b.role(), Role::Secondary, "no takeover on waking");
+    assert!(b.status().msl_alive && b.status().lan_alive);
+    assert_eq!(b.status().counters.stalls, 1);
+    secondary_alone(&mut b, 1_200_000, 1_590_000, 10_000);
+    assert_eq!(
+        b.role(),
+        Role::Secondary,
+        "silence counted only while running"
+    );
+    secondary_alone(&mut b, 1_590_000, 1_620_000, 10_000);
+    assert_eq!(
+        b.role(),
+        Role::Primary,
+        "took over after a full dead interval"
+    );
+}
+
+#[test]
+fn test_input_overrun_voids_the_silence_measured_so_far() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(b.in_sync());
+    // Ticks 100 ms apart (under the stall threshold): only the host's
+    // report of lost input restarts failure detection.
+    b.handle(300_000, Event::Tick);
+    b.handle(350_000, Event::InputOverrun);
+    assert!(drain(&mut b)
+        .iter()
+        .any(|x| matches!(x, Action::Notify(n) if n.kind() == "stalled")));
+    secondary_alone(&mut b, 350_000, 700_000, 50_000);
+    assert_eq!(
+        b.role(),
+        Role::Secondary,
+        "500 ms after the primary was last heard, but 350 ms after the overrun"
+    );
+    secondary_alone(&mut b, 700_000, 800_000, 20_000);
+    assert_eq!(b.role(), Role::Primary);
+}
+
+#[test]
+fn test_stalled_primary_holds_writes_and_reads_for_a_dead_interval() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.serving());
+    drain(&mut a);
+    a.handle(1_200_000, Event::Tick);
+    assert!(!a.serving() && a.holding_after_stall());
+    a.handle(
+        1_200_001,
+        Event::ClientWrite {
+            req: 9,
+            block: 0,
+            count: 1,
+            kind: IoKind::Write,
+            fua: false,
+            payload: Some(alloc::vec![0; 8]),
+        },
+    );
+    let acts = drain(&mut a);
+    assert!(
+        !acts
+            .iter()
+            .any(|x| matches!(x, Action::Reply { .. } | Action::Write { .. })),
+        "the write waits: neither started, failed nor acknowledged: {acts:?}"
+    );
+    assert_eq!(a.status().pending_writes, 1);
+    // The peer stays silent for a full dead interval of a's running time:
+    // a goes degraded, keeps the address and serves the write.
+    let mut t = 1_200_001;
+    while t < 1_600_000 {
+        t += 10_000;
+        a.handle(t, Event::Tick);
+    }
+    let acts = drain(&mut a);
+    assert!(a.serving() && a.role() == Role::Primary);
+    assert!(acts.iter().any(|x| matches!(x, Action::Write { .. })));
+    assert!(!acts
+        .iter()
+        .any(|x| matches!(x, Action::ServiceAddress { hold: false })));
+}
