@@ -133,6 +133,50 @@ enum Ev {
     ClientTick,
     Restart { node: usize },
     Thaw { node: usize, epoch: u32 },
+    Attack,
+}
+
+/// What the attacker injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttackMode {
+    /// Anything: earlier frames and packets replayed as they were, on
+    /// their own path or on the other one (MSL bytes into the LAN and the
+    /// reverse), and forgeries (a real frame with one byte flipped, or
+    /// random bytes), to either node.
+    Mixed,
+    /// Only node `n`'s earlier frames and packets, replayed unchanged to
+    /// its peer on the path they were sent on.
+    ReplayFrom(usize),
+    /// Only frames and packets replayed on the other path.
+    CrossDomain,
+}
+
+/// An attacker on both wires, without the keys: it records what it sees
+/// and injects it back later.
+struct Attacker {
+    /// Injecting (else only recording).
+    active: bool,
+    mode: AttackMode,
+    /// Mean gap between two injections.
+    every_us: Micros,
+    rng: Rng,
+    /// Recorded frames: (sender, sent on the LAN, bytes).
+    seen: Vec<(usize, bool, Vec<u8>)>,
+}
+
+/// The most frames the attacker keeps (a random sample of all it saw).
+const ATTACKER_MEMORY: usize = 4096;
+
+/// What an injected frame is, for the check on arrival.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Injected {
+    /// Authentic, on the path it was sent on: parses; the core must drop it
+    /// as not fresh (or, for session frames, as a duplicate).
+    Replay,
+    /// Authentic but on the other path: must fail authentication.
+    CrossDomain,
+    /// Made up without the key: must be rejected by the parser.
+    Forged,
 }
 
 /// An input that reached a frozen node, fed to it when it thaws.
@@ -301,6 +345,12 @@ pub struct Report {
     pub resyncs: u64,
     pub faults: Vec<String>,
     pub end_us: Micros,
+    /// Frames and packets the attacker injected.
+    pub attacks: u64,
+    /// Injected frames the parser rejected (forged, or on the wrong path).
+    pub attacks_rejected: u64,
+    /// Replays that parsed and reached a node (which must ignore them).
+    pub replays_delivered: u64,
 }
 
 /// The simulator.
@@ -323,6 +373,8 @@ pub struct Sim {
     lan_cut: bool,
     msl_link_free: [Micros; 2],
     double_cut_seen: bool,
+    attacker: Option<Attacker>,
+    injected: BTreeMap<usize, Injected>,
     events: u64,
     // client
     ops: BTreeMap<u64, Op>,
@@ -396,6 +448,8 @@ impl Sim {
             lan_cut: false,
             msl_link_free: [0; 2],
             double_cut_seen: false,
+            attacker: None,
+            injected: BTreeMap::new(),
             events: 0,
             ops: BTreeMap::new(),
             next_op: 1,
@@ -591,6 +645,7 @@ impl Sim {
                 let Some(bytes) = self.encode(&header, &Message::Heartbeat(hb), None, true) else {
                     return;
                 };
+                self.overheard(i, true, &bytes);
                 let f = self.opts.lan;
                 if self.rng.chance(f.loss_ppm) {
                     return;
@@ -692,6 +747,7 @@ impl Sim {
         let Some(mut bytes) = self.encode(&header, &msg, payload.as_deref(), false) else {
             return;
         };
+        self.overheard(i, false, &bytes);
         let f = self.opts.msl;
         if self.rng.chance(f.loss_ppm) {
             return;
@@ -795,11 +851,27 @@ impl Sim {
         let Some(bytes) = self.frames.remove(&frame) else {
             return;
         };
+        let injected = self.injected.remove(&frame);
         let expect = wire::Expect {
             cluster_id: CLUSTER,
             key: Some(if lan { &self.lan_key } else { &self.msl_key }),
         };
-        let parsed = match wire::parse(&bytes, &expect) {
+        let result = wire::parse(&bytes, &expect);
+        match (injected, &result) {
+            (Some(_), Err(_)) => self.report.attacks_rejected += 1,
+            (Some(Injected::Replay), Ok(_)) => self.report.replays_delivered += 1,
+            (Some(kind), Ok(p)) => {
+                let what = format!(
+                    "an injected {kind:?} frame ({:?}) verified on the {} path",
+                    p.msg,
+                    if lan { "LAN" } else { "MSL" }
+                );
+                self.fail(what);
+                return;
+            }
+            (None, _) => {}
+        }
+        let parsed = match result {
             Ok(p) => p,
             Err(wire::ParseError::UnknownType {
                 code,
@@ -931,6 +1003,112 @@ impl Sim {
             }
         }
         self.feed(i, Event::Tick);
+    }
+
+    /// Someone starts recording every frame and packet on both wires (a
+    /// sample of at most `ATTACKER_MEMORY`), for an attacker started later.
+    pub fn eavesdrop(&mut self) {
+        if self.attacker.is_none() {
+            let seed = self.rng.next_u64();
+            self.attacker = Some(Attacker {
+                active: false,
+                mode: AttackMode::Mixed,
+                every_us: 1,
+                rng: Rng::new(seed),
+                seen: Vec::new(),
+            });
+        }
+    }
+
+    /// Start an attacker on both wires that injects a frame every
+    /// `every_us` on average (see [`AttackMode`]), from now on, out of what
+    /// it recorded since `eavesdrop` (or from now).
+    pub fn attacker(&mut self, mode: AttackMode, every_us: Micros) {
+        self.fault(
+            format!("attacker on the wires ({mode:?}, every {every_us} us)"),
+            Some(format!("attacker {mode:?}")),
+        );
+        self.eavesdrop();
+        if let Some(a) = self.attacker.as_mut() {
+            let was = a.active;
+            (a.active, a.mode, a.every_us) = (true, mode, every_us.max(1));
+            if !was {
+                self.push(self.now + 1, Ev::Attack);
+            }
+        }
+    }
+
+    fn overheard(&mut self, from: usize, lan: bool, bytes: &[u8]) {
+        let (seen, rng) = match self.attacker.as_mut() {
+            Some(a) => (&mut a.seen, &mut a.rng),
+            None => return,
+        };
+        if seen.len() < ATTACKER_MEMORY {
+            seen.push((from, lan, bytes.to_vec()));
+        } else {
+            let k = rng.below(ATTACKER_MEMORY as u64) as usize;
+            seen[k] = (from, lan, bytes.to_vec());
+        }
+    }
+
+    fn attack(&mut self) {
+        let now = self.now;
+        let Some(a) = self.attacker.as_mut().filter(|a| a.active) else {
+            return;
+        };
+        let next = now + 1 + a.rng.below(2 * a.every_us);
+        let pool: Vec<usize> = match a.mode {
+            AttackMode::ReplayFrom(n) => (0..a.seen.len()).filter(|&k| a.seen[k].0 == n).collect(),
+            _ => (0..a.seen.len()).collect(),
+        };
+        let pick = (!pool.is_empty()).then(|| pool[a.rng.below(pool.len() as u64) as usize]);
+        let Some(k) = pick else {
+            self.push(next, Ev::Attack);
+            return;
+        };
+        let (from, lan, mut bytes) = a.seen[k].clone();
+        let roll = a.rng.below(100);
+        let (to, lan, kind) = match a.mode {
+            AttackMode::ReplayFrom(_) => (1 - from, lan, Injected::Replay),
+            AttackMode::CrossDomain => (1 - from, !lan, Injected::CrossDomain),
+            AttackMode::Mixed => {
+                let to = if a.rng.below(10) == 0 { from } else { 1 - from };
+                let on_lan = a.rng.below(2) == 0;
+                if roll < 55 {
+                    (to, lan, Injected::Replay)
+                } else if roll < 75 {
+                    (to, !lan, Injected::CrossDomain)
+                } else if roll < 90 {
+                    let at = a.rng.below(bytes.len() as u64) as usize;
+                    bytes[at] ^= 1 << a.rng.below(8);
+                    (to, on_lan, Injected::Forged)
+                } else {
+                    let len = 1 + a.rng.below(2 * bytes.len() as u64) as usize;
+                    bytes = (0..len).map(|_| a.rng.below(256) as u8).collect();
+                    (to, on_lan, Injected::Forged)
+                }
+            }
+        };
+        self.report.attacks += 1;
+        self.push(next, Ev::Attack);
+        let id = self.store_frame(bytes);
+        self.injected.insert(id, kind);
+        let epoch = self.nodes[to].epoch;
+        let at = now + 50;
+        let ev = if lan {
+            Ev::Lan {
+                to,
+                epoch,
+                frame: id,
+            }
+        } else {
+            Ev::Msl {
+                to,
+                epoch,
+                frame: id,
+            }
+        };
+        self.push(at, ev);
     }
 
     /// Trace a fault; `injected` names it in the report (heals pass None).
@@ -1356,6 +1534,7 @@ impl Sim {
                     }
                 }
             }
+            Ev::Attack => self.attack(),
             Ev::Thaw { node, epoch } => {
                 if self.nodes[node].epoch == epoch {
                     self.thaw(node);
@@ -1446,6 +1625,11 @@ impl Sim {
         if let Some(node) = n.node.as_mut() {
             node.set_resync_max_rate(bytes_per_s);
         }
+    }
+
+    /// Simulator-wide figures so far (attacker counts among them).
+    pub fn report(&self) -> &Report {
+        &self.report
     }
 
     pub fn node(&self, i: usize) -> Option<&Node<Buf>> {
@@ -1590,7 +1774,13 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
     o.lan.loss_ppm = r.below(40_000) as u32;
     o.lan.jitter_us = r.below(2_000);
     o.client_qd = 1 + r.below(6) as usize;
+    let attack = r.below(2) == 0;
+    let attack_every = 1 + r.below(30 * MS);
     let mut sim = Sim::new(o);
+    if attack {
+        // It records from the start and injects from the start.
+        sim.attacker(AttackMode::Mixed, attack_every);
+    }
     sim.start_pair()?;
     let episodes = 1 + r.below(3);
     for _ in 0..episodes {

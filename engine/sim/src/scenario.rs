@@ -6,7 +6,7 @@ use msl_core::node::Notice;
 use msl_core::AdminCmd;
 use msl_wire::Role;
 
-use crate::{Options, Sim, MS, SEC};
+use crate::{AttackMode, Options, Sim, MS, SEC};
 
 /// Figures from one scenario run.
 #[derive(Clone, Debug, Default)]
@@ -70,11 +70,20 @@ fn ms(us: u64) -> f64 {
 }
 
 fn pair(seed: u64) -> Result<Sim, String> {
+    pair_overheard(seed, false)
+}
+
+/// `pair`, with every frame and packet recorded from the start if
+/// `eavesdrop` (for an attacker started later).
+fn pair_overheard(seed: u64, eavesdrop: bool) -> Result<Sim, String> {
     let mut o = Options::new(seed);
     o.msl.loss_ppm = 5_000;
     o.lan.loss_ppm = 5_000;
     o.msl.jitter_us = 300;
     let mut sim = Sim::new(o);
+    if eavesdrop {
+        sim.eavesdrop();
+    }
     sim.start_pair()?;
     ensure(
         sim.role(0) == Some(Role::Primary),
@@ -610,6 +619,75 @@ pub fn primary_frozen(seed: u64) -> Result<Outcome, String> {
     finish(&mut sim, "primary-frozen-2s", None, takeover)
 }
 
+/// The primary dies while an attacker replays its earlier heartbeats (and
+/// every other frame it sent) to the secondary on both paths, every 5 ms:
+/// the replays are not fresh, so they neither keep the paths alive nor
+/// report the dead primary's role, and the secondary takes over in time.
+pub fn replayed_heartbeats_as_primary_dies(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair_overheard(seed, true)?;
+    sim.attacker(AttackMode::ReplayFrom(0), 5 * MS);
+    sim.run_for(500 * MS);
+    let t0 = sim.now();
+    sim.crash(0);
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.role(1) == Some(Role::Primary) && sim.has_notice(1, "takeover"),
+        "n2 took over despite the replays",
+        &sim,
+    )?;
+    let takeover = ms_since(&sim, 1, "takeover", t0);
+    ensure(
+        takeover.is_some_and(|t| t <= 500.0),
+        "takeover within 0.5 s",
+        &sim,
+    )?;
+    let dropped = sim
+        .node(1)
+        .map_or(0, |n| n.status().counters.frames_replayed);
+    ensure(
+        sim.report().replays_delivered > 100 && dropped > 10,
+        &format!(
+            "replays reached n2 ({}) and n2 dropped its heartbeats and HELLOs among them as not fresh ({dropped})",
+            sim.report().replays_delivered
+        ),
+        &sim,
+    )?;
+    sim.restart(0);
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges after n1 returns",
+        &sim,
+    )?;
+    finish(&mut sim, "replayed-heartbeats", None, takeover)
+}
+
+/// An attacker replays every LAN packet it saw on the MSL and every MSL
+/// frame on the LAN, every 2 ms: each fails authentication (the domains
+/// have their own keys; the simulator fails the run if one verifies), and
+/// the pair runs on undisturbed.
+pub fn cross_domain_replays_rejected(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair_overheard(seed, true)?;
+    sim.attacker(AttackMode::CrossDomain, 2 * MS);
+    sim.run_for(3 * SEC);
+    let r = sim.report();
+    ensure(
+        r.attacks > 1000 && r.attacks_rejected > 1000 && r.replays_delivered == 0,
+        &format!(
+            "every cross-domain replay rejected ({} injected, {} rejected)",
+            r.attacks, r.attacks_rejected
+        ),
+        &sim,
+    )?;
+    ensure(
+        sim.roles_seen(0) == [Role::Secondary, Role::Primary]
+            && sim.roles_seen(1) == [Role::Secondary]
+            && !sim.has_notice(0, "degraded"),
+        "no role change, no session lost",
+        &sim,
+    )?;
+    finish(&mut sim, "cross-domain-replays", None, None)
+}
+
 /// A scenario: runs with a seed, returns its figures or what failed.
 pub type ScenarioFn = fn(u64) -> Result<Outcome, String>;
 
@@ -628,5 +706,7 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         ("secondary-frozen-0.6s", secondary_frozen_short),
         ("secondary-frozen-10s", secondary_frozen_long),
         ("primary-frozen-2s", primary_frozen),
+        ("replayed-heartbeats", replayed_heartbeats_as_primary_dies),
+        ("cross-domain-replays", cross_domain_replays_rejected),
     ]
 }

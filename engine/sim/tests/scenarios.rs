@@ -82,3 +82,16 @@ fn test_primary_frozen_2s_is_replaced_acknowledges_nothing_and_rejoins() {
         assert!(t <= 500.0, "takeover took {t} ms");
     }
 }
+
+#[test]
+fn test_replayed_old_heartbeats_do_not_block_the_takeover() {
+    for o in run(scenario::replayed_heartbeats_as_primary_dies, &[1, 2, 3]) {
+        let t = o.takeover_ms.expect("takeover time measured");
+        assert!(t <= 500.0, "takeover took {t} ms");
+    }
+}
+
+#[test]
+fn test_lan_packets_replayed_on_the_msl_are_rejected() {
+    run(scenario::cross_domain_replays_rejected, &[1, 2]);
+}

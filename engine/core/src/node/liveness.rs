@@ -4,9 +4,11 @@
 
 use super::*;
 
-/// This node's own links: MSL carrier, LAN adapters, the heartbeat counter.
+/// This node's own links: MSL carrier, LAN adapters, the packet counter.
 pub(super) struct LocalLinks {
     pub(super) msl_carrier: bool,
+    /// The counter of the last HELLO or heartbeat sent in this epoch
+    /// (`Config::epoch`); the first is 1.
     pub(super) hb_counter: u64,
     pub(super) adapters: [AdapterHealth; MAX_ADAPTERS],
     pub(super) adapter_count: u8,
@@ -16,11 +18,17 @@ pub(super) struct LocalLinks {
 /// What this node knows of its peer: its last heartbeat and role, and
 /// whether the pair was in sync when it last saw it.
 pub(super) struct PeerView {
+    /// The newest heartbeat heard on either path.
     pub(super) last_hb: Option<Heartbeat>,
     pub(super) role: Option<Role>,
     pub(super) was_in_sync: bool,
-    pub(super) hb_counter: u64,
-    pub(super) hb_counter_lan: u64,
+    /// `(epoch, counter)` of `last_hb`.
+    pub(super) newest: Stamp,
+    /// The newest `(epoch, counter)` heard on each path: a HELLO or
+    /// heartbeat not newer than it is a replay (or a duplicate, or
+    /// reordered) and is dropped, whatever the path's state.
+    pub(super) fresh_msl: Stamp,
+    pub(super) fresh_lan: Stamp,
     /// MSL lost while the primary was still heard on the LAN: waiting for
     /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
     pub(super) msl_lost_pending: bool,
@@ -38,6 +46,10 @@ pub(super) struct StallGuard {
     /// that long to show it, acknowledging a write alone could lose it.
     pub(super) hold_until: Option<Micros>,
 }
+
+/// A HELLO's or heartbeat's `(epoch, counter)`: ordered lexicographically,
+/// a restarted sender's first packet is newer than anything it sent before.
+pub(super) type Stamp = (u64, u64);
 
 /// Whether the peer is heard on one path (MSL or LAN).
 #[derive(Clone, Copy, Debug, Default)]
@@ -98,10 +110,14 @@ impl PathLiveness {
 }
 
 impl<H: Payload> Node<H> {
+    /// The next `(epoch, counter)` for a HELLO or heartbeat.
+    pub(super) fn next_stamp(&mut self) -> Stamp {
+        self.local.hb_counter += 1;
+        (self.cfg.epoch, self.local.hb_counter)
+    }
+
     pub(super) fn my_heartbeat(&mut self) -> Heartbeat {
-        // Strictly increasing across restarts (host clock), so receivers can
-        // drop replays without being fooled by a restarted sender.
-        self.local.hb_counter = self.now.max(self.local.hb_counter + 1);
+        let (epoch, counter) = self.next_stamp();
         Heartbeat {
             role: self.role,
             disk: if self.failed {
@@ -113,7 +129,8 @@ impl<H: Payload> Node<H> {
             in_sync: self.in_sync(),
             adapters: self.local.adapters,
             adapter_count: self.local.adapter_count,
-            counter: self.local.hb_counter,
+            counter,
+            epoch,
         }
     }
 
@@ -314,6 +331,7 @@ impl<H: Payload> Node<H> {
             let ack = self.hs.peer_hello_seen.unwrap_or(0);
             let h = self.header(0, ack);
             let hello = self.my_hello();
+            let hello = self.stamped(hello);
             self.emit(Action::SendMsl {
                 header: h,
                 msg: Message::Hello(hello),
@@ -374,10 +392,14 @@ impl<H: Payload> Node<H> {
             self.counters.frames_from_stranger += 1;
             return;
         }
-        if hb.counter <= self.peer.hb_counter_lan && self.lan.alive() {
-            return; // replayed or reordered
+        let stamp = (hb.epoch, hb.counter);
+        if stamp <= self.peer.fresh_lan {
+            // Replayed, duplicated or reordered: neither liveness nor the
+            // peer's role or health.
+            self.counters.frames_replayed += 1;
+            return;
         }
-        self.peer.hb_counter_lan = hb.counter;
+        self.peer.fresh_lan = stamp;
         let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
         let last = &mut self.local.adapter_last_rx[i];
         *last = Some(last.map_or(arrived, |t| t.max(arrived)));
@@ -413,7 +435,7 @@ impl<H: Payload> Node<H> {
             && self.session.is_none()
             && hb.role == Role::Secondary
             && !hb.msl_up
-            && hb.counter > self.switchover.hb_floor
+            && stamp > self.switchover.hb_floor
             && header.generation == self.meta.gens.history[0]
             && hb.adapters[..n].iter().any(|a| a.reachable)
         {
@@ -432,8 +454,8 @@ impl<H: Payload> Node<H> {
         // it had.
         let peer_was_primary = self.peer.role == Some(Role::Primary) || hb.role == Role::Primary;
         self.peer.role = Some(hb.role);
-        if hb.counter > self.peer.hb_counter {
-            self.peer.hb_counter = hb.counter;
+        if (hb.epoch, hb.counter) > self.peer.newest {
+            self.peer.newest = (hb.epoch, hb.counter);
             self.peer.last_hb = Some(hb);
         }
         // A primary that reports its disk failed is as good as dead.
@@ -479,9 +501,25 @@ impl<H: Payload> Node<H> {
             self.counters.frames_from_stranger += 1;
             return;
         }
-        if self.msl.heard(arrived) {
-            self.peer.msl_lost_pending = false;
-            self.notify(Notice::PeerFound { path: Path::Msl });
+        let stamp = match &msg {
+            Message::Hello(h) => Some((h.epoch, h.counter)),
+            Message::Heartbeat(hb) => Some((hb.epoch, hb.counter)),
+            _ => None,
+        };
+        if let Some(stamp) = stamp {
+            if stamp <= self.peer.fresh_msl {
+                // A replayed HELLO never ends a session, a replayed
+                // heartbeat never keeps the path alive.
+                self.counters.frames_replayed += 1;
+                return;
+            }
+            self.peer.fresh_msl = stamp;
+            // Only the peer's own fresh packets show it alive: any other
+            // frame could be a capture replayed by someone else.
+            if self.msl.heard(arrived) {
+                self.peer.msl_lost_pending = false;
+                self.notify(Notice::PeerFound { path: Path::Msl });
+            }
         }
         match msg {
             Message::Hello(h) => self.on_hello(header, h),

@@ -201,7 +201,7 @@ impl<H: Payload> Node<H> {
             switchover: SwitchoverState {
                 running: None,
                 unconfirmed: false,
-                hb_floor: 0,
+                hb_floor: (0, 0),
             },
             writes: WritePath {
                 next_wid: 1,
@@ -244,8 +244,9 @@ impl<H: Payload> Node<H> {
                 last_hb: None,
                 role: None,
                 was_in_sync: false,
-                hb_counter: 0,
-                hb_counter_lan: 0,
+                newest: (0, 0),
+                fresh_msl: (0, 0),
+                fresh_lan: (0, 0),
             },
             local: LocalLinks {
                 msl_carrier: true,

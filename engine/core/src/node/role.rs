@@ -18,9 +18,9 @@ pub(super) struct SwitchoverState {
     /// session ended before the peer confirmed taking it: until the peer
     /// shows which way it went, nobody may be serving.
     pub(super) unconfirmed: bool,
-    /// The peer's newest LAN heartbeat counter when the handover was sent:
-    /// only a heartbeat sent after it can show the handover did not land.
-    pub(super) hb_floor: u64,
+    /// The peer's newest LAN heartbeat when the handover was sent: only a
+    /// heartbeat sent after it can show the handover did not land.
+    pub(super) hb_floor: liveness::Stamp,
 }
 
 /// Why the role or the disk state changes.
@@ -330,7 +330,7 @@ impl<H: Payload> Node<H> {
         }
         let id = self.rng.nonzero();
         self.transition(Reason::HandoverSent);
-        self.switchover.hb_floor = self.peer.hb_counter_lan;
+        self.switchover.hb_floor = self.peer.fresh_lan;
         if let Some(s) = self.session.as_mut() {
             s.decision.strategy = Strategy::TargetBitmap;
         }

@@ -341,6 +341,8 @@ fn test_source_crash_mid_resync_resumes_from_persisted_progress() {
     let limited = |id: u16, meta: Meta, now: Micros| {
         let mut cfg = Config::new(id, 3 - id, 7, BLOCKS, 4096);
         cfg.resync_max_bytes_per_s = 100 * 4096; // 100 blocks per second
+                                                 // Every start of a node has the next epoch (the host persists it).
+        cfg.epoch = u64::from(now > 0);
         Node::new(cfg, meta, u64::from(id), now)
     };
     let mut a = limited(1, Meta::create(7, 1, BLOCKS, 4096, Some(5)), 0);
@@ -742,7 +744,7 @@ fn test_switchover_role_taken_back_only_on_a_heartbeat_that_proves_it() {
         let h = b.header(0, 0);
         let mut hb = b.my_heartbeat();
         hb.msl_up = false;
-        hb.counter = a.peer.hb_counter_lan;
+        (hb.epoch, hb.counter) = a.peer.fresh_lan;
         (h, hb)
     };
     a.handle(200_000, Event::Admin(AdminCmd::Switchover));
@@ -1011,4 +1013,72 @@ fn test_stalled_primary_holds_writes_and_reads_for_a_dead_interval() {
     assert!(!acts
         .iter()
         .any(|x| matches!(x, Action::ServiceAddress { hold: false })));
+}
+
+#[test]
+fn test_replayed_heartbeat_dropped_even_on_a_dead_path() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    // b's heartbeat as a captured it, and a newer one.
+    let (h, old) = (b.header(0, 0), b.my_heartbeat());
+    let newer = b.my_heartbeat();
+    lan_hb(&mut a, 200_100, h, newer);
+    let replayed = a.status().counters.frames_replayed;
+    // b falls silent: a's LAN path dies (a stays primary, degraded).
+    let mut t = 200_100;
+    while t < 700_000 {
+        t += 50_000;
+        a.handle(t, Event::Tick);
+    }
+    assert!(!a.status().lan_alive);
+    let mut old_secondary = old;
+    old_secondary.role = Role::Primary;
+    lan_hb(&mut a, 700_001, h, old_secondary);
+    assert!(!a.status().lan_alive, "a replay does not revive the path");
+    assert_eq!(a.status().counters.frames_replayed, replayed + 1);
+    assert_eq!(a.status().peer_role, Some(Role::Secondary));
+    // b restarts: its next epoch's first heartbeat is newer than anything
+    // of the previous one.
+    let mut restarted = b.my_heartbeat();
+    (restarted.epoch, restarted.counter) = (old.epoch + 1, 1);
+    lan_hb(&mut a, 700_002, h, restarted);
+    assert!(a.status().lan_alive);
+    assert_eq!(a.status().counters.frames_replayed, replayed + 1);
+}
+
+#[test]
+fn test_replayed_hello_never_ends_a_live_session() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.in_sync());
+    // A HELLO of b's that a already had (same epoch, an older counter),
+    // claiming a new session: a replay, not a restart of b.
+    let mut hello = b.my_hello();
+    hello.session ^= 1 << 40;
+    hello.counter = 1;
+    let h = b.header(0, 0);
+    let replayed = a.status().counters.frames_replayed;
+    a.handle(
+        200_100,
+        Event::MslFrame {
+            header: h,
+            msg: Message::Hello(hello),
+            payload: None,
+            arrived: 200_100,
+        },
+    );
+    assert!(a.in_sync(), "session still up");
+    assert_eq!(a.status().counters.frames_replayed, replayed + 1);
+    // The same HELLO from b's next start ends it (a restarted peer).
+    hello.epoch += 1;
+    a.handle(
+        200_200,
+        Event::MslFrame {
+            header: h,
+            msg: Message::Hello(hello),
+            payload: None,
+            arrived: 200_200,
+        },
+    );
+    assert!(!a.in_sync());
 }
