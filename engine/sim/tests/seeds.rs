@@ -20,11 +20,13 @@ fn test_random_faults_1000_seeds_safe_and_converge() {
 /// Regression seeds found while building the core (each was a real bug;
 /// 48 and 272: a secondary frozen mid-switchover became primary from the
 /// handover queued while it was frozen, after the old primary had taken
-/// the role back, and acknowledged writes alone).
+/// the role back, and acknowledged writes alone; 2228: a node that took
+/// over from a peer whose disk failed, shortly after a stall, stepped down
+/// on a heartbeat the peer had sent as primary before the failure).
 #[test]
 fn test_regression_seeds() {
     for seed in [
-        18, 19, 48, 84, 187, 191, 196, 272, 512, 838, 839, 1073, 1292,
+        18, 19, 48, 84, 187, 191, 196, 272, 512, 838, 839, 1073, 1292, 2228,
     ] {
         if let Err(e) = run_seed(seed, false) {
             panic!("{e}");

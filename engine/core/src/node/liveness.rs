@@ -209,11 +209,15 @@ impl<H: Payload> Node<H> {
     }
 
     /// A fresh packet shows the peer as `role` in `generation`. A primary
-    /// holding after a stall that hears the peer as primary in another
-    /// generation was replaced while it did not run: it steps down. True
-    /// if it did.
+    /// holding after a stall that hears the peer as primary in a generation
+    /// it does not know was replaced while it did not run: it steps down.
+    /// A generation in its own history is one this node has moved on from
+    /// (a packet the peer sent before this node took over from it). True
+    /// if it stepped down.
     pub(super) fn check_deposed(&mut self, role: Role, generation: u64) -> bool {
-        if self.stall_hold() && role == Role::Primary && generation != self.meta.gens.current {
+        let g = &self.meta.gens;
+        let unknown = generation != g.current && !g.history.contains(&generation);
+        if self.stall_hold() && role == Role::Primary && unknown {
             self.depose();
             return true;
         }
