@@ -1514,10 +1514,13 @@ impl Sim {
                 }
             }
             Ev::Lan { to, epoch, frame } => {
-                if self.nodes[to].epoch == epoch && !self.lan_cut && self.nodes[to].lan_adapter_ok {
+                // The attacker sits on the receiver's side of a LAN cut.
+                let cut = self.lan_cut && !self.injected.contains_key(&frame);
+                if self.nodes[to].epoch == epoch && !cut && self.nodes[to].lan_adapter_ok {
                     self.on_frame(to, frame, true);
                 } else {
                     self.frames.remove(&frame);
+                    self.injected.remove(&frame);
                 }
             }
             Ev::DiskDone { node, epoch, io } => {

@@ -661,6 +661,49 @@ pub fn replayed_heartbeats_as_primary_dies(seed: u64) -> Result<Outcome, String>
     finish(&mut sim, "replayed-heartbeats", None, takeover)
 }
 
+/// The LAN between the servers is cut (the secondary hears the primary
+/// on the MSL only, its LAN path dead), and an attacker on the
+/// secondary's side of the cut replays the primary's earlier packets.
+/// Then the primary dies. The replays must not revive the dead LAN path
+/// (which would make the secondary see the primary alive on the LAN once
+/// the MSL falls silent, shut its mirror side down and never take over):
+/// a packet is judged fresh whatever the state of its path.
+pub fn replayed_heartbeats_on_a_dead_lan(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair_overheard(seed, true)?;
+    sim.set_lan_cut(true);
+    sim.run_for(SEC);
+    ensure(
+        sim.node(1)
+            .is_some_and(|n| !n.status().lan_alive && n.in_sync()),
+        "n2 in sync over the MSL, its LAN path dead",
+        &sim,
+    )?;
+    sim.attacker(AttackMode::ReplayFrom(0), 5 * MS);
+    sim.run_for(500 * MS);
+    let t0 = sim.now();
+    sim.crash(0);
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.role(1) == Some(Role::Primary) && !sim.has_notice(1, "mirror_shut_down"),
+        "n2 took over despite the replays on its dead LAN path",
+        &sim,
+    )?;
+    let takeover = ms_since(&sim, 1, "takeover", t0);
+    ensure(
+        takeover.is_some_and(|t| t <= 500.0),
+        "takeover within 0.5 s",
+        &sim,
+    )?;
+    sim.set_lan_cut(false);
+    sim.restart(0);
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges after n1 returns",
+        &sim,
+    )?;
+    finish(&mut sim, "replayed-heartbeats-dead-lan", None, takeover)
+}
+
 /// An attacker replays every LAN packet it saw on the MSL and every MSL
 /// frame on the LAN, every 2 ms: each fails authentication (the domains
 /// have their own keys; the simulator fails the run if one verifies), and
@@ -707,6 +750,10 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         ("secondary-frozen-10s", secondary_frozen_long),
         ("primary-frozen-2s", primary_frozen),
         ("replayed-heartbeats", replayed_heartbeats_as_primary_dies),
+        (
+            "replayed-heartbeats-dead-lan",
+            replayed_heartbeats_on_a_dead_lan,
+        ),
         ("cross-domain-replays", cross_domain_replays_rejected),
     ]
 }

@@ -95,3 +95,11 @@ fn test_replayed_old_heartbeats_do_not_block_the_takeover() {
 fn test_lan_packets_replayed_on_the_msl_are_rejected() {
     run(scenario::cross_domain_replays_rejected, &[1, 2]);
 }
+
+#[test]
+fn test_replayed_old_heartbeats_do_not_revive_a_dead_lan_path() {
+    for o in run(scenario::replayed_heartbeats_on_a_dead_lan, &[1, 2, 3]) {
+        let t = o.takeover_ms.expect("takeover time measured");
+        assert!(t <= 500.0, "takeover took {t} ms");
+    }
+}
