@@ -38,8 +38,14 @@ pub struct Config {
     /// core at least once per heartbeat interval, so a running node never
     /// sees a gap of more than one interval plus scheduling delay; the
     /// default, two intervals plus one of slack, leaves room for a loaded
-    /// host. Must stay below the dead interval: a stall just under the
-    /// threshold goes unnoticed and its length counts as silence.
+    /// host. At most the dead interval minus two heartbeat intervals: a
+    /// stall just under the threshold goes unnoticed, and the peer's
+    /// silence clock for this node started at its last heartbeat before the
+    /// stall (up to one interval earlier, two if that one was lost), so a
+    /// longer threshold lets the peer take over during a stall this node
+    /// never notices (msl-sim finds that at 390 ms with the default 400 ms
+    /// dead interval). Set it with the heartbeat interval: a threshold
+    /// under one interval is refused.
     pub stall_threshold_us: u64,
     /// Reliable-delivery window (messages in flight).
     pub window: usize,
@@ -171,7 +177,9 @@ impl Config {
             "stall_threshold_us",
             self.stall_threshold_us,
             self.heartbeat_interval_us,
-            self.dead_after_us() - 1,
+            self.dead_after_us()
+                .saturating_sub(2 * self.heartbeat_interval_us)
+                .max(self.heartbeat_interval_us),
         )?;
         range("window", self.window as u64, 1, 65536)?;
         range("rto_min_us", self.rto_min_us, 100, 1_000_000)?;
@@ -288,9 +296,11 @@ mod tests {
         c.peer_id = 1;
         assert_eq!(c.validate().unwrap_err().key, "peer_id");
         c.peer_id = 2;
-        // A stall threshold at or above the dead interval would let a stall
-        // pass for the peer's silence.
-        c.stall_threshold_us = c.dead_after_us();
+        // A stall threshold near the dead interval would let the peer take
+        // over during a stall this node never notices.
+        c.stall_threshold_us = c.dead_after_us() - 2 * c.heartbeat_interval_us;
+        assert_eq!(c.validate(), Ok(()));
+        c.stall_threshold_us += 1;
         assert_eq!(c.validate().unwrap_err().key, "stall_threshold_us");
         c.stall_threshold_us = c.heartbeat_interval_us - 1;
         assert_eq!(c.validate().unwrap_err().key, "stall_threshold_us");
