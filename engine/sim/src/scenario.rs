@@ -558,6 +558,33 @@ pub fn secondary_frozen_long(seed: u64) -> Result<Outcome, String> {
     secondary_frozen(seed, 10 * SEC, "secondary-frozen-10s")
 }
 
+/// Both paths drop everything for 300 ms (under the dead interval), then
+/// the secondary does not run for 140 ms (under the stall threshold, so
+/// it is not a stall) while the primary's heartbeats arrive again. When
+/// it runs, the frames that arrived meanwhile must count before any
+/// timer, by their arrival time: the primary was silent for 300 ms, not
+/// 440 ms, and the secondary must not take over from a live primary.
+pub fn outage_then_short_freeze(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    sim.set_msl_blackhole(true);
+    sim.set_lan_cut(true);
+    sim.run_for(300 * MS);
+    sim.set_msl_blackhole(false);
+    sim.set_lan_cut(false);
+    sim.freeze(1, 140 * MS);
+    sim.run_for(140 * MS);
+    sim.run_for(2 * SEC);
+    ensure(!sim.has_notice(1, "stalled"), "140 ms is not a stall", &sim)?;
+    ensure(
+        sim.roles_seen(1) == [Role::Secondary]
+            && sim.roles_seen(0) == [Role::Secondary, Role::Primary],
+        "n2 never took over, n1 stayed primary",
+        &sim,
+    )?;
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    finish(&mut sim, "outage-then-short-freeze", None, None)
+}
+
 /// The primary does not run for 2 s: the secondary takes over. When the
 /// old primary runs again it learns from the frames queued meanwhile that
 /// it was replaced: it acknowledges no write (the ones it held fail), gives
@@ -749,6 +776,7 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         ("secondary-frozen-0.6s", secondary_frozen_short),
         ("secondary-frozen-10s", secondary_frozen_long),
         ("primary-frozen-2s", primary_frozen),
+        ("outage-then-short-freeze", outage_then_short_freeze),
         ("replayed-heartbeats", replayed_heartbeats_as_primary_dies),
         (
             "replayed-heartbeats-dead-lan",

@@ -103,3 +103,8 @@ fn test_replayed_old_heartbeats_do_not_revive_a_dead_lan_path() {
         assert!(t <= 500.0, "takeover took {t} ms");
     }
 }
+
+#[test]
+fn test_frames_that_arrived_during_a_short_freeze_count_before_timers() {
+    run(scenario::outage_then_short_freeze, &[1, 2, 3]);
+}

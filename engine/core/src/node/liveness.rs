@@ -280,18 +280,20 @@ impl<H: Payload> Node<H> {
         self.end_session(Reason::Deposed.text());
     }
 
-    pub(super) fn on_timers(&mut self) {
+    /// Timers due at `now`. The peer's silence is judged (`judge`) only on
+    /// a Tick, after every input that arrived before it.
+    pub(super) fn on_timers(&mut self, judge: bool) {
         let now = self.now;
         let dead = self.cfg.dead_after_us();
-        if self.msl.expire(now, dead) {
+        if judge && self.msl.expire(now, dead) {
             self.notify(Notice::PeerLost { path: Path::Msl });
             self.on_msl_lost();
         }
-        if self.lan.expire(now, dead) {
+        if judge && self.lan.expire(now, dead) {
             self.notify(Notice::PeerLost { path: Path::Lan });
             self.on_lan_lost();
         }
-        if self.stall.hold_until.is_some_and(|t| now >= t) {
+        if judge && self.stall.hold_until.is_some_and(|t| now >= t) {
             // A full dead interval of running time without news of a
             // takeover: the paths that stayed silent died above (the
             // primary is degraded), the others carry the peer's word.

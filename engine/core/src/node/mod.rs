@@ -371,7 +371,9 @@ impl<H: Payload> Node<H> {
         self.out.pop()
     }
 
-    /// When the node next needs `handle(now, Event::Tick)`.
+    /// When the node next needs `handle(now, Event::Tick)`. The host feeds
+    /// every input that arrived by then first: the peer's silence is judged
+    /// on the Tick only.
     pub fn poll_timeout(&self) -> Micros {
         // `handle` just ran every timer due at `now`; a deadline at or before
         // `now` that is still pending waits on a condition, not on time.
@@ -436,6 +438,10 @@ impl<H: Payload> Node<H> {
         if gap > self.cfg.stall_threshold_us || matches!(ev, Event::InputOverrun) {
             self.on_stall(gap);
         }
+        // The peer is judged dead only on a Tick: the host feeds every
+        // input that arrived before it acts on a timer, so a frame still
+        // queued behind this event cannot be missed.
+        let judge = matches!(ev, Event::Tick);
         match ev {
             Event::Tick | Event::InputOverrun => {}
             Event::MslLink { up } => self.on_msl_link(up),
@@ -483,7 +489,7 @@ impl<H: Payload> Node<H> {
             Event::MetaFailed => self.fail("metadata"),
             Event::Admin(cmd) => self.on_admin(cmd),
         }
-        self.on_timers();
+        self.on_timers(judge);
         self.pump();
     }
 

@@ -1082,3 +1082,55 @@ fn test_replayed_hello_never_ends_a_live_session() {
     );
     assert!(!a.in_sync());
 }
+
+#[test]
+fn test_peer_judged_on_ticks_only_so_queued_frames_count_first() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    // b runs (ticks under the stall threshold apart); the primary's
+    // packets stop reaching it after 200 ms.
+    secondary_alone(&mut b, 200_000, 550_000, 50_000);
+    // The host feeds what queued while it was busy: first some other input
+    // (no verdict on the peer after it), then the primary's packets, which
+    // arrived in time, then the Tick.
+    b.handle(
+        620_000,
+        Event::LanAdapter {
+            adapter: 0,
+            link_up: true,
+            carrier: true,
+        },
+    );
+    assert!(b.status().msl_alive && b.status().lan_alive);
+    assert_eq!(b.role(), Role::Secondary);
+    let (h, hb) = (a.header(0, 0), a.my_heartbeat());
+    b.handle(
+        620_000,
+        Event::MslFrame {
+            header: h,
+            msg: Message::Heartbeat(hb),
+            payload: None,
+            arrived: 610_000,
+        },
+    );
+    let hb = a.my_heartbeat();
+    b.handle(
+        620_000,
+        Event::LanFrame {
+            adapter: 0,
+            header: h,
+            hb,
+            arrived: 610_000,
+        },
+    );
+    b.handle(620_000, Event::Tick);
+    assert_eq!(b.role(), Role::Secondary, "the primary was heard at 610 ms");
+    assert!(!drain(&mut b)
+        .iter()
+        .any(|x| matches!(x, Action::Notify(Notice::PeerLost { .. }))));
+    // Silent from then on: dead a full interval after the last arrival.
+    secondary_alone(&mut b, 620_000, 1_000_000, 10_000);
+    assert_eq!(b.role(), Role::Secondary);
+    secondary_alone(&mut b, 1_000_000, 1_020_000, 10_000);
+    assert_eq!(b.role(), Role::Primary);
+}
