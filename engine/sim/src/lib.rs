@@ -1793,7 +1793,23 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
             .unwrap_or(0);
         let secondary = 1 - primary;
         let hold = 100 * MS + r.below(2 * SEC);
-        match r.below(13) {
+        match r.below(14) {
+            13 => {
+                // Both paths drop everything for less than the dead
+                // interval, then the secondary does not run for less than
+                // the stall threshold while the primary's frames arrive
+                // again: it must read them before judging the primary (the
+                // primary, which heard nothing for longer, may go degraded).
+                let out = 250 * MS + r.below(90 * MS);
+                sim.set_msl_blackhole(true);
+                sim.set_lan_cut(true);
+                sim.run_for(out);
+                sim.set_msl_blackhole(false);
+                sim.set_lan_cut(false);
+                let d = 100 * MS + r.below(40 * MS);
+                sim.freeze(secondary, d);
+                sim.run_for(d);
+            }
             10 | 11 => {
                 // A node does not run for a while, at any moment (mid-write
                 // under the client load).

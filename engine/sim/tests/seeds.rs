@@ -22,11 +22,14 @@ fn test_random_faults_1000_seeds_safe_and_converge() {
 /// handover queued while it was frozen, after the old primary had taken
 /// the role back, and acknowledged writes alone; 2228: a node that took
 /// over from a peer whose disk failed, shortly after a stall, stepped down
-/// on a heartbeat the peer had sent as primary before the failure).
+/// on a heartbeat the peer had sent as primary before the failure; 560:
+/// a node restarted with its LAN adapter down took a replayed LAN heartbeat
+/// of the peer's previous start, reporting a failed disk, for news,
+/// although it had heard the peer's current start on the MSL).
 #[test]
 fn test_regression_seeds() {
     for seed in [
-        18, 19, 48, 84, 187, 191, 196, 272, 512, 838, 839, 1073, 1292, 2228,
+        18, 19, 48, 84, 187, 191, 196, 272, 512, 560, 838, 839, 1073, 1292, 2228,
     ] {
         if let Err(e) = run_seed(seed, false) {
             panic!("{e}");

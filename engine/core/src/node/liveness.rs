@@ -29,6 +29,10 @@ pub(super) struct PeerView {
     /// reordered) and is dropped, whatever the path's state.
     pub(super) fresh_msl: Stamp,
     pub(super) fresh_lan: Stamp,
+    /// The peer's newest epoch heard on either path: a packet from an
+    /// earlier one is a replay on every path (a path this node has not
+    /// heard the peer on since its own start knows no counter yet).
+    pub(super) epoch: u64,
     /// MSL lost while the primary was still heard on the LAN: waiting for
     /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
     pub(super) msl_lost_pending: bool,
@@ -399,13 +403,14 @@ impl<H: Payload> Node<H> {
             return;
         }
         let stamp = (hb.epoch, hb.counter);
-        if stamp <= self.peer.fresh_lan {
+        if stamp <= self.peer.fresh_lan || stamp.0 < self.peer.epoch {
             // Replayed, duplicated or reordered: neither liveness nor the
             // peer's role or health.
             self.counters.frames_replayed += 1;
             return;
         }
         self.peer.fresh_lan = stamp;
+        self.peer.epoch = stamp.0;
         let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
         let last = &mut self.local.adapter_last_rx[i];
         *last = Some(last.map_or(arrived, |t| t.max(arrived)));
@@ -513,13 +518,14 @@ impl<H: Payload> Node<H> {
             _ => None,
         };
         if let Some(stamp) = stamp {
-            if stamp <= self.peer.fresh_msl {
+            if stamp <= self.peer.fresh_msl || stamp.0 < self.peer.epoch {
                 // A replayed HELLO never ends a session, a replayed
                 // heartbeat never keeps the path alive.
                 self.counters.frames_replayed += 1;
                 return;
             }
             self.peer.fresh_msl = stamp;
+            self.peer.epoch = stamp.0;
             // Only the peer's own fresh packets show it alive: any other
             // frame could be a capture replayed by someone else.
             if self.msl.heard(arrived) {

@@ -247,6 +247,7 @@ impl<H: Payload> Node<H> {
                 newest: (0, 0),
                 fresh_msl: (0, 0),
                 fresh_lan: (0, 0),
+                epoch: 0,
             },
             local: LocalLinks {
                 msl_carrier: true,

@@ -1044,6 +1044,20 @@ fn test_replayed_heartbeat_dropped_even_on_a_dead_path() {
     lan_hb(&mut a, 700_002, h, restarted);
     assert!(a.status().lan_alive);
     assert_eq!(a.status().counters.frames_replayed, replayed + 1);
+    // From then on the previous epoch is over on every path, the MSL
+    // included (where a has heard nothing of the new one yet).
+    let mut stale = b.my_heartbeat();
+    stale.counter = u64::MAX;
+    a.handle(
+        700_003,
+        Event::MslFrame {
+            header: h,
+            msg: Message::Heartbeat(stale),
+            payload: None,
+            arrived: 700_003,
+        },
+    );
+    assert_eq!(a.status().counters.frames_replayed, replayed + 2);
 }
 
 #[test]
