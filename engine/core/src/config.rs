@@ -31,6 +31,22 @@ pub struct Config {
     pub heartbeat_interval_us: u64,
     /// The peer is dead on a path after this many missed heartbeats.
     pub miss_count: u32,
+    /// A gap longer than this between two calls of the core means the node
+    /// did not run (VM pause, SIGSTOP, a slow fsync on the core thread): its
+    /// own measurement of the peer's silence is void, so it restarts its
+    /// failure detection instead of concluding anything. The host wakes the
+    /// core at least once per heartbeat interval, so a running node never
+    /// sees a gap of more than one interval plus scheduling delay; the
+    /// default, two intervals plus one of slack, leaves room for a loaded
+    /// host. At most the dead interval minus two heartbeat intervals: a
+    /// stall just under the threshold goes unnoticed, and the peer's
+    /// silence clock for this node started at its last heartbeat before the
+    /// stall (up to one interval earlier, two if that one was lost), so a
+    /// longer threshold lets the peer take over during a stall this node
+    /// never notices (msl-sim finds that at 390 ms with the default 400 ms
+    /// dead interval). Set it with the heartbeat interval: a threshold
+    /// under one interval is refused.
+    pub stall_threshold_us: u64,
     /// Reliable-delivery window (messages in flight).
     pub window: usize,
     pub rto_initial_us: u64,
@@ -93,6 +109,7 @@ impl Config {
             write_mode: WriteMode::Sync,
             heartbeat_interval_us: 50_000,
             miss_count: 8,
+            stall_threshold_us: 150_000,
             window: 256,
             rto_initial_us: 20_000,
             rto_min_us: 2_000,
@@ -156,6 +173,14 @@ impl Config {
             1_000_000,
         )?;
         range("miss_count", u64::from(self.miss_count), 2, 100)?;
+        range(
+            "stall_threshold_us",
+            self.stall_threshold_us,
+            self.heartbeat_interval_us,
+            self.dead_after_us()
+                .saturating_sub(2 * self.heartbeat_interval_us)
+                .max(self.heartbeat_interval_us),
+        )?;
         range("window", self.window as u64, 1, 65536)?;
         range("rto_min_us", self.rto_min_us, 100, 1_000_000)?;
         range(
@@ -270,5 +295,14 @@ mod tests {
         c.miss_count = 8;
         c.peer_id = 1;
         assert_eq!(c.validate().unwrap_err().key, "peer_id");
+        c.peer_id = 2;
+        // A stall threshold near the dead interval would let the peer take
+        // over during a stall this node never notices.
+        c.stall_threshold_us = c.dead_after_us() - 2 * c.heartbeat_interval_us;
+        assert_eq!(c.validate(), Ok(()));
+        c.stall_threshold_us += 1;
+        assert_eq!(c.validate().unwrap_err().key, "stall_threshold_us");
+        c.stall_threshold_us = c.heartbeat_interval_us - 1;
+        assert_eq!(c.validate().unwrap_err().key, "stall_threshold_us");
     }
 }

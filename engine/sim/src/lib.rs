@@ -132,6 +132,61 @@ enum Ev {
     ClientReply { op: u64, ok: bool, frame: usize },
     ClientTick,
     Restart { node: usize },
+    Thaw { node: usize, epoch: u32 },
+    Attack,
+}
+
+/// What the attacker injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttackMode {
+    /// Anything: earlier frames and packets replayed as they were, on
+    /// their own path or on the other one (MSL bytes into the LAN and the
+    /// reverse), and forgeries (a real frame with one byte flipped, or
+    /// random bytes), to either node.
+    Mixed,
+    /// Only node `n`'s earlier frames and packets, replayed unchanged to
+    /// its peer on the path they were sent on.
+    ReplayFrom(usize),
+    /// Only frames and packets replayed on the other path.
+    CrossDomain,
+}
+
+/// An attacker on both wires, without the keys: it records what it sees
+/// and injects it back later.
+struct Attacker {
+    /// Injecting (else only recording).
+    active: bool,
+    mode: AttackMode,
+    /// Mean gap between two injections.
+    every_us: Micros,
+    rng: Rng,
+    /// Recorded frames: (sender, sent on the LAN, bytes).
+    seen: Vec<(usize, bool, Vec<u8>)>,
+}
+
+/// The most frames the attacker keeps (a random sample of all it saw).
+const ATTACKER_MEMORY: usize = 4096;
+
+/// What an injected frame is, for the check on arrival.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Injected {
+    /// Authentic, on the path it was sent on: parses; the core must drop it
+    /// as not fresh (or, for session frames, as a duplicate).
+    Replay,
+    /// Authentic but on the other path: must fail authentication.
+    CrossDomain,
+    /// Made up without the key: must be rejected by the parser.
+    Forged,
+}
+
+/// An input that reached a frozen node, fed to it when it thaws.
+#[derive(Clone, Debug)]
+enum Held {
+    /// Its host received it (frame, packet, disk completion, link change);
+    /// frames carry their arrival time.
+    Event(Event<Buf>),
+    /// A client request that reached the server.
+    Client(u64),
 }
 
 #[derive(Clone, Debug)]
@@ -215,6 +270,14 @@ impl Disk {
 struct SimNode {
     node: Option<Node<Buf>>,
     epoch: u32,
+    /// The node's start count, persisted with its metadata: every start
+    /// runs with the next one (`Config::epoch`).
+    boot_epoch: u64,
+    /// The process does not run (VM pause, SIGSTOP): its inputs queue up
+    /// in `held`, its disk and its peer go on.
+    frozen: bool,
+    held: Vec<Held>,
+
     disk: Disk,
     meta: Option<Vec<u8>>,
     ios: BTreeMap<u64, DiskOp>,
@@ -224,6 +287,8 @@ struct SimNode {
     cfg: Config,
     roles: Vec<Role>,
     notices: Vec<(Micros, Notice)>,
+    /// When this node acknowledged a client write.
+    acks: Vec<Micros>,
 }
 
 impl SimNode {
@@ -234,6 +299,8 @@ impl SimNode {
         self.epoch += 1;
         self.ios.clear();
         self.holds_address = false;
+        self.frozen = false;
+        self.held.clear();
     }
 }
 
@@ -278,6 +345,12 @@ pub struct Report {
     pub resyncs: u64,
     pub faults: Vec<String>,
     pub end_us: Micros,
+    /// Frames and packets the attacker injected.
+    pub attacks: u64,
+    /// Injected frames the parser rejected (forged, or on the wrong path).
+    pub attacks_rejected: u64,
+    /// Replays that parsed and reached a node (which must ignore them).
+    pub replays_delivered: u64,
 }
 
 /// The simulator.
@@ -290,12 +363,18 @@ pub struct Sim {
     nodes: [SimNode; 2],
     frames: BTreeMap<usize, Vec<u8>>,
     next_frame: usize,
-    key: wire::Key,
+    /// The cluster's keys, one per domain (derived from one master key, as
+    /// the daemon does): MSL frames and LAN packets never verify as each
+    /// other.
+    msl_key: wire::Key,
+    lan_key: wire::Key,
     msl_cut: bool,
     msl_blackhole: bool,
     lan_cut: bool,
     msl_link_free: [Micros; 2],
     double_cut_seen: bool,
+    attacker: Option<Attacker>,
+    injected: BTreeMap<usize, Injected>,
     events: u64,
     // client
     ops: BTreeMap<u64, Op>,
@@ -333,6 +412,9 @@ impl Sim {
             SimNode {
                 node: None,
                 epoch: 0,
+                boot_epoch: 0,
+                frozen: false,
+                held: Vec::new(),
                 disk: Disk::new(blocks),
                 meta: Some(meta.encode()),
                 ios: BTreeMap::new(),
@@ -342,6 +424,7 @@ impl Sim {
                 cfg,
                 roles: vec![Role::Secondary],
                 notices: Vec::new(),
+                acks: Vec::new(),
             }
         };
         let n1 = mk(1, 2, &mut rng);
@@ -358,12 +441,15 @@ impl Sim {
             nodes: [n1, n2],
             frames: BTreeMap::new(),
             next_frame: 0,
-            key: wire::Key(key),
+            msl_key: wire::Key::derive(&key, wire::Domain::Msl),
+            lan_key: wire::Key::derive(&key, wire::Domain::Lan),
             msl_cut: false,
             msl_blackhole: false,
             lan_cut: false,
             msl_link_free: [0; 2],
             double_cut_seen: false,
+            attacker: None,
+            injected: BTreeMap::new(),
             events: 0,
             ops: BTreeMap::new(),
             next_op: 1,
@@ -463,6 +549,10 @@ impl Sim {
         n.epoch += 1;
         n.ios.clear();
         n.holds_address = false;
+        n.frozen = false;
+        n.held.clear();
+        n.boot_epoch += 1;
+        n.cfg.epoch = n.boot_epoch;
         let node = Node::new(n.cfg.clone(), meta, seed, self.now);
         n.node = Some(node);
         n.next_tick = 0;
@@ -484,6 +574,14 @@ impl Sim {
     fn feed(&mut self, i: usize, ev: Event<Buf>) {
         let now = self.now;
         if self.nodes[i].node.is_none() {
+            return;
+        }
+        if self.nodes[i].frozen {
+            // The host queues it; the core sees it when it runs again. A
+            // timer is not an input: the thaw ends with one Tick.
+            if !matches!(ev, Event::Tick) {
+                self.nodes[i].held.push(Held::Event(ev));
+            }
             return;
         }
         if self.record.is_some() {
@@ -544,9 +642,10 @@ impl Sim {
                 {
                     return;
                 }
-                let Some(bytes) = self.encode(&header, &Message::Heartbeat(hb), None) else {
+                let Some(bytes) = self.encode(&header, &Message::Heartbeat(hb), None, true) else {
                     return;
                 };
+                self.overheard(i, true, &bytes);
                 let f = self.opts.lan;
                 if self.rng.chance(f.loss_ppm) {
                     return;
@@ -624,10 +723,12 @@ impl Sim {
         header: &Header,
         msg: &Message,
         payload: Option<&[u8]>,
+        lan: bool,
     ) -> Option<Vec<u8>> {
         let p = payload.unwrap_or(&[]);
         let mut out = vec![0u8; wire::buffer_len(msg, p.len(), true)];
-        match wire::emit(header, msg, p, Some(&self.key), &mut out) {
+        let key = if lan { &self.lan_key } else { &self.msl_key };
+        match wire::emit(header, msg, p, Some(key), &mut out) {
             Ok(n) => {
                 out.truncate(n);
                 Some(out)
@@ -643,9 +744,10 @@ impl Sim {
         if self.msl_cut || self.msl_blackhole {
             return;
         }
-        let Some(mut bytes) = self.encode(&header, &msg, payload.as_deref()) else {
+        let Some(mut bytes) = self.encode(&header, &msg, payload.as_deref(), false) else {
             return;
         };
+        self.overheard(i, false, &bytes);
         let f = self.opts.msl;
         if self.rng.chance(f.loss_ppm) {
             return;
@@ -749,11 +851,27 @@ impl Sim {
         let Some(bytes) = self.frames.remove(&frame) else {
             return;
         };
+        let injected = self.injected.remove(&frame);
         let expect = wire::Expect {
             cluster_id: CLUSTER,
-            key: Some(&self.key),
+            key: Some(if lan { &self.lan_key } else { &self.msl_key }),
         };
-        let parsed = match wire::parse(&bytes, &expect) {
+        let result = wire::parse(&bytes, &expect);
+        match (injected, &result) {
+            (Some(_), Err(_)) => self.report.attacks_rejected += 1,
+            (Some(Injected::Replay), Ok(_)) => self.report.replays_delivered += 1,
+            (Some(kind), Ok(p)) => {
+                let what = format!(
+                    "an injected {kind:?} frame ({:?}) verified on the {} path",
+                    p.msg,
+                    if lan { "LAN" } else { "MSL" }
+                );
+                self.fail(what);
+                return;
+            }
+            (None, _) => {}
+        }
+        let parsed = match result {
             Ok(p) => p,
             Err(wire::ParseError::UnknownType {
                 code,
@@ -843,6 +961,154 @@ impl Sim {
     fn planned_restart(&mut self, i: usize) {
         self.stop_clean(i);
         self.start_node(i);
+    }
+
+    /// Freeze node `i` for `d`: its process does not run (VM pause,
+    /// SIGSTOP, a slow fsync on the core thread) while its disk, the links
+    /// and its peer go on. Frames, packets, disk completions and client
+    /// requests for it queue up with their arrival times; on thaw they are
+    /// fed in arrival order, then one Tick (input before timers, as the
+    /// daemon does).
+    pub fn freeze(&mut self, i: usize, d: Micros) {
+        if self.nodes[i].node.is_none() || self.nodes[i].frozen {
+            return;
+        }
+        self.fault(
+            format!("n{} frozen for {} ms", i + 1, d / MS),
+            Some(format!("freeze n{} {} ms", i + 1, d / MS)),
+        );
+        self.nodes[i].frozen = true;
+        let e = self.nodes[i].epoch;
+        self.push(self.now + d, Ev::Thaw { node: i, epoch: e });
+    }
+
+    pub fn is_frozen(&self, i: usize) -> bool {
+        self.nodes[i].frozen
+    }
+
+    fn thaw(&mut self, i: usize) {
+        if !self.nodes[i].frozen {
+            return;
+        }
+        self.fault(format!("n{} runs again", i + 1), None);
+        self.nodes[i].frozen = false;
+        for h in std::mem::take(&mut self.nodes[i].held) {
+            match h {
+                Held::Event(ev) => self.feed(i, ev),
+                Held::Client(op) => {
+                    if self.nodes[i].node.is_some() {
+                        self.client_deliver(i, op);
+                    }
+                }
+            }
+        }
+        self.feed(i, Event::Tick);
+    }
+
+    /// Someone starts recording every frame and packet on both wires (a
+    /// sample of at most `ATTACKER_MEMORY`), for an attacker started later.
+    pub fn eavesdrop(&mut self) {
+        if self.attacker.is_none() {
+            let seed = self.rng.next_u64();
+            self.attacker = Some(Attacker {
+                active: false,
+                mode: AttackMode::Mixed,
+                every_us: 1,
+                rng: Rng::new(seed),
+                seen: Vec::new(),
+            });
+        }
+    }
+
+    /// Start an attacker on both wires that injects a frame every
+    /// `every_us` on average (see [`AttackMode`]), from now on, out of what
+    /// it recorded since `eavesdrop` (or from now).
+    pub fn attacker(&mut self, mode: AttackMode, every_us: Micros) {
+        self.fault(
+            format!("attacker on the wires ({mode:?}, every {every_us} us)"),
+            Some(format!("attacker {mode:?}")),
+        );
+        self.eavesdrop();
+        if let Some(a) = self.attacker.as_mut() {
+            let was = a.active;
+            (a.active, a.mode, a.every_us) = (true, mode, every_us.max(1));
+            if !was {
+                self.push(self.now + 1, Ev::Attack);
+            }
+        }
+    }
+
+    fn overheard(&mut self, from: usize, lan: bool, bytes: &[u8]) {
+        let (seen, rng) = match self.attacker.as_mut() {
+            Some(a) => (&mut a.seen, &mut a.rng),
+            None => return,
+        };
+        if seen.len() < ATTACKER_MEMORY {
+            seen.push((from, lan, bytes.to_vec()));
+        } else {
+            let k = rng.below(ATTACKER_MEMORY as u64) as usize;
+            seen[k] = (from, lan, bytes.to_vec());
+        }
+    }
+
+    fn attack(&mut self) {
+        let now = self.now;
+        let Some(a) = self.attacker.as_mut().filter(|a| a.active) else {
+            return;
+        };
+        let next = now + 1 + a.rng.below(2 * a.every_us);
+        let pool: Vec<usize> = match a.mode {
+            AttackMode::ReplayFrom(n) => (0..a.seen.len()).filter(|&k| a.seen[k].0 == n).collect(),
+            _ => (0..a.seen.len()).collect(),
+        };
+        let pick = (!pool.is_empty()).then(|| pool[a.rng.below(pool.len() as u64) as usize]);
+        let Some(k) = pick else {
+            self.push(next, Ev::Attack);
+            return;
+        };
+        let (from, lan, mut bytes) = a.seen[k].clone();
+        let roll = a.rng.below(100);
+        let (to, lan, kind) = match a.mode {
+            AttackMode::ReplayFrom(_) => (1 - from, lan, Injected::Replay),
+            AttackMode::CrossDomain => (1 - from, !lan, Injected::CrossDomain),
+            AttackMode::Mixed => {
+                let to = if a.rng.below(10) == 0 { from } else { 1 - from };
+                let on_lan = a.rng.below(2) == 0;
+                if roll < 55 {
+                    (to, lan, Injected::Replay)
+                } else if roll < 75 {
+                    (to, !lan, Injected::CrossDomain)
+                } else if roll < 90 {
+                    let at = a.rng.below(bytes.len() as u64) as usize;
+                    bytes[at] ^= 1 << a.rng.below(8);
+                    (to, on_lan, Injected::Forged)
+                } else {
+                    let len = 1 + a.rng.below(2 * bytes.len() as u64) as usize;
+                    bytes = (0..len).map(|_| a.rng.below(256) as u8).collect();
+                    (to, on_lan, Injected::Forged)
+                }
+            }
+        };
+        self.report.attacks += 1;
+        self.push(next, Ev::Attack);
+        let id = self.store_frame(bytes);
+        self.injected.insert(id, kind);
+        let epoch = self.nodes[to].epoch;
+        let at = now + 50;
+        let ev = if lan {
+            Ev::Lan {
+                to,
+                epoch,
+                frame: id,
+            }
+        } else {
+            Ev::Msl {
+                to,
+                epoch,
+                frame: id,
+            }
+        };
+        self.push(at, ev);
     }
 
     /// Trace a fault; `injected` names it in the report (heals pass None).
@@ -942,11 +1208,27 @@ impl Sim {
     }
 
     fn serving_node(&self) -> Option<usize> {
-        (0..2).find(|&i| {
-            self.nodes[i].holds_address
-                && self.nodes[i].lan_adapter_ok
-                && self.nodes[i].node.is_some()
-        })
+        let holders: Vec<usize> = (0..2)
+            .filter(|&i| {
+                self.nodes[i].holds_address
+                    && self.nodes[i].lan_adapter_ok
+                    && self.nodes[i].node.is_some()
+            })
+            .collect();
+        // A node that is frozen, or runs again but holds until it knows
+        // whether it was replaced, still has the address but its
+        // gratuitous ARP is older than a new holder's: clients follow the
+        // new one. Otherwise they stay where they were (during a double cut
+        // both hold it).
+        let settled = |i: &usize| {
+            let n = &self.nodes[*i];
+            !n.frozen && n.node.as_ref().is_some_and(|n| !n.holding_after_stall())
+        };
+        holders
+            .iter()
+            .copied()
+            .find(settled)
+            .or_else(|| holders.first().copied())
     }
 
     fn client_tick(&mut self) {
@@ -1085,6 +1367,7 @@ impl Sim {
         if result.is_ok() {
             if let (Some(op), Some(node)) = (self.ops.get(&req), self.nodes[i].node.as_ref()) {
                 if matches!(op.kind, OpKind::Write { .. }) {
+                    self.nodes[i].acks.push(self.now);
                     let g = node.meta().gens.current;
                     match self.generations.get(&g) {
                         Some(&other) if other != i => {
@@ -1231,10 +1514,13 @@ impl Sim {
                 }
             }
             Ev::Lan { to, epoch, frame } => {
-                if self.nodes[to].epoch == epoch && !self.lan_cut && self.nodes[to].lan_adapter_ok {
+                // The attacker sits on the receiver's side of a LAN cut.
+                let cut = self.lan_cut && !self.injected.contains_key(&frame);
+                if self.nodes[to].epoch == epoch && !cut && self.nodes[to].lan_adapter_ok {
                     self.on_frame(to, frame, true);
                 } else {
                     self.frames.remove(&frame);
+                    self.injected.remove(&frame);
                 }
             }
             Ev::DiskDone { node, epoch, io } => {
@@ -1244,7 +1530,17 @@ impl Sim {
             }
             Ev::ClientDeliver { node, epoch, op } => {
                 if self.nodes[node].epoch == epoch && self.nodes[node].node.is_some() {
-                    self.client_deliver(node, op);
+                    if self.nodes[node].frozen {
+                        self.nodes[node].held.push(Held::Client(op));
+                    } else {
+                        self.client_deliver(node, op);
+                    }
+                }
+            }
+            Ev::Attack => self.attack(),
+            Ev::Thaw { node, epoch } => {
+                if self.nodes[node].epoch == epoch {
+                    self.thaw(node);
                 }
             }
             Ev::ClientReply { op, ok, frame } => {
@@ -1261,8 +1557,17 @@ impl Sim {
         if (self.msl_cut || self.msl_blackhole) && self.lan_cut {
             self.double_cut_seen = true;
         }
+        // A node that does not run, or that runs again but holds everything
+        // until it knows whether it was replaced, cannot serve a client on
+        // the address it still has (its gratuitous ARP is older than the
+        // new holder's); it must settle within one dead interval.
         let holders: Vec<usize> = (0..2)
-            .filter(|&i| self.nodes[i].holds_address && self.nodes[i].node.is_some())
+            .filter(|&i| {
+                let n = &self.nodes[i];
+                n.holds_address
+                    && !n.frozen
+                    && n.node.as_ref().is_some_and(|n| !n.holding_after_stall())
+            })
             .collect();
         if holders.len() > 1 && !self.allow_dual_primary() {
             self.fail("both nodes hold the service address".into());
@@ -1302,6 +1607,11 @@ impl Sim {
             .map(|(t, _)| *t)
     }
 
+    /// When node `i` acknowledged client writes.
+    pub fn acks(&self, i: usize) -> &[Micros] {
+        &self.nodes[i].acks
+    }
+
     pub fn holds_address(&self, i: usize) -> bool {
         self.nodes[i].holds_address && self.nodes[i].node.is_some()
     }
@@ -1320,6 +1630,11 @@ impl Sim {
         }
     }
 
+    /// Simulator-wide figures so far (attacker counts among them).
+    pub fn report(&self) -> &Report {
+        &self.report
+    }
+
     pub fn node(&self, i: usize) -> Option<&Node<Buf>> {
         self.nodes[i].node.as_ref()
     }
@@ -1330,6 +1645,9 @@ impl Sim {
         let (Some(a), Some(b)) = (self.nodes[0].node.as_ref(), self.nodes[1].node.as_ref()) else {
             return false;
         };
+        if self.nodes.iter().any(|n| n.frozen) {
+            return false;
+        }
         let one_primary = (a.role() == Role::Primary) ^ (b.role() == Role::Primary);
         let (sa, sb) = (a.status(), b.status());
         let paths_up = sa.msl_alive && sa.lan_alive && sb.msl_alive && sb.lan_alive;
@@ -1435,6 +1753,17 @@ impl Sim {
     }
 }
 
+/// A freeze length from 50 ms to 10 s: shorter than the dead interval,
+/// around it, a few dead intervals, and long.
+fn freeze_len(r: &mut Rng) -> Micros {
+    match r.below(4) {
+        0 => 50 * MS + r.below(350 * MS),
+        1 => 350 * MS + r.below(300 * MS),
+        2 => 650 * MS + r.below(2 * SEC),
+        _ => 3 * SEC + r.below(7 * SEC),
+    }
+}
+
 /// One seeded run with random faults. Faults come one at a time (the
 /// product's guarantee is for single failures); each heals before the next.
 pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
@@ -1448,7 +1777,13 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
     o.lan.loss_ppm = r.below(40_000) as u32;
     o.lan.jitter_us = r.below(2_000);
     o.client_qd = 1 + r.below(6) as usize;
+    let attack = r.below(2) == 0;
+    let attack_every = 1 + r.below(30 * MS);
     let mut sim = Sim::new(o);
+    if attack {
+        // It records from the start and injects from the start.
+        sim.attacker(AttackMode::Mixed, attack_every);
+    }
     sim.start_pair()?;
     let episodes = 1 + r.below(3);
     for _ in 0..episodes {
@@ -1458,7 +1793,42 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
             .unwrap_or(0);
         let secondary = 1 - primary;
         let hold = 100 * MS + r.below(2 * SEC);
-        match r.below(10) {
+        match r.below(14) {
+            13 => {
+                // Both paths drop everything for less than the dead
+                // interval, then the secondary does not run for less than
+                // the stall threshold while the primary's frames arrive
+                // again: it must read them before judging the primary (the
+                // primary, which heard nothing for longer, may go degraded).
+                let out = 250 * MS + r.below(90 * MS);
+                sim.set_msl_blackhole(true);
+                sim.set_lan_cut(true);
+                sim.run_for(out);
+                sim.set_msl_blackhole(false);
+                sim.set_lan_cut(false);
+                let d = 100 * MS + r.below(40 * MS);
+                sim.freeze(secondary, d);
+                sim.run_for(d);
+            }
+            10 | 11 => {
+                // A node does not run for a while, at any moment (mid-write
+                // under the client load).
+                let who = if r.below(2) == 0 { primary } else { secondary };
+                let d = freeze_len(&mut r);
+                sim.freeze(who, d);
+                sim.run_for(d);
+            }
+            12 => {
+                // A freeze in the middle of the resync after a crash.
+                sim.crash(secondary);
+                sim.run_for(hold);
+                sim.restart(secondary);
+                sim.run_for(r.below(100 * MS));
+                let who = if r.below(2) == 0 { primary } else { secondary };
+                let d = freeze_len(&mut r);
+                sim.freeze(who, d);
+                sim.run_for(d);
+            }
             9 => {
                 // Administrator restarts the primary's daemon cleanly.
                 let (what, name) = (
@@ -1497,6 +1867,14 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
             }
             5 => {
                 sim.set_lan_adapter(primary, false);
+                if r.below(3) == 0 {
+                    // A freeze in the middle of the switchover it starts.
+                    sim.run_for(r.below(600 * MS));
+                    let who = if r.below(2) == 0 { primary } else { secondary };
+                    let d = freeze_len(&mut r);
+                    sim.freeze(who, d);
+                    sim.run_for(d);
+                }
                 sim.run_for(hold.max(SEC));
                 sim.set_lan_adapter(primary, true);
             }

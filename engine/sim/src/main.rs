@@ -112,8 +112,9 @@ fn main() -> ExitCode {
         return match r {
             Ok(r) => {
                 println!(
-                    "seed {seed}: ok ({} acked writes, {} reads checked, {} takeovers, {} resyncs, faults {:?})",
-                    r.acked_writes, r.reads_checked, r.takeovers, r.resyncs, r.faults
+                    "seed {seed}: ok ({} acked writes, {} reads checked, {} takeovers, {} resyncs, faults {:?}; attacker: {} injected, {} rejected by the parser, {} replays delivered)",
+                    r.acked_writes, r.reads_checked, r.takeovers, r.resyncs, r.faults,
+                    r.attacks, r.attacks_rejected, r.replays_delivered
                 );
                 ExitCode::SUCCESS
             }

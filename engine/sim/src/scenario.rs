@@ -6,7 +6,7 @@ use msl_core::node::Notice;
 use msl_core::AdminCmd;
 use msl_wire::Role;
 
-use crate::{Options, Sim, MS, SEC};
+use crate::{AttackMode, Options, Sim, MS, SEC};
 
 /// Figures from one scenario run.
 #[derive(Clone, Debug, Default)]
@@ -70,11 +70,20 @@ fn ms(us: u64) -> f64 {
 }
 
 fn pair(seed: u64) -> Result<Sim, String> {
+    pair_overheard(seed, false)
+}
+
+/// `pair`, with every frame and packet recorded from the start if
+/// `eavesdrop` (for an attacker started later).
+fn pair_overheard(seed: u64, eavesdrop: bool) -> Result<Sim, String> {
     let mut o = Options::new(seed);
     o.msl.loss_ppm = 5_000;
     o.lan.loss_ppm = 5_000;
     o.msl.jitter_us = 300;
     let mut sim = Sim::new(o);
+    if eavesdrop {
+        sim.eavesdrop();
+    }
     sim.start_pair()?;
     ensure(
         sim.role(0) == Some(Role::Primary),
@@ -504,6 +513,251 @@ pub fn saturated_msl_no_false_takeover(seed: u64) -> Result<Outcome, String> {
     finish(&mut sim, "saturated-msl", None, None)
 }
 
+/// A secondary that does not run for `d` (VM pause, SIGSTOP) does not take
+/// over when it runs again: the primary's frames that arrived meanwhile
+/// are read before any timer, and its silence counts only from when it
+/// runs. The primary meanwhile goes degraded (if the freeze outlasts its
+/// dead interval) and resyncs the secondary afterwards.
+fn secondary_frozen(seed: u64, d: u64, name: &'static str) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    sim.freeze(1, d);
+    sim.run_for(d);
+    let thawed = sim.now();
+    ensure(
+        sim.has_notice(1, "stalled"),
+        "n2 noticed that it stalled",
+        &sim,
+    )?;
+    sim.run_for(2 * SEC);
+    ensure(
+        !sim.has_notice(1, "takeover") && sim.roles_seen(1) == [Role::Secondary],
+        "n2 never took over",
+        &sim,
+    )?;
+    ensure(
+        sim.roles_seen(0) == [Role::Secondary, Role::Primary] && sim.holds_address(0),
+        "n1 stayed primary and kept the service address",
+        &sim,
+    )?;
+    ensure(
+        sim.acks(0).iter().any(|&t| t > thawed),
+        "n1 went on acknowledging writes",
+        &sim,
+    )?;
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    finish(&mut sim, name, None, None)
+}
+
+/// The secondary frozen for 0.6 s (longer than the dead interval).
+pub fn secondary_frozen_short(seed: u64) -> Result<Outcome, String> {
+    secondary_frozen(seed, 600 * MS, "secondary-frozen-0.6s")
+}
+
+/// The secondary frozen for 10 s.
+pub fn secondary_frozen_long(seed: u64) -> Result<Outcome, String> {
+    secondary_frozen(seed, 10 * SEC, "secondary-frozen-10s")
+}
+
+/// Both paths drop everything for 300 ms (under the dead interval), then
+/// the secondary does not run for 140 ms (under the stall threshold, so
+/// it is not a stall) while the primary's heartbeats arrive again. When
+/// it runs, the frames that arrived meanwhile must count before any
+/// timer, by their arrival time: the primary was silent for 300 ms, not
+/// 440 ms, and the secondary must not take over from a live primary.
+pub fn outage_then_short_freeze(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    sim.set_msl_blackhole(true);
+    sim.set_lan_cut(true);
+    sim.run_for(300 * MS);
+    sim.set_msl_blackhole(false);
+    sim.set_lan_cut(false);
+    sim.freeze(1, 140 * MS);
+    sim.run_for(140 * MS);
+    sim.run_for(2 * SEC);
+    ensure(!sim.has_notice(1, "stalled"), "140 ms is not a stall", &sim)?;
+    ensure(
+        sim.roles_seen(1) == [Role::Secondary]
+            && sim.roles_seen(0) == [Role::Secondary, Role::Primary],
+        "n2 never took over, n1 stayed primary",
+        &sim,
+    )?;
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    finish(&mut sim, "outage-then-short-freeze", None, None)
+}
+
+/// The primary does not run for 2 s: the secondary takes over. When the
+/// old primary runs again it learns from the frames queued meanwhile that
+/// it was replaced: it acknowledges no write (the ones it held fail), gives
+/// the service address up and rejoins as a resynced secondary.
+pub fn primary_frozen(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    let t0 = sim.now();
+    sim.freeze(0, 2 * SEC);
+    sim.run_for(2 * SEC);
+    let thawed = sim.now();
+    ensure(
+        sim.role(1) == Some(Role::Primary) && sim.has_notice(1, "takeover"),
+        "n2 took over while n1 was frozen",
+        &sim,
+    )?;
+    let takeover = ms_since(&sim, 1, "takeover", t0);
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.has_notice(0, "stalled"),
+        "n1 noticed that it stalled",
+        &sim,
+    )?;
+    ensure(
+        sim.role(0) == Some(Role::Secondary) && !sim.holds_address(0),
+        "n1 stepped down and released the service address",
+        &sim,
+    )?;
+    ensure(
+        sim.node(0)
+            .is_some_and(|n| n.status().counters.deposed == 1),
+        "n1 counted itself deposed once",
+        &sim,
+    )?;
+    ensure(
+        !sim.has_notice(0, "degraded"),
+        "n1 never went degraded",
+        &sim,
+    )?;
+    ensure(
+        sim.acks(0).iter().all(|&t| t < t0),
+        "n1 acknowledged nothing after it froze",
+        &sim,
+    )?;
+    ensure(
+        sim.acks(1).iter().any(|&t| t > thawed),
+        "n2 serves the client",
+        &sim,
+    )?;
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges with n2 primary",
+        &sim,
+    )?;
+    ensure(
+        sim.role(0) == Some(Role::Secondary) && sim.has_notice(0, "resync_finished"),
+        "n1 rejoined as a resynced secondary",
+        &sim,
+    )?;
+    finish(&mut sim, "primary-frozen-2s", None, takeover)
+}
+
+/// The primary dies while an attacker replays its earlier heartbeats (and
+/// every other frame it sent) to the secondary on both paths, every 5 ms:
+/// the replays are not fresh, so they neither keep the paths alive nor
+/// report the dead primary's role, and the secondary takes over in time.
+pub fn replayed_heartbeats_as_primary_dies(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair_overheard(seed, true)?;
+    sim.attacker(AttackMode::ReplayFrom(0), 5 * MS);
+    sim.run_for(500 * MS);
+    let t0 = sim.now();
+    sim.crash(0);
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.role(1) == Some(Role::Primary) && sim.has_notice(1, "takeover"),
+        "n2 took over despite the replays",
+        &sim,
+    )?;
+    let takeover = ms_since(&sim, 1, "takeover", t0);
+    ensure(
+        takeover.is_some_and(|t| t <= 500.0),
+        "takeover within 0.5 s",
+        &sim,
+    )?;
+    let dropped = sim
+        .node(1)
+        .map_or(0, |n| n.status().counters.frames_replayed);
+    ensure(
+        sim.report().replays_delivered > 100 && dropped > 10,
+        &format!(
+            "replays reached n2 ({}) and n2 dropped its heartbeats and HELLOs among them as not fresh ({dropped})",
+            sim.report().replays_delivered
+        ),
+        &sim,
+    )?;
+    sim.restart(0);
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges after n1 returns",
+        &sim,
+    )?;
+    finish(&mut sim, "replayed-heartbeats", None, takeover)
+}
+
+/// The LAN between the servers is cut (the secondary hears the primary
+/// on the MSL only, its LAN path dead), and an attacker on the
+/// secondary's side of the cut replays the primary's earlier packets.
+/// Then the primary dies. The replays must not revive the dead LAN path
+/// (which would make the secondary see the primary alive on the LAN once
+/// the MSL falls silent, shut its mirror side down and never take over):
+/// a packet is judged fresh whatever the state of its path.
+pub fn replayed_heartbeats_on_a_dead_lan(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair_overheard(seed, true)?;
+    sim.set_lan_cut(true);
+    sim.run_for(SEC);
+    ensure(
+        sim.node(1)
+            .is_some_and(|n| !n.status().lan_alive && n.in_sync()),
+        "n2 in sync over the MSL, its LAN path dead",
+        &sim,
+    )?;
+    sim.attacker(AttackMode::ReplayFrom(0), 5 * MS);
+    sim.run_for(500 * MS);
+    let t0 = sim.now();
+    sim.crash(0);
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.role(1) == Some(Role::Primary) && !sim.has_notice(1, "mirror_shut_down"),
+        "n2 took over despite the replays on its dead LAN path",
+        &sim,
+    )?;
+    let takeover = ms_since(&sim, 1, "takeover", t0);
+    ensure(
+        takeover.is_some_and(|t| t <= 500.0),
+        "takeover within 0.5 s",
+        &sim,
+    )?;
+    sim.set_lan_cut(false);
+    sim.restart(0);
+    ensure(
+        sim.run_until_converged(20 * SEC),
+        "pair converges after n1 returns",
+        &sim,
+    )?;
+    finish(&mut sim, "replayed-heartbeats-dead-lan", None, takeover)
+}
+
+/// An attacker replays every LAN packet it saw on the MSL and every MSL
+/// frame on the LAN, every 2 ms: each fails authentication (the domains
+/// have their own keys; the simulator fails the run if one verifies), and
+/// the pair runs on undisturbed.
+pub fn cross_domain_replays_rejected(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair_overheard(seed, true)?;
+    sim.attacker(AttackMode::CrossDomain, 2 * MS);
+    sim.run_for(3 * SEC);
+    let r = sim.report();
+    ensure(
+        r.attacks > 1000 && r.attacks_rejected > 1000 && r.replays_delivered == 0,
+        &format!(
+            "every cross-domain replay rejected ({} injected, {} rejected)",
+            r.attacks, r.attacks_rejected
+        ),
+        &sim,
+    )?;
+    ensure(
+        sim.roles_seen(0) == [Role::Secondary, Role::Primary]
+            && sim.roles_seen(1) == [Role::Secondary]
+            && !sim.has_notice(0, "degraded"),
+        "no role change, no session lost",
+        &sim,
+    )?;
+    finish(&mut sim, "cross-domain-replays", None, None)
+}
+
 /// A scenario: runs with a seed, returns its figures or what failed.
 pub type ScenarioFn = fn(u64) -> Result<Outcome, String>;
 
@@ -519,5 +773,15 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         ("saturated-msl", saturated_msl_no_false_takeover),
         ("admin-switchover-then-crash", admin_switchover_then_crash),
         ("admin-switchover-msl-cut", admin_switchover_msl_cut),
+        ("secondary-frozen-0.6s", secondary_frozen_short),
+        ("secondary-frozen-10s", secondary_frozen_long),
+        ("primary-frozen-2s", primary_frozen),
+        ("outage-then-short-freeze", outage_then_short_freeze),
+        ("replayed-heartbeats", replayed_heartbeats_as_primary_dies),
+        (
+            "replayed-heartbeats-dead-lan",
+            replayed_heartbeats_on_a_dead_lan,
+        ),
+        ("cross-domain-replays", cross_domain_replays_rejected),
     ]
 }

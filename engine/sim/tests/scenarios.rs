@@ -64,3 +64,47 @@ fn test_admin_switchover_then_new_primary_crash_loses_nothing() {
 fn test_admin_switchover_cut_before_the_handover_lands_keeps_a_primary() {
     run(scenario::admin_switchover_msl_cut, &[1, 2, 3, 4, 5]);
 }
+
+#[test]
+fn test_secondary_frozen_0_6s_does_not_take_over() {
+    run(scenario::secondary_frozen_short, &[1, 2, 3]);
+}
+
+#[test]
+fn test_secondary_frozen_10s_does_not_take_over() {
+    run(scenario::secondary_frozen_long, &[1, 2]);
+}
+
+#[test]
+fn test_primary_frozen_2s_is_replaced_acknowledges_nothing_and_rejoins() {
+    for o in run(scenario::primary_frozen, &[1, 2, 3]) {
+        let t = o.takeover_ms.expect("takeover time measured");
+        assert!(t <= 500.0, "takeover took {t} ms");
+    }
+}
+
+#[test]
+fn test_replayed_old_heartbeats_do_not_block_the_takeover() {
+    for o in run(scenario::replayed_heartbeats_as_primary_dies, &[1, 2, 3]) {
+        let t = o.takeover_ms.expect("takeover time measured");
+        assert!(t <= 500.0, "takeover took {t} ms");
+    }
+}
+
+#[test]
+fn test_lan_packets_replayed_on_the_msl_are_rejected() {
+    run(scenario::cross_domain_replays_rejected, &[1, 2]);
+}
+
+#[test]
+fn test_replayed_old_heartbeats_do_not_revive_a_dead_lan_path() {
+    for o in run(scenario::replayed_heartbeats_on_a_dead_lan, &[1, 2, 3]) {
+        let t = o.takeover_ms.expect("takeover time measured");
+        assert!(t <= 500.0, "takeover took {t} ms");
+    }
+}
+
+#[test]
+fn test_frames_that_arrived_during_a_short_freeze_count_before_timers() {
+    run(scenario::outage_then_short_freeze, &[1, 2, 3]);
+}

@@ -17,10 +17,20 @@ fn test_random_faults_1000_seeds_safe_and_converge() {
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
 }
 
-/// Regression seeds found while building the core (each was a real bug).
+/// Regression seeds found while building the core (each was a real bug;
+/// 48 and 272: a secondary frozen mid-switchover became primary from the
+/// handover queued while it was frozen, after the old primary had taken
+/// the role back, and acknowledged writes alone; 2228: a node that took
+/// over from a peer whose disk failed, shortly after a stall, stepped down
+/// on a heartbeat the peer had sent as primary before the failure; 560:
+/// a node restarted with its LAN adapter down took a replayed LAN heartbeat
+/// of the peer's previous start, reporting a failed disk, for news,
+/// although it had heard the peer's current start on the MSL).
 #[test]
 fn test_regression_seeds() {
-    for seed in [18, 19, 84, 187, 191, 196, 512, 838, 839, 1073, 1292] {
+    for seed in [
+        18, 19, 48, 84, 187, 191, 196, 272, 512, 560, 838, 839, 1073, 1292, 2228,
+    ] {
         if let Err(e) = run_seed(seed, false) {
             panic!("{e}");
         }

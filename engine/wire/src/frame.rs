@@ -16,7 +16,7 @@
 //! ```
 //!
 //! All integers are big-endian. Everything here (field offsets, body layouts,
-//! type codes, flag bits) is fixed for `VERSION` 1; changing any of it needs a
+//! type codes, flag bits) is fixed for `VERSION` 2; changing any of it needs a
 //! version bump.
 //!
 //! [`parse`] validates a frame completely before returning it: after it
@@ -38,7 +38,9 @@ pub type Field = Range<usize>;
 /// Frame magic, "MS".
 pub const MAGIC: u16 = 0x4D53;
 /// Wire format version. Frames with any other version are refused.
-pub const VERSION: u8 = 1;
+/// Version 2: HELLO and HEARTBEAT carry the sender's start epoch (and
+/// HELLO a counter), so receivers can drop replays.
+pub const VERSION: u8 = 2;
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = field::HEADER_END;
 /// Length of the CRC32C trailer.
@@ -124,8 +126,12 @@ pub mod body {
         pub const DIRTY_BLOCKS: Field = 64..72;
         /// Session id.
         pub const SESSION: Field = 72..80;
+        /// Sender's start epoch.
+        pub const EPOCH: Field = 80..88;
+        /// Sender's packet counter in that epoch (shared with heartbeats).
+        pub const COUNTER: Field = 88..96;
         /// Body length.
-        pub const LEN: usize = 80;
+        pub const LEN: usize = 96;
     }
 
     /// DATA body.
@@ -181,11 +187,13 @@ pub mod body {
         pub const ADAPTER_COUNT: usize = 4;
         /// Must be zero.
         pub const RESERVED: Field = 5..8;
-        /// Sender's heartbeat counter.
+        /// Sender's packet counter in its epoch.
         pub const COUNTER: Field = 8..16;
+        /// Sender's start epoch.
+        pub const EPOCH: Field = 16..24;
         /// `MAX_ADAPTERS` entries of (link_up, carrier, reachable, reserved),
         /// always all encoded.
-        pub const ADAPTERS: usize = 16;
+        pub const ADAPTERS: usize = 24;
         /// Bytes per adapter entry.
         pub const ADAPTER_ENTRY_LEN: usize = 4;
         /// Body length.
@@ -261,6 +269,39 @@ pub mod body {
 /// Pre-shared key for frame authentication (blake3 keyed hash).
 #[derive(Clone)]
 pub struct Key(pub [u8; 32]);
+
+/// What a key authenticates. Each domain gets its own key, derived from the
+/// cluster's master key, so bytes captured in one domain never verify in
+/// another (a LAN server-state packet replayed on the MSL, or the reverse,
+/// fails its tag check).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Domain {
+    /// Frames on the mirrored server link.
+    Msl,
+    /// Server-state packets on the LAN.
+    Lan,
+    /// Packets to and from a witness.
+    Witness,
+}
+
+impl Domain {
+    /// The blake3 `derive_key` context string of the domain (fixed: changing
+    /// one changes every key derived for it).
+    pub const fn context(self) -> &'static str {
+        match self {
+            Domain::Msl => "msl mirrored server link frame key v1",
+            Domain::Lan => "msl LAN server-state packet key v1",
+            Domain::Witness => "msl witness packet key v1",
+        }
+    }
+}
+
+impl Key {
+    /// The key for one domain, derived from the cluster's master key.
+    pub fn derive(master: &[u8; 32], domain: Domain) -> Key {
+        Key(blake3::derive_key(domain.context(), master))
+    }
+}
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1017,6 +1058,8 @@ fn emit_body(msg: &Message, b: &mut [u8]) {
             }
             wr_u64(b, f::DIRTY_BLOCKS, h.dirty_blocks);
             wr_u64(b, f::SESSION, h.session);
+            wr_u64(b, f::EPOCH, h.epoch);
+            wr_u64(b, f::COUNTER, h.counter);
         }
         Message::Data(d) => {
             use body::data as f;
@@ -1045,6 +1088,7 @@ fn emit_body(msg: &Message, b: &mut [u8]) {
             b[f::IN_SYNC] = u8::from(hb.in_sync);
             b[f::ADAPTER_COUNT] = hb.adapter_count;
             wr_u64(b, f::COUNTER, hb.counter);
+            wr_u64(b, f::EPOCH, hb.epoch);
             for (i, a) in hb.adapters.iter().enumerate() {
                 let at = f::ADAPTERS + f::ADAPTER_ENTRY_LEN * i;
                 b[at] = u8::from(a.link_up);
@@ -1197,6 +1241,8 @@ fn parse_body(t: MsgType, b: &[u8]) -> Result<Message, ParseError> {
                 flags,
                 dirty_blocks: rd_u64(b, f::DIRTY_BLOCKS),
                 session: rd_u64(b, f::SESSION),
+                epoch: rd_u64(b, f::EPOCH),
+                counter: rd_u64(b, f::COUNTER),
             })
         }
         MsgType::Data => {
@@ -1271,6 +1317,7 @@ fn parse_body(t: MsgType, b: &[u8]) -> Result<Message, ParseError> {
                 adapters,
                 adapter_count,
                 counter: rd_u64(b, f::COUNTER),
+                epoch: rd_u64(b, f::EPOCH),
             })
         }
         MsgType::StateImage => {

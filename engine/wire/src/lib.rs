@@ -25,8 +25,8 @@ pub use frag::{
     Reassembler, ReassemblyError, MAX_FRAGMENTS,
 };
 pub use frame::{
-    body_len, buffer_len, emit, flags, parse, EmitError, Expect, Frame, Key, ParseError, Parsed,
-    RxCounters, CRC_LEN, HEADER_LEN, TAG_LEN, VERSION,
+    body_len, buffer_len, emit, flags, parse, Domain, EmitError, Expect, Frame, Key, ParseError,
+    Parsed, RxCounters, CRC_LEN, HEADER_LEN, TAG_LEN, VERSION,
 };
 pub use msg::*;
 

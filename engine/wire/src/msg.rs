@@ -85,6 +85,13 @@ pub struct Hello {
     /// Random per connection attempt; both sides restart sequence numbers
     /// for a new session pair.
     pub session: u64,
+    /// The sender's start epoch (one higher at every start of its daemon).
+    pub epoch: u64,
+    /// The sender's packet counter in `epoch`, shared with its heartbeats:
+    /// strictly increasing, so `(epoch, counter)` orders every HELLO and
+    /// heartbeat a node sends and a receiver drops one not newer than the
+    /// newest it has.
+    pub counter: u64,
 }
 
 /// Flags on DATA / RESYNC_DATA.
@@ -172,8 +179,10 @@ pub struct Heartbeat {
     pub adapters: [AdapterHealth; MAX_ADAPTERS],
     /// Number of valid entries in `adapters` (`<= MAX_ADAPTERS`).
     pub adapter_count: u8,
-    /// Monotonic per sender; lets receivers drop stale/replayed packets.
+    /// The sender's packet counter in `epoch` (see `Hello::counter`).
     pub counter: u64,
+    /// The sender's start epoch.
+    pub epoch: u64,
 }
 
 impl Heartbeat {

@@ -151,6 +151,10 @@ pub enum Event<H> {
     /// A `PersistMeta` action failed.
     MetaFailed,
     Admin(AdminCmd),
+    /// The host lost input: a receive queue overflowed, or the host knows
+    /// its threads did not run for a while. The node treats it as a stall
+    /// (see [`Notice::Stalled`]): whatever silence it measured is void.
+    InputOverrun,
 }
 
 /// Why a client request was refused.
@@ -255,6 +259,12 @@ pub enum Notice {
     DiskFailed {
         what: &'static str,
     },
+    /// This node did not run for `for_us` (or its host lost input): it
+    /// restarted its failure detection, and a primary holds new writes for
+    /// one dead interval until it knows the peer did not take over.
+    Stalled {
+        for_us: u64,
+    },
     Warning {
         what: &'static str,
     },
@@ -290,6 +300,7 @@ impl Notice {
             Notice::VerifyFinished { .. } => "verify_finished",
             Notice::VerifyAborted { .. } => "verify_aborted",
             Notice::DiskFailed { .. } => "disk_failed",
+            Notice::Stalled { .. } => "stalled",
             Notice::Warning { .. } => "warning",
         }
     }
@@ -356,6 +367,11 @@ impl fmt::Display for Notice {
                 ),
             },
             Notice::VerifyAborted { reason } => write!(f, "online verify aborted: {reason}"),
+            Notice::Stalled { for_us } => write!(
+                f,
+                "this node did not run for {} ms (or lost input): failure detection restarted, peer judged after a full dead interval",
+                for_us / 1000
+            ),
             Notice::Warning { what } => write!(f, "{what}"),
         }
     }
@@ -422,6 +438,15 @@ pub struct Counters {
     pub resync_blocks_received: u64,
     pub meta_writes: u64,
     pub retransmits: u64,
+    /// Heartbeats and HELLOs dropped because they were not newer than the
+    /// newest one heard from the peer on that path (replayed, duplicated or
+    /// reordered).
+    pub frames_replayed: u64,
+    /// Stalls this node detected (its own, or input its host lost).
+    pub stalls: u64,
+    /// Times this node, primary before a stall, found that the peer took
+    /// over meanwhile and stepped down without acknowledging a write.
+    pub deposed: u64,
 }
 
 /// Snapshot for `mslctl status`.

@@ -4,9 +4,11 @@
 
 use super::*;
 
-/// This node's own links: MSL carrier, LAN adapters, the heartbeat counter.
+/// This node's own links: MSL carrier, LAN adapters, the packet counter.
 pub(super) struct LocalLinks {
     pub(super) msl_carrier: bool,
+    /// The counter of the last HELLO or heartbeat sent in this epoch
+    /// (`Config::epoch`); the first is 1.
     pub(super) hb_counter: u64,
     pub(super) adapters: [AdapterHealth; MAX_ADAPTERS],
     pub(super) adapter_count: u8,
@@ -16,15 +18,42 @@ pub(super) struct LocalLinks {
 /// What this node knows of its peer: its last heartbeat and role, and
 /// whether the pair was in sync when it last saw it.
 pub(super) struct PeerView {
+    /// The newest heartbeat heard on either path.
     pub(super) last_hb: Option<Heartbeat>,
     pub(super) role: Option<Role>,
     pub(super) was_in_sync: bool,
-    pub(super) hb_counter: u64,
-    pub(super) hb_counter_lan: u64,
+    /// `(epoch, counter)` of `last_hb`.
+    pub(super) newest: Stamp,
+    /// The newest `(epoch, counter)` heard on each path: a HELLO or
+    /// heartbeat not newer than it is a replay (or a duplicate, or
+    /// reordered) and is dropped, whatever the path's state.
+    pub(super) fresh_msl: Stamp,
+    pub(super) fresh_lan: Stamp,
+    /// The peer's newest epoch heard on either path: a packet from an
+    /// earlier one is a replay on every path (a path this node has not
+    /// heard the peer on since its own start knows no counter yet).
+    pub(super) epoch: u64,
     /// MSL lost while the primary was still heard on the LAN: waiting for
     /// one more LAN heartbeat to tell "MSL broken" from "primary dead".
     pub(super) msl_lost_pending: bool,
 }
+
+/// Stalls: times this node did not run (or its host lost input), and the
+/// primary's hold on new writes after one.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct StallGuard {
+    /// When the last stall ended (the first call of the core after it).
+    pub(super) ended: Option<Micros>,
+    /// After a stall, until then (one dead interval of its own running
+    /// time), a primary starts no write and ends no session: the peer may
+    /// have taken over while it did not run, and until the peer has had
+    /// that long to show it, acknowledging a write alone could lose it.
+    pub(super) hold_until: Option<Micros>,
+}
+
+/// A HELLO's or heartbeat's `(epoch, counter)`: ordered lexicographically,
+/// a restarted sender's first packet is newer than anything it sent before.
+pub(super) type Stamp = (u64, u64);
 
 /// Whether the peer is heard on one path (MSL or LAN).
 #[derive(Clone, Copy, Debug, Default)]
@@ -39,13 +68,24 @@ impl PathLiveness {
         self.alive
     }
 
-    /// The peer was heard at `now`; true if the path just came alive.
-    pub(super) fn heard(&mut self, now: Micros) -> bool {
-        self.last_rx = Some(now);
+    /// A packet from the peer arrived at `arrived` (the host's receive
+    /// time, which may be earlier than the core's `now`); true if the path
+    /// just came alive.
+    pub(super) fn heard(&mut self, arrived: Micros) -> bool {
+        let t = self.last_rx.map_or(arrived, |t| t.max(arrived));
+        self.last_rx = Some(t);
         let found = !self.alive;
         self.alive = true;
-        debug_assert!(self.alive && self.last_rx == Some(now));
+        debug_assert!(self.alive && self.last_rx >= Some(arrived));
         found
+    }
+
+    /// The node did not run until `now`: a path that was alive gets a full
+    /// dead interval from `now` (silence counts only while the node runs).
+    pub(super) fn restart(&mut self, now: Micros) {
+        if self.alive {
+            self.last_rx = Some(now);
+        }
     }
 
     /// Declared dead at once (carrier lost); true if it was alive.
@@ -74,10 +114,14 @@ impl PathLiveness {
 }
 
 impl<H: Payload> Node<H> {
+    /// The next `(epoch, counter)` for a HELLO or heartbeat.
+    pub(super) fn next_stamp(&mut self) -> Stamp {
+        self.local.hb_counter += 1;
+        (self.cfg.epoch, self.local.hb_counter)
+    }
+
     pub(super) fn my_heartbeat(&mut self) -> Heartbeat {
-        // Strictly increasing across restarts (host clock), so receivers can
-        // drop replays without being fooled by a restarted sender.
-        self.local.hb_counter = self.now.max(self.local.hb_counter + 1);
+        let (epoch, counter) = self.next_stamp();
         Heartbeat {
             role: self.role,
             disk: if self.failed {
@@ -89,7 +133,8 @@ impl<H: Payload> Node<H> {
             in_sync: self.in_sync(),
             adapters: self.local.adapters,
             adapter_count: self.local.adapter_count,
-            counter: self.local.hb_counter,
+            counter,
+            epoch,
         }
     }
 
@@ -138,16 +183,126 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    pub(super) fn on_timers(&mut self) {
+    /// This node did not run for `for_us` (or its host lost input): the
+    /// silence it measured across the gap is void. Every path that was
+    /// alive gets a fresh, full dead interval, and a primary holds new
+    /// writes for that interval (see `StallGuard::hold_until`).
+    pub(super) fn on_stall(&mut self, for_us: Micros) {
+        let now = self.now;
+        self.counters.stalls += 1;
+        self.msl.restart(now);
+        self.lan.restart(now);
+        for i in 0..usize::from(self.local.adapter_count) {
+            if self.local.adapters[i].reachable {
+                self.local.adapter_last_rx[i] = Some(now);
+            }
+        }
+        self.stall.ended = Some(now);
+        // Also when secondary: input queued during the stall can make it
+        // primary (a handover the peer sent before it gave up on this node
+        // and took the role back).
+        self.stall.hold_until = Some(now + self.cfg.dead_after_us());
+        // Tell the peer at once that this node runs again.
+        self.timers.set(Timer::Heartbeat, now);
+        self.notify(Notice::Stalled { for_us });
+    }
+
+    /// A primary holding writes after a stall.
+    pub(super) fn stall_hold(&self) -> bool {
+        self.role == Role::Primary && self.stall.hold_until.is_some_and(|t| self.now < t)
+    }
+
+    /// A fresh packet shows the peer as `role` in `generation`. A primary
+    /// holding after a stall that hears the peer as primary in a generation
+    /// it does not know was replaced while it did not run: it steps down.
+    /// A generation in its own history is one this node has moved on from
+    /// (a packet the peer sent before this node took over from it). True
+    /// if it stepped down.
+    pub(super) fn check_deposed(&mut self, role: Role, generation: u64) -> bool {
+        let g = &self.meta.gens;
+        let unknown = generation != g.current && !g.history.contains(&generation);
+        if self.stall_hold() && role == Role::Primary && unknown {
+            self.depose();
+            return true;
+        }
+        false
+    }
+
+    /// Step down after the peer took over while this node did not run:
+    /// every client write not yet acknowledged fails (the new primary may
+    /// not have it, so it must never be acknowledged), the service address
+    /// goes, and the data is outdated until the new primary resyncs it.
+    /// The blocks this node may have written that the new primary lacks
+    /// (its activity log's extents and the writes in flight) are marked
+    /// out of sync, as after a crash of a primary.
+    pub(super) fn depose(&mut self) {
+        self.counters.deposed += 1;
+        self.stall.hold_until = None;
+        let e = self.cfg.extent_blocks;
+        for slot in self.actlog.slots.iter_mut() {
+            self.meta.dirty.set_range(slot.extent * e, e);
+            // Their completions are no longer looked for.
+            slot.in_flight = 0;
+        }
+        for p in self.ios.take_client_writes() {
+            self.meta.dirty.set_range(p.block, p.count);
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply {
+                req: p.req,
+                result: Err(ClientError::NotPrimary),
+            });
+        }
+        self.writes.inflight_wids.clear();
+        for q in core::mem::take(&mut self.writes.waiting) {
+            self.counters.client_writes_refused += 1;
+            self.emit(Action::Reply {
+                req: q.req,
+                result: Err(ClientError::NotPrimary),
+            });
+        }
+        for FlushWaiter { req, .. } in core::mem::take(&mut self.writes.flush_waiters) {
+            self.emit(Action::Reply {
+                req,
+                result: Err(ClientError::NotPrimary),
+            });
+        }
+        self.writes.local_flush_done.clear();
+        self.switchover.running = None;
+        self.switchover.unconfirmed = false;
+        // Never take over with this data: the new primary's writes are not
+        // here.
+        self.peer.was_in_sync = false;
+        self.peer.role = Some(Role::Primary);
+        self.transition(Reason::Deposed);
+        self.emit(Action::ServiceAddress { hold: false });
+        self.persist();
+        self.notify(Notice::RoleChanged {
+            role: Role::Secondary,
+            generation: self.meta.gens.current,
+            reason: Reason::Deposed.text(),
+        });
+        self.end_session(Reason::Deposed.text());
+    }
+
+    /// Timers due at `now`. The peer's silence is judged (`judge`) only on
+    /// a Tick, after every input that arrived before it.
+    pub(super) fn on_timers(&mut self, judge: bool) {
         let now = self.now;
         let dead = self.cfg.dead_after_us();
-        if self.msl.expire(now, dead) {
+        if judge && self.msl.expire(now, dead) {
             self.notify(Notice::PeerLost { path: Path::Msl });
             self.on_msl_lost();
         }
-        if self.lan.expire(now, dead) {
+        if judge && self.lan.expire(now, dead) {
             self.notify(Notice::PeerLost { path: Path::Lan });
             self.on_lan_lost();
+        }
+        if judge && self.stall.hold_until.is_some_and(|t| now >= t) {
+            // A full dead interval of running time without news of a
+            // takeover: the paths that stayed silent died above (the
+            // primary is degraded), the others carry the peer's word.
+            self.stall.hold_until = None;
+            self.start_waiting_writes();
         }
         for i in 0..usize::from(self.local.adapter_count) {
             self.local.adapters[i].reachable =
@@ -186,6 +341,7 @@ impl<H: Payload> Node<H> {
             let ack = self.hs.peer_hello_seen.unwrap_or(0);
             let h = self.header(0, ack);
             let hello = self.my_hello();
+            let hello = self.stamped(hello);
             self.emit(Action::SendMsl {
                 header: h,
                 msg: Message::Hello(hello),
@@ -235,19 +391,34 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    pub(super) fn on_lan_frame(&mut self, adapter: u8, header: Header, hb: Heartbeat) {
+    pub(super) fn on_lan_frame(
+        &mut self,
+        adapter: u8,
+        header: Header,
+        hb: Heartbeat,
+        arrived: Micros,
+    ) {
         if header.sender != self.cfg.peer_id {
             self.counters.frames_from_stranger += 1;
             return;
         }
-        if hb.counter <= self.peer.hb_counter_lan && self.lan.alive() {
-            return; // replayed or reordered
+        let stamp = (hb.epoch, hb.counter);
+        if stamp <= self.peer.fresh_lan || stamp.0 < self.peer.epoch {
+            // Replayed, duplicated or reordered: neither liveness nor the
+            // peer's role or health.
+            self.counters.frames_replayed += 1;
+            return;
         }
-        self.peer.hb_counter_lan = hb.counter;
+        self.peer.fresh_lan = stamp;
+        self.peer.epoch = stamp.0;
         let i = usize::from(adapter).min(MAX_ADAPTERS - 1);
-        self.local.adapter_last_rx[i] = Some(self.now);
-        if self.lan.heard(self.now) {
+        let last = &mut self.local.adapter_last_rx[i];
+        *last = Some(last.map_or(arrived, |t| t.max(arrived)));
+        if self.lan.heard(arrived) {
             self.notify(Notice::PeerFound { path: Path::Lan });
+        }
+        if self.check_deposed(hb.role, header.generation) {
+            return;
         }
         let peer_was = self.peer.role;
         self.observe_peer(hb);
@@ -275,7 +446,7 @@ impl<H: Payload> Node<H> {
             && self.session.is_none()
             && hb.role == Role::Secondary
             && !hb.msl_up
-            && hb.counter > self.switchover.hb_floor
+            && stamp > self.switchover.hb_floor
             && header.generation == self.meta.gens.history[0]
             && hb.adapters[..n].iter().any(|a| a.reachable)
         {
@@ -294,8 +465,8 @@ impl<H: Payload> Node<H> {
         // it had.
         let peer_was_primary = self.peer.role == Some(Role::Primary) || hb.role == Role::Primary;
         self.peer.role = Some(hb.role);
-        if hb.counter > self.peer.hb_counter {
-            self.peer.hb_counter = hb.counter;
+        if (hb.epoch, hb.counter) > self.peer.newest {
+            self.peer.newest = (hb.epoch, hb.counter);
             self.peer.last_hb = Some(hb);
         }
         // A primary that reports its disk failed is as good as dead.
@@ -330,18 +501,45 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    pub(super) fn on_msl_frame(&mut self, header: Header, msg: Message, payload: Option<H>) {
+    pub(super) fn on_msl_frame(
+        &mut self,
+        header: Header,
+        msg: Message,
+        payload: Option<H>,
+        arrived: Micros,
+    ) {
         if header.sender != self.cfg.peer_id || header.cluster_id != self.cfg.cluster_id {
             self.counters.frames_from_stranger += 1;
             return;
         }
-        if self.msl.heard(self.now) {
-            self.peer.msl_lost_pending = false;
-            self.notify(Notice::PeerFound { path: Path::Msl });
+        let stamp = match &msg {
+            Message::Hello(h) => Some((h.epoch, h.counter)),
+            Message::Heartbeat(hb) => Some((hb.epoch, hb.counter)),
+            _ => None,
+        };
+        if let Some(stamp) = stamp {
+            if stamp <= self.peer.fresh_msl || stamp.0 < self.peer.epoch {
+                // A replayed HELLO never ends a session, a replayed
+                // heartbeat never keeps the path alive.
+                self.counters.frames_replayed += 1;
+                return;
+            }
+            self.peer.fresh_msl = stamp;
+            self.peer.epoch = stamp.0;
+            // Only the peer's own fresh packets show it alive: any other
+            // frame could be a capture replayed by someone else.
+            if self.msl.heard(arrived) {
+                self.peer.msl_lost_pending = false;
+                self.notify(Notice::PeerFound { path: Path::Msl });
+            }
         }
         match msg {
             Message::Hello(h) => self.on_hello(header, h),
-            Message::Heartbeat(hb) => self.observe_peer(hb),
+            Message::Heartbeat(hb) => {
+                if !self.check_deposed(hb.role, header.generation) {
+                    self.observe_peer(hb);
+                }
+            }
             Message::Ack(a) => self.on_ack(a),
             _ => self.on_reliable(header, msg, payload),
         }

@@ -79,7 +79,7 @@ use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::ActivityLog;
 use apply::{ApplyPipeline, Blocks};
-use liveness::{LocalLinks, PathLiveness, PeerView};
+use liveness::{LocalLinks, PathLiveness, PeerView, StallGuard};
 use online_verify::OnlineVerify;
 use outbox::Outbox;
 use resync::ResyncProgress;
@@ -137,6 +137,8 @@ pub struct Node<H> {
     peer: PeerView,
     /// This node's own links.
     local: LocalLinks,
+    /// Stalls of this node and the primary's hold after one.
+    stall: StallGuard,
 
     /// The handshake's state across sessions.
     hs: Handshake,
@@ -192,13 +194,14 @@ impl<H: Payload> Node<H> {
             session: None,
             msl: PathLiveness::default(),
             lan: PathLiveness::default(),
+            stall: StallGuard::default(),
             ios: io::IoTable::new(),
             counters: Counters::default(),
             timers: TimerTable::new(),
             switchover: SwitchoverState {
                 running: None,
                 unconfirmed: false,
-                hb_floor: 0,
+                hb_floor: (0, 0),
             },
             writes: WritePath {
                 next_wid: 1,
@@ -241,8 +244,10 @@ impl<H: Payload> Node<H> {
                 last_hb: None,
                 role: None,
                 was_in_sync: false,
-                hb_counter: 0,
-                hb_counter_lan: 0,
+                newest: (0, 0),
+                fresh_msl: (0, 0),
+                fresh_lan: (0, 0),
+                epoch: 0,
             },
             local: LocalLinks {
                 msl_carrier: true,
@@ -288,12 +293,27 @@ impl<H: Payload> Node<H> {
         self.failed
     }
 
-    /// Whether this node may serve client reads and writes now.
+    /// Whether this node may serve client reads and writes now. Not while
+    /// it holds after a stall: the peer may have taken over and written
+    /// since (writes then wait in the core; reads are refused by the host).
     pub fn serving(&self) -> bool {
+        self.accepting() && !self.stall_hold()
+    }
+
+    /// Whether this node takes client writes and flushes in (it may still
+    /// hold them, see `serving`).
+    fn accepting(&self) -> bool {
         self.role == Role::Primary
             && !self.failed
             && self.meta.disk == DiskState::UpToDate
             && self.switchover.running.is_none()
+    }
+
+    /// A primary that stalled and does not yet know whether the peer took
+    /// over meanwhile: it holds writes and serves no reads (see
+    /// [`Notice::Stalled`]).
+    pub fn holding_after_stall(&self) -> bool {
+        self.stall_hold()
     }
 
     /// Connected to the peer, pair in sync.
@@ -352,7 +372,9 @@ impl<H: Payload> Node<H> {
         self.out.pop()
     }
 
-    /// When the node next needs `handle(now, Event::Tick)`.
+    /// When the node next needs `handle(now, Event::Tick)`. The host feeds
+    /// every input that arrived by then first: the peer's silence is judged
+    /// on the Tick only.
     pub fn poll_timeout(&self) -> Micros {
         // `handle` just ran every timer due at `now`; a deadline at or before
         // `now` that is still pending waits on a condition, not on time.
@@ -375,6 +397,9 @@ impl<H: Payload> Node<H> {
             at(d);
         }
         if let Some(d) = self.timers.get(Timer::SwitchoverDebounce) {
+            at(d);
+        }
+        if let Some(d) = self.stall.hold_until {
             at(d);
         }
         if self.role == Role::Primary && !self.actlog.slots.is_empty() {
@@ -406,9 +431,20 @@ impl<H: Payload> Node<H> {
 
     /// Feed one event at time `now`.
     pub fn handle(&mut self, now: Micros, ev: Event<H>) {
+        let before = self.now;
         self.now = self.now.max(now);
+        // Before anything else, and before any timer: a node that did not
+        // run cannot judge the peer by the silence it measured meanwhile.
+        let gap = self.now - before;
+        if gap > self.cfg.stall_threshold_us || matches!(ev, Event::InputOverrun) {
+            self.on_stall(gap);
+        }
+        // The peer is judged dead only on a Tick: the host feeds every
+        // input that arrived before it acts on a timer, so a frame still
+        // queued behind this event cannot be missed.
+        let judge = matches!(ev, Event::Tick);
         match ev {
-            Event::Tick => {}
+            Event::Tick | Event::InputOverrun => {}
             Event::MslLink { up } => self.on_msl_link(up),
             Event::LanAdapter {
                 adapter,
@@ -419,14 +455,14 @@ impl<H: Payload> Node<H> {
                 header,
                 msg,
                 payload,
-                arrived: _,
-            } => self.on_msl_frame(header, msg, payload),
+                arrived,
+            } => self.on_msl_frame(header, msg, payload, arrived.min(self.now)),
             Event::LanFrame {
                 adapter,
                 header,
                 hb,
-                arrived: _,
-            } => self.on_lan_frame(adapter, header, hb),
+                arrived,
+            } => self.on_lan_frame(adapter, header, hb, arrived.min(self.now)),
             Event::MslUnknownType {
                 must_understand, ..
             } => self.on_unknown_type(must_understand),
@@ -454,7 +490,7 @@ impl<H: Payload> Node<H> {
             Event::MetaFailed => self.fail("metadata"),
             Event::Admin(cmd) => self.on_admin(cmd),
         }
-        self.on_timers();
+        self.on_timers(judge);
         self.pump();
     }
 

@@ -18,9 +18,9 @@ pub(super) struct SwitchoverState {
     /// session ended before the peer confirmed taking it: until the peer
     /// shows which way it went, nobody may be serving.
     pub(super) unconfirmed: bool,
-    /// The peer's newest LAN heartbeat counter when the handover was sent:
-    /// only a heartbeat sent after it can show the handover did not land.
-    pub(super) hb_floor: u64,
+    /// The peer's newest LAN heartbeat when the handover was sent: only a
+    /// heartbeat sent after it can show the handover did not land.
+    pub(super) hb_floor: liveness::Stamp,
 }
 
 /// Why the role or the disk state changes.
@@ -50,6 +50,9 @@ pub(super) enum Reason {
     DiskFailure,
     /// Clean shutdown of a primary.
     Shutdown,
+    /// The primary stalled and the peer took over meanwhile: it steps down
+    /// and its data is outdated until the new primary resyncs it.
+    Deposed,
     /// MSL lost while the primary is alive on the LAN.
     MirrorShutDown,
     /// `mslctl invalidate`: full resync of this node from the peer.
@@ -72,7 +75,7 @@ pub(super) struct Transition {
 impl Reason {
     /// Every reason, in table order.
     #[cfg(test)]
-    pub(super) const ALL: [Reason; 16] = [
+    pub(super) const ALL: [Reason; 17] = [
         Reason::TakeoverPeerSilent,
         Reason::TakeoverPeerDiskFailed,
         Reason::PairStarted,
@@ -85,6 +88,7 @@ impl Reason {
         Reason::AdminDemoted,
         Reason::DiskFailure,
         Reason::Shutdown,
+        Reason::Deposed,
         Reason::MirrorShutDown,
         Reason::Invalidated,
         Reason::ResyncTargetStarted,
@@ -107,6 +111,7 @@ impl Reason {
             | Reason::AdminDemoted
             | Reason::DiskFailure
             | Reason::Shutdown => (Some(Primary), Some(Secondary), None),
+            Reason::Deposed => (Some(Primary), Some(Secondary), Some(Outdated)),
             Reason::ForcedUpToDate => (Some(Secondary), None, Some(UpToDate)),
             Reason::Invalidated => (Some(Secondary), None, Some(Inconsistent)),
             Reason::MirrorShutDown => (None, None, Some(Outdated)),
@@ -133,6 +138,7 @@ impl Reason {
             Reason::AdminDemoted => "administrator demoted this node",
             Reason::DiskFailure => "disk failure",
             Reason::Shutdown => "clean shutdown",
+            Reason::Deposed => "the peer took over while this node was stalled",
             Reason::MirrorShutDown => "MSL lost while the primary is alive on the LAN",
             Reason::Invalidated => "administrator invalidated the local data",
             Reason::ResyncTargetStarted => "resync into this node started",
@@ -253,7 +259,11 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn check_switchover(&mut self) {
-        if self.role != Role::Primary || self.switchover.running.is_some() || !self.in_sync() {
+        if self.role != Role::Primary
+            || self.switchover.running.is_some()
+            || !self.in_sync()
+            || self.stall_hold()
+        {
             self.timers.stop(Timer::SwitchoverDebounce);
             return;
         }
@@ -320,7 +330,7 @@ impl<H: Payload> Node<H> {
         }
         let id = self.rng.nonzero();
         self.transition(Reason::HandoverSent);
-        self.switchover.hb_floor = self.peer.hb_counter_lan;
+        self.switchover.hb_floor = self.peer.fresh_lan;
         if let Some(s) = self.session.as_mut() {
             s.decision.strategy = Strategy::TargetBitmap;
         }

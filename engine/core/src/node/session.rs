@@ -133,7 +133,16 @@ impl<H: Payload> Node<H> {
             flags,
             dirty_blocks: self.meta.dirty.count(),
             session: self.hs.my_session,
+            epoch: self.cfg.epoch,
+            counter: 0,
         }
+    }
+
+    /// `h` with the next `(epoch, counter)`: every HELLO sent, repeats
+    /// included, is newer than the last packet this node sent.
+    pub(super) fn stamped(&mut self, mut h: Hello) -> Hello {
+        (h.epoch, h.counter) = self.next_stamp();
+        h
     }
 
     /// Any change to what HELLO says starts a new session id, so a peer never
@@ -155,6 +164,7 @@ impl<H: Payload> Node<H> {
             });
             return;
         }
+        self.check_deposed(h.role, h.gens.current);
         self.peer.role = Some(h.role);
         if let Some(s) = &self.session {
             if s.peer_session == h.session {
@@ -164,6 +174,7 @@ impl<H: Payload> Node<H> {
                     // it. Establishing HELLOs are never answered, so this
                     // cannot loop.
                     let hello = s.my_hello;
+                    let hello = self.stamped(hello);
                     let hdr = self.header(0, h.session);
                     self.emit(Action::SendMsl {
                         header: hdr,
@@ -171,6 +182,13 @@ impl<H: Payload> Node<H> {
                         payload: None,
                     });
                 }
+                return;
+            }
+            if self.stall_hold() {
+                // The peer may have ended the session because this node
+                // was silent, and may take over next: a primary that ended
+                // it now would go degraded and acknowledge writes alone.
+                // Judged once the hold is over.
                 return;
             }
             // Peer restarted or its state changed: renegotiate.
@@ -284,6 +302,7 @@ impl<H: Payload> Node<H> {
         };
         // Tell the peer we established (it may still wait for our ack).
         let ack_hdr = self.header(0, peer.session);
+        let my_hello = self.stamped(my_hello);
         self.emit(Action::SendMsl {
             header: ack_hdr,
             msg: Message::Hello(my_hello),

@@ -341,6 +341,8 @@ fn test_source_crash_mid_resync_resumes_from_persisted_progress() {
     let limited = |id: u16, meta: Meta, now: Micros| {
         let mut cfg = Config::new(id, 3 - id, 7, BLOCKS, 4096);
         cfg.resync_max_bytes_per_s = 100 * 4096; // 100 blocks per second
+                                                 // Every start of a node has the next epoch (the host persists it).
+        cfg.epoch = u64::from(now > 0);
         Node::new(cfg, meta, u64::from(id), now)
     };
     let mut a = limited(1, Meta::create(7, 1, BLOCKS, 4096, Some(5)), 0);
@@ -742,7 +744,7 @@ fn test_switchover_role_taken_back_only_on_a_heartbeat_that_proves_it() {
         let h = b.header(0, 0);
         let mut hb = b.my_heartbeat();
         hb.msl_up = false;
-        hb.counter = a.peer.hb_counter_lan;
+        (hb.epoch, hb.counter) = a.peer.fresh_lan;
         (h, hb)
     };
     a.handle(200_000, Event::Admin(AdminCmd::Switchover));
@@ -897,4 +899,252 @@ fn test_role_transition_refuses_a_reason_from_the_wrong_role() {
         a.transition(Reason::HandoverSent)
     }));
     assert!(r.is_err());
+}
+
+#[test]
+fn test_liveness_keeps_the_latest_arrival_not_the_latest_processed() {
+    let mut p = PathLiveness::default();
+    assert!(p.heard(1_000));
+    // A frame processed later but that arrived earlier moves nothing.
+    assert!(!p.heard(500));
+    assert_eq!(p.deadline(400_000), Some(401_000));
+    assert!(!p.expire(400_999, 400_000));
+    assert!(p.expire(401_000, 400_000));
+}
+
+/// Connect a pair (node 1 primary), then keep node 2 ticking alone (the
+/// primary silent) from `from` to `until`, every `step`.
+fn secondary_alone(b: &mut Node<Vec<u8>>, from: Micros, until: Micros, step: Micros) {
+    let mut t = from;
+    while t < until {
+        t += step;
+        b.handle(t, Event::Tick);
+    }
+}
+
+#[test]
+fn test_stalled_secondary_waits_a_full_dead_interval_of_its_own_time() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.role() == Role::Primary && b.in_sync());
+    drain(&mut b);
+    // b does not run for 1 s; the primary died meanwhile (nothing queued).
+    b.handle(1_200_000, Event::Tick);
+    let acts = drain(&mut b);
+    assert!(acts
+        .iter()
+        .any(|x| matches!(x, Action::Notify(Notice::Stalled { for_us }) if *for_us >= 1_000_000)));
+    assert_eq!(b.role(), Role::Secondary, "no takeover on waking");
+    assert!(b.status().msl_alive && b.status().lan_alive);
+    assert_eq!(b.status().counters.stalls, 1);
+    secondary_alone(&mut b, 1_200_000, 1_590_000, 10_000);
+    assert_eq!(
+        b.role(),
+        Role::Secondary,
+        "silence counted only while running"
+    );
+    secondary_alone(&mut b, 1_590_000, 1_620_000, 10_000);
+    assert_eq!(
+        b.role(),
+        Role::Primary,
+        "took over after a full dead interval"
+    );
+}
+
+#[test]
+fn test_input_overrun_voids_the_silence_measured_so_far() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(b.in_sync());
+    // Ticks 100 ms apart (under the stall threshold): only the host's
+    // report of lost input restarts failure detection.
+    b.handle(300_000, Event::Tick);
+    b.handle(350_000, Event::InputOverrun);
+    assert!(drain(&mut b)
+        .iter()
+        .any(|x| matches!(x, Action::Notify(n) if n.kind() == "stalled")));
+    secondary_alone(&mut b, 350_000, 700_000, 50_000);
+    assert_eq!(
+        b.role(),
+        Role::Secondary,
+        "500 ms after the primary was last heard, but 350 ms after the overrun"
+    );
+    secondary_alone(&mut b, 700_000, 800_000, 20_000);
+    assert_eq!(b.role(), Role::Primary);
+}
+
+#[test]
+fn test_stalled_primary_holds_writes_and_reads_for_a_dead_interval() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.serving());
+    drain(&mut a);
+    a.handle(1_200_000, Event::Tick);
+    assert!(!a.serving() && a.holding_after_stall());
+    a.handle(
+        1_200_001,
+        Event::ClientWrite {
+            req: 9,
+            block: 0,
+            count: 1,
+            kind: IoKind::Write,
+            fua: false,
+            payload: Some(alloc::vec![0; 8]),
+        },
+    );
+    let acts = drain(&mut a);
+    assert!(
+        !acts
+            .iter()
+            .any(|x| matches!(x, Action::Reply { .. } | Action::Write { .. })),
+        "the write waits: neither started, failed nor acknowledged: {acts:?}"
+    );
+    assert_eq!(a.status().pending_writes, 1);
+    // The peer stays silent for a full dead interval of a's running time:
+    // a goes degraded, keeps the address and serves the write.
+    let mut t = 1_200_001;
+    while t < 1_600_000 {
+        t += 10_000;
+        a.handle(t, Event::Tick);
+    }
+    let acts = drain(&mut a);
+    assert!(a.serving() && a.role() == Role::Primary);
+    assert!(acts.iter().any(|x| matches!(x, Action::Write { .. })));
+    assert!(!acts
+        .iter()
+        .any(|x| matches!(x, Action::ServiceAddress { hold: false })));
+}
+
+#[test]
+fn test_replayed_heartbeat_dropped_even_on_a_dead_path() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    // b's heartbeat as a captured it, and a newer one.
+    let (h, old) = (b.header(0, 0), b.my_heartbeat());
+    let newer = b.my_heartbeat();
+    lan_hb(&mut a, 200_100, h, newer);
+    let replayed = a.status().counters.frames_replayed;
+    // b falls silent: a's LAN path dies (a stays primary, degraded).
+    let mut t = 200_100;
+    while t < 700_000 {
+        t += 50_000;
+        a.handle(t, Event::Tick);
+    }
+    assert!(!a.status().lan_alive);
+    let mut old_secondary = old;
+    old_secondary.role = Role::Primary;
+    lan_hb(&mut a, 700_001, h, old_secondary);
+    assert!(!a.status().lan_alive, "a replay does not revive the path");
+    assert_eq!(a.status().counters.frames_replayed, replayed + 1);
+    assert_eq!(a.status().peer_role, Some(Role::Secondary));
+    // b restarts: its next epoch's first heartbeat is newer than anything
+    // of the previous one.
+    let mut restarted = b.my_heartbeat();
+    (restarted.epoch, restarted.counter) = (old.epoch + 1, 1);
+    lan_hb(&mut a, 700_002, h, restarted);
+    assert!(a.status().lan_alive);
+    assert_eq!(a.status().counters.frames_replayed, replayed + 1);
+    // From then on the previous epoch is over on every path, the MSL
+    // included (where a has heard nothing of the new one yet).
+    let mut stale = b.my_heartbeat();
+    stale.counter = u64::MAX;
+    a.handle(
+        700_003,
+        Event::MslFrame {
+            header: h,
+            msg: Message::Heartbeat(stale),
+            payload: None,
+            arrived: 700_003,
+        },
+    );
+    assert_eq!(a.status().counters.frames_replayed, replayed + 2);
+}
+
+#[test]
+fn test_replayed_hello_never_ends_a_live_session() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.in_sync());
+    // A HELLO of b's that a already had (same epoch, an older counter),
+    // claiming a new session: a replay, not a restart of b.
+    let mut hello = b.my_hello();
+    hello.session ^= 1 << 40;
+    hello.counter = 1;
+    let h = b.header(0, 0);
+    let replayed = a.status().counters.frames_replayed;
+    a.handle(
+        200_100,
+        Event::MslFrame {
+            header: h,
+            msg: Message::Hello(hello),
+            payload: None,
+            arrived: 200_100,
+        },
+    );
+    assert!(a.in_sync(), "session still up");
+    assert_eq!(a.status().counters.frames_replayed, replayed + 1);
+    // The same HELLO from b's next start ends it (a restarted peer).
+    hello.epoch += 1;
+    a.handle(
+        200_200,
+        Event::MslFrame {
+            header: h,
+            msg: Message::Hello(hello),
+            payload: None,
+            arrived: 200_200,
+        },
+    );
+    assert!(!a.in_sync());
+}
+
+#[test]
+fn test_peer_judged_on_ticks_only_so_queued_frames_count_first() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    // b runs (ticks under the stall threshold apart); the primary's
+    // packets stop reaching it after 200 ms.
+    secondary_alone(&mut b, 200_000, 550_000, 50_000);
+    // The host feeds what queued while it was busy: first some other input
+    // (no verdict on the peer after it), then the primary's packets, which
+    // arrived in time, then the Tick.
+    b.handle(
+        620_000,
+        Event::LanAdapter {
+            adapter: 0,
+            link_up: true,
+            carrier: true,
+        },
+    );
+    assert!(b.status().msl_alive && b.status().lan_alive);
+    assert_eq!(b.role(), Role::Secondary);
+    let (h, hb) = (a.header(0, 0), a.my_heartbeat());
+    b.handle(
+        620_000,
+        Event::MslFrame {
+            header: h,
+            msg: Message::Heartbeat(hb),
+            payload: None,
+            arrived: 610_000,
+        },
+    );
+    let hb = a.my_heartbeat();
+    b.handle(
+        620_000,
+        Event::LanFrame {
+            adapter: 0,
+            header: h,
+            hb,
+            arrived: 610_000,
+        },
+    );
+    b.handle(620_000, Event::Tick);
+    assert_eq!(b.role(), Role::Secondary, "the primary was heard at 610 ms");
+    assert!(!drain(&mut b)
+        .iter()
+        .any(|x| matches!(x, Action::Notify(Notice::PeerLost { .. }))));
+    // Silent from then on: dead a full interval after the last arrival.
+    secondary_alone(&mut b, 620_000, 1_000_000, 10_000);
+    assert_eq!(b.role(), Role::Secondary);
+    secondary_alone(&mut b, 1_000_000, 1_020_000, 10_000);
+    assert_eq!(b.role(), Role::Primary);
 }

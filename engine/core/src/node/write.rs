@@ -76,7 +76,7 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn on_client_write(&mut self, q: QueuedWrite<H>) {
-        if !self.serving() {
+        if !self.accepting() {
             self.counters.client_writes_refused += 1;
             let e = if self.failed {
                 ClientError::IoError
@@ -247,7 +247,7 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn on_client_flush(&mut self, req: ReqId) {
-        if !self.serving() {
+        if !self.accepting() {
             let e = if self.failed {
                 ClientError::IoError
             } else {

@@ -4,8 +4,10 @@
 use super::*;
 use crate::frame::{
     body, body_len, field, flags, EmitError, Frame, RxCounters, CRC_LEN, HEADER_LEN, TAG_LEN,
+    VERSION,
 };
 use crate::fuzz_support::fix_checksums;
+use crate::Domain;
 
 // ----- layout snapshot -----------------------------------------------------
 
@@ -15,10 +17,10 @@ fn test_layout_sizes_frozen() {
     assert_eq!(HEADER_LEN, 48);
     assert_eq!(CRC_LEN, 4);
     assert_eq!(TAG_LEN, 16);
-    assert_eq!(body_len(MsgType::Hello), 80);
+    assert_eq!(body_len(MsgType::Hello), 96);
     assert_eq!(body_len(MsgType::Data), 24);
     assert_eq!(body_len(MsgType::Ack), 96);
-    assert_eq!(body_len(MsgType::Heartbeat), 32);
+    assert_eq!(body_len(MsgType::Heartbeat), 40);
     assert_eq!(body_len(MsgType::StateImage), 16);
     assert_eq!(body_len(MsgType::ResyncData), 16);
     assert_eq!(body_len(MsgType::ResyncDone), 8);
@@ -57,7 +59,7 @@ fn test_golden_bytes_data_frame() {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let crc = crc32c::crc32c(&bytes[..bytes.len() - 4]);
     let expected = format!(
-        "4d53010280000100\
+        "4d53020280000100\
          0102030405060708\
          0a0b0018\
          00000002\
@@ -165,6 +167,7 @@ fn test_unknown_enum_codes_kept() {
         adapters: [AdapterHealth::default(); MAX_ADAPTERS],
         adapter_count: 0,
         counter: 1,
+        epoch: 1,
     });
     let bytes = emit_vec(&header(0), &m, &[], None);
     assert_eq!(parse_plain(&bytes).unwrap().msg, m);
@@ -182,7 +185,7 @@ fn test_frame_view_accessors() {
     let bytes = emit_vec(&header(77), &m, &payload, Some(&KEY));
     let f = Frame::new_checked(&bytes[..]).unwrap();
     assert_eq!(f.magic(), 0x4D53);
-    assert_eq!(f.version(), 1);
+    assert_eq!(f.version(), VERSION);
     assert_eq!(f.msg_type(), MsgType::Data);
     assert_eq!(f.flags(), flags::AUTH);
     assert_eq!((f.frag_index(), f.frag_count(), f.reserved()), (0, 1, 0));
@@ -258,8 +261,11 @@ fn test_bad_magic_refused() {
 #[test]
 fn test_other_version_refused() {
     let mut b = data_frame();
-    b[field::VERSION] = 2;
-    assert_eq!(parse_plain(&b), Err(ParseError::BadVersion(2)));
+    // Version 1 frames (HELLO and HEARTBEAT without epochs) are refused.
+    b[field::VERSION] = 1;
+    assert_eq!(parse_plain(&b), Err(ParseError::BadVersion(1)));
+    b[field::VERSION] = 3;
+    assert_eq!(parse_plain(&b), Err(ParseError::BadVersion(3)));
 }
 
 #[test]
@@ -357,6 +363,32 @@ fn test_wrong_key_bad_auth() {
     let other = Key([8; 32]);
     assert_eq!(parse(&b, &expect(Some(&other))), Err(ParseError::BadAuth));
     assert!(parse(&b, &expect(Some(&KEY))).is_ok());
+}
+
+#[test]
+fn test_domain_keys_differ_and_a_lan_packet_never_verifies_as_an_msl_frame() {
+    let master = [3u8; 32];
+    let msl = Key::derive(&master, Domain::Msl);
+    let lan = Key::derive(&master, Domain::Lan);
+    let witness = Key::derive(&master, Domain::Witness);
+    assert_ne!(msl.0, lan.0);
+    assert_ne!(msl.0, witness.0);
+    assert_ne!(lan.0, witness.0);
+    assert_ne!(msl.0, master);
+    // Deterministic: both nodes derive the same key from the same master.
+    assert_eq!(Key::derive(&master, Domain::Lan).0, lan.0);
+    let (m, payload) = sample("heartbeat");
+    let on_lan = emit_vec(&header(0), &m, &payload, Some(&lan));
+    assert!(parse(&on_lan, &expect(Some(&lan))).is_ok());
+    assert_eq!(
+        parse(&on_lan, &expect(Some(&msl))),
+        Err(ParseError::BadAuth)
+    );
+    let on_msl = emit_vec(&header(0), &m, &payload, Some(&msl));
+    assert_eq!(
+        parse(&on_msl, &expect(Some(&lan))),
+        Err(ParseError::BadAuth)
+    );
 }
 
 #[test]

@@ -62,10 +62,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<[u64; 6]>(),
             0u8..=hello_flags::KNOWN,
             any::<u64>(),
-            any::<u64>(),
+            any::<[u64; 3]>(),
         )
             .prop_map(
-                |(role, disk, volume_bytes, block_size, g, flags, dirty_blocks, session)| {
+                |(role, disk, volume_bytes, block_size, g, flags, dirty_blocks, s)| {
                     Message::Hello(Hello {
                         role,
                         disk,
@@ -78,7 +78,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         },
                         flags,
                         dirty_blocks,
-                        session,
+                        session: s[0],
+                        epoch: s[1],
+                        counter: s[2],
                     })
                 }
             ),
@@ -113,10 +115,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<bool>(),
             prop::array::uniform4(arb_adapter()),
             0u8..=MAX_ADAPTERS as u8,
-            any::<u64>(),
+            any::<[u64; 2]>(),
         )
             .prop_map(
-                |(role, disk, msl_up, in_sync, adapters, adapter_count, counter)| {
+                |(role, disk, msl_up, in_sync, adapters, adapter_count, c)| {
                     Message::Heartbeat(Heartbeat {
                         role,
                         disk,
@@ -124,7 +126,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         in_sync,
                         adapters,
                         adapter_count,
-                        counter,
+                        counter: c[0],
+                        epoch: c[1],
                     })
                 }
             ),
