@@ -27,7 +27,7 @@ use msl_core::Config;
 use msl_store::{MetaStore, Volume, VolumeOptions};
 use msl_transport::afpacket::{RingConfig, TpVersion};
 use msl_transport::{BackendKind, IfaceInfo, OpenOptions, RxLink, TxLink};
-use msl_wire::Key;
+use msl_wire::{Domain, Key};
 
 use crate::client::Client;
 use crate::config::{Backend, DaemonConfig};
@@ -113,18 +113,22 @@ impl Wiring {
         let shared = Arc::new(Shared::default());
         let stop = Arc::new(AtomicBool::new(false));
         let max_frame = p.msl.max_frame;
+        // One key per domain, derived from the cluster key: a LAN packet
+        // never verifies as an MSL frame, nor the reverse.
+        let msl_key = p.key.as_ref().map(|k| Key::derive(&k.0, Domain::Msl));
+        let lan_key = p.key.as_ref().map(|k| Key::derive(&k.0, Domain::Lan));
         let (msl_tx, _tx_thread) = start_msl_tx(p.msl.tx, shared.clone(), max_frame);
         let _rx_thread = start_msl_rx(
             p.msl.rx,
             p.core.cluster_id,
-            p.key.clone(),
+            msl_key.clone(),
             MAX_MESSAGE,
             inputs.clone(),
             stop.clone(),
             shared.clone(),
         );
         let (lan_tx, lan_rx) = sync_channel(1024);
-        let lan = LanPath::start(&p.lan, p.core.cluster_id, p.key.clone(), lan_tx)
+        let lan = LanPath::start(&p.lan, p.core.cluster_id, lan_key, lan_tx)
             .map_err(|e| e.to_string())?;
         let fwd = inputs.clone();
         std::thread::Builder::new()
@@ -140,7 +144,7 @@ impl Wiring {
         let encoder = FrameEncoder {
             src_mac: p.msl.mac,
             dst_mac: [0xff; 6],
-            key: p.key,
+            key: msl_key,
             max_frame,
         };
         Ok(Wiring {

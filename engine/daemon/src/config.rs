@@ -838,6 +838,12 @@ impl DaemonConfig {
         };
         c.heartbeat_interval_us = f.heartbeat_interval_ms * 1000;
         c.miss_count = f.miss_count;
+        // A gap of three heartbeat intervals between two core runs means
+        // this node did not run (the core is called at least once per
+        // interval); never more than the dead interval minus two intervals,
+        // so a stall the peer notices is one this node notices too.
+        let hb = c.heartbeat_interval_us;
+        c.stall_threshold_us = (3 * hb).clamp(hb, c.dead_after_us().saturating_sub(2 * hb).max(hb));
         c.resync_max_bytes_per_s = f.resync_max_mib_s << 20;
         c.resync_min_bytes_per_s = f.resync_min_mib_s << 20;
         c.al_extents = f.al_extents as usize;
@@ -987,6 +993,22 @@ metadata = "/var/lib/msl/meta"
             ConfigError::Invalid { key, .. } => key,
             other => panic!("expected an invalid key, got {other}"),
         }
+    }
+
+    #[test]
+    fn test_stall_threshold_fits_every_heartbeat_tuning() {
+        for (hb, miss) in [(1, 2), (1, 3), (50, 8), (10, 100), (1000, 4), (1000, 10)] {
+            let t = with(&format!(
+                "heartbeat_interval_ms = {hb}\nmiss_count = {miss}"
+            ));
+            let core = parse(&t)
+                .unwrap_or_else(|e| panic!("hb {hb} ms x {miss}: {e}"))
+                .core_config();
+            assert!(core.validate().is_ok(), "hb {hb} ms x {miss}");
+            assert!(core.stall_threshold_us >= core.heartbeat_interval_us);
+        }
+        let core = parse(GOOD).unwrap().core_config();
+        assert_eq!(core.stall_threshold_us, 150_000, "three 50 ms intervals");
     }
 
     #[test]

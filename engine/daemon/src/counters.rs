@@ -7,6 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[derive(Debug, Default)]
 pub struct Shared {
     pub serving: AtomicBool,
+    /// The node woke from a stall and holds client I/O until it knows its
+    /// peer did not take over meanwhile (at most one dead interval): the
+    /// front end waits instead of refusing.
+    pub holding: AtomicBool,
     pub in_sync: AtomicBool,
     pub msl_tx_frames: AtomicU64,
     /// Of those, frames the thread running the core sent itself (no hand-off to the

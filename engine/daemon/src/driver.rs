@@ -364,12 +364,16 @@ impl<H: Host> Driver<H> {
     }
 
     /// Count an overrun once per run of the core that finds new drops.
-    fn check_overrun(&mut self) {
+    /// True (and counted) if input was lost since the last look: the core
+    /// then treats it as a stall, whatever silence it measured is void.
+    fn check_overrun(&mut self) -> bool {
         let drops = self.input_drops();
         if drops > self.overruns_seen {
             self.overruns_seen = drops;
             self.shared.input_overruns.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
+        false
     }
 
     /// Run until stopped; returns why. This thread becomes the core
@@ -509,6 +513,9 @@ impl<H: Host> Driver<H> {
                 }
             }
         }
+        self.shared
+            .holding
+            .store(self.node.holding_after_stall(), Ordering::Relaxed);
         self.shared
             .serving
             .store(self.node.serving(), Ordering::Relaxed);
@@ -724,7 +731,9 @@ impl<H: Host> Runner for Driver<H> {
             self.started = true;
             exit = self.step(Some(Event::Tick), &mut internal);
         }
-        self.check_overrun();
+        if exit.is_none() && self.check_overrun() {
+            exit = self.step(Some(Event::InputOverrun), &mut internal);
+        }
         let mut handled = 0;
         let mut since_tick = 0;
         while exit.is_none() && handled < budget {

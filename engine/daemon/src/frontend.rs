@@ -36,6 +36,11 @@ struct InFlight {
 /// Core writes (pieces) in flight from the NBD front end.
 const MAX_WRITES_IN_FLIGHT: usize = 512;
 
+/// Longest a client request waits for a node's post-stall hold to end (the
+/// hold lasts one dead interval: 400 ms with the default tunables); after
+/// it the request is refused as on a node that does not serve.
+const HOLD_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Bytes per core write when a client write is split so that its pieces
 /// pipeline across the link (a multiple of every supported block size).
 const PIPELINE_PIECE: u64 = 128 * 1024;
@@ -145,12 +150,15 @@ impl MirrorBackend {
     }
 
     fn serving(&self) -> io::Result<()> {
-        if self
-            .client
-            .shared
-            .serving
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        use Ordering::Relaxed;
+        let shared = &self.client.shared;
+        // After a stall the node holds I/O for one dead interval: wait
+        // rather than fail the client.
+        let t = std::time::Instant::now();
+        while shared.holding.load(Relaxed) && t.elapsed() < HOLD_WAIT_MAX {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if shared.serving.load(Relaxed) {
             Ok(())
         } else {
             Err(to_io(ClientError::NotPrimary))

@@ -347,6 +347,7 @@ mod tests {
                 reachable: true,
             }; MAX_ADAPTERS],
             adapter_count: 1,
+            epoch: 1,
             counter,
         }
     }

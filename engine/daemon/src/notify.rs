@@ -282,6 +282,7 @@ pub fn notice_fields(n: &Notice) -> Map<String, Value> {
             first,
         } => json!({"checked": checked, "differing": differing, "first": first}),
         Notice::DiskFailed { what } | Notice::Warning { what } => json!({"reason": what}),
+        Notice::Stalled { for_us } => json!({"stalled_ms": for_us / 1000}),
     };
     match v {
         Value::Object(m) => m,

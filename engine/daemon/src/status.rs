@@ -280,7 +280,7 @@ pub(crate) fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
     v
 }
 
-pub(crate) fn core_counters(s: &Status) -> [(&'static str, u64); 13] {
+pub(crate) fn core_counters(s: &Status) -> [(&'static str, u64); 16] {
     let c = &s.counters;
     [
         ("client_writes", c.client_writes),
@@ -296,6 +296,9 @@ pub(crate) fn core_counters(s: &Status) -> [(&'static str, u64); 13] {
         ("frames_unexpected", c.frames_unexpected),
         ("frames_unknown_ignored", c.frames_unknown_ignored),
         ("frames_unknown_refused", c.frames_unknown_refused),
+        ("frames_replayed", c.frames_replayed),
+        ("stalls", c.stalls),
+        ("deposed", c.deposed),
     ]
 }
 

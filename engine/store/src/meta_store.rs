@@ -63,7 +63,10 @@
 //! sends anything; every later commit carries it on. A torn commit leaves
 //! the other superblock, which holds the same epoch (the one that raised
 //! it, or a later one), so an epoch once returned is never handed out
-//! again.
+//! again. A new file starts at the wall clock's seconds since 1970, not at
+//! 0: a node whose metadata is created again (`mslctl create-md --force`)
+//! still starts above every epoch its peer heard from the old file (one
+//! start a second at most), so the peer does not take it for a replay.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -406,6 +409,14 @@ fn encode_sb(at: &SbPlace, meta: &Meta) -> Vec<u8> {
     b.extend_from_slice(&crc.to_le_bytes());
     b.extend_from_slice(&payload);
     b
+}
+
+/// The start epoch a new file begins at: seconds since 1970 (fits 32 bits
+/// until 2106), so it is above the epochs of any file this node had before.
+fn creation_epoch() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX / 2))
 }
 
 /// A valid superblock: (seq, al_seq, extent_blocks, epoch, fields).
@@ -751,7 +762,7 @@ impl MetaStore<File> {
                         seq: 1,
                         al_seq: 0,
                         extent_blocks: label.extent_blocks,
-                        epoch: 0,
+                        epoch: creation_epoch(),
                     },
                     meta,
                 ),

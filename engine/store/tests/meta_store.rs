@@ -576,23 +576,32 @@ fn torn_write_at_every_point_of_a_commit_keeps_previous_version() {
 #[test]
 fn start_epoch_is_raised_durably_and_survives_reopen_and_persists() {
     let dir = TempDir::new("epoch");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let (path, s) = store_at(&dir, 3);
     let (a, _) = s.slot_region('A');
     drop(s);
     let f = File::open(&path).unwrap();
     let mut raw = [0u8; 4];
     f.read_exact_at(&mut raw, a + 40).unwrap();
-    assert_eq!(raw, [0; 4], "a fresh superblock holds epoch 0");
+    let e0 = u64::from(u32::from_le_bytes(raw));
+    assert!(
+        (now..now + 60).contains(&e0),
+        "a new file starts at the wall clock's seconds ({now}), not {e0}: \
+         recreated metadata must start above the old file's epochs"
+    );
     let (mut s, m) = MetaStore::open(&path).unwrap();
-    assert_eq!(s.epoch(), 0);
-    assert_eq!(s.next_epoch(&m).unwrap(), 1);
-    assert_eq!(s.epoch(), 1);
+    assert_eq!(s.epoch(), e0);
+    assert_eq!(s.next_epoch(&m).unwrap(), e0 + 1);
+    assert_eq!(s.epoch(), e0 + 1);
     drop(s);
     let (mut s, m) = MetaStore::open(&path).unwrap();
-    assert_eq!(s.epoch(), 1);
+    assert_eq!(s.epoch(), e0 + 1);
     // Raising the epoch changes nothing else.
     assert!(m == sample_meta(&base(), 3));
-    assert_eq!(s.next_epoch(&m).unwrap(), 2);
+    assert_eq!(s.next_epoch(&m).unwrap(), e0 + 2);
     // Later commits and transactions carry it on.
     for v in 4..12 {
         s.persist(&sample_meta(&base(), v)).unwrap();
@@ -600,7 +609,7 @@ fn start_epoch_is_raised_durably_and_survives_reopen_and_persists() {
     assert!(s.stats().commits >= 2, "{:?}", s.stats());
     drop(s);
     let (s, m) = MetaStore::open(&path).unwrap();
-    assert_eq!(s.epoch(), 2);
+    assert_eq!(s.epoch(), e0 + 2);
     assert!(m == sample_meta(&base(), 11));
 }
 
@@ -614,7 +623,8 @@ fn torn_superblock_never_loses_or_reuses_a_start_epoch() {
     let (path, s) = store_at(&dir, 4);
     drop(s);
     let (mut s, m) = MetaStore::open(&path).unwrap();
-    assert_eq!(s.next_epoch(&m).unwrap(), 1);
+    let e1 = s.epoch() + 1;
+    assert_eq!(s.next_epoch(&m).unwrap(), e1);
     drop(s);
     let pristine = std::fs::read(&path).unwrap();
     let new = sample_meta(&base(), 5);
@@ -634,15 +644,15 @@ fn torn_superblock_never_loses_or_reuses_a_start_epoch() {
             assert!(s.persist(&new).is_err());
             drop(s);
             let (s, _) = MetaStore::open(&path).unwrap();
-            assert_eq!(s.epoch(), 1, "commit write {k} cut {n}");
+            assert_eq!(s.epoch(), e1, "commit write {k} cut {n}");
         }
     }
     // The raise itself, torn at every write and cut (or written whole
     // and then failing): it returns an error, and whatever the file holds
-    // the next raise is above 1, the only epoch returned so far.
+    // the next raise is above e1, the only epoch returned so far.
     std::fs::write(&path, &pristine).unwrap();
     let (mut s, m) = faulty(&path);
-    assert_eq!(s.next_epoch(&m).unwrap(), 2);
+    assert_eq!(s.next_epoch(&m).unwrap(), e1 + 1);
     let lens = s.io().lens.borrow().clone();
     drop(s);
     for (k, &len) in lens.iter().enumerate() {
@@ -651,16 +661,16 @@ fn torn_superblock_never_loses_or_reuses_a_start_epoch() {
             let (mut s, m) = faulty(&path);
             s.io().tear_at.set(Some((k, n)));
             assert!(s.next_epoch(&m).is_err(), "raise write {k} cut {n}");
-            assert_eq!(s.epoch(), 1, "a failed raise keeps the old epoch");
+            assert_eq!(s.epoch(), e1, "a failed raise keeps the old epoch");
             drop(s);
             let (mut s, m) = MetaStore::open(&path).unwrap();
             let held = s.epoch();
             assert!(
-                held == 1 || (held == 2 && n == len),
+                held == e1 || (held == e1 + 1 && n == len),
                 "write {k} cut {n}: {held}"
             );
             let next = s.next_epoch(&m).unwrap();
-            assert!(next >= 2, "raise write {k} cut {n}: epoch {next} again");
+            assert!(next > e1, "raise write {k} cut {n}: epoch {next} again");
         }
     }
 }

@@ -660,6 +660,7 @@ pub fn run_sender(
                             in_sync: true,
                             adapters: [AdapterHealth::default(); MAX_ADAPTERS],
                             adapter_count: 0,
+                            epoch: 1,
                             counter: hb_counter,
                         }));
                         unpark_tx();
