@@ -696,9 +696,10 @@ impl<H: Host> Driver<H> {
         // The worker ends and lets go of the metadata file before this
         // returns (a restart in the same process opens it again).
         self.disk.close();
-        // Whatever the core said last (a restart's handover) goes out.
+        // Whatever the core said last (a restart's handover and its
+        // leaving notice) goes out from here, before the process ends.
         self.send_held_ack();
-        self.msl_tx.send(&mut self.out, SendMode::Queue);
+        self.msl_tx.send(&mut self.out, SendMode::Direct);
         for (_, (to, _, _)) in self.replies.drain() {
             to.send(Err(ClientError::NotPrimary));
         }

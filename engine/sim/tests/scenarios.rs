@@ -37,7 +37,16 @@ fn test_msl_cut_secondary_does_not_take_over() {
 
 #[test]
 fn test_primary_lan_adapter_failed_switches_over() {
-    run(scenario::lan_adapter_fails, &[1, 2, 3]);
+    for o in run(scenario::lan_adapter_fails, &[1, 2, 3]) {
+        // The switchover's debounce and handover: clients pause well under
+        // the 0.6 s users are promised (the real-process bound, with the
+        // old primary's restart, is `stall.rs::test_four_lan_switchovers_in_a_row`).
+        assert!(
+            o.client_pause_ms < 600.0,
+            "clients paused {} ms during the switchover",
+            o.client_pause_ms
+        );
+    }
 }
 
 #[test]

@@ -229,6 +229,10 @@ pub enum RolePhase {
     Handover,
     /// New primary confirms it took over with `generation`.
     Accepted,
+    /// The sender (the old primary of a switchover away from its failed
+    /// LAN adapter) restarts itself now: the receiver ends the session at
+    /// once instead of waiting out the sender's silence.
+    Leaving,
     /// A value this build does not know (kept, never guessed).
     Unknown(u8),
 }
@@ -416,6 +420,7 @@ impl RolePhase {
         match self {
             RolePhase::Handover => 1,
             RolePhase::Accepted => 2,
+            RolePhase::Leaving => 3,
             RolePhase::Unknown(n) => n,
         }
     }
@@ -425,6 +430,7 @@ impl RolePhase {
         match n {
             1 => RolePhase::Handover,
             2 => RolePhase::Accepted,
+            3 => RolePhase::Leaving,
             n => RolePhase::Unknown(n),
         }
     }

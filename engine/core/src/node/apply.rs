@@ -255,6 +255,14 @@ impl<H: Payload> Node<H> {
                     let unstable: Vec<u64> = s.recv.unstable_applied.keys().copied().collect();
                     s.recv.apply_q.pop_front();
                     s.recv.last_processed = seq;
+                    if rc.phase == RolePhase::Leaving && self.role == Role::Primary {
+                        // The old primary of a switchover restarts itself:
+                        // end the session now (its writes in flight are
+                        // marked for resync) rather than hold writes for a
+                        // dead interval of its silence.
+                        self.end_session("peer restarting as secondary");
+                        return;
+                    }
                     if rc.phase == RolePhase::Handover
                         && self.role == Role::Secondary
                         && s.phase == Phase::InSync

@@ -387,7 +387,18 @@ impl<H: Payload> Node<H> {
             new_primary: self.cfg.peer_id,
         });
         if reason == Some(Switchover::LanWorse) {
-            // The failed server restarts itself as secondary.
+            // The failed server restarts itself as secondary, and says so
+            // first: the new primary stops mirroring to it at once.
+            if self.session.is_some() {
+                let generation = self.meta.gens.current;
+                self.send_reliable(
+                    Message::RoleChange(RoleChange {
+                        phase: RolePhase::Leaving,
+                        generation,
+                    }),
+                    None,
+                );
+            }
             self.emit(Action::Restart);
         }
     }

@@ -33,7 +33,8 @@ fn arb_phase() -> impl Strategy<Value = RolePhase> {
     prop_oneof![
         Just(RolePhase::Handover),
         Just(RolePhase::Accepted),
-        (3u8..).prop_map(RolePhase::Unknown),
+        Just(RolePhase::Leaving),
+        (4u8..).prop_map(RolePhase::Unknown),
         Just(RolePhase::Unknown(0)),
     ]
 }
