@@ -38,8 +38,9 @@ pub struct ClientConfig {
     pub cluster_id: u64,
     /// The node.
     pub node_id: u16,
-    /// The node's start epoch (random per start; the witness drops
-    /// requests not newer than the last it saw from this node).
+    /// The node's start epoch (as in its HELLOs: persisted and one higher
+    /// at every start). The witness answers only requests newer than the
+    /// last it saw from this node, by `(epoch, counter)`.
     pub epoch: u64,
     /// The cluster's witness key (`Key::derive(master, Domain::Witness)`).
     pub key: Key,
@@ -172,8 +173,12 @@ impl LeaseClient {
     }
 
     /// A request to give the lease up; the node stops holding it at once.
+    /// Requests sent before it are forgotten: the witness may still grant
+    /// one of them before the release arrives, but it ends that lease when
+    /// the release does, so its reply must not count.
     pub fn release(&mut self, now: u64) -> [u8; REQUEST_LEN] {
         self.valid_until = None;
+        self.in_flight.clear();
         self.build(now, Op::Release)
     }
 
@@ -414,6 +419,28 @@ mod tests {
         assert!(matches!(a.on_reply(300_002, &r), Outcome::Granted { .. }));
         assert!(a.holds(300_002));
         assert_eq!(a.counters().stalls, 1);
+    }
+
+    /// An acquire sent before a release, granted by the witness before
+    /// the release reached it, must not give the lease back: the witness
+    /// ended that lease when the release arrived, and may have granted the
+    /// other node since.
+    #[test]
+    fn test_grant_of_a_request_sent_before_a_release_ignored() {
+        let mut w = witness();
+        let mut a = client(1, 5);
+        let mut b = client(2, 6);
+        let acquire = a.request(0);
+        let release = a.release(10);
+        let granted = w.handle(20, &acquire).unwrap().bytes;
+        w.handle(30, &release).unwrap();
+        let r = w.handle(40, &b.request(40)).unwrap().bytes;
+        assert!(matches!(b.on_reply(40, &r), Outcome::Granted { .. }));
+        assert_eq!(
+            a.on_reply(50, &granted),
+            Outcome::Ignored(Ignored::Stale { counter: 1 })
+        );
+        assert!(!a.holds(50) && b.holds(50));
     }
 
     #[test]

@@ -125,7 +125,7 @@ pub struct Request {
     pub role: Role,
     /// The sender's data generation, for the witness's status only.
     pub generation: u64,
-    /// The sender's start epoch (random per start).
+    /// The sender's start epoch (persisted, one higher at every start).
     pub epoch: u64,
     /// Strictly increasing within `epoch`.
     pub counter: u64,
