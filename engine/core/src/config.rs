@@ -47,6 +47,12 @@ pub struct Config {
     /// dead interval). Set it with the heartbeat interval: a threshold
     /// under one interval is refused.
     pub stall_threshold_us: u64,
+    /// The node decides its role itself: takes over from a failed primary,
+    /// starts the pair as primary when it holds the good data, switches
+    /// over when its LAN side fails. False when a cluster manager decides
+    /// (`role_control = "cluster"`): the role then changes only by
+    /// administrator command (promote, demote, switchover).
+    pub auto_takeover: bool,
     /// Reliable-delivery window (messages in flight).
     pub window: usize,
     pub rto_initial_us: u64,
@@ -110,6 +116,7 @@ impl Config {
             heartbeat_interval_us: 50_000,
             miss_count: 8,
             stall_threshold_us: 150_000,
+            auto_takeover: true,
             window: 256,
             rto_initial_us: 20_000,
             rto_min_us: 2_000,

@@ -69,8 +69,14 @@ pub struct ReliableTx<M> {
     srtt_us: Option<Micros>,
     rttvar_us: Micros,
     rto_us: Micros,
+    /// Round-trip samples not yet taken by the host (for its histogram),
+    /// at most `RTT_SAMPLES_KEPT`: older ones go first.
+    rtt_samples: VecDeque<Micros>,
     pub stats: TxStats,
 }
+
+/// Round-trip samples kept for the host between two takes.
+const RTT_SAMPLES_KEPT: usize = 256;
 
 impl<M> ReliableTx<M> {
     /// `base` is the sequence number before the first one sent (the first
@@ -83,7 +89,17 @@ impl<M> ReliableTx<M> {
             srtt_us: None,
             rttvar_us: 0,
             rto_us: cfg.rto_initial_us,
+            rtt_samples: VecDeque::new(),
             stats: TxStats::default(),
+        }
+    }
+
+    /// Hand every round-trip sample taken since the last call to `f`
+    /// (first transmission to acknowledgement, retransmitted messages
+    /// excluded), oldest first.
+    pub fn take_rtt_samples(&mut self, mut f: impl FnMut(Micros)) {
+        for s in self.rtt_samples.drain(..) {
+            f(s);
         }
     }
 
@@ -204,6 +220,10 @@ impl<M> ReliableTx<M> {
     }
 
     fn sample_rtt(&mut self, rtt: Micros) {
+        if self.rtt_samples.len() == RTT_SAMPLES_KEPT {
+            self.rtt_samples.pop_front();
+        }
+        self.rtt_samples.push_back(rtt);
         // RFC 6298 smoothing.
         match self.srtt_us {
             None => {
@@ -427,6 +447,32 @@ mod tests {
         ));
         assert_eq!(got, [(1, 'a')]);
         assert!(tx.has_room());
+    }
+
+    #[test]
+    fn test_rtt_samples_handed_over_once_retransmissions_excluded() {
+        let mut tx = ReliableTx::new(cfg(4), 0);
+        tx.push(100, 'a').unwrap();
+        tx.push(200, 'b').unwrap();
+        let ack = |c| Ack {
+            cumulative: c,
+            ..Ack::default()
+        };
+        assert!(tx.on_ack(350, &ack(1), |_, _| {}));
+        let mut got = Vec::new();
+        tx.take_rtt_samples(|s| got.push(s));
+        assert_eq!(got, [250], "first transmission to acknowledgement");
+        got.clear();
+        tx.take_rtt_samples(|s| got.push(s));
+        assert!(got.is_empty(), "each sample is handed over once");
+        // 'b' times out and is resent: its ack says nothing of the RTT.
+        assert!(tx.poll_retransmit(200 + 1_000).is_some());
+        assert!(tx.on_ack(1_500, &ack(2), |_, _| {}));
+        tx.take_rtt_samples(|s| got.push(s));
+        assert!(
+            got.is_empty(),
+            "a retransmitted message gives no sample: {got:?}"
+        );
     }
 
     #[test]

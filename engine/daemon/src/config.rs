@@ -730,17 +730,6 @@ impl DaemonConfig {
             0,
             86_400,
         )?;
-        if file.role_control == RoleControl::Cluster {
-            // The protocol core decides takeovers and the cold start of the
-            // pair by itself; with a cluster manager deciding as well, the
-            // pair would have two deciders for one role.
-            return Err(invalid(
-                "role_control",
-                "\"cluster\"",
-                "this msld cannot leave the role to a cluster manager: its core still \
-                 takes over from a failed peer and starts the pair by itself; use \"self\"",
-            ));
-        }
         let nbd = nbd_settings(&file)?;
         let mut warnings = Vec::new();
         if file.write_mode == WriteMode::Async {
@@ -838,6 +827,9 @@ impl DaemonConfig {
         };
         c.heartbeat_interval_us = f.heartbeat_interval_ms * 1000;
         c.miss_count = f.miss_count;
+        // With a cluster manager deciding, the core never changes its role
+        // by itself: one decider per role.
+        c.auto_takeover = f.role_control == RoleControl::SelfManaged;
         // A gap of three heartbeat intervals between two core runs means
         // this node did not run (the core is called at least once per
         // interval); never more than the dead interval minus two intervals,
@@ -1332,9 +1324,9 @@ metadata = "/var/lib/msl/meta"
         assert!(route.host_problems(&good).is_empty());
     }
 
-    /// `role_control` defaults to "self"; "cluster" is refused (by name)
-    /// until the core can leave the role to a cluster manager; other
-    /// values are syntax errors naming the accepted ones.
+    /// `role_control` defaults to "self"; "cluster" turns the core's own
+    /// role decisions off; other values are syntax errors naming the
+    /// accepted ones.
     #[test]
     fn test_role_control_key() {
         assert_eq!(
@@ -1343,9 +1335,12 @@ metadata = "/var/lib/msl/meta"
         );
         let c = parse(&with("role_control = \"self\"")).unwrap();
         assert_eq!(c.file.role_control.as_str(), "self");
-        let e = parse(&with("role_control = \"cluster\"")).unwrap_err();
-        assert!(e.to_string().contains("takes over"), "{e}");
-        assert_eq!(key_of(e), "role_control");
+        assert!(c.core_config().auto_takeover);
+        let c = parse(&with("role_control = \"cluster\"")).unwrap();
+        assert!(
+            !c.core_config().auto_takeover,
+            "the core must not decide too"
+        );
         let e = parse(&with("role_control = \"pacemaker\"")).unwrap_err();
         assert!(
             e.to_string().contains("`self`") && e.to_string().contains("`cluster`"),

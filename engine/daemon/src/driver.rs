@@ -513,6 +513,8 @@ impl<H: Host> Driver<H> {
                 }
             }
         }
+        self.node
+            .drain_rtt_samples(|us| crate::metrics::msl_rtt().record_us(us));
         self.shared
             .holding
             .store(self.node.holding_after_stall(), Ordering::Relaxed);

@@ -367,6 +367,14 @@ impl<H: Payload> Node<H> {
         }
     }
 
+    /// Hand the MSL round-trip samples taken since the last call to `f`
+    /// (microseconds, oldest first).
+    pub fn drain_rtt_samples(&mut self, f: impl FnMut(u64)) {
+        if let Some(s) = self.session.as_mut() {
+            s.send.tx.take_rtt_samples(f);
+        }
+    }
+
     /// Next queued action.
     pub fn poll_action(&mut self) -> Option<Action<H>> {
         self.out.pop()

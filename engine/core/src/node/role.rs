@@ -197,6 +197,12 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn try_takeover(&mut self, reason: Reason) {
+        if !self.cfg.auto_takeover {
+            self.notify(Notice::CannotTakeOver {
+                reason: "role_control = cluster: waiting for the cluster manager to promote",
+            });
+            return;
+        }
         if self.meta.disk != DiskState::UpToDate || !self.peer.was_in_sync {
             self.notify(Notice::CannotTakeOver {
                 reason: match self.meta.disk {
@@ -260,6 +266,7 @@ impl<H: Payload> Node<H> {
 
     pub(super) fn check_switchover(&mut self) {
         if self.role != Role::Primary
+            || !self.cfg.auto_takeover
             || self.switchover.running.is_some()
             || !self.in_sync()
             || self.stall_hold()

@@ -338,6 +338,7 @@ impl<H: Payload> Node<H> {
         });
         // Cold start of the pair: the source with good data serves.
         if decision.strategy.is_source()
+            && self.cfg.auto_takeover
             && self.role == Role::Secondary
             && peer.role == Role::Secondary
             && self.meta.disk == DiskState::UpToDate

@@ -856,6 +856,42 @@ fn test_cold_start_pair_initial_primary_serves_and_syncs() {
     assert_eq!(a.meta().gens.current, b.meta().gens.current);
 }
 
+/// `auto_takeover` off (a cluster manager decides): the pair starts with
+/// no primary until promoted, and a secondary whose primary dies waits for
+/// the promotion instead of taking over.
+#[test]
+fn test_cluster_role_control_never_promotes_by_itself() {
+    let cluster = |id: u16, gen: Option<u64>| {
+        let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
+        cfg.auto_takeover = false;
+        Node::<Vec<u8>>::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+    };
+    let (mut a, mut b) = (cluster(1, Some(5)), cluster(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert_eq!(a.role(), Role::Secondary, "no cold-start promotion");
+    assert_eq!(b.role(), Role::Secondary);
+    a.handle(200_100, Event::Admin(AdminCmd::Promote { force: false }));
+    run_pair(
+        &mut a,
+        &mut b,
+        200_100,
+        600_000,
+        &|_, _, c| alloc::vec![0; c as usize * 8],
+    );
+    assert_eq!(a.role(), Role::Primary, "promoted by command");
+    assert!(b.in_sync(), "the peer syncs from the promoted node");
+    drain(&mut b);
+    // The primary dies: b never takes over on its own.
+    secondary_alone(&mut b, 600_000, 2_000_000, 10_000);
+    assert_eq!(b.role(), Role::Secondary);
+    assert!(drain(&mut b).iter().any(|x| matches!(
+        x,
+        Action::Notify(Notice::CannotTakeOver { reason }) if reason.contains("cluster")
+    )));
+    b.handle(2_000_100, Event::Admin(AdminCmd::Promote { force: false }));
+    assert_eq!(b.role(), Role::Primary, "the cluster manager promotes it");
+}
+
 /// The role/disk transition table as text, one reason per line.
 fn role_table() -> alloc::string::String {
     use core::fmt::Write as _;
