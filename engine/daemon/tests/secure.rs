@@ -37,6 +37,22 @@ fn mode(p: &Path) -> u32 {
 /// and what to do. With --create the files are made owner-only.
 #[test]
 fn test_check_refuses_open_secrets_and_missing_files() {
+    // `--check` looks the interfaces up: it runs where they are, in node
+    // 1's namespace; a real start runs here, where the MSL interface is
+    // missing, so it stops before it would serve.
+    require_root();
+    let topo = topology();
+    let check = |args: &[&str]| {
+        let out = command_in(topo.server_ns(1), env!("CARGO_BIN_EXE_msld"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
     let dir = keyed_dir("ab");
     let d = dir.path();
     let cfg = config(d, 1);
@@ -51,19 +67,19 @@ fn test_check_refuses_open_secrets_and_missing_files() {
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&keyless, &no_key).unwrap();
-    let (ok, out) = msld(&["--config", keyless.to_str().unwrap(), "--check"]);
+    let (ok, out) = check(&["--config", keyless.to_str().unwrap(), "--check"]);
     assert!(
         !ok && out.contains("`key_file`") && out.contains("insecure_no_auth"),
         "{out}"
     );
 
     // Missing volume, then missing metadata: named, creation explained.
-    let (ok, out) = msld(&["--config", c, "--check"]);
+    let (ok, out) = check(&["--config", c, "--check"]);
     assert!(
         !ok && out.contains("n1.img") && out.contains("create-md"),
         "{out}"
     );
-    let (ok, out) = msld(&["--config", c, "--check", "--create"]);
+    let (ok, out) = check(&["--config", c, "--check", "--create"]);
     assert!(ok, "{out}");
     // A start without --create refuses before creating anything.
     let (ok, out) = msld(&["--config", c]);
@@ -79,7 +95,7 @@ fn test_check_refuses_open_secrets_and_missing_files() {
     assert!(!ok && out.contains("msl.interface"), "{out}");
     assert_eq!(mode(&d.join("n1.img")), 0o600);
     assert_eq!(mode(&d.join("n1.meta")), 0o600);
-    let (ok, out) = msld(&["--config", c, "--check"]);
+    let (ok, out) = check(&["--config", c, "--check"]);
     assert!(ok, "{out}");
 
     // The metadata file gone (an unmounted filesystem): an error, not a
@@ -97,7 +113,7 @@ fn test_check_refuses_open_secrets_and_missing_files() {
     for (f, key) in [("cluster.key", "key_file"), ("n1.meta", "volume.metadata")] {
         for m in [0o640, 0o604, 0o620] {
             chmod(&d.join(f), m);
-            let (ok, out) = msld(&["--config", c, "--check"]);
+            let (ok, out) = check(&["--config", c, "--check"]);
             assert!(
                 !ok && out.contains(key) && out.contains(f) && out.contains("chmod 600"),
                 "{f} {m:o}: {out}"
@@ -107,7 +123,7 @@ fn test_check_refuses_open_secrets_and_missing_files() {
         }
         chmod(&d.join(f), 0o600);
     }
-    let (ok, out) = msld(&["--config", c, "--check"]);
+    let (ok, out) = check(&["--config", c, "--check"]);
     assert!(ok, "{out}");
 }
 
