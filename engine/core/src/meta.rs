@@ -248,6 +248,19 @@ impl Image {
     }
 }
 
+/// Activity-log extents one metadata write may add: as many as fit one
+/// transaction block of the metadata store's ring (4 KiB less its 40-byte
+/// header), counting each as an addition (extent u64, kind u8) plus, in
+/// the worst case, the eviction of a slot with its bits (extent, kind,
+/// `extent_blocks` bits). The store writes such a batch as one
+/// transaction (its tests check this); a larger one would cost it a full
+/// commit.
+pub fn al_txn_extents(extent_blocks: u64) -> usize {
+    const TXN_PAYLOAD: u64 = 4096 - 40;
+    let per = 9 + 9 + extent_blocks.div_ceil(64) * 8;
+    (TXN_PAYLOAD / per).max(1) as usize
+}
+
 /// Largest front-end state an image may carry (it is opaque export
 /// parameters, a few bytes): a corrupt length is refused before anything
 /// is buffered for it.
