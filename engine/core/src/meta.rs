@@ -248,6 +248,394 @@ impl Image {
     }
 }
 
+/// Activity-log extents one metadata write may add: as many as fit one
+/// transaction block of the metadata store's ring (4 KiB less its 40-byte
+/// header), counting each as an addition (extent u64, kind u8) plus, in
+/// the worst case, the eviction of a slot with its bits (extent, kind,
+/// `extent_blocks` bits). The store writes such a batch as one
+/// transaction (its tests check this); a larger one would cost it a full
+/// commit.
+pub fn al_txn_extents(extent_blocks: u64) -> usize {
+    const TXN_PAYLOAD: u64 = 4096 - 40;
+    let per = 9 + 9 + extent_blocks.div_ceil(64) * 8;
+    (TXN_PAYLOAD / per).max(1) as usize
+}
+
+/// Largest front-end state an image may carry (it is opaque export
+/// parameters, a few bytes): a corrupt length is refused before anything
+/// is buffered for it.
+pub const MAX_FRONTEND: usize = 1 << 20;
+
+/// Bytes of the image before the front-end state: magic, version, ids,
+/// geometry, generations, disk, role, sequence, front-end length.
+const IMAGE_FIXED: usize = 8 + 4 + 8 + 2 + 8 + 4 + 8 * (2 + HISTORY_LEN) + 1 + 1 + 8 + 4;
+
+/// Produces the bytes of [`Image::encode`] piece by piece, so an image of
+/// any size is sent in chunks without ever being built whole: it holds a
+/// copy-on-write snapshot of the bitmap (one pointer per page) and at most
+/// one encoded page. [`ImageEncoder::total_len`] and
+/// [`ImageEncoder::image_crc`] are known before the first chunk.
+#[derive(Clone)]
+pub struct ImageEncoder {
+    dirty: Bitmap,
+    /// Encoded bytes not handed out yet, and how many of them were.
+    pending: Vec<u8>,
+    pending_at: usize,
+    /// Next page to look at.
+    next_page: usize,
+    /// Running CRC32C of the body (everything before the trailer).
+    body_crc: u32,
+    /// The trailer was produced.
+    trailer_done: bool,
+    total_len: u64,
+    image_crc: u32,
+    /// Bytes handed out so far.
+    produced: u64,
+}
+
+impl ImageEncoder {
+    pub fn new(img: &Image) -> ImageEncoder {
+        let dirty = img.dirty.clone();
+        let npages = (0..dirty.page_count())
+            .filter(|&p| dirty.page_ones(p) != 0)
+            .count();
+        let page_bytes: u64 = (0..dirty.page_count())
+            .filter(|&p| dirty.page_ones(p) != 0)
+            .map(|p| 4 + 8 * dirty.page_words(p).len() as u64)
+            .sum();
+        let mut w = Writer(Vec::with_capacity(IMAGE_FIXED + img.frontend.len() + 8));
+        w.bytes(IMAGE_MAGIC);
+        w.u32(IMAGE_VERSION);
+        w.u64(img.cluster_id);
+        w.u16(img.node_id);
+        w.u64(img.volume_blocks);
+        w.u32(img.block_size);
+        w.gens(&img.gens);
+        w.u8(disk_code(img.disk));
+        w.u8(role_code(img.role));
+        w.u64(img.tx_next_seq);
+        w.u32(img.frontend.len() as u32);
+        w.bytes(&img.frontend);
+        w.u32(dirty.page_count() as u32);
+        w.u32(npages as u32);
+        let head = w.0;
+        let total_len = head.len() as u64 + page_bytes + 4;
+        let mut enc = ImageEncoder {
+            dirty,
+            body_crc: crc32c::crc32c(&head),
+            pending: head,
+            pending_at: 0,
+            next_page: 0,
+            trailer_done: false,
+            total_len,
+            image_crc: 0,
+            produced: 0,
+        };
+        // One pass over a copy for the whole-image checksum the chunk
+        // headers carry (CPU only: the copy shares the bitmap's pages).
+        let mut probe = enc.clone();
+        let mut crc = 0;
+        let mut buf = alloc::vec![0u8; 64 << 10];
+        loop {
+            let n = probe.fill(&mut buf);
+            if n == 0 {
+                break;
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+        }
+        enc.image_crc = crc;
+        enc
+    }
+
+    /// Length of the whole image in bytes.
+    pub fn total_len(&self) -> u64 {
+        self.total_len
+    }
+
+    /// CRC32C of the whole image (trailer included).
+    pub fn image_crc(&self) -> u32 {
+        self.image_crc
+    }
+
+    /// Bytes not produced yet.
+    pub fn remaining(&self) -> u64 {
+        self.total_len - self.produced
+    }
+
+    /// The next chunk of at most `max` bytes (`max` > 0), or `None` once
+    /// everything was produced.
+    pub fn next_chunk(&mut self, max: usize) -> Option<Vec<u8>> {
+        let mut out = alloc::vec![0u8; max];
+        let n = self.fill(&mut out);
+        if n == 0 {
+            return None;
+        }
+        out.truncate(n);
+        Some(out)
+    }
+
+    /// Fill `out` with the next bytes; returns how many (0: finished).
+    fn fill(&mut self, out: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            if self.pending_at == self.pending.len() && !self.refill() {
+                break;
+            }
+            let k = (self.pending.len() - self.pending_at).min(out.len() - n);
+            out[n..n + k].copy_from_slice(&self.pending[self.pending_at..self.pending_at + k]);
+            self.pending_at += k;
+            n += k;
+        }
+        self.produced += n as u64;
+        n
+    }
+
+    /// Encode the next piece (a page with a set bit, or the trailer).
+    fn refill(&mut self) -> bool {
+        self.pending.clear();
+        self.pending_at = 0;
+        while self.next_page < self.dirty.page_count() {
+            let p = self.next_page;
+            self.next_page += 1;
+            if self.dirty.page_ones(p) == 0 {
+                continue;
+            }
+            self.pending.extend_from_slice(&(p as u32).to_le_bytes());
+            for x in self.dirty.page_words(p) {
+                self.pending.extend_from_slice(&x.to_le_bytes());
+            }
+            self.body_crc = crc32c::crc32c_append(self.body_crc, &self.pending);
+            return true;
+        }
+        if self.trailer_done {
+            return false;
+        }
+        self.trailer_done = true;
+        self.pending.extend_from_slice(&self.body_crc.to_le_bytes());
+        true
+    }
+}
+
+/// Decodes an image as its chunks arrive, never holding more of it than
+/// one chunk plus one bitmap page beyond the bitmap it builds. The bytes
+/// and checks are those of [`Image::decode`]; the volume size is checked
+/// against this node's before the bitmap is allocated.
+pub struct ImageDecoder {
+    local_blocks: u64,
+    /// Bytes received and not parsed yet (`buf[at..]`).
+    buf: Vec<u8>,
+    at: usize,
+    received: u64,
+    /// Running CRC32C of the parsed body.
+    body_crc: u32,
+    state: DecState,
+    img: Option<Image>,
+    /// Pages with a set bit still to come, the next allowed page index,
+    /// and the page whose words come next.
+    pages_left: u32,
+    next_page: usize,
+    page: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DecState {
+    Fixed,
+    Frontend(usize),
+    Counts,
+    PageIndex,
+    PageWords,
+    Trailer,
+    Done,
+}
+
+impl ImageDecoder {
+    /// A decoder for an image of a `local_blocks`-block volume.
+    pub fn new(local_blocks: u64) -> ImageDecoder {
+        ImageDecoder {
+            local_blocks,
+            buf: Vec::new(),
+            at: 0,
+            received: 0,
+            body_crc: 0,
+            state: DecState::Fixed,
+            img: None,
+            pages_left: 0,
+            next_page: 0,
+            page: 0,
+        }
+    }
+
+    /// Bytes pushed so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Feed the next bytes of the image.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), DecodeError> {
+        self.received += data.len() as u64;
+        if self.at > 0 {
+            self.buf.drain(..self.at);
+            self.at = 0;
+        }
+        self.buf.extend_from_slice(data);
+        loop {
+            let need = match self.state {
+                DecState::Fixed => IMAGE_FIXED,
+                DecState::Frontend(n) => n,
+                DecState::Counts => 8,
+                DecState::PageIndex => 4,
+                DecState::PageWords => 8 * self.img_ref().dirty.page_words(self.page).len(),
+                DecState::Trailer => 4,
+                DecState::Done => {
+                    let extra = self.buf.len() - self.at;
+                    if extra > 0 {
+                        return Err(DecodeError::TrailingBytes(extra));
+                    }
+                    return Ok(());
+                }
+            };
+            if self.buf.len() - self.at < need {
+                // Check magic and version as soon as they are in.
+                if self.state == DecState::Fixed && self.buf.len() - self.at >= 12 {
+                    Self::check_magic(&self.buf[self.at..self.at + 12])?;
+                }
+                return Ok(());
+            }
+            let start = self.at;
+            self.at += need;
+            let rec = &self.buf[start..start + need];
+            if self.state != DecState::Trailer {
+                self.body_crc = crc32c::crc32c_append(self.body_crc, rec);
+            }
+            let rec: Vec<u8> = rec.to_vec();
+            self.step(&rec)?;
+        }
+    }
+
+    fn img_ref(&self) -> &Image {
+        self.img
+            .as_ref()
+            .expect("image fields parsed before its pages")
+    }
+
+    fn check_magic(b: &[u8]) -> Result<(), DecodeError> {
+        if &b[..8] != IMAGE_MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let v = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if v != IMAGE_VERSION {
+            return Err(DecodeError::BadVersion(v));
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, rec: &[u8]) -> Result<(), DecodeError> {
+        let mut r = Reader { buf: rec };
+        match self.state {
+            DecState::Fixed => {
+                Self::check_magic(r.take(12)?)?;
+                let cluster_id = r.u64()?;
+                let node_id = r.u16()?;
+                let volume_blocks = r.u64()?;
+                if volume_blocks != self.local_blocks {
+                    return Err(DecodeError::Geometry {
+                        image: volume_blocks,
+                        local: self.local_blocks,
+                    });
+                }
+                let block_size = r.u32()?;
+                let gens = r.gens()?;
+                let disk = disk_from(r.u8()?).ok_or(DecodeError::BadField("disk state"))?;
+                let role = role_from(r.u8()?).ok_or(DecodeError::BadField("role"))?;
+                let tx_next_seq = r.u64()?;
+                let fe_len = r.u32()? as usize;
+                if fe_len > MAX_FRONTEND {
+                    return Err(DecodeError::BadField("front-end state length"));
+                }
+                self.img = Some(Image {
+                    cluster_id,
+                    node_id,
+                    volume_blocks,
+                    block_size,
+                    gens,
+                    disk,
+                    role,
+                    dirty: Bitmap::new(volume_blocks),
+                    tx_next_seq,
+                    frontend: Vec::new(),
+                });
+                self.state = DecState::Frontend(fe_len);
+            }
+            DecState::Frontend(_) => {
+                if let Some(img) = self.img.as_mut() {
+                    img.frontend = rec.to_vec();
+                }
+                self.state = DecState::Counts;
+            }
+            DecState::Counts => {
+                let page_count = r.u32()? as usize;
+                let n = r.u32()?;
+                let have = self.img_ref().dirty.page_count();
+                if page_count != have || n as usize > have {
+                    return Err(DecodeError::BadField("dirty bitmap page count"));
+                }
+                self.pages_left = n;
+                self.state = if n == 0 {
+                    DecState::Trailer
+                } else {
+                    DecState::PageIndex
+                };
+            }
+            DecState::PageIndex => {
+                let p = r.u32()? as usize;
+                if p < self.next_page || p >= self.img_ref().dirty.page_count() {
+                    return Err(DecodeError::BadField("dirty bitmap page index"));
+                }
+                self.next_page = p + 1;
+                self.page = p;
+                self.state = DecState::PageWords;
+            }
+            DecState::PageWords => {
+                let mut words = [0u64; PAGE_WORDS];
+                let n = rec.len() / 8;
+                for w in words.iter_mut().take(n) {
+                    *w = r.u64()?;
+                }
+                let page = self.page;
+                if let Some(img) = self.img.as_mut() {
+                    img.dirty.set_page_words(page, &words[..n]);
+                }
+                self.pages_left -= 1;
+                self.state = if self.pages_left == 0 {
+                    DecState::Trailer
+                } else {
+                    DecState::PageIndex
+                };
+            }
+            DecState::Trailer => {
+                let stored = r.u32()?;
+                if stored != self.body_crc {
+                    return Err(DecodeError::BadChecksum {
+                        computed: self.body_crc,
+                        stored,
+                    });
+                }
+                self.state = DecState::Done;
+            }
+            DecState::Done => {}
+        }
+        Ok(())
+    }
+
+    /// The image, once all of it arrived and checked.
+    pub fn finish(self) -> Result<Image, DecodeError> {
+        match (self.state, self.img) {
+            (DecState::Done, Some(img)) => Ok(img),
+            _ => Err(DecodeError::Truncated { need: 1, have: 0 }),
+        }
+    }
+}
+
 fn disk_code(d: DiskState) -> u8 {
     match d {
         DiskState::UpToDate => 0,
@@ -287,12 +675,24 @@ fn role_from(c: u8) -> Option<Role> {
 /// Why metadata or an image could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DecodeError {
-    Truncated { need: usize, have: usize },
+    Truncated {
+        need: usize,
+        have: usize,
+    },
     BadMagic,
     BadVersion(u32),
-    BadChecksum { computed: u32, stored: u32 },
+    BadChecksum {
+        computed: u32,
+        stored: u32,
+    },
     BadField(&'static str),
     TrailingBytes(usize),
+    /// An image of a volume of another size (blocks in the image, blocks
+    /// here): refused before its bitmap is allocated.
+    Geometry {
+        image: u64,
+        local: u64,
+    },
 }
 
 impl fmt::Display for DecodeError {
@@ -314,6 +714,10 @@ impl fmt::Display for DecodeError {
             }
             DecodeError::BadField(what) => write!(f, "invalid {what}"),
             DecodeError::TrailingBytes(n) => write!(f, "{n} unexpected trailing bytes"),
+            DecodeError::Geometry { image, local } => write!(
+                f,
+                "image of a {image}-block volume, this volume has {local} blocks"
+            ),
         }
     }
 }
@@ -476,6 +880,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bitmap::PAGE_BITS;
     use proptest::prelude::*;
 
     fn sample() -> Meta {
@@ -584,6 +989,147 @@ mod tests {
             let mut b = bytes.clone();
             b[i / 8] ^= 1 << (i % 8);
             assert!(Image::decode(&b).is_err(), "flip of bit {i} accepted");
+        }
+    }
+
+    /// The image streamed through the encoder and decoder `chunk` bytes
+    /// at a time.
+    fn stream(img: &Image, chunk: usize) -> (Vec<u8>, Result<Image, DecodeError>) {
+        let mut enc = ImageEncoder::new(img);
+        let mut dec = ImageDecoder::new(img.volume_blocks);
+        let mut all = Vec::new();
+        while let Some(c) = enc.next_chunk(chunk) {
+            assert!(c.len() <= chunk);
+            all.extend_from_slice(&c);
+            if let Err(e) = dec.push(&c) {
+                return (all, Err(e));
+            }
+        }
+        assert_eq!(enc.remaining(), 0);
+        assert_eq!(all.len() as u64, enc.total_len());
+        assert_eq!(crc32c::crc32c(&all), enc.image_crc());
+        (all, dec.finish())
+    }
+
+    #[test]
+    fn test_streamed_image_is_the_encoded_image() {
+        let mut dirty = Bitmap::new(3 * PAGE_BITS + 17);
+        dirty.set(0);
+        dirty.set(2 * PAGE_BITS + 5);
+        dirty.set(3 * PAGE_BITS + 16);
+        let img = image(dirty);
+        for chunk in [1, 3, 1024, 4068, 1 << 20] {
+            let (bytes, got) = stream(&img, chunk);
+            assert_eq!(bytes, img.encode(), "chunk {chunk}");
+            assert_eq!(got, Ok(img.clone()), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn test_image_above_the_old_64mib_cap_round_trips_in_1kib_chunks() {
+        // 4 TiB of 4 KiB blocks, every 1000th dirty: every page holds a
+        // set bit, so the image carries the whole 128 MiB map.
+        let blocks = 1u64 << 30;
+        let mut dirty = Bitmap::new(blocks);
+        let mut b = 0;
+        while b < blocks {
+            dirty.set(b);
+            b += 1000;
+        }
+        let img = image(dirty);
+        let mut enc = ImageEncoder::new(&img);
+        assert!(enc.total_len() > 128 << 20, "{} bytes", enc.total_len());
+        let mut dec = ImageDecoder::new(blocks);
+        let mut crc = 0;
+        while let Some(c) = enc.next_chunk(1024) {
+            crc = crc32c::crc32c_append(crc, &c);
+            dec.push(&c).unwrap();
+            assert!(
+                dec.buf.capacity() < 64 << 10,
+                "decoder buffered {}",
+                dec.buf.capacity()
+            );
+        }
+        assert_eq!(dec.received(), enc.total_len());
+        assert_eq!(crc, enc.image_crc());
+        let got = dec.finish().unwrap();
+        assert_eq!(got.dirty.count(), img.dirty.count());
+        assert!(got == img);
+    }
+
+    #[test]
+    fn test_streamed_image_of_another_volume_size_refused_before_its_map() {
+        let img = image(Bitmap::new(1000));
+        let mut dec = ImageDecoder::new(1 << 40);
+        let bytes = img.encode();
+        assert_eq!(
+            dec.push(&bytes),
+            Err(DecodeError::Geometry {
+                image: 1000,
+                local: 1 << 40
+            })
+        );
+        assert!(dec.img.is_none());
+    }
+
+    #[test]
+    fn test_streamed_image_of_another_version_refused_with_its_number() {
+        let mut bytes = image(Bitmap::new(1000)).encode();
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let mut dec = ImageDecoder::new(1000);
+        let e = dec.push(&bytes[..12]).unwrap_err();
+        assert_eq!(e, DecodeError::BadVersion(3));
+        assert!(alloc::format!("{e}").contains("unsupported version 3"));
+    }
+
+    #[test]
+    fn test_streamed_image_any_bit_flip_rejected() {
+        let mut dirty = Bitmap::new(100_000);
+        dirty.set(3);
+        dirty.set(99_999);
+        let bytes = image(dirty).encode();
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            let mut dec = ImageDecoder::new(100_000);
+            let r = dec.push(&b).and_then(|_| dec.finish());
+            assert!(r.is_err(), "flip of bit {i} accepted");
+        }
+    }
+
+    #[test]
+    fn test_streamed_image_truncated_or_extended_rejected() {
+        let bytes = image(Bitmap::new(1000)).encode();
+        let mut dec = ImageDecoder::new(1000);
+        dec.push(&bytes[..bytes.len() - 1]).unwrap();
+        assert!(dec.finish().is_err());
+        let mut dec = ImageDecoder::new(1000);
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(dec.push(&long), Err(DecodeError::TrailingBytes(1)));
+    }
+
+    proptest! {
+        #[test]
+        fn prop_streamed_image_roundtrip_any_chunking(
+            bits in proptest::collection::vec(0u64..200_000, 0..50),
+            chunk in 1usize..5000,
+        ) {
+            let mut dirty = Bitmap::new(200_000);
+            for b in bits { dirty.set(b); }
+            let img = image(dirty);
+            let (bytes, got) = stream(&img, chunk);
+            prop_assert_eq!(bytes, img.encode());
+            prop_assert_eq!(got, Ok(img));
+        }
+
+        #[test]
+        fn prop_streamed_decode_arbitrary_bytes_never_panics(
+            b in proptest::collection::vec(any::<u8>(), 0..400),
+            blocks in 0u64..100_000,
+        ) {
+            let mut dec = ImageDecoder::new(blocks);
+            let _ = dec.push(&b).and_then(|_| dec.finish());
         }
     }
 

@@ -408,3 +408,66 @@ fn format_1_is_refused_with_how_to_convert_and_converts() {
     let e = convert_v1_to_v2(&path, &CreateOptions::default()).unwrap_err();
     assert!(e.to_string().contains("nothing to convert"), "{e}");
 }
+
+#[test]
+fn batched_transaction_is_one_write_and_all_or_nothing_at_any_tear() {
+    // The core batches as many new hot extents into one metadata write
+    // as `al_txn_extents` allows; in the worst case each evicts a slot
+    // whose bits go with it. That batch must be one transaction, and a
+    // crash anywhere in its write must leave either none or all of it.
+    let dir = TempDir::new("batch-tx");
+    let (path, mut s, mut m) = running(&dir, GIB_BLOCKS);
+    let n = msl_core::meta::al_txn_extents(EXTENT);
+    assert!(n > 1, "{n}");
+    for e in 0..n as u64 {
+        m.al.push(e);
+        s.persist(&m).unwrap();
+        m.dirty.set(e * EXTENT + 3);
+    }
+    let prev = m.clone();
+    let mut next = m.clone();
+    next.al.clear();
+    for e in 100..100 + n as u64 {
+        next.al.push(e);
+        next.dirty.set(e * EXTENT + 5);
+    }
+    let probe = dir.join("probe");
+    std::fs::copy(&path, &probe).unwrap();
+    drop(s);
+    let pristine = std::fs::read(&path).unwrap();
+    {
+        let (mut p, _) = MetaStore::open(&probe).unwrap();
+        let b0 = p.stats();
+        p.persist(&next).unwrap();
+        let d = stats_delta(b0, p.stats());
+        assert_eq!((d.transactions, d.commits, d.syncs), (1, 0, 1), "{d:?}");
+    }
+    let (mut saw_old, mut saw_new) = (false, false);
+    for cut in (0..4096).step_by(29).chain([39, 40, 41, 4095]) {
+        std::fs::write(&path, &pristine).unwrap();
+        let (mut t, _) = open_tearing(&path, Some((0, cut)));
+        let res = t.persist(&next);
+        drop(t);
+        let (_, got) = MetaStore::open(&path).unwrap();
+        let old = same_after_restart(&got, &prev);
+        let new = same_after_restart(&got, &next);
+        assert!(
+            old.is_ok() || new.is_ok(),
+            "cut {cut} ({res:?}): a mix: {old:?} / {new:?}"
+        );
+        saw_old |= old.is_ok();
+        saw_new |= new.is_ok();
+        if new.is_ok() {
+            for e in 0..n as u64 {
+                assert!(
+                    got.dirty.get(e * EXTENT + 3),
+                    "cut {cut}: evicted {e} lost its bit"
+                );
+            }
+        }
+    }
+    assert!(
+        saw_old && saw_new,
+        "tears gave old {saw_old}, new {saw_new}"
+    );
+}

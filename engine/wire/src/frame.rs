@@ -203,16 +203,16 @@ pub mod body {
     /// STATE_IMAGE body.
     pub mod state_image {
         use crate::frame::Field;
-        /// Total image length.
-        pub const TOTAL_LEN: Field = 0..4;
+        /// Total image length (u64: an image is not limited to 4 GiB).
+        pub const TOTAL_LEN: Field = 0..8;
         /// Offset of this chunk in the image.
-        pub const OFFSET: Field = 4..8;
+        pub const OFFSET: Field = 8..16;
         /// CRC32C of the whole image.
-        pub const IMAGE_CRC: Field = 8..12;
+        pub const IMAGE_CRC: Field = 16..20;
         /// Must be zero.
-        pub const RESERVED: Field = 12..16;
+        pub const RESERVED: Field = 20..24;
         /// Body length.
-        pub const LEN: usize = 16;
+        pub const LEN: usize = 24;
     }
 
     /// RESYNC_DATA body.
@@ -1098,8 +1098,8 @@ fn emit_body(msg: &Message, b: &mut [u8]) {
         }
         Message::StateImage(s) => {
             use body::state_image as f;
-            wr_u32(b, f::TOTAL_LEN, s.total_len);
-            wr_u32(b, f::OFFSET, s.offset);
+            wr_u64(b, f::TOTAL_LEN, s.total_len);
+            wr_u64(b, f::OFFSET, s.offset);
             wr_u32(b, f::IMAGE_CRC, s.image_crc);
         }
         Message::ResyncData(r) => {
@@ -1326,8 +1326,8 @@ fn parse_body(t: MsgType, b: &[u8]) -> Result<Message, ParseError> {
                 return Err(ParseError::BadField("state image reserved bytes"));
             }
             Message::StateImage(StateImageChunk {
-                total_len: rd_u32(b, f::TOTAL_LEN),
-                offset: rd_u32(b, f::OFFSET),
+                total_len: rd_u64(b, f::TOTAL_LEN),
+                offset: rd_u64(b, f::OFFSET),
                 image_crc: rd_u32(b, f::IMAGE_CRC),
             })
         }

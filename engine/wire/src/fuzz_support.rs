@@ -211,7 +211,7 @@ fn reassemble_structured(data: &[u8]) {
             flags: data_flags::FUA,
         }),
         1 => Message::StateImage(StateImageChunk {
-            total_len: len as u32,
+            total_len: len as u64,
             offset: 0,
             image_crc: crc32c::crc32c(&payload),
         }),

@@ -197,9 +197,9 @@ impl Heartbeat {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateImageChunk {
     /// Total image length in bytes.
-    pub total_len: u32,
+    pub total_len: u64,
     /// Offset of this chunk in the image.
-    pub offset: u32,
+    pub offset: u64,
     /// CRC32C of the whole image, checked after reassembly.
     pub image_crc: u32,
 }

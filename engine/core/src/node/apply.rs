@@ -162,22 +162,52 @@ impl<H: Payload> Node<H> {
                     s.recv.last_processed = seq;
                     if let Some(p) = &m.payload {
                         let bytes = p.bytes();
-                        let expected = c.offset as usize;
-                        if s.image.buf.len() == expected && c.total_len as usize <= 64 << 20 {
-                            s.image.buf.extend_from_slice(bytes);
-                        } else {
-                            self.counters.frames_unexpected += 1;
+                        if c.offset == 0 {
+                            s.image.dec =
+                                Some(crate::meta::ImageDecoder::new(self.cfg.volume_blocks));
+                            s.image.total_len = c.total_len;
+                            s.image.image_crc = c.image_crc;
+                            s.image.crc = 0;
                         }
-                        if s.image.buf.len() >= c.total_len as usize {
-                            let buf = core::mem::take(&mut s.image.buf);
-                            if crc32c::crc32c(&buf) != c.image_crc {
+                        let img = &mut s.image;
+                        let fits = img.dec.as_ref().is_some_and(|d| {
+                            d.received() == c.offset
+                                && c.total_len == img.total_len
+                                && c.image_crc == img.image_crc
+                                && (bytes.len() as u64) <= img.total_len - c.offset
+                        });
+                        if !fits {
+                            self.counters.frames_unexpected += 1;
+                            continue;
+                        }
+                        let Some(dec) = img.dec.as_mut() else {
+                            continue;
+                        };
+                        img.crc = crc32c::crc32c_append(img.crc, bytes);
+                        let pushed = dec.push(bytes);
+                        let done = dec.received() == img.total_len;
+                        if let Err(e) = pushed {
+                            img.dec = None;
+                            self.counters.frames_unexpected += 1;
+                            let why = match e {
+                                crate::meta::DecodeError::Geometry { .. } => {
+                                    "memory image geometry differs"
+                                }
+                                _ => "undecodable memory image",
+                            };
+                            self.end_session(why);
+                            return;
+                        }
+                        if done {
+                            let dec = img.dec.take();
+                            if img.crc != img.image_crc {
                                 self.counters.frames_unexpected += 1;
                                 self.end_session("corrupt memory image");
                                 return;
                             }
-                            match Image::decode(&buf) {
-                                Ok(img) => self.install_image(img),
-                                Err(_) => {
+                            match dec.map(|d| d.finish()) {
+                                Some(Ok(img)) => self.install_image(img),
+                                _ => {
                                     self.counters.frames_unexpected += 1;
                                     self.end_session("undecodable memory image");
                                     return;

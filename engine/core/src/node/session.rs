@@ -85,10 +85,16 @@ pub(super) struct Session<H> {
     pub(super) resync: ResyncSource,
 }
 
-/// The peer's memory image as it arrives.
+/// The peer's memory image as it arrives: decoded chunk by chunk, so
+/// only the bitmap it builds and one chunk are ever held.
 pub(super) struct ImageRx {
-    /// The chunks received so far, in order.
-    pub(super) buf: Vec<u8>,
+    /// The image being received (from its chunk at offset 0).
+    pub(super) dec: Option<crate::meta::ImageDecoder>,
+    /// Its length and whole-image CRC32C (from its first chunk), and the
+    /// CRC32C of the bytes received so far.
+    pub(super) total_len: u64,
+    pub(super) image_crc: u32,
+    pub(super) crc: u32,
     /// Installed.
     pub(super) installed: bool,
 }
@@ -271,6 +277,7 @@ impl<H: Payload> Node<H> {
                 peer_stable: self.hs.my_session,
                 mirror_wids: VecDeque::new(),
                 handover_seq: None,
+                image: None,
             },
             recv: ApplyPipeline {
                 rx: ReliableRx::new(self.cfg.window, peer.session),
@@ -287,7 +294,10 @@ impl<H: Payload> Node<H> {
                 unstable_applied: BTreeMap::new(),
             },
             image: ImageRx {
-                buf: Vec::new(),
+                dec: None,
+                total_len: 0,
+                image_crc: 0,
+                crc: 0,
                 installed: false,
             },
             resync: ResyncSource {
@@ -366,15 +376,58 @@ impl<H: Payload> Node<H> {
             tx_next_seq: self.session.as_ref().map_or(0, |s| s.send.tx.next_seq()),
             frontend: Vec::new(),
         };
-        let bytes = img.encode();
-        let crc = crc32c::crc32c(&bytes);
-        for (i, chunk) in bytes.chunks(IMAGE_CHUNK).enumerate() {
-            let c = StateImageChunk {
-                total_len: bytes.len() as u32,
-                offset: (i * IMAGE_CHUNK) as u32,
-                image_crc: crc,
+        // Streamed: chunks are encoded as the send window has room
+        // (`send_image_chunks`), ahead of any message queued after this.
+        if let Some(s) = self.session.as_mut() {
+            s.send.image = Some(crate::meta::ImageEncoder::new(&img));
+        }
+        self.flush_backlog();
+    }
+
+    /// Send memory-image chunks while the window has room; false while
+    /// some of the image is still to be sent.
+    pub(super) fn send_image_chunks(&mut self) -> bool {
+        loop {
+            let Some(s) = self.session.as_mut() else {
+                return true;
             };
-            self.send_reliable(Message::StateImage(c), Some(H::from_bytes(chunk)));
+            let Some(enc) = s.send.image.as_mut() else {
+                return true;
+            };
+            if !s.send.tx.has_room() {
+                return false;
+            }
+            let offset = enc.total_len() - enc.remaining();
+            let Some(chunk) = enc.next_chunk(IMAGE_CHUNK) else {
+                s.send.image = None;
+                return true;
+            };
+            let c = StateImageChunk {
+                total_len: enc.total_len(),
+                offset,
+                image_crc: enc.image_crc(),
+            };
+            let now = self.now;
+            let gen = self.meta.gens.current;
+            let payload = Some(H::from_bytes(&chunk));
+            let Ok(seq) = s.send.tx.push(
+                now,
+                OutMsg {
+                    msg: Message::StateImage(c),
+                    payload: payload.clone(),
+                },
+            ) else {
+                return false;
+            };
+            let ack = s.recv.rx.cumulative();
+            s.recv.ack_pending = false;
+            let mut h = self.header(seq, ack);
+            h.generation = gen;
+            self.emit(Action::SendMsl {
+                header: h,
+                msg: Message::StateImage(c),
+                payload,
+            });
         }
     }
 
@@ -459,5 +512,132 @@ impl<H: Payload> Node<H> {
         }
         self.hs.peer_hello_seen = None;
         self.timers.set(Timer::Hello, self.now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+
+    /// 4 TiB of 4 KiB blocks: its bitmap is 128 MiB when dense.
+    const BLOCKS: u64 = 1 << 30;
+
+    fn drain(n: &mut Node<Vec<u8>>) -> Vec<Action<Vec<u8>>> {
+        core::iter::from_fn(|| n.poll_action()).collect()
+    }
+
+    /// True once `n`'s session installed the peer's image.
+    fn installed(n: &Node<Vec<u8>>) -> bool {
+        n.session.as_ref().is_some_and(|s| s.image.installed)
+    }
+
+    #[test]
+    fn test_image_of_a_4tib_volume_dirty_every_1000th_block_streams_and_installs() {
+        // A degraded primary (generation 9 since it lost its peer at 5,
+        // every 1000th block written since) meets its returning secondary.
+        let mut ma = Meta::create(7, 1, BLOCKS, 4096, Some(5));
+        ma.gens.current = 9;
+        ma.gens.bitmap = 5;
+        let mut b = 0;
+        while b < BLOCKS {
+            ma.dirty.set(b);
+            b += 1000;
+        }
+        let dirty = ma.dirty.clone();
+        let mb = Meta::create(7, 2, BLOCKS, 4096, Some(5));
+        let mut a = Node::new(Config::new(1, 2, 7, BLOCKS, 4096), ma, 1, 0);
+        let mut bn = Node::new(Config::new(2, 1, 7, BLOCKS, 4096), mb, 2, 0);
+        let window = a.cfg.window;
+        let mut image_bytes = 0u64;
+        let mut now = 0;
+        let mut streaming_seen = false;
+        while !installed(&bn) {
+            assert!(now < 600_000_000, "image not installed after {now} us");
+            now += 100;
+            for from_a in [true, false] {
+                let acts = if from_a {
+                    drain(&mut a)
+                } else {
+                    drain(&mut bn)
+                };
+                for act in acts {
+                    let (src, dst) = if from_a {
+                        (&mut a, &mut bn)
+                    } else {
+                        (&mut bn, &mut a)
+                    };
+                    match act {
+                        Action::SendMsl {
+                            header,
+                            msg,
+                            payload,
+                        } => {
+                            if let Message::StateImage(c) = msg {
+                                if from_a {
+                                    image_bytes = c.total_len;
+                                }
+                            }
+                            dst.handle(
+                                now,
+                                Event::MslFrame {
+                                    header,
+                                    msg,
+                                    payload,
+                                    arrived: now,
+                                },
+                            )
+                        }
+                        Action::SendLan { header, hb } => dst.handle(
+                            now,
+                            Event::LanFrame {
+                                adapter: 0,
+                                header,
+                                hb,
+                                arrived: now,
+                            },
+                        ),
+                        Action::Write { io, .. } | Action::Flush { io } => {
+                            src.handle(now, Event::IoDone { io, ok: true })
+                        }
+                        Action::Read { io, count, .. } => src.handle(
+                            now,
+                            Event::ReadDone {
+                                io,
+                                ok: true,
+                                payload: Some(alloc::vec![0; count as usize * 4096]),
+                            },
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+            // While the image streams, the sender holds no encoded chunk
+            // beyond its window: none waits in the backlog.
+            if let Some(s) = a.session.as_ref() {
+                if s.send.image.is_some() {
+                    streaming_seen = true;
+                    assert!(s.send.tx.in_flight() <= window);
+                    assert!(!s
+                        .send
+                        .backlog
+                        .iter()
+                        .any(|m| matches!(m.msg, Message::StateImage(_))));
+                }
+            }
+            a.handle(now, Event::Tick);
+            bn.handle(now, Event::Tick);
+        }
+        assert!(streaming_seen, "the image was never in flight");
+        assert!(image_bytes > 64 << 20, "image of {image_bytes} bytes");
+        let s = bn.session.as_ref().unwrap();
+        assert_eq!(s.decision.strategy, Strategy::TargetBitmap);
+        assert_eq!(bn.meta.dirty.count(), dirty.count());
+        assert!(
+            bn.meta.dirty == dirty,
+            "target's map differs from the source's"
+        );
+        assert_eq!(bn.counters.frames_unexpected, 0);
     }
 }

@@ -16,6 +16,9 @@ pub(super) struct SendStream<H> {
     pub(super) mirror_wids: VecDeque<(u64, u64)>,
     /// A handover (switchover) was sent at this seq.
     pub(super) handover_seq: Option<u64>,
+    /// The memory image still being sent: its chunks go before anything
+    /// queued after it, as the window has room.
+    pub(super) image: Option<crate::meta::ImageEncoder>,
 }
 
 impl<H: Payload> Node<H> {
@@ -34,7 +37,7 @@ impl<H: Payload> Node<H> {
         let now = self.now;
         let gen = self.meta.gens.current;
         let s = self.session.as_mut()?;
-        if !s.send.backlog.is_empty() || !s.send.tx.has_room() {
+        if !s.send.backlog.is_empty() || s.send.image.is_some() || !s.send.tx.has_room() {
             s.send.backlog.push_back(OutMsg { msg, payload });
             return None;
         }
@@ -135,6 +138,9 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn flush_backlog(&mut self) {
+        if !self.send_image_chunks() {
+            return;
+        }
         loop {
             let now = self.now;
             let gen = self.meta.gens.current;

@@ -29,6 +29,9 @@ pub(super) struct PendingWrite {
     pub(super) local_done: bool,
     /// The peer's half.
     pub(super) peer: PeerHalf,
+    /// The first write after a metadata write: until it is done locally,
+    /// that metadata write may still be under way.
+    pub(super) opens_txn: bool,
 }
 
 /// Where the peer's half of a client write or flush stands.
@@ -124,35 +127,99 @@ impl<H: Payload> Node<H> {
 
     /// Start queued writes in order while they don't overlap writes in
     /// flight and their AL extents can be made hot.
+    ///
+    /// Activity-log transactions are batched: while the transaction of
+    /// the previous batch may still be being written (the write started
+    /// right after it has not completed locally: the host executes actions
+    /// in order, so that completion proves the transaction durable), a
+    /// write that needs a new one waits. When it completes, every waiting
+    /// write that fits goes out behind one metadata write carrying all
+    /// their extents, up to what one transaction block holds
+    /// (`al_txn_extents`). A write is still emitted only after the
+    /// metadata covering its extents.
     pub(super) fn start_waiting_writes(&mut self) {
         self.actlog.blocked = false;
+        if !self.serving() {
+            return;
+        }
+        let txn_open = self
+            .ios
+            .client_writes()
+            .any(|(_, p)| p.opens_txn && !p.local_done);
+        let cap = crate::meta::al_txn_extents(self.cfg.extent_blocks);
+        let mut new_extents = 0usize;
+        let mut persist = false;
+        let mut batch: Vec<(QueuedWrite<H>, u64)> = Vec::new();
         while let Some(q) = self.writes.waiting.front() {
-            if !self.serving() {
-                return;
-            }
             let (block, count) = (q.block, q.count);
+            let overlaps = |b: u64, c: u64| c > 0 && block < b + c && b < block + count;
             if self
                 .ios
                 .client_writes()
-                .any(|(_, p)| p.count > 0 && block < p.block + p.count && p.block < block + count)
+                .any(|(_, p)| overlaps(p.block, p.count))
+                || batch.iter().any(|(w, _)| overlaps(w.block, w.count))
             {
-                return;
+                break;
+            }
+            let adds = self.al_extents_to_add(block, count);
+            if adds > 0 || self.degraded_mark_needed(block, count) {
+                if txn_open {
+                    break;
+                }
+                if !batch.is_empty() && new_extents + adds > cap {
+                    break;
+                }
             }
             let Some(al_changed) = self.al_reserve(block, count) else {
                 // Not enough free or cold extents: a stable point cools
                 // some (`stabilize_if_due` issues it at once).
                 self.actlog.blocked = true;
-                return;
+                break;
             };
-            self.actlog.blocked = false;
+            new_extents += adds;
             let Some(q) = self.writes.waiting.pop_front() else {
-                return;
+                break;
             };
-            self.start_write(q, al_changed);
+            let (wid, changed) = self.prepare_write(&q, al_changed);
+            persist |= changed;
+            batch.push((q, wid));
+        }
+        if persist {
+            self.persist();
+        }
+        for (i, (q, wid)) in batch.into_iter().enumerate() {
+            self.start_write(q, wid, persist && i == 0);
         }
     }
 
-    pub(super) fn start_write(&mut self, q: QueuedWrite<H>, al_changed: bool) {
+    /// Extents of `[block, block + count)` the next metadata write must
+    /// add to the persisted activity log.
+    fn al_extents_to_add(&self, block: u64, count: u64) -> usize {
+        self.extents(block, count)
+            .filter(|e| {
+                !self
+                    .actlog
+                    .slots
+                    .iter()
+                    .any(|s| s.extent == *e && s.on_disk)
+            })
+            .count()
+    }
+
+    /// Degraded: whether the write's extents still lack their dirty mark.
+    fn degraded_mark_needed(&self, block: u64, count: u64) -> bool {
+        if self.mirroring() {
+            return false;
+        }
+        let e = self.cfg.extent_blocks;
+        let first = block / e * e;
+        let end = ((block + count).div_ceil(e) * e).min(self.cfg.volume_blocks);
+        self.meta.dirty.count_range(first, end - first) < end - first
+    }
+
+    /// Make a write's extents hot and give it its write id; returns the
+    /// id and whether metadata must be written before it.
+    fn prepare_write(&mut self, q: &QueuedWrite<H>, al_changed: bool) -> (u64, bool) {
         let wid = self.writes.next_wid;
         self.writes.next_wid += 1;
         self.actlog.clock += 1;
@@ -169,10 +236,8 @@ impl<H: Payload> Node<H> {
             s.lru = clock;
             s.from_peer = false;
         }
-        let mirror = self.mirroring() && self.cfg.write_mode == WriteMode::Sync;
-        let mirror_async = self.mirroring() && self.cfg.write_mode == WriteMode::Async;
         let mut persist = al_changed;
-        if !mirror && !mirror_async {
+        if !self.mirroring() {
             // Degraded: the dirty mark is persisted before the write, for
             // the whole activity-log extent at its first write: one
             // metadata write per extent touched instead of one per new
@@ -183,9 +248,14 @@ impl<H: Payload> Node<H> {
             let end = ((q.block + q.count).div_ceil(e) * e).min(self.cfg.volume_blocks);
             persist |= self.meta.dirty.set_range(first, end - first) > 0;
         }
-        if persist {
-            self.persist();
-        }
+        (wid, persist)
+    }
+
+    /// Emit a prepared write (after the metadata write covering it);
+    /// `opens_txn`: the first write after that metadata write.
+    pub(super) fn start_write(&mut self, q: QueuedWrite<H>, wid: u64, opens_txn: bool) {
+        let mirror = self.mirroring() && self.cfg.write_mode == WriteMode::Sync;
+        let mirror_async = self.mirroring() && self.cfg.write_mode == WriteMode::Async;
         self.writes.last_write_us = self.now;
         self.writes.inflight_wids.insert(wid);
         // The local write is emitted after the mirror message: the peer's
@@ -239,6 +309,7 @@ impl<H: Payload> Node<H> {
             fua: q.fua,
             local_done: false,
             peer,
+            opens_txn,
         }));
         if let Action::Write { io: id, .. } = &mut local {
             *id = io;
@@ -530,5 +601,125 @@ impl<H: Payload> Node<H> {
             );
             s.resync.sent.push_back(SentRun { seq, block, count });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A primary alone (its peer down) on a 64-extent volume.
+    fn lone_primary() -> Node<Vec<u8>> {
+        let blocks = 64 * 1024;
+        let cfg = Config::new(1, 2, 7, blocks, 4096);
+        let mut n = Node::new(cfg, Meta::create(7, 1, blocks, 4096, Some(5)), 1, 0);
+        n.handle(0, Event::Admin(AdminCmd::Promote { force: true }));
+        assert_eq!(n.role, Role::Primary);
+        while n.poll_action().is_some() {}
+        n
+    }
+
+    fn write(n: &mut Node<Vec<u8>>, now: Micros, req: u64, block: u64) {
+        n.handle(
+            now,
+            Event::ClientWrite {
+                req,
+                block,
+                count: 1,
+                kind: IoKind::Write,
+                fua: false,
+                payload: Some(alloc::vec![1; 4096]),
+            },
+        );
+    }
+
+    /// Drain the actions; every write must follow a metadata write whose
+    /// activity log holds its extent. Returns the metadata writes and the
+    /// writes (io, extent) in order.
+    fn drain(n: &mut Node<Vec<u8>>, al: &mut Vec<u64>) -> (usize, Vec<(IoId, u64)>) {
+        let mut metas = 0;
+        let mut writes = Vec::new();
+        while let Some(a) = n.poll_action() {
+            match a {
+                Action::PersistMeta(m) => {
+                    metas += 1;
+                    *al = m.al.clone();
+                }
+                Action::Write { io, block, .. } => {
+                    let e = block / 1024;
+                    assert!(al.contains(&e), "write to extent {e} before its log entry");
+                    writes.push((io, e));
+                }
+                _ => {}
+            }
+        }
+        (metas, writes)
+    }
+
+    #[test]
+    fn test_writes_arriving_during_a_log_transaction_share_the_next_one() {
+        let mut n = lone_primary();
+        let mut al = Vec::new();
+        // The first write to a new extent: its own transaction.
+        write(&mut n, 10, 1, 0);
+        let (metas, first) = drain(&mut n, &mut al);
+        assert_eq!((metas, first.len()), (1, 1));
+        // Ten more, each to a new extent, while that transaction may still
+        // be under way: none goes out yet.
+        for i in 1..=10u64 {
+            write(&mut n, 20, 1 + i, i * 1024 + 7);
+        }
+        let (metas, none) = drain(&mut n, &mut al);
+        assert_eq!((metas, none.len()), (0, 0));
+        // The first write is done: one transaction carries all ten.
+        n.handle(
+            30,
+            Event::IoDone {
+                io: first[0].0,
+                ok: true,
+            },
+        );
+        let (metas, ten) = drain(&mut n, &mut al);
+        assert_eq!(metas, 1, "one metadata write for the batch");
+        let exts: Vec<u64> = ten.iter().map(|&(_, e)| e).collect();
+        assert_eq!(exts, (1..=10).collect::<Vec<u64>>());
+        // A write to an extent already logged needs no transaction and
+        // does not wait for the open one.
+        write(&mut n, 40, 20, 5 * 1024 + 9);
+        let (metas, hot) = drain(&mut n, &mut al);
+        assert_eq!((metas, hot.len()), (0, 1));
+    }
+
+    #[test]
+    fn test_a_batch_never_exceeds_one_transaction_block() {
+        let mut n = lone_primary();
+        let cap = crate::meta::al_txn_extents(n.cfg.extent_blocks);
+        assert!(cap > 1 && cap < 60, "cap {cap}");
+        let mut al = Vec::new();
+        write(&mut n, 10, 1, 0);
+        let (_, first) = drain(&mut n, &mut al);
+        for i in 1..=cap as u64 + 5 {
+            write(&mut n, 20, 1 + i, i * 1024);
+        }
+        n.handle(
+            30,
+            Event::IoDone {
+                io: first[0].0,
+                ok: true,
+            },
+        );
+        let (metas, batch) = drain(&mut n, &mut al);
+        assert_eq!((metas, batch.len()), (1, cap));
+        // The rest go with the next transaction, after the batch's first
+        // write completes.
+        n.handle(
+            40,
+            Event::IoDone {
+                io: batch[0].0,
+                ok: true,
+            },
+        );
+        let (metas, rest) = drain(&mut n, &mut al);
+        assert_eq!((metas, rest.len()), (1, 5));
     }
 }

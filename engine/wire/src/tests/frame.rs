@@ -21,7 +21,7 @@ fn test_layout_sizes_frozen() {
     assert_eq!(body_len(MsgType::Data), 24);
     assert_eq!(body_len(MsgType::Ack), 96);
     assert_eq!(body_len(MsgType::Heartbeat), 40);
-    assert_eq!(body_len(MsgType::StateImage), 16);
+    assert_eq!(body_len(MsgType::StateImage), 24);
     assert_eq!(body_len(MsgType::ResyncData), 16);
     assert_eq!(body_len(MsgType::ResyncDone), 8);
     assert_eq!(body_len(MsgType::RoleChange), 16);
@@ -720,4 +720,24 @@ fn test_emit_auth_flag_follows_key() {
     assert!(parse_plain(&b).is_ok());
     let b = emit_vec(&header(1), &m, &[], Some(&KEY));
     assert_eq!(b[field::FLAGS] & flags::AUTH, flags::AUTH);
+}
+
+#[test]
+fn test_state_image_offsets_past_4gib_roundtrip_and_layout() {
+    // An image longer than 4 GiB: both positions are 64-bit, big-endian,
+    // followed by the CRC and four reserved zero bytes.
+    let m = Message::StateImage(StateImageChunk {
+        total_len: 0x0000_0012_3456_789a,
+        offset: 0x0000_0001_0000_0400,
+        image_crc: 0xdead_beef,
+    });
+    let bytes = emit_vec(&header(3), &m, &[1, 2, 3], None);
+    let body: String = bytes[HEADER_LEN..HEADER_LEN + 24]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(body, "000000123456789a0000000100000400deadbeef00000000");
+    let p = parse(&bytes, &expect(None)).unwrap();
+    assert_eq!(p.msg, m);
+    assert_eq!(p.payload, &[1, 2, 3][..]);
 }

@@ -132,11 +132,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     })
                 }
             ),
-        any::<[u32; 3]>().prop_map(|v| Message::StateImage(StateImageChunk {
-            total_len: v[0],
-            offset: v[1],
-            image_crc: v[2],
-        })),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(total_len, offset, image_crc)| {
+            Message::StateImage(StateImageChunk {
+                total_len,
+                offset,
+                image_crc,
+            })
+        }),
         (any::<u64>(), any::<u32>(), 0u8..=data_flags::KNOWN).prop_map(|(offset, len, flags)| {
             Message::ResyncData(ResyncData { offset, len, flags })
         }),
@@ -267,7 +269,7 @@ proptest! {
         let len = payload.len() as u32;
         let m = match kind {
             0 => Message::Data(Data { write_id: seq, offset: 512, len, flags: 0 }),
-            1 => Message::StateImage(StateImageChunk { total_len: len, offset: 0, image_crc: 1 }),
+            1 => Message::StateImage(StateImageChunk { total_len: u64::from(len), offset: 0, image_crc: 1 }),
             _ => Message::ResyncData(ResyncData { offset: 0, len, flags: data_flags::FUA }),
         };
         let key = keyed.then_some(&KEY);
