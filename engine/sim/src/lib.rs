@@ -637,6 +637,7 @@ impl Sim {
                 msg,
                 payload,
             } => self.send_msl(i, header, msg, payload),
+            Action::WantLease(_) => {}
             Action::SendLan { header, hb } => {
                 if self.lan_cut || !self.nodes[i].lan_adapter_ok || !self.nodes[peer].lan_adapter_ok
                 {
