@@ -455,7 +455,9 @@ pub enum Action<H> {
     /// Restart this node's daemon; it comes back as secondary.
     Restart,
     /// Acquire and keep renewing the witness lease (true), or release it
-    /// (false). Only with `Config::witness`; emitted when the wish changes.
+    /// (false). Only with `Config::witness`; emitted when the wish changes,
+    /// and `true` again when the node needs a renewal at once (it lost its
+    /// peer: only a lease confirmed after that counts).
     WantLease(bool),
 }
 

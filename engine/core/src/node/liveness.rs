@@ -580,6 +580,10 @@ pub(super) struct LeaseState {
     /// acknowledged write and is dropped, so the pair resyncs from the new
     /// primary instead of refusing a split brain.
     pub(super) before_degraded: Option<Generations>,
+    /// A session (this node primary) was up when the current event began.
+    pub(super) session_at_start: bool,
+    /// Ask the host for a lease at once (`WantLease(true)` again).
+    pub(super) renew_now: bool,
 }
 
 impl<H: Payload> Node<H> {
@@ -652,6 +656,20 @@ impl<H: Payload> Node<H> {
         }
     }
 
+    /// The session of this primary just ended: a lease checked while the
+    /// peer mirrored every write is not enough to acknowledge alone. Only a
+    /// lease the witness confirms after the peer was lost counts: a
+    /// primary cut from its peer and from the witness at once never
+    /// acknowledges alone, so the secondary that wins the lease next has
+    /// every acknowledged write.
+    fn void_lease_on_peer_loss(&mut self) {
+        if self.lease.session_at_start && self.session.is_none() && self.role == Role::Primary {
+            self.lease.session_at_start = false;
+            self.lease.renew_now = true;
+            self.drop_lease("lost the peer: the lease must be renewed without it");
+        }
+    }
+
     /// After every event: the lease's expiry, withheld acknowledgements,
     /// a takeover waiting for the lease, and the lease this node wants.
     /// `session_before`: the generations if a session was up (as primary)
@@ -660,6 +678,7 @@ impl<H: Payload> Node<H> {
         if !self.cfg.witness {
             return;
         }
+        self.void_lease_on_peer_loss();
         if self.lease.until.is_some() && !self.lease_valid() {
             self.drop_lease("expired");
         }
@@ -697,7 +716,8 @@ impl<H: Payload> Node<H> {
         }
         self.lease.holding = hold;
         let want = !self.failed && (self.role == Role::Primary || self.lease.takeover.is_some());
-        if want != self.lease.wanted {
+        let renew = core::mem::take(&mut self.lease.renew_now) && want;
+        if want != self.lease.wanted || renew {
             self.lease.wanted = want;
             self.emit(Action::WantLease(want));
         }
@@ -709,6 +729,7 @@ impl<H: Payload> Node<H> {
         if !self.cfg.witness || self.role != Role::Primary || self.session.is_some() {
             return true;
         }
+        self.void_lease_on_peer_loss();
         if self.lease_hold() {
             self.lease.withheld.push(req);
             return false;

@@ -320,6 +320,12 @@ impl<H: Payload> Node<H> {
         self.stall_hold()
     }
 
+    /// A primary that lost its peer and lacks the witness lease: it holds
+    /// writes and serves no reads until it holds it (or the peer is back).
+    pub fn holding_for_lease(&self) -> bool {
+        self.lease_hold()
+    }
+
     /// Connected to the peer, pair in sync.
     pub fn in_sync(&self) -> bool {
         self.session
@@ -462,6 +468,7 @@ impl<H: Payload> Node<H> {
             (Some(_), Role::Primary) => Some(self.meta.gens),
             _ => None,
         };
+        self.lease.session_at_start = session_before.is_some();
         // The peer is judged dead only on a Tick: the host feeds every
         // input that arrived before it acts on a timer, so a frame still
         // queued behind this event cannot be missed.

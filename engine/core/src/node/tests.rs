@@ -1437,3 +1437,27 @@ fn test_witness_notice_names_are_stable() {
     assert_eq!(Notice::WitnessReachable { reachable: false }.kind(), "witness_unreachable");
     assert_eq!(Notice::WitnessReachable { reachable: true }.kind(), "witness_reachable");
 }
+
+/// A lease held while the peer mirrored every write is void once the
+/// peer is lost: the primary asks for a renewal at once and acknowledges
+/// alone only under a lease reported after the loss.
+#[test]
+fn test_witness_lease_held_in_session_void_when_the_peer_is_lost() {
+    let (mut a, _b) = witness_pair(NoQuorum::Suspend);
+    a.handle(200_001, Event::Lease { held: true, until: 5_000_000 });
+    drain(&mut a);
+    assert!(a.status().lease_until.is_some());
+    write_block(&mut a, 200_002, 51, 4, 4);
+    let mut acts = Vec::new();
+    complete_io(&mut a, 200_002, &mut acts);
+    acts.extend(alone(&mut a, 200_002, 700_000));
+    assert!(!a.status().connected);
+    assert!(acts.iter().any(|x| x_is(x, "lease_lost")));
+    assert!(
+        acts.iter().any(|x| matches!(x, Action::WantLease(true))),
+        "asks for a renewal at once: {acts:?}"
+    );
+    assert!(!acked(&acts, 51), "not under the lease from before the loss");
+    a.handle(700_001, Event::Lease { held: true, until: 1_500_000 });
+    assert!(acked(&drain(&mut a), 51));
+}
