@@ -243,9 +243,32 @@ impl Sim {
         self.witness.cut[i] = cut;
     }
 
-    /// Node `i` acknowledged a client write in generation `g` at `now`:
-    /// with a witness, two nodes' acknowledging spans (per generation,
-    /// first to last acknowledgement) never overlap in time.
+    /// Node `i`, without its peer, acknowledged a client write at `now`:
+    /// with a witness (and `NoQuorum::Suspend`), its host's lease client
+    /// must hold the lease now.
+    pub(crate) fn check_ack_lease(&mut self, i: usize) {
+        if !self.opts.witness || self.opts.on_no_quorum == NoQuorum::Sft3 {
+            return;
+        }
+        let now = self.now;
+        let holds = self.nodes[i]
+            .lease
+            .as_ref()
+            .is_some_and(|h| h.client.holds(now));
+        if !holds {
+            let msg = format!(
+                "n{} acknowledged a write without its peer and without the witness lease",
+                i + 1
+            );
+            self.fail(msg);
+        }
+    }
+
+    /// Node `i`, without its peer, acknowledged a client write in
+    /// generation `g` at `now`: with a witness, two nodes' spans of such
+    /// acknowledgements (per generation, first to last) never overlap in
+    /// time. (A write acknowledged in a session is on both nodes: the old
+    /// primary that acknowledges one late, after a stall, loses nothing.)
     pub(crate) fn check_ack_span(&mut self, i: usize, g: u64) {
         if !self.opts.witness || self.opts.on_no_quorum == NoQuorum::Sft3 {
             return;

@@ -19,6 +19,12 @@
 //!   sync. If only the MSL is lost while the primary is heard on the LAN, the
 //!   secondary shuts its mirror side down (Outdated) and never takes over
 //!   from that state.
+//! * With a witness (`Config::witness`), serving without the peer needs
+//!   its lease: the secondary takes over only while it holds it, and a
+//!   primary that lost its peer acknowledges writes only under a lease
+//!   confirmed after the loss (writes wait otherwise). A stall voids the
+//!   lease. `NoQuorum::Sft3` lets a node whose witness is unreachable act
+//!   as without one.
 //!
 //! # Parts
 //!
