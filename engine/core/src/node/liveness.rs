@@ -224,7 +224,11 @@ impl<H: Payload> Node<H> {
     pub(super) fn check_deposed(&mut self, role: Role, generation: u64) -> bool {
         let g = &self.meta.gens;
         let unknown = generation != g.current && !g.history.contains(&generation);
-        if (self.stall_hold() || self.lease_hold()) && role == Role::Primary && unknown {
+        // Without the lease, only a primary that acknowledged nothing
+        // alone steps down: a node that took over (and may have) keeps the
+        // role, and two that both did are a split brain for the handshake.
+        let lease_deposable = self.lease_hold() && self.lease.before_degraded.is_some();
+        if (self.stall_hold() || lease_deposable) && role == Role::Primary && unknown {
             self.depose();
             return true;
         }
