@@ -14,6 +14,19 @@ pub enum WriteMode {
     Async,
 }
 
+/// What a node does, with a witness configured, while it cannot reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoQuorum {
+    /// Wait: no takeover, and a primary without its peer acknowledges no
+    /// write until it holds the lease again (or the peer is back). The
+    /// default: never two nodes acknowledging at once.
+    Suspend,
+    /// Behave as without a witness (NetWare SFT III): take over, or keep
+    /// serving alone, without the lease. Both links and the witness cut
+    /// at once then lets both nodes serve.
+    Sft3,
+}
+
 /// Core configuration. Times in microseconds, sizes in blocks unless named.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -53,6 +66,13 @@ pub struct Config {
     /// (`role_control = "cluster"`): the role then changes only by
     /// administrator command (promote, demote, switchover).
     pub auto_takeover: bool,
+    /// A witness on a third host grants the right to serve without the
+    /// peer as a time-bounded lease (the host talks to it and reports
+    /// `Event::Lease`): a secondary takes over, and a primary that lost
+    /// its peer acknowledges writes, only while it holds the lease.
+    pub witness: bool,
+    /// With `witness`, what to do while the witness is unreachable.
+    pub on_no_quorum: NoQuorum,
     /// Reliable-delivery window (messages in flight).
     pub window: usize,
     pub rto_initial_us: u64,
@@ -117,6 +137,8 @@ impl Config {
             miss_count: 8,
             stall_threshold_us: 150_000,
             auto_takeover: true,
+            witness: false,
+            on_no_quorum: NoQuorum::Suspend,
             window: 256,
             rto_initial_us: 20_000,
             rto_min_us: 2_000,

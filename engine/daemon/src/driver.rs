@@ -656,6 +656,9 @@ impl<H: Host> Driver<H> {
                 .notify(EventRecord::new(self.node_id, &n).with_peer(self.node.config().peer_id)),
             Action::ServiceAddress { hold } => self.host.service_address(hold),
             Action::Restart => return Some(Exit::Restart),
+            // The core asks for the lease only with `Config::witness`,
+            // which this daemon does not set yet.
+            Action::WantLease(_) => {}
         }
         None
     }
@@ -1053,7 +1056,8 @@ impl PersistGate {
             | Action::Read { .. }
             | Action::Flush { .. }
             | Action::PersistMeta(_)
-            | Action::SendLan { .. } => false,
+            | Action::SendLan { .. }
+            | Action::WantLease(_) => false,
             Action::SendMsl { msg, .. } => msg.is_reliable(),
             Action::Reply { .. }
             | Action::Notify(_)

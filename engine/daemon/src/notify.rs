@@ -283,6 +283,9 @@ pub fn notice_fields(n: &Notice) -> Map<String, Value> {
         } => json!({"checked": checked, "differing": differing, "first": first}),
         Notice::DiskFailed { what } | Notice::Warning { what } => json!({"reason": what}),
         Notice::Stalled { for_us } => json!({"stalled_ms": for_us / 1000}),
+        Notice::LeaseGained { until } => json!({"until_ms": until / 1000}),
+        Notice::LeaseLost { reason } => json!({"reason": reason}),
+        Notice::WitnessReachable { reachable } => json!({"reachable": reachable}),
     };
     match v {
         Value::Object(m) => m,

@@ -9,7 +9,8 @@
 //! Checked throughout: every read returns the last acknowledged write (or a
 //! write whose outcome the client never learned); no two nodes acknowledge
 //! client writes in the same generation; the service address is never held
-//! twice. Checked at the end, after all faults heal: one primary, one
+//! twice; with a witness (`Options::witness`), no two nodes acknowledge
+//! writes in overlapping time. Checked at the end, after all faults heal: one primary, one
 //! in-sync secondary, empty dirty maps, byte-identical volumes.
 
 use std::cell::RefCell;
@@ -22,10 +23,12 @@ use std::path::PathBuf;
 use msl_core::meta::Meta;
 use msl_core::node::{Action, ClientError, Event, IoKind, Node, Notice};
 use msl_core::rng::Rng;
+use msl_core::config::NoQuorum;
 use msl_core::{Config, Micros};
 use msl_wire::{self as wire, DiskState, Header, Message, Role};
 
 pub mod scenario;
+mod witness;
 
 thread_local! {
     static RECORD_NEXT: RefCell<Option<PathBuf>> = const { RefCell::new(None) };
@@ -103,6 +106,9 @@ pub struct Options {
     pub relaxed_durability: bool,
     /// Activity-log slots per node (small by default, to exercise eviction).
     pub al_extents: usize,
+    /// A witness on a third host grants the lease (see `witness.rs`).
+    pub witness: bool,
+    pub on_no_quorum: NoQuorum,
 }
 
 impl Options {
@@ -118,6 +124,8 @@ impl Options {
             trace: false,
             relaxed_durability: false,
             al_extents: 4,
+            witness: false,
+            on_no_quorum: NoQuorum::Suspend,
         }
     }
 }
@@ -134,6 +142,9 @@ enum Ev {
     Restart { node: usize },
     Thaw { node: usize, epoch: u32 },
     Attack,
+    LeaseTick { node: usize, epoch: u32 },
+    WitnessRx { from: usize, frame: usize },
+    WitnessReply { to: usize, epoch: u32, frame: usize },
 }
 
 /// What the attacker injects.
@@ -289,6 +300,8 @@ struct SimNode {
     notices: Vec<(Micros, Notice)>,
     /// When this node acknowledged a client write.
     acks: Vec<Micros>,
+    /// The host's witness lease client (with `Options::witness`).
+    lease: Option<witness::LeaseHost>,
 }
 
 impl SimNode {
@@ -368,6 +381,10 @@ pub struct Sim {
     /// other.
     msl_key: wire::Key,
     lan_key: wire::Key,
+    witness_key: wire::Key,
+    witness: witness::WitnessHost,
+    /// With a witness: (node, generation, first ack, last ack).
+    ack_spans: Vec<(usize, u64, Micros, Micros)>,
     msl_cut: bool,
     msl_blackhole: bool,
     lan_cut: bool,
@@ -407,6 +424,8 @@ impl Sim {
             cfg.al_extents = al_extents;
             cfg.window = 64;
             cfg.resync_max_in_flight = 8;
+            cfg.witness = opts.witness;
+            cfg.on_no_quorum = opts.on_no_quorum;
             let gen = if id == 1 { Some(rng.nonzero()) } else { None };
             let meta = Meta::create(CLUSTER, id, blocks, 4096, gen);
             SimNode {
@@ -425,6 +444,7 @@ impl Sim {
                 roles: vec![Role::Secondary],
                 notices: Vec::new(),
                 acks: Vec::new(),
+                lease: None,
             }
         };
         let n1 = mk(1, 2, &mut rng);
@@ -443,6 +463,9 @@ impl Sim {
             next_frame: 0,
             msl_key: wire::Key::derive(&key, wire::Domain::Msl),
             lan_key: wire::Key::derive(&key, wire::Domain::Lan),
+            witness_key: wire::Key::derive(&key, wire::Domain::Witness),
+            witness: witness::WitnessHost::new(0, wire::Key::derive(&key, wire::Domain::Witness)),
+            ack_spans: Vec::new(),
             msl_cut: false,
             msl_blackhole: false,
             lan_cut: false,
@@ -555,6 +578,10 @@ impl Sim {
         n.cfg.epoch = n.boot_epoch;
         let node = Node::new(n.cfg.clone(), meta, seed, self.now);
         n.node = Some(node);
+        if self.opts.witness {
+            self.nodes[i].lease = Some(self.new_lease_host(i));
+        }
+        let n = &mut self.nodes[i];
         n.next_tick = 0;
         let ok = n.lan_adapter_ok;
         let msl = !self.msl_cut;
@@ -637,6 +664,7 @@ impl Sim {
                 msg,
                 payload,
             } => self.send_msl(i, header, msg, payload),
+            Action::WantLease(w) => self.want_lease(i, w),
             Action::SendLan { header, hb } => {
                 if self.lan_cut || !self.nodes[i].lan_adapter_ok || !self.nodes[peer].lan_adapter_ok
                 {
@@ -992,6 +1020,7 @@ impl Sim {
         }
         self.fault(format!("n{} runs again", i + 1), None);
         self.nodes[i].frozen = false;
+        self.lease_stall(i);
         for h in std::mem::take(&mut self.nodes[i].held) {
             match h {
                 Held::Event(ev) => self.feed(i, ev),
@@ -1222,7 +1251,10 @@ impl Sim {
         // both hold it).
         let settled = |i: &usize| {
             let n = &self.nodes[*i];
-            !n.frozen && n.node.as_ref().is_some_and(|n| !n.holding_after_stall())
+            !n.frozen
+                && n.node
+                    .as_ref()
+                    .is_some_and(|n| !n.holding_after_stall() && !n.holding_for_lease())
         };
         holders
             .iter()
@@ -1369,6 +1401,12 @@ impl Sim {
                 if matches!(op.kind, OpKind::Write { .. }) {
                     self.nodes[i].acks.push(self.now);
                     let g = node.meta().gens.current;
+                    // Only acknowledgements without the peer count: one
+                    // made in a session is of a write the peer has too.
+                    if !node.status().connected {
+                        self.check_ack_span(i, g);
+                        self.check_ack_lease(i);
+                    }
                     match self.generations.get(&g) {
                         Some(&other) if other != i => {
                             let msg = format!("n{} and n{} both acknowledged client writes in generation {g:016x}", other + 1, i + 1);
@@ -1549,6 +1587,19 @@ impl Sim {
             }
             Ev::ClientTick => self.client_tick(),
             Ev::Restart { node } => self.planned_restart(node),
+            Ev::LeaseTick { node, epoch } => {
+                if self.nodes[node].epoch == epoch {
+                    self.lease_tick(node);
+                }
+            }
+            Ev::WitnessRx { from, frame } => self.witness_rx(from, frame),
+            Ev::WitnessReply { to, epoch, frame } => {
+                if self.nodes[to].epoch == epoch {
+                    self.witness_reply(to, frame);
+                } else {
+                    self.frames.remove(&frame);
+                }
+            }
         }
         self.check_invariants();
     }
@@ -1566,7 +1617,9 @@ impl Sim {
                 let n = &self.nodes[i];
                 n.holds_address
                     && !n.frozen
-                    && n.node.as_ref().is_some_and(|n| !n.holding_after_stall())
+                    && n.node
+                        .as_ref()
+                        .is_some_and(|n| !n.holding_after_stall() && !n.holding_for_lease())
             })
             .collect();
         if holders.len() > 1 && !self.allow_dual_primary() {
@@ -1777,6 +1830,11 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
     o.lan.loss_ppm = r.below(40_000) as u32;
     o.lan.jitter_us = r.below(2_000);
     o.client_qd = 1 + r.below(6) as usize;
+    // A quarter of the seeds run with a witness, drawn apart so that the
+    // others keep their schedules.
+    let mut wr = Rng::new(seed ^ 0x5749_544E_4553_5321);
+    let witness = wr.below(4) == 0;
+    o.witness = witness;
     let attack = r.below(2) == 0;
     let attack_every = 1 + r.below(30 * MS);
     let mut sim = Sim::new(o);
@@ -1793,6 +1851,9 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
             .unwrap_or(0);
         let secondary = 1 - primary;
         let hold = 100 * MS + r.below(2 * SEC);
+        if witness && wr.below(2) == 0 {
+            witness_episode(&mut sim, &mut wr, primary);
+        } else {
         match r.below(14) {
             13 => {
                 // Both paths drop everything for less than the dead
@@ -1899,6 +1960,7 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
                 sim.restart(secondary);
             }
         }
+        }
         if let Some(f) = sim.failure() {
             return Err(f);
         }
@@ -1906,4 +1968,106 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
     }
     sim.final_check()?;
     Ok(sim.report.clone())
+}
+
+/// One fault involving the witness (runs with `Options::witness`): its
+/// crash and restart, a partition between it and either node, both
+/// inter-node links cut at once with the witness reaching both nodes or
+/// only one (also just after a witness restart, inside its start-up
+/// window; or the witness then lost by both), a stall of the primary cut
+/// from the witness, and the primary's crash while the witness is down.
+///
+/// Not here: a second failure during a double cut after the primary won
+/// the lease alone (its stall or crash, a witness restart). The secondary
+/// then wins the lease without the writes the primary acknowledged
+/// alone; the lease keeps the two from acknowledging at the same time,
+/// not from diverging (the heal refuses the split brain).
+fn witness_episode(sim: &mut Sim, r: &mut Rng, primary: usize) {
+    let secondary = 1 - primary;
+    let hold = 100 * MS + r.below(2 * SEC);
+    let cut_both = |sim: &mut Sim, on: bool, blackhole: bool| {
+        if blackhole {
+            sim.set_msl_blackhole(on);
+        } else {
+            sim.set_msl_cut(on);
+        }
+        sim.set_lan_cut(on);
+    };
+    let blackhole = r.below(2) == 0;
+    match r.below(9) {
+        0 | 1 | 2 => {
+            // Both links cut; the witness reaches both, only the primary,
+            // or only the secondary.
+            let away = match r.below(3) {
+                0 => None,
+                1 => Some(secondary),
+                _ => Some(primary),
+            };
+            if let Some(i) = away {
+                sim.witness_cut(i, true);
+            }
+            cut_both(sim, true, blackhole);
+            sim.run_for(hold + SEC);
+            cut_both(sim, false, blackhole);
+            if let Some(i) = away {
+                sim.run_for(r.below(SEC));
+                sim.witness_cut(i, false);
+            }
+        }
+        3 => {
+            sim.witness_crash();
+            sim.run_for(hold);
+            sim.witness_restart();
+        }
+        4 => {
+            let who = if r.below(2) == 0 { primary } else { secondary };
+            sim.witness_cut(who, true);
+            sim.run_for(hold);
+            sim.witness_cut(who, false);
+        }
+        5 => {
+            // The primary, cut from the witness, stalls.
+            sim.witness_cut(primary, true);
+            sim.run_for(r.below(SEC));
+            let d = freeze_len(r);
+            sim.freeze(primary, d);
+            sim.run_for(d);
+            sim.witness_cut(primary, false);
+        }
+        8 => {
+            // Both links cut, then the witness lost by both nodes: the
+            // primary's lease runs out and nobody may acknowledge until
+            // the links heal.
+            cut_both(sim, true, blackhole);
+            sim.run_for(r.below(SEC));
+            sim.witness_cut(0, true);
+            sim.witness_cut(1, true);
+            sim.run_for(hold + SEC);
+            cut_both(sim, false, blackhole);
+            sim.run_for(r.below(SEC));
+            sim.witness_cut(0, false);
+            sim.witness_cut(1, false);
+        }
+        6 => {
+            // The primary crashes while the witness is down: no takeover
+            // until the witness is back.
+            sim.witness_crash();
+            sim.crash(primary);
+            sim.run_for(hold);
+            sim.witness_restart();
+            sim.run_for(2 * SEC);
+            sim.restart(primary);
+        }
+        _ => {
+            // Both links cut soon after a witness restart: nobody holds a
+            // lease until its start-up window ends, then either may win.
+            sim.witness_crash();
+            sim.run_for(r.below(SEC));
+            sim.witness_restart();
+            sim.run_for(r.below(witness::LEASE_US));
+            cut_both(sim, true, blackhole);
+            sim.run_for(hold + SEC);
+            cut_both(sim, false, blackhole);
+        }
+    }
 }

@@ -54,6 +54,23 @@ fn test_both_links_cut_split_brain_refused_not_merged() {
     run(scenario::both_links_cut, &[1, 2]);
 }
 
+/// Both links cut with a witness reaching both nodes: only the lease
+/// holder acknowledges during the cut, nothing acknowledged is lost, and
+/// the pair resyncs by itself after the heal.
+#[test]
+fn test_both_links_cut_with_witness_one_writer_nothing_lost_no_split_brain() {
+    run(scenario::both_links_cut_witness, &[1, 2, 3]);
+}
+
+/// Both links and the primary's path to the witness cut at once: before
+/// the primary had to renew its lease after losing its peer, it kept
+/// acknowledging under the lease it held while connected, and the
+/// secondary, winning the lease after it ran out, lost those writes.
+#[test]
+fn test_both_links_cut_witness_with_secondary_only_loses_nothing() {
+    run(scenario::both_links_cut_witness_with_secondary, &[1, 2, 3]);
+}
+
 #[test]
 fn test_primary_crash_during_resync_target_waits() {
     run(scenario::primary_crash_during_resync, &[1, 2]);

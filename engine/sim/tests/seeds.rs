@@ -36,3 +36,17 @@ fn test_regression_seeds() {
         }
     }
 }
+
+/// Witness seeds: both links cut while the witness was in its start-up
+/// window, the secondary then won the lease and took over, and the
+/// witness was lost by both before the heal. The old primary, which had
+/// acknowledged nothing alone, and the new one both stepped down on
+/// hearing the other as primary without a lease, leaving no primary.
+#[test]
+fn test_witness_heal_after_takeover_keeps_the_new_primary_seeds_9392_9931() {
+    for seed in [9392, 9931] {
+        if let Err(e) = run_seed(seed, false) {
+            panic!("{e}");
+        }
+    }
+}

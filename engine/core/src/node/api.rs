@@ -155,6 +155,20 @@ pub enum Event<H> {
     /// its threads did not run for a while. The node treats it as a stall
     /// (see [`Notice::Stalled`]): whatever silence it measured is void.
     InputOverrun,
+    /// Whether this node holds the witness lease, and until when (the
+    /// host's clock, as `now`): the host's lease client answers after
+    /// every reply from the witness and whenever its view changes. Only
+    /// with `Config::witness`.
+    Lease {
+        held: bool,
+        until: crate::Micros,
+    },
+    /// The host has heard nothing from the witness for a while (or hears
+    /// it again): with `NoQuorum::Sft3`, the node then behaves as without
+    /// a witness.
+    WitnessUnreachable {
+        unreachable: bool,
+    },
 }
 
 /// Why a client request was refused.
@@ -268,6 +282,18 @@ pub enum Notice {
     Warning {
         what: &'static str,
     },
+    /// The witness granted this node the lease (until `until`, its clock).
+    LeaseGained {
+        until: u64,
+    },
+    /// This node no longer holds the witness lease.
+    LeaseLost {
+        reason: &'static str,
+    },
+    /// The witness stopped or started answering.
+    WitnessReachable {
+        reachable: bool,
+    },
 }
 
 impl Notice {
@@ -302,6 +328,10 @@ impl Notice {
             Notice::DiskFailed { .. } => "disk_failed",
             Notice::Stalled { .. } => "stalled",
             Notice::Warning { .. } => "warning",
+            Notice::LeaseGained { .. } => "lease_gained",
+            Notice::LeaseLost { .. } => "lease_lost",
+            Notice::WitnessReachable { reachable: true } => "witness_reachable",
+            Notice::WitnessReachable { reachable: false } => "witness_unreachable",
         }
     }
 }
@@ -373,6 +403,10 @@ impl fmt::Display for Notice {
                 for_us / 1000
             ),
             Notice::Warning { what } => write!(f, "{what}"),
+            Notice::LeaseGained { until } => write!(f, "holds the witness lease (until {until} us)"),
+            Notice::LeaseLost { reason } => write!(f, "no longer holds the witness lease: {reason}"),
+            Notice::WitnessReachable { reachable: true } => write!(f, "the witness answers again"),
+            Notice::WitnessReachable { reachable: false } => write!(f, "the witness does not answer"),
         }
     }
 }
@@ -420,6 +454,11 @@ pub enum Action<H> {
     },
     /// Restart this node's daemon; it comes back as secondary.
     Restart,
+    /// Acquire and keep renewing the witness lease (true), or release it
+    /// (false). Only with `Config::witness`; emitted when the wish changes,
+    /// and `true` again when the node needs a renewal at once (it lost its
+    /// peer: only a lease confirmed after that counts).
+    WantLease(bool),
 }
 
 /// Counters for status and metrics.
@@ -485,4 +524,10 @@ pub struct Status {
     pub failed: bool,
     /// The current or last online verify.
     pub verify: VerifyStatus,
+    /// The witness lease held now, and until when (host clock).
+    pub lease_until: Option<u64>,
+    /// The node asks for the witness lease.
+    pub lease_wanted: bool,
+    /// The host reported the witness unreachable.
+    pub witness_unreachable: bool,
 }

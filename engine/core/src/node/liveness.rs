@@ -198,6 +198,9 @@ impl<H: Payload> Node<H> {
             }
         }
         self.stall.ended = Some(now);
+        // Checked before the stall, the lease may have ended meanwhile and
+        // been granted to the peer: void until a request sent after it wins.
+        self.drop_lease("this node stalled");
         // Also when secondary: input queued during the stall can make it
         // primary (a handover the peer sent before it gave up on this node
         // and took the role back).
@@ -221,7 +224,11 @@ impl<H: Payload> Node<H> {
     pub(super) fn check_deposed(&mut self, role: Role, generation: u64) -> bool {
         let g = &self.meta.gens;
         let unknown = generation != g.current && !g.history.contains(&generation);
-        if self.stall_hold() && role == Role::Primary && unknown {
+        // Without the lease, only a primary that acknowledged nothing
+        // alone steps down: a node that took over (and may have) keeps the
+        // role, and two that both did are a split brain for the handshake.
+        let lease_deposable = self.lease_hold() && self.lease.before_degraded.is_some();
+        if (self.stall_hold() || lease_deposable) && role == Role::Primary && unknown {
             self.depose();
             return true;
         }
@@ -274,6 +281,12 @@ impl<H: Payload> Node<H> {
         self.peer.was_in_sync = false;
         self.peer.role = Some(Role::Primary);
         self.transition(Reason::Deposed);
+        if let Some(g) = self.lease.before_degraded.take() {
+            // Lost its peer without the lease and acknowledged nothing
+            // alone: the generation it started then holds no acknowledged
+            // write, and the new primary's bitmap counts from the one before.
+            self.meta.gens = g;
+        }
         self.emit(Action::ServiceAddress { hold: false });
         self.persist();
         self.notify(Notice::RoleChanged {
@@ -543,5 +556,190 @@ impl<H: Payload> Node<H> {
             Message::Ack(a) => self.on_ack(a),
             _ => self.on_reliable(header, msg, payload),
         }
+    }
+}
+
+/// The witness lease (with `Config::witness`): whether this node may serve
+/// without its peer.
+#[derive(Debug, Default)]
+pub(super) struct LeaseState {
+    /// End of the lease held (the host's clock); `None`: not held. Void
+    /// after a stall until the host reports a lease won after it.
+    pub(super) until: Option<Micros>,
+    /// The host reported the witness unreachable.
+    pub(super) unreachable: bool,
+    /// The last `WantLease` emitted.
+    pub(super) wanted: bool,
+    /// A takeover decided but waiting for the lease.
+    pub(super) takeover: Option<Reason>,
+    /// Client requests whose success was withheld: this node, primary
+    /// without its peer, did not hold the lease when they completed.
+    pub(super) withheld: Vec<ReqId>,
+    /// Writes were withheld at the last look (to restart the queue when
+    /// they no longer are).
+    pub(super) holding: bool,
+    /// The generations before the session ended, while this node has
+    /// acknowledged nothing alone since: if the peer took over meanwhile
+    /// (it held the lease), this node's own degraded generation carries no
+    /// acknowledged write and is dropped, so the pair resyncs from the new
+    /// primary instead of refusing a split brain.
+    pub(super) before_degraded: Option<Generations>,
+    /// A session (this node primary) was up when the current event began.
+    pub(super) session_at_start: bool,
+    /// Ask the host for a lease at once (`WantLease(true)` again).
+    pub(super) renew_now: bool,
+}
+
+impl<H: Payload> Node<H> {
+    /// The lease is held at `now`.
+    pub(super) fn lease_valid(&self) -> bool {
+        self.lease.until.is_some_and(|u| self.now < u)
+    }
+
+    /// May serve without the peer: no witness, the lease held, or the
+    /// witness unreachable with `NoQuorum::Sft3`.
+    pub(super) fn lease_ok(&self) -> bool {
+        !self.cfg.witness
+            || self.lease_valid()
+            || (self.lease.unreachable && self.cfg.on_no_quorum == NoQuorum::Sft3)
+    }
+
+    /// A primary without its peer and without the lease: it acknowledges
+    /// nothing (its writes wait, completed ones are withheld).
+    pub(super) fn lease_hold(&self) -> bool {
+        self.role == Role::Primary && self.session.is_none() && !self.lease_ok()
+    }
+
+    /// `Event::Lease`: `held` is false when the report was made before a
+    /// stall this same event revealed.
+    pub(super) fn on_lease(&mut self, held: bool, until: Micros) {
+        if !self.cfg.witness {
+            return;
+        }
+        if held && until > self.now {
+            let was = self.lease_valid();
+            self.lease.until = Some(until);
+            if !was {
+                self.notify(Notice::LeaseGained { until });
+            }
+        } else {
+            self.drop_lease("the witness refused it or it was released");
+        }
+    }
+
+    pub(super) fn drop_lease(&mut self, reason: &'static str) {
+        if self.lease.until.take().is_some() {
+            self.notify(Notice::LeaseLost { reason });
+        }
+    }
+
+    pub(super) fn on_witness_unreachable(&mut self, unreachable: bool) {
+        if !self.cfg.witness || self.lease.unreachable == unreachable {
+            return;
+        }
+        self.lease.unreachable = unreachable;
+        self.notify(Notice::WitnessReachable {
+            reachable: !unreachable,
+        });
+    }
+
+    /// Whether a takeover waiting for the lease still has its cause.
+    fn takeover_still_due(&self, reason: Reason) -> bool {
+        if self.role != Role::Secondary || self.failed {
+            return false;
+        }
+        match reason {
+            Reason::TakeoverPeerSilent => {
+                !self.msl.alive() && !self.lan.alive() && self.peer.role == Some(Role::Primary)
+            }
+            Reason::TakeoverPeerDiskFailed => self
+                .peer
+                .last_hb
+                .is_some_and(|h| h.disk == DiskState::Failed),
+            _ => false,
+        }
+    }
+
+    /// The session of this primary just ended: a lease checked while the
+    /// peer mirrored every write is not enough to acknowledge alone. Only a
+    /// lease the witness confirms after the peer was lost counts: a
+    /// primary cut from its peer and from the witness at once never
+    /// acknowledges alone, so the secondary that wins the lease next has
+    /// every acknowledged write.
+    fn void_lease_on_peer_loss(&mut self) {
+        if self.lease.session_at_start && self.session.is_none() && self.role == Role::Primary {
+            self.lease.session_at_start = false;
+            self.lease.renew_now = true;
+            self.drop_lease("lost the peer: the lease must be renewed without it");
+        }
+    }
+
+    /// After every event: the lease's expiry, withheld acknowledgements,
+    /// a takeover waiting for the lease, and the lease this node wants.
+    /// `session_before`: the generations if a session was up (as primary)
+    /// before the event.
+    pub(super) fn lease_after(&mut self, session_before: Option<Generations>) {
+        if !self.cfg.witness {
+            return;
+        }
+        self.void_lease_on_peer_loss();
+        if self.lease.until.is_some() && !self.lease_valid() {
+            self.drop_lease("expired");
+        }
+        if self.session.is_some() {
+            self.lease.before_degraded = None;
+        } else if let (Some(g), Role::Primary) = (session_before, self.role) {
+            self.lease.before_degraded = Some(g);
+        }
+        if let Some(reason) = self.lease.takeover {
+            if !self.takeover_still_due(reason) {
+                self.lease.takeover = None;
+            } else if self.lease_ok() {
+                self.lease.takeover = None;
+                if reason == Reason::TakeoverPeerDiskFailed {
+                    self.peer.role = Some(Role::Secondary);
+                }
+                self.try_takeover(reason);
+            }
+        }
+        let hold = self.lease_hold();
+        if !hold && !self.lease.withheld.is_empty() {
+            let result = if self.role == Role::Primary && !self.failed {
+                Ok(())
+            } else if self.failed {
+                Err(ClientError::IoError)
+            } else {
+                Err(ClientError::NotPrimary)
+            };
+            for req in core::mem::take(&mut self.lease.withheld) {
+                self.emit(Action::Reply { req, result });
+            }
+        }
+        if self.lease.holding && !hold {
+            self.start_waiting_writes();
+        }
+        self.lease.holding = hold;
+        let want = !self.failed && (self.role == Role::Primary || self.lease.takeover.is_some());
+        let renew = core::mem::take(&mut self.lease.renew_now) && want;
+        if want != self.lease.wanted || renew {
+            self.lease.wanted = want;
+            self.emit(Action::WantLease(want));
+        }
+    }
+
+    /// A client acknowledgement about to leave: withheld while this node,
+    /// primary without its peer, lacks the lease. False if withheld.
+    pub(super) fn lease_gate(&mut self, req: ReqId) -> bool {
+        if !self.cfg.witness || self.role != Role::Primary || self.session.is_some() {
+            return true;
+        }
+        self.void_lease_on_peer_loss();
+        if self.lease_hold() {
+            self.lease.withheld.push(req);
+            return false;
+        }
+        // Acknowledged alone: this generation now carries its own writes.
+        self.lease.before_degraded = None;
+        true
     }
 }

@@ -19,6 +19,12 @@
 //!   sync. If only the MSL is lost while the primary is heard on the LAN, the
 //!   secondary shuts its mirror side down (Outdated) and never takes over
 //!   from that state.
+//! * With a witness (`Config::witness`), serving without the peer needs
+//!   its lease: the secondary takes over only while it holds it, and a
+//!   primary that lost its peer acknowledges writes only under a lease
+//!   confirmed after the loss (writes wait otherwise). A stall voids the
+//!   lease. `NoQuorum::Sft3` lets a node whose witness is unreachable act
+//!   as without one.
 //!
 //! # Parts
 //!
@@ -64,13 +70,13 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 use msl_wire::{
-    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Header, Heartbeat, Hello,
+    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Generations, Header, Heartbeat, Hello,
     Message, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk, Verify,
     MAX_ADAPTERS,
 };
 
 use crate::bitmap::Bitmap;
-use crate::config::{Config, WriteMode};
+use crate::config::{Config, NoQuorum, WriteMode};
 use crate::gens::{self, Decision, SideView, Strategy};
 use crate::meta::{Image, Meta};
 use crate::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
@@ -79,7 +85,7 @@ use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::ActivityLog;
 use apply::{ApplyPipeline, Blocks};
-use liveness::{LocalLinks, PathLiveness, PeerView, StallGuard};
+use liveness::{LeaseState, LocalLinks, PathLiveness, PeerView, StallGuard};
 use online_verify::OnlineVerify;
 use outbox::Outbox;
 use resync::ResyncProgress;
@@ -139,6 +145,8 @@ pub struct Node<H> {
     local: LocalLinks,
     /// Stalls of this node and the primary's hold after one.
     stall: StallGuard,
+    /// The witness lease.
+    lease: LeaseState,
 
     /// The handshake's state across sessions.
     hs: Handshake,
@@ -195,6 +203,7 @@ impl<H: Payload> Node<H> {
             msl: PathLiveness::default(),
             lan: PathLiveness::default(),
             stall: StallGuard::default(),
+            lease: LeaseState::default(),
             ios: io::IoTable::new(),
             counters: Counters::default(),
             timers: TimerTable::new(),
@@ -296,8 +305,9 @@ impl<H: Payload> Node<H> {
     /// Whether this node may serve client reads and writes now. Not while
     /// it holds after a stall: the peer may have taken over and written
     /// since (writes then wait in the core; reads are refused by the host).
+    /// Nor while it lost its peer and lacks the witness lease.
     pub fn serving(&self) -> bool {
-        self.accepting() && !self.stall_hold()
+        self.accepting() && !self.stall_hold() && !self.lease_hold()
     }
 
     /// Whether this node takes client writes and flushes in (it may still
@@ -314,6 +324,12 @@ impl<H: Payload> Node<H> {
     /// [`Notice::Stalled`]).
     pub fn holding_after_stall(&self) -> bool {
         self.stall_hold()
+    }
+
+    /// A primary that lost its peer and lacks the witness lease: it holds
+    /// writes and serves no reads until it holds it (or the peer is back).
+    pub fn holding_for_lease(&self) -> bool {
+        self.lease_hold()
     }
 
     /// Connected to the peer, pair in sync.
@@ -364,6 +380,9 @@ impl<H: Payload> Node<H> {
             gens: self.meta.gens,
             failed: self.failed,
             verify: self.online.run.status,
+            lease_until: self.lease.until.filter(|_| self.lease_valid()),
+            lease_wanted: self.lease.wanted,
+            witness_unreachable: self.lease.unreachable,
         }
     }
 
@@ -410,6 +429,9 @@ impl<H: Payload> Node<H> {
         if let Some(d) = self.stall.hold_until {
             at(d);
         }
+        if let Some(d) = self.lease.until {
+            at(d);
+        }
         if self.role == Role::Primary && !self.actlog.slots.is_empty() {
             at(self.stabilize_due_us());
             if !self.actlog.pressure {
@@ -444,9 +466,15 @@ impl<H: Payload> Node<H> {
         // Before anything else, and before any timer: a node that did not
         // run cannot judge the peer by the silence it measured meanwhile.
         let gap = self.now - before;
-        if gap > self.cfg.stall_threshold_us || matches!(ev, Event::InputOverrun) {
+        let stalled = gap > self.cfg.stall_threshold_us || matches!(ev, Event::InputOverrun);
+        if stalled {
             self.on_stall(gap);
         }
+        let session_before = match (&self.session, self.role) {
+            (Some(_), Role::Primary) => Some(self.meta.gens),
+            _ => None,
+        };
+        self.lease.session_at_start = session_before.is_some();
         // The peer is judged dead only on a Tick: the host feeds every
         // input that arrived before it acts on a timer, so a frame still
         // queued behind this event cannot be missed.
@@ -497,15 +525,28 @@ impl<H: Payload> Node<H> {
             Event::ReadDone { io, ok, payload } => self.on_read_done(io, ok, payload),
             Event::MetaFailed => self.fail("metadata"),
             Event::Admin(cmd) => self.on_admin(cmd),
+            // A lease reported on the event that revealed a stall was
+            // judged before it: void until a report made after it.
+            Event::Lease { held, until } => self.on_lease(held && !stalled, until),
+            Event::WitnessUnreachable { unreachable } => self.on_witness_unreachable(unreachable),
         }
         self.on_timers(judge);
         self.pump();
+        self.lease_after(session_before);
     }
 
     // ----------------------------------------------------------------
     // Helpers
 
+    /// Every action leaves here: a client acknowledgement from a primary
+    /// that lost its peer and lacks the witness lease is withheld (see
+    /// `lease_gate`).
     fn emit(&mut self, a: Action<H>) {
+        if let Action::Reply { req, result: Ok(()) } = a {
+            if !self.lease_gate(req) {
+                return;
+            }
+        }
         self.out.push(a);
     }
 

@@ -213,6 +213,17 @@ impl<H: Payload> Node<H> {
             });
             return;
         }
+        if !self.lease_ok() {
+            // Only the witness's lease holder serves without its peer:
+            // ask for it, take over when it comes (see `lease_after`).
+            if self.lease.takeover.is_none() {
+                self.notify(Notice::CannotTakeOver {
+                    reason: "waiting for the witness lease",
+                });
+            }
+            self.lease.takeover = Some(reason);
+            return;
+        }
         self.counters.takeovers += 1;
         self.peer.role = Some(Role::Secondary);
         self.become_primary(true, reason);

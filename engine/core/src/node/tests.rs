@@ -1184,3 +1184,280 @@ fn test_peer_judged_on_ticks_only_so_queued_frames_count_first() {
     secondary_alone(&mut b, 1_000_000, 1_020_000, 10_000);
     assert_eq!(b.role(), Role::Primary);
 }
+
+fn witness_node(id: u16, gen: Option<u64>, on_no_quorum: NoQuorum) -> Node<Vec<u8>> {
+    let mut cfg = Config::new(id, 3 - id, 7, 64, 4096);
+    cfg.witness = true;
+    cfg.on_no_quorum = on_no_quorum;
+    Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+}
+
+/// A witness pair (a primary), in sync at 200 ms.
+fn witness_pair(on_no_quorum: NoQuorum) -> (Node<Vec<u8>>, Node<Vec<u8>>) {
+    let (mut a, mut b) = (
+        witness_node(1, Some(5), on_no_quorum),
+        witness_node(2, None, on_no_quorum),
+    );
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.role() == Role::Primary && b.in_sync());
+    (a, b)
+}
+
+/// Ticks every 10 ms; instant local I/O. Returns every action but the
+/// I/O itself.
+fn alone(n: &mut Node<Vec<u8>>, from: Micros, until: Micros) -> Vec<Action<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut t = from;
+    while t < until {
+        t += 10_000;
+        n.handle(t, Event::Tick);
+        complete_io(n, t, &mut out);
+    }
+    out
+}
+
+fn complete_io(n: &mut Node<Vec<u8>>, t: Micros, out: &mut Vec<Action<Vec<u8>>>) {
+    loop {
+        let acts = drain(n);
+        if acts.is_empty() {
+            return;
+        }
+        for a in acts {
+            match a {
+                Action::Write { io, .. } | Action::Flush { io } => {
+                    n.handle(t, Event::IoDone { io, ok: true })
+                }
+                other => out.push(other),
+            }
+        }
+    }
+}
+
+fn acked(acts: &[Action<Vec<u8>>], req: u64) -> bool {
+    acts.iter()
+        .any(|x| matches!(x, Action::Reply { req: r, result: Ok(()) } if *r == req))
+}
+
+fn wants(acts: &[Action<Vec<u8>>]) -> Option<bool> {
+    acts.iter().rev().find_map(|x| match x {
+        Action::WantLease(w) => Some(*w),
+        _ => None,
+    })
+}
+
+#[test]
+fn test_witness_off_never_asks_for_a_lease() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    let mut acts = alone(&mut a, 200_000, 800_000);
+    acts.extend(alone(&mut b, 200_000, 800_000));
+    assert_eq!(wants(&acts), None);
+    assert_eq!(b.role(), Role::Primary, "takeover without a witness");
+}
+
+#[test]
+fn test_witness_primary_asks_for_the_lease_at_once() {
+    let mut a = witness_node(1, Some(5), NoQuorum::Suspend);
+    let mut b = witness_node(2, None, NoQuorum::Suspend);
+    connect(&mut a, &mut b, 200_000);
+    assert_eq!(a.role(), Role::Primary);
+    assert!(a.status().lease_wanted);
+    assert!(!b.status().lease_wanted, "an in-sync secondary does not compete");
+}
+
+/// Rule (a): the secondary takes over only once it holds the lease.
+#[test]
+fn test_witness_secondary_takes_over_only_with_the_lease() {
+    let (_a, mut b) = witness_pair(NoQuorum::Suspend);
+    drain(&mut b);
+    let acts = alone(&mut b, 200_000, 1_000_000);
+    assert_eq!(b.role(), Role::Secondary, "primary silent, but no lease");
+    assert_eq!(wants(&acts), Some(true));
+    assert!(acts.iter().any(|x| matches!(
+        x,
+        Action::Notify(Notice::CannotTakeOver { reason }) if reason.contains("witness")
+    )));
+    b.handle(1_000_001, Event::Lease { held: true, until: 1_800_000 });
+    let acts = drain(&mut b);
+    assert_eq!(b.role(), Role::Primary);
+    assert!(acts.iter().any(|x| x_is(x, "lease_gained")));
+    assert!(acts.iter().any(|x| x_is(x, "takeover")));
+}
+
+fn x_is(x: &Action<Vec<u8>>, kind: &str) -> bool {
+    matches!(x, Action::Notify(n) if n.kind() == kind)
+}
+
+/// A lease that arrives after the primary was heard again does not make
+/// the secondary take over, and it gives the wish up.
+#[test]
+fn test_witness_late_lease_after_the_peer_came_back_is_no_takeover() {
+    let (mut a, mut b) = witness_pair(NoQuorum::Suspend);
+    drain(&mut b);
+    alone(&mut b, 200_000, 1_000_000);
+    // The primary is heard on the LAN again.
+    let hb = a.my_heartbeat();
+    let h = a.header(0, 0);
+    lan_hb(&mut b, 1_000_000, h, hb);
+    b.handle(1_000_001, Event::Lease { held: true, until: 1_800_000 });
+    let acts = drain(&mut b);
+    assert_eq!(b.role(), Role::Secondary);
+    assert_eq!(wants(&acts), Some(false));
+}
+
+/// Rule (b): a primary that lost its peer acknowledges only while it
+/// holds the lease; writes wait (neither failed nor acknowledged).
+#[test]
+fn test_witness_degraded_primary_acknowledges_only_with_the_lease() {
+    let (mut a, _b) = witness_pair(NoQuorum::Suspend);
+    drain(&mut a);
+    alone(&mut a, 200_000, 700_000);
+    assert!(!a.status().connected && a.role() == Role::Primary);
+    assert!(!a.serving());
+    write_block(&mut a, 700_001, 11, 0, 1);
+    let mut acts = Vec::new();
+    complete_io(&mut a, 700_001, &mut acts);
+    acts.extend(alone(&mut a, 700_001, 900_000));
+    assert!(!acts.iter().any(|x| matches!(x, Action::Reply { .. })), "{acts:?}");
+    assert_eq!(a.status().pending_writes, 1);
+    a.handle(900_001, Event::Lease { held: true, until: 1_300_000 });
+    let mut acts = Vec::new();
+    complete_io(&mut a, 900_001, &mut acts);
+    assert!(acked(&acts, 11), "{acts:?}");
+    assert!(a.serving());
+    // The lease lapses (checked on a Tick): no more acknowledgements.
+    let acts = alone(&mut a, 900_001, 1_310_000);
+    assert!(acts.iter().any(|x| x_is(x, "lease_lost")));
+    assert!(!a.serving());
+    write_block(&mut a, 1_310_001, 12, 1, 2);
+    let mut acts = Vec::new();
+    complete_io(&mut a, 1_310_001, &mut acts);
+    assert!(!acked(&acts, 12));
+}
+
+/// Rule (b) at the session's end: a write the peer never confirmed,
+/// released when the primary goes degraded, is withheld until the lease.
+#[test]
+fn test_witness_write_in_flight_at_session_end_withheld_until_the_lease() {
+    let (mut a, _b) = witness_pair(NoQuorum::Suspend);
+    drain(&mut a);
+    write_block(&mut a, 200_001, 21, 3, 7);
+    let mut acts = Vec::new();
+    complete_io(&mut a, 200_001, &mut acts);
+    assert!(!acked(&acts, 21), "waits for the peer");
+    let acts = alone(&mut a, 200_001, 800_000);
+    assert!(!a.status().connected);
+    assert!(!acked(&acts, 21), "withheld without the lease: {acts:?}");
+    a.handle(800_001, Event::Lease { held: true, until: 1_500_000 });
+    assert!(acked(&drain(&mut a), 21));
+}
+
+/// Rule (c): a stall voids the lease, and a lease report on the event
+/// that revealed the stall does not bring it back.
+#[test]
+fn test_witness_stall_voids_the_lease_until_renewed() {
+    let (mut a, _b) = witness_pair(NoQuorum::Suspend);
+    drain(&mut a);
+    alone(&mut a, 200_000, 700_000);
+    a.handle(700_001, Event::Lease { held: true, until: 5_000_000 });
+    assert!(a.serving());
+    drain(&mut a);
+    // a does not run for 1 s: the report it finds queued was made before.
+    a.handle(1_800_000, Event::Lease { held: true, until: 5_000_000 });
+    let acts = drain(&mut a);
+    assert!(acts.iter().any(|x| x_is(x, "lease_lost")));
+    assert!(a.status().lease_until.is_none());
+    // Past the post-stall hold, still no lease: nothing acknowledged.
+    alone(&mut a, 1_800_000, 2_300_000);
+    assert!(!a.serving());
+    a.handle(2_300_001, Event::Lease { held: true, until: 3_000_000 });
+    assert!(a.serving());
+}
+
+/// Rule (d), suspend: an unreachable witness changes nothing.
+#[test]
+fn test_witness_unreachable_suspend_waits() {
+    let (_a, mut b) = witness_pair(NoQuorum::Suspend);
+    b.handle(200_001, Event::WitnessUnreachable { unreachable: true });
+    alone(&mut b, 200_001, 1_000_000);
+    assert_eq!(b.role(), Role::Secondary);
+}
+
+/// Rule (d), sft3: an unreachable witness means today's behaviour, for
+/// the secondary's takeover and the degraded primary's writes.
+#[test]
+fn test_witness_unreachable_sft3_serves_without_the_lease() {
+    let (mut a, mut b) = witness_pair(NoQuorum::Sft3);
+    alone(&mut b, 200_000, 1_000_000);
+    assert_eq!(b.role(), Role::Secondary, "the witness answers: wait for it");
+    b.handle(1_000_001, Event::WitnessUnreachable { unreachable: true });
+    assert_eq!(b.role(), Role::Primary);
+    a.handle(200_001, Event::WitnessUnreachable { unreachable: true });
+    drain(&mut a);
+    alone(&mut a, 200_001, 700_000);
+    write_block(&mut a, 700_001, 31, 0, 1);
+    let mut acts = Vec::new();
+    complete_io(&mut a, 700_001, &mut acts);
+    assert!(acked(&acts, 31));
+}
+
+/// Both links cut: the lease holder takes over, the old primary (no
+/// lease) acknowledges nothing alone; on heal it steps down and the pair
+/// resyncs from the new primary without a split brain.
+#[test]
+fn test_witness_both_links_cut_heal_resyncs_without_split_brain() {
+    let (mut a, mut b) = witness_pair(NoQuorum::Suspend);
+    drain(&mut a);
+    drain(&mut b);
+    write_block(&mut a, 200_001, 41, 2, 9);
+    alone(&mut a, 200_001, 1_000_000);
+    alone(&mut b, 200_000, 1_000_000);
+    b.handle(1_000_001, Event::Lease { held: true, until: 60_000_000 });
+    assert_eq!(b.role(), Role::Primary);
+    assert_eq!(a.role(), Role::Primary);
+    assert!(!a.serving() && b.serving());
+    write_block(&mut b, 1_000_002, 42, 5, 3);
+    let mut acts = Vec::new();
+    complete_io(&mut b, 1_000_002, &mut acts);
+    assert!(acked(&acts, 42));
+    run_pair(&mut a, &mut b, 1_000_002, 2_000_000, &|_, _, c| {
+        alloc::vec![0; c as usize * 8]
+    });
+    assert_eq!(a.role(), Role::Secondary);
+    assert_eq!(b.role(), Role::Primary);
+    assert_eq!(a.counters.split_brains + b.counters.split_brains, 0);
+    assert!(a.in_sync() && b.in_sync());
+    assert_eq!(a.meta().gens.current, b.meta().gens.current);
+}
+
+#[test]
+fn test_witness_notice_names_are_stable() {
+    assert_eq!(Notice::LeaseGained { until: 1 }.kind(), "lease_gained");
+    assert_eq!(Notice::LeaseLost { reason: "x" }.kind(), "lease_lost");
+    assert_eq!(Notice::WitnessReachable { reachable: false }.kind(), "witness_unreachable");
+    assert_eq!(Notice::WitnessReachable { reachable: true }.kind(), "witness_reachable");
+}
+
+/// A lease held while the peer mirrored every write is void once the
+/// peer is lost: the primary asks for a renewal at once and acknowledges
+/// alone only under a lease reported after the loss.
+#[test]
+fn test_witness_lease_held_in_session_void_when_the_peer_is_lost() {
+    let (mut a, _b) = witness_pair(NoQuorum::Suspend);
+    a.handle(200_001, Event::Lease { held: true, until: 5_000_000 });
+    drain(&mut a);
+    assert!(a.status().lease_until.is_some());
+    write_block(&mut a, 200_002, 51, 4, 4);
+    let mut acts = Vec::new();
+    complete_io(&mut a, 200_002, &mut acts);
+    acts.extend(alone(&mut a, 200_002, 700_000));
+    assert!(!a.status().connected);
+    assert!(acts.iter().any(|x| x_is(x, "lease_lost")));
+    assert!(
+        acts.iter().any(|x| matches!(x, Action::WantLease(true))),
+        "asks for a renewal at once: {acts:?}"
+    );
+    assert!(!acked(&acts, 51), "not under the lease from before the loss");
+    a.handle(700_001, Event::Lease { held: true, until: 1_500_000 });
+    assert!(acked(&drain(&mut a), 51));
+}
