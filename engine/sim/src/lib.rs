@@ -20,10 +20,10 @@ use std::fmt::Write as _;
 use std::io::{BufWriter, Write as _};
 use std::path::PathBuf;
 
+use msl_core::config::NoQuorum;
 use msl_core::meta::Meta;
 use msl_core::node::{Action, ClientError, Event, IoKind, Node, Notice};
 use msl_core::rng::Rng;
-use msl_core::config::NoQuorum;
 use msl_core::{Config, Micros};
 use msl_wire::{self as wire, DiskState, Header, Message, Role};
 
@@ -1854,112 +1854,112 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
         if witness && wr.below(2) == 0 {
             witness_episode(&mut sim, &mut wr, primary);
         } else {
-        match r.below(14) {
-            13 => {
-                // Both paths drop everything for less than the dead
-                // interval, then the secondary does not run for less than
-                // the stall threshold while the primary's frames arrive
-                // again: it must read them before judging the primary (the
-                // primary, which heard nothing for longer, may go degraded).
-                let out = 250 * MS + r.below(90 * MS);
-                sim.set_msl_blackhole(true);
-                sim.set_lan_cut(true);
-                sim.run_for(out);
-                sim.set_msl_blackhole(false);
-                sim.set_lan_cut(false);
-                let d = 100 * MS + r.below(40 * MS);
-                sim.freeze(secondary, d);
-                sim.run_for(d);
-            }
-            10 | 11 => {
-                // A node does not run for a while, at any moment (mid-write
-                // under the client load).
-                let who = if r.below(2) == 0 { primary } else { secondary };
-                let d = freeze_len(&mut r);
-                sim.freeze(who, d);
-                sim.run_for(d);
-            }
-            12 => {
-                // A freeze in the middle of the resync after a crash.
-                sim.crash(secondary);
-                sim.run_for(hold);
-                sim.restart(secondary);
-                sim.run_for(r.below(100 * MS));
-                let who = if r.below(2) == 0 { primary } else { secondary };
-                let d = freeze_len(&mut r);
-                sim.freeze(who, d);
-                sim.run_for(d);
-            }
-            9 => {
-                // Administrator restarts the primary's daemon cleanly.
-                let (what, name) = (
-                    format!("n{} daemon stopped cleanly", primary + 1),
-                    format!("clean restart n{}", primary + 1),
-                );
-                sim.fault(what, Some(name));
-                sim.stop_clean(primary);
-                sim.run_for(hold);
-                sim.restart(primary);
-            }
-            0 => {
-                sim.crash(primary);
-                sim.run_for(hold);
-                sim.restart(primary);
-            }
-            1 => {
-                sim.crash(secondary);
-                sim.run_for(hold);
-                sim.restart(secondary);
-            }
-            2 => {
-                sim.set_msl_cut(true);
-                sim.run_for(hold);
-                sim.set_msl_cut(false);
-            }
-            3 => {
-                sim.set_msl_blackhole(true);
-                sim.run_for(hold);
-                sim.set_msl_blackhole(false);
-            }
-            4 => {
-                sim.set_lan_cut(true);
-                sim.run_for(hold);
-                sim.set_lan_cut(false);
-            }
-            5 => {
-                sim.set_lan_adapter(primary, false);
-                if r.below(3) == 0 {
-                    // A freeze in the middle of the switchover it starts.
-                    sim.run_for(r.below(600 * MS));
+            match r.below(14) {
+                13 => {
+                    // Both paths drop everything for less than the dead
+                    // interval, then the secondary does not run for less than
+                    // the stall threshold while the primary's frames arrive
+                    // again: it must read them before judging the primary (the
+                    // primary, which heard nothing for longer, may go degraded).
+                    let out = 250 * MS + r.below(90 * MS);
+                    sim.set_msl_blackhole(true);
+                    sim.set_lan_cut(true);
+                    sim.run_for(out);
+                    sim.set_msl_blackhole(false);
+                    sim.set_lan_cut(false);
+                    let d = 100 * MS + r.below(40 * MS);
+                    sim.freeze(secondary, d);
+                    sim.run_for(d);
+                }
+                10 | 11 => {
+                    // A node does not run for a while, at any moment (mid-write
+                    // under the client load).
                     let who = if r.below(2) == 0 { primary } else { secondary };
                     let d = freeze_len(&mut r);
                     sim.freeze(who, d);
                     sim.run_for(d);
                 }
-                sim.run_for(hold.max(SEC));
-                sim.set_lan_adapter(primary, true);
+                12 => {
+                    // A freeze in the middle of the resync after a crash.
+                    sim.crash(secondary);
+                    sim.run_for(hold);
+                    sim.restart(secondary);
+                    sim.run_for(r.below(100 * MS));
+                    let who = if r.below(2) == 0 { primary } else { secondary };
+                    let d = freeze_len(&mut r);
+                    sim.freeze(who, d);
+                    sim.run_for(d);
+                }
+                9 => {
+                    // Administrator restarts the primary's daemon cleanly.
+                    let (what, name) = (
+                        format!("n{} daemon stopped cleanly", primary + 1),
+                        format!("clean restart n{}", primary + 1),
+                    );
+                    sim.fault(what, Some(name));
+                    sim.stop_clean(primary);
+                    sim.run_for(hold);
+                    sim.restart(primary);
+                }
+                0 => {
+                    sim.crash(primary);
+                    sim.run_for(hold);
+                    sim.restart(primary);
+                }
+                1 => {
+                    sim.crash(secondary);
+                    sim.run_for(hold);
+                    sim.restart(secondary);
+                }
+                2 => {
+                    sim.set_msl_cut(true);
+                    sim.run_for(hold);
+                    sim.set_msl_cut(false);
+                }
+                3 => {
+                    sim.set_msl_blackhole(true);
+                    sim.run_for(hold);
+                    sim.set_msl_blackhole(false);
+                }
+                4 => {
+                    sim.set_lan_cut(true);
+                    sim.run_for(hold);
+                    sim.set_lan_cut(false);
+                }
+                5 => {
+                    sim.set_lan_adapter(primary, false);
+                    if r.below(3) == 0 {
+                        // A freeze in the middle of the switchover it starts.
+                        sim.run_for(r.below(600 * MS));
+                        let who = if r.below(2) == 0 { primary } else { secondary };
+                        let d = freeze_len(&mut r);
+                        sim.freeze(who, d);
+                        sim.run_for(d);
+                    }
+                    sim.run_for(hold.max(SEC));
+                    sim.set_lan_adapter(primary, true);
+                }
+                6 => {
+                    sim.disk_error(primary);
+                    sim.run_for(hold);
+                    sim.repair_failed(primary);
+                }
+                7 => {
+                    sim.disk_error(secondary);
+                    sim.run_for(hold);
+                    sim.repair_failed(secondary);
+                }
+                _ => {
+                    // A crash of the returning node in the middle of its resync.
+                    sim.crash(secondary);
+                    sim.run_for(hold);
+                    sim.restart(secondary);
+                    sim.run_for(r.below(50 * MS));
+                    sim.crash(secondary);
+                    sim.run_for(hold / 2);
+                    sim.restart(secondary);
+                }
             }
-            6 => {
-                sim.disk_error(primary);
-                sim.run_for(hold);
-                sim.repair_failed(primary);
-            }
-            7 => {
-                sim.disk_error(secondary);
-                sim.run_for(hold);
-                sim.repair_failed(secondary);
-            }
-            _ => {
-                // A crash of the returning node in the middle of its resync.
-                sim.crash(secondary);
-                sim.run_for(hold);
-                sim.restart(secondary);
-                sim.run_for(r.below(50 * MS));
-                sim.crash(secondary);
-                sim.run_for(hold / 2);
-                sim.restart(secondary);
-            }
-        }
         }
         if let Some(f) = sim.failure() {
             return Err(f);
@@ -1995,7 +1995,7 @@ fn witness_episode(sim: &mut Sim, r: &mut Rng, primary: usize) {
     };
     let blackhole = r.below(2) == 0;
     match r.below(9) {
-        0 | 1 | 2 => {
+        0..=2 => {
             // Both links cut; the witness reaches both, only the primary,
             // or only the secondary.
             let away = match r.below(3) {

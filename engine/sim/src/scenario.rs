@@ -417,7 +417,11 @@ pub fn both_links_cut_witness(seed: u64) -> Result<Outcome, String> {
     o.witness = true;
     let mut sim = Sim::new(o);
     sim.start_pair()?;
-    ensure(sim.role(0) == Some(Role::Primary), "n1 starts as primary", &sim)?;
+    ensure(
+        sim.role(0) == Some(Role::Primary),
+        "n1 starts as primary",
+        &sim,
+    )?;
     sim.run_for(SEC);
     let cut = sim.now();
     sim.set_msl_cut(true);
@@ -431,9 +435,17 @@ pub fn both_links_cut_witness(seed: u64) -> Result<Outcome, String> {
             .count()
     };
     let (a1, a2) = (during(0), during(1));
-    ensure(a1 > 0, "n1 (lease holder) acknowledges during the cut", &sim)?;
+    ensure(
+        a1 > 0,
+        "n1 (lease holder) acknowledges during the cut",
+        &sim,
+    )?;
     ensure(a2 == 0, "n2 acknowledges nothing during the cut", &sim)?;
-    ensure(sim.role(1) == Some(Role::Secondary), "n2 did not take over", &sim)?;
+    ensure(
+        sim.role(1) == Some(Role::Secondary),
+        "n2 did not take over",
+        &sim,
+    )?;
     sim.set_msl_cut(false);
     sim.set_lan_cut(false);
     ensure(
@@ -468,12 +480,18 @@ pub fn both_links_cut_witness_with_secondary(seed: u64) -> Result<Outcome, Strin
     // Client requests stuck on n1 (it holds them, without the lease) time
     // out after 3 s; then the client follows n2's address.
     sim.run_for(6 * SEC);
-    ensure(sim.role(1) == Some(Role::Primary), "n2 took over with the lease", &sim)?;
+    ensure(
+        sim.role(1) == Some(Role::Primary),
+        "n2 took over with the lease",
+        &sim,
+    )?;
     let last1 = sim.acks(0).iter().copied().filter(|&t| t > cut).max();
     let first2 = sim.acks(1).iter().copied().filter(|&t| t > cut).min();
     ensure(
         first2.is_some() && last1.is_none_or(|l| Some(l) < first2),
-        &format!("n1 stopped acknowledging before n2 started (n1 last {last1:?}, n2 first {first2:?})"),
+        &format!(
+            "n1 stopped acknowledging before n2 started (n1 last {last1:?}, n2 first {first2:?})"
+        ),
         &sim,
     )?;
     ensure(sim.report().takeovers == 1, "one takeover", &sim)?;
@@ -491,7 +509,12 @@ pub fn both_links_cut_witness_with_secondary(seed: u64) -> Result<Outcome, Strin
         "no split brain",
         &sim,
     )?;
-    finish(&mut sim, "both-links-cut-witness-with-secondary", None, None)
+    finish(
+        &mut sim,
+        "both-links-cut-witness-with-secondary",
+        None,
+        None,
+    )
 }
 
 /// The primary crashes while it is resyncing the secondary (a double

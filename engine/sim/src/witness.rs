@@ -98,7 +98,7 @@ impl Sim {
             self.lease_request(i);
         } else {
             let bytes = h.client.release(now).to_vec();
-            self.to_witness(i, bytes);
+            self.send_to_witness(i, bytes);
         }
     }
 
@@ -112,7 +112,7 @@ impl Sim {
         let bytes = h.client.request(now).to_vec();
         let arm = !h.ticking;
         h.ticking = true;
-        self.to_witness(i, bytes);
+        self.send_to_witness(i, bytes);
         if arm {
             self.push(now + LEASE_US / 4, Ev::LeaseTick { node: i, epoch: e });
         }
@@ -146,7 +146,7 @@ impl Sim {
         }
     }
 
-    fn to_witness(&mut self, i: usize, bytes: Vec<u8>) {
+    fn send_to_witness(&mut self, i: usize, bytes: Vec<u8>) {
         let f = self.opts.lan;
         if self.witness.cut[i] || self.rng.chance(f.loss_ppm) {
             return;

@@ -70,8 +70,8 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 use msl_wire::{
-    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Generations, Header, Heartbeat, Hello,
-    Message, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk, Verify,
+    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Generations, Header, Heartbeat,
+    Hello, Message, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk, Verify,
     MAX_ADAPTERS,
 };
 
@@ -542,7 +542,11 @@ impl<H: Payload> Node<H> {
     /// that lost its peer and lacks the witness lease is withheld (see
     /// `lease_gate`).
     fn emit(&mut self, a: Action<H>) {
-        if let Action::Reply { req, result: Ok(()) } = a {
+        if let Action::Reply {
+            req,
+            result: Ok(()),
+        } = a
+        {
             if !self.lease_gate(req) {
                 return;
             }

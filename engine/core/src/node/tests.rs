@@ -1262,7 +1262,10 @@ fn test_witness_primary_asks_for_the_lease_at_once() {
     connect(&mut a, &mut b, 200_000);
     assert_eq!(a.role(), Role::Primary);
     assert!(a.status().lease_wanted);
-    assert!(!b.status().lease_wanted, "an in-sync secondary does not compete");
+    assert!(
+        !b.status().lease_wanted,
+        "an in-sync secondary does not compete"
+    );
 }
 
 /// Rule (a): the secondary takes over only once it holds the lease.
@@ -1277,7 +1280,13 @@ fn test_witness_secondary_takes_over_only_with_the_lease() {
         x,
         Action::Notify(Notice::CannotTakeOver { reason }) if reason.contains("witness")
     )));
-    b.handle(1_000_001, Event::Lease { held: true, until: 1_800_000 });
+    b.handle(
+        1_000_001,
+        Event::Lease {
+            held: true,
+            until: 1_800_000,
+        },
+    );
     let acts = drain(&mut b);
     assert_eq!(b.role(), Role::Primary);
     assert!(acts.iter().any(|x| x_is(x, "lease_gained")));
@@ -1299,7 +1308,13 @@ fn test_witness_late_lease_after_the_peer_came_back_is_no_takeover() {
     let hb = a.my_heartbeat();
     let h = a.header(0, 0);
     lan_hb(&mut b, 1_000_000, h, hb);
-    b.handle(1_000_001, Event::Lease { held: true, until: 1_800_000 });
+    b.handle(
+        1_000_001,
+        Event::Lease {
+            held: true,
+            until: 1_800_000,
+        },
+    );
     let acts = drain(&mut b);
     assert_eq!(b.role(), Role::Secondary);
     assert_eq!(wants(&acts), Some(false));
@@ -1318,9 +1333,18 @@ fn test_witness_degraded_primary_acknowledges_only_with_the_lease() {
     let mut acts = Vec::new();
     complete_io(&mut a, 700_001, &mut acts);
     acts.extend(alone(&mut a, 700_001, 900_000));
-    assert!(!acts.iter().any(|x| matches!(x, Action::Reply { .. })), "{acts:?}");
+    assert!(
+        !acts.iter().any(|x| matches!(x, Action::Reply { .. })),
+        "{acts:?}"
+    );
     assert_eq!(a.status().pending_writes, 1);
-    a.handle(900_001, Event::Lease { held: true, until: 1_300_000 });
+    a.handle(
+        900_001,
+        Event::Lease {
+            held: true,
+            until: 1_300_000,
+        },
+    );
     let mut acts = Vec::new();
     complete_io(&mut a, 900_001, &mut acts);
     assert!(acked(&acts, 11), "{acts:?}");
@@ -1348,7 +1372,13 @@ fn test_witness_write_in_flight_at_session_end_withheld_until_the_lease() {
     let acts = alone(&mut a, 200_001, 800_000);
     assert!(!a.status().connected);
     assert!(!acked(&acts, 21), "withheld without the lease: {acts:?}");
-    a.handle(800_001, Event::Lease { held: true, until: 1_500_000 });
+    a.handle(
+        800_001,
+        Event::Lease {
+            held: true,
+            until: 1_500_000,
+        },
+    );
     assert!(acked(&drain(&mut a), 21));
 }
 
@@ -1359,18 +1389,36 @@ fn test_witness_stall_voids_the_lease_until_renewed() {
     let (mut a, _b) = witness_pair(NoQuorum::Suspend);
     drain(&mut a);
     alone(&mut a, 200_000, 700_000);
-    a.handle(700_001, Event::Lease { held: true, until: 5_000_000 });
+    a.handle(
+        700_001,
+        Event::Lease {
+            held: true,
+            until: 5_000_000,
+        },
+    );
     assert!(a.serving());
     drain(&mut a);
     // a does not run for 1 s: the report it finds queued was made before.
-    a.handle(1_800_000, Event::Lease { held: true, until: 5_000_000 });
+    a.handle(
+        1_800_000,
+        Event::Lease {
+            held: true,
+            until: 5_000_000,
+        },
+    );
     let acts = drain(&mut a);
     assert!(acts.iter().any(|x| x_is(x, "lease_lost")));
     assert!(a.status().lease_until.is_none());
     // Past the post-stall hold, still no lease: nothing acknowledged.
     alone(&mut a, 1_800_000, 2_300_000);
     assert!(!a.serving());
-    a.handle(2_300_001, Event::Lease { held: true, until: 3_000_000 });
+    a.handle(
+        2_300_001,
+        Event::Lease {
+            held: true,
+            until: 3_000_000,
+        },
+    );
     assert!(a.serving());
 }
 
@@ -1389,7 +1437,11 @@ fn test_witness_unreachable_suspend_waits() {
 fn test_witness_unreachable_sft3_serves_without_the_lease() {
     let (mut a, mut b) = witness_pair(NoQuorum::Sft3);
     alone(&mut b, 200_000, 1_000_000);
-    assert_eq!(b.role(), Role::Secondary, "the witness answers: wait for it");
+    assert_eq!(
+        b.role(),
+        Role::Secondary,
+        "the witness answers: wait for it"
+    );
     b.handle(1_000_001, Event::WitnessUnreachable { unreachable: true });
     assert_eq!(b.role(), Role::Primary);
     a.handle(200_001, Event::WitnessUnreachable { unreachable: true });
@@ -1412,7 +1464,13 @@ fn test_witness_both_links_cut_heal_resyncs_without_split_brain() {
     write_block(&mut a, 200_001, 41, 2, 9);
     alone(&mut a, 200_001, 1_000_000);
     alone(&mut b, 200_000, 1_000_000);
-    b.handle(1_000_001, Event::Lease { held: true, until: 60_000_000 });
+    b.handle(
+        1_000_001,
+        Event::Lease {
+            held: true,
+            until: 60_000_000,
+        },
+    );
     assert_eq!(b.role(), Role::Primary);
     assert_eq!(a.role(), Role::Primary);
     assert!(!a.serving() && b.serving());
@@ -1420,9 +1478,13 @@ fn test_witness_both_links_cut_heal_resyncs_without_split_brain() {
     let mut acts = Vec::new();
     complete_io(&mut b, 1_000_002, &mut acts);
     assert!(acked(&acts, 42));
-    run_pair(&mut a, &mut b, 1_000_002, 2_000_000, &|_, _, c| {
-        alloc::vec![0; c as usize * 8]
-    });
+    run_pair(
+        &mut a,
+        &mut b,
+        1_000_002,
+        2_000_000,
+        &|_, _, c| alloc::vec![0; c as usize * 8],
+    );
     assert_eq!(a.role(), Role::Secondary);
     assert_eq!(b.role(), Role::Primary);
     assert_eq!(a.counters.split_brains + b.counters.split_brains, 0);
@@ -1434,8 +1496,14 @@ fn test_witness_both_links_cut_heal_resyncs_without_split_brain() {
 fn test_witness_notice_names_are_stable() {
     assert_eq!(Notice::LeaseGained { until: 1 }.kind(), "lease_gained");
     assert_eq!(Notice::LeaseLost { reason: "x" }.kind(), "lease_lost");
-    assert_eq!(Notice::WitnessReachable { reachable: false }.kind(), "witness_unreachable");
-    assert_eq!(Notice::WitnessReachable { reachable: true }.kind(), "witness_reachable");
+    assert_eq!(
+        Notice::WitnessReachable { reachable: false }.kind(),
+        "witness_unreachable"
+    );
+    assert_eq!(
+        Notice::WitnessReachable { reachable: true }.kind(),
+        "witness_reachable"
+    );
 }
 
 /// A lease held while the peer mirrored every write is void once the
@@ -1444,7 +1512,13 @@ fn test_witness_notice_names_are_stable() {
 #[test]
 fn test_witness_lease_held_in_session_void_when_the_peer_is_lost() {
     let (mut a, _b) = witness_pair(NoQuorum::Suspend);
-    a.handle(200_001, Event::Lease { held: true, until: 5_000_000 });
+    a.handle(
+        200_001,
+        Event::Lease {
+            held: true,
+            until: 5_000_000,
+        },
+    );
     drain(&mut a);
     assert!(a.status().lease_until.is_some());
     write_block(&mut a, 200_002, 51, 4, 4);
@@ -1457,7 +1531,16 @@ fn test_witness_lease_held_in_session_void_when_the_peer_is_lost() {
         acts.iter().any(|x| matches!(x, Action::WantLease(true))),
         "asks for a renewal at once: {acts:?}"
     );
-    assert!(!acked(&acts, 51), "not under the lease from before the loss");
-    a.handle(700_001, Event::Lease { held: true, until: 1_500_000 });
+    assert!(
+        !acked(&acts, 51),
+        "not under the lease from before the loss"
+    );
+    a.handle(
+        700_001,
+        Event::Lease {
+            held: true,
+            until: 1_500_000,
+        },
+    );
     assert!(acked(&drain(&mut a), 51));
 }
