@@ -166,6 +166,12 @@ pub enum Cmd {
         /// lost: the node needs a full resync).
         #[arg(long)]
         force: bool,
+        /// The volume is new and blank, and so is the peer's (create both
+        /// nodes with --blank): the pair comes up in sync without copying
+        /// the volume. A file volume holding any data is refused; a block
+        /// device is zeroed (a discard).
+        #[arg(long)]
+        blank: bool,
     },
     /// Convert this node's metadata from format 1 to the current format in
     /// place (--config FILE; msld stopped): generations, state, dirty map

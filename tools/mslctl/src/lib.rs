@@ -156,9 +156,41 @@ fn run_verify(
 }
 
 /// `create-md`: initialise a node's metadata from its config.
-fn create_md(config: &Path, initial_primary: bool, force: bool) -> Result<u8, Failure> {
+fn create_md(
+    config: &Path,
+    initial_primary: bool,
+    force: bool,
+    blank: bool,
+) -> Result<u8, Failure> {
     use msl_daemon::config::DaemonConfig;
+    use msl_daemon::md::Blank;
     let cfg = DaemonConfig::load(config).map_err(|e| Failure::error(e.to_string()))?;
+    if blank {
+        let existed = cfg.file.volume.path.exists();
+        let (_, meta, how) =
+            msl_daemon::md::create_blank(&cfg, initial_primary, force).map_err(Failure::error)?;
+        println!(
+            "created metadata {}: cluster {:016x}, node {}, {} blocks of {} bytes, blank volume {} ({}): \
+             {}; a peer created with --blank pairs without a full sync",
+            cfg.file.volume.metadata.display(),
+            meta.cluster_id,
+            meta.node_id,
+            meta.volume_blocks,
+            meta.block_size,
+            cfg.file.volume.path.display(),
+            match (how, existed) {
+                (Blank::Zeroed, _) => "block device zeroed",
+                (Blank::NoData, false) => "created",
+                (Blank::NoData, true) => "holds no data",
+            },
+            if initial_primary {
+                "this node serves first"
+            } else {
+                "this node waits for its peer"
+            }
+        );
+        return Ok(EXIT_OK);
+    }
     let (_, meta) = msl_daemon::md::create(&cfg, initial_primary, force).map_err(Failure::error)?;
     // The volume too, when it is a file that does not exist yet (owner-only,
     // allocated as `[volume] preallocate` says): msld never creates it.
@@ -222,6 +254,7 @@ pub fn run(args: Args, socket_dir: &Path) -> Result<u8, Failure> {
     if let Cmd::CreateMd {
         initial_primary,
         force,
+        blank,
     } = args.cmd
     {
         let Some(config) = &args.config else {
@@ -230,7 +263,7 @@ pub fn run(args: Args, socket_dir: &Path) -> Result<u8, Failure> {
                 message: "create-md needs the node's config: --config FILE".into(),
             });
         };
-        return create_md(config, initial_primary, force);
+        return create_md(config, initial_primary, force, blank);
     }
     if let Cmd::ConvertMd = args.cmd {
         let Some(config) = &args.config else {
