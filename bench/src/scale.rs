@@ -1,16 +1,19 @@
-//! `msl-bench scale`: what a volume's size costs a primary running alone
-//! (degraded: its secondary down, the most common failure).
+//! `msl-bench scale`: what a volume's size costs, degraded (a primary
+//! alone: its secondary down, the most common failure) and mirrored.
 //!
-//! For each size one msld runs as the initial primary with no peer, on a
-//! real loop device over a sparse file (so a terabyte volume needs no
-//! terabyte of disk). fio (nbd engine, 4 KiB random writes, QD16) writes
-//! through the service address, over a hot span (the first `--hot` bytes:
-//! the same extents again and again, as a database's working set) and
-//! over the whole volume (a new extent for almost every write: one
-//! activity-log transaction each). Rounds rotate the sizes so each
-//! runs first in turn; the table shows medians, msld's resident memory
-//! after the runs and its metadata writes per client write, so sizes
-//! compare side by side.
+//! For each size and mode msld runs on real loop devices over sparse files
+//! (so a terabyte volume needs no terabyte of disk). A mirrored pair is
+//! created blank on both nodes (`mslctl create-md --blank`) and the time it
+//! takes to come up in sync is measured; a degraded one is a lone
+//! primary. fio (nbd engine, 4 KiB random writes, QD16) writes through the
+//! service address, over a hot span (the first `--hot` bytes: the same
+//! extents again and again, as a database's working set) and over the
+//! whole volume (a new extent for almost every write: one activity-log
+//! transaction each). Rounds rotate the sizes so each runs first in turn;
+//! the table shows medians, msld's resident memory after the runs and its
+//! metadata writes per client write, so sizes compare side by side. Last,
+//! each mirrored pair's secondary stops, `--changes` bytes are written,
+//! and the time to resync them is measured.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +45,14 @@ pub struct ScaleArgs {
     /// Spans to run: `hot`, `whole`, or both.
     #[arg(long, value_delimiter = ',', default_value = "hot,whole")]
     pub spans: Vec<String>,
+    /// Modes to run: `degraded` (a primary alone), `mirrored` (a blank
+    /// pair), or both.
+    #[arg(long, value_delimiter = ',', default_value = "degraded,mirrored")]
+    pub modes: Vec<String>,
+    /// Bytes written while a mirrored pair's secondary is down, then
+    /// resynced (0: no resync run).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub changes: u64,
     /// Directory for the sparse backing files (default: the run directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -102,12 +113,15 @@ impl Drop for LoopDev {
     }
 }
 
-/// One size under test: its primary (alone) and its loop device. Fields
-/// drop in order: msld stops before the device goes.
+/// One size and mode under test: its msld(s) and loop device(s). Fields
+/// drop in order: msld stops before the devices go.
 struct Subject {
     size: u64,
+    mirrored: bool,
     pair: Pair,
-    _dev: LoopDev,
+    _devs: Vec<LoopDev>,
+    /// Mirrored: seconds from starting both nodes to in sync.
+    pair_s: Option<f64>,
 }
 
 impl Subject {
@@ -117,6 +131,14 @@ impl Subject {
 
     fn client_ns(&self) -> String {
         self.pair.topo.client_ns().to_string()
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.mirrored {
+            "mirrored"
+        } else {
+            "degraded"
+        }
     }
 
     fn rss_mib(&self) -> Option<f64> {
@@ -137,39 +159,105 @@ impl Subject {
     }
 }
 
-fn start(size: u64, dir: Option<&Path>, say: &impl Fn(&str)) -> Result<Subject, String> {
+/// A loop device over a fresh sparse file for node `id`'s volume.
+fn volume_device(pair: &Pair, id: u16, size: u64, dir: Option<&Path>) -> Result<LoopDev, String> {
+    let backing = dir
+        .unwrap_or(pair.dir())
+        .join(format!("scale-{}-{size}-n{id}.backing", std::process::id()));
+    let dev = LoopDev::new(&backing, size)?;
+    std::os::unix::fs::symlink(&dev.dev, pair.volume_path(id))
+        .map_err(|e| format!("symlink to {}: {e}", dev.dev))?;
+    Ok(dev)
+}
+
+fn start(
+    size: u64,
+    mirrored: bool,
+    dir: Option<&Path>,
+    say: &impl Fn(&str),
+) -> Result<Subject, String> {
     let pair = Pair::new(PairOptions {
         volume_bytes: size,
         nbd_port: PORT,
         ..PairOptions::default()
     })?;
-    let backing = dir
-        .unwrap_or(pair.dir())
-        .join(format!("scale-{}-{size}.backing", std::process::id()));
-    let dev = LoopDev::new(&backing, size)?;
-    std::os::unix::fs::symlink(&dev.dev, pair.volume_path(1))
-        .map_err(|e| format!("symlink to {}: {e}", dev.dev))?;
-    say(&format!(
-        "{}: {} over a sparse {}, primary alone",
-        human(size),
-        dev.dev,
-        backing.display()
-    ));
-    pair.start(1)?;
-    // A node never becomes primary on its own before it has seen its peer:
-    // the administrator promotes the lone node (as after losing a server).
-    pair.wait_status(1, "msld up", Duration::from_secs(60), |_| true)?;
-    pair.admin(1, "promote")?;
-    pair.wait_status(1, "primary serving alone", Duration::from_secs(120), |s| {
-        s["role"] == "primary"
-    })?;
+    let mut devs = vec![volume_device(&pair, 1, size, dir)?];
+    let pair_s = if mirrored {
+        devs.push(volume_device(&pair, 2, size, dir)?);
+        let mslctl = msl_harness::bins::binary("mslctl")?;
+        for id in [1u16, 2] {
+            let mut c = Command::new(&mslctl);
+            c.args(["create-md", "--blank", "--config"])
+                .arg(pair.config_path(id));
+            if id == 1 {
+                c.arg("--initial-primary");
+            }
+            let out = c.output().map_err(|e| format!("mslctl: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "create-md --blank on node {id}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        say(&format!("{}: two blank loop devices, pairing", human(size)));
+        pair.start_both()?;
+        let took = pair.wait_in_sync(1, Duration::from_secs(600))?;
+        Some(took.as_secs_f64())
+    } else {
+        say(&format!(
+            "{}: {} over a sparse file, primary alone",
+            human(size),
+            devs[0].dev
+        ));
+        pair.start(1)?;
+        // A node never becomes primary on its own before it has seen its
+        // peer: the administrator promotes the lone node (as after losing
+        // a server).
+        pair.wait_status(1, "msld up", Duration::from_secs(60), |_| true)?;
+        pair.admin(1, "promote")?;
+        pair.wait_status(1, "primary serving alone", Duration::from_secs(120), |s| {
+            s["role"] == "primary"
+        })?;
+        None
+    };
     let s = Subject {
         size,
+        mirrored,
         pair,
-        _dev: dev,
+        _devs: devs,
+        pair_s,
     };
     wait_serving(&s)?;
     Ok(s)
+}
+
+/// A mirrored pair's secondary stops, `bytes` are written sequentially
+/// (1 MiB writes, QD8) from the middle of the volume, the secondary
+/// returns: the seconds until the pair is in sync again.
+fn resync_changes(s: &Subject, bytes: u64) -> Result<f64, String> {
+    s.pair.stop(2)?;
+    s.pair
+        .wait_status(1, "primary alone", Duration::from_secs(30), |st| {
+            st["connected"] == false
+        })?;
+    let mut c = fio::command_in(&s.client_ns(), "fio");
+    c.args([
+        "--name=changes",
+        "--ioengine=nbd",
+        &format!("--uri={}", s.uri()),
+        "--rw=write",
+        "--bs=1m",
+        "--iodepth=8",
+        &format!("--offset={}", s.size / 2),
+        &format!("--size={bytes}"),
+        "--output-format=json",
+    ]);
+    fio::run_bounded(c, Duration::from_secs(600), "fio writing the changes")?;
+    let t = std::time::Instant::now();
+    s.pair.start(2)?;
+    s.pair.wait_in_sync(1, Duration::from_secs(1200))?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 fn wait_serving(s: &Subject) -> Result<(), String> {
@@ -222,6 +310,7 @@ fn run_span(s: &Subject, span: &str, hot: u64, seconds: u64) -> Result<Sample, S
 
 struct Row {
     size: u64,
+    mode: &'static str,
     span: String,
     m: Sample,
     runs: usize,
@@ -253,10 +342,17 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
             ));
         }
     }
+    for m in &args.modes {
+        if m != "degraded" && m != "mirrored" {
+            return Err(format!("--modes: unknown mode `{m}` (degraded, mirrored)"));
+        }
+    }
     let say = narrator("scale", args.json);
     let mut subjects = Vec::new();
-    for &size in &args.sizes {
-        subjects.push(start(size, args.dir.as_deref(), &say)?);
+    for mode in &args.modes {
+        for &size in &args.sizes {
+            subjects.push(start(size, mode == "mirrored", args.dir.as_deref(), &say)?);
+        }
     }
     let mut samples: Vec<Vec<Vec<Sample>>> =
         vec![vec![Vec::new(); args.spans.len()]; subjects.len()];
@@ -267,10 +363,11 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
                 let j = (i + round) % subjects.len();
                 let s = &subjects[j];
                 say(&format!(
-                    "round {}/{}: {span} on {}",
+                    "round {}/{}: {span} on {}, {}",
                     round + 1,
                     args.rounds,
-                    human(s.size)
+                    human(s.size),
+                    s.mode()
                 ));
                 let (w0, m0) = (s.counter("client_writes"), s.counter("meta_writes"));
                 samples[j][k].push(run_span(s, span, args.hot, args.seconds)?);
@@ -289,6 +386,7 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
                 let (w, p) = meta_writes[j][k];
                 rows.push(Row {
                     size: s.size,
+                    mode: s.mode(),
                     span: span.clone(),
                     m,
                     runs: samples[j][k].len(),
@@ -298,11 +396,39 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
             }
         }
     }
-    report(&args, &rows);
+    let mut pairs = Vec::new();
+    for s in subjects.iter().filter(|s| s.mirrored) {
+        let rss = s.rss_mib();
+        let resync_s = if args.changes > 0 {
+            say(&format!(
+                "{}: secondary down, {} written, resync",
+                human(s.size),
+                human(args.changes)
+            ));
+            Some(resync_changes(s, args.changes)?)
+        } else {
+            None
+        };
+        pairs.push(PairRow {
+            size: s.size,
+            pair_s: s.pair_s,
+            resync_s,
+            rss_mib: rss,
+        });
+    }
+    report(&args, &rows, &pairs);
     Ok(())
 }
 
-fn report(args: &ScaleArgs, rows: &[Row]) {
+/// A mirrored size's pairing and resync times.
+struct PairRow {
+    size: u64,
+    pair_s: Option<f64>,
+    resync_s: Option<f64>,
+    rss_mib: Option<f64>,
+}
+
+fn report(args: &ScaleArgs, rows: &[Row], pairs: &[PairRow]) {
     if args.json {
         for r in rows {
             println!(
@@ -310,6 +436,7 @@ fn report(args: &ScaleArgs, rows: &[Row]) {
                 json!({
                     "bench": "scale",
                     "size_bytes": r.size,
+                    "mode": r.mode,
                     "span": r.span,
                     "job": JOB.name,
                     "runs": r.runs,
@@ -322,16 +449,30 @@ fn report(args: &ScaleArgs, rows: &[Row]) {
                 })
             );
         }
+        for p in pairs {
+            println!(
+                "{}",
+                json!({
+                    "bench": "scale-pair",
+                    "size_bytes": p.size,
+                    "blank_pair_in_sync_s": p.pair_s,
+                    "changes_bytes": args.changes,
+                    "resync_changes_s": p.resync_s,
+                    "rss_mib": p.rss_mib.map(|x| x.round()),
+                })
+            );
+        }
         return;
     }
     println!(
-        "{:<9} {:<6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>12}",
-        "volume", "span", "IOPS", "p50 us", "p99 us", "p99.9 us", "RSS MiB", "meta/write"
+        "{:<9} {:<9} {:<6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>12}",
+        "volume", "mode", "span", "IOPS", "p50 us", "p99 us", "p99.9 us", "RSS MiB", "meta/write"
     );
     for r in rows {
         println!(
-            "{:<9} {:<6} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>12}",
+            "{:<9} {:<9} {:<6} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>12}",
             human(r.size),
+            r.mode,
             r.span,
             r.m.iops,
             r.m.p50_us,
@@ -342,10 +483,30 @@ fn report(args: &ScaleArgs, rows: &[Row]) {
         );
     }
     println!(
-        "\n{} (primary alone), {} round(s) of {} s per size and span, medians; hot span = first {}",
+        "\n{}, {} round(s) of {} s per size, mode and span, medians; hot span = first {}",
         JOB.name,
         args.rounds,
         args.seconds,
         human(args.hot)
     );
+    if pairs.is_empty() {
+        return;
+    }
+    println!(
+        "\n{:<9} {:>16} {:>22} {:>9}",
+        "volume",
+        "blank pair, s",
+        &format!("resync {}, s", human(args.changes)),
+        "RSS MiB"
+    );
+    let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+    for p in pairs {
+        println!(
+            "{:<9} {:>16} {:>22} {:>9}",
+            human(p.size),
+            f(p.pair_s),
+            f(p.resync_s),
+            p.rss_mib.map_or("-".into(), |x| format!("{x:.0}")),
+        );
+    }
 }
