@@ -59,7 +59,7 @@ for p in /usr/lib/ocf/resource.d/*; do
 done
 mount --rbind "$R/ocf" /usr/lib/ocf/resource.d
 mkdir -p /run/msl
-ln -s "$CONFIG" /run/msl/msl.toml
+ln -sfn "$CONFIG" /run/msl/msl.toml
 hostname "$NAME"
 touch "$R/ready"
 while :; do sleep 3600 & wait $! || true; done
@@ -241,12 +241,15 @@ impl Node {
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
+impl Node {
+    /// SIGKILL the node's PID namespace (corosync, pacemaker, the agent,
+    /// msld: a node that dies) and reap what this test started.
+    fn kill(&mut self) {
         if self.init != 0 {
             // SAFETY: kill has no memory preconditions; `init` is the
             // child of our own unshare, not reaped while unshare lives.
             unsafe { libc::kill(self.init as libc::pid_t, libc::SIGKILL) };
+            self.init = 0;
         }
         for c in self
             .daemons
@@ -263,6 +266,12 @@ impl Drop for Node {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -416,207 +425,280 @@ fn primary_of(pair: &Pair) -> Option<u16> {
     }
 }
 
-#[test]
-fn test_pacemaker_promotes_one_node_fails_over_after_kill9_and_resyncs_the_killed_one() {
-    for (p, pkg) in [
-        ("corosync", "corosync"),
-        ("pacemakerd", "pacemaker"),
-        ("cibadmin", "pacemaker-cli-utils"),
-        ("crm_attribute", "pacemaker-cli-utils"),
-        ("crm_mon", "pacemaker-cli-utils"),
-        ("qemu-io", "qemu-utils"),
-        ("nsenter", "util-linux"),
-    ] {
-        require(p, pkg);
-    }
-    assert!(
-        Path::new("/usr/lib/ocf/lib/heartbeat/ocf-shellfuncs").exists(),
-        "ocf-shellfuncs missing: run `bash scripts/setup.sh` (resource-agents)"
-    );
-    let t0 = Instant::now();
-    let deadline = Duration::from_secs(150);
-    let pair = Pair::new(
-        PairOptions {
-            volume_bytes: 16 << 20,
-            ..PairOptions::default()
+/// A harness pair (msld with `role_control = "cluster"`) under a two-node
+/// cluster configured with the recipe of dist/README.md, one node
+/// promoted and the other in sync.
+struct Cluster {
+    // Dropped first: the cluster (and the msld it runs) before the pair's
+    // namespaces.
+    nodes: Vec<Node>,
+    pair: Pair,
+    name: String,
+    t0: Instant,
+    /// The promoted node.
+    p: u16,
+}
+
+impl Cluster {
+    fn up() -> Cluster {
+        for (p, pkg) in [
+            ("corosync", "corosync"),
+            ("pacemakerd", "pacemaker"),
+            ("cibadmin", "pacemaker-cli-utils"),
+            ("crm_attribute", "pacemaker-cli-utils"),
+            ("crm_mon", "pacemaker-cli-utils"),
+            ("qemu-io", "qemu-utils"),
+            ("nsenter", "util-linux"),
+        ] {
+            require(p, pkg);
         }
-        .tunable("role_control", "\"cluster\""),
-    )
-    .expect("build the pair (run as root)");
-    let dir = pair.dir().to_path_buf();
-    let msld = msl_harness::bins::binary("msld").unwrap();
-    let mslctl = env!("CARGO_BIN_EXE_mslctl");
-    for (id, args) in [(1, &["--initial-primary"][..]), (2, &[][..])] {
-        let out = Command::new(mslctl)
-            .arg("create-md")
-            .args(args)
-            .arg("--config")
-            .arg(pair.config_path(id))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "create-md on node {id}: {out:?}");
-    }
-    // Unique to the run: the test's pid and the run directory's suffix.
-    let tag = dir.file_name().unwrap().to_string_lossy().into_owned();
-    let cluster = format!(
-        "msl{}{}",
-        std::process::id(),
-        tag.rsplit('-').next().unwrap().to_lowercase()
-    );
-
-    let nodes = [
-        Node::start(&pair, 1, &cluster, &dir),
-        Node::start(&pair, 2, &cluster, &dir),
-    ];
-    let diag = |nodes: &[Node; 2]| {
-        format!(
-            "{}\n{}{}{}",
-            nodes[0].crm_mon(),
-            nodes[0].logs(),
-            nodes[1].logs(),
-            pair.diagnostics()
-        )
-    };
-    let formed = wait_for(
-        "both nodes online with a DC",
-        Duration::from_secs(60),
-        || {
-            let m = nodes[0].crm_mon();
-            m.contains("partition with quorum")
-                && m.contains(&format!("Online: [ {} {} ]", nodes[0].name, nodes[1].name))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", diag(&nodes)));
-    eprintln!("cluster formed: {:.1} s", formed.as_secs_f64());
-
-    // The configuration: the recipe of dist/README.md.
-    let n = &nodes[0];
-    for (name, value) in [("stonith-enabled", "false"), ("no-quorum-policy", "ignore")] {
-        n.must(
-            "crm_attribute",
-            &["--type", "crm_config", "--name", name, "--update", value],
-        );
-    }
-    n.must(
-        "cibadmin",
-        &[
-            "--create",
-            "--scope",
-            "resources",
-            "--xml-text",
-            &clone_xml(&msld, mslctl),
-        ],
-    );
-
-    // Exactly one node promoted (either: both are in sync once node 2 has
-    // resynced from node 1, the only one with up-to-date data at first).
-    let t = Instant::now();
-    wait_for(
-        "Pacemaker promotes one node",
-        Duration::from_secs(40),
-        || primary_of(&pair).is_some(),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", diag(&nodes)));
-    let p = primary_of(&pair).unwrap();
-    let q = 3 - p;
-    let (np, nq) = (&nodes[usize::from(p - 1)], &nodes[usize::from(q - 1)]);
-    pair.wait_in_sync(p, Duration::from_secs(40))
-        .unwrap_or_else(|e| panic!("{e}\n{}", diag(&nodes)));
-    eprintln!(
-        "node {p} promoted, node {q} secondary in sync: {:.1} s after the configuration",
-        t.elapsed().as_secs_f64()
-    );
-    let roles_shown = |promoted: &Node, unpromoted: &Node| {
-        let mon = nodes[0].crm_mon();
         assert!(
-            mon.contains(&format!("Promoted: [ {} ]", promoted.name))
-                && mon.contains(&format!("Unpromoted: [ {} ]", unpromoted.name)),
-            "crm_mon does not show {} promoted and {} unpromoted:\n{mon}",
-            promoted.name,
-            unpromoted.name
+            Path::new("/usr/lib/ocf/lib/heartbeat/ocf-shellfuncs").exists(),
+            "ocf-shellfuncs missing: run `bash scripts/setup.sh` (resource-agents)"
+        );
+        let t0 = Instant::now();
+        let pair = Pair::new(
+            PairOptions {
+                volume_bytes: 16 << 20,
+                ..PairOptions::default()
+            }
+            .tunable("role_control", "\"cluster\""),
+        )
+        .expect("build the pair (run as root)");
+        let msld = msl_harness::bins::binary("msld").unwrap();
+        let mslctl = env!("CARGO_BIN_EXE_mslctl");
+        for (id, args) in [(1, &["--initial-primary"][..]), (2, &[][..])] {
+            let out = Command::new(mslctl)
+                .arg("create-md")
+                .args(args)
+                .arg("--config")
+                .arg(pair.config_path(id))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "create-md on node {id}: {out:?}");
+        }
+        // Unique to the run: the test's pid and the run directory's suffix.
+        let tag = pair
+            .dir()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let name = format!(
+            "msl{}{}",
+            std::process::id(),
+            tag.rsplit('-').next().unwrap().to_lowercase()
+        );
+        let nodes = vec![
+            Node::start(&pair, 1, &name, pair.dir()),
+            Node::start(&pair, 2, &name, pair.dir()),
+        ];
+        let mut c = Cluster {
+            nodes,
+            pair,
+            name,
+            t0,
+            p: 0,
+        };
+        let formed = c.wait_online(1);
+        eprintln!("cluster formed: {:.1} s", formed.as_secs_f64());
+
+        // The configuration: the recipe of dist/README.md.
+        let n = &c.nodes[0];
+        for (name, value) in [("stonith-enabled", "false"), ("no-quorum-policy", "ignore")] {
+            n.must(
+                "crm_attribute",
+                &["--type", "crm_config", "--name", name, "--update", value],
+            );
+        }
+        n.must(
+            "cibadmin",
+            &[
+                "--create",
+                "--scope",
+                "resources",
+                "--xml-text",
+                &clone_xml(&msld, mslctl),
+            ],
+        );
+
+        // Exactly one node promoted (either: both are in sync once node 2
+        // has resynced from node 1, the only one with up-to-date data at
+        // first).
+        let t = Instant::now();
+        c.wait("Pacemaker promotes one node", 40, |c| {
+            primary_of(&c.pair).is_some()
+        });
+        c.p = primary_of(&c.pair).unwrap();
+        let (p, q) = (c.p, 3 - c.p);
+        c.pair
+            .wait_in_sync(p, Duration::from_secs(40))
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.diag()));
+        eprintln!(
+            "node {p} promoted, node {q} secondary in sync: {:.1} s after the configuration",
+            t.elapsed().as_secs_f64()
+        );
+        c.roles_shown(p, q);
+        for id in [1, 2] {
+            assert_eq!(c.pair.status(id).unwrap()["role_control"], "cluster");
+        }
+        assert!(c.pair.topo.holds_service_address(p).unwrap());
+        assert!(!c.pair.topo.holds_service_address(q).unwrap());
+        c
+    }
+
+    fn node(&self, id: u16) -> &Node {
+        &self.nodes[usize::from(id - 1)]
+    }
+
+    /// Wait (at most `secs`) for `f`; on time-out fail with the cluster's
+    /// and the pair's state.
+    fn wait(&self, what: &str, secs: u64, f: impl Fn(&Cluster) -> bool) -> Duration {
+        wait_for(what, Duration::from_secs(secs), || f(self))
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.diag()))
+    }
+
+    /// Wait until node `id` sees both nodes online, with a DC.
+    fn wait_online(&self, id: u16) -> Duration {
+        let want = format!("Online: [ {}-n1 {}-n2 ]", self.name, self.name);
+        self.wait("both nodes online with a DC", 60, |c| {
+            let m = c.node(id).crm_mon();
+            m.contains("partition with quorum") && m.contains(&want)
+        })
+    }
+
+    fn diag(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            if n.init != 0 {
+                s += &n.crm_mon();
+                s += &n.logs();
+            }
+        }
+        s + &self.pair.diagnostics()
+    }
+
+    /// crm_mon (run on node `promoted`) shows this promotion; its output.
+    fn roles_shown(&self, promoted: u16, unpromoted: u16) -> String {
+        let mon = self.node(promoted).crm_mon();
+        let (p, u) = (&self.node(promoted).name, &self.node(unpromoted).name);
+        assert!(
+            mon.contains(&format!("Promoted: [ {p} ]"))
+                && mon.contains(&format!("Unpromoted: [ {u} ]")),
+            "crm_mon does not show {p} promoted and {u} unpromoted:\n{mon}"
         );
         mon
-    };
-    roles_shown(np, nq);
-    for id in [1, 2] {
-        assert_eq!(pair.status(id).unwrap()["role_control"], "cluster");
     }
-    assert!(pair.topo.holds_service_address(p).unwrap());
-    assert!(!pair.topo.holds_service_address(q).unwrap());
 
-    // A client writing all along; then kill -9 of the primary's msld.
-    let writer = Writer::start(&pair, pair.topo.client_ns().to_string());
-    wait_for("20 writes acknowledged", Duration::from_secs(20), || {
-        writer.acked().len() >= 20
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", diag(&nodes)));
-    let pid = np.msld_pid().expect("the agent's pid file for msld");
-    let killed = Instant::now();
-    np.must("kill", &["-9", &pid]);
-    let promoted = wait_for(
-        &format!("Pacemaker promotes node {q}"),
-        Duration::from_secs(40),
-        || primary_of(&pair) == Some(q),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", diag(&nodes)));
-    eprintln!(
-        "kill -9 of node {p}'s msld -> node {q} primary: {:.2} s",
-        promoted.as_secs_f64()
-    );
-    let after = Instant::now();
-    wait_for(
-        "20 writes acknowledged after the failover",
-        Duration::from_secs(30),
-        || writer.acked().iter().filter(|w| w.2 > after).count() >= 20,
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", diag(&nodes)));
-    let first_after = writer
-        .acked()
-        .iter()
-        .find(|w| w.2 > killed)
-        .map(|w| w.2 - killed)
-        .unwrap();
-    let (acked, failed) = writer.finish();
-    eprintln!(
-        "writes: {} acknowledged, {failed} failed; the first acknowledged after the kill {:.2} s later",
-        acked.len(),
-        first_after.as_secs_f64()
-    );
-
-    // Every acknowledged write is on the new primary.
-    let mut reads = Vec::new();
-    for (i, p, _) in &acked {
-        reads.push("-c".to_string());
-        reads.push(format!("read -P {p} {} {BLOCK}", i * BLOCK));
+    /// A client writes all along; `kill` takes the primary down; Pacemaker
+    /// promotes the other node, writes go on, and every acknowledged
+    /// write reads back from the new primary. Prints the timings.
+    fn fail_over(&mut self, what: &str, kill: impl FnOnce(&mut Cluster)) {
+        let (p, q) = (self.p, 3 - self.p);
+        let writer = Writer::start(&self.pair, self.pair.topo.client_ns().to_string());
+        self.wait("20 writes acknowledged", 20, |_| writer.acked().len() >= 20);
+        let killed = Instant::now();
+        kill(self);
+        let promoted = self.wait(&format!("Pacemaker promotes node {q}"), 40, |c| {
+            primary_of(&c.pair) == Some(q)
+        });
+        eprintln!(
+            "{what} of node {p} -> node {q} primary: {:.2} s",
+            promoted.as_secs_f64()
+        );
+        let after = Instant::now();
+        self.wait("20 writes acknowledged after the failover", 30, |_| {
+            writer.acked().iter().filter(|w| w.2 > after).count() >= 20
+        });
+        let first_after = writer
+            .acked()
+            .iter()
+            .find(|w| w.2 > killed)
+            .map(|w| w.2 - killed)
+            .unwrap();
+        let (acked, failed) = writer.finish();
+        eprintln!(
+            "writes: {} acknowledged, {failed} failed; the first acknowledged after the kill {:.2} s later",
+            acked.len(),
+            first_after.as_secs_f64()
+        );
+        let mut reads = Vec::new();
+        for (i, p, _) in &acked {
+            reads.push("-c".to_string());
+            reads.push(format!("read -P {p} {} {BLOCK}", i * BLOCK));
+        }
+        let out = self
+            .pair
+            .topo
+            .client_command("qemu-io")
+            .args(["-f", "raw"])
+            .args(&reads)
+            .arg(nbd_url(&self.pair))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !text.contains("failed"),
+            "acknowledged writes lost after the failover:\n{text}"
+        );
+        assert!(self.pair.topo.holds_service_address(q).unwrap());
+        self.p = q;
     }
-    let out = pair
-        .topo
-        .client_command("qemu-io")
-        .args(["-f", "raw"])
-        .args(&reads)
-        .arg(nbd_url(&pair))
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "acknowledged writes lost after the failover:\n{text}"
-    );
 
-    // The killed node comes back as secondary and resyncs from the other.
-    pair.wait_in_sync(q, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}\n{}", diag(&nodes)));
-    assert!(pair.topo.holds_service_address(q).unwrap());
-    assert!(!pair.topo.holds_service_address(p).unwrap());
-    assert_eq!(
-        pair.sha256(1).unwrap(),
-        pair.sha256(2).unwrap(),
-        "volumes differ after the resync"
+    /// The old primary `old` is back as secondary, resynced: both volumes
+    /// identical, crm_mon shows the new roles, all within the deadline.
+    fn rejoined(&self, old: u16) {
+        let p = self.p;
+        self.pair
+            .wait_in_sync(p, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.diag()));
+        assert!(self.pair.topo.holds_service_address(p).unwrap());
+        assert!(!self.pair.topo.holds_service_address(old).unwrap());
+        assert_eq!(
+            self.pair.sha256(1).unwrap(),
+            self.pair.sha256(2).unwrap(),
+            "volumes differ after the resync"
+        );
+        let mon = self.roles_shown(p, old);
+        eprintln!("{mon}");
+        let total = self.t0.elapsed();
+        eprintln!("total: {:.1} s", total.as_secs_f64());
+        let deadline = Duration::from_secs(150);
+        assert!(total < deadline, "took {total:?}, over {deadline:?}");
+    }
+}
+
+#[test]
+fn test_pacemaker_promotes_one_node_fails_over_after_kill9_and_resyncs_the_killed_one() {
+    let mut c = Cluster::up();
+    let old = c.p;
+    c.fail_over("kill -9 of msld", |c| {
+        let n = c.node(c.p);
+        let pid = n.msld_pid().expect("the agent's pid file for msld");
+        n.must("kill", &["-9", &pid]);
+    });
+    // Pacemaker restarts msld there; it comes back as secondary.
+    c.rejoined(old);
+}
+
+#[test]
+fn test_pacemaker_promotes_the_peer_when_the_primary_node_dies_and_takes_it_back_as_secondary() {
+    let mut c = Cluster::up();
+    let old = c.p;
+    c.fail_over(
+        "SIGKILL of every process (corosync, pacemaker, msld)",
+        |c| {
+            c.nodes[usize::from(c.p - 1)].kill();
+        },
     );
-    let mon = roles_shown(nq, np);
-    eprintln!("{mon}");
-    let total = t0.elapsed();
-    eprintln!("total: {:.1} s", total.as_secs_f64());
-    assert!(total < deadline, "took {total:?}, over {deadline:?}");
+    // The node boots again: a fresh /run (the agent's pid file is gone),
+    // then corosync and pacemaker; Pacemaker starts msld as secondary.
+    let i = usize::from(old - 1);
+    let root = c.nodes[i].root.clone();
+    fs::remove_dir_all(root.join("run")).unwrap();
+    fs::remove_file(root.join("ready")).unwrap();
+    c.nodes[i] = Node::start(&c.pair, old, &c.name, c.pair.dir());
+    c.wait_online(old);
+    c.rejoined(old);
 }
