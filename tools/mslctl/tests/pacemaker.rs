@@ -11,9 +11,11 @@
 //! in dist/README.md). Checked: Pacemaker promotes exactly one node, whose
 //! msld is primary with the other secondary in sync; a client writes
 //! through NBD to the service address all along; kill -9 of the primary's
-//! msld makes Pacemaker promote the other node, writes go on and no
+//! msld (one test) or of every process of the primary node (the other)
+//! makes Pacemaker promote the other node, writes go on and no
 //! acknowledged write is lost; the killed node comes back as secondary,
-//! resyncs, and both volumes are identical.
+//! resyncs, and both volumes are identical. Each test prints its timings
+//! (dist/README.md quotes them).
 //!
 //! Needs root and the cluster packages (`bash scripts/setup.sh` installs
 //! corosync, pacemaker and pacemaker-cli-utils). Everything runs in
