@@ -230,6 +230,17 @@ impl Node {
             + &tail(self.root.join("pacemakerd.out"), 10)
     }
 
+    /// What the scheduler decided when it was this node's DC, and what
+    /// interrupted its transitions (pacemaker.log).
+    fn decisions(&self) -> String {
+        let log = fs::read_to_string(self.root.join("var/log/pacemaker/pacemaker.log"))
+            .unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("notice: Actions:") || l.contains("aborted by"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
     /// The pid (in this node's PID namespace) of the msld the agent runs.
     fn msld_pid(&self) -> Option<String> {
         let dir = self.root.join("run/resource-agents");
@@ -580,16 +591,16 @@ impl Cluster {
         s + &self.pair.diagnostics()
     }
 
-    /// crm_mon (run on node `promoted`) shows this promotion; its output.
+    /// crm_mon (run on node `promoted`) shows this promotion once no
+    /// action is pending (it lists instances one by one meanwhile); its
+    /// output.
     fn roles_shown(&self, promoted: u16, unpromoted: u16) -> String {
-        let mon = self.node(promoted).crm_mon();
         let (p, u) = (&self.node(promoted).name, &self.node(unpromoted).name);
-        assert!(
-            mon.contains(&format!("Promoted: [ {p} ]"))
-                && mon.contains(&format!("Unpromoted: [ {u} ]")),
-            "crm_mon does not show {p} promoted and {u} unpromoted:\n{mon}"
-        );
-        mon
+        let want = [format!("Promoted: [ {p} ]"), format!("Unpromoted: [ {u} ]")];
+        let shown = |mon: &str| want.iter().all(|w| mon.contains(w.as_str()));
+        let what = format!("crm_mon showing {p} promoted and {u} unpromoted");
+        self.wait(&what, 20, |c| shown(&c.node(promoted).crm_mon()));
+        self.node(promoted).crm_mon()
     }
 
     /// A client writes all along; `kill` takes the primary down; Pacemaker
@@ -605,8 +616,9 @@ impl Cluster {
             primary_of(&c.pair) == Some(q)
         });
         eprintln!(
-            "{what} of node {p} -> node {q} primary: {:.2} s",
-            promoted.as_secs_f64()
+            "{what} of node {p} -> node {q} primary: {:.2} s; the scheduler:\n{}",
+            promoted.as_secs_f64(),
+            self.node(q).decisions()
         );
         let after = Instant::now();
         self.wait("20 writes acknowledged after the failover", 30, |_| {
