@@ -428,12 +428,14 @@ fn require(program: &str, package: &str) {
     );
 }
 
-/// Which node's msld is primary (None while zero or two are).
+/// Which node's msld is primary (None while neither answers as one);
+/// fails the test if both do.
 fn primary_of(pair: &Pair) -> Option<u16> {
     let role = |id| pair.status(id).ok().map(|s: Value| s["role"] == "primary");
     match (role(1), role(2)) {
-        (Some(true), Some(false) | None) => Some(1),
-        (Some(false) | None, Some(true)) => Some(2),
+        (Some(true), Some(true)) => panic!("two primaries:\n{}", pair.diagnostics()),
+        (Some(true), _) => Some(1),
+        (_, Some(true)) => Some(2),
         _ => None,
     }
 }
