@@ -14,11 +14,15 @@
 #             alert rules); help2man renders msld's man page
 #   openssl, python3-libnbd  TLS certificates and pipelined NBD clients
 #             in the tests
-#   pacemaker, corosync, pacemaker-cli-utils (optional,
-#             MSL_SETUP_CLUSTER=1) a two-node cluster manager for the OCF
-#             agent (dist/ocf/msld): runs in two network namespaces, each
-#             with private mounts (/etc/corosync, /var/lib/pacemaker, /run,
-#             /dev/shm mode 1777) and its own hostname
+#   corosync, pacemaker, pacemaker-cli-utils  the two-node cluster of
+#             tools/mslctl/tests/pacemaker.rs, which drives msld through
+#             the OCF agent (dist/ocf/msld); each node runs in a server
+#             namespace with private mounts (/etc/corosync,
+#             /var/lib/pacemaker, /run, /dev/shm ...) and its own hostname,
+#             never with the host's files. Installed with their services
+#             neither started nor enabled (no cluster runs on this host).
+#             MSL_SETUP_CLUSTER=0 leaves them out (that test then fails,
+#             saying what to install).
 #
 # No clang/llvm: the XDP program is hand-assembled eBPF loaded with the bpf
 # syscall (engine/transport/src/xdp_prog.rs).
@@ -40,10 +44,12 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ "${MSL_SETUP_PERF:-0}" = 1 ] && ! command -v perf >/dev/null 2>&1; then
     need+=(linux-perf)
 fi
-if [ "${MSL_SETUP_CLUSTER:-0}" = 1 ]; then
-    command -v corosync >/dev/null 2>&1 || need+=(corosync)
-    [ -x /usr/sbin/pacemakerd ] || need+=(pacemaker)
-    command -v crm_mon >/dev/null 2>&1 || need+=(pacemaker-cli-utils)
+cluster=()
+if [ "${MSL_SETUP_CLUSTER:-1}" != 0 ]; then
+    command -v corosync >/dev/null 2>&1 || cluster+=(corosync)
+    [ -x /usr/sbin/pacemakerd ] || cluster+=(pacemaker)
+    command -v crm_mon >/dev/null 2>&1 || cluster+=(pacemaker-cli-utils)
+    need+=("${cluster[@]}")
 fi
 
 if [ "${#need[@]}" -gt 0 ]; then
@@ -52,7 +58,28 @@ if [ "${#need[@]}" -gt 0 ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
+    # The cluster packages would start corosync and pacemaker on this host
+    # (Debian's default single-node corosync.conf): policy-rc.d forbids
+    # starting services during the install, and their units are disabled.
+    own_policy=0
+    if [ "${#cluster[@]}" -gt 0 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        own_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}"
+    if [ "${#cluster[@]}" -gt 0 ] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable corosync.service pacemaker.service >/dev/null 2>&1 || true
+    fi
+    if [ "$own_policy" = 1 ]; then
+        rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
 fi
-echo "setup.sh: iproute2, iperf3, the NBD clients, nbdkit and the dist/ checkers present"
+if [ "${MSL_SETUP_CLUSTER:-1}" != 0 ]; then
+    echo "setup.sh: iproute2, iperf3, the NBD clients, nbdkit, the dist/ checkers and the cluster manager present"
+else
+    echo "setup.sh: iproute2, iperf3, the NBD clients, nbdkit and the dist/ checkers present (cluster manager left out)"
+fi
