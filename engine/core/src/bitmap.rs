@@ -51,6 +51,19 @@ fn fresh_origin() -> u64 {
     NEXT_ORIGIN.fetch_add(1, Ordering::Relaxed)
 }
 
+/// For bit `i` and a range ending at `end` (> `i`): the index of `i`'s
+/// word, the mask of the range's bits in it, and how many those are.
+fn word_span(i: u64, end: u64) -> (usize, u64, u64) {
+    let bit = i % 64;
+    let n = (64 - bit).min(end - i);
+    let mask = if n == 64 {
+        !0u64
+    } else {
+        ((1u64 << n) - 1) << bit
+    };
+    ((i / 64) as usize, mask, n)
+}
+
 fn zero_page() -> Arc<Page> {
     Arc::new([0; PAGE_WORDS])
 }
@@ -360,19 +373,63 @@ impl Bitmap {
         let mut seq = None;
         // A word at a time: mask the bits of [i, end) inside word i / 64.
         while i < end {
-            let bit = i % 64;
-            let n = (64 - bit).min(end - i);
-            let mask = if n == 64 {
-                !0u64
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            let wi = (i / 64) as usize;
+            let (wi, mask, n) = word_span(i, end);
             let old = self.word(wi);
             self.store(wi, old | mask, &mut seq);
             i += n;
         }
         self.ones - before
+    }
+
+    /// Clear `count` bits from `first`; returns how many were set. Whole
+    /// pages go back to the shared zero page (their memory is freed).
+    pub fn clear_range(&mut self, first: u64, count: u64) -> u64 {
+        let end = first.saturating_add(count).min(self.len);
+        let mut i = first;
+        let before = self.ones;
+        let mut seq = None;
+        while i < end {
+            let p = (i / PAGE_BITS) as usize;
+            if i.is_multiple_of(PAGE_BITS) && end - i >= PAGE_BITS {
+                let n = u64::from(self.page_ones[p]);
+                if n != 0 {
+                    let s = *seq.get_or_insert_with(|| self.begin_change());
+                    self.pages[p] = zero_page();
+                    self.page_ones[p] = 0;
+                    self.group_ones[p / GROUP_PAGES] -= n;
+                    self.ones -= n;
+                    self.page_seq[p] = s;
+                    self.group_seq[p / GROUP_PAGES] = s;
+                }
+                i += PAGE_BITS;
+                continue;
+            }
+            let (wi, mask, n) = word_span(i, end);
+            let old = self.word(wi);
+            if old & mask != 0 {
+                self.store(wi, old & !mask, &mut seq);
+            }
+            i += n;
+        }
+        before - self.ones
+    }
+
+    /// The number of consecutive set bits from `from`, at most `max`.
+    pub fn run_len(&self, from: u64, max: u64) -> u64 {
+        let end = from.saturating_add(max).min(self.len);
+        let mut i = from;
+        while i < end {
+            let bit = i % 64;
+            let avail = (64 - bit).min(end - i);
+            // Ones from bit `bit` on: the shifted-in high bits are zeroes,
+            // so the run never counts past the word.
+            let ones = u64::from((!(self.word((i / 64) as usize) >> bit)).trailing_zeros());
+            if ones < avail {
+                return i + ones - from;
+            }
+            i += avail;
+        }
+        end.saturating_sub(from)
     }
 
     pub fn set_all(&mut self) {
@@ -428,14 +485,8 @@ impl Bitmap {
             let mut n = 0u64;
             let mut i = a;
             while i < b {
-                let bit = i % 64;
-                let k = (64 - bit).min(b - i);
-                let mask = if k == 64 {
-                    !0u64
-                } else {
-                    ((1u64 << k) - 1) << bit
-                };
-                n += u64::from((self.word((i / 64) as usize) & mask).count_ones());
+                let (wi, mask, k) = word_span(i, b);
+                n += u64::from((self.word(wi) & mask).count_ones());
                 i += k;
             }
             n
@@ -536,6 +587,44 @@ mod tests {
         assert_eq!(b.count_range(0, far), 0);
         assert_eq!(b.count_range(far, 1), 1);
         assert_eq!(b.count_range(1, len - 2), 1);
+    }
+
+    proptest! {
+        /// `clear_range` and `run_len` agree with bit-at-a-time models,
+        /// across pages (whole pages freed) and partial words.
+        #[test]
+        fn prop_clear_range_and_run_len_match_bits(
+            len in 1u64..3 * PAGE_BITS,
+            sets in proptest::collection::vec((0u64..3 * PAGE_BITS, 0u64..2 * PAGE_BITS), 0..6),
+            first in 0u64..3 * PAGE_BITS,
+            count in 0u64..3 * PAGE_BITS,
+            from in 0u64..3 * PAGE_BITS,
+            max in 0u64..3 * PAGE_BITS,
+        ) {
+            let mut b = Bitmap::new(len);
+            for (a, n) in sets {
+                b.set_range(a, n);
+            }
+            let mut model: Vec<bool> = (0..len).map(|i| b.get(i)).collect();
+            let run = (from..len.min(from.saturating_add(max)))
+                .take_while(|&i| model[i as usize])
+                .count() as u64;
+            prop_assert_eq!(b.run_len(from, max), run);
+            let end = first.saturating_add(count).min(len);
+            let mut cleared = 0;
+            for i in first..end {
+                cleared += u64::from(core::mem::replace(&mut model[i as usize], false));
+            }
+            let changed = b.change_seq();
+            prop_assert_eq!(b.clear_range(first, count), cleared);
+            prop_assert_eq!(b.count(), model.iter().filter(|&&x| x).count() as u64);
+            prop_assert_eq!(b.count_range(0, len), b.count());
+            for (i, &m) in model.iter().enumerate() {
+                prop_assert_eq!(b.get(i as u64), m);
+            }
+            // A change is seen by whoever persists changed pages.
+            prop_assert_eq!(b.change_seq() != changed, cleared > 0);
+        }
     }
 
     #[test]

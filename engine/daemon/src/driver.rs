@@ -392,6 +392,7 @@ impl<H: Host> Driver<H> {
             Input::Stop => return Err(Exit::Stopped),
             Input::IoDone { io, ok } => Event::IoDone { io, ok },
             Input::ReadDone { io, ok, payload } => Event::ReadDone { io, ok, payload },
+            Input::ReadHole { io, blocks } => Event::ReadHole { io, blocks },
             // Handled by `input` (the persist gate), never here.
             Input::MetaDone { .. } => return Ok(None),
             Input::Status(tx) => {
@@ -627,6 +628,7 @@ impl<H: Host> Driver<H> {
                     io,
                     off: block * bs,
                     len: (count * bs) as usize,
+                    bs,
                 };
                 self.disk_op(op, internal);
             }
@@ -810,10 +812,12 @@ pub(crate) enum DiskOp {
         fua: bool,
         payload: Option<Block>,
     },
+    /// `bs`: the block size, to report a hole in blocks.
     Read {
         io: u64,
         off: u64,
         len: usize,
+        bs: u64,
     },
     Flush {
         io: u64,
@@ -960,11 +964,19 @@ impl<D: MetaIo> DiskWorker<D> {
                         // refused (counted by the core as an I/O failure).
                         (IoKind::Write, _) => false,
                         (IoKind::Trim, _) => self.volume.trim(off, len).is_ok(),
-                        (IoKind::Zeroes, _) => self.volume.write_zeroes(off, len).is_ok(),
+                        (IoKind::Zeroes, _) => self.volume.zero_range(off, len).is_ok(),
                     };
                 self.deliver(Input::IoDone { io, ok });
             }
-            DiskOp::Read { io, off, len } => {
+            DiskOp::Read { io, off, len, bs } => {
+                // A hole (a file's, found with SEEK_DATA) is reported with
+                // its extent instead of read: a resync source sends it as a
+                // zero run and skips the rest of it.
+                if !self.failed {
+                    if let Ok(Some(blocks)) = self.volume.hole_blocks(off, len as u64, bs) {
+                        return self.deliver(Input::ReadHole { io, blocks });
+                    }
+                }
                 let r = if self.failed {
                     None
                 } else {
@@ -1306,6 +1318,7 @@ mod tests {
             io: 2,
             off: 2 * BS,
             len: BS as usize,
+            bs: BS,
         })
         .ok()
         .unwrap();
@@ -1338,6 +1351,7 @@ mod tests {
             io: 3,
             off: 0,
             len: BS as usize,
+            bs: BS,
         })
         .ok()
         .unwrap();

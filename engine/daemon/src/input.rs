@@ -115,6 +115,12 @@ pub enum Input {
         ok: bool,
         payload: Option<Block>,
     },
+    /// A volume read found a hole of `blocks` blocks from its first
+    /// (`Event::ReadHole`), instead of reading.
+    ReadHole {
+        io: u64,
+        blocks: u64,
+    },
     /// A metadata persist run off the core thread finished: with `ok`,
     /// it is durable and what the core emitted after it may happen;
     /// without, nothing after it may (the core gets `MetaFailed`).

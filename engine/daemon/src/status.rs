@@ -280,7 +280,7 @@ pub(crate) fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
     v
 }
 
-pub(crate) fn core_counters(s: &Status) -> [(&'static str, u64); 16] {
+pub(crate) fn core_counters(s: &Status) -> [(&'static str, u64); 17] {
     let c = &s.counters;
     [
         ("client_writes", c.client_writes),
@@ -288,6 +288,7 @@ pub(crate) fn core_counters(s: &Status) -> [(&'static str, u64); 16] {
         ("takeovers", c.takeovers),
         ("split_brains", c.split_brains),
         ("resync_blocks_sent", c.resync_blocks_sent),
+        ("resync_zero_blocks_sent", c.resync_zero_blocks_sent),
         ("resync_blocks_received", c.resync_blocks_received),
         ("retransmits", c.retransmits),
         ("meta_writes", c.meta_writes),

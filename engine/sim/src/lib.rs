@@ -859,14 +859,22 @@ impl Sim {
             DiskOp::Read { block, count } => {
                 let view = self.nodes[i].disk.view();
                 let vals = &view[block as usize..(block + count) as usize];
-                self.feed(
-                    i,
+                // All zeroes: a hole, reported with its extent as a host
+                // with sparse files does (SEEK_DATA), without the data.
+                let ev = if vals.iter().all(|&v| v == 0) {
+                    let blocks = view[block as usize..]
+                        .iter()
+                        .take_while(|&&v| v == 0)
+                        .count() as u64;
+                    Event::ReadHole { io, blocks }
+                } else {
                     Event::ReadDone {
                         io,
                         ok: true,
                         payload: Some(buf_of(vals)),
-                    },
-                );
+                    }
+                };
+                self.feed(i, ev);
             }
             DiskOp::Flush { upto } => {
                 self.nodes[i].disk.flush(upto);

@@ -66,6 +66,9 @@ pub struct Volume {
     file: File,
     size: u64,
     kind: VolumeKind,
+    /// A file configured `preallocate` whose blocks are all allocated (a
+    /// sparse file stays sparse when zeroed).
+    preallocated: bool,
     failed: OnceLock<String>,
     /// `pwritev2(RWF_DSYNC)` is unavailable: FUA falls back to write + sync.
     no_dsync: AtomicBool,
@@ -167,11 +170,16 @@ impl Volume {
         // anyway. Advice only: an error changes nothing.
         // SAFETY: a valid fd owned by `file`; plain integer arguments.
         let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let preallocated = kind == VolumeKind::File && opts.preallocate && {
+            use std::os::unix::fs::MetadataExt;
+            file.metadata().is_ok_and(|m| m.blocks() * 512 >= size)
+        };
         Ok(Volume {
             path: p,
             file,
             size,
             kind,
+            preallocated,
             failed: OnceLock::new(),
             no_dsync: AtomicBool::new(false),
             no_punch: AtomicBool::new(false),
@@ -355,6 +363,40 @@ impl Volume {
         self.latch(r, || {
             format!("write zeroes of {len} bytes at offset {offset}")
         })
+    }
+
+    /// Make `len` bytes at `offset` read as zeroes the way the volume is
+    /// kept: a preallocated file keeps its blocks ([`Volume::write_zeroes`]);
+    /// a thin file or a block device gets a hole or a discard that reads
+    /// back as zeroes ([`Volume::trim`]), so zeroing a terabyte costs
+    /// neither its space nor its writes.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if self.preallocated {
+            self.write_zeroes(offset, len)
+        } else {
+            self.trim(offset, len)
+        }
+    }
+
+    /// The blocks (of `block` bytes) from `offset` on that hold no data,
+    /// counted up to the next data or the end of the volume: `Some(n)` when
+    /// the `len` bytes at `offset` are all in a hole (so `n` covers them),
+    /// `None` when some hold data or the volume cannot tell (a block
+    /// device). See [`Volume::next_data`].
+    pub fn hole_blocks(
+        &self,
+        offset: u64,
+        len: u64,
+        block: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        if self.kind == VolumeKind::BlockDevice || block == 0 {
+            return Ok(None);
+        }
+        let end = match self.next_data(offset)? {
+            None => self.size,
+            Some((start, _)) => start,
+        };
+        Ok((end >= offset.saturating_add(len)).then(|| (end - offset) / block))
     }
 
     /// Refuse when latched or out of range.

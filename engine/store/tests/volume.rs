@@ -179,3 +179,43 @@ fn thin_volume_of_a_tebibyte_and_its_data_ranges() {
     let v = Volume::open(&path, SIZE).unwrap();
     assert!(v.allocated_bytes().unwrap() >= SIZE);
 }
+
+/// A resync source asks where its holes end (`hole_blocks`), and a target
+/// zeroes a range the way the volume is kept (`zero_range`): a hole in a
+/// thin file (no space used, even for a terabyte), zeroes kept allocated
+/// in a preallocated one.
+#[test]
+fn hole_blocks_and_zero_range_follow_the_volume() {
+    let dir = TempDir::new("vol-holes");
+    let tib = 1u64 << 40;
+    let thin = VolumeOptions { preallocate: false };
+    let v = Volume::open_with(&dir.join("thin"), tib, &thin).unwrap();
+    let a = tib / 2;
+    v.write_at(&pattern(4096, 3), a, false).unwrap();
+    v.flush().unwrap();
+    // From 0: a hole up to the data (file-system granularity), counted in
+    // 4 KiB blocks; a range reaching the data is not a hole.
+    let n = v.hole_blocks(0, 65536, 4096).unwrap().unwrap();
+    assert!(n * 4096 <= a && n * 4096 > a - (1 << 20), "{n}");
+    assert_eq!(v.hole_blocks(a - 4096, 8192, 4096).unwrap(), None);
+    assert_eq!(v.hole_blocks(a, 4096, 4096).unwrap(), None);
+    // After the data: a hole to the end of the volume.
+    let from = a + (1 << 20);
+    assert_eq!(
+        v.hole_blocks(from, 4096, 4096).unwrap(),
+        Some((tib - from) / 4096)
+    );
+    // Zeroing the whole terabyte of a thin file punches it: the data
+    // reads as zeroes and nothing is allocated.
+    v.zero_range(0, tib).unwrap();
+    assert_eq!(read(&v, a, 4096), vec![0; 4096]);
+    assert_eq!(v.next_data(0).unwrap(), None);
+    assert!(v.allocated_bytes().unwrap() < 1 << 20);
+    drop(v);
+    // A preallocated file keeps its blocks when zeroed.
+    let v = Volume::open(&dir.join("full"), SIZE).unwrap();
+    v.write_at(&pattern(4096, 4), 0, false).unwrap();
+    v.zero_range(0, SIZE).unwrap();
+    assert_eq!(read(&v, 0, 4096), vec![0; 4096]);
+    assert!(v.allocated_bytes().unwrap() >= SIZE);
+}

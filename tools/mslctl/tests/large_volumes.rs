@@ -311,3 +311,71 @@ fn test_1tib_kill9_during_writes_degraded_run_and_resync_loses_nothing() {
     pair.stop(2).unwrap();
     check_both_devices(&b, &report);
 }
+
+/// A new secondary's full sync of an 8 TiB thin volume holding 64 MiB of
+/// data copies that data and sends the holes as zero runs: it takes
+/// seconds, and the secondary's file stays thin.
+#[test]
+fn test_full_sync_of_a_thin_8tib_volume_copies_only_its_data() {
+    use std::os::unix::fs::MetadataExt;
+    let size = 8u64 << 40;
+    let pair = Pair::new(PairOptions {
+        volume_bytes: size,
+        ..PairOptions::default()
+    })
+    .expect("build the pair (run as root)");
+    for id in 1..=2u16 {
+        let f = std::fs::File::create(pair.volume_path(id)).unwrap();
+        f.set_len(size).unwrap();
+    }
+    // 16 runs of 4 MiB spread over the volume, each its own pattern.
+    let run = 4u64 << 20;
+    let places: Vec<u64> = (0..16u64)
+        .map(|k| k * (size / 16) + (k * 7919 % 1024) * run)
+        .collect();
+    let pattern = |k: usize| -> Vec<u8> {
+        (0..run as usize)
+            .map(|i| (i as u8) ^ (k as u8).wrapping_mul(37) ^ 0x5a)
+            .collect()
+    };
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(pair.volume_path(1))
+            .unwrap();
+        for (k, &off) in places.iter().enumerate() {
+            f.write_all_at(&pattern(k), off).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    pair.start(1).unwrap();
+    pair.start(2).unwrap();
+    let took = pair.wait_in_sync(1, Duration::from_secs(300)).unwrap();
+    let data = counter(&pair, 1, "resync_blocks_sent");
+    let zeroes = counter(&pair, 1, "resync_zero_blocks_sent");
+    eprintln!(
+        "8 TiB thin volume with {} MiB of data: full sync in {took:?}, {data} blocks copied, \
+         {zeroes} sent as zero runs",
+        (16 * run) >> 20
+    );
+    let written = 16 * run / BLOCK;
+    let blocks = size / BLOCK;
+    assert!(
+        data >= written && data <= 2 * written,
+        "{data} blocks copied for {written} written"
+    );
+    assert!(data + zeroes >= blocks, "{data} + {zeroes} < {blocks}");
+    pair.stop(1).unwrap();
+    pair.stop(2).unwrap();
+    let f = std::fs::File::open(pair.volume_path(2)).unwrap();
+    for (k, &off) in places.iter().enumerate() {
+        let mut b = vec![0u8; run as usize];
+        f.read_exact_at(&mut b, off).unwrap();
+        assert!(b == pattern(k), "run {k} at {off} differs on the secondary");
+    }
+    let allocated = f.metadata().unwrap().blocks() * 512;
+    assert!(
+        allocated < 1 << 30,
+        "the secondary's volume stays thin: {allocated} bytes allocated"
+    );
+}

@@ -148,6 +148,15 @@ pub enum Event<H> {
         ok: bool,
         payload: Option<H>,
     },
+    /// Instead of `ReadDone`: the read's range, and the `blocks` blocks
+    /// from its first (at least the read's count), hold no data on this
+    /// volume and read as zeroes (a hole of a sparse file, found without
+    /// reading it, e.g. with `SEEK_DATA`). A host that cannot tell always
+    /// answers `ReadDone`.
+    ReadHole {
+        io: IoId,
+        blocks: u64,
+    },
     /// A `PersistMeta` action failed.
     MetaFailed,
     Admin(AdminCmd),
@@ -473,7 +482,11 @@ pub struct Counters {
     pub client_writes_refused: u64,
     pub takeovers: u64,
     pub split_brains: u64,
+    /// Resync blocks sent with their data.
     pub resync_blocks_sent: u64,
+    /// Resync blocks sent as zero runs (holes of the source's volume):
+    /// no data, no read.
+    pub resync_zero_blocks_sent: u64,
     pub resync_blocks_received: u64,
     pub meta_writes: u64,
     pub retransmits: u64,

@@ -523,6 +523,7 @@ impl<H: Payload> Node<H> {
             Event::ClientFlush { req } => self.on_client_flush(req),
             Event::IoDone { io, ok } => self.on_io_done(io, ok),
             Event::ReadDone { io, ok, payload } => self.on_read_done(io, ok, payload),
+            Event::ReadHole { io, blocks } => self.on_read_hole(io, blocks),
             Event::MetaFailed => self.fail("metadata"),
             Event::Admin(cmd) => self.on_admin(cmd),
             // A lease reported on the event that revealed a stall was

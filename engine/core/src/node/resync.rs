@@ -17,6 +17,10 @@ pub(super) struct ResyncProgress {
 /// Largest resync message (a run of contiguous dirty blocks).
 pub(super) const RESYNC_MESSAGE_BYTES: u64 = 64 << 10;
 
+/// Largest zero run in one message: a hole of the source's volume costs
+/// one small message (and one hole punched on the target) per this much.
+pub(super) const ZERO_RUN_BYTES: u64 = 1 << 30;
+
 /// Token-bucket pacing: the next start time after spending one block of
 /// `bs` bytes at `rate` bytes per second; up to 10 ms of unused budget may
 /// be spent at once.
@@ -102,6 +106,7 @@ impl<H: Payload> Node<H> {
                         }
                     } else if let Some(s) = self.session.as_mut() {
                         s.resync.cursor = 0; // wrap: resend blocks re-dirtied meanwhile
+                        s.resync.hole_until = 0;
                     }
                 }
                 break;
@@ -115,6 +120,30 @@ impl<H: Payload> Node<H> {
             };
             if !free(block, s) {
                 s.resync.cursor = block + 1;
+                continue;
+            }
+            if block < s.resync.hole_until {
+                // In a hole of this volume: the dirty, free run there goes
+                // as zeroes, with no read and outside the rate cap (it
+                // carries no data). It ends at the first block being read
+                // or sent, or written by a client.
+                let cap = (s.resync.hole_until - block).min((ZERO_RUN_BYTES / bs).max(1));
+                let mut count = self.meta.dirty.run_len(block, cap);
+                if let Some(b) = s.resync.busy.next_set(block) {
+                    count = count.min(b - block);
+                }
+                if let Some(w) = ios
+                    .client_writes()
+                    .map(|(_, p)| p.block)
+                    .filter(|&b| b > block)
+                    .min()
+                {
+                    count = count.min(w - block);
+                }
+                let count = count.max(1);
+                s.resync.cursor = block + count;
+                s.resync.busy.set_range(block, count);
+                self.send_resync_run(block, count, None);
                 continue;
             }
             // A run of up to `max_run` dirty, free blocks goes as one read
@@ -152,9 +181,7 @@ impl<H: Payload> Node<H> {
                 count,
                 cancelled: false,
             });
-            for b in block..block + count {
-                s.resync.busy.set(b);
-            }
+            s.resync.busy.set_range(block, count);
             self.emit(Action::Read { io, block, count });
         }
         self.resync_progress();

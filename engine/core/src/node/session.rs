@@ -111,6 +111,9 @@ pub(super) struct ResyncSource {
     /// Blocks being read or in `sent` (sized when the resync starts): one
     /// bit test instead of scanning both per block.
     pub(super) busy: Bitmap,
+    /// Blocks before this read as zeroes on the source (a hole its host
+    /// reported): dirty ones there go as zero runs, without reading them.
+    pub(super) hole_until: u64,
     /// RESYNC_DONE, once queued.
     pub(super) done: Option<Numbered>,
     pub(super) blocks_sent: u64,
@@ -305,6 +308,7 @@ impl<H: Payload> Node<H> {
                 cursor: 0,
                 sent: VecDeque::new(),
                 busy: Bitmap::new(0),
+                hole_until: 0,
                 done: None,
                 blocks_sent: 0,
                 last_progress_us: self.now,

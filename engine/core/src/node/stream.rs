@@ -89,10 +89,8 @@ impl<H: Payload> Node<H> {
                 break;
             }
             s.resync.sent.pop_front();
-            for b in block..block + count {
-                s.resync.busy.clear(b);
-                self.meta.dirty.clear(b);
-            }
+            s.resync.busy.clear_range(block, count);
+            self.meta.dirty.clear_range(block, count);
             self.progress.unpersisted = true;
         }
         self.after_peer_progress();

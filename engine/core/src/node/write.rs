@@ -301,6 +301,11 @@ impl<H: Payload> Node<H> {
             // Cancel resync reads of these blocks: their data is stale now.
             self.ios.cancel_resync_reads(q.block, q.count);
         }
+        // A resync source's knowledge of its holes ends at these blocks
+        // (the next read there finds out again).
+        if let Some(sess) = self.session.as_mut() {
+            sess.resync.hole_until = sess.resync.hole_until.min(q.block);
+        }
         let io = self.ios.start(io::Purpose::ClientWrite(PendingWrite {
             req: q.req,
             wid,
@@ -511,9 +516,7 @@ impl<H: Payload> Node<H> {
                         break;
                     }
                     s.recv.target_unflushed.pop_front();
-                    for b in block..block + count {
-                        self.meta.dirty.clear(b);
-                    }
+                    self.meta.dirty.clear_range(block, count);
                     self.progress.unpersisted = true;
                 }
                 self.run_apply_queue();
@@ -558,6 +561,31 @@ impl<H: Payload> Node<H> {
         if self.ios.kind(io) != Some(io::Kind::ResyncRead) {
             return;
         }
+        self.resync_read_done(io, payload, 0);
+    }
+
+    /// `Event::ReadHole`: a verify read digests zeroes; a resync read's
+    /// range goes as a zero run, and the source skips the rest of the hole
+    /// without reading it.
+    pub(super) fn on_read_hole(&mut self, io: IoId, blocks: u64) {
+        match self.ios.kind(io) {
+            Some(io::Kind::VerifyRead) => {
+                let Some(io::Purpose::VerifyRead { count, .. }) = self.ios.get_mut(io) else {
+                    return;
+                };
+                let len = u64::from(*count) * u64::from(self.cfg.block_size);
+                let zeroes = alloc::vec![0u8; len as usize];
+                self.on_read_done(io, true, Some(H::from_bytes(&zeroes)));
+            }
+            Some(io::Kind::ResyncRead) => self.resync_read_done(io, None, blocks),
+            // Not a read (or no longer in the table): as `ReadDone`.
+            _ => {}
+        }
+    }
+
+    /// A resync read completed: its data (`payload`), or no payload when
+    /// it found a hole of `hole` blocks from its first.
+    fn resync_read_done(&mut self, io: IoId, payload: Option<H>, hole: u64) {
         let Some(io::Purpose::ResyncRead {
             block,
             count,
@@ -573,18 +601,37 @@ impl<H: Payload> Node<H> {
         };
         if cancelled || s.phase != Phase::Source {
             // A client wrote these blocks meanwhile; read them again later.
-            for b in block..block + count {
-                s.resync.busy.clear(b);
-            }
+            s.resync.busy.clear_range(block, count);
             s.resync.cursor = s.resync.cursor.min(block);
             return;
         }
+        if payload.is_none() {
+            let end = block.saturating_add(hole).min(self.cfg.volume_blocks);
+            s.resync.hole_until = s.resync.hole_until.max(end);
+        }
+        self.send_resync_run(block, count, payload);
+    }
+
+    /// Send blocks `block..block + count` (busy) to the resync target:
+    /// their data, or without a payload as a zero run (the target makes
+    /// them read as zeroes).
+    pub(super) fn send_resync_run(&mut self, block: u64, count: u64, payload: Option<H>) {
+        let bs = u64::from(self.cfg.block_size);
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
         s.resync.blocks_sent += count;
-        self.counters.resync_blocks_sent += count;
+        let flags = if payload.is_some() {
+            self.counters.resync_blocks_sent += count;
+            0
+        } else {
+            self.counters.resync_zero_blocks_sent += count;
+            data_flags::ZEROES
+        };
         let r = ResyncData {
             offset: block * bs,
             len: (count * bs) as u32,
-            flags: 0,
+            flags,
         };
         // Not yet numbered if it went to the backlog.
         let seq = match self.send_reliable(Message::ResyncData(r), payload) {
