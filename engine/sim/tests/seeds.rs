@@ -50,3 +50,17 @@ fn test_witness_heal_after_takeover_keeps_the_new_primary_seeds_9392_9931() {
         }
     }
 }
+
+/// Witness seed: the witness and the primary crash together; while the
+/// secondary waits for the witness to grant it the lease, a heartbeat the
+/// primary sent in sync just before its crash arrives late (fresh by its
+/// counter). The secondary shut its mirror side down on it (data marked
+/// outdated), so it never took over, and at the heal the outdated source
+/// of the resync would not serve either: the pair stayed without a
+/// primary.
+#[test]
+fn test_witness_late_in_sync_heartbeat_after_the_primary_crash_seed_2049() {
+    if let Err(e) = run_seed(2049, false) {
+        panic!("{e}");
+    }
+}
