@@ -64,3 +64,14 @@ fn test_witness_late_in_sync_heartbeat_after_the_primary_crash_seed_2049() {
         panic!("{e}");
     }
 }
+
+/// Witness seed: the secondary crashed and the primary, serving alone
+/// under the lease, did not run for 112 ms (less than the core's stall
+/// threshold). Its host's lease client dropped the lease at the thaw but
+/// the core, not told, acknowledged the writes it had queued.
+#[test]
+fn test_witness_short_stall_of_the_lease_holder_alone_seed_8815() {
+    if let Err(e) = run_seed(8815, false) {
+        panic!("{e}");
+    }
+}
