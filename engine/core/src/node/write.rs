@@ -581,10 +581,19 @@ impl<H: Payload> Node<H> {
         }
         s.resync.blocks_sent += count;
         self.counters.resync_blocks_sent += count;
+        // A run that reads as zeroes goes as "zero this range", without
+        // its bytes: the target writes zeroes over it (`IoKind::Zeroes`),
+        // and the link carries only the message.
+        let zeroes = payload.as_ref().is_some_and(|p| all_zero(p.bytes()));
+        let (flags, payload) = if zeroes {
+            (data_flags::ZEROES, None)
+        } else {
+            (0, payload)
+        };
         let r = ResyncData {
             offset: block * bs,
             len: (count * bs) as u32,
-            flags: 0,
+            flags,
         };
         // Not yet numbered if it went to the backlog.
         let seq = match self.send_reliable(Message::ResyncData(r), payload) {
@@ -602,6 +611,13 @@ impl<H: Payload> Node<H> {
             s.resync.sent.push_back(SentRun { seq, block, count });
         }
     }
+}
+
+/// Every byte is zero (eight at a time).
+fn all_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
 }
 
 #[cfg(test)]
