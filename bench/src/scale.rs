@@ -13,7 +13,9 @@
 //! the table shows medians, msld's resident memory after the runs and its
 //! metadata writes per client write, so sizes compare side by side. Last,
 //! each mirrored pair's secondary stops, `--changes` bytes are written,
-//! and the time to resync them is measured.
+//! and the time to resync them is measured; and a new secondary's full
+//! sync of a thin volume (a sparse file) holding `--changes` bytes of
+//! data is timed: its holes go as zero runs, so it costs the data.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -142,16 +144,7 @@ impl Subject {
     }
 
     fn rss_mib(&self) -> Option<f64> {
-        let pid = self.pair.pid(1)?;
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let kb: f64 = s
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        Some(kb / 1024.0)
+        rss_mib(self.pair.pid(1)?)
     }
 
     fn counter(&self, name: &str) -> Option<u64> {
@@ -230,6 +223,62 @@ fn start(
     };
     wait_serving(&s)?;
     Ok(s)
+}
+
+/// A new pair on thin file volumes of `size` bytes, the first holding
+/// `bytes` of data (1 MiB pieces spread evenly): the seconds from starting
+/// both to in sync (a full sync), and the primary's resident memory then.
+fn full_sync(size: u64, bytes: u64, say: &impl Fn(&str)) -> Result<(f64, Option<f64>), String> {
+    use std::os::unix::fs::FileExt;
+    let pair = Pair::new(PairOptions {
+        volume_bytes: size,
+        nbd_port: PORT,
+        ..PairOptions::default()
+    })?;
+    for id in [1u16, 2] {
+        let p = pair.volume_path(id);
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    let piece = 1u64 << 20;
+    let pieces = (bytes / piece).max(1);
+    let stride = (size / pieces) / piece * piece;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pair.volume_path(1))
+        .map_err(|e| e.to_string())?;
+    let data: Vec<u8> = (0..piece as usize).map(|i| (i % 251) as u8 + 1).collect();
+    for k in 0..pieces {
+        f.write_all_at(&data, k * stride.max(piece))
+            .map_err(|e| format!("writing the data: {e}"))?;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    say(&format!(
+        "{}: thin volumes, {} of data on the first, full sync",
+        human(size),
+        human(pieces * piece)
+    ));
+    let t = std::time::Instant::now();
+    pair.start(1)?;
+    pair.start(2)?;
+    pair.wait_in_sync(1, Duration::from_secs(1800))?;
+    let took = t.elapsed().as_secs_f64();
+    let rss = pair.pid(1).and_then(rss_mib);
+    Ok((took, rss))
+}
+
+/// A process's resident memory, MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }
 
 /// A mirrored pair's secondary stops, `bytes` are written sequentially
@@ -414,7 +463,30 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
             pair_s: s.pair_s,
             resync_s,
             rss_mib: rss,
+            full_s: None,
+            full_rss_mib: None,
         });
+    }
+    // Each size's pairs are gone: one full sync at a time.
+    drop(subjects);
+    if args.changes > 0 {
+        for &size in &args.sizes {
+            let (s, rss) = full_sync(size, args.changes, &say)?;
+            match pairs.iter_mut().find(|p| p.size == size) {
+                Some(p) => {
+                    p.full_s = Some(s);
+                    p.full_rss_mib = rss;
+                }
+                None => pairs.push(PairRow {
+                    size,
+                    pair_s: None,
+                    resync_s: None,
+                    rss_mib: None,
+                    full_s: Some(s),
+                    full_rss_mib: rss,
+                }),
+            }
+        }
     }
     report(&args, &rows, &pairs);
     Ok(())
@@ -426,6 +498,9 @@ struct PairRow {
     pair_s: Option<f64>,
     resync_s: Option<f64>,
     rss_mib: Option<f64>,
+    /// A new secondary's full sync of a thin volume holding `--changes`.
+    full_s: Option<f64>,
+    full_rss_mib: Option<f64>,
 }
 
 fn report(args: &ScaleArgs, rows: &[Row], pairs: &[PairRow]) {
@@ -459,6 +534,8 @@ fn report(args: &ScaleArgs, rows: &[Row], pairs: &[PairRow]) {
                     "changes_bytes": args.changes,
                     "resync_changes_s": p.resync_s,
                     "rss_mib": p.rss_mib.map(|x| x.round()),
+                    "full_sync_thin_s": p.full_s,
+                    "full_sync_rss_mib": p.full_rss_mib.map(|x| x.round()),
                 })
             );
         }
@@ -492,21 +569,27 @@ fn report(args: &ScaleArgs, rows: &[Row], pairs: &[PairRow]) {
     if pairs.is_empty() {
         return;
     }
+    let changes = human(args.changes);
     println!(
-        "\n{:<9} {:>16} {:>22} {:>9}",
+        "\n{:<9} {:>14} {:>18} {:>8} {:>24} {:>8}",
         "volume",
         "blank pair, s",
-        &format!("resync {}, s", human(args.changes)),
+        &format!("resync {changes}, s"),
+        "RSS MiB",
+        &format!("full sync, {changes} data, s"),
         "RSS MiB"
     );
     let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+    let m = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0}"));
     for p in pairs {
         println!(
-            "{:<9} {:>16} {:>22} {:>9}",
+            "{:<9} {:>14} {:>18} {:>8} {:>24} {:>8}",
             human(p.size),
             f(p.pair_s),
             f(p.resync_s),
-            p.rss_mib.map_or("-".into(), |x| format!("{x:.0}")),
+            m(p.rss_mib),
+            f(p.full_s),
+            m(p.full_rss_mib),
         );
     }
 }

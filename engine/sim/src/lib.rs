@@ -1814,6 +1814,89 @@ impl Sim {
     }
 }
 
+/// The witness cut from node `who`, alone or with a second fault healed
+/// before the witness reaches `who` again: a crash or a stall of either
+/// node, the MSL or the LAN cut, a stall of the witness. Or, without the
+/// cut, a stall of the witness alone or with one of the primary (which
+/// holds the lease), or the primary stalling while it holds the lease
+/// alone after its secondary crashed. `x` draws which.
+fn witness_pair_of_faults(sim: &mut Sim, x: &mut Rng, who: usize, primary: usize, hold: Micros) {
+    let secondary = 1 - primary;
+    match x.below(11) {
+        kind @ 0..=7 => {
+            sim.witness_cut(who, true);
+            if kind == 0 {
+                sim.run_for(hold);
+            } else {
+                sim.run_for(x.below(SEC));
+                let node = if x.below(2) == 0 { who } else { 1 - who };
+                match kind {
+                    1 | 2 => {
+                        sim.crash(node);
+                        sim.run_for(hold);
+                        sim.restart(node);
+                    }
+                    3 | 4 => {
+                        let d = freeze_len(x);
+                        sim.freeze(node, d);
+                        sim.run_for(d);
+                    }
+                    5 => {
+                        sim.set_msl_cut(true);
+                        sim.run_for(hold);
+                        sim.set_msl_cut(false);
+                    }
+                    6 => {
+                        sim.set_lan_cut(true);
+                        sim.run_for(hold);
+                        sim.set_lan_cut(false);
+                    }
+                    _ => {
+                        let d = freeze_len(x);
+                        sim.witness_freeze(d);
+                        sim.run_for(d);
+                    }
+                }
+                sim.run_for(x.below(SEC));
+            }
+            sim.witness_cut(who, false);
+        }
+        8 => {
+            // The witness does not run (shorter than a lease, or longer).
+            let d = freeze_len(x);
+            sim.witness_freeze(d);
+            sim.run_for(d);
+        }
+        9 => {
+            // The witness stalls and so does the primary, which holds the
+            // lease: the secondary may win it only once both the witness's
+            // copy and the primary's have ended.
+            let d = freeze_len(x);
+            sim.witness_freeze(d);
+            sim.run_for(x.below(d));
+            let d = freeze_len(x);
+            sim.freeze(primary, d);
+            sim.run_for(d);
+        }
+        _ => {
+            // The secondary crashes; the primary, alone under the lease,
+            // stalls (the secondary back before it runs again, or after).
+            sim.crash(secondary);
+            sim.run_for(x.below(SEC));
+            let d = freeze_len(x);
+            sim.freeze(primary, d);
+            if x.below(2) == 0 {
+                sim.run_for(d + hold);
+                sim.restart(secondary);
+            } else {
+                sim.run_for(x.below(d));
+                sim.restart(secondary);
+                sim.run_for(d);
+            }
+        }
+    }
+}
+
 /// A freeze length from 50 ms to 10 s: shorter than the dead interval,
 /// around it, a few dead intervals, and long.
 fn freeze_len(r: &mut Rng) -> Micros {
@@ -1843,6 +1926,9 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
     let mut wr = Rng::new(seed ^ 0x5749_544E_4553_5321);
     let witness = wr.below(4) == 0;
     o.witness = witness;
+    // The second fault of a witness episode comes from its own stream, so
+    // the episodes drawn from `wr` keep their schedules.
+    let mut xr = Rng::new(seed ^ 0x5345_434F_4E44_2121);
     let attack = r.below(2) == 0;
     let attack_every = 1 + r.below(30 * MS);
     let mut sim = Sim::new(o);
@@ -1860,7 +1946,7 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
         let secondary = 1 - primary;
         let hold = 100 * MS + r.below(2 * SEC);
         if witness && wr.below(2) == 0 {
-            witness_episode(&mut sim, &mut wr, primary);
+            witness_episode(&mut sim, &mut wr, &mut xr, primary);
         } else {
             match r.below(14) {
                 13 => {
@@ -1979,18 +2065,23 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
 }
 
 /// One fault involving the witness (runs with `Options::witness`): its
-/// crash and restart, a partition between it and either node, both
+/// crash and restart, a partition between it and either node (alone or
+/// with a second fault, see `witness_pair_of_faults`), its stall, both
 /// inter-node links cut at once with the witness reaching both nodes or
 /// only one (also just after a witness restart, inside its start-up
 /// window; or the witness then lost by both), a stall of the primary cut
-/// from the witness, and the primary's crash while the witness is down.
+/// from the witness, the primary's crash while the witness is down, and
+/// stalls of the primary while it holds the lease. Every combination of
+/// two faults in which the witness stays reachable from one node is
+/// drawn. `x` draws the second faults (so that the episodes drawn from
+/// `r` keep their schedules).
 ///
 /// Not here: a second failure during a double cut after the primary won
 /// the lease alone (its stall or crash, a witness restart). The secondary
 /// then wins the lease without the writes the primary acknowledged
 /// alone; the lease keeps the two from acknowledging at the same time,
 /// not from diverging (the heal refuses the split brain).
-fn witness_episode(sim: &mut Sim, r: &mut Rng, primary: usize) {
+fn witness_episode(sim: &mut Sim, r: &mut Rng, x: &mut Rng, primary: usize) {
     let secondary = 1 - primary;
     let hold = 100 * MS + r.below(2 * SEC);
     let cut_both = |sim: &mut Sim, on: bool, blackhole: bool| {
@@ -2029,9 +2120,7 @@ fn witness_episode(sim: &mut Sim, r: &mut Rng, primary: usize) {
         }
         4 => {
             let who = if r.below(2) == 0 { primary } else { secondary };
-            sim.witness_cut(who, true);
-            sim.run_for(hold);
-            sim.witness_cut(who, false);
+            witness_pair_of_faults(sim, x, who, primary, hold);
         }
         5 => {
             // The primary, cut from the witness, stalls.

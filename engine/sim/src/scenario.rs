@@ -461,6 +461,16 @@ pub fn both_links_cut_witness(seed: u64) -> Result<Outcome, String> {
     finish(&mut sim, "both-links-cut-witness", None, None)
 }
 
+/// A pair with a witness (default network), in sync and serving for 1 s.
+fn witness_pair_serving(seed: u64) -> Result<Sim, String> {
+    let mut o = Options::new(seed);
+    o.witness = true;
+    let mut sim = Sim::new(o);
+    sim.start_pair()?;
+    sim.run_for(SEC);
+    Ok(sim)
+}
+
 /// The same cut with the witness reachable from the secondary only (the
 /// primary loses its peer and the witness at once): the primary never
 /// renews its lease without the peer so acknowledges nothing alone, the
@@ -468,11 +478,7 @@ pub fn both_links_cut_witness(seed: u64) -> Result<Outcome, String> {
 /// over, no acknowledged write is lost, and after the heal the old
 /// primary steps down and is resynced without a split brain.
 pub fn both_links_cut_witness_with_secondary(seed: u64) -> Result<Outcome, String> {
-    let mut o = Options::new(seed);
-    o.witness = true;
-    let mut sim = Sim::new(o);
-    sim.start_pair()?;
-    sim.run_for(SEC);
+    let mut sim = witness_pair_serving(seed)?;
     sim.witness_cut(0, true);
     sim.set_msl_cut(true);
     sim.set_lan_cut(true);
@@ -515,6 +521,53 @@ pub fn both_links_cut_witness_with_secondary(seed: u64) -> Result<Outcome, Strin
         None,
         None,
     )
+}
+
+/// With a witness, the secondary crashes and the primary, serving alone
+/// under the lease, does not run for 95 ms (shorter than the core's stall
+/// threshold): its host's lease client drops the lease at once, and the
+/// host tells the core before anything queued meanwhile, so the primary
+/// acknowledges nothing until a lease won after the stall (the simulator
+/// fails any acknowledgement without its peer that the host's client does
+/// not cover). It serves again under the new lease, and the pair resyncs
+/// when the secondary returns.
+pub fn lease_holder_short_stall_alone(seed: u64) -> Result<Outcome, String> {
+    let mut sim = witness_pair_serving(seed)?;
+    sim.crash(1);
+    sim.run_for(SEC);
+    ensure(
+        sim.node(0)
+            .is_some_and(|n| n.serving() && !n.status().connected),
+        "n1 serves alone under the lease",
+        &sim,
+    )?;
+    sim.freeze(0, 95 * MS);
+    sim.run_for(95 * MS);
+    let thaw = sim.now();
+    sim.run_for(SEC);
+    let after = |kind: &str| {
+        sim.notices(0)
+            .iter()
+            .find(|(t, n)| *t >= thaw && n.kind() == kind)
+            .map(|(t, _)| *t)
+    };
+    let (lost, regained) = (after("lease_lost"), after("lease_gained"));
+    ensure(
+        lost == Some(thaw) && regained.is_some(),
+        &format!(
+            "n1 lost the lease at the thaw and won a new one (lost {lost:?}, won {regained:?})"
+        ),
+        &sim,
+    )?;
+    let regained = regained.unwrap_or(0);
+    ensure(
+        !sim.acks(0).iter().any(|&a| a >= thaw && a < regained)
+            && sim.acks(0).iter().any(|&a| a >= regained),
+        "n1 acknowledged nothing between the thaw and the new lease, then served again",
+        &sim,
+    )?;
+    sim.restart(1);
+    finish(&mut sim, "lease-holder-short-stall-alone", None, None)
 }
 
 /// The primary crashes while it is resyncing the secondary (a double
@@ -886,6 +939,10 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
         (
             "both-links-cut-witness-with-secondary",
             both_links_cut_witness_with_secondary,
+        ),
+        (
+            "lease-holder-short-stall-alone",
+            lease_holder_short_stall_alone,
         ),
         ("primary-crash-during-resync", primary_crash_during_resync),
         ("saturated-msl", saturated_msl_no_false_takeover),

@@ -1,7 +1,8 @@
 //! The witness as a third actor: the real `msl_witness` state machine on
 //! its own host, and one real `LeaseClient` per node on the node's host,
 //! over simulated UDP with its own faults (loss, delay, the witness's
-//! crash and restart, a partition between the witness and either node).
+//! crash and restart, its stalls, a partition between the witness and
+//! either node or both).
 
 use msl_witness::client::{ClientConfig, LeaseClient};
 use msl_witness::witness::{Settings, Witness};
@@ -22,6 +23,9 @@ pub(crate) struct WitnessHost {
     pub(crate) starts: u64,
     /// Packets between the witness and node i are dropped.
     pub(crate) cut: [bool; 2],
+    /// The witness process does not run until then: requests queue and
+    /// are handled (with that time as their arrival) when it runs again.
+    pub(crate) stalled_until: Micros,
 }
 
 /// A node host's side: its lease client and what the core asked for.
@@ -40,6 +44,7 @@ impl WitnessHost {
             w: None,
             starts: 0,
             cut: [false; 2],
+            stalled_until: 0,
         };
         h.start(now, key, 0);
         h
@@ -48,6 +53,7 @@ impl WitnessHost {
     /// (Re)start: it remembers no lease, and grants nothing for one lease.
     pub(crate) fn start(&mut self, now: Micros, key: wire::Key, startup_us: u64) {
         self.starts += 1;
+        self.stalled_until = 0;
         let mut w = Witness::new(
             Settings {
                 lease_us: LEASE_US as u32,
@@ -157,10 +163,16 @@ impl Sim {
     }
 
     pub(crate) fn witness_rx(&mut self, from: usize, frame: usize) {
+        let now = self.now;
+        if now < self.witness.stalled_until {
+            // Queued on the witness host until its process runs again.
+            let at = self.witness.stalled_until;
+            self.push(at, Ev::WitnessRx { from, frame });
+            return;
+        }
         let Some(bytes) = self.frames.remove(&frame) else {
             return;
         };
-        let now = self.now;
         if self.witness.cut[from] {
             return;
         }
@@ -211,10 +223,24 @@ impl Sim {
         self.feed(to, Event::Lease { held, until });
     }
 
-    /// The node's host did not run: its lease client drops the lease.
+    /// The node's host did not run: its lease client drops the lease, and
+    /// the host reports the loss to the core before any input queued
+    /// meanwhile (the core itself sees a stall only past its threshold).
     pub(crate) fn lease_stall(&mut self, i: usize) {
-        if let Some(h) = self.nodes[i].lease.as_mut() {
-            h.client.on_stall();
+        let now = self.now;
+        let Some(h) = self.nodes[i].lease.as_mut() else {
+            return;
+        };
+        let had = h.client.holds(now);
+        h.client.on_stall();
+        if had {
+            self.feed(
+                i,
+                Event::Lease {
+                    held: false,
+                    until: 0,
+                },
+            );
         }
     }
 
@@ -230,6 +256,16 @@ impl Sim {
         self.fault("witness restarts".into(), None);
         let key = self.witness_key();
         self.witness.start(self.now, key, LEASE_US);
+    }
+
+    /// The witness process does not run for `d` (VM pause, SIGSTOP): what
+    /// reaches it meanwhile is handled late, at its own clock's time then.
+    pub fn witness_freeze(&mut self, d: Micros) {
+        self.fault(
+            format!("witness frozen for {} ms", d / MS),
+            Some(format!("witness freeze {} ms", d / MS)),
+        );
+        self.witness.stalled_until = self.witness.stalled_until.max(self.now + d);
     }
 
     /// Cut (or heal) the path between the witness and node `i`.

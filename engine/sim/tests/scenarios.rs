@@ -71,6 +71,15 @@ fn test_both_links_cut_witness_with_secondary_only_loses_nothing() {
     run(scenario::both_links_cut_witness_with_secondary, &[1, 2, 3]);
 }
 
+/// The lease holder, alone after its secondary crashed, stalls for less
+/// than the core's stall threshold: its host's lease client drops the
+/// lease and tells the core, which acknowledges nothing until it holds
+/// a new one.
+#[test]
+fn test_lease_holder_short_stall_alone_acknowledges_only_under_a_new_lease() {
+    run(scenario::lease_holder_short_stall_alone, &[1, 2, 3]);
+}
+
 #[test]
 fn test_primary_crash_during_resync_target_waits() {
     run(scenario::primary_crash_during_resync, &[1, 2]);

@@ -50,3 +50,28 @@ fn test_witness_heal_after_takeover_keeps_the_new_primary_seeds_9392_9931() {
         }
     }
 }
+
+/// Witness seed: the witness and the primary crash together; while the
+/// secondary waits for the witness to grant it the lease, a heartbeat the
+/// primary sent in sync just before its crash arrives late (fresh by its
+/// counter). The secondary shut its mirror side down on it (data marked
+/// outdated), so it never took over, and at the heal the outdated source
+/// of the resync would not serve either: the pair stayed without a
+/// primary.
+#[test]
+fn test_witness_late_in_sync_heartbeat_after_the_primary_crash_seed_2049() {
+    if let Err(e) = run_seed(2049, false) {
+        panic!("{e}");
+    }
+}
+
+/// Witness seed: the secondary crashed and the primary, serving alone
+/// under the lease, did not run for 112 ms (less than the core's stall
+/// threshold). Its host's lease client dropped the lease at the thaw but
+/// the core, not told, acknowledged the writes it had queued.
+#[test]
+fn test_witness_short_stall_of_the_lease_holder_alone_seed_8815() {
+    if let Err(e) = run_seed(8815, false) {
+        panic!("{e}");
+    }
+}

@@ -444,12 +444,19 @@ impl<H: Payload> Node<H> {
         }
         if unmirrored
             && hb.role == Role::Primary
+            && !hb.in_sync
             && (self.peer.msl_lost_pending
                 || peer_was == Some(Role::Secondary)
                 || self.peer.was_in_sync)
         {
             // The primary is alive and serving, and this node does not
-            // receive its writes: its copy falls behind.
+            // receive its writes: its copy falls behind. A heartbeat that
+            // reports the pair in sync was sent while the primary still
+            // mirrored every write here (its only peer): it shows no write
+            // this node lacks. It may also be one held back on the wire
+            // (fresh by its counter, late by the time it arrives) from a
+            // primary that died since: shutting the mirror side on it
+            // would leave nobody to serve.
             self.peer.msl_lost_pending = false;
             self.shut_mirror_side();
         }

@@ -572,40 +572,20 @@ mod tests {
                     } else {
                         (&mut bn, &mut a)
                     };
-                    match act {
-                        Action::SendMsl {
-                            header,
-                            msg,
-                            payload,
-                        } => {
-                            if let Message::StateImage(c) = msg {
-                                if from_a {
-                                    image_bytes = c.total_len;
-                                }
-                            }
-                            dst.handle(
-                                now,
-                                Event::MslFrame {
-                                    header,
-                                    msg,
-                                    payload,
-                                    arrived: now,
-                                },
-                            )
+                    if let Action::SendMsl {
+                        msg: Message::StateImage(c),
+                        ..
+                    } = &act
+                    {
+                        if from_a {
+                            image_bytes = c.total_len;
                         }
-                        Action::SendLan { header, hb } => dst.handle(
-                            now,
-                            Event::LanFrame {
-                                adapter: 0,
-                                header,
-                                hb,
-                                arrived: now,
-                            },
-                        ),
-                        Action::Write { io, .. } | Action::Flush { io } => {
+                    }
+                    match super::super::tests::deliver(dst, now, act) {
+                        Some(Action::Write { io, .. } | Action::Flush { io }) => {
                             src.handle(now, Event::IoDone { io, ok: true })
                         }
-                        Action::Read { io, count, .. } => src.handle(
+                        Some(Action::Read { io, count, .. }) => src.handle(
                             now,
                             Event::ReadDone {
                                 io,

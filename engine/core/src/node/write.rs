@@ -621,6 +621,10 @@ impl<H: Payload> Node<H> {
             return;
         };
         s.resync.blocks_sent += count;
+        // A run that reads as zeroes goes as "zero this range", without
+        // its bytes (the target makes it read as zeroes), as a hole does:
+        // the link carries only the message.
+        let payload = payload.filter(|p| !all_zero(p.bytes()));
         let flags = if payload.is_some() {
             self.counters.resync_blocks_sent += count;
             0
@@ -649,6 +653,13 @@ impl<H: Payload> Node<H> {
             s.resync.sent.push_back(SentRun { seq, block, count });
         }
     }
+}
+
+/// Every byte is zero (eight at a time).
+fn all_zero(b: &[u8]) -> bool {
+    let mut words = b.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words.remainder().iter().all(|&x| x == 0)
 }
 
 #[cfg(test)]
