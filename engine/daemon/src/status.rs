@@ -41,6 +41,8 @@ pub struct Telemetry {
     /// Running without a cluster key (`insecure_no_auth = true`): repeated
     /// by every status report.
     pub insecure_no_auth: bool,
+    /// The pair's witness as this node sees it (`witness` configured).
+    pub witness: Option<crate::witness::SharedView>,
 }
 
 /// Who decides this node's role (`role_control`), as status reports it:
@@ -406,7 +408,35 @@ pub fn status_json(s: &Status, t: &Telemetry) -> Value {
         "counters": counters,
         "nbd": nbd,
         "nbd_access": nbd_access_json(t),
+        "witness": witness_json(t),
     })
+}
+
+/// The `witness` part of the status: `null` without a witness.
+pub fn witness_json(t: &Telemetry) -> Value {
+    t.witness
+        .as_ref()
+        .and_then(|v| v.lock().ok().map(|v| json!(*v)))
+        .unwrap_or(Value::Null)
+}
+
+/// The witness's counters as `(name, value)`, for the metrics.
+pub(crate) fn witness_counters(v: &crate::witness::WitnessView) -> [(&'static str, u64); 12] {
+    let c = &v.counters;
+    [
+        ("requests", c.client.sent),
+        ("grants", c.client.granted),
+        ("refusals", c.client.refused),
+        ("stale", c.client.stale),
+        ("not_for_us", c.client.not_for_us),
+        ("bad_tag", c.client.bad_tag),
+        ("malformed", c.client.malformed),
+        ("restarts", c.client.witness_restarts),
+        ("stalls", c.client.stalls),
+        ("send_errors", c.send_errors),
+        ("foreign", c.foreign),
+        ("long_leases", c.long_leases),
+    ]
 }
 
 /// Ask the core for a status snapshot (never blocks the core: it answers on
