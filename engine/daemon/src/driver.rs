@@ -712,7 +712,9 @@ impl<H: Host> Driver<H> {
             // set when the witness link is.
             Action::WantLease(want) => {
                 let now = self.now();
+                let (role, gen) = (self.node.role(), self.node.meta().gens.current);
                 if let Some(w) = self.witness.as_mut() {
+                    w.set_view(role, gen);
                     w.want(now, want);
                 }
             }

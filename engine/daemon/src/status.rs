@@ -428,7 +428,7 @@ pub(crate) fn witness_counters(v: &crate::witness::WitnessView) -> [(&'static st
         ("grants", c.client.granted),
         ("refusals", c.client.refused),
         ("stale", c.client.stale),
-        ("not_for_us", c.client.not_for_us),
+        ("misaddressed", c.client.not_for_us),
         ("bad_tag", c.client.bad_tag),
         ("malformed", c.client.malformed),
         ("restarts", c.client.witness_restarts),
@@ -485,6 +485,14 @@ pub(crate) mod tests {
             lan_interfaces: vec!["eth0".into(), "eth1".into()],
             msl_interface: "msl0".into(),
             block_size: 4096,
+            witness: Some(Arc::new(std::sync::Mutex::new(
+                crate::witness::WitnessView {
+                    address: "10.0.0.9:7790".into(),
+                    holder: Some(1),
+                    held: true,
+                    ..crate::witness::WitnessView::default()
+                },
+            ))),
             ..Telemetry::default()
         };
         t.shared.msl_rx_bad_auth.store(3, Ordering::Relaxed);

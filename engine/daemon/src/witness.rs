@@ -172,6 +172,12 @@ impl WitnessLink {
         self.next_request = now + self.renew_us();
     }
 
+    /// The role and generation the next requests report (the witness's
+    /// status shows them).
+    pub fn set_view(&mut self, role: msl_wire::Role, generation: u64) {
+        self.client.set_view(role, generation);
+    }
+
     /// `Action::WantLease(want)` at `now`.
     pub fn want(&mut self, now: u64, want: bool) {
         if !want && !self.want {
@@ -349,5 +355,177 @@ fn receive(
         if inputs.send(input).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msl_wire::{Domain, Key};
+    use msl_witness::witness::{Settings, Witness};
+
+    const DEAD: u64 = 400_000;
+    const LEASE: u32 = 400_000;
+
+    fn key() -> Key {
+        Key::derive(&[7; 32], Domain::Witness)
+    }
+
+    /// A link to a local socket standing in for the witness (the test
+    /// reads the requests there and answers them through a real
+    /// `Witness`), and that witness.
+    fn link(node: u16) -> (WitnessLink, UdpSocket, Witness, crate::inbox::InboxRx) {
+        let fake = UdpSocket::bind("127.0.0.1:0").unwrap();
+        fake.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let (inbox, rx) = crate::inbox::inbox(16);
+        let l = WitnessLink::start(
+            WitnessSetup {
+                addr: fake.local_addr().unwrap(),
+                bind: "127.0.0.1".parse().unwrap(),
+                margin_us: 10_000,
+                dead_us: DEAD,
+                on_no_quorum: "suspend",
+            },
+            ClientConfig {
+                cluster_id: 9,
+                node_id: node,
+                epoch: 3,
+                key: key(),
+                margin_us: 10_000,
+            },
+            inbox,
+            Arc::new(AtomicBool::new(true)),
+        )
+        .unwrap();
+        let mut w = Witness::new(
+            Settings {
+                lease_us: LEASE,
+                startup_us: 0,
+                witness_epoch: 1,
+            },
+            0,
+        );
+        w.add_cluster(9, key());
+        (l, fake, w, rx)
+    }
+
+    /// The next request the link sent, answered by the witness at `at`.
+    fn answer(fake: &UdpSocket, w: &mut Witness, at: u64) -> Vec<u8> {
+        let mut b = [0u8; 128];
+        let (n, _) = fake.recv_from(&mut b).unwrap();
+        w.handle(at, &b[..n]).unwrap().bytes.to_vec()
+    }
+
+    fn lease_of(evs: &[Event<Block>]) -> Option<(bool, u64)> {
+        evs.iter().find_map(|e| match e {
+            Event::Lease { held, until } => Some((*held, *until)),
+            _ => None,
+        })
+    }
+
+    /// A wish sends a request at once; the grant becomes `Event::Lease`
+    /// until send time + lease - margin; renewals every quarter dead
+    /// interval; release on `want(false)`.
+    #[test]
+    fn test_grant_renewal_and_release() {
+        let (mut l, fake, mut w, _rx) = link(1);
+        assert_eq!(l.due(), u64::MAX);
+        l.want(1_000, true);
+        let r = answer(&fake, &mut w, 1_500);
+        let evs = l.on_reply(2_000, &r);
+        assert_eq!(lease_of(&evs), Some((true, 1_000 + 400_000 - 10_000)));
+        assert_eq!(l.due(), 1_000 + DEAD / 4);
+        assert!(l.tick(1_000 + DEAD / 4).is_none());
+        answer(&fake, &mut w, 101_500);
+        l.want(200_000, false);
+        let r = answer(&fake, &mut w, 200_500);
+        let evs = l.on_reply(201_000, &r);
+        assert_eq!(lease_of(&evs), Some((false, 0)));
+        assert_eq!(l.due(), u64::MAX);
+        let v = l.view().lock().unwrap().clone();
+        assert_eq!((v.counters.client.sent, v.counters.client.granted), (3, 1));
+        assert_eq!(v.last_verdict.as_deref(), Some("released"));
+    }
+
+    /// A refusal names the holder and brings the next request forward to
+    /// when the witness may grant; no reply for a dead interval reports
+    /// the witness unreachable once, a reply reports it back.
+    #[test]
+    fn test_refusal_retry_and_unreachable() {
+        let (mut a, fa, mut w, _ra) = link(1);
+        let (mut b, fb, _, _rb) = link(2);
+        a.want(0, true);
+        let r = answer(&fa, &mut w, 0);
+        a.on_reply(0, &r);
+        b.want(350_000, true);
+        let r = answer(&fb, &mut w, 350_000);
+        let evs = b.on_reply(350_000, &r);
+        assert_eq!(lease_of(&evs), Some((false, 0)));
+        // The witness may grant at 400 ms (the end of a's lease): b asks
+        // again then, before its quarter-interval renewal (450 ms).
+        assert_eq!(b.due(), 401_000);
+        assert_eq!(b.view().lock().unwrap().holder, Some(1));
+        // The witness goes silent for b for a dead interval.
+        for t in [401_000, 501_000, 601_000, 701_000] {
+            assert_eq!(b.due(), t);
+            assert!(b.tick(t).is_none());
+        }
+        assert_eq!(b.due(), 750_000);
+        let e = b.tick(750_000);
+        assert!(matches!(
+            e,
+            Some(Event::WitnessUnreachable { unreachable: true })
+        ));
+        assert!(!b.view().lock().unwrap().reachable);
+        assert!(b.tick(801_000).is_none(), "reported once");
+        // Drain what b sent; the last one is answered (a's lease is over).
+        let mut last = Vec::new();
+        fb.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 128];
+        while let Ok((n, _)) = fb.recv_from(&mut buf) {
+            last = buf[..n].to_vec();
+        }
+        let r = w.handle(802_000, &last).unwrap().bytes;
+        let evs = b.on_reply(802_000, &r);
+        assert!(matches!(
+            evs[0],
+            Event::WitnessUnreachable { unreachable: false }
+        ));
+        assert!(lease_of(&evs).unwrap().0, "{:?}", lease_of(&evs));
+        assert!(b.view().lock().unwrap().reachable);
+    }
+
+    /// A stall drops the lease and the requests in flight: the reply to a
+    /// request sent before it does not bring the lease back, and a new
+    /// request goes out at once.
+    #[test]
+    fn test_stall_voids_lease_and_requests_in_flight() {
+        let (mut l, fake, mut w, _rx) = link(1);
+        l.want(0, true);
+        let r = answer(&fake, &mut w, 0);
+        l.on_reply(0, &r);
+        assert!(l.tick(100_000).is_none());
+        let before = answer(&fake, &mut w, 100_000);
+        l.on_stall(300_000);
+        assert_eq!(l.due(), 300_000);
+        let evs = l.on_reply(300_001, &before);
+        assert!(evs.is_empty(), "a stale reply is ignored");
+        assert!(!l.view().lock().unwrap().held);
+        l.tick(300_002);
+        let r = answer(&fake, &mut w, 300_003);
+        assert!(lease_of(&l.on_reply(300_004, &r)).unwrap().0);
+        assert_eq!(l.view().lock().unwrap().counters.client.stalls, 1);
+    }
+
+    /// Garbage from the witness's address is counted, never taken.
+    #[test]
+    fn test_garbage_counted() {
+        let (mut l, _fake, _w, _rx) = link(1);
+        l.want(0, true);
+        assert!(l.on_reply(1, b"not a reply").is_empty());
+        assert!(l.on_reply(1, &[0u8; REPLY_LEN]).is_empty());
+        let c = l.view().lock().unwrap().counters.client;
+        assert_eq!(c.malformed, 2);
     }
 }
