@@ -205,6 +205,57 @@ pub fn nbd_access_text(s: &Value) -> Vec<String> {
     out
 }
 
+/// `witness` as lines of text (what `mslctl status` prints; none without
+/// a witness).
+pub fn witness_text(s: &Value) -> Vec<String> {
+    let w = &s["witness"];
+    if w.is_null() {
+        return Vec::new();
+    }
+    let c = &w["counters"];
+    let holder = match w["holder"].as_u64() {
+        Some(h) => format!("node {h}"),
+        None => "none".into(),
+    };
+    vec![
+        format!(
+            "witness {} ({}, on_no_quorum {}): lease {}, holder {holder}{}",
+            w["address"].as_str().unwrap_or("?"),
+            if w["reachable"] == true {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            },
+            w["on_no_quorum"].as_str().unwrap_or("?"),
+            if w["held"] == true {
+                format!("held ({} ms left)", w["remaining_ms"])
+            } else if w["wanted"] == true {
+                "wanted, not held".to_string()
+            } else {
+                "not wanted".to_string()
+            },
+            match w["last_reply_ms_ago"].as_u64() {
+                Some(ms) => format!(", last reply {ms} ms ago"),
+                None => ", no reply yet".into(),
+            },
+        ),
+        format!(
+            "witness requests {}, grants {}, refusals {}, stale {}, bad tag {}, malformed {}, \
+             not for us {}, witness restarts {}, stalls {}, send errors {}",
+            c["sent"],
+            c["granted"],
+            c["refused"],
+            c["stale"],
+            c["bad_tag"],
+            c["malformed"],
+            c["not_for_us"],
+            c["witness_restarts"],
+            c["stalls"],
+            c["send_errors"],
+        ),
+    ]
+}
+
 fn lower<T: std::fmt::Debug>(v: T) -> String {
     format!("{v:?}").to_lowercase()
 }
@@ -497,6 +548,23 @@ pub(crate) mod tests {
         };
         t.shared.msl_rx_bad_auth.store(3, Ordering::Relaxed);
         (n.status(), t)
+    }
+
+    #[test]
+    fn test_witness_in_status_json_and_text() {
+        let (s, mut t) = sample();
+        let v = status_json(&s, &t);
+        assert_eq!(v["witness"]["address"], "10.0.0.9:7790");
+        assert_eq!(v["witness"]["counters"]["granted"], 0);
+        let text = witness_text(&v).join("\n");
+        assert!(
+            text.contains("witness 10.0.0.9:7790") && text.contains("holder node 1"),
+            "{text}"
+        );
+        t.witness = None;
+        let v = status_json(&s, &t);
+        assert!(v["witness"].is_null());
+        assert!(witness_text(&v).is_empty());
     }
 
     #[test]
