@@ -1092,10 +1092,17 @@ fn stays_secondary(c: &mut Ctx, node: u16, secs: u64, why: &str) {
 }
 
 /// Cut (or heal) both links between the servers: the LAN (bridge ports
-/// isolated from each other) and the MSL.
+/// isolated from each other), then, once node 2 hears node 1 no more on
+/// it, the MSL (the other order is scenario 3 for node 2, see
+/// `both_links_cut`).
 fn both_links(c: &mut Ctx, up: bool) -> Result<(), String> {
     let msl1 = c.pair.topo.msl_if(1);
     isolate_servers(&c.pair, !up)?;
+    if !up {
+        c.wait("node 2 hears node 1 no more on the LAN", |p| {
+            p.status(2).is_ok_and(|s| s["lan_alive"] == false)
+        })?;
+    }
     c.link(1, msl1, up)
 }
 
