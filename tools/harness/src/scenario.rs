@@ -1091,6 +1091,18 @@ fn stays_secondary(c: &mut Ctx, node: u16, secs: u64, why: &str) {
     );
 }
 
+/// The takeover time: the fault to the first write acknowledged on a
+/// connection opened after it (waits for 50 acknowledgements).
+fn record_takeover(c: &mut Ctx, wl: &Workload, fault: Instant) -> Result<(), String> {
+    wl.wait_acks(50, c.opts.wait)?;
+    c.res.takeover_ms = ms_between(fault, wl.first_ack_on_new_connection_after(fault));
+    c.step(&format!(
+        "client writes acknowledged by node 2 {:.0} ms after the fault",
+        c.res.takeover_ms.unwrap_or(f64::NAN)
+    ));
+    Ok(())
+}
+
 /// Cut (or heal) both links between the servers: the LAN (bridge ports
 /// isolated from each other), then, once node 2 hears node 1 no more on
 /// it, the MSL (the other order is scenario 3 for node 2, see
@@ -1188,7 +1200,7 @@ fn witness_down_then_primary_killed(c: &mut Ctx, sft3: bool) -> Result<(), Strin
     c.wait("node 1 reports the witness unreachable", |p| {
         p.event_after(1, "witness_unreachable", down_ms).is_some()
     })?;
-    let fault_ms = unix_ms();
+    let (fault, fault_ms) = (Instant::now(), unix_ms());
     c.step("kill -9 node 1");
     c.pair.kill9(1)?;
     if sft3 {
@@ -1211,7 +1223,8 @@ fn witness_down_then_primary_killed(c: &mut Ctx, sft3: bool) -> Result<(), Strin
             t.as_secs_f64() * 1000.0
         ));
     }
-    c.detect(2, &["takeover"], fault_ms);
+    c.detect(2, &["peer_down"], fault_ms);
+    record_takeover(c, &wl, fault)?;
     let back_ms = unix_ms();
     c.step("restarting node 1: it rejoins as secondary");
     c.pair.start(1)?;
@@ -1227,7 +1240,7 @@ fn witness_down_then_primary_killed(c: &mut Ctx, sft3: bool) -> Result<(), Strin
 fn primary_cut_from_peer_and_witness(c: &mut Ctx) -> Result<(), String> {
     lease_held(c, 1)?;
     let wl = c.start_workload()?;
-    let fault_ms = unix_ms();
+    let (fault, fault_ms) = (Instant::now(), unix_ms());
     c.step("cutting node 1 from node 2 (LAN and MSL) and from the witness (blackhole route)");
     c.pair.cut_witness(1, true)?;
     both_links(c, false)?;
@@ -1238,7 +1251,8 @@ fn primary_cut_from_peer_and_witness(c: &mut Ctx) -> Result<(), String> {
         "node 2 took over {:.0} ms after the cut",
         t.as_secs_f64() * 1000.0
     ));
-    c.detect(2, &["takeover"], fault_ms);
+    c.detect(2, &["peer_down"], fault_ms);
+    record_takeover(c, &wl, fault)?;
     let bytes = |p: &Pair| {
         p.status(1)
             .ok()
