@@ -10,5 +10,5 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 bash scripts/setup.sh >&2   # keep stdout for msl-demo (--json lines)
-cargo build --release --bin msld --bin mslctl --bin msl-demo >&2
+cargo build --release --bin msld --bin mslctl --bin msl-witness --bin msl-demo >&2
 exec target/release/msl-demo "$@"

@@ -95,6 +95,10 @@ pub struct Wiring {
     encoder: FrameEncoder,
     msl_tx: MslTx,
     notifier: Notifier,
+    /// The cluster key (the witness's key is derived from it).
+    key: Option<Key>,
+    /// The link to the pair's witness, once `with_witness` made it.
+    witness: Option<crate::witness::WitnessLink>,
 }
 
 impl Wiring {
@@ -161,7 +165,39 @@ impl Wiring {
             encoder,
             msl_tx,
             notifier: p.notifier,
+            key: p.key,
+            witness: None,
         })
+    }
+
+    /// Talk to the pair's witness (`setup`): the lease client signs with
+    /// the witness domain's key, as this start (its epoch) of this node.
+    /// Returns the view status and metrics show.
+    pub fn with_witness(
+        &mut self,
+        setup: crate::witness::WitnessSetup,
+    ) -> Result<crate::witness::SharedView, String> {
+        let master = self
+            .key
+            .as_ref()
+            .ok_or("witness: needs the cluster key (key_file)")?;
+        let client = msl_witness::client::ClientConfig {
+            cluster_id: self.core.cluster_id,
+            node_id: self.core.node_id,
+            epoch: self.core.epoch,
+            key: Key::derive(&master.0, Domain::Witness),
+            margin_us: setup.margin_us,
+        };
+        self.core.witness = true;
+        let link = crate::witness::WitnessLink::start(
+            setup,
+            client,
+            self.inputs.clone(),
+            self.stop.clone(),
+        )?;
+        let view = link.view();
+        self.witness = Some(link);
+        Ok(view)
     }
 
     /// A handle for front ends.
@@ -194,7 +230,10 @@ impl Wiring {
         )
         .map_err(|e| format!("cannot start the I/O worker: {e}"))?;
         let reload = Arc::new(crate::reload::ReloadSlot::default());
-        let d = d.with_reload(reload.clone());
+        let mut d = d.with_reload(reload.clone());
+        if let Some(w) = self.witness {
+            d = d.with_witness(w);
+        }
         Ok(Daemon {
             reload,
             inputs: self.inputs,
@@ -520,7 +559,7 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool, create: bool) -> Resu
             peer: SocketAddr::new(a.peer_address, f.heartbeat_port),
         })
         .collect();
-    let w = Wiring::start(NodeParts {
+    let mut w = Wiring::start(NodeParts {
         core: core_cfg,
         meta,
         store,
@@ -530,6 +569,31 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool, create: bool) -> Resu
         lan,
         notifier,
     })?;
+
+    // The pair's witness, from the first LAN address of its IP family.
+    let witness = match cfg.witness {
+        Some(addr) => {
+            let bind = f
+                .lan
+                .iter()
+                .map(|a| a.address)
+                .find(|a| a.is_ipv4() == addr.is_ipv4())
+                .ok_or("witness: no LAN address of its IP family")?;
+            let view = w.with_witness(crate::witness::WitnessSetup {
+                addr,
+                bind,
+                margin_us: f.witness_margin_ms * 1000,
+                dead_us: cfg.dead_interval().as_micros() as u64,
+                on_no_quorum: f.on_no_quorum.unwrap_or_default().as_str(),
+            })?;
+            tracing::info!(
+                "msld: witness {addr} (on_no_quorum = {})",
+                f.on_no_quorum.unwrap_or_default().as_str()
+            );
+            Some(view)
+        }
+        None => None,
+    };
 
     // Link health of the LAN adapters and of the MSL.
     let mut watched: Vec<(String, Option<u8>)> = f
@@ -589,6 +653,7 @@ pub fn assemble(cfg: &DaemonConfig, initial_primary: bool, create: bool) -> Resu
         block_size: u64::from(f.volume.block_size),
         cluster_id: Some(f.cluster_id),
         insecure_no_auth: f.insecure_no_auth,
+        witness,
     });
     let control = ControlServer::start(&f.control_socket, w.inputs.clone(), hub, telemetry.clone())
         .map_err(|e| format!("control_socket {}: {e}", f.control_socket.display()))?;

@@ -296,6 +296,46 @@ pub struct FileConfig {
     pub control_socket: PathBuf,
     /// Prometheus text metrics (e.g. "127.0.0.1:9477"); off when absent.
     pub metrics_address: Option<SocketAddr>,
+    /// The pair's witness (`msl-witness` on a third host), "address:port"
+    /// or "host:port": this node takes over, or keeps acknowledging writes
+    /// without its peer, only while it holds the witness's lease. Absent:
+    /// no witness (a node that lost both links to its peer serves alone).
+    pub witness: Option<String>,
+    /// With `witness`: what this node does while the witness does not
+    /// answer: "suspend" (the default: no takeover, and a primary without
+    /// its peer acknowledges nothing until it holds the lease again) or
+    /// "sft3" (behave as without a witness).
+    pub on_no_quorum: Option<OnNoQuorum>,
+    /// Taken off every lease on this node's clock for the clocks' rate
+    /// difference over one lease (milliseconds).
+    #[serde(default = "default_witness_margin_ms")]
+    pub witness_margin_ms: u64,
+}
+
+/// `on_no_quorum`: what a node with a witness does while it is unreachable.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum OnNoQuorum {
+    /// Wait for the witness (never two nodes acknowledging at once).
+    #[default]
+    #[serde(rename = "suspend")]
+    Suspend,
+    /// Act as without a witness (NetWare SFT III).
+    #[serde(rename = "sft3")]
+    Sft3,
+}
+
+impl OnNoQuorum {
+    /// The name as written in the configuration and shown by status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnNoQuorum::Suspend => "suspend",
+            OnNoQuorum::Sft3 => "sft3",
+        }
+    }
+}
+
+fn default_witness_margin_ms() -> u64 {
+    10
 }
 
 fn default_true() -> bool {
@@ -417,6 +457,8 @@ pub struct DaemonConfig {
     pub nbd: NbdSettings,
     /// Warnings to show at start (e.g. async write mode).
     pub warnings: Vec<String>,
+    /// The witness's address (`witness`, resolved at load).
+    pub witness: Option<SocketAddr>,
 }
 
 /// The NBD keys, validated.
@@ -764,12 +806,14 @@ impl DaemonConfig {
             (None, true) => warnings.push(INSECURE_NO_AUTH_WARNING.to_string()),
             (Some(_), false) => {}
         }
+        let witness = witness_settings(&file)?;
         let cfg = DaemonConfig {
             file,
             service_ip,
             service_prefix,
             nbd,
             warnings,
+            witness,
         };
         cfg.core_config()
             .validate()
@@ -847,8 +891,82 @@ impl DaemonConfig {
         c.rto_initial_us = c.rto_initial_us.max(c.rto_min_us);
         c.rto_max_us = c.rto_max_us.max(c.rto_min_us);
         c.stabilize_relaxed_us = (f.stable_interval_ms * 1000).max(c.stabilize_interval_us);
+        c.witness = self.witness.is_some();
+        c.on_no_quorum = match f.on_no_quorum.unwrap_or_default() {
+            OnNoQuorum::Suspend => msl_core::config::NoQuorum::Suspend,
+            OnNoQuorum::Sft3 => msl_core::config::NoQuorum::Sft3,
+        };
         c
     }
+
+    /// The dead interval: the peer is dead on a path after this long
+    /// without a heartbeat (`heartbeat_interval_ms` x `miss_count`).
+    pub fn dead_interval(&self) -> Duration {
+        Duration::from_millis(self.file.heartbeat_interval_ms * u64::from(self.file.miss_count))
+    }
+}
+
+/// The witness keys, checked: its address resolved (a name must resolve
+/// now: `msld --check` reports it), a cluster key to sign its packets with,
+/// a margin well under the dead interval, `on_no_quorum` only with a
+/// witness.
+fn witness_settings(file: &FileConfig) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(w) = &file.witness else {
+        if let Some(p) = file.on_no_quorum {
+            return Err(invalid(
+                "on_no_quorum",
+                p.as_str(),
+                "applies only with a witness: set witness = \"host:port\" or remove it",
+            ));
+        }
+        return Ok(None);
+    };
+    use std::net::ToSocketAddrs;
+    let addr = w
+        .to_socket_addrs()
+        .map_err(|e| {
+            invalid(
+                "witness",
+                format!("{w:?}"),
+                format!("not an address:port that resolves: {e}"),
+            )
+        })?
+        .next()
+        .ok_or_else(|| invalid("witness", format!("{w:?}"), "resolves to no address"))?;
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(invalid(
+            "witness",
+            format!("{w:?}"),
+            "needs the witness host's address and UDP port (e.g. \"10.0.0.9:7790\")",
+        ));
+    }
+    if file.key_file.is_none() {
+        return Err(invalid(
+            "witness",
+            format!("{w:?}"),
+            "needs key_file: the witness authenticates every packet with the cluster key",
+        ));
+    }
+    if !file
+        .lan
+        .iter()
+        .any(|a| a.address.is_ipv4() == addr.is_ipv4())
+    {
+        return Err(invalid(
+            "witness",
+            format!("{w:?}"),
+            "no LAN adapter address of the same IP family to reach it from",
+        ));
+    }
+    let dead_ms = file.heartbeat_interval_ms * u64::from(file.miss_count);
+    if file.witness_margin_ms == 0 || file.witness_margin_ms * 4 > dead_ms {
+        return Err(invalid(
+            "witness_margin_ms",
+            file.witness_margin_ms,
+            format!("must be between 1 and a quarter of the dead interval ({dead_ms} ms)"),
+        ));
+    }
+    Ok(Some(addr))
 }
 
 /// A network interface as `msld --check` sees it: its name and its
@@ -1346,6 +1464,53 @@ metadata = "/var/lib/msl/meta"
             e.to_string().contains("`self`") && e.to_string().contains("`cluster`"),
             "{e}"
         );
+    }
+
+    /// No witness: the core runs without one. With one: the address is
+    /// resolved, `on_no_quorum` defaults to suspend, and every bad value
+    /// names its key.
+    #[test]
+    fn test_witness_keys() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.witness, None);
+        assert!(!c.core_config().witness);
+        let c = parse(&with("witness = \"10.77.1.50:7790\"")).unwrap();
+        assert_eq!(c.witness, Some("10.77.1.50:7790".parse().unwrap()));
+        let core = c.core_config();
+        assert!(core.witness);
+        assert_eq!(core.on_no_quorum, msl_core::config::NoQuorum::Suspend);
+        let c = parse(&with(
+            "witness = \"10.77.1.50:7790\"\non_no_quorum = \"sft3\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.core_config().on_no_quorum,
+            msl_core::config::NoQuorum::Sft3
+        );
+        for (extra, key) in [
+            ("witness = \"10.77.1.50\"", "witness"),
+            ("witness = \"10.77.1.50:0\"", "witness"),
+            ("witness = \"0.0.0.0:7790\"", "witness"),
+            ("witness = \"[fd00::9]:7790\"", "witness"),
+            ("on_no_quorum = \"suspend\"", "on_no_quorum"),
+            (
+                "witness = \"10.77.1.50:7790\"\nwitness_margin_ms = 0",
+                "witness_margin_ms",
+            ),
+            (
+                "witness = \"10.77.1.50:7790\"\nwitness_margin_ms = 101",
+                "witness_margin_ms",
+            ),
+        ] {
+            let e = parse(&with(extra)).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = parse(&with(
+            "witness = \"10.77.1.50:7790\"\non_no_quorum = \"vote\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("suspend") && e.contains("sft3"), "{e}");
     }
 
     #[test]

@@ -115,6 +115,11 @@ pub struct Driver<H: Host> {
     /// systemd: readiness, status line and watchdog, fed from here (the
     /// core thread), so a hung core stops feeding the watchdog.
     service: ServiceManager,
+    /// The link to the pair's witness (with `witness` configured).
+    witness: Option<crate::witness::WitnessLink>,
+    /// When the core last ran (its clock): a longer gap than the core's
+    /// stall threshold is a stall for the witness's lease too.
+    last_run: Option<u64>,
 }
 
 /// Inputs handled back to back before a held ACK goes out regardless.
@@ -201,6 +206,8 @@ impl<H: Host> Driver<H> {
             never_clean: false,
             reload: None,
             service: ServiceManager::from_env(),
+            witness: None,
+            last_run: None,
             house: Housekeeping {
                 next: epoch,
                 resync_sample: None,
@@ -208,6 +215,13 @@ impl<H: Host> Driver<H> {
                 bad_auth_last: None,
             },
         })
+    }
+
+    /// Talk to the pair's witness through `link` (the core's config must
+    /// have `witness` set).
+    pub fn with_witness(mut self, link: crate::witness::WitnessLink) -> Self {
+        self.witness = Some(link);
+        self
     }
 
     /// Take configuration reloads from `slot` (see [`crate::reload`]).
@@ -346,6 +360,36 @@ impl<H: Host> Driver<H> {
         self.now() >= self.node.poll_timeout()
     }
 
+    /// The next deadline: the core's or the witness link's.
+    fn deadline(&self) -> u64 {
+        let w = self.witness.as_ref().map_or(u64::MAX, |w| w.due());
+        self.node.poll_timeout().min(w)
+    }
+
+    /// The core did not run for longer than its stall threshold: the
+    /// witness's lease, checked before, is void (the core voids its own).
+    fn check_stall(&mut self) {
+        let now = self.now();
+        let gap = self.last_run.map_or(0, |t| now.saturating_sub(t));
+        self.last_run = Some(now);
+        if gap >= self.node.config().stall_threshold_us {
+            if let Some(w) = self.witness.as_mut() {
+                w.on_stall(now);
+            }
+        }
+    }
+
+    /// The witness link's timers, if due.
+    fn witness_tick(&mut self, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
+        let now = self.now();
+        let w = self.witness.as_mut()?;
+        if now < w.due() {
+            return None;
+        }
+        internal.extend(w.tick(now));
+        self.step(None, internal)
+    }
+
     /// An arrival time on this driver's clock.
     fn arrival(&self, arrived: Instant) -> u64 {
         arrival_us(self.epoch, arrived, self.now())
@@ -393,8 +437,9 @@ impl<H: Host> Driver<H> {
             Input::IoDone { io, ok } => Event::IoDone { io, ok },
             Input::ReadDone { io, ok, payload } => Event::ReadDone { io, ok, payload },
             Input::ReadHole { io, blocks } => Event::ReadHole { io, blocks },
-            // Handled by `input` (the persist gate), never here.
-            Input::MetaDone { .. } => return Ok(None),
+            // Handled by `input` (the persist gate, the witness link),
+            // never here.
+            Input::MetaDone { .. } | Input::Witness { .. } => return Ok(None),
             Input::Status(tx) => {
                 let _ = tx.send(self.node.status());
                 return Ok(None);
@@ -469,6 +514,13 @@ impl<H: Host> Driver<H> {
         if let Input::MetaDone { ok } = input {
             let exit = self.persist_done(ok, internal);
             return self.step(None, internal).or(exit);
+        }
+        if let Input::Witness { bytes, arrived } = input {
+            let at = self.arrival(arrived);
+            if let Some(w) = self.witness.as_mut() {
+                internal.extend(w.on_reply(at, &bytes));
+            }
+            return self.step(None, internal);
         }
         match self.event_for(input) {
             Ok(Some(ev)) => self.step(Some(ev), internal),
@@ -659,8 +711,15 @@ impl<H: Host> Driver<H> {
             Action::ServiceAddress { hold } => self.host.service_address(hold),
             Action::Restart => return Some(Exit::Restart),
             // The core asks for the lease only with `Config::witness`,
-            // which this daemon does not set yet.
-            Action::WantLease(_) => {}
+            // set when the witness link is.
+            Action::WantLease(want) => {
+                let now = self.now();
+                let (role, gen) = (self.node.role(), self.node.meta().gens.current);
+                if let Some(w) = self.witness.as_mut() {
+                    w.set_view(role, gen);
+                    w.want(now, want);
+                }
+            }
         }
         None
     }
@@ -733,6 +792,7 @@ impl<H: Host> Runner for Driver<H> {
         let mut internal = std::mem::take(&mut self.internal);
         // Once stopped, stopped for every thread (the core thread finishes).
         let mut exit = self.exit;
+        self.check_stall();
         // The first run starts the core (its first hello and heartbeat)
         // before any input.
         if exit.is_none() && !self.started {
@@ -771,6 +831,9 @@ impl<H: Host> Runner for Driver<H> {
         if exit.is_none() && handled < budget && self.tick_due() {
             exit = self.step(Some(Event::Tick), &mut internal);
         }
+        if exit.is_none() && handled < budget {
+            exit = self.witness_tick(&mut internal);
+        }
         self.internal = internal;
         self.exit = exit;
         if exit.is_none() {
@@ -780,7 +843,7 @@ impl<H: Host> Runner for Driver<H> {
         }
         Drained {
             handled,
-            deadline_us: self.node.poll_timeout(),
+            deadline_us: self.deadline(),
             exit,
         }
     }

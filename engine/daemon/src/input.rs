@@ -127,6 +127,11 @@ pub enum Input {
     MetaDone {
         ok: bool,
     },
+    /// A datagram from the witness's address (see `witness`).
+    Witness {
+        bytes: Vec<u8>,
+        arrived: Instant,
+    },
 }
 
 /// A client request's outcome.

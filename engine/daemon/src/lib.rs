@@ -16,6 +16,7 @@
 //!   watching and the service address.
 //! * [`status`], [`control`], [`metrics`]: `mslctl status`, the control
 //!   socket, the Prometheus endpoint.
+//! * [`witness`]: the lease from the pair's witness, for the driver.
 //! * [`reload`]: SIGHUP: the settings a running node takes from its
 //!   configuration file again.
 //! * [`assemble`]: the whole daemon.
@@ -38,6 +39,7 @@ pub mod notify;
 pub mod reload;
 pub mod service;
 pub mod status;
+pub mod witness;
 
 pub use assemble::{assemble, Daemon};
 pub use config::{ConfigError, DaemonConfig};

@@ -322,6 +322,13 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
     for (k, v) in daemon_counters(t) {
         o.counter(&daemon_metric(k), &format!("Daemon counter {k}."), v);
     }
+    if let Some(v) = t
+        .witness
+        .as_ref()
+        .and_then(|v| v.lock().ok().map(|v| v.clone()))
+    {
+        witness(&mut o, &v);
+    }
     if let Some(n) = &t.nbd {
         nbd(&mut o, &n.snapshot());
     }
@@ -341,6 +348,33 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
         &o.labels.clone(),
     );
     o.o
+}
+
+/// The witness as this node sees it: reachable, lease held, the lease
+/// client's counters.
+fn witness(o: &mut Out, v: &crate::witness::WitnessView) {
+    o.gauge(
+        "witness_reachable",
+        "1 unless the witness gave no reply for a dead interval while the lease was wanted.",
+        u64::from(v.reachable),
+    );
+    o.gauge(
+        "witness_lease_held",
+        "1 while this node holds the witness lease.",
+        u64::from(v.held),
+    );
+    o.gauge(
+        "witness_lease_wanted",
+        "1 while this node asks for the witness lease.",
+        u64::from(v.wanted),
+    );
+    for (k, n) in crate::status::witness_counters(v) {
+        o.counter(
+            &format!("witness_{k}"),
+            &format!("Witness lease client counter {k}."),
+            n,
+        );
+    }
 }
 
 /// Who may reach the NBD server and who was turned away: refusals by

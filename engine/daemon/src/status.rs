@@ -41,6 +41,8 @@ pub struct Telemetry {
     /// Running without a cluster key (`insecure_no_auth = true`): repeated
     /// by every status report.
     pub insecure_no_auth: bool,
+    /// The pair's witness as this node sees it (`witness` configured).
+    pub witness: Option<crate::witness::SharedView>,
 }
 
 /// Who decides this node's role (`role_control`), as status reports it:
@@ -201,6 +203,57 @@ pub fn nbd_access_text(s: &Value) -> Vec<String> {
         ));
     }
     out
+}
+
+/// `witness` as lines of text (what `mslctl status` prints; none without
+/// a witness).
+pub fn witness_text(s: &Value) -> Vec<String> {
+    let w = &s["witness"];
+    if w.is_null() {
+        return Vec::new();
+    }
+    let c = &w["counters"];
+    let holder = match w["holder"].as_u64() {
+        Some(h) => format!("node {h}"),
+        None => "none".into(),
+    };
+    vec![
+        format!(
+            "witness {} ({}, on_no_quorum {}): lease {}, holder {holder}{}",
+            w["address"].as_str().unwrap_or("?"),
+            if w["reachable"] == true {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            },
+            w["on_no_quorum"].as_str().unwrap_or("?"),
+            if w["held"] == true {
+                format!("held ({} ms left)", w["remaining_ms"])
+            } else if w["wanted"] == true {
+                "wanted, not held".to_string()
+            } else {
+                "not wanted".to_string()
+            },
+            match w["last_reply_ms_ago"].as_u64() {
+                Some(ms) => format!(", last reply {ms} ms ago"),
+                None => ", no reply yet".into(),
+            },
+        ),
+        format!(
+            "witness requests {}, grants {}, refusals {}, stale {}, bad tag {}, malformed {}, \
+             not for us {}, witness restarts {}, stalls {}, send errors {}",
+            c["sent"],
+            c["granted"],
+            c["refused"],
+            c["stale"],
+            c["bad_tag"],
+            c["malformed"],
+            c["not_for_us"],
+            c["witness_restarts"],
+            c["stalls"],
+            c["send_errors"],
+        ),
+    ]
 }
 
 fn lower<T: std::fmt::Debug>(v: T) -> String {
@@ -407,7 +460,35 @@ pub fn status_json(s: &Status, t: &Telemetry) -> Value {
         "counters": counters,
         "nbd": nbd,
         "nbd_access": nbd_access_json(t),
+        "witness": witness_json(t),
     })
+}
+
+/// The `witness` part of the status: `null` without a witness.
+pub fn witness_json(t: &Telemetry) -> Value {
+    t.witness
+        .as_ref()
+        .and_then(|v| v.lock().ok().map(|v| json!(*v)))
+        .unwrap_or(Value::Null)
+}
+
+/// The witness's counters as `(name, value)`, for the metrics.
+pub(crate) fn witness_counters(v: &crate::witness::WitnessView) -> [(&'static str, u64); 12] {
+    let c = &v.counters;
+    [
+        ("requests", c.client.sent),
+        ("grants", c.client.granted),
+        ("refusals", c.client.refused),
+        ("stale", c.client.stale),
+        ("misaddressed", c.client.not_for_us),
+        ("bad_tag", c.client.bad_tag),
+        ("malformed", c.client.malformed),
+        ("restarts", c.client.witness_restarts),
+        ("stalls", c.client.stalls),
+        ("send_errors", c.send_errors),
+        ("foreign", c.foreign),
+        ("long_leases", c.long_leases),
+    ]
 }
 
 /// Ask the core for a status snapshot (never blocks the core: it answers on
@@ -456,10 +537,35 @@ pub(crate) mod tests {
             lan_interfaces: vec!["eth0".into(), "eth1".into()],
             msl_interface: "msl0".into(),
             block_size: 4096,
+            witness: Some(Arc::new(std::sync::Mutex::new(
+                crate::witness::WitnessView {
+                    address: "10.0.0.9:7790".into(),
+                    holder: Some(1),
+                    held: true,
+                    ..crate::witness::WitnessView::default()
+                },
+            ))),
             ..Telemetry::default()
         };
         t.shared.msl_rx_bad_auth.store(3, Ordering::Relaxed);
         (n.status(), t)
+    }
+
+    #[test]
+    fn test_witness_in_status_json_and_text() {
+        let (s, mut t) = sample();
+        let v = status_json(&s, &t);
+        assert_eq!(v["witness"]["address"], "10.0.0.9:7790");
+        assert_eq!(v["witness"]["counters"]["granted"], 0);
+        let text = witness_text(&v).join("\n");
+        assert!(
+            text.contains("witness 10.0.0.9:7790") && text.contains("holder node 1"),
+            "{text}"
+        );
+        t.witness = None;
+        let v = status_json(&s, &t);
+        assert!(v["witness"].is_null());
+        assert!(witness_text(&v).is_empty());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! listen = "0.0.0.0:7790"          # any IPv4 or IPv6 address and port
-//! lease_ms = 800                   # 200..=10000
+//! lease_ms = 400                   # 200..=10000
 //! startup_ms = 10000               # lease_ms..=600000
 //! status_file = "/run/msl-witness/status.json"   # optional
 //!
@@ -22,14 +22,15 @@ use msl_wire::{Domain, Key};
 use serde::Deserialize;
 use thiserror::Error;
 
-/// Default lease. msld declares its peer dead after
-/// `heartbeat_interval_ms x miss_count` = 50 ms x 8 = 400 ms by default;
-/// the lease is twice that. A node renews every quarter lease (200 ms),
-/// so three lost renewals in a row still leave the holder its lease, and
-/// a secondary taking over after a primary's death waits at most one
-/// lease (800 ms) after it last heard the primary renew, the same order
-/// as failure detection itself.
-pub const DEFAULT_LEASE_MS: u64 = 800;
+/// Default lease: msld's default dead interval (`heartbeat_interval_ms x
+/// miss_count` = 50 ms x 8 = 400 ms). The rule: `lease_ms` at most the
+/// dead interval of the pairs the witness serves. A primary renews every
+/// quarter of its dead interval, so a killed primary's lease ends at the
+/// witness within one lease of its death, no later than the secondary
+/// finds it dead and asks: the takeover then waits for failure detection
+/// alone, not for the lease. Two lost renewals in a row still leave the
+/// holder its lease.
+pub const DEFAULT_LEASE_MS: u64 = 400;
 /// Shortest lease accepted: below it a renewal's round trip and a node's
 /// scheduling hiccups eat most of the lease.
 pub const MIN_LEASE_MS: u64 = 200;
@@ -279,7 +280,7 @@ mod tests {
     fn test_defaults() {
         let c = parse(GOOD, Path::new("w.toml")).unwrap();
         assert_eq!(c.listen, "127.0.0.1:7790".parse().unwrap());
-        assert_eq!((c.lease_ms, c.startup_ms), (800, 10_000));
+        assert_eq!((c.lease_ms, c.startup_ms), (400, 10_000));
         assert_eq!(c.status_file, None);
         assert_eq!(
             c.clusters,

@@ -1,4 +1,5 @@
-//! Finding (and if need be building) the msld and mslctl binaries.
+//! Finding (and if need be building) the msld, mslctl and msl-witness
+//! binaries.
 //!
 //! Looked for in `$MSL_BIN_DIR`, next to the running executable (and its
 //! parent, for test binaries in `target/<profile>/deps`), then in the
@@ -93,8 +94,15 @@ fn is_fresh(p: &Path, src: Option<SystemTime>) -> bool {
 
 fn build() -> Result<(), String> {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root())
-        .args(["build", "--bin", "msld", "--bin", "mslctl"]);
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "--bin",
+        "msld",
+        "--bin",
+        "mslctl",
+        "--bin",
+        "msl-witness",
+    ]);
     if release_profile() {
         cmd.arg("--release");
     }
@@ -108,7 +116,8 @@ fn build() -> Result<(), String> {
     Ok(())
 }
 
-/// Path of `name` (`msld` or `mslctl`), built first if missing or stale.
+/// Path of `name` (`msld`, `mslctl` or `msl-witness`), built first if
+/// missing or stale.
 pub fn binary(name: &str) -> Result<PathBuf, String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let src = if std::env::var_os("MSL_BIN_DIR").is_some() {

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::bins::binary;
-use crate::topology::{Topology, LAN_A, LAN_B, SERVICE_IP};
+use crate::topology::{Topology, LAN_A, LAN_B, SERVICE_IP, WITNESS_IP, WITNESS_PORT};
 
 /// msld's exit code asking to be started again as secondary.
 pub const EXIT_RESTART: i32 = 75;
@@ -43,6 +43,9 @@ pub struct PairOptions {
     /// and LAN packet is authenticated. On by default; off shows what
     /// authentication costs (msld then warns that nothing is).
     pub authenticate: bool,
+    /// Run msl-witness on the client host (10.77.1.60:7790, lease and
+    /// start-up window 400 ms) and point both nodes at it (`witness`).
+    pub witness: bool,
 }
 
 impl Default for PairOptions {
@@ -55,6 +58,7 @@ impl Default for PairOptions {
             node_tunables: Vec::new(),
             restart_on_any_exit: false,
             authenticate: true,
+            witness: false,
         }
     }
 }
@@ -75,6 +79,14 @@ impl PairOptions {
         self.tunable("nbd_tls", format!("{mode:?}"))
             .tunable("nbd_tls_dir", format!("{:?}", dir.display().to_string()))
             .tunable("nbd_tls_verify_peer", verify_peer)
+    }
+
+    /// A witness on the client host, `on_no_quorum = policy` ("suspend"
+    /// or "sft3") on both nodes.
+    pub fn with_witness(mut self, policy: &str) -> Self {
+        self.witness = true;
+        self.tunable("witness", format!("\"{WITNESS_IP}:{WITNESS_PORT}\""))
+            .tunable("on_no_quorum", format!("{policy:?}"))
     }
 
     /// Admit NBD clients from these networks only (`nbd_allow`).
@@ -294,6 +306,10 @@ pub struct Pair {
     dir_path: PathBuf,
     dir: Option<tempfile::TempDir>,
     nodes: [Arc<NodeCtl>; 2],
+    /// The msl-witness binary (with `PairOptions::witness`) and its
+    /// process while it runs.
+    witness_bin: Option<PathBuf>,
+    witness: Mutex<Option<std::process::Child>>,
 }
 
 /// Run directories are `<tmp>/msl-harness-<pid>-<random>`.
@@ -449,12 +465,39 @@ impl Pair {
             }))
         };
         let nodes = [mk(1)?, mk(2)?];
+        let witness_bin = if opts.witness {
+            crate::topology::ip(&[
+                "-n",
+                topo.client_ns(),
+                "addr",
+                "add",
+                &format!("{WITNESS_IP}/24"),
+                "dev",
+                crate::topology::BRIDGE,
+            ])
+            .map_err(|e| format!("adding the witness's address: {e}"))?;
+            let cfg = dir.path().join("witness.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "listen = \"{WITNESS_IP}:{WITNESS_PORT}\"\nlease_ms = 400\nstartup_ms = 400\n\
+                     [[cluster]]\nid = 0x6d736c6861726e01\nkey_file = \"{}\"\n",
+                    dir.path().join("cluster.key").display()
+                ),
+            )
+            .map_err(|e| format!("writing {}: {e}", cfg.display()))?;
+            Some(binary("msl-witness")?)
+        } else {
+            None
+        };
         let pair = Pair {
             topo,
             opts,
             dir_path: dir.path().to_path_buf(),
             dir: Some(dir),
             nodes,
+            witness_bin,
+            witness: Mutex::new(None),
         };
         Ok(pair)
     }
@@ -498,10 +541,65 @@ impl Pair {
         }
     }
 
-    /// Start node 1 (the initial primary), then node 2.
+    /// Start the witness (with `PairOptions::witness`), node 1 (the
+    /// initial primary), then node 2.
     pub fn start_both(&self) -> Result<(), String> {
+        if self.opts.witness {
+            self.start_witness()?;
+        }
         self.start(1)?;
         self.start(2)
+    }
+
+    /// Start msl-witness on the client host (its console goes to
+    /// `witness.console`); a no-op while it runs.
+    pub fn start_witness(&self) -> Result<(), String> {
+        let bin = self
+            .witness_bin
+            .as_ref()
+            .ok_or("this pair has no witness (PairOptions::witness)")?;
+        let mut w = self.witness.lock().unwrap_or_else(|e| e.into_inner());
+        if w.is_some() {
+            return Ok(());
+        }
+        let console = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir_path.join("witness.console"))
+            .map_err(|e| format!("witness console: {e}"))?;
+        let child = Topology::command_in(self.topo.client_ns(), &bin.to_string_lossy())
+            .arg("--config")
+            .arg(self.dir_path.join("witness.toml"))
+            .stdout(Stdio::null())
+            .stderr(console)
+            .spawn()
+            .map_err(|e| format!("starting msl-witness: {e}"))?;
+        *w = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` the witness (its process, by pid) and reap it.
+    pub fn kill_witness(&self) {
+        let mut w = self.witness.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut c) = w.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Cut (or restore) node `id`'s path to the witness alone: a blackhole
+    /// route to its address in the node's namespace.
+    pub fn cut_witness(&self, id: u16, cut: bool) -> Result<(), String> {
+        crate::topology::ip(&[
+            "-n",
+            self.topo.server_ns(id),
+            "route",
+            if cut { "add" } else { "del" },
+            "blackhole",
+            &format!("{WITNESS_IP}/32"),
+        ])
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     /// `kill -9` node `id`'s msld; the supervisor does not restart it.
@@ -729,6 +827,7 @@ impl Drop for Pair {
         for n in &self.nodes {
             let _ = n.signal_and_wait(libc::SIGKILL, Duration::from_secs(5));
         }
+        self.kill_witness();
         if std::env::var_os("MSL_HARNESS_KEEP").is_some() {
             if let Some(d) = self.dir.take() {
                 eprintln!("msl-harness: kept run directory {}", d.keep().display());

@@ -78,7 +78,7 @@ pub struct Check {
 /// A scenario's figures and checks.
 #[derive(Clone, Debug)]
 pub struct ScenarioResult {
-    /// "1", "1b", "2", "3", "4", "5", "6".
+    /// An id of [`SCENARIOS`].
     pub scenario: String,
     pub title: String,
     /// Fault -> the survivor's first event about it (daemon timestamps).
@@ -200,7 +200,34 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ("4", "LAN adapter fails on the primary"),
     ("5", "both links cut (split brain)"),
     ("6", "primary crashes during a resync"),
+    (
+        "5w",
+        "both links cut, with a witness (only the lease holder serves)",
+    ),
+    ("7", "witness down while in sync"),
+    (
+        "8",
+        "witness down, then the primary killed (on_no_quorum = suspend)",
+    ),
+    (
+        "8s",
+        "witness down, then the primary killed (on_no_quorum = sft3)",
+    ),
+    (
+        "9",
+        "primary cut from its peer and the witness, the secondary reaches it",
+    ),
 ];
+
+/// The scenarios run with a witness on the client host, and their
+/// `on_no_quorum`.
+fn witness_policy(id: &str) -> Option<&'static str> {
+    match id {
+        "5w" | "7" | "8" | "9" => Some("suspend"),
+        "8s" => Some("sft3"),
+        _ => None,
+    }
+}
 
 /// The running state of one scenario.
 pub struct Ctx<'a> {
@@ -604,7 +631,7 @@ impl Pair {
     }
 }
 
-/// Run scenario `id` ("1", "1b", "2", "3", "4", "5", "6"). A scenario that
+/// Run scenario `id` (see [`SCENARIOS`]). A scenario that
 /// cannot run to its end comes back with `error` set.
 pub fn run(id: &str, opts: &ScenarioOptions, obs: &dyn Observer) -> ScenarioResult {
     let title = SCENARIOS
@@ -612,8 +639,12 @@ pub fn run(id: &str, opts: &ScenarioOptions, obs: &dyn Observer) -> ScenarioResu
         .find(|(i, _)| *i == id)
         .map_or("unknown scenario", |(_, t)| t);
     let mut partial = ScenarioResult::new(id, title);
+    let mut opts = opts.clone();
+    if let Some(policy) = witness_policy(id) {
+        opts.pair = opts.pair.with_witness(policy);
+    }
     let r = (|| -> Result<ScenarioResult, String> {
-        let mut c = Ctx::start(id, title, opts, obs)?;
+        let mut c = Ctx::start(id, title, &opts, obs)?;
         let out = match id {
             "1" => primary_fails(&mut c, false),
             "1b" => primary_fails(&mut c, true),
@@ -622,6 +653,10 @@ pub fn run(id: &str, opts: &ScenarioOptions, obs: &dyn Observer) -> ScenarioResu
             "4" => lan_adapter_fails(&mut c),
             "5" => both_links_cut(&mut c),
             "6" => primary_crash_during_resync(&mut c),
+            "5w" => both_links_cut_with_witness(&mut c),
+            "7" => witness_down_in_sync(&mut c),
+            "8" | "8s" => witness_down_then_primary_killed(&mut c, id == "8s"),
+            "9" => primary_cut_from_peer_and_witness(&mut c),
             _ => Err(format!("unknown scenario `{id}`")),
         };
         c.pump();
@@ -1022,6 +1057,226 @@ fn both_links_cut(c: &mut Ctx) -> Result<(), String> {
     c.pair.admin(2, "invalidate")?;
     c.resync(1, decided_ms)?;
     c.finish(wl, 1)?;
+    Ok(())
+}
+
+/// Wait until node 1 holds the witness lease.
+fn lease_held(c: &mut Ctx, node: u16) -> Result<(), String> {
+    c.wait(&format!("node {node} holds the witness lease"), |p| {
+        p.status(node).is_ok_and(|s| s["witness"]["held"] == true)
+    })?;
+    c.step(&format!("node {node} holds the witness lease"));
+    Ok(())
+}
+
+/// Assert for `secs` that `node` stays secondary and never holds the
+/// service address.
+fn stays_secondary(c: &mut Ctx, node: u16, secs: u64, why: &str) {
+    let t = Instant::now();
+    let mut seen = None;
+    while t.elapsed() < Duration::from_secs(secs) {
+        c.pump();
+        let r = role(&c.pair, node);
+        let holds = c.pair.topo.holds_service_address(node).unwrap_or(false);
+        if r != "secondary" || holds {
+            seen = Some(format!("{r}, service address held: {holds}"));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.check(
+        &format!("node {node} stays secondary for {secs} s ({why})"),
+        seen.is_none(),
+        seen.unwrap_or_default(),
+    );
+}
+
+/// The takeover time: the fault to the first write acknowledged on a
+/// connection opened after it (waits for 50 acknowledgements).
+fn record_takeover(c: &mut Ctx, wl: &Workload, fault: Instant) -> Result<(), String> {
+    wl.wait_acks(50, c.opts.wait)?;
+    c.res.takeover_ms = ms_between(fault, wl.first_ack_on_new_connection_after(fault));
+    c.step(&format!(
+        "client writes acknowledged by node 2 {:.0} ms after the fault",
+        c.res.takeover_ms.unwrap_or(f64::NAN)
+    ));
+    Ok(())
+}
+
+/// Cut (or heal) both links between the servers: the LAN (bridge ports
+/// isolated from each other), then, once node 2 hears node 1 no more on
+/// it, the MSL (the other order is scenario 3 for node 2, see
+/// `both_links_cut`).
+fn both_links(c: &mut Ctx, up: bool) -> Result<(), String> {
+    let msl1 = c.pair.topo.msl_if(1);
+    isolate_servers(&c.pair, !up)?;
+    if !up {
+        c.wait("node 2 hears node 1 no more on the LAN", |p| {
+            p.status(2).is_ok_and(|s| s["lan_alive"] == false)
+        })?;
+    }
+    c.link(1, msl1, up)
+}
+
+/// 5w: scenario 5 with a witness on the client host. Both links between
+/// the servers cut, both still reaching the client and the witness: node
+/// 1 keeps the lease and serves, node 2 asks and is refused, so it never
+/// takes over; healed, the pair resyncs by itself (no administrator), no
+/// acknowledged write lost, volumes identical.
+fn both_links_cut_with_witness(c: &mut Ctx) -> Result<(), String> {
+    lease_held(c, 1)?;
+    let wl = c.start_workload()?;
+    let fault_ms = unix_ms();
+    c.step("cutting the LAN between the servers and the MSL; both still reach the client and the witness");
+    both_links(c, false)?;
+    c.wait("node 2 finds node 1 silent on both paths", |p| {
+        p.event_after(2, "peer_down", fault_ms).is_some()
+    })?;
+    c.detect(2, &["peer_down"], fault_ms);
+    stays_secondary(c, 2, 3, "the witness refuses it the lease node 1 holds");
+    let during = wl.wait_acks(100, c.opts.wait);
+    c.check(
+        "node 1 serves alone with the lease",
+        during.is_ok(),
+        during.err().unwrap_or_default(),
+    );
+    let s2 = c.pair.status(2)?;
+    c.check(
+        "the witness named node 1 the holder to node 2",
+        s2["witness"]["holder"] == 1 && s2["witness"]["counters"]["refused"].as_u64() > Some(0),
+        s2["witness"].to_string(),
+    );
+    let heal_ms = unix_ms();
+    c.step("healing both links: no administrator acts");
+    both_links(c, true)?;
+    c.resync(1, heal_ms)?;
+    c.check(
+        "no split brain",
+        c.pair
+            .event_after(1, "split_brain_refused", heal_ms)
+            .is_none()
+            && c.pair
+                .event_after(2, "split_brain_refused", heal_ms)
+                .is_none(),
+        "",
+    );
+    c.finish(wl, 1)?;
+    Ok(())
+}
+
+/// 7: the witness killed while the pair is in sync: nothing changes, the
+/// client's writes go on, node 1 reports the witness unreachable.
+fn witness_down_in_sync(c: &mut Ctx) -> Result<(), String> {
+    lease_held(c, 1)?;
+    let wl = c.start_workload()?;
+    let fault_ms = unix_ms();
+    c.step("kill -9 the witness");
+    c.pair.kill_witness();
+    c.wait("node 1 reports the witness unreachable", |p| {
+        p.event_after(1, "witness_unreachable", fault_ms).is_some()
+    })?;
+    c.detect(1, &["witness_unreachable"], fault_ms);
+    c.check_notified(1, &["witness_unreachable"]);
+    let goes_on = wl.wait_acks(200, c.opts.wait);
+    c.check(
+        "client writes go on without the witness",
+        goes_on.is_ok(),
+        goes_on.err().unwrap_or_default(),
+    );
+    c.check("still in sync", in_sync(&c.pair, 1), "");
+    c.finish(wl, 1)?;
+    Ok(())
+}
+
+/// 8 / 8s: the witness down, then the primary killed. `suspend`: node 2
+/// waits (3 s checked), then takes over once the witness is back; `sft3`:
+/// node 2 takes over without it. Node 1 then returns as secondary.
+fn witness_down_then_primary_killed(c: &mut Ctx, sft3: bool) -> Result<(), String> {
+    lease_held(c, 1)?;
+    let wl = c.start_workload()?;
+    let down_ms = unix_ms();
+    c.step("kill -9 the witness");
+    c.pair.kill_witness();
+    c.wait("node 1 reports the witness unreachable", |p| {
+        p.event_after(1, "witness_unreachable", down_ms).is_some()
+    })?;
+    let (fault, fault_ms) = (Instant::now(), unix_ms());
+    c.step("kill -9 node 1");
+    c.pair.kill9(1)?;
+    if sft3 {
+        let t = c.wait("node 2 takes over without the witness (sft3)", |p| {
+            role(p, 2) == "primary"
+        })?;
+        c.step(&format!(
+            "node 2 took over {:.0} ms after the kill",
+            t.as_secs_f64() * 1000.0
+        ));
+    } else {
+        stays_secondary(c, 2, 3, "on_no_quorum = suspend, no witness");
+        c.step("restarting the witness");
+        c.pair.start_witness()?;
+        let t = c.wait("node 2 takes over once the witness is back", |p| {
+            role(p, 2) == "primary"
+        })?;
+        c.step(&format!(
+            "node 2 took over {:.0} ms after the witness came back",
+            t.as_secs_f64() * 1000.0
+        ));
+    }
+    c.detect(2, &["peer_down"], fault_ms);
+    record_takeover(c, &wl, fault)?;
+    let back_ms = unix_ms();
+    c.step("restarting node 1: it rejoins as secondary");
+    c.pair.start(1)?;
+    c.resync(2, back_ms)?;
+    c.finish(wl, 2)?;
+    Ok(())
+}
+
+/// 9: node 1 (primary) cut from its peer (LAN and MSL) and from the
+/// witness, node 2 still reaching the witness: node 2 takes over once node
+/// 1's lease ended; node 1 acknowledges nothing from then on; healed, node
+/// 1 rejoins as secondary and is resynced without an administrator.
+fn primary_cut_from_peer_and_witness(c: &mut Ctx) -> Result<(), String> {
+    lease_held(c, 1)?;
+    let wl = c.start_workload()?;
+    let (fault, fault_ms) = (Instant::now(), unix_ms());
+    c.step("cutting node 1 from node 2 (LAN and MSL) and from the witness (blackhole route)");
+    c.pair.cut_witness(1, true)?;
+    both_links(c, false)?;
+    let t = c.wait("node 2 takes over with the lease", |p| {
+        role(p, 2) == "primary"
+    })?;
+    c.step(&format!(
+        "node 2 took over {:.0} ms after the cut",
+        t.as_secs_f64() * 1000.0
+    ));
+    c.detect(2, &["peer_down"], fault_ms);
+    record_takeover(c, &wl, fault)?;
+    let bytes = |p: &Pair| {
+        p.status(1)
+            .ok()
+            .and_then(|s| s["counters"]["client_bytes_written"].as_u64())
+    };
+    let before = bytes(&c.pair);
+    let goes_on = wl.wait_acks(200, c.opts.wait);
+    c.check(
+        "the client goes on through node 2",
+        goes_on.is_ok(),
+        goes_on.err().unwrap_or_default(),
+    );
+    let after = bytes(&c.pair);
+    c.check(
+        "node 1 acknowledged nothing after node 2 took over",
+        before.is_some() && before == after,
+        format!("client bytes written on node 1: {before:?} then {after:?}"),
+    );
+    let heal_ms = unix_ms();
+    c.step("healing: node 1 reaches node 2 and the witness again");
+    c.pair.cut_witness(1, false)?;
+    both_links(c, true)?;
+    c.resync(2, heal_ms)?;
+    c.finish(wl, 2)?;
     Ok(())
 }
 

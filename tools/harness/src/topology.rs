@@ -28,6 +28,12 @@ pub use msl_transport::netns::{BRIDGE, CLIENT_IP, LAN_A, LAN_B, LAN_IF_A, LAN_IF
 
 /// The floating service address (held by the primary).
 pub const SERVICE_IP: &str = "10.77.1.100";
+/// The witness (msl-witness) on the client host: a second address on the
+/// bridge, so a server's path to it can be cut (a blackhole route) without
+/// cutting its path to the client.
+pub const WITNESS_IP: &str = "10.77.1.60";
+/// The witness's UDP port.
+pub const WITNESS_PORT: u16 = 7790;
 
 /// Two server namespaces joined by the MSL veth pair, plus the LAN switch
 /// namespace with the client host. Everything is removed on drop. The

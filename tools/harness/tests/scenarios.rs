@@ -54,3 +54,28 @@ fn test_scenario_5_both_links_cut_split_brain_refused_admin_resolves() {
 fn test_scenario_6_primary_crash_during_resync_no_takeover_resumes() {
     scenario("6");
 }
+
+#[test]
+fn test_scenario_5w_both_links_cut_witness_one_server_serves_no_admin() {
+    scenario("5w");
+}
+
+#[test]
+fn test_scenario_7_witness_down_in_sync_nothing_changes() {
+    scenario("7");
+}
+
+#[test]
+fn test_scenario_8_witness_down_primary_killed_suspend_waits_for_it() {
+    scenario("8");
+}
+
+#[test]
+fn test_scenario_8s_witness_down_primary_killed_sft3_takes_over() {
+    scenario("8s");
+}
+
+#[test]
+fn test_scenario_9_primary_cut_from_peer_and_witness_secondary_takes_over() {
+    scenario("9");
+}

@@ -124,15 +124,50 @@ pub fn status(dir: &Path, id: u16) -> Option<Value> {
     (v["ok"] == true).then(|| v["status"].clone())
 }
 
-pub fn wait(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+pub fn wait(what: &str, secs: u64, f: impl FnMut() -> bool) {
+    wait_with(what, secs, Duration::from_millis(50), f, String::new);
+}
+
+/// `wait`, polling every `poll`, whose timeout message ends with
+/// `context()` (the nodes' logs, say).
+pub fn wait_with(
+    what: &str,
+    secs: u64,
+    poll: Duration,
+    mut f: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(secs) {
         if f() {
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(poll);
     }
-    panic!("timed out after {secs} s waiting for: {what}");
+    panic!(
+        "timed out after {secs} s waiting for: {what}\n{}",
+        context()
+    );
+}
+
+/// Node `id`'s role as its status says.
+pub fn role(dir: &Path, id: u16) -> Option<String> {
+    status(dir, id).and_then(|s| s["role"].as_str().map(str::to_string))
+}
+
+/// Node `primary` primary and the other secondary, both in sync.
+pub fn in_sync_as(dir: &Path, primary: u16) -> bool {
+    status(dir, primary).is_some_and(|s| s["in_sync"] == true && s["role"] == "primary")
+        && status(dir, 3 - primary)
+            .is_some_and(|s| s["in_sync"] == true && s["role"] == "secondary")
+}
+
+/// How often `event=NAME` appears in node `id`'s log.
+pub fn log_events(dir: &Path, id: u16, name: &str) -> usize {
+    std::fs::read_to_string(dir.join(format!("n{id}.log")))
+        .unwrap_or_default()
+        .matches(&format!("event={name} "))
+        .count()
 }
 
 pub fn qemu_io(ns: &str, cmds: &[&str]) -> String {

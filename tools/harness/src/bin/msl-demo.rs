@@ -25,8 +25,13 @@ struct Args {
     /// narrative then goes to stderr).
     #[arg(long)]
     json: bool,
-    /// Scenarios to run, comma-separated (1, 1b, 2, 3, 4, 5, 6).
-    #[arg(long, default_value = "1,1b,2,3,4,5,6", value_delimiter = ',')]
+    /// Scenarios to run, comma-separated (1, 1b, 2, 3, 4, 5, 6; with a
+    /// witness on the client host: 5w, 7, 8, 8s, 9).
+    #[arg(
+        long,
+        default_value = "1,1b,2,3,4,5,6,5w,7,8,8s,9",
+        value_delimiter = ','
+    )]
     scenarios: Vec<String>,
     /// Volume size of each node, MiB.
     #[arg(long, default_value_t = 64)]
@@ -229,6 +234,7 @@ fn main() {
         "  server 1 (ns_a)                  LAN switch + client            server 2 (ns_b)",
         "  msla 10.79.0.1 <============== MSL (raw Ethernet) ==============> mslb 10.79.0.2",
         "  a-lan 10.77.1.1 --------------- br0 10.77.1.50 --------------- b-lan 10.77.1.2",
+        "  scenarios 5w to 9: msl-witness on the client host (10.77.1.60:7790) grants the lease",
         "  service address 10.77.1.100 (NBD :10809) on the primary; the client writes stamped 4 KiB",
         "  blocks to it and checks every block at the end against what was acknowledged",
         "",
