@@ -1,5 +1,5 @@
 //! The MSL frame: a fixed header, a fixed-size type-specific body, payload
-//! bytes, a CRC32C and an optional 16-byte authentication tag.
+//! bytes and a 16-byte AEGIS-128L MAC tag.
 //!
 //! The same bytes travel after the Ethernet header on the MSL and as the UDP
 //! payload of LAN server-state packets.
@@ -11,13 +11,19 @@
 //!  +------+----+-----+-----+----------+----------+---------+
 //!  8 cluster_id u64 | 16 sender u16 | 18 body_len u16 | 20 payload_len u32
 //!  24 generation u64 | 32 seq u64 | 40 ack u64 | 48 body ... payload ...
-//!  then crc32c u32 over magic..payload, then (if flags & AUTH) a 16-byte tag:
-//!  the first 16 bytes of blake3::keyed_hash(key, magic..crc).
+//!  then a 16-byte tag: AEGISMAC-128L (RFC 10032, all-zero nonce) over
+//!  magic..payload, under the domain key's first 16 bytes if flags & AUTH,
+//!  else under the well-known `KEYLESS_MAC_KEY`.
 //! ```
 //!
+//! One pass over the frame both checks its integrity and authenticates it:
+//! the tag replaces the CRC32C and the keyed BLAKE3 tag of version 2. A pair
+//! without a cluster key still gets an integrity check (the tag under the
+//! well-known key), which catches damage but, like a CRC, not forgery.
+//!
 //! All integers are big-endian. Everything here (field offsets, body layouts,
-//! type codes, flag bits) is fixed for `VERSION` 2; changing any of it needs a
-//! version bump.
+//! type codes, flag bits, the MAC) is fixed for `VERSION` 3; changing any of
+//! it needs a version bump.
 //!
 //! [`parse`] validates a frame completely before returning it: after it
 //! succeeds, every field of the returned [`Message`] is meaningful. It never
@@ -37,17 +43,21 @@ pub type Field = Range<usize>;
 
 /// Frame magic, "MS".
 pub const MAGIC: u16 = 0x4D53;
-/// Wire format version. Frames with any other version are refused.
-/// Version 2: HELLO and HEARTBEAT carry the sender's start epoch (and
-/// HELLO a counter), so receivers can drop replays.
-pub const VERSION: u8 = 2;
+/// Wire format version. Frames with any other version are refused
+/// (`ParseError::BadVersion`, whose message says which node to upgrade).
+/// Version 3: one AEGIS-128L MAC tag ends every frame, instead of a CRC32C
+/// and, when keyed, a keyed BLAKE3 tag (version 2).
+pub const VERSION: u8 = 3;
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = field::HEADER_END;
-/// Length of the CRC32C trailer.
-pub const CRC_LEN: usize = 4;
-/// Length of the authentication tag that follows the CRC when `flags::AUTH`
-/// is set.
+/// Length of the MAC tag that ends every frame.
 pub const TAG_LEN: usize = 16;
+/// Length of an AEGIS-128L key: the first `MAC_KEY_LEN` bytes of a
+/// [`Key`] key the frame MAC.
+pub const MAC_KEY_LEN: usize = 16;
+/// The MAC key of frames without `flags::AUTH` (pairs without a cluster
+/// key). Public and fixed: the tag then guards against damage, not forgery.
+pub const KEYLESS_MAC_KEY: [u8; MAC_KEY_LEN] = *b"msl keyless mac\0";
 /// Largest body of any known message type.
 pub const MAX_BODY_LEN: usize = body::ack::LEN;
 
@@ -92,7 +102,8 @@ pub mod flags {
     /// The receiver must refuse the frame if it does not know its type
     /// (otherwise it may silently ignore it).
     pub const MUST_UNDERSTAND: u8 = 0x80;
-    /// A 16-byte authentication tag follows the CRC.
+    /// The tag is under the cluster's key for the domain (else under
+    /// `KEYLESS_MAC_KEY`).
     pub const AUTH: u8 = 0x40;
     /// Every flag this version defines.
     pub const KNOWN: u8 = MUST_UNDERSTAND | AUTH;
@@ -266,7 +277,8 @@ pub mod body {
     }
 }
 
-/// Pre-shared key for frame authentication (blake3 keyed hash).
+/// Pre-shared key of one domain. Its first `MAC_KEY_LEN` bytes key the
+/// frame MAC (AEGIS-128L); all 32 key the witness protocol's BLAKE3 tag.
 #[derive(Clone)]
 pub struct Key(pub [u8; 32]);
 
@@ -359,18 +371,16 @@ pub enum ParseError {
     /// Declared lengths are inconsistent with the buffer, the body size of
     /// the type, or the type does not allow a payload.
     BadLength(&'static str),
-    /// CRC32C mismatch.
-    BadCrc {
-        /// CRC computed over the received bytes.
-        computed: u32,
-        /// CRC carried in the frame.
-        frame: u32,
-    },
-    /// A key is configured but the frame has no authentication tag.
+    /// A frame without `flags::AUTH` whose tag does not verify under
+    /// `KEYLESS_MAC_KEY`: damaged on the way.
+    BadChecksum,
+    /// A key is configured but the frame is not tagged under a key (its
+    /// tag, under `KEYLESS_MAC_KEY`, verifies).
     MissingAuth,
-    /// No key is configured but the frame carries an authentication tag.
+    /// No key is configured but the frame is tagged under a key.
     UnexpectedAuth,
-    /// The authentication tag does not verify under the configured key.
+    /// The tag of a frame with `flags::AUTH` does not verify under the
+    /// configured key: another key, or damaged or forged bytes.
     BadAuth,
     /// The frame belongs to another cluster.
     WrongCluster(u64),
@@ -396,7 +406,7 @@ impl ParseError {
             ParseError::BadMagic(_) => "rx_bad_magic",
             ParseError::BadVersion(_) => "rx_bad_version",
             ParseError::BadLength(_) => "rx_bad_length",
-            ParseError::BadCrc { .. } => "rx_bad_crc",
+            ParseError::BadChecksum => "rx_bad_checksum",
             ParseError::MissingAuth => "rx_missing_auth",
             ParseError::UnexpectedAuth => "rx_unexpected_auth",
             ParseError::BadAuth => "rx_bad_auth",
@@ -417,20 +427,27 @@ impl fmt::Display for ParseError {
             ParseError::BadMagic(m) => {
                 write!(f, "bad frame magic 0x{m:04x} (expected 0x{MAGIC:04x})")
             }
+            ParseError::BadVersion(v) if v < VERSION => write!(
+                f,
+                "frame of wire version {v} refused: this node speaks version {VERSION} \
+                 (AEGIS-128L frame MAC); upgrade the node that sent it to this msl release \
+                 (both nodes of a pair run the same wire version)"
+            ),
             ParseError::BadVersion(v) => write!(
                 f,
-                "unsupported wire version {v} (this build speaks {VERSION}); upgrade the older node"
+                "frame of wire version {v} refused: this node speaks version {VERSION}; \
+                 upgrade this node to the msl release of the node that sent it \
+                 (both nodes of a pair run the same wire version)"
             ),
             ParseError::BadLength(what) => write!(f, "inconsistent frame length: {what}"),
-            ParseError::BadCrc { computed, frame } => write!(
-                f,
-                "frame checksum mismatch: computed 0x{computed:08x}, frame says 0x{frame:08x}"
+            ParseError::BadChecksum => f.write_str(
+                "frame checksum mismatch: the keyless frame's MAC tag does not verify (damaged frame)",
             ),
             ParseError::MissingAuth => f.write_str(
-                "frame has no authentication tag but a key is configured (is the peer configured with the key?)",
+                "frame is not authenticated with a key but a key is configured (is the peer configured with the key?)",
             ),
             ParseError::UnexpectedAuth => f.write_str(
-                "frame carries an authentication tag but no key is configured here",
+                "frame is authenticated with a key but no key is configured here",
             ),
             ParseError::BadAuth => {
                 f.write_str("frame authentication tag does not verify (different keys?)")
@@ -542,8 +559,8 @@ pub struct RxCounters {
     pub bad_version: u64,
     /// `ParseError::BadLength`.
     pub bad_length: u64,
-    /// `ParseError::BadCrc`.
-    pub bad_crc: u64,
+    /// `ParseError::BadChecksum`.
+    pub bad_checksum: u64,
     /// `ParseError::MissingAuth`.
     pub missing_auth: u64,
     /// `ParseError::UnexpectedAuth`.
@@ -579,7 +596,7 @@ impl RxCounters {
             ParseError::BadMagic(_) => &mut self.bad_magic,
             ParseError::BadVersion(_) => &mut self.bad_version,
             ParseError::BadLength(_) => &mut self.bad_length,
-            ParseError::BadCrc { .. } => &mut self.bad_crc,
+            ParseError::BadChecksum => &mut self.bad_checksum,
             ParseError::MissingAuth => &mut self.missing_auth,
             ParseError::UnexpectedAuth => &mut self.unexpected_auth,
             ParseError::BadAuth => &mut self.bad_auth,
@@ -605,7 +622,7 @@ impl RxCounters {
             ("rx_bad_magic", self.bad_magic),
             ("rx_bad_version", self.bad_version),
             ("rx_bad_length", self.bad_length),
-            ("rx_bad_crc", self.bad_crc),
+            ("rx_bad_checksum", self.bad_checksum),
             ("rx_missing_auth", self.missing_auth),
             ("rx_unexpected_auth", self.unexpected_auth),
             ("rx_bad_auth", self.bad_auth),
@@ -678,25 +695,33 @@ fn all_zero(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
-/// Constant-time comparison of two equal-length tags.
-#[inline(never)]
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        diff |= x ^ y;
-    }
-    core::hint::black_box(diff) == 0
-}
+/// AEGISMAC-128L with a 128-bit tag.
+type Mac = aegis::aegis128l::Aegis128LMac<TAG_LEN>;
 
-/// The authentication tag over `bytes` (magic through CRC).
-fn auth_tag(key: &Key, bytes: &[u8]) -> [u8; TAG_LEN] {
-    let h = blake3::keyed_hash(&key.0, bytes);
-    let mut t = [0u8; TAG_LEN];
-    t.copy_from_slice(&h.as_bytes()[..TAG_LEN]);
-    t
+/// The MAC state after absorbing `bytes` (magic through payload), under
+/// `key`'s first `MAC_KEY_LEN` bytes, or `KEYLESS_MAC_KEY` without a key.
+///
+/// The nonce is fixed (all zeros, `Aegis128LMac::new`). That is sound for
+/// the MAC: RFC 10032 (section "AEGIS as a Message Authentication Code")
+/// allows reusing a (key, nonce) pair for the MAC with different inputs,
+/// unlike encryption; no keystream is ever produced, and these keys serve
+/// nothing but this MAC. Each key belongs to one domain (`Key::derive`),
+/// so a tag from one domain never verifies in another; and what a nonce
+/// would otherwise give, telling one transmission from a replay of it, the
+/// authenticated bytes carry themselves: (epoch, counter) in HELLO and
+/// HEARTBEAT, (generation, seq) in the header, checked by the receiver.
+fn mac(key: Option<&Key>, bytes: &[u8]) -> Mac {
+    let k = match key {
+        Some(k) => {
+            let mut a = [0u8; MAC_KEY_LEN];
+            a.copy_from_slice(&k.0[..MAC_KEY_LEN]);
+            a
+        }
+        None => KEYLESS_MAC_KEY,
+    };
+    let mut m = Mac::new(&k);
+    m.update(bytes);
+    m
 }
 
 // ---------------------------------------------------------------------------
@@ -706,11 +731,11 @@ fn auth_tag(key: &Key, bytes: &[u8]) -> [u8; TAG_LEN] {
 /// A view over the bytes of one frame (smoltcp style).
 ///
 /// `new_checked` verifies that the buffer holds the fixed header and every
-/// byte the header declares (body, payload, CRC, tag); after that no accessor
+/// byte the header declares (body, payload, tag); after that no accessor
 /// can panic. Accessors that depend on wire-supplied lengths are also written
 /// so that they cannot panic on a `new_unchecked` view: they return empty
-/// slices / zero instead. `new_checked` does not verify the CRC or the tag:
-/// use [`parse`] for full validation.
+/// slices / zero instead. `new_checked` does not verify the tag: use
+/// [`parse`] for full validation.
 #[derive(Clone, Copy, Debug)]
 pub struct Frame<T: AsRef<[u8]>> {
     buffer: T,
@@ -822,8 +847,8 @@ impl<T: AsRef<[u8]>> Frame<T> {
         self.flags() & flags::AUTH != 0
     }
 
-    /// Offset of the CRC (= length of the checksummed part).
-    pub fn crc_offset(&self) -> usize {
+    /// Offset of the tag (= length of the authenticated part).
+    pub fn tag_offset(&self) -> usize {
         // body_len <= 65535 and payload_len <= 2^32 - 1: no overflow on
         // 64-bit targets; saturate elsewhere so the view stays panic-free.
         HEADER_LEN
@@ -831,12 +856,9 @@ impl<T: AsRef<[u8]>> Frame<T> {
             .saturating_add(usize::try_from(self.payload_len()).unwrap_or(usize::MAX))
     }
 
-    /// Total frame length the header declares (including CRC and tag).
+    /// Total frame length the header declares (including the tag).
     pub fn total_len(&self) -> usize {
-        let tag = if self.has_auth() { TAG_LEN } else { 0 };
-        self.crc_offset()
-            .saturating_add(CRC_LEN)
-            .saturating_add(tag)
+        self.tag_offset().saturating_add(TAG_LEN)
     }
 
     /// The body bytes (empty if the buffer is too short).
@@ -847,7 +869,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
 
     /// Byte range of the payload in the buffer.
     pub fn payload_range(&self) -> Field {
-        HEADER_LEN + usize::from(self.body_len())..self.crc_offset()
+        HEADER_LEN + usize::from(self.body_len())..self.tag_offset()
     }
 
     /// The payload bytes (empty if the buffer is too short).
@@ -858,38 +880,34 @@ impl<T: AsRef<[u8]>> Frame<T> {
             .unwrap_or(&[])
     }
 
-    /// The bytes the CRC covers (magic through payload).
-    pub fn checksummed(&self) -> &[u8] {
-        self.buffer.as_ref().get(..self.crc_offset()).unwrap_or(&[])
-    }
-
-    /// The CRC carried in the frame (0 if the buffer is too short).
-    pub fn crc(&self) -> u32 {
-        let at = self.crc_offset();
-        match self.buffer.as_ref().get(at..at.saturating_add(CRC_LEN)) {
-            Some(b) => rd_u32(b, 0..CRC_LEN),
-            None => 0,
-        }
-    }
-
-    /// The CRC32C of the checksummed bytes.
-    pub fn compute_crc(&self) -> u32 {
-        crc32c::crc32c(self.checksummed())
-    }
-
-    /// The authentication tag, if the AUTH flag is set and it is present.
-    pub fn tag(&self) -> Option<&[u8]> {
-        if !self.has_auth() {
-            return None;
-        }
-        let at = self.crc_offset().saturating_add(CRC_LEN);
-        self.buffer.as_ref().get(at..at.saturating_add(TAG_LEN))
-    }
-
-    /// The bytes the tag covers (magic through CRC).
+    /// The bytes the tag covers (magic through payload; empty if the buffer
+    /// is too short).
     pub fn authenticated(&self) -> &[u8] {
-        let end = self.crc_offset().saturating_add(CRC_LEN);
-        self.buffer.as_ref().get(..end).unwrap_or(&[])
+        self.buffer.as_ref().get(..self.tag_offset()).unwrap_or(&[])
+    }
+
+    /// The tag carried in the frame (empty if the buffer is too short).
+    pub fn tag(&self) -> &[u8] {
+        let at = self.tag_offset();
+        self.buffer
+            .as_ref()
+            .get(at..at.saturating_add(TAG_LEN))
+            .unwrap_or(&[])
+    }
+
+    /// The tag of the authenticated bytes under `key` (the domain key the
+    /// AUTH flag calls for), or under `KEYLESS_MAC_KEY` if `None`.
+    pub fn compute_tag(&self, key: Option<&Key>) -> [u8; TAG_LEN] {
+        mac(key, self.authenticated()).finalize()
+    }
+
+    /// Whether the carried tag verifies under `key` (or `KEYLESS_MAC_KEY`),
+    /// compared in constant time.
+    pub fn verify_tag(&self, key: Option<&Key>) -> bool {
+        match <&[u8; TAG_LEN]>::try_from(self.tag()) {
+            Ok(tag) => mac(key, self.authenticated()).verify(tag).is_ok(),
+            Err(_) => false,
+        }
     }
 }
 
@@ -948,10 +966,11 @@ pub const fn body_len(t: MsgType) -> usize {
     }
 }
 
-/// Bytes of a frame besides its payload: header, body, CRC and (if keyed)
-/// tag.
+/// Bytes of a frame besides its payload: header, body and tag. The same
+/// keyed or not (`keyed` is kept for callers that size frames either way).
 pub const fn overhead(t: MsgType, keyed: bool) -> usize {
-    HEADER_LEN + body_len(t) + CRC_LEN + if keyed { TAG_LEN } else { 0 }
+    let _ = keyed;
+    HEADER_LEN + body_len(t) + TAG_LEN
 }
 
 /// Total frame length for `msg` with `payload_len` payload bytes.
@@ -1196,15 +1215,10 @@ pub fn emit(
     body.fill(0);
     emit_body(msg, body);
 
-    let crc_at = body_end + payload.len();
-    out[body_end..crc_at].copy_from_slice(payload);
-    let crc = crc32c::crc32c(&out[..crc_at]);
-    wr_u32(out, crc_at..crc_at + CRC_LEN, crc);
-    if let Some(k) = key {
-        let tag_at = crc_at + CRC_LEN;
-        let tag = auth_tag(k, &out[..tag_at]);
-        out[tag_at..tag_at + TAG_LEN].copy_from_slice(&tag);
-    }
+    let tag_at = body_end + payload.len();
+    out[body_end..tag_at].copy_from_slice(payload);
+    let tag = mac(key, &out[..tag_at]).finalize();
+    out[tag_at..].copy_from_slice(&tag);
     Ok(need)
 }
 
@@ -1390,8 +1404,11 @@ fn parse_body(t: MsgType, b: &[u8]) -> Result<Message, ParseError> {
 /// Validate `bytes` as one complete frame and decode it.
 ///
 /// Checks, in this order: `Truncated`, `BadMagic`, `BadVersion`,
-/// `BadLength`, `BadCrc`, `MissingAuth`, `UnexpectedAuth`, `BadAuth`,
-/// `WrongCluster`, `UnknownType`, `BadField`. The buffer must hold exactly
+/// `BadLength`, then the tag in one pass over the frame (`UnexpectedAuth`
+/// for a keyed frame when no key is configured, else `BadAuth` if it does
+/// not verify; `BadChecksum` for a keyless frame that does not verify, then
+/// `MissingAuth` if a key is configured), then `WrongCluster`,
+/// `UnknownType`, `BadField`. The buffer must hold exactly
 /// one frame (a longer buffer is `BadLength`, a shorter one `Truncated`).
 ///
 /// Never panics, never allocates, never copies the payload.
@@ -1427,23 +1444,23 @@ pub fn parse<'a>(bytes: &'a [u8], expect: &Expect) -> Result<Parsed<'a>, ParseEr
             ));
         }
     }
-    let computed = f.compute_crc();
-    let carried = f.crc();
-    if computed != carried {
-        return Err(ParseError::BadCrc {
-            computed,
-            frame: carried,
-        });
-    }
-    match (expect.key, f.tag()) {
-        (Some(_), None) => return Err(ParseError::MissingAuth),
-        (None, Some(_)) => return Err(ParseError::UnexpectedAuth),
-        (Some(key), Some(tag)) => {
-            if !ct_eq(&auth_tag(key, f.authenticated()), tag) {
-                return Err(ParseError::BadAuth);
-            }
+    // The tag is checked under the key the AUTH flag names, so that a
+    // damaged keyless frame is `BadChecksum` and `MissingAuth` means an
+    // intact frame from a peer without the key.
+    if f.has_auth() {
+        let Some(key) = expect.key else {
+            return Err(ParseError::UnexpectedAuth);
+        };
+        if !f.verify_tag(Some(key)) {
+            return Err(ParseError::BadAuth);
         }
-        (None, None) => {}
+    } else {
+        if !f.verify_tag(None) {
+            return Err(ParseError::BadChecksum);
+        }
+        if expect.key.is_some() {
+            return Err(ParseError::MissingAuth);
+        }
     }
     let cluster_id = f.cluster_id();
     if cluster_id != expect.cluster_id {

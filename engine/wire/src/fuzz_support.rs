@@ -11,7 +11,7 @@
 
 use crate::eth::{emit_eth, parse_eth, ETH_HEADER_LEN};
 use crate::frag::{emit_fragment, fragment_count, Reassembler};
-use crate::frame::{self, emit, flags, parse, Expect, Frame, Key, Parsed, CRC_LEN, TAG_LEN};
+use crate::frame::{self, emit, flags, parse, Expect, Frame, Key, Parsed};
 use crate::msg::*;
 
 /// Cluster id the fuzz targets expect (and the seeds carry).
@@ -22,8 +22,10 @@ pub const FUZZ_KEY: Key = Key([0x5a; 32]);
 pub const FUZZ_REASM_MAX_PAYLOAD: usize = 16 * 1024;
 
 /// If `buf` holds exactly one frame by its header's lengths, rewrite its
-/// CRC (and tag, if the AUTH flag is set and a key is given) so that the
-/// fuzzer can reach the checks after them. Returns whether it did.
+/// tag so that the fuzzer can reach the checks after it: under `key` if the
+/// AUTH flag is set, under `KEYLESS_MAC_KEY` if it is not. A frame with the
+/// AUTH flag but no `key` is left alone. Returns whether the tag was
+/// rewritten.
 pub fn fix_checksums(buf: &mut [u8], key: Option<&Key>) -> bool {
     let Ok(f) = Frame::new_checked(&*buf) else {
         return false;
@@ -31,15 +33,14 @@ pub fn fix_checksums(buf: &mut [u8], key: Option<&Key>) -> bool {
     if f.total_len() != buf.len() {
         return false;
     }
-    let crc_at = f.crc_offset();
-    let has_auth = f.has_auth();
-    let crc = crc32c::crc32c(&buf[..crc_at]);
-    buf[crc_at..crc_at + CRC_LEN].copy_from_slice(&crc.to_be_bytes());
-    if let (true, Some(k)) = (has_auth, key) {
-        let tag_at = crc_at + CRC_LEN;
-        let h = blake3::keyed_hash(&k.0, &buf[..tag_at]);
-        buf[tag_at..tag_at + TAG_LEN].copy_from_slice(&h.as_bytes()[..TAG_LEN]);
-    }
+    let key = match (f.has_auth(), key) {
+        (true, Some(k)) => Some(k),
+        (true, None) => return false,
+        (false, _) => None,
+    };
+    let tag = f.compute_tag(key);
+    let at = f.tag_offset();
+    buf[at..].copy_from_slice(&tag);
     true
 }
 
@@ -63,12 +64,12 @@ fn touch_view(data: &[u8]) {
         f.ack(),
         f.body().len(),
         f.payload().len(),
-        f.crc(),
-        f.tag().map(<[u8]>::len),
+        f.tag().len(),
         f.authenticated().len(),
         f.total_len(),
+        f.verify_tag(None),
     );
-    let _ = Frame::new_checked(data).map(|f| f.compute_crc());
+    let _ = Frame::new_checked(data).map(|f| f.compute_tag(Some(&FUZZ_KEY)));
 }
 
 /// A frame `parse` accepted must re-emit to exactly the same bytes (the
@@ -213,7 +214,8 @@ fn reassemble_structured(data: &[u8]) {
         1 => Message::StateImage(StateImageChunk {
             total_len: len as u64,
             offset: 0,
-            image_crc: crc32c::crc32c(&payload),
+            // Checked by the core after reassembly, not by the wire.
+            image_crc: u32::from(fill),
         }),
         _ => Message::ResyncData(ResyncData {
             offset: 1 << 20,

@@ -1,7 +1,8 @@
 //! msl wire format.
 //!
 //! * `msg`: typed message representations used by the protocol core.
-//! * `frame`: the versioned, checksummed, authenticated frame layout;
+//! * `frame`: the versioned frame layout, checked and authenticated by one
+//!   AEGIS-128L MAC;
 //!   `emit` / `parse` between `msg` types and bytes. Parsing untrusted bytes
 //!   never panics and never allocates.
 //! * `eth`: the Ethernet II header around MSL frames (EtherType 0x88B5).
@@ -26,7 +27,7 @@ pub use frag::{
 };
 pub use frame::{
     body_len, buffer_len, emit, flags, parse, Domain, EmitError, Expect, Frame, Key, ParseError,
-    Parsed, RxCounters, CRC_LEN, HEADER_LEN, TAG_LEN, VERSION,
+    Parsed, RxCounters, HEADER_LEN, KEYLESS_MAC_KEY, MAC_KEY_LEN, TAG_LEN, VERSION,
 };
 pub use msg::*;
 

@@ -69,14 +69,15 @@ fn test_mtu9000_data_4096_one_frame() {
     }
     let frames = fragments(&header(1), &m, &block(4096), MTU_9000, Some(&KEY));
     assert_eq!(frames.len(), 1);
-    assert_eq!(frames[0].len(), 48 + 24 + 4096 + 4 + 16);
+    assert_eq!(frames[0].len(), 48 + 24 + 4096 + 16);
 }
 
 #[test]
 fn test_mtu1500_data_4096_three_frames() {
     let m = data_msg(4096);
-    assert_eq!(max_payload_per_frame(&m, MTU_1500, false), 1486 - 76);
-    assert_eq!(max_payload_per_frame(&m, MTU_1500, true), 1486 - 92);
+    // Header, DATA body and tag, keyed or not.
+    assert_eq!(max_payload_per_frame(&m, MTU_1500, false), 1486 - 88);
+    assert_eq!(max_payload_per_frame(&m, MTU_1500, true), 1486 - 88);
     for keyed in [false, true] {
         assert_eq!(fragment_count(&m, 4096, MTU_1500, keyed), 3);
     }
@@ -258,7 +259,7 @@ fn test_unequal_fragment_sizes_inconsistent() {
     let p1 = block(4096);
     let a = fragments(&header(1), &data_msg(4096), &p1, MTU_1500, None);
     // Same message sent with a smaller frame size (same count: 3).
-    let b = fragments(&header(1), &data_msg(4096), &p1, 1486 - 40, None);
+    let b = fragments(&header(1), &data_msg(4096), &p1, 1486 - 20, None);
     assert_eq!(a.len(), b.len());
     let mut r = Reassembler::new(2, 8192);
     assert!(r.push(&parse_plain(&a[0]).unwrap()).unwrap().is_none());
@@ -316,14 +317,14 @@ fn test_emit_fragment_refusals() {
         emit_fragment(&header(1), &m, &payload, 0, 50, None, &mut out),
         Err(EmitError::FrameTooSmall { max_frame: 50, .. })
     ));
-    // 255 fragments at most.
+    // 255 fragments at most (100 payload bytes in a 188-byte frame).
     let big = vec![0u8; 300 * 100];
-    assert!(fragment_count(&m, big.len(), 176, false) > MAX_FRAGMENTS);
+    assert!(fragment_count(&m, big.len(), 188, false) > MAX_FRAGMENTS);
     assert!(matches!(
-        emit_fragment(&header(1), &m, &big, 0, 176, None, &mut out),
+        emit_fragment(&header(1), &m, &big, 0, 188, None, &mut out),
         Err(EmitError::PayloadTooLarge { .. })
     ));
-    assert_eq!(try_fragment_count(&m, 255 * 100, 176, false), Ok(255));
+    assert_eq!(try_fragment_count(&m, 255 * 100, 188, false), Ok(255));
     let (hb, _) = sample("heartbeat");
     assert_eq!(
         emit_fragment(&header(1), &hb, &[1], 0, MTU_1500, None, &mut out),

@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::frame::{
-    body, body_len, field, flags, EmitError, Frame, RxCounters, CRC_LEN, HEADER_LEN, TAG_LEN,
-    VERSION,
+    body, body_len, field, flags, EmitError, Frame, RxCounters, HEADER_LEN, KEYLESS_MAC_KEY,
+    MAC_KEY_LEN, TAG_LEN, VERSION,
 };
 use crate::fuzz_support::fix_checksums;
 use crate::Domain;
@@ -14,9 +14,11 @@ use crate::Domain;
 #[test]
 fn test_layout_sizes_frozen() {
     // Changing any of these is a wire format change: bump VERSION.
+    assert_eq!(VERSION, 3);
     assert_eq!(HEADER_LEN, 48);
-    assert_eq!(CRC_LEN, 4);
     assert_eq!(TAG_LEN, 16);
+    assert_eq!(MAC_KEY_LEN, 16);
+    assert_eq!(&KEYLESS_MAC_KEY, b"msl keyless mac\0");
     assert_eq!(body_len(MsgType::Hello), 96);
     assert_eq!(body_len(MsgType::Data), 24);
     assert_eq!(body_len(MsgType::Ack), 96);
@@ -55,11 +57,16 @@ fn test_golden_bytes_data_frame() {
         len: 2,
         flags: data_flags::FUA,
     });
+    let hex = |b: &[u8]| -> String { b.iter().map(|b| format!("{b:02x}")).collect() };
     let bytes = emit_vec(&h, &m, &[0xee, 0xff], None);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let crc = crc32c::crc32c(&bytes[..bytes.len() - 4]);
+    // The tag is AEGISMAC-128L (128-bit tag, zero nonce) of everything
+    // before it under the keyless key; frozen below as well.
+    let (covered, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+    let mut mac = aegis::aegis128l::Aegis128LMac::<16>::new(&KEYLESS_MAC_KEY);
+    mac.update(covered);
+    assert_eq!(tag, mac.finalize());
     let expected = format!(
-        "4d53020280000100\
+        "4d53030280000100\
          0102030405060708\
          0a0b0018\
          00000002\
@@ -71,10 +78,22 @@ fn test_golden_bytes_data_frame() {
          00000002\
          01000000\
          eeff\
-         {crc:08x}"
+         {GOLDEN_TAG}"
     );
-    assert_eq!(hex, expected);
+    assert_eq!(hex(&bytes), expected);
+    // Under a key: the same bytes but the AUTH flag, and another tag.
+    let keyed = emit_vec(&h, &m, &[0xee, 0xff], Some(&KEY));
+    assert_eq!(keyed[field::FLAGS], flags::MUST_UNDERSTAND | flags::AUTH);
+    assert_eq!(
+        keyed[field::FLAGS + 1..covered.len()],
+        covered[field::FLAGS + 1..]
+    );
+    assert_eq!(hex(&keyed[covered.len()..]), GOLDEN_KEYED_TAG);
 }
+
+/// Tags of `test_golden_bytes_data_frame`'s frame, keyless and under `KEY`.
+const GOLDEN_TAG: &str = "96675a0a22ec1ba5707a8f7602f7da5c";
+const GOLDEN_KEYED_TAG: &str = "9f085a81c7c8057078c8be7d0c42be37";
 
 // ----- round trips ---------------------------------------------------------
 
@@ -86,10 +105,9 @@ fn roundtrip(name: &str) {
             ..header(9)
         };
         let bytes = emit_vec(&h, &m, &payload, key);
-        let tag = if key.is_some() { TAG_LEN } else { 0 };
         assert_eq!(
             bytes.len(),
-            HEADER_LEN + body_len(m.msg_type()) + payload.len() + CRC_LEN + tag,
+            HEADER_LEN + body_len(m.msg_type()) + payload.len() + TAG_LEN,
             "{name}"
         );
         let p = parse(&bytes, &expect(key)).expect(name);
@@ -195,14 +213,21 @@ fn test_frame_view_accessors() {
     assert_eq!(f.payload_len() as usize, payload.len());
     assert_eq!((f.generation(), f.seq(), f.ack()), (3, 77, 2));
     assert_eq!(f.payload(), &payload[..]);
-    assert_eq!(f.crc(), f.compute_crc());
-    assert_eq!(f.tag().map(<[u8]>::len), Some(TAG_LEN));
+    assert_eq!(f.tag_offset(), bytes.len() - TAG_LEN);
+    assert_eq!(f.tag(), &bytes[bytes.len() - TAG_LEN..]);
+    assert_eq!(f.authenticated(), &bytes[..bytes.len() - TAG_LEN]);
+    assert_eq!(f.tag(), f.compute_tag(Some(&KEY)));
+    assert_ne!(f.tag(), f.compute_tag(None));
+    assert!(f.verify_tag(Some(&KEY)));
+    assert!(!f.verify_tag(None));
+    assert!(!f.verify_tag(Some(&Key([8; 32]))));
     assert_eq!(f.total_len(), bytes.len());
     // A view over a short buffer answers without panicking.
     let short = Frame::new_unchecked(&bytes[..10]);
     assert_eq!(short.body(), &[] as &[u8]);
     assert_eq!(short.payload(), &[] as &[u8]);
-    assert_eq!(short.crc(), 0);
+    assert_eq!(short.tag(), &[] as &[u8]);
+    assert!(!short.verify_tag(Some(&KEY)));
     assert!(Frame::new_checked(&bytes[..10]).is_err());
 }
 
@@ -218,7 +243,7 @@ fn heartbeat_frame() -> Vec<u8> {
     emit_vec(&header(0), &m, &payload, None)
 }
 
-/// Apply `f` to the bytes, fix the CRC, parse without a key.
+/// Apply `f` to the bytes, fix the (keyless) tag, parse without a key.
 fn corrupt_and_fix(mut bytes: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> ParseError {
     f(&mut bytes);
     assert!(fix_checksums(&mut bytes, None), "corruption broke lengths");
@@ -259,13 +284,37 @@ fn test_bad_magic_refused() {
 }
 
 #[test]
-fn test_other_version_refused() {
+fn test_other_version_refused_and_counted_saying_what_to_upgrade() {
+    let mut rx = RxCounters::default();
+    // Version 2 (CRC32C and keyed BLAKE3) and version 1 frames are refused,
+    // with or without a key, before any other check.
+    for old in [1u8, 2] {
+        for key in [None, Some(&KEY)] {
+            let (m, payload) = sample("heartbeat");
+            let mut b = emit_vec(&header(0), &m, &payload, key);
+            b[field::VERSION] = old;
+            let r = parse(&b, &expect(key));
+            rx.record(&r);
+            let e = r.expect_err("old version accepted");
+            assert_eq!(e, ParseError::BadVersion(old));
+            assert_eq!(e.counter_name(), "rx_bad_version");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("wire version {old} refused")),
+                "{msg}"
+            );
+            assert!(msg.contains("speaks version 3"), "{msg}");
+            assert!(msg.contains("upgrade the node that sent it"), "{msg}");
+        }
+    }
+    assert_eq!(rx.bad_version, 4);
+    assert_eq!(rx.dropped(), 4);
+    // A newer version: this node is the one to upgrade.
     let mut b = data_frame();
-    // Version 1 frames (HELLO and HEARTBEAT without epochs) are refused.
-    b[field::VERSION] = 1;
-    assert_eq!(parse_plain(&b), Err(ParseError::BadVersion(1)));
-    b[field::VERSION] = 3;
-    assert_eq!(parse_plain(&b), Err(ParseError::BadVersion(3)));
+    b[field::VERSION] = 4;
+    let e = parse_plain(&b).expect_err("newer version accepted");
+    assert_eq!(e, ParseError::BadVersion(4));
+    assert!(e.to_string().contains("upgrade this node"), "{e}");
 }
 
 #[test]
@@ -289,8 +338,8 @@ fn test_wrong_body_len_bad_length() {
 #[test]
 fn test_payload_on_heartbeat_bad_length() {
     let mut b = heartbeat_frame();
-    let crc_at = b.len() - CRC_LEN;
-    b.insert(crc_at, 0xaa);
+    let tag_at = b.len() - TAG_LEN;
+    b.insert(tag_at, 0xaa);
     b[field::PAYLOAD_LEN].copy_from_slice(&1u32.to_be_bytes());
     assert!(fix_checksums(&mut b, None));
     assert_eq!(
@@ -302,42 +351,43 @@ fn test_payload_on_heartbeat_bad_length() {
 }
 
 #[test]
-fn test_payload_bit_flip_bad_crc() {
+fn test_payload_bit_flip_bad_checksum() {
     let mut b = data_frame();
-    let good = Frame::new_checked(&b[..]).unwrap().crc();
     b[HEADER_LEN + 30] ^= 0x10;
-    match parse_plain(&b) {
-        Err(ParseError::BadCrc { computed, frame }) => {
-            assert_eq!(frame, good);
-            assert_ne!(computed, good);
-        }
-        other => panic!("expected BadCrc, got {other:?}"),
-    }
+    assert_eq!(parse_plain(&b), Err(ParseError::BadChecksum));
+    let mut rx = RxCounters::default();
+    rx.record(&parse_plain(&b));
+    assert_eq!((rx.bad_checksum, rx.dropped()), (1, 1));
 }
 
 #[test]
 fn test_every_single_bit_flip_detected() {
     for key in [None, Some(&KEY)] {
-        let (m, payload) = sample("resync-data");
-        let good = emit_vec(&header(3), &m, &payload, key);
-        let crc_end = good.len() - if key.is_some() { TAG_LEN } else { 0 };
-        for bit in 0..good.len() * 8 {
-            let mut b = good.clone();
-            b[bit / 8] ^= 1 << (bit % 8);
-            let r = parse(&b, &expect(key));
-            assert!(r.is_err(), "bit {bit} flip accepted");
-            let byte = bit / 8;
-            // Flips in fields not involved in framing are CRC errors;
-            // flips in the tag are auth errors.
-            if (field::CLUSTER_ID.start..field::CLUSTER_ID.end).contains(&byte)
-                || (field::GENERATION.start..crc_end).contains(&byte)
-            {
-                assert!(
-                    matches!(r, Err(ParseError::BadCrc { .. })),
-                    "bit {bit}: {r:?}"
-                );
-            } else if byte >= crc_end {
-                assert_eq!(r, Err(ParseError::BadAuth), "bit {bit}");
+        for name in ["resync-data", "hello", "ack"] {
+            let (m, payload) = sample(name);
+            let good = emit_vec(&header(3), &m, &payload, key);
+            for bit in 0..good.len() * 8 {
+                let mut b = good.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                let r = parse(&b, &expect(key));
+                assert!(r.is_err(), "{name}: bit {bit} flip accepted");
+                let byte = bit / 8;
+                // Flips outside the fields that frame the bytes (magic,
+                // version, type, lengths) fail the tag check: under the
+                // key for a keyed frame, under the keyless key otherwise.
+                // Flipping the AUTH flag moves the frame to the other key.
+                let framing = byte < field::FLAGS
+                    || (field::BODY_LEN.start..field::PAYLOAD_LEN.end).contains(&byte);
+                let auth_flag = byte == field::FLAGS && 1 << (bit % 8) == flags::AUTH;
+                let want = match (key.is_some(), auth_flag) {
+                    (true, false) => ParseError::BadAuth,
+                    (true, true) => ParseError::BadChecksum,
+                    (false, false) => ParseError::BadChecksum,
+                    (false, true) => ParseError::UnexpectedAuth,
+                };
+                if !framing {
+                    assert_eq!(r, Err(want), "{name}: bit {bit}");
+                }
             }
         }
     }
@@ -392,23 +442,33 @@ fn test_domain_keys_differ_and_a_lan_packet_never_verifies_as_an_msl_frame() {
 }
 
 #[test]
-fn test_tampered_body_with_recomputed_crc_bad_auth() {
-    // An attacker without the key can fix the CRC but not the tag.
+fn test_tampered_keyed_frame_with_keyless_tag_refused() {
+    // An attacker without the key can compute tags under the well-known
+    // keyless key, but a keyed receiver takes none of them.
     let (m, payload) = sample("role-change");
     let mut b = emit_vec(&header(1), &m, &payload, Some(&KEY));
     b[HEADER_LEN + body::role_change::GENERATION.end - 1] ^= 1;
-    assert!(fix_checksums(&mut b, None)); // CRC only
+    let at = b.len() - TAG_LEN;
+    let keyless = Frame::new_checked(&b[..]).unwrap().compute_tag(None);
+    b[at..].copy_from_slice(&keyless);
+    // AUTH still set: the keyless tag does not verify under the key.
     assert_eq!(parse(&b, &expect(Some(&KEY))), Err(ParseError::BadAuth));
+    // AUTH cleared and the keyless tag redone: a valid keyless frame,
+    // which a keyed receiver refuses.
+    b[field::FLAGS] &= !flags::AUTH;
+    assert!(fix_checksums(&mut b, None));
+    assert!(parse_plain(&b).is_ok());
+    assert_eq!(parse(&b, &expect(Some(&KEY))), Err(ParseError::MissingAuth));
 }
 
 #[test]
-fn test_tag_stripped_and_flag_cleared_missing_auth() {
-    let (m, payload) = sample("ack");
-    let mut b = emit_vec(&header(0), &m, &payload, Some(&KEY));
-    b.truncate(b.len() - TAG_LEN);
-    b[field::FLAGS] &= !flags::AUTH;
-    assert!(fix_checksums(&mut b, None));
+fn test_damaged_keyless_frame_at_keyed_receiver_bad_checksum() {
+    // A keyless frame damaged on the way is a checksum error, not a
+    // missing key: the MissingAuth message would blame the configuration.
+    let mut b = data_frame();
     assert_eq!(parse(&b, &expect(Some(&KEY))), Err(ParseError::MissingAuth));
+    b[HEADER_LEN + 100] ^= 4;
+    assert_eq!(parse(&b, &expect(Some(&KEY))), Err(ParseError::BadChecksum));
 }
 
 #[test]
@@ -557,8 +617,8 @@ fn test_parse_checks_in_documented_order() {
     let mut b = data_frame();
     b[field::RESERVED] = 1; // BadField
     b[field::CLUSTER_ID.start] ^= 1; // WrongCluster
-    b[HEADER_LEN] ^= 1; // BadCrc
-    assert!(matches!(parse_plain(&b), Err(ParseError::BadCrc { .. })));
+    b[HEADER_LEN] ^= 1; // BadChecksum
+    assert_eq!(parse_plain(&b), Err(ParseError::BadChecksum));
     b[field::VERSION] = 0;
     assert_eq!(parse_plain(&b), Err(ParseError::BadVersion(0)));
     b[0] = 0;
@@ -574,14 +634,8 @@ fn test_parse_checks_in_documented_order() {
 
 #[test]
 fn test_error_messages_say_what_was_wrong() {
-    let e = ParseError::BadCrc {
-        computed: 0xdeadbeef,
-        frame: 0x12345678,
-    };
-    assert_eq!(
-        e.to_string(),
-        "frame checksum mismatch: computed 0xdeadbeef, frame says 0x12345678"
-    );
+    let e = ParseError::BadChecksum;
+    assert!(e.to_string().contains("checksum mismatch"), "{e}");
     assert!(ParseError::BadVersion(7).to_string().contains("version 7"));
     assert!(ParseError::WrongCluster(0xab)
         .to_string()
@@ -599,10 +653,7 @@ fn test_counters_one_name_per_variant() {
         ParseError::BadMagic(0),
         ParseError::BadVersion(0),
         ParseError::BadLength(""),
-        ParseError::BadCrc {
-            computed: 0,
-            frame: 0,
-        },
+        ParseError::BadChecksum,
         ParseError::MissingAuth,
         ParseError::UnexpectedAuth,
         ParseError::BadAuth,

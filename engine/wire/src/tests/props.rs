@@ -220,11 +220,22 @@ proptest! {
     }
 
     #[test]
+    fn prop_frame_under_another_key_bad_auth(
+        (h, m, payload) in arb_frame_parts(),
+        other in any::<[u8; 32]>(),
+    ) {
+        // Only the key's first MAC_KEY_LEN bytes key the MAC.
+        prop_assume!(other[..crate::frame::MAC_KEY_LEN] != KEY.0[..crate::frame::MAC_KEY_LEN]);
+        let bytes = emit_vec(&h, &m, &payload, Some(&KEY));
+        prop_assert_eq!(parse(&bytes, &expect(Some(&Key(other)))).err(), Some(ParseError::BadAuth));
+    }
+
+    #[test]
     fn prop_arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         let _ = parse(&bytes, &expect(None));
         let _ = parse(&bytes, &expect(Some(&KEY)));
         let _ = parse_eth(&bytes);
-        let _ = Frame::new_checked(&bytes[..]).map(|f| (f.body().len(), f.payload().len(), f.tag().map(<[u8]>::len)));
+        let _ = Frame::new_checked(&bytes[..]).map(|f| (f.body().len(), f.payload().len(), f.tag().len(), f.verify_tag(None)));
         fuzz_parse_frame(&bytes);
         fuzz_parse_eth(&bytes);
         fuzz_reassemble(&bytes);
@@ -235,10 +246,10 @@ proptest! {
         mut bytes in prop::collection::vec(any::<u8>(), 48..400),
         t in 0u8..10,
     ) {
-        // Get past magic and version so the length, CRC and body checks run.
+        // Get past magic and version so the length, tag and body checks run.
         bytes[0] = 0x4D;
         bytes[1] = 0x53;
-        bytes[2] = 1;
+        bytes[2] = crate::frame::VERSION;
         bytes[3] = t;
         fuzz_parse_frame(&bytes);
         let mut framed = vec![0u8];
