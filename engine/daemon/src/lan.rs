@@ -54,7 +54,7 @@ pub struct LanCounters {
     /// Datagrams the kernel dropped because the socket's buffer was full
     /// (the receive thread fell behind), all adapters.
     pub kernel_dropped: AtomicU64,
-    /// Parse failures by reason (`rx_bad_crc`, `rx_bad_auth`, ...).
+    /// Parse failures by reason (`rx_bad_checksum`, `rx_bad_auth`, ...).
     pub rx: Mutex<RxCounters>,
 }
 
@@ -305,8 +305,12 @@ fn rx_loop(
         if let Ok(mut rx) = counters.rx.lock() {
             rx.record(&parsed);
         }
-        let Ok(p) = parsed else {
-            continue;
+        let p = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                crate::msl::warn_other_version("LAN", &e);
+                continue;
+            }
         };
         let Message::Heartbeat(hb) = p.msg else {
             counters.not_heartbeat.fetch_add(1, Ordering::Relaxed);

@@ -5,7 +5,7 @@
 //! inbox).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -414,6 +414,7 @@ pub fn start_msl_rx(
                             must_understand,
                         }),
                         Err(e) => {
+                            warn_other_version("MSL", &e);
                             if is_auth_error(&e) {
                                 shared.msl_rx_bad_auth.fetch_add(1, Ordering::Relaxed);
                             }
@@ -438,6 +439,27 @@ pub fn start_msl_rx(
             }
         }
     })
+}
+
+/// A frame of another wire version means the peer runs another release:
+/// the error says which side to upgrade. Logged at most once a minute
+/// (`rx_bad_version` counts every one).
+pub(crate) fn warn_other_version(path: &str, e: &msl_wire::ParseError) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    if !matches!(e, msl_wire::ParseError::BadVersion(_)) {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if (last == 0 || now >= last + 60)
+        && LAST
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!("{path}: {e}");
+    }
 }
 
 #[cfg(test)]

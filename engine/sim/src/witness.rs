@@ -9,7 +9,9 @@ use msl_witness::witness::{Settings, Witness};
 
 use super::*;
 
-/// Lease per grant, as msl-witness's default.
+/// Lease per grant: twice msl-witness's default (which equals msld's
+/// default dead interval), so leases outlive failure detection here and
+/// takeovers wait on the lease as well.
 pub const LEASE_US: u64 = 800 * MS;
 /// Node-side margin for clock-rate differences.
 const MARGIN_US: u64 = 10 * MS;

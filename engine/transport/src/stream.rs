@@ -106,7 +106,7 @@ pub struct Cores {
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
     pub cluster_id: u64,
-    /// Authenticate every frame (blake3 keyed MAC) when set.
+    /// Authenticate every frame (AEGIS-128L MAC under the key) when set.
     pub key: Option<Key>,
     /// Node ids on the wire.
     pub sender_id: u16,

@@ -106,6 +106,9 @@ pub fn print_status(s: &Value) {
         "pending writes {}, flushes {}",
         s["pending_writes"], s["pending_flushes"]
     );
+    for line in msl_daemon::status::witness_text(s) {
+        println!("{line}");
+    }
     for line in msl_daemon::status::nbd_access_text(s) {
         println!("{line}");
     }
