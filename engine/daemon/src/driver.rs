@@ -382,10 +382,14 @@ impl<H: Host> Driver<H> {
     /// The witness link's timers, if due.
     fn witness_tick(&mut self, internal: &mut VecDeque<Event<Block>>) -> Option<Exit> {
         let now = self.now();
+        let (role, gen) = (self.node.role(), self.node.meta().gens.current);
         let w = self.witness.as_mut()?;
         if now < w.due() {
             return None;
         }
+        // Every request carries the node's generation as it is now: the
+        // witness grants the other node only at its holder's generation.
+        w.set_view(role, gen);
         internal.extend(w.tick(now));
         self.step(None, internal)
     }

@@ -257,11 +257,14 @@ impl WitnessLink {
                     }
                 }
             }
-            Outcome::Refused { wait_us, .. } => {
+            Outcome::Refused {
+                verdict, wait_us, ..
+            } => {
                 // Ask again once the witness may grant (the other node's
                 // lease ended, or its start-up window), not a whole renewal
-                // period later: a takeover waits on this.
-                if self.want {
+                // period later: a takeover waits on this. A node behind
+                // the holder's generation asks at the renewal period.
+                if self.want && verdict != msl_witness::proto::Verdict::Behind {
                     let at = now + u64::from(wait_us) + 1_000;
                     self.next_request = self.next_request.min(at);
                 }

@@ -660,6 +660,14 @@ fn test_rate_limited_full_sync_shows_rate_and_eta() {
         extra: "resync_max_mib_s = 16\nresync_min_mib_s = 1".into(),
         ..Opts::default()
     };
+    // Data to copy: a blank volume's holes would go as zero runs, which
+    // carry no data and are not paced.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let img = dir.path().join("n1.img");
+        std::fs::write(&img, vec![0x5au8; 64 << 20]).unwrap();
+        std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let t0 = std::time::Instant::now();
     let _d1 = start_daemon_opts(dir.path(), &topo.veth.ns_a, 1, true, &o1);
     let _d2 = start_daemon(dir.path(), &topo.veth.ns_b, 2, false);

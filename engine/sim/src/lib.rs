@@ -2076,11 +2076,12 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
 /// drawn. `x` draws the second faults (so that the episodes drawn from
 /// `r` keep their schedules).
 ///
-/// Not here: a second failure during a double cut after the primary won
-/// the lease alone (its stall or crash, a witness restart). The secondary
-/// then wins the lease without the writes the primary acknowledged
-/// alone; the lease keeps the two from acknowledging at the same time,
-/// not from diverging (the heal refuses the split brain).
+/// A second failure during a double cut after the primary won the lease
+/// alone (the witness cut from it, its stall) is drawn: the witness grants
+/// the secondary nothing at a generation older than the holder's. Not
+/// here: the primary's crash then (unflushed writes acknowledged alone
+/// are lost by NBD's rules, not checked by this draw) and a witness
+/// restart then (a restarted witness knows no generation).
 fn witness_episode(sim: &mut Sim, r: &mut Rng, x: &mut Rng, primary: usize) {
     let secondary = 1 - primary;
     let hold = 100 * MS + r.below(2 * SEC);
@@ -2106,6 +2107,26 @@ fn witness_episode(sim: &mut Sim, r: &mut Rng, x: &mut Rng, primary: usize) {
                 sim.witness_cut(i, true);
             }
             cut_both(sim, true, blackhole);
+            if away.is_none() && x.below(2) == 0 {
+                // The primary wins the lease alone and acknowledges alone,
+                // then loses the witness or stalls: the secondary must not
+                // win the lease at its older generation (the writes
+                // acknowledged alone would be lost).
+                sim.run_for(300 * MS + x.below(SEC));
+                if x.below(2) == 0 {
+                    sim.witness_cut(primary, true);
+                    sim.run_for(hold + SEC);
+                    cut_both(sim, false, blackhole);
+                    sim.run_for(x.below(SEC));
+                    sim.witness_cut(primary, false);
+                } else {
+                    let d = freeze_len(x);
+                    sim.freeze(primary, d);
+                    sim.run_for(d + hold);
+                    cut_both(sim, false, blackhole);
+                }
+                return;
+            }
             sim.run_for(hold + SEC);
             cut_both(sim, false, blackhole);
             if let Some(i) = away {

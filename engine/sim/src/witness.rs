@@ -114,9 +114,17 @@ impl Sim {
     fn lease_request(&mut self, i: usize) {
         let now = self.now;
         let e = self.nodes[i].epoch;
+        let view = self.nodes[i]
+            .node
+            .as_ref()
+            .map(|n| (n.role(), n.meta().gens.current));
         let Some(h) = self.nodes[i].lease.as_mut() else {
             return;
         };
+        // The node's generation as it is now, as msld sends it.
+        if let Some((role, gen)) = view {
+            h.client.set_view(role, gen);
+        }
         let bytes = h.client.request(now).to_vec();
         let arm = !h.ticking;
         h.ticking = true;

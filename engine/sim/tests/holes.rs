@@ -62,12 +62,14 @@ fn test_full_sync_under_client_writes_sends_data_and_zero_runs_and_converges() {
 }
 
 /// A client write into a hole the source had already reported ends what
-/// it knows of that hole: the seeds where a block written there would
-/// otherwise have gone to the target as zeroes after its data (an
-/// acknowledged write lost).
+/// it knows of that hole (193, 513), and a hole reported by a read issued
+/// while a client write was in flight, or before one that came since, is
+/// not trusted beyond the read (1481, 2672: disk I/O completes out of
+/// order): without that, a block written there would have gone to the
+/// target as zeroes after its data, an acknowledged write lost.
 #[test]
 fn test_regression_seeds_write_into_a_known_hole() {
-    for seed in [193, 513] {
+    for seed in [193, 513, 1481, 2672] {
         if let Err(e) = msl_sim::run_seed(seed, false) {
             panic!("seed {seed}: {e}");
         }

@@ -10,7 +10,8 @@
 //!  4 cluster_id u64                         4 cluster_id u64
 //! 12 node_id u16 (sender)                  12 node_id u16 (addressee)
 //! 14 op u8 (1 acquire/renew, 2 release)    14 verdict u8 (0 granted, 1 held,
-//! 15 role u8 (msl_wire::Role code)                2 startup, 3 released)
+//! 15 role u8 (msl_wire::Role code)                2 startup, 3 released,
+//!                                                 4 behind)
 //! 16 epoch u64 (sender's start epoch)      15 flags u8 (0x01: holder is set)
 //! 24 counter u64 (per epoch, increasing)   16 holder u16 (0 unless flag)
 //! 32 generation u64 (sender's view)        18 reserved u16 = 0
@@ -90,6 +91,11 @@ pub enum Verdict {
     Startup,
     /// The addressee asked to release; it holds nothing.
     Released,
+    /// The addressee's data generation is not the one the last holder
+    /// reported: the holder may have acknowledged writes alone that this
+    /// node lacks, so it may not serve alone (until it has them, or the
+    /// holder releases the lease).
+    Behind,
 }
 
 impl Verdict {
@@ -99,6 +105,7 @@ impl Verdict {
             Verdict::Held => 1,
             Verdict::Startup => 2,
             Verdict::Released => 3,
+            Verdict::Behind => 4,
         }
     }
     const fn from_u8(n: u8) -> Option<Verdict> {
@@ -107,6 +114,7 @@ impl Verdict {
             1 => Some(Verdict::Held),
             2 => Some(Verdict::Startup),
             3 => Some(Verdict::Released),
+            4 => Some(Verdict::Behind),
             _ => None,
         }
     }
@@ -432,7 +440,7 @@ mod tests {
         (
             any::<u64>(),
             any::<u16>(),
-            0u8..4,
+            0u8..5,
             proptest::option::of(any::<u16>()),
             1u32..,
             any::<u32>(),

@@ -51,6 +51,9 @@ pub struct Counters {
     pub renewed: u64,
     /// Requests refused because another node holds a live lease.
     pub refused_held: u64,
+    /// Requests refused because the node's generation is not the last
+    /// holder's (it may lack writes the holder acknowledged alone).
+    pub refused_behind: u64,
     /// Requests refused inside the start-up window.
     pub refused_startup: u64,
     /// Release requests answered.
@@ -84,6 +87,11 @@ struct Cluster {
     key: Key,
     /// `(node, expires_us)` of the last grant; live while `now < expires`.
     lease: Option<(u16, u64)>,
+    /// `(node, generation)` the last holder reported with its last granted
+    /// request: another node is granted only at that generation (it has
+    /// every write the holder may have acknowledged alone). Cleared when
+    /// the holder releases; unknown after a restart.
+    holder_gen: Option<(u16, u64)>,
     nodes: BTreeMap<u16, NodeView>,
     counters: Counters,
 }
@@ -158,6 +166,7 @@ impl Witness {
             Cluster {
                 key,
                 lease: None,
+                holder_gen: None,
                 nodes: BTreeMap::new(),
                 counters: Counters::default(),
             },
@@ -250,13 +259,22 @@ impl Witness {
                 if live.map(|(n, _)| n) == Some(req.node_id) {
                     c.lease = None;
                 }
+                // A node that gives the lease up hands over (a switchover,
+                // a demotion): its generation no longer bars the other.
+                if c.holder_gen.is_some_and(|(n, _)| n == req.node_id) {
+                    c.holder_gen = None;
+                }
                 (Verdict::Released, 0)
             }
             Op::Acquire if now < startup_end => (Verdict::Startup, startup_end - now),
-            Op::Acquire => match live {
-                Some((n, exp)) if n != req.node_id => (Verdict::Held, exp - now),
+            Op::Acquire => match (live, c.holder_gen) {
+                (Some((n, exp)), _) if n != req.node_id => (Verdict::Held, exp - now),
+                (_, Some((n, g))) if n != req.node_id && g != req.generation => {
+                    (Verdict::Behind, 0)
+                }
                 _ => {
                     c.lease = Some((req.node_id, now + u64::from(s.lease_us)));
+                    c.holder_gen = Some((req.node_id, req.generation));
                     (Verdict::Granted, 0)
                 }
             },
@@ -265,6 +283,7 @@ impl Witness {
             (Verdict::Released, _) => |x| x.released += 1,
             (Verdict::Startup, _) => |x| x.refused_startup += 1,
             (Verdict::Held, _) => |x| x.refused_held += 1,
+            (Verdict::Behind, _) => |x| x.refused_behind += 1,
             (Verdict::Granted, Some((n, _))) if n == req.node_id => |x| x.renewed += 1,
             (Verdict::Granted, _) => |x| x.granted += 1,
         };
@@ -432,6 +451,48 @@ mod tests {
             assert_eq!(Reply::decode(&a.bytes, k), Ok(a.reply), "bytes match reply");
             a.reply
         })
+    }
+
+    /// A holder that reported a generation the other node does not have
+    /// (it went on alone) bars that node from the lease after it expires,
+    /// until the other is at that generation or the holder releases.
+    #[test]
+    fn test_behind_the_holders_generation_refused_until_caught_up_or_released() {
+        let mut w = witness();
+        let k = key(1);
+        let at = |node, epoch, counter, generation| Request {
+            generation,
+            ..req(7, node, epoch, counter, Op::Acquire)
+        };
+        // Node 1 holds at generation 5, then renews alone at 9.
+        assert!(send(&mut w, READY, at(1, 10, 1, 5), &k).unwrap().granted());
+        assert!(send(&mut w, READY + 100, at(1, 10, 2, 9), &k)
+            .unwrap()
+            .granted());
+        let exp = READY + 100 + u64::from(LEASE);
+        // Expired: node 2 at generation 5 lacks what node 1 did alone.
+        let b = send(&mut w, exp, at(2, 20, 1, 5), &k).unwrap();
+        assert_eq!((b.verdict, b.holder, b.wait_us), (Verdict::Behind, None, 0));
+        assert_eq!(w.cluster_counters(7).unwrap().refused_behind, 1);
+        // At node 1's generation (it resynced from it): granted.
+        let b = send(&mut w, exp + 1, at(2, 20, 2, 9), &k).unwrap();
+        assert_eq!((b.verdict, b.holder), (Verdict::Granted, Some(2)));
+        // Node 2 now holds at 9, goes on at 11 and releases: node 1, at
+        // 9, may take the lease again (a handover).
+        assert!(send(&mut w, exp + 2, at(2, 20, 3, 11), &k)
+            .unwrap()
+            .granted());
+        let rel = Request {
+            generation: 11,
+            ..req(7, 2, 20, 4, Op::Release)
+        };
+        assert_eq!(
+            send(&mut w, exp + 3, rel, &k).unwrap().verdict,
+            Verdict::Released
+        );
+        assert!(send(&mut w, exp + 4, at(1, 10, 3, 9), &k)
+            .unwrap()
+            .granted());
     }
 
     #[test]

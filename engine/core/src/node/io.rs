@@ -25,11 +25,16 @@ pub(super) enum Purpose {
     /// A flush on the receiving side covering messages up to `seq`.
     ApplyFlush { seq: u64 },
     /// A resync read of `count` blocks from `block` (source side);
-    /// `cancelled` once a client wrote some of them meanwhile.
+    /// `cancelled` once a client wrote some of them meanwhile; `writes`:
+    /// the session's client-write count when it was issued, or `u64::MAX`
+    /// if a client write was in flight then (a hole it reports beyond its
+    /// blocks is trusted only if no client write was in flight or came
+    /// since).
     ResyncRead {
         block: u64,
         count: u64,
         cancelled: bool,
+        writes: u64,
     },
     /// A verify read of `count` blocks from `start`; `reply`: the peer
     /// asked for it (answer with the digests), else the local half of this
@@ -161,6 +166,7 @@ impl IoTable {
                 block: b,
                 count: c,
                 cancelled,
+                ..
             } = p
             {
                 if *b < block + count && block < *b + *c {

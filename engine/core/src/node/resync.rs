@@ -176,10 +176,19 @@ impl<H: Payload> Node<H> {
                 return;
             };
             s.resync.cursor = block + count;
+            // A client write still in flight may not be on the volume when
+            // the read runs: a hole reported beyond the read is then not
+            // to be trusted (never equal to the count).
+            let writes = if self.ios.count(io::Kind::ClientWrite) == 0 {
+                s.resync.writes
+            } else {
+                u64::MAX
+            };
             let io = self.ios.start(io::Purpose::ResyncRead {
                 block,
                 count,
                 cancelled: false,
+                writes,
             });
             s.resync.busy.set_range(block, count);
             self.emit(Action::Read { io, block, count });

@@ -114,6 +114,9 @@ pub(super) struct ResyncSource {
     /// Blocks before this read as zeroes on the source (a hole its host
     /// reported): dirty ones there go as zero runs, without reading them.
     pub(super) hole_until: u64,
+    /// Client writes during the session: a hole reported by a read issued
+    /// before the last of them may no longer be one.
+    pub(super) writes: u64,
     /// RESYNC_DONE, once queued.
     pub(super) done: Option<Numbered>,
     pub(super) blocks_sent: u64,
@@ -309,6 +312,7 @@ impl<H: Payload> Node<H> {
                 sent: VecDeque::new(),
                 busy: Bitmap::new(0),
                 hole_until: 0,
+                writes: 0,
                 done: None,
                 blocks_sent: 0,
                 last_progress_us: self.now,

@@ -305,6 +305,7 @@ impl<H: Payload> Node<H> {
         // (the next read there finds out again).
         if let Some(sess) = self.session.as_mut() {
             sess.resync.hole_until = sess.resync.hole_until.min(q.block);
+            sess.resync.writes += 1;
         }
         let io = self.ios.start(io::Purpose::ClientWrite(PendingWrite {
             req: q.req,
@@ -590,6 +591,7 @@ impl<H: Payload> Node<H> {
             block,
             count,
             cancelled,
+            writes,
         }) = self.ios.take(io)
         else {
             unreachable!("io {io} is a resync read");
@@ -605,7 +607,9 @@ impl<H: Payload> Node<H> {
             s.resync.cursor = s.resync.cursor.min(block);
             return;
         }
-        if payload.is_none() {
+        // The hole beyond the read's own blocks (which `cancelled`
+        // guards) holds only if no client wrote since the read was issued.
+        if payload.is_none() && writes == s.resync.writes {
             let end = block.saturating_add(hole).min(self.cfg.volume_blocks);
             s.resync.hole_until = s.resync.hole_until.max(end);
         }
