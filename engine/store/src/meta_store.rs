@@ -74,6 +74,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use msl_core::bitmap::{Bitmap, PAGE_BITS, PAGE_WORDS};
+
+/// Changed bitmap pages above which a persist goes as a commit at once
+/// (1024 pages: 32 Mi blocks, 128 GiB of 4 KiB blocks).
+const BULK_PAGES: usize = 1024;
 use msl_core::meta::Meta;
 use msl_core::Config;
 use msl_wire::{DiskState, Generations, Role};
@@ -1235,6 +1239,38 @@ impl<D: MetaIo> MetaStore<D> {
                     (0..bm.page_count()).filter(|&p| words_crc(bm.page_words(p)) != self.crc[p]),
                 )
             }
+        }
+        if cand.len() > BULK_PAGES {
+            // Too many pages for a transaction (a full sync marks the whole
+            // map): a commit at once. It writes every page whose content
+            // is not its durable one by checksum (as below), plus those the
+            // log holds apart, without reading the durable copies back or
+            // holding them: for a fully dirty 8 TiB map that is 256 MiB of
+            // reads and of memory saved.
+            let mut diffs: Vec<(usize, Vec<u64>)> = cand
+                .into_iter()
+                .filter(|&p| {
+                    self.pending.contains_key(&p)
+                        || self.differs.contains(&p)
+                        || words_crc(bm.page_words(p)) != self.crc[p]
+                })
+                .map(|p| (p, Vec::new()))
+                .collect();
+            let seen: BTreeSet<usize> = diffs.iter().map(|(p, _)| *p).collect();
+            let apart: Vec<usize> = self
+                .differs
+                .iter()
+                .chain(self.pending.keys())
+                .filter(|p| !seen.contains(p))
+                .copied()
+                .collect();
+            diffs.extend(apart.into_iter().map(|p| (p, Vec::new())));
+            let result = self.commit(meta, new_al, diffs);
+            if result.is_ok() {
+                self.stats.persists += 1;
+                self.last = Some((bm.origin(), bm.change_seq()));
+            }
+            return result;
         }
         let mut diffs: Vec<(usize, Vec<u64>)> = Vec::new();
         for p in cand {
