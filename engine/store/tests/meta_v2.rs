@@ -198,6 +198,34 @@ fn open_tearing(path: &Path, tear: Option<(usize, usize)>) -> (MetaStore<Tearing
     MetaStore::open_io(io, path).unwrap()
 }
 
+/// Persist `next` over a copy of `path` at `crash` with write `tear.0`
+/// torn after `tear.1` bytes: the copy must then hold `acked` or `next`,
+/// and `next` if the persist reported success.
+fn crash_copy(
+    path: &Path,
+    crash: &Path,
+    tear: (usize, usize),
+    acked: &Meta,
+    next: &Meta,
+    what: &str,
+) {
+    std::fs::copy(path, crash).unwrap();
+    let (mut c, from_copy) = open_tearing(crash, Some(tear));
+    same_after_restart(&from_copy, acked).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let res = c.persist(next);
+    drop(c);
+    let (_, got) = open_tearing(crash, None);
+    let old = same_after_restart(&got, acked);
+    let new = same_after_restart(&got, next);
+    assert!(
+        old.is_ok() || new.is_ok(),
+        "{what}, tear {tear:?} ({res:?}): neither version: {old:?} / {new:?}"
+    );
+    if res.is_ok() {
+        new.unwrap_or_else(|e| panic!("{what}: acknowledged but lost: {e}"));
+    }
+}
+
 #[test]
 fn crash_at_any_point_of_any_persist_recovers_the_previous_or_the_new_version() {
     // Random persists of every kind (new hot extents with evictions, bits
@@ -276,22 +304,8 @@ fn crash_at_any_point_of_any_persist_recovers_the_previous_or_the_new_version() 
             }
         }
         // The crash copy: tear a random write of this persist.
-        std::fs::copy(&path, &crash).unwrap();
         let tear = (rng.below(4) as usize, rng.below(4200) as usize);
-        let (mut c, from_copy) = open_tearing(&crash, Some(tear));
-        same_after_restart(&from_copy, &acked).unwrap_or_else(|e| panic!("step {step}: {e}"));
-        let res = c.persist(&next);
-        drop(c);
-        let (_, got) = open_tearing(&crash, None);
-        let old = same_after_restart(&got, &acked);
-        let new = same_after_restart(&got, &next);
-        assert!(
-            old.is_ok() || new.is_ok(),
-            "step {step}, tear {tear:?} ({res:?}): neither version: {old:?} / {new:?}"
-        );
-        if res.is_ok() {
-            new.unwrap_or_else(|e| panic!("step {step}: acknowledged but lost: {e}"));
-        }
+        crash_copy(&path, &crash, tear, &acked, &next, &format!("step {step}"));
         // The real persist.
         s.persist(&next.clone()).unwrap();
         m = next;
@@ -509,20 +523,7 @@ fn bulk_change_is_one_commit_of_the_changed_pages_and_crash_safe() {
         }
         // Crash copies: tear the first, a middle and the last writes.
         for at in [0usize, 1, 500, 1099, 1100, 1101] {
-            std::fs::copy(&path, &crash).unwrap();
-            let (mut c, _) = open_tearing(&crash, Some((at, 100)));
-            let res = c.persist(&next);
-            drop(c);
-            let (_, got) = open_tearing(&crash, None);
-            let old = same_after_restart(&got, &acked);
-            let new = same_after_restart(&got, &next);
-            assert!(
-                old.is_ok() || new.is_ok(),
-                "{label}, write {at} torn ({res:?}): neither version"
-            );
-            if res.is_ok() {
-                new.unwrap_or_else(|e| panic!("{label}: acknowledged but lost: {e}"));
-            }
+            crash_copy(&path, &crash, (at, 100), &acked, &next, label);
         }
         // On a copy: the real persist is one commit of the changed pages.
         std::fs::copy(&path, &crash).unwrap();
