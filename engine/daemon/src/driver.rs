@@ -57,6 +57,10 @@ use crate::notify::{EventRecord, Notifier, ServiceManager};
 pub trait Host: Send {
     /// Hold (add + gratuitous ARP) or release the service address.
     fn service_address(&mut self, hold: bool);
+    /// The node holds client writes (it lacks the witness lease, or is
+    /// waiting out a stall): a held address is kept but no longer
+    /// re-announced, so clients follow a new holder's announcement.
+    fn quiet(&mut self, _quiet: bool) {}
 }
 
 /// A host that does nothing (tests without a LAN).
@@ -575,6 +579,8 @@ impl<H: Host> Driver<H> {
         self.shared
             .holding
             .store(self.node.holding_after_stall(), Ordering::Relaxed);
+        self.host
+            .quiet(self.node.holding_after_stall() || self.node.holding_for_lease());
         self.shared
             .serving
             .store(self.node.serving(), Ordering::Relaxed);

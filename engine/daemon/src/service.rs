@@ -85,6 +85,9 @@ pub struct ServiceHost {
     ip: IpAddr,
     prefix: u8,
     held: Arc<Mutex<bool>>,
+    /// The core holds client writes: no re-announcements (see
+    /// [`Host::quiet`]).
+    quiet: Arc<AtomicBool>,
     /// The NBD server, whose connections are closed when the address is
     /// released: a client then reconnects to the new holder at once
     /// instead of getting errors from a node that no longer serves.
@@ -125,13 +128,19 @@ impl ServiceHost {
             }
         }
         let held = Arc::new(Mutex::new(false));
+        let quiet = Arc::new(AtomicBool::new(false));
         {
-            let (ifname, held) = (ifname.to_string(), held.clone());
+            let (ifname, held, quiet) = (ifname.to_string(), held.clone(), quiet.clone());
             let _ = std::thread::Builder::new()
                 .name("msl-garp".into())
                 .spawn(move || loop {
                     std::thread::sleep(GARP_REFRESH);
-                    announce(&ifname, ip, &held, 1, Duration::ZERO);
+                    // A node holding client writes must not pull clients
+                    // back from a peer that took over (it re-announces
+                    // every second, and the newest announcement wins).
+                    if !quiet.load(Ordering::Relaxed) {
+                        announce(&ifname, ip, &held, 1, Duration::ZERO);
+                    }
                 });
         }
         ServiceHost {
@@ -139,6 +148,7 @@ impl ServiceHost {
             ip,
             prefix,
             held,
+            quiet,
             nbd: None,
         }
     }
@@ -152,6 +162,10 @@ impl ServiceHost {
 }
 
 impl Host for ServiceHost {
+    fn quiet(&mut self, quiet: bool) {
+        self.quiet.store(quiet, Ordering::Relaxed);
+    }
+
     fn service_address(&mut self, hold: bool) {
         let r = if hold {
             let r = msl_netcfg::add_address(&self.ifname, self.ip, self.prefix);
