@@ -3,10 +3,13 @@
 //! The bits are kept in pages of [`PAGE_WORDS`] words, shared
 //! copy-on-write: cloning a map copies one pointer per page (about 8 KiB
 //! per TiB of volume at 4 KiB blocks, instead of 32 MiB of bits), a page
-//! is copied only when one of two sharers changes it, and pages without
-//! a set bit all share one zero page until written. So the core can hand
-//! the host a snapshot of its metadata on every persist, and a fresh map
-//! of a large volume costs almost nothing until it fills.
+//! is copied only when one of two sharers changes it, and uniform pages
+//! share one page: every page without a set bit shares the map's zero
+//! page, every page with all its bits set shares its full page. So the
+//! core can hand the host a snapshot of its metadata on every persist, a
+//! fresh map of a large volume costs almost nothing until it fills, and
+//! neither does a map marked wholly dirty for a full sync (setting it is
+//! one pointer per page): a map's memory is that of its mixed pages.
 //!
 //! Besides the bits, the map keeps two small indexes, both maintained by
 //! every mutating method:
@@ -64,14 +67,13 @@ fn word_span(i: u64, end: u64) -> (usize, u64, u64) {
     ((i / 64) as usize, mask, n)
 }
 
-fn zero_page() -> Arc<Page> {
-    Arc::new([0; PAGE_WORDS])
-}
-
 /// A fixed-size bitmap of `len` bits, allocated once.
-#[derive(Default)]
 pub struct Bitmap {
     pages: Vec<Arc<Page>>,
+    /// The pages every page without a set bit, and every page of
+    /// [`PAGE_BITS`] bits inside the map with all of them set, share.
+    zero: Arc<Page>,
+    full: Arc<Page>,
     nwords: usize,
     len: u64,
     ones: u64,
@@ -95,6 +97,8 @@ impl Clone for Bitmap {
     fn clone(&self) -> Self {
         Bitmap {
             pages: self.pages.clone(),
+            zero: self.zero.clone(),
+            full: self.full.clone(),
             nwords: self.nwords,
             len: self.len,
             ones: self.ones,
@@ -170,13 +174,22 @@ impl<'a> Iterator for Words<'a> {
 
 impl ExactSizeIterator for Words<'_> {}
 
+impl Default for Bitmap {
+    fn default() -> Self {
+        Bitmap::new(0)
+    }
+}
+
 impl Bitmap {
     pub fn new(len: u64) -> Self {
         let nwords = len.div_ceil(64) as usize;
         let npages = nwords.div_ceil(PAGE_WORDS);
         let groups = npages.div_ceil(GROUP_PAGES);
+        let zero = Arc::new([0; PAGE_WORDS]);
         Bitmap {
-            pages: vec![zero_page(); npages],
+            pages: vec![zero.clone(); npages],
+            zero,
+            full: Arc::new([!0; PAGE_WORDS]),
             nwords,
             len,
             ones: 0,
@@ -205,9 +218,13 @@ impl Bitmap {
         for (p, chunk) in words.chunks(PAGE_WORDS).enumerate() {
             let n: u32 = chunk.iter().map(|w| w.count_ones()).sum();
             if n != 0 {
-                let mut page = [0u64; PAGE_WORDS];
-                page[..chunk.len()].copy_from_slice(chunk);
-                b.pages[p] = Arc::new(page);
+                b.pages[p] = if u64::from(n) == PAGE_BITS {
+                    b.full.clone()
+                } else {
+                    let mut page = [0u64; PAGE_WORDS];
+                    page[..chunk.len()].copy_from_slice(chunk);
+                    Arc::new(page)
+                };
                 b.page_ones[p] = n;
                 b.group_ones[p / GROUP_PAGES] += u64::from(n);
                 b.ones += u64::from(n);
@@ -265,6 +282,10 @@ impl Bitmap {
             return false;
         }
         let mut seq = None;
+        if self.page_bits(p) == PAGE_BITS && words.iter().all(|&w| w == !0) {
+            self.fill_page(p, &mut seq);
+            return true;
+        }
         for (i, &w) in words.iter().enumerate() {
             let wi = p * PAGE_WORDS + i;
             let mut w = w;
@@ -326,6 +347,13 @@ impl Bitmap {
         let (a, b) = (u64::from(old.count_ones()), u64::from(new.count_ones()));
         self.ones = self.ones + b - a;
         self.page_ones[p] = (u64::from(self.page_ones[p]) + b - a) as u32;
+        // A page that became uniform goes back to the shared page (its
+        // memory is freed).
+        if self.page_ones[p] == 0 {
+            self.pages[p] = self.zero.clone();
+        } else if u64::from(self.page_ones[p]) == PAGE_BITS {
+            self.pages[p] = self.full.clone();
+        }
         self.group_ones[p / GROUP_PAGES] = self.group_ones[p / GROUP_PAGES] + b - a;
         let s = match *seq {
             Some(s) => s,
@@ -337,6 +365,48 @@ impl Bitmap {
         };
         self.page_seq[p] = s;
         self.group_seq[p / GROUP_PAGES] = s;
+    }
+
+    /// Bits of page `p` inside the map ([`PAGE_BITS`] but for the last).
+    fn page_bits(&self, p: usize) -> u64 {
+        self.len.saturating_sub(p as u64 * PAGE_BITS).min(PAGE_BITS)
+    }
+
+    /// Set every bit of page `p`, which lies wholly inside the map: it
+    /// becomes the shared full page.
+    fn fill_page(&mut self, p: usize, seq: &mut Option<u64>) {
+        debug_assert_eq!(self.page_bits(p), PAGE_BITS);
+        let n = u64::from(self.page_ones[p]);
+        if n == PAGE_BITS {
+            return;
+        }
+        let s = *seq.get_or_insert_with(|| self.begin_change());
+        self.pages[p] = self.full.clone();
+        self.page_ones[p] = PAGE_BITS as u32;
+        self.group_ones[p / GROUP_PAGES] += PAGE_BITS - n;
+        self.ones += PAGE_BITS - n;
+        self.page_seq[p] = s;
+        self.group_seq[p / GROUP_PAGES] = s;
+    }
+
+    /// Page `p` has [`PAGE_BITS`] bits inside the map, all set.
+    pub fn page_full(&self, p: usize) -> bool {
+        self.page_ones(p) == PAGE_BITS
+    }
+
+    /// Page `p` has [`PAGE_BITS`] bits inside the map (all but a partial
+    /// last page), so it can be full.
+    pub fn page_may_fill(&self, p: usize) -> bool {
+        p < self.page_count() && self.page_bits(p) == PAGE_BITS
+    }
+
+    /// Pages of this map holding their own memory (neither the shared
+    /// zero page nor the shared full page).
+    pub fn mixed_pages(&self) -> usize {
+        self.pages
+            .iter()
+            .filter(|p| !Arc::ptr_eq(p, &self.zero) && !Arc::ptr_eq(p, &self.full))
+            .count()
     }
 
     pub fn get(&self, i: u64) -> bool {
@@ -366,13 +436,20 @@ impl Bitmap {
     }
 
     /// Set `count` bits from `first`; returns how many were newly set.
+    /// Whole pages become the shared full page (one pointer each).
     pub fn set_range(&mut self, first: u64, count: u64) -> u64 {
         let end = first.saturating_add(count).min(self.len);
         let mut i = first;
         let before = self.ones;
         let mut seq = None;
-        // A word at a time: mask the bits of [i, end) inside word i / 64.
+        // A page or a word at a time: mask the bits of [i, end) inside
+        // word i / 64.
         while i < end {
+            if i.is_multiple_of(PAGE_BITS) && end - i >= PAGE_BITS {
+                self.fill_page((i / PAGE_BITS) as usize, &mut seq);
+                i += PAGE_BITS;
+                continue;
+            }
             let (wi, mask, n) = word_span(i, end);
             let old = self.word(wi);
             self.store(wi, old | mask, &mut seq);
@@ -394,7 +471,7 @@ impl Bitmap {
                 let n = u64::from(self.page_ones[p]);
                 if n != 0 {
                     let s = *seq.get_or_insert_with(|| self.begin_change());
-                    self.pages[p] = zero_page();
+                    self.pages[p] = self.zero.clone();
                     self.page_ones[p] = 0;
                     self.group_ones[p / GROUP_PAGES] -= n;
                     self.ones -= n;
@@ -442,7 +519,7 @@ impl Bitmap {
             return;
         }
         let s = self.begin_change();
-        let zero = zero_page();
+        let zero = self.zero.clone();
         for p in 0..self.pages.len() {
             if self.page_ones[p] != 0 {
                 self.pages[p] = zero.clone();
@@ -587,6 +664,45 @@ mod tests {
         assert_eq!(b.count_range(0, far), 0);
         assert_eq!(b.count_range(far, 1), 1);
         assert_eq!(b.count_range(1, len - 2), 1);
+    }
+
+    #[test]
+    fn test_uniform_pages_share_memory() {
+        // 8 TiB of 4 KiB blocks, less a partial last page.
+        let len = (8u64 << 40) / 4096 - 100;
+        let mut b = Bitmap::new(len);
+        b.set_all();
+        assert_eq!(b.count(), len);
+        // Only the partial last page holds memory of its own.
+        assert_eq!(b.mixed_pages(), 1);
+        let snapshot = b.clone();
+        // A resync clears runs: a page cleared bit by bit, one word at a
+        // time, and one cleared whole, end up shared again.
+        for k in 0..PAGE_WORDS as u64 {
+            b.clear_range(PAGE_BITS + k * 64, 64);
+            if k + 1 < PAGE_WORDS as u64 {
+                assert_eq!(b.mixed_pages(), 2, "page 1 partly cleared");
+            }
+        }
+        assert_eq!(b.mixed_pages(), 1, "page 1 wholly clear: shared again");
+        b.clear_range(2 * PAGE_BITS, PAGE_BITS);
+        assert_eq!(b.mixed_pages(), 1);
+        assert_eq!(b.count(), len - 2 * PAGE_BITS);
+        assert_eq!(b.next_set(PAGE_BITS), Some(3 * PAGE_BITS));
+        // A bit set back makes a page full again.
+        b.clear(5);
+        assert_eq!(b.mixed_pages(), 2);
+        b.set(5);
+        assert_eq!(b.mixed_pages(), 1);
+        // The snapshot kept its bits.
+        assert_eq!(snapshot.count(), len);
+        assert!(snapshot.get(PAGE_BITS + 3) && !b.get(PAGE_BITS + 3));
+        // Loading a full page's words shares the full page.
+        let mut c = Bitmap::new(len);
+        assert!(c.set_page_words(3, &[!0; PAGE_WORDS]));
+        assert_eq!((c.mixed_pages(), c.count()), (0, PAGE_BITS));
+        let w = Bitmap::from_words(2 * PAGE_BITS, vec![!0; 2 * PAGE_WORDS]).unwrap();
+        assert_eq!((w.mixed_pages(), w.count()), (0, 2 * PAGE_BITS));
     }
 
     proptest! {

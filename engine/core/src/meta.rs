@@ -9,7 +9,7 @@ use core::fmt;
 
 use msl_wire::{DiskState, Generations, Role, HISTORY_LEN};
 
-use crate::bitmap::{Bitmap, PAGE_WORDS};
+use crate::bitmap::{Bitmap, PAGE_BITS, PAGE_WORDS};
 
 const META_MAGIC: &[u8; 8] = b"MSLMETA\0";
 const IMAGE_MAGIC: &[u8; 8] = b"MSLIMAG\0";
@@ -18,8 +18,47 @@ const FIELDS_MAGIC: &[u8; 8] = b"MSLMFLD\0";
 pub const META_VERSION: u32 = 1;
 /// Format version of [`Image::encode`]: 2 sends only the bitmap pages
 /// that hold a set bit (1 sent every word), so the image of a large,
-/// mostly clean volume stays small.
-pub const IMAGE_VERSION: u32 = 2;
+/// mostly clean volume stays small; 3 sends a page with every bit set as
+/// its index alone ([`FULL_PAGE`]), so does the image of a volume wholly
+/// out of sync.
+pub const IMAGE_VERSION: u32 = 3;
+
+/// Flag of an image's page index: the page has every bit set, and no
+/// words follow.
+pub const FULL_PAGE: u32 = 1 << 31;
+
+/// An image's record of page `p` with a set bit: its index, flagged
+/// [`FULL_PAGE`] when every bit is set, else followed by its words.
+fn page_record(dirty: &Bitmap, p: usize, out: &mut Vec<u8>) {
+    if dirty.page_full(p) {
+        out.extend_from_slice(&(p as u32 | FULL_PAGE).to_le_bytes());
+        return;
+    }
+    out.extend_from_slice(&(p as u32).to_le_bytes());
+    for x in dirty.page_words(p) {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Bytes of [`page_record`] for page `p`.
+fn page_record_len(dirty: &Bitmap, p: usize) -> u64 {
+    if dirty.page_full(p) {
+        4
+    } else {
+        4 + 8 * dirty.page_words(p).len() as u64
+    }
+}
+
+/// A page index read from an image: the page, and whether it is full.
+/// Refused unless it follows `next` and lies inside the map.
+fn page_index(x: u32, next: usize, dirty: &Bitmap) -> Result<(usize, bool), DecodeError> {
+    let p = (x & !FULL_PAGE) as usize;
+    let full = x & FULL_PAGE != 0;
+    if p < next || p >= dirty.page_count() || (full && !dirty.page_may_fill(p)) {
+        return Err(DecodeError::BadField("dirty bitmap page index"));
+    }
+    Ok((p, full))
+}
 
 /// What a node keeps on disk (written atomically by the host).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,13 +227,15 @@ pub struct Image {
 
 impl Image {
     /// The bitmap goes as its page count, then each page with a set bit:
-    /// its index (u32, ascending) and its words.
+    /// its index (u32, ascending; flagged [`FULL_PAGE`] when every bit is
+    /// set) and, unless full, its words.
     pub fn encode(&self) -> Vec<u8> {
         let pages: Vec<usize> = (0..self.dirty.page_count())
             .filter(|&p| self.dirty.page_ones(p) != 0)
             .collect();
+        let bytes: u64 = pages.iter().map(|&p| page_record_len(&self.dirty, p)).sum();
         let mut w = Writer(Vec::with_capacity(
-            128 + pages.len() * (4 + PAGE_WORDS * 8) + self.frontend.len(),
+            128 + bytes as usize + self.frontend.len(),
         ));
         w.bytes(IMAGE_MAGIC);
         w.u32(IMAGE_VERSION);
@@ -211,10 +252,7 @@ impl Image {
         w.u32(self.dirty.page_count() as u32);
         w.u32(pages.len() as u32);
         for p in pages {
-            w.u32(p as u32);
-            for x in self.dirty.page_words(p) {
-                w.u64(*x);
-            }
+            page_record(&self.dirty, p, &mut w.0);
         }
         w.finish()
     }
@@ -301,7 +339,7 @@ impl ImageEncoder {
             .count();
         let page_bytes: u64 = (0..dirty.page_count())
             .filter(|&p| dirty.page_ones(p) != 0)
-            .map(|p| 4 + 8 * dirty.page_words(p).len() as u64)
+            .map(|p| page_record_len(&dirty, p))
             .sum();
         let mut w = Writer(Vec::with_capacity(IMAGE_FIXED + img.frontend.len() + 8));
         w.bytes(IMAGE_MAGIC);
@@ -400,10 +438,7 @@ impl ImageEncoder {
             if self.dirty.page_ones(p) == 0 {
                 continue;
             }
-            self.pending.extend_from_slice(&(p as u32).to_le_bytes());
-            for x in self.dirty.page_words(p) {
-                self.pending.extend_from_slice(&x.to_le_bytes());
-            }
+            page_record(&self.dirty, p, &mut self.pending);
             self.body_crc = crc32c::crc32c_append(self.body_crc, &self.pending);
             return true;
         }
@@ -587,13 +622,17 @@ impl ImageDecoder {
                 };
             }
             DecState::PageIndex => {
-                let p = r.u32()? as usize;
-                if p < self.next_page || p >= self.img_ref().dirty.page_count() {
-                    return Err(DecodeError::BadField("dirty bitmap page index"));
-                }
+                let (p, full) = page_index(r.u32()?, self.next_page, &self.img_ref().dirty)?;
                 self.next_page = p + 1;
                 self.page = p;
-                self.state = DecState::PageWords;
+                if !full {
+                    self.state = DecState::PageWords;
+                    return Ok(());
+                }
+                if let Some(img) = self.img.as_mut() {
+                    img.dirty.set_range(p as u64 * PAGE_BITS, PAGE_BITS);
+                }
+                self.page_done();
             }
             DecState::PageWords => {
                 let mut words = [0u64; PAGE_WORDS];
@@ -605,12 +644,7 @@ impl ImageDecoder {
                 if let Some(img) = self.img.as_mut() {
                     img.dirty.set_page_words(page, &words[..n]);
                 }
-                self.pages_left -= 1;
-                self.state = if self.pages_left == 0 {
-                    DecState::Trailer
-                } else {
-                    DecState::PageIndex
-                };
+                self.page_done();
             }
             DecState::Trailer => {
                 let stored = r.u32()?;
@@ -625,6 +659,16 @@ impl ImageDecoder {
             DecState::Done => {}
         }
         Ok(())
+    }
+
+    /// A page's record is in: the next one, or the trailer.
+    fn page_done(&mut self) {
+        self.pages_left -= 1;
+        self.state = if self.pages_left == 0 {
+            DecState::Trailer
+        } else {
+            DecState::PageIndex
+        };
     }
 
     /// The image, once all of it arrived and checked.
@@ -855,11 +899,12 @@ impl<'a> Reader<'a> {
         let mut next = 0usize;
         let mut words = Vec::with_capacity(PAGE_WORDS);
         for _ in 0..n {
-            let p = self.u32()? as usize;
-            if p < next || p >= b.page_count() {
-                return Err(DecodeError::BadField("dirty bitmap page index"));
-            }
+            let (p, full) = page_index(self.u32()?, next, &b)?;
             next = p + 1;
+            if full {
+                b.set_range(p as u64 * PAGE_BITS, PAGE_BITS);
+                continue;
+            }
             words.clear();
             for _ in 0..b.page_words(p).len() {
                 words.push(self.u64()?);
@@ -880,7 +925,6 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bitmap::PAGE_BITS;
     use proptest::prelude::*;
 
     fn sample() -> Meta {
@@ -1075,11 +1119,47 @@ mod tests {
     #[test]
     fn test_streamed_image_of_another_version_refused_with_its_number() {
         let mut bytes = image(Bitmap::new(1000)).encode();
-        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
         let mut dec = ImageDecoder::new(1000);
         let e = dec.push(&bytes[..12]).unwrap_err();
-        assert_eq!(e, DecodeError::BadVersion(3));
-        assert!(alloc::format!("{e}").contains("unsupported version 3"));
+        assert_eq!(e, DecodeError::BadVersion(2));
+        assert!(alloc::format!("{e}").contains("unsupported version 2"));
+    }
+
+    #[test]
+    fn test_image_of_a_map_wholly_dirty_sends_full_pages_as_their_index() {
+        // Three full pages and a partial last one, less two bits.
+        let len = 3 * PAGE_BITS + 100;
+        let mut dirty = Bitmap::new(len);
+        dirty.set_all();
+        dirty.clear(PAGE_BITS + 7);
+        let img = image(dirty);
+        let bytes = img.encode();
+        // Two full pages as an index each; page 1 and the last with words.
+        let words = PAGE_WORDS + 2;
+        assert_eq!(
+            bytes.len(),
+            image(Bitmap::new(len)).encode().len() + 4 * 4 + 8 * words
+        );
+        assert_eq!(Image::decode(&bytes).as_ref(), Ok(&img));
+        let (streamed, decoded) = stream(&img, 7);
+        assert_eq!(streamed, bytes);
+        let got = decoded.unwrap();
+        assert_eq!(got, img);
+        assert_eq!(got.dirty.mixed_pages(), 2);
+        // A full flag on the partial last page is refused.
+        let mut last = Bitmap::new(len);
+        last.set_range(3 * PAGE_BITS, 100);
+        let mut b = image(last).encode();
+        let at = b.len() - 4 - 8 * 2 - 4;
+        b[at..at + 4].copy_from_slice(&(3 | FULL_PAGE).to_le_bytes());
+        b.truncate(at + 4);
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Image::decode(&b),
+            Err(DecodeError::BadField("dirty bitmap page index"))
+        );
     }
 
     #[test]

@@ -17,6 +17,12 @@ pub trait MetaIo {
     fn fdatasync(&self) -> io::Result<()>;
     /// Current length of the file in bytes.
     fn file_len(&self) -> io::Result<u64>;
+    /// The first offset at or after `offset` that may hold data (`None`:
+    /// nothing from there on does), so that loading skips what was never
+    /// written. By default everything may hold data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok(Some(offset))
+    }
 }
 
 impl MetaIo for File {
@@ -31,5 +37,14 @@ impl MetaIo for File {
     }
     fn file_len(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        match crate::volume::lseek(self, offset, libc::SEEK_DATA) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            // A file system without SEEK_DATA: read everything.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(offset)),
+            Err(e) => Err(e),
+        }
     }
 }

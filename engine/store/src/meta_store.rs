@@ -954,9 +954,31 @@ impl<D: MetaIo> MetaStore<D> {
         let mut cur = vec![0u8; pages];
         let mut scrub = Vec::new();
         let mut chunk = vec![0u8; LOAD_CHUNK_PAGES * 2 * BLOCK];
+        // Where the file next holds data: chunks never written (both
+        // copies of every page a hole: no bits set) are not read, so a
+        // large, clean map loads without reading its hundreds of MiB.
+        let mut data_at = Some(0);
+        let zero_crc = words_crc(&[0; PAGE_WORDS]);
         for first in (0..pages).step_by(LOAD_CHUNK_PAGES) {
             let n = LOAD_CHUNK_PAGES.min(pages - first);
             let off = label.page_offset(first, 0);
+            let end = off + (n * 2 * BLOCK) as u64;
+            if data_at.is_some_and(|d| d < off) {
+                data_at = io
+                    .next_data(off)
+                    .map_err(|e| io_err(&path, format!("seek data from offset {off}"), e))?;
+            }
+            if data_at.is_none_or(|d| d >= end) {
+                for (p, c) in crc.iter_mut().enumerate().skip(first).take(n) {
+                    let pw = (nwords - p * PAGE_WORDS).min(PAGE_WORDS);
+                    *c = if pw == PAGE_WORDS {
+                        zero_crc
+                    } else {
+                        words_crc(&vec![0; pw])
+                    };
+                }
+                continue;
+            }
             io.pread_exact(&mut chunk[..n * 2 * BLOCK], off)
                 .map_err(|e| io_err(&path, format!("read bitmap pages at offset {off}"), e))?;
             for i in 0..n {

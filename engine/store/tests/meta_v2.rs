@@ -181,6 +181,9 @@ impl MetaIo for Tearing {
     fn file_len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.file.next_data(offset)
+    }
 }
 
 fn open_tearing(path: &Path, tear: Option<(usize, usize)>) -> (MetaStore<Tearing>, Meta) {
@@ -553,4 +556,39 @@ fn bulk_change_is_one_commit_of_the_changed_pages_and_crash_safe() {
     drop(s);
     let (_, got) = MetaStore::open(&path).unwrap();
     same_after_restart(&got, &m).unwrap();
+}
+
+#[test]
+fn loading_reads_only_the_bitmap_pages_ever_written() {
+    let dir = TempDir::new("sparse-load");
+    // 1 TiB: 8,257 pages, 65 load chunks of 128 pages.
+    let (path, mut s, mut m) = running(&dir, TIB_BLOCKS);
+    let (_, fresh) = open_tearing(&path, None);
+    same_after_restart(&fresh, &m).unwrap();
+    // A new file: the label, the superblocks and one transaction read.
+    let (c, _) = open_tearing(&path, None);
+    let blank_reads = c.io().reads.get();
+    assert!(blank_reads <= 4, "{blank_reads} reads of a blank map");
+    drop(c);
+    // Bits in two far-apart pages, committed: two chunks to read more.
+    m.dirty.set_range(5, 3);
+    m.dirty.set_range(TIB_BLOCKS - 100, 100);
+    m.clean = true;
+    s.persist(&m).unwrap();
+    let (c, got) = open_tearing(&path, None);
+    same_after_restart(&got, &m).unwrap();
+    assert_eq!(
+        c.io().reads.get(),
+        blank_reads + 2,
+        "only the two chunks read"
+    );
+    drop(c);
+    // Wholly dirty (a full sync): every chunk is read, and every bit is
+    // back.
+    m.dirty.set_all();
+    s.persist(&m).unwrap();
+    let (c, got) = open_tearing(&path, None);
+    same_after_restart(&got, &m).unwrap();
+    assert_eq!(got.dirty.count(), TIB_BLOCKS);
+    assert_eq!(c.io().reads.get(), blank_reads + 65);
 }

@@ -18,8 +18,11 @@ pub(super) struct ResyncProgress {
 pub(super) const RESYNC_MESSAGE_BYTES: u64 = 64 << 10;
 
 /// Largest zero run in one message: a hole of the source's volume costs
-/// one small message (and one hole punched on the target) per this much.
-pub(super) const ZERO_RUN_BYTES: u64 = 1 << 30;
+/// one small message (and one hole punched on the target) per this much,
+/// the most whole blocks a message's 32-bit length holds.
+pub(super) fn zero_run_blocks(bs: u64) -> u64 {
+    (u64::from(u32::MAX) / bs).max(1)
+}
 
 /// Token-bucket pacing: the next start time after spending one block of
 /// `bs` bytes at `rate` bytes per second; up to 10 ms of unused budget may
@@ -127,7 +130,7 @@ impl<H: Payload> Node<H> {
                 // as zeroes, with no read and outside the rate cap (it
                 // carries no data). It ends at the first block being read
                 // or sent, or written by a client.
-                let cap = (s.resync.hole_until - block).min((ZERO_RUN_BYTES / bs).max(1));
+                let cap = (s.resync.hole_until - block).min(zero_run_blocks(bs));
                 let mut count = self.meta.dirty.run_len(block, cap);
                 if let Some(b) = s.resync.busy.next_set(block) {
                     count = count.min(b - block);
