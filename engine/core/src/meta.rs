@@ -125,6 +125,20 @@ impl Meta {
         self.encode_as(FIELDS_MAGIC, false)
     }
 
+    /// The length of what [`Meta::encode_fields`] wrote at the start of
+    /// `bytes` (which may go on with other data), read from its
+    /// activity-log count; `None` if `bytes` is too short to tell or to
+    /// hold it. [`Meta::decode_fields`] checks the content.
+    pub fn fields_len(bytes: &[u8]) -> Option<usize> {
+        // Magic, version, ids, geometry, generations, disk, role, clean.
+        const AL_COUNT_AT: usize = 8 + 4 + 8 + 2 + 8 + 4 + 8 * (2 + HISTORY_LEN) + 3;
+        let n = bytes.get(AL_COUNT_AT..AL_COUNT_AT + 4)?;
+        let al = u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize;
+        // The count, the extents, the (zero) bitmap length, the checksum.
+        let len = al.checked_mul(8)?.checked_add(AL_COUNT_AT + 4 + 4 + 4)?;
+        (len <= bytes.len()).then_some(len)
+    }
+
     /// Decode what [`Meta::encode_fields`] wrote; the dirty map comes back
     /// empty, sized for `volume_blocks`.
     pub fn decode_fields(bytes: &[u8]) -> Result<Meta, DecodeError> {
@@ -976,6 +990,20 @@ mod tests {
             b[i / 8] ^= 1 << (i % 8);
             assert!(Meta::decode_fields(&b).is_err(), "flip of bit {i} accepted");
         }
+    }
+
+    #[test]
+    fn test_fields_len_finds_the_end_of_the_fields() {
+        let mut m = sample();
+        m.al = alloc::vec![3, 9, 12];
+        let mut b = m.encode_fields();
+        let n = b.len();
+        assert_eq!(Meta::fields_len(&b), Some(n));
+        b.extend_from_slice(b"more");
+        assert_eq!(Meta::fields_len(&b), Some(n));
+        assert!(Meta::decode_fields(&b[..n]).is_ok());
+        assert_eq!(Meta::fields_len(&b[..n - 1]), None);
+        assert_eq!(Meta::fields_len(&b[..40]), None);
     }
 
     #[test]

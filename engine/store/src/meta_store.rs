@@ -16,7 +16,10 @@
 //!   40 epoch u32 (the node's start epoch; 0 in files written before it
 //!      was kept)          44 crc32c of [0, 44) ++ payload
 //!   48 payload: `Meta::encode_fields()` (generations, state, geometry,
-//!      the activity log as of `al_seq`; no bitmap)
+//!      the activity log as of `al_seq`; no bitmap), then optionally the
+//!      uniform runs: magic "MSLRUNS2", count u32, per run first page
+//!      u32 and page count u32 (top bit set: every bit of those pages is
+//!      set; clear: none is)
 //! activity-log ring: ring_len blocks of 4 KiB, transaction s in block s % ring_len
 //!   0  magic "MSLALTX2"   8  seq u64          16 extent_blocks u64
 //!   24 entries u32        28 len u32          32 reserved u32
@@ -33,7 +36,8 @@
 //! ```
 //!
 //! **Loading.** The newest superblock whose checksum holds gives the
-//! commit sequence `P`. Each page is the valid copy with the highest
+//! commit sequence `P`. A page inside one of its uniform runs holds what
+//! the run says; any other page is the valid copy with the highest
 //! sequence not above `P` (copies above `P` belong to a commit that never
 //! landed and are zeroed). Then the activity-log transactions
 //! `al_seq + 1, al_seq + 2, ...` are replayed while they are valid and
@@ -51,6 +55,11 @@
 //!   log, a clean shutdown, or the ring would wrap onto transactions the
 //!   newest superblock still needs): the changed pages into their spare
 //!   copies, `fdatasync`, the superblock into its spare slot, `fdatasync`.
+//!   Pages wholly clean or wholly dirty go as runs in the superblock
+//!   instead (as many as its slot has room for), so marking a volume
+//!   for a full sync, and the resync clearing it, write almost no pages;
+//!   a page leaving the runs is written in that commit (its copies are
+//!   stale), into its spare copy like any other.
 //!
 //! A torn write fails its checksum and the previous state is used: a torn
 //! page copy leaves the other copy; a torn superblock leaves the other one
@@ -383,6 +392,118 @@ fn decode_page(page: usize, b: &[u8], nwords: usize) -> Option<(u64, Vec<u64>)> 
     Some((le64(&b[8..16]), words))
 }
 
+const RUNS_MAGIC: &[u8; 8] = b"MSLRUNS2";
+/// Magic and count before a superblock's runs.
+const RUNS_HDR: usize = 12;
+/// Flag of a run's page count: the pages have every bit set.
+const RUN_FULL: u32 = 1 << 31;
+
+/// What a superblock says of a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Its copies hold it.
+    Copy,
+    /// No bit set.
+    Zero,
+    /// Every bit set.
+    Full,
+}
+
+/// The kind of each page of `map`, in runs of equal uniform pages: at
+/// most `room` runs, in page order (pages beyond are [`Kind::Copy`]).
+fn uniform_runs(map: &Bitmap, room: usize) -> (Vec<(u32, u32, Kind)>, Vec<Kind>) {
+    let pages = map.page_count();
+    let mut kinds = vec![Kind::Copy; pages];
+    let mut runs: Vec<(u32, u32, Kind)> = Vec::new();
+    for (p, k) in kinds.iter_mut().enumerate() {
+        let kind = if map.page_ones(p) == 0 {
+            Kind::Zero
+        } else if map.page_full(p) {
+            Kind::Full
+        } else {
+            continue;
+        };
+        let full = runs.len() == room;
+        match runs.last_mut() {
+            Some((first, n, rk)) if *rk == kind && (*first + *n) as usize == p => *n += 1,
+            _ if full => break,
+            _ => runs.push((p as u32, 1, kind)),
+        }
+        *k = kind;
+    }
+    (runs, kinds)
+}
+
+/// Words of page `p` of a map of `nwords` words.
+fn page_len(nwords: usize, p: usize) -> usize {
+    (nwords - p * PAGE_WORDS).min(PAGE_WORDS)
+}
+
+/// The words of a page of `pw` words of a uniform kind (no bit for
+/// [`Kind::Copy`]).
+fn uniform_words(kind: Kind, pw: usize) -> Vec<u64> {
+    vec![if kind == Kind::Full { !0 } else { 0 }; pw]
+}
+
+fn uniform_crc(kind: Kind, pw: usize) -> u32 {
+    words_crc(&uniform_words(kind, pw))
+}
+
+fn encode_runs(runs: &[(u32, u32, Kind)], out: &mut Vec<u8>) {
+    if runs.is_empty() {
+        return;
+    }
+    out.extend_from_slice(RUNS_MAGIC);
+    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for &(first, n, kind) in runs {
+        let flag = if kind == Kind::Full { RUN_FULL } else { 0 };
+        out.extend_from_slice(&first.to_le_bytes());
+        out.extend_from_slice(&(n | flag).to_le_bytes());
+    }
+}
+
+/// The kind of each page from a superblock's runs (`b`: what follows its
+/// fields), checked: ascending, apart, inside the map, and full only over
+/// pages of [`PAGE_BITS`] bits.
+fn decode_runs(b: &[u8], blocks: u64) -> Result<Vec<Kind>, String> {
+    let pages = blocks.div_ceil(64).div_ceil(PAGE_WORDS as u64) as usize;
+    let whole = (blocks / PAGE_BITS) as usize;
+    let mut kinds = vec![Kind::Copy; pages];
+    if b.is_empty() {
+        return Ok(kinds);
+    }
+    if b.len() < RUNS_HDR || &b[..8] != RUNS_MAGIC {
+        return Err("bytes after its fields are not uniform runs".into());
+    }
+    let n = le32(&b[8..12]) as usize;
+    if b.len() != RUNS_HDR + 8 * n {
+        return Err(format!("{n} uniform runs in {} bytes", b.len() - RUNS_HDR));
+    }
+    let mut next = 0usize;
+    for r in b[RUNS_HDR..].chunks_exact(8) {
+        let first = le32(&r[..4]) as usize;
+        let x = le32(&r[4..]);
+        let (count, kind) = (
+            (x & !RUN_FULL) as usize,
+            if x & RUN_FULL != 0 {
+                Kind::Full
+            } else {
+                Kind::Zero
+            },
+        );
+        let end = first.saturating_add(count);
+        let limit = if kind == Kind::Full { whole } else { pages };
+        if first < next || count == 0 || end > limit {
+            return Err(format!(
+                "uniform run of {count} pages from page {first} is out of order or outside the map"
+            ));
+        }
+        kinds[first..end].fill(kind);
+        next = end;
+    }
+    Ok(kinds)
+}
+
 /// Where a superblock is and what it holds besides `meta`'s fields.
 struct SbPlace {
     slot: usize,
@@ -392,7 +513,7 @@ struct SbPlace {
     epoch: u32,
 }
 
-fn encode_sb(at: &SbPlace, meta: &Meta) -> Vec<u8> {
+fn encode_sb(at: &SbPlace, meta: &Meta, runs: &[(u32, u32, Kind)]) -> Vec<u8> {
     let SbPlace {
         slot,
         seq,
@@ -400,7 +521,8 @@ fn encode_sb(at: &SbPlace, meta: &Meta) -> Vec<u8> {
         extent_blocks,
         epoch,
     } = *at;
-    let payload = meta.encode_fields();
+    let mut payload = meta.encode_fields();
+    encode_runs(runs, &mut payload);
     let mut b = Vec::with_capacity(SB_HDR + payload.len());
     b.extend_from_slice(SB_MAGIC);
     b.extend_from_slice(&seq.to_le_bytes());
@@ -423,8 +545,9 @@ fn creation_epoch() -> u32 {
         .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX / 2))
 }
 
-/// A valid superblock: (seq, al_seq, extent_blocks, epoch, fields).
-type SbContent = (u64, u64, u64, u32, Meta);
+/// A valid superblock: (seq, al_seq, extent_blocks, epoch, fields, the
+/// kind of each page).
+type SbContent = (u64, u64, u64, u32, Meta, Vec<Kind>);
 
 /// `Err(Ok(why))`: torn or never written (fall back);
 /// `Err(Err(why))`: checksum valid, content not (never roll back silently).
@@ -455,9 +578,15 @@ fn decode_sb(slot: usize, b: &[u8], geo: &Geometry) -> Result<SbContent, Result<
             le32(&b[36..40])
         )));
     }
-    let meta = Meta::decode_fields(payload).map_err(|e| {
+    let flen = Meta::fields_len(payload).unwrap_or(payload.len());
+    let meta = Meta::decode_fields(&payload[..flen]).map_err(|e| {
         Err(format!(
             "superblock {name} (seq {seq}) passes its checksum but does not decode: {e}"
+        ))
+    })?;
+    let kinds = decode_runs(&payload[flen..], geo.volume_blocks).map_err(|e| {
+        Err(format!(
+            "superblock {name} (seq {seq}) passes its checksum but its {e}"
         ))
     })?;
     if let Some((key, found, expected)) = Geometry::of(&meta).diff(geo) {
@@ -471,7 +600,14 @@ fn decode_sb(slot: usize, b: &[u8], geo: &Geometry) -> Result<SbContent, Result<
             "superblock {name} (seq {seq}) has extent size 0"
         )));
     }
-    Ok((seq, le64(&b[16..24]), extent_blocks, le32(&b[40..44]), meta))
+    Ok((
+        seq,
+        le64(&b[16..24]),
+        extent_blocks,
+        le32(&b[40..44]),
+        meta,
+        kinds,
+    ))
 }
 
 /// An activity-log transaction.
@@ -689,6 +825,9 @@ pub struct MetaStore<D: MetaIo = File> {
     al: BTreeSet<u64>,
     /// Per page: the copy holding its durable content.
     cur: Vec<u8>,
+    /// Per page: what the newest durable superblock's runs say of it
+    /// ([`Kind::Copy`]: `cur` holds it).
+    kinds: Vec<Kind>,
     /// Per page: CRC32C of its durable content (page plus transactions).
     crc: Vec<u32>,
     /// Durable content of the pages where it differs from the last
@@ -769,6 +908,7 @@ impl MetaStore<File> {
                         epoch: creation_epoch(),
                     },
                     meta,
+                    &[],
                 ),
                 label.sb_offset(0),
             )
@@ -925,7 +1065,7 @@ impl<D: MetaIo> MetaStore<D> {
             };
         }
         let [a, b] = found;
-        let (newest, (seq, sb_al_seq, sb_eb, epoch, mut meta), rejected) = match (a, b) {
+        let (newest, (seq, sb_al_seq, sb_eb, epoch, mut meta, kinds), rejected) = match (a, b) {
             (Ok(x), Ok(y)) => {
                 if y.0 > x.0 {
                     (1, y, None)
@@ -943,14 +1083,23 @@ impl<D: MetaIo> MetaStore<D> {
                 })
             }
         };
-        // Bitmap pages: the valid copy with the highest sequence <= seq.
+        // Bitmap pages: what the superblock's runs say, else the valid
+        // copy with the highest sequence <= seq.
         let pages = label.pages as usize;
         let nwords = label.geo.volume_blocks.div_ceil(64) as usize;
         let blocks = label.geo.volume_blocks;
-        // Pages without a bit stay shared zero pages: an empty map of a
-        // large volume costs little memory.
+        // Pages without a bit stay shared zero pages, full ones share the
+        // full page: an empty or wholly dirty map of a large volume costs
+        // little memory.
         let mut map = Bitmap::new(blocks);
-        let mut crc = vec![0u32; pages];
+        let mut crc: Vec<u32> = (0..pages)
+            .map(|p| uniform_crc(kinds[p], page_len(nwords, p)))
+            .collect();
+        for (p, k) in kinds.iter().enumerate() {
+            if *k == Kind::Full {
+                map.set_range(p as u64 * PAGE_BITS, PAGE_BITS);
+            }
+        }
         let mut cur = vec![0u8; pages];
         let mut scrub = Vec::new();
         let mut chunk = vec![0u8; LOAD_CHUNK_PAGES * 2 * BLOCK];
@@ -958,7 +1107,6 @@ impl<D: MetaIo> MetaStore<D> {
         // copies of every page a hole: no bits set) are not read, so a
         // large, clean map loads without reading its hundreds of MiB.
         let mut data_at = Some(0);
-        let zero_crc = words_crc(&[0; PAGE_WORDS]);
         for first in (0..pages).step_by(LOAD_CHUNK_PAGES) {
             let n = LOAD_CHUNK_PAGES.min(pages - first);
             let off = label.page_offset(first, 0);
@@ -969,14 +1117,6 @@ impl<D: MetaIo> MetaStore<D> {
                     .map_err(|e| io_err(&path, format!("seek data from offset {off}"), e))?;
             }
             if data_at.is_none_or(|d| d >= end) {
-                for (p, c) in crc.iter_mut().enumerate().skip(first).take(n) {
-                    let pw = (nwords - p * PAGE_WORDS).min(PAGE_WORDS);
-                    *c = if pw == PAGE_WORDS {
-                        zero_crc
-                    } else {
-                        words_crc(&vec![0; pw])
-                    };
-                }
                 continue;
             }
             io.pread_exact(&mut chunk[..n * 2 * BLOCK], off)
@@ -994,6 +1134,11 @@ impl<D: MetaIo> MetaStore<D> {
                         }
                         _ => {}
                     }
+                }
+                if kinds[p] != Kind::Copy {
+                    // The superblock's run holds it; its copies are stale
+                    // (read only to scrub those of a torn commit).
+                    continue;
                 }
                 let Some((c, _, w)) = best else {
                     return Err(StoreError::Corrupt {
@@ -1071,6 +1216,7 @@ impl<D: MetaIo> MetaStore<D> {
             state: State::of(&meta),
             al: meta.al.iter().copied().collect(),
             cur,
+            kinds,
             crc,
             pending,
             differs: BTreeSet::new(),
@@ -1140,7 +1286,10 @@ impl<D: MetaIo> MetaStore<D> {
             return Ok(w.clone());
         }
         let nwords = self.label.geo.volume_blocks.div_ceil(64) as usize;
-        let pw = (nwords - p * PAGE_WORDS).min(PAGE_WORDS);
+        let pw = page_len(nwords, p);
+        if self.kinds[p] != Kind::Copy {
+            return Ok(uniform_words(self.kinds[p], pw));
+        }
         let c = usize::from(self.cur[p]);
         let off = self.label.page_offset(p, c);
         let mut b = vec![0u8; BLOCK];
@@ -1450,10 +1599,20 @@ impl<D: MetaIo> MetaStore<D> {
         diffs: Vec<(usize, Vec<u64>)>,
     ) -> Result<(), StoreError> {
         let seq = self.seq + 1;
+        // Uniform pages go as runs in the superblock, as many as its slot
+        // holds beside the fields.
+        let fields = meta.encode_fields().len();
+        let room = (self.label.sb_size as usize).saturating_sub(SB_HDR + fields + RUNS_HDR) / 8;
+        let (runs, kinds) = uniform_runs(&meta.dirty, room);
         // Pages whose carried bits live only in transactions go too: the
-        // new superblock ends their replay.
+        // new superblock ends their replay. So do pages leaving the runs:
+        // their copies are stale.
         let mut write: BTreeSet<usize> = diffs.into_iter().map(|(p, _)| p).collect();
         write.extend(self.carried.iter().copied());
+        write.extend(
+            (0..kinds.len()).filter(|&p| self.kinds[p] != Kind::Copy && kinds[p] == Kind::Copy),
+        );
+        write.retain(|&p| kinds[p] == Kind::Copy);
         for p in &write {
             let c = 1 - usize::from(self.cur[*p]);
             let off = self.label.page_offset(*p, c);
@@ -1474,6 +1633,7 @@ impl<D: MetaIo> MetaStore<D> {
                 epoch: self.epoch,
             },
             meta,
+            &runs,
         );
         let off = self.label.sb_offset(slot);
         self.write(&b, off, || {
@@ -1485,6 +1645,20 @@ impl<D: MetaIo> MetaStore<D> {
             self.cur[p] = 1 - self.cur[p];
             self.crc[p] = words_crc(meta.dirty.page_words(p));
         }
+        let nwords = self.label.geo.volume_blocks.div_ceil(64) as usize;
+        let (zero, full) = (
+            uniform_crc(Kind::Zero, PAGE_WORDS),
+            uniform_crc(Kind::Full, PAGE_WORDS),
+        );
+        for (p, k) in kinds.iter().enumerate() {
+            self.crc[p] = match k {
+                Kind::Copy => continue,
+                Kind::Full => full,
+                Kind::Zero if page_len(nwords, p) == PAGE_WORDS => zero,
+                Kind::Zero => uniform_crc(Kind::Zero, page_len(nwords, p)),
+            };
+        }
+        self.kinds = kinds;
         self.pending.clear();
         self.differs.clear();
         self.carried.clear();
@@ -1604,4 +1778,46 @@ pub fn convert_v1_to_v2(path: &Path, opts: &CreateOptions) -> Result<Meta, Store
     drop(file);
     MetaStore::create(path, &meta, &opts)?;
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_runs_round_trip_and_bad_runs_are_refused() {
+        // Four pages and a partial fifth.
+        let blocks = 4 * PAGE_BITS + 10;
+        let mut map = Bitmap::new(blocks);
+        map.set_range(PAGE_BITS, 2 * PAGE_BITS);
+        map.set(3 * PAGE_BITS + 1);
+        let (runs, kinds) = uniform_runs(&map, 10);
+        use Kind::*;
+        assert_eq!(runs, [(0, 1, Zero), (1, 2, Full), (4, 1, Zero)]);
+        assert_eq!(kinds, [Zero, Full, Full, Copy, Zero]);
+        let mut b = Vec::new();
+        encode_runs(&runs, &mut b);
+        assert_eq!(decode_runs(&b, blocks), Ok(kinds));
+        assert_eq!(decode_runs(&[], blocks), Ok(vec![Copy; 5]));
+        // Room for two runs: the third page kind is left to its copy.
+        let (runs, kinds) = uniform_runs(&map, 2);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(kinds[4], Copy);
+        let bad = |runs: &[(u32, u32, Kind)]| {
+            let mut b = Vec::new();
+            encode_runs(runs, &mut b);
+            decode_runs(&b, blocks)
+        };
+        assert!(bad(&[(1, 1, Zero), (0, 1, Zero)]).is_err(), "out of order");
+        assert!(bad(&[(0, 2, Zero), (1, 1, Full)]).is_err(), "overlapping");
+        assert!(bad(&[(2, 0, Zero)]).is_err(), "empty");
+        assert!(bad(&[(3, 3, Zero)]).is_err(), "past the end");
+        assert!(bad(&[(4, 1, Full)]).is_err(), "full partial page");
+        assert!(bad(&[(4, 1, Zero)]).is_ok());
+        let mut b = Vec::new();
+        encode_runs(&[(0, 1, Zero)], &mut b);
+        assert!(decode_runs(&b[..b.len() - 1], blocks).is_err(), "torn");
+        b[0] ^= 1;
+        assert!(decode_runs(&b, blocks).is_err(), "magic");
+    }
 }

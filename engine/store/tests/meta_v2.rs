@@ -12,6 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::TempDir;
+use msl_core::bitmap::PAGE_BITS;
 use msl_core::meta::Meta;
 use msl_store::testkit::{stats_delta, stats_sum, Rng};
 use msl_store::{convert_v1_to_v2, CreateOptions, MetaIo, MetaStats, MetaStore, StoreError};
@@ -249,7 +250,7 @@ fn crash_at_any_point_of_any_persist_recovers_the_previous_or_the_new_version() 
     let mut acked = m.clone();
     for step in 0..400 {
         let mut next = m.clone();
-        match rng.below(10) {
+        match rng.below(12) {
             0..=3 => {
                 // A new hot extent (bits follow).
                 let e = rng.below(blocks / EXTENT);
@@ -281,6 +282,16 @@ fn crash_at_any_point_of_any_persist_recovers_the_previous_or_the_new_version() 
                         next.dirty.clear(b);
                     }
                 }
+            }
+            10 => {
+                // A full-sync mark over whole pages (they go as a run).
+                let b = rng.below(blocks);
+                next.dirty.set_range(b, rng.below(3 * PAGE_BITS));
+            }
+            11 => {
+                // A resync clearing whole pages.
+                let b = rng.below(blocks);
+                next.dirty.clear_range(b, rng.below(3 * PAGE_BITS));
             }
             8 => {
                 next.gens.current += 1;
@@ -537,15 +548,19 @@ fn bulk_change_is_one_commit_of_the_changed_pages_and_crash_safe() {
         let d = stats_delta(before, c.stats());
         // Without reading the pages' durable copies back.
         assert_eq!(c.io().reads.get(), reads, "{label}: pages read back");
+        // The changed pages that are neither wholly clean nor wholly
+        // dirty (those go as runs in the superblock), and the few whose
+        // bits the log carried.
         let changed = (0..pages as usize)
             .filter(|&p| next.dirty.page_words(p) != acked.dirty.page_words(p))
+            .filter(|&p| next.dirty.page_ones(p) != 0 && !next.dirty.page_full(p))
             .count() as u64;
         assert_eq!((d.commits, d.transactions), (1, 0), "{label}: {d:?}");
-        // The changed pages, and the few whose bits the log carried.
         assert!(
             d.pages_written >= changed && d.pages_written <= changed + 16,
-            "{label}: {changed} pages changed: {d:?}"
+            "{label}: {changed} mixed pages changed: {d:?}"
         );
+        assert!(changed <= 3, "{label}: {changed} mixed pages");
         drop(c);
         let (_, got) = open_tearing(&crash, None);
         same_after_restart(&got, &next).unwrap_or_else(|e| panic!("{label}: {e}"));
@@ -583,12 +598,56 @@ fn loading_reads_only_the_bitmap_pages_ever_written() {
         "only the two chunks read"
     );
     drop(c);
-    // Wholly dirty (a full sync): every chunk is read, and every bit is
-    // back.
+    // Wholly dirty (a full sync): the full pages go as a run in the
+    // superblock, only the partial last page is written, the same two
+    // chunks are read, and every bit is back.
     m.dirty.set_all();
+    let before = s.stats();
     s.persist(&m).unwrap();
+    let d = stats_delta(before, s.stats());
+    assert_eq!((d.commits, d.pages_written), (1, 1), "{d:?}");
     let (c, got) = open_tearing(&path, None);
     same_after_restart(&got, &m).unwrap();
     assert_eq!(got.dirty.count(), TIB_BLOCKS);
-    assert_eq!(c.io().reads.get(), blank_reads + 65);
+    assert_eq!(c.io().reads.get(), blank_reads + 2);
+    drop(c);
+    // The resync clears it page by page: cleared pages join a run, the
+    // page it is in the middle of is written; nothing lost at a restart.
+    for k in 1..=4u64 {
+        m.dirty.clear_range(0, k * 1000 * PAGE_BITS + 77);
+        let before = s.stats();
+        s.persist(&m).unwrap();
+        let d = stats_delta(before, s.stats());
+        assert!(d.pages_written <= 2, "step {k}: {d:?}");
+        let (_, got) = open_tearing(&path, None);
+        same_after_restart(&got, &m).unwrap();
+    }
+}
+
+#[test]
+fn a_uniform_page_pushed_out_of_the_runs_is_written() {
+    // A superblock of one block has room for about 490 runs.
+    let dir = TempDir::new("runs-room");
+    let opts = CreateOptions {
+        al_capacity: 1,
+        ..CreateOptions::default()
+    };
+    let pages = 1200u64;
+    let (path, mut s, mut m) = running_with(&dir, pages * PAGE_BITS, &opts);
+    // A wholly dirty page far out: it goes as a run, its copies never
+    // written.
+    m.dirty.set_range(1100 * PAGE_BITS, PAGE_BITS);
+    s.persist(&m).unwrap();
+    assert_eq!(s.stats().pages_written, 0);
+    // One bit in every other page before it: 500 runs of clean pages,
+    // more than the room, so the full page no longer has a run and must
+    // be written now although it did not change.
+    for p in (0..1000).step_by(2) {
+        m.dirty.set(p * PAGE_BITS + 5);
+    }
+    s.persist(&m).unwrap();
+    drop(s);
+    let (_, got) = MetaStore::open(&path).unwrap();
+    same_after_restart(&got, &m).unwrap();
+    assert_eq!(got.dirty.count(), PAGE_BITS + 500);
 }
