@@ -111,7 +111,9 @@ fn start_witness(dir: &Path, topo: &Topology) -> Proc {
         &cfg,
         format!(
             "listen = \"{WITNESS}\"\nlease_ms = 400\nstartup_ms = 400\n\
+             state_file = \"{}\"\n\
              [[cluster]]\nid = 0x6d736c6532650001\nkey_file = \"{}\"\n",
+            dir.join("witness-state.json").display(),
             dir.join("cluster.key").display()
         ),
     )

@@ -5,6 +5,7 @@
 //! lease_ms = 400                   # 200..=10000
 //! startup_ms = 10000               # lease_ms..=600000
 //! status_file = "/run/msl-witness/status.json"   # optional
+//! state_file = "/var/lib/msl-witness/state.json"  # what a restart must not forget
 //!
 //! [[cluster]]
 //! id = 1
@@ -91,6 +92,7 @@ struct File {
     #[serde(default = "default_startup_ms")]
     startup_ms: u64,
     status_file: Option<PathBuf>,
+    state_file: Option<PathBuf>,
     #[serde(default)]
     cluster: Vec<ClusterFile>,
 }
@@ -129,6 +131,9 @@ pub struct WitnessConfig {
     pub startup_ms: u64,
     /// Where to write the status JSON every second.
     pub status_file: Option<PathBuf>,
+    /// Where the last lease holder's generation per cluster is kept
+    /// durably across restarts (none: a restart forgets it).
+    pub state_file: Option<PathBuf>,
     /// Clusters served.
     pub clusters: Vec<ClusterConfig>,
 }
@@ -190,6 +195,7 @@ pub fn parse(text: &str, path: &Path) -> Result<WitnessConfig, ConfigError> {
         lease_ms: f.lease_ms,
         startup_ms: f.startup_ms,
         status_file: f.status_file,
+        state_file: f.state_file,
         clusters,
     })
 }
@@ -366,6 +372,7 @@ mod tests {
             lease_ms: 800,
             startup_ms: 800,
             status_file: None,
+            state_file: None,
             clusters: vec![ClusterConfig {
                 id: 9,
                 key_file: path.into(),

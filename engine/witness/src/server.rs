@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use msl_wire::Key;
 
 use crate::config::WitnessConfig;
-use crate::witness::{Settings, Witness};
+use crate::witness::{Remembered, Settings, Witness};
 
 /// How often the loop wakes with nothing received (stop and SIGHUP checks).
 const TICK: Duration = Duration::from_millis(100);
@@ -60,6 +60,9 @@ impl Server {
         for (id, k) in keys {
             witness.add_cluster(id, k);
         }
+        if let Some(path) = &cfg.state_file {
+            witness.restore(&read_state(path)?);
+        }
         Ok(Server {
             sock,
             witness,
@@ -82,6 +85,8 @@ impl Server {
         let mut buf = [0u8; 2048];
         let mut next_status = Instant::now();
         let mut send_errors = 0u64;
+        let mut state_errors = 0u64;
+        let mut saved = self.witness.memory_changes();
         while !signals.stop.load(Ordering::Relaxed) {
             if signals.hup.swap(false, Ordering::Relaxed) {
                 eprintln!(
@@ -93,6 +98,23 @@ impl Server {
                 Ok((n, from)) => {
                     let now = self.now_us();
                     if let Ok(a) = self.witness.handle(now, &buf[..n]) {
+                        // What a restart must not forget is on disk before
+                        // the reply that depends on it leaves; if it cannot
+                        // be written, no reply leaves (the node asks again).
+                        if self.witness.memory_changes() != saved {
+                            match self.save_state() {
+                                Ok(()) => saved = self.witness.memory_changes(),
+                                Err(e) => {
+                                    state_errors += 1;
+                                    if state_errors.is_power_of_two() {
+                                        eprintln!(
+                                            "msl-witness: state_file: {e}: reply withheld                                              ({state_errors} state write errors)"
+                                        );
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
                         if let Err(e) = self.sock.send_to(&a.bytes, from) {
                             send_errors += 1;
                             if send_errors.is_power_of_two() {
@@ -119,6 +141,31 @@ impl Server {
         }
         self.write_status();
         Ok(())
+    }
+
+    /// Write [`Witness::memory`] to the state file durably (a temporary
+    /// file, fsync, rename, fsync of the directory).
+    fn save_state(&self) -> std::io::Result<()> {
+        let Some(path) = &self.cfg.state_file else {
+            return Ok(());
+        };
+        let v = serde_json::json!({ "remembered": self.witness.memory() });
+        let mut bytes = serde_json::to_vec_pretty(&v).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()
     }
 
     fn write_status(&self) {
@@ -152,4 +199,31 @@ fn write_atomic(path: &Path, v: &serde_json::Value) -> std::io::Result<()> {
     bytes.push(b'\n');
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+/// What an earlier run remembered, from the state file (none if the file
+/// does not exist yet). A file that exists but does not parse is an
+/// error: starting without the memory could hand the lease to a node that
+/// lacks acknowledged writes.
+pub fn read_state(path: &Path) -> Result<Vec<Remembered>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct State {
+        remembered: Vec<Remembered>,
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("state_file {}: {e}", path.display())),
+    };
+    serde_json::from_str::<State>(&text)
+        .map(|s| s.remembered)
+        .map_err(|e| {
+            format!(
+                "state_file {}: not a witness state ({e}); it holds the generation of each \
+                 cluster's last lease holder, which a restart must not forget: restore it, or \
+                 delete it only once both nodes of every pair are in sync",
+                path.display()
+            )
+        })
 }

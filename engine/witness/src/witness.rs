@@ -13,8 +13,13 @@
 //!   strictly newer one is answered: replayed, duplicated or reordered
 //!   requests are dropped without a reply;
 //! * a witness that started less than `startup_us` ago grants nothing: it
-//!   may have granted a lease before it restarted and remembers nothing,
+//!   may have granted a lease before it restarted and remembers no lease,
 //!   so it waits out the longest lease it could have granted;
+//! * the generation the last holder reported outlives a restart when the
+//!   caller keeps [`Witness::memory`] durably (written before a reply that
+//!   changed it is sent) and hands it back with [`Witness::restore`]:
+//!   without it, a restarted witness could grant the lease to a node that
+//!   lacks writes the holder acknowledged alone;
 //! * packets that fail to parse or verify are dropped and counted, never
 //!   answered (a forged packet gets no reply to reflect).
 
@@ -142,6 +147,20 @@ pub struct Witness {
     start_us: u64,
     clusters: BTreeMap<u64, Cluster>,
     totals: Counters,
+    /// Bumped whenever [`Witness::memory`] changes.
+    memory_changes: u64,
+}
+
+/// What a witness must remember across a restart, per cluster: the node
+/// that last held the lease and the generation it reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Remembered {
+    /// The cluster.
+    pub cluster_id: u64,
+    /// The last holder.
+    pub node_id: u16,
+    /// The generation it reported with its last granted request.
+    pub generation: u64,
 }
 
 fn clamp_u32(v: u64) -> u32 {
@@ -156,7 +175,43 @@ impl Witness {
             start_us,
             clusters: BTreeMap::new(),
             totals: Counters::default(),
+            memory_changes: 0,
         }
+    }
+
+    /// Per cluster, the last holder and its generation: to be kept
+    /// durably whenever [`Witness::memory_changes`] moves, before the
+    /// reply that moved it is sent.
+    pub fn memory(&self) -> Vec<Remembered> {
+        self.clusters
+            .iter()
+            .filter_map(|(&cluster_id, c)| {
+                c.holder_gen.map(|(node_id, generation)| Remembered {
+                    cluster_id,
+                    node_id,
+                    generation,
+                })
+            })
+            .collect()
+    }
+
+    /// How many times [`Witness::memory`] changed.
+    pub fn memory_changes(&self) -> u64 {
+        self.memory_changes
+    }
+
+    /// Take back what an earlier run remembered (after `add_cluster`);
+    /// entries of clusters not served are ignored. Returns how many were
+    /// taken.
+    pub fn restore(&mut self, memory: &[Remembered]) -> usize {
+        let mut n = 0;
+        for m in memory {
+            if let Some(c) = self.clusters.get_mut(&m.cluster_id) {
+                c.holder_gen = Some((m.node_id, m.generation));
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Serve `cluster_id` with its witness key (replaces any earlier key).
@@ -263,6 +318,7 @@ impl Witness {
                 // a demotion): its generation no longer bars the other.
                 if c.holder_gen.is_some_and(|(n, _)| n == req.node_id) {
                     c.holder_gen = None;
+                    self.memory_changes += 1;
                 }
                 (Verdict::Released, 0)
             }
@@ -274,7 +330,11 @@ impl Witness {
                 }
                 _ => {
                     c.lease = Some((req.node_id, now + u64::from(s.lease_us)));
-                    c.holder_gen = Some((req.node_id, req.generation));
+                    let held = Some((req.node_id, req.generation));
+                    if c.holder_gen != held {
+                        c.holder_gen = held;
+                        self.memory_changes += 1;
+                    }
                     (Verdict::Granted, 0)
                 }
             },
@@ -493,6 +553,60 @@ mod tests {
         assert!(send(&mut w, exp + 4, at(1, 10, 3, 9), &k)
             .unwrap()
             .granted());
+    }
+
+    /// What a restarted witness is handed back bars the node that is
+    /// behind exactly as before the restart; renewals at the same
+    /// generation do not change what must be kept.
+    #[test]
+    fn test_holders_generation_outlives_a_restart_through_its_memory() {
+        let mut w = witness();
+        let k = key(1);
+        let at = |node, counter, generation| Request {
+            generation,
+            ..req(7, node, 10 + u64::from(node), counter, Op::Acquire)
+        };
+        assert!(w.memory().is_empty());
+        assert!(send(&mut w, READY, at(1, 1, 5), &k).unwrap().granted());
+        assert_eq!(w.memory_changes(), 1);
+        assert!(send(&mut w, READY + 1, at(1, 2, 5), &k).unwrap().granted());
+        assert_eq!(w.memory_changes(), 1, "a renewal changes nothing to keep");
+        assert!(send(&mut w, READY + 2, at(1, 3, 9), &k).unwrap().granted());
+        assert_eq!(w.memory_changes(), 2);
+        let kept = w.memory();
+        assert_eq!(
+            kept,
+            [Remembered {
+                cluster_id: 7,
+                node_id: 1,
+                generation: 9
+            }]
+        );
+        // Restarted: past its start-up window node 2, at 5, is behind.
+        let mut w2 = witness();
+        assert_eq!(w2.restore(&kept), 1);
+        let b = send(&mut w2, READY, at(2, 1, 5), &k).unwrap();
+        assert_eq!(b.verdict, Verdict::Behind);
+        // Without the memory it would have been granted.
+        let mut w3 = witness();
+        assert!(send(&mut w3, READY, at(2, 1, 5), &k).unwrap().granted());
+        // A release is kept too: then node 2 may take it.
+        let rel = Request {
+            generation: 9,
+            ..req(7, 1, 11, 4, Op::Release)
+        };
+        send(&mut w2, READY + 1, rel, &k).unwrap();
+        assert!(w2.memory().is_empty());
+        assert!(send(&mut w2, READY + 2, at(2, 2, 5), &k).unwrap().granted());
+        // Entries of clusters not served are ignored.
+        assert_eq!(
+            witness().restore(&[Remembered {
+                cluster_id: 99,
+                node_id: 1,
+                generation: 1
+            }]),
+            0
+        );
     }
 
     #[test]

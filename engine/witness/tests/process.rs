@@ -156,8 +156,10 @@ fn setup(dir: &Path, listen: &str) -> PathBuf {
         &cfg,
         format!(
             "listen = \"{listen}\"\nlease_ms = {LEASE_MS}\nstartup_ms = {LEASE_MS}\n\
-             status_file = \"{}\"\n\n[[cluster]]\nid = 7\nkey_file = \"{}\"\n",
+             status_file = \"{}\"\nstate_file = \"{}\"\n\n[[cluster]]\nid = 7\n\
+             key_file = \"{}\"\n",
             dir.join("status.json").display(),
+            dir.join("state.json").display(),
             key.display()
         ),
     )
@@ -332,25 +334,59 @@ fn test_check_validates_config_and_keys() {
 
     let key = dir.path().join("cluster.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new(BIN)
-        .args(["--check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("cluster[0].key_file") && err.contains("0644"),
-        "{err}"
-    );
+    check_refused(&cfg, &["cluster[0].key_file", "0644"]);
 
     std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nlease_ms = 50\n").unwrap();
+    check_refused(&cfg, &["`lease_ms` = 50"]);
+}
+
+/// The generation of the last lease holder is kept in `state_file`: a
+/// witness restarted while the holder is gone (both links cut, the holder
+/// acknowledged writes alone at a newer generation, then died) still
+/// refuses the lease to the node that lacks those writes.
+#[test]
+fn test_restarted_witness_remembers_the_holders_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "127.0.0.1:0");
+    let w = Witness::start(&cfg);
+    let mut a = Node::new(1, 1, w.addr);
+    let mut b = Node::new(2, 1, w.addr);
+    a.client.set_view(msl_wire::Role::Primary, 9);
+    b.client.set_view(msl_wire::Role::Secondary, 5);
+    std::thread::sleep(Duration::from_millis(LEASE_MS + 50));
+    let (_, o) = a.acquire();
+    assert!(matches!(o, Outcome::Granted { .. }), "{o:?}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["remembered"][0]["node_id"], 1, "{state:#}");
+    assert_eq!(state["remembered"][0]["generation"], 9, "{state:#}");
+    // The witness is killed (no clean stop) and restarted on its port.
+    let addr = a.to;
+    drop(w);
+    let cfg = setup(dir.path(), &addr.to_string());
+    let w2 = Witness::start(&cfg);
+    std::thread::sleep(Duration::from_millis(LEASE_MS + 50));
+    let (_, o) = b.acquire();
+    let (v, holder, _) = refused(o);
+    assert_eq!((v, holder), (Verdict::Behind, None));
+    // The holder's own generation still gets it.
+    let (_, o) = a.acquire();
+    assert!(matches!(o, Outcome::Granted { .. }), "{o:?}");
+    drop(w2);
+    // A state file that is not one: the witness does not start.
+    std::fs::write(dir.path().join("state.json"), "{ torn").unwrap();
+    check_refused(&cfg, &["state_file", "not a witness state"]);
+}
+
+/// `msl-witness --check` refuses `cfg` with exit 1, saying all of `needles`.
+fn check_refused(cfg: &Path, needles: &[&str]) {
     let out = Command::new(BIN)
         .args(["--check", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`lease_ms` = 50"), "{err}");
+    assert!(needles.iter().all(|n| err.contains(n)), "{err}");
 }

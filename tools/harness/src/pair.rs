@@ -481,7 +481,9 @@ impl Pair {
                 &cfg,
                 format!(
                     "listen = \"{WITNESS_IP}:{WITNESS_PORT}\"\nlease_ms = 400\nstartup_ms = 400\n\
+                     state_file = \"{}\"\n\
                      [[cluster]]\nid = 0x6d736c6861726e01\nkey_file = \"{}\"\n",
+                    dir.path().join("witness-state.json").display(),
                     dir.path().join("cluster.key").display()
                 ),
             )

@@ -28,6 +28,9 @@ struct Args {
 fn run(args: Args) -> Result<(), String> {
     let cfg = config::load(&args.config).map_err(|e| e.to_string())?;
     let keys = config::load_keys(&cfg).map_err(|e| e.to_string())?;
+    if let Some(path) = &cfg.state_file {
+        server::read_state(path)?;
+    }
     if args.check {
         println!(
             "msl-witness: configuration {} is valid",
@@ -43,12 +46,20 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let ids: Vec<u64> = cfg.clusters.iter().map(|c| c.id).collect();
     let (lease_ms, startup_ms) = (cfg.lease_ms, cfg.startup_ms);
+    let stateless = cfg.state_file.is_none();
     let srv = server::Server::bind(cfg, keys, server::random_epoch()?)?;
     eprintln!(
         "msl-witness: listening on {} (lease {lease_ms} ms, no grants for the first \
          {startup_ms} ms, clusters {ids:?})",
         srv.local_addr()?
     );
+    if stateless {
+        eprintln!(
+            "msl-witness: warning: no state_file: a restart forgets which node last held \
+             each lease and at what generation, so a node lacking writes acknowledged \
+             alone could then be granted the lease"
+        );
+    }
     srv.run(&signals)?;
     eprintln!("msl-witness: stopped");
     Ok(())
