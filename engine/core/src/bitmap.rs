@@ -667,6 +667,27 @@ mod tests {
     }
 
     #[test]
+    fn test_a_64tib_map_marked_and_cleared_whole_stays_small() {
+        // 64 TiB of 4 KiB blocks: 2^34 bits, 528,416 pages.
+        let len = 1u64 << 34;
+        let mut b = Bitmap::new(len);
+        b.set_all();
+        assert_eq!((b.count(), b.mixed_pages()), (len, 1));
+        // A resync that cleared all but a few runs.
+        let keep = [(5 * PAGE_BITS + 3, 10), (len / 2, 1), (len - 7, 7)];
+        b.clear_range(0, len);
+        for &(at, n) in &keep {
+            b.set_range(at, n);
+        }
+        assert_eq!(b.count(), 18);
+        assert!(b.mixed_pages() <= 3);
+        assert_eq!(b.next_set(0), Some(5 * PAGE_BITS + 3));
+        assert_eq!(b.next_set(5 * PAGE_BITS + 13), Some(len / 2));
+        assert_eq!(b.next_set(len / 2 + 1), Some(len - 7));
+        assert_eq!(b.count_range(PAGE_BITS, len - 2 * PAGE_BITS), 11);
+    }
+
+    #[test]
     fn test_uniform_pages_share_memory() {
         // 8 TiB of 4 KiB blocks, less a partial last page.
         let len = (8u64 << 40) / 4096 - 100;
