@@ -228,7 +228,7 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
         ]
         .map(|d| (format!("{d:?}").to_lowercase(), u8::from(s.disk == d))),
     );
-    let gauges: [(&str, &str, u64); 13] = [
+    let gauges: [(&str, &str, u64); 14] = [
         (
             "in_sync",
             "1 when connected and in sync.",
@@ -288,6 +288,11 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
             "verify_differing_blocks",
             "Blocks the current or last online verify found different.",
             s.verify.differing_blocks,
+        ),
+        (
+            "verify_hole_blocks",
+            "Blocks the current or last online verify found a hole on both sides (compared without reading them).",
+            s.verify.hole_blocks,
         ),
         (
             "pending_writes",
