@@ -228,7 +228,7 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
         ]
         .map(|d| (format!("{d:?}").to_lowercase(), u8::from(s.disk == d))),
     );
-    let gauges: [(&str, &str, u64); 13] = [
+    let gauges: [(&str, &str, u64); 14] = [
         (
             "in_sync",
             "1 when connected and in sync.",
@@ -288,6 +288,11 @@ pub fn prometheus_labelled(s: &Status, t: &Telemetry, labels: Labels) -> String 
             "verify_differing_blocks",
             "Blocks the current or last online verify found different.",
             s.verify.differing_blocks,
+        ),
+        (
+            "verify_hole_blocks",
+            "Blocks the current or last online verify found a hole on both sides (compared without reading them).",
+            s.verify.hole_blocks,
         ),
         (
             "pending_writes",
@@ -628,6 +633,24 @@ mod tests {
 
     /// Round-trip samples land in their buckets (cumulative), with sum
     /// and count; the family is a histogram in seconds.
+    #[test]
+    fn test_verify_hole_blocks_in_metrics_and_status() {
+        let (mut s, t) = sample();
+        s.verify.checked_blocks = 1 << 30;
+        s.verify.hole_blocks = (1 << 30) - 1024;
+        let text = prometheus(&s, &t);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("msl_verify_hole_blocks{"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.ends_with(&format!(" {}", (1u64 << 30) - 1024)),
+            "{line}"
+        );
+        let j = crate::status::status_json(&s, &t);
+        assert_eq!(j["verify"]["hole_blocks"], (1u64 << 30) - 1024, "{j}");
+    }
+
     #[test]
     fn test_msl_rtt_histogram() {
         let h = Histogram::new(&MSL_RTT_BOUNDS_US);

@@ -383,6 +383,7 @@ fn verify_json(s: &Status) -> Value {
         "total_blocks": v.total_blocks,
         "checked_blocks": v.checked_blocks,
         "differing_blocks": v.differing_blocks,
+        "hole_blocks": v.hole_blocks,
         "first_differing": &v.first_differing[..usize::from(v.first_len)],
         "aborted": v.aborted,
         "runs": v.runs,

@@ -12,6 +12,11 @@
 //! twice; with a witness (`Options::witness`), no two nodes acknowledge
 //! writes in overlapping time. Checked at the end, after all faults heal: one primary, one
 //! in-sync secondary, empty dirty maps, byte-identical volumes.
+//!
+//! A quarter of the seeds (`runs_verify`) end with an online verify of a
+//! mostly thin volume while the client writes, after one block was given
+//! data behind one node's back: the run must report exactly that block,
+//! and holes on both sides must have gone as zero ranges.
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -109,6 +114,16 @@ pub struct Options {
     /// A witness on a third host grants the lease (see `witness.rs`).
     pub witness: bool,
     pub on_no_quorum: NoQuorum,
+    /// The disk carries out each operation when it is issued, in order,
+    /// and reports it done later (msld's disk thread runs its operations
+    /// in order): a read sees every write issued before it and none
+    /// after. Off: each operation takes effect when it completes, in any
+    /// order.
+    pub ordered_disk: bool,
+    /// The client reads and writes only blocks below this (0: the whole
+    /// volume); the blocks above stay holes unless a resync or a test
+    /// writes them.
+    pub client_blocks: u64,
 }
 
 impl Options {
@@ -126,6 +141,8 @@ impl Options {
             al_extents: 4,
             witness: false,
             on_no_quorum: NoQuorum::Suspend,
+            ordered_disk: false,
+            client_blocks: 0,
         }
     }
 }
@@ -214,6 +231,9 @@ enum DiskOp {
     Flush {
         upto: u64,
     },
+    /// Carried out when issued (`Options::ordered_disk`): what its
+    /// completion reports.
+    Done(Event<Buf>),
 }
 
 /// A disk with a volatile write cache.
@@ -364,6 +384,10 @@ pub struct Report {
     pub attacks_rejected: u64,
     /// Replays that parsed and reached a node (which must ignore them).
     pub replays_delivered: u64,
+    /// Online verify runs that completed, and the blocks they found a hole
+    /// on both sides.
+    pub verifies: u64,
+    pub verify_hole_blocks: u64,
 }
 
 /// The simulator.
@@ -819,6 +843,13 @@ impl Sim {
 
     fn disk_op(&mut self, i: usize, io: u64, op: DiskOp) {
         let lat = self.opts.disk_latency_us / 2 + self.rng.below(self.opts.disk_latency_us + 1);
+        let op = match op {
+            // A flush covers what was written before it either way.
+            DiskOp::Write { .. } | DiskOp::Read { .. } if self.opts.ordered_disk => {
+                DiskOp::Done(self.execute(i, io, op))
+            }
+            op => op,
+        };
         self.nodes[i].ios.insert(io, op);
         let e = self.nodes[i].epoch;
         self.push(
@@ -839,29 +870,39 @@ impl Sim {
         if failed {
             self.log(format!("n{} disk I/O error injected", i + 1));
             let ev = match op {
-                DiskOp::Read { .. } => Event::ReadDone {
-                    io,
-                    ok: false,
-                    payload: None,
-                },
+                DiskOp::Read { .. }
+                | DiskOp::Done(Event::ReadDone { .. } | Event::ReadHole { .. }) => {
+                    Event::ReadDone {
+                        io,
+                        ok: false,
+                        payload: None,
+                    }
+                }
                 _ => Event::IoDone { io, ok: false },
             };
             self.feed(i, ev);
             return;
         }
+        let ev = self.execute(i, io, op);
+        self.feed(i, ev);
+    }
+
+    /// Carry out a disk operation on node `i`'s disk; returns the event
+    /// its completion reports.
+    fn execute(&mut self, i: usize, io: u64, op: DiskOp) -> Event<Buf> {
         match op {
             DiskOp::Write { block, vals, fua } => {
                 for (k, v) in vals.iter().enumerate() {
                     self.nodes[i].disk.write(block + k as u64, *v, fua);
                 }
-                self.feed(i, Event::IoDone { io, ok: true });
+                Event::IoDone { io, ok: true }
             }
             DiskOp::Read { block, count } => {
                 let view = self.nodes[i].disk.view();
                 let vals = &view[block as usize..(block + count) as usize];
                 // All zeroes: a hole, reported with its extent as a host
                 // with sparse files does (SEEK_DATA), without the data.
-                let ev = if vals.iter().all(|&v| v == 0) {
+                if vals.iter().all(|&v| v == 0) {
                     let blocks = view[block as usize..]
                         .iter()
                         .take_while(|&&v| v == 0)
@@ -873,13 +914,13 @@ impl Sim {
                         ok: true,
                         payload: Some(buf_of(vals)),
                     }
-                };
-                self.feed(i, ev);
+                }
             }
             DiskOp::Flush { upto } => {
                 self.nodes[i].disk.flush(upto);
-                self.feed(i, Event::IoDone { io, ok: true });
+                Event::IoDone { io, ok: true }
             }
+            DiskOp::Done(ev) => ev,
         }
     }
 
@@ -1295,7 +1336,10 @@ impl Sim {
         let Some(node) = self.serving_node() else {
             return;
         };
-        let blocks = self.opts.volume_blocks;
+        let blocks = match self.opts.client_blocks {
+            0 => self.opts.volume_blocks,
+            n => n.min(self.opts.volume_blocks),
+        };
         let r = self.rng.below(100);
         let kind = if r < 8 {
             OpKind::Flush
@@ -1679,6 +1723,19 @@ impl Sim {
 
     /// Cap node `i`'s resync rate (bytes/s, 0 = none), now and after
     /// restarts: a slow resync a crash can interrupt halfway.
+    /// Write `val` into block `block` of node `i`'s disk behind its back
+    /// (durable at once), as a faulty disk or an administrator would.
+    pub fn write_behind(&mut self, i: usize, block: u64, val: u64) {
+        let d = &mut self.nodes[i].disk;
+        d.cache.remove(&block);
+        d.durable[block as usize] = val;
+    }
+
+    /// What node `i`'s disk reads now.
+    pub fn disk_view(&self, i: usize) -> Vec<u64> {
+        self.nodes[i].disk.view()
+    }
+
     pub fn set_resync_rate(&mut self, i: usize, bytes_per_s: u64) {
         self.record(format_args!("n{} <- resync rate {bytes_per_s}", i + 1));
         let n = &mut self.nodes[i];
@@ -1929,6 +1986,17 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
     // The second fault of a witness episode comes from its own stream, so
     // the episodes drawn from `wr` keep their schedules.
     let mut xr = Rng::new(seed ^ 0x5345_434F_4E44_2121);
+    // A quarter of the seeds end with an online verify (`verify_episode`)
+    // on a larger, mostly thin volume, with a disk that runs its
+    // operations in order, as msld's does (verify relies on it).
+    let mut vr = Rng::new(seed ^ VERIFY_SEEDS);
+    let verify = vr.below(4) == 0;
+    debug_assert_eq!(verify, runs_verify(seed));
+    if verify {
+        o.ordered_disk = true;
+        o.client_blocks = 64 + vr.below(512);
+        o.volume_blocks = o.client_blocks + 1024 + vr.below(3072);
+    }
     let attack = r.below(2) == 0;
     let attack_every = 1 + r.below(30 * MS);
     let mut sim = Sim::new(o);
@@ -2060,8 +2128,90 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
         }
         sim.run_until_converged(20 * SEC);
     }
+    if verify {
+        verify_episode(&mut sim, &mut vr)?;
+    }
     sim.final_check()?;
     Ok(sim.report.clone())
+}
+
+/// Draws which seeds run `verify_episode` (chosen so that the regression
+/// seeds, which replay runs without it, are not among them).
+const VERIFY_SEEDS: u64 = 0x5645_5249_4659_263F;
+
+/// Whether `run_seed(seed)` ends with an online verify (`verify_episode`).
+pub fn runs_verify(seed: u64) -> bool {
+    Rng::new(seed ^ VERIFY_SEEDS).below(4) == 0
+}
+
+/// An online verify with resync of the whole volume while the client goes
+/// on writing (into holes too, as the run passes them), after a block
+/// above the client's blocks was given data behind one node's back (the
+/// other side has a hole there). The run must report exactly that block:
+/// a client write racing a zero range must make neither a false "equal"
+/// nor a false "differing". Most of the volume must have gone as holes on
+/// both sides. The resync that follows makes the copies equal again.
+fn verify_episode(sim: &mut Sim, v: &mut Rng) -> Result<(), String> {
+    let Some(primary) = (0..2).find(|&i| sim.role(i) == Some(Role::Primary)) else {
+        return Ok(());
+    };
+    let (first, blocks) = (sim.opts.client_blocks, sim.opts.volume_blocks);
+    let stray = first + v.below(blocks - first);
+    let side = v.below(2) as usize;
+    sim.fault(
+        format!("block {stray} given data behind n{}'s back", side + 1),
+        Some("verify".into()),
+    );
+    sim.write_behind(side, stray, 0x5eed_0000_0000 | stray);
+    let status = |sim: &Sim| sim.node(primary).map(|n| n.status().verify);
+    let runs = status(sim).map_or(0, |s| s.runs);
+    sim.admin(
+        primary,
+        msl_core::AdminCmd::Verify {
+            start_block: 0,
+            count: u64::MAX,
+            resync: true,
+        },
+    );
+    let end = sim.now + 30 * SEC;
+    while status(sim).is_some_and(|s| s.active) && sim.now < end {
+        sim.run_for(10 * MS);
+    }
+    match status(sim) {
+        // Refused (not in sync), aborted (the session ended) or the node
+        // went away: nothing to judge.
+        Some(st) if st.runs > runs && st.aborted.is_none() => {
+            let found = &st.first_differing[..usize::from(st.first_len)];
+            if st.differing_blocks != 1 || found != [stray] || st.checked_blocks != blocks {
+                sim.fail(format!(
+                    "online verify: only block {stray} differs (data on n{} only); the run reported {st:?}",
+                    side + 1
+                ));
+            }
+            if st.hole_blocks == 0 || st.hole_blocks >= blocks {
+                sim.fail(format!(
+                    "online verify: {} of {blocks} blocks found holes on both sides: {st:?}",
+                    st.hole_blocks
+                ));
+            }
+            sim.report.verifies += 1;
+            sim.report.verify_hole_blocks += st.hole_blocks;
+        }
+        Some(st) if st.active => sim.fail(format!("online verify did not end: {st:?}")),
+        _ => {}
+    }
+    if let Some(f) = sim.failure() {
+        return Err(f);
+    }
+    // The resync copies the primary's block; a stray block on the
+    // primary is then on both: the client never wrote it, so clear it.
+    sim.run_until_converged(20 * SEC);
+    sim.run_for(500 * MS);
+    if side == primary || sim.disk_view(primary)[stray as usize] != 0 {
+        sim.write_behind(0, stray, 0);
+        sim.write_behind(1, stray, 0);
+    }
+    Ok(())
 }
 
 /// One fault involving the witness (runs with `Options::witness`): its

@@ -112,9 +112,9 @@ fn main() -> ExitCode {
         return match r {
             Ok(r) => {
                 println!(
-                    "seed {seed}: ok ({} acked writes, {} reads checked, {} takeovers, {} resyncs, faults {:?}; attacker: {} injected, {} rejected by the parser, {} replays delivered)",
-                    r.acked_writes, r.reads_checked, r.takeovers, r.resyncs, r.faults,
-                    r.attacks, r.attacks_rejected, r.replays_delivered
+                    "seed {seed}: ok ({} acked writes, {} reads checked, {} takeovers, {} resyncs, {} verifies ({} hole blocks), faults {:?}; attacker: {} injected, {} rejected by the parser, {} replays delivered)",
+                    r.acked_writes, r.reads_checked, r.takeovers, r.resyncs, r.verifies,
+                    r.verify_hole_blocks, r.faults, r.attacks, r.attacks_rejected, r.replays_delivered
                 );
                 ExitCode::SUCCESS
             }
@@ -129,12 +129,16 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut writes = 0;
+    let mut verifies = 0;
     for seed in args.first..args.first + n {
         let file = trace_to(dir, &format!("seed-{seed}"));
         let r = run_seed(seed, false);
         verdict(file, &format!("{r:?}"));
         match r {
-            Ok(r) => writes += r.acked_writes,
+            Ok(r) => {
+                writes += r.acked_writes;
+                verifies += r.verifies;
+            }
             Err(e) => {
                 let first = e.lines().next().unwrap_or("").to_string();
                 println!("FAILED {first}\n  replay: msl-sim --seed {seed}");
@@ -143,7 +147,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "ran {n} seeds in {:.1} s ({writes} acknowledged writes checked)",
+        "ran {n} seeds in {:.1} s ({writes} acknowledged writes checked, {verifies} online verifies)",
         started.elapsed().as_secs_f64()
     );
     println!(

@@ -33,9 +33,9 @@ use core::fmt;
 use core::ops::Range;
 
 use crate::msg::{
-    data_flags, hello_flags, Ack, AdapterHealth, Data, DiskState, Generations, Header, Heartbeat,
-    Hello, Message, MsgType, ResyncData, ResyncDone, Role, RoleChange, RolePhase, StateImageChunk,
-    Verify, HISTORY_LEN, MAX_ADAPTERS, MAX_SACK,
+    data_flags, hello_flags, verify_flags, Ack, AdapterHealth, Data, DiskState, Generations,
+    Header, Heartbeat, Hello, Message, MsgType, ResyncData, ResyncDone, Role, RoleChange,
+    RolePhase, StateImageChunk, Verify, HISTORY_LEN, MAX_ADAPTERS, MAX_SACK,
 };
 
 /// A byte range inside a header or body (smoltcp style).
@@ -270,8 +270,10 @@ pub mod body {
         pub const START_BLOCK: Field = 0..8;
         /// Blocks in the range.
         pub const COUNT: Field = 8..12;
+        /// `verify_flags` bits.
+        pub const FLAGS: usize = 12;
         /// Must be zero.
-        pub const RESERVED: Field = 12..16;
+        pub const RESERVED: Field = 13..16;
         /// Body length.
         pub const LEN: usize = 16;
     }
@@ -1034,10 +1036,12 @@ pub fn validate_message(msg: &Message) -> Result<(), EmitError> {
                 ));
             }
         }
-        Message::StateImage(_)
-        | Message::ResyncDone(_)
-        | Message::VerifyReq(_)
-        | Message::VerifyReply(_) => {}
+        Message::StateImage(_) | Message::ResyncDone(_) => {}
+        Message::VerifyReq(v) | Message::VerifyReply(v) => {
+            if v.flags & !verify_flags::KNOWN != 0 {
+                return Err(EmitError::InvalidField("verify flags: undefined bits set"));
+            }
+        }
         Message::ResyncData(r) => {
             if r.flags & !data_flags::KNOWN != 0 {
                 return Err(EmitError::InvalidField(
@@ -1139,6 +1143,7 @@ fn emit_body(msg: &Message, b: &mut [u8]) {
             use body::verify as f;
             wr_u64(b, f::START_BLOCK, v.start_block);
             wr_u32(b, f::COUNT, v.count);
+            b[f::FLAGS] = v.flags;
         }
     }
 }
@@ -1380,9 +1385,14 @@ fn parse_body(t: MsgType, b: &[u8]) -> Result<Message, ParseError> {
             if !all_zero(&b[f::RESERVED]) {
                 return Err(ParseError::BadField("verify reserved bytes"));
             }
+            let flags = b[f::FLAGS];
+            if flags & !verify_flags::KNOWN != 0 {
+                return Err(ParseError::BadField("verify flags: undefined bits set"));
+            }
             let v = Verify {
                 start_block: rd_u64(b, f::START_BLOCK),
                 count: rd_u32(b, f::COUNT),
+                flags,
             };
             if t == MsgType::VerifyReq {
                 Message::VerifyReq(v)

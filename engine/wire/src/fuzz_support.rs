@@ -424,6 +424,7 @@ pub fn sample_messages() -> Vec<(&'static str, Message, Vec<u8>)> {
             Message::VerifyReq(Verify {
                 start_block: 256,
                 count: 256,
+                flags: 0,
             }),
             vec![],
         ),
@@ -432,8 +433,27 @@ pub fn sample_messages() -> Vec<(&'static str, Message, Vec<u8>)> {
             Message::VerifyReply(Verify {
                 start_block: 256,
                 count: 4,
+                flags: 0,
             }),
             (0u8..32).collect(),
+        ),
+        (
+            "verify-req-zero-range",
+            Message::VerifyReq(Verify {
+                start_block: 1 << 20,
+                count: 1 << 18,
+                flags: verify_flags::ZERO_RANGE,
+            }),
+            vec![],
+        ),
+        (
+            "verify-reply-zero-range",
+            Message::VerifyReply(Verify {
+                start_block: 1 << 20,
+                count: 4096,
+                flags: verify_flags::ZERO_RANGE,
+            }),
+            vec![],
         ),
     ]
 }

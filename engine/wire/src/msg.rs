@@ -246,18 +246,35 @@ pub struct RoleChange {
     pub generation: u64,
 }
 
+/// VERIFY_REQ / VERIFY_REPLY flags.
+pub mod verify_flags {
+    /// A zero range. On VERIFY_REQ: the sender's blocks of the range are a
+    /// hole at this point of the stream; the receiver reads none of them
+    /// and answers how many, from the first, are a hole on its side too.
+    /// On VERIFY_REPLY: that answer, in `count` (no payload); the blocks
+    /// after them are verified block by block.
+    pub const ZERO_RANGE: u8 = 0x01;
+    /// Every flag this version defines; other bits are rejected on the wire.
+    pub const KNOWN: u8 = ZERO_RANGE;
+}
+
 /// VERIFY_REQ / VERIFY_REPLY: online comparison of a block range.
 ///
 /// The primary sends VERIFY_REQ on the reliable stream, so the secondary
 /// answers only after applying every write sent before it; the secondary
 /// answers VERIFY_REPLY with one 64-bit digest per block as payload
-/// (`count * 8` bytes, little endian). Neither is must-understand.
+/// (`count * 8` bytes, little endian), or, to a zero-range request
+/// (`verify_flags::ZERO_RANGE`), with how many of its blocks are a hole.
+/// Neither is must-understand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verify {
     /// First block of the range.
     pub start_block: u64,
-    /// Blocks in the range.
+    /// Blocks in the range (a zero-range reply: the blocks from
+    /// `start_block` that are a hole on the replying side).
     pub count: u32,
+    /// `verify_flags` bits.
+    pub flags: u8,
 }
 
 /// Message type codes. Values may never change without a version bump.

@@ -135,8 +135,10 @@ pub enum Cmd {
         timeout: u64,
     },
     /// Online verify (on the primary, while in sync): compare both copies
-    /// block by block without pausing clients. Shows progress; exits 0
-    /// when identical, 2 when blocks differ, 1 on error.
+    /// block by block without pausing clients; holes of thin file volumes
+    /// that are holes on both sides are compared without reading them
+    /// (counted as "holes on both sides"). Shows progress; exits 0 when
+    /// identical, 2 when blocks differ, 1 on error.
     Verify {
         /// First block to compare.
         #[arg(long, default_value_t = 0)]

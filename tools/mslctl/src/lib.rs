@@ -123,8 +123,9 @@ fn run_verify(
             if last_print.elapsed() >= Duration::from_secs(1) && !json {
                 last_print = Instant::now();
                 eprintln!(
-                    "verify: {checked} of {total} blocks ({:.1} %), {} differ so far",
+                    "verify: {checked} of {total} blocks ({:.1} %, {} holes on both sides), {} differ so far",
                     100.0 * checked as f64 / total.max(1) as f64,
+                    v["hole_blocks"].as_u64().unwrap_or(0),
                     v["differing_blocks"]
                 );
             }
@@ -135,8 +136,9 @@ fn run_verify(
             println!("{v}");
         } else {
             println!(
-                "verify: {checked} blocks compared in {:.1} s: {differing} differ{}",
+                "verify: {checked} blocks compared in {:.1} s ({} holes on both sides): {differing} differ{}",
                 t0.elapsed().as_secs_f64(),
+                v["hole_blocks"].as_u64().unwrap_or(0),
                 match (differing > 0, resync) {
                     (false, _) => String::new(),
                     (true, false) => format!(" (first: {})", v["first_differing"]),

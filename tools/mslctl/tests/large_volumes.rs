@@ -11,6 +11,8 @@
 //! Needs root, losetup (util-linux) and a file system taking 8 TiB sparse
 //! files (ext4 takes up to 16 TiB).
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,19 +86,7 @@ fn blank_pair(size: u64, opts: PairOptions) -> BigPair {
     for id in 1..=2u16 {
         let dev = LoopDev::new(&pair.dir().join(format!("n{id}.backing")), size);
         std::os::unix::fs::symlink(&dev.dev, pair.volume_path(id)).unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_mslctl"));
-        c.args(["create-md", "--blank", "--config"])
-            .arg(pair.config_path(id));
-        if id == 1 {
-            c.arg("--initial-primary");
-        }
-        let out = c.output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "create-md --blank on node {id}: {text}"
-        );
+        let text = common::create_md_blank(&pair.config_path(id), id);
         assert!(text.contains("block device zeroed"), "{text}");
         devs.push(dev);
     }

@@ -241,28 +241,7 @@ impl<H: Payload> Node<H> {
                     }
                     s.recv.apply_q.pop_front();
                     s.recv.last_processed = seq;
-                    let in_volume = v
-                        .start_block
-                        .checked_add(u64::from(v.count))
-                        .is_some_and(|end| end <= self.cfg.volume_blocks);
-                    if self.role == Role::Secondary
-                        && in_volume
-                        && v.count > 0
-                        && v.count <= 4 * verify::CHUNK_BLOCKS
-                    {
-                        let io = self.ios.start(io::Purpose::VerifyRead {
-                            start: v.start_block,
-                            count: v.count,
-                            reply: true,
-                        });
-                        self.emit(Action::Read {
-                            io,
-                            block: v.start_block,
-                            count: u64::from(v.count),
-                        });
-                    } else {
-                        self.counters.frames_unexpected += 1;
-                    }
+                    self.verify_request(v);
                 }
                 Message::VerifyReply(v) => {
                     let Some((_, m)) = s.recv.apply_q.pop_front() else {
@@ -270,11 +249,7 @@ impl<H: Payload> Node<H> {
                     };
                     s.recv.last_processed = seq;
                     let d = m.payload.as_ref().map_or(&[][..], |p| p.bytes());
-                    if self.online.run.remote(v.start_block, v.count, d) {
-                        self.verify_progress();
-                    } else {
-                        self.counters.frames_unexpected += 1;
-                    }
+                    self.verify_reply(v, d);
                 }
                 Message::RoleChange(rc) => {
                     if !idle {

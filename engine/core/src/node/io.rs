@@ -38,8 +38,14 @@ pub(super) enum Purpose {
     },
     /// A verify read of `count` blocks from `start`; `reply`: the peer
     /// asked for it (answer with the digests), else the local half of this
-    /// node's own run.
-    VerifyRead { start: u64, count: u32, reply: bool },
+    /// node's own run. `zero_range`: the peer's zero-range request; the
+    /// read is of its first block only, to learn the hole there.
+    VerifyRead {
+        start: u64,
+        count: u32,
+        reply: bool,
+        zero_range: bool,
+    },
 }
 
 /// The kinds of [`Purpose`], for counting.

@@ -6,8 +6,18 @@ use super::*;
 use alloc::vec::Vec;
 
 fn node(id: u16, gen: Option<u64>) -> Node<Vec<u8>> {
-    let cfg = Config::new(id, 3 - id, 7, 64, 4096);
-    Node::new(cfg, Meta::create(7, id, 64, 4096, gen), u64::from(id), 0)
+    sized(id, gen, 64)
+}
+
+/// A node of a volume of `blocks` blocks of 4 KiB.
+fn sized(id: u16, gen: Option<u64>, blocks: u64) -> Node<Vec<u8>> {
+    let cfg = Config::new(id, 3 - id, 7, blocks, 4096);
+    Node::new(
+        cfg,
+        Meta::create(7, id, blocks, 4096, gen),
+        u64::from(id),
+        0,
+    )
 }
 
 fn drain(n: &mut Node<Vec<u8>>) -> Vec<Action<Vec<u8>>> {
@@ -48,6 +58,40 @@ fn run_pair_with(
     msl: [bool; 2],
 ) -> [Option<Meta>; 2] {
     let mut persisted = [None, None];
+    drive(a, b, from, until, &mut |from_a, now, src, act| match act {
+        Action::SendMsl { .. } if !msl[usize::from(!from_a)] => None,
+        Action::Write { io, .. } | Action::Flush { io } => {
+            src.handle(now, Event::IoDone { io, ok: true });
+            None
+        }
+        Action::Read { io, block, count } => {
+            read_done(src, now, io, read(from_a, block, count));
+            None
+        }
+        Action::PersistMeta(m) => {
+            persisted[usize::from(!from_a)] = Some(m);
+            None
+        }
+        other => Some(other),
+    });
+    persisted
+}
+
+/// What a node does with an action that is not a frame for its peer:
+/// `(from_a, now, the node, action)`; returns the action if it is one.
+type Local<'a> =
+    dyn FnMut(bool, Micros, &mut Node<Vec<u8>>, Action<Vec<u8>>) -> Option<Action<Vec<u8>>> + 'a;
+
+/// Drive two nodes over a perfect link from `from` to `until` in steps of
+/// 100 us; `local` handles their actions, and the frames it gives back go
+/// to the peer.
+fn drive(
+    a: &mut Node<Vec<u8>>,
+    b: &mut Node<Vec<u8>>,
+    from: Micros,
+    until: Micros,
+    local: &mut Local,
+) {
     let mut now = from;
     while now < until {
         now += 100;
@@ -59,25 +103,14 @@ fn run_pair_with(
                 } else {
                     (&mut *b, &mut *a)
                 };
-                match act {
-                    Action::SendMsl { .. } if !msl[usize::from(!from_a)] => {}
-                    Action::Write { io, .. } | Action::Flush { io } => {
-                        src.handle(now, Event::IoDone { io, ok: true })
-                    }
-                    Action::Read { io, block, count } => {
-                        read_done(src, now, io, read(from_a, block, count))
-                    }
-                    Action::PersistMeta(m) => persisted[usize::from(!from_a)] = Some(m),
-                    other => {
-                        deliver(dst, now, other);
-                    }
+                if let Some(frame) = local(from_a, now, src, act) {
+                    deliver(dst, now, frame);
                 }
             }
         }
         a.handle(now, Event::Tick);
         b.handle(now, Event::Tick);
     }
-    persisted
 }
 
 /// A read of `n`'s volume completed at `now` with `data`.
@@ -260,16 +293,7 @@ fn test_verify_with_resync_resends_exactly_the_differing_block() {
 #[test]
 fn test_verify_with_resync_persists_what_it_finds_within_a_second() {
     const BLOCKS: u64 = 4096;
-    let big = |id: u16, gen: Option<u64>| {
-        let cfg = Config::new(id, 3 - id, 7, BLOCKS, 4096);
-        Node::new(
-            cfg,
-            Meta::create(7, id, BLOCKS, 4096, gen),
-            u64::from(id),
-            0,
-        )
-    };
-    let (mut a, mut b) = (big(1, Some(5)), big(2, None));
+    let (mut a, mut b) = (sized(1, Some(5), BLOCKS), sized(2, None, BLOCKS));
     let read = |on_a: bool, block: u64, count: u64| -> Vec<u8> {
         (block..block + count)
             .flat_map(|blk| [if !on_a && blk == 9 { 0xee } else { 1 }; 4096])
@@ -1692,4 +1716,297 @@ fn test_resync_sends_zeroed_ranges_as_zero_messages_target_ends_identical() {
     assert_eq!(b.meta().disk, DiskState::UpToDate);
     assert!(disks[0] == disks[1], "target differs from the source");
     assert!(disks[1][16..40].iter().all(|d| d.iter().all(|&x| x == 0)));
+}
+
+// ----- online verify over holes ---------------------------------------------
+
+/// A thin volume: the blocks that hold data (by their byte), the rest a
+/// hole that a read reports with its extent, as `SEEK_DATA` does.
+struct Thin {
+    data: BTreeMap<u64, u8>,
+    blocks: u64,
+    /// Writes to these blocks are acknowledged but lost (a faulty disk).
+    lost: BTreeSet<u64>,
+}
+
+impl Thin {
+    fn new(blocks: u64, data: &[(u64, u8)]) -> Self {
+        Thin {
+            data: data.iter().copied().collect(),
+            blocks,
+            lost: BTreeSet::new(),
+        }
+    }
+
+    fn read(&self, io: IoId, block: u64, count: u64) -> Event<Vec<u8>> {
+        if self.data.range(block..block + count).next().is_none() {
+            let next = self
+                .data
+                .range(block..)
+                .next()
+                .map_or(self.blocks, |(&b, _)| b);
+            return Event::ReadHole {
+                io,
+                blocks: next - block,
+            };
+        }
+        let payload = (block..block + count)
+            .flat_map(|b| [self.data.get(&b).copied().unwrap_or(0); 4096])
+            .collect();
+        Event::ReadDone {
+            io,
+            ok: true,
+            payload: Some(payload),
+        }
+    }
+
+    fn write(&mut self, block: u64, count: u64, kind: IoKind, payload: Option<&Vec<u8>>) {
+        let range = block..block + count;
+        let kept: Vec<u64> = match (kind, payload) {
+            (IoKind::Write, Some(_)) => range.clone().collect(),
+            // Trim, write-zeroes, a zero run (resync): a hole.
+            _ => self.data.range(range.clone()).map(|(&b, _)| b).collect(),
+        };
+        for b in kept.into_iter().filter(|b| !self.lost.contains(b)) {
+            match (kind, payload) {
+                (IoKind::Write, Some(p)) => {
+                    self.data.insert(b, p[((b - block) * 4096) as usize]);
+                }
+                _ => {
+                    self.data.remove(&b);
+                }
+            }
+        }
+    }
+}
+
+/// What `run_thin` counted of a's frames.
+#[derive(Default)]
+struct VerifyTraffic {
+    chunk_reqs: u64,
+    zero_range_reqs: u64,
+    zero_range_blocks: u64,
+}
+
+/// `run_pair` over two thin volumes: reads and writes act on them. With
+/// `held`, a's reads are answered only when the caller hands them back
+/// (answered from the volume as it was when they were issued, as a host
+/// that executes its disk operations in order does).
+fn run_thin(
+    a: &mut Node<Vec<u8>>,
+    b: &mut Node<Vec<u8>>,
+    disks: &mut [Thin; 2],
+    from: Micros,
+    until: Micros,
+    mut held: Option<&mut Vec<Event<Vec<u8>>>>,
+    traffic: &mut VerifyTraffic,
+) {
+    drive(a, b, from, until, &mut |from_a, now, src, act| {
+        let i = usize::from(!from_a);
+        match act {
+            Action::Write {
+                io,
+                block,
+                count,
+                kind,
+                payload,
+                ..
+            } => {
+                disks[i].write(block, count, kind, payload.as_ref());
+                src.handle(now, Event::IoDone { io, ok: true });
+                None
+            }
+            Action::Flush { io } => {
+                src.handle(now, Event::IoDone { io, ok: true });
+                None
+            }
+            Action::Read { io, block, count } => {
+                let ev = disks[i].read(io, block, count);
+                match held.as_deref_mut() {
+                    Some(h) if from_a => h.push(ev),
+                    _ => src.handle(now, ev),
+                }
+                None
+            }
+            Action::PersistMeta(_) => None,
+            Action::SendMsl {
+                msg: Message::VerifyReq(v),
+                ..
+            } if v.flags & msl_wire::verify_flags::ZERO_RANGE != 0 => {
+                traffic.zero_range_reqs += 1;
+                traffic.zero_range_blocks += u64::from(v.count);
+                Some(act)
+            }
+            Action::SendMsl {
+                msg: Message::VerifyReq(_),
+                ..
+            } => {
+                traffic.chunk_reqs += 1;
+                Some(act)
+            }
+            other => Some(other),
+        }
+    });
+}
+
+/// A thin pair of `blocks` blocks (16 GiB at 4 KiB), in sync, volumes as
+/// given.
+fn thin_pair(
+    blocks: u64,
+    a_data: &[(u64, u8)],
+    b_data: &[(u64, u8)],
+) -> (Node<Vec<u8>>, Node<Vec<u8>>, [Thin; 2]) {
+    let (mut a, mut b) = (sized(1, Some(5), blocks), sized(2, None, blocks));
+    // Both blank: the full sync copies a's few blocks and zeroes the rest.
+    let mut disks = [Thin::new(blocks, a_data), Thin::new(blocks, a_data)];
+    run_thin(
+        &mut a,
+        &mut b,
+        &mut disks,
+        0,
+        1_000_000,
+        None,
+        &mut VerifyTraffic::default(),
+    );
+    assert!(a.in_sync() && b.in_sync());
+    assert_eq!(disks[0].data, disks[1].data, "synced");
+    disks[1].data = b_data.iter().copied().collect();
+    (a, b, disks)
+}
+
+fn start_verify(a: &mut Node<Vec<u8>>, now: Micros, resync: bool) {
+    a.handle(
+        now,
+        Event::Admin(AdminCmd::Verify {
+            start_block: 0,
+            count: u64::MAX,
+            resync,
+        }),
+    );
+    assert!(a.status().verify.active);
+}
+
+const THIN_BLOCKS: u64 = 1 << 22;
+
+#[test]
+fn test_verify_thin_pair_covers_holes_with_zero_ranges_and_finds_differences() {
+    // Data at a few places on both; block 3_000_000 holds data on the
+    // secondary only (in the primary's hole), block 100 differs, and
+    // block 2_000_000 holds zero bytes on the secondary where the primary
+    // has a hole (equal).
+    let a_data = [(0, 1), (100, 2), (1_000_000, 3), (THIN_BLOCKS - 1, 4)];
+    let b_data = [
+        (0, 1),
+        (100, 9),
+        (1_000_000, 3),
+        (2_000_000, 0),
+        (3_000_000, 7),
+        (THIN_BLOCKS - 1, 4),
+    ];
+    let (mut a, mut b, mut disks) = thin_pair(THIN_BLOCKS, &a_data, &b_data);
+    start_verify(&mut a, 1_000_000, false);
+    let mut t = VerifyTraffic::default();
+    run_thin(
+        &mut a, &mut b, &mut disks, 1_000_000, 1_500_000, None, &mut t,
+    );
+    let st = a.status().verify;
+    assert!(!st.active && st.aborted.is_none(), "{st:?}");
+    assert_eq!(st.checked_blocks, THIN_BLOCKS);
+    assert_eq!(st.differing_blocks, 2, "{st:?}");
+    assert_eq!(&st.first_differing[..2], &[100, 3_000_000]);
+    // Everything but the chunks around the data went as zero ranges.
+    // Two chunks (those in flight) at each of the 5 places with data.
+    assert!(
+        st.hole_blocks >= THIN_BLOCKS - 10 * verify::CHUNK_BLOCKS as u64,
+        "{st:?}"
+    );
+    assert!(t.chunk_reqs <= 12, "{} chunks", t.chunk_reqs);
+    assert!(
+        t.zero_range_reqs < 40
+            && t.zero_range_reqs >= THIN_BLOCKS / verify::MAX_ZERO_RANGE_BLOCKS as u64,
+        "{} zero ranges",
+        t.zero_range_reqs
+    );
+    assert_eq!(
+        a.counters.frames_unexpected + b.counters.frames_unexpected,
+        0
+    );
+}
+
+#[test]
+fn test_verify_thin_pair_with_resync_marks_the_block_present_only_on_the_secondary() {
+    let a_data = [(5, 1)];
+    let b_data = [(5, 1), (2_500_000, 6)];
+    let (mut a, mut b, mut disks) = thin_pair(THIN_BLOCKS, &a_data, &b_data);
+    start_verify(&mut a, 1_000_000, true);
+    let mut t = VerifyTraffic::default();
+    run_thin(
+        &mut a, &mut b, &mut disks, 1_000_000, 2_000_000, None, &mut t,
+    );
+    let st = a.status().verify;
+    assert_eq!((st.differing_blocks, st.first_differing[0]), (1, 2_500_000));
+    // The resync that follows zeroes it on the secondary: a second run
+    // finds both sides equal, all but a chunk as holes.
+    run_thin(
+        &mut a, &mut b, &mut disks, 2_000_000, 3_000_000, None, &mut t,
+    );
+    assert!(a.in_sync());
+    assert_eq!(disks[0].data, disks[1].data);
+    start_verify(&mut a, 3_000_000, false);
+    run_thin(
+        &mut a, &mut b, &mut disks, 3_000_000, 3_500_000, None, &mut t,
+    );
+    let st = a.status().verify;
+    assert_eq!((st.active, st.differing_blocks, st.runs), (false, 0, 2));
+    assert!(
+        st.hole_blocks >= THIN_BLOCKS - 2 * verify::CHUNK_BLOCKS as u64,
+        "{st:?}"
+    );
+}
+
+/// A client write lands in the primary's hole after its chunk read saw
+/// the hole and before the zero range goes out, and the secondary's disk
+/// loses it: the zero range must not cover the written block (the
+/// primary no longer has a hole there), so the loss is found, as it is
+/// without holes.
+#[test]
+fn test_verify_zero_range_excludes_blocks_written_after_the_hole_was_seen() {
+    let (mut a, mut b, mut disks) = thin_pair(THIN_BLOCKS, &[(0, 1)], &[(0, 1)]);
+    disks[1].lost.insert(40_000);
+    start_verify(&mut a, 1_000_000, false);
+    let mut held = Vec::new();
+    let mut t = VerifyTraffic::default();
+    run_thin(
+        &mut a,
+        &mut b,
+        &mut disks,
+        1_000_000,
+        1_000_100,
+        Some(&mut held),
+        &mut t,
+    );
+    assert_eq!(held.len(), verify::MAX_IN_FLIGHT, "both chunk reads held");
+    assert_eq!(t.zero_range_reqs, 0);
+    // The reads saw the volume before this write.
+    write_block(&mut a, 1_000_100, 1, 40_000, 0x5a);
+    run_thin(
+        &mut a, &mut b, &mut disks, 1_000_100, 1_001_000, None, &mut t,
+    );
+    assert_eq!(disks[0].data.get(&40_000), Some(&0x5a));
+    assert_eq!(disks[1].data.get(&40_000), None, "lost on the secondary");
+    for ev in held {
+        a.handle(1_001_000, ev);
+    }
+    run_thin(
+        &mut a, &mut b, &mut disks, 1_001_000, 1_500_000, None, &mut t,
+    );
+    let st = a.status().verify;
+    assert!(!st.active, "{st:?}");
+    assert_eq!(st.checked_blocks, THIN_BLOCKS);
+    assert_eq!(
+        (st.differing_blocks, st.first_differing[0]),
+        (1, 40_000),
+        "{st:?}"
+    );
+    assert!(st.hole_blocks > THIN_BLOCKS - 4 * verify::CHUNK_BLOCKS as u64);
 }

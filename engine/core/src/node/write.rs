@@ -258,6 +258,9 @@ impl<H: Payload> Node<H> {
         let mirror_async = self.mirroring() && self.cfg.write_mode == WriteMode::Async;
         self.writes.last_write_us = self.now;
         self.writes.inflight_wids.insert(wid);
+        // Before the write reaches the volume or the stream: a hole a
+        // verify read reported before it no longer holds where it writes.
+        self.online.run.note_write(q.block, q.count);
         // The local write is emitted after the mirror message: the peer's
         // half of the round trip then overlaps the local write instead of
         // waiting for it (the client's reply needs both either way).
@@ -531,32 +534,8 @@ impl<H: Payload> Node<H> {
             self.fail("volume read");
             return;
         }
-        let bs = u64::from(self.cfg.block_size);
         if self.ios.kind(io) == Some(io::Kind::VerifyRead) {
-            let Some(io::Purpose::VerifyRead {
-                start,
-                count,
-                reply,
-            }) = self.ios.take(io)
-            else {
-                unreachable!("io {io} is a verify read");
-            };
-            let data = payload.as_ref().map_or(&[][..], |p| p.bytes());
-            if data.len() as u64 != u64::from(count) * bs {
-                self.counters.frames_unexpected += 1;
-                return;
-            }
-            let d = verify::digests(data, bs as usize);
-            if reply {
-                let v = Verify {
-                    start_block: start,
-                    count,
-                };
-                self.send_reliable(Message::VerifyReply(v), Some(H::from_bytes(&d)));
-            } else {
-                self.online.run.local(start, d);
-                self.verify_progress();
-            }
+            self.verify_read_done(io, payload, None);
             return;
         }
         if self.ios.kind(io) != Some(io::Kind::ResyncRead) {
@@ -565,19 +544,14 @@ impl<H: Payload> Node<H> {
         self.resync_read_done(io, payload, 0);
     }
 
-    /// `Event::ReadHole`: a verify read digests zeroes; a resync read's
-    /// range goes as a zero run, and the source skips the rest of the hole
-    /// without reading it.
+    /// `Event::ReadHole`: a verify read digests zeroes without hashing
+    /// them, and the run covers the rest of the hole with a zero range (or
+    /// answers the peer's zero range); a resync read's range goes as a
+    /// zero run, and the source skips the rest of the hole without reading
+    /// it.
     pub(super) fn on_read_hole(&mut self, io: IoId, blocks: u64) {
         match self.ios.kind(io) {
-            Some(io::Kind::VerifyRead) => {
-                let Some(io::Purpose::VerifyRead { count, .. }) = self.ios.get_mut(io) else {
-                    return;
-                };
-                let len = u64::from(*count) * u64::from(self.cfg.block_size);
-                let zeroes = alloc::vec![0u8; len as usize];
-                self.on_read_done(io, true, Some(H::from_bytes(&zeroes)));
-            }
+            Some(io::Kind::VerifyRead) => self.verify_read_done(io, None, Some(blocks)),
             Some(io::Kind::ResyncRead) => self.resync_read_done(io, None, blocks),
             // Not a read (or no longer in the table): as `ReadDone`.
             _ => {}

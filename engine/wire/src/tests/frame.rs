@@ -176,6 +176,32 @@ fn test_role_change_roundtrip() {
 }
 
 #[test]
+fn test_verify_roundtrip() {
+    roundtrip("verify-req");
+    roundtrip("verify-reply");
+}
+
+#[test]
+fn test_verify_zero_range_roundtrip_and_flag_byte() {
+    for name in ["verify-req-zero-range", "verify-reply-zero-range"] {
+        roundtrip(name);
+        let (m, _) = sample(name);
+        let b = emit_vec(&header(1), &m, &[], None);
+        assert_eq!(
+            b[HEADER_LEN + body::verify::FLAGS],
+            verify_flags::ZERO_RANGE
+        );
+        assert!(all_zero_bytes(
+            &b[HEADER_LEN + body::verify::RESERVED.start..][..3]
+        ));
+    }
+}
+
+fn all_zero_bytes(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+#[test]
 fn test_unknown_enum_codes_kept() {
     let m = Message::Heartbeat(Heartbeat {
         role: Role::Unknown(9),
@@ -601,6 +627,13 @@ fn test_bad_fields_refused() {
     let rcb = emit_vec(&header(1), &rc, &[], None);
     let e = corrupt_and_fix(rcb, |b| b[hb + body::role_change::RESERVED.start] = 1);
     assert_eq!(e, ParseError::BadField("role change reserved bytes"));
+
+    let (v, _) = sample("verify-req");
+    let vb = emit_vec(&header(1), &v, &[], None);
+    let e = corrupt_and_fix(vb.clone(), |b| b[hb + body::verify::FLAGS] = 0x02);
+    assert_eq!(e, ParseError::BadField("verify flags: undefined bits set"));
+    let e = corrupt_and_fix(vb, |b| b[hb + body::verify::RESERVED.start] = 1);
+    assert_eq!(e, ParseError::BadField("verify reserved bytes"));
 }
 
 #[test]
@@ -735,6 +768,15 @@ fn test_emit_invalid_values_refused() {
         emit(&header(0), &Message::Heartbeat(h), &[], None, &mut out),
         Err(EmitError::InvalidField(_))
     ));
+    let bad_verify = Message::VerifyReq(Verify {
+        start_block: 0,
+        count: 1,
+        flags: 0x40,
+    });
+    assert_eq!(
+        emit(&header(1), &bad_verify, &[], None, &mut out),
+        Err(EmitError::InvalidField("verify flags: undefined bits set"))
+    );
     let bad_headers = [
         Header {
             flags: 0x01,

@@ -145,6 +145,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|blocks_sent| Message::ResyncDone(ResyncDone { blocks_sent })),
         (arb_phase(), any::<u64>())
             .prop_map(|(phase, generation)| Message::RoleChange(RoleChange { phase, generation })),
+        (any::<u64>(), any::<u32>(), 0u8..=verify_flags::KNOWN).prop_map(
+            |(start_block, count, flags)| Message::VerifyReq(Verify {
+                start_block,
+                count,
+                flags
+            })
+        ),
     ]
 }
 

@@ -174,3 +174,21 @@ pub fn mslctl(sock: &Path, args: &[&str]) -> (i32, String, String, f64) {
         t0.elapsed().as_secs_f64(),
     )
 }
+
+/// `mslctl create-md --blank --config <config>` (`--initial-primary` for
+/// node 1); panics unless it succeeds. Returns its output.
+pub fn create_md_blank(config: &Path, id: u16) -> String {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mslctl"));
+    c.args(["create-md", "--blank", "--config"]).arg(config);
+    if id == 1 {
+        c.arg("--initial-primary");
+    }
+    let out = c.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "create-md --blank on node {id}: {text}"
+    );
+    text
+}
