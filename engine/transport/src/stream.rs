@@ -20,7 +20,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
@@ -287,6 +287,9 @@ fn rx_worker_config(cfg: &StreamConfig, core: Option<usize>) -> RxWorkerConfig {
     }
 }
 
+/// Most frames the sender's core keeps waiting for its transmit worker.
+const QUEUED_AHEAD: usize = 4 * MAX_BATCH;
+
 /// A block range in flight: re-encoded from its write id if resent.
 struct InFlight {
     write_id: u64,
@@ -294,12 +297,23 @@ struct InFlight {
     sent_us: u64,
 }
 
-/// The sender's receive side: acks into a lock-free queue for the core
-/// thread, which it wakes once per batch.
+/// The sender's protocol core: taken by whichever thread is free, as
+/// msld's inbox does: the receive worker right after a batch of acks if
+/// no one holds it (no wake-up per round trip), else the core thread,
+/// which it unparks.
+type SharedCore = Arc<Mutex<Core>>;
+
+fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The sender's receive side: acks into a lock-free queue, then the core
+/// runs once for the batch.
 struct AckSink {
     receiver_id: u16,
     acks: Arc<ArrayQueue<Ack>>,
-    core: Arc<OnceLock<Thread>>,
+    core: SharedCore,
+    core_thread: Arc<OnceLock<Thread>>,
     got: bool,
     refused: u64,
     kernel_dropped: u64,
@@ -325,8 +339,14 @@ impl RxSink for AckSink {
     }
     fn batch_end(&mut self) -> bool {
         if std::mem::take(&mut self.got) {
-            if let Some(t) = self.core.get() {
-                t.unpark();
+            let ran = match self.core.try_lock() {
+                Ok(mut c) => c.run(&self.acks).is_ok(),
+                Err(_) => false,
+            };
+            if !ran {
+                if let Some(t) = self.core_thread.get() {
+                    t.unpark();
+                }
             }
         }
         true
@@ -339,24 +359,29 @@ impl RxSink for AckSink {
     }
 }
 
-/// The core thread of the sender: everything `run_sender` reports but
-/// the workers' share.
-struct Core<'a> {
-    cfg: &'a StreamConfig,
+/// The sender's protocol core: reliable delivery, encoding, heartbeats.
+struct Core {
+    cfg: StreamConfig,
     enc: FrameEncoder,
-    msl: &'a MslTx,
+    msl: MslTx,
     rel: ReliableTx<InFlight>,
     out: Vec<(bool, Frame)>,
     frames: Vec<Frame>,
     scratch: Vec<u8>,
     report: SenderReport,
+    start: Instant,
     first_send: Option<Instant>,
     last_ack: Instant,
     last_progress: Instant,
-    count: &'a TxCount,
+    count: Arc<TxCount>,
+    next_id: u64,
+    /// Still producing new blocks (set by the core thread).
+    producing: bool,
+    next_heartbeat: Instant,
+    hb_counter: u64,
 }
 
-impl Core<'_> {
+impl Core {
     fn encode(&mut self, control: bool, h: &Header, msg: &Message, bytes: usize) -> bool {
         self.frames.clear();
         let ok = self.enc.encode_counted(
@@ -365,7 +390,7 @@ impl Core<'_> {
             &self.scratch[..bytes],
             &self.msl.pool,
             &mut self.frames,
-            self.count,
+            &self.count,
         );
         self.out.extend(self.frames.drain(..).map(|f| (control, f)));
         ok
@@ -378,7 +403,7 @@ impl Core<'_> {
             let b = &mut self.scratch[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
             fill_pattern(write_id + k as u64, b);
         }
-        let h = header(self.cfg, self.cfg.sender_id, seq, 0);
+        let h = header(&self.cfg, self.cfg.sender_id, seq, 0);
         self.encode(false, &h, &data_msg(write_id, bytes), bytes)
     }
 
@@ -402,10 +427,21 @@ impl Core<'_> {
         any
     }
 
-    /// Resend what is due, then new blocks while the window has room.
-    /// Returns whether anything was sent.
-    fn step(&mut self, now: u64, next_id: &mut u64, producing: bool) -> io::Result<bool> {
-        let mut n = 0;
+    /// Take the queued acks, send a heartbeat if due, resend what is due,
+    /// then new blocks while the window has room. Returns whether
+    /// anything happened.
+    fn run(&mut self, acks: &ArrayQueue<Ack>) -> io::Result<bool> {
+        let now = self.start.elapsed().as_micros() as u64;
+        let mut n = usize::from(self.on_acks(acks, now));
+        // Stand-in for the protocol core's heartbeat timer: control
+        // frames go ahead of any data.
+        if let Some(every) = self.cfg.heartbeat_interval {
+            if Instant::now() >= self.next_heartbeat {
+                self.next_heartbeat += every;
+                self.hb_counter += 1;
+                self.heartbeat(self.hb_counter);
+            }
+        }
         if self.rel.poll_timeout().is_some_and(|t| t <= now) {
             while n < MAX_BATCH {
                 let Some((seq, m)) = self.rel.poll_retransmit(now) else {
@@ -417,21 +453,29 @@ impl Core<'_> {
             }
         }
         let per_frame = self.cfg.blocks_per_frame.clamp(1, MAX_BLOCKS_PER_FRAME) as u64;
-        while producing && n < MAX_BATCH && self.rel.has_room() && *next_id < self.cfg.blocks {
-            let blocks = per_frame.min(self.cfg.blocks - *next_id) as u32;
+        // New frames only while few wait for the transmit worker: a frame's
+        // retransmission timer runs from here, not from when it leaves.
+        while self.producing
+            && n < MAX_BATCH
+            && self.rel.has_room()
+            && self.next_id < self.cfg.blocks
+            && self.msl.queued() < QUEUED_AHEAD
+        {
+            let id = self.next_id;
+            let blocks = per_frame.min(self.cfg.blocks - id) as u32;
             let seq = self.rel.next_seq();
-            if !self.encode_data(seq, *next_id, blocks) {
+            if !self.encode_data(seq, id, blocks) {
                 return Err(io::Error::other("encoding a DATA frame failed"));
             }
             let item = InFlight {
-                write_id: *next_id,
+                write_id: id,
                 blocks,
                 sent_us: now,
             };
             if self.rel.push(now, item).is_err() {
                 return Err(io::Error::other("window room was checked"));
             }
-            *next_id += u64::from(blocks);
+            self.next_id += u64::from(blocks);
             self.report.blocks_sent += u64::from(blocks);
             n += 1;
         }
@@ -453,7 +497,7 @@ impl Core<'_> {
             epoch: 1,
             counter,
         });
-        let h = header(self.cfg, self.cfg.sender_id, 0, 0);
+        let h = header(&self.cfg, self.cfg.sender_id, 0, 0);
         if self.encode(true, &h, &msg, 0) {
             self.report.control_sent += 1;
         }
@@ -467,7 +511,7 @@ fn new_histogram() -> io::Result<Histogram<u64>> {
 
 /// Run the sender side until `cfg.blocks`/`cfg.duration` are produced and
 /// acknowledged, the drain timeout passes, or `stop` is set. The calling
-/// thread waits; the core runs on a thread of its own.
+/// thread waits; the core thread is a thread of its own.
 pub fn run_sender(
     tx: Box<dyn TxLink>,
     rx: Box<dyn RxLink>,
@@ -480,63 +524,9 @@ pub fn run_sender(
         count.clone(),
         tx_worker_config(cfg, cfg.sender_cores.tx),
     );
-    let acks = Arc::new(ArrayQueue::new(256));
-    let core_thread = Arc::new(OnceLock::new());
-    let rx_stop = Arc::new(AtomicBool::new(false));
-    let rx_h = start_rx(
-        rx,
-        rx_worker_config(cfg, cfg.sender_cores.rx),
-        rx_stop.clone(),
-        AckSink {
-            receiver_id: cfg.receiver_id,
-            acks: acks.clone(),
-            core: core_thread.clone(),
-            got: false,
-            refused: 0,
-            kernel_dropped: 0,
-            cpu: Duration::ZERO,
-        },
-    );
     let start = Instant::now();
-    let res = thread::scope(|s| {
-        s.spawn(|| {
-            let _ = core_thread.set(thread::current());
-            pin_current(cfg.sender_cores.capture);
-            run_core(cfg, &msl, &count, &acks, start, stop)
-        })
-        .join()
-        .map_err(|_| io::Error::other("core thread panicked"))?
-    });
-    rx_stop.store(true, Ordering::Relaxed);
-    drop(msl);
-    let tx_end = tx_h
-        .join()
-        .map_err(|_| io::Error::other("TX worker panicked"))?;
-    let sink = rx_h
-        .join()
-        .map_err(|_| io::Error::other("RX worker panicked"))?;
-    let (mut rep, core_cpu) = res?;
-    rep.cpu = [core_cpu, tx_end.cpu, sink.cpu];
-    rep.tx = tx_end.link;
-    rep.rx_malformed = sink.refused;
-    rep.rx_kernel_dropped = sink.kernel_dropped;
-    rep.direct_frames = count.direct.load(Ordering::Relaxed);
-    rep.queue_dropped = count.dropped.load(Ordering::Relaxed);
-    Ok(rep)
-}
-
-fn run_core(
-    cfg: &StreamConfig,
-    msl: &MslTx,
-    count: &TxCount,
-    acks: &ArrayQueue<Ack>,
-    start: Instant,
-    stop: &AtomicBool,
-) -> io::Result<(SenderReport, Duration)> {
-    let window = cfg.reliable.window.max(1);
-    let deadline = cfg.duration.map(|d| start + d);
-    let mut core = Core {
-        cfg,
+    let core = Arc::new(Mutex::new(Core {
+        cfg: cfg.clone(),
         enc: FrameEncoder {
             src_mac: cfg.sender_mac,
             dst_mac: cfg.receiver_mac,
@@ -546,7 +536,7 @@ fn run_core(
         msl,
         rel: ReliableTx::new(
             TxConfig {
-                window,
+                window: cfg.reliable.window.max(1),
                 ..cfg.reliable
             },
             cfg.seq_base,
@@ -571,45 +561,104 @@ fn run_core(
             rx_kernel_dropped: 0,
             complete: false,
         },
+        start,
         first_send: None,
         last_ack: start,
-        last_progress: Instant::now(),
-        count,
-    };
+        last_progress: start,
+        count: count.clone(),
+        next_id: 0,
+        producing: true,
+        next_heartbeat: start,
+        hb_counter: 0,
+    }));
+    let acks = Arc::new(ArrayQueue::new(256));
+    let core_thread = Arc::new(OnceLock::new());
+    let rx_stop = Arc::new(AtomicBool::new(false));
+    let rx_h = start_rx(
+        rx,
+        rx_worker_config(cfg, cfg.sender_cores.rx),
+        rx_stop.clone(),
+        AckSink {
+            receiver_id: cfg.receiver_id,
+            acks: acks.clone(),
+            core: core.clone(),
+            core_thread: core_thread.clone(),
+            got: false,
+            refused: 0,
+            kernel_dropped: 0,
+            cpu: Duration::ZERO,
+        },
+    );
+    let res = thread::scope(|s| {
+        s.spawn(|| {
+            let _ = core_thread.set(thread::current());
+            pin_current(cfg.sender_cores.capture);
+            run_core(cfg, &core, &acks, stop)
+        })
+        .join()
+        .map_err(|_| io::Error::other("core thread panicked"))?
+    });
+    rx_stop.store(true, Ordering::Relaxed);
+    let sink = rx_h
+        .join()
+        .map_err(|_| io::Error::other("RX worker panicked"))?;
+    drop(sink.core);
+    let core = Arc::into_inner(core)
+        .ok_or_else(|| io::Error::other("the core is still shared"))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    let pool_misses = core.msl.pool.misses();
+    drop(core.msl);
+    let tx_end = tx_h
+        .join()
+        .map_err(|_| io::Error::other("TX worker panicked"))?;
+    let core_cpu = res?;
+    let mut rep = core.report;
+    rep.complete = core.rel.in_flight() == 0;
+    rep.elapsed = core
+        .last_ack
+        .saturating_duration_since(core.first_send.unwrap_or(start));
+    rep.retransmits = core.rel.stats.retransmits;
+    rep.pool_misses = pool_misses;
+    rep.cpu = [core_cpu, tx_end.cpu, sink.cpu];
+    rep.tx = tx_end.link;
+    rep.rx_malformed = sink.refused;
+    rep.rx_kernel_dropped = sink.kernel_dropped;
+    rep.direct_frames = count.direct.load(Ordering::Relaxed);
+    rep.queue_dropped = count.dropped.load(Ordering::Relaxed);
+    Ok(rep)
+}
+
+/// The core thread: runs the core until the stream is done, sleeping
+/// while the receive worker runs it. Returns its CPU time.
+fn run_core(
+    cfg: &StreamConfig,
+    core: &Mutex<Core>,
+    acks: &ArrayQueue<Ack>,
+    stop: &AtomicBool,
+) -> io::Result<Duration> {
+    let deadline = cfg.duration.map(|d| Instant::now() + d);
     let debug = std::env::var_os("MSL_DEBUG").is_some();
     let mut last_debug = Instant::now();
-    let mut next_id = 0u64;
-    let mut next_heartbeat = Instant::now();
-    let mut hb_counter = 0u64;
     let mut spins = 0u32;
     let mut drain_deadline: Option<Instant> = None;
     loop {
-        let producing = next_id < cfg.blocks
+        let mut c = lock(core);
+        c.producing = c.next_id < cfg.blocks
             && deadline.is_none_or(|d| Instant::now() < d)
             && !stop.load(Ordering::Relaxed);
-        let now = start.elapsed().as_micros() as u64;
-        let mut progressed = core.on_acks(acks, now);
-        // Stand-in for the protocol core's heartbeat timer: control
-        // frames go ahead of any data.
-        if let Some(every) = cfg.heartbeat_interval {
-            if Instant::now() >= next_heartbeat {
-                next_heartbeat += every;
-                hb_counter += 1;
-                core.heartbeat(hb_counter);
-            }
-        }
-        progressed |= core.step(now, &mut next_id, producing)?;
+        let progressed = c.run(acks)?;
         if debug && last_debug.elapsed() > Duration::from_secs(1) {
             last_debug = Instant::now();
             eprintln!(
                 "msl-transport debug: in_flight {} sent {} acked {} rexmit {} acks {} queued {} pool {} rto {} srtt {:?}",
-                core.rel.in_flight(), core.report.blocks_sent, core.report.blocks_acked,
-                core.rel.stats.retransmits, core.report.acks_received, msl.queued(),
-                msl.pool.available(), core.rel.rto_us(), core.rel.srtt_us()
+                c.rel.in_flight(), c.report.blocks_sent, c.report.blocks_acked,
+                c.rel.stats.retransmits, c.report.acks_received, c.msl.queued(),
+                c.msl.pool.available(), c.rel.rto_us(), c.rel.srtt_us()
             );
         }
-        if !producing {
-            if core.rel.in_flight() == 0 {
+        if !c.producing {
+            if c.rel.in_flight() == 0 {
                 break;
             }
             let dl = *drain_deadline.get_or_insert_with(|| Instant::now() + cfg.drain_timeout);
@@ -617,39 +666,34 @@ fn run_core(
                 break;
             }
         }
-        if core.last_progress.elapsed() > cfg.stall_timeout {
+        if c.last_progress.elapsed() > cfg.stall_timeout {
             eprintln!(
                 "msl-transport: stream stalled: no ack for {:?} with {} blocks in flight \
                  (sent {}, acked {}, retransmits {}, acks received {})",
                 cfg.stall_timeout,
-                core.rel.in_flight(),
-                core.report.blocks_sent,
-                core.report.blocks_acked,
-                core.rel.stats.retransmits,
-                core.report.acks_received,
+                c.rel.in_flight(),
+                c.report.blocks_sent,
+                c.report.blocks_acked,
+                c.rel.stats.retransmits,
+                c.report.acks_received,
             );
             break;
         }
+        let now = c.start.elapsed().as_micros() as u64;
+        let wait = c
+            .rel
+            .poll_timeout()
+            .map(|t| Duration::from_micros(t.saturating_sub(now)))
+            .unwrap_or(IDLE_MAX)
+            .min(IDLE_MAX);
+        drop(c);
         if progressed {
             spins = 0;
         } else {
-            let wait = core
-                .rel
-                .poll_timeout()
-                .map(|t| Duration::from_micros(t.saturating_sub(now)))
-                .unwrap_or(IDLE_MAX)
-                .min(IDLE_MAX);
             idle(&mut spins, wait);
         }
     }
-    let mut rep = core.report;
-    rep.complete = core.rel.in_flight() == 0;
-    rep.elapsed = core
-        .last_ack
-        .saturating_duration_since(core.first_send.unwrap_or(start));
-    rep.retransmits = core.rel.stats.retransmits;
-    rep.pool_misses = msl.pool.misses();
-    Ok((rep, sys::thread_cpu_time()))
+    Ok(sys::thread_cpu_time())
 }
 
 /// The receiver: reliable delivery, in-order application with the

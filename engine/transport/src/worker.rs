@@ -424,6 +424,9 @@ impl MslTx {
     }
 
     fn enqueue(&self, frames: &mut Vec<(bool, Frame)>) {
+        if frames.is_empty() {
+            return;
+        }
         let s = &self.shared;
         for (is_control, f) in frames.drain(..) {
             s.queued.fetch_add(1, Ordering::AcqRel);
