@@ -1,4 +1,7 @@
-//! `msl-bench link`.
+//! `msl-bench link`: patterned 4 KiB blocks with reliable delivery over
+//! msld's own MSL workers (`msl_transport::worker`: encoder, frame pool,
+//! transmit worker behind lock-free queues, direct sends, receive worker),
+//! on each backend, beside iperf3 over the same veth pair.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,6 +17,7 @@ use msl_transport::afxdp::{XdpConfig, XdpMode};
 use msl_transport::netns::{is_root, VethPair};
 use msl_transport::pair::{in_ns, open_pair, Ends, LinkKind};
 use msl_transport::stream::{run_pair, Cores, StreamConfig, BLOCK_SIZE};
+use msl_transport::worker::SendMode;
 use msl_transport::{BackendKind, OpenOptions};
 
 #[derive(Args, Debug, Clone)]
@@ -57,10 +61,16 @@ pub struct LinkArgs {
     /// AF_XDP program mode: generic or native.
     #[arg(long, default_value = "generic")]
     pub xdp_mode: String,
+    /// How A's core thread hands frames to its transmit worker, as msld's
+    /// does: "direct" (send from the core thread when the link is free and
+    /// nothing is queued, msld's default) or "queue" (always through the
+    /// transmit worker).
+    #[arg(long, default_value = "direct")]
+    pub send: SendMode,
     /// Do not pin worker threads to cores.
     #[arg(long)]
     pub no_pin: bool,
-    /// Cores for A's capture, TX, RX and B's TX, RX workers
+    /// Cores for A's core thread, TX, RX workers and B's TX, RX workers
     /// (default 1,0,1,1,1: A's TX worker, which on veth also does B's
     /// kernel receive work, gets core 0 to itself).
     #[arg(long, value_delimiter = ',')]
@@ -348,6 +358,7 @@ fn run_backend(
         },
         sender_cores: ca,
         receiver_cores: cb,
+        send_mode: args.send,
         blocks_per_frame: if qd1 { 1 } else { args.blocks_per_frame },
         ..StreamConfig::default()
     };
@@ -355,8 +366,9 @@ fn run_backend(
     let secs = snd.elapsed.as_secs_f64().max(1e-9);
     if std::env::var_os("MSL_DEBUG").is_some() {
         eprintln!(
-            "{kind}: cpu A capture/tx/rx {:?}, cpu B tx/rx {:?}, elapsed {secs:.2} s, acks sent {} received {}, receiver duplicates {}",
-            snd.cpu, rcv.cpu, rcv.acks_sent, snd.acks_received, rcv.duplicates
+            "{kind}: cpu A core/tx/rx {:?}, cpu B tx/rx {:?}, elapsed {secs:.2} s, acks sent {} received {}, receiver duplicates {}, direct frames {}, queue drops {}, pool misses {}",
+            snd.cpu, rcv.cpu, rcv.acks_sent, snd.acks_received, rcv.duplicates,
+            snd.direct_frames, snd.queue_dropped, snd.pool_misses
         );
     }
     let cpu_a: f64 = snd.cpu.iter().map(Duration::as_secs_f64).sum::<f64>() / secs;

@@ -56,6 +56,10 @@ pub struct MslLink {
     pub rx: Box<dyn RxLink>,
     pub mac: [u8; 6],
     pub max_frame: usize,
+    /// CPUs to pin the transmit and receive workers to (`[msl] tx_cpu`,
+    /// `rx_cpu`; `None`: unpinned).
+    pub tx_cpu: Option<usize>,
+    pub rx_cpu: Option<usize>,
 }
 
 /// What a node is made of, opened but not running.
@@ -121,7 +125,7 @@ impl Wiring {
         // never verifies as an MSL frame, nor the reverse.
         let msl_key = p.key.as_ref().map(|k| Key::derive(&k.0, Domain::Msl));
         let lan_key = p.key.as_ref().map(|k| Key::derive(&k.0, Domain::Lan));
-        let (msl_tx, _tx_thread) = start_msl_tx(p.msl.tx, shared.clone(), max_frame);
+        let (msl_tx, _tx_thread) = start_msl_tx(p.msl.tx, shared.clone(), max_frame, p.msl.tx_cpu);
         let _rx_thread = start_msl_rx(
             p.msl.rx,
             p.core.cluster_id,
@@ -130,6 +134,7 @@ impl Wiring {
             inputs.clone(),
             stop.clone(),
             shared.clone(),
+            p.msl.rx_cpu,
         );
         let (lan_tx, lan_rx) = sync_channel(1024);
         let lan = LanPath::start(&p.lan, p.core.cluster_id, lan_key, lan_tx)
@@ -483,6 +488,8 @@ fn open_msl(cfg: &DaemonConfig, iface: &IfaceInfo) -> Result<MslLink, String> {
         max_frame: iface
             .max_frame_len()
             .min(f.msl.mtu as usize + msl_wire::ETH_HEADER_LEN),
+        tx_cpu: f.msl.tx_cpu,
+        rx_cpu: f.msl.rx_cpu,
     })
 }
 

@@ -114,6 +114,13 @@ pub struct MslSection {
     /// MTU the frames are sized for (fragments below 4 KiB + header).
     #[serde(default = "default_mtu")]
     pub mtu: u32,
+    /// CPU the MSL transmit worker is pinned to (none: it runs where
+    /// `cpu_affinity` lets every thread run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_cpu: Option<usize>,
+    /// CPU the MSL receive worker is pinned to (none: likewise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_cpu: Option<usize>,
 }
 
 /// `[[lan]]`: one client-facing adapter.
@@ -741,6 +748,26 @@ impl DaemonConfig {
                 format!("CPU numbers are 0..{}", CPU_SETSIZE - 1),
             ));
         }
+        for (key, cpu) in [
+            ("msl.tx_cpu", file.msl.tx_cpu),
+            ("msl.rx_cpu", file.msl.rx_cpu),
+        ] {
+            let Some(c) = cpu else { continue };
+            if c >= CPU_SETSIZE {
+                return Err(invalid(
+                    key,
+                    c,
+                    format!("CPU numbers are 0..{}", CPU_SETSIZE - 1),
+                ));
+            }
+            if !file.cpu_affinity.is_empty() && !file.cpu_affinity.contains(&c) {
+                return Err(invalid(
+                    key,
+                    c,
+                    format!("not one of cpu_affinity {:?}", file.cpu_affinity),
+                ));
+            }
+        }
         // The metadata slots hold at most DEFAULT_AL_CAPACITY extents.
         range(
             "al_extents",
@@ -1223,6 +1250,30 @@ metadata = "/var/lib/msl/meta"
             assert_ne!(t, GOOD, "case {key} did not change the text");
             assert_eq!(key_of(parse(&t).unwrap_err()), key, "case {to}");
         }
+    }
+
+    /// The MSL workers run unpinned unless `[msl] tx_cpu` / `rx_cpu` say
+    /// otherwise; a CPU outside `cpu_affinity` (when set) is refused.
+    #[test]
+    fn test_msl_worker_cpus_default_unpinned_and_stay_in_cpu_affinity() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!((c.file.msl.tx_cpu, c.file.msl.rx_cpu), (None, None));
+        let pinned = |extra: &str, top: &str| {
+            let t = with(top).replacen(
+                "msl = { interface = \"a-msl\" }",
+                &format!("msl = {{ interface = \"a-msl\"{extra} }}"),
+                1,
+            );
+            assert!(t.contains("a-msl\","), "{t}");
+            parse(&t)
+        };
+        let c = pinned(", tx_cpu = 1, rx_cpu = 0", "").unwrap();
+        assert_eq!((c.file.msl.tx_cpu, c.file.msl.rx_cpu), (Some(1), Some(0)));
+        assert!(pinned(", rx_cpu = 1", "cpu_affinity = [0, 1]").is_ok());
+        let e = pinned(", rx_cpu = 1", "cpu_affinity = [0]").unwrap_err();
+        assert_eq!(key_of(e), "msl.rx_cpu");
+        let e = pinned(&format!(", tx_cpu = {CPU_SETSIZE}"), "").unwrap_err();
+        assert_eq!(key_of(e), "msl.tx_cpu");
     }
 
     #[test]

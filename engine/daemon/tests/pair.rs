@@ -107,6 +107,8 @@ fn start(
             rx: Box::new(rx),
             mac: [2, 0, 0, 0, 0, id as u8],
             max_frame: 9014,
+            tx_cpu: None,
+            rx_cpu: None,
         },
         key: Some(Key([9; 32])),
         lan: vec![LanEndpoint {

@@ -7,9 +7,12 @@
 //!   the fallback), and [`tcp`] (the same frames over kernel TCP, for
 //!   comparison).
 //! * [`fault`]: a seeded drop/duplicate/reorder/corrupt layer for tests.
-//! * [`stream`]: capture -> lock-free queue -> TX worker -> link; link ->
-//!   RX worker -> reliable delivery -> apply -> ack; used by the tests and
-//!   `msl-bench link`.
+//! * [`worker`]: the MSL workers msld runs: an encoder into a frame pool
+//!   fixed at start, a transmit worker fed by lock-free queues (control
+//!   ahead of data) with direct sends when the link is free, a receive
+//!   worker (checks, reassembly), each pinnable to a core.
+//! * [`stream`]: patterned block streaming over those workers with
+//!   reliable delivery; used by the tests and `msl-bench link`.
 //! * [`netns`]: the two-namespace veth topology with guaranteed cleanup.
 //!
 //! All `unsafe` lives in the private `sys` module.
@@ -24,6 +27,7 @@ pub mod pair;
 pub mod stream;
 mod sys;
 pub mod tcp;
+pub mod worker;
 
 use std::fmt;
 use std::io;

@@ -1,54 +1,49 @@
-//! The MSL data path with pinned workers, for block streaming.
+//! Patterned block streaming over msld's own MSL workers, for the tests
+//! and `msl-bench link`.
 //!
-//! Sender (primary) side:
+//! Sender (primary) side, as in msld:
 //! ```text
-//!  capture thread --data queue (SPSC, lock-free)--> TX worker --> link
-//!        ^                                             ^   |
-//!        +------------ free blocks (pool) -------------+   | ReliableTx
-//!                                                           |
-//!  link --> RX worker --ack queue (lock-free)--> TX worker (on_ack)
+//!  core thread: acks -> ReliableTx -> encode (FrameEncoder, FramePool)
+//!      | direct send when the link is free          ^
+//!      +--> control / data queues --> TX worker --> link
+//!  link --> RX worker --ack queue (lock-free)--> core thread
 //! ```
 //! Receiver (secondary) side:
 //! ```text
 //!  link --> RX worker: check -> ReliableRx -> apply in order (verify)
-//!                 |
-//!                 +--control queue (acks)--> TX worker --> link
+//!                 +--> ack: direct send, else control queue --> TX worker
 //! ```
-//! Control frames have their own queue and the TX worker sends them before
-//! any data. Blocks live in a pool of boxes allocated at start-up and passed
-//! by pointer through the queues: nothing is allocated per frame in steady
-//! state. Workers spin briefly, then park; producers unpark them.
-//!
-//! The pattern every block carries is a function of its write id, so the
-//! receiver checks each block's content, order and uniqueness.
+//! The workers are [`crate::worker`]'s, the ones msld runs; this module
+//! adds only the stand-in for the protocol core (reliable delivery and a
+//! test pattern). Every block's pattern is a function of its write id, so
+//! the receiver checks each block's content, order and uniqueness.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 use hdrhistogram::Histogram;
-use msl_core::reliable::{ReliableRx, ReliableTx, TxConfig};
+use msl_core::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
 use msl_wire::{
-    emit, emit_eth, parse, parse_eth, Ack, AdapterHealth, Data, DiskState, Expect, Header,
-    Heartbeat, Key, Message, Role, RxCounters, ETH_HEADER_LEN, MAX_ADAPTERS,
+    Ack, AdapterHealth, Data, DiskState, Header, Heartbeat, Key, Message, ParseError, Role,
+    RxCounters, ETH_HEADER_LEN, MAX_ADAPTERS,
 };
 
 use crate::link::{RxLink, TxLink, TxStats, MAX_BATCH};
 use crate::sys;
+use crate::worker::{
+    pin_current, start_rx, start_tx, Frame, FrameEncoder, MslTx, RxEvent, RxSink, RxWorkerConfig,
+    SendMode, TxCount, TxWorkerConfig,
+};
 
 /// Bytes per mirrored block.
 pub const BLOCK_SIZE: usize = 4096;
 /// Most consecutive blocks one DATA frame carries (two 4 KiB blocks fit
 /// a 9000-byte MTU).
 pub const MAX_BLOCKS_PER_FRAME: usize = 2;
-/// A pooled buffer: on the sender, one encoded DATA frame carrying up to
-/// `MAX_BLOCKS_PER_FRAME` consecutive blocks; on the receiver, the payload
-/// of an out-of-order frame.
-pub type Slot = Box<[u8]>;
-
 /// Bytes of the largest DATA frame (Ethernet header, MSL header, body,
 /// `MAX_BLOCKS_PER_FRAME` blocks, CRC, authentication tag).
 pub fn max_data_frame_len() -> usize {
@@ -59,10 +54,6 @@ pub fn max_data_frame_len() -> usize {
         flags: 0,
     });
     ETH_HEADER_LEN + msl_wire::buffer_len(&msg, MAX_BLOCKS_PER_FRAME * BLOCK_SIZE, true)
-}
-
-fn new_slot() -> Slot {
-    vec![0u8; max_data_frame_len()].into_boxed_slice()
 }
 
 /// Word `i` of block `write_id`'s test pattern: unique per block and
@@ -97,6 +88,8 @@ pub fn check_pattern(write_id: u64, data: &[u8]) -> bool {
 /// CPU cores for the workers of one side (`None`: not pinned).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cores {
+    /// The thread playing the protocol core: encodes, runs reliable
+    /// delivery, sends directly when the link is free.
     pub capture: Option<usize>,
     pub tx: Option<usize>,
     pub rx: Option<usize>,
@@ -136,6 +129,8 @@ pub struct StreamConfig {
     pub receiver_mac: [u8; 6],
     pub sender_cores: Cores,
     pub receiver_cores: Cores,
+    /// How the core thread hands frames to the transmit worker.
+    pub send_mode: SendMode,
 }
 
 impl Default for StreamConfig {
@@ -166,6 +161,7 @@ impl Default for StreamConfig {
             receiver_mac: [0; 6],
             sender_cores: Cores::default(),
             receiver_cores: Cores::default(),
+            send_mode: SendMode::Direct,
         }
     }
 }
@@ -182,8 +178,14 @@ pub struct SenderReport {
     pub elapsed: Duration,
     /// Block sent -> peer's ack received, microseconds.
     pub rtt_us: Histogram<u64>,
-    /// Thread CPU time: capture, TX worker, RX worker.
+    /// Thread CPU time: core, TX worker, RX worker.
     pub cpu: [Duration; 3],
+    /// Frames the core thread sent itself (`SendMode::Direct`).
+    pub direct_frames: u64,
+    /// Frames the transmit queue had no room for (resent).
+    pub queue_dropped: u64,
+    /// Frame buffers allocated because the pool ran dry.
+    pub pool_misses: u64,
     pub acks_received: u64,
     /// Control frames (heartbeats) sent ahead of data.
     pub control_sent: u64,
@@ -221,14 +223,9 @@ pub struct ReceiverReport {
     pub cpu: [Duration; 2],
 }
 
-fn pin(core: Option<usize>) {
-    if let Some(id) = core {
-        core_affinity::set_for_current(core_affinity::CoreId { id });
-    }
-}
-
-/// Longest a parked worker sleeps: every producer unparks its consumer,
-/// so this only bounds how late a missed wake-up or a stop is noticed.
+/// Longest the idle core thread sleeps: the receive worker unparks it on
+/// every ack, so this only bounds how late a missed wake-up or a timer is
+/// noticed.
 const IDLE_MAX: Duration = Duration::from_millis(5);
 
 /// Wait for work: spin a little (cheap when the producer is close behind),
@@ -245,801 +242,666 @@ fn idle(spins: &mut u32, max: Duration) {
     }
 }
 
-/// The peer closed a connection-based link (TCP backend) at the end of a
-/// stream.
-fn peer_gone(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-    )
-}
-
-struct InFlight {
-    /// The encoded frame, kept for retransmission.
-    slot: Slot,
-    frame_len: usize,
-    /// Blocks in the frame.
-    blocks: u32,
-    sent_us: u64,
-}
-
-/// Queued from capture to the TX worker: an encoded DATA frame.
-struct Captured {
-    slot: Slot,
-    frame_len: usize,
-    blocks: u32,
-    /// The sequence number encoded in the frame; the TX worker hands frames
-    /// to reliable delivery in queue order, so it is the one it assigns.
-    seq: u64,
-}
-
-fn data_header(cfg: &StreamConfig, seq: u64) -> Header {
+fn header(cfg: &StreamConfig, sender: u16, seq: u64, ack: u64) -> Header {
     Header {
-        cluster_id: cfg.cluster_id,
-        sender: cfg.sender_id,
-        generation: cfg.generation,
-        seq,
-        ack: 0,
-        flags: 0,
-        frag_index: 0,
-        frag_count: 1,
-    }
-}
-
-/// Emit one unsequenced control frame (ACK, HEARTBEAT) into `buf`.
-fn emit_control(
-    cfg: &StreamConfig,
-    sender: u16,
-    dst: [u8; 6],
-    src: [u8; 6],
-    msg: &Message,
-    ack: u64,
-    buf: &mut [u8],
-) -> Option<usize> {
-    emit_eth(dst, src, buf).ok()?;
-    let h = Header {
         cluster_id: cfg.cluster_id,
         sender,
         generation: cfg.generation,
-        seq: 0,
+        seq,
         ack,
         flags: 0,
         frag_index: 0,
         frag_count: 1,
-    };
-    let n = emit(&h, msg, &[], cfg.key.as_ref(), &mut buf[ETH_HEADER_LEN..]).ok()?;
-    Some(ETH_HEADER_LEN + n)
+    }
 }
 
-/// Emit one DATA frame (Ethernet header included) into `buf`.
-pub fn emit_block(
-    cfg: &StreamConfig,
-    seq: u64,
-    write_id: u64,
-    block: &[u8],
-    buf: &mut [u8],
-) -> Option<usize> {
-    emit_eth(cfg.receiver_mac, cfg.sender_mac, buf).ok()?;
-    let msg = Message::Data(Data {
+fn data_msg(write_id: u64, bytes: usize) -> Message {
+    Message::Data(Data {
         write_id,
         offset: write_id * BLOCK_SIZE as u64,
-        len: block.len() as u32,
+        len: bytes as u32,
         flags: 0,
-    });
-    let n = emit(
-        &data_header(cfg, seq),
-        &msg,
-        block,
-        cfg.key.as_ref(),
-        &mut buf[ETH_HEADER_LEN..],
-    )
-    .ok()?;
-    Some(ETH_HEADER_LEN + n)
+    })
 }
 
-/// The sender's transmit state: reliable window, link, statistics.
-struct SenderState {
+/// Frame buffers and queue room for one side: the whole window, plus a
+/// few batches of control frames and retransmissions.
+fn tx_worker_config(cfg: &StreamConfig, core: Option<usize>) -> TxWorkerConfig {
+    let frames = cfg.reliable.window.max(1) + 4 * MAX_BATCH;
+    TxWorkerConfig {
+        max_frame: max_data_frame_len(),
+        data_frames: frames,
+        control_frames: 256,
+        pool_frames: frames,
+        core,
+    }
+}
+
+/// A receive worker for one side: whole data frames, no fragments.
+fn rx_worker_config(cfg: &StreamConfig, core: Option<usize>) -> RxWorkerConfig {
+    RxWorkerConfig {
+        cluster_id: cfg.cluster_id,
+        key: cfg.key.clone(),
+        max_message: MAX_BLOCKS_PER_FRAME * BLOCK_SIZE,
+        core,
+    }
+}
+
+/// Most frames the sender's core keeps waiting for its transmit worker.
+const QUEUED_AHEAD: usize = 4 * MAX_BATCH;
+
+/// A block range in flight: re-encoded from its write id if resent.
+struct InFlight {
+    write_id: u64,
+    blocks: u32,
+    sent_us: u64,
+}
+
+/// The sender's protocol core: taken by whichever thread is free, as
+/// msld's inbox does: the receive worker right after a batch of acks if
+/// no one holds it (no wake-up per round trip), else the core thread,
+/// which it unparks.
+type SharedCore = Arc<Mutex<Core>>;
+
+fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The sender's receive side: acks into a lock-free queue, then the core
+/// runs once for the batch.
+struct AckSink {
+    receiver_id: u16,
+    acks: Arc<ArrayQueue<Ack>>,
+    core: SharedCore,
+    core_thread: Arc<OnceLock<Thread>>,
+    got: bool,
+    refused: u64,
+    kernel_dropped: u64,
+    cpu: Duration,
+}
+
+impl RxSink for AckSink {
+    fn refused(&mut self, _: Option<&ParseError>) {
+        self.refused += 1;
+    }
+    fn event(&mut self, e: RxEvent<'_>) {
+        if let RxEvent::Message {
+            header,
+            msg: Message::Ack(a),
+            ..
+        } = e
+        {
+            if header.sender == self.receiver_id {
+                let _ = self.acks.force_push(a);
+                self.got = true;
+            }
+        }
+    }
+    fn batch_end(&mut self) -> bool {
+        if std::mem::take(&mut self.got) {
+            let ran = match self.core.try_lock() {
+                Ok(mut c) => c.run(&self.acks).is_ok(),
+                Err(_) => false,
+            };
+            if !ran {
+                if let Some(t) = self.core_thread.get() {
+                    t.unpark();
+                }
+            }
+        }
+        true
+    }
+    fn link_dropped(&mut self, total: u64) {
+        self.kernel_dropped = total;
+    }
+    fn done(&mut self) {
+        self.cpu = sys::thread_cpu_time();
+    }
+}
+
+/// The sender's protocol core: reliable delivery, encoding, heartbeats.
+struct Core {
+    cfg: StreamConfig,
+    enc: FrameEncoder,
+    msl: MslTx,
     rel: ReliableTx<InFlight>,
-    tx: Box<dyn TxLink>,
-    rtt: Histogram<u64>,
-    blocks_sent: u64,
-    blocks_acked: u64,
-    acks_received: u64,
+    out: Vec<(bool, Frame)>,
+    frames: Vec<Frame>,
+    scratch: Vec<u8>,
+    report: SenderReport,
+    start: Instant,
     first_send: Option<Instant>,
     last_ack: Instant,
     last_progress: Instant,
-    control_sent: u64,
-    /// New frames of the current step (capacity `MAX_BATCH`, reused).
-    batch: Vec<Captured>,
+    count: Arc<TxCount>,
+    next_id: u64,
+    /// Still producing new blocks (set by the core thread).
+    producing: bool,
+    next_heartbeat: Instant,
+    hb_counter: u64,
 }
 
-/// The lock-free queues around the sender's TX worker.
-struct SenderQueues<'a> {
-    data: &'a ArrayQueue<Captured>,
-    free: &'a ArrayQueue<Slot>,
-    acks: &'a ArrayQueue<Ack>,
-    /// Control messages (heartbeats) to send ahead of any data.
-    ctrl: &'a ArrayQueue<Message>,
-    /// The capture thread parks when the pool is empty and says so here.
-    capture: &'a OnceLock<Thread>,
-    capture_waiting: &'a AtomicBool,
-}
+impl Core {
+    fn encode(&mut self, control: bool, h: &Header, msg: &Message, bytes: usize) -> bool {
+        self.frames.clear();
+        let ok = self.enc.encode_counted(
+            h,
+            msg,
+            &self.scratch[..bytes],
+            &self.msl.pool,
+            &mut self.frames,
+            &self.count,
+        );
+        self.out.extend(self.frames.drain(..).map(|f| (control, f)));
+        ok
+    }
 
-impl SenderState {
-    /// Apply queued acks, then send retransmissions and new blocks while
-    /// the window has room. Returns whether anything happened.
-    fn step(&mut self, cfg: &StreamConfig, q: &SenderQueues<'_>, now: u64) -> io::Result<bool> {
-        let mut progressed = false;
-        let acked_before = self.blocks_acked;
-        while let Some(a) = q.acks.pop() {
-            self.acks_received += 1;
-            let (rtt, acked, free) = (&mut self.rtt, &mut self.blocks_acked, q.free);
+    /// Encode the data frame `seq` carrying `blocks` blocks from `write_id`.
+    fn encode_data(&mut self, seq: u64, write_id: u64, blocks: u32) -> bool {
+        let bytes = blocks as usize * BLOCK_SIZE;
+        for k in 0..blocks as usize {
+            let b = &mut self.scratch[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
+            fill_pattern(write_id + k as u64, b);
+        }
+        let h = header(&self.cfg, self.cfg.sender_id, seq, 0);
+        self.encode(false, &h, &data_msg(write_id, bytes), bytes)
+    }
+
+    fn on_acks(&mut self, acks: &ArrayQueue<Ack>, now: u64) -> bool {
+        let before = self.report.blocks_acked;
+        let mut any = false;
+        while let Some(a) = acks.pop() {
+            any = true;
+            self.report.acks_received += 1;
+            let r = &mut self.report;
             self.rel.on_ack(now, &a, |_, m| {
                 let us = now.saturating_sub(m.sent_us).max(1);
-                let _ = rtt.record_n(us, u64::from(m.blocks));
-                *acked += u64::from(m.blocks);
-                let _ = free.push(m.slot);
+                let _ = r.rtt_us.record_n(us, u64::from(m.blocks));
+                r.blocks_acked += u64::from(m.blocks);
             });
             self.last_ack = Instant::now();
-            progressed = true;
         }
-        if self.blocks_acked != acked_before || self.rel.in_flight() == 0 {
+        if self.report.blocks_acked != before || self.rel.in_flight() == 0 {
             self.last_progress = Instant::now();
         }
-        // Wake the capture thread only once half the pool is free, so it
-        // refills in batches instead of once per ack.
-        if self.blocks_acked != acked_before
-            && q.free.len() * 2 >= q.free.capacity()
-            && q.capture_waiting.load(Ordering::SeqCst)
-        {
-            if let Some(t) = q.capture.get() {
-                t.unpark();
-            }
-        }
-        // Control frames first, then retransmissions (they hold the
-        // window), then new frames while the window has room.
-        let mut due = self.rel.poll_timeout().is_some_and(|t| t <= now);
-        let (rel, sent_ctrl) = (&mut self.rel, &mut self.control_sent);
-        let mut sent = self.tx.send_with(MAX_BATCH, &mut |_, buf| {
-            if let Some(msg) = q.ctrl.pop() {
-                *sent_ctrl += 1;
-                return emit_control(
-                    cfg,
-                    cfg.sender_id,
-                    cfg.receiver_mac,
-                    cfg.sender_mac,
-                    &msg,
-                    0,
-                    buf,
-                );
-            }
-            if due {
-                if let Some((_, m)) = rel.poll_retransmit(now) {
-                    buf[..m.frame_len].copy_from_slice(&m.slot[..m.frame_len]);
-                    return Some(m.frame_len);
-                }
-                due = false;
-            }
-            None
-        })?;
-        // New frames, sent from the pool's memory (no copy where the
-        // backend allows it), then kept in the window.
-        let room = self
-            .rel
-            .config()
-            .window
-            .saturating_sub(self.rel.in_flight())
-            .min(MAX_BATCH);
-        self.batch.clear();
-        while self.batch.len() < room {
-            let Some(c) = q.data.pop() else { break };
-            self.batch.push(c);
-        }
-        if !self.batch.is_empty() {
-            let first = self.rel.next_seq();
-            for (i, c) in self.batch.iter().enumerate() {
-                if c.seq != first.wrapping_add(i as u64) {
-                    return Err(io::Error::other(format!(
-                        "capture numbered a frame {} where reliable delivery expects {}",
-                        c.seq,
-                        first.wrapping_add(i as u64)
-                    )));
-                }
-            }
-            let mut refs: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
-            for (r, c) in refs.iter_mut().zip(&self.batch) {
-                *r = &c.slot[..c.frame_len];
-            }
-            self.tx.send_frames(&refs[..self.batch.len()])?;
-            sent += self.batch.len();
-            for c in self.batch.drain(..) {
-                self.blocks_sent += u64::from(c.blocks);
-                let pushed = self.rel.push(
-                    now,
-                    InFlight {
-                        slot: c.slot,
-                        frame_len: c.frame_len,
-                        blocks: c.blocks,
-                        sent_us: now,
-                    },
-                );
-                debug_assert!(pushed.is_ok(), "window room was checked");
-            }
-        }
-        if sent > 0 {
-            self.first_send.get_or_insert_with(Instant::now);
-            progressed = true;
-        }
-        Ok(progressed)
+        any
     }
+
+    /// Take the queued acks, send a heartbeat if due, resend what is due,
+    /// then new blocks while the window has room. Returns whether
+    /// anything happened.
+    fn run(&mut self, acks: &ArrayQueue<Ack>) -> io::Result<bool> {
+        let now = self.start.elapsed().as_micros() as u64;
+        let mut n = usize::from(self.on_acks(acks, now));
+        // Stand-in for the protocol core's heartbeat timer: control
+        // frames go ahead of any data.
+        if let Some(every) = self.cfg.heartbeat_interval {
+            if Instant::now() >= self.next_heartbeat {
+                self.next_heartbeat += every;
+                self.hb_counter += 1;
+                self.heartbeat(self.hb_counter);
+            }
+        }
+        if self.rel.poll_timeout().is_some_and(|t| t <= now) {
+            while n < MAX_BATCH {
+                let Some((seq, m)) = self.rel.poll_retransmit(now) else {
+                    break;
+                };
+                let (write_id, blocks) = (m.write_id, m.blocks);
+                self.encode_data(seq, write_id, blocks);
+                n += 1;
+            }
+        }
+        let per_frame = self.cfg.blocks_per_frame.clamp(1, MAX_BLOCKS_PER_FRAME) as u64;
+        // New frames only while few wait for the transmit worker: a frame's
+        // retransmission timer runs from here, not from when it leaves.
+        while self.producing
+            && n < MAX_BATCH
+            && self.rel.has_room()
+            && self.next_id < self.cfg.blocks
+            && self.msl.queued() < QUEUED_AHEAD
+        {
+            let id = self.next_id;
+            let blocks = per_frame.min(self.cfg.blocks - id) as u32;
+            let seq = self.rel.next_seq();
+            if !self.encode_data(seq, id, blocks) {
+                return Err(io::Error::other("encoding a DATA frame failed"));
+            }
+            let item = InFlight {
+                write_id: id,
+                blocks,
+                sent_us: now,
+            };
+            if self.rel.push(now, item).is_err() {
+                return Err(io::Error::other("window room was checked"));
+            }
+            self.next_id += u64::from(blocks);
+            self.report.blocks_sent += u64::from(blocks);
+            n += 1;
+        }
+        if !self.out.is_empty() {
+            self.first_send.get_or_insert_with(Instant::now);
+            self.msl.send(&mut self.out, self.cfg.send_mode);
+        }
+        Ok(n > 0)
+    }
+
+    fn heartbeat(&mut self, counter: u64) {
+        let msg = Message::Heartbeat(Heartbeat {
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+            msl_up: true,
+            in_sync: true,
+            adapters: [AdapterHealth::default(); MAX_ADAPTERS],
+            adapter_count: 0,
+            epoch: 1,
+            counter,
+        });
+        let h = header(&self.cfg, self.cfg.sender_id, 0, 0);
+        if self.encode(true, &h, &msg, 0) {
+            self.report.control_sent += 1;
+        }
+    }
+}
+
+fn new_histogram() -> io::Result<Histogram<u64>> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| io::Error::other(format!("histogram: {e}")))
 }
 
 /// Run the sender side until `cfg.blocks`/`cfg.duration` are produced and
-/// acknowledged, the drain timeout passes, or `stop` is set.
+/// acknowledged, the drain timeout passes, or `stop` is set. The calling
+/// thread waits; the core thread is a thread of its own.
 pub fn run_sender(
     tx: Box<dyn TxLink>,
-    mut rx: Box<dyn RxLink>,
+    rx: Box<dyn RxLink>,
     cfg: &StreamConfig,
     stop: &AtomicBool,
 ) -> io::Result<SenderReport> {
-    let window = cfg.reliable.window.max(1);
-    let pool = window + 4 * MAX_BATCH;
-    let per_frame = cfg.blocks_per_frame.clamp(1, MAX_BLOCKS_PER_FRAME);
-    let free: ArrayQueue<Slot> = ArrayQueue::new(pool);
-    for _ in 0..pool {
-        let _ = free.push(new_slot());
-    }
-    let data: ArrayQueue<Captured> = ArrayQueue::new(pool);
-    let acks: ArrayQueue<Ack> = ArrayQueue::new(256);
-    let capture_thread: OnceLock<Thread> = OnceLock::new();
-    let capture_waiting = AtomicBool::new(false);
-    let ctrl: ArrayQueue<Message> = ArrayQueue::new(16);
-    let capture_done = AtomicBool::new(false);
-    let tx_done = AtomicBool::new(false);
+    let count = Arc::new(TxCount::default());
+    let (msl, tx_h) = start_tx(
+        tx,
+        count.clone(),
+        tx_worker_config(cfg, cfg.sender_cores.tx),
+    );
     let start = Instant::now();
-    let deadline = cfg.duration.map(|d| start + d);
-    let tx_thread: OnceLock<Thread> = OnceLock::new();
-    let unpark_tx = || {
-        if let Some(t) = tx_thread.get() {
-            t.unpark();
-        }
-    };
-
-    let state = Mutex::new(SenderState {
+    let core = Arc::new(Mutex::new(Core {
+        cfg: cfg.clone(),
+        enc: FrameEncoder {
+            src_mac: cfg.sender_mac,
+            dst_mac: cfg.receiver_mac,
+            key: cfg.key.clone(),
+            max_frame: max_data_frame_len(),
+        },
+        msl,
         rel: ReliableTx::new(
             TxConfig {
-                window,
+                window: cfg.reliable.window.max(1),
                 ..cfg.reliable
             },
             cfg.seq_base,
         ),
-        tx,
-        rtt: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-            .map_err(|e| io::Error::other(format!("histogram: {e}")))?,
-        blocks_sent: 0,
-        blocks_acked: 0,
-        acks_received: 0,
+        out: Vec::with_capacity(2 * MAX_BATCH),
+        frames: Vec::with_capacity(4),
+        scratch: vec![0u8; MAX_BLOCKS_PER_FRAME * BLOCK_SIZE],
+        report: SenderReport {
+            blocks_sent: 0,
+            blocks_acked: 0,
+            retransmits: 0,
+            elapsed: Duration::ZERO,
+            rtt_us: new_histogram()?,
+            cpu: [Duration::ZERO; 3],
+            direct_frames: 0,
+            queue_dropped: 0,
+            pool_misses: 0,
+            acks_received: 0,
+            control_sent: 0,
+            rx_malformed: 0,
+            tx: TxStats::default(),
+            rx_kernel_dropped: 0,
+            complete: false,
+        },
+        start,
         first_send: None,
         last_ack: start,
-        last_progress: Instant::now(),
-        control_sent: 0,
-        batch: Vec::with_capacity(MAX_BATCH),
+        last_progress: start,
+        count: count.clone(),
+        next_id: 0,
+        producing: true,
+        next_heartbeat: start,
+        hb_counter: 0,
+    }));
+    let acks = Arc::new(ArrayQueue::new(256));
+    let core_thread = Arc::new(OnceLock::new());
+    let rx_stop = Arc::new(AtomicBool::new(false));
+    let rx_h = start_rx(
+        rx,
+        rx_worker_config(cfg, cfg.sender_cores.rx),
+        rx_stop.clone(),
+        AckSink {
+            receiver_id: cfg.receiver_id,
+            acks: acks.clone(),
+            core: core.clone(),
+            core_thread: core_thread.clone(),
+            got: false,
+            refused: 0,
+            kernel_dropped: 0,
+            cpu: Duration::ZERO,
+        },
+    );
+    let res = thread::scope(|s| {
+        s.spawn(|| {
+            let _ = core_thread.set(thread::current());
+            pin_current(cfg.sender_cores.capture);
+            run_core(cfg, &core, &acks, stop)
+        })
+        .join()
+        .map_err(|_| io::Error::other("core thread panicked"))?
     });
-    let queues = SenderQueues {
-        data: &data,
-        free: &free,
-        acks: &acks,
-        ctrl: &ctrl,
-        capture: &capture_thread,
-        capture_waiting: &capture_waiting,
-    };
-    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    rx_stop.store(true, Ordering::Relaxed);
+    let sink = rx_h
+        .join()
+        .map_err(|_| io::Error::other("RX worker panicked"))?;
+    drop(sink.core);
+    let core = Arc::into_inner(core)
+        .ok_or_else(|| io::Error::other("the core is still shared"))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    let pool_misses = core.msl.pool.misses();
+    drop(core.msl);
+    let tx_end = tx_h
+        .join()
+        .map_err(|_| io::Error::other("TX worker panicked"))?;
+    let core_cpu = res?;
+    let mut rep = core.report;
+    rep.complete = core.rel.in_flight() == 0;
+    rep.elapsed = core
+        .last_ack
+        .saturating_duration_since(core.first_send.unwrap_or(start));
+    rep.retransmits = core.rel.stats.retransmits;
+    rep.pool_misses = pool_misses;
+    rep.cpu = [core_cpu, tx_end.cpu, sink.cpu];
+    rep.tx = tx_end.link;
+    rep.rx_malformed = sink.refused;
+    rep.rx_kernel_dropped = sink.kernel_dropped;
+    rep.direct_frames = count.direct.load(Ordering::Relaxed);
+    rep.queue_dropped = count.dropped.load(Ordering::Relaxed);
+    Ok(rep)
+}
 
-    thread::scope(|s| -> io::Result<SenderReport> {
-        // TX worker: owns the sending state; the RX worker may run a step
-        // itself when it can take the lock uncontended (one wake-up less
-        // per round trip), otherwise it queues the ack and unparks us.
-        let tx_h = s.spawn(|| -> io::Result<(SenderReport, Duration)> {
-            pin(cfg.sender_cores.tx);
-            let debug = std::env::var_os("MSL_DEBUG").is_some();
-            let mut last_debug = Instant::now();
-            let mut spins = 0u32;
-            let mut drain_deadline: Option<Instant> = None;
-            loop {
-                let mut st = lock();
-                let now = start.elapsed().as_micros() as u64;
-                let progressed = st.step(cfg, &queues, now)?;
-                if debug && last_debug.elapsed() > Duration::from_secs(1) {
-                    last_debug = Instant::now();
-                    eprintln!(
-                        "msl-transport debug: in_flight {} sent {} acked {} rexmit {} acks {} free {} data {} rto {} srtt {:?} tx {:?}",
-                        st.rel.in_flight(), st.blocks_sent, st.blocks_acked, st.rel.stats.retransmits,
-                        st.acks_received, free.len(), data.len(), st.rel.rto_us(), st.rel.srtt_us(), st.tx.stats()
-                    );
-                }
-                let finished = capture_done.load(Ordering::Acquire) && data.is_empty();
-                if finished && st.rel.in_flight() == 0 {
-                    break;
-                }
-                if finished {
-                    let dl = *drain_deadline
-                        .get_or_insert_with(|| Instant::now() + cfg.drain_timeout);
-                    if Instant::now() >= dl {
-                        break;
-                    }
-                }
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if st.last_progress.elapsed() > cfg.stall_timeout {
-                    eprintln!(
-                        "msl-transport: stream stalled: no ack for {:?} with {} blocks in flight \
-                         (sent {}, acked {}, retransmits {}, acks received {}, tx {:?})",
-                        cfg.stall_timeout,
-                        st.rel.in_flight(),
-                        st.blocks_sent,
-                        st.blocks_acked,
-                        st.rel.stats.retransmits,
-                        st.acks_received,
-                        st.tx.stats(),
-                    );
-                    break;
-                }
-                if progressed {
-                    spins = 0;
-                    drop(st);
-                } else {
-                    st.tx.flush()?;
-                    let wait = st
-                        .rel
-                        .poll_timeout()
-                        .map(|t| Duration::from_micros(t.saturating_sub(now)))
-                        .unwrap_or(IDLE_MAX)
-                        .min(IDLE_MAX);
-                    drop(st);
-                    idle(&mut spins, wait);
-                }
-            }
-            let mut st = lock();
-            st.tx.flush()?;
-            let complete = capture_done.load(Ordering::Acquire)
-                && data.is_empty()
-                && st.rel.in_flight() == 0;
-            let elapsed = st
-                .last_ack
-                .saturating_duration_since(st.first_send.unwrap_or(start));
-            // Return blocks still in flight to the pool (not required, tidy).
-            for (_, m) in st.rel.drain() {
-                let _ = free.push(m.slot);
-            }
-            tx_done.store(true, Ordering::Release);
-            let rtt = std::mem::replace(
-                &mut st.rtt,
-                Histogram::<u64>::new(1).map_err(|e| io::Error::other(format!("{e}")))?,
+/// The core thread: runs the core until the stream is done, sleeping
+/// while the receive worker runs it. Returns its CPU time.
+fn run_core(
+    cfg: &StreamConfig,
+    core: &Mutex<Core>,
+    acks: &ArrayQueue<Ack>,
+    stop: &AtomicBool,
+) -> io::Result<Duration> {
+    let deadline = cfg.duration.map(|d| Instant::now() + d);
+    let debug = std::env::var_os("MSL_DEBUG").is_some();
+    let mut last_debug = Instant::now();
+    let mut spins = 0u32;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let mut c = lock(core);
+        c.producing = c.next_id < cfg.blocks
+            && deadline.is_none_or(|d| Instant::now() < d)
+            && !stop.load(Ordering::Relaxed);
+        let progressed = c.run(acks)?;
+        if debug && last_debug.elapsed() > Duration::from_secs(1) {
+            last_debug = Instant::now();
+            eprintln!(
+                "msl-transport debug: in_flight {} sent {} acked {} rexmit {} acks {} queued {} pool {} rto {} srtt {:?}",
+                c.rel.in_flight(), c.report.blocks_sent, c.report.blocks_acked,
+                c.rel.stats.retransmits, c.report.acks_received, c.msl.queued(),
+                c.msl.pool.available(), c.rel.rto_us(), c.rel.srtt_us()
             );
-            Ok((
-                SenderReport {
-                    blocks_sent: st.blocks_sent,
-                    blocks_acked: st.blocks_acked,
-                    retransmits: st.rel.stats.retransmits,
-                    elapsed,
-                    rtt_us: rtt,
-                    cpu: [Duration::ZERO; 3],
-                    acks_received: st.acks_received,
-                    control_sent: st.control_sent,
-                    rx_malformed: 0,
-                    tx: st.tx.stats(),
-                    rx_kernel_dropped: 0,
-                    complete,
-                },
-                sys::thread_cpu_time(),
-            ))
-        });
-        let _ = tx_thread.set(tx_h.thread().clone());
+        }
+        if !c.producing {
+            if c.rel.in_flight() == 0 {
+                break;
+            }
+            let dl = *drain_deadline.get_or_insert_with(|| Instant::now() + cfg.drain_timeout);
+            if Instant::now() >= dl || stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        if c.last_progress.elapsed() > cfg.stall_timeout {
+            eprintln!(
+                "msl-transport: stream stalled: no ack for {:?} with {} blocks in flight \
+                 (sent {}, acked {}, retransmits {}, acks received {})",
+                cfg.stall_timeout,
+                c.rel.in_flight(),
+                c.report.blocks_sent,
+                c.report.blocks_acked,
+                c.rel.stats.retransmits,
+                c.report.acks_received,
+            );
+            break;
+        }
+        let now = c.start.elapsed().as_micros() as u64;
+        let wait = c
+            .rel
+            .poll_timeout()
+            .map(|t| Duration::from_micros(t.saturating_sub(now)))
+            .unwrap_or(IDLE_MAX)
+            .min(IDLE_MAX);
+        drop(c);
+        if progressed {
+            spins = 0;
+        } else {
+            idle(&mut spins, wait);
+        }
+    }
+    Ok(sys::thread_cpu_time())
+}
 
-        // RX worker: acks in, handed to the TX worker.
-        let rx_h = s.spawn(|| -> io::Result<(u64, u64, Duration)> {
-            pin(cfg.sender_cores.rx);
-            let expect = Expect {
-                cluster_id: cfg.cluster_id,
-                key: cfg.key.as_ref(),
+/// The receiver: reliable delivery, in-order application with the
+/// pattern check, and one ack per batch, all on the receive worker (as
+/// msld runs its core there when it is free).
+struct ApplySink {
+    cfg: StreamConfig,
+    msl: Option<MslTx>,
+    enc: FrameEncoder,
+    rel: ReliableRx<Option<(Vec<u8>, u64)>>,
+    spare: Vec<Vec<u8>>,
+    next_write_id: u64,
+    counters: RxCounters,
+    rep: ReceiverReport,
+    any: bool,
+    out: Vec<(bool, Frame)>,
+    frames: Vec<Frame>,
+    count: Arc<TxCount>,
+}
+
+impl ApplySink {
+    fn apply(&mut self, first_id: u64, data: &[u8]) {
+        for (k, block) in data.chunks_exact(BLOCK_SIZE).enumerate() {
+            let write_id = first_id.wrapping_add(k as u64);
+            if write_id != self.next_write_id {
+                self.rep.order_errors += 1;
+            }
+            self.next_write_id = write_id.wrapping_add(1);
+            if check_pattern(write_id, block) {
+                self.rep.verified += 1;
+            } else {
+                self.rep.bad_pattern += 1;
+            }
+        }
+    }
+
+    fn data(&mut self, h: &Header, d: &Data, payload: &[u8]) {
+        let cfg = &self.cfg;
+        if h.sender != cfg.sender_id
+            || h.generation != cfg.generation
+            || payload.len() != d.len as usize
+            || payload.is_empty()
+            || payload.len() > MAX_BLOCKS_PER_FRAME * BLOCK_SIZE
+            || !payload.len().is_multiple_of(BLOCK_SIZE)
+            || d.offset != d.write_id.wrapping_mul(BLOCK_SIZE as u64)
+        {
+            self.rep.bad_data += 1;
+            return;
+        }
+        let seq = h.seq;
+        let delivered = self.rel.delivered();
+        let window = cfg.reliable.window.max(1) as u64;
+        if seq <= delivered || seq - delivered > window {
+            // Duplicate or outside the window: counted and dropped.
+            let _ = self.rel.on_frame(seq, None);
+        } else if seq == delivered + 1 {
+            // In order: applied straight from the link's buffer.
+            self.apply(d.write_id, payload);
+            let _ = self.rel.on_frame(seq, None);
+        } else {
+            let Some(mut b) = self.spare.pop() else {
+                self.rep.out_of_window += 1;
+                return;
             };
-            let mut malformed = 0u64;
-            let mut next_heartbeat = Instant::now();
-            let mut hb_counter = 0u64;
-            while !tx_done.load(Ordering::Acquire) {
-                // Stand-in for the protocol core's heartbeat timer.
-                if let Some(every) = cfg.heartbeat_interval {
-                    if Instant::now() >= next_heartbeat {
-                        next_heartbeat += every;
-                        hb_counter += 1;
-                        let _ = ctrl.force_push(Message::Heartbeat(Heartbeat {
-                            role: Role::Primary,
-                            disk: DiskState::UpToDate,
-                            msl_up: true,
-                            in_sync: true,
-                            adapters: [AdapterHealth::default(); MAX_ADAPTERS],
-                            adapter_count: 0,
-                            epoch: 1,
-                            counter: hb_counter,
-                        }));
-                        unpark_tx();
-                    }
-                }
-                let mut got_ack = false;
-                let r = rx.recv(MAX_BATCH, Duration::from_millis(1), &mut |frame| {
-                    let Ok((_, body)) = parse_eth(frame) else {
-                        malformed += 1;
-                        return;
-                    };
-                    match parse(body, &expect) {
-                        Ok(p) => {
-                            if let Message::Ack(a) = p.msg {
-                                if p.header.sender == cfg.receiver_id {
-                                    let _ = acks.force_push(a);
-                                    got_ack = true;
-                                }
-                            }
-                        }
-                        Err(_) => malformed += 1,
-                    }
-                });
-                match r {
-                    Ok(_) => {}
-                    Err(e) if peer_gone(&e) => {
-                        while !tx_done.load(Ordering::Acquire) {
-                            thread::sleep(Duration::from_millis(1));
-                        }
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-                if got_ack {
-                    match state.try_lock() {
-                        Ok(mut st) => {
-                            let now = start.elapsed().as_micros() as u64;
-                            if st.step(cfg, &queues, now).is_err() {
-                                // The TX worker meets the error and reports it.
-                                unpark_tx();
-                            }
-                        }
-                        Err(_) => unpark_tx(),
-                    }
-                }
+            b.clear();
+            b.extend_from_slice(payload);
+            if self.rel.on_frame(seq, Some((b, d.write_id))) != RxOutcome::Accepted {
+                // A duplicate of a frame already held: its buffer went
+                // with it.
+                self.spare
+                    .push(Vec::with_capacity(MAX_BLOCKS_PER_FRAME * BLOCK_SIZE));
             }
-            let dropped = rx.stats().kernel_dropped;
-            Ok((malformed, dropped, sys::thread_cpu_time()))
-        });
-
-        // Capture: fill blocks with the pattern, queue them for the TX worker.
-        let cap_h = s.spawn(|| -> Duration {
-            let _ = capture_thread.set(thread::current());
-            pin(cfg.sender_cores.capture);
-            let mut id = 0u64;
-            let mut next_seq = cfg.seq_base.wrapping_add(1);
-            let mut scratch = vec![0u8; MAX_BLOCKS_PER_FRAME * BLOCK_SIZE];
-            let mut spins = 0u32;
-            while id < cfg.blocks && !stop.load(Ordering::Relaxed) {
-                if id.is_multiple_of(64) && deadline.is_some_and(|d| Instant::now() >= d) {
-                    break;
-                }
-                if tx_done.load(Ordering::Relaxed) {
-                    break;
-                }
-                match free.pop() {
-                    Some(mut slot) => {
-                        // Capture: the blocks' data, then the frame that
-                        // carries them, encoded here (copy + CRC off the TX
-                        // worker's core).
-                        let n = (per_frame as u64).min(cfg.blocks - id);
-                        let bytes = n as usize * BLOCK_SIZE;
-                        for k in 0..n as usize {
-                            let b = &mut scratch[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
-                            fill_pattern(id + k as u64, b);
-                        }
-                        let Some(frame_len) =
-                            emit_block(cfg, next_seq, id, &scratch[..bytes], &mut slot)
-                        else {
-                            eprintln!("msl-transport: encoding a DATA frame failed");
-                            break;
-                        };
-                        let c = Captured {
-                            slot,
-                            frame_len,
-                            blocks: n as u32,
-                            seq: next_seq,
-                        };
-                        if data.push(c).is_err() {
-                            // Cannot happen: the queue holds the whole pool.
-                            break;
-                        }
-                        next_seq = next_seq.wrapping_add(1);
-                        id += n;
-                        spins = 0;
-                        if id.is_multiple_of(16) || n > 1 {
-                            unpark_tx();
-                        }
-                    }
-                    None => {
-                        unpark_tx();
-                        if deadline.is_some_and(|d| Instant::now() >= d) {
-                            break;
-                        }
-                        if spins < 36 {
-                            idle(&mut spins, IDLE_MAX);
-                        } else {
-                            // Park until the TX worker frees a slot; announce
-                            // it first and look again, so no wake-up is lost.
-                            capture_waiting.store(true, Ordering::SeqCst);
-                            if free.is_empty() {
-                                thread::park_timeout(IDLE_MAX);
-                            }
-                            capture_waiting.store(false, Ordering::SeqCst);
-                        }
-                    }
-                }
+        }
+        while let Some((_, item)) = self.rel.pop() {
+            if let Some((b, wid)) = item {
+                self.apply(wid, &b);
+                self.spare.push(b);
             }
-            capture_done.store(true, Ordering::Release);
-            unpark_tx();
-            sys::thread_cpu_time()
-        });
+        }
+    }
+}
 
-        let cap_cpu = cap_h
-            .join()
-            .map_err(|_| io::Error::other("capture thread panicked"))?;
-        let (mut rep, tx_cpu) = tx_h
-            .join()
-            .map_err(|_| io::Error::other("TX worker panicked"))??;
-        let (malformed, dropped, rx_cpu) = rx_h
-            .join()
-            .map_err(|_| io::Error::other("RX worker panicked"))??;
-        rep.cpu = [cap_cpu, tx_cpu, rx_cpu];
-        rep.rx_malformed = malformed;
-        rep.rx_kernel_dropped = dropped;
-        Ok(rep)
-    })
+impl RxSink for ApplySink {
+    fn refused(&mut self, e: Option<&ParseError>) {
+        match e {
+            Some(e) => self.counters.record_error(e),
+            None => self.rep.bad_data += 1,
+        }
+    }
+    fn event(&mut self, e: RxEvent<'_>) {
+        let RxEvent::Message {
+            header,
+            msg,
+            payload,
+            ..
+        } = e
+        else {
+            return;
+        };
+        self.any = true;
+        match msg {
+            Message::Data(d) => self.data(&header, &d, payload),
+            Message::Heartbeat(_) if header.sender == self.cfg.sender_id => {
+                self.rep.heartbeats += 1
+            }
+            _ => {}
+        }
+    }
+    fn batch_end(&mut self) -> bool {
+        if !std::mem::take(&mut self.any) {
+            return true;
+        }
+        let Some(msl) = &self.msl else {
+            return true;
+        };
+        let d = self.rel.delivered();
+        let ack = self.rel.ack(d, d);
+        let h = header(&self.cfg, self.cfg.receiver_id, 0, ack.cumulative);
+        self.frames.clear();
+        if self.enc.encode_counted(
+            &h,
+            &Message::Ack(ack),
+            &[],
+            &msl.pool,
+            &mut self.frames,
+            &self.count,
+        ) {
+            self.rep.acks_sent += 1;
+            self.out.extend(self.frames.drain(..).map(|f| (true, f)));
+            msl.send(&mut self.out, SendMode::Direct);
+        }
+        true
+    }
+    fn link_dropped(&mut self, total: u64) {
+        self.rep.kernel_dropped = total;
+    }
+    fn done(&mut self) {
+        self.rep.cpu[1] = sys::thread_cpu_time();
+    }
 }
 
 /// Run the receiver side until `stop` is set.
 pub fn run_receiver(
     tx: Box<dyn TxLink>,
-    mut rx: Box<dyn RxLink>,
+    rx: Box<dyn RxLink>,
     cfg: &StreamConfig,
     stop: &AtomicBool,
 ) -> io::Result<ReceiverReport> {
     let window = cfg.reliable.window.max(1);
-    let ctrl: ArrayQueue<Ack> = ArrayQueue::new(64);
-    let txm = Mutex::new(tx);
-    let lock_tx = || txm.lock().unwrap_or_else(|e| e.into_inner());
-    let acks_sent = AtomicU64::new(0);
-    let send_ack = |t: &mut Box<dyn TxLink>, cfg: &StreamConfig, a: Ack| -> io::Result<()> {
-        let msg = Message::Ack(a);
-        t.send_with(1, &mut |_, buf| {
-            emit_control(
-                cfg,
-                cfg.receiver_id,
-                cfg.sender_mac,
-                cfg.receiver_mac,
-                &msg,
-                a.cumulative,
-                buf,
-            )
-        })?;
-        acks_sent.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+    let count = Arc::new(TxCount::default());
+    let (msl, tx_h) = start_tx(
+        tx,
+        count.clone(),
+        tx_worker_config(cfg, cfg.receiver_cores.tx),
+    );
+    let rx_stop = Arc::new(AtomicBool::new(false));
+    let sink = ApplySink {
+        cfg: cfg.clone(),
+        msl: Some(msl),
+        enc: FrameEncoder {
+            src_mac: cfg.receiver_mac,
+            dst_mac: cfg.sender_mac,
+            key: cfg.key.clone(),
+            max_frame: max_data_frame_len(),
+        },
+        rel: ReliableRx::new(window, cfg.seq_base),
+        spare: (0..window)
+            .map(|_| Vec::with_capacity(MAX_BLOCKS_PER_FRAME * BLOCK_SIZE))
+            .collect(),
+        next_write_id: 0,
+        counters: RxCounters::default(),
+        rep: ReceiverReport::default(),
+        any: false,
+        out: Vec::with_capacity(4),
+        frames: Vec::with_capacity(4),
+        count,
     };
-    let rx_done = AtomicBool::new(false);
-    let tx_thread: OnceLock<Thread> = OnceLock::new();
-    let unpark_tx = || {
-        if let Some(t) = tx_thread.get() {
-            t.unpark();
-        }
-    };
-
-    thread::scope(|s| -> io::Result<ReceiverReport> {
-        // TX worker: control frames only on this side (acks), latest first.
-        // The RX worker sends an ack itself when it can take the link
-        // uncontended, and queues it for this worker otherwise.
-        let tx_h = s.spawn(|| -> io::Result<(u64, TxStats, Duration)> {
-            pin(cfg.receiver_cores.tx);
-            let mut spins = 0u32;
-            loop {
-                let mut latest = None;
-                while let Some(a) = ctrl.pop() {
-                    latest = Some(a);
-                }
-                if let Some(a) = latest {
-                    match send_ack(&mut lock_tx(), cfg, a) {
-                        Ok(()) => {}
-                        // The sender is done and hung up (TCP backend).
-                        Err(e) if peer_gone(&e) => {
-                            while !rx_done.load(Ordering::Acquire) {
-                                thread::sleep(Duration::from_millis(1));
-                            }
-                            break;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    spins = 0;
-                } else {
-                    if rx_done.load(Ordering::Acquire) {
-                        break;
-                    }
-                    match lock_tx().flush() {
-                        Ok(()) => {}
-                        Err(e) if peer_gone(&e) => {}
-                        Err(e) => return Err(e),
-                    }
-                    idle(&mut spins, IDLE_MAX);
-                }
-            }
-            let mut t = lock_tx();
-            match t.flush() {
-                Ok(()) => {}
-                Err(e) if peer_gone(&e) => {}
-                Err(e) => return Err(e),
-            }
-            Ok((
-                acks_sent.load(Ordering::Relaxed),
-                t.stats(),
-                sys::thread_cpu_time(),
-            ))
-        });
-        let _ = tx_thread.set(tx_h.thread().clone());
-
-        let rx_h = s.spawn(|| -> io::Result<(ReceiverReport, Duration)> {
-            pin(cfg.receiver_cores.rx);
-            let expect = Expect {
-                cluster_id: cfg.cluster_id,
-                key: cfg.key.as_ref(),
-            };
-            // Out-of-order frames wait in a slot: (slot, first write id, bytes).
-            let mut rel: ReliableRx<Option<(Slot, u64, usize)>> =
-                ReliableRx::new(window, cfg.seq_base);
-            let mut spare: Vec<Slot> = (0..window).map(|_| new_slot()).collect();
-            let mut counters = RxCounters::default();
-            let mut rep = ReceiverReport::default();
-            let mut next_write_id = 0u64;
-            let mut apply = |rep: &mut ReceiverReport, first_id: u64, data: &[u8]| {
-                for (k, block) in data.chunks_exact(BLOCK_SIZE).enumerate() {
-                    let write_id = first_id.wrapping_add(k as u64);
-                    if write_id != next_write_id {
-                        rep.order_errors += 1;
-                    }
-                    next_write_id = write_id.wrapping_add(1);
-                    if check_pattern(write_id, block) {
-                        rep.verified += 1;
-                    } else {
-                        rep.bad_pattern += 1;
-                    }
-                }
-            };
-            let result = (|| -> io::Result<()> {
-                while !stop.load(Ordering::Relaxed) {
-                    let mut any = false;
-                    let r = rx.recv(MAX_BATCH, Duration::from_millis(1), &mut |frame| {
-                        any = true;
-                        let body = match parse_eth(frame) {
-                            Ok((_, b)) => b,
-                            Err(e) => {
-                                counters.record_error(&e);
-                                return;
-                            }
-                        };
-                        let p = match parse(body, &expect) {
-                            Ok(p) => p,
-                            Err(e) => {
-                                counters.record_error(&e);
-                                return;
-                            }
-                        };
-                        let d = match p.msg {
-                            Message::Data(d) => d,
-                            Message::Heartbeat(_) if p.header.sender == cfg.sender_id => {
-                                rep.heartbeats += 1;
-                                return;
-                            }
-                            _ => return,
-                        };
-                        if p.header.sender != cfg.sender_id
-                            || p.header.generation != cfg.generation
-                            || p.is_fragment()
-                            || p.payload.len() != d.len as usize
-                            || p.payload.is_empty()
-                            || p.payload.len() > MAX_BLOCKS_PER_FRAME * BLOCK_SIZE
-                            || !p.payload.len().is_multiple_of(BLOCK_SIZE)
-                            || d.offset != d.write_id.wrapping_mul(BLOCK_SIZE as u64)
-                        {
-                            rep.bad_data += 1;
-                            return;
-                        }
-                        let seq = p.header.seq;
-                        let delivered = rel.delivered();
-                        if seq <= delivered || seq - delivered > window as u64 {
-                            // Duplicate or outside the window: counted and
-                            // dropped by `on_frame`, no copy needed.
-                            let _ = rel.on_frame(seq, None);
-                        } else if seq == delivered + 1 {
-                            // In order: apply straight from the ring, no copy.
-                            apply(&mut rep, d.write_id, p.payload);
-                            let _ = rel.on_frame(seq, None);
-                        } else {
-                            let Some(mut b) = spare.pop() else {
-                                rep.out_of_window += 1;
-                                return;
-                            };
-                            let len = p.payload.len();
-                            b[..len].copy_from_slice(p.payload);
-                            match rel.on_frame(seq, Some((b, d.write_id, len))) {
-                                msl_core::reliable::RxOutcome::Accepted => {}
-                                _ => {
-                                    // A duplicate of a frame already buffered
-                                    // (rare: only injected duplicates). Its box
-                                    // was dropped with it; replace it.
-                                    spare.push(new_slot());
-                                }
-                            }
-                        }
-                        while let Some((_, item)) = rel.pop() {
-                            if let Some((b, wid, len)) = item {
-                                apply(&mut rep, wid, &b[..len]);
-                                spare.push(b);
-                            }
-                        }
-                    });
-                    match r {
-                        Ok(_) => {}
-                        // The sender hung up (TCP backend): the stream is over.
-                        Err(e) if peer_gone(&e) => break,
-                        Err(e) => return Err(e),
-                    }
-                    if any {
-                        let d = rel.delivered();
-                        let ack = rel.ack(d, d);
-                        match txm.try_lock() {
-                            Ok(mut t) if ctrl.is_empty() => match send_ack(&mut t, cfg, ack) {
-                                Ok(()) => {}
-                                Err(e) if peer_gone(&e) => break,
-                                Err(e) => return Err(e),
-                            },
-                            _ => {
-                                let _ = ctrl.force_push(ack);
-                                unpark_tx();
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            })();
-            rx_done.store(true, Ordering::Release);
-            unpark_tx();
-            result?;
-            rep.duplicates = rel.stats.duplicates;
-            rep.out_of_window += rel.stats.out_of_window;
-            rep.malformed = counters.dropped();
-            rep.malformed_by_reason = counters
-                .snapshot()
-                .iter()
-                .filter(|(_, v)| *v > 0)
-                .copied()
-                .collect();
-            rep.kernel_dropped = rx.stats().kernel_dropped;
-            Ok((rep, sys::thread_cpu_time()))
-        });
-
-        let rx_res = rx_h
-            .join()
-            .map_err(|_| io::Error::other("RX worker panicked"));
-        let tx_res = tx_h
-            .join()
-            .map_err(|_| io::Error::other("TX worker panicked"));
-        let (mut rep, rx_cpu) = rx_res??;
-        let (acks, txs, tx_cpu) = tx_res??;
-        rep.acks_sent = acks;
-        rep.tx = txs;
-        rep.cpu = [tx_cpu, rx_cpu];
-        Ok(rep)
-    })
+    let rx_h = start_rx(
+        rx,
+        rx_worker_config(cfg, cfg.receiver_cores.rx),
+        rx_stop.clone(),
+        sink,
+    );
+    while !stop.load(Ordering::Relaxed) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    rx_stop.store(true, Ordering::Relaxed);
+    let mut sink = rx_h
+        .join()
+        .map_err(|_| io::Error::other("RX worker panicked"))?;
+    drop(sink.msl.take());
+    let tx_end = tx_h
+        .join()
+        .map_err(|_| io::Error::other("TX worker panicked"))?;
+    let mut rep = sink.rep;
+    rep.duplicates = sink.rel.stats.duplicates;
+    rep.out_of_window += sink.rel.stats.out_of_window;
+    rep.malformed = sink.counters.dropped();
+    rep.malformed_by_reason = sink
+        .counters
+        .snapshot()
+        .iter()
+        .filter(|(_, v)| *v > 0)
+        .copied()
+        .collect();
+    rep.tx = tx_end.link;
+    rep.cpu[0] = tx_end.cpu;
+    Ok(rep)
 }
 
 /// Run both sides (already opened links) until the sender is done; the
