@@ -52,8 +52,9 @@ pub struct ScaleArgs {
     #[arg(long, value_delimiter = ',', default_value = "degraded,mirrored")]
     pub modes: Vec<String>,
     /// Bytes written while a mirrored pair's secondary is down, then
-    /// resynced (0: no resync run).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    /// resynced, and held by the thin volume a full sync is timed on (0:
+    /// neither is run).
+    #[arg(long, default_value = "1G", value_parser = changes_size)]
     pub changes: u64,
     /// Directory for the sparse backing files (default: the run directory).
     #[arg(long)]
@@ -283,6 +284,15 @@ fn settle() -> Result<(), String> {
         .ok_or_else(|| format!("sync: {st}"))
 }
 
+/// `--changes`: a size, or 0 for none.
+fn changes_size(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_size(s)
+    }
+}
+
 /// A process's resident memory, MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -381,6 +391,19 @@ struct Row {
     runs: usize,
     rss_mib: Option<f64>,
     meta_per_write: Option<f64>,
+    /// Metadata bytes written per second of the runs (transactions,
+    /// bitmap pages, superblocks).
+    meta_kib_s: Option<f64>,
+}
+
+/// Client writes, metadata writes and metadata bytes counted over runs,
+/// and the seconds they took.
+#[derive(Clone, Copy, Default)]
+struct MetaCost {
+    writes: u64,
+    persists: u64,
+    bytes: u64,
+    secs: f64,
 }
 
 pub fn run(args: ScaleArgs) -> Result<(), String> {
@@ -421,7 +444,7 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
     }
     let mut samples: Vec<Vec<Vec<Sample>>> =
         vec![vec![Vec::new(); args.spans.len()]; subjects.len()];
-    let mut meta_writes = vec![vec![(0u64, 0u64); args.spans.len()]; subjects.len()];
+    let mut meta = vec![vec![MetaCost::default(); args.spans.len()]; subjects.len()];
     for round in 0..args.rounds {
         for (k, span) in args.spans.iter().enumerate() {
             for i in 0..subjects.len() {
@@ -434,12 +457,20 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
                     human(s.size),
                     s.mode()
                 ));
-                let (w0, m0) = (s.counter("client_writes"), s.counter("meta_writes"));
+                let names = ["client_writes", "meta_writes", "meta_bytes_written"];
+                let before = names.map(|n| s.counter(n));
+                let t = std::time::Instant::now();
                 samples[j][k].push(run_span(s, span, args.hot, args.seconds)?);
-                let (w1, m1) = (s.counter("client_writes"), s.counter("meta_writes"));
-                if let (Some(w0), Some(w1), Some(m0), Some(m1)) = (w0, w1, m0, m1) {
-                    meta_writes[j][k].0 += w1 - w0;
-                    meta_writes[j][k].1 += m1 - m0;
+                let secs = t.elapsed().as_secs_f64();
+                let after = names.map(|n| s.counter(n));
+                if let ([Some(w0), Some(m0), Some(b0)], [Some(w1), Some(m1), Some(b1)]) =
+                    (before, after)
+                {
+                    let c = &mut meta[j][k];
+                    c.writes += w1 - w0;
+                    c.persists += m1 - m0;
+                    c.bytes += b1 - b0;
+                    c.secs += secs;
                 }
             }
         }
@@ -448,7 +479,7 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
     for (j, s) in subjects.iter().enumerate() {
         for (k, span) in args.spans.iter().enumerate() {
             if let Some(m) = fio::median_sample(&samples[j][k]) {
-                let (w, p) = meta_writes[j][k];
+                let c = meta[j][k];
                 rows.push(Row {
                     size: s.size,
                     mode: s.mode(),
@@ -456,7 +487,8 @@ pub fn run(args: ScaleArgs) -> Result<(), String> {
                     m,
                     runs: samples[j][k].len(),
                     rss_mib: s.rss_mib(),
-                    meta_per_write: (w > 0).then(|| p as f64 / w as f64),
+                    meta_per_write: (c.writes > 0).then(|| c.persists as f64 / c.writes as f64),
+                    meta_kib_s: (c.secs > 0.0).then(|| c.bytes as f64 / 1024.0 / c.secs),
                 });
             }
         }
@@ -537,6 +569,7 @@ fn report(args: &ScaleArgs, rows: &[Row], pairs: &[PairRow]) {
                     "p999_us": r.m.p999_us,
                     "rss_mib": r.rss_mib.map(|x| x.round()),
                     "meta_persists_per_write": r.meta_per_write,
+                    "meta_kib_per_s": r.meta_kib_s,
                 })
             );
         }
@@ -558,12 +591,21 @@ fn report(args: &ScaleArgs, rows: &[Row], pairs: &[PairRow]) {
         return;
     }
     println!(
-        "{:<9} {:<9} {:<6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>12}",
-        "volume", "mode", "span", "IOPS", "p50 us", "p99 us", "p99.9 us", "RSS MiB", "meta/write"
+        "{:<9} {:<9} {:<6} {:>9} {:>8} {:>8} {:>9} {:>9} {:>12} {:>11}",
+        "volume",
+        "mode",
+        "span",
+        "IOPS",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "RSS MiB",
+        "meta/write",
+        "meta KiB/s"
     );
     for r in rows {
         println!(
-            "{:<9} {:<9} {:<6} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>12}",
+            "{:<9} {:<9} {:<6} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>12} {:>11}",
             human(r.size),
             r.mode,
             r.span,
@@ -573,6 +615,7 @@ fn report(args: &ScaleArgs, rows: &[Row], pairs: &[PairRow]) {
             r.m.p999_us,
             r.rss_mib.map_or("-".into(), |x| format!("{x:.0}")),
             r.meta_per_write.map_or("-".into(), |x| format!("{x:.3}")),
+            r.meta_kib_s.map_or("-".into(), |x| format!("{x:.0}")),
         );
     }
     println!(

@@ -45,6 +45,9 @@ pub struct Shared {
     pub input_overruns: AtomicU64,
     /// Bytes of client writes the core accepted (whole blocks).
     pub client_bytes_written: AtomicU64,
+    /// Bytes the metadata store wrote since start (activity-log
+    /// transactions, bitmap pages, superblocks).
+    pub meta_bytes_written: AtomicU64,
     /// Measured resync rate (bytes per second, smoothed; 0 when idle).
     pub resync_rate_bytes_s: AtomicU64,
     /// The resync rate limits in force (bytes/s; max 0: the link's speed),

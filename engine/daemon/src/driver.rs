@@ -184,7 +184,7 @@ impl<H: Host> Driver<H> {
             .resync_max_bytes_s
             .store(cfg.resync_max_bytes_per_s, Ordering::Relaxed);
         let node = Node::new(cfg, meta, seed, 0);
-        let disk = DiskQueue::start(volume.clone(), store, inputs)?;
+        let disk = DiskQueue::start(volume.clone(), store, inputs, shared.clone())?;
         Ok(Driver {
             node,
             volume,
@@ -916,6 +916,7 @@ impl DiskQueue {
         volume: Arc<Volume>,
         store: MetaStore<D>,
         inputs: Inbox,
+        shared: Arc<Shared>,
     ) -> std::io::Result<DiskQueue> {
         let closing = Arc::new(AtomicBool::new(false));
         let flusher = start_flusher(volume.clone(), inputs.clone())?;
@@ -928,6 +929,7 @@ impl DiskQueue {
             closing: closing.clone(),
             failed: false,
             persisted: 0,
+            shared,
         };
         let thread = std::thread::Builder::new()
             .name("msld-disk".into())
@@ -998,6 +1000,8 @@ struct DiskWorker<D: MetaIo> {
     failed: bool,
     /// Persists that succeeded.
     persisted: u64,
+    /// Where the store's bytes written are published.
+    shared: Arc<Shared>,
 }
 
 impl<D: MetaIo> DiskWorker<D> {
@@ -1078,6 +1082,9 @@ impl<D: MetaIo> DiskWorker<D> {
                 let ok = !self.failed && self.store.persist(&m).is_ok();
                 self.failed |= !ok;
                 self.persisted += u64::from(ok);
+                self.shared
+                    .meta_bytes_written
+                    .store(self.store.stats().bytes_written, Ordering::Relaxed);
                 self.deliver(Input::MetaDone { ok });
             }
             DiskOp::Settle(tx) => {
@@ -1343,7 +1350,7 @@ mod tests {
         };
         let (store, meta) = MetaStore::open_io(io, &path).unwrap();
         let (inbox, rx) = crate::inbox::inbox(256);
-        let q = DiskQueue::start(volume.clone(), store, inbox).unwrap();
+        let q = DiskQueue::start(volume.clone(), store, inbox, Arc::default()).unwrap();
         (q, volume, rx.into_receiver(), meta)
     }
 

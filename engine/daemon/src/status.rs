@@ -309,6 +309,7 @@ pub(crate) fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
         ("msl_rx_bad_auth", ld(&sh.msl_rx_bad_auth)),
         ("msl_rx_ring_dropped", ld(&sh.msl_rx_ring_dropped)),
         ("client_bytes_written", ld(&sh.client_bytes_written)),
+        ("meta_bytes_written", ld(&sh.meta_bytes_written)),
         // Times the core found input lost because it did not run in time.
         ("input_overruns", ld(&sh.input_overruns)),
     ];
