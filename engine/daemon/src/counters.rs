@@ -58,10 +58,9 @@ pub struct Shared {
 
 impl Shared {
     /// Frames handed to the link.
-    pub(crate) fn count_sent(&self, frames: &[&[u8]]) {
-        let bytes: usize = frames.iter().map(|f| f.len()).sum();
+    pub(crate) fn count_sent(&self, frames: usize, bytes: usize) {
         self.msl_tx_frames
-            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+            .fetch_add(frames as u64, Ordering::Relaxed);
         self.msl_tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 

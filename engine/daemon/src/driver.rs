@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use msl_core::meta::Meta;
 use msl_core::node::{Action, ClientError, Event, IoKind, Node};
 use msl_core::Config;
@@ -594,17 +595,18 @@ impl<H: Host> Driver<H> {
     /// Send the held ACK (the newest: it covers every earlier one).
     fn send_held_ack(&mut self) {
         if let Some((header, msg)) = self.held_ack.take() {
-            self.send_msl(&header, &msg, &[]);
+            self.send_msl(&header, &msg, None);
         }
     }
 
     /// Encode one MSL message into frames and queue them for the link.
-    fn send_msl(&mut self, header: &Header, msg: &Message, payload: &[u8]) {
+    fn send_msl(&mut self, header: &Header, msg: &Message, payload: Option<&Block>) {
         self.frames.clear();
+        let empty = Bytes::new();
         if self.encoder.encode_counted(
             header,
             msg,
-            payload,
+            payload.map_or(&empty, |p| p.shared()),
             &self.msl_tx.pool,
             &mut self.frames,
             &self.shared,
@@ -658,7 +660,7 @@ impl<H: Host> Driver<H> {
                 header,
                 msg,
                 payload,
-            } => self.send_msl(&header, &msg, payload.as_deref().unwrap_or(&[])),
+            } => self.send_msl(&header, &msg, payload.as_ref()),
             Action::SendLan { header, hb } => {
                 if let Some(lan) = &self.lan {
                     lan.send(&header, &hb);

@@ -274,7 +274,7 @@ impl Backend for MirrorBackend {
         // the peer verifies and writes the first while later ones are
         // still being framed and sent (one 1 MiB message waited for all
         // of its frames at each hop).
-        let data = Arc::new(data);
+        let data = bytes::Bytes::from(data);
         let joint = Arc::new(Joint {
             left: AtomicUsize::new(len.div_ceil(piece) as usize),
             failed: Mutex::new(None),
@@ -287,7 +287,7 @@ impl Backend for MirrorBackend {
             let answer = Box::new(move |r: Reply| j.piece_done(r));
             let at = off + (i * piece) as u64;
             // A piece shares the client's buffer: no copy.
-            let block = Block::slice(&data, start..start + piece);
+            let block = Block::from(data.slice(start..start + piece));
             let sent = self
                 .client
                 .submit_async(at, block.len() as u64, fua, block, answer);

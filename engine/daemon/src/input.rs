@@ -5,57 +5,50 @@
 //! A leaf: every other module may use it, it uses none of them.
 
 use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use msl_core::node::{ClientError, IoKind, Status};
 use msl_core::AdminCmd;
 use msl_wire::{Header, Heartbeat, Message};
 
-/// Block data as the core holds it: shared, so keeping a block for
-/// retransmission does not copy it, and a range of a buffer, so a client
-/// write's pieces and a volume read's buffer become blocks without a copy.
+/// Block data as the core holds it: a shared buffer (`bytes::Bytes`), so
+/// keeping a block for retransmission does not copy it, a client write's
+/// pieces and a volume read's buffer become blocks without a copy, and the
+/// MSL frames are sent from it (see `msl_transport::worker::Payload`).
 #[derive(Clone)]
-pub struct Block {
-    buf: Arc<Vec<u8>>,
-    start: usize,
-    end: usize,
-}
+pub struct Block(Bytes);
 
 impl Block {
-    /// Bytes `range` of a shared buffer (clamped to it).
-    pub fn slice(buf: &Arc<Vec<u8>>, range: std::ops::Range<usize>) -> Block {
-        let end = range.end.min(buf.len());
-        Block {
-            buf: buf.clone(),
-            start: range.start.min(end),
-            end,
-        }
+    /// The shared buffer.
+    pub fn shared(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+impl From<Bytes> for Block {
+    fn from(b: Bytes) -> Block {
+        Block(b)
     }
 }
 
 impl From<Vec<u8>> for Block {
     /// Takes the buffer over (no copy).
     fn from(v: Vec<u8>) -> Block {
-        let end = v.len();
-        Block {
-            buf: Arc::new(v),
-            start: 0,
-            end,
-        }
+        Block(Bytes::from(v))
     }
 }
 
 impl From<&[u8]> for Block {
     fn from(b: &[u8]) -> Block {
-        Block::from(b.to_vec())
+        Block(Bytes::copy_from_slice(b))
     }
 }
 
 impl std::ops::Deref for Block {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
+        &self.0
     }
 }
 

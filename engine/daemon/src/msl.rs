@@ -34,8 +34,8 @@ pub fn is_auth_error(e: &wire::ParseError) -> bool {
 
 /// The daemon's counters of the transmit side.
 impl TxCounters for Shared {
-    fn sent(&self, frames: &[&[u8]]) {
-        self.count_sent(frames);
+    fn sent(&self, frames: usize, bytes: usize) {
+        self.count_sent(frames, bytes);
     }
     fn direct(&self, n: usize) {
         self.msl_tx_direct.fetch_add(n as u64, Ordering::Relaxed);
@@ -112,7 +112,7 @@ impl RxSink for InboxSink {
             } => Input::Msl {
                 header,
                 msg,
-                payload: (!payload.is_empty()).then(|| Block::from(payload)),
+                payload: (!payload.is_empty()).then(|| Block::from(payload.into_vec())),
                 arrived,
             },
             RxEvent::Unknown {
@@ -210,7 +210,8 @@ mod tests {
         use msl_transport::link::TxLink;
         let (mut tx, rx) = msl_transport::mem::channel(4, 1514);
         let frames: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 60]).collect();
-        let refs: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+        let refs: Vec<msl_transport::link::FrameRef<'_>> =
+            frames.iter().map(|f| f[..].into()).collect();
         tx.send_frames(&refs).unwrap();
         let shared = Arc::new(Shared::default());
         let stop = Arc::new(AtomicBool::new(false));

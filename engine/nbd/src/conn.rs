@@ -7,7 +7,7 @@
 //! nothing more to read) runs on the reader: no hand-off for a client at
 //! queue depth 1.
 
-use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -1032,11 +1032,11 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                     }
                     job.cost = len.into();
                     conn.budget.acquire(job.cost);
-                    // Read into the buffer's spare capacity: a 1 MiB write
-                    // is not zeroed first only to be overwritten.
+                    // Into the buffer's spare capacity (a 1 MiB write is
+                    // not zeroed first only to be overwritten), and past
+                    // the connection's read buffer (see `read_payload`).
                     job.data = Vec::with_capacity(len as usize);
-                    let got = (&mut r).take(len.into()).read_to_end(&mut job.data);
-                    if !matches!(got, Ok(n) if n == len as usize) {
+                    if read_payload(&mut r, &mut job.data, len as usize).is_err() {
                         conn.budget.release(job.cost);
                         break ConnEnd::Closed;
                     }
@@ -1147,6 +1147,22 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
 
 /// The error a write-type command (WRITE, TRIM, WRITE_ZEROES) gets before it
 /// runs: EPERM on a read-only export, ENOSPC past the end.
+/// Read a request's `len` payload bytes onto the end of `data`: what the
+/// connection's reader has already buffered (copied), then the rest
+/// straight from the socket into `data`, so the payload is not copied
+/// through the read buffer; a following request stays buffered. Fails
+/// (UnexpectedEof) if the stream ends first.
+fn read_payload<R: Read>(r: &mut BufReader<R>, data: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    let have = r.buffer().len().min(len);
+    data.extend_from_slice(&r.buffer()[..have]);
+    r.consume(have);
+    let rest = (len - have) as u64;
+    if rest > 0 && r.get_mut().take(rest).read_to_end(data)? as u64 != rest {
+        return Err(ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
 fn write_check(read_only: bool, in_range: bool) -> Option<u32> {
     if read_only {
         Some(EPERM)
@@ -1154,5 +1170,91 @@ fn write_check(read_only: bool, in_range: bool) -> Option<u32> {
         Some(ENOSPC)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that arrives in `chunks` (a read returns at most the rest
+    /// of the current one, like packets), recording the size of every
+    /// buffer it is offered.
+    struct Packets {
+        chunks: Vec<Vec<u8>>,
+        offered: Vec<usize>,
+    }
+
+    impl Read for Packets {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.offered.push(buf.len());
+            let Some(c) = self.chunks.first_mut() else {
+                return Ok(0);
+            };
+            let n = buf.len().min(c.len());
+            buf[..n].copy_from_slice(&c[..n]);
+            c.drain(..n);
+            if c.is_empty() {
+                self.chunks.remove(0);
+            }
+            Ok(n)
+        }
+    }
+
+    fn packets(chunks: &[&[u8]]) -> Packets {
+        Packets {
+            chunks: chunks.iter().map(|c| c.to_vec()).collect(),
+            offered: Vec::new(),
+        }
+    }
+
+    /// A write's payload is read from the socket into its own buffer, not
+    /// through the connection's read buffer, whether the reader buffered
+    /// none, some or all of it; the next request's bytes stay buffered.
+    #[test]
+    fn test_payload_read_past_the_buffer_keeps_the_next_request() {
+        const CAP: usize = 64 * 1024;
+        let header = [0x11u8; 28];
+        let payload: Vec<u8> = (0..60_000u32).map(|i| (i * 7) as u8).collect();
+        let next = b"NEXT-REQUEST";
+
+        // The header arrives alone, then the payload: the payload's reads
+        // are offered the write's own buffer (60000 bytes in all), not the
+        // read buffer (CAP) to be copied out of.
+        let mut r = BufReader::with_capacity(CAP, packets(&[&header, &payload, next]));
+        let mut h = [0u8; 28];
+        r.read_exact(&mut h).unwrap();
+        let mut data = Vec::with_capacity(payload.len());
+        read_payload(&mut r, &mut data, payload.len()).unwrap();
+        assert_eq!(data, payload);
+        let offered = &r.get_ref().offered;
+        assert_eq!(offered[0], CAP, "the header fills the read buffer");
+        assert_eq!(offered[1..].iter().sum::<usize>(), payload.len());
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, next);
+
+        // Header, part of the payload and the next request in one chunk
+        // or many: the same bytes come out.
+        let mut stream = header.to_vec();
+        stream.extend_from_slice(&payload);
+        stream.extend_from_slice(next);
+        for split in [1usize, 100, 4096, 50_000, stream.len()] {
+            let chunks: Vec<&[u8]> = stream.chunks(split).collect();
+            let mut r = BufReader::with_capacity(CAP, packets(&chunks));
+            r.read_exact(&mut h).unwrap();
+            let mut data = Vec::new();
+            read_payload(&mut r, &mut data, payload.len()).unwrap();
+            assert_eq!(data, payload, "chunks of {split}");
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, next, "chunks of {split}");
+        }
+
+        // A stream that ends inside the payload fails.
+        let mut r = BufReader::new(&payload[..100]);
+        let mut data = Vec::new();
+        let e = read_payload(&mut r, &mut data, 200).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnexpectedEof);
     }
 }

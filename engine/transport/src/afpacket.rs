@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::link::{RxLink, RxStats, TxLink, TxStats, MAX_BATCH};
+use crate::link::{FrameRef, RxLink, RxStats, TxLink, TxStats, MAX_BATCH};
 use crate::sys;
 use crate::IfaceInfo;
 
@@ -98,22 +98,22 @@ impl TxLink for AfPacketTx {
         if n == 0 {
             return Ok(0);
         }
-        let mut frames: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        let mut frames = [FrameRef::default(); MAX_BATCH];
         for (f, (b, &len)) in frames
             .iter_mut()
             .zip(self.bufs.iter().zip(&self.lens))
             .take(n)
         {
-            *f = &b[..len];
+            *f = FrameRef::whole(&b[..len]);
         }
         self.batch.send(self.fd.as_raw_fd(), &frames[..n])?;
         self.stats.frames += n as u64;
         Ok(n)
     }
 
-    /// Straight from the caller's buffers: `sendmmsg` with one iovec per
-    /// frame, no copy in user space.
-    fn send_frames(&mut self, frames: &[&[u8]]) -> io::Result<()> {
+    /// Straight from the caller's buffers: `sendmmsg` with an iovec per
+    /// piece of each frame, no copy in user space.
+    fn send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<()> {
         for chunk in frames.chunks(self.batch.capacity()) {
             self.batch.send(self.fd.as_raw_fd(), chunk)?;
             self.stats.frames += chunk.len() as u64;
@@ -121,7 +121,7 @@ impl TxLink for AfPacketTx {
         Ok(())
     }
 
-    fn try_send_frames(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+    fn try_send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<usize> {
         let max = self.max_frame_len();
         let mut sent = 0usize;
         for chunk in frames.chunks(self.batch.capacity()) {

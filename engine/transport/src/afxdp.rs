@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use crate::link::{RxLink, RxStats, TxLink, TxStats};
+use crate::link::{FrameRef, RxLink, RxStats, TxLink, TxStats};
 use crate::sys;
 use crate::IfaceInfo;
 
@@ -171,7 +171,7 @@ impl TxLink for AfXdpTx {
         Ok(n)
     }
 
-    fn try_send_frames(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+    fn try_send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<usize> {
         let room = self.inner.room_now();
         let max = self.max_frame_len();
         let take = frames
@@ -183,11 +183,9 @@ impl TxLink for AfXdpTx {
             return Ok(0);
         }
         // With that much room `send_with` never waits for the ring.
-        let n = self.inner.send_with(take, &mut |j, buf| {
-            let f = frames.get(j)?;
-            buf[..f.len()].copy_from_slice(f);
-            Some(f.len())
-        })?;
+        let n = self
+            .inner
+            .send_with(take, &mut |j, buf| frames.get(j)?.copy_to(buf))?;
         self.stats.frames += n as u64;
         Ok(n)
     }

@@ -9,6 +9,68 @@ use std::time::Duration;
 /// Most frames one `send_with` or `recv` call handles.
 pub const MAX_BATCH: usize = 64;
 
+/// One Ethernet frame as the byte runs it goes out from, back to back: up
+/// to three (the header and body, the payload where it lies, the tag), so
+/// a payload leaves from its own buffer, gathered by the kernel
+/// (`sendmmsg` iovecs) or copied once into a backend's buffer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FrameRef<'a> {
+    parts: [&'a [u8]; 3],
+}
+
+impl<'a> FrameRef<'a> {
+    /// A frame made of `parts`, in order (empty parts are skipped).
+    pub fn new(parts: [&'a [u8]; 3]) -> Self {
+        FrameRef { parts }
+    }
+
+    /// A frame in one piece.
+    pub fn whole(bytes: &'a [u8]) -> Self {
+        FrameRef {
+            parts: [bytes, &[], &[]],
+        }
+    }
+
+    /// Its pieces, in order.
+    pub fn parts(&self) -> [&'a [u8]; 3] {
+        self.parts
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.len()).sum()
+    }
+
+    /// True for a frame of no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Write the frame into the start of `out`; returns its length, or
+    /// `None` (nothing written) when `out` is too short.
+    pub fn copy_to(&self, out: &mut [u8]) -> Option<usize> {
+        let n = self.len();
+        let out = out.get_mut(..n)?;
+        let mut at = 0;
+        for p in self.parts {
+            out[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        Some(n)
+    }
+
+    /// The frame as one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts.concat()
+    }
+}
+
+impl<'a> From<&'a [u8]> for FrameRef<'a> {
+    fn from(bytes: &'a [u8]) -> Self {
+        FrameRef::whole(bytes)
+    }
+}
+
 /// Transmit half of a link.
 pub trait TxLink: Send {
     /// Largest Ethernet frame (header included) this link carries.
@@ -28,7 +90,7 @@ pub trait TxLink: Send {
     /// Send frames that are already encoded, in order; returns once all
     /// were handed to the backend. Backends that can send from the
     /// caller's memory (AF_PACKET `sendmmsg`) override this to avoid a copy.
-    fn send_frames(&mut self, frames: &[&[u8]]) -> io::Result<()> {
+    fn send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<()> {
         let max = self.max_frame_len();
         if let Some(f) = frames.iter().find(|f| f.len() > max) {
             return Err(io::Error::new(
@@ -41,8 +103,7 @@ pub trait TxLink: Send {
         while i < frames.len() {
             let n = self.send_with(frames.len() - i, &mut |j, buf| {
                 let f = frames.get(i + j)?;
-                buf[..f.len()].copy_from_slice(f);
-                Some(f.len())
+                f.copy_to(buf)
             })?;
             if n == 0 {
                 idle_rounds += 1;
@@ -61,7 +122,7 @@ pub trait TxLink: Send {
     /// cannot send now without waiting, or cannot promise not to wait
     /// (the default). For a thread that must not block (msld's core
     /// thread); the caller queues the rest for a thread that may wait.
-    fn try_send_frames(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+    fn try_send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<usize> {
         let _ = frames;
         Ok(0)
     }
@@ -126,10 +187,10 @@ impl TxLink for Box<dyn TxLink> {
     ) -> io::Result<usize> {
         (**self).send_with(max, emit)
     }
-    fn send_frames(&mut self, frames: &[&[u8]]) -> io::Result<()> {
+    fn send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<()> {
         (**self).send_frames(frames)
     }
-    fn try_send_frames(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+    fn try_send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<usize> {
         (**self).try_send_frames(frames)
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use hdrhistogram::Histogram;
 use msl_core::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
@@ -367,7 +368,6 @@ struct Core {
     rel: ReliableTx<InFlight>,
     out: Vec<(bool, Frame)>,
     frames: Vec<Frame>,
-    scratch: Vec<u8>,
     report: SenderReport,
     start: Instant,
     first_send: Option<Instant>,
@@ -382,12 +382,12 @@ struct Core {
 }
 
 impl Core {
-    fn encode(&mut self, control: bool, h: &Header, msg: &Message, bytes: usize) -> bool {
+    fn encode(&mut self, control: bool, h: &Header, msg: &Message, payload: &Bytes) -> bool {
         self.frames.clear();
         let ok = self.enc.encode_counted(
             h,
             msg,
-            &self.scratch[..bytes],
+            payload,
             &self.msl.pool,
             &mut self.frames,
             &self.count,
@@ -398,13 +398,15 @@ impl Core {
 
     /// Encode the data frame `seq` carrying `blocks` blocks from `write_id`.
     fn encode_data(&mut self, seq: u64, write_id: u64, blocks: u32) -> bool {
+        // As msld does with a client's write: the data lands in a buffer
+        // of its own, and the frames are sent from it.
         let bytes = blocks as usize * BLOCK_SIZE;
-        for k in 0..blocks as usize {
-            let b = &mut self.scratch[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
+        let mut data = vec![0u8; bytes];
+        for (k, b) in data.chunks_exact_mut(BLOCK_SIZE).enumerate() {
             fill_pattern(write_id + k as u64, b);
         }
         let h = header(&self.cfg, self.cfg.sender_id, seq, 0);
-        self.encode(false, &h, &data_msg(write_id, bytes), bytes)
+        self.encode(false, &h, &data_msg(write_id, bytes), &Bytes::from(data))
     }
 
     fn on_acks(&mut self, acks: &ArrayQueue<Ack>, now: u64) -> bool {
@@ -498,7 +500,7 @@ impl Core {
             counter,
         });
         let h = header(&self.cfg, self.cfg.sender_id, 0, 0);
-        if self.encode(true, &h, &msg, 0) {
+        if self.encode(true, &h, &msg, &Bytes::new()) {
             self.report.control_sent += 1;
         }
     }
@@ -543,7 +545,6 @@ pub fn run_sender(
         ),
         out: Vec::with_capacity(2 * MAX_BATCH),
         frames: Vec::with_capacity(4),
-        scratch: vec![0u8; MAX_BLOCKS_PER_FRAME * BLOCK_SIZE],
         report: SenderReport {
             blocks_sent: 0,
             blocks_acked: 0,
@@ -795,7 +796,7 @@ impl RxSink for ApplySink {
         };
         self.any = true;
         match msg {
-            Message::Data(d) => self.data(&header, &d, payload),
+            Message::Data(d) => self.data(&header, &d, &payload),
             Message::Heartbeat(_) if header.sender == self.cfg.sender_id => {
                 self.rep.heartbeats += 1
             }

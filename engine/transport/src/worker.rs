@@ -19,24 +19,99 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use msl_wire::{self as wire, Header, Key, Message, ParseError, Reassembler};
 
-use crate::link::{RxLink, TxLink, TxStats, MAX_BATCH};
+use crate::link::{FrameRef, RxLink, TxLink, TxStats, MAX_BATCH};
 
-/// An encoded frame: the first `len` bytes of a pool buffer.
+/// An encoded frame: a pool buffer, and for a gathered frame the payload
+/// it carries from the payload's own buffer. On the wire: `buf[..head]`,
+/// then `payload`, then `buf[head..len]` (the tag).
 #[derive(Debug)]
 pub struct Frame {
     buf: Vec<u8>,
+    head: usize,
     len: usize,
+    payload: Option<Bytes>,
 }
 
-impl std::ops::Deref for Frame {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.buf[..self.len]
+impl Frame {
+    /// The frame's bytes, in the pieces it is sent from.
+    pub fn bytes(&self) -> FrameRef<'_> {
+        match &self.payload {
+            None => FrameRef::whole(&self.buf[..self.len]),
+            Some(p) => FrameRef::new([&self.buf[..self.head], p, &self.buf[self.head..self.len]]),
+        }
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.len + self.payload.as_ref().map_or(0, |p| p.len())
+    }
+
+    /// True for a frame of no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A frame of the bytes in `buf` (not from a pool: dropped after use).
+    pub fn from_vec(buf: Vec<u8>) -> Frame {
+        let len = buf.len();
+        Frame {
+            buf,
+            head: len,
+            len,
+            payload: None,
+        }
     }
 }
+
+/// A message's payload as the encoder gets it: bytes to copy into the
+/// frames, or a shared buffer the frames are sent from (gathered: no copy
+/// in user space on AF_PACKET, one into the ring on AF_XDP).
+#[derive(Clone, Copy, Debug)]
+pub enum Payload<'a> {
+    Copy(&'a [u8]),
+    Shared(&'a Bytes),
+}
+
+impl Payload<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Copy(b) => b,
+            Payload::Shared(b) => b,
+        }
+    }
+}
+
+impl<'a> From<&'a [u8]> for Payload<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Payload::Copy(b)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Payload<'a> {
+    fn from(b: &'a Vec<u8>) -> Self {
+        Payload::Copy(b)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u8; N]> for Payload<'a> {
+    fn from(b: &'a [u8; N]) -> Self {
+        Payload::Copy(b)
+    }
+}
+
+impl<'a> From<&'a Bytes> for Payload<'a> {
+    fn from(b: &'a Bytes) -> Self {
+        Payload::Shared(b)
+    }
+}
+
+/// Shared payloads shorter than this are copied into the frame: a
+/// separate piece costs the kernel more than copying a few bytes.
+pub const GATHER_MIN: usize = 512;
 
 /// Frame buffers allocated at start-up and passed lock-free between the
 /// threads that encode frames and the worker that sends them, so the
@@ -112,9 +187,9 @@ impl FramePool {
 /// What the transmit side counts (msld's status counters, the bench's
 /// report). Every method defaults to nothing.
 pub trait TxCounters: Send + Sync {
-    /// Frames handed to the link.
-    fn sent(&self, frames: &[&[u8]]) {
-        let _ = frames;
+    /// Frames handed to the link, and their bytes.
+    fn sent(&self, frames: usize, bytes: usize) {
+        let _ = (frames, bytes);
     }
     /// Of those, frames the producing thread sent itself.
     fn direct(&self, n: usize) {
@@ -135,8 +210,8 @@ pub trait TxCounters: Send + Sync {
 }
 
 impl<T: TxCounters + ?Sized> TxCounters for Arc<T> {
-    fn sent(&self, frames: &[&[u8]]) {
-        (**self).sent(frames)
+    fn sent(&self, frames: usize, bytes: usize) {
+        (**self).sent(frames, bytes)
     }
     fn direct(&self, n: usize) {
         (**self).direct(n)
@@ -164,10 +239,8 @@ pub struct TxCount {
 }
 
 impl TxCounters for TxCount {
-    fn sent(&self, frames: &[&[u8]]) {
-        let bytes: usize = frames.iter().map(|f| f.len()).sum();
-        self.frames
-            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+    fn sent(&self, frames: usize, bytes: usize) {
+        self.frames.fetch_add(frames as u64, Ordering::Relaxed);
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
     fn direct(&self, n: usize) {
@@ -194,57 +267,88 @@ pub struct FrameEncoder {
 }
 
 impl FrameEncoder {
-    /// Encode one message into one or more frames, in buffers from `pool`.
-    pub fn encode(
+    /// Encode one message into one or more frames, in buffers from `pool`;
+    /// a shared payload of at least `GATHER_MIN` bytes stays where it is
+    /// and the frames are sent from it.
+    pub fn encode<'p>(
         &self,
         header: &Header,
         msg: &Message,
-        payload: &[u8],
+        payload: impl Into<Payload<'p>>,
         pool: &FramePool,
         out: &mut Vec<Frame>,
     ) -> Result<(), String> {
+        let payload = payload.into();
+        let bytes = payload.as_slice();
+        let shared = match payload {
+            Payload::Shared(b) if b.len() >= GATHER_MIN => Some(b),
+            _ => None,
+        };
         let max_msl = self.max_frame - wire::ETH_HEADER_LEN;
-        let n = wire::try_fragment_count(msg, payload.len(), max_msl, self.key.is_some())
+        let n = wire::try_fragment_count(msg, bytes.len(), max_msl, self.key.is_some())
             .map_err(|e| e.to_string())?;
         for i in 0..usize::from(n) {
             let mut f = pool.take(self.max_frame);
             let e =
                 wire::emit_eth(self.dst_mac, self.src_mac, &mut f).map_err(|e| e.to_string())?;
             let end = &mut f[e..self.max_frame];
-            let len = if n == 1 {
-                wire::emit(header, msg, payload, self.key.as_ref(), end)
-                    .map_err(|e| e.to_string())?
+            let frame = if let Some(p) = shared {
+                let (len, range, tag) = wire::emit_fragment_head(
+                    header,
+                    msg,
+                    bytes,
+                    i,
+                    max_msl,
+                    self.key.as_ref(),
+                    end,
+                )
+                .map_err(|e| e.to_string())?;
+                end[len..len + wire::TAG_LEN].copy_from_slice(&tag);
+                Frame {
+                    buf: f,
+                    head: e + len,
+                    len: e + len + wire::TAG_LEN,
+                    payload: Some(p.slice(range)),
+                }
             } else {
-                wire::emit_fragment(header, msg, payload, i, max_msl, self.key.as_ref(), end)
-                    .map_err(|e| e.to_string())?
+                let len = if n == 1 {
+                    wire::emit(header, msg, bytes, self.key.as_ref(), end)
+                } else {
+                    wire::emit_fragment(header, msg, bytes, i, max_msl, self.key.as_ref(), end)
+                }
+                .map_err(|e| e.to_string())?;
+                Frame {
+                    buf: f,
+                    head: e + len,
+                    len: e + len,
+                    payload: None,
+                }
             };
-            out.push(Frame {
-                buf: f,
-                len: e + len,
-            });
+            out.push(frame);
         }
         Ok(())
     }
 
     /// `encode`, counting a failure in `counters`; on failure nothing is
     /// added to `out` and the buffers taken go back to `pool`.
-    pub fn encode_counted(
+    pub fn encode_counted<'p>(
         &self,
         header: &Header,
         msg: &Message,
-        payload: &[u8],
+        payload: impl Into<Payload<'p>>,
         pool: &FramePool,
         out: &mut Vec<Frame>,
         counters: &dyn TxCounters,
     ) -> bool {
         let before = out.len();
+        let payload = payload.into();
         match self.encode(header, msg, payload, pool, out) {
             Ok(()) => true,
             Err(e) => {
                 for f in out.drain(before..) {
                     pool.give(f);
                 }
-                counters.encode_error(payload.len(), &e);
+                counters.encode_error(payload.as_slice().len(), &e);
                 false
             }
         }
@@ -398,13 +502,13 @@ impl MslTx {
         let mut done = 0;
         while done < frames.len() {
             let n = (frames.len() - done).min(MAX_BATCH);
-            let mut refs: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            let mut refs = [FrameRef::default(); MAX_BATCH];
             for (r, (_, f)) in refs.iter_mut().zip(&frames[done..done + n]) {
-                *r = f;
+                *r = f.bytes();
             }
             let k = match link.try_send_frames(&refs[..n]) {
                 Ok(k) => {
-                    c.sent(&refs[..k]);
+                    c.sent(k, refs[..k].iter().map(|f| f.len()).sum());
                     c.direct(k);
                     k
                 }
@@ -521,13 +625,13 @@ fn tx_worker(s: &TxShared) -> TxWorkerEnd {
         spins = 0;
         let n = batch.len();
         {
-            let mut refs: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            let mut refs = [FrameRef::default(); MAX_BATCH];
             for (r, f) in refs.iter_mut().zip(&batch) {
-                *r = f;
+                *r = f.bytes();
             }
             let mut link = s.lock();
             if link.send_frames(&refs[..n]).is_ok() {
-                s.counters.sent(&refs[..n]);
+                s.counters.sent(n, refs[..n].iter().map(|f| f.len()).sum());
             } else {
                 s.counters.lost(n);
             }
@@ -539,13 +643,43 @@ fn tx_worker(s: &TxShared) -> TxWorkerEnd {
     }
 }
 
+/// A received message's payload: in the link's receive buffer (a message
+/// in one frame: valid during the call), or handed over by the reassembler
+/// (a message in fragments: the buffer it was reassembled in, no copy).
+#[derive(Debug)]
+pub enum RxPayload<'a> {
+    Ring(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for RxPayload<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            RxPayload::Ring(b) => b,
+            RxPayload::Owned(v) => v,
+        }
+    }
+}
+
+impl RxPayload<'_> {
+    /// The payload in a buffer of its own: taken over if it has one, else
+    /// copied out of the ring.
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            RxPayload::Ring(b) => b.to_vec(),
+            RxPayload::Owned(v) => v,
+        }
+    }
+}
+
 /// A message the receive worker took off the link.
 pub enum RxEvent<'a> {
     /// A whole message (reassembled if it came in fragments).
     Message {
         header: Header,
         msg: Message,
-        payload: &'a [u8],
+        payload: RxPayload<'a>,
         /// When its batch came off the link.
         arrived: Instant,
     },
@@ -627,10 +761,10 @@ pub fn start_rx<S: RxSink + 'static>(
                 };
                 match wire::parse(body, &expect) {
                     Ok(p) if p.is_fragment() => match reasm.push(&p) {
-                        Ok(Some((header, msg, payload))) => sink.event(RxEvent::Message {
+                        Ok(Some((header, msg, _))) => sink.event(RxEvent::Message {
                             header,
                             msg,
-                            payload,
+                            payload: RxPayload::Owned(reasm.take_completed().unwrap_or_default()),
                             arrived,
                         }),
                         Ok(None) => {}
@@ -639,7 +773,7 @@ pub fn start_rx<S: RxSink + 'static>(
                     Ok(p) => sink.event(RxEvent::Message {
                         header: p.header,
                         msg: p.msg,
-                        payload: p.payload,
+                        payload: RxPayload::Ring(p.payload),
                         arrived,
                     }),
                     Err(ParseError::UnknownType {

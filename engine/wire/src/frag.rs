@@ -1,6 +1,6 @@
 //! Fragmentation: splitting a message whose payload does not fit one frame
 //! (MTU 1500, or the 3840-byte AF_XDP receive limit) into up to 255 frames,
-//! and reassembling them into fixed, preallocated slots.
+//! and reassembling them into a fixed number of slots of bounded size.
 //!
 //! Rules on the wire (fixed for `VERSION` 1):
 //!
@@ -18,8 +18,9 @@
 //! fragment.
 
 use core::fmt;
+use core::ops::Range;
 
-use crate::frame::{self, EmitError, Key, Parsed};
+use crate::frame::{self, EmitError, Key, Parsed, TAG_LEN};
 use crate::msg::{Header, Message, ResyncDone};
 
 /// At most this many fragments per message (`frag_count` is a u8).
@@ -88,8 +89,38 @@ pub fn emit_fragment(
     key: Option<&Key>,
     out: &mut [u8],
 ) -> Result<usize, EmitError> {
-    let keyed = key.is_some();
-    let count = try_fragment_count(msg, payload.len(), max_frame, keyed)?;
+    let (h, range) = fragment(header, msg, payload.len(), index, max_frame, key.is_some())?;
+    frame::emit(&h, msg, &payload[range], key, out)
+}
+
+/// [`emit_fragment`] without copying the payload (see
+/// [`frame::emit_head`]): writes fragment `index`'s header and body into
+/// `head`; returns their length, the range of `payload` the fragment
+/// carries and its tag. On the wire: `head[..len]`, `payload[range]`, tag.
+pub fn emit_fragment_head(
+    header: &Header,
+    msg: &Message,
+    payload: &[u8],
+    index: usize,
+    max_frame: usize,
+    key: Option<&Key>,
+    head: &mut [u8],
+) -> Result<(usize, Range<usize>, [u8; TAG_LEN]), EmitError> {
+    let (h, range) = fragment(header, msg, payload.len(), index, max_frame, key.is_some())?;
+    let (len, tag) = frame::emit_head(&h, msg, &payload[range.clone()], key, head)?;
+    Ok((len, range, tag))
+}
+
+/// Fragment `index`'s header and the range of the payload it carries.
+fn fragment(
+    header: &Header,
+    msg: &Message,
+    payload_len: usize,
+    index: usize,
+    max_frame: usize,
+    keyed: bool,
+) -> Result<(Header, Range<usize>), EmitError> {
+    let count = try_fragment_count(msg, payload_len, max_frame, keyed)?;
     let Ok(frag_index) = u8::try_from(index) else {
         return Err(EmitError::FragmentIndex {
             index,
@@ -102,20 +133,19 @@ pub fn emit_fragment(
             count: usize::from(count),
         });
     }
-    let slice = if count == 1 {
-        payload
+    let range = if count == 1 {
+        0..payload_len
     } else {
         let chunk = max_payload_per_frame(msg, max_frame, keyed);
-        let start = index * chunk;
-        let end = payload.len().min(start + chunk);
-        payload.get(start..end).unwrap_or(&[])
+        let start = (index * chunk).min(payload_len);
+        start..payload_len.min(start + chunk)
     };
     let h = Header {
         frag_index,
         frag_count: count,
         ..*header
     };
-    frame::emit(&h, msg, slice, key, out)
+    Ok((h, range))
 }
 
 /// Why a fragment was refused by the `Reassembler`.
@@ -185,10 +215,28 @@ struct Slot {
     chunk: usize,
     /// Payload bytes of the last fragment; 0 until it arrived.
     last_len: usize,
-    /// The last fragment arrived before `chunk` was known and is parked at
-    /// the end of `buf`.
-    last_parked: bool,
-    buf: Box<[u8]>,
+    /// Largest payload of a message (`Reassembler::new`).
+    max: usize,
+    /// The message's payload so far, at its offsets. It grows as fragments
+    /// arrive: appended when they come in order (nothing zeroed first),
+    /// zero-filled up to a fragment that comes early.
+    buf: Vec<u8>,
+    /// The last fragment, kept here while `chunk` is unknown (it arrived
+    /// before every other).
+    parked: Vec<u8>,
+}
+
+/// Write `data` at `at` in `buf`, growing it: appended when `at` is its
+/// end.
+fn put(buf: &mut Vec<u8>, at: usize, data: &[u8]) {
+    if buf.len() == at {
+        buf.extend_from_slice(data);
+        return;
+    }
+    if buf.len() < at + data.len() {
+        buf.resize(at + data.len(), 0);
+    }
+    buf[at..at + data.len()].copy_from_slice(data);
 }
 
 impl Slot {
@@ -205,8 +253,9 @@ impl Slot {
             received: 0,
             chunk: 0,
             last_len: 0,
-            last_parked: false,
-            buf: vec![0u8; max].into_boxed_slice(),
+            max,
+            buf: Vec::new(),
+            parked: Vec::new(),
         }
     }
 
@@ -226,14 +275,15 @@ impl Slot {
         self.received = 0;
         self.chunk = 0;
         self.last_len = 0;
-        self.last_parked = false;
+        self.buf.clear();
+        self.parked.clear();
     }
 
     /// Place one new (non-duplicate) fragment. On error the caller frees
     /// the slot.
     fn place(&mut self, index: usize, payload: &[u8]) -> Result<(), ReassemblyError> {
         let n = usize::from(self.frag_count);
-        let max = self.buf.len();
+        let max = self.max;
         let len = payload.len();
         let too_large = |need: usize| ReassemblyError::TooLarge { need, max };
         if index + 1 == n {
@@ -245,18 +295,17 @@ impl Slot {
                     ));
                 }
                 let at = (n - 1) * self.chunk;
-                let end = at.checked_add(len).filter(|&e| e <= max);
-                let Some(dst) = end.and_then(|e| self.buf.get_mut(at..e)) else {
+                if at.checked_add(len).is_none_or(|e| e > max) {
                     return Err(too_large(at.saturating_add(len)));
-                };
-                dst.copy_from_slice(payload);
+                }
+                put(&mut self.buf, at, payload);
             } else {
-                // Size of the others unknown yet: park it at the end.
-                let Some(at) = max.checked_sub(len) else {
+                // Size of the others unknown yet: park it.
+                if len > max {
                     return Err(too_large(len));
-                };
-                self.buf[at..].copy_from_slice(payload);
-                self.last_parked = true;
+                }
+                self.parked.clear();
+                self.parked.extend_from_slice(payload);
             }
             self.last_len = len;
         } else {
@@ -269,17 +318,18 @@ impl Slot {
                 if need > max {
                     return Err(too_large(need));
                 }
-                if self.last_parked {
-                    if self.last_len > len {
-                        return Err(ReassemblyError::Inconsistent(
-                            "last fragment longer than the others",
-                        ));
-                    }
-                    let from = max - self.last_len;
-                    self.buf.copy_within(from..max, (n - 1) * len);
-                    self.last_parked = false;
+                if self.last_len > len {
+                    return Err(ReassemblyError::Inconsistent(
+                        "last fragment longer than the others",
+                    ));
                 }
                 self.chunk = len;
+                self.buf.reserve(need);
+                if !self.parked.is_empty() {
+                    let parked = std::mem::take(&mut self.parked);
+                    put(&mut self.buf, (n - 1) * len, &parked);
+                    self.parked = parked;
+                }
             } else if len != self.chunk {
                 return Err(ReassemblyError::Inconsistent(
                     "non-last fragments of different sizes",
@@ -287,8 +337,7 @@ impl Slot {
             }
             // index < n - 1, so this ends at or before (n - 1) * chunk,
             // which was checked to fit.
-            let at = index * self.chunk;
-            self.buf[at..at + len].copy_from_slice(payload);
+            put(&mut self.buf, index * self.chunk, payload);
         }
         self.have[index / 64] |= 1 << (index % 64);
         self.received += 1;
@@ -296,8 +345,10 @@ impl Slot {
     }
 }
 
-/// Reassembles fragmented messages in a fixed number of slots, each a
-/// buffer of `max_message_payload` bytes allocated once in `new`.
+/// Reassembles fragmented messages in a fixed number of slots, each
+/// holding at most `max_message_payload` bytes. A slot's buffer grows as
+/// its message's fragments arrive and is kept for the next message, unless
+/// the caller takes the finished payload over ([`Reassembler::take_completed`]).
 ///
 /// Frames with `frag_count == 1` pass through too (copied into a dedicated
 /// buffer); on the hot path check `Parsed::is_fragment` first and use such
@@ -306,7 +357,10 @@ impl Slot {
 pub struct Reassembler {
     slots: Vec<Slot>,
     /// Buffer for unfragmented frames passed through `push`.
-    pass: Box<[u8]>,
+    pass: Vec<u8>,
+    max: usize,
+    /// The slot whose message the last `push` completed.
+    completed: Option<usize>,
     next_stamp: u64,
     evicted: u64,
     resets: u64,
@@ -314,18 +368,27 @@ pub struct Reassembler {
 
 impl Reassembler {
     /// `slots` messages can be in reassembly at once (at least 1), each of
-    /// up to `max_message_payload` payload bytes. All memory is allocated
-    /// here.
+    /// up to `max_message_payload` payload bytes.
     pub fn new(slots: usize, max_message_payload: usize) -> Self {
         Reassembler {
             slots: (0..slots.max(1))
                 .map(|_| Slot::new(max_message_payload))
                 .collect(),
-            pass: vec![0u8; max_message_payload].into_boxed_slice(),
+            pass: Vec::new(),
+            max: max_message_payload,
+            completed: None,
             next_stamp: 0,
             evicted: 0,
             resets: 0,
         }
+    }
+
+    /// Right after a `push` that completed a fragmented message: its
+    /// payload, handed over (no copy). The slot starts its next message
+    /// with a new buffer. `None` after any other `push`.
+    pub fn take_completed(&mut self) -> Option<Vec<u8>> {
+        let i = self.completed.take()?;
+        Some(std::mem::take(&mut self.slots[i].buf))
     }
 
     /// Feed a parsed frame; returns the whole message once its last missing
@@ -336,11 +399,13 @@ impl Reassembler {
     /// message payload. Duplicates are ignored. A fragment whose body or
     /// fragment count disagrees with the message in its slot (same sender,
     /// generation and seq) restarts that slot. When every slot is busy the
-    /// oldest message is evicted (`evicted`). Never allocates.
+    /// oldest message is evicted (`evicted`). Allocates only to grow a
+    /// slot's buffer, never past `max_message_payload`.
     pub fn push<'s>(
         &'s mut self,
         p: &Parsed<'_>,
     ) -> Result<Option<Reassembled<'s>>, ReassemblyError> {
+        self.completed = None;
         let h = p.header;
         let n = usize::from(h.frag_count);
         let index = usize::from(h.frag_index);
@@ -363,12 +428,15 @@ impl Reassembler {
                 s.busy = false;
             }
             let len = p.payload.len();
-            let max = self.pass.len();
-            let Some(dst) = self.pass.get_mut(..len) else {
-                return Err(ReassemblyError::TooLarge { need: len, max });
-            };
-            dst.copy_from_slice(p.payload);
-            return Ok(Some((done_header, p.msg, &self.pass[..len])));
+            if len > self.max {
+                return Err(ReassemblyError::TooLarge {
+                    need: len,
+                    max: self.max,
+                });
+            }
+            self.pass.clear();
+            self.pass.extend_from_slice(p.payload);
+            return Ok(Some((done_header, p.msg, &self.pass)));
         }
 
         if !p.msg.msg_type().carries_payload() {
@@ -419,7 +487,9 @@ impl Reassembler {
         // n >= 2 and every fragment arrived, so `chunk` and `last_len` are
         // known and were checked to fit the buffer.
         let total = (n - 1) * s.chunk + s.last_len;
-        Ok(Some((done_header, s.msg, &s.buf[..total])))
+        s.buf.truncate(total);
+        self.completed = Some(i);
+        Ok(Some((done_header, s.msg, &s.buf)))
     }
 
     /// Messages evicted unfinished because every slot was busy.
@@ -446,7 +516,7 @@ impl Reassembler {
 
     /// Largest message payload a slot holds.
     pub fn max_message_payload(&self) -> usize {
-        self.pass.len()
+        self.max
     }
 
     fn take_stamp(&mut self) -> u64 {

@@ -1192,6 +1192,32 @@ pub fn emit(
     key: Option<&Key>,
     out: &mut [u8],
 ) -> Result<usize, EmitError> {
+    let need = buffer_len(msg, payload.len(), key.is_some());
+    if out.len() < need {
+        return Err(EmitError::BufferTooSmall {
+            need,
+            have: out.len(),
+        });
+    }
+    let (head, tag) = emit_head(header, msg, payload, key, out)?;
+    let tag_at = head + payload.len();
+    out[head..tag_at].copy_from_slice(payload);
+    out[tag_at..need].copy_from_slice(&tag);
+    Ok(need)
+}
+
+/// [`emit`] without copying the payload: writes the frame's header and
+/// body into `head` and returns their length and the frame's tag. The
+/// frame on the wire is `head[..len]`, then `payload`, then the tag, so a
+/// sender can hand the three to the kernel as one gathered frame (the
+/// payload stays in the buffer it is in). Same checks as `emit`.
+pub fn emit_head(
+    header: &Header,
+    msg: &Message,
+    payload: &[u8],
+    key: Option<&Key>,
+    head: &mut [u8],
+) -> Result<(usize, [u8; TAG_LEN]), EmitError> {
     let t = msg.msg_type();
     if !payload.is_empty() && !t.carries_payload() {
         return Err(EmitError::PayloadNotAllowed(t));
@@ -1204,27 +1230,23 @@ pub fn emit(
     let hflags = validate_header(header, t, payload.len(), key.is_some())?;
 
     let blen = body_len(t);
-    let need = buffer_len(msg, payload.len(), key.is_some());
-    if out.len() < need {
+    let body_end = HEADER_LEN + blen;
+    if head.len() < body_end {
         return Err(EmitError::BufferTooSmall {
-            need,
-            have: out.len(),
+            need: body_end,
+            have: head.len(),
         });
     }
-    let out = &mut out[..need];
+    let out = &mut head[..body_end];
     // `blen` is at most MAX_BODY_LEN (96): fits u16.
     Frame::new_unchecked(&mut *out).set_header(header, t, hflags, blen as u16, payload_len);
-
-    let body_end = HEADER_LEN + blen;
     let body = &mut out[HEADER_LEN..body_end];
     body.fill(0);
     emit_body(msg, body);
 
-    let tag_at = body_end + payload.len();
-    out[body_end..tag_at].copy_from_slice(payload);
-    let tag = mac(key, &out[..tag_at]).finalize();
-    out[tag_at..].copy_from_slice(&tag);
-    Ok(need)
+    let mut m = mac(key, out);
+    m.update(payload);
+    Ok((body_end, m.finalize()))
 }
 
 // ---------------------------------------------------------------------------

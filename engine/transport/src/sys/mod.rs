@@ -11,6 +11,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::time::Duration;
 
+use crate::link::FrameRef;
+
 /// Call a libc function; `-1` becomes `Err(last_os_error)`.
 macro_rules! syscall {
     ($fn:ident ( $($arg:expr),* $(,)? )) => {{
@@ -279,8 +281,11 @@ pub fn packet_stats(fd: RawFd) -> io::Result<(u64, u64)> {
     Ok((u64::from(s.packets), u64::from(s.drops)))
 }
 
-/// Up to `MAX_MMSG` frames for one `sendmmsg`, with their iovecs, all
-/// allocated once.
+/// Pieces a frame may be sent from (see `FrameRef`).
+const PARTS: usize = 3;
+
+/// Up to `MAX_MMSG` frames for one `sendmmsg`, with their iovecs (up to
+/// `PARTS` per frame, gathered by the kernel), all allocated once.
 pub struct MmsgBatch {
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
@@ -300,7 +305,7 @@ impl MmsgBatch {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0
             };
-            cap
+            cap * PARTS
         ];
         MmsgBatch { hdrs, iovs }
     }
@@ -314,7 +319,7 @@ impl MmsgBatch {
     /// refusing (queue full, no buffers) for `STUCK_FOR` fails the call:
     /// the frames are lost (the reliable layer resends them) and the
     /// sending thread is free again.
-    pub fn send(&mut self, fd: RawFd, frames: &[&[u8]]) -> io::Result<()> {
+    pub fn send(&mut self, fd: RawFd, frames: &[FrameRef<'_>]) -> io::Result<()> {
         const STUCK_FOR: std::time::Duration = std::time::Duration::from_millis(100);
         let n = self.prepare(frames);
         let mut done = 0usize;
@@ -343,7 +348,7 @@ impl MmsgBatch {
 
     /// Send frames in order without waiting (`MSG_DONTWAIT`): returns how
     /// many of the first frames went out.
-    pub fn send_nowait(&mut self, fd: RawFd, frames: &[&[u8]]) -> io::Result<usize> {
+    pub fn send_nowait(&mut self, fd: RawFd, frames: &[FrameRef<'_>]) -> io::Result<usize> {
         let n = self.prepare(frames);
         let mut done = 0usize;
         while done < n {
@@ -359,17 +364,22 @@ impl MmsgBatch {
     }
 
     /// Point the headers at (up to `capacity()` of) `frames`.
-    fn prepare(&mut self, frames: &[&[u8]]) -> usize {
+    fn prepare(&mut self, frames: &[FrameRef<'_>]) -> usize {
         let n = frames.len().min(self.hdrs.len());
         for (i, f) in frames[..n].iter().enumerate() {
-            self.iovs[i] = libc::iovec {
-                iov_base: f.as_ptr() as *mut libc::c_void,
-                iov_len: f.len(),
-            };
+            let iovs = &mut self.iovs[i * PARTS..(i + 1) * PARTS];
+            let mut k = 0;
+            for p in f.parts().into_iter().filter(|p| !p.is_empty()) {
+                iovs[k] = libc::iovec {
+                    iov_base: p.as_ptr() as *mut libc::c_void,
+                    iov_len: p.len(),
+                };
+                k += 1;
+            }
             // SAFETY: all-zero msghdr is valid.
             let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-            h.msg_iov = &mut self.iovs[i];
-            h.msg_iovlen = 1;
+            h.msg_iov = iovs.as_mut_ptr();
+            h.msg_iovlen = k as _;
             self.hdrs[i] = libc::mmsghdr {
                 msg_hdr: h,
                 msg_len: 0,

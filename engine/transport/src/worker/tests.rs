@@ -48,7 +48,7 @@ impl TxLink for Gate {
     ) -> io::Result<usize> {
         unreachable!("the workers send encoded frames")
     }
-    fn send_frames(&mut self, frames: &[&[u8]]) -> io::Result<()> {
+    fn send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<()> {
         self.entered.fetch_add(1, Ordering::SeqCst);
         while !self.open.load(Ordering::SeqCst) {
             std::thread::yield_now();
@@ -57,7 +57,7 @@ impl TxLink for Gate {
         s.extend(frames.iter().map(|f| f.to_vec()));
         Ok(())
     }
-    fn try_send_frames(&mut self, frames: &[&[u8]]) -> io::Result<usize> {
+    fn try_send_frames(&mut self, frames: &[FrameRef<'_>]) -> io::Result<usize> {
         let k = frames.len().min(self.direct);
         let mut s = self.sent.lock().unwrap();
         s.extend(frames[..k].iter().map(|f| f.to_vec()));
@@ -70,7 +70,12 @@ fn frame(pool: &FramePool, i: u32) -> Frame {
     let mut buf = pool.take(20);
     buf[..20].fill(0);
     buf[16..20].copy_from_slice(&i.to_be_bytes());
-    Frame { buf, len: 20 }
+    Frame {
+        buf,
+        head: 20,
+        len: 20,
+        payload: None,
+    }
 }
 
 fn number(f: &[u8]) -> u32 {
@@ -233,6 +238,26 @@ fn data_msg(write_id: u64, payload: &[u8]) -> Message {
     })
 }
 
+/// Runs a receive worker over `rx` until the frames already sent are read;
+/// returns what its sink saw.
+fn receive_all<S: RxSink + Send + 'static>(rx: Box<dyn RxLink>, key: Key, sink: S) -> S {
+    let stop = Arc::new(AtomicBool::new(false));
+    let rx = start_rx(
+        rx,
+        RxWorkerConfig {
+            cluster_id: 7,
+            key: Some(key),
+            max_message: 1 << 20,
+            core: None,
+        },
+        stop.clone(),
+        sink,
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    rx.join().unwrap()
+}
+
 /// Sent frames' buffers come back to the pool and are used again with no
 /// stale bytes: a fragmented data message, then a short control one in
 /// the same buffers; the receive worker reassembles and checks both, and
@@ -290,13 +315,7 @@ fn test_encoded_frames_reuse_buffers_and_arrive_whole() {
         .unwrap();
     assert!(out[0].len() < 200, "{} bytes", out[0].len());
     let mut q: Vec<(bool, Frame)> = out.drain(..).map(|f| (true, f)).collect();
-    q.push((
-        false,
-        Frame {
-            buf: vec![0xAB; 60],
-            len: 60,
-        },
-    ));
+    q.push((false, Frame::from_vec(vec![0xAB; 60])));
     tx.send(&mut q, SendMode::Direct);
     let pool = tx.pool.clone();
     drop(tx);
@@ -304,21 +323,7 @@ fn test_encoded_frames_reuse_buffers_and_arrive_whole() {
     assert_eq!(pool.misses(), 0, "the pool never ran dry");
     assert_eq!(pool.available(), 3, "a buffer of another size is not kept");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let rx = start_rx(
-        Box::new(mrx),
-        RxWorkerConfig {
-            cluster_id: 7,
-            key: Some(key),
-            max_message: 1 << 20,
-            core: None,
-        },
-        stop.clone(),
-        Sink::default(),
-    );
-    std::thread::sleep(Duration::from_millis(100));
-    stop.store(true, Ordering::Relaxed);
-    let sink = rx.join().unwrap();
+    let sink = receive_all(Box::new(mrx), key, Sink::default());
     assert_eq!(sink.frames, 5);
     assert_eq!(sink.refused, 1);
     assert_eq!(sink.got.len(), 2);
@@ -345,4 +350,63 @@ fn test_unencodable_message_is_counted_and_sends_nothing() {
     let ack = Message::Ack(wire::Ack::default());
     assert!(enc.encode_counted(&header(0), &ack, &[], &pool, &mut out, &count));
     assert_eq!(out.len(), 1);
+}
+
+/// A shared payload is not copied into the frames: they are sent from
+/// its buffer (gathered), arrive whole and verified at the receiver, and
+/// let go of the buffer once sent. A short one is copied.
+#[test]
+fn test_shared_payload_is_sent_from_its_own_buffer() {
+    #[derive(Default)]
+    struct Sink {
+        got: Vec<Vec<u8>>,
+        refused: usize,
+    }
+    impl RxSink for Sink {
+        fn refused(&mut self, _: Option<&ParseError>) {
+            self.refused += 1;
+        }
+        fn event(&mut self, e: RxEvent<'_>) {
+            if let RxEvent::Message { payload, .. } = e {
+                self.got.push(payload.to_vec());
+            }
+        }
+    }
+    let key = Key([9; 32]);
+    let enc = encoder(Some(key.clone()), 9014);
+    let pool = FramePool::new(9014, 8);
+    let long: Vec<u8> = (0..20_000u32).map(|i| (i * 11 + 1) as u8).collect();
+    let shared = Bytes::from(long.clone());
+    let mut out = Vec::new();
+    enc.encode(&header(1), &data_msg(3, &long), &shared, &pool, &mut out)
+        .unwrap();
+    assert_eq!(out.len(), 3);
+    for f in &out {
+        let [head, payload, tag] = f.bytes().parts();
+        assert!(head.len() < 200 && tag.len() == wire::TAG_LEN);
+        // The frame's payload is a window on the shared buffer itself.
+        let at = payload.as_ptr() as usize - shared.as_ptr() as usize;
+        assert!(at + payload.len() <= shared.len());
+    }
+    let short = Bytes::from(vec![5u8; GATHER_MIN - 1]);
+    enc.encode(&header(2), &data_msg(4, &short), &short, &pool, &mut out)
+        .unwrap();
+    assert_eq!(
+        out[3].bytes().parts()[1].len(),
+        0,
+        "a short payload is copied"
+    );
+
+    let (mut mtx, mrx) = crate::mem::channel(64, 9014);
+    let refs: Vec<FrameRef<'_>> = out.iter().map(|f| f.bytes()).collect();
+    mtx.send_frames(&refs).unwrap();
+    drop(refs);
+    for f in out.drain(..) {
+        pool.give(f);
+    }
+    assert!(shared.is_unique(), "the frames let go of the payload");
+
+    let sink = receive_all(Box::new(mrx), key, Sink::default());
+    assert_eq!(sink.refused, 0);
+    assert_eq!(sink.got, vec![long, short.to_vec()]);
 }
