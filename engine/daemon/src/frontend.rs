@@ -45,6 +45,14 @@ const HOLD_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// pipeline across the link (a multiple of every supported block size).
 const PIPELINE_PIECE: u64 = 128 * 1024;
 
+/// The pieces of `0..len` a large write goes in: `piece` bytes each, the
+/// last one shorter when `len` is not a multiple of it.
+fn pieces(len: usize, piece: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..len)
+        .step_by(piece.max(1))
+        .map(move |start| start..(start + piece).min(len))
+}
+
 /// The pieces of one client write in flight: the client is answered when
 /// the last is done, with the first error if any. If pieces are dropped
 /// unanswered (the core stopped), dropping the joint answers EIO.
@@ -282,12 +290,12 @@ impl Backend for MirrorBackend {
             _guard: guard,
         });
         let piece = piece as usize;
-        for (i, start) in (0..data.len()).step_by(piece).enumerate() {
+        for range in pieces(data.len(), piece) {
             let j = joint.clone();
             let answer = Box::new(move |r: Reply| j.piece_done(r));
-            let at = off + (i * piece) as u64;
+            let at = off + range.start as u64;
             // A piece shares the client's buffer: no copy.
-            let block = Block::from(data.slice(start..start + piece));
+            let block = Block::from(data.slice(range));
             let sent = self
                 .client
                 .submit_async(at, block.len() as u64, fua, block, answer);
@@ -323,5 +331,19 @@ impl Backend for MirrorBackend {
     /// writes, from any connection.
     fn can_multi_conn(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pieces;
+
+    #[test]
+    fn test_pieces_cover_a_write_exactly_with_a_short_last_piece() {
+        let got: Vec<_> = pieces(320 * 1024, 128 * 1024).collect();
+        assert_eq!(got, vec![0..131072, 131072..262144, 262144..327680]);
+        let got: Vec<_> = pieces(256 * 1024, 128 * 1024).collect();
+        assert_eq!(got, vec![0..131072, 131072..262144]);
+        assert_eq!(pieces(4096, 128 * 1024).collect::<Vec<_>>(), vec![0..4096]);
     }
 }

@@ -953,191 +953,198 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
     let mut r = BufReader::with_capacity(64 * 1024, sock);
     let async_writes = ex.backend.async_writes();
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
-    let end = std::thread::scope(|scope| {
-        if async_writes {
-            let (conn, done_rx) = (&conn, &done_rx);
-            let t = std::thread::Builder::new()
-                .name("nbd-reply".into())
-                .spawn_scoped(scope, move || conn.replier(done_rx));
-            if t.is_err() {
-                return ConnEnd::Closed;
-            }
-        }
-        // Workers start on demand: one more whenever every running worker
-        // has a request, up to `workers_per_connection`. A queue-depth-1
-        // client runs on the reader alone; a deep queue against a backend
-        // that blocks (the mirror waits for the peer) gets one thread per
-        // request in flight.
-        let mut spawned = 0usize;
-        let busy_poll = ex.cfg.busy_poll;
-        let end = loop {
-            let mut h = [0u8; REQUEST_LEN];
-            if !busy_poll.is_zero() && r.buffer().is_empty() {
-                Counters::inc(if r.get_ref().poll_input(busy_poll) {
-                    &c.busy_poll_hits
-                } else {
-                    &c.busy_poll_misses
-                });
-            }
-            match read_full(&mut r, &mut h) {
-                Ok(true) => {}
-                Err(e)
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-                        && e.to_string() == IDLE =>
-                {
-                    if conn.queued.load(Ordering::Acquire) > 0 || conn.budget.in_use() {
-                        continue;
-                    }
-                    break ConnEnd::IdleTimeout;
+    // A panic below (a bug in a backend or here) must not leave the client
+    // waiting on an open socket for replies that will never come: the
+    // connection is closed like any other failed one, and the panic message
+    // has already gone to stderr.
+    let end = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::thread::scope(|scope| {
+            if async_writes {
+                let (conn, done_rx) = (&conn, &done_rx);
+                let t = std::thread::Builder::new()
+                    .name("nbd-reply".into())
+                    .spawn_scoped(scope, move || conn.replier(done_rx));
+                if t.is_err() {
+                    return ConnEnd::Closed;
                 }
-                _ => break ConnEnd::Closed,
             }
-            if conn.dead.load(Ordering::Relaxed) {
-                break ConnEnd::ReplyFailed;
-            }
-            let Some(Request {
-                flags,
-                cmd,
-                handle,
-                off,
-                len,
-            }) = parse_request(&h)
-            else {
-                Counters::inc(&c.bad_magic);
-                break ConnEnd::BadMagic;
-            };
-            let bad_flags = flags & !allowed_flags(cmd) != 0;
-            let in_range = off.checked_add(len.into()).is_some_and(|e| e <= size);
-            let mut job = Job {
-                handle,
-                cmd,
-                flags,
-                off,
-                len,
-                data: Vec::new(),
-                cost: 0,
-            };
-            let err = match cmd {
-                CMD_DISC => {
-                    Counters::inc(&c.req_disc);
-                    break ConnEnd::Disconnect;
-                }
-                CMD_WRITE => {
-                    Counters::inc(&c.req_write);
-                    if len > max {
-                        // Reading up to 4 GiB just to stay in sync is not
-                        // worth it: drop the connection (the spec allows it).
-                        Counters::inc(&c.oversized_writes);
-                        break ConnEnd::OversizedWrite;
-                    }
-                    job.cost = len.into();
-                    conn.budget.acquire(job.cost);
-                    // Into the buffer's spare capacity (a 1 MiB write is
-                    // not zeroed first only to be overwritten), and past
-                    // the connection's read buffer (see `read_payload`).
-                    job.data = Vec::with_capacity(len as usize);
-                    if read_payload(&mut r, &mut job.data, len as usize).is_err() {
-                        conn.budget.release(job.cost);
-                        break ConnEnd::Closed;
-                    }
-                    write_check(ro, in_range)
-                }
-                CMD_READ => {
-                    Counters::inc(&c.req_read);
-                    if len > max || !in_range {
-                        Some(EINVAL)
+            // Workers start on demand: one more whenever every running worker
+            // has a request, up to `workers_per_connection`. A queue-depth-1
+            // client runs on the reader alone; a deep queue against a backend
+            // that blocks (the mirror waits for the peer) gets one thread per
+            // request in flight.
+            let mut spawned = 0usize;
+            let busy_poll = ex.cfg.busy_poll;
+            let end = loop {
+                let mut h = [0u8; REQUEST_LEN];
+                if !busy_poll.is_zero() && r.buffer().is_empty() {
+                    Counters::inc(if r.get_ref().poll_input(busy_poll) {
+                        &c.busy_poll_hits
                     } else {
+                        &c.busy_poll_misses
+                    });
+                }
+                match read_full(&mut r, &mut h) {
+                    Ok(true) => {}
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+                            && e.to_string() == IDLE =>
+                    {
+                        if conn.queued.load(Ordering::Acquire) > 0 || conn.budget.in_use() {
+                            continue;
+                        }
+                        break ConnEnd::IdleTimeout;
+                    }
+                    _ => break ConnEnd::Closed,
+                }
+                if conn.dead.load(Ordering::Relaxed) {
+                    break ConnEnd::ReplyFailed;
+                }
+                let Some(Request {
+                    flags,
+                    cmd,
+                    handle,
+                    off,
+                    len,
+                }) = parse_request(&h)
+                else {
+                    Counters::inc(&c.bad_magic);
+                    break ConnEnd::BadMagic;
+                };
+                let bad_flags = flags & !allowed_flags(cmd) != 0;
+                let in_range = off.checked_add(len.into()).is_some_and(|e| e <= size);
+                let mut job = Job {
+                    handle,
+                    cmd,
+                    flags,
+                    off,
+                    len,
+                    data: Vec::new(),
+                    cost: 0,
+                };
+                let err = match cmd {
+                    CMD_DISC => {
+                        Counters::inc(&c.req_disc);
+                        break ConnEnd::Disconnect;
+                    }
+                    CMD_WRITE => {
+                        Counters::inc(&c.req_write);
+                        if len > max {
+                            // Reading up to 4 GiB just to stay in sync is not
+                            // worth it: drop the connection (the spec allows it).
+                            Counters::inc(&c.oversized_writes);
+                            break ConnEnd::OversizedWrite;
+                        }
                         job.cost = len.into();
                         conn.budget.acquire(job.cost);
-                        None
+                        // Into the buffer's spare capacity (a 1 MiB write is
+                        // not zeroed first only to be overwritten), and past
+                        // the connection's read buffer (see `read_payload`).
+                        job.data = Vec::with_capacity(len as usize);
+                        if read_payload(&mut r, &mut job.data, len as usize).is_err() {
+                            conn.budget.release(job.cost);
+                            break ConnEnd::Closed;
+                        }
+                        write_check(ro, in_range)
                     }
-                }
-                CMD_FLUSH => {
-                    Counters::inc(&c.req_flush);
-                    None
-                }
-                CMD_TRIM | CMD_WRITE_ZEROES => {
-                    Counters::inc(if cmd == CMD_TRIM {
-                        &c.req_trim
-                    } else {
-                        &c.req_write_zeroes
-                    });
-                    write_check(ro, in_range)
-                }
-                CMD_BLOCK_STATUS => {
-                    Counters::inc(&c.req_block_status);
-                    if !(neg.structured && neg.meta_alloc) || len == 0 || !in_range {
-                        Some(EINVAL)
-                    } else {
-                        None
-                    }
-                }
-                _ => {
-                    Counters::inc(&c.req_unknown);
-                    Some(EINVAL)
-                }
-            };
-            let err = match err {
-                _ if bad_flags && cmd != CMD_DISC => {
-                    Counters::inc(&c.bad_flags);
-                    Some(EINVAL)
-                }
-                e => e,
-            };
-            match err {
-                Some(errno) => {
-                    let cost = job.cost;
-                    drop(job);
-                    conn.budget.release(cost);
-                    conn.reply_err(handle, errno);
-                }
-                None if async_writes && cmd == CMD_WRITE => {
-                    // Answered by the reply thread when the backend is done.
-                    let data = std::mem::take(&mut job.data);
-                    let done = Completion::new(done_tx.clone(), handle, job.cost, len.into());
-                    ex.backend
-                        .write_async(off, data, flags & CMD_FLAG_FUA != 0, done);
-                }
-                None => {
-                    // Nothing in flight and nothing more to read: the
-                    // client waits for this reply (queue depth 1), so run
-                    // it here rather than wake a worker for it.
-                    if conn.queued.load(Ordering::Acquire) == 0
-                        && r.buffer().is_empty()
-                        && !r.get_ref().input_pending()
-                    {
-                        conn.execute(job);
-                        continue;
-                    }
-                    let busy = conn.queued.fetch_add(1, Ordering::AcqRel);
-                    if busy >= spawned && spawned < workers {
-                        let rx = &rx;
-                        let conn = &conn;
-                        let t = std::thread::Builder::new()
-                            .name("nbd-worker".into())
-                            .spawn_scoped(scope, move || conn.worker(rx));
-                        if t.is_ok() {
-                            spawned += 1;
+                    CMD_READ => {
+                        Counters::inc(&c.req_read);
+                        if len > max || !in_range {
+                            Some(EINVAL)
+                        } else {
+                            job.cost = len.into();
+                            conn.budget.acquire(job.cost);
+                            None
                         }
                     }
-                    if spawned == 0 {
-                        // No thread could be started: serve it here.
-                        conn.execute(job);
-                        conn.queued.fetch_sub(1, Ordering::AcqRel);
-                        continue;
+                    CMD_FLUSH => {
+                        Counters::inc(&c.req_flush);
+                        None
                     }
-                    if tx.send(job).is_err() {
-                        break ConnEnd::Closed;
+                    CMD_TRIM | CMD_WRITE_ZEROES => {
+                        Counters::inc(if cmd == CMD_TRIM {
+                            &c.req_trim
+                        } else {
+                            &c.req_write_zeroes
+                        });
+                        write_check(ro, in_range)
+                    }
+                    CMD_BLOCK_STATUS => {
+                        Counters::inc(&c.req_block_status);
+                        if !(neg.structured && neg.meta_alloc) || len == 0 || !in_range {
+                            Some(EINVAL)
+                        } else {
+                            None
+                        }
+                    }
+                    _ => {
+                        Counters::inc(&c.req_unknown);
+                        Some(EINVAL)
+                    }
+                };
+                let err = match err {
+                    _ if bad_flags && cmd != CMD_DISC => {
+                        Counters::inc(&c.bad_flags);
+                        Some(EINVAL)
+                    }
+                    e => e,
+                };
+                match err {
+                    Some(errno) => {
+                        let cost = job.cost;
+                        drop(job);
+                        conn.budget.release(cost);
+                        conn.reply_err(handle, errno);
+                    }
+                    None if async_writes && cmd == CMD_WRITE => {
+                        // Answered by the reply thread when the backend is done.
+                        let data = std::mem::take(&mut job.data);
+                        let done = Completion::new(done_tx.clone(), handle, job.cost, len.into());
+                        ex.backend
+                            .write_async(off, data, flags & CMD_FLAG_FUA != 0, done);
+                    }
+                    None => {
+                        // Nothing in flight and nothing more to read: the
+                        // client waits for this reply (queue depth 1), so run
+                        // it here rather than wake a worker for it.
+                        if conn.queued.load(Ordering::Acquire) == 0
+                            && r.buffer().is_empty()
+                            && !r.get_ref().input_pending()
+                        {
+                            conn.execute(job);
+                            continue;
+                        }
+                        let busy = conn.queued.fetch_add(1, Ordering::AcqRel);
+                        if busy >= spawned && spawned < workers {
+                            let rx = &rx;
+                            let conn = &conn;
+                            let t = std::thread::Builder::new()
+                                .name("nbd-worker".into())
+                                .spawn_scoped(scope, move || conn.worker(rx));
+                            if t.is_ok() {
+                                spawned += 1;
+                            }
+                        }
+                        if spawned == 0 {
+                            // No thread could be started: serve it here.
+                            conn.execute(job);
+                            conn.queued.fetch_sub(1, Ordering::AcqRel);
+                            continue;
+                        }
+                        if tx.send(job).is_err() {
+                            break ConnEnd::Closed;
+                        }
                     }
                 }
-            }
-        };
-        // Let the workers and the reply thread drain what is in flight,
-        // then close.
-        drop(tx);
-        drop(done_tx);
-        end
-    });
+            };
+            // Let the workers and the reply thread drain what is in flight,
+            // then close.
+            drop(tx);
+            drop(done_tx);
+            end
+        })
+    }))
+    .unwrap_or(ConnEnd::Closed);
     r.get_ref().shutdown_both();
     if conn.dead.load(Ordering::Relaxed) && end == ConnEnd::Closed {
         return ConnEnd::ReplyFailed;

@@ -915,3 +915,62 @@ fn async_writes_complete_out_of_order_on_the_reply_thread() {
     assert_eq!(c.export.counters.snapshot().bytes_written, (n - 1) * 4096);
     assert_eq!(c.end(), ConnEnd::Closed);
 }
+
+/// A backend that panics on the write at `panic_off` after answering the
+/// ones before it asynchronously.
+struct PanicsOnWrite {
+    mem: Arc<Mem>,
+    panic_off: u64,
+}
+
+impl Backend for PanicsOnWrite {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.mem.read(off, buf)
+    }
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.mem.write(off, data, fua)
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.mem.write_zeroes(off, len, fua)
+    }
+    fn async_writes(&self) -> bool {
+        true
+    }
+    fn write_async(&self, off: u64, data: Vec<u8>, _fua: bool, done: msl_nbd::Completion) {
+        assert_ne!(off, self.panic_off, "a backend bug");
+        done.complete(self.mem.write(off, &data, false));
+    }
+}
+
+/// A panic while serving a request closes the connection: the request gets
+/// EIO, the client is not left waiting on an open socket, writes answered
+/// before it stay answered, and the connection ends.
+#[test]
+fn a_panic_while_serving_closes_the_connection() {
+    let be = Arc::new(PanicsOnWrite {
+        mem: Mem::new(),
+        panic_off: 3 * 4096,
+    });
+    let mut c = start_on_reader(be.clone(), be.mem.clone());
+    c.greet(CF);
+    c.go("msl").unwrap();
+    for h in 0..3u64 {
+        c.c.write_all(&write_request(h, h * 4096)).unwrap();
+        assert_eq!(c.simple(), (0, h));
+    }
+    c.c.write_all(&write_request(3, 3 * 4096)).unwrap();
+    let t = Instant::now();
+    assert_eq!(c.simple(), (libc_eio() as u32, 3));
+    assert!(c.at_eof(), "the socket is closed, not left open");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(c.end_keep(), ConnEnd::Closed);
+}

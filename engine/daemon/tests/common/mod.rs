@@ -288,10 +288,11 @@ pub fn mslctl(dir: &Path, id: u16, args: &[&str]) -> (i32, String, String) {
 
 /// Run fio's nbd engine inside namespace `ns` against the service address
 /// (working directory `dir`, so fio's state files stay out of the tree);
-/// bounded by `timeout`. Returns fio's output; asserts it succeeded.
+/// bounded by `timeout`, which ends it whole: fio runs its jobs as threads
+/// (`--thread`), so no worker process outlives it.
 pub fn fio_cmd(ns: &str, dir: &Path, args: &[&str]) -> Command {
     let mut c = command_in(ns, "timeout");
-    c.args(["180", "fio"])
+    c.args(["--kill-after=10", "180", "fio", "--thread"])
         .args(["--ioengine=nbd", "--uri=nbd://10.77.1.100:10809/"])
         .args(args)
         .current_dir(dir);
