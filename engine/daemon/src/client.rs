@@ -42,25 +42,18 @@ impl Client {
         rx.recv().unwrap_or(Err(ClientError::NotPrimary))
     }
 
-    /// Submit a block-aligned write without waiting: `done` runs on the
-    /// thread that runs the core when the outcome is known (it must not
-    /// block).
+    /// Submit a block-aligned write without waiting: `reply` is answered
+    /// on the thread that runs the core when the outcome is known (a
+    /// [`ReplyTo::Call`] must not block).
     pub fn submit_async(
         &self,
         offset: u64,
         len: u64,
         fua: bool,
         data: Block,
-        done: Box<dyn FnOnce(Reply) + Send>,
+        reply: ReplyTo,
     ) -> Result<(), ClientError> {
-        self.send_write(
-            offset,
-            len,
-            IoKind::Write,
-            fua,
-            Some(data),
-            ReplyTo::Call(done),
-        )
+        self.send_write(offset, len, IoKind::Write, fua, Some(data), reply)
     }
 
     fn send_write(

@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use msl_core::node::{ClientError, IoKind};
-use msl_nbd::{Backend, Completion};
+use msl_nbd::{Backend, Bytes, Completion};
 use msl_store::Volume;
 
 use crate::client::Client;
-use crate::input::{Block, Reply};
+use crate::input::{nbd_error, Block, Release, Reply, ReplyTo, Ticket};
 
 /// Core writes submitted asynchronously and not yet answered, at most
 /// [`MAX_WRITES_IN_FLIGHT`]: a client that queues deeper waits on its
@@ -60,7 +60,7 @@ struct Joint {
     left: AtomicUsize,
     failed: Mutex<Option<ClientError>>,
     done: Mutex<Option<Completion>>,
-    _guard: InFlightGuard,
+    _guard: Ticket,
 }
 
 impl Joint {
@@ -75,17 +75,19 @@ impl Joint {
             let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner()).take();
             let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(done) = done {
-                done.complete(failed.map_or(Ok(()), |e| Err(to_io(e))));
+                done.complete(failed.map_or(Ok(()), |e| Err(nbd_error(e))));
             }
         }
     }
 }
 
-struct InFlightGuard(Arc<InFlight>, usize);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.0.done(self.1);
+impl Release for InFlight {
+    fn release(&self, k: usize) {
+        let mut s = self.lock();
+        s.0 -= k;
+        if s.1 > 0 {
+            self.changed.notify_all();
+        }
     }
 }
 
@@ -95,7 +97,7 @@ impl InFlight {
     }
     /// Count `k` writes until the returned guard drops (answered, or
     /// dropped unanswered when the core is gone); waits for room first.
-    fn enter(self: &Arc<Self>, k: usize) -> InFlightGuard {
+    fn enter(self: &Arc<Self>, k: usize) -> Ticket {
         let mut s = self.lock();
         while s.0 > 0 && s.0 + k > MAX_WRITES_IN_FLIGHT {
             s.1 += 1;
@@ -103,14 +105,7 @@ impl InFlight {
             s.1 -= 1;
         }
         s.0 += k;
-        InFlightGuard(self.clone(), k)
-    }
-    fn done(&self, k: usize) {
-        let mut s = self.lock();
-        s.0 -= k;
-        if s.1 > 0 {
-            self.changed.notify_all();
-        }
+        Ticket::new(self.clone(), k)
     }
     fn wait_idle(&self) {
         let mut s = self.lock();
@@ -131,17 +126,6 @@ pub struct MirrorBackend {
     max_write_bytes: u64,
     rmw: RwLock<()>,
     in_flight: Arc<InFlight>,
-}
-
-fn to_io(e: ClientError) -> io::Error {
-    // Errno values NBD carries to the client.
-    let errno = match e {
-        ClientError::NotPrimary => 108, // ESHUTDOWN: reconnect to the service address
-        ClientError::IoError => 5,      // EIO
-        ClientError::OutOfRange => 22,  // EINVAL
-        ClientError::Busy => 12,        // ENOMEM: try again
-    };
-    io::Error::from_raw_os_error(errno)
 }
 
 impl MirrorBackend {
@@ -169,7 +153,7 @@ impl MirrorBackend {
         if shared.serving.load(Relaxed) {
             Ok(())
         } else {
-            Err(to_io(ClientError::NotPrimary))
+            Err(nbd_error(ClientError::NotPrimary))
         }
     }
 
@@ -209,7 +193,7 @@ impl MirrorBackend {
                 .map_err(|_| io::Error::other("lock poisoned"))?;
             return self
                 .submit_aligned(off, len, kind, data, fua)
-                .map_err(to_io);
+                .map_err(nbd_error);
         }
         // Read-modify-write of the covering blocks.
         let _g = self
@@ -229,7 +213,7 @@ impl MirrorBackend {
             None => buf[at..at + len as usize].fill(0),
         }
         self.submit_aligned(first, end - first, IoKind::Write, Some(&buf), fua)
-            .map_err(to_io)
+            .map_err(nbd_error)
     }
 }
 
@@ -251,7 +235,7 @@ impl Backend for MirrorBackend {
         true
     }
 
-    fn write_async(&self, off: u64, data: Vec<u8>, fua: bool, done: Completion) {
+    fn write_async(&self, off: u64, data: Bytes, fua: bool, done: Completion) {
         let len = data.len() as u64;
         let bs = self.client.block_size;
         if !(off.is_multiple_of(bs) && len.is_multiple_of(bs) && len > 0) {
@@ -267,22 +251,21 @@ impl Backend for MirrorBackend {
         let piece = PIPELINE_PIECE.min(self.max_write_bytes).max(bs);
         let guard = self.in_flight.enter(len.div_ceil(piece) as usize);
         if len <= piece {
-            let answer = Box::new(move |r: Reply| {
-                drop(guard);
-                done.complete(r.map_err(to_io));
-            });
-            // If the core is gone the closure is dropped unanswered: its
-            // Completion answers EIO and its guard leaves the count.
-            let _ = self
-                .client
-                .submit_async(off, len, fua, Block::from(data), answer);
+            // If the core is gone the answer is dropped unanswered: its
+            // Completion answers EIO and its ticket leaves the count.
+            let _ = self.client.submit_async(
+                off,
+                len,
+                fua,
+                Block::from(data),
+                ReplyTo::Nbd(done, guard),
+            );
             return;
         }
         // A large write goes in pieces that are all in flight at once, so
         // the peer verifies and writes the first while later ones are
         // still being framed and sent (one 1 MiB message waited for all
         // of its frames at each hop).
-        let data = bytes::Bytes::from(data);
         let joint = Arc::new(Joint {
             left: AtomicUsize::new(len.div_ceil(piece) as usize),
             failed: Mutex::new(None),
@@ -296,9 +279,9 @@ impl Backend for MirrorBackend {
             let at = off + range.start as u64;
             // A piece shares the client's buffer: no copy.
             let block = Block::from(data.slice(range));
-            let sent = self
-                .client
-                .submit_async(at, block.len() as u64, fua, block, answer);
+            let sent =
+                self.client
+                    .submit_async(at, block.len() as u64, fua, block, ReplyTo::Call(answer));
             if sent.is_err() {
                 // The core is gone: the rest would fail alike. The pieces
                 // dropped unanswered drop the joint: EIO to the client.
@@ -309,7 +292,7 @@ impl Backend for MirrorBackend {
 
     fn flush(&self) -> io::Result<()> {
         self.serving()?;
-        self.client.flush().map_err(to_io)
+        self.client.flush().map_err(nbd_error)
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {

@@ -138,6 +138,47 @@ pub enum ReplyTo {
     /// receive thread, ...; it must not block): the NBD front end's
     /// completion, which queues the reply for the connection's reply thread.
     Call(Box<dyn FnOnce(Reply) + Send>),
+    /// An NBD write's completion and the ticket that counts it in flight:
+    /// the common case of [`ReplyTo::Call`] without a boxed closure per
+    /// write. The ticket is released before the reply is queued.
+    Nbd(msl_nbd::Completion, Ticket),
+}
+
+/// Where a [`Ticket`] goes back to.
+pub trait Release: Send + Sync {
+    /// `n` counted items are done.
+    fn release(&self, n: usize);
+}
+
+/// Counts `n` items (client writes in flight) until dropped: answered, or
+/// dropped unanswered when the core is gone.
+pub struct Ticket {
+    owner: std::sync::Arc<dyn Release>,
+    n: usize,
+}
+
+impl Ticket {
+    pub fn new(owner: std::sync::Arc<dyn Release>, n: usize) -> Ticket {
+        Ticket { owner, n }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.owner.release(self.n);
+    }
+}
+
+/// The error an NBD client gets for a refused or failed request (the errno
+/// NBD carries to it).
+pub fn nbd_error(e: ClientError) -> std::io::Error {
+    let errno = match e {
+        ClientError::NotPrimary => 108, // ESHUTDOWN: reconnect to the service address
+        ClientError::IoError => 5,      // EIO
+        ClientError::OutOfRange => 22,  // EINVAL
+        ClientError::Busy => 12,        // ENOMEM: try again
+    };
+    std::io::Error::from_raw_os_error(errno)
 }
 
 impl ReplyTo {
@@ -147,6 +188,10 @@ impl ReplyTo {
                 let _ = tx.send(r);
             }
             ReplyTo::Call(f) => f(r),
+            ReplyTo::Nbd(done, ticket) => {
+                drop(ticket);
+                done.complete(r.map_err(nbd_error));
+            }
         }
     }
 }

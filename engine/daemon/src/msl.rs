@@ -11,8 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use bytes::BytesMut;
 use msl_transport::worker::{
-    start_rx, start_tx, RxEvent, RxSink, RxWorkerConfig, TxCounters, TxWorkerConfig, TxWorkerEnd,
+    start_rx, start_tx, RxEvent, RxPayload, RxSink, RxWorkerConfig, TxCounters, TxWorkerConfig,
+    TxWorkerEnd,
 };
 pub use msl_transport::worker::{Frame, FrameEncoder, FramePool, MslTx, SendMode};
 use msl_transport::{RxLink, TxLink};
@@ -82,6 +84,30 @@ pub struct InboxSink {
     out: Inbox,
     shared: Arc<Shared>,
     batch: Vec<Input>,
+    /// Where payloads read in place from the receive ring are copied to:
+    /// each is cut from this shared chunk (`BytesMut::split`), which is
+    /// reused in place once every block cut from it is gone, so the steady
+    /// state allocates nothing per message.
+    chunk: BytesMut,
+}
+
+/// Bytes of a fresh [`InboxSink::chunk`].
+const RX_CHUNK: usize = 512 * 1024;
+
+impl InboxSink {
+    /// The payload as a block the core can keep.
+    fn block(&mut self, payload: RxPayload<'_>) -> Block {
+        match payload {
+            RxPayload::Owned(v) => Block::from(v),
+            RxPayload::Ring(b) => {
+                if self.chunk.capacity() < b.len() {
+                    self.chunk.reserve(RX_CHUNK.max(b.len()));
+                }
+                self.chunk.extend_from_slice(b);
+                Block::from(self.chunk.split().freeze())
+            }
+        }
+    }
 }
 
 impl RxSink for InboxSink {
@@ -103,7 +129,7 @@ impl RxSink for InboxSink {
     }
 
     fn event(&mut self, e: RxEvent<'_>) {
-        self.batch.push(match e {
+        let input = match e {
             RxEvent::Message {
                 header,
                 msg,
@@ -112,7 +138,7 @@ impl RxSink for InboxSink {
             } => Input::Msl {
                 header,
                 msg,
-                payload: (!payload.is_empty()).then(|| Block::from(payload.into_vec())),
+                payload: (!payload.is_empty()).then(|| self.block(payload)),
                 arrived,
             },
             RxEvent::Unknown {
@@ -122,7 +148,8 @@ impl RxSink for InboxSink {
                 code,
                 must_understand,
             },
-        });
+        };
+        self.batch.push(input);
     }
 
     /// The whole batch in, then the core runs once for it (on this thread
@@ -165,6 +192,7 @@ pub fn start_msl_rx(
         out,
         shared,
         batch: Vec::new(),
+        chunk: BytesMut::new(),
     };
     let cfg = RxWorkerConfig {
         cluster_id,

@@ -2,8 +2,9 @@
 //! and the MSL NIC, run the NBD front end, and hold or release the service
 //! address.
 
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,20 +18,48 @@ use crate::input::Input;
 /// Link and carrier of an interface from sysfs (`ip netns exec` mounts the
 /// namespace's own sysfs, so this sees the daemon's namespace).
 pub fn link_up(ifname: &str) -> bool {
-    let base = Path::new("/sys/class/net").join(ifname);
-    let carrier = std::fs::read_to_string(base.join("carrier")).is_ok_and(|s| s.trim() == "1");
-    let oper = std::fs::read_to_string(base.join("operstate")).is_ok_and(|s| s.trim() == "up");
-    carrier && oper
+    LinkFiles::new(ifname).up()
+}
+
+/// An interface's `carrier` and `operstate` files in sysfs, for polling
+/// without allocating.
+struct LinkFiles {
+    carrier: PathBuf,
+    operstate: PathBuf,
+}
+
+impl LinkFiles {
+    fn new(ifname: &str) -> LinkFiles {
+        let base = Path::new("/sys/class/net").join(ifname);
+        LinkFiles {
+            carrier: base.join("carrier"),
+            operstate: base.join("operstate"),
+        }
+    }
+
+    /// Carrier present and operationally up.
+    fn up(&self) -> bool {
+        read_small(&self.carrier).is_some_and(|(b, n)| b[..n].trim_ascii() == b"1")
+            && read_small(&self.operstate).is_some_and(|(b, n)| b[..n].trim_ascii() == b"up")
+    }
+}
+
+/// The first bytes of a small file, into a stack buffer.
+fn read_small(path: &Path) -> Option<([u8; 32], usize)> {
+    let mut buf = [0u8; 32];
+    let n = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
+    Some((buf, n))
 }
 
 /// Poll link state every 50 ms and report changes: LAN adapters as
 /// `Input::LanAdapter`, the MSL NIC (adapter `None`) as `Input::MslLink`.
 pub fn watch_links(ifaces: Vec<(String, Option<u8>)>, inputs: Inbox, stop: Arc<AtomicBool>) {
     std::thread::spawn(move || {
+        let files: Vec<LinkFiles> = ifaces.iter().map(|(n, _)| LinkFiles::new(n)).collect();
         let mut last: Vec<Option<bool>> = vec![None; ifaces.len()];
         while !stop.load(Ordering::Relaxed) {
-            for (i, (name, adapter)) in ifaces.iter().enumerate() {
-                let up = link_up(name);
+            for (i, (_, adapter)) in ifaces.iter().enumerate() {
+                let up = files[i].up();
                 if last[i] != Some(up) {
                     last[i] = Some(up);
                     let input = match adapter {
@@ -226,5 +255,23 @@ mod tests {
         assert_eq!(bound[0].ip(), addrs[0].ip());
         assert_eq!(bound[1].ip(), addrs[1].ip());
         stop.store(true, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn test_link_files_up_only_with_carrier_and_operstate_up() {
+        let d = tempfile::tempdir().unwrap();
+        let f = LinkFiles {
+            carrier: d.path().join("carrier"),
+            operstate: d.path().join("operstate"),
+        };
+        assert!(!f.up(), "missing files: down");
+        std::fs::write(&f.carrier, "1\n").unwrap();
+        std::fs::write(&f.operstate, "up\n").unwrap();
+        assert!(f.up());
+        std::fs::write(&f.operstate, "lowerlayerdown\n").unwrap();
+        assert!(!f.up());
+        std::fs::write(&f.operstate, "up\n").unwrap();
+        std::fs::write(&f.carrier, "0\n").unwrap();
+        assert!(!f.up());
     }
 }

@@ -6,6 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use bytes::Bytes;
+
 /// What the NBD server reads and writes. Every call is made with a range the
 /// server has already checked against [`Backend::size`]. Calls may run
 /// concurrently from several worker threads.
@@ -51,7 +53,7 @@ pub trait Backend: Send + Sync + 'static {
     /// `fua`) and report its outcome through `done`, exactly once, from any
     /// thread. Overlapping writes in flight may complete in any order, as
     /// NBD allows. The default runs [`Backend::write`] here.
-    fn write_async(&self, off: u64, data: Vec<u8>, fua: bool, done: Completion) {
+    fn write_async(&self, off: u64, data: Bytes, fua: bool, done: Completion) {
         done.complete(self.write(off, &data, fua));
     }
 }

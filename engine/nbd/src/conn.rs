@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{bounded, Receiver};
 
 use crate::backend::{Completion, Done};
@@ -600,7 +601,7 @@ struct Job {
     flags: u16,
     off: u64,
     len: u32,
-    data: Vec<u8>,
+    data: Bytes,
     cost: u64,
 }
 
@@ -951,6 +952,7 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
     let size = ex.backend.size();
     let ro = ex.cfg.read_only;
     let mut r = BufReader::with_capacity(64 * 1024, sock);
+    let mut payloads = Payloads::default();
     let async_writes = ex.backend.async_writes();
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
     // A panic below (a bug in a backend or here) must not leave the client
@@ -1019,7 +1021,7 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                     flags,
                     off,
                     len,
-                    data: Vec::new(),
+                    data: Bytes::new(),
                     cost: 0,
                 };
                 let err = match cmd {
@@ -1037,13 +1039,14 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
                         }
                         job.cost = len.into();
                         conn.budget.acquire(job.cost);
-                        // Into the buffer's spare capacity (a 1 MiB write is
-                        // not zeroed first only to be overwritten), and past
-                        // the connection's read buffer (see `read_payload`).
-                        job.data = Vec::with_capacity(len as usize);
-                        if read_payload(&mut r, &mut job.data, len as usize).is_err() {
-                            conn.budget.release(job.cost);
-                            break ConnEnd::Closed;
+                        // Past the connection's read buffer, into a buffer
+                        // that needs no allocation (see `Payloads`).
+                        match payloads.read(&mut r, len as usize) {
+                            Ok(data) => job.data = data,
+                            Err(_) => {
+                                conn.budget.release(job.cost);
+                                break ConnEnd::Closed;
+                            }
                         }
                         write_check(ro, in_range)
                     }
@@ -1154,6 +1157,43 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
 
 /// The error a write-type command (WRITE, TRIM, WRITE_ZEROES) gets before it
 /// runs: EPERM on a read-only export, ENOSPC past the end.
+/// Where write payloads are read into. A payload of at most
+/// [`Payloads::SMALL`] bytes is cut from one shared chunk
+/// (`BytesMut::split`): no allocation per write, as the chunk is reused in
+/// place once every payload cut from it is gone, and otherwise a new chunk
+/// costs one allocation per [`Payloads::CHUNK`] bytes. A larger payload gets
+/// a buffer of its own, read into without zeroing it first.
+#[derive(Default)]
+struct Payloads {
+    chunk: BytesMut,
+}
+
+impl Payloads {
+    const SMALL: usize = 64 * 1024;
+    const CHUNK: usize = 512 * 1024;
+
+    /// A request's `len` payload bytes from `r` (see [`read_payload`]).
+    fn read<R: Read>(&mut self, r: &mut BufReader<R>, len: usize) -> io::Result<Bytes> {
+        if len > Self::SMALL {
+            let mut data = Vec::with_capacity(len);
+            read_payload(r, &mut data, len)?;
+            return Ok(Bytes::from(data));
+        }
+        if self.chunk.capacity() < len {
+            self.chunk.reserve(Self::CHUNK);
+        }
+        let have = r.buffer().len().min(len);
+        self.chunk.extend_from_slice(&r.buffer()[..have]);
+        r.consume(have);
+        self.chunk.resize(len, 0);
+        if let Err(e) = r.get_mut().read_exact(&mut self.chunk[have..]) {
+            self.chunk.clear();
+            return Err(e);
+        }
+        Ok(self.chunk.split().freeze())
+    }
+}
+
 /// Read a request's `len` payload bytes onto the end of `data`: what the
 /// connection's reader has already buffered (copied), then the rest
 /// straight from the socket into `data`, so the payload is not copied
@@ -1263,5 +1303,46 @@ mod tests {
         let mut data = Vec::new();
         let e = read_payload(&mut r, &mut data, 200).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::UnexpectedEof);
+    }
+
+    /// Small payloads are cut from one chunk that is reused in place once
+    /// they are gone (no allocation per write), a payload still held keeps
+    /// its bytes while later ones are read, and a large one is read whole.
+    #[test]
+    fn test_small_payloads_reuse_their_chunk_and_keep_held_bytes() {
+        const N: usize = Payloads::CHUNK / 4096 * 3;
+        let block = |i: usize| vec![(i % 251) as u8 + 1; 4096];
+        let mut stream = Vec::new();
+        for i in 0..N {
+            stream.extend_from_slice(&block(i));
+        }
+        let big: Vec<u8> = (0..Payloads::SMALL * 2).map(|i| (i % 253) as u8).collect();
+        stream.extend_from_slice(&big);
+        let mut r = BufReader::with_capacity(64 * 1024, packets(&[&stream]));
+        let mut p = Payloads::default();
+
+        let held = p.read(&mut r, 4096).unwrap();
+        assert_eq!(&held[..], &block(0)[..]);
+        let mut starts = Vec::new();
+        for i in 1..N {
+            let b = p.read(&mut r, 4096).unwrap();
+            assert_eq!(&b[..], &block(i)[..], "payload {i}");
+            starts.push(b.as_ptr() as usize);
+        }
+        // Every payload read while `held` lives, and it kept its bytes.
+        assert_eq!(&held[..], &block(0)[..]);
+        let per_chunk = Payloads::CHUNK / 4096;
+        // Within a chunk the payloads follow each other: one chunk, not
+        // one buffer each.
+        assert!(starts[..per_chunk - 1]
+            .windows(2)
+            .all(|w| w[1] == w[0] + 4096));
+        // After `held`'s chunk, the next chunk is reused in place: its
+        // payloads were all dropped by then.
+        let second = starts[per_chunk - 1];
+        assert_eq!(starts[2 * per_chunk - 1], second, "the chunk is reused");
+
+        let b = p.read(&mut r, big.len()).unwrap();
+        assert_eq!(&b[..], &big[..]);
     }
 }

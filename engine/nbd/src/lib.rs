@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use backend::{Backend, Completion, FileBackend};
+pub use bytes::Bytes;
 pub use conn::{
     in_pieces, parse_info, parse_meta, parse_option_header, parse_request, serve_stream, ConnEnd,
     Export, Request, Socket, MAX_OPTION_LEN,

@@ -819,7 +819,7 @@ struct AsyncMem {
     mem: Arc<Mem>,
     batch: usize,
     drop_off: u64,
-    held: Mutex<Vec<(u64, Vec<u8>, msl_nbd::Completion)>>,
+    held: Mutex<Vec<(u64, msl_nbd::Bytes, msl_nbd::Completion)>>,
     threads: Mutex<Vec<String>>,
 }
 
@@ -845,7 +845,7 @@ impl Backend for AsyncMem {
     fn async_writes(&self) -> bool {
         true
     }
-    fn write_async(&self, off: u64, data: Vec<u8>, _fua: bool, done: msl_nbd::Completion) {
+    fn write_async(&self, off: u64, data: msl_nbd::Bytes, _fua: bool, done: msl_nbd::Completion) {
         let name = std::thread::current().name().unwrap_or("").to_string();
         self.threads.lock().unwrap().push(name);
         let mut held = self.held.lock().unwrap();
@@ -945,7 +945,7 @@ impl Backend for PanicsOnWrite {
     fn async_writes(&self) -> bool {
         true
     }
-    fn write_async(&self, off: u64, data: Vec<u8>, _fua: bool, done: msl_nbd::Completion) {
+    fn write_async(&self, off: u64, data: msl_nbd::Bytes, _fua: bool, done: msl_nbd::Completion) {
         assert_ne!(off, self.panic_off, "a backend bug");
         done.complete(self.mem.write(off, &data, false));
     }

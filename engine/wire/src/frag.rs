@@ -324,7 +324,9 @@ impl Slot {
                     ));
                 }
                 self.chunk = len;
-                self.buf.reserve(need);
+                // Room for a last fragment as long as the others, so the
+                // buffer is never moved while the message comes in.
+                self.buf.reserve(need.max(n.saturating_mul(len).min(max)));
                 if !self.parked.is_empty() {
                     let parked = std::mem::take(&mut self.parked);
                     put(&mut self.buf, (n - 1) * len, &parked);

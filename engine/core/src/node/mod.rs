@@ -222,6 +222,8 @@ impl<H: Payload> Node<H> {
                 peer_stable_wid: 0,
                 session_start_wid: 0,
                 last_write_us: 0,
+                batch: Vec::new(),
+                released: Vec::new(),
             },
             actlog: ActivityLog {
                 slots: Vec::new(),

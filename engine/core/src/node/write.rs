@@ -17,6 +17,10 @@ pub(super) struct WritePath<H> {
     pub(super) peer_stable_wid: u64,
     pub(super) session_start_wid: u64,
     pub(super) last_write_us: Micros,
+    /// Scratch space of `start_waiting_writes` and `release_writes`, kept
+    /// between calls so the steady state allocates nothing.
+    pub(super) batch: Vec<(QueuedWrite<H>, u64)>,
+    pub(super) released: Vec<IoId>,
 }
 
 #[derive(Clone, Debug)]
@@ -149,7 +153,8 @@ impl<H: Payload> Node<H> {
         let cap = crate::meta::al_txn_extents(self.cfg.extent_blocks);
         let mut new_extents = 0usize;
         let mut persist = false;
-        let mut batch: Vec<(QueuedWrite<H>, u64)> = Vec::new();
+        let mut batch = core::mem::take(&mut self.writes.batch);
+        batch.clear();
         while let Some(q) = self.writes.waiting.front() {
             let (block, count) = (q.block, q.count);
             let overlaps = |b: u64, c: u64| c > 0 && block < b + c && b < block + count;
@@ -187,9 +192,10 @@ impl<H: Payload> Node<H> {
         if persist {
             self.persist();
         }
-        for (i, (q, wid)) in batch.into_iter().enumerate() {
+        for (i, (q, wid)) in batch.drain(..).enumerate() {
             self.start_write(q, wid, persist && i == 0);
         }
+        self.writes.batch = batch;
     }
 
     /// Extents of `[block, block + count)` the next metadata write must
@@ -381,7 +387,8 @@ impl<H: Payload> Node<H> {
             Some(s) => (s.send.peer_applied, s.send.peer_stable, true),
             None => (0, 0, false),
         };
-        let mut done = Vec::new();
+        let mut done = core::mem::take(&mut self.writes.released);
+        done.clear();
         for (io, p) in self.ios.client_writes() {
             if !p.local_done {
                 continue;
@@ -402,7 +409,7 @@ impl<H: Payload> Node<H> {
                 done.push(io);
             }
         }
-        for io in done {
+        for io in done.drain(..) {
             if let Some(io::Purpose::ClientWrite(p)) = self.ios.take(io) {
                 self.emit(Action::Reply {
                     req: p.req,
@@ -410,6 +417,7 @@ impl<H: Payload> Node<H> {
                 });
             }
         }
+        self.writes.released = done;
         while let Some(&FlushWaiter { req, io, peer }) = self.writes.flush_waiters.front() {
             let local = self.writes.local_flush_done.contains(&io);
             let peer_ok = match peer {
