@@ -1155,14 +1155,13 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
     end
 }
 
-/// The error a write-type command (WRITE, TRIM, WRITE_ZEROES) gets before it
-/// runs: EPERM on a read-only export, ENOSPC past the end.
 /// Where write payloads are read into. A payload of at most
 /// [`Payloads::SMALL`] bytes is cut from one shared chunk
 /// (`BytesMut::split`): no allocation per write, as the chunk is reused in
 /// place once every payload cut from it is gone, and otherwise a new chunk
-/// costs one allocation per [`Payloads::CHUNK`] bytes. A larger payload gets
-/// a buffer of its own, read into without zeroing it first.
+/// costs one allocation per [`Payloads::CHUNK`] bytes. A connection keeps
+/// its current chunk while it is open. A larger payload gets a buffer of its
+/// own, read into without zeroing it first.
 #[derive(Default)]
 struct Payloads {
     chunk: BytesMut,
@@ -1210,6 +1209,8 @@ fn read_payload<R: Read>(r: &mut BufReader<R>, data: &mut Vec<u8>, len: usize) -
     Ok(())
 }
 
+/// The error a write-type command (WRITE, TRIM, WRITE_ZEROES) gets before it
+/// runs: EPERM on a read-only export, ENOSPC past the end.
 fn write_check(read_only: bool, in_range: bool) -> Option<u32> {
     if read_only {
         Some(EPERM)
