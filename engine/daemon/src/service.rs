@@ -15,14 +15,9 @@ use crate::driver::Host;
 use crate::inbox::Inbox;
 use crate::input::Input;
 
-/// Link and carrier of an interface from sysfs (`ip netns exec` mounts the
-/// namespace's own sysfs, so this sees the daemon's namespace).
-pub fn link_up(ifname: &str) -> bool {
-    LinkFiles::new(ifname).up()
-}
-
 /// An interface's `carrier` and `operstate` files in sysfs, for polling
-/// without allocating.
+/// without allocating (`ip netns exec` mounts the namespace's own sysfs,
+/// so this sees the daemon's namespace).
 struct LinkFiles {
     carrier: PathBuf,
     operstate: PathBuf,

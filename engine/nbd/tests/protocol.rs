@@ -814,11 +814,12 @@ fn test_queue_depth_one_runs_on_reader_and_deep_queue_gets_one_worker_per_reques
 /// A backend with asynchronous writes: completions are held until `batch`
 /// of them are waiting, then answered in reverse order from another
 /// thread; the write at `drop_off` is never answered (its Completion is
-/// dropped).
+/// dropped), and the write at `panic_off` panics (a backend bug).
 struct AsyncMem {
     mem: Arc<Mem>,
     batch: usize,
     drop_off: u64,
+    panic_off: u64,
     held: Mutex<Vec<(u64, msl_nbd::Bytes, msl_nbd::Completion)>>,
     threads: Mutex<Vec<String>>,
 }
@@ -846,6 +847,7 @@ impl Backend for AsyncMem {
         true
     }
     fn write_async(&self, off: u64, data: msl_nbd::Bytes, _fua: bool, done: msl_nbd::Completion) {
+        assert_ne!(off, self.panic_off, "a backend bug");
         let name = std::thread::current().name().unwrap_or("").to_string();
         self.threads.lock().unwrap().push(name);
         let mut held = self.held.lock().unwrap();
@@ -876,6 +878,7 @@ fn async_writes_complete_out_of_order_on_the_reply_thread() {
         mem: Mem::new(),
         batch: 8,
         drop_off: 5 * 4096,
+        panic_off: u64::MAX,
         held: Mutex::new(Vec::new()),
         threads: Mutex::new(Vec::new()),
     });
@@ -916,49 +919,18 @@ fn async_writes_complete_out_of_order_on_the_reply_thread() {
     assert_eq!(c.end(), ConnEnd::Closed);
 }
 
-/// A backend that panics on the write at `panic_off` after answering the
-/// ones before it asynchronously.
-struct PanicsOnWrite {
-    mem: Arc<Mem>,
-    panic_off: u64,
-}
-
-impl Backend for PanicsOnWrite {
-    fn size(&self) -> u64 {
-        SIZE
-    }
-    fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.mem.read(off, buf)
-    }
-    fn write(&self, off: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        self.mem.write(off, data, fua)
-    }
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn trim(&self, _off: u64, _len: u64) -> io::Result<()> {
-        Ok(())
-    }
-    fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.mem.write_zeroes(off, len, fua)
-    }
-    fn async_writes(&self) -> bool {
-        true
-    }
-    fn write_async(&self, off: u64, data: msl_nbd::Bytes, _fua: bool, done: msl_nbd::Completion) {
-        assert_ne!(off, self.panic_off, "a backend bug");
-        done.complete(self.mem.write(off, &data, false));
-    }
-}
-
 /// A panic while serving a request closes the connection: the request gets
 /// EIO, the client is not left waiting on an open socket, writes answered
 /// before it stay answered, and the connection ends.
 #[test]
 fn a_panic_while_serving_closes_the_connection() {
-    let be = Arc::new(PanicsOnWrite {
+    let be = Arc::new(AsyncMem {
         mem: Mem::new(),
+        batch: 1,
+        drop_off: u64::MAX,
         panic_off: 3 * 4096,
+        held: Mutex::new(Vec::new()),
+        threads: Mutex::new(Vec::new()),
     });
     let mut c = start_on_reader(be.clone(), be.mem.clone());
     c.greet(CF);

@@ -662,17 +662,6 @@ impl std::ops::Deref for RxPayload<'_> {
     }
 }
 
-impl RxPayload<'_> {
-    /// The payload in a buffer of its own: taken over if it has one, else
-    /// copied out of the ring.
-    pub fn into_vec(self) -> Vec<u8> {
-        match self {
-            RxPayload::Ring(b) => b.to_vec(),
-            RxPayload::Owned(v) => v,
-        }
-    }
-}
-
 /// A message the receive worker took off the link.
 pub enum RxEvent<'a> {
     /// A whole message (reassembled if it came in fragments).
