@@ -227,20 +227,22 @@ fn test_clean_stop_after_disk_failure_never_marks_clean() {
     wait("node 1 answers", 20, || status(d, 1).is_some());
     stop(&d1);
     assert!(exited(&mut d1));
-    let (_, m) = msl_store::MetaStore::open(&d.join("n1.meta")).unwrap();
+    let (_, m) = open_meta(&d.join("n1.meta"));
     assert!(m.clean, "a healthy clean stop persists clean");
     // The disk marked failed in the metadata (what an I/O error latches).
-    let (mut store, mut m) = msl_store::MetaStore::open(&d.join("n1.meta")).unwrap();
+    let (mut store, mut m) = open_meta(&d.join("n1.meta"));
     m.disk = msl_wire::DiskState::Failed;
     store.persist(&m).unwrap();
     drop(store);
+    // The daemon must find the lock free: wait out any sibling test's spawn.
+    drop(open_meta(&d.join("n1.meta")));
     let mut d1 = start_daemon(d, &topo.veth.ns_a, 1, false);
     wait("node 1 answers", 20, || status(d, 1).is_some());
     let s = status(d, 1).unwrap();
     assert_eq!(s["disk"], "failed", "{s}");
     stop(&d1);
     assert!(exited(&mut d1), "{}", console(d));
-    let (_, m) = msl_store::MetaStore::open(&d.join("n1.meta")).unwrap();
+    let (_, m) = open_meta(&d.join("n1.meta"));
     assert!(!m.clean, "a failed disk was marked clean on stop");
     assert_eq!(m.disk, msl_wire::DiskState::Failed);
 }

@@ -308,3 +308,23 @@ pub fn fio_ok(out: std::process::Output, what: &str) -> String {
     );
     text
 }
+
+/// Open a node's metadata from the test process once the lock is free.
+///
+/// A `flock` belongs to the open file description. Another test in this
+/// process that spawns a program shares the descriptions it had open until
+/// the child's `exec` closes them, so a lock this process just dropped can
+/// stay held for that moment. Anything else (or a lock held for over five
+/// seconds) fails the test.
+pub fn open_meta(path: &Path) -> (msl_store::MetaStore, msl_core::meta::Meta) {
+    let t = Instant::now();
+    loop {
+        match msl_store::MetaStore::open(path) {
+            Ok(opened) => return opened,
+            Err(msl_store::StoreError::Locked { .. }) if t.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        }
+    }
+}
