@@ -105,11 +105,42 @@ pub struct NbdArgs {
     /// unauthenticated (no keyed MAC), to show what authentication costs.
     #[arg(long)]
     pub no_key: bool,
+    /// TCP congestion control of the client's and both servers' network
+    /// namespaces, for every server alike ("host": the machine's default).
+    /// Linux's default is cubic; a host that defaults to BBR paces a
+    /// client's 64 KiB writes over the microsecond-RTT veth by a model of
+    /// the flow's bandwidth that a server answering in a millisecond keeps
+    /// low: writes then wait 20-40 ms in the client's kernel (bench/README.md,
+    /// "The client's TCP congestion control").
+    #[arg(long, default_value = "cubic")]
+    pub tcp_cc: String,
     /// Profile: during each fio run against `msl` in the first round,
     /// `perf record -g` the primary's msld into DIR/<job>.perf.data
     /// (needs linux-perf: MSL_SETUP_PERF=1 bash scripts/setup.sh).
     #[arg(long, value_name = "DIR")]
     pub perf: Option<String>,
+}
+
+/// Set the TCP congestion control of network namespace `ns` (for the
+/// sockets made there afterwards).
+fn set_tcp_cc(ns: &str, cc: &str) -> Result<(), String> {
+    // /proc/sys/net is the namespace of the process that opens it.
+    let out = command_in(ns, "sh")
+        .args([
+            "-c",
+            "echo \"$1\" > /proc/sys/net/ipv4/tcp_congestion_control",
+            "sh",
+            cc,
+        ])
+        .output()
+        .map_err(|e| format!("sh in {ns}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cannot set TCP congestion control {cc:?} in {ns}: {}(see net.ipv4.tcp_available_congestion_control)",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
 }
 
 /// `256M`, `1G`, `1T`, `4096`, `64K` (binary units).
@@ -471,6 +502,15 @@ pub fn run(args: NbdArgs) -> Result<(), String> {
     let pair = new_pair(args.size, &args.backend, &args.msl_cpus, !args.no_key)?;
     let server_ns = pair.topo.server_ns(1).to_string();
     let client_ns = pair.topo.client_ns().to_string();
+    if args.tcp_cc != "host" {
+        for ns in [client_ns.as_str(), &server_ns, pair.topo.server_ns(2)] {
+            set_tcp_cc(ns, &args.tcp_cc)?;
+        }
+        say(&format!(
+            "TCP congestion control in the bench's namespaces: {}",
+            args.tcp_cc
+        ));
+    }
     let mut anchors: Vec<Proc> = Vec::new();
     let mut mirror = None;
     if servers.contains(&Server::QemuMirror) {
@@ -792,6 +832,35 @@ mod tests {
         assert!(parse_size("3P").unwrap_err().contains("unit"));
         assert!(parse_size("abcM").unwrap_err().contains("not a number"));
         assert!(parse_size("1048577").is_err());
+    }
+
+    /// The setting lands in the namespace given (its own /proc/sys/net),
+    /// not in the host's; an unknown algorithm is refused with the hint.
+    #[test]
+    fn test_tcp_congestion_control_set_per_namespace() {
+        if !msl_transport::netns::is_root() {
+            panic!("needs root (network namespaces)");
+        }
+        let read = |ns: Option<&str>| {
+            let mut c = match ns {
+                Some(n) => command_in(n, "cat"),
+                None => std::process::Command::new("cat"),
+            };
+            let out = c
+                .arg("/proc/sys/net/ipv4/tcp_congestion_control")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let host = read(None);
+        let ns = msl_transport::netns::NetNs::create("cc").unwrap();
+        let other = if host == "reno" { "cubic" } else { "reno" };
+        set_tcp_cc(&ns.name, other).unwrap();
+        assert_eq!(read(Some(&ns.name)), other);
+        assert_eq!(read(None), host, "the host's own setting changed");
+        let e = set_tcp_cc(&ns.name, "no-such-cc").unwrap_err();
+        assert!(e.contains("tcp_available_congestion_control"), "{e}");
+        assert_eq!(read(Some(&ns.name)), other);
     }
 
     #[test]
