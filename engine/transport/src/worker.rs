@@ -717,6 +717,10 @@ pub struct RxWorkerConfig {
 /// system call).
 pub const RX_STATS_EVERY: Duration = Duration::from_millis(100);
 
+/// How long the receive worker keeps looking for frames without sleeping
+/// after the last one.
+const RX_SPIN: Duration = Duration::from_micros(50);
+
 /// Start a receive worker: batches of frames off the link, Ethernet and
 /// frame checks, reassembly, then into `sink`; runs until `stop` is set
 /// or the sink says so, and hands the sink back.
@@ -733,15 +737,25 @@ pub fn start_rx<S: RxSink + 'static>(
             key: cfg.key.as_ref(),
         };
         let mut stats_at = Instant::now();
+        let mut last_frame = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             if stats_at.elapsed() >= RX_STATS_EVERY {
                 stats_at = Instant::now();
                 sink.link_dropped(link.stats().kernel_dropped);
             }
+            // Right after frames, look again without sleeping (giving the
+            // CPU to whoever else is runnable in between): a receiver
+            // asleep on the socket costs the sender a wake-up per frame.
+            let spinning = last_frame.elapsed() < RX_SPIN;
+            let wait = if spinning {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(20)
+            };
             // When this batch came off the link: taken here, so a consumer
             // that runs late still sees when the peer was last heard.
             let mut taken: Option<Instant> = None;
-            let r = link.recv(MAX_BATCH, Duration::from_millis(20), &mut |bytes| {
+            let r = link.recv(MAX_BATCH, wait, &mut |bytes| {
                 let arrived = *taken.get_or_insert_with(Instant::now);
                 sink.frame(bytes.len());
                 let Ok((_, body)) = wire::parse_eth(bytes) else {
@@ -775,8 +789,11 @@ pub fn start_rx<S: RxSink + 'static>(
                     Err(e) => sink.refused(Some(&e)),
                 }
             });
-            if r.is_err() {
-                std::thread::sleep(Duration::from_millis(10));
+            match r {
+                Ok(0) if spinning => std::thread::yield_now(),
+                Ok(0) => {}
+                Ok(_) => last_frame = taken.unwrap_or_else(Instant::now),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
             if !sink.batch_end() {
                 break;

@@ -410,3 +410,63 @@ fn test_shared_payload_is_sent_from_its_own_buffer() {
     assert_eq!(sink.refused, 0);
     assert_eq!(sink.got, vec![long, short.to_vec()]);
 }
+
+/// Right after frames the receive worker looks again without sleeping on
+/// the socket (a sleeping receiver costs the sender a wake-up per frame),
+/// and once nothing came for `RX_SPIN` it waits on the link again.
+#[test]
+fn test_receiver_looks_again_without_sleeping_after_frames() {
+    /// Hands out one frame on the first call, then none; records the
+    /// timeout of every call and when it was made.
+    struct Scripted {
+        calls: Arc<Mutex<Vec<(Duration, Instant)>>>,
+        first: bool,
+    }
+    impl RxLink for Scripted {
+        fn recv(
+            &mut self,
+            _max: usize,
+            timeout: Duration,
+            f: &mut dyn FnMut(&[u8]),
+        ) -> io::Result<usize> {
+            self.calls.lock().unwrap().push((timeout, Instant::now()));
+            if std::mem::take(&mut self.first) {
+                f(&[0u8; 60]);
+                return Ok(1);
+            }
+            // Stand in for the kernel's wait, shortened.
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            Ok(0)
+        }
+    }
+    struct Nothing;
+    impl RxSink for Nothing {
+        fn event(&mut self, _: RxEvent<'_>) {}
+    }
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let link = Scripted {
+        calls: calls.clone(),
+        first: true,
+    };
+    receive_all(Box::new(link), Key([1; 32]), Nothing);
+    let calls = calls.lock().unwrap();
+    let (_, frame_at) = calls[0];
+    assert!(calls.len() > 3, "{} calls", calls.len());
+    assert!(
+        calls[1].0.is_zero(),
+        "the call right after a frame must not sleep: {:?}",
+        calls[1].0
+    );
+    for &(timeout, at) in &calls[1..] {
+        let since = at.duration_since(frame_at);
+        if since + Duration::from_micros(5) < RX_SPIN {
+            assert!(
+                timeout.is_zero(),
+                "slept {timeout:?} {since:?} after a frame"
+            );
+        }
+        if since > RX_SPIN + Duration::from_millis(5) {
+            assert!(!timeout.is_zero(), "still spinning {since:?} after a frame");
+        }
+    }
+}
