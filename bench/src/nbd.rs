@@ -125,22 +125,17 @@ pub struct NbdArgs {
 /// sockets made there afterwards).
 fn set_tcp_cc(ns: &str, cc: &str) -> Result<(), String> {
     // /proc/sys/net is the namespace of the process that opens it.
-    let out = command_in(ns, "sh")
-        .args([
-            "-c",
-            "echo \"$1\" > /proc/sys/net/ipv4/tcp_congestion_control",
-            "sh",
-            cc,
-        ])
-        .output()
-        .map_err(|e| format!("sh in {ns}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cannot set TCP congestion control {cc:?} in {ns}: {}(see net.ipv4.tcp_available_congestion_control)",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
+    let mut c = command_in(ns, "sh");
+    c.args([
+        "-c",
+        "echo \"$1\" > /proc/sys/net/ipv4/tcp_congestion_control",
+        "sh",
+        cc,
+    ]);
+    let what = format!(
+        "setting TCP congestion control {cc:?} in {ns} (see net.ipv4.tcp_available_congestion_control)"
+    );
+    fio::run_bounded(c, Duration::from_secs(10), &what).map(drop)
 }
 
 /// `256M`, `1G`, `1T`, `4096`, `64K` (binary units).

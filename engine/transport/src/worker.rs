@@ -789,11 +789,13 @@ pub fn start_rx<S: RxSink + 'static>(
                     Err(e) => sink.refused(Some(&e)),
                 }
             });
+            if let Some(t) = taken {
+                last_frame = t;
+            }
             match r {
                 Ok(0) if spinning => std::thread::yield_now(),
-                Ok(0) => {}
-                Ok(_) => last_frame = taken.unwrap_or_else(Instant::now),
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                Ok(_) => {}
             }
             if !sink.batch_end() {
                 break;
