@@ -22,6 +22,7 @@ pub mod meta;
 pub mod node;
 pub mod reliable;
 pub mod rng;
+pub mod seqmap;
 pub mod verify;
 
 pub use config::{Config, ConfigError, WriteMode};

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bytes::BytesMut;
+use msl_buf::Chunks;
 use msl_transport::worker::{
     start_rx, start_tx, RxEvent, RxPayload, RxSink, RxWorkerConfig, TxCounters, TxWorkerConfig,
     TxWorkerEnd,
@@ -85,26 +85,25 @@ pub struct InboxSink {
     shared: Arc<Shared>,
     batch: Vec<Input>,
     /// Where payloads read in place from the receive ring are copied to:
-    /// each is cut from this shared chunk (`BytesMut::split`), which is
-    /// reused in place once every block cut from it is gone, so the steady
-    /// state allocates nothing per message.
-    chunk: BytesMut,
+    /// buffers cut from a few chunks reused in turn, so the steady state
+    /// allocates nothing per message.
+    chunks: Chunks,
 }
 
-/// Bytes of a fresh [`InboxSink::chunk`].
+/// Bytes of one of [`InboxSink::chunks`], and how many are set aside
+/// besides the one in use.
 const RX_CHUNK: usize = 512 * 1024;
+const RX_CHUNKS_KEPT: usize = 3;
 
 impl InboxSink {
     /// The payload as a block the core can keep.
     fn block(&mut self, payload: RxPayload<'_>) -> Block {
         match payload {
-            RxPayload::Owned(v) => Block::from(v),
+            RxPayload::Owned(b) => Block::from(b),
             RxPayload::Ring(b) => {
-                if self.chunk.capacity() < b.len() {
-                    self.chunk.reserve(RX_CHUNK.max(b.len()));
-                }
-                self.chunk.extend_from_slice(b);
-                Block::from(self.chunk.split().freeze())
+                let mut buf = self.chunks.take(b.len());
+                buf.extend_from_slice(b);
+                Block::from(buf.freeze())
             }
         }
     }
@@ -192,7 +191,7 @@ pub fn start_msl_rx(
         out,
         shared,
         batch: Vec::new(),
-        chunk: BytesMut::new(),
+        chunks: Chunks::new(RX_CHUNK, RX_CHUNKS_KEPT),
     };
     let cfg = RxWorkerConfig {
         cluster_id,

@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use crossbeam_channel::{bounded, Receiver};
+use msl_buf::Chunks;
 
 use crate::backend::{Completion, Done};
 use crate::counters::Counters;
@@ -1156,20 +1157,27 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
 }
 
 /// Where write payloads are read into. A payload of at most
-/// [`Payloads::SMALL`] bytes is cut from one shared chunk
-/// (`BytesMut::split`): no allocation per write, as the chunk is reused in
-/// place once every payload cut from it is gone, and otherwise a new chunk
-/// costs one allocation per [`Payloads::CHUNK`] bytes. A connection keeps
-/// its current chunk while it is open. A larger payload gets a buffer of its
-/// own, read into without zeroing it first.
-#[derive(Default)]
+/// [`Payloads::SMALL`] bytes is a buffer cut from a few chunks reused in
+/// turn (`msl_buf::Chunks`): no allocation per write while less than the
+/// ring's bytes are in flight. A connection keeps its chunks while it is
+/// open. A larger payload gets a buffer of its own, read into without
+/// zeroing it first.
 struct Payloads {
-    chunk: BytesMut,
+    chunks: Chunks,
+}
+
+impl Default for Payloads {
+    fn default() -> Self {
+        Payloads {
+            chunks: Chunks::new(Self::CHUNK, Self::CHUNKS_KEPT),
+        }
+    }
 }
 
 impl Payloads {
     const SMALL: usize = 64 * 1024;
     const CHUNK: usize = 512 * 1024;
+    const CHUNKS_KEPT: usize = 3;
 
     /// A request's `len` payload bytes from `r` (see [`read_payload`]).
     fn read<R: Read>(&mut self, r: &mut BufReader<R>, len: usize) -> io::Result<Bytes> {
@@ -1178,18 +1186,13 @@ impl Payloads {
             read_payload(r, &mut data, len)?;
             return Ok(Bytes::from(data));
         }
-        if self.chunk.capacity() < len {
-            self.chunk.reserve(Self::CHUNK);
-        }
+        let mut buf = self.chunks.take(len);
         let have = r.buffer().len().min(len);
-        self.chunk.extend_from_slice(&r.buffer()[..have]);
+        buf.extend_from_slice(&r.buffer()[..have]);
         r.consume(have);
-        self.chunk.resize(len, 0);
-        if let Err(e) = r.get_mut().read_exact(&mut self.chunk[have..]) {
-            self.chunk.clear();
-            return Err(e);
-        }
-        Ok(self.chunk.split().freeze())
+        buf.resize(len, 0);
+        r.get_mut().read_exact(&mut buf[have..])?;
+        Ok(buf.freeze())
     }
 }
 
@@ -1306,7 +1309,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::UnexpectedEof);
     }
 
-    /// Small payloads are cut from one chunk that is reused in place once
+    /// Small payloads are cut from chunks that are reused in place once
     /// they are gone (no allocation per write), a payload still held keeps
     /// its bytes while later ones are read, and a large one is read whole.
     #[test]
@@ -1342,6 +1345,7 @@ mod tests {
         // payloads were all dropped by then.
         let second = starts[per_chunk - 1];
         assert_eq!(starts[2 * per_chunk - 1], second, "the chunk is reused");
+        assert_eq!(p.chunks.allocations(), 2, "held's chunk and one more");
 
         let b = p.read(&mut r, big.len()).unwrap();
         assert_eq!(&b[..], &big[..]);

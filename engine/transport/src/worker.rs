@@ -649,7 +649,7 @@ fn tx_worker(s: &TxShared) -> TxWorkerEnd {
 #[derive(Debug)]
 pub enum RxPayload<'a> {
     Ring(&'a [u8]),
-    Owned(Vec<u8>),
+    Owned(Bytes),
 }
 
 impl std::ops::Deref for RxPayload<'_> {

@@ -20,6 +20,9 @@
 use core::fmt;
 use core::ops::Range;
 
+use bytes::{Bytes, BytesMut};
+use msl_buf::Chunks;
+
 use crate::frame::{self, EmitError, Key, Parsed, TAG_LEN};
 use crate::msg::{Header, Message, ResyncDone};
 
@@ -219,16 +222,25 @@ struct Slot {
     max: usize,
     /// The message's payload so far, at its offsets. It grows as fragments
     /// arrive: appended when they come in order (nothing zeroed first),
-    /// zero-filled up to a fragment that comes early.
-    buf: Vec<u8>,
+    /// zero-filled up to a fragment that comes early. Its room is cut from
+    /// the reassembler's chunks of [`SLOT_CHUNK`] bytes, reused once every
+    /// message taken from one is gone (`msl_buf::Chunks`).
+    buf: BytesMut,
     /// The last fragment, kept here while `chunk` is unknown (it arrived
     /// before every other).
     parked: Vec<u8>,
 }
 
+/// Bytes of one of the reassembler's chunks, which the slots cut their
+/// messages' room from; a larger message gets a buffer of its own.
+pub const SLOT_CHUNK: usize = 1024 * 1024;
+
+/// Chunks set aside besides the one in use (see `msl_buf::Chunks`).
+pub(crate) const SLOT_CHUNKS_KEPT: usize = 3;
+
 /// Write `data` at `at` in `buf`, growing it: appended when `at` is its
 /// end.
-fn put(buf: &mut Vec<u8>, at: usize, data: &[u8]) {
+fn put(buf: &mut BytesMut, at: usize, data: &[u8]) {
     if buf.len() == at {
         buf.extend_from_slice(data);
         return;
@@ -254,7 +266,7 @@ impl Slot {
             chunk: 0,
             last_len: 0,
             max,
-            buf: Vec::new(),
+            buf: BytesMut::new(),
             parked: Vec::new(),
         }
     }
@@ -281,7 +293,12 @@ impl Slot {
 
     /// Place one new (non-duplicate) fragment. On error the caller frees
     /// the slot.
-    fn place(&mut self, index: usize, payload: &[u8]) -> Result<(), ReassemblyError> {
+    fn place(
+        &mut self,
+        index: usize,
+        payload: &[u8],
+        chunks: &mut Chunks,
+    ) -> Result<(), ReassemblyError> {
         let n = usize::from(self.frag_count);
         let max = self.max;
         let len = payload.len();
@@ -326,7 +343,11 @@ impl Slot {
                 self.chunk = len;
                 // Room for a last fragment as long as the others, so the
                 // buffer is never moved while the message comes in.
-                self.buf.reserve(need.max(n.saturating_mul(len).min(max)));
+                let room = need.max(n.saturating_mul(len).min(max));
+                if self.buf.capacity() < room {
+                    // Empty until now: only the last fragment came before.
+                    self.buf = chunks.take(room);
+                }
                 if !self.parked.is_empty() {
                     let parked = std::mem::take(&mut self.parked);
                     put(&mut self.buf, (n - 1) * len, &parked);
@@ -350,7 +371,9 @@ impl Slot {
 /// Reassembles fragmented messages in a fixed number of slots, each
 /// holding at most `max_message_payload` bytes. A slot's buffer grows as
 /// its message's fragments arrive and is kept for the next message, unless
-/// the caller takes the finished payload over ([`Reassembler::take_completed`]).
+/// the caller takes the finished payload over ([`Reassembler::take_completed`]),
+/// which splits it off the slot's buffer, itself cut from a few chunks
+/// reused in turn: no allocation per message.
 ///
 /// Frames with `frag_count == 1` pass through too (copied into a dedicated
 /// buffer); on the hot path check `Parsed::is_fragment` first and use such
@@ -360,6 +383,8 @@ pub struct Reassembler {
     slots: Vec<Slot>,
     /// Buffer for unfragmented frames passed through `push`.
     pass: Vec<u8>,
+    /// Where the slots' buffers are cut from.
+    chunks: Chunks,
     max: usize,
     /// The slot whose message the last `push` completed.
     completed: Option<usize>,
@@ -377,6 +402,7 @@ impl Reassembler {
                 .map(|_| Slot::new(max_message_payload))
                 .collect(),
             pass: Vec::new(),
+            chunks: Chunks::new(SLOT_CHUNK, SLOT_CHUNKS_KEPT),
             max: max_message_payload,
             completed: None,
             next_stamp: 0,
@@ -386,11 +412,12 @@ impl Reassembler {
     }
 
     /// Right after a `push` that completed a fragmented message: its
-    /// payload, handed over (no copy). The slot starts its next message
-    /// with a new buffer. `None` after any other `push`.
-    pub fn take_completed(&mut self) -> Option<Vec<u8>> {
+    /// payload, handed over (no copy). `None` after any other `push`.
+    pub fn take_completed(&mut self) -> Option<Bytes> {
         let i = self.completed.take()?;
-        Some(std::mem::take(&mut self.slots[i].buf))
+        // The rest of the slot's room goes too, or its chunk could not be
+        // reused while the slot waits for its next message.
+        Some(std::mem::take(&mut self.slots[i].buf).freeze())
     }
 
     /// Feed a parsed frame; returns the whole message once its last missing
@@ -478,7 +505,7 @@ impl Reassembler {
         if s.have[index / 64] & (1 << (index % 64)) != 0 {
             return Ok(None); // duplicate
         }
-        if let Err(e) = s.place(index, p.payload) {
+        if let Err(e) = s.place(index, p.payload, &mut self.chunks) {
             s.busy = false;
             return Err(e);
         }
@@ -491,7 +518,13 @@ impl Reassembler {
         let total = (n - 1) * s.chunk + s.last_len;
         s.buf.truncate(total);
         self.completed = Some(i);
-        Ok(Some((done_header, s.msg, &s.buf)))
+        Ok(Some((done_header, s.msg, &s.buf[..])))
+    }
+
+    /// Buffers allocated for messages in fragments so far: a chunk now and
+    /// then, not one per message.
+    pub fn allocations(&self) -> u64 {
+        self.chunks.allocations()
     }
 
     /// Messages evicted unfinished because every slot was busy.

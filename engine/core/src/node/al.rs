@@ -115,7 +115,7 @@ impl<H: Payload> Node<H> {
     }
 
     pub(super) fn completed_wid(&self) -> u64 {
-        match self.writes.inflight_wids.first() {
+        match self.writes.inflight_wids.first_key() {
             Some(&w) => w - 1,
             None => self.writes.next_wid - 1,
         }

@@ -26,7 +26,7 @@ pub(super) struct ApplyPipeline<H> {
     /// Delivered messages, in order, not yet processed.
     pub(super) apply_q: VecDeque<(u64, InMsg<H>)>,
     /// Writes in flight here, by message.
-    pub(super) applying: BTreeMap<u64, Blocks>,
+    pub(super) applying: SeqMap<u64, Blocks>,
     pub(super) last_processed: u64,
     /// Everything up to here is applied / flushed here.
     pub(super) applied: u64,

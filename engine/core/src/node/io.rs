@@ -7,10 +7,9 @@
 //! the session ends: a late completion of it finds nothing and changes
 //! nothing, whichever session runs by then.
 
-use alloc::collections::BTreeMap;
-
 use super::write::PendingWrite;
 use super::{IoId, ReqId};
+use crate::seqmap::SeqMap;
 
 /// What an I/O in flight is for.
 #[derive(Clone, Debug)]
@@ -90,7 +89,7 @@ impl Purpose {
 #[derive(Debug)]
 pub(super) struct IoTable {
     next: IoId,
-    ios: BTreeMap<IoId, Purpose>,
+    ios: SeqMap<IoId, Purpose>,
     counts: [usize; KINDS],
 }
 
@@ -98,7 +97,7 @@ impl IoTable {
     pub(super) fn new() -> Self {
         IoTable {
             next: 1,
-            ios: BTreeMap::new(),
+            ios: SeqMap::new(),
             counts: [0; KINDS],
         }
     }

@@ -81,6 +81,7 @@ use crate::gens::{self, Decision, SideView, Strategy};
 use crate::meta::{Image, Meta};
 use crate::reliable::{ReliableRx, ReliableTx, RxOutcome, TxConfig};
 use crate::rng::Rng;
+use crate::seqmap::SeqMap;
 use crate::verify::{self, VerifyRun};
 use crate::Micros;
 use al::ActivityLog;
@@ -217,7 +218,7 @@ impl<H: Payload> Node<H> {
                 waiting: VecDeque::new(),
                 flush_waiters: VecDeque::new(),
                 local_flush_done: BTreeSet::new(),
-                inflight_wids: BTreeSet::new(),
+                inflight_wids: SeqMap::new(),
                 local_stable_wid: 0,
                 peer_stable_wid: 0,
                 session_start_wid: 0,

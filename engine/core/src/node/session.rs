@@ -289,7 +289,7 @@ impl<H: Payload> Node<H> {
                 rx: ReliableRx::new(self.cfg.window, peer.session),
                 ack_pending: false,
                 apply_q: VecDeque::new(),
-                applying: BTreeMap::new(),
+                applying: SeqMap::new(),
                 last_processed: peer.session,
                 applied: peer.session,
                 stable: peer.session,

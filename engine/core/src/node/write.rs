@@ -12,7 +12,7 @@ pub(super) struct WritePath<H> {
     pub(super) waiting: VecDeque<QueuedWrite<H>>,
     pub(super) flush_waiters: VecDeque<FlushWaiter>,
     pub(super) local_flush_done: BTreeSet<IoId>,
-    pub(super) inflight_wids: BTreeSet<u64>,
+    pub(super) inflight_wids: SeqMap<u64, ()>,
     pub(super) local_stable_wid: u64,
     pub(super) peer_stable_wid: u64,
     pub(super) session_start_wid: u64,
@@ -263,7 +263,7 @@ impl<H: Payload> Node<H> {
         let mirror = self.mirroring() && self.cfg.write_mode == WriteMode::Sync;
         let mirror_async = self.mirroring() && self.cfg.write_mode == WriteMode::Async;
         self.writes.last_write_us = self.now;
-        self.writes.inflight_wids.insert(wid);
+        self.writes.inflight_wids.insert(wid, ());
         // Before the write reaches the volume or the stream: a hole a
         // verify read reported before it no longer holds where it writes.
         self.online.run.note_write(q.block, q.count);
