@@ -100,7 +100,7 @@ pub struct Cores {
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
     pub cluster_id: u64,
-    /// Authenticate every frame (AEGIS-128L MAC under the key) when set.
+    /// Authenticate every frame (AEGIS-128X4 MAC under the key) when set.
     pub key: Option<Key>,
     /// Node ids on the wire.
     pub sender_id: u16,

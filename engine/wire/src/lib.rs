@@ -2,7 +2,7 @@
 //!
 //! * `msg`: typed message representations used by the protocol core.
 //! * `frame`: the versioned frame layout, checked and authenticated by one
-//!   AEGIS-128L MAC;
+//!   AEGIS-128X4 MAC;
 //!   `emit` / `parse` between `msg` types and bytes. Parsing untrusted bytes
 //!   never panics and never allocates.
 //! * `eth`: the Ethernet II header around MSL frames (EtherType 0x88B5).

@@ -14,7 +14,7 @@ use crate::Domain;
 #[test]
 fn test_layout_sizes_frozen() {
     // Changing any of these is a wire format change: bump VERSION.
-    assert_eq!(VERSION, 3);
+    assert_eq!(VERSION, 4);
     assert_eq!(HEADER_LEN, 48);
     assert_eq!(TAG_LEN, 16);
     assert_eq!(MAC_KEY_LEN, 16);
@@ -59,14 +59,14 @@ fn test_golden_bytes_data_frame() {
     });
     let hex = |b: &[u8]| -> String { b.iter().map(|b| format!("{b:02x}")).collect() };
     let bytes = emit_vec(&h, &m, &[0xee, 0xff], None);
-    // The tag is AEGISMAC-128L (128-bit tag, zero nonce) of everything
+    // The tag is AEGISMAC-128X4 (128-bit tag, zero nonce) of everything
     // before it under the keyless key; frozen below as well.
     let (covered, tag) = bytes.split_at(bytes.len() - TAG_LEN);
-    let mut mac = aegis::aegis128l::Aegis128LMac::<16>::new(&KEYLESS_MAC_KEY);
+    let mut mac = aegis::aegis128x4::Aegis128X4Mac::<16>::new(&KEYLESS_MAC_KEY);
     mac.update(covered);
     assert_eq!(tag, mac.finalize());
     let expected = format!(
-        "4d53030280000100\
+        "4d53040280000100\
          0102030405060708\
          0a0b0018\
          00000002\
@@ -92,8 +92,8 @@ fn test_golden_bytes_data_frame() {
 }
 
 /// Tags of `test_golden_bytes_data_frame`'s frame, keyless and under `KEY`.
-const GOLDEN_TAG: &str = "96675a0a22ec1ba5707a8f7602f7da5c";
-const GOLDEN_KEYED_TAG: &str = "9f085a81c7c8057078c8be7d0c42be37";
+const GOLDEN_TAG: &str = "16d0f15697f763c64554b04de424bfdb";
+const GOLDEN_KEYED_TAG: &str = "f492e04cda8acaa95029a4dfca7b38a4";
 
 // ----- round trips ---------------------------------------------------------
 
@@ -312,9 +312,10 @@ fn test_bad_magic_refused() {
 #[test]
 fn test_other_version_refused_and_counted_saying_what_to_upgrade() {
     let mut rx = RxCounters::default();
-    // Version 2 (CRC32C and keyed BLAKE3) and version 1 frames are refused,
-    // with or without a key, before any other check.
-    for old in [1u8, 2] {
+    // Version 3 (AEGIS-128L), version 2 (CRC32C and keyed BLAKE3) and
+    // version 1 frames are refused, with or without a key, before any other
+    // check.
+    for old in [1u8, 2, 3] {
         for key in [None, Some(&KEY)] {
             let (m, payload) = sample("heartbeat");
             let mut b = emit_vec(&header(0), &m, &payload, key);
@@ -329,17 +330,17 @@ fn test_other_version_refused_and_counted_saying_what_to_upgrade() {
                 msg.contains(&format!("wire version {old} refused")),
                 "{msg}"
             );
-            assert!(msg.contains("speaks version 3"), "{msg}");
+            assert!(msg.contains("speaks version 4"), "{msg}");
             assert!(msg.contains("upgrade the node that sent it"), "{msg}");
         }
     }
-    assert_eq!(rx.bad_version, 4);
-    assert_eq!(rx.dropped(), 4);
+    assert_eq!(rx.bad_version, 6);
+    assert_eq!(rx.dropped(), 6);
     // A newer version: this node is the one to upgrade.
     let mut b = data_frame();
-    b[field::VERSION] = 4;
+    b[field::VERSION] = 5;
     let e = parse_plain(&b).expect_err("newer version accepted");
-    assert_eq!(e, ParseError::BadVersion(4));
+    assert_eq!(e, ParseError::BadVersion(5));
     assert!(e.to_string().contains("upgrade this node"), "{e}");
 }
 
