@@ -232,8 +232,10 @@ struct Slot {
 }
 
 /// Bytes of one of the reassembler's chunks, which the slots cut their
-/// messages' room from; a larger message gets a buffer of its own.
-pub const SLOT_CHUNK: usize = 1024 * 1024;
+/// messages' room from: the room of the largest message that fits 255
+/// frames of the largest MTU (9216), so every message fits one; or twice
+/// the reassembler's largest message, if that is less.
+pub const SLOT_CHUNK: usize = MAX_FRAGMENTS * 9216;
 
 /// Chunks set aside besides the one in use (see `msl_buf::Chunks`).
 pub(crate) const SLOT_CHUNKS_KEPT: usize = 3;
@@ -402,7 +404,10 @@ impl Reassembler {
                 .map(|_| Slot::new(max_message_payload))
                 .collect(),
             pass: Vec::new(),
-            chunks: Chunks::new(SLOT_CHUNK, SLOT_CHUNKS_KEPT),
+            chunks: Chunks::new(
+                SLOT_CHUNK.min(max_message_payload.saturating_mul(2)),
+                SLOT_CHUNKS_KEPT,
+            ),
             max: max_message_payload,
             completed: None,
             next_stamp: 0,
@@ -428,8 +433,9 @@ impl Reassembler {
     /// message payload. Duplicates are ignored. A fragment whose body or
     /// fragment count disagrees with the message in its slot (same sender,
     /// generation and seq) restarts that slot. When every slot is busy the
-    /// oldest message is evicted (`evicted`). Allocates only to grow a
-    /// slot's buffer, never past `max_message_payload`.
+    /// oldest message is evicted (`evicted`). Allocates only for a slot's
+    /// buffer: a chunk now and then ([`Reassembler::allocations`]), or a
+    /// buffer of its own for a message larger than a chunk.
     pub fn push<'s>(
         &'s mut self,
         p: &Parsed<'_>,

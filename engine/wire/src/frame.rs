@@ -22,7 +22,7 @@
 //! well-known key), which catches damage but, like a CRC, not forgery.
 //!
 //! All integers are big-endian. Everything here (field offsets, body layouts,
-//! type codes, flag bits, the MAC) is fixed for `VERSION` 3; changing any of
+//! type codes, flag bits, the MAC) is fixed for `VERSION` 4; changing any of
 //! it needs a version bump.
 //!
 //! [`parse`] validates a frame completely before returning it: after it
@@ -46,9 +46,9 @@ pub const MAGIC: u16 = 0x4D53;
 /// Wire format version. Frames with any other version are refused
 /// (`ParseError::BadVersion`, whose message says which node to upgrade).
 /// Version 4: the frame's MAC is AEGIS-128X4, four AEGIS-128L lanes side
-/// by side (2.5x faster on a 9000-byte frame where the CPU has VAES, about
-/// the same where it has only AES-NI; version 3 used AEGIS-128L). Version
-/// 3 replaced a CRC32C and, when keyed, a keyed BLAKE3 tag (version 2).
+/// by side (version 3 used AEGIS-128L; bench/README.md compares them).
+/// Version 3 replaced a CRC32C and, when keyed, a keyed BLAKE3 tag
+/// (version 2).
 pub const VERSION: u8 = 4;
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = field::HEADER_END;

@@ -464,3 +464,23 @@ fn test_taken_payloads_reuse_chunks_without_allocating() {
         r.allocations()
     );
 }
+
+/// The largest messages a 9000-byte MTU carries (1 MiB in 118 fragments)
+/// fit a chunk too: no buffer of their own per message.
+#[test]
+fn test_one_mib_messages_share_chunks() {
+    const LEN: usize = 1 << 20;
+    let mut r = Reassembler::new(16, 64 << 20);
+    let payload = block(LEN);
+    let m = data_msg(LEN as u32);
+    for seq in 1..=20u64 {
+        let frames = fragments(&header(seq), &m, &payload, MTU_9000, Some(&KEY));
+        assert!(frames.len() > 100);
+        for f in &frames {
+            r.push(&parse(f, &expect(Some(&KEY))).expect("parse"))
+                .expect("push");
+        }
+        assert_eq!(r.take_completed().as_deref(), Some(&payload[..]));
+    }
+    assert_eq!(r.allocations(), 1);
+}
