@@ -48,6 +48,16 @@ impl Chunks {
         }
     }
 
+    /// Bytes of a chunk of [`Chunks::for_blocks`].
+    pub const BLOCK_CHUNK: usize = 512 * 1024;
+
+    /// The ring for block payloads of up to 64 KiB (an NBD connection's
+    /// writes, the blocks the MSL receiver takes off its ring): chunks of
+    /// [`Chunks::BLOCK_CHUNK`] bytes, 3 set aside.
+    pub fn for_blocks() -> Self {
+        Self::new(Self::BLOCK_CHUNK, 3)
+    }
+
     /// An empty buffer with room for at least `need` bytes, cut from the
     /// current chunk; freeze it once written. A request larger than a
     /// chunk gets a buffer of its own.

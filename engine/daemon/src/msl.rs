@@ -90,11 +90,6 @@ pub struct InboxSink {
     chunks: Chunks,
 }
 
-/// Bytes of one of [`InboxSink::chunks`], and how many are set aside
-/// besides the one in use.
-const RX_CHUNK: usize = 512 * 1024;
-const RX_CHUNKS_KEPT: usize = 3;
-
 impl InboxSink {
     /// The payload as a block the core can keep.
     fn block(&mut self, payload: RxPayload<'_>) -> Block {
@@ -191,7 +186,7 @@ pub fn start_msl_rx(
         out,
         shared,
         batch: Vec::new(),
-        chunks: Chunks::new(RX_CHUNK, RX_CHUNKS_KEPT),
+        chunks: Chunks::for_blocks(),
     };
     let cfg = RxWorkerConfig {
         cluster_id,

@@ -1169,15 +1169,13 @@ struct Payloads {
 impl Default for Payloads {
     fn default() -> Self {
         Payloads {
-            chunks: Chunks::new(Self::CHUNK, Self::CHUNKS_KEPT),
+            chunks: Chunks::for_blocks(),
         }
     }
 }
 
 impl Payloads {
     const SMALL: usize = 64 * 1024;
-    const CHUNK: usize = 512 * 1024;
-    const CHUNKS_KEPT: usize = 3;
 
     /// A request's `len` payload bytes from `r` (see [`read_payload`]).
     fn read<R: Read>(&mut self, r: &mut BufReader<R>, len: usize) -> io::Result<Bytes> {
@@ -1314,7 +1312,7 @@ mod tests {
     /// its bytes while later ones are read, and a large one is read whole.
     #[test]
     fn test_small_payloads_reuse_their_chunk_and_keep_held_bytes() {
-        const N: usize = Payloads::CHUNK / 4096 * 3;
+        const N: usize = Chunks::BLOCK_CHUNK / 4096 * 3;
         let block = |i: usize| vec![(i % 251) as u8 + 1; 4096];
         let mut stream = Vec::new();
         for i in 0..N {
@@ -1335,7 +1333,7 @@ mod tests {
         }
         // Every payload read while `held` lives, and it kept its bytes.
         assert_eq!(&held[..], &block(0)[..]);
-        let per_chunk = Payloads::CHUNK / 4096;
+        let per_chunk = Chunks::BLOCK_CHUNK / 4096;
         // Within a chunk the payloads follow each other: one chunk, not
         // one buffer each.
         assert!(starts[..per_chunk - 1]
