@@ -718,8 +718,11 @@ pub struct RxWorkerConfig {
 pub const RX_STATS_EVERY: Duration = Duration::from_millis(100);
 
 /// How long the receive worker keeps looking for frames without sleeping
-/// after the last one.
-const RX_SPIN: Duration = Duration::from_micros(50);
+/// after the last one (yielding the CPU between looks). 200 us covers the
+/// gap between the messages of a 64 KiB stream at QD8 on a CPU shared
+/// with the sender; see bench/README.md, "A/B: how long the receiver looks
+/// again".
+const RX_SPIN: Duration = Duration::from_micros(200);
 
 /// Start a receive worker: batches of frames off the link, Ethernet and
 /// frame checks, reassembly, then into `sink`; runs until `stop` is set
