@@ -106,6 +106,9 @@ pub struct Driver<H: Host> {
     internal: VecDeque<Event<Block>>,
     /// Input drops (receive rings, LAN queues) already reported.
     overruns_seen: u64,
+    /// Drops already logged, and when (the log says it at most once per
+    /// `OVERRUN_LOG_EVERY`).
+    overruns_logged: (u64, Option<Instant>),
     /// Why the core stopped, once it has (whichever thread saw it).
     exit: Option<Exit>,
     /// The first tick has run.
@@ -148,6 +151,9 @@ struct Housekeeping {
 
 /// At most one "bad_auth" notice per this long (each carries the count).
 pub const BAD_AUTH_NOTICE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Lost input is logged at most this often (the counters have every drop).
+const OVERRUN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl<H: Host> Driver<H> {
     /// Build a driver from loaded metadata. Its I/O worker and flush
@@ -206,6 +212,7 @@ impl<H: Host> Driver<H> {
             held_ack: None,
             internal: VecDeque::new(),
             overruns_seen: 0,
+            overruns_logged: (0, None),
             exit: None,
             started: false,
             never_clean: false,
@@ -418,15 +425,26 @@ impl<H: Host> Driver<H> {
 
     /// Count an overrun once per run of the core that finds new drops.
     /// True (and counted) if input was lost since the last look: the core
-    /// then treats it as a stall, whatever silence it measured is void.
+    /// then voids whatever silence it measured (the peer's frames may be
+    /// among the drops); it is not a stall, the node holds nothing.
     fn check_overrun(&mut self) -> bool {
         let drops = self.input_drops();
-        if drops > self.overruns_seen {
-            self.overruns_seen = drops;
-            self.shared.input_overruns.fetch_add(1, Ordering::Relaxed);
-            return true;
+        if drops <= self.overruns_seen {
+            return false;
         }
-        false
+        self.overruns_seen = drops;
+        self.shared.input_overruns.fetch_add(1, Ordering::Relaxed);
+        let (logged, at) = self.overruns_logged;
+        if at.is_none_or(|t| t.elapsed() >= OVERRUN_LOG_EVERY) {
+            tracing::warn!(
+                "msld: {} input frames or datagrams lost (receive ring or queue full; \
+                 msl_rx_ring_dropped, lan_rx_kernel_dropped, lan_rx_queue_full): \
+                 failure detection restarted",
+                drops - logged
+            );
+            self.overruns_logged = (drops, Some(Instant::now()));
+        }
+        true
     }
 
     /// Run until stopped; returns why. This thread becomes the core

@@ -124,6 +124,9 @@ pub struct Options {
     /// volume); the blocks above stay holes unless a resync or a test
     /// writes them.
     pub client_blocks: u64,
+    /// Extra time each node's flushes take (a disk whose cache is slower
+    /// to flush than its peer's).
+    pub flush_extra_us: [u64; 2],
 }
 
 impl Options {
@@ -143,6 +146,7 @@ impl Options {
             on_no_quorum: NoQuorum::Suspend,
             ordered_disk: false,
             client_blocks: 0,
+            flush_extra_us: [0; 2],
         }
     }
 }
@@ -194,6 +198,10 @@ struct Attacker {
 
 /// The most frames the attacker keeps (a random sample of all it saw).
 const ATTACKER_MEMORY: usize = 4096;
+
+/// Frames (and, apart, LAN packets) a frozen node's host keeps for it; the
+/// rest of what arrives meanwhile is lost, as in a full receive ring.
+const RX_QUEUE_FRAMES: usize = 64;
 
 /// What an injected frame is, for the check on arrival.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,6 +316,12 @@ struct SimNode {
     /// in `held`, its disk and its peer go on.
     frozen: bool,
     held: Vec<Held>,
+    /// Until then its host's receive queues overflow while it runs: every
+    /// frame and packet for it is lost (`lose_input`).
+    deaf_until: Micros,
+    /// Its host lost input it has not reported yet: it feeds
+    /// `Event::InputOverrun` before its next input, as msld's driver does.
+    input_lost: bool,
 
     disk: Disk,
     meta: Option<Vec<u8>>,
@@ -334,6 +348,8 @@ impl SimNode {
         self.holds_address = false;
         self.frozen = false;
         self.held.clear();
+        self.deaf_until = 0;
+        self.input_lost = false;
     }
 }
 
@@ -388,6 +404,12 @@ pub struct Report {
     /// on both sides.
     pub verifies: u64,
     pub verify_hole_blocks: u64,
+    /// Frames and packets a node's host lost to full receive queues
+    /// (`Sim::lose_input`, or more than `RX_QUEUE_FRAMES` held in a freeze).
+    pub input_lost: u64,
+    /// Stable-point FLUSH barriers each node sent its peer (first sends,
+    /// not retransmissions).
+    pub barriers: [u64; 2],
 }
 
 /// The simulator.
@@ -413,6 +435,8 @@ pub struct Sim {
     msl_blackhole: bool,
     lan_cut: bool,
     msl_link_free: [Micros; 2],
+    /// The newest stable-point barrier each node sent (`Report::barriers`).
+    barrier_seq: [u64; 2],
     double_cut_seen: bool,
     attacker: Option<Attacker>,
     injected: BTreeMap<usize, Injected>,
@@ -458,6 +482,8 @@ impl Sim {
                 boot_epoch: 0,
                 frozen: false,
                 held: Vec::new(),
+                deaf_until: 0,
+                input_lost: false,
                 disk: Disk::new(blocks),
                 meta: Some(meta.encode()),
                 ios: BTreeMap::new(),
@@ -494,6 +520,7 @@ impl Sim {
             msl_blackhole: false,
             lan_cut: false,
             msl_link_free: [0; 2],
+            barrier_seq: [0; 2],
             double_cut_seen: false,
             attacker: None,
             injected: BTreeMap::new(),
@@ -634,6 +661,10 @@ impl Sim {
                 self.nodes[i].held.push(Held::Event(ev));
             }
             return;
+        }
+        if std::mem::take(&mut self.nodes[i].input_lost) {
+            // The host finds the drops when it next runs, before any input.
+            self.feed(i, Event::InputOverrun);
         }
         if self.record.is_some() {
             self.record(format_args!("n{} <- {ev:?}", i + 1));
@@ -793,6 +824,13 @@ impl Sim {
     }
 
     fn send_msl(&mut self, i: usize, header: Header, msg: Message, payload: Option<Buf>) {
+        if let Message::Data(d) = &msg {
+            let barrier = d.write_id == 0 && d.len == 0 && d.flags & wire::data_flags::FLUSH != 0;
+            if barrier && header.seq > self.barrier_seq[i] {
+                self.barrier_seq[i] = header.seq;
+                self.report.barriers[i] += 1;
+            }
+        }
         if self.msl_cut || self.msl_blackhole {
             return;
         }
@@ -842,7 +880,10 @@ impl Sim {
     }
 
     fn disk_op(&mut self, i: usize, io: u64, op: DiskOp) {
-        let lat = self.opts.disk_latency_us / 2 + self.rng.below(self.opts.disk_latency_us + 1);
+        let mut lat = self.opts.disk_latency_us / 2 + self.rng.below(self.opts.disk_latency_us + 1);
+        if matches!(op, DiskOp::Flush { .. }) {
+            lat += self.opts.flush_extra_us[i];
+        }
         let op = match op {
             // A flush covers what was written before it either way.
             DiskOp::Write { .. } | DiskOp::Read { .. } if self.opts.ordered_disk => {
@@ -1070,7 +1111,26 @@ impl Sim {
         self.fault(format!("n{} runs again", i + 1), None);
         self.nodes[i].frozen = false;
         self.lease_stall(i);
-        for h in std::mem::take(&mut self.nodes[i].held) {
+        // The host's receive queues held what arrived meanwhile up to their
+        // size; later frames and packets were lost, found on the first run.
+        let mut held = std::mem::take(&mut self.nodes[i].held);
+        let (mut msl, mut lan) = (0, 0);
+        held.retain(|h| {
+            let n = match h {
+                Held::Event(Event::MslFrame { .. }) => &mut msl,
+                Held::Event(Event::LanFrame { .. }) => &mut lan,
+                _ => return true,
+            };
+            *n += 1;
+            *n <= RX_QUEUE_FRAMES
+        });
+        let lost = (msl.max(RX_QUEUE_FRAMES) - RX_QUEUE_FRAMES)
+            + (lan.max(RX_QUEUE_FRAMES) - RX_QUEUE_FRAMES);
+        if lost > 0 {
+            self.nodes[i].input_lost = true;
+            self.report.input_lost += lost as u64;
+        }
+        for h in held {
             match h {
                 Held::Event(ev) => self.feed(i, ev),
                 Held::Client(op) => {
@@ -1081,6 +1141,21 @@ impl Sim {
             }
         }
         self.feed(i, Event::Tick);
+    }
+
+    /// Node `i`'s host loses every frame and packet for it for `d` while
+    /// it runs (its receive ring and socket buffers overflow: a flood, a
+    /// starved receive thread); it reports the loss to the core
+    /// (`Event::InputOverrun`) when it next runs.
+    pub fn lose_input(&mut self, i: usize, d: Micros) {
+        if self.nodes[i].node.is_none() {
+            return;
+        }
+        self.fault(
+            format!("n{} loses its input for {} ms", i + 1, d / MS),
+            Some(format!("lose input n{} {} ms", i + 1, d / MS)),
+        );
+        self.nodes[i].deaf_until = self.now + d;
     }
 
     /// Someone starts recording every frame and packet on both wires (a
@@ -1596,6 +1671,14 @@ impl Sim {
                     self.feed(i, Event::Tick);
                 }
             }
+            Ev::Msl { to, epoch, frame } | Ev::Lan { to, epoch, frame }
+                if self.nodes[to].epoch == epoch && self.now < self.nodes[to].deaf_until =>
+            {
+                self.frames.remove(&frame);
+                self.injected.remove(&frame);
+                self.nodes[to].input_lost = true;
+                self.report.input_lost += 1;
+            }
             Ev::Msl { to, epoch, frame } => {
                 if self.nodes[to].epoch == epoch && !self.msl_cut && !self.msl_blackhole {
                     self.on_frame(to, frame, false);
@@ -1997,6 +2080,9 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
         o.client_blocks = 64 + vr.below(512);
         o.volume_blocks = o.client_blocks + 1024 + vr.below(3072);
     }
+    // An eighth of the episodes start with a node's host losing its input
+    // for a while (drawn apart: the other faults keep their schedules).
+    let mut ir = Rng::new(seed ^ LOST_INPUT_SEEDS);
     let attack = r.below(2) == 0;
     let attack_every = 1 + r.below(30 * MS);
     let mut sim = Sim::new(o);
@@ -2012,6 +2098,20 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
             .find(|&i| sim.role(i) == Some(Role::Primary))
             .unwrap_or(0);
         let secondary = 1 - primary;
+        if ir.below(8) == 0 {
+            // The receive ring overflows while the node runs: at most a
+            // few frames, or everything for longer than the dead interval.
+            // The node must neither hold (it ran, so it was heard) nor
+            // judge the peer by the silence it could not hear.
+            let who = if ir.below(2) == 0 { primary } else { secondary };
+            let d = match ir.below(3) {
+                0 => 1 + ir.below(5 * MS),
+                1 => 50 * MS + ir.below(300 * MS),
+                _ => 400 * MS + ir.below(2 * SEC),
+            };
+            sim.lose_input(who, d);
+            sim.run_for(d);
+        }
         let hold = 100 * MS + r.below(2 * SEC);
         if witness && wr.below(2) == 0 {
             witness_episode(&mut sim, &mut wr, &mut xr, primary);
@@ -2126,7 +2226,14 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
         if let Some(f) = sim.failure() {
             return Err(f);
         }
-        sim.run_until_converged(20 * SEC);
+        // Once the fault has healed the pair is back in sync on its own
+        // (the returning node resynced, roles settled) within 20 s.
+        if !sim.run_until_converged(20 * SEC) {
+            return Err(format!(
+                "the pair did not converge within 20 s of the fault healing (at {:.3} s)",
+                sim.now() as f64 / 1e6
+            ));
+        }
     }
     if verify {
         verify_episode(&mut sim, &mut vr)?;
@@ -2138,6 +2245,9 @@ pub fn run_seed(seed: u64, trace: bool) -> Result<Report, String> {
 /// Draws which seeds run `verify_episode` (chosen so that the regression
 /// seeds, which replay runs without it, are not among them).
 const VERIFY_SEEDS: u64 = 0x5645_5249_4659_263F;
+
+/// Draws which episodes start with `Sim::lose_input`.
+const LOST_INPUT_SEEDS: u64 = 0x4C4F_5354_494E_5055;
 
 /// Whether `run_seed(seed)` ends with an online verify (`verify_episode`).
 pub fn runs_verify(seed: u64) -> bool {
@@ -2177,10 +2287,12 @@ fn verify_episode(sim: &mut Sim, v: &mut Rng) -> Result<(), String> {
     while status(sim).is_some_and(|s| s.active) && sim.now < end {
         sim.run_for(10 * MS);
     }
+    let mut judged = false;
     match status(sim) {
         // Refused (not in sync), aborted (the session ended) or the node
         // went away: nothing to judge.
         Some(st) if st.runs > runs && st.aborted.is_none() => {
+            judged = true;
             let found = &st.first_differing[..usize::from(st.first_len)];
             if st.differing_blocks != 1 || found != [stray] || st.checked_blocks != blocks {
                 sim.fail(format!(
@@ -2205,9 +2317,11 @@ fn verify_episode(sim: &mut Sim, v: &mut Rng) -> Result<(), String> {
     }
     // The resync copies the primary's block; a stray block on the
     // primary is then on both: the client never wrote it, so clear it.
+    // A verify that did not run to its end found nothing to resync: the
+    // stray block, a fault no node can see, is cleared on both as well.
     sim.run_until_converged(20 * SEC);
     sim.run_for(500 * MS);
-    if side == primary || sim.disk_view(primary)[stray as usize] != 0 {
+    if !judged || side == primary || sim.disk_view(primary)[stray as usize] != 0 {
         sim.write_behind(0, stray, 0);
         sim.write_behind(1, stray, 0);
     }

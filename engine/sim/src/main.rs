@@ -130,6 +130,7 @@ fn main() -> ExitCode {
     let mut failed = Vec::new();
     let mut writes = 0;
     let mut verifies = 0;
+    let mut lost = 0;
     for seed in args.first..args.first + n {
         let file = trace_to(dir, &format!("seed-{seed}"));
         let r = run_seed(seed, false);
@@ -138,6 +139,7 @@ fn main() -> ExitCode {
             Ok(r) => {
                 writes += r.acked_writes;
                 verifies += r.verifies;
+                lost += r.input_lost;
             }
             Err(e) => {
                 let first = e.lines().next().unwrap_or("").to_string();
@@ -147,7 +149,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "ran {n} seeds in {:.1} s ({writes} acknowledged writes checked, {verifies} online verifies)",
+        "ran {n} seeds in {:.1} s ({writes} acknowledged writes checked, {verifies} online verifies, {lost} frames lost to full receive queues)",
         started.elapsed().as_secs_f64()
     );
     println!(

@@ -679,6 +679,14 @@ pub fn saturated_msl_no_false_takeover(seed: u64) -> Result<Outcome, String> {
     finish(&mut sim, "saturated-msl", None, None)
 }
 
+fn n1_stayed_primary(sim: &Sim) -> Result<(), String> {
+    ensure(
+        sim.roles_seen(0) == [Role::Secondary, Role::Primary] && sim.holds_address(0),
+        "n1 stayed primary and kept the service address",
+        sim,
+    )
+}
+
 /// A secondary that does not run for `d` (VM pause, SIGSTOP) does not take
 /// over when it runs again: the primary's frames that arrived meanwhile
 /// are read before any timer, and its silence counts only from when it
@@ -700,11 +708,7 @@ fn secondary_frozen(seed: u64, d: u64, name: &'static str) -> Result<Outcome, St
         "n2 never took over",
         &sim,
     )?;
-    ensure(
-        sim.roles_seen(0) == [Role::Secondary, Role::Primary] && sim.holds_address(0),
-        "n1 stayed primary and kept the service address",
-        &sim,
-    )?;
+    n1_stayed_primary(&sim)?;
     ensure(
         sim.acks(0).iter().any(|&t| t > thawed),
         "n1 went on acknowledging writes",
@@ -924,6 +928,102 @@ pub fn cross_domain_replays_rejected(seed: u64) -> Result<Outcome, String> {
     finish(&mut sim, "cross-domain-replays", None, None)
 }
 
+/// Node `i`'s host loses its input for `d`, and something was lost.
+fn lose_input(sim: &mut Sim, i: usize, d: u64) -> Result<(), String> {
+    let before = sim.report.input_lost;
+    sim.lose_input(i, d);
+    sim.run_for(d);
+    ensure(
+        sim.report.input_lost > before,
+        &format!("frames for n{} were lost while it ran", i + 1),
+        sim,
+    )
+}
+
+/// The secondary's host loses every frame and packet for 1.2 s (three
+/// dead intervals) while it runs: a flooded LAN and a full MSL receive
+/// ring. Its host reports the loss each time it runs, so the silence it
+/// measured is void: it must not take over from the primary it could not
+/// hear. It did not stall: no notice of one.
+pub fn secondary_loses_input(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    lose_input(&mut sim, 1, 1_200 * MS)?;
+    sim.run_for(2 * SEC);
+    ensure(
+        sim.roles_seen(1) == [Role::Secondary] && !sim.has_notice(1, "takeover"),
+        "n2 never took over",
+        &sim,
+    )?;
+    ensure(
+        !sim.has_notice(1, "stalled"),
+        "lost input is not a stall",
+        &sim,
+    )?;
+    n1_stayed_primary(&sim)?;
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    finish(&mut sim, "secondary-loses-input", None, None)
+}
+
+/// The primary's host loses its input for 30 ms (its MSL receive ring
+/// overflows under a burst) while it runs. It ran, so its heartbeats went
+/// out and the secondary cannot have taken over: it holds nothing and goes
+/// on acknowledging writes as soon as the peer's acks arrive again (a stall
+/// would hold them for a dead interval, 400 ms).
+pub fn primary_loses_input(seed: u64) -> Result<Outcome, String> {
+    let mut sim = pair(seed)?;
+    lose_input(&mut sim, 0, 30 * MS)?;
+    let t0 = sim.now();
+    sim.run_for(2 * SEC);
+    ensure(
+        !sim.has_notice(0, "stalled") && !sim.has_notice(0, "degraded"),
+        "n1 neither stalled nor lost its peer",
+        &sim,
+    )?;
+    let first = sim.acks(0).iter().find(|&&t| t > t0).copied();
+    ensure(
+        first.is_some_and(|t| t < t0 + 150 * MS),
+        &format!(
+            "n1 acknowledged a write within 150 ms of the loss (first at {:?} ms)",
+            first.map(|t| ms(t - t0))
+        ),
+        &sim,
+    )?;
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    finish(&mut sim, "primary-loses-input", None, None)
+}
+
+/// The secondary's disk takes 20 ms longer per flush than the primary's,
+/// and the client writes across more extents than the activity log holds,
+/// so the primary needs stable points often. Each waits for the peer to
+/// report the last one stable: at most one barrier per peer flush, not one
+/// per local flush (which would bury the peer under barriers it can only
+/// take one flush at a time, and starve the client).
+pub fn slow_peer_flush(seed: u64) -> Result<Outcome, String> {
+    let mut o = Options::new(seed);
+    o.flush_extra_us = [0, 20 * MS];
+    o.client_qd = 6;
+    let mut sim = Sim::new(o);
+    sim.start_pair()?;
+    let (acked, sent) = (sim.report.acked_writes, sim.report.barriers[0]);
+    sim.run_for(5 * SEC);
+    let barriers = sim.report.barriers[0] - sent;
+    ensure(
+        barriers <= 5 * SEC / (20 * MS) + 10,
+        &format!("n1 sent {barriers} stable-point barriers in 5 s to a peer that flushes in 20 ms"),
+        &sim,
+    )?;
+    ensure(
+        sim.report.acked_writes - acked >= 200,
+        &format!(
+            "the client kept writing ({} writes acknowledged in 5 s)",
+            sim.report.acked_writes - acked
+        ),
+        &sim,
+    )?;
+    ensure(sim.run_until_converged(20 * SEC), "pair converges", &sim)?;
+    finish(&mut sim, "slow-peer-flush", None, None)
+}
+
 /// A scenario: runs with a seed, returns its figures or what failed.
 pub type ScenarioFn = fn(u64) -> Result<Outcome, String>;
 
@@ -958,5 +1058,8 @@ pub fn all() -> Vec<(&'static str, ScenarioFn)> {
             replayed_heartbeats_on_a_dead_lan,
         ),
         ("cross-domain-replays", cross_domain_replays_rejected),
+        ("secondary-loses-input", secondary_loses_input),
+        ("primary-loses-input", primary_loses_input),
+        ("slow-peer-flush", slow_peer_flush),
     ]
 }

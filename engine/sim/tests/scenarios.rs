@@ -143,3 +143,18 @@ fn test_replayed_old_heartbeats_do_not_revive_a_dead_lan_path() {
 fn test_frames_that_arrived_during_a_short_freeze_count_before_timers() {
     run(scenario::outage_then_short_freeze, &[1, 2, 3]);
 }
+
+#[test]
+fn test_secondary_that_loses_its_input_does_not_take_over() {
+    run(scenario::secondary_loses_input, &[1, 2, 3]);
+}
+
+#[test]
+fn test_primary_that_loses_its_input_does_not_hold_writes() {
+    run(scenario::primary_loses_input, &[1, 2, 3]);
+}
+
+#[test]
+fn test_stable_points_wait_for_a_peer_that_flushes_slower() {
+    run(scenario::slow_peer_flush, &[1, 2, 3]);
+}

@@ -92,7 +92,18 @@ impl<H: Payload> Node<H> {
         let unstable = self.actlog.slots.iter().any(|s| !self.al_cold(s));
         let due = self.now >= self.stabilize_due_us();
         let blocked = self.actlog.blocked && !self.writes.waiting.is_empty();
-        if unstable && (due || blocked) && self.ios.count(io::Kind::StablePoint) == 0 {
+        // One stable point at a time, here and on the peer: the next one
+        // starts once the local flush is done and the peer reported the
+        // last barrier stable (else, while the log is full, every local
+        // flush would send another barrier, and a peer with a slower disk
+        // would fall ever further behind).
+        let peer_busy = self.session.as_ref().is_some_and(|s| {
+            s.send
+                .stable_point
+                .is_some_and(|b| !b.is_at_or_before(s.send.peer_stable))
+        });
+        if unstable && (due || blocked) && self.ios.count(io::Kind::StablePoint) == 0 && !peer_busy
+        {
             self.actlog.last_stabilize_us = self.now;
             self.internal_flush();
         }
@@ -110,7 +121,10 @@ impl<H: Payload> Node<H> {
                 len: 0,
                 flags: data_flags::FLUSH,
             };
-            self.send_reliable(Message::Data(d), None);
+            let sent = self.send_reliable(Message::Data(d), None);
+            if let Some(s) = self.session.as_mut() {
+                s.send.stable_point = Some(sent.map_or(Numbered::Queued, Numbered::Sent));
+            }
         }
     }
 

@@ -160,9 +160,13 @@ pub enum Event<H> {
     /// A `PersistMeta` action failed.
     MetaFailed,
     Admin(AdminCmd),
-    /// The host lost input: a receive queue overflowed, or the host knows
-    /// its threads did not run for a while. The node treats it as a stall
-    /// (see [`Notice::Stalled`]): whatever silence it measured is void.
+    /// The host lost input: a receive queue overflowed (the MSL ring, a
+    /// LAN socket, the hand-off queue). The peer's frames may be among what
+    /// was lost, so whatever silence the node measured is void: every path
+    /// that was alive gets a fresh dead interval. It is not a stall: the
+    /// node ran, so its own heartbeats went out and the peer cannot have
+    /// taken over meanwhile; a primary keeps serving. Fed together with a
+    /// gap of more than `stall_threshold_us`, the gap makes it a stall.
     InputOverrun,
     /// Whether this node holds the witness lease, and until when (the
     /// host's clock, as `now`): the host's lease client answers after
@@ -282,9 +286,9 @@ pub enum Notice {
     DiskFailed {
         what: &'static str,
     },
-    /// This node did not run for `for_us` (or its host lost input): it
-    /// restarted its failure detection, and a primary holds new writes for
-    /// one dead interval until it knows the peer did not take over.
+    /// This node did not run for `for_us`: it restarted its failure
+    /// detection, and a primary holds new writes for one dead interval
+    /// until it knows the peer did not take over.
     Stalled {
         for_us: u64,
     },
@@ -408,7 +412,7 @@ impl fmt::Display for Notice {
             Notice::VerifyAborted { reason } => write!(f, "online verify aborted: {reason}"),
             Notice::Stalled { for_us } => write!(
                 f,
-                "this node did not run for {} ms (or lost input): failure detection restarted, peer judged after a full dead interval",
+                "this node did not run for {} ms: failure detection restarted, peer judged after a full dead interval",
                 for_us / 1000
             ),
             Notice::Warning { what } => write!(f, "{what}"),
@@ -494,8 +498,11 @@ pub struct Counters {
     /// newest one heard from the peer on that path (replayed, duplicated or
     /// reordered).
     pub frames_replayed: u64,
-    /// Stalls this node detected (its own, or input its host lost).
+    /// Stalls this node detected (times it did not run).
     pub stalls: u64,
+    /// Times its host reported lost input while it ran
+    /// (`Event::InputOverrun`): failure detection restarted, no hold.
+    pub input_lost: u64,
     /// Times this node, primary before a stall, found that the peer took
     /// over meanwhile and stepped down without acknowledging a write.
     pub deposed: u64,

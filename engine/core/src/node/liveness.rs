@@ -38,8 +38,8 @@ pub(super) struct PeerView {
     pub(super) msl_lost_pending: bool,
 }
 
-/// Stalls: times this node did not run (or its host lost input), and the
-/// primary's hold on new writes after one.
+/// Stalls: times this node did not run, and the primary's hold on new
+/// writes after one.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct StallGuard {
     /// When the last stall ended (the first call of the core after it).
@@ -183,20 +183,14 @@ impl<H: Payload> Node<H> {
         }
     }
 
-    /// This node did not run for `for_us` (or its host lost input): the
-    /// silence it measured across the gap is void. Every path that was
-    /// alive gets a fresh, full dead interval, and a primary holds new
-    /// writes for that interval (see `StallGuard::hold_until`).
+    /// This node did not run for `for_us`: the silence it measured across
+    /// the gap is void. Every path that was alive gets a fresh, full dead
+    /// interval, and a primary holds new writes for that interval (see
+    /// `StallGuard::hold_until`).
     pub(super) fn on_stall(&mut self, for_us: Micros) {
         let now = self.now;
         self.counters.stalls += 1;
-        self.msl.restart(now);
-        self.lan.restart(now);
-        for i in 0..usize::from(self.local.adapter_count) {
-            if self.local.adapters[i].reachable {
-                self.local.adapter_last_rx[i] = Some(now);
-            }
-        }
+        self.void_silence();
         self.stall.ended = Some(now);
         // Checked before the stall, the lease may have ended meanwhile and
         // been granted to the peer: void until a request sent after it wins.
@@ -208,6 +202,30 @@ impl<H: Payload> Node<H> {
         // Tell the peer at once that this node runs again.
         self.timers.set(Timer::Heartbeat, now);
         self.notify(Notice::Stalled { for_us });
+    }
+
+    /// The host lost input while this node ran: the peer's frames may be
+    /// among it, so the silence measured so far is void (a secondary must
+    /// not take over from a primary it could not hear). Nothing else: the
+    /// node ran, so its heartbeats went out (a gap under the stall
+    /// threshold leaves at least two heartbeat intervals of the dead
+    /// interval, see `Config::validate`) and the peer cannot have taken
+    /// over; a primary keeps serving and keeps its lease.
+    pub(super) fn on_input_lost(&mut self) {
+        self.counters.input_lost += 1;
+        self.void_silence();
+    }
+
+    /// Every path that was alive gets a fresh, full dead interval.
+    fn void_silence(&mut self) {
+        let now = self.now;
+        self.msl.restart(now);
+        self.lan.restart(now);
+        for i in 0..usize::from(self.local.adapter_count) {
+            if self.local.adapters[i].reachable {
+                self.local.adapter_last_rx[i] = Some(now);
+            }
+        }
     }
 
     /// A primary holding writes after a stall.

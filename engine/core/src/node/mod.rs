@@ -469,9 +469,11 @@ impl<H: Payload> Node<H> {
         // Before anything else, and before any timer: a node that did not
         // run cannot judge the peer by the silence it measured meanwhile.
         let gap = self.now - before;
-        let stalled = gap > self.cfg.stall_threshold_us || matches!(ev, Event::InputOverrun);
+        let stalled = gap > self.cfg.stall_threshold_us;
         if stalled {
             self.on_stall(gap);
+        } else if matches!(ev, Event::InputOverrun) {
+            self.on_input_lost();
         }
         let session_before = match (&self.session, self.role) {
             (Some(_), Role::Primary) => Some(self.meta.gens),

@@ -284,6 +284,7 @@ impl<H: Payload> Node<H> {
                 mirror_wids: VecDeque::new(),
                 handover_seq: None,
                 image: None,
+                stable_point: None,
             },
             recv: ApplyPipeline {
                 rx: ReliableRx::new(self.cfg.window, peer.session),

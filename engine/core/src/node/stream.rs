@@ -19,6 +19,11 @@ pub(super) struct SendStream<H> {
     /// The memory image still being sent: its chunks go before anything
     /// queued after it, as the window has room.
     pub(super) image: Option<crate::meta::ImageEncoder>,
+    /// The FLUSH barrier of the newest stable point (`internal_flush`)
+    /// until the peer reports it stable: the next stable point waits for
+    /// it, so a peer that flushes slower than this node is not sent
+    /// barriers faster than it can take them.
+    pub(super) stable_point: Option<Numbered>,
 }
 
 impl<H: Payload> Node<H> {
@@ -168,7 +173,14 @@ impl<H: Payload> Node<H> {
                     if let Some(s) = self.session.as_mut() {
                         s.send.mirror_wids.push_back((seq, d.write_id));
                     }
-                } else if d.flags & data_flags::FLUSH != 0 && d.write_id != 0 {
+                } else if d.flags & data_flags::FLUSH != 0 && d.write_id == 0 {
+                    // A stable point's barrier learns its sequence number.
+                    if let Some(s) = self.session.as_mut() {
+                        if s.send.stable_point == Some(Numbered::Queued) {
+                            s.send.stable_point = Some(Numbered::Sent(seq));
+                        }
+                    }
+                } else if d.flags & data_flags::FLUSH != 0 {
                     // A client flush (write_id = its local flush io) learns
                     // its sequence number; internal flushes carry 0.
                     for w in self.writes.flush_waiters.iter_mut() {

@@ -987,6 +987,18 @@ fn test_liveness_keeps_the_latest_arrival_not_the_latest_processed() {
 
 /// Connect a pair (node 1 primary), then keep node 2 ticking alone (the
 /// primary silent) from `from` to `until`, every `step`.
+/// A client write of one block (block 0) as request `req`.
+fn write_block_0(req: u64) -> Event<Vec<u8>> {
+    Event::ClientWrite {
+        req,
+        block: 0,
+        count: 1,
+        kind: IoKind::Write,
+        fua: false,
+        payload: Some(alloc::vec![0; 8]),
+    }
+}
+
 fn secondary_alone(b: &mut Node<Vec<u8>>, from: Micros, until: Micros, step: Micros) {
     let mut t = from;
     while t < until {
@@ -1032,10 +1044,14 @@ fn test_input_overrun_voids_the_silence_measured_so_far() {
     // Ticks 100 ms apart (under the stall threshold): only the host's
     // report of lost input restarts failure detection.
     b.handle(300_000, Event::Tick);
+    drain(&mut b);
     b.handle(350_000, Event::InputOverrun);
-    assert!(drain(&mut b)
+    // Lost input is not a stall: no notice of one, counted apart.
+    assert!(!drain(&mut b)
         .iter()
         .any(|x| matches!(x, Action::Notify(n) if n.kind() == "stalled")));
+    assert_eq!(b.status().counters.stalls, 0);
+    assert_eq!(b.status().counters.input_lost, 1);
     secondary_alone(&mut b, 350_000, 700_000, 50_000);
     assert_eq!(
         b.role(),
@@ -1047,6 +1063,46 @@ fn test_input_overrun_voids_the_silence_measured_so_far() {
 }
 
 #[test]
+fn test_primary_that_lost_input_keeps_serving() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    assert!(a.serving());
+    drain(&mut a);
+    // The host's receive ring overflowed while the core ran (ticks 100 ms
+    // apart, under the stall threshold): a ran, so its heartbeats went out
+    // and b cannot have taken over. It holds nothing.
+    a.handle(300_000, Event::Tick);
+    a.handle(350_000, Event::InputOverrun);
+    assert!(a.serving() && !a.holding_after_stall());
+    assert_eq!(a.status().counters.stalls, 0);
+    a.handle(350_001, write_block_0(9));
+    let acts = drain(&mut a);
+    assert!(
+        acts.iter().any(|x| matches!(x, Action::Write { .. })),
+        "the write starts at once: {acts:?}"
+    );
+    assert!(!acts
+        .iter()
+        .any(|x| matches!(x, Action::Notify(n) if n.kind() == "stalled")));
+}
+
+#[test]
+fn test_lost_input_reported_after_a_gap_is_a_stall() {
+    let (mut a, mut b) = (node(1, Some(5)), node(2, None));
+    connect(&mut a, &mut b, 200_000);
+    drain(&mut a);
+    // The host finds its ring overflowed when it runs again after 1 s: the
+    // gap makes it a stall, whatever the event that reveals it.
+    a.handle(1_200_000, Event::InputOverrun);
+    assert!(!a.serving() && a.holding_after_stall());
+    assert_eq!(a.status().counters.stalls, 1);
+    assert_eq!(a.status().counters.input_lost, 0);
+    assert!(drain(&mut a)
+        .iter()
+        .any(|x| matches!(x, Action::Notify(Notice::Stalled { for_us }) if *for_us >= 1_000_000)));
+}
+
+#[test]
 fn test_stalled_primary_holds_writes_and_reads_for_a_dead_interval() {
     let (mut a, mut b) = (node(1, Some(5)), node(2, None));
     connect(&mut a, &mut b, 200_000);
@@ -1054,17 +1110,7 @@ fn test_stalled_primary_holds_writes_and_reads_for_a_dead_interval() {
     drain(&mut a);
     a.handle(1_200_000, Event::Tick);
     assert!(!a.serving() && a.holding_after_stall());
-    a.handle(
-        1_200_001,
-        Event::ClientWrite {
-            req: 9,
-            block: 0,
-            count: 1,
-            kind: IoKind::Write,
-            fua: false,
-            payload: Some(alloc::vec![0; 8]),
-        },
-    );
+    a.handle(1_200_001, write_block_0(9));
     let acts = drain(&mut a);
     assert!(
         !acts
