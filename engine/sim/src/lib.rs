@@ -1124,8 +1124,7 @@ impl Sim {
             *n += 1;
             *n <= RX_QUEUE_FRAMES
         });
-        let lost = (msl.max(RX_QUEUE_FRAMES) - RX_QUEUE_FRAMES)
-            + (lan.max(RX_QUEUE_FRAMES) - RX_QUEUE_FRAMES);
+        let lost = msl.saturating_sub(RX_QUEUE_FRAMES) + lan.saturating_sub(RX_QUEUE_FRAMES);
         if lost > 0 {
             self.nodes[i].input_lost = true;
             self.report.input_lost += lost as u64;

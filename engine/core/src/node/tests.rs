@@ -985,8 +985,6 @@ fn test_liveness_keeps_the_latest_arrival_not_the_latest_processed() {
     assert!(p.expire(401_000, 400_000));
 }
 
-/// Connect a pair (node 1 primary), then keep node 2 ticking alone (the
-/// primary silent) from `from` to `until`, every `step`.
 /// A client write of one block (block 0) as request `req`.
 fn write_block_0(req: u64) -> Event<Vec<u8>> {
     Event::ClientWrite {
@@ -999,6 +997,8 @@ fn write_block_0(req: u64) -> Event<Vec<u8>> {
     }
 }
 
+/// Connect a pair (node 1 primary), then keep node 2 ticking alone (the
+/// primary silent) from `from` to `until`, every `step`.
 fn secondary_alone(b: &mut Node<Vec<u8>>, from: Micros, until: Micros, step: Micros) {
     let mut t = from;
     while t < until {
