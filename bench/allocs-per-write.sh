@@ -65,7 +65,7 @@ writes = iops * window
 total = sum(per.values())
 print(f"{job}: {iops:.0f} IOPS, ~{writes:.0f} writes in the {window:.0f} s window")
 for t, n in per.most_common():
-    if n / writes >= 0.01:
-        print(f"  {t:<16} {n / writes:6.2f} allocations per write")
-print(f"  {'both msld':<16} {total / writes:6.2f} allocations per write")
+    if n / writes >= 0.001:
+        print(f"  {t:<16} {n / writes:7.3f} allocations per write ({n:.0f})")
+print(f"  {'both msld':<16} {total / writes:7.3f} allocations per write ({total:.0f})")
 EOF

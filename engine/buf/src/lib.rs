@@ -12,6 +12,10 @@
 //! Written here because it is a few lines over `bytes`: the pool crates
 //! hand out fixed-size buffers, which would waste most of a 64 KiB buffer
 //! on a 4 KiB write or copy a large one.
+//!
+//! [`queue`] carries work from many threads to one worker (the disk
+//! worker's operations, an NBD connection's replies) the same way: its
+//! room is kept, so a steady stream allocates nothing.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -19,6 +23,8 @@
 use std::collections::VecDeque;
 
 use bytes::BytesMut;
+
+pub mod queue;
 
 /// Buffers cut from a ring of chunks (see the crate).
 #[derive(Debug)]

@@ -33,9 +33,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{
-    channel, sync_channel, Receiver, Sender, SyncSender, TryRecvError, TrySendError,
-};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -923,7 +921,7 @@ pub(crate) enum DiskOp {
 
 /// The driver's end of the I/O worker.
 struct DiskQueue {
-    tx: Option<Sender<DiskOp>>,
+    tx: Option<msl_buf::queue::Sender<DiskOp>>,
     thread: Option<JoinHandle<()>>,
     /// Set at shutdown: completions nobody will read are dropped rather
     /// than waited for when the inbox is full.
@@ -943,7 +941,7 @@ impl DiskQueue {
     ) -> std::io::Result<DiskQueue> {
         let closing = Arc::new(AtomicBool::new(false));
         let flusher = start_flusher(volume.clone(), inputs.clone())?;
-        let (tx, rx) = channel();
+        let (tx, rx) = msl_buf::queue::queue();
         let (started_tx, started) = sync_channel(1);
         let w = DiskWorker {
             volume,
@@ -980,7 +978,7 @@ impl DiskQueue {
     /// gone.
     fn send(&self, op: DiskOp) -> Result<(), DiskOp> {
         match &self.tx {
-            Some(tx) => tx.send(op).map_err(|e| e.0),
+            Some(tx) => tx.send(op),
             None => Err(op),
         }
     }
@@ -1060,17 +1058,23 @@ struct DiskWorker<D: MetaIo> {
 }
 
 impl<D: MetaIo> DiskWorker<D> {
-    fn run(mut self, rx: Receiver<DiskOp>) {
-        while let Ok(first) = rx.recv() {
-            let mut next = Some(first);
+    fn run(mut self, rx: msl_buf::queue::Receiver<DiskOp>) {
+        // Takes everything queued at once into a buffer that keeps its
+        // room: the queue allocates nothing per operation.
+        let mut batch = VecDeque::new();
+        while rx.take(&mut batch) {
             let mut done = 0;
-            while let Some(op) = next {
-                self.execute(op);
-                done += 1;
-                if done % DISK_BATCH == 0 {
-                    self.inputs.kick();
+            loop {
+                while let Some(op) = batch.pop_front() {
+                    self.execute(op);
+                    done += 1;
+                    if done % DISK_BATCH == 0 {
+                        self.inputs.kick();
+                    }
                 }
-                next = rx.try_recv().ok();
+                if !rx.try_take(&mut batch) {
+                    break;
+                }
             }
             // The core runs for the completions, here if it is free.
             self.inputs.kick();

@@ -71,16 +71,11 @@ pub(crate) struct Done {
 /// [`Completion::complete`] answers the request with EIO, so a backend
 /// that loses a request never leaves the client waiting forever.
 pub struct Completion {
-    to: Option<(crossbeam_channel::Sender<Done>, u64, u64, u64)>,
+    to: Option<(msl_buf::queue::Sender<Done>, u64, u64, u64)>,
 }
 
 impl Completion {
-    pub(crate) fn new(
-        to: crossbeam_channel::Sender<Done>,
-        handle: u64,
-        cost: u64,
-        len: u64,
-    ) -> Self {
+    pub(crate) fn new(to: msl_buf::queue::Sender<Done>, handle: u64, cost: u64, len: u64) -> Self {
         Completion {
             to: Some((to, handle, cost, len)),
         }

@@ -7,6 +7,7 @@
 //! nothing more to read) runs on the reader: no hand-off for a client at
 //! queue depth 1.
 
+use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -797,12 +798,12 @@ impl<S: Socket> Conn<'_, S> {
 
     /// Answer asynchronous writes as they complete: every completion that
     /// is already there goes out in one write.
-    fn replier(&self, rx: &Receiver<Done>) {
+    fn replier(&self, rx: &msl_buf::queue::Receiver<Done>) {
         let mut out = Vec::new();
-        while let Ok(d) = rx.recv() {
+        let mut batch = VecDeque::new();
+        while rx.take(&mut batch) {
             let mut cost = 0;
-            let mut next = Some(d);
-            while let Some(d) = next {
+            while let Some(d) = batch.pop_front() {
                 let errno = match &d.result {
                     Ok(()) => {
                         Counters::add(&self.ex.counters.bytes_written, d.len);
@@ -817,11 +818,9 @@ impl<S: Socket> Conn<'_, S> {
                 let (b, n) = self.status_reply(d.handle, errno);
                 out.extend_from_slice(&b[..n]);
                 cost += d.cost;
-                next = if out.len() < OUTBOX_MAX {
-                    rx.try_recv().ok()
-                } else {
-                    None
-                };
+                if batch.is_empty() && out.len() < OUTBOX_MAX {
+                    rx.try_take(&mut batch);
+                }
             }
             self.send(&out);
             out.clear();
@@ -955,7 +954,8 @@ fn transmission<S: Socket>(sock: S, ex: &Export, neg: Negotiated) -> ConnEnd {
     let mut r = BufReader::with_capacity(64 * 1024, sock);
     let mut payloads = Payloads::default();
     let async_writes = ex.backend.async_writes();
-    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
+    // Not a channel: std's and crossbeam's allocate a block per 31 items.
+    let (done_tx, done_rx) = msl_buf::queue::queue::<Done>();
     // A panic below (a bug in a backend or here) must not leave the client
     // waiting on an open socket for replies that will never come: the
     // connection is closed like any other failed one, and the panic message
