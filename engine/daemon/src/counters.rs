@@ -16,6 +16,9 @@ pub struct Shared {
     /// Of those, frames the thread running the core sent itself (no hand-off to the
     /// transmit thread).
     pub msl_tx_direct: AtomicU64,
+    /// Volume writes the NBD reader that queued them did itself (no
+    /// hand-off to the I/O worker).
+    pub disk_writes_here: AtomicU64,
     pub msl_tx_bytes: AtomicU64,
     /// Frames the core produced that the transmit queue had no room for
     /// (the reliable layer retransmits them).

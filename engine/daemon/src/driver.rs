@@ -16,7 +16,10 @@
 //! leave from that thread, and a slow `fdatasync` there made the peer
 //! declare this node dead. Volume writes, reads, flushes and metadata
 //! persists go, in the order the core emitted them, to one I/O worker
-//! thread ([`DiskOp`]); their completions come back through the inbox. A
+//! thread ([`DiskOp`]); their completions come back through the inbox.
+//! (A volume write an NBD reader's run of the core emits, when no persist
+//! is in flight and no read queued, is done by that reader once it lets
+//! go of the core: [`writes_here`].) A
 //! persist is durable before anything the core emitted after it happens:
 //! the worker's queue orders the disk operations behind it, and the other
 //! actions (reliable MSL messages, client replies, notices, the service
@@ -31,8 +34,9 @@
 //! core when the link is free, else through a transmit thread, control
 //! ahead of data.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -73,8 +77,14 @@ impl Host for NoHost {
 pub struct Driver<H: Host> {
     node: Node<Block>,
     volume: Arc<Volume>,
-    /// The I/O worker: every disk operation goes there, in order.
+    /// The I/O worker: every disk operation goes there, in order, but
+    /// volume writes an NBD reader does itself (see [`writes_here`]).
     disk: DiskQueue,
+    /// Volume writes handed to the threads that queued them, not yet done.
+    here: Arc<HereDisk>,
+    /// A metadata persist failed: no volume write is done anywhere but
+    /// the I/O worker, which fails them.
+    persist_failed: bool,
     /// Actions waiting for a metadata persist to be durable.
     gate: PersistGate,
     encoder: FrameEncoder,
@@ -189,11 +199,14 @@ impl<H: Host> Driver<H> {
             .resync_max_bytes_s
             .store(cfg.resync_max_bytes_per_s, Ordering::Relaxed);
         let node = Node::new(cfg, meta, seed, 0);
-        let disk = DiskQueue::start(volume.clone(), store, inputs, shared.clone())?;
+        let here = HereDisk::new(volume.clone());
+        let disk = DiskQueue::start(here.clone(), store, inputs, shared.clone())?;
         Ok(Driver {
             node,
             volume,
             disk,
+            here,
+            persist_failed: false,
             gate: PersistGate::default(),
             encoder,
             msl_tx,
@@ -569,6 +582,7 @@ impl<H: Host> Driver<H> {
             }
         }
         if !ok {
+            self.persist_failed = true;
             internal.push_back(Event::MetaFailed);
         }
         exit
@@ -648,11 +662,14 @@ impl<H: Host> Driver<H> {
             DiskOp::Write { io, .. } | DiskOp::Flush { io } => {
                 internal.push_back(Event::IoDone { io, ok: false })
             }
-            DiskOp::Read { io, .. } => internal.push_back(Event::ReadDone {
-                io,
-                ok: false,
-                payload: None,
-            }),
+            DiskOp::Read { io, .. } => {
+                self.here.reads_queued.fetch_sub(1, Ordering::AcqRel);
+                internal.push_back(Event::ReadDone {
+                    io,
+                    ok: false,
+                    payload: None,
+                })
+            }
             DiskOp::Persist(_) => {
                 let _ = self.persist_done(false, internal);
             }
@@ -693,6 +710,19 @@ impl<H: Host> Driver<H> {
                 // The core emits a write's mirror message first: send it
                 // before the local write so the peer's half overlaps it.
                 self.msl_tx.send(&mut self.out, SendMode::Direct);
+                if let (IoKind::Write, Some(p)) = (kind, &payload) {
+                    // Nothing it must follow is in flight: no persist (an
+                    // activity-log mark must be durable before the data
+                    // under it is written), and the worker's other writes
+                    // and reads may complete in any order with it.
+                    if p.len() as u64 == count * bs
+                        && may_write_here(&self.gate, self.persist_failed, &self.here)
+                        && hand_here(&self.here, io, block * bs, fua, p)
+                    {
+                        self.shared.disk_writes_here.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                }
                 let op = DiskOp::Write {
                     io,
                     off: block * bs,
@@ -704,6 +734,7 @@ impl<H: Host> Driver<H> {
                 self.disk_op(op, internal);
             }
             Action::Read { io, block, count } => {
+                self.here.reads_queued.fetch_add(1, Ordering::AcqRel);
                 let op = DiskOp::Read {
                     io,
                     off: block * bs,
@@ -756,6 +787,10 @@ impl<H: Host> Driver<H> {
     /// settle what waited for its persists (the completions it queued go
     /// unread: the core has stopped).
     fn settle_disk(&mut self, internal: &mut VecDeque<Event<Block>>) {
+        // Writes handed to NBD readers finish on their threads.
+        while self.here.in_flight.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_micros(100));
+        }
         let (tx, rx) = sync_channel(1);
         let persisted = match self.disk.send(DiskOp::Settle(tx)) {
             Ok(()) => rx.recv().ok(),
@@ -893,6 +928,115 @@ fn arrival_us(epoch: Instant, arrived: Instant, now_us: u64) -> u64 {
     u64::try_from(us).unwrap_or(u64::MAX).min(now_us)
 }
 
+/// The volume, for writes done by the threads that queued them.
+struct HereDisk {
+    volume: Arc<Volume>,
+    /// Handed to a thread and not yet written (shutdown and reads wait
+    /// for them).
+    in_flight: AtomicUsize,
+    /// Reads queued to the worker and not yet done: none is done
+    /// elsewhere meanwhile.
+    reads_queued: AtomicUsize,
+    /// The worker's: set at shutdown.
+    closing: Arc<AtomicBool>,
+}
+
+impl HereDisk {
+    fn new(volume: Arc<Volume>) -> Arc<Self> {
+        Arc::new(HereDisk {
+            volume,
+            in_flight: AtomicUsize::new(0),
+            reads_queued: AtomicUsize::new(0),
+            closing: Arc::default(),
+        })
+    }
+}
+
+/// A volume write a thread does itself once it lets go of the core.
+struct HereWrite {
+    io: u64,
+    off: u64,
+    fua: bool,
+    payload: Block,
+    disk: Arc<HereDisk>,
+}
+
+thread_local! {
+    /// This thread takes volume writes the core emits (inside
+    /// [`writes_here`]).
+    static TAKES_WRITES: Cell<bool> = const { Cell::new(false) };
+    /// Writes this thread took, done when [`writes_here`] lets go.
+    static HERE: RefCell<Vec<HereWrite>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether a volume write may be done outside the I/O worker's order: no
+/// persist in flight (an activity-log mark must be durable before the
+/// data it covers is written; the worker's queue orders them), none
+/// failed (the worker fails every write after that), and no read queued
+/// (a read sees no write emitted after it).
+fn may_write_here(gate: &PersistGate, persist_failed: bool, here: &HereDisk) -> bool {
+    !gate.in_flight() && !persist_failed && here.reads_queued.load(Ordering::Acquire) == 0
+}
+
+/// Take a volume write on this thread if it is inside [`writes_here`].
+fn hand_here(disk: &Arc<HereDisk>, io: u64, off: u64, fua: bool, payload: &Block) -> bool {
+    if !TAKES_WRITES.get() {
+        return false;
+    }
+    disk.in_flight.fetch_add(1, Ordering::AcqRel);
+    HERE.with_borrow_mut(|h| {
+        h.push(HereWrite {
+            io,
+            off,
+            fua,
+            payload: payload.clone(),
+            disk: disk.clone(),
+        })
+    });
+    true
+}
+
+/// Run `queue` (an NBD reader queuing a client write, which may run the
+/// core on this thread), then do here the volume writes the core emitted
+/// meanwhile that nothing in flight had to precede, and report them done.
+///
+/// The I/O worker would take each of them with a thread wake-up and, on
+/// a CPU it shares with the reader, two switches. The reader has let go
+/// of the core by then, so a slow write holds up this connection's next
+/// request (and any other client's write the core emitted in the same
+/// run, as it would in the worker's queue), never the core: heartbeats
+/// and acks keep leaving from the other threads. Only threads that call
+/// this take writes: never the core thread nor the MSL and LAN
+/// receivers, whose silence would look like a failed link.
+pub fn writes_here<R>(inputs: &Inbox, queue: impl FnOnce() -> R) -> R {
+    let _here = Here(inputs);
+    TAKES_WRITES.set(true);
+    queue()
+}
+
+/// Ends [`writes_here`], also if `queue` panicked: the writes taken are
+/// done and answered (shutdown waits for them).
+struct Here<'a>(&'a Inbox);
+
+impl Drop for Here<'_> {
+    fn drop(&mut self) {
+        TAKES_WRITES.set(false);
+        let mut writes = HERE.take();
+        if writes.is_empty() {
+            return HERE.set(writes);
+        }
+        for w in writes.drain(..) {
+            let ok = w.disk.volume.write_at(&w.payload, w.off, w.fua).is_ok();
+            drop(w.payload);
+            w.disk.in_flight.fetch_sub(1, Ordering::AcqRel);
+            deliver(self.0, &w.disk.closing, Input::IoDone { io: w.io, ok });
+        }
+        // Keeps its room for the next time.
+        HERE.set(writes);
+        self.0.kick();
+    }
+}
+
 /// A disk operation for the I/O worker, in the order the core emitted it.
 pub(crate) enum DiskOp {
     Write {
@@ -934,12 +1078,13 @@ struct DiskQueue {
 impl DiskQueue {
     /// Start the I/O worker (and the flush thread it hands flushes to).
     fn start<D: MetaIo + Send + 'static>(
-        volume: Arc<Volume>,
+        here: Arc<HereDisk>,
         store: MetaStore<D>,
         inputs: Inbox,
         shared: Arc<Shared>,
     ) -> std::io::Result<DiskQueue> {
-        let closing = Arc::new(AtomicBool::new(false));
+        let volume = here.volume.clone();
+        let closing = here.closing.clone();
         let flusher = start_flusher(volume.clone(), inputs.clone())?;
         let (tx, rx) = msl_buf::queue::queue();
         let (started_tx, started) = sync_channel(1);
@@ -952,6 +1097,7 @@ impl DiskQueue {
             failed: false,
             persisted: 0,
             shared,
+            here,
         };
         let thread = std::thread::Builder::new()
             .name("msld-disk".into())
@@ -1055,6 +1201,9 @@ struct DiskWorker<D: MetaIo> {
     persisted: u64,
     /// Where the store's bytes written are published.
     shared: Arc<Shared>,
+    /// Volume writes done by the threads that queued them: a read waits
+    /// for those emitted before it.
+    here: Arc<HereDisk>,
 }
 
 impl<D: MetaIo> DiskWorker<D> {
@@ -1105,24 +1254,16 @@ impl<D: MetaIo> DiskWorker<D> {
                 self.deliver(Input::IoDone { io, ok });
             }
             DiskOp::Read { io, off, len, bs } => {
-                // A hole (a file's, found with SEEK_DATA) is reported with
-                // its extent instead of read: a resync source sends it as a
-                // zero run and skips the rest of it.
-                if !self.failed {
-                    if let Ok(Some(blocks)) = self.volume.hole_blocks(off, len as u64, bs) {
-                        return self.deliver(Input::ReadHole { io, blocks });
-                    }
+                // A read sees every write emitted before it and none after
+                // (online verify digests a point of the mirrored stream):
+                // while it is queued no write is done outside this queue
+                // (`may_write_here`), and those done before it are waited
+                // for here (writes of microseconds; this is the worker).
+                while self.here.in_flight.load(Ordering::Acquire) > 0 {
+                    std::thread::sleep(Duration::from_micros(20));
                 }
-                let r = if self.failed {
-                    None
-                } else {
-                    self.volume.read_vec(off, len).ok()
-                };
-                self.deliver(Input::ReadDone {
-                    io,
-                    ok: r.is_some(),
-                    payload: r.map(Block::from),
-                });
+                self.read(io, off, len, bs);
+                self.here.reads_queued.fetch_sub(1, Ordering::AcqRel);
             }
             DiskOp::Flush { io } => {
                 if self.failed {
@@ -1152,19 +1293,47 @@ impl<D: MetaIo> DiskWorker<D> {
         }
     }
 
+    /// A read, or a hole (a file's, found with SEEK_DATA) reported with
+    /// its extent instead of read: a resync source sends it as a zero run
+    /// and skips the rest of it.
+    fn read(&self, io: u64, off: u64, len: usize, bs: u64) {
+        if !self.failed {
+            if let Ok(Some(blocks)) = self.volume.hole_blocks(off, len as u64, bs) {
+                return self.deliver(Input::ReadHole { io, blocks });
+            }
+        }
+        let r = if self.failed {
+            None
+        } else {
+            self.volume.read_vec(off, len).ok()
+        };
+        self.deliver(Input::ReadDone {
+            io,
+            ok: r.is_some(),
+            payload: r.map(Block::from),
+        });
+    }
+
     /// Queue a completion for the core; while the queue is full, wait for
     /// room, unless the driver is shutting down.
-    fn deliver(&self, mut input: Input) {
-        loop {
-            match self.inputs.try_push(input) {
-                Ok(()) => return,
-                Err(TrySendError::Full(i)) if !self.closing.load(Ordering::Relaxed) => {
-                    input = i;
-                    self.inputs.kick();
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                Err(_) => return,
+    fn deliver(&self, input: Input) {
+        deliver(&self.inputs, &self.closing, input)
+    }
+}
+
+/// Queue a disk completion for the core; while the queue is full, wait
+/// for room, unless the driver is shutting down (`closing`: nobody will
+/// read it).
+fn deliver(inputs: &Inbox, closing: &AtomicBool, mut input: Input) {
+    loop {
+        match inputs.try_push(input) {
+            Ok(()) => return,
+            Err(TrySendError::Full(i)) if !closing.load(Ordering::Relaxed) => {
+                input = i;
+                inputs.kick();
+                std::thread::sleep(Duration::from_micros(200));
             }
+            Err(_) => return,
         }
     }
 }
@@ -1391,6 +1560,15 @@ mod tests {
         dir: &tempfile::TempDir,
         fail: &Arc<AtomicBool>,
     ) -> (DiskQueue, Arc<Volume>, Receiver<Input>, Meta) {
+        let (q, here, rx, meta) = worker_here(dir, fail);
+        (q, here.volume.clone(), rx, meta)
+    }
+
+    /// As `worker`, with the record of writes done outside it.
+    fn worker_here(
+        dir: &tempfile::TempDir,
+        fail: &Arc<AtomicBool>,
+    ) -> (DiskQueue, Arc<HereDisk>, Receiver<Input>, Meta) {
         let vol = dir.path().join("vol");
         let volume = Arc::new(
             Volume::open_with(&vol, 16 * BS, &VolumeOptions { preallocate: true }).unwrap(),
@@ -1409,8 +1587,9 @@ mod tests {
         };
         let (store, meta) = MetaStore::open_io(io, &path).unwrap();
         let (inbox, rx) = crate::inbox::inbox(256);
-        let q = DiskQueue::start(volume.clone(), store, inbox, Arc::default()).unwrap();
-        (q, volume, rx.into_receiver(), meta)
+        let here = HereDisk::new(volume);
+        let q = DiskQueue::start(here.clone(), store, inbox, Arc::default()).unwrap();
+        (q, here, rx.into_receiver(), meta)
     }
 
     fn put(q: &DiskQueue, io: u64, block: u64, byte: u8) {
@@ -1440,6 +1619,102 @@ mod tests {
                 },
             )
             .collect()
+    }
+
+    /// A volume write skips the worker only when no persist is in flight,
+    /// none failed and no read is queued.
+    #[test]
+    fn test_a_write_behind_a_persist_or_a_read_goes_to_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let (_q, here, _rx, _meta) = worker_here(&dir, &fail);
+        let mut g = PersistGate::default();
+        assert!(may_write_here(&g, false, &here));
+        g.sent();
+        assert!(
+            !may_write_here(&g, false, &here),
+            "the persist must be durable first"
+        );
+        g.done();
+        assert!(may_write_here(&g, false, &here));
+        assert!(!may_write_here(&g, true, &here), "after a failed persist");
+        here.reads_queued.fetch_add(1, Ordering::AcqRel);
+        assert!(!may_write_here(&g, false, &here), "behind a queued read");
+    }
+
+    /// A read the worker takes waits for the writes done elsewhere that
+    /// were emitted before it, and sees them (online verify digests the
+    /// same point of the stream on both nodes).
+    #[test]
+    fn test_a_read_sees_the_writes_done_outside_the_worker_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let (q, here, rx, _meta) = worker_here(&dir, &fail);
+        // A write handed to an NBD reader, not yet done.
+        here.in_flight.fetch_add(1, Ordering::AcqRel);
+        here.reads_queued.fetch_add(1, Ordering::AcqRel);
+        q.send(DiskOp::Read {
+            io: 9,
+            off: 3 * BS,
+            len: BS as usize,
+            bs: BS,
+        })
+        .ok()
+        .unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "the read went ahead of the write"
+        );
+        here.volume
+            .write_at(&[0x6b; BS as usize], 3 * BS, false)
+            .unwrap();
+        here.in_flight.fetch_sub(1, Ordering::AcqRel);
+        assert_eq!(completions(&rx, 1), ["read9:true:107"]);
+        assert_eq!(here.reads_queued.load(Ordering::Acquire), 0);
+    }
+
+    /// A write handed to the thread that queued it is done once that
+    /// thread's `queue` returned (it let go of the core), and answered
+    /// through the inbox; other threads, and this one outside
+    /// `writes_here`, do not take writes.
+    #[test]
+    fn test_writes_here_are_done_after_the_core_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Arc::new(
+            Volume::open_with(
+                &dir.path().join("vol"),
+                16 * BS,
+                &VolumeOptions { preallocate: true },
+            )
+            .unwrap(),
+        );
+        let disk = HereDisk::new(volume.clone());
+        let (inbox, rx) = crate::inbox::inbox(16);
+        let rx = rx.into_receiver();
+        let payload = Block::from(vec![0x5a; BS as usize]);
+        assert!(!hand_here(&disk, 1, 3 * BS, false, &payload), "outside");
+        let read = |b: u64| {
+            let mut buf = vec![0u8; BS as usize];
+            volume.read_at(&mut buf, b * BS).unwrap();
+            buf[0]
+        };
+        let took = writes_here(&inbox, || {
+            let took = hand_here(&disk, 1, 3 * BS, false, &payload);
+            let other = std::thread::scope(|s| {
+                s.spawn(|| hand_here(&disk, 2, 4 * BS, false, &payload))
+                    .join()
+                    .unwrap()
+            });
+            assert!(!other, "another thread does not take writes");
+            assert_eq!(read(3), 0, "not while the core may be held");
+            assert_eq!(disk.in_flight.load(Ordering::Relaxed), 1);
+            took
+        });
+        assert!(took);
+        assert_eq!(read(3), 0x5a);
+        assert_eq!(disk.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(completions(&rx, 1), ["io1:true"]);
+        assert!(!hand_here(&disk, 3, 5 * BS, false, &payload), "after");
     }
 
     /// The worker runs under SCHED_BATCH, so waking it does not preempt

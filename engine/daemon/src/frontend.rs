@@ -19,6 +19,7 @@ use msl_nbd::{Backend, Bytes, Completion};
 use msl_store::Volume;
 
 use crate::client::Client;
+use crate::driver::writes_here;
 use crate::input::{nbd_error, Block, Release, Reply, ReplyTo, Ticket};
 
 /// Core writes submitted asynchronously and not yet answered, at most
@@ -129,6 +130,25 @@ pub struct MirrorBackend {
 }
 
 impl MirrorBackend {
+    /// Queue a large write's pieces, all answering `joint`.
+    fn submit_pieces(&self, off: u64, data: &Bytes, piece: usize, fua: bool, joint: &Arc<Joint>) {
+        for range in pieces(data.len(), piece) {
+            let j = joint.clone();
+            let answer = Box::new(move |r: Reply| j.piece_done(r));
+            let at = off + range.start as u64;
+            // A piece shares the client's buffer: no copy.
+            let block = Block::from(data.slice(range));
+            let sent =
+                self.client
+                    .submit_async(at, block.len() as u64, fua, block, ReplyTo::Call(answer));
+            if sent.is_err() {
+                // The core is gone: the rest would fail alike. The pieces
+                // dropped unanswered drop the joint: EIO to the client.
+                break;
+            }
+        }
+    }
+
     pub fn new(client: Client, volume: Arc<Volume>, max_write_bytes: u64) -> Self {
         let bs = client.block_size;
         let max_write_bytes = (max_write_bytes / bs).max(1) * bs;
@@ -253,13 +273,16 @@ impl Backend for MirrorBackend {
         if len <= piece {
             // If the core is gone the answer is dropped unanswered: its
             // Completion answers EIO and its ticket leaves the count.
-            let _ = self.client.submit_async(
-                off,
-                len,
-                fua,
-                Block::from(data),
-                ReplyTo::Nbd(done, guard),
-            );
+            writes_here(&self.client.inputs, || {
+                self.client.submit_async(
+                    off,
+                    len,
+                    fua,
+                    Block::from(data),
+                    ReplyTo::Nbd(done, guard),
+                )
+            })
+            .ok();
             return;
         }
         // A large write goes in pieces that are all in flight at once, so
@@ -273,21 +296,9 @@ impl Backend for MirrorBackend {
             _guard: guard,
         });
         let piece = piece as usize;
-        for range in pieces(data.len(), piece) {
-            let j = joint.clone();
-            let answer = Box::new(move |r: Reply| j.piece_done(r));
-            let at = off + range.start as u64;
-            // A piece shares the client's buffer: no copy.
-            let block = Block::from(data.slice(range));
-            let sent =
-                self.client
-                    .submit_async(at, block.len() as u64, fua, block, ReplyTo::Call(answer));
-            if sent.is_err() {
-                // The core is gone: the rest would fail alike. The pieces
-                // dropped unanswered drop the joint: EIO to the client.
-                break;
-            }
-        }
+        writes_here(&self.client.inputs, || {
+            self.submit_pieces(off, &data, piece, fua, &joint)
+        });
     }
 
     fn flush(&self) -> io::Result<()> {

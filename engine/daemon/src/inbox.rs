@@ -13,8 +13,9 @@
 //! nothing queued is left behind.
 //!
 //! Whatever thread sends an input may so run the core: its actions (MSL
-//! sends, reply callbacks; disk I/O is handed to the driver's I/O worker)
-//! run there too, and a callback must never block. A panic in the core
+//! sends, reply callbacks; disk I/O is handed to the driver's I/O worker,
+//! or done by an NBD reader after it lets go: `driver::writes_here`) run
+//! there too, and a callback must never block. A panic in the core
 //! stops the process.
 //!
 //! The core thread remains, for timers and backlogs: it sleeps until the

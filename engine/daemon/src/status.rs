@@ -299,6 +299,7 @@ pub(crate) fn daemon_counters(t: &Telemetry) -> Vec<(&'static str, u64)> {
     let mut v = vec![
         ("msl_tx_frames", ld(&sh.msl_tx_frames)),
         ("msl_tx_direct", ld(&sh.msl_tx_direct)),
+        ("disk_writes_here", ld(&sh.disk_writes_here)),
         ("msl_tx_bytes", ld(&sh.msl_tx_bytes)),
         ("msl_tx_dropped", ld(&sh.msl_tx_dropped)),
         ("msl_tx_errors", ld(&sh.msl_tx_errors)),
