@@ -711,10 +711,8 @@ impl<H: Host> Driver<H> {
                 // before the local write so the peer's half overlaps it.
                 self.msl_tx.send(&mut self.out, SendMode::Direct);
                 if let (IoKind::Write, Some(p)) = (kind, &payload) {
-                    // Nothing it must follow is in flight: no persist (an
-                    // activity-log mark must be durable before the data
-                    // under it is written), and the worker's other writes
-                    // and reads may complete in any order with it.
+                    // An NBD reader that ran the core writes it itself if
+                    // nothing needs the worker's order (`may_write_here`).
                     if p.len() as u64 == count * bs
                         && may_write_here(&self.gate, self.persist_failed, &self.here)
                         && hand_here(&self.here, io, block * bs, fua, p)
