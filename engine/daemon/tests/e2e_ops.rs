@@ -170,11 +170,14 @@ fn test_pair_status_complete_and_metrics_count_writes() {
     assert_eq!(metric(&before, "msl_in_sync"), 1);
     let w0 = metric(&before, "msl_client_writes_total");
     let nbd0 = metric(&before, "msl_nbd_requests_total{op=\"write\"}");
-    // The second write's activity-log extent is marked by the first.
-    qemu_io(
-        &topo.veth.ns_b,
-        &["write -P 0x5a 0 1M", "write -P 0x5b 0 64k", "flush"],
-    );
+    // The later writes' activity-log extent is marked by the first.
+    let small: Vec<String> = (0..32)
+        .map(|i| format!("write -P 0x5b {} 4k", i * 4096))
+        .collect();
+    let mut cmds = vec!["write -P 0x5a 0 1M"];
+    cmds.extend(small.iter().map(String::as_str));
+    cmds.push("flush");
+    qemu_io(&topo.veth.ns_b, &cmds);
     let after = scrape(&topo.veth.ns_a, "10.77.1.1:9477");
     assert!(
         metric(&after, "msl_client_writes_total") > w0,
@@ -190,9 +193,12 @@ fn test_pair_status_complete_and_metrics_count_writes() {
     // Lone messages (queue depth 1 writes, their acks) leave from the core
     // thread itself, without waking the transmit thread.
     assert!(metric(&after, "msl_link_tx_direct_total") > 0, "{after}");
-    // With no metadata persist in flight, the NBD reader writes the
-    // volume itself once it lets go of the core.
-    assert!(metric(&after, "msl_disk_writes_here_total") > 0, "{after}");
+    // The NBD reader writes the volume itself once it lets go of the core
+    // (most writes: one that another thread happens to run the core for,
+    // or one behind a metadata persist, goes to the I/O worker).
+    let here = metric(&after, "msl_disk_writes_here_total");
+    eprintln!("disk_writes_here {here}");
+    assert!(here > 0, "{after}");
     assert_eq!(metric(&after, "msl_link_rx_bad_auth_total"), 0);
     // The receive ring's own drop count is exported (zero on an idle pair).
     assert_eq!(
