@@ -84,6 +84,10 @@ pub struct Config {
     pub extent_blocks: u64,
     /// Resync reads in flight when clients are idle.
     pub resync_max_in_flight: usize,
+    /// With clients idle, the most resync bytes read or sent but not yet
+    /// applied by the target: what the target's MSL receive ring holds,
+    /// so a resync burst never overruns it (msld sets it from the MTU).
+    pub resync_max_in_flight_bytes: u64,
     /// Upper bound on the resync rate, bytes per second (0 = no limit:
     /// the whole link when clients are idle).
     pub resync_max_bytes_per_s: u64,
@@ -146,6 +150,7 @@ impl Config {
             al_extents: 1237,
             extent_blocks: 1024,
             resync_max_in_flight: 64,
+            resync_max_in_flight_bytes: 8 << 20,
             resync_max_bytes_per_s: 0,
             resync_min_in_flight: 1,
             resync_min_bytes_per_s: 10 << 20,
@@ -231,6 +236,12 @@ impl Config {
             self.resync_max_in_flight as u64,
             1,
             65536,
+        )?;
+        range(
+            "resync_max_in_flight_bytes",
+            self.resync_max_in_flight_bytes,
+            u64::from(self.block_size),
+            u64::MAX,
         )?;
         range(
             "resync_min_in_flight",

@@ -388,6 +388,16 @@ pub const EVENT_NAMES: &[&str] = &[
 fn default_backend() -> Backend {
     Backend::Auto
 }
+/// An idle resync's bytes in flight at this MSL MTU: three quarters of
+/// what the peer's receive ring holds. AF_XDP's is the smaller (4096 chunks
+/// of 4 KiB, a frame taking as many as it spans: 1365 frames, 11.7 MiB, at
+/// 9000 bytes); AF_PACKET's holds 32 MiB at any MTU.
+fn resync_in_flight_bytes(mtu: usize) -> u64 {
+    let frames =
+        msl_transport::afxdp::XdpConfig::default().rx_ring_frames(mtu + msl_wire::ETH_HEADER_LEN);
+    (frames * mtu) as u64 * 3 / 4
+}
+
 fn default_mtu() -> u32 {
     9000
 }
@@ -910,6 +920,7 @@ impl DaemonConfig {
         c.resync_max_bytes_per_s = f.resync_max_mib_s << 20;
         c.resync_min_bytes_per_s = f.resync_min_mib_s << 20;
         c.al_extents = f.al_extents as usize;
+        c.resync_max_in_flight_bytes = resync_in_flight_bytes(f.msl.mtu as usize);
         // The core thread can be milliseconds behind its input queue during
         // bulk traffic, and the peer's core stalls now and then (a
         // throttled write): acks wait while retransmit timers expire. Real
@@ -1250,6 +1261,34 @@ metadata = "/var/lib/msl/meta"
             assert_ne!(t, GOOD, "case {key} did not change the text");
             assert_eq!(key_of(parse(&t).unwrap_err()), key, "case {to}");
         }
+    }
+
+    /// An idle resync keeps fewer bytes in flight than the peer's AF_XDP
+    /// receive ring holds at the configured MTU (its frames of
+    /// `mtu + 14` bytes, each taking whole 4 KiB chunks), and more than the
+    /// 4 MiB of 64 messages of 64 KiB at a 9000-byte MTU.
+    #[test]
+    fn test_resync_in_flight_fits_the_receive_ring_at_every_mtu() {
+        let ring = msl_transport::afxdp::XdpConfig::default();
+        for mtu in [1280usize, 1500, 4000, 4096, 9000, 9216] {
+            let frames = ring.rx_ring_frames(mtu + msl_wire::ETH_HEADER_LEN);
+            let chunks = (mtu + msl_wire::ETH_HEADER_LEN).div_ceil(ring.chunk as usize);
+            assert_eq!(frames * chunks, ring.rx_frames as usize / chunks * chunks);
+            let bytes = resync_in_flight_bytes(mtu);
+            assert!(bytes < (frames * mtu) as u64, "MTU {mtu}: {bytes}");
+            assert!(bytes >= 1 << 20, "MTU {mtu}: {bytes}");
+        }
+        assert!(resync_in_flight_bytes(9000) > 8 << 20);
+        let t = GOOD.replacen(
+            "msl = { interface = \"a-msl\" }",
+            "msl = { interface = \"a-msl\", mtu = 1500 }",
+            1,
+        );
+        let c = parse(&t).unwrap();
+        assert_eq!(
+            c.core_config().resync_max_in_flight_bytes,
+            resync_in_flight_bytes(1500)
+        );
     }
 
     /// The MSL workers run unpinned unless `[msl] tx_cpu` / `rx_cpu` say

@@ -52,6 +52,14 @@ impl Default for XdpConfig {
     }
 }
 
+impl XdpConfig {
+    /// Frames of `frame_len` bytes the receive ring holds: a frame takes as
+    /// many chunks as it spans.
+    pub fn rx_ring_frames(&self, frame_len: usize) -> usize {
+        self.rx_frames as usize / frame_len.div_ceil(self.chunk as usize).max(1)
+    }
+}
+
 /// eBPF instruction encoding: `code, dst:4|src:4, off: i16, imm: i32`.
 const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     (code as u64)

@@ -371,6 +371,45 @@ fn test_resync_rate_limit_paces_full_sync() {
     assert_eq!(a.counters.resync_blocks_sent, 64);
 }
 
+/// With clients idle, a resync has no more bytes read but not yet applied
+/// than `resync_max_in_flight_bytes` (what the peer's receive ring
+/// holds), in messages of 256 KiB: with every read held back it stops
+/// there, not at `resync_max_in_flight` reads.
+#[test]
+fn test_idle_resync_keeps_its_bytes_in_flight_under_the_bound() {
+    let make = |id: u16, gen: Option<u64>| {
+        let mut cfg = Config::new(id, 3 - id, 7, 4096, 4096);
+        cfg.resync_max_in_flight_bytes = 1 << 20;
+        cfg.resync_idle_us = 0; // no client has written: idle from the start
+        Node::new(cfg, Meta::create(7, id, 4096, 4096, gen), u64::from(id), 0)
+    };
+    let (mut a, mut b) = (make(1, Some(5)), make(2, None));
+    let mut reads = Vec::new();
+    drive(
+        &mut a,
+        &mut b,
+        0,
+        300_000,
+        &mut |from_a, now, src, act| match act {
+            Action::Write { io, .. } | Action::Flush { io } => {
+                src.handle(now, Event::IoDone { io, ok: true });
+                None
+            }
+            Action::Read { block, count, .. } if from_a => {
+                reads.push((block, count));
+                None
+            }
+            Action::PersistMeta(_) => None,
+            other => Some(other),
+        },
+    );
+    assert!(
+        a.cfg.resync_max_in_flight > 4,
+        "the read count is not what binds"
+    );
+    assert_eq!(reads, [(0, 64), (64, 64), (128, 64), (192, 64)]);
+}
+
 #[test]
 fn test_source_crash_mid_resync_resumes_from_persisted_progress() {
     const BLOCKS: u64 = 512;
