@@ -196,19 +196,30 @@ pub fn median_sample(runs: &[Sample]) -> Option<Sample> {
 
 /// A child process killed (and reaped) on drop, and sent SIGKILL by the
 /// kernel if this process dies first (PR_SET_PDEATHSIG; `ip netns exec`
-/// execs the program, which keeps it).
+/// execs the program, which keeps it). A child of [`command_in`] leads a
+/// process group of its own, which is killed with it: fio runs each job in
+/// a process it forks, which would outlive its parent.
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill(2) takes no pointers. The group is this child's
+            // own (or, if it leads none, there is no such group: ESRCH).
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-/// `ip netns exec NS PROGRAM ARGS...` with the parent-death signal set.
+/// `ip netns exec NS PROGRAM ARGS...` in a process group of its own, with
+/// the parent-death signal set.
 pub fn command_in(ns: &str, program: &str) -> Command {
     let mut c = msl_transport::netns::command_in(ns, program);
+    own_group(&mut c);
     // SAFETY: prctl is async-signal-safe and touches no memory of ours.
     unsafe {
         c.pre_exec(|| {
@@ -219,6 +230,13 @@ pub fn command_in(ns: &str, program: &str) -> Command {
         });
     }
     c
+}
+
+/// Start `c` as the leader of a new process group (see [`Proc`]), with no
+/// terminal input (a background group reading it would be stopped).
+fn own_group(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    c.process_group(0).stdin(Stdio::null());
 }
 
 /// Run `cmd` to completion with a deadline; Ok(stdout) if it exits 0.
@@ -320,6 +338,38 @@ fn common_args(uri: &str) -> [String; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bounded run that overstays ends its child and what the child
+    /// forked: the forked process is gone after the error, not orphaned.
+    #[test]
+    fn test_overdue_run_kills_the_process_the_child_forked() {
+        let dir = std::env::temp_dir().join(format!("msl-bench-pg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("grandchild");
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!("sleep 600 & echo $! > {}; wait", pidfile.display()));
+        own_group(&mut c);
+        let e = run_bounded(c, Duration::from_millis(300), "sh").unwrap_err();
+        assert!(e.contains("still running"), "{e}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // SAFETY: signal 0 only checks that the process exists.
+        let t = Instant::now();
+        while unsafe { libc::kill(pid, 0) } == 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let outlived = unsafe { libc::kill(pid, 0) } == 0;
+        if outlived {
+            // SAFETY: as above; the sleep this test started, by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        assert!(!outlived, "the forked sleep {pid} outlived the run");
+    }
 
     const X4CONN: &str = include_str!("../testdata/fio-randwrite-x4conn.json");
     const FLUSH: &str = include_str!("../testdata/fio-randwrite-flush.json");
