@@ -252,6 +252,17 @@ pub fn new_generation(g: &mut Generations, id: u64, track: bool) {
     g.current = id;
 }
 
+/// Undo [`new_generation`] without tracking: back to the generation before
+/// the current one (for a generation that never held a write).
+pub fn undo_generation(g: &mut Generations) {
+    if g.history[0] == 0 {
+        return;
+    }
+    g.current = g.history[0];
+    g.history.copy_within(1.., 0);
+    g.history[HISTORY_LEN - 1] = 0;
+}
+
 /// Push `id` to the front of the history (no duplicates, no zeros).
 pub fn push_history(g: &mut Generations, id: u64) {
     if id == 0 || g.history[0] == id {
@@ -343,6 +354,23 @@ mod tests {
         let s = side(2, 3, 1, [1, 0, 0, 0]);
         assert_eq!(decide(&p, &s).strategy, Strategy::SplitBrain);
         assert_eq!(decide(&s, &p).rule, Rule::BothChangedSinceBitmap);
+    }
+
+    /// A handover's generation the peer never entered, undone: the old
+    /// primary is back at the generation before it, which the peer's
+    /// takeover descends from, so it rejoins as a target, not diverged.
+    #[test]
+    fn test_undone_handover_generation_rejoins_behind_the_peer() {
+        let mut old = side(1, 5, 0, [4, 3, 0, 0]);
+        new_generation(&mut old.gens, 9, false); // the handover's
+        let peer = side(2, 7, 5, [5, 4, 3, 0]); // took over from 5
+        assert_eq!(decide(&old, &peer).strategy, Strategy::SplitBrain);
+        undo_generation(&mut old.gens);
+        assert_eq!(old.gens, side(1, 5, 0, [4, 3, 0, 0]).gens);
+        assert!(decide(&old, &peer).strategy.is_target());
+        let mut first = side(1, 5, 0, [0; 4]);
+        undo_generation(&mut first.gens);
+        assert_eq!(first.gens.current, 5, "nothing before it to go back to");
     }
 
     #[test]

@@ -90,6 +90,38 @@ fn test_stable_points_do_not_bury_a_slower_peer_seed_316() {
     }
 }
 
+/// The secondary did not run for 377 ms; the primary, having heard
+/// nothing for a dead interval, went on alone in a new generation and
+/// acknowledged writes. When the secondary ran again it still held its
+/// old session and, in its stall hold, set aside the primary's HELLO in
+/// that generation; the primary then stopped cleanly, and the secondary
+/// took over with data that lacked those writes (a read of block 2
+/// returned the one before the last acknowledged write). A secondary that
+/// sees its primary's HELLO in a generation it never followed no longer
+/// counts itself in sync.
+#[test]
+fn test_secondary_paused_while_the_primary_went_on_alone_never_takes_over_seed_3226() {
+    if let Err(e) = run_seed(3226, false) {
+        panic!("{e}");
+    }
+}
+
+/// A planned switchover (the primary's LAN adapter failed) whose handover
+/// message waited behind a lost frame; the old primary then froze for
+/// 2.5 s, and the peer, never having applied the handover, took over in a
+/// generation of its own. The old primary had moved to the handover's
+/// generation when it handed the role over, and the two histories no
+/// longer met: every reconnect was refused as a split brain. A handover
+/// generation the new primary never entered held no write, so the old
+/// primary goes back to the generation before it and rejoins behind.
+/// (This seed ends with an online verify.)
+#[test]
+fn test_switchover_never_applied_then_a_takeover_rejoins_seed_31682() {
+    if let Err(e) = run_seed(31682, false) {
+        panic!("{e}");
+    }
+}
+
 /// The regression seeds replay the runs that found their bugs: none of
 /// them is one of the seeds that end with an online verify (which run on
 /// another volume and disk), and a quarter of the 1,000 seeds are.
@@ -97,7 +129,7 @@ fn test_stable_points_do_not_bury_a_slower_peer_seed_316() {
 fn test_regression_seeds_run_no_verify_and_a_quarter_of_the_seeds_do() {
     let regressions = [
         18, 19, 48, 84, 187, 191, 193, 196, 272, 512, 513, 560, 838, 839, 1073, 1292, 1481, 2049,
-        2228, 2672, 8815, 9392, 9931,
+        2228, 2672, 3226, 8815, 9392, 9931,
     ];
     for seed in regressions {
         assert!(!runs_verify(seed), "seed {seed}");

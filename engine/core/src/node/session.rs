@@ -178,6 +178,16 @@ impl<H: Payload> Node<H> {
         }
         self.check_deposed(h.role, h.gens.current);
         self.peer.role = Some(h.role);
+        if self.role == Role::Secondary
+            && h.role == Role::Primary
+            && h.gens.current != self.meta.gens.current
+        {
+            // The primary serves in a generation this node never followed
+            // (it went on alone, e.g. while this node was paused): its
+            // writes there are not here, so this copy may not take over
+            // until a session brings it in sync again.
+            self.peer.was_in_sync = false;
+        }
         if let Some(s) = &self.session {
             if s.peer_session == h.session {
                 if h.flags & hello_flags::ESTABLISHED == 0 {
@@ -232,6 +242,18 @@ impl<H: Payload> Node<H> {
                 return;
             }
             self.switchover.unconfirmed = false;
+            if peer.role == Role::Primary
+                && peer.gens.current != self.meta.gens.current
+                && !peer.gens.history.contains(&self.meta.gens.current)
+            {
+                // The peer became primary without the handover (it took
+                // over): the handover's generation, in which this node
+                // served nothing, never reached it. Back to the one before,
+                // so the pair reconnects with this node behind, not
+                // diverged.
+                gens::undo_generation(&mut self.meta.gens);
+                self.persist();
+            }
             if peer.role == Role::Primary {
                 self.finish_switchover();
             } else {
