@@ -61,9 +61,7 @@ fn test_witness_heal_after_takeover_keeps_the_new_primary_seeds_9392_9931() {
 /// primary.
 #[test]
 fn test_witness_late_in_sync_heartbeat_after_the_primary_crash_seed_2049() {
-    if let Err(e) = run_seed(2049, false) {
-        panic!("{e}");
-    }
+    replay(2049);
 }
 
 /// Witness seed: the secondary crashed and the primary, serving alone
@@ -72,9 +70,7 @@ fn test_witness_late_in_sync_heartbeat_after_the_primary_crash_seed_2049() {
 /// the core, not told, acknowledged the writes it had queued.
 #[test]
 fn test_witness_short_stall_of_the_lease_holder_alone_seed_8815() {
-    if let Err(e) = run_seed(8815, false) {
-        panic!("{e}");
-    }
+    replay(8815);
 }
 
 /// The secondary, frozen during its resync with more frames queued for it
@@ -85,9 +81,7 @@ fn test_witness_short_stall_of_the_lease_holder_alone_seed_8815() {
 /// primary now waits for the peer to report each barrier stable.
 #[test]
 fn test_stable_points_do_not_bury_a_slower_peer_seed_316() {
-    if let Err(e) = run_seed(316, false) {
-        panic!("{e}");
-    }
+    replay(316);
 }
 
 /// The secondary did not run for 377 ms; the primary, having heard
@@ -101,9 +95,7 @@ fn test_stable_points_do_not_bury_a_slower_peer_seed_316() {
 /// counts itself in sync.
 #[test]
 fn test_secondary_paused_while_the_primary_went_on_alone_never_takes_over_seed_3226() {
-    if let Err(e) = run_seed(3226, false) {
-        panic!("{e}");
-    }
+    replay(3226);
 }
 
 /// A planned switchover (the primary's LAN adapter failed) whose handover
@@ -117,9 +109,7 @@ fn test_secondary_paused_while_the_primary_went_on_alone_never_takes_over_seed_3
 /// (This seed ends with an online verify.)
 #[test]
 fn test_switchover_never_applied_then_a_takeover_rejoins_seed_31682() {
-    if let Err(e) = run_seed(31682, false) {
-        panic!("{e}");
-    }
+    replay(31682);
 }
 
 /// The regression seeds replay the runs that found their bugs: none of
@@ -136,4 +126,11 @@ fn test_regression_seeds_run_no_verify_and_a_quarter_of_the_seeds_do() {
     }
     let n = (1..=1000).filter(|&s| runs_verify(s)).count();
     assert!((200..300).contains(&n), "{n} of 1000 seeds");
+}
+
+/// Run one seed; a failure panics with what the simulator found.
+fn replay(seed: u64) {
+    if let Err(e) = run_seed(seed, false) {
+        panic!("{e}\nreplay: cargo run --release --bin msl-sim -- --seed {seed}");
+    }
 }
