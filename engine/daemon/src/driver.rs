@@ -786,9 +786,7 @@ impl<H: Host> Driver<H> {
     /// unread: the core has stopped).
     fn settle_disk(&mut self, internal: &mut VecDeque<Event<Block>>) {
         // Writes handed to NBD readers finish on their threads.
-        while self.here.in_flight.load(Ordering::Acquire) > 0 {
-            std::thread::sleep(Duration::from_micros(100));
-        }
+        self.here.wait_written(Duration::from_micros(100));
         let (tx, rx) = sync_channel(1);
         let persisted = match self.disk.send(DiskOp::Settle(tx)) {
             Ok(()) => rx.recv().ok(),
@@ -947,6 +945,14 @@ impl HereDisk {
             reads_queued: AtomicUsize::new(0),
             closing: Arc::default(),
         })
+    }
+
+    /// Wait, looking every `step`, until every write handed to a thread
+    /// is done (they take microseconds).
+    fn wait_written(&self, step: Duration) {
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(step);
+        }
     }
 }
 
@@ -1257,11 +1263,12 @@ impl<D: MetaIo> DiskWorker<D> {
                 // while it is queued no write is done outside this queue
                 // (`may_write_here`), and those done before it are waited
                 // for here (writes of microseconds; this is the worker).
-                while self.here.in_flight.load(Ordering::Acquire) > 0 {
-                    std::thread::sleep(Duration::from_micros(20));
-                }
-                self.read(io, off, len, bs);
+                self.here.wait_written(Duration::from_micros(20));
+                let done = self.read(io, off, len, bs);
+                // Done with the volume: writes may leave this queue again
+                // (before the core hears of it, so it never sees it queued).
                 self.here.reads_queued.fetch_sub(1, Ordering::AcqRel);
+                self.deliver(done);
             }
             DiskOp::Flush { io } => {
                 if self.failed {
@@ -1291,13 +1298,13 @@ impl<D: MetaIo> DiskWorker<D> {
         }
     }
 
-    /// A read, or a hole (a file's, found with SEEK_DATA) reported with
-    /// its extent instead of read: a resync source sends it as a zero run
-    /// and skips the rest of it.
-    fn read(&self, io: u64, off: u64, len: usize, bs: u64) {
+    /// A read's completion, or a hole (a file's, found with SEEK_DATA)
+    /// reported with its extent instead of read: a resync source sends it
+    /// as a zero run and skips the rest of it.
+    fn read(&self, io: u64, off: u64, len: usize, bs: u64) -> Input {
         if !self.failed {
             if let Ok(Some(blocks)) = self.volume.hole_blocks(off, len as u64, bs) {
-                return self.deliver(Input::ReadHole { io, blocks });
+                return Input::ReadHole { io, blocks };
             }
         }
         let r = if self.failed {
@@ -1305,11 +1312,11 @@ impl<D: MetaIo> DiskWorker<D> {
         } else {
             self.volume.read_vec(off, len).ok()
         };
-        self.deliver(Input::ReadDone {
+        Input::ReadDone {
             io,
             ok: r.is_some(),
             payload: r.map(Block::from),
-        });
+        }
     }
 
     /// Queue a completion for the core; while the queue is full, wait for
